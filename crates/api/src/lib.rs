@@ -1,1 +1,255 @@
-pub fn x(){}
+//! The rvirt-vmm control API.
+//!
+//! One Unix stream socket per VM (`rvirt-vmm --api-socket PATH`). Each request
+//! is one line of JSON, answered by one line of JSON; a connection may carry
+//! any number of requests. The wire format is documented in `docs/api.md`.
+//! Management (rvirtd) drives VMs only through this API and the CLI, so the
+//! types here are the contract between the two layers.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest request line the VMM accepts, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A command sent to a running VMM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    /// Report run state, vCPUs, memory and uptime.
+    Status,
+    /// Stop running guest vCPUs (the guest keeps its state).
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
+    /// Press the ACPI power button: a cooperative guest powers itself off.
+    Shutdown,
+    /// End the VM at once, like pulling the plug.
+    Stop,
+    /// Report VM-exit counters.
+    Stats,
+}
+
+/// Whether the guest's vCPUs are running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// vCPUs are executing guest code.
+    Running,
+    /// vCPUs are parked by a `pause` request.
+    Paused,
+}
+
+/// The answer to [`Request::Status`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Running or paused.
+    pub state: RunState,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Seconds since the VM was started (or last rebooted).
+    pub uptime_seconds: f64,
+    /// The VMM's process ID.
+    pub pid: u32,
+}
+
+/// The answer to [`Request::Stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    /// VM exits handled in user space, by KVM exit reason (`io-in`, `mmio-write`, ...).
+    pub exits: BTreeMap<String, u64>,
+}
+
+/// One reply line. `ok` says whether the request succeeded; `error` explains a failure.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// True when the request was carried out.
+    pub ok: bool,
+    /// Why the request failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Present in the answer to `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VmStatus>,
+    /// Present in the answer to `stats`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<VmStats>,
+}
+
+impl Response {
+    /// A bare success.
+    pub fn ok() -> Self {
+        Self { ok: true, ..Default::default() }
+    }
+
+    /// A failure explained by `msg`.
+    pub fn error(msg: impl Into<String>) -> Self {
+        Self { ok: false, error: Some(msg.into()), ..Default::default() }
+    }
+}
+
+/// Parses one request line, or says what is wrong with it.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(line.trim()).map_err(|e| format!("malformed request: {e}"))?;
+    let req: Request =
+        serde_json::from_value(value.clone()).map_err(|e| format!("malformed request: {e}"))?;
+    // serde ignores unknown fields of unit variants in tagged enums; a typo in
+    // an argument name must not be silently dropped, so compare key sets.
+    let known = serde_json::to_value(&req).map_err(|e| format!("malformed request: {e}"))?;
+    if let (Some(given), Some(known)) = (value.as_object(), known.as_object()) {
+        if let Some(extra) = given.keys().find(|k| !known.contains_key(*k)) {
+            return Err(format!("malformed request: unknown field `{extra}`"));
+        }
+    }
+    Ok(req)
+}
+
+/// Errors of the API client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached or the connection broke.
+    #[error("API socket {path}: {source}")]
+    Io {
+        /// Socket path.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM answered with something that is not a response.
+    #[error("API socket {path}: bad response: {detail}")]
+    Protocol {
+        /// Socket path.
+        path: String,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// A blocking connection to one VMM's control socket.
+pub struct ApiClient {
+    path: String,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl ApiClient {
+    /// Connects to the socket at `path`; requests time out after `timeout`.
+    pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, ClientError> {
+        let p = path.as_ref().display().to_string();
+        let io = |source| ClientError::Io { path: p.clone(), source };
+        let stream = UnixStream::connect(path.as_ref()).map_err(io)?;
+        stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io)?;
+        let writer = stream.try_clone().map_err(io)?;
+        Ok(Self { path: p, reader: BufReader::new(stream), writer })
+    }
+
+    /// Sends `req` and waits for its response.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let mut line = serde_json::to_string(req).map_err(|e| self.protocol(e.to_string()))?;
+        line.push('\n');
+        self.writer.write_all(line.as_bytes()).map_err(|e| self.io(e))?;
+        let mut answer = String::new();
+        let n = self.reader.read_line(&mut answer).map_err(|e| self.io(e))?;
+        if n == 0 {
+            return Err(self.protocol("connection closed before a response".into()));
+        }
+        serde_json::from_str(&answer).map_err(|e| self.protocol(format!("{e}: {}", answer.trim())))
+    }
+
+    fn io(&self, source: std::io::Error) -> ClientError {
+        ClientError::Io { path: self.path.clone(), source }
+    }
+
+    fn protocol(&self, detail: String) -> ClientError {
+        ClientError::Protocol { path: self.path.clone(), detail }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_use_kebab_case_commands() {
+        assert_eq!(serde_json::to_string(&Request::Pause).unwrap(), r#"{"command":"pause"}"#);
+        assert_eq!(parse_request(r#"{"command":"stats"}"#), Ok(Request::Stats));
+        assert_eq!(parse_request(" {\"command\":\"shutdown\"}\n"), Ok(Request::Shutdown));
+    }
+
+    #[test]
+    fn bad_requests_are_explained() {
+        for bad in ["", "{", r#"{"command":"explode"}"#, r#"{"cmd":"pause"}"#, r#"{"command":"pause","x":1}"#, "[]"] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.starts_with("malformed request"), "{bad}: {e}");
+        }
+        let huge = "x".repeat(MAX_REQUEST_BYTES + 1);
+        assert!(parse_request(&huge).unwrap_err().contains("longer"));
+    }
+
+    #[test]
+    fn responses_round_trip_and_omit_empty_fields() {
+        let r = Response {
+            status: Some(VmStatus {
+                state: RunState::Paused,
+                vcpus: 2,
+                memory_bytes: 512 << 20,
+                uptime_seconds: 1.5,
+                pid: 42,
+            }),
+            ..Response::ok()
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.contains(r#""state":"paused""#), "{s}");
+        assert!(!s.contains("error"));
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), r);
+        assert_eq!(serde_json::to_string(&Response::error("no")).unwrap(), r#"{"ok":false,"error":"no"}"#);
+    }
+
+    #[test]
+    fn client_reports_missing_socket() {
+        let e = ApiClient::connect("/nonexistent/rvirt.sock", Duration::from_secs(1)).err().unwrap();
+        assert!(e.to_string().contains("/nonexistent/rvirt.sock"));
+    }
+
+    #[test]
+    fn client_talks_to_a_server() {
+        let dir = std::env::temp_dir().join(format!("rvirt-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            for _ in 0..2 {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let resp = match parse_request(&line) {
+                    Ok(Request::Pause) => Response::ok(),
+                    Ok(other) => Response::error(format!("{other:?}")),
+                    Err(e) => Response::error(e),
+                };
+                writeln!(w, "{}", serde_json::to_string(&resp).unwrap()).unwrap();
+            }
+        });
+        let mut c = ApiClient::connect(&path, Duration::from_secs(5)).unwrap();
+        assert!(c.call(&Request::Pause).unwrap().ok);
+        assert_eq!(c.call(&Request::Stop).unwrap().error.as_deref(), Some("Stop"));
+        server.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,200 @@
+//! The MC146818-style CMOS real-time clock and NVRAM at ports 0x70/0x71.
+//!
+//! Guests read the wall-clock time from it at boot (rtc_cmos / hctosys). The
+//! clock registers are computed from the host's UTC time on every read; the
+//! rest of the 128 bytes is plain NVRAM that keeps what the guest writes.
+
+/// I/O base of the CMOS (index at 0x70, data at 0x71).
+pub const CMOS_BASE: u64 = 0x70;
+/// Size of the CMOS register window.
+pub const CMOS_SIZE: u64 = 2;
+
+const REG_SECONDS: u8 = 0x00;
+const REG_MINUTES: u8 = 0x02;
+const REG_HOURS: u8 = 0x04;
+const REG_WEEKDAY: u8 = 0x06;
+const REG_DAY: u8 = 0x07;
+const REG_MONTH: u8 = 0x08;
+const REG_YEAR: u8 = 0x09;
+const REG_STATUS_A: u8 = 0x0a;
+const REG_STATUS_B: u8 = 0x0b;
+const REG_STATUS_C: u8 = 0x0c;
+const REG_STATUS_D: u8 = 0x0d;
+const REG_CENTURY: u8 = 0x32;
+
+/// Status A: 32.768 kHz time base, 1024 Hz rate, update never in progress.
+const STATUS_A: u8 = 0x26;
+/// Status B: 24-hour mode, BCD values.
+const STATUS_B_24H: u8 = 0x02;
+/// Status D: the battery is good.
+const STATUS_D_VALID: u8 = 0x80;
+
+/// A calendar time broken down as the RTC reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RtcTime {
+    /// 0..60
+    pub second: u8,
+    /// 0..60
+    pub minute: u8,
+    /// 0..24
+    pub hour: u8,
+    /// 1 = Sunday .. 7 = Saturday
+    pub weekday: u8,
+    /// 1..=31
+    pub day: u8,
+    /// 1..=12
+    pub month: u8,
+    /// Full year, e.g. 2026.
+    pub year: u16,
+}
+
+impl RtcTime {
+    /// The host's current UTC time.
+    pub fn now() -> Self {
+        // SAFETY: time() with a null pointer only returns the time; gmtime_r
+        // writes into the tm we own.
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        unsafe {
+            let t = libc::time(std::ptr::null_mut());
+            libc::gmtime_r(&t, &mut tm);
+        }
+        Self {
+            second: tm.tm_sec.clamp(0, 59) as u8,
+            minute: tm.tm_min.clamp(0, 59) as u8,
+            hour: tm.tm_hour.clamp(0, 23) as u8,
+            weekday: (tm.tm_wday.clamp(0, 6) + 1) as u8,
+            day: tm.tm_mday.clamp(1, 31) as u8,
+            month: (tm.tm_mon.clamp(0, 11) + 1) as u8,
+            year: (tm.tm_year + 1900).clamp(0, 9999) as u16,
+        }
+    }
+}
+
+fn bcd(v: u8) -> u8 {
+    ((v / 10) << 4) | (v % 10)
+}
+
+/// The CMOS device.
+pub struct Cmos {
+    index: u8,
+    nvram: [u8; 128],
+    clock: Box<dyn Fn() -> RtcTime + Send>,
+}
+
+impl Default for Cmos {
+    fn default() -> Self {
+        Self::with_clock(Box::new(RtcTime::now))
+    }
+}
+
+impl Cmos {
+    /// A CMOS reading the host clock.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A CMOS reading time from `clock` (used by tests).
+    pub fn with_clock(clock: Box<dyn Fn() -> RtcTime + Send>) -> Self {
+        Self { index: 0, nvram: [0; 128], clock }
+    }
+
+    fn register(&self, index: u8) -> u8 {
+        let t = || (self.clock)();
+        match index {
+            REG_SECONDS => bcd(t().second),
+            REG_MINUTES => bcd(t().minute),
+            REG_HOURS => bcd(t().hour),
+            REG_WEEKDAY => bcd(t().weekday),
+            REG_DAY => bcd(t().day),
+            REG_MONTH => bcd(t().month),
+            REG_YEAR => bcd((t().year % 100) as u8),
+            REG_CENTURY => bcd((t().year / 100) as u8),
+            REG_STATUS_A => STATUS_A,
+            REG_STATUS_B => STATUS_B_24H,
+            REG_STATUS_C => 0,
+            REG_STATUS_D => STATUS_D_VALID,
+            i => self.nvram[usize::from(i & 0x7f)],
+        }
+    }
+}
+
+impl crate::BusDevice for Cmos {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = match offset {
+                1 => self.register(self.index),
+                _ => self.index,
+            };
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        match offset {
+            // Bit 7 of the index port is the NMI mask, not part of the index.
+            0 => self.index = v & 0x7f,
+            1 => match self.index {
+                REG_SECONDS..=REG_YEAR | REG_STATUS_A..=REG_STATUS_D | REG_CENTURY => {}
+                i => self.nvram[usize::from(i)] = v,
+            },
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BusDevice;
+
+    fn fixed() -> Cmos {
+        Cmos::with_clock(Box::new(|| RtcTime {
+            second: 59,
+            minute: 7,
+            hour: 23,
+            weekday: 7,
+            day: 21,
+            month: 11,
+            year: 2026,
+        }))
+    }
+
+    fn get(c: &mut Cmos, reg: u8) -> u8 {
+        c.write(0, &[reg | 0x80]);
+        let mut d = [0u8];
+        c.read(1, &mut d);
+        d[0]
+    }
+
+    #[test]
+    fn clock_registers_are_bcd() {
+        let mut c = fixed();
+        assert_eq!(get(&mut c, REG_SECONDS), 0x59);
+        assert_eq!(get(&mut c, REG_MINUTES), 0x07);
+        assert_eq!(get(&mut c, REG_HOURS), 0x23);
+        assert_eq!(get(&mut c, REG_DAY), 0x21);
+        assert_eq!(get(&mut c, REG_MONTH), 0x11);
+        assert_eq!(get(&mut c, REG_YEAR), 0x26);
+        assert_eq!(get(&mut c, REG_CENTURY), 0x20);
+        assert_eq!(get(&mut c, REG_STATUS_B), STATUS_B_24H);
+        assert_eq!(get(&mut c, REG_STATUS_A) & 0x80, 0, "never mid-update");
+    }
+
+    #[test]
+    fn nvram_keeps_writes_but_clock_is_read_only() {
+        let mut c = fixed();
+        c.write(0, &[0x40]);
+        c.write(1, &[0xab]);
+        assert_eq!(get(&mut c, 0x40), 0xab);
+        c.write(0, &[REG_SECONDS]);
+        c.write(1, &[0x11]);
+        assert_eq!(get(&mut c, REG_SECONDS), 0x59);
+    }
+
+    #[test]
+    fn host_clock_is_sane() {
+        let t = RtcTime::now();
+        assert!(t.year >= 2024 && (1..=12).contains(&t.month) && (1..=7).contains(&t.weekday));
+    }
+}
