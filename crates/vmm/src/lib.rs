@@ -1,1 +1,211 @@
-pub fn x(){}
+//! rvirt-vmm: the virtual machine monitor, one process per VM.
+//!
+//! Like qemu-kvm or Firecracker, it maps guest RAM into this process,
+//! registers it with `/dev/kvm`, runs one thread per vCPU on `KVM_RUN` and
+//! emulates the platform devices. [`run`] is the whole program; the binary
+//! only parses arguments and reports errors.
+
+pub mod acpi;
+pub mod api_server;
+pub mod config;
+pub mod console;
+pub mod error;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use kvm_ioctls::{Cap, Kvm};
+
+pub use config::{OnReboot, SerialMode, VmConfig};
+pub use error::{Error, Result};
+pub use vcpu::VmExit;
+pub use vm::Vm;
+
+use api_server::ApiServer;
+use console::{Console, EscapeFilter};
+use rvirt_devices::bus::lock;
+
+/// Opens `/dev/kvm` and checks it can run rvirt guests, explaining what to do when not.
+pub fn open_kvm() -> Result<Kvm> {
+    let kvm = Kvm::new().map_err(|e| {
+        Error::Kvm(match e.errno() {
+            libc::ENOENT | libc::ENODEV | libc::ENXIO => {
+                "cannot open /dev/kvm: no such device (is the kvm module loaded and virtualization enabled?)".into()
+            }
+            libc::EACCES | libc::EPERM => {
+                "cannot open /dev/kvm: permission denied (run as root or add the user to the kvm group)".into()
+            }
+            _ => format!("cannot open /dev/kvm: {e}"),
+        })
+    })?;
+    if kvm.get_api_version() != 12 {
+        return Err(Error::Kvm(format!("/dev/kvm speaks API version {}, rvirt needs 12", kvm.get_api_version())));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "in-kernel irqchip"),
+        (Cap::UserMemory, "user memory"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Pit2, "PIT"),
+        (Cap::ImmediateExit, "immediate exit"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::Kvm(format!("/dev/kvm lacks a required capability: {name}")));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Write end of the eventfd the termination signal handler pokes.
+static TERMINATE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd = TERMINATE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) on an eventfd is async-signal-safe.
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
+}
+
+fn install_signal_handlers(terminate: &vmm_sys_util::eventfd::EventFd) -> Result<()> {
+    vcpu::install_kick_handler().map_err(error::os("installing the vCPU kick handler"))?;
+    TERMINATE_FD.store(terminate.as_raw_fd(), Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
+            .map_err(|e| Error::Os { what: "installing signal handlers", source: std::io::Error::from_raw_os_error(e.errno()) })?;
+    }
+    // A panic must not leave the user's terminal in raw mode.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        console::restore_terminal();
+        default_hook(info);
+    }));
+    Ok(())
+}
+
+/// Boots the VM described by `cfg` and runs it until it powers off, is
+/// stopped, crashes, or reboots with `--on-reboot exit`.
+pub fn run(cfg: &VmConfig) -> Result<VmExit> {
+    cfg.validate()?;
+    // Check the files before taking any resources, so errors are about them.
+    loader::open_input("kernel", &cfg.kernel)?;
+    if let Some(initrd) = &cfg.initrd {
+        loader::open_input("initramfs", initrd)?;
+    }
+    memory::check_host_can_provide(cfg.memory_bytes)?;
+    let kvm = open_kvm()?;
+    let api = cfg.api_socket.as_deref().map(ApiServer::bind).transpose()?;
+    let terminate = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(error::os("eventfd"))?;
+    install_signal_handlers(&terminate)?;
+    let console = Console::open(&cfg.serial)?;
+    if console.is_raw() {
+        eprintln!("rvirt-vmm: console on this terminal; press Ctrl-A x to quit\r");
+    }
+    let mut escape = EscapeFilter::default();
+    loop {
+        let mut vm = Vm::create(&kvm, cfg, console.writer()?)?;
+        vm.start()?;
+        let exit = event_loop(&vm, &console, api.as_ref(), &terminate, &mut escape);
+        vm.stop();
+        match exit {
+            VmExit::Reset if cfg.on_reboot == OnReboot::Restart => {
+                tracing::info!("guest rebooted; restarting");
+                continue;
+            }
+            other => {
+                if let Some(api) = &api {
+                    api.flush(Duration::from_secs(1));
+                }
+                return Ok(other);
+            }
+        }
+    }
+}
+
+/// Waits for and handles console input, API requests and the VM's exit.
+fn event_loop(
+    vm: &Vm,
+    console: &Console,
+    api: Option<&ApiServer>,
+    terminate: &vmm_sys_util::eventfd::EventFd,
+    escape: &mut EscapeFilter,
+) -> VmExit {
+    let exit_fd = vm.control().exit_eventfd().as_raw_fd();
+    let mut input_fd = console.input_fd();
+    let mut pending_input: Vec<u8> = Vec::new();
+    loop {
+        if let Some(why) = vm.control().exit_reason() {
+            return why;
+        }
+        let mut fds = vec![
+            libc::pollfd { fd: exit_fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: terminate.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        if let Some(a) = api {
+            fds.push(libc::pollfd { fd: a.wakeup_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        // Only read more input when the guest has room for it.
+        let input_slot = match input_fd {
+            Some(fd) if pending_input.is_empty() => {
+                fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+                Some(fds.len() - 1)
+            }
+            _ => None,
+        };
+        let timeout = if pending_input.is_empty() { -1 } else { 10 };
+        // SAFETY: fds is a valid array of pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return VmExit::Crashed(format!("poll failed: {err}"));
+        }
+        if fds[1].revents != 0 {
+            let _ = terminate.read();
+            eprintln!("rvirt-vmm: terminated by signal\r");
+            return VmExit::Stopped;
+        }
+        if let Some(a) = api {
+            for call in a.drain() {
+                let response = vm.handle(&call.request);
+                call.respond(response);
+            }
+        }
+        if let Some(slot) = input_slot {
+            let revents = fds[slot].revents;
+            if revents & libc::POLLIN != 0 {
+                let mut buf = [0u8; 256];
+                // SAFETY: reading into a stack buffer we own.
+                let r = unsafe { libc::read(fds[slot].fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if r > 0 {
+                    let bytes = &buf[..r as usize];
+                    if console.is_raw() {
+                        let (to_guest, quit) = escape.filter(bytes);
+                        if quit {
+                            return VmExit::Stopped;
+                        }
+                        pending_input.extend_from_slice(&to_guest);
+                    } else {
+                        pending_input.extend_from_slice(bytes);
+                    }
+                } else if r == 0 {
+                    // End of input (stdin closed): the guest keeps running.
+                    input_fd = None;
+                }
+            } else if revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+                input_fd = None;
+            }
+        }
+        if !pending_input.is_empty() {
+            let taken = lock(vm.serial()).enqueue_input(&pending_input);
+            pending_input.drain(..taken);
+        }
+    }
+}

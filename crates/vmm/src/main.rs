@@ -1,1 +1,80 @@
-fn main(){}
+//! `rvirt-vmm`: boot a Linux kernel in a KVM virtual machine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use rvirt_vmm::config::{parse_size, DEFAULT_CMDLINE};
+use rvirt_vmm::{OnReboot, SerialMode, VmConfig, VmExit};
+
+/// Boot a Linux kernel in a KVM virtual machine (one process per VM).
+#[derive(Parser, Debug)]
+#[command(name = "rvirt-vmm", version, about)]
+struct Cli {
+    /// Kernel to boot: a bzImage, or an ELF vmlinux with a PVH entry note.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs to load.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u8,
+    /// Guest RAM, e.g. 512M or 2G (a plain number is MiB).
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    memory: String,
+    /// Where COM1 goes: stdio, file=PATH, pty or null.
+    #[arg(long, value_name = "MODE", default_value = "stdio")]
+    serial: String,
+    /// Unix socket for the JSON control API.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// What a guest reboot does: restart the VM, or exit with status 0.
+    #[arg(long, value_name = "ACTION", default_value = "restart")]
+    on_reboot: String,
+}
+
+fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
+    Ok(VmConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        vcpus: cli.cpus,
+        memory_bytes: parse_size(&cli.memory)?,
+        serial: cli.serial.parse::<SerialMode>()?,
+        api_socket: cli.api_socket,
+        on_reboot: cli.on_reboot.parse::<OnReboot>()?,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RVIRT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let result = config(cli).and_then(|cfg| rvirt_vmm::run(&cfg));
+    rvirt_vmm::console::restore_terminal();
+    match result {
+        Ok(VmExit::Crashed(why)) => {
+            eprintln!("rvirt-vmm: guest crashed: {why}");
+            ExitCode::from(1)
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rvirt-vmm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The control API socket: accepts connections on its own threads and hands
+//! each parsed request to the VMM's main thread, which owns the VM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rvirt_api::{parse_request, Request, Response, MAX_REQUEST_BYTES};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{Error, Result};
+
+/// How long a connection waits for the main thread to answer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request waiting for the main thread, with the way back to its client.
+pub struct ApiCall {
+    /// The parsed request.
+    pub request: Request,
+    reply: Sender<Response>,
+}
+
+impl ApiCall {
+    /// Sends the answer back to the client.
+    pub fn respond(self, response: Response) {
+        let _ = self.reply.send(response);
+    }
+}
+
+/// The listening socket and the queue of requests for the main thread.
+pub struct ApiServer {
+    path: PathBuf,
+    calls: Mutex<Receiver<ApiCall>>,
+    wakeup: Arc<EventFd>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+fn sock_err(path: &Path, detail: impl ToString) -> Error {
+    Error::ApiSocket { path: path.to_path_buf(), detail: detail.to_string() }
+}
+
+impl ApiServer {
+    /// Listens on `path`. A stale socket left by a dead VMM is replaced; a
+    /// live one, or any other kind of file, is an error.
+    pub fn bind(path: &Path) -> Result<Self> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(sock_err(path, "exists and is not a socket"));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(sock_err(path, "already in use by a running VMM"));
+            }
+            std::fs::remove_file(path).map_err(|e| sock_err(path, format!("cannot remove stale socket: {e}")))?;
+        }
+        let listener = UnixListener::bind(path).map_err(|e| sock_err(path, e))?;
+        let wakeup = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| sock_err(path, e))?);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        {
+            let wakeup = wakeup.clone();
+            let in_flight = in_flight.clone();
+            std::thread::Builder::new()
+                .name("api-accept".into())
+                .spawn(move || accept_loop(listener, tx, wakeup, in_flight))
+                .map_err(|e| sock_err(path, e))?;
+        }
+        Ok(Self { path: path.to_path_buf(), calls: Mutex::new(rx), wakeup, in_flight })
+    }
+
+    /// Readable when requests are queued.
+    pub fn wakeup_fd(&self) -> &EventFd {
+        &self.wakeup
+    }
+
+    /// Takes every queued request.
+    pub fn drain(&self) -> Vec<ApiCall> {
+        let _ = self.wakeup.read();
+        let rx = rvirt_devices::bus::lock(&self.calls);
+        rx.try_iter().collect()
+    }
+
+    /// Waits (briefly) until answers already given have been written to their clients.
+    pub fn flush(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, tx: Sender<ApiCall>, wakeup: Arc<EventFd>, in_flight: Arc<AtomicUsize>) {
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let (tx, wakeup, in_flight) = (tx.clone(), wakeup.clone(), in_flight.clone());
+        let _ = std::thread::Builder::new()
+            .name("api-conn".into())
+            .spawn(move || serve_connection(stream, tx, wakeup, in_flight));
+    }
+}
+
+fn serve_connection(stream: UnixStream, tx: Sender<ApiCall>, wakeup: Arc<EventFd>, in_flight: Arc<AtomicUsize>) {
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        // Bound what one line may take, so a client cannot make us buffer without limit.
+        let n = match (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1).read_line(&mut line) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = send(&mut writer, &Response::error(format!("malformed request: {e}")));
+                return;
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let too_long = !line.ends_with('\n') && n > MAX_REQUEST_BYTES;
+        let response = match parse_request(&line) {
+            Err(e) => Response::error(e),
+            Ok(request) => {
+                in_flight.fetch_add(1, Ordering::SeqCst);
+                let (reply_tx, reply_rx) = mpsc::channel();
+                let r = if tx.send(ApiCall { request, reply: reply_tx }).is_err() {
+                    Response::error("the VM is shutting down")
+                } else {
+                    let _ = wakeup.write(1);
+                    reply_rx.recv_timeout(REPLY_TIMEOUT).unwrap_or_else(|_| Response::error("the VMM did not answer in time"))
+                };
+                let ok = send(&mut writer, &r);
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                if !ok {
+                    return;
+                }
+                continue;
+            }
+        };
+        if !send(&mut writer, &response) || too_long {
+            return;
+        }
+    }
+}
+
+fn send(w: &mut UnixStream, r: &Response) -> bool {
+    let mut s = serde_json::to_string(r).unwrap_or_else(|_| r#"{"ok":false,"error":"internal error"}"#.into());
+    s.push('\n');
+    w.write_all(s.as_bytes()).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rvirt_api::ApiClient;
+
+    fn tmp_path(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rvirt-apisrv-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("api.sock")
+    }
+
+    #[test]
+    fn requests_reach_the_main_thread_and_errors_do_not() {
+        let p = tmp_path("flow");
+        let server = Arc::new(ApiServer::bind(&p).unwrap());
+        let s2 = server.clone();
+        let main = std::thread::spawn(move || loop {
+            for call in s2.drain() {
+                let done = call.request == Request::Stop;
+                call.respond(Response::ok());
+                if done {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        });
+        let mut c = ApiClient::connect(&p, Duration::from_secs(5)).unwrap();
+        assert!(c.call(&Request::Status).unwrap().ok);
+        // A malformed line is answered on the same connection, which stays usable.
+        let mut raw = UnixStream::connect(&p).unwrap();
+        raw.write_all(b"{\"command\":\"fly\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(raw.try_clone().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.contains("malformed request"), "{line}");
+        assert!(c.call(&Request::Stop).unwrap().ok);
+        main.join().unwrap();
+    }
+
+    #[test]
+    fn oversized_lines_are_refused_and_closed() {
+        let p = tmp_path("big");
+        let _server = ApiServer::bind(&p).unwrap();
+        let mut raw = UnixStream::connect(&p).unwrap();
+        let junk = vec![b'a'; MAX_REQUEST_BYTES + 100];
+        let _ = raw.write_all(&junk);
+        let mut line = String::new();
+        BufReader::new(raw).read_line(&mut line).unwrap();
+        assert!(line.contains("\"ok\":false"), "{line}");
+    }
+
+    #[test]
+    fn refuses_regular_files_and_live_sockets_but_replaces_stale_ones() {
+        let p = tmp_path("files");
+        std::fs::write(&p, b"precious").unwrap();
+        let e = ApiServer::bind(&p).err().unwrap().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"precious");
+        std::fs::remove_file(&p).unwrap();
+
+        let live = ApiServer::bind(&p).unwrap();
+        assert!(ApiServer::bind(&p).err().unwrap().to_string().contains("in use"));
+        drop(live);
+        assert!(!p.exists(), "socket removed on drop");
+
+        // A socket file whose listener is gone.
+        drop(UnixListener::bind(&p).unwrap());
+        let _again = ApiServer::bind(&p).unwrap();
+    }
+
+    #[test]
+    fn unusable_directory_is_reported() {
+        let e = ApiServer::bind(Path::new("/nonexistent/dir/api.sock")).err().unwrap().to_string();
+        assert!(e.starts_with("API socket /nonexistent/dir/api.sock"), "{e}");
+    }
+}

@@ -1,0 +1,404 @@
+//! vCPU threads: each loops on `KVM_RUN`, dispatching port and MMIO exits to
+//! the buses and reporting machine-level events to the [`VmControl`].
+//!
+//! A vCPU is interrupted ("kicked") with a real-time signal whose handler
+//! sets `immediate_exit` in that thread's `kvm_run`, so a kick that lands just
+//! before `KVM_RUN` is not lost. Kicked vCPUs re-check the control state:
+//! stop, or park while paused.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use rvirt_devices::bus::lock;
+use rvirt_devices::{Bus, PlatformControl, PlatformRequest};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why the VM stopped running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered itself off.
+    PowerOff,
+    /// The guest asked for a reset.
+    Reset,
+    /// Stopped from outside: the `stop` API request or a signal to the VMM.
+    Stopped,
+    /// The guest or KVM failed (triple fault, internal error, ...); the message says how.
+    Crashed(String),
+}
+
+/// Names of the exit counters reported by the `stats` API request.
+pub const EXIT_REASONS: [&str; 11] = [
+    "io-in",
+    "io-out",
+    "mmio-read",
+    "mmio-write",
+    "io-unhandled",
+    "mmio-unhandled",
+    "interrupted",
+    "hlt",
+    "shutdown",
+    "system-event",
+    "other",
+];
+
+/// VM-exit counters, summed over all vCPUs.
+#[derive(Default)]
+pub struct ExitCounters {
+    counts: [AtomicU64; EXIT_REASONS.len()],
+}
+
+impl ExitCounters {
+    fn bump(&self, reason: &str) {
+        if let Some(i) = EXIT_REASONS.iter().position(|r| *r == reason) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A snapshot of every counter by name.
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+        EXIT_REASONS
+            .iter()
+            .zip(&self.counts)
+            .map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct RunFlags {
+    paused: bool,
+    stopping: bool,
+    parked: usize,
+}
+
+/// State shared by the VMM's main thread and all vCPU threads.
+pub struct VmControl {
+    exit_evt: EventFd,
+    exit: Mutex<Option<VmExit>>,
+    flags: Mutex<RunFlags>,
+    changed: Condvar,
+    /// Exit counters for the `stats` request.
+    pub counters: ExitCounters,
+}
+
+impl VmControl {
+    /// Fresh control state for one boot of the VM.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            exit: Mutex::new(None),
+            flags: Mutex::new(RunFlags::default()),
+            changed: Condvar::new(),
+            counters: ExitCounters::default(),
+        })
+    }
+
+    /// The eventfd that becomes readable once the VM must stop.
+    pub fn exit_eventfd(&self) -> &EventFd {
+        &self.exit_evt
+    }
+
+    /// Records why the VM ends (the first reason wins) and wakes the main thread.
+    pub fn exit(&self, why: VmExit) {
+        let mut e = lock(&self.exit);
+        if e.is_none() {
+            *e = Some(why);
+        }
+        drop(e);
+        let _ = self.exit_evt.write(1);
+    }
+
+    /// The recorded exit reason, if any.
+    pub fn exit_reason(&self) -> Option<VmExit> {
+        lock(&self.exit).clone()
+    }
+
+    /// Whether vCPUs are (being) paused.
+    pub fn is_paused(&self) -> bool {
+        lock(&self.flags).paused
+    }
+
+    fn set(&self, f: impl FnOnce(&mut RunFlags)) {
+        f(&mut lock(&self.flags));
+        self.changed.notify_all();
+    }
+
+    /// Asks vCPUs to park; the caller must kick them and then [`Self::wait_parked`].
+    pub fn request_pause(&self) {
+        self.set(|f| f.paused = true);
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.set(|f| f.paused = false);
+    }
+
+    /// Asks vCPU threads to return; the caller must kick them.
+    pub fn request_stop(&self) {
+        self.set(|f| f.stopping = true);
+    }
+
+    /// Waits up to `timeout` until `n` vCPUs are parked.
+    pub fn wait_parked(&self, n: usize, timeout: Duration) -> bool {
+        let guard = lock(&self.flags);
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |f| f.parked < n && !f.stopping)
+            .unwrap_or_else(|e| e.into_inner());
+        g.parked >= n
+    }
+
+    /// Called by a vCPU thread between runs: parks while paused. Returns false
+    /// when the thread must exit.
+    fn checkpoint(&self) -> bool {
+        let mut f = lock(&self.flags);
+        if f.stopping {
+            return false;
+        }
+        if f.paused {
+            f.parked += 1;
+            self.changed.notify_all();
+            while f.paused && !f.stopping {
+                f = self.changed.wait(f).unwrap_or_else(|e| e.into_inner());
+            }
+            f.parked -= 1;
+            self.changed.notify_all();
+        }
+        !f.stopping
+    }
+}
+
+impl PlatformControl for VmControl {
+    fn request(&self, request: PlatformRequest) {
+        self.exit(match request {
+            PlatformRequest::PowerOff => VmExit::PowerOff,
+            PlatformRequest::Reset => VmExit::Reset,
+        });
+    }
+}
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only touches a const-initialised thread-local and a field of this
+    // thread's own kvm_run mapping: async-signal-safe.
+    let run = KVM_RUN.with(|c| c.get());
+    if !run.is_null() {
+        // SAFETY: the pointer was set by this thread to its live kvm_run
+        // mapping and is cleared before the VcpuFd is dropped.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler; call once per process before starting vCPUs.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// What a vCPU needs to run.
+pub struct VcpuContext {
+    /// Index (and APIC ID) of this vCPU.
+    pub id: u8,
+    /// Port I/O devices.
+    pub io_bus: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio_bus: Arc<Bus>,
+    /// Shared control state.
+    pub control: Arc<VmControl>,
+}
+
+enum Next {
+    Continue,
+    Exit(VmExit, bool),
+}
+
+/// The body of a vCPU thread: runs until the VM stops.
+pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
+    KVM_RUN.with(|c| c.set(run_ptr));
+    let counters = &ctx.control.counters;
+    let mut warned_mmio = 0u32;
+    loop {
+        if !ctx.control.checkpoint() {
+            break;
+        }
+        let next = match vcpu.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    counters.bump("io-in");
+                    if !ctx.io_bus.read(u64::from(port), data) {
+                        counters.bump("io-unhandled");
+                    }
+                    Next::Continue
+                }
+                VcpuExit::IoOut(port, data) => {
+                    counters.bump("io-out");
+                    if !ctx.io_bus.write(u64::from(port), data) {
+                        counters.bump("io-unhandled");
+                    }
+                    Next::Continue
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    counters.bump("mmio-read");
+                    if !ctx.mmio_bus.read(addr, data) {
+                        counters.bump("mmio-unhandled");
+                        warn_mmio(&mut warned_mmio, ctx.id, "read", addr);
+                    }
+                    Next::Continue
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    counters.bump("mmio-write");
+                    if !ctx.mmio_bus.write(addr, data) {
+                        counters.bump("mmio-unhandled");
+                        warn_mmio(&mut warned_mmio, ctx.id, "write", addr);
+                    }
+                    Next::Continue
+                }
+                VcpuExit::Hlt => {
+                    // Only reachable without an in-kernel LAPIC; nothing to wake us.
+                    counters.bump("hlt");
+                    Next::Exit(VmExit::Crashed(format!("vCPU {} halted with no way to wake up", ctx.id)), true)
+                }
+                VcpuExit::Shutdown => {
+                    counters.bump("shutdown");
+                    Next::Exit(VmExit::Crashed(format!("vCPU {}: triple fault", ctx.id)), true)
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    counters.bump("system-event");
+                    match kind {
+                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::Exit(VmExit::PowerOff, false),
+                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => Next::Exit(VmExit::Reset, false),
+                        other => Next::Exit(VmExit::Crashed(format!("vCPU {}: system event {other}", ctx.id)), true),
+                    }
+                }
+                VcpuExit::InternalError => {
+                    counters.bump("other");
+                    Next::Exit(VmExit::Crashed(format!("vCPU {}: KVM internal error", ctx.id)), true)
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    counters.bump("other");
+                    let msg = format!("vCPU {}: VM entry failed (reason {reason:#x}, host CPU {cpu})", ctx.id);
+                    Next::Exit(VmExit::Crashed(msg), true)
+                }
+                VcpuExit::Intr => {
+                    counters.bump("interrupted");
+                    Next::Continue
+                }
+                other => {
+                    counters.bump("other");
+                    tracing::warn!("vCPU {}: unsupported VM exit {other:?}; resuming", ctx.id);
+                    Next::Continue
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                counters.bump("interrupted");
+                vcpu.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(e) => Next::Exit(VmExit::Crashed(format!("vCPU {}: KVM_RUN failed: {e}", ctx.id)), true),
+        };
+        if let Next::Exit(why, dump) = next {
+            if dump {
+                eprintln!("{}", describe_registers(&vcpu, ctx.id));
+            }
+            ctx.control.exit(why);
+            break;
+        }
+    }
+    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+}
+
+fn warn_mmio(warned: &mut u32, id: u8, op: &str, addr: u64) {
+    const LIMIT: u32 = 10;
+    if *warned < LIMIT {
+        tracing::warn!("vCPU {id}: guest {op} at unmapped MMIO address {addr:#x}; ignored");
+        *warned += 1;
+        if *warned == LIMIT {
+            tracing::warn!("vCPU {id}: further unmapped MMIO accesses are counted, not logged");
+        }
+    }
+}
+
+/// The vCPU's registers, for the report printed when the guest crashes.
+pub fn describe_registers(vcpu: &VcpuFd, id: u8) -> String {
+    let mut s = format!("rvirt-vmm: vCPU {id} state:\n");
+    match vcpu.get_regs() {
+        Ok(r) => s.push_str(&format!(
+            "  rip={:#018x} rsp={:#018x} rflags={:#010x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+        )),
+        Err(e) => s.push_str(&format!("  registers unavailable: {e}\n")),
+    }
+    match vcpu.get_sregs() {
+        Ok(r) => s.push_str(&format!(
+            "  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+            r.cr0, r.cr2, r.cr3, r.cr4, r.efer, r.cs.selector
+        )),
+        Err(e) => s.push_str(&format!("  system registers unavailable: {e}")),
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_exit_reason_wins() {
+        let c = VmControl::new().unwrap();
+        c.request(PlatformRequest::PowerOff);
+        c.request(PlatformRequest::Reset);
+        assert_eq!(c.exit_reason(), Some(VmExit::PowerOff));
+        assert!(c.exit_eventfd().read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn pause_parks_and_resume_releases() {
+        let c = Arc::new(VmControl::new().unwrap());
+        c.request_pause();
+        let t = {
+            let c = c.clone();
+            std::thread::spawn(move || c.checkpoint())
+        };
+        assert!(c.wait_parked(1, Duration::from_secs(5)));
+        assert!(c.is_paused());
+        c.resume();
+        assert!(t.join().unwrap());
+    }
+
+    #[test]
+    fn stop_releases_parked_threads() {
+        let c = Arc::new(VmControl::new().unwrap());
+        c.request_pause();
+        let t = {
+            let c = c.clone();
+            std::thread::spawn(move || c.checkpoint())
+        };
+        assert!(c.wait_parked(1, Duration::from_secs(5)));
+        c.request_stop();
+        assert!(!t.join().unwrap());
+    }
+
+    #[test]
+    fn counters_snapshot_names_every_reason() {
+        let c = ExitCounters::default();
+        c.bump("io-out");
+        c.bump("io-out");
+        c.bump("nonsense");
+        let s = c.snapshot();
+        assert_eq!(s.len(), EXIT_REASONS.len());
+        assert_eq!(s["io-out"], 2);
+    }
+}

@@ -1,0 +1,240 @@
+//! One boot of a virtual machine: the KVM VM, its memory, devices and vCPU
+//! threads. A guest reboot with `--on-reboot restart` builds a new [`Vm`].
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use rvirt_api::{Request, Response, RunState, VmStats, VmStatus};
+use rvirt_arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PLATFORM_MMIO_START};
+use rvirt_arch::{cpuid, regs, MemoryLayout};
+use rvirt_devices::acpi::{AcpiPm, Ged, GedEvent, GED_IRQ, GED_SIZE, PM_BASE, PM_SIZE};
+use rvirt_devices::bus::lock;
+use rvirt_devices::cmos::{Cmos, CMOS_BASE, CMOS_SIZE};
+use rvirt_devices::i8042::{I8042, I8042_BASE, I8042_SIZE};
+use rvirt_devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, UART_REGISTERS};
+use rvirt_devices::{Bus, BusDevice, IrqLine};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::VmConfig;
+use crate::error::kvm;
+use crate::loader::{self, LoadedKernel};
+use crate::vcpu::{self, VcpuContext, VmControl};
+use crate::{acpi, memory, Error, Result};
+
+/// Port 0x80: the POST-code port Linux writes to as an I/O delay. Swallowed.
+struct PostCodePort;
+
+impl BusDevice for PostCodePort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+/// A built (and, after [`Vm::start`], running) virtual machine.
+pub struct Vm {
+    _vm_fd: VmFd,
+    _memory: GuestMemoryMmap,
+    control: Arc<VmControl>,
+    serial: Arc<Mutex<SerialDevice>>,
+    ged: Arc<Mutex<Ged>>,
+    vcpus: Vec<VcpuFd>,
+    threads: Vec<JoinHandle<()>>,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    started: Instant,
+    vcpu_count: u8,
+    memory_bytes: u64,
+    /// What was loaded where.
+    pub kernel: LoadedKernel,
+}
+
+fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine> {
+    let evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(crate::error::os("eventfd"))?);
+    vm.register_irqfd(&evt, gsi).map_err(kvm("IRQFD"))?;
+    Ok(IrqLine::new(evt))
+}
+
+fn add(bus: &mut Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<()> {
+    bus.insert(dev, base, len).map_err(|e| Error::Device(e.to_string()))
+}
+
+impl Vm {
+    /// Builds the VM described by `cfg`, with the guest's console output going to `serial_out`.
+    pub fn create(kvm_handle: &Kvm, cfg: &VmConfig, serial_out: Box<dyn std::io::Write + Send>) -> Result<Self> {
+        let layout = MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("--memory: {e}")))?;
+        let vm_fd = kvm_handle.create_vm().map_err(kvm("CREATE_VM"))?;
+        vm_fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm("SET_TSS_ADDR"))?;
+        vm_fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(kvm("SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd.create_irq_chip().map_err(kvm("CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm_fd.create_pit2(pit).map_err(kvm("CREATE_PIT2"))?;
+
+        let mem = memory::create_guest_memory(&layout)?;
+        memory::register_with_kvm(&vm_fd, &mem)?;
+        let kernel = loader::load(&mem, &layout, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+        acpi::write(&mem, &acpi::build(cfg.vcpus)?)?;
+
+        let control = Arc::new(VmControl::new().map_err(crate::error::os("eventfd"))?);
+        let serial = Arc::new(Mutex::new(SerialDevice::new(irq_line(&vm_fd, COM1_IRQ)?, serial_out)));
+        let ged = Arc::new(Mutex::new(Ged::new(irq_line(&vm_fd, GED_IRQ)?)));
+        let mut io_bus = Bus::new();
+        add(&mut io_bus, serial.clone(), COM1_BASE, UART_REGISTERS)?;
+        add(&mut io_bus, Arc::new(Mutex::new(I8042::new(control.clone()))), I8042_BASE, I8042_SIZE)?;
+        add(&mut io_bus, Arc::new(Mutex::new(Cmos::new())), CMOS_BASE, CMOS_SIZE)?;
+        add(&mut io_bus, Arc::new(Mutex::new(PostCodePort)), 0x80, 1)?;
+        add(&mut io_bus, Arc::new(Mutex::new(AcpiPm::new(control.clone()))), u64::from(PM_BASE), PM_SIZE)?;
+        let mut mmio_bus = Bus::new();
+        add(&mut mmio_bus, ged.clone(), PLATFORM_MMIO_START, GED_SIZE)?;
+
+        let supported = kvm_handle.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm("GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        for id in 0..cfg.vcpus {
+            let vcpu = vm_fd.create_vcpu(u64::from(id)).map_err(kvm("CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            cpuid::filter_cpuid(&mut cpuid, id, cfg.vcpus);
+            vcpu.set_cpuid2(&cpuid).map_err(kvm("SET_CPUID2"))?;
+            let refused = regs::setup_msrs(&vcpu)?;
+            if refused > 0 {
+                tracing::warn!("vCPU {id}: host refused {refused} boot MSRs");
+            }
+            regs::setup_fpu(&vcpu)?;
+            regs::setup_lapic(&vcpu)?;
+            if id == 0 {
+                // Application processors wait for INIT/SIPI from the guest.
+                regs::setup_regs(&vcpu, kernel.entry)?;
+                regs::setup_sregs(&mem, &vcpu, kernel.entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+
+        Ok(Self {
+            _vm_fd: vm_fd,
+            _memory: mem,
+            control,
+            serial,
+            ged,
+            vcpus,
+            threads: Vec::new(),
+            io_bus: Arc::new(io_bus),
+            mmio_bus: Arc::new(mmio_bus),
+            started: Instant::now(),
+            vcpu_count: cfg.vcpus,
+            memory_bytes: cfg.memory_bytes,
+            kernel,
+        })
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(&mut self) -> Result<()> {
+        self.started = Instant::now();
+        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
+            let ctx = VcpuContext {
+                id: id as u8,
+                io_bus: self.io_bus.clone(),
+                mmio_bus: self.mmio_bus.clone(),
+                control: self.control.clone(),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run_vcpu(vcpu, ctx))
+                .map_err(crate::error::os("spawning a vCPU thread"))?;
+            self.threads.push(handle);
+        }
+        Ok(())
+    }
+
+    /// Shared control state (exit reason, pause flags, counters).
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    /// The guest's COM1, for feeding it input.
+    pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
+        &self.serial
+    }
+
+    fn kick_all(&self) {
+        use std::os::unix::thread::JoinHandleExt;
+        for t in &self.threads {
+            // SAFETY: the thread is alive until joined (we hold its handle).
+            unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+        }
+    }
+
+    /// Parks every vCPU; returns once all are out of the guest.
+    pub fn pause(&self) -> Result<()> {
+        self.control.request_pause();
+        for _ in 0..100 {
+            self.kick_all();
+            if self.control.wait_parked(self.threads.len(), Duration::from_millis(50)) {
+                return Ok(());
+            }
+        }
+        Err(Error::Device("vCPUs did not stop within 5 seconds".into()))
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Presses the ACPI power button.
+    pub fn press_power_button(&self) -> Result<()> {
+        lock(&self.ged).notify(GedEvent::PowerButton).map_err(|e| Error::Device(format!("power button: {e}")))
+    }
+
+    /// Current status for the API.
+    pub fn status(&self) -> VmStatus {
+        VmStatus {
+            state: if self.control.is_paused() { RunState::Paused } else { RunState::Running },
+            vcpus: self.vcpu_count,
+            memory_bytes: self.memory_bytes,
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            pid: std::process::id(),
+        }
+    }
+
+    /// Carries out one API request. `Stop` only records the exit; the caller ends the loop.
+    pub fn handle(&self, req: &Request) -> Response {
+        let result = match req {
+            Request::Status => return Response { status: Some(self.status()), ..Response::ok() },
+            Request::Stats => {
+                return Response { stats: Some(VmStats { exits: self.control.counters.snapshot() }), ..Response::ok() }
+            }
+            Request::Pause => self.pause(),
+            Request::Resume => {
+                self.resume();
+                Ok(())
+            }
+            Request::Shutdown => self.press_power_button(),
+            Request::Stop => {
+                self.control.exit(vcpu::VmExit::Stopped);
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => Response::ok(),
+            Err(e) => Response::error(e.to_string()),
+        }
+    }
+
+    /// Stops every vCPU thread and waits for them.
+    pub fn stop(&mut self) {
+        self.control.request_stop();
+        self.kick_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
