@@ -196,6 +196,23 @@ pub fn com1_aml(base: u16, irq: u32) -> Vec<u8> {
     v
 }
 
+/// AML describing the CMOS RTC (`PNP0B00`) so the guest's rtc_cmos driver binds to it.
+pub fn rtc_aml(base: u16, irq: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    let io = aml::IO::new(base, base, 1, 2);
+    let int = aml::Interrupt::new(true, true, false, false, irq);
+    let crs = aml::ResourceTemplate::new(vec![&io, &int]);
+    aml::Device::new(
+        "_SB_.RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(&mut v);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

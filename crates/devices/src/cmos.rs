@@ -8,6 +8,8 @@
 pub const CMOS_BASE: u64 = 0x70;
 /// Size of the CMOS register window.
 pub const CMOS_SIZE: u64 = 2;
+/// The RTC's ISA IRQ (alarms are not emulated, but the guest driver wants one).
+pub const CMOS_IRQ: u32 = 8;
 
 const REG_SECONDS: u8 = 0x00;
 const REG_MINUTES: u8 = 0x02;

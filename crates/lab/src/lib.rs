@@ -1,1 +1,485 @@
-pub fn x(){}
+//! The nested KVM lab: runs real Linux guests under rvirt-vmm on hosts whose
+//! own `/dev/kvm` cannot boot a stock kernel (see `shared/LAB.md`).
+//!
+//! QEMU's TCG emulates an AMD CPU with SVM; a Debian kernel booted there
+//! (L1) loads `kvm-amd` and gets a working `/dev/kvm`, and rvirt-vmm inside
+//! it boots the guest (L2). A test describes the L1 script and the files it
+//! needs; [`Lab::run`] builds the L1 initramfs, boots it and hands back the
+//! console output, split by the markers the script prints.
+//!
+//! Everything is built here from Debian packages (`setup.sh`), cached under
+//! `target/lab-cache` (or `$RVIRT_LAB_CACHE`) so a second run is fast.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The workspace root (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from("."))
+}
+
+/// Writes a line straight to the process's stderr, past the test harness's
+/// output capture, so CI logs show what the guests printed.
+pub fn log(line: &str) {
+    let _ = writeln!(std::io::stderr(), "[lab] {line}");
+}
+
+/// The prepared lab: packages installed, kernel cached, binaries built.
+pub struct Lab {
+    /// Cache directory.
+    pub cache: PathBuf,
+    /// The Debian kernel (bzImage), for L1 and L2 alike.
+    pub kernel: PathBuf,
+    /// Directory with the kernel's modules (flat .ko files plus `tree/`).
+    pub modules: PathBuf,
+    /// Release build of rvirt-vmm.
+    pub vmm: PathBuf,
+    /// Release build of the lab's API client.
+    pub api_client: PathBuf,
+}
+
+static LAB: OnceLock<std::result::Result<Lab, String>> = OnceLock::new();
+/// L1 runs one at a time: each wants both host cores.
+static RUN_LOCK: Mutex<()> = Mutex::new(());
+
+impl Lab {
+    /// Prepares the lab once per process and returns it.
+    pub fn get() -> Result<&'static Lab> {
+        LAB.get_or_init(|| Lab::prepare().map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("lab setup failed: {e}"))
+    }
+
+    fn prepare() -> Result<Lab> {
+        let root = workspace_root();
+        let cache = std::env::var_os("RVIRT_LAB_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/lab-cache"));
+        let setup = Path::new(env!("CARGO_MANIFEST_DIR")).join("setup.sh");
+        let st = Command::new("bash").arg(&setup).arg(&cache).status().context("running lab setup.sh")?;
+        if !st.success() {
+            bail!("{} failed ({st})", setup.display());
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .current_dir(&root)
+            .args(["build", "--release", "--quiet", "-p", "rvirt-vmm", "-p", "rvirt-lab", "--bins"])
+            .status()
+            .context("building release binaries")?;
+        if !st.success() {
+            bail!("cargo build --release failed ({st})");
+        }
+        let kdir = cache.join("kernel");
+        Ok(Lab {
+            kernel: kdir.join("vmlinuz"),
+            modules: kdir.join("modules"),
+            vmm: root.join("target/release/rvirt-vmm"),
+            api_client: root.join("target/release/rvirt-lab-api"),
+            cache,
+        })
+    }
+
+    /// Path of a flat module file (`kvm.ko`, `button.ko`, ...).
+    pub fn module(&self, name: &str) -> PathBuf {
+        self.modules.join(name)
+    }
+
+    /// Path of a module in the kernel's tree, e.g. `drivers/virtio/virtio.ko`.
+    pub fn module_in_tree(&self, rel: &str) -> PathBuf {
+        self.modules.join("tree").join(rel)
+    }
+
+    /// The kernel as an ELF vmlinux (decompressed from the bzImage once and cached).
+    pub fn vmlinux(&self) -> Result<PathBuf> {
+        let out = self.cache.join("vmlinux");
+        if !out.exists() {
+            extract_vmlinux(&self.kernel, &out)?;
+        }
+        Ok(out)
+    }
+
+    /// Boots L1 with `spec` and returns its console output.
+    pub fn run(&self, spec: &L1Spec) -> Result<LabOutput> {
+        let _one_at_a_time = RUN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let work = tempdir("l1")?;
+        let initrd = work.join("l1.cpio.gz");
+        self.build_l1(spec, &work.join("root"), &initrd)?;
+        log(&format!("booting L1 for '{}'", spec.name));
+        let started = Instant::now();
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-machine", "q35,accel=tcg", "-cpu", "EPYC,+svm,+npt", "-smp", "2", "-m"])
+            .arg(format!("{}", spec.l1_memory_mib))
+            .args(["-nographic", "-no-reboot", "-kernel"])
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting qemu-system-x86_64")?;
+        let mut stdout = child.stdout.take().context("qemu stdout")?;
+        let reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = stdout.read_to_end(&mut buf);
+            buf
+        });
+        let deadline = started + spec.timeout;
+        let timed_out = loop {
+            if child.try_wait()?.is_some() {
+                break false;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let raw = reader.join().unwrap_or_default();
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        let _ = std::fs::remove_dir_all(&work);
+        let console = String::from_utf8_lossy(&raw).replace('\r', "");
+        let out = LabOutput { console, elapsed: started.elapsed(), timed_out, qemu_stderr: stderr };
+        let log_dir = workspace_root().join("target/lab-logs");
+        let _ = std::fs::create_dir_all(&log_dir);
+        let _ = std::fs::write(log_dir.join(format!("{}.log", spec.name)), &out.console);
+        log(&format!("L1 for '{}' finished in {:.1}s{}", spec.name, out.elapsed.as_secs_f64(), if timed_out { " (TIMED OUT)" } else { "" }));
+        Ok(out)
+    }
+
+    fn build_l1(&self, spec: &L1Spec, root: &Path, out: &Path) -> Result<()> {
+        let mut fs = Initramfs::new(root)?;
+        fs.add_busybox()?;
+        for m in ["irqbypass.ko", "kvm.ko", "kvm-amd.ko"] {
+            fs.add_file(&self.module(m), &format!("lib/modules/{m}"))?;
+        }
+        fs.add_binary(&self.vmm, "bin/rvirt-vmm")?;
+        fs.add_binary(&self.api_client, "bin/rvirt-lab-api")?;
+        for (src, dest) in &spec.files {
+            fs.add_file(src, dest)?;
+        }
+        for (dest, bytes) in &spec.blobs {
+            fs.add_bytes(bytes, dest, 0o644)?;
+        }
+        fs.add_bytes(spec.script.as_bytes(), "test.sh", 0o755)?;
+        fs.add_bytes(L1_INIT.as_bytes(), "init", 0o755)?;
+        fs.pack(out)
+    }
+}
+
+/// L1's init: mount the basics, load KVM, run the test script, power off.
+const L1_INIT: &str = r#"#!/bin/sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /tmp /run && mount -t tmpfs tmpfs /tmp
+insmod /lib/modules/irqbypass.ko
+insmod /lib/modules/kvm.ko
+insmod /lib/modules/kvm-amd.ko
+if [ -c /dev/kvm ]; then echo "@@L1-KVM=yes"; else echo "@@L1-KVM=no"; fi
+cd /
+sh /test.sh
+echo "@@L1-DONE=$?"
+poweroff -f
+"#;
+
+/// What to run in L1.
+pub struct L1Spec {
+    /// Name, for logs (`target/lab-logs/NAME.log`).
+    pub name: String,
+    /// Shell script run by L1's init; print `@@KEY=VALUE` lines for [`LabOutput::value`].
+    pub script: String,
+    /// Host files copied into L1: (source, destination relative to /).
+    pub files: Vec<(PathBuf, String)>,
+    /// Generated files: (destination, contents).
+    pub blobs: Vec<(String, Vec<u8>)>,
+    /// L1 RAM in MiB.
+    pub l1_memory_mib: u32,
+    /// Wall-clock limit for the whole L1 run.
+    pub timeout: Duration,
+}
+
+impl L1Spec {
+    /// A spec running `script`, with 3 GiB of L1 RAM and a 10-minute limit.
+    pub fn new(name: &str, script: &str) -> Self {
+        Self {
+            name: name.into(),
+            script: script.into(),
+            files: Vec::new(),
+            blobs: Vec::new(),
+            l1_memory_mib: 3072,
+            timeout: Duration::from_secs(600),
+        }
+    }
+
+    /// Copies host file `src` to `dest` in L1.
+    pub fn file(mut self, src: impl Into<PathBuf>, dest: &str) -> Self {
+        self.files.push((src.into(), dest.into()));
+        self
+    }
+
+    /// Puts `bytes` at `dest` in L1.
+    pub fn blob(mut self, dest: &str, bytes: Vec<u8>) -> Self {
+        self.blobs.push((dest.into(), bytes));
+        self
+    }
+}
+
+/// What an L1 run printed.
+#[derive(Debug)]
+pub struct LabOutput {
+    /// L1's whole console (its kernel, its script, and any L2 console on stdio).
+    pub console: String,
+    /// Wall-clock time of the run.
+    pub elapsed: Duration,
+    /// Whether the run was killed at its time limit.
+    pub timed_out: bool,
+    /// QEMU's own stderr.
+    pub qemu_stderr: String,
+}
+
+impl LabOutput {
+    /// The value of the first `@@KEY=VALUE` line.
+    pub fn value(&self, key: &str) -> Option<String> {
+        self.values().remove(key)
+    }
+
+    /// Every `@@KEY=VALUE` line (first occurrence wins).
+    pub fn values(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        for line in self.console.lines() {
+            // Markers may follow terminal escape codes on the same line.
+            if let Some(rest) = line.find("@@").map(|i| line[i + 2..].trim()) {
+                if let Some((k, v)) = rest.split_once('=') {
+                    m.entry(k.to_string()).or_insert_with(|| v.to_string());
+                }
+            }
+        }
+        m
+    }
+
+    /// The lines between `@@BEGIN-NAME` and `@@END-NAME`.
+    pub fn section(&self, name: &str) -> Option<String> {
+        let begin = format!("@@BEGIN-{name}");
+        let end = format!("@@END-{name}");
+        let start = self.console.find(&begin)? + begin.len();
+        let stop = self.console[start..].find(&end).map(|i| start + i).unwrap_or(self.console.len());
+        Some(self.console[start..stop].trim_start_matches('\n').to_string())
+    }
+
+    /// Fails with the tail of the console if L1 did not finish its script with KVM available.
+    pub fn check_l1(&self) -> Result<()> {
+        if self.timed_out {
+            bail!("L1 timed out; console tail:\n{}", self.tail(60));
+        }
+        if self.value("L1-KVM").as_deref() != Some("yes") {
+            bail!("kvm-amd did not give L1 a /dev/kvm; console tail:\n{}\nqemu: {}", self.tail(60), self.qemu_stderr);
+        }
+        if self.value("L1-DONE").is_none() {
+            bail!("L1 script did not finish; console tail:\n{}", self.tail(60));
+        }
+        Ok(())
+    }
+
+    /// The last `n` lines of the console.
+    pub fn tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.console.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// A directory tree packed into a gzip'd newc cpio archive: an initramfs.
+pub struct Initramfs {
+    root: PathBuf,
+}
+
+impl Initramfs {
+    /// Starts an empty tree at `root`.
+    pub fn new(root: &Path) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(root);
+        for d in ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "etc", "lib/modules"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    /// Adds static busybox and a link for every applet.
+    pub fn add_busybox(&mut self) -> Result<()> {
+        self.add_file(Path::new("/bin/busybox"), "bin/busybox")?;
+        let list = Command::new("/bin/busybox").arg("--list-full").output().context("busybox --list-full")?;
+        for applet in String::from_utf8_lossy(&list.stdout).lines() {
+            let applet = applet.trim();
+            // Linking busybox to itself would make a symlink loop.
+            if applet.is_empty() || applet.ends_with("/busybox") {
+                continue;
+            }
+            let dest = self.root.join(applet);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            if !dest.exists() {
+                std::os::unix::fs::symlink("/bin/busybox", &dest)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `src` to `dest` (relative to the root).
+    pub fn add_file(&mut self, src: &Path, dest: &str) -> Result<()> {
+        let d = self.root.join(dest.trim_start_matches('/'));
+        if let Some(p) = d.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        std::fs::copy(src, &d).with_context(|| format!("copying {} into the initramfs", src.display()))?;
+        Ok(())
+    }
+
+    /// Copies a dynamically linked binary and the libraries `ldd` names.
+    pub fn add_binary(&mut self, src: &Path, dest: &str) -> Result<()> {
+        self.add_file(src, dest)?;
+        let out = Command::new("ldd").arg(src).output().context("ldd")?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = line.split("=>").last().unwrap_or("").split_whitespace().next().unwrap_or("");
+            if path.starts_with('/') {
+                let p = Path::new(path);
+                if !self.root.join(path.trim_start_matches('/')).exists() {
+                    self.add_file(&std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()), path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` to `dest` with `mode`.
+    pub fn add_bytes(&mut self, bytes: &[u8], dest: &str, mode: u32) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let d = self.root.join(dest.trim_start_matches('/'));
+        if let Some(p) = d.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        std::fs::write(&d, bytes)?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))?;
+        Ok(())
+    }
+
+    /// Packs the tree into `out` (newc cpio, gzip).
+    pub fn pack(&self, out: &Path) -> Result<()> {
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg("cd \"$1\" && find . | cpio -o -H newc --quiet | gzip -1 > \"$2\"")
+            .arg("sh")
+            .arg(&self.root)
+            .arg(out)
+            .status()
+            .context("cpio")?;
+        if !st.success() {
+            bail!("packing initramfs failed ({st})");
+        }
+        Ok(())
+    }
+}
+
+/// A busybox initramfs for L2 guests: `init` is the given script, and the
+/// given kernel modules are placed in /lib/modules for it to `insmod`.
+pub fn l2_initramfs(init_script: &str, modules: &[PathBuf]) -> Result<Vec<u8>> {
+    let work = tempdir("l2")?;
+    let mut fs = Initramfs::new(&work.join("root"))?;
+    fs.add_busybox()?;
+    for m in modules {
+        let name = m.file_name().context("module name")?.to_string_lossy().into_owned();
+        fs.add_file(m, &format!("lib/modules/{name}"))?;
+    }
+    fs.add_bytes(init_script.as_bytes(), "init", 0o755)?;
+    let out = work.join("l2.cpio.gz");
+    fs.pack(&out)?;
+    let bytes = std::fs::read(&out)?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(bytes)
+}
+
+/// Decompresses the ELF vmlinux inside a bzImage (payload located through
+/// the setup header; gzip, xz, zstd and LZ4 payloads are handled).
+pub fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<()> {
+    let img = std::fs::read(bzimage)?;
+    if img.len() < 0x250 || &img[0x202..0x206] != b"HdrS" {
+        bail!("{} is not a bzImage", bzimage.display());
+    }
+    let setup_sects = match img[0x1f1] {
+        0 => 4,
+        n => n as usize,
+    };
+    let u32_at = |o: usize| u32::from_le_bytes([img[o], img[o + 1], img[o + 2], img[o + 3]]) as usize;
+    let start = (setup_sects + 1) * 512 + u32_at(0x248);
+    let len = u32_at(0x24c);
+    let payload = img.get(start..start + len).context("payload outside the image")?;
+    let tool: &[&str] = match payload {
+        [0x1f, 0x8b, ..] => &["gzip", "-dc"],
+        [0xfd, b'7', b'z', b'X', b'Z', ..] => &["xz", "-dc"],
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dcq"],
+        [0x02, 0x21, 0x4c, 0x18, ..] => &["lz4", "-dc"],
+        _ => bail!("unknown kernel compression"),
+    };
+    let mut child = Command::new(tool[0])
+        .args(&tool[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("running {}", tool[0]))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let data = payload.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let output = child.wait_with_output()?;
+    let _ = feeder.join();
+    // Decompressors may complain about the size trailer the kernel appends;
+    // what matters is that a whole ELF came out.
+    if output.stdout.len() < 4 || &output.stdout[..4] != b"\x7fELF" {
+        bail!("{} did not yield an ELF kernel", tool[0]);
+    }
+    std::fs::write(out, &output.stdout)?;
+    Ok(())
+}
+
+fn tempdir(tag: &str) -> Result<PathBuf> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("rvirt-lab-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_values_and_sections() {
+        let out = LabOutput {
+            console: "noise\n\x1b[2J@@A=1\n@@BEGIN-L2\nhello\nworld\n@@END-L2\n@@A=2\n@@B=x=y\n".into(),
+            elapsed: Duration::ZERO,
+            timed_out: false,
+            qemu_stderr: String::new(),
+        };
+        assert_eq!(out.value("A").as_deref(), Some("1"));
+        assert_eq!(out.value("B").as_deref(), Some("x=y"));
+        assert_eq!(out.section("L2").as_deref(), Some("hello\nworld\n"));
+        assert!(out.section("L3").is_none());
+        assert!(out.check_l1().is_err());
+    }
+}

@@ -14,6 +14,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use rvirt_arch::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START, PLATFORM_MMIO_START};
 use rvirt_devices::acpi::{self as acpi_dev, AcpiPm, Ged};
+use rvirt_devices::cmos::{CMOS_BASE, CMOS_IRQ};
 use rvirt_devices::serial::{COM1_BASE, COM1_IRQ};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -43,6 +44,7 @@ fn io_gas(port: u16) -> GAS {
 pub fn dsdt_body() -> Vec<u8> {
     let mut aml = AcpiPm::aml();
     aml.extend(acpi_dev::com1_aml(COM1_BASE as u16, COM1_IRQ));
+    aml.extend(acpi_dev::rtc_aml(CMOS_BASE as u16, CMOS_IRQ));
     aml.extend(Ged::aml(PLATFORM_MMIO_START));
     aml
 }
@@ -198,7 +200,7 @@ mod tests {
     fn dsdt_carries_the_device_aml() {
         let t = build(1).unwrap();
         let (_, dsdt) = table(&t, b"DSDT");
-        for needle in [&b"_S5_"[..], b"COM1", b"GED_", b"PWRB"] {
+        for needle in [&b"_S5_"[..], b"COM1", b"RTC_", b"GED_", b"PWRB"] {
             assert!(dsdt.windows(needle.len()).any(|w| w == needle));
         }
     }

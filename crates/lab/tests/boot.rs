@@ -1,0 +1,148 @@
+//! Lab tests: rvirt-vmm boots Debian's stock cloud kernel inside the nested
+//! lab (L1 = QEMU TCG with emulated SVM, L2 = our guest).
+
+use rvirt_lab::{l2_initramfs, log, L1Spec, Lab, LabOutput};
+
+/// L2 init: report what the guest sees, then power off through ACPI.
+const REPORT_AND_POWEROFF: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "@@L2-NPROC=$(nproc)"
+echo "@@L2-ONLINE=$(cat /sys/devices/system/cpu/online)"
+echo "@@L2-MEMTOTAL-KB=$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
+echo "@@L2-CMDLINE=$(cat /proc/cmdline)"
+echo "@@L2-CLOCKSOURCE=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+poweroff -f
+"#;
+
+const CMDLINE: &str = "console=ttyS0 panic=-1 rvirt.test=hello-from-the-lab";
+
+fn boot_script(kernel: &str) -> String {
+    format!(
+        r#"echo "@@BEGIN-L2"
+rvirt-vmm --kernel {kernel} --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "{CMDLINE}" </dev/null
+echo "@@VMM-EXIT=$?"
+echo "@@END-L2"
+"#
+    )
+}
+
+fn show_guest(out: &LabOutput) {
+    for line in out.section("L2").unwrap_or_default().lines().filter(|l| l.contains("@@L2") || l.contains("Linux version")) {
+        log(&format!("guest: {line}"));
+    }
+}
+
+fn check_report(out: &LabOutput) {
+    out.check_l1().unwrap();
+    show_guest(out);
+    let l2 = out.section("L2").unwrap();
+    assert!(l2.contains("Linux version"), "the guest kernel did not print its banner:\n{}", out.tail(80));
+    assert_eq!(out.value("VMM-EXIT").as_deref(), Some("0"), "poweroff must end rvirt-vmm with 0:\n{}", out.tail(80));
+    assert_eq!(out.value("L2-NPROC").as_deref(), Some("2"), "{}", out.tail(80));
+    assert_eq!(out.value("L2-ONLINE").as_deref(), Some("0-1"));
+    let kb: u64 = out.value("L2-MEMTOTAL-KB").unwrap().parse().unwrap();
+    // MemTotal excludes what the kernel reserves for itself; ~512 MiB total.
+    assert!((400 * 1024..=512 * 1024).contains(&kb), "MemTotal {kb} kB");
+    assert_eq!(out.value("L2-CMDLINE").as_deref(), Some(CMDLINE));
+    assert_eq!(out.value("L2-CLOCKSOURCE").as_deref(), Some("kvm-clock"));
+}
+
+#[test]
+fn bzimage_boots_with_two_cpus_and_powers_off() {
+    let lab = Lab::get().unwrap();
+    let initrd = l2_initramfs(REPORT_AND_POWEROFF, &[]).unwrap();
+    let spec = L1Spec::new("bzimage-boot", &boot_script("/l2/vmlinuz"))
+        .file(&lab.kernel, "l2/vmlinuz")
+        .blob("l2/initrd.gz", initrd);
+    check_report(&lab.run(&spec).unwrap());
+}
+
+#[test]
+fn elf_vmlinux_boots_through_pvh() {
+    let lab = Lab::get().unwrap();
+    let vmlinux = lab.vmlinux().unwrap();
+    let initrd = l2_initramfs(REPORT_AND_POWEROFF, &[]).unwrap();
+    let spec = L1Spec::new("pvh-boot", &boot_script("/l2/vmlinux"))
+        .file(&vmlinux, "l2/vmlinux")
+        .blob("l2/initrd.gz", initrd);
+    let out = lab.run(&spec).unwrap();
+    check_report(&out);
+    // The PVH entry was taken (the kernel says so when booted through it).
+    assert!(out.section("L2").unwrap().contains("Booting paravirtualized kernel"), "{}", out.tail(40));
+}
+
+/// L2 init for the control-API test: acpid turns the power button into a
+/// clean poweroff; a ticker shows whether the guest is running.
+const ACPID_GUEST: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+insmod /lib/modules/evdev.ko
+insmod /lib/modules/button.ko
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\necho "@@L2-POWER-BUTTON=pressed"\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+acpid -f &
+sleep 1
+echo "@@L2-READY=1"
+i=0
+while true; do i=$((i+1)); echo "tick $i"; sleep 0.2; done
+"#;
+
+const API_SCRIPT: &str = r#"
+rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M \
+  --cmdline "console=ttyS0 panic=-1 quiet" --serial file=/tmp/l2.log --api-socket /tmp/vm.sock </dev/null &
+vmm=$!
+for i in $(seq 1 600); do grep -q '@@L2-READY' /tmp/l2.log 2>/dev/null && break; sleep 0.5; done
+api() { rvirt-lab-api /tmp/vm.sock "$1"; }
+echo "@@API-STATUS-RUNNING=$(api status)"
+echo "@@API-PAUSE=$(api pause)"
+echo "@@API-STATUS-PAUSED=$(api status)"
+s1=$(wc -c < /tmp/l2.log); sleep 3; s2=$(wc -c < /tmp/l2.log)
+echo "@@PAUSED-GROWTH=$((s2 - s1))"
+echo "@@API-RESUME=$(api resume)"
+sleep 3; s3=$(wc -c < /tmp/l2.log)
+echo "@@RESUMED-GROWTH=$((s3 - s2))"
+echo "@@API-STATS=$(api stats)"
+echo "@@API-BAD=$(api '{"command":"launch"}' 2>&1)"
+echo "@@API-SHUTDOWN=$(api shutdown)"
+wait $vmm
+echo "@@VMM-EXIT=$?"
+echo "@@SOCKET-REMOVED=$([ -e /tmp/vm.sock ] && echo no || echo yes)"
+echo "@@BEGIN-L2"
+cat /tmp/l2.log
+echo "@@END-L2"
+"#;
+
+#[test]
+fn control_api_pauses_resumes_and_shuts_down_the_guest() {
+    let lab = Lab::get().unwrap();
+    let initrd = l2_initramfs(ACPID_GUEST, &[lab.module("evdev.ko"), lab.module("button.ko")]).unwrap();
+    let spec = L1Spec::new("control-api", API_SCRIPT).file(&lab.kernel, "l2/vmlinuz").blob("l2/initrd.gz", initrd);
+    let out = lab.run(&spec).unwrap();
+    out.check_l1().unwrap();
+    show_guest(&out);
+    let v = out.values();
+    let get = |k: &str| v.get(k).cloned().unwrap_or_else(|| panic!("no {k} in output:\n{}", out.tail(60)));
+    for (k, val) in &v {
+        if k.starts_with("API") || k.ends_with("GROWTH") {
+            log(&format!("{k} = {val}"));
+        }
+    }
+    assert!(get("API-STATUS-RUNNING").contains(r#""state":"running""#));
+    assert!(get("API-STATUS-RUNNING").contains(r#""vcpus":2"#));
+    assert!(get("API-STATUS-RUNNING").contains(r#""memory_bytes":536870912"#));
+    assert_eq!(get("API-PAUSE"), r#"{"ok":true}"#);
+    assert!(get("API-STATUS-PAUSED").contains(r#""state":"paused""#));
+    assert_eq!(get("PAUSED-GROWTH"), "0", "a paused guest must not print");
+    assert_eq!(get("API-RESUME"), r#"{"ok":true}"#);
+    let resumed: i64 = get("RESUMED-GROWTH").parse().unwrap();
+    assert!(resumed > 0, "a resumed guest prints again");
+    assert!(get("API-STATS").contains(r#""io-out":"#));
+    assert!(get("API-BAD").contains("malformed request"));
+    assert_eq!(get("API-SHUTDOWN"), r#"{"ok":true}"#);
+    assert_eq!(get("L2-POWER-BUTTON"), "pressed", "acpid in the guest saw the power button");
+    assert_eq!(get("VMM-EXIT"), "0");
+    assert_eq!(get("SOCKET-REMOVED"), "yes");
+}
