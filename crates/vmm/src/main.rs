@@ -22,7 +22,7 @@ struct Cli {
     cmdline: String,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
-    cpus: u8,
+    cpus: u32,
     /// Guest RAM, e.g. 512M or 2G (a plain number is MiB).
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     memory: String,
@@ -42,7 +42,8 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
         kernel: cli.kernel,
         initrd: cli.initrd,
         cmdline: cli.cmdline,
-        vcpus: cli.cpus,
+        // Out-of-range counts get the same message as 0 from validate().
+        vcpus: u8::try_from(cli.cpus).unwrap_or(0),
         memory_bytes: parse_size(&cli.memory)?,
         serial: cli.serial.parse::<SerialMode>()?,
         api_socket: cli.api_socket,
