@@ -104,6 +104,33 @@ impl Lab {
         Ok(out)
     }
 
+    /// The QEMU command that boots L1 with `initrd`.
+    fn qemu_l1(&self, spec: &L1Spec, initrd: &Path) -> Command {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-machine", "q35,accel=tcg", "-cpu", "EPYC,+svm,+npt", "-smp", "2", "-m"])
+            .arg(format!("{}", spec.l1_memory_mib))
+            .args(["-nographic", "-no-reboot", "-kernel"])
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        c
+    }
+
+    /// Boots L1 with `spec` on this terminal (for demos): the user talks to
+    /// whatever the script runs.
+    pub fn run_interactive(&self, spec: &L1Spec) -> Result<()> {
+        let work = tempdir("l1")?;
+        let initrd = work.join("l1.cpio.gz");
+        self.build_l1(spec, &work.join("root"), &initrd)?;
+        let st = self.qemu_l1(spec, &initrd).status().context("starting qemu-system-x86_64")?;
+        let _ = std::fs::remove_dir_all(&work);
+        if !st.success() {
+            bail!("qemu exited with {st}");
+        }
+        Ok(())
+    }
+
     /// Boots L1 with `spec` and returns its console output.
     pub fn run(&self, spec: &L1Spec) -> Result<LabOutput> {
         let _one_at_a_time = RUN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -112,14 +139,8 @@ impl Lab {
         self.build_l1(spec, &work.join("root"), &initrd)?;
         log(&format!("booting L1 for '{}'", spec.name));
         let started = Instant::now();
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-machine", "q35,accel=tcg", "-cpu", "EPYC,+svm,+npt", "-smp", "2", "-m"])
-            .arg(format!("{}", spec.l1_memory_mib))
-            .args(["-nographic", "-no-reboot", "-kernel"])
-            .arg(&self.kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        let mut child = self
+            .qemu_l1(spec, &initrd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -169,6 +190,9 @@ impl Lab {
         for (src, dest) in &spec.files {
             fs.add_file(src, dest)?;
         }
+        for (src, dest) in &spec.binaries {
+            fs.add_binary(src, dest)?;
+        }
         for (dest, bytes) in &spec.blobs {
             fs.add_bytes(bytes, dest, 0o644)?;
         }
@@ -205,6 +229,8 @@ pub struct L1Spec {
     pub files: Vec<(PathBuf, String)>,
     /// Generated files: (destination, contents).
     pub blobs: Vec<(String, Vec<u8>)>,
+    /// Dynamically linked host programs copied with their libraries: (source, destination).
+    pub binaries: Vec<(PathBuf, String)>,
     /// L1 RAM in MiB.
     pub l1_memory_mib: u32,
     /// Wall-clock limit for the whole L1 run.
@@ -219,6 +245,7 @@ impl L1Spec {
             script: script.into(),
             files: Vec::new(),
             blobs: Vec::new(),
+            binaries: Vec::new(),
             l1_memory_mib: 3072,
             timeout: Duration::from_secs(600),
         }

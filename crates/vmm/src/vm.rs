@@ -77,6 +77,7 @@ impl Vm {
         let mem = memory::create_guest_memory(&layout)?;
         memory::register_with_kvm(&vm_fd, &mem)?;
         let kernel = loader::load(&mem, &layout, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+        tracing::info!("loaded {:?} kernel, entry {:?}, initramfs {:?}", kernel.format, kernel.entry, kernel.initrd);
         acpi::write(&mem, &acpi::build(cfg.vcpus)?)?;
 
         let control = Arc::new(VmControl::new().map_err(crate::error::os("eventfd"))?);
