@@ -63,7 +63,7 @@ pub struct VmStatus {
 /// The answer to [`Request::Stats`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStats {
-    /// VM exits handled in user space, by KVM exit reason (`io-in`, `mmio-write`, ...).
+    /// VM exits handled in user space, by KVM exit reason (`io`, `mmio`, `shutdown`, ...).
     pub exits: BTreeMap<String, u64>,
 }
 

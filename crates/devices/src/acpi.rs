@@ -178,16 +178,18 @@ impl BusDevice for Ged {
     fn write(&mut self, _offset: u64, _data: &[u8]) {}
 }
 
-/// AML describing COM1 (`PNP0501`) so the guest binds its 8250 driver through ACPI.
-pub fn com1_aml(base: u16, irq: u32) -> Vec<u8> {
+/// AML for a legacy ISA device at I/O ports `base..base+len` with edge
+/// interrupt `irq`, identified by its PNP `hid`, so the guest binds its
+/// driver through ACPI.
+fn isa_device_aml(path: &str, hid: &str, base: u16, len: u8, irq: u32) -> Vec<u8> {
     let mut v = Vec::new();
-    let io = aml::IO::new(base, base, 1, 8);
+    let io = aml::IO::new(base, base, 1, len);
     let int = aml::Interrupt::new(true, true, false, false, irq);
     let crs = aml::ResourceTemplate::new(vec![&io, &int]);
     aml::Device::new(
-        "_SB_.COM1".into(),
+        path.into(),
         vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_HID".into(), &aml::EISAName::new(hid)),
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new("_CRS".into(), &crs),
         ],
@@ -196,36 +198,21 @@ pub fn com1_aml(base: u16, irq: u32) -> Vec<u8> {
     v
 }
 
+/// AML describing COM1 (`PNP0501`, a 16550).
+pub fn com1_aml(base: u16, irq: u32) -> Vec<u8> {
+    isa_device_aml("_SB_.COM1", "PNP0501", base, 8, irq)
+}
+
 /// AML describing the CMOS RTC (`PNP0B00`) so the guest's rtc_cmos driver binds to it.
 pub fn rtc_aml(base: u16, irq: u32) -> Vec<u8> {
-    let mut v = Vec::new();
-    let io = aml::IO::new(base, base, 1, 2);
-    let int = aml::Interrupt::new(true, true, false, false, irq);
-    let crs = aml::ResourceTemplate::new(vec![&io, &int]);
-    aml::Device::new(
-        "_SB_.RTC_".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
-            &aml::Name::new("_CRS".into(), &crs),
-        ],
-    )
-    .to_aml_bytes(&mut v);
-    v
+    isa_device_aml("_SB_.RTC_", "PNP0B00", base, 2, irq)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use crate::test_util::Requests;
     use vmm_sys_util::eventfd::EventFd;
-
-    #[derive(Default)]
-    struct Requests(Mutex<Vec<PlatformRequest>>);
-    impl PlatformControl for Requests {
-        fn request(&self, r: PlatformRequest) {
-            self.0.lock().unwrap().push(r);
-        }
-    }
 
     #[test]
     fn s5_powers_off_and_other_states_do_not() {

@@ -55,15 +55,7 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    pub(crate) struct Requests(pub Mutex<Vec<PlatformRequest>>);
-    impl PlatformControl for Requests {
-        fn request(&self, r: PlatformRequest) {
-            self.0.lock().unwrap().push(r);
-        }
-    }
+    use crate::test_util::Requests;
 
     #[test]
     fn command_fe_resets() {

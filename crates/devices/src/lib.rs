@@ -62,3 +62,20 @@ impl vm_superio::Trigger for IrqLine {
         IrqLine::trigger(self)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::sync::Mutex;
+
+    use crate::{PlatformControl, PlatformRequest};
+
+    /// Records the platform requests devices make, for assertions.
+    #[derive(Default)]
+    pub struct Requests(pub Mutex<Vec<PlatformRequest>>);
+
+    impl PlatformControl for Requests {
+        fn request(&self, r: PlatformRequest) {
+            self.0.lock().unwrap().push(r);
+        }
+    }
+}

@@ -50,11 +50,13 @@ fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
     let qemu = std::path::Path::new("/usr/bin/qemu-system-x86_64");
     let bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
+    let option_rom = std::fs::canonicalize("/usr/share/qemu/linuxboot_dma.bin")?;
     let mut spec = L1Spec::new("bench-boot", &script())
         .file(&lab.kernel, "l2/vmlinuz")
         .blob("l2/off.gz", l2_initramfs(POWEROFF_AT_ONCE, &[])?)
         .blob("l2/idle.gz", l2_initramfs(IDLE, &[])?)
-        .file(bios, "usr/share/qemu/bios-microvm.bin");
+        .file(bios, "usr/share/qemu/bios-microvm.bin")
+        .file(option_rom, "usr/share/qemu/linuxboot_dma.bin");
     spec.timeout = std::time::Duration::from_secs(1800);
     spec.binaries.push((qemu.to_path_buf(), "usr/bin/qemu-system-x86_64".into()));
     let out = lab.run(&spec)?;

@@ -147,9 +147,23 @@ impl Lab {
             .spawn()
             .context("starting qemu-system-x86_64")?;
         let mut stdout = child.stdout.take().context("qemu stdout")?;
+        // The console is also streamed to target/lab-logs/NAME.log as it
+        // arrives, so a run that hangs can be watched.
+        let log_dir = workspace_root().join("target/lab-logs");
+        let _ = std::fs::create_dir_all(&log_dir);
+        let mut live = std::fs::File::create(log_dir.join(format!("{}.log", spec.name))).ok();
         let reader = std::thread::spawn(move || {
             let mut buf = Vec::new();
-            let _ = stdout.read_to_end(&mut buf);
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(f) = live.as_mut() {
+                    let _ = f.write_all(&chunk[..n]);
+                }
+            }
             buf
         });
         let deadline = started + spec.timeout;
@@ -172,9 +186,6 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&work);
         let console = String::from_utf8_lossy(&raw).replace('\r', "");
         let out = LabOutput { console, elapsed: started.elapsed(), timed_out, qemu_stderr: stderr };
-        let log_dir = workspace_root().join("target/lab-logs");
-        let _ = std::fs::create_dir_all(&log_dir);
-        let _ = std::fs::write(log_dir.join(format!("{}.log", spec.name)), &out.console);
         log(&format!("L1 for '{}' finished in {:.1}s{}", spec.name, out.elapsed.as_secs_f64(), if timed_out { " (TIMED OUT)" } else { "" }));
         Ok(out)
     }

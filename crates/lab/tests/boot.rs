@@ -148,7 +148,7 @@ fn control_api_pauses_resumes_and_shuts_down_the_guest() {
     assert_eq!(get("API-RESUME"), r#"{"ok":true}"#);
     let resumed: i64 = get("RESUMED-GROWTH").parse().unwrap();
     assert!(resumed > 0, "a resumed guest prints again");
-    assert!(get("API-STATS").contains(r#""io-out":"#));
+    assert!(get("API-STATS").contains(r#""io":"#));
     assert!(get("API-BAD").contains("malformed request"));
     assert_eq!(get("API-SHUTDOWN"), r#"{"ok":true}"#);
     assert!(v.get("SHUTDOWN-IGNORED").is_none(), "the guest ignored the power button:\n{}", out.section("L2").unwrap_or_default());
