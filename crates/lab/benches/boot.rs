@@ -32,8 +32,9 @@ rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/idle.gz --cpus 2 --memory 512M --cmd
 pid=$!; wait_ready /tmp/r.log; sleep 2
 echo "@@RVIRT-RSS-KB=$(overhead $pid)"; echo "@@RVIRT-RSS-TOTAL-KB=$(awk '/VmRSS/ {{print $2}}' /proc/$pid/status)"
 kill $pid; wait $pid
-$QEMU -display none -monitor none -serial file:/tmp/q.log -kernel /l2/vmlinuz -initrd /l2/idle.gz -append "$CMD" </dev/null &
+$QEMU -display none -monitor none -serial file:/tmp/q.log -kernel /l2/vmlinuz -initrd /l2/idle.gz -append "$CMD" </dev/null 2>/tmp/q.err &
 pid=$!; wait_ready /tmp/q.log; sleep 2
+kill -0 $pid 2>/dev/null || {{ echo "@@QEMU-IDLE-DIED=$(cat /tmp/q.err | tr '\n' ' ')"; tail -5 /tmp/q.log; }}
 echo "@@QEMU-RSS-KB=$(overhead $pid)"; echo "@@QEMU-RSS-TOTAL-KB=$(awk '/VmRSS/ {{print $2}}' /proc/$pid/status)"
 kill $pid; wait $pid
 "#
@@ -78,6 +79,9 @@ fn main() -> anyhow::Result<()> {
     println!("  rvirt-vmm      median {r_med:.2} s  min {r_min:.2} s");
     println!("  qemu microvm   median {q_med:.2} s  min {q_min:.2} s");
     println!("  ratio rvirt/qemu (median): {:.2}", r_med / q_med);
+    if let Some(why) = v.get("QEMU-IDLE-DIED") {
+        println!("note: the idle QEMU exited before it could be measured: {why}");
+    }
     let kb = |k: &str| v.get(k).and_then(|s| s.parse::<f64>().ok()).unwrap_or(f64::NAN);
     println!("resident memory beyond guest RAM (guest idle at a shell):");
     println!("  rvirt-vmm      {:.1} MiB (total RSS {:.1} MiB)", kb("RVIRT-RSS-KB") / 1024.0, kb("RVIRT-RSS-TOTAL-KB") / 1024.0);
