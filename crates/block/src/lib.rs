@@ -1,0 +1,173 @@
+//! Disk images for rvirt: one [`BlockBackend`] interface (byte-addressed
+//! read, write, flush, discard, write-zeroes, size and allocation map) over
+//! the formats users bring: [`RawImage`] (sparse files) and [`Qcow2Image`].
+//!
+//! Backends are `Send + Sync`: several virtio queues may issue requests
+//! concurrently. Every malformed image is refused with an [`Error`] naming
+//! the problem; nothing here panics on file contents.
+
+pub mod qcow2;
+pub mod raw;
+
+use std::path::Path;
+
+pub use qcow2::Qcow2Image;
+pub use raw::RawImage;
+
+/// Errors of the image library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The underlying file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The image file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid image of the expected format.
+    #[error("{path}: {detail}")]
+    Corrupt {
+        /// The image file.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The image uses something this library does not implement.
+    #[error("{path}: unsupported: {detail}")]
+    Unsupported {
+        /// The image file.
+        path: String,
+        /// What is not supported.
+        detail: String,
+    },
+    /// A request is outside the image or otherwise invalid.
+    #[error("{0}")]
+    Request(String),
+    /// The image was opened read-only.
+    #[error("{0}: image is read-only")]
+    ReadOnly(String),
+}
+
+/// Result type of the image library.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What a range of an image holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Allocated in this image and holding data.
+    Data,
+    /// Reads as zeros (a hole, or a zero cluster).
+    Zero,
+    /// Not allocated here: reads come from the backing image.
+    Backing,
+}
+
+/// A contiguous range of an image with one [`ExtentKind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// What it holds.
+    pub kind: ExtentKind,
+}
+
+/// The interface every image format offers the VMM and tools.
+pub trait BlockBackend: Send + Sync {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Writes `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> Result<()>;
+    /// Tells the image `length` bytes at `offset` are no longer needed (they read as zeros after).
+    fn discard(&self, offset: u64, length: u64) -> Result<()>;
+    /// Makes `length` bytes at `offset` read as zeros, cheaply where the format allows.
+    fn write_zeroes(&self, offset: u64, length: u64) -> Result<()>;
+    /// The allocation map of `offset..offset+length`, in order, merged.
+    fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>>;
+    /// Whether writes are refused.
+    fn is_read_only(&self) -> bool;
+}
+
+/// Image formats this library reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// A plain (possibly sparse) file.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+}
+
+impl Format {
+    /// The name qemu-img uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+
+    /// Parses a qemu-img format name.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            _ => Err(Error::Request(format!("unknown image format '{s}' (expected raw or qcow2)"))),
+        }
+    }
+}
+
+/// Guesses an image's format from its first bytes (qcow2 magic, else raw).
+pub fn probe_format(path: &Path) -> Result<Format> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let mut magic = [0u8; 4];
+    match f.read_exact(&mut magic) {
+        Ok(()) if magic == qcow2::MAGIC => Ok(Format::Qcow2),
+        _ => Ok(Format::Raw),
+    }
+}
+
+/// Opens an image of `format` (probed when `None`).
+pub fn open(path: &Path, format: Option<Format>, read_only: bool) -> Result<Box<dyn BlockBackend>> {
+    let format = match format {
+        Some(f) => f,
+        None => probe_format(path)?,
+    };
+    Ok(match format {
+        Format::Raw => Box::new(RawImage::open(path, read_only)?),
+        Format::Qcow2 => Box::new(Qcow2Image::open(path, read_only)?),
+    })
+}
+
+pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io { path: path.display().to_string(), source }
+}
+
+/// Checks that `offset..offset+len` lies inside an image of `size` bytes.
+pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::Request(format!("request {offset}+{len} is beyond the image's {size} bytes"))),
+    }
+}
+
+/// Appends `e` to `out`, merging it with the last extent when they touch and match.
+pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if e.length == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.kind == e.kind && last.offset + last.length == e.offset {
+            last.length += e.length;
+            return;
+        }
+    }
+    out.push(e);
+}
