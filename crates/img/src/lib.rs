@@ -1,0 +1,326 @@
+//! The commands of `rvirt-img`, as a library: the binary only parses
+//! arguments. Names, flags and JSON field names follow qemu-img so scripts
+//! written for it keep working.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rvirt_block::qcow2::{Compression, CreateOptions, Qcow2Image};
+use rvirt_block::{probe_format, BlockBackend, Format, RawImage};
+use serde::Serialize;
+
+/// Parses a size the way qemu-img does: bytes, or a number with a
+/// `k`/`K`, `M`, `G`, `T`, `P`, `E` suffix (binary units); fractions allowed with a suffix.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.trim().strip_suffix(['B', 'b']).unwrap_or(unit.trim()) {
+        "" => 0,
+        "k" | "K" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        "P" | "p" => 50,
+        "E" | "e" => 60,
+        _ => bail!("invalid size '{s}': expected e.g. 10G, 512M or a byte count"),
+    };
+    let bad = || anyhow::anyhow!("invalid size '{s}': expected e.g. 10G, 512M or a byte count");
+    let value = if num.contains('.') {
+        if shift == 0 {
+            return Err(bad());
+        }
+        let f: f64 = num.parse().map_err(|_| bad())?;
+        let v = f * (1u64 << shift) as f64;
+        if !(0.0..1.8e19).contains(&v) {
+            return Err(bad());
+        }
+        v as u64
+    } else {
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        n.checked_mul(1u64 << shift).ok_or_else(bad)?
+    };
+    Ok(value)
+}
+
+/// What `create` makes.
+#[derive(Clone, Debug, Default)]
+pub struct CreateRequest {
+    /// The new image.
+    pub path: PathBuf,
+    /// raw or qcow2.
+    pub format: Option<String>,
+    /// Virtual size; defaults to the backing file's.
+    pub size: Option<u64>,
+    /// Backing file (qcow2 only), as it will be stored.
+    pub backing_file: Option<String>,
+    /// Backing file format.
+    pub backing_format: Option<String>,
+    /// `-o` options (`key=value`, comma separated, possibly repeated).
+    pub options: Vec<String>,
+}
+
+/// `rvirt-img create`.
+pub fn create(req: &CreateRequest) -> Result<()> {
+    let format = Format::parse(req.format.as_deref().unwrap_or("raw"))?;
+    let mut size = req.size;
+    let mut backing = req.backing_file.clone();
+    let mut backing_fmt = req.backing_format.clone();
+    let mut qopts = CreateOptions::default();
+    let mut compression = None;
+    for kv in req.options.iter().flat_map(|o| o.split(',')).filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').with_context(|| format!("invalid option '{kv}': expected key=value"))?;
+        match (k, format) {
+            ("size", _) => size = Some(parse_size(v)?),
+            ("backing_file", Format::Qcow2) => backing = Some(v.to_string()),
+            ("backing_fmt", Format::Qcow2) => backing_fmt = Some(v.to_string()),
+            ("cluster_size", Format::Qcow2) => {
+                let cs = parse_size(v)?;
+                if !cs.is_power_of_two() {
+                    bail!("cluster_size {cs} is not a power of two");
+                }
+                qopts.cluster_bits = cs.trailing_zeros();
+            }
+            ("compat", Format::Qcow2) => {
+                qopts.version = match v {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => bail!("invalid compat '{v}': expected 0.10 or 1.1"),
+                }
+            }
+            ("compression_type", Format::Qcow2) => {
+                compression = Some(match v {
+                    "zlib" => Compression::Zlib,
+                    "zstd" => Compression::Zstd,
+                    _ => bail!("invalid compression_type '{v}': expected zlib or zstd"),
+                })
+            }
+            ("preallocation", _) if v == "off" => {}
+            ("preallocation", _) => bail!("preallocation={v} is not supported yet (only off)"),
+            _ => bail!("option '{k}' is not supported for format {}", format.name()),
+        }
+    }
+    if compression == Some(Compression::Zstd) {
+        bail!("compression_type=zstd images cannot be created yet (zstd images are read)");
+    }
+    if backing.is_some() && format != Format::Qcow2 {
+        bail!("backing files need format qcow2");
+    }
+    if let Some(b) = &backing {
+        let bpath = resolve(&req.path, b);
+        let bfmt = match &backing_fmt {
+            Some(f) => Format::parse(f)?,
+            None => probe_format(&bpath).with_context(|| format!("backing file {b}"))?,
+        };
+        let bimg = rvirt_block::open(&bpath, Some(bfmt), true).with_context(|| format!("backing file {b}"))?;
+        if size.is_none() {
+            size = Some(bimg.size());
+        }
+        qopts.backing = Some((b.clone(), bfmt));
+    }
+    let size = size.context("an image size is needed (e.g. 10G)")?;
+    match format {
+        Format::Raw => {
+            RawImage::create(&req.path, size)?;
+        }
+        Format::Qcow2 => {
+            Qcow2Image::create(&req.path, size, &qopts)?;
+        }
+    }
+    Ok(())
+}
+
+fn resolve(image: &Path, backing: &str) -> PathBuf {
+    let p = Path::new(backing);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        image.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+/// qcow2-specific details, under `format-specific.data`.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub struct Qcow2Details {
+    compat: String,
+    compression_type: String,
+    // The v3-only fields are absent for compat=0.10 images, as in qemu-img.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lazy_refcounts: Option<bool>,
+    refcount_bits: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    corrupt: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extended_l2: Option<bool>,
+}
+
+/// `format-specific` in qemu-img's JSON.
+#[derive(Serialize, Debug)]
+pub struct FormatSpecific {
+    #[serde(rename = "type")]
+    typ: String,
+    data: Qcow2Details,
+}
+
+/// What `info` reports, with qemu-img's JSON field names.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageInfo {
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// The image's path as given.
+    pub filename: String,
+    /// Cluster size (qcow2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// raw or qcow2.
+    pub format: String,
+    /// Bytes allocated on the host filesystem.
+    pub actual_size: u64,
+    /// qcow2 details.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format_specific: Option<FormatSpecific>,
+    /// Backing file as resolved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_backing_filename: Option<String>,
+    /// Backing file as stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+    /// Backing file format as stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename_format: Option<String>,
+    /// Whether the image is marked dirty.
+    pub dirty_flag: bool,
+}
+
+/// `rvirt-img info`.
+pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
+    use std::os::unix::fs::MetadataExt;
+    let format = match format {
+        Some(f) => Format::parse(f)?,
+        None => probe_format(path)?,
+    };
+    let meta = std::fs::metadata(path).with_context(|| path.display().to_string())?;
+    let mut info = ImageInfo {
+        virtual_size: 0,
+        filename: path.display().to_string(),
+        cluster_size: None,
+        format: format.name().into(),
+        actual_size: meta.blocks() * 512,
+        format_specific: None,
+        full_backing_filename: None,
+        backing_filename: None,
+        backing_filename_format: None,
+        dirty_flag: false,
+    };
+    match format {
+        Format::Raw => info.virtual_size = RawImage::open(path, true)?.size(),
+        Format::Qcow2 => {
+            let img = Qcow2Image::open(path, true)?;
+            let h = img.header();
+            info.virtual_size = h.size;
+            info.cluster_size = Some(h.cluster_size());
+            info.dirty_flag = h.incompatible_features & 1 != 0;
+            let v3 = h.version >= 3;
+            info.format_specific = Some(FormatSpecific {
+                typ: "qcow2".into(),
+                data: Qcow2Details {
+                    compat: if h.version >= 3 { "1.1" } else { "0.10" }.into(),
+                    compression_type: match h.compression {
+                        Compression::Zlib => "zlib",
+                        Compression::Zstd => "zstd",
+                    }
+                    .into(),
+                    lazy_refcounts: v3.then_some(h.compatible_features & 1 != 0),
+                    refcount_bits: h.refcount_bits(),
+                    corrupt: v3.then_some(h.incompatible_features & 2 != 0),
+                    extended_l2: v3.then_some(false),
+                },
+            });
+            if let Some(b) = img.backing_file() {
+                info.backing_filename = Some(b.to_string());
+                info.full_backing_filename = Some(resolve(path, b).display().to_string());
+                info.backing_filename_format = img.backing_format().map(|f| f.name().to_string());
+            }
+        }
+    }
+    Ok(info)
+}
+
+/// qemu-img's human size: "1 GiB", "196 KiB", "512 B".
+pub fn human_size(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        // Three significant digits, trailing zeros dropped, as qemu-img prints.
+        let s = format!("{:.*}", if v >= 100.0 { 0 } else if v >= 10.0 { 1 } else { 2 }, v);
+        let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
+        format!("{s} {}", units[u])
+    }
+}
+
+/// `info` in qemu-img's human format.
+pub fn info_text(i: &ImageInfo) -> String {
+    let mut s = format!(
+        "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\n",
+        i.filename,
+        i.format,
+        human_size(i.virtual_size),
+        i.virtual_size,
+        human_size(i.actual_size)
+    );
+    if let Some(cs) = i.cluster_size {
+        s += &format!("cluster_size: {cs}\n");
+    }
+    if let Some(b) = &i.backing_filename {
+        s += &format!("backing file: {b}\n");
+        if let Some(f) = &i.backing_filename_format {
+            s += &format!("backing file format: {f}\n");
+        }
+    }
+    if let Some(fs) = &i.format_specific {
+        let d = &fs.data;
+        s += &format!("Format specific information:\n    compat: {}\n    compression type: {}\n", d.compat, d.compression_type);
+        if let Some(l) = d.lazy_refcounts {
+            s += &format!("    lazy refcounts: {l}\n");
+        }
+        s += &format!("    refcount bits: {}\n", d.refcount_bits);
+        if let (Some(c), Some(e)) = (d.corrupt, d.extended_l2) {
+            s += &format!("    corrupt: {c}\n    extended l2: {e}\n");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_like_qemu_img() {
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        assert_eq!(parse_size("1.5M").unwrap(), 1536 * 1024);
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        for bad in ["", "G", "1.5", "10X", "-1", "99999999999E"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn human_sizes_like_qemu_img() {
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(200704), "196 KiB");
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(1536 * 1024), "1.5 MiB");
+    }
+}
