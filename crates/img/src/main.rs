@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rvirt_img::{create, info, info_text, parse_size, CreateRequest};
+use rvirt_img::{convert, create, info, info_text, parse_size, ConvertRequest, CreateRequest};
 
 /// Create and inspect raw and qcow2 disk images.
 #[derive(Parser)]
@@ -35,6 +35,28 @@ enum Cmd {
         /// Virtual size, e.g. 10G (defaults to the backing file's size).
         size: Option<String>,
     },
+    /// Copy an image, possibly to another format: rvirt-img convert [-f FMT] [-O FMT] [-o OPTS] [-p] SRC DST
+    Convert {
+        /// Source format (probed when omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Destination format: raw (default) or qcow2.
+        #[arg(short = 'O')]
+        output_format: Option<String>,
+        /// Destination options, as for create.
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Compress the destination (not supported yet).
+        #[arg(short = 'c')]
+        compress: bool,
+        /// Source image.
+        source: PathBuf,
+        /// Destination image.
+        dest: PathBuf,
+    },
     /// Show an image's format, sizes and backing file.
     Info {
         /// Format (probed when omitted).
@@ -53,6 +75,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Create { format, backing, backing_format, options, filename, size } => {
             let size = size.as_deref().map(parse_size).transpose()?;
             create(&CreateRequest { path: filename, format, size, backing_file: backing, backing_format, options })
+        }
+        Cmd::Convert { format, output_format, options, progress, compress, source, dest } => {
+            if compress {
+                anyhow::bail!("-c (compressed output) is not supported yet");
+            }
+            convert(&ConvertRequest { source, source_format: format, dest, dest_format: output_format, options, progress })?;
+            Ok(())
         }
         Cmd::Info { format, output, filename } => {
             let i = info(&filename, format.as_deref())?;

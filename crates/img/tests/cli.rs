@@ -92,3 +92,33 @@ fn bad_input_gets_one_line() {
     assert_eq!(code, 1);
     assert!(err.contains("not a qcow2") || err.contains("truncated"), "{err}");
 }
+
+#[test]
+fn convert_round_trips_and_stays_sparse() {
+    let d = tmpdir("convert");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let src = d.join("src.qcow2");
+    // A source with data, zero clusters, compressed data and holes, written by QEMU.
+    assert!(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&src).arg("64M").status().unwrap().success());
+    for cmd in ["write -P 0x11 0 1M", "write -z 4M 1M", "write -c -P 0x22 8M 64k", "write -P 0x33 63M 4k"] {
+        assert!(Command::new("qemu-io").args(["-f", "qcow2", "-c", cmd]).arg(&src).output().unwrap().status.success());
+    }
+    let raw = d.join("out.raw");
+    let q = d.join("out.qcow2");
+    assert_eq!(ours(&["convert", "-O", "raw", &s(&src), &s(&raw)]).0, 0);
+    assert_eq!(ours(&["convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=16k", &s(&raw), &s(&q)]).0, 0);
+    for out in [&raw, &q] {
+        let c = Command::new("qemu-img").args(["compare"]).arg(&src).arg(out).output().unwrap();
+        assert!(c.status.success(), "{}: {}", out.display(), String::from_utf8_lossy(&c.stdout));
+    }
+    assert!(Command::new("qemu-img").args(["check", "-q"]).arg(&q).status().unwrap().success());
+    // Only ~1.1 MiB of the 64 MiB is data: both outputs stay sparse.
+    use std::os::unix::fs::MetadataExt;
+    for out in [&raw, &q] {
+        let allocated = std::fs::metadata(out).unwrap().blocks() * 512;
+        assert!(allocated < 4 << 20, "{} allocates {allocated} bytes", out.display());
+    }
+    let (code, _, err) = ours(&["convert", "-c", "-O", "qcow2", &s(&src), &s(&d.join("c.qcow2"))]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not supported yet"), "{err}");
+}
