@@ -154,6 +154,18 @@ pub struct ConvertRequest {
     pub options: Vec<String>,
     /// Print progress on stderr.
     pub progress: bool,
+    /// Flush the destination at the end. qemu-img's default cache mode for
+    /// convert, `unsafe`, does not; the other modes do.
+    pub flush: bool,
+}
+
+/// Whether a qemu-img cache mode (`-t`) makes convert flush at the end.
+pub fn cache_mode_flushes(mode: &str) -> Result<bool> {
+    match mode {
+        "unsafe" => Ok(false),
+        "none" | "writeback" | "writethrough" | "directsync" => Ok(true),
+        _ => bail!("invalid cache mode '{mode}': expected none, writeback, writethrough, directsync or unsafe"),
+    }
 }
 
 /// Granularity of `convert`'s copy loop.
@@ -203,7 +215,9 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
             }
         }
     }
-    dst.flush()?;
+    if req.flush {
+        dst.flush()?;
+    }
     if req.progress {
         eprintln!("\r    (100.00/100%)");
     }

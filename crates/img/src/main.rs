@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rvirt_img::{convert, create, info, info_text, parse_size, ConvertRequest, CreateRequest};
+use rvirt_img::{cache_mode_flushes, convert, create, info, info_text, parse_size, ConvertRequest, CreateRequest};
 
 /// Create and inspect raw and qcow2 disk images.
 #[derive(Parser)]
@@ -49,6 +49,9 @@ enum Cmd {
         /// Show progress.
         #[arg(short = 'p')]
         progress: bool,
+        /// Destination cache mode: unsafe (default, no final flush), writeback, none, writethrough, directsync.
+        #[arg(short = 't', default_value = "unsafe")]
+        cache: String,
         /// Compress the destination (not supported yet).
         #[arg(short = 'c')]
         compress: bool,
@@ -76,11 +79,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let size = size.as_deref().map(parse_size).transpose()?;
             create(&CreateRequest { path: filename, format, size, backing_file: backing, backing_format, options })
         }
-        Cmd::Convert { format, output_format, options, progress, compress, source, dest } => {
+        Cmd::Convert { format, output_format, options, progress, cache, compress, source, dest } => {
             if compress {
                 anyhow::bail!("-c (compressed output) is not supported yet");
             }
-            convert(&ConvertRequest { source, source_format: format, dest, dest_format: output_format, options, progress })?;
+            let flush = cache_mode_flushes(&cache)?;
+            convert(&ConvertRequest { source, source_format: format, dest, dest_format: output_format, options, progress, flush })?;
             Ok(())
         }
         Cmd::Info { format, output, filename } => {

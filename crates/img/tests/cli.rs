@@ -106,7 +106,7 @@ fn convert_round_trips_and_stays_sparse() {
     let raw = d.join("out.raw");
     let q = d.join("out.qcow2");
     assert_eq!(ours(&["convert", "-O", "raw", &s(&src), &s(&raw)]).0, 0);
-    assert_eq!(ours(&["convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=16k", &s(&raw), &s(&q)]).0, 0);
+    assert_eq!(ours(&["convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=16k", &s(&raw), &s(&q)]).0, 0);
     for out in [&raw, &q] {
         let c = Command::new("qemu-img").args(["compare"]).arg(&src).arg(out).output().unwrap();
         assert!(c.status.success(), "{}: {}", out.display(), String::from_utf8_lossy(&c.stdout));
@@ -121,4 +121,7 @@ fn convert_round_trips_and_stays_sparse() {
     let (code, _, err) = ours(&["convert", "-c", "-O", "qcow2", &s(&src), &s(&d.join("c.qcow2"))]);
     assert_eq!(code, 1);
     assert!(err.contains("not supported yet"), "{err}");
+    let (code, _, err) = ours(&["convert", "-t", "sometimes", &s(&src), &s(&d.join("t.raw"))]);
+    assert_eq!(code, 1);
+    assert!(err.contains("invalid cache mode 'sometimes'"), "{err}");
 }
