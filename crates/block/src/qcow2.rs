@@ -929,8 +929,25 @@ impl BlockBackend for Qcow2Image {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let n = ((cs - pos % cs) as usize).min(buf.len() - done);
-            self.read_in_cluster(&mut inner, pos, &mut buf[done..done + n])?;
+            let mut n = ((cs - pos % cs) as usize).min(buf.len() - done);
+            if let Mapping::Data { host, .. } = self.mapping(&mut inner, pos / cs)? {
+                // Extend over following clusters stored right after this one,
+                // so a contiguous run costs one pread.
+                let start = host + pos % cs;
+                while done + n < buf.len() {
+                    let next = offset + (done + n) as u64;
+                    match self.mapping(&mut inner, next / cs)? {
+                        Mapping::Data { host: h, .. } if h == start + n as u64 => {
+                            n += (cs as usize).min(buf.len() - done - n);
+                        }
+                        _ => break,
+                    }
+                }
+                let got = read_full(&inner.file, &mut buf[done..done + n], start).map_err(|e| self.io(e))?;
+                buf[done + got..done + n].fill(0);
+            } else {
+                self.read_in_cluster(&mut inner, pos, &mut buf[done..done + n])?;
+            }
             done += n;
         }
         Ok(())
