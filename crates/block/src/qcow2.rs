@@ -907,8 +907,9 @@ fn read_backing(b: &dyn BlockBackend, buf: &mut [u8], offset: u64) -> Result<()>
     Ok(())
 }
 
-/// Backing names are relative to the directory of the image that names them.
-fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+/// Where a backing file named `name` in `image` lives: names are relative to
+/// the directory of the image that stores them.
+pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
     if p.is_absolute() {
         p.to_path_buf()

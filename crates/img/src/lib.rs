@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use rvirt_block::qcow2::{Compression, CreateOptions, Qcow2Image};
+use rvirt_block::qcow2::{resolve_backing, Compression, CreateOptions, Qcow2Image};
 use rvirt_block::{probe_format, BlockBackend, Format, RawImage};
 use serde::Serialize;
 
@@ -107,7 +107,7 @@ pub fn create(req: &CreateRequest) -> Result<()> {
         bail!("backing files need format qcow2");
     }
     if let Some(b) = &backing {
-        let bpath = resolve(&req.path, b);
+        let bpath = resolve_backing(&req.path, b);
         let bfmt = match &backing_fmt {
             Some(f) => Format::parse(f)?,
             None => probe_format(&bpath).with_context(|| format!("backing file {b}"))?,
@@ -128,15 +128,6 @@ pub fn create(req: &CreateRequest) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn resolve(image: &Path, backing: &str) -> PathBuf {
-    let p = Path::new(backing);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        image.parent().unwrap_or(Path::new(".")).join(p)
-    }
 }
 
 /// What `convert` copies.
@@ -325,7 +316,7 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
             });
             if let Some(b) = img.backing_file() {
                 info.backing_filename = Some(b.to_string());
-                info.full_backing_filename = Some(resolve(path, b).display().to_string());
+                info.full_backing_filename = Some(resolve_backing(path, b).display().to_string());
                 info.backing_filename_format = img.backing_format().map(|f| f.name().to_string());
             }
         }
