@@ -50,6 +50,9 @@ pub enum Error {
         /// What went wrong.
         detail: String,
     },
+    /// Process-wide setup (signal handlers) failed.
+    #[error("{0}")]
+    Process(String),
     /// An operating-system call failed.
     #[error("{what}: {source}")]
     Os {

@@ -72,20 +72,41 @@ extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     }
 }
 
-fn install_signal_handlers(terminate: &vmm_sys_util::eventfd::EventFd) -> Result<()> {
-    vcpu::install_kick_handler().map_err(error::os("installing the vCPU kick handler"))?;
-    TERMINATE_FD.store(terminate.as_raw_fd(), Ordering::Relaxed);
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
-            .map_err(|e| Error::Os { what: "installing signal handlers", source: std::io::Error::from_raw_os_error(e.errno()) })?;
+/// Clears [`TERMINATE_FD`] when the run that set it ends, so a signal after
+/// `run` returns cannot write into a descriptor number that was reused.
+struct TerminateFdGuard(i32);
+
+impl Drop for TerminateFdGuard {
+    fn drop(&mut self) {
+        let _ = TERMINATE_FD.compare_exchange(self.0, -1, Ordering::SeqCst, Ordering::SeqCst);
     }
-    // A panic must not leave the user's terminal in raw mode.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        console::restore_terminal();
-        default_hook(info);
-    }));
-    Ok(())
+}
+
+/// Points the termination handlers at `terminate` for the duration of one
+/// run. Handlers and the panic hook are process-wide and installed once,
+/// however many VMs a process runs.
+fn install_signal_handlers(terminate: &vmm_sys_util::eventfd::EventFd) -> Result<TerminateFdGuard> {
+    static INSTALL: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    INSTALL
+        .get_or_init(|| {
+            vcpu::install_kick_handler().map_err(|e| format!("installing the vCPU kick handler: {e}"))?;
+            for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
+                    .map_err(|e| format!("installing signal handlers: {e}"))?;
+            }
+            // A panic must not leave the user's terminal in raw mode.
+            let default_hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                console::restore_terminal();
+                default_hook(info);
+            }));
+            Ok(())
+        })
+        .clone()
+        .map_err(Error::Process)?;
+    let fd = terminate.as_raw_fd();
+    TERMINATE_FD.store(fd, Ordering::SeqCst);
+    Ok(TerminateFdGuard(fd))
 }
 
 /// Boots the VM described by `cfg` and runs it until it powers off, is
@@ -101,7 +122,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     let kvm = open_kvm()?;
     let api = cfg.api_socket.as_deref().map(ApiServer::bind).transpose()?;
     let terminate = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(error::os("eventfd"))?;
-    install_signal_handlers(&terminate)?;
+    let _terminate_guard = install_signal_handlers(&terminate)?;
     let console = Console::open(&cfg.serial)?;
     if console.is_raw() {
         eprintln!("rvirt-vmm: console on this terminal; press Ctrl-A x to quit\r");
@@ -207,5 +228,27 @@ fn event_loop(
             let taken = lock(vm.serial()).enqueue_input(&pending_input);
             pending_input.drain(..taken);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn termination_fd_is_cleared_when_the_run_ends() {
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let guard = install_signal_handlers(&evt).unwrap();
+        assert_eq!(TERMINATE_FD.load(Ordering::SeqCst), evt.as_raw_fd());
+        // A second install (a second VM in the same process) reuses the handlers.
+        let evt2 = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let guard2 = install_signal_handlers(&evt2).unwrap();
+        assert_eq!(TERMINATE_FD.load(Ordering::SeqCst), evt2.as_raw_fd());
+        // The older run ending must not clear the newer run's descriptor...
+        drop(guard);
+        assert_eq!(TERMINATE_FD.load(Ordering::SeqCst), evt2.as_raw_fd());
+        // ...and the newer one ending leaves nothing behind.
+        drop(guard2);
+        assert_eq!(TERMINATE_FD.load(Ordering::SeqCst), -1);
     }
 }
