@@ -492,9 +492,14 @@ impl Qcow2Image {
         } else {
             cluster0.extend_from_slice(&[0u8; 8]);
         }
+        // Header, refcount table, refcount block, L1: all counted by the one
+        // refcount block (16-bit entries). Refuse before touching the file.
+        let total_clusters = 3 + l1_clusters;
+        if total_clusters > cs / 2 {
+            return Err(Error::Request("image metadata does not fit one refcount block; use larger clusters".into()));
+        }
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(|e| io_err(path, e))?;
         let io = |e| Error::Io { path: name.clone(), source: e };
-        let total_clusters = 3 + l1_clusters;
         file.set_len(total_clusters * cs).map_err(io)?;
         file.write_all_at(&cluster0, 0).map_err(io)?;
         // Refcount table -> the one refcount block in cluster 2.
@@ -502,9 +507,6 @@ impl Qcow2Image {
         let mut block = Vec::with_capacity(total_clusters as usize * 2);
         for _ in 0..total_clusters {
             block.extend_from_slice(&1u16.to_be_bytes());
-        }
-        if total_clusters > cs / 2 {
-            return Err(Error::Request("image metadata does not fit one refcount block; use larger clusters".into()));
         }
         file.write_all_at(&block, 2 * cs).map_err(io)?;
         file.sync_all().map_err(io)?;
@@ -1091,6 +1093,17 @@ mod tests {
         assert!(matches!(again.write_at(&[1], 0), Err(Error::ReadOnly(_))));
         let mut big = vec![0u8; 2];
         assert!(again.read_at(&mut big, (8 << 20) - 1).is_err());
+    }
+
+    #[test]
+    fn refused_create_leaves_no_file() {
+        // 512-byte clusters: an L1 table for 16 GiB needs 512 clusters, more
+        // than one refcount block (256 entries) can count.
+        let p = tmp("toobig.qcow2");
+        let _ = std::fs::remove_file(&p);
+        let e = Qcow2Image::create(&p, 16 << 30, &CreateOptions { cluster_bits: 9, ..Default::default() }).err().unwrap();
+        assert!(e.to_string().contains("use larger clusters"), "{e}");
+        assert!(!p.exists(), "a refused create must not leave a file behind");
     }
 
     #[test]
