@@ -232,14 +232,14 @@ fn write_pvh_start_info(mem: &GuestMemoryMmap, layout: &MemoryLayout, initrd: Op
         memmap_entries: memmap.len() as u32,
         ..Default::default()
     };
-    let mut params;
-    if let Some((addr, size)) = initrd {
+    let module = initrd.map(|(paddr, size)| hvm_modlist_entry { paddr, size, cmdline_paddr: 0, reserved: 0 });
+    if module.is_some() {
         info.nr_modules = 1;
         info.modlist_paddr = PVH_MODLIST_START;
-        params = BootParams::new(&info, GuestAddress(PVH_INFO_START));
-        params.set_modules(&[hvm_modlist_entry { paddr: addr, size, cmdline_paddr: 0, reserved: 0 }], GuestAddress(PVH_MODLIST_START));
-    } else {
-        params = BootParams::new(&info, GuestAddress(PVH_INFO_START));
+    }
+    let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_START));
+    if let Some(m) = module {
+        params.set_modules(&[m], GuestAddress(PVH_MODLIST_START));
     }
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
     PvhBootConfigurator::write_bootparams(&params, mem)
