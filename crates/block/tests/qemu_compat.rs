@@ -3,54 +3,12 @@
 //! images QEMU writes (zero, compressed, backed clusters) must read the same
 //! through us as through `qemu-img convert`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use rvirt_block::qcow2::{CreateOptions, Qcow2Image};
 use rvirt_block::{BlockBackend, Format, RawImage};
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rvirt-qemu-compat-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e} (install qemu-utils)"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    let (ok, text) = run("qemu-img", args);
-    assert!(ok, "qemu-img {args:?} failed:\n{text}");
-    text
-}
-
-fn qemu_io(img: &Path, fmt: &str, cmd: &str) -> String {
-    let (ok, text) = run("qemu-io", &["-f", fmt, "-c", cmd, img.to_str().unwrap()]);
-    assert!(ok && !text.contains("Pattern verification failed") && !text.contains("error"), "qemu-io '{cmd}':\n{text}");
-    text
-}
-
-fn assert_check_clean(img: &Path) {
-    let out = qemu_img(&["check", "-f", "qcow2", img.to_str().unwrap()]);
-    assert!(out.contains("No errors were found"), "qemu-img check:\n{out}");
-}
-
-/// What qemu-img reads from `img`, as raw bytes.
-fn qemu_contents(img: &Path, fmt: &str) -> Vec<u8> {
-    let raw = img.with_extension("qemu.raw");
-    qemu_img(&["convert", "-f", fmt, "-O", "raw", img.to_str().unwrap(), raw.to_str().unwrap()]);
-    std::fs::read(raw).unwrap()
-}
-
-fn our_contents(img: &dyn BlockBackend) -> Vec<u8> {
-    let mut v = vec![0u8; img.size() as usize];
-    img.read_at(&mut v, 0).unwrap();
-    v
-}
+mod common;
+use common::*;
 
 #[test]
 fn our_writes_pass_qemu_img_check_and_read_back_in_qemu_io() {

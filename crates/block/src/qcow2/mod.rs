@@ -9,8 +9,10 @@
 //! most leaked clusters, never a table pointing at garbage.
 //!
 //! Reads understand standard, zero and compressed (zlib, zstd) clusters and
-//! backing chains of any depth. Writes allocate and copy-on-write; internal
-//! snapshots, compressed writes and resizing are not implemented yet.
+//! backing chains of any depth. Writes allocate (reusing freed clusters) and
+//! copy-on-write clusters shared with internal snapshots ([`snapshot`]);
+//! compressed writes, resizing, preallocation and lazy refcounts are here
+//! too, and [`check`] counts every reference to find leaks and corruption.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -20,6 +22,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::{check_range, io_err, push_extent, BlockBackend, Error, Extent, ExtentKind, Format, Result};
+
+pub mod check;
+mod refcount;
+pub mod snapshot;
+
+pub use check::{CheckReport, Repair};
+pub use snapshot::Snapshot;
 
 /// The four bytes every qcow2 file starts with.
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -42,6 +51,7 @@ const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
 
+const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
@@ -104,11 +114,11 @@ pub struct Header {
     pub compression: Compression,
 }
 
-fn be32(b: &[u8], o: usize) -> u32 {
+pub(crate) fn be32(b: &[u8], o: usize) -> u32 {
     u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
-fn be64(b: &[u8], o: usize) -> u64 {
+pub(crate) fn be64(b: &[u8], o: usize) -> u64 {
     (u64::from(be32(b, o)) << 32) | u64::from(be32(b, o + 4))
 }
 
@@ -274,6 +284,33 @@ impl Header {
     }
 }
 
+/// How much of the image `create` allocates up front (qemu-img's `preallocation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Preallocation {
+    /// Nothing: clusters are allocated on first write.
+    #[default]
+    Off,
+    /// Every L2 table and data cluster is allocated; the file stays sparse.
+    Metadata,
+    /// As metadata, with the file's blocks reserved by `fallocate`.
+    Falloc,
+    /// As metadata, with zeros written to every data cluster.
+    Full,
+}
+
+impl Preallocation {
+    /// Parses qemu-img's names (`off`, `metadata`, `falloc`, `full`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(Self::Off),
+            "metadata" => Ok(Self::Metadata),
+            "falloc" => Ok(Self::Falloc),
+            "full" => Ok(Self::Full),
+            _ => Err(Error::Request(format!("invalid preallocation '{s}': expected off, metadata, falloc or full"))),
+        }
+    }
+}
+
 /// Options for [`Qcow2Image::create`].
 #[derive(Clone, Debug)]
 pub struct CreateOptions {
@@ -283,51 +320,83 @@ pub struct CreateOptions {
     pub version: u32,
     /// Backing file name as stored in the image, and its format.
     pub backing: Option<(String, Format)>,
+    /// Algorithm for compressed clusters (zstd needs version 3).
+    pub compression: Compression,
+    /// Defer refcount updates while the image is open (version 3 only).
+    pub lazy_refcounts: bool,
+    /// What to allocate up front.
+    pub preallocation: Preallocation,
 }
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        Self { cluster_bits: 16, version: 3, backing: None }
+        Self {
+            cluster_bits: 16,
+            version: 3,
+            backing: None,
+            compression: Compression::Zlib,
+            lazy_refcounts: false,
+            preallocation: Preallocation::Off,
+        }
     }
 }
 
-struct Inner {
-    file: File,
+/// Mutable state of an open image, behind one lock.
+pub(crate) struct Inner {
+    header: Header,
     l1: Vec<u64>,
     l2_cache: HashMap<u64, Vec<u64>>,
     l2_lru: Vec<u64>,
-    refcount_table: Vec<u64>,
+    reftable: Vec<u64>,
+    rc_cache: HashMap<u64, Vec<u8>>,
+    rc_lru: Vec<u64>,
+    rc_dirty: HashSet<u64>,
+    snapshots: Vec<snapshot::Snapshot>,
+    /// First byte past every cluster in use: where the file grows.
     next_free: u64,
+    /// Lowest cluster index that may have refcount 0.
+    free_hint: u64,
     file_len: u64,
+    /// Where the next compressed cluster may go inside a partly used cluster (0: none).
+    compressed_cursor: u64,
+    /// The dirty bit is set on disk (lazy refcounts in use).
+    marked_dirty: bool,
 }
 
 /// An open qcow2 image.
 pub struct Qcow2Image {
     path: PathBuf,
     name: String,
-    header: Header,
+    cluster_bits: u32,
+    file: File,
     backing: Option<Box<dyn BlockBackend>>,
     backing_name: Option<String>,
     backing_format: Option<Format>,
+    /// Header extensions other than the backing format, kept when the header is rewritten.
+    extensions: Vec<(u32, Vec<u8>)>,
     read_only: bool,
+    lazy_refcounts: bool,
     inner: Mutex<Inner>,
 }
 
 /// What one guest cluster maps to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mapping {
+pub(crate) enum Mapping {
     /// Not allocated here (reads from backing, or zeros).
     Unallocated,
     /// Reads as zeros; `host` is a preallocated cluster or 0.
     Zero { host: u64 },
     /// Data at `host` (cluster aligned); `copied` means refcount is exactly 1.
     Data { host: u64, copied: bool },
-    /// Compressed: `offset` and compressed length in the file.
+    /// Compressed: `offset` and the length of the sectors it spans in the file.
     Compressed { offset: u64, len: u64 },
 }
 
 impl Qcow2Image {
     /// Opens `path`; `read_only` opens the file (and its backing chain) O_RDONLY.
+    ///
+    /// A read-write open of an image left dirty by lazy refcounts rebuilds
+    /// its refcounts first, as QEMU does.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
         Self::open_in_chain(path, read_only, &mut HashSet::new())
     }
@@ -355,13 +424,8 @@ impl Qcow2Image {
         if !read_only && header.incompatible_features & INCOMPAT_CORRUPT != 0 {
             return Err(corrupt("image is marked corrupt; open it read-only or repair it"));
         }
-        if !read_only && header.incompatible_features & INCOMPAT_DIRTY != 0 {
-            return Err(Error::Unsupported { path: name, detail: "image is dirty (lazy refcounts); repair it with qemu-img check -r all first".into() });
-        }
-        if header.nb_snapshots > 0 && !read_only {
-            return Err(Error::Unsupported { path: name, detail: "writing images with internal snapshots".into() });
-        }
         let mut backing_format = None;
+        let mut extensions = Vec::new();
         let mut off = header.header_length as usize;
         loop {
             if off + 8 > hc.len() {
@@ -378,6 +442,8 @@ impl Qcow2Image {
             if typ == EXT_BACKING_FORMAT {
                 let fmt = String::from_utf8_lossy(&hc[off + 8..data_end]).into_owned();
                 backing_format = Some(Format::parse(&fmt).map_err(|_| Error::Unsupported { path: name.clone(), detail: format!("backing format '{fmt}'") })?);
+            } else {
+                extensions.push((typ, hc[off + 8..data_end].to_vec()));
             }
             off = data_end.next_multiple_of(8);
         }
@@ -399,35 +465,52 @@ impl Qcow2Image {
             backing = Some(b);
             backing_name = Some(bname);
         }
-        let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
-        file.read_exact_at(&mut l1_bytes, header.l1_table_offset).map_err(|e| io_err(path, e))?;
-        let l1: Vec<u64> = l1_bytes.chunks_exact(8).map(|c| be64(c, 0)).collect();
-        let mut rt_bytes = vec![0u8; (u64::from(header.refcount_table_clusters) * cs) as usize];
-        file.read_exact_at(&mut rt_bytes, header.refcount_table_offset).map_err(|e| io_err(path, e))?;
-        let refcount_table: Vec<u64> = rt_bytes.chunks_exact(8).map(|c| be64(c, 0) & REFT_OFFSET_MASK).collect();
-        for (i, &rb) in refcount_table.iter().enumerate() {
+        let l1 = read_table(&file, header.l1_table_offset, header.l1_size as usize).map_err(|e| io_err(path, e))?;
+        let rt_entries = (u64::from(header.refcount_table_clusters) * cs / 8) as usize;
+        let reftable: Vec<u64> =
+            read_table(&file, header.refcount_table_offset, rt_entries).map_err(|e| io_err(path, e))?.into_iter().map(|e| e & REFT_OFFSET_MASK).collect();
+        for (i, &rb) in reftable.iter().enumerate() {
             if rb != 0 && (rb % cs != 0 || rb < cs || rb + cs > file_len) {
                 return Err(corrupt(&format!("refcount block {i} at {rb:#x} is outside the file or misaligned")));
             }
         }
-        Ok(Self {
+        let snapshots = snapshot::read_snapshot_table(&file, &header, file_len, &name)?;
+        let dirty = header.incompatible_features & INCOMPAT_DIRTY != 0;
+        let lazy_refcounts = !read_only && header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
+        let img = Self {
             path: path.to_path_buf(),
             name,
+            cluster_bits: header.cluster_bits,
+            file,
             backing,
             backing_name,
             backing_format,
+            extensions,
             read_only,
+            lazy_refcounts,
             inner: Mutex::new(Inner {
-                file,
                 l1,
                 l2_cache: HashMap::new(),
                 l2_lru: Vec::new(),
-                refcount_table,
+                reftable,
+                rc_cache: HashMap::new(),
+                rc_lru: Vec::new(),
+                rc_dirty: HashSet::new(),
+                snapshots,
                 next_free: file_len.next_multiple_of(cs),
+                free_hint: 0,
                 file_len,
+                compressed_cursor: 0,
+                marked_dirty: dirty,
+                header,
             }),
-            header,
-        })
+        };
+        if dirty && !read_only {
+            // Refcounts may be stale after a crash with lazy refcounts.
+            img.check(check::Repair::All)?;
+            img.set_dirty(false)?;
+        }
+        Ok(img)
     }
 
     /// Creates a new, empty image of `size` bytes.
@@ -443,13 +526,21 @@ impl Qcow2Image {
         if opts.version != 2 && opts.version != 3 {
             return Err(Error::Request(format!("qcow2 version {} (compat) is not 2 or 3", opts.version)));
         }
+        if opts.version == 2 && (opts.lazy_refcounts || opts.compression != Compression::Zlib) {
+            return Err(Error::Request("lazy refcounts and zstd compression need compat=1.1 (version 3)".into()));
+        }
         let cs = 1u64 << opts.cluster_bits;
         let l1_size = size.div_ceil(cs * (cs / 8));
         if l1_size * 8 > MAX_L1_BYTES {
             return Err(Error::Request(format!("size {size} is too large for {cs}-byte clusters")));
         }
         let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
-        let header_length = if opts.version == 3 { V3_HEADER_LEN } else { V2_HEADER_LEN };
+        let zstd = opts.compression == Compression::Zstd;
+        let header_length = match (opts.version, zstd) {
+            (3, true) => V3_HEADER_LEN + 8,
+            (3, false) => V3_HEADER_LEN,
+            _ => V2_HEADER_LEN,
+        };
         let mut h = Header {
             version: opts.version,
             backing_file_offset: 0,
@@ -463,34 +554,17 @@ impl Qcow2Image {
             refcount_table_clusters: 1,
             nb_snapshots: 0,
             snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: 0,
+            incompatible_features: if zstd { INCOMPAT_COMPRESSION } else { 0 },
+            compatible_features: if opts.lazy_refcounts { COMPAT_LAZY_REFCOUNTS } else { 0 },
             autoclear_features: 0,
             refcount_order: 4,
             header_length,
-            compression: Compression::Zlib,
+            compression: opts.compression,
         };
-        let mut cluster0 = h.to_bytes();
-        if let Some((bname, bfmt)) = &opts.backing {
-            if bname.is_empty() || bname.len() > MAX_BACKING_NAME as usize {
-                return Err(Error::Request("backing file name must be 1 to 1023 bytes".into()));
-            }
-            let fmt = bfmt.name().as_bytes();
-            cluster0.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
-            cluster0.extend_from_slice(&(fmt.len() as u32).to_be_bytes());
-            cluster0.extend_from_slice(fmt);
-            cluster0.resize(cluster0.len().next_multiple_of(8), 0);
-            cluster0.extend_from_slice(&[0u8; 8]); // end of extensions
-            h.backing_file_offset = cluster0.len() as u64;
-            h.backing_file_size = bname.len() as u32;
-            cluster0.extend_from_slice(bname.as_bytes());
-            if cluster0.len() as u64 > cs {
-                return Err(Error::Request("backing file name does not fit in the header cluster".into()));
-            }
-            let hb = h.to_bytes();
-            cluster0[..hb.len()].copy_from_slice(&hb);
-        } else {
-            cluster0.extend_from_slice(&[0u8; 8]);
+        let backing = opts.backing.as_ref().map(|(n, f)| (n.as_str(), *f));
+        let cluster0 = build_header_cluster(&mut h, backing, &[])?;
+        if cluster0.len() as u64 > cs {
+            return Err(Error::Request("backing file name does not fit in the header cluster".into()));
         }
         // Header, refcount table, refcount block, L1: all counted by the one
         // refcount block (16-bit entries). Refuse before touching the file.
@@ -511,12 +585,49 @@ impl Qcow2Image {
         file.write_all_at(&block, 2 * cs).map_err(io)?;
         file.sync_all().map_err(io)?;
         drop(file);
-        Self::open(path, false)
+        let img = Self::open(path, false)?;
+        if opts.preallocation != Preallocation::Off {
+            img.preallocate(opts.preallocation)?;
+        }
+        Ok(img)
     }
 
-    /// The parsed header.
-    pub fn header(&self) -> &Header {
-        &self.header
+    /// Allocates every L2 table and data cluster (metadata preallocation),
+    /// then reserves or zero-fills the data as `mode` asks.
+    fn preallocate(&self, mode: Preallocation) -> Result<()> {
+        let cs = self.cluster_size();
+        let mut inner = self.lock();
+        let clusters = inner.header.size.div_ceil(cs);
+        for gc in 0..clusters {
+            if matches!(self.mapping(&mut inner, gc)?, Mapping::Data { .. }) {
+                continue;
+            }
+            let l2 = self.writable_l2(&mut inner, gc)?;
+            let host = self.alloc_clusters(&mut inner, 1)?;
+            self.set_l2_entry(&mut inner, l2, gc, host | COPIED)?;
+        }
+        let end = inner.next_free;
+        match mode {
+            Preallocation::Off | Preallocation::Metadata => self.file.set_len(end).map_err(|e| self.io(e))?,
+            Preallocation::Falloc => fallocate(&self.file, 0, end).map_err(|e| self.io(e))?,
+            Preallocation::Full => {
+                // Zero-fill the whole file past what is already written.
+                let zeros = vec![0u8; 1 << 20];
+                let mut pos = inner.file_len;
+                while pos < end {
+                    let n = (end - pos).min(zeros.len() as u64) as usize;
+                    self.file.write_all_at(&zeros[..n], pos).map_err(|e| self.io(e))?;
+                    pos += n as u64;
+                }
+            }
+        }
+        inner.file_len = inner.file_len.max(end);
+        self.file.sync_all().map_err(|e| self.io(e))
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.lock().header.clone()
     }
 
     /// The backing file name as stored in the image.
@@ -534,38 +645,55 @@ impl Qcow2Image {
         &self.path
     }
 
-    fn corrupt(&self, detail: String) -> Error {
+    pub(crate) fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    pub(crate) fn corrupt(&self, detail: String) -> Error {
         Error::Corrupt { path: self.name.clone(), detail }
     }
 
-    fn io(&self, e: std::io::Error) -> Error {
+    pub(crate) fn io(&self, e: std::io::Error) -> Error {
         io_err(&self.path, e)
     }
 
     fn l2_entries(&self) -> u64 {
-        self.header.cluster_size() / 8
+        self.cluster_size() / 8
     }
 
     /// Loads (through the cache) the L2 table at `off`.
     fn l2_table<'a>(&self, inner: &'a mut Inner, off: u64) -> Result<&'a mut Vec<u64>> {
-        let cs = self.header.cluster_size();
+        let cs = self.cluster_size();
         if !inner.l2_cache.contains_key(&off) {
             if off % cs != 0 || off < cs || off + cs > inner.file_len.max(inner.next_free) {
                 return Err(self.corrupt(format!("L2 table offset {off:#x} is misaligned, in the header or past the end")));
             }
-            let mut b = vec![0u8; cs as usize];
-            inner.file.read_exact_at(&mut b, off).map_err(|e| self.io(e))?;
+            let table = read_table(&self.file, off, self.l2_entries() as usize).map_err(|e| self.io(e))?;
             if inner.l2_cache.len() >= L2_CACHE_TABLES {
                 let victim = inner.l2_lru.remove(0);
                 inner.l2_cache.remove(&victim);
             }
-            inner.l2_cache.insert(off, b.chunks_exact(8).map(|c| be64(c, 0)).collect());
+            inner.l2_cache.insert(off, table);
             inner.l2_lru.push(off);
         } else if let Some(pos) = inner.l2_lru.iter().position(|&o| o == off) {
             let o = inner.l2_lru.remove(pos);
             inner.l2_lru.push(o);
         }
         inner.l2_cache.get_mut(&off).ok_or_else(|| self.corrupt("L2 cache".into()))
+    }
+
+    /// Writes a whole L2 table (after its entries were changed in place).
+    fn write_l2_table(&self, inner: &mut Inner, off: u64, table: Vec<u64>) -> Result<()> {
+        write_table(&self.file, off, &table).map_err(|e| self.io(e))?;
+        if inner.l2_cache.contains_key(&off) {
+            inner.l2_cache.insert(off, table);
+        }
+        Ok(())
+    }
+
+    fn drop_l2_cache(inner: &mut Inner) {
+        inner.l2_cache.clear();
+        inner.l2_lru.clear();
     }
 
     fn mapping(&self, inner: &mut Inner, guest_cluster: u64) -> Result<Mapping> {
@@ -577,26 +705,26 @@ impl Qcow2Image {
             return Ok(Mapping::Unallocated);
         }
         let e = self.l2_table(inner, l2_off)?[l2_idx];
-        self.decode_l2(e, inner.file_len.max(inner.next_free))
+        self.decode_l2(inner.header.version, e, inner.file_len.max(inner.next_free))
     }
 
-    fn decode_l2(&self, e: u64, file_len: u64) -> Result<Mapping> {
-        let cs = self.header.cluster_size();
+    pub(crate) fn decode_l2(&self, version: u32, e: u64, file_len: u64) -> Result<Mapping> {
+        let cs = self.cluster_size();
         if e & COMPRESSED != 0 {
-            let x = 62 - (self.header.cluster_bits - 8);
+            let x = 62 - (self.cluster_bits - 8);
             let offset = e & ((1u64 << x) - 1);
             let sectors = ((e & !COMPRESSED & !COPIED) >> x) + 1;
             let len = sectors * 512 - (offset & 511);
             if offset < cs || offset >= file_len {
                 return Err(self.corrupt(format!("compressed cluster at {offset:#x} is in the header or past the end")));
             }
-            return Ok(Mapping::Compressed { offset, len: len.min(file_len - offset) });
+            return Ok(Mapping::Compressed { offset, len });
         }
         let host = e & L2_OFFSET_MASK;
         if host != 0 && (host % cs != 0 || host < cs || host >= file_len) {
             return Err(self.corrupt(format!("data cluster offset {host:#x} is misaligned, in the header or past the end")));
         }
-        if self.header.version >= 3 && e & ZERO != 0 {
+        if version >= 3 && e & ZERO != 0 {
             return Ok(Mapping::Zero { host });
         }
         if host == 0 {
@@ -605,12 +733,23 @@ impl Qcow2Image {
         Ok(Mapping::Data { host, copied: e & COPIED != 0 })
     }
 
+    /// The host clusters an L2 mapping holds a reference to.
+    pub(crate) fn clusters_of(&self, m: Mapping) -> std::ops::Range<u64> {
+        let cs = self.cluster_size();
+        match m {
+            Mapping::Data { host, .. } => host / cs..host / cs + 1,
+            Mapping::Zero { host } if host != 0 => host / cs..host / cs + 1,
+            Mapping::Compressed { offset, len } => offset / cs..(offset + len).div_ceil(cs),
+            _ => 0..0,
+        }
+    }
+
     fn decompress(&self, inner: &Inner, offset: u64, len: u64, out: &mut [u8]) -> Result<()> {
         let mut comp = vec![0u8; len as usize];
-        let n = read_full(&inner.file, &mut comp, offset).map_err(|e| self.io(e))?;
+        let n = read_full(&self.file, &mut comp, offset).map_err(|e| self.io(e))?;
         comp.truncate(n);
         let bad = |what: &str| self.corrupt(format!("compressed cluster at {offset:#x}: {what}"));
-        match self.header.compression {
+        match inner.header.compression {
             Compression::Zlib => {
                 let mut d = flate2::read::DeflateDecoder::new(&comp[..]);
                 d.read_exact(out).map_err(|e| bad(&e.to_string()))
@@ -624,7 +763,7 @@ impl Qcow2Image {
 
     /// Reads part of one guest cluster.
     fn read_in_cluster(&self, inner: &mut Inner, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let cs = self.header.cluster_size();
+        let cs = self.cluster_size();
         let in_cluster = offset % cs;
         match self.mapping(inner, offset / cs)? {
             Mapping::Unallocated => match &self.backing {
@@ -639,7 +778,7 @@ impl Qcow2Image {
                 Ok(())
             }
             Mapping::Data { host, .. } => {
-                let n = read_full(&inner.file, buf, host + in_cluster).map_err(|e| self.io(e))?;
+                let n = read_full(&self.file, buf, host + in_cluster).map_err(|e| self.io(e))?;
                 buf[n..].fill(0);
                 Ok(())
             }
@@ -652,136 +791,64 @@ impl Qcow2Image {
         }
     }
 
-    fn refcount_geometry(&self, host: u64) -> (usize, u64) {
-        let cluster = host >> self.header.cluster_bits;
-        let per_block = self.header.cluster_size() * 8 / u64::from(self.header.refcount_bits());
-        ((cluster / per_block) as usize, cluster % per_block)
-    }
-
-    /// Writes the refcount of the cluster at `host`, creating its refcount block if needed.
-    fn set_refcount(&self, inner: &mut Inner, host: u64, value: u64) -> Result<()> {
-        let cs = self.header.cluster_size();
-        let bits = u64::from(self.header.refcount_bits());
-        if bits < 64 && value >= 1 << bits {
-            return Err(self.corrupt(format!("refcount of cluster {host:#x} would overflow {bits} bits")));
-        }
-        let (rt_idx, idx) = self.refcount_geometry(host);
-        if rt_idx >= inner.refcount_table.len() {
-            return Err(Error::Unsupported { path: self.name.clone(), detail: "growing the refcount table (image over its addressable size)".into() });
-        }
-        let mut block = inner.refcount_table[rt_idx];
-        if block == 0 {
-            // A new refcount block at the end of the file. If it counts its
-            // own cluster, its refcount is written with it; the table entry
-            // goes last, so a crash only leaks the block.
-            block = inner.next_free;
-            inner.next_free += cs;
-            let mut b = vec![0u8; cs as usize];
-            let (own_rt, own_idx) = self.refcount_geometry(block);
-            if own_rt == rt_idx {
-                put_refcount(&mut b, own_idx, bits, 1);
-            }
-            inner.file.write_all_at(&b, block).map_err(|e| self.io(e))?;
-            inner.file_len = inner.file_len.max(block + cs);
-            inner.file.write_all_at(&block.to_be_bytes(), self.header.refcount_table_offset + rt_idx as u64 * 8).map_err(|e| self.io(e))?;
-            inner.refcount_table[rt_idx] = block;
-            if own_rt != rt_idx {
-                self.set_refcount(inner, block, 1)?;
-            }
-        }
-        // Read-modify-write the bytes holding this entry.
-        let bit = idx * bits;
-        let (byte, nbytes) = (bit / 8, bits.div_ceil(8));
-        let mut cur = vec![0u8; nbytes as usize];
-        inner.file.read_exact_at(&mut cur, block + byte).map_err(|e| self.io(e))?;
-        let mut tmp = vec![0u8; cs as usize];
-        tmp[byte as usize..(byte + nbytes) as usize].copy_from_slice(&cur);
-        put_refcount(&mut tmp, idx, bits, value);
-        inner.file.write_all_at(&tmp[byte as usize..(byte + nbytes) as usize], block + byte).map_err(|e| self.io(e))
-    }
-
-    fn refcount(&self, inner: &mut Inner, host: u64) -> Result<u64> {
-        let bits = u64::from(self.header.refcount_bits());
-        let (rt_idx, idx) = self.refcount_geometry(host);
-        let block = *inner.refcount_table.get(rt_idx).unwrap_or(&0);
-        if block == 0 {
-            return Ok(0);
-        }
-        let bit = idx * bits;
-        let (byte, nbytes) = (bit / 8, bits.div_ceil(8));
-        let mut tmp = vec![0u8; (byte + nbytes) as usize];
-        inner.file.read_exact_at(&mut tmp[byte as usize..], block + byte).map_err(|e| self.io(e))?;
-        Ok(get_refcount(&tmp, idx, bits))
-    }
-
-    /// Takes a new cluster from the end of the file with refcount 1.
-    fn alloc_cluster(&self, inner: &mut Inner) -> Result<u64> {
-        let host = inner.next_free;
-        inner.next_free += self.header.cluster_size();
-        self.set_refcount(inner, host, 1)?;
-        Ok(host)
-    }
-
+    /// Drops one reference to every host cluster `m` holds.
     fn release(&self, inner: &mut Inner, m: Mapping) -> Result<()> {
-        let cs = self.header.cluster_size();
-        let clusters: Vec<u64> = match m {
-            Mapping::Data { host, .. } => vec![host],
-            Mapping::Zero { host } if host != 0 => vec![host],
-            Mapping::Compressed { offset, len } => {
-                let first = offset / cs * cs;
-                (first..offset + len).step_by(cs as usize).collect()
-            }
-            _ => vec![],
-        };
-        for c in clusters {
-            let rc = self.refcount(inner, c)?;
-            if rc > 0 {
-                self.set_refcount(inner, c, rc - 1)?;
-            }
+        for c in self.clusters_of(m) {
+            self.adjust_refcount(inner, c * self.cluster_size(), -1)?;
         }
         Ok(())
     }
 
     /// The L2 table for `guest_cluster`, allocated (and made exclusively ours) if needed.
     fn writable_l2(&self, inner: &mut Inner, guest_cluster: u64) -> Result<u64> {
-        let cs = self.header.cluster_size();
         let l1_idx = (guest_cluster / self.l2_entries()) as usize;
         let l1e = inner.l1[l1_idx];
         let old = l1e & L1_OFFSET_MASK;
         if old != 0 && l1e & COPIED != 0 {
             return Ok(old);
         }
-        let new = self.alloc_cluster(inner)?;
+        if old != 0 && self.refcount(inner, old)? == 1 {
+            // Ours alone (a snapshot that shared it is gone): just mark it so.
+            self.set_l1_entry(inner, l1_idx, old | COPIED)?;
+            return Ok(old);
+        }
+        // Unallocated, or shared with a snapshot: a new table. Data clusters
+        // stay reachable from as many L1 tables as before, so only the old
+        // table loses a reference.
+        let new = self.alloc_clusters(inner, 1)?;
         let table = if old != 0 { self.l2_table(inner, old)?.clone() } else { vec![0u64; self.l2_entries() as usize] };
-        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        inner.file.write_all_at(&bytes, new).map_err(|e| self.io(e))?;
-        inner.file_len = inner.file_len.max(new + cs);
-        inner.file.write_all_at(&(new | COPIED).to_be_bytes(), self.header.l1_table_offset + l1_idx as u64 * 8).map_err(|e| self.io(e))?;
-        inner.l1[l1_idx] = new | COPIED;
+        write_table(&self.file, new, &table).map_err(|e| self.io(e))?;
+        inner.file_len = inner.file_len.max(new + self.cluster_size());
+        self.set_l1_entry(inner, l1_idx, new | COPIED)?;
         inner.l2_cache.insert(new, table);
         inner.l2_lru.push(new);
         if old != 0 {
-            let rc = self.refcount(inner, old)?;
-            self.set_refcount(inner, old, rc.saturating_sub(1))?;
+            self.adjust_refcount(inner, old, -1)?;
         }
         Ok(new)
     }
 
+    fn set_l1_entry(&self, inner: &mut Inner, idx: usize, entry: u64) -> Result<()> {
+        self.file.write_all_at(&entry.to_be_bytes(), inner.header.l1_table_offset + idx as u64 * 8).map_err(|e| self.io(e))?;
+        inner.l1[idx] = entry;
+        Ok(())
+    }
+
     fn set_l2_entry(&self, inner: &mut Inner, l2_off: u64, guest_cluster: u64, entry: u64) -> Result<()> {
         let idx = guest_cluster % self.l2_entries();
-        inner.file.write_all_at(&entry.to_be_bytes(), l2_off + idx * 8).map_err(|e| self.io(e))?;
+        self.file.write_all_at(&entry.to_be_bytes(), l2_off + idx * 8).map_err(|e| self.io(e))?;
         self.l2_table(inner, l2_off)?[idx as usize] = entry;
         Ok(())
     }
 
     /// Writes part of one guest cluster.
     fn write_in_cluster(&self, inner: &mut Inner, offset: u64, data: &[u8]) -> Result<()> {
-        let cs = self.header.cluster_size();
+        let cs = self.cluster_size();
         let gc = offset / cs;
         let in_cluster = offset % cs;
         let current = self.mapping(inner, gc)?;
         if let Mapping::Data { host, copied: true } = current {
-            return inner.file.write_all_at(data, host + in_cluster).map_err(|e| self.io(e));
+            return self.file.write_all_at(data, host + in_cluster).map_err(|e| self.io(e));
         }
         // Copy-on-write: build the whole new cluster from what reads see now.
         let mut cluster = vec![0u8; cs as usize];
@@ -790,25 +857,62 @@ impl Qcow2Image {
         }
         cluster[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
         let l2_off = self.writable_l2(inner, gc)?;
-        let host = self.alloc_cluster(inner)?;
-        inner.file.write_all_at(&cluster, host).map_err(|e| self.io(e))?;
+        let host = self.alloc_clusters(inner, 1)?;
+        self.file.write_all_at(&cluster, host).map_err(|e| self.io(e))?;
         inner.file_len = inner.file_len.max(host + cs);
         self.set_l2_entry(inner, l2_off, gc, host | COPIED)?;
         self.release(inner, current)
     }
 
+    /// Writes one whole cluster compressed (what `qemu-img convert -c` makes).
+    /// `data` is a full cluster, or the image's last, partial one. Data that
+    /// does not compress is written as a normal cluster.
+    pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.writable()?;
+        let cs = self.cluster_size();
+        let size = self.lock().header.size;
+        check_range(size, offset, data.len() as u64)?;
+        if offset % cs != 0 || (data.len() as u64 != cs && offset + data.len() as u64 != size) {
+            return Err(Error::Request("compressed writes must cover whole clusters".into()));
+        }
+        let mut cluster = data.to_vec();
+        cluster.resize(cs as usize, 0);
+        let compression = self.lock().header.compression;
+        let packed = compress(compression, &cluster).map_err(|e| self.io(e))?;
+        let mut inner = self.lock();
+        self.mark_dirty(&mut inner)?;
+        if packed.len() as u64 >= cs {
+            return self.write_in_cluster(&mut inner, offset, &cluster);
+        }
+        let gc = offset / cs;
+        let current = self.mapping(&mut inner, gc)?;
+        let l2_off = self.writable_l2(&mut inner, gc)?;
+        let host = self.alloc_compressed(&mut inner, packed.len() as u64)?;
+        self.file.write_all_at(&packed, host).map_err(|e| self.io(e))?;
+        inner.file_len = inner.file_len.max(host + packed.len() as u64);
+        let x = 62 - (self.cluster_bits - 8);
+        let sectors = ((host + packed.len() as u64 - 1) >> 9) - (host >> 9);
+        self.set_l2_entry(&mut inner, l2_off, gc, COMPRESSED | (sectors << x) | host)?;
+        self.release(&mut inner, current)
+    }
+
     /// Makes one whole guest cluster read as zeros (v3 zero flag, else
     /// unallocated when nothing shows through from a backing file).
-    fn zero_cluster(&self, inner: &mut Inner, gc: u64, discard: bool) -> Result<()> {
+    /// `unmap` drops the cluster entirely when nothing would show through.
+    fn zero_cluster(&self, inner: &mut Inner, gc: u64, unmap: bool) -> Result<()> {
         let current = self.mapping(inner, gc)?;
-        let entry = if self.header.version >= 3 {
-            if discard && self.backing.is_none() { 0 } else { ZERO }
+        let entry = if inner.header.version >= 3 {
+            if unmap && self.backing.is_none() {
+                0
+            } else {
+                ZERO
+            }
         } else if self.backing.is_none() {
             0
         } else {
             // v2 cannot express zeros over a backing file: write them.
-            let zeros = vec![0u8; self.header.cluster_size() as usize];
-            return self.write_in_cluster(inner, gc * self.header.cluster_size(), &zeros);
+            let zeros = vec![0u8; self.cluster_size() as usize];
+            return self.write_in_cluster(inner, gc * self.cluster_size(), &zeros);
         };
         if current == Mapping::Unallocated && entry == 0 {
             return Ok(());
@@ -820,14 +924,15 @@ impl Qcow2Image {
 
     fn zero_range(&self, offset: u64, length: u64, discard: bool) -> Result<()> {
         self.writable()?;
-        check_range(self.header.size, offset, length)?;
-        let cs = self.header.cluster_size();
+        let cs = self.cluster_size();
         let mut inner = self.lock();
+        check_range(inner.header.size, offset, length)?;
+        self.mark_dirty(&mut inner)?;
         let mut pos = offset;
         let end = offset + length;
         while pos < end {
             let n = (cs - pos % cs).min(end - pos);
-            if n == cs {
+            if n == cs || pos + n == inner.header.size {
                 self.zero_cluster(&mut inner, pos / cs, discard)?;
             } else {
                 self.write_in_cluster(&mut inner, pos, &vec![0u8; n as usize])?;
@@ -837,7 +942,117 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn writable(&self) -> Result<()> {
+    /// Drops every cluster of the active layer, so reads fall through to the
+    /// backing file again (what `qemu-img commit` leaves behind).
+    pub fn make_empty(&self) -> Result<()> {
+        self.writable()?;
+        let cs = self.cluster_size();
+        let mut inner = self.lock();
+        self.mark_dirty(&mut inner)?;
+        for gc in 0..inner.header.size.div_ceil(cs) {
+            let current = self.mapping(&mut inner, gc)?;
+            if current != Mapping::Unallocated {
+                let l2_off = self.writable_l2(&mut inner, gc)?;
+                self.set_l2_entry(&mut inner, l2_off, gc, 0)?;
+                self.release(&mut inner, current)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the virtual size. Growing extends the L1 table when needed;
+    /// shrinking needs `allow_shrink` and drops the clusters past the new end.
+    pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.writable()?;
+        let cs = self.cluster_size();
+        let mut inner = self.lock();
+        let old_size = inner.header.size;
+        if new_size < old_size {
+            if !allow_shrink {
+                return Err(Error::Request("shrinking an image can lose data; pass --shrink to confirm".into()));
+            }
+            if !inner.snapshots.is_empty() {
+                return Err(Error::Request("cannot shrink an image that has internal snapshots".into()));
+            }
+            if new_size % cs != 0 {
+                // Zero the tail of the last cluster so growing again shows zeros.
+                let n = (cs - new_size % cs).min(old_size - new_size);
+                self.write_in_cluster(&mut inner, new_size, &vec![0u8; n as usize])?;
+            }
+            for gc in new_size.div_ceil(cs)..old_size.div_ceil(cs) {
+                let current = self.mapping(&mut inner, gc)?;
+                if current != Mapping::Unallocated {
+                    let l2_off = self.writable_l2(&mut inner, gc)?;
+                    self.set_l2_entry(&mut inner, l2_off, gc, 0)?;
+                    self.release(&mut inner, current)?;
+                }
+            }
+        } else {
+            let needed = new_size.div_ceil(cs * self.l2_entries());
+            if needed * 8 > MAX_L1_BYTES {
+                return Err(Error::Request(format!("size {new_size} is too large for {cs}-byte clusters")));
+            }
+            if needed > u64::from(inner.header.l1_size) {
+                self.grow_l1(&mut inner, needed as usize)?;
+            }
+        }
+        self.flush_refcounts(&mut inner)?;
+        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.file.write_all_at(&new_size.to_be_bytes(), 24).map_err(|e| self.io(e))?;
+        inner.header.size = new_size;
+        self.file.sync_data().map_err(|e| self.io(e))
+    }
+
+    /// Moves the active L1 table to new clusters with room for `entries`.
+    fn grow_l1(&self, inner: &mut Inner, entries: usize) -> Result<()> {
+        let cs = self.cluster_size();
+        let clusters = (entries as u64 * 8).div_ceil(cs);
+        let mut table = inner.l1.clone();
+        table.resize(entries, 0);
+        let new = self.alloc_clusters(inner, clusters)?;
+        let mut bytes = vec![0u8; (clusters * cs) as usize];
+        for (i, e) in table.iter().enumerate() {
+            bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        self.file.write_all_at(&bytes, new).map_err(|e| self.io(e))?;
+        inner.file_len = inner.file_len.max(new + clusters * cs);
+        self.flush_refcounts(inner)?;
+        self.file.sync_data().map_err(|e| self.io(e))?;
+        // l1_size and l1_table_offset are adjacent: one write switches tables.
+        let mut field = Vec::with_capacity(12);
+        field.extend_from_slice(&(entries as u32).to_be_bytes());
+        field.extend_from_slice(&new.to_be_bytes());
+        self.file.write_all_at(&field, 36).map_err(|e| self.io(e))?;
+        self.file.sync_data().map_err(|e| self.io(e))?;
+        let (old, old_clusters) = (inner.header.l1_table_offset, (u64::from(inner.header.l1_size) * 8).div_ceil(cs));
+        inner.header.l1_size = entries as u32;
+        inner.header.l1_table_offset = new;
+        inner.l1 = table;
+        for i in 0..old_clusters {
+            self.adjust_refcount(inner, old + i * cs, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the backing file recorded in the header (`None` removes it).
+    /// Only the header changes; `qemu-img rebase` semantics (copying what
+    /// differs) are the caller's. The image is closed by this call.
+    pub fn set_backing_file(self, backing: Option<(&str, Format)>) -> Result<()> {
+        self.writable()?;
+        let cs = self.cluster_size();
+        let mut h = self.lock().header.clone();
+        let cluster0 = build_header_cluster(&mut h, backing, &self.extensions)?;
+        if cluster0.len() as u64 > cs {
+            return Err(Error::Request("backing file name does not fit in the header cluster".into()));
+        }
+        self.flush()?;
+        self.file.write_all_at(&cluster0, 0).map_err(|e| self.io(e))?;
+        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.lock().header = h;
+        Ok(())
+    }
+
+    pub(crate) fn writable(&self) -> Result<()> {
         if self.read_only {
             Err(Error::ReadOnly(self.name.clone()))
         } else {
@@ -845,45 +1060,186 @@ impl Qcow2Image {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    /// Sets the dirty bit before the first deferred refcount update.
+    fn mark_dirty(&self, inner: &mut Inner) -> Result<()> {
+        if self.lazy_refcounts && !inner.marked_dirty {
+            self.write_incompatible(inner, inner.header.incompatible_features | INCOMPAT_DIRTY)?;
+            inner.marked_dirty = true;
+        }
+        Ok(())
+    }
+
+    fn set_dirty(&self, dirty: bool) -> Result<()> {
+        let mut inner = self.lock();
+        let f = inner.header.incompatible_features;
+        let new = if dirty { f | INCOMPAT_DIRTY } else { f & !INCOMPAT_DIRTY };
+        self.write_incompatible(&mut inner, new)?;
+        inner.marked_dirty = dirty;
+        Ok(())
+    }
+
+    fn write_incompatible(&self, inner: &mut Inner, features: u64) -> Result<()> {
+        if inner.header.version < 3 {
+            return Ok(());
+        }
+        self.file.write_all_at(&features.to_be_bytes(), 72).map_err(|e| self.io(e))?;
+        self.file.sync_data().map_err(|e| self.io(e))?;
+        inner.header.incompatible_features = features;
+        Ok(())
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Bytes of the file that hold data or metadata (what qemu-img calls disk size).
     pub fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        self.lock().file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    /// Where each range of `offset..offset+length` lives: kind and, for
+    /// uncompressed data in this file, the host offset (for `map`).
+    pub fn host_map(&self, offset: u64, length: u64) -> Result<Vec<(Extent, Option<u64>)>> {
+        let cs = self.cluster_size();
+        let mut inner = self.lock();
+        check_range(inner.header.size, offset, length)?;
+        let mut out: Vec<(Extent, Option<u64>)> = Vec::new();
+        let end = offset + length;
+        let mut pos = offset;
+        while pos < end {
+            let n = (cs - pos % cs).min(end - pos);
+            let (kind, host) = match self.mapping(&mut inner, pos / cs)? {
+                Mapping::Unallocated if self.backing.is_some() => (ExtentKind::Backing, None),
+                Mapping::Unallocated | Mapping::Zero { .. } => (ExtentKind::Zero, None),
+                Mapping::Data { host, .. } => (ExtentKind::Data, Some(host + pos % cs)),
+                Mapping::Compressed { .. } => (ExtentKind::Data, None),
+            };
+            if let Some((last, lhost)) = out.last_mut() {
+                let contiguous = match (*lhost, host) {
+                    (Some(a), Some(b)) => a + last.length == b,
+                    (None, None) => true,
+                    _ => false,
+                };
+                if last.kind == kind && contiguous && last.offset + last.length == pos {
+                    last.length += n;
+                    pos += n;
+                    continue;
+                }
+            }
+            out.push((Extent { offset: pos, length: n, kind }, host));
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    /// The backing image, when there is one.
+    pub fn backing(&self) -> Option<&dyn BlockBackend> {
+        self.backing.as_deref()
     }
 }
 
-fn put_refcount(block: &mut [u8], idx: u64, bits: u64, value: u64) {
-    if bits >= 8 {
-        let n = (bits / 8) as usize;
-        let at = idx as usize * n;
-        let be = value.to_be_bytes();
-        block[at..at + n].copy_from_slice(&be[8 - n..]);
-    } else {
-        let bit = idx * bits;
-        let (byte, shift) = ((bit / 8) as usize, bit % 8);
-        let mask = (((1u16 << bits) - 1) as u8) << shift;
-        block[byte] = (block[byte] & !mask) | (((value as u8) << shift) & mask);
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        // Best effort: write deferred refcounts and clear the dirty bit. A
+        // failure here leaves the dirty bit set, and the next open repairs.
+        let mut inner = self.lock();
+        if self.flush_refcounts(&mut inner).is_ok() && self.file.sync_data().is_ok() && inner.marked_dirty {
+            let f = inner.header.incompatible_features & !INCOMPAT_DIRTY;
+            let _ = self.write_incompatible(&mut inner, f);
+        }
     }
 }
 
-fn get_refcount(block: &[u8], idx: u64, bits: u64) -> u64 {
-    if bits >= 8 {
-        let n = (bits / 8) as usize;
-        let at = idx as usize * n;
-        block[at..at + n].iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
-    } else {
-        let bit = idx * bits;
-        let (byte, shift) = ((bit / 8) as usize, bit % 8);
-        u64::from((block[byte] >> shift) & (((1u16 << bits) - 1) as u8))
+/// Serialises the header cluster: header, backing-format extension, kept
+/// extensions, end marker, backing file name. Updates `h`'s backing fields.
+fn build_header_cluster(h: &mut Header, backing: Option<(&str, Format)>, extensions: &[(u32, Vec<u8>)]) -> Result<Vec<u8>> {
+    let mut out = h.to_bytes();
+    let ext = |out: &mut Vec<u8>, typ: u32, data: &[u8]| {
+        out.extend_from_slice(&typ.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(8), 0);
+    };
+    if h.version >= 3 || backing.is_some() {
+        if let Some((_, fmt)) = backing {
+            ext(&mut out, EXT_BACKING_FORMAT, fmt.name().as_bytes());
+        }
+        if h.version >= 3 {
+            for (typ, data) in extensions {
+                ext(&mut out, *typ, data);
+            }
+        }
+        out.extend_from_slice(&[0u8; 8]);
     }
+    match backing {
+        Some((name, _)) => {
+            if name.is_empty() || name.len() > MAX_BACKING_NAME as usize {
+                return Err(Error::Request("backing file name must be 1 to 1023 bytes".into()));
+            }
+            h.backing_file_offset = out.len() as u64;
+            h.backing_file_size = name.len() as u32;
+            out.extend_from_slice(name.as_bytes());
+        }
+        None => {
+            h.backing_file_offset = 0;
+            h.backing_file_size = 0;
+        }
+    }
+    let hb = h.to_bytes();
+    out[..hb.len()].copy_from_slice(&hb);
+    Ok(out)
+}
+
+/// Compresses one cluster the way QEMU reads it back: raw deflate with a
+/// 4 KiB window (QEMU inflates with 12 window bits), or a zstd frame.
+fn compress(c: Compression, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    match c {
+        Compression::Zlib => {
+            let mut z = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(data.len() + 1024);
+            loop {
+                let used = z.total_in() as usize;
+                let status = z.compress_vec(&data[used..], &mut out, flate2::FlushCompress::Finish).map_err(std::io::Error::other)?;
+                if status == flate2::Status::StreamEnd {
+                    return Ok(out);
+                }
+                out.reserve(out.capacity().max(4096));
+            }
+        }
+        Compression::Zstd => zstd::bulk::compress(data, 0),
+    }
+}
+
+fn fallocate(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor we own, with plain integer arguments.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Reads `n` big-endian u64 entries at `offset`.
+pub(crate) fn read_table(f: &File, offset: u64, n: usize) -> std::io::Result<Vec<u64>> {
+    let mut b = vec![0u8; n * 8];
+    f.read_exact_at(&mut b, offset)?;
+    Ok(b.chunks_exact(8).map(|c| be64(c, 0)).collect())
+}
+
+/// Writes big-endian u64 entries at `offset`.
+pub(crate) fn write_table(f: &File, offset: u64, table: &[u64]) -> std::io::Result<()> {
+    let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+    f.write_all_at(&bytes, offset)
 }
 
 /// Reads as much as the file has at `offset`; returns the count (short at EOF).
-fn read_full(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+pub(crate) fn read_full(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match f.read_at(&mut buf[done..], offset + done as u64) {
@@ -922,13 +1278,13 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
 
 impl BlockBackend for Qcow2Image {
     fn size(&self) -> u64 {
-        self.header.size
+        self.lock().header.size
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.header.size, offset, buf.len() as u64)?;
-        let cs = self.header.cluster_size();
+        let cs = self.cluster_size();
         let mut inner = self.lock();
+        check_range(inner.header.size, offset, buf.len() as u64)?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -946,7 +1302,7 @@ impl BlockBackend for Qcow2Image {
                         _ => break,
                     }
                 }
-                let got = read_full(&inner.file, &mut buf[done..done + n], start).map_err(|e| self.io(e))?;
+                let got = read_full(&self.file, &mut buf[done..done + n], start).map_err(|e| self.io(e))?;
                 buf[done + got..done + n].fill(0);
             } else {
                 self.read_in_cluster(&mut inner, pos, &mut buf[done..done + n])?;
@@ -958,9 +1314,10 @@ impl BlockBackend for Qcow2Image {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
-        check_range(self.header.size, offset, buf.len() as u64)?;
-        let cs = self.header.cluster_size();
+        let cs = self.cluster_size();
         let mut inner = self.lock();
+        check_range(inner.header.size, offset, buf.len() as u64)?;
+        self.mark_dirty(&mut inner)?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -975,7 +1332,9 @@ impl BlockBackend for Qcow2Image {
         if self.read_only {
             return Ok(());
         }
-        self.lock().file.sync_data().map_err(|e| self.io(e))
+        let mut inner = self.lock();
+        self.flush_refcounts(&mut inner)?;
+        self.file.sync_data().map_err(|e| self.io(e))
     }
 
     fn discard(&self, offset: u64, length: u64) -> Result<()> {
@@ -987,21 +1346,9 @@ impl BlockBackend for Qcow2Image {
     }
 
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-        check_range(self.header.size, offset, length)?;
-        let cs = self.header.cluster_size();
-        let mut inner = self.lock();
         let mut out = Vec::new();
-        let end = offset + length;
-        let mut pos = offset;
-        while pos < end {
-            let n = (cs - pos % cs).min(end - pos);
-            let kind = match self.mapping(&mut inner, pos / cs)? {
-                Mapping::Unallocated if self.backing.is_some() => ExtentKind::Backing,
-                Mapping::Unallocated | Mapping::Zero { .. } => ExtentKind::Zero,
-                Mapping::Data { .. } | Mapping::Compressed { .. } => ExtentKind::Data,
-            };
-            push_extent(&mut out, Extent { offset: pos, length: n, kind });
-            pos += n;
+        for (e, _) in self.host_map(offset, length)? {
+            push_extent(&mut out, e);
         }
         Ok(out)
     }
@@ -1038,10 +1385,10 @@ mod tests {
             let mut block = vec![0u8; 64];
             let max = if bits == 64 { u64::MAX } else { (1 << bits) - 1 };
             for idx in 0..(64 * 8 / bits).min(20) {
-                put_refcount(&mut block, idx, bits, max.min(idx + 1));
+                refcount::put_refcount(&mut block, idx, bits, max.min(idx + 1));
             }
             for idx in 0..(64 * 8 / bits).min(20) {
-                assert_eq!(get_refcount(&block, idx, bits), max.min(idx + 1), "order {order} idx {idx}");
+                assert_eq!(refcount::get_refcount(&block, idx, bits), max.min(idx + 1), "order {order} idx {idx}");
             }
         }
     }
