@@ -36,6 +36,23 @@ impl RawImage {
         Ok(Self { file, path: path.to_path_buf(), size, read_only: false })
     }
 
+    /// Allocates every block of the file: reserved with `fallocate`, or
+    /// (`write_zeros`, qemu-img's `preallocation=full`) written with zeros.
+    pub fn preallocate(&self, write_zeros: bool) -> Result<()> {
+        self.writable()?;
+        if !write_zeros {
+            return self.fallocate(0, 0, self.size).map_err(|e| self.err(e));
+        }
+        let zeros = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        while pos < self.size {
+            let n = (self.size - pos).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], pos).map_err(|e| self.err(e))?;
+            pos += n as u64;
+        }
+        self.file.sync_data().map_err(|e| self.err(e))
+    }
+
     fn err(&self, e: std::io::Error) -> Error {
         io_err(&self.path, e)
     }

@@ -4,8 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
+mod convert;
+mod ops;
+
+pub use convert::{cache_mode_flushes, convert, ConvertRequest};
+pub use ops::*;
+
 use anyhow::{bail, Context, Result};
-use rvirt_block::qcow2::{resolve_backing, Compression, CreateOptions, Qcow2Image};
+use rvirt_block::qcow2::{resolve_backing, Compression, CreateOptions, Preallocation, Qcow2Image};
 use rvirt_block::{probe_format, BlockBackend, Format, RawImage};
 use serde::Serialize;
 
@@ -68,6 +74,7 @@ pub fn create(req: &CreateRequest) -> Result<()> {
     let mut backing_fmt = req.backing_format.clone();
     let mut qopts = CreateOptions::default();
     let mut compression = None;
+    let mut prealloc = Preallocation::Off;
     for kv in req.options.iter().flat_map(|o| o.split(',')).filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').with_context(|| format!("invalid option '{kv}': expected key=value"))?;
         match (k, format) {
@@ -95,14 +102,21 @@ pub fn create(req: &CreateRequest) -> Result<()> {
                     _ => bail!("invalid compression_type '{v}': expected zlib or zstd"),
                 })
             }
-            ("preallocation", _) if v == "off" => {}
-            ("preallocation", _) => bail!("preallocation={v} is not supported yet (only off)"),
+            ("preallocation", _) => prealloc = Preallocation::parse(v)?,
+            ("lazy_refcounts", Format::Qcow2) => {
+                qopts.lazy_refcounts = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => bail!("invalid lazy_refcounts '{v}': expected on or off"),
+                }
+            }
             _ => bail!("option '{k}' is not supported for format {}", format.name()),
         }
     }
-    if compression == Some(Compression::Zstd) {
-        bail!("compression_type=zstd images cannot be created yet (zstd images are read)");
+    if let Some(c) = compression {
+        qopts.compression = c;
     }
+    qopts.preallocation = prealloc;
     if backing.is_some() && format != Format::Qcow2 {
         bail!("backing files need format qcow2");
     }
@@ -121,98 +135,19 @@ pub fn create(req: &CreateRequest) -> Result<()> {
     let size = size.context("an image size is needed (e.g. 10G)")?;
     match format {
         Format::Raw => {
-            RawImage::create(&req.path, size)?;
+            let img = RawImage::create(&req.path, size)?;
+            match prealloc {
+                Preallocation::Off => {}
+                Preallocation::Metadata => bail!("preallocation=metadata is for qcow2; raw takes off, falloc or full"),
+                Preallocation::Falloc => img.preallocate(false)?,
+                Preallocation::Full => img.preallocate(true)?,
+            }
         }
         Format::Qcow2 => {
             Qcow2Image::create(&req.path, size, &qopts)?;
         }
     }
     Ok(())
-}
-
-/// What `convert` copies.
-#[derive(Clone, Debug, Default)]
-pub struct ConvertRequest {
-    /// Source image.
-    pub source: PathBuf,
-    /// Source format (probed when `None`).
-    pub source_format: Option<String>,
-    /// Destination image (created).
-    pub dest: PathBuf,
-    /// Destination format (default raw).
-    pub dest_format: Option<String>,
-    /// `-o` options for the destination (as for create).
-    pub options: Vec<String>,
-    /// Print progress on stderr.
-    pub progress: bool,
-    /// Flush the destination at the end. qemu-img's default cache mode for
-    /// convert, `unsafe`, does not; the other modes do.
-    pub flush: bool,
-}
-
-/// Whether a qemu-img cache mode (`-t`) makes convert flush at the end.
-pub fn cache_mode_flushes(mode: &str) -> Result<bool> {
-    match mode {
-        "unsafe" => Ok(false),
-        "none" | "writeback" | "writethrough" | "directsync" => Ok(true),
-        _ => bail!("invalid cache mode '{mode}': expected none, writeback, writethrough, directsync or unsafe"),
-    }
-}
-
-/// Granularity of `convert`'s copy loop.
-const CONVERT_CHUNK: u64 = 1 << 20;
-
-/// `rvirt-img convert`: copies every byte that reads as non-zero; holes,
-/// zero clusters and all-zero chunks stay unallocated in the destination.
-pub fn convert(req: &ConvertRequest) -> Result<u64> {
-    let sfmt = req.source_format.as_deref().map(Format::parse).transpose()?;
-    let src = rvirt_block::open(&req.source, sfmt, true).with_context(|| req.source.display().to_string())?;
-    if req.options.iter().any(|o| o.split(',').any(|kv| kv.starts_with("backing_file="))) {
-        bail!("convert does not create backed images; convert first, then rebase");
-    }
-    create(&CreateRequest {
-        path: req.dest.clone(),
-        format: req.dest_format.clone(),
-        size: Some(src.size()),
-        options: req.options.clone(),
-        ..Default::default()
-    })?;
-    let dfmt = Format::parse(req.dest_format.as_deref().unwrap_or("raw"))?;
-    let dst = rvirt_block::open(&req.dest, Some(dfmt), false)?;
-    let size = src.size();
-    let mut buf = vec![0u8; CONVERT_CHUNK as usize];
-    let mut copied = 0u64;
-    let mut last_pct = u64::MAX;
-    for extent in src.map(0, size)? {
-        if extent.kind != rvirt_block::ExtentKind::Data && extent.kind != rvirt_block::ExtentKind::Backing {
-            continue;
-        }
-        let mut pos = extent.offset;
-        let end = extent.offset + extent.length;
-        while pos < end {
-            let n = (end - pos).min(CONVERT_CHUNK) as usize;
-            src.read_at(&mut buf[..n], pos)?;
-            if buf[..n].iter().any(|&b| b != 0) {
-                dst.write_at(&buf[..n], pos)?;
-                copied += n as u64;
-            }
-            pos += n as u64;
-            if req.progress && size > 0 {
-                let pct = pos * 100 / size;
-                if pct != last_pct {
-                    eprint!("\r    ({pct}.00/100%)");
-                    last_pct = pct;
-                }
-            }
-        }
-    }
-    if req.flush {
-        dst.flush()?;
-    }
-    if req.progress {
-        eprintln!("\r    (100.00/100%)");
-    }
-    Ok(copied)
 }
 
 /// qcow2-specific details, under `format-specific.data`.
@@ -239,10 +174,30 @@ pub struct FormatSpecific {
     data: Qcow2Details,
 }
 
+/// One internal snapshot in `info --output json`.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotInfo {
+    icount: u64,
+    vm_clock_nsec: u64,
+    name: String,
+    date_sec: u32,
+    date_nsec: u32,
+    vm_clock_sec: u64,
+    id: String,
+    vm_state_size: u64,
+}
+
 /// What `info` reports, with qemu-img's JSON field names.
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "kebab-case")]
 pub struct ImageInfo {
+    /// Internal snapshots (qcow2).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Snapshots as the library reports them, for the human table.
+    #[serde(skip)]
+    pub snapshot_list: Vec<rvirt_block::qcow2::Snapshot>,
     /// Virtual disk size in bytes.
     pub virtual_size: u64,
     /// The image's path as given.
@@ -279,6 +234,8 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
     };
     let meta = std::fs::metadata(path).with_context(|| path.display().to_string())?;
     let mut info = ImageInfo {
+        snapshots: Vec::new(),
+        snapshot_list: Vec::new(),
         virtual_size: 0,
         filename: path.display().to_string(),
         cluster_size: None,
@@ -314,6 +271,21 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
                     extended_l2: v3.then_some(false),
                 },
             });
+            info.snapshot_list = img.snapshots();
+            info.snapshots = info
+                .snapshot_list
+                .iter()
+                .map(|sn| SnapshotInfo {
+                    icount: sn.icount().unwrap_or(0),
+                    vm_clock_nsec: sn.vm_clock_nsec % 1_000_000_000,
+                    name: sn.name.clone(),
+                    date_sec: sn.date_sec,
+                    date_nsec: sn.date_nsec,
+                    vm_clock_sec: sn.vm_clock_nsec / 1_000_000_000,
+                    id: sn.id.clone(),
+                    vm_state_size: sn.vm_state_size,
+                })
+                .collect();
             if let Some(b) = img.backing_file() {
                 info.backing_filename = Some(b.to_string());
                 info.full_backing_filename = Some(resolve_backing(path, b).display().to_string());
@@ -322,6 +294,21 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
         }
     }
     Ok(info)
+}
+
+/// `info --backing-chain`: the image and every backing file below it, top first.
+pub fn info_chain(path: &Path, format: Option<&str>) -> Result<Vec<ImageInfo>> {
+    let mut out: Vec<ImageInfo> = Vec::new();
+    let mut next = Some((path.to_path_buf(), format.map(str::to_string)));
+    while let Some((p, f)) = next.take() {
+        if out.len() > rvirt_block::qcow2::MAX_CHAIN_DEPTH {
+            bail!("backing chain deeper than {}", rvirt_block::qcow2::MAX_CHAIN_DEPTH);
+        }
+        let i = info(&p, f.as_deref())?;
+        next = i.full_backing_filename.as_ref().map(|b| (PathBuf::from(b), i.backing_filename_format.clone()));
+        out.push(i);
+    }
+    Ok(out)
 }
 
 /// qemu-img's human size: "1 GiB", "196 KiB", "512 B".
@@ -362,6 +349,7 @@ pub fn info_text(i: &ImageInfo) -> String {
             s += &format!("backing file format: {f}\n");
         }
     }
+    s += &snapshot_table(&i.snapshot_list);
     if let Some(fs) = &i.format_specific {
         let d = &fs.data;
         s += &format!("Format specific information:\n    compat: {}\n    compression type: {}\n", d.compat, d.compression_type);

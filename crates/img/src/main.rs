@@ -1,12 +1,13 @@
-//! `rvirt-img`: create and inspect disk images (qemu-img's command names and flags).
+//! `rvirt-img`: create, inspect, check, convert and change disk images
+//! (qemu-img's command names and flags).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rvirt_img::{cache_mode_flushes, convert, create, info, info_text, parse_size, ConvertRequest, CreateRequest};
+use rvirt_img::*;
 
-/// Create and inspect raw and qcow2 disk images.
+/// Create, inspect, check, convert and change raw and qcow2 disk images.
 #[derive(Parser)]
 #[command(name = "rvirt-img", version, about)]
 struct Cli {
@@ -27,7 +28,8 @@ enum Cmd {
         /// Backing file format.
         #[arg(short = 'F')]
         backing_format: Option<String>,
-        /// Options: size=, backing_file=, backing_fmt=, cluster_size=, compat=, preallocation=off.
+        /// Options: size=, backing_file=, backing_fmt=, cluster_size=, compat=, compression_type=zlib|zstd,
+        /// lazy_refcounts=on|off, preallocation=off|metadata|falloc|full.
         #[arg(short = 'o')]
         options: Vec<String>,
         /// The image to create.
@@ -52,16 +54,124 @@ enum Cmd {
         /// Destination cache mode: unsafe (default, no final flush), writeback, none, writethrough, directsync.
         #[arg(short = 't', default_value = "unsafe")]
         cache: String,
-        /// Compress the destination (not supported yet).
+        /// Write compressed clusters (qcow2 destination).
         #[arg(short = 'c')]
         compress: bool,
+        /// Parallel copy workers, 1 to 16 (qemu-img's -m).
+        #[arg(short = 'm', default_value_t = 8)]
+        workers: usize,
         /// Source image.
         source: PathBuf,
         /// Destination image.
         dest: PathBuf,
     },
-    /// Show an image's format, sizes and backing file.
+    /// Show an image's format, sizes, snapshots and backing file.
     Info {
+        /// Format (probed when omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// human (default) or json.
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        /// Also show every backing file below the image.
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
+        /// The image.
+        filename: PathBuf,
+    },
+    /// Check a qcow2 image's metadata: rvirt-img check [-r leaks|all] [--output json] FILE.
+    /// Exit code 0: clean, 2: corruptions, 3: leaked clusters only.
+    Check {
+        /// Format (probed when omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Repair: leaks, or all.
+        #[arg(short = 'r')]
+        repair: Option<String>,
+        /// human (default) or json.
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        /// The image.
+        filename: PathBuf,
+    },
+    /// Change the virtual size: rvirt-img resize [--shrink] FILE [+|-]SIZE.
+    Resize {
+        /// Format (probed when omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Allow making the image smaller (data past the new end is lost).
+        #[arg(long)]
+        shrink: bool,
+        /// The image.
+        filename: PathBuf,
+        /// New size, or +SIZE / -SIZE relative to the current one.
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
+    /// Internal snapshots: rvirt-img snapshot -l | -c NAME | -a NAME | -d NAME FILE.
+    Snapshot {
+        /// List snapshots.
+        #[arg(short = 'l')]
+        list: bool,
+        /// Create a snapshot.
+        #[arg(short = 'c')]
+        create: Option<String>,
+        /// Revert the disk to a snapshot.
+        #[arg(short = 'a')]
+        apply: Option<String>,
+        /// Delete a snapshot.
+        #[arg(short = 'd')]
+        delete: Option<String>,
+        /// The image.
+        filename: PathBuf,
+    },
+    /// Change the backing file: rvirt-img rebase [-u] -b BACKING [-F FMT] FILE.
+    /// Without -u, data that differs between the old and new backing is copied in first.
+    Rebase {
+        /// Format of FILE (qcow2).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// New backing file ("" removes it).
+        #[arg(short = 'b')]
+        backing: String,
+        /// New backing file's format (probed when omitted).
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        /// Unsafe: only rewrite the header.
+        #[arg(short = 'u')]
+        unsafe_mode: bool,
+        /// The image.
+        filename: PathBuf,
+    },
+    /// Write an image's data into its backing file: rvirt-img commit [-d] FILE.
+    Commit {
+        /// Format of FILE (qcow2).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Keep FILE's data instead of emptying it.
+        #[arg(short = 'd')]
+        keep: bool,
+        /// The image.
+        filename: PathBuf,
+    },
+    /// Compare two images' contents: exit 0 identical, 1 different, 2 error.
+    Compare {
+        /// Format of the first image.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Format of the second image.
+        #[arg(short = 'F')]
+        format2: Option<String>,
+        /// Strict: sizes and allocation must match too.
+        #[arg(short = 's')]
+        strict: bool,
+        /// First image.
+        first: PathBuf,
+        /// Second image.
+        second: PathBuf,
+    },
+    /// Show where each range of the image is stored.
+    Map {
         /// Format (probed when omitted).
         #[arg(short = 'f')]
         format: Option<String>,
@@ -71,32 +181,154 @@ enum Cmd {
         /// The image.
         filename: PathBuf,
     },
+    /// How large a new image (--size) or a converted one (FILE) would be.
+    Measure {
+        /// Output format: raw or qcow2.
+        #[arg(short = 'O', default_value = "raw")]
+        output_format: String,
+        /// Options for the output format (cluster_size=).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Virtual size of a new image.
+        #[arg(long)]
+        size: Option<String>,
+        /// Source image format.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// human (default) or json.
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        /// Source image.
+        filename: Option<PathBuf>,
+    },
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn output_json(output: &str) -> anyhow::Result<bool> {
+    match output {
+        "json" => Ok(true),
+        "human" => Ok(false),
+        other => anyhow::bail!("invalid --output '{other}': expected human or json"),
+    }
+}
+
+/// Runs one command; returns the process exit code.
+fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Cmd::Create { format, backing, backing_format, options, filename, size } => {
             let size = size.as_deref().map(parse_size).transpose()?;
-            create(&CreateRequest { path: filename, format, size, backing_file: backing, backing_format, options })
+            create(&CreateRequest { path: filename, format, size, backing_file: backing, backing_format, options })?;
         }
-        Cmd::Convert { format, output_format, options, progress, cache, compress, source, dest } => {
-            if compress {
-                anyhow::bail!("-c (compressed output) is not supported yet");
-            }
+        Cmd::Convert { format, output_format, options, progress, cache, compress, workers, source, dest } => {
             let flush = cache_mode_flushes(&cache)?;
-            convert(&ConvertRequest { source, source_format: format, dest, dest_format: output_format, options, progress, flush })?;
-            Ok(())
-        }
-        Cmd::Info { format, output, filename } => {
-            let i = info(&filename, format.as_deref())?;
-            match output.as_str() {
-                "json" => println!("{}", serde_json::to_string_pretty(&i)?),
-                "human" => print!("{}", info_text(&i)),
-                other => anyhow::bail!("invalid --output '{other}': expected human or json"),
+            if !(1..=16).contains(&workers) {
+                anyhow::bail!("-m must be between 1 and 16");
             }
-            Ok(())
+            convert(&ConvertRequest { source, source_format: format, dest, dest_format: output_format, options, progress, flush, compress, workers })?;
+        }
+        Cmd::Info { format, output, backing_chain, filename } => {
+            let json = output_json(&output)?;
+            let chain = if backing_chain { info_chain(&filename, format.as_deref())? } else { vec![info(&filename, format.as_deref())?] };
+            match (json, backing_chain) {
+                (true, true) => println!("{}", serde_json::to_string_pretty(&chain)?),
+                (true, false) => println!("{}", serde_json::to_string_pretty(&chain[0])?),
+                (false, _) => print!("{}", chain.iter().map(info_text).collect::<Vec<_>>().join("\n")),
+            }
+        }
+        Cmd::Check { format, repair, output, filename } => {
+            let json = output_json(&output)?;
+            let outcome = check(&filename, format.as_deref(), repair.as_deref())?;
+            for m in &outcome.report.messages {
+                eprintln!("{m}");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&check_json(&filename, &outcome.report))?);
+            } else {
+                print!("{}", check_text(&outcome.report));
+            }
+            return Ok(outcome.exit_code);
+        }
+        Cmd::Resize { format, shrink, filename, size } => {
+            resize(&filename, format.as_deref(), &size, shrink)?;
+            println!("Image resized.");
+        }
+        Cmd::Snapshot { list, create, apply, delete, filename } => {
+            let action = match (list, create.as_deref(), apply.as_deref(), delete.as_deref()) {
+                (true, None, None, None) => SnapshotAction::List,
+                (false, Some(n), None, None) => SnapshotAction::Create(n),
+                (false, None, Some(n), None) => SnapshotAction::Apply(n),
+                (false, None, None, Some(n)) => SnapshotAction::Delete(n),
+                _ => anyhow::bail!("give exactly one of -l, -c NAME, -a NAME, -d NAME"),
+            };
+            print!("{}", snapshot(&filename, action)?);
+        }
+        Cmd::Rebase { format, backing, backing_format, unsafe_mode, filename } => {
+            if format.as_deref().is_some_and(|f| f != "qcow2") {
+                anyhow::bail!("only qcow2 images have backing files");
+            }
+            rebase(&filename, &backing, backing_format.as_deref(), unsafe_mode)?;
+        }
+        Cmd::Commit { format, keep, filename } => {
+            if format.as_deref().is_some_and(|f| f != "qcow2") {
+                anyhow::bail!("only qcow2 images have backing files to commit to");
+            }
+            commit(&filename, keep)?;
+            println!("Image committed.");
+        }
+        Cmd::Compare { format, format2, strict, first, second } => {
+            let (verdict, size_mismatch) = match compare(&first, format.as_deref(), &second, format2.as_deref(), strict) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("rvirt-img: {e:#}");
+                    return Ok(2);
+                }
+            };
+            if size_mismatch && !matches!(verdict, Comparison::StrictMismatch(_)) {
+                println!("Warning: Image size mismatch!");
+            }
+            return Ok(match verdict {
+                Comparison::Identical => {
+                    println!("Images are identical.");
+                    0
+                }
+                Comparison::Mismatch(at) => {
+                    println!("Content mismatch at offset {at}!");
+                    1
+                }
+                Comparison::StrictMismatch(msg) => {
+                    println!("{msg}");
+                    1
+                }
+            });
+        }
+        Cmd::Map { format, output, filename } => {
+            let entries = map(&filename, format.as_deref())?;
+            if output_json(&output)? {
+                print!("{}", map_json(&entries)?);
+            } else {
+                print!("{}", map_text(&entries)?);
+            }
+        }
+        Cmd::Measure { output_format, options, size, format, output, filename } => {
+            let mut cluster_size = 65536;
+            for kv in options.iter().flat_map(|o| o.split(',')).filter(|s| !s.is_empty()) {
+                match kv.split_once('=') {
+                    Some(("cluster_size", v)) => cluster_size = parse_size(v)?,
+                    _ => anyhow::bail!("measure takes only -o cluster_size=SIZE"),
+                }
+            }
+            let size = size.as_deref().map(parse_size).transpose()?;
+            let m = measure(&output_format, cluster_size, size, filename.as_deref().map(|p| (p, format.as_deref())))?;
+            if output_json(&output)? {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                print!("required size: {}\nfully allocated size: {}\n", m.required, m.fully_allocated);
+                if let Some(b) = m.bitmaps {
+                    println!("bitmaps size: {b}");
+                }
+            }
         }
     }
+    Ok(0)
 }
 
 fn main() -> ExitCode {
@@ -108,7 +340,7 @@ fn main() -> ExitCode {
         }
     };
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("rvirt-img: {e:#}");
             ExitCode::from(1)

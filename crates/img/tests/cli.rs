@@ -48,11 +48,17 @@ fn created_images_pass_qemu_img_check_and_info_agrees() {
     assert_eq!(ours(&["create", "-f", "qcow2", "-o", "cluster_size=4k", &s(&q), "1G"]).0, 0);
     assert_eq!(ours(&["create", "-f", "qcow2", "-o", "compat=0.10", &s(&v2), "100M"]).0, 0);
     assert_eq!(ours(&["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", &s(&top)]).0, 0);
-    for img in [&q, &v2, &top] {
+    let opts = d.join("opts.qcow2");
+    assert_eq!(ours(&["create", "-f", "qcow2", "-o", "compression_type=zstd,lazy_refcounts=on,preallocation=metadata", &s(&opts), "8M"]).0, 0);
+    let full = d.join("full.raw");
+    assert_eq!(ours(&["create", "-f", "raw", "-o", "preallocation=full", &s(&full), "4M"]).0, 0);
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(&full).unwrap().blocks() * 512 >= 4 << 20, "preallocation=full should allocate the raw file");
+    for img in [&q, &v2, &top, &opts] {
         let out = Command::new("qemu-img").args(["check"]).arg(img).output().unwrap();
         assert!(out.status.success(), "{}: {}", img.display(), String::from_utf8_lossy(&out.stdout));
     }
-    for img in [&raw, &q, &v2, &top] {
+    for img in [&raw, &q, &v2, &top, &opts] {
         assert_info_agrees(img);
     }
     // Images made by qemu-img, too.
@@ -78,6 +84,10 @@ fn bad_input_gets_one_line() {
         (vec!["create", "-f", "qcow2", "-b", "missing.raw", &s(d.join("g"))], "backing file missing.raw"),
         (vec!["create", "-f", "raw", "-b", "x", &s(d.join("h")), "1G"], "backing files need format qcow2"),
         (vec!["info", "/nonexistent/disk.qcow2"], "/nonexistent/disk.qcow2"),
+        (vec!["create", "-f", "qcow2", "-o", "preallocation=some", &s(d.join("p")), "1G"], "invalid preallocation 'some'"),
+        (vec!["create", "-f", "qcow2", "-o", "compat=0.10,lazy_refcounts=on", &s(d.join("l")), "1G"], "need compat=1.1"),
+        (vec!["snapshot", "-l", "-c", "x", &s(d.join("p"))], "exactly one of -l"),
+        (vec!["measure", "-O", "qcow2"], "either --size or a source image"),
         (vec!["info", "--output", "xml", "/etc/hostname"], "invalid --output 'xml'"),
     ] {
         let (code, _, err) = ours(&args);
@@ -118,9 +128,9 @@ fn convert_round_trips_and_stays_sparse() {
         let allocated = std::fs::metadata(out).unwrap().blocks() * 512;
         assert!(allocated < 4 << 20, "{} allocates {allocated} bytes", out.display());
     }
-    let (code, _, err) = ours(&["convert", "-c", "-O", "qcow2", &s(&src), &s(&d.join("c.qcow2"))]);
+    let (code, _, err) = ours(&["convert", "-m", "0", "-O", "qcow2", &s(&src), &s(&d.join("c.qcow2"))]);
     assert_eq!(code, 1);
-    assert!(err.contains("not supported yet"), "{err}");
+    assert!(err.contains("-m must be between 1 and 16"), "{err}");
     let (code, _, err) = ours(&["convert", "-t", "sometimes", &s(&src), &s(&d.join("t.raw"))]);
     assert_eq!(code, 1);
     assert!(err.contains("invalid cache mode 'sometimes'"), "{err}");

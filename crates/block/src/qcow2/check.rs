@@ -193,8 +193,10 @@ impl Qcow2Image {
                 }
                 match m {
                     Mapping::Compressed { .. } => {
+                        // Fragmented by nature, as qemu-img counts them.
                         c.report.allocated_clusters += 1;
                         c.report.compressed_clusters += 1;
+                        c.report.fragmented_clusters += 1;
                     }
                     Mapping::Data { host, .. } | Mapping::Zero { host } if host != 0 => {
                         c.report.allocated_clusters += 1;

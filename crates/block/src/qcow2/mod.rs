@@ -379,6 +379,41 @@ pub struct Qcow2Image {
     inner: Mutex<Inner>,
 }
 
+/// What a qcow2 layer itself stores for a guest range (see [`Qcow2Image::host_map`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// Nothing: reads fall through to the backing file (or zeros).
+    Unallocated,
+    /// A zero flag.
+    Zero,
+    /// Data; `host` is its offset in the file, `None` when compressed.
+    Data {
+        /// Host offset of the first byte.
+        host: Option<u64>,
+    },
+}
+
+/// A run of guest bytes with the same [`Stored`] kind (and contiguous host offsets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostExtent {
+    /// Guest offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// What is stored.
+    pub stored: Stored,
+}
+
+impl HostExtent {
+    /// Whether `next`, starting where this run ends, extends it.
+    fn continues(&self, next: Stored) -> bool {
+        match (self.stored, next) {
+            (Stored::Data { host: Some(a) }, Stored::Data { host: Some(b) }) => a + self.length == b,
+            (a, b) => a == b,
+        }
+    }
+}
+
 /// What one guest cluster maps to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mapping {
@@ -1098,36 +1133,27 @@ impl Qcow2Image {
         self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
     }
 
-    /// Where each range of `offset..offset+length` lives: kind and, for
-    /// uncompressed data in this file, the host offset (for `map`).
-    pub fn host_map(&self, offset: u64, length: u64) -> Result<Vec<(Extent, Option<u64>)>> {
+    /// What this layer stores for each range of `offset..offset+length`,
+    /// with host offsets of uncompressed data (for `map`).
+    pub fn host_map(&self, offset: u64, length: u64) -> Result<Vec<HostExtent>> {
         let cs = self.cluster_size();
         let mut inner = self.lock();
         check_range(inner.header.size, offset, length)?;
-        let mut out: Vec<(Extent, Option<u64>)> = Vec::new();
+        let mut out: Vec<HostExtent> = Vec::new();
         let end = offset + length;
         let mut pos = offset;
         while pos < end {
             let n = (cs - pos % cs).min(end - pos);
-            let (kind, host) = match self.mapping(&mut inner, pos / cs)? {
-                Mapping::Unallocated if self.backing.is_some() => (ExtentKind::Backing, None),
-                Mapping::Unallocated | Mapping::Zero { .. } => (ExtentKind::Zero, None),
-                Mapping::Data { host, .. } => (ExtentKind::Data, Some(host + pos % cs)),
-                Mapping::Compressed { .. } => (ExtentKind::Data, None),
+            let stored = match self.mapping(&mut inner, pos / cs)? {
+                Mapping::Unallocated => Stored::Unallocated,
+                Mapping::Zero { .. } => Stored::Zero,
+                Mapping::Data { host, .. } => Stored::Data { host: Some(host + pos % cs) },
+                Mapping::Compressed { .. } => Stored::Data { host: None },
             };
-            if let Some((last, lhost)) = out.last_mut() {
-                let contiguous = match (*lhost, host) {
-                    (Some(a), Some(b)) => a + last.length == b,
-                    (None, None) => true,
-                    _ => false,
-                };
-                if last.kind == kind && contiguous && last.offset + last.length == pos {
-                    last.length += n;
-                    pos += n;
-                    continue;
-                }
+            match out.last_mut() {
+                Some(last) if last.offset + last.length == pos && last.continues(stored) => last.length += n,
+                _ => out.push(HostExtent { offset: pos, length: n, stored }),
             }
-            out.push((Extent { offset: pos, length: n, kind }, host));
             pos += n;
         }
         Ok(out)
@@ -1347,8 +1373,13 @@ impl BlockBackend for Qcow2Image {
 
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();
-        for (e, _) in self.host_map(offset, length)? {
-            push_extent(&mut out, e);
+        for e in self.host_map(offset, length)? {
+            let kind = match e.stored {
+                Stored::Unallocated if self.backing.is_some() => ExtentKind::Backing,
+                Stored::Unallocated | Stored::Zero => ExtentKind::Zero,
+                Stored::Data { .. } => ExtentKind::Data,
+            };
+            push_extent(&mut out, Extent { offset: e.offset, length: e.length, kind });
         }
         Ok(out)
     }

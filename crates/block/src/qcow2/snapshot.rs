@@ -106,6 +106,11 @@ pub(crate) fn read_snapshot_table(file: &File, h: &Header, file_len: u64, name: 
 }
 
 impl Snapshot {
+    /// Instruction count at the snapshot (record/replay), when stored.
+    pub fn icount(&self) -> Option<u64> {
+        (self.extra.len() >= 24).then(|| be64(&self.extra, 16)).filter(|&v| v != u64::MAX)
+    }
+
     /// Bytes this entry takes in the snapshot table.
     pub(crate) fn table_len(&self) -> u64 {
         (40 + self.extra.len() + self.id.len() + self.name.len()).next_multiple_of(8) as u64
@@ -164,7 +169,7 @@ impl Qcow2Image {
         let next_id = inner.snapshots.iter().filter_map(|s| s.id.parse::<u64>().ok()).max().unwrap_or(0) + 1;
         let mut extra = vec![0u8; EXTRA_DATA_LEN];
         extra[8..16].copy_from_slice(&inner.header.size.to_be_bytes());
-        extra[16..24].copy_from_slice(&u64::MAX.to_be_bytes()); // no icount
+        // icount stays 0, as qemu-img writes it.
         let snap = Snapshot {
             id: next_id.to_string(),
             name: name.to_string(),

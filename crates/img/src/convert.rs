@@ -1,0 +1,196 @@
+//! `rvirt-img convert`: a parallel, sparse-preserving copy between formats.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use rvirt_block::qcow2::Qcow2Image;
+use rvirt_block::{BlockBackend, ExtentKind, Format};
+
+use crate::{create, CreateRequest};
+
+/// What `convert` copies.
+#[derive(Clone, Debug, Default)]
+pub struct ConvertRequest {
+    /// Source image.
+    pub source: std::path::PathBuf,
+    /// Source format (probed when `None`).
+    pub source_format: Option<String>,
+    /// Destination image (created).
+    pub dest: std::path::PathBuf,
+    /// Destination format (default raw).
+    pub dest_format: Option<String>,
+    /// `-o` options for the destination (as for create).
+    pub options: Vec<String>,
+    /// Print progress on stderr.
+    pub progress: bool,
+    /// Flush the destination at the end. qemu-img's default cache mode for
+    /// convert, `unsafe`, does not; the other modes do.
+    pub flush: bool,
+    /// Write compressed clusters (qcow2 destinations).
+    pub compress: bool,
+    /// Parallel copy workers (qemu-img's `-m`; 0 means the default, 8).
+    pub workers: usize,
+}
+
+/// Whether a qemu-img cache mode (`-t`) makes convert flush at the end.
+pub fn cache_mode_flushes(mode: &str) -> Result<bool> {
+    match mode {
+        "unsafe" => Ok(false),
+        "none" | "writeback" | "writethrough" | "directsync" => Ok(true),
+        _ => bail!("invalid cache mode '{mode}': expected none, writeback, writethrough, directsync or unsafe"),
+    }
+}
+
+/// Granularity of `convert`'s copy loop.
+const CONVERT_CHUNK: u64 = 1 << 20;
+/// qemu-img's default number of parallel requests.
+const DEFAULT_WORKERS: usize = 8;
+
+/// The destination: a raw file, or a qcow2 image (optionally taking compressed clusters).
+enum Dest {
+    Raw(Box<dyn BlockBackend>),
+    Qcow2 { img: Qcow2Image, compress: bool },
+}
+
+impl Dest {
+    fn backend(&self) -> &dyn BlockBackend {
+        match self {
+            Dest::Raw(b) => b.as_ref(),
+            Dest::Qcow2 { img, .. } => img,
+        }
+    }
+
+    /// Whole clusters are what compression takes, and they spare
+    /// partial-cluster copy-on-write; raw files want page-sized pieces.
+    fn alignment(&self) -> u64 {
+        match self {
+            Dest::Raw(_) => 4096,
+            Dest::Qcow2 { img, .. } => img.header().cluster_size(),
+        }
+    }
+
+    fn write(&self, buf: &[u8], pos: u64) -> rvirt_block::Result<()> {
+        let Dest::Qcow2 { img, compress: true } = self else { return self.backend().write_at(buf, pos) };
+        let cs = self.alignment() as usize;
+        for (i, cluster) in buf.chunks(cs).enumerate() {
+            if cluster.iter().any(|&b| b != 0) {
+                img.write_compressed(pos + (i * cs) as u64, cluster)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copies every byte that reads as non-zero, with `workers` threads; holes,
+/// zero clusters and all-zero chunks stay unallocated in the destination.
+/// Returns the bytes written.
+pub fn convert(req: &ConvertRequest) -> Result<u64> {
+    let sfmt = req.source_format.as_deref().map(Format::parse).transpose()?;
+    let src = rvirt_block::open(&req.source, sfmt, true).with_context(|| req.source.display().to_string())?;
+    if req.options.iter().any(|o| o.split(',').any(|kv| kv.starts_with("backing_file="))) {
+        bail!("convert does not create backed images; convert first, then rebase");
+    }
+    let dfmt = Format::parse(req.dest_format.as_deref().unwrap_or("raw"))?;
+    if req.compress && dfmt != Format::Qcow2 {
+        bail!("-c (compression) needs a qcow2 destination (-O qcow2)");
+    }
+    create(&CreateRequest {
+        path: req.dest.clone(),
+        format: req.dest_format.clone(),
+        size: Some(src.size()),
+        options: req.options.clone(),
+        ..Default::default()
+    })?;
+    let dst = match dfmt {
+        Format::Qcow2 => Dest::Qcow2 { img: Qcow2Image::open(&req.dest, false)?, compress: req.compress },
+        Format::Raw => Dest::Raw(rvirt_block::open(&req.dest, Some(dfmt), false)?),
+    };
+    let size = src.size();
+    // Work items: pieces of the extents that may hold data, aligned for the destination.
+    let align = dst.alignment();
+    let chunk = CONVERT_CHUNK.max(align);
+    let mut chunks = Vec::new();
+    let mut covered = 0u64;
+    for extent in src.map(0, size)? {
+        if extent.kind != ExtentKind::Data && extent.kind != ExtentKind::Backing {
+            continue;
+        }
+        let mut pos = (extent.offset / align * align).max(covered);
+        let end = (extent.offset + extent.length).next_multiple_of(align).min(size);
+        while pos < end {
+            let n = (end - pos).min(chunk - pos % chunk);
+            chunks.push((pos, n));
+            pos += n;
+        }
+        covered = covered.max(end);
+    }
+    let next = AtomicUsize::new(0);
+    let copied = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let total: u64 = chunks.iter().map(|c| c.1).sum();
+    let progress = Progress::new(req.progress);
+    let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let workers = if req.workers == 0 { DEFAULT_WORKERS } else { req.workers }.min(chunks.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                let mut buf = vec![0u8; chunk as usize];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(pos, n)) = chunks.get(i) else { break };
+                    let buf = &mut buf[..n as usize];
+                    let r = src.read_at(buf, pos).and_then(|()| {
+                        if buf.iter().any(|&b| b != 0) {
+                            dst.write(buf, pos)?;
+                            copied.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = r {
+                        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.into());
+                        next.store(chunks.len(), Ordering::Relaxed);
+                        break;
+                    }
+                    progress.show(done.fetch_add(n, Ordering::Relaxed) + n, total);
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    if req.flush {
+        dst.backend().flush()?;
+    }
+    progress.finish();
+    Ok(copied.into_inner())
+}
+
+/// qemu-img's `-p` progress line, shared by worker threads.
+pub(crate) struct Progress {
+    enabled: bool,
+    last: AtomicU64,
+}
+
+impl Progress {
+    pub(crate) fn new(enabled: bool) -> Self {
+        Self { enabled, last: AtomicU64::new(u64::MAX) }
+    }
+
+    pub(crate) fn show(&self, done: u64, total: u64) {
+        if !self.enabled || total == 0 {
+            return;
+        }
+        let pct = done * 100 / total;
+        if self.last.swap(pct, Ordering::Relaxed) != pct {
+            eprint!("\r    ({pct}.00/100%)");
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        if self.enabled {
+            eprintln!("\r    (100.00/100%)");
+        }
+    }
+}

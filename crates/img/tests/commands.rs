@@ -1,0 +1,247 @@
+//! rvirt-img's check, convert -c, resize, snapshot, rebase, commit, compare,
+//! map, measure and info --backing-chain, each run side by side with
+//! Debian's qemu-img (and qemu-io to write test data).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rvirt-img-cmd-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn ours(args: &[&str]) -> (i32, String, String) {
+    run(env!("CARGO_BIN_EXE_rvirt-img"), args)
+}
+
+/// Runs rvirt-img and asserts success.
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = ours(args);
+    assert_eq!(code, 0, "rvirt-img {args:?}: {out}{err}");
+    out
+}
+
+fn qemu(args: &[&str]) -> String {
+    let (code, out, err) = run("qemu-img", args);
+    assert_eq!(code, 0, "qemu-img {args:?}: {out}{err}");
+    out
+}
+
+fn qemu_io(img: &Path, cmds: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(s(img));
+    let (code, out, err) = run("qemu-io", &args);
+    assert!(code == 0 && !out.contains("failed") && !err.contains("error"), "qemu-io {cmds:?}: {out}{err}");
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn identical(a: &Path, b: &Path) -> bool {
+    run("qemu-img", &["compare", s(a), s(b)]).0 == 0
+}
+
+fn check_clean(p: &Path) {
+    let out = qemu(&["check", s(p)]);
+    assert!(out.contains("No errors were found"), "{out}");
+}
+
+/// A qcow2 image with data, a zero cluster, a compressed cluster and a hole.
+fn sample(d: &Path, name: &str) -> PathBuf {
+    let p = d.join(name);
+    qemu(&["create", "-q", "-f", "qcow2", s(&p), "8M"]);
+    qemu_io(&p, &["write -P 0x41 0 1M", "write -z 2M 64k", "write -c -P 0x43 3M 64k", "write -P 0x44 5M 512k"]);
+    p
+}
+
+#[test]
+fn convert_compressed_and_parallel_outputs_match_qemu() {
+    let d = tmpdir("convert");
+    let src = sample(&d, "src.qcow2");
+    for (name, extra) in [("c.qcow2", vec!["-c"]), ("m1.qcow2", vec!["-m", "1"]), ("m8.raw", vec!["-m", "8"])] {
+        let dst = d.join(name);
+        let fmt = if name.ends_with("raw") { "raw" } else { "qcow2" };
+        let mut args = vec!["convert", "-O", fmt];
+        args.extend(extra.iter().copied());
+        args.extend([s(&src), s(&dst)]);
+        ok(&args);
+        assert!(identical(&src, &dst), "{name} differs from its source");
+        if fmt == "qcow2" {
+            check_clean(&dst);
+        }
+    }
+    let c = serde_json::from_str::<serde_json::Value>(&qemu(&["check", "--output=json", s(&d.join("c.qcow2"))])).unwrap();
+    assert!(c["compressed-clusters"].as_u64().unwrap_or(0) >= 20, "convert -c should compress the data clusters: {c}");
+    let (code, _, err) = ours(&["convert", "-c", "-O", "raw", s(&src), s(&d.join("x.raw"))]);
+    assert!(code == 1 && err.contains("qcow2 destination"), "{err}");
+}
+
+#[test]
+fn check_reports_and_repairs_like_qemu_img() {
+    let d = tmpdir("check");
+    let p = sample(&d, "c.qcow2");
+    let ours_json: serde_json::Value = serde_json::from_str(&ok(&["check", "--output", "json", s(&p)])).unwrap();
+    let theirs: serde_json::Value = serde_json::from_str(&qemu(&["check", "--output=json", s(&p)])).unwrap();
+    for k in ["image-end-offset", "total-clusters", "allocated-clusters", "compressed-clusters", "fragmented-clusters", "check-errors"] {
+        assert_eq!(ours_json.get(k), theirs.get(k), "{k}");
+    }
+    assert!(ok(&["check", s(&p)]).contains("No errors were found on the image."));
+    // Leak a cluster: raise the refcount of the last cluster of the file.
+    let len = std::fs::metadata(&p).unwrap().len();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    use std::os::unix::fs::FileExt;
+    let mut rt = [0u8; 8];
+    f.read_exact_at(&mut rt, 0x10000).unwrap();
+    let block = u64::from_be_bytes(rt);
+    // A whole new cluster at the end with refcount 1 and no reference.
+    f.set_len(len + 65536).unwrap();
+    f.write_all_at(&1u16.to_be_bytes(), block + (len / 65536) * 2).unwrap();
+    drop(f);
+    let (code, out, err) = ours(&["check", s(&p)]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(out.contains("1 leaked clusters were found") && err.contains("Leaked cluster"), "{out}{err}");
+    assert_eq!(run("qemu-img", &["check", s(&p)]).0, 3);
+    let (code, out, _) = ours(&["check", "-r", "leaks", s(&p)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 leaked clusters") && out.contains("No errors were found"), "{out}");
+    check_clean(&p);
+    let raw = d.join("r.raw");
+    qemu(&["create", "-q", "-f", "raw", s(&raw), "1M"]);
+    let (code, _, err) = ours(&["check", s(&raw)]);
+    assert!(code == 1 && err.contains("does not support checks"), "{err}");
+    let (code, _, err) = ours(&["check", "-r", "everything", s(&p)]);
+    assert!(code == 1 && err.contains("leaks or all"), "{err}");
+}
+
+#[test]
+fn resize_grows_and_shrinks_only_when_asked() {
+    let d = tmpdir("resize");
+    let q = sample(&d, "r.qcow2");
+    ok(&["resize", s(&q), "+8M"]);
+    assert!(qemu(&["info", s(&q)]).contains("16 MiB"));
+    let (code, _, err) = ours(&["resize", s(&q), "-10M"]);
+    assert!(code == 1 && err.contains("--shrink"), "{err}");
+    ok(&["resize", "--shrink", s(&q), "-12M"]);
+    assert!(qemu(&["info", s(&q)]).contains("4 MiB"));
+    check_clean(&q);
+    qemu_io(&q, &["read -P 0x41 0 1M", "read -P 0x43 3M 64k"]);
+    let raw = d.join("r.raw");
+    ok(&["create", "-f", "raw", s(&raw), "1M"]);
+    ok(&["resize", s(&raw), "3M"]);
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 3 << 20);
+    let (code, _, err) = ours(&["resize", s(&raw), "-5M"]);
+    assert!(code == 1 && err.contains("below zero"), "{err}");
+}
+
+#[test]
+fn snapshot_commands_interoperate_with_qemu_img() {
+    let d = tmpdir("snapshot");
+    let p = sample(&d, "s.qcow2");
+    let before = d.join("before.raw");
+    qemu(&["convert", "-O", "raw", s(&p), s(&before)]);
+    ok(&["snapshot", "-c", "clean", s(&p)]);
+    qemu_io(&p, &["write -P 0x55 0 2M"]);
+    qemu(&["snapshot", "-c", "dirty", s(&p)]);
+    let list = ok(&["snapshot", "-l", s(&p)]);
+    let theirs = qemu(&["snapshot", "-l", s(&p)]);
+    // Same table apart from the dates (taken at different times).
+    let strip = |t: &str| t.lines().map(|l| l.split_whitespace().take(4).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>();
+    assert_eq!(strip(&list), strip(&theirs), "ours:\n{list}\nqemu-img:\n{theirs}");
+    ok(&["snapshot", "-a", "clean", s(&p)]);
+    assert!(identical(&p, &before));
+    ok(&["snapshot", "-d", "dirty", s(&p)]);
+    check_clean(&p);
+    assert!(!qemu(&["snapshot", "-l", s(&p)]).contains("dirty"));
+    let (code, _, err) = ours(&["snapshot", "-a", "missing", s(&p)]);
+    assert!(code == 1 && err.contains("no snapshot"), "{err}");
+    let (code, _, err) = ours(&["snapshot", "-c", "clean", s(&p)]);
+    assert!(code == 1 && err.contains("already exists"), "{err}");
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", "--output", "json", s(&p)])).unwrap();
+    let qinfo: serde_json::Value = serde_json::from_str(&qemu(&["info", "--output=json", s(&p)])).unwrap();
+    assert_eq!(info["snapshots"], qinfo["snapshots"]);
+}
+
+#[test]
+fn rebase_and_commit_keep_what_the_image_reads() {
+    let d = tmpdir("chain");
+    sample(&d, "base.qcow2");
+    let other = d.join("other.qcow2");
+    qemu(&["create", "-q", "-f", "qcow2", s(&other), "8M"]);
+    qemu_io(&other, &["write -P 0x77 0 4M"]);
+    let top = d.join("top.qcow2");
+    ok(&["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top)]);
+    qemu_io(&top, &["write -P 0x99 512k 64k"]);
+    let before = d.join("top-before.raw");
+    qemu(&["convert", "-O", "raw", s(&top), s(&before)]);
+    // Safe rebase onto an unrelated image: contents unchanged.
+    ok(&["rebase", "-b", "other.qcow2", "-F", "qcow2", s(&top)]);
+    assert!(qemu(&["info", s(&top)]).contains("backing file: other.qcow2"));
+    assert!(identical(&top, &before), "safe rebase changed what the image reads");
+    check_clean(&top);
+    // Commit into the new backing file, which then reads as top did.
+    let out = ok(&["commit", s(&top)]);
+    assert!(out.contains("Image committed."));
+    assert!(identical(&other, &before), "commit did not carry the data down");
+    check_clean(&top);
+    check_clean(&other);
+    assert!(qemu(&["map", "--output=json", s(&top)]).lines().all(|l| !l.contains("\"depth\": 0")), "commit should empty the top image");
+    // Remove the backing file altogether (safe): the top keeps every byte.
+    ok(&["rebase", "-b", "", s(&top)]);
+    assert!(!qemu(&["info", s(&top)]).contains("backing file"));
+    assert!(identical(&top, &before));
+    let (code, _, err) = ours(&["commit", s(&top)]);
+    assert!(code == 1 && err.contains("no backing file"), "{err}");
+}
+
+#[test]
+fn compare_map_measure_and_backing_chain_agree_with_qemu_img() {
+    let d = tmpdir("inspect");
+    let base = sample(&d, "base.qcow2");
+    let top = d.join("top.qcow2");
+    qemu(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top)]);
+    qemu_io(&top, &["write -P 0x99 512k 64k"]);
+    // compare: exit codes and messages as qemu-img's.
+    for (a, b) in [(&top, &base), (&base, &base)] {
+        let (qcode, qout, _) = run("qemu-img", &["compare", s(a), s(b)]);
+        let (code, out, _) = ours(&["compare", s(a), s(b)]);
+        assert_eq!((code, out.trim()), (qcode, qout.trim()));
+    }
+    let (code, _, _) = ours(&["compare", s(&top), s(&d.join("missing"))]);
+    assert_eq!(code, 2);
+    // map: the same JSON as qemu-img for this chain (7.2 has no compressed field).
+    let qmap = qemu(&["map", "--output=json", s(&top)]);
+    let omap = ok(&["map", "--output", "json", s(&top)]);
+    assert_eq!(omap, qmap);
+    let (code, _, err) = ours(&["map", s(&top)]);
+    assert!(code == 1 && err.contains("compressed clusters"), "{err}");
+    // measure: new images and a qcow2 source.
+    for args in [vec!["measure", "-O", "qcow2", "--size", "10G"], vec!["measure", "-O", "qcow2", "--size", "3M"], vec!["measure", "-O", "qcow2", s(&base)], vec!["measure", "-O", "raw", "--size", "1G"]] {
+        assert_eq!(ok(&args), qemu(&args), "{args:?}");
+    }
+    let args = ["measure", "--output=json", "-O", "qcow2", s(&base)];
+    let theirs: serde_json::Value = serde_json::from_str(&qemu(&args)).unwrap();
+    let mine: serde_json::Value = serde_json::from_str(&ok(&["measure", "--output", "json", "-O", "qcow2", s(&base)])).unwrap();
+    assert_eq!(mine, theirs);
+    // info --backing-chain: both images, top first.
+    let chain: serde_json::Value = serde_json::from_str(&ok(&["info", "--backing-chain", "--output", "json", s(&top)])).unwrap();
+    let qchain: serde_json::Value = serde_json::from_str(&qemu(&["info", "--backing-chain", "--output=json", s(&top)])).unwrap();
+    assert_eq!(chain.as_array().map(Vec::len), Some(2));
+    for i in 0..2 {
+        for k in ["filename", "virtual-size", "backing-filename", "format"] {
+            assert_eq!(chain[i].get(k), qchain[i].get(k), "image {i} {k}");
+        }
+    }
+    let text = ok(&["info", "--backing-chain", s(&top)]);
+    assert_eq!(text.matches("image: ").count(), 2, "{text}");
+}
