@@ -146,6 +146,11 @@ pub fn open(path: &Path, format: Option<Format>, read_only: bool) -> Result<Box<
     })
 }
 
+/// Whether `buf` is all zeros (fast: ORs 4 KiB at a time, which vectorises).
+pub fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks(4096).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
 pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), source }
 }

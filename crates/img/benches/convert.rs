@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Instant;
 
 const SIZE: u64 = 1 << 30;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 7;
 
 fn make_source(path: &Path) {
     use std::os::unix::fs::FileExt;

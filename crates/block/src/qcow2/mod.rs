@@ -899,6 +899,51 @@ impl Qcow2Image {
         self.release(inner, current)
     }
 
+    /// Writes whole clusters from `pos` that hold nothing yet (unallocated
+    /// or plain zero flags, within one L2 table) into newly allocated
+    /// contiguous clusters: one data write, one refcount write, one L2
+    /// write. The data write runs without the lock, so requests from several
+    /// queues overlap; the new clusters are ours alone until linked. Returns
+    /// how many clusters it wrote (0: the first is taken).
+    fn write_fresh_run(&self, pos: u64, data: &[u8]) -> Result<u64> {
+        let cs = self.cluster_size();
+        let gc = pos / cs;
+        let (host, n) = {
+            let mut inner = self.lock();
+            let in_table = self.l2_entries() - gc % self.l2_entries();
+            let max = (data.len() as u64 / cs).min(in_table);
+            let mut n = 0;
+            while n < max && matches!(self.mapping(&mut inner, gc + n)?, Mapping::Unallocated | Mapping::Zero { host: 0 }) {
+                n += 1;
+            }
+            if n < 2 {
+                return Ok(0);
+            }
+            self.mark_dirty(&mut inner)?;
+            (self.alloc_clusters(&mut inner, n)?, n)
+        };
+        self.file.write_all_at(&data[..(n * cs) as usize], host).map_err(|e| self.io(e))?;
+        let mut inner = self.lock();
+        inner.file_len = inner.file_len.max(host + n * cs);
+        // Link under the lock; whatever another request linked meanwhile is released.
+        let l2_off = self.writable_l2(&mut inner, gc)?;
+        let mut replaced = Vec::new();
+        for i in 0..n {
+            let m = self.mapping(&mut inner, gc + i)?;
+            if !matches!(m, Mapping::Unallocated | Mapping::Zero { host: 0 }) {
+                replaced.push(m);
+            }
+        }
+        let entries: Vec<u64> = (0..n).map(|i| (host + i * cs) | COPIED).collect();
+        let first = (gc % self.l2_entries()) as usize;
+        write_table(&self.file, l2_off + first as u64 * 8, &entries).map_err(|e| self.io(e))?;
+        self.l2_table(&mut inner, l2_off)?[first..first + n as usize].copy_from_slice(&entries);
+        for m in replaced {
+            self.release(&mut inner, m)?;
+        }
+        Ok(n)
+    }
+
     /// Writes one whole cluster compressed (what `qemu-img convert -c` makes).
     /// `data` is a full cluster, or the image's last, partial one. Data that
     /// does not compress is written as a normal cluster.
@@ -1341,13 +1386,21 @@ impl BlockBackend for Qcow2Image {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         let cs = self.cluster_size();
-        let mut inner = self.lock();
-        check_range(inner.header.size, offset, buf.len() as u64)?;
-        self.mark_dirty(&mut inner)?;
+        check_range(self.lock().header.size, offset, buf.len() as u64)?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
+            let whole = (buf.len() - done) as u64 / cs;
+            if pos % cs == 0 && whole >= 2 {
+                let n = self.write_fresh_run(pos, &buf[done..done + (whole * cs) as usize])?;
+                if n > 0 {
+                    done += (n * cs) as usize;
+                    continue;
+                }
+            }
             let n = ((cs - pos % cs) as usize).min(buf.len() - done);
+            let mut inner = self.lock();
+            self.mark_dirty(&mut inner)?;
             self.write_in_cluster(&mut inner, pos, &buf[done..done + n])?;
             done += n;
         }

@@ -93,6 +93,40 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Sets the refcounts of `n` clusters from `host` to `value`, writing
+    /// each refcount block touched once instead of once per cluster.
+    pub(crate) fn set_refcount_run(&self, inner: &mut Inner, host: u64, n: u64, value: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let bits = self.refcount_bits(inner);
+        let mut spans: Vec<(u64, usize, usize)> = Vec::new();
+        for i in 0..n {
+            let h = host + i * cs;
+            let (rt_idx, idx) = self.refcount_geometry(inner, h);
+            let block = inner.reftable.get(rt_idx).copied().unwrap_or(0);
+            if block == 0 || value == 0 || (bits < 64 && value >= 1 << bits) {
+                // New blocks, table growth, overflow errors and frees take the general path.
+                self.set_refcount(inner, h, value)?;
+                continue;
+            }
+            put_refcount(self.rc_block(inner, block)?, idx, bits, value);
+            let (lo, hi) = ((idx * bits / 8) as usize, ((idx + 1) * bits).div_ceil(8) as usize);
+            match spans.last_mut() {
+                Some((b, l, h)) if *b == block => (*l, *h) = ((*l).min(lo), (*h).max(hi)),
+                _ => spans.push((block, lo, hi)),
+            }
+        }
+        for (block, lo, hi) in spans {
+            if self.lazy_refcounts {
+                inner.rc_dirty.insert(block);
+            } else if let Some(b) = inner.rc_cache.get(&block) {
+                self.file.write_all_at(&b[lo..hi], block + lo as u64).map_err(|e| self.io(e))?;
+            } else {
+                return Err(self.corrupt("refcount block left the cache mid-update".into()));
+            }
+        }
+        Ok(())
+    }
+
     /// Adds `delta` to the refcount of the cluster at `host`.
     pub(crate) fn adjust_refcount(&self, inner: &mut Inner, host: u64, delta: i64) -> Result<()> {
         let rc = self.refcount(inner, host)?;
@@ -221,9 +255,7 @@ impl Qcow2Image {
             inner.free_hint = start + 1;
         }
         inner.next_free = inner.next_free.max((start + n) * cs);
-        for i in 0..n {
-            self.set_refcount(inner, (start + i) * cs, 1)?;
-        }
+        self.set_refcount_run(inner, start * cs, n, 1)?;
         Ok(start * cs)
     }
 
