@@ -6,6 +6,8 @@
 //! concurrently. Every malformed image is refused with an [`Error`] naming
 //! the problem; nothing here panics on file contents.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod qcow2;
 pub mod raw;
 

@@ -1,0 +1,48 @@
+//! The body of the fuzz targets in `crates/block/fuzz`, here so the kept
+//! corpus also runs as an ordinary test on stable Rust
+//! (`tests/fuzz_corpus.rs`). Not part of the public API.
+
+use std::path::PathBuf;
+
+use crate::qcow2::{Header, Qcow2Image, Repair};
+use crate::BlockBackend;
+
+/// Largest range read or mapped per input, so huge virtual sizes stay fast.
+const SPAN: u64 = 64 << 20;
+
+fn scratch_file(bytes: &[u8]) -> Option<PathBuf> {
+    let p = std::env::temp_dir().join(format!("rvirt-fuzz-{}.qcow2", std::process::id()));
+    std::fs::write(&p, bytes).ok()?;
+    Some(p)
+}
+
+/// Parses `bytes` as a qcow2 header.
+pub fn header(bytes: &[u8]) {
+    let _ = Header::parse(bytes, bytes.len() as u64, "fuzz");
+}
+
+/// Treats `bytes` as a qcow2 file: opens it read-only (read, map, check,
+/// snapshot list), then read-write (write, repair). Errors are fine;
+/// panics, hangs and unbounded memory are the bugs.
+pub fn image(bytes: &[u8]) {
+    let Some(path) = scratch_file(bytes) else { return };
+    if let Ok(img) = Qcow2Image::open(&path, true) {
+        let size = img.size();
+        let mut buf = vec![0u8; 65536];
+        for off in [0, size / 2, size.saturating_sub(65536)] {
+            let n = (size - off.min(size)).min(65536) as usize;
+            let _ = img.read_at(&mut buf[..n], off.min(size));
+        }
+        let _ = img.map(0, size.min(SPAN));
+        let _ = img.host_map(0, size.min(SPAN));
+        let _ = img.check(Repair::None);
+        let _ = img.snapshots();
+    }
+    if let Ok(img) = Qcow2Image::open(&path, false) {
+        let size = img.size();
+        let _ = img.write_at(&[0x5a; 4096], 0);
+        let _ = img.write_zeroes(size / 2, 4096.min(size - size / 2));
+        let _ = img.check(Repair::All);
+    }
+    let _ = std::fs::remove_file(&path);
+}
