@@ -306,7 +306,11 @@ pub fn compare(a: &Path, afmt: Option<&str>, b: &Path, bfmt: Option<&str>, stric
         };
         let (da, db) = (data(ia.as_ref())?, data(ib.as_ref())?);
         if da != db {
-            let at = da.iter().zip(db.iter()).find(|(x, y)| x != y).map(|(x, y)| x.0.min(y.0)).or_else(|| da.get(db.len()).or(db.get(da.len())).map(|e| e.0)).unwrap_or(0);
+            // The first data extent that the other image does not have.
+            let at = match da.iter().zip(&db).find(|(x, y)| x != y) {
+                Some((x, y)) => x.0.min(y.0),
+                None => da.get(db.len()).or(db.get(da.len())).map_or(0, |e| e.0),
+            };
             return Ok((Comparison::StrictMismatch(format!("Strict mode: Offset {at} block status mismatch!")), false));
         }
     }

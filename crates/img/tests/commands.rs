@@ -219,6 +219,17 @@ fn compare_map_measure_and_backing_chain_agree_with_qemu_img() {
     }
     let (code, _, _) = ours(&["compare", s(&top), s(&d.join("missing"))]);
     assert_eq!(code, 2);
+    // Strict mode: sizes must match too.
+    let bigger = d.join("bigger.qcow2");
+    qemu(&["convert", "-O", "qcow2", s(&base), s(&bigger)]);
+    qemu(&["resize", "-q", s(&bigger), "+1M"]);
+    for args in [["compare", "-s", s(&base), s(&base)], ["compare", "-s", s(&base), s(&bigger)]] {
+        let (qcode, qout, _) = run("qemu-img", &args);
+        let (code, out, _) = ours(&args);
+        assert_eq!((code, out.trim()), (qcode, qout.trim()), "{args:?}");
+    }
+    let (code, out, _) = ours(&["compare", s(&base), s(&bigger)]);
+    assert!(code == 0 && out.contains("Warning: Image size mismatch!") && out.contains("Images are identical."), "{out}");
     // map: the same JSON as qemu-img for this chain (7.2 has no compressed field).
     let qmap = qemu(&["map", "--output=json", s(&top)]);
     let omap = ok(&["map", "--output", "json", s(&top)]);

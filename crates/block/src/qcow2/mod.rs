@@ -505,7 +505,7 @@ impl Qcow2Image {
         let reftable: Vec<u64> =
             read_table(&file, header.refcount_table_offset, rt_entries).map_err(|e| io_err(path, e))?.into_iter().map(|e| e & REFT_OFFSET_MASK).collect();
         for (i, &rb) in reftable.iter().enumerate() {
-            if rb != 0 && (rb % cs != 0 || rb < cs || rb + cs > file_len) {
+            if rb != 0 && (rb % cs != 0 || rb < cs || rb.checked_add(cs).is_none_or(|end| end > file_len)) {
                 return Err(corrupt(&format!("refcount block {i} at {rb:#x} is outside the file or misaligned")));
             }
         }
@@ -950,14 +950,16 @@ impl Qcow2Image {
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.writable()?;
         let cs = self.cluster_size();
-        let size = self.lock().header.size;
+        let (size, compression) = {
+            let inner = self.lock();
+            (inner.header.size, inner.header.compression)
+        };
         check_range(size, offset, data.len() as u64)?;
         if offset % cs != 0 || (data.len() as u64 != cs && offset + data.len() as u64 != size) {
             return Err(Error::Request("compressed writes must cover whole clusters".into()));
         }
         let mut cluster = data.to_vec();
         cluster.resize(cs as usize, 0);
-        let compression = self.lock().header.compression;
         let packed = compress(compression, &cluster).map_err(|e| self.io(e))?;
         let mut inner = self.lock();
         self.mark_dirty(&mut inner)?;
@@ -1218,6 +1220,10 @@ impl Drop for Qcow2Image {
         // Best effort: write deferred refcounts and clear the dirty bit. A
         // failure here leaves the dirty bit set, and the next open repairs.
         let mut inner = self.lock();
+        if inner.rc_dirty.is_empty() && !inner.marked_dirty {
+            // Nothing deferred: no sync either (qemu-img's `unsafe` cache mode relies on that).
+            return;
+        }
         if self.flush_refcounts(&mut inner).is_ok() && self.file.sync_data().is_ok() && inner.marked_dirty {
             let f = inner.header.incompatible_features & !INCOMPAT_DIRTY;
             let _ = self.write_incompatible(&mut inner, f);
