@@ -132,21 +132,21 @@ impl Lab {
     }
 
     /// Boots L1 with `spec` and returns its console output. A run whose
-    /// console goes silent for `spec.stall_timeout` is killed and, once,
-    /// retried: nested guests under TCG occasionally stall (see
+    /// console goes silent for `spec.stall_timeout`, or whose L2 guest
+    /// triple-faults (no lab test expects one), is retried once: nested
+    /// guests under TCG occasionally stall or crash mid-boot (see
     /// docs/design.md, "Known lab issues"); the retry is logged loudly.
     pub fn run(&self, spec: &L1Spec) -> Result<LabOutput> {
         let _one_at_a_time = RUN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let first = self.run_once(spec)?;
-        if !first.stalled {
+        let what = if first.stalled {
+            format!("stalled (no console output for {} s)", spec.stall_timeout.as_secs())
+        } else if first.l2_triple_faulted() {
+            "saw its L2 guest triple-fault".to_string()
+        } else {
             return Ok(first);
-        }
-        log(&format!(
-            "WARNING: L1 run '{}' stalled (no console output for {} s); console tail:\n{}\n[lab] retrying once",
-            spec.name,
-            spec.stall_timeout.as_secs(),
-            first.tail(15)
-        ));
+        };
+        log(&format!("WARNING: L1 run '{}' {what}; console tail:\n{}\n[lab] retrying once", spec.name, first.tail(15)));
         self.run_once(spec)
     }
 
@@ -344,6 +344,11 @@ impl LabOutput {
         let start = self.console.find(&begin)? + begin.len();
         let stop = self.console[start..].find(&end).map(|i| start + i).unwrap_or(self.console.len());
         Some(self.console[start..stop].trim_start_matches('\n').to_string())
+    }
+
+    /// Whether rvirt-vmm reported its L2 guest crashing with a triple fault.
+    pub fn l2_triple_faulted(&self) -> bool {
+        self.console.lines().any(|l| l.contains("guest crashed:") && l.contains("triple fault"))
     }
 
     /// Fails with the tail of the console if L1 did not finish its script with KVM available.
