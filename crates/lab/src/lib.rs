@@ -30,6 +30,9 @@ pub fn log(line: &str) {
     let _ = writeln!(std::io::stderr(), "[lab] {line}");
 }
 
+/// What L1's kernel prints when one of its CPUs is stuck (seen with the nested guest stalled).
+const SOFT_LOCKUP: &[u8] = b"watchdog: BUG: soft lockup";
+
 /// The prepared lab: packages installed, kernel cached, binaries built.
 pub struct Lab {
     /// Cache directory.
@@ -132,7 +135,8 @@ impl Lab {
     }
 
     /// Boots L1 with `spec` and returns its console output. A run whose
-    /// console goes silent for `spec.stall_timeout`, or whose L2 guest
+    /// console goes silent for `spec.stall_timeout` or reports an L1 soft
+    /// lockup, or whose L2 guest
     /// triple-faults (no lab test expects one), is retried once: nested
     /// guests under TCG occasionally stall or crash mid-boot (see
     /// docs/design.md, "Known lab issues"); the retry is logged loudly.
@@ -140,7 +144,7 @@ impl Lab {
         let _one_at_a_time = RUN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let first = self.run_once(spec)?;
         let what = if first.stalled {
-            format!("stalled (no console output for {} s)", spec.stall_timeout.as_secs())
+            format!("stalled (no console output for {} s, or an L1 soft lockup)", spec.stall_timeout.as_secs())
         } else if first.l2_triple_faulted() {
             "saw its L2 guest triple-fault".to_string()
         } else {
@@ -171,6 +175,10 @@ impl Lab {
         let mut live = std::fs::File::create(log_dir.join(format!("{}.log", spec.name))).ok();
         let last_output = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let last_output_w = last_output.clone();
+        // L1's own soft-lockup reports keep the console busy while the
+        // nested guest is stuck; they count as a stall.
+        let lockup = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lockup_w = lockup.clone();
         let reader = std::thread::spawn(move || {
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
@@ -178,7 +186,11 @@ impl Lab {
                 if n == 0 {
                     break;
                 }
+                let seen = buf.len().saturating_sub(64);
                 buf.extend_from_slice(&chunk[..n]);
+                if buf[seen..].windows(SOFT_LOCKUP.len()).any(|w| w == SOFT_LOCKUP) {
+                    lockup_w.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 last_output_w.store(started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
                 if let Some(f) = live.as_mut() {
                     let _ = f.write_all(&chunk[..n]);
@@ -194,7 +206,7 @@ impl Lab {
             }
             let quiet_ms = (started.elapsed().as_millis() as u64)
                 .saturating_sub(last_output.load(std::sync::atomic::Ordering::Relaxed));
-            stalled = quiet_ms > spec.stall_timeout.as_millis() as u64;
+            stalled = quiet_ms > spec.stall_timeout.as_millis() as u64 || lockup.load(std::sync::atomic::Ordering::Relaxed);
             if Instant::now() > deadline || stalled {
                 let _ = child.kill();
                 let _ = child.wait();
