@@ -134,13 +134,31 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
         }
         covered = covered.max(end);
     }
+    let total: u64 = chunks.iter().map(|c| c.1).sum();
+    let progress = Progress::new(req.progress);
+    let workers = if req.workers == 0 { DEFAULT_WORKERS } else { req.workers }.min(chunks.len().max(1));
+    // A qcow2 destination grows by appending, and parallel appends contend
+    // on the file's inode lock: one writer in order. Raw destinations are
+    // already full size, and compression wants every core: parallel writes.
+    let copied = if matches!(dst, Dest::Qcow2 { compress: false, .. }) {
+        copy_ordered(src.as_ref(), &dst, &chunks, chunk, workers, &progress, total)?
+    } else {
+        copy_parallel(src.as_ref(), &dst, &chunks, chunk, workers, &progress, total)?
+    };
+    if req.flush {
+        dst.backend().flush()?;
+    }
+    progress.finish();
+    Ok(copied)
+}
+
+/// Reads `chunks` with `workers` threads and writes each non-zero one as
+/// it comes (compression, the expensive part, runs in every worker).
+fn copy_parallel(src: &dyn BlockBackend, dst: &Dest, chunks: &[(u64, u64)], chunk: u64, workers: usize, progress: &Progress, total: u64) -> Result<u64> {
     let next = AtomicUsize::new(0);
     let copied = AtomicU64::new(0);
     let done = AtomicU64::new(0);
-    let total: u64 = chunks.iter().map(|c| c.1).sum();
-    let progress = Progress::new(req.progress);
     let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    let workers = if req.workers == 0 { DEFAULT_WORKERS } else { req.workers }.min(chunks.len().max(1));
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
@@ -167,14 +185,65 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
             });
         }
     });
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(copied.into_inner()),
     }
-    if req.flush {
-        dst.backend().flush()?;
+}
+
+/// Reads `chunks` with `workers` threads and writes them from one thread in
+/// order, as qemu-img does by default: parallel writers to one file contend
+/// on its inode lock, while in-order appends are cheap. A fixed pool of
+/// buffers bounds memory; a reader takes a buffer before its chunk index, so
+/// the chunk the writer waits for always has one.
+fn copy_ordered(src: &dyn BlockBackend, dst: &Dest, chunks: &[(u64, u64)], chunk: u64, workers: usize, progress: &Progress, total: u64) -> Result<u64> {
+    use std::collections::BTreeMap;
+    use std::sync::mpsc::{channel, sync_channel};
+    let buffers = workers * 2;
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(buffers);
+    for _ in 0..buffers {
+        let _ = free_tx.send(vec![0u8; chunk as usize + PAGE]);
     }
-    progress.finish();
-    Ok(copied.into_inner())
+    let free_rx = Mutex::new(free_rx);
+    let (full_tx, full_rx) = channel::<(usize, rvirt_block::Result<bool>, Vec<u8>)>();
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        // Owned by this closure, so an early error return drops it before
+        // the scope joins the readers, and readers waiting for a buffer stop.
+        let free_tx = free_tx;
+        for _ in 0..workers {
+            let full_tx = full_tx.clone();
+            let (free_rx, next) = (&free_rx, &next);
+            s.spawn(move || loop {
+                let Ok(mut storage) = free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() else { break };
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(pos, n)) = chunks.get(i) else { break };
+                let buf = &mut page_aligned(&mut storage, chunk as usize)[..n as usize];
+                let r = src.read_at(buf, pos).map(|()| !rvirt_block::is_zero(buf));
+                if full_tx.send((i, r, storage)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(full_tx);
+        let (mut pending, mut expected, mut copied, mut done) = (BTreeMap::new(), 0usize, 0u64, 0u64);
+        while expected < chunks.len() {
+            let Ok((i, r, storage)) = full_rx.recv() else { bail!("convert workers stopped early") };
+            pending.insert(i, (r, storage));
+            while let Some((r, mut storage)) = pending.remove(&expected) {
+                let (pos, n) = chunks[expected];
+                if r? {
+                    dst.write(&page_aligned(&mut storage, chunk as usize)[..n as usize], pos)?;
+                    copied += n;
+                }
+                done += n;
+                progress.show(done, total);
+                let _ = free_tx.send(storage);
+                expected += 1;
+            }
+        }
+        Ok(copied)
+    })
 }
 
 /// qemu-img's `-p` progress line, shared by worker threads.
