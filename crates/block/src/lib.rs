@@ -153,6 +153,31 @@ pub fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(4096).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
+/// `fallocate(2)` on `f` with `mode` (0 allocates; punch-hole flags free).
+pub(crate) fn fallocate(f: &std::fs::File, mode: i32, offset: u64, length: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor the caller owns, with plain integer arguments.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, length as libc::off_t) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Writes zeros over `from..to` of `f` (what `preallocation=full` asks for).
+pub(crate) fn write_zeros(f: &std::fs::File, from: u64, to: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos = from;
+    while pos < to {
+        let n = (to - pos).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
 pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), source }
 }

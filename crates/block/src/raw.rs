@@ -43,13 +43,7 @@ impl RawImage {
         if !write_zeros {
             return self.fallocate(0, 0, self.size).map_err(|e| self.err(e));
         }
-        let zeros = vec![0u8; 1 << 20];
-        let mut pos = 0;
-        while pos < self.size {
-            let n = (self.size - pos).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], pos).map_err(|e| self.err(e))?;
-            pos += n as u64;
-        }
+        crate::write_zeros(&self.file, 0, self.size).map_err(|e| self.err(e))?;
         self.file.sync_data().map_err(|e| self.err(e))
     }
 
@@ -66,13 +60,7 @@ impl RawImage {
     }
 
     fn fallocate(&self, mode: i32, offset: u64, length: u64) -> std::io::Result<()> {
-        // SAFETY: fallocate on a descriptor we own, with plain integer arguments.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, length as libc::off_t) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        crate::fallocate(&self.file, mode, offset, length)
     }
 
     fn seek(&self, offset: u64, whence: i32) -> Option<u64> {

@@ -644,17 +644,9 @@ impl Qcow2Image {
         let end = inner.next_free;
         match mode {
             Preallocation::Off | Preallocation::Metadata => self.file.set_len(end).map_err(|e| self.io(e))?,
-            Preallocation::Falloc => fallocate(&self.file, 0, end).map_err(|e| self.io(e))?,
-            Preallocation::Full => {
-                // Zero-fill the whole file past what is already written.
-                let zeros = vec![0u8; 1 << 20];
-                let mut pos = inner.file_len;
-                while pos < end {
-                    let n = (end - pos).min(zeros.len() as u64) as usize;
-                    self.file.write_all_at(&zeros[..n], pos).map_err(|e| self.io(e))?;
-                    pos += n as u64;
-                }
-            }
+            Preallocation::Falloc => crate::fallocate(&self.file, 0, 0, end).map_err(|e| self.io(e))?,
+            // Zero-fill the whole file past what is already written.
+            Preallocation::Full => crate::write_zeros(&self.file, inner.file_len, end).map_err(|e| self.io(e))?,
         }
         inner.file_len = inner.file_len.max(end);
         self.file.sync_all().map_err(|e| self.io(e))
@@ -1288,17 +1280,6 @@ fn compress(c: Compression, data: &[u8]) -> std::io::Result<Vec<u8>> {
             }
         }
         Compression::Zstd => zstd::bulk::compress(data, 0),
-    }
-}
-
-fn fallocate(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fallocate on a descriptor we own, with plain integer arguments.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 
