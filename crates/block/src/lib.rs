@@ -178,6 +178,14 @@ pub(crate) fn write_zeros(f: &std::fs::File, from: u64, to: u64) -> std::io::Res
     Ok(())
 }
 
+/// A path named `name` in this test process's scratch directory for `tag`.
+#[cfg(test)]
+pub(crate) fn test_path(tag: &str, name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rvirt-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
 pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), source }
 }

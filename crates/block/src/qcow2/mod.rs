@@ -1434,9 +1434,7 @@ mod tests {
     use super::*;
 
     fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("rvirt-qcow2-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d.join(name)
+        crate::test_path("qcow2", name)
     }
 
     #[test]
