@@ -361,8 +361,8 @@ mod tests {
         assert!(c.exit_eventfd().read().unwrap() >= 1);
     }
 
-    #[test]
-    fn pause_parks_and_resume_releases() {
+    /// A paused control with one thread parked at its checkpoint.
+    fn parked_thread() -> (Arc<VmControl>, std::thread::JoinHandle<bool>) {
         let c = Arc::new(VmControl::new().unwrap());
         c.request_pause();
         let t = {
@@ -370,6 +370,12 @@ mod tests {
             std::thread::spawn(move || c.checkpoint())
         };
         assert!(c.wait_parked(1, Duration::from_secs(5)));
+        (c, t)
+    }
+
+    #[test]
+    fn pause_parks_and_resume_releases() {
+        let (c, t) = parked_thread();
         assert!(c.is_paused());
         c.resume();
         assert!(t.join().unwrap());
@@ -377,13 +383,7 @@ mod tests {
 
     #[test]
     fn stop_releases_parked_threads() {
-        let c = Arc::new(VmControl::new().unwrap());
-        c.request_pause();
-        let t = {
-            let c = c.clone();
-            std::thread::spawn(move || c.checkpoint())
-        };
-        assert!(c.wait_parked(1, Duration::from_secs(5)));
+        let (c, t) = parked_thread();
         c.request_stop();
         assert!(!t.join().unwrap());
     }
