@@ -31,8 +31,20 @@ pub enum Request {
     Shutdown,
     /// End the VM at once, like pulling the plug.
     Stop,
-    /// Report VM-exit counters.
+    /// Report VM-exit and per-device counters.
     Stats,
+    /// Set the balloon's target: how much guest memory the guest gives back to the host.
+    Balloon {
+        /// Bytes the guest should give up (0 deflates the balloon completely).
+        target_bytes: u64,
+    },
+    /// Set a network card's link up or down, as the guest sees it.
+    SetLink {
+        /// Device name, e.g. `net0`.
+        device: String,
+        /// Link state.
+        up: bool,
+    },
 }
 
 /// Whether the guest's vCPUs are running.
@@ -58,6 +70,31 @@ pub struct VmStatus {
     pub uptime_seconds: f64,
     /// The VMM's process ID.
     pub pid: u32,
+    /// The balloon, when the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonStatus>,
+}
+
+/// The balloon's state in [`VmStatus`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStatus {
+    /// What the host asked the guest to give up, in bytes.
+    pub target_bytes: u64,
+    /// What the guest reports it has given up, in bytes.
+    pub actual_bytes: u64,
+}
+
+/// Counters of one device in [`VmStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    /// Requests completed.
+    pub requests: u64,
+    /// Bytes moved to the guest (disk reads, received frames, entropy).
+    pub bytes_to_guest: u64,
+    /// Bytes moved from the guest (disk writes, sent frames, console output).
+    pub bytes_from_guest: u64,
+    /// Requests that failed.
+    pub errors: u64,
 }
 
 /// The answer to [`Request::Stats`].
@@ -65,6 +102,9 @@ pub struct VmStatus {
 pub struct VmStats {
     /// VM exits handled in user space, by KVM exit reason (`io`, `mmio`, `shutdown`, ...).
     pub exits: BTreeMap<String, u64>,
+    /// Per-device counters by device name (`disk0`, `net0`, `rng`, ...).
+    #[serde(default)]
+    pub devices: BTreeMap<String, DeviceStats>,
 }
 
 /// One reply line. `ok` says whether the request succeeded; `error` explains a failure.
@@ -187,6 +227,16 @@ mod tests {
         assert_eq!(serde_json::to_string(&Request::Pause).unwrap(), r#"{"command":"pause"}"#);
         assert_eq!(parse_request(r#"{"command":"stats"}"#), Ok(Request::Stats));
         assert_eq!(parse_request(" {\"command\":\"shutdown\"}\n"), Ok(Request::Shutdown));
+        assert_eq!(
+            parse_request(r#"{"command":"balloon","target_bytes":1048576}"#),
+            Ok(Request::Balloon { target_bytes: 1 << 20 })
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"set-link","device":"net0","up":false}"#),
+            Ok(Request::SetLink { device: "net0".into(), up: false })
+        );
+        assert!(parse_request(r#"{"command":"balloon"}"#).is_err());
+        assert!(parse_request(r#"{"command":"balloon","target_bytes":-1}"#).is_err());
     }
 
     #[test]
@@ -208,6 +258,7 @@ mod tests {
                 memory_bytes: 512 << 20,
                 uptime_seconds: 1.5,
                 pid: 42,
+                balloon: None,
             }),
             ..Response::ok()
         };

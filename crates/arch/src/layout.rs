@@ -4,7 +4,9 @@
 //! 0x0000_0000 .. 0x0009_fc00  low RAM: boot GDT, zero page, page tables, command line
 //! 0x0009_fc00 .. 0x0010_0000  reserved: EBDA, ACPI tables at 0xe0000, BIOS area
 //! 0x0010_0000 .. 3 GiB        RAM (kernel, initramfs)
-//! 3 GiB       .. 4 GiB        PCI hole: device MMIO, IOAPIC, LAPIC
+//! 3 GiB       .. 3.5 GiB      PCI BARs
+//! 3.5 GiB     .. +1 MiB       PCI ECAM (bus 0), reserved in the e820 map
+//! ..          .. 4 GiB        platform MMIO, IOAPIC, LAPIC
 //! 4 GiB       .. 4 GiB + rest RAM that did not fit below the hole
 //! ```
 
@@ -46,6 +48,14 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 pub const PCI_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole (4 GiB).
 pub const PCI_HOLE_END: u64 = 0x1_0000_0000;
+/// Start of the window PCI BARs are placed in.
+pub const PCI_MMIO_START: u64 = PCI_HOLE_START;
+/// End of the PCI BAR window (where ECAM begins).
+pub const PCI_MMIO_END: u64 = 0xe000_0000;
+/// PCI Express enhanced configuration access (ECAM), bus 0 only.
+pub const ECAM_START: u64 = 0xe000_0000;
+/// Size of the ECAM window: one bus.
+pub const ECAM_SIZE: u64 = 1 << 20;
 /// MMIO window handed to platform devices (ACPI GED and friends).
 pub const PLATFORM_MMIO_START: u64 = 0xfe00_0000;
 /// The IOAPIC's MMIO base, as the in-kernel irqchip expects.
@@ -121,8 +131,9 @@ impl MemoryLayout {
     }
 
     /// The e820 map the guest sees: low RAM, the reserved BIOS/ACPI area, RAM
-    /// up to the hole and RAM above 4 GiB. The hole itself is left out, which
-    /// is how firmware marks MMIO.
+    /// up to the hole, the ECAM window (reserved: Linux only trusts MCFG
+    /// ranges firmware reserved) and RAM above 4 GiB. The rest of the hole is
+    /// left out, which is how firmware marks MMIO.
     pub fn e820(&self) -> Vec<E820Entry> {
         let mut map = vec![
             E820Entry { addr: 0, size: EBDA_START, kind: E820Kind::Ram },
@@ -133,6 +144,7 @@ impl MemoryLayout {
                 kind: E820Kind::Ram,
             },
         ];
+        map.push(E820Entry { addr: ECAM_START, size: ECAM_SIZE, kind: E820Kind::Reserved });
         if self.ram_bytes > PCI_HOLE_START {
             map.push(E820Entry { addr: PCI_HOLE_END, size: self.ram_bytes - PCI_HOLE_START, kind: E820Kind::Ram });
         }
@@ -149,12 +161,14 @@ mod tests {
         let l = MemoryLayout::new(512 << 20).unwrap();
         assert_eq!(l.ram_ranges(), vec![(0, 512 << 20)]);
         let e = l.e820();
-        assert_eq!(e.len(), 3);
+        assert_eq!(e.len(), 4);
+        assert_eq!(e[3], E820Entry { addr: ECAM_START, size: ECAM_SIZE, kind: E820Kind::Reserved });
         assert_eq!(e[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820Kind::Ram });
         assert_eq!(e[1].kind, E820Kind::Reserved);
         assert_eq!(e[1].addr + e[1].size, HIGH_MEMORY_START);
         assert_eq!(e[2].addr + e[2].size, 512 << 20);
         let ram: u64 = e.iter().filter(|x| x.kind == E820Kind::Ram).map(|x| x.size).sum();
+        assert!(PCI_MMIO_START >= 512 << 20 && PCI_MMIO_END <= ECAM_START && ECAM_START + ECAM_SIZE <= PLATFORM_MMIO_START);
         assert_eq!(ram, (512 << 20) - (HIGH_MEMORY_START - EBDA_START));
     }
 
@@ -164,7 +178,7 @@ mod tests {
         assert_eq!(l.ram_ranges(), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
         let e = l.e820();
         assert_eq!(e.last().unwrap(), &E820Entry { addr: 4 << 30, size: 1 << 30, kind: E820Kind::Ram });
-        for entry in &e {
+        for entry in e.iter().filter(|x| x.kind == E820Kind::Ram) {
             let end = entry.addr + entry.size;
             assert!(end <= PCI_HOLE_START || entry.addr >= PCI_HOLE_END, "{entry:?} overlaps the hole");
         }
@@ -174,7 +188,7 @@ mod tests {
     fn exactly_at_the_hole_has_no_high_range() {
         let l = MemoryLayout::new(PCI_HOLE_START).unwrap();
         assert_eq!(l.ram_ranges().len(), 1);
-        assert_eq!(l.e820().len(), 3);
+        assert_eq!(l.e820().len(), 4);
     }
 
     #[test]

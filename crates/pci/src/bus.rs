@@ -43,6 +43,11 @@ impl PciBus {
         Ok(start)
     }
 
+    /// The slot [`PciBus::add_device`] will use next.
+    pub fn free_slot(&self) -> Option<usize> {
+        self.slots.iter().position(Option::is_none)
+    }
+
     /// Plugs `device` into the lowest free slot; returns the slot.
     pub fn add_device(&mut self, device: SharedPciDevice) -> Result<usize> {
         let slot = self.slots.iter().position(Option::is_none).ok_or(Error::NoFreeSlot)?;

@@ -10,6 +10,7 @@
 //! - [`MsixConfig`]: the MSI-X table and pending-bit array, delivering each
 //!   vector through an irqfd whose KVM route the VMM keeps in sync.
 
+pub mod acpi;
 pub mod bus;
 pub mod config;
 pub mod msix;

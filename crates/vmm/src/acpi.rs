@@ -8,11 +8,15 @@
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use rvirt_arch::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START, PLATFORM_MMIO_START};
+use rvirt_arch::layout::{
+    ACPI_END, ACPI_START, APIC_START, ECAM_START, IOAPIC_START, PCI_MMIO_END, PCI_MMIO_START, PLATFORM_MMIO_START,
+};
+use rvirt_pci::acpi::{host_bridge_aml, HostBridgeResources};
 use rvirt_devices::acpi::{self as acpi_dev, AcpiPm, Ged};
 use rvirt_devices::cmos::{CMOS_BASE, CMOS_IRQ};
 use rvirt_devices::serial::{COM1_BASE, COM1_IRQ};
@@ -40,17 +44,20 @@ fn io_gas(port: u16) -> GAS {
     GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port))
 }
 
-/// The DSDT's AML body: power states, COM1, the GED and the power button.
-pub fn dsdt_body() -> Vec<u8> {
+/// The DSDT's AML body: power states, COM1, the GED, the power button and
+/// the PCI host bridge with a child for each populated slot in `pci_slots`.
+pub fn dsdt_body(pci_slots: &[usize]) -> Vec<u8> {
     let mut aml = AcpiPm::aml();
     aml.extend(acpi_dev::com1_aml(COM1_BASE as u16, COM1_IRQ));
     aml.extend(acpi_dev::rtc_aml(CMOS_BASE as u16, CMOS_IRQ));
     aml.extend(Ged::aml(PLATFORM_MMIO_START));
+    let res = HostBridgeResources { mmio_start: PCI_MMIO_START as u32, mmio_end: (PCI_MMIO_END - 1) as u32 };
+    aml.extend(host_bridge_aml(&res, pci_slots));
     aml
 }
 
-/// Builds the tables for a machine with `vcpus` vCPUs.
-pub fn build(vcpus: u8) -> Result<AcpiTables> {
+/// Builds the tables for a machine with `vcpus` vCPUs and PCI devices in `pci_slots`.
+pub fn build(vcpus: u8, pci_slots: &[usize]) -> Result<AcpiTables> {
     let mut next = ACPI_START;
     let mut place = |len: usize| {
         let at = next;
@@ -60,7 +67,7 @@ pub fn build(vcpus: u8) -> Result<AcpiTables> {
     let rsdp_addr = place(Rsdp::len());
 
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"RVIRTDSD", 1);
-    dsdt.append_slice(&dsdt_body());
+    dsdt.append_slice(&dsdt_body(pci_slots));
     let dsdt_bytes = dsdt.as_slice().to_vec();
     let dsdt_addr = place(dsdt_bytes.len());
 
@@ -88,9 +95,15 @@ pub fn build(vcpus: u8) -> Result<AcpiTables> {
     let madt_bytes = bytes_of(&madt);
     let madt_addr = place(madt_bytes.len());
 
+    let mut mcfg = MCFG::new(OEM_ID, *b"RVIRTMCF", 1);
+    mcfg.add_ecam(ECAM_START, 0, 0, 0);
+    let mcfg_bytes = bytes_of(&mcfg);
+    let mcfg_addr = place(mcfg_bytes.len());
+
     let mut xsdt = XSDT::new(OEM_ID, *b"RVIRTXSD", 1);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt_bytes = bytes_of(&xsdt);
     let xsdt_addr = place(xsdt_bytes.len());
 
@@ -104,6 +117,7 @@ pub fn build(vcpus: u8) -> Result<AcpiTables> {
             (dsdt_addr, dsdt_bytes),
             (fadt_addr, fadt_bytes),
             (madt_addr, madt_bytes),
+            (mcfg_addr, mcfg_bytes),
             (xsdt_addr, xsdt_bytes),
         ],
     })
@@ -140,7 +154,7 @@ mod tests {
 
     #[test]
     fn every_table_checksums_to_zero_and_has_its_length() {
-        let t = build(2).unwrap();
+        let t = build(2, &[0, 1]).unwrap();
         let (_, rsdp) = t.blobs[0].clone();
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "RSDP v1 checksum");
@@ -153,12 +167,15 @@ mod tests {
 
     #[test]
     fn pointers_chain_rsdp_to_every_table() {
-        let t = build(4).unwrap();
+        let t = build(4, &[0]).unwrap();
         let rsdp = &t.blobs[0].1;
         let (xsdt_addr, xsdt) = table(&t, b"XSDT");
         assert_eq!(u64_at(rsdp, 24), xsdt_addr);
         let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
-        assert_eq!(entries, vec![table(&t, b"FACP").0, table(&t, b"APIC").0]);
+        assert_eq!(entries, vec![table(&t, b"FACP").0, table(&t, b"APIC").0, table(&t, b"MCFG").0]);
+        let (_, mcfg) = table(&t, b"MCFG");
+        assert_eq!(u64_at(mcfg, 44), ECAM_START, "ECAM base");
+        assert_eq!((mcfg[54], mcfg[55]), (0, 0), "bus 0 only");
         let (_, fadt) = table(&t, b"FACP");
         assert_eq!(u64_at(fadt, 140), table(&t, b"DSDT").0, "X_DSDT");
         assert_ne!(u32_at(fadt, 112) & (1 << 20), 0, "HW_REDUCED_ACPI");
@@ -173,7 +190,7 @@ mod tests {
     #[test]
     fn madt_lists_every_vcpu_and_the_ioapic() {
         for n in [1u8, 2, 8, 254] {
-            let t = build(n).unwrap();
+            let t = build(n, &[0]).unwrap();
             let (_, madt) = table(&t, b"APIC");
             let mut off = 44;
             let (mut lapics, mut ioapics) = (0, 0);
@@ -198,9 +215,9 @@ mod tests {
 
     #[test]
     fn dsdt_carries_the_device_aml() {
-        let t = build(1).unwrap();
+        let t = build(1, &[0, 1]).unwrap();
         let (_, dsdt) = table(&t, b"DSDT");
-        for needle in [&b"_S5_"[..], b"COM1", b"RTC_", b"GED_", b"PWRB"] {
+        for needle in [&b"_S5_"[..], b"COM1", b"RTC_", b"GED_", b"PWRB", b"PCI0", b"S001"] {
             assert!(dsdt.windows(needle.len()).any(|w| w == needle));
         }
     }

@@ -55,6 +55,115 @@ impl std::str::FromStr for OnReboot {
     }
 }
 
+/// A virtio disk, from `--disk path=F[,format=raw|qcow2][,readonly=on][,serial=S][,direct=on]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Image format; probed from the file when not given.
+    pub format: Option<rvirt_block::Format>,
+    /// Refuse guest writes (and open the file read-only).
+    pub read_only: bool,
+    /// Serial number the guest reads (up to 20 bytes).
+    pub serial: Option<String>,
+    /// Bypass the host page cache (O_DIRECT; raw images only).
+    pub direct: bool,
+}
+
+/// Splits `a=b,c=d` into pairs, naming the option in errors.
+fn key_values<'a>(option: &str, s: &'a str) -> Result<Vec<(&'a str, &'a str)>, Error> {
+    s.split(',')
+        .map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| Error::Config(format!("invalid {option} '{s}': '{kv}' is not KEY=VALUE")))
+        })
+        .collect()
+}
+
+fn on_off(option: &str, key: &str, v: &str) -> Result<bool, Error> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(Error::Config(format!("invalid {option} {key}={v}: expected on or off"))),
+    }
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let mut d = DiskConfig { path: PathBuf::new(), format: None, read_only: false, serial: None, direct: false };
+        for (k, v) in key_values("--disk", s)? {
+            match k {
+                "path" => d.path = PathBuf::from(v),
+                "format" => {
+                    d.format = Some(rvirt_block::Format::parse(v).map_err(|e| Error::Config(format!("--disk: {e}")))?)
+                }
+                "readonly" => d.read_only = on_off("--disk", k, v)?,
+                "direct" => d.direct = on_off("--disk", k, v)?,
+                "serial" if v.len() <= 20 && v.bytes().all(|b| b.is_ascii_graphic()) => d.serial = Some(v.into()),
+                "serial" => return Err(Error::Config(format!("--disk serial '{v}': at most 20 printable characters"))),
+                _ => {
+                    return Err(Error::Config(format!(
+                        "--disk: unknown key '{k}' (expected path, format, readonly, serial, direct)"
+                    )))
+                }
+            }
+        }
+        if d.path.as_os_str().is_empty() {
+            return Err(Error::Config(format!("--disk '{s}': path=FILE is required")));
+        }
+        Ok(d)
+    }
+}
+
+/// A virtio network card on a tap, from `--net tap=NAME[,mac=52:54:00:..]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Tap interface name (created when missing and permitted).
+    pub tap: String,
+    /// MAC address; a random locally administered one when not given.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], Error> {
+    let bad = || Error::Config(format!("invalid MAC address '{s}': expected six hex bytes like 52:54:00:12:34:56"));
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(Error::Config(format!("invalid MAC address '{s}': a multicast address cannot be a card's")));
+    }
+    Ok(mac)
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let mut n = NetConfig { tap: String::new(), mac: None };
+        for (k, v) in key_values("--net", s)? {
+            match k {
+                "tap" => n.tap = v.into(),
+                "mac" => n.mac = Some(parse_mac(v)?),
+                _ => return Err(Error::Config(format!("--net: unknown key '{k}' (expected tap, mac)"))),
+            }
+        }
+        if n.tap.is_empty() || n.tap.len() > 15 {
+            return Err(Error::Config(format!("--net '{s}': tap=NAME (1-15 characters) is required")));
+        }
+        Ok(n)
+    }
+}
+
 /// Largest vCPU count: APIC IDs are 8-bit in the MADT entries we emit.
 pub const MAX_VCPUS: u8 = 254;
 
@@ -77,7 +186,20 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Guest reboot behaviour.
     pub on_reboot: OnReboot,
+    /// Virtio disks, in PCI slot order.
+    pub disks: Vec<DiskConfig>,
+    /// Virtio network cards.
+    pub nets: Vec<NetConfig>,
+    /// A virtio entropy device.
+    pub rng: bool,
+    /// A virtio memory balloon.
+    pub balloon: bool,
+    /// A virtio console (hvc0) and where it goes.
+    pub console: Option<SerialMode>,
 }
+
+/// Virtio devices that fit on bus 0 beside the host bridge.
+pub const MAX_PCI_DEVICES: usize = 31;
 
 /// The command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -94,6 +216,11 @@ impl VmConfig {
             serial: SerialMode::Stdio,
             api_socket: None,
             on_reboot: OnReboot::Restart,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
+            balloon: false,
+            console: None,
         }
     }
 
@@ -113,6 +240,18 @@ impl VmConfig {
         }
         if self.cmdline.bytes().any(|b| b == 0) {
             return Err(Error::Config("--cmdline contains a NUL byte".into()));
+        }
+        if self.console == Some(SerialMode::Stdio) && self.serial == SerialMode::Stdio {
+            return Err(Error::Config("--console stdio needs --serial to be something else than stdio".into()));
+        }
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.rng) + usize::from(self.balloon);
+        if devices + usize::from(self.console.is_some()) > MAX_PCI_DEVICES {
+            return Err(Error::Config(format!("at most {MAX_PCI_DEVICES} virtio devices fit on the PCI bus")));
+        }
+        for (i, a) in self.nets.iter().enumerate() {
+            if self.nets[..i].iter().any(|b| b.tap == a.tap) {
+                return Err(Error::Config(format!("tap '{}' is given to two --net cards", a.tap)));
+            }
         }
         Ok(())
     }
@@ -181,6 +320,42 @@ mod tests {
         c.cmdline = "x".repeat(70000);
         assert!(c.validate().unwrap_err().to_string().contains("--cmdline"));
         c.cmdline = "a\0b".into();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let d: DiskConfig = "path=/img/a.qcow2,format=qcow2,readonly=on,serial=abc,direct=off".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/img/a.qcow2"));
+        assert_eq!(d.format, Some(rvirt_block::Format::Qcow2));
+        assert!(d.read_only && !d.direct);
+        assert_eq!(d.serial.as_deref(), Some("abc"));
+        for (bad, needle) in [
+            ("", "KEY=VALUE"),
+            ("/img/a", "KEY=VALUE"),
+            ("format=raw", "path=FILE"),
+            ("path=a,format=vmdk", "vmdk"),
+            ("path=a,readonly=maybe", "on or off"),
+            ("path=a,cache=none", "unknown key 'cache'"),
+            ("path=a,serial=123456789012345678901", "20"),
+        ] {
+            let e = bad.parse::<DiskConfig>().unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn nets_and_macs() {
+        let n: NetConfig = "tap=tap0,mac=52:54:00:AB:cd:01".parse().unwrap();
+        assert_eq!(n, NetConfig { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]) });
+        for bad in ["mac=52:54:00:00:00:01", "tap=", "tap=averyveryverylongname", "tap=t,mac=52:54:00:00:00", "tap=t,mac=01:00:00:00:00:00", "tap=t,mac=zz:00:00:00:00:00"] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
+        let mut c = VmConfig::new("/k");
+        c.nets = vec![n.clone(), n];
+        assert!(c.validate().unwrap_err().to_string().contains("two --net"));
+        let mut c = VmConfig::new("/k");
+        c.console = Some(SerialMode::Stdio);
         assert!(c.validate().is_err());
     }
 

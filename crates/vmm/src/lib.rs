@@ -10,9 +10,11 @@ pub mod api_server;
 pub mod config;
 pub mod console;
 pub mod error;
+pub mod interrupts;
 pub mod loader;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 use std::os::fd::AsRawFd;
@@ -119,6 +121,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
         loader::open_input("initramfs", initrd)?;
     }
     memory::check_host_can_provide(cfg.memory_bytes)?;
+    let backends = virtio::Backends::open(cfg)?;
     let kvm = open_kvm()?;
     let api = cfg.api_socket.as_deref().map(ApiServer::bind).transpose()?;
     let terminate = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(error::os("eventfd"))?;
@@ -129,7 +132,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     }
     let mut escape = EscapeFilter::default();
     loop {
-        let mut vm = Vm::create(&kvm, cfg, console.writer()?)?;
+        let mut vm = Vm::create(&kvm, cfg, console.writer()?, &backends)?;
         vm.start()?;
         let exit = event_loop(&vm, &console, api.as_ref(), &terminate, &mut escape);
         vm.stop();

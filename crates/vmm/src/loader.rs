@@ -316,7 +316,7 @@ mod tests {
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ hdr.type_of_loader }, 0xff);
         assert_eq!({ p.acpi_rsdp_addr }, ACPI_START);
-        assert_eq!(p.e820_entries, 3);
+        assert_eq!(p.e820_entries, 4, "low RAM, BIOS area, RAM, ECAM");
         let mut cmd = [0u8; 20];
         m.read_slice(&mut cmd, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(&cmd, b"console=ttyS0 quiet\0");
@@ -349,8 +349,8 @@ mod tests {
     fn zero_page_e820_matches_layout() {
         let layout = MemoryLayout::new(4 << 30).unwrap();
         let p = build_zero_page(&layout, setup_header::default(), 5, None).unwrap();
-        assert_eq!(p.e820_entries, 4);
-        let last = p.e820_table[3];
+        assert_eq!(p.e820_entries, 5);
+        let last = p.e820_table[4];
         assert_eq!(({ last.addr }, { last.size }, { last.r#type }), (4 << 30, 1 << 30, 1));
         assert_eq!({ p.hdr.cmdline_size }, 6);
     }

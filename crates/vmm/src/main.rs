@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use rvirt_vmm::config::{parse_size, DEFAULT_CMDLINE};
+use rvirt_vmm::config::{parse_size, DiskConfig, NetConfig, DEFAULT_CMDLINE};
 use rvirt_vmm::{OnReboot, SerialMode, VmConfig, VmExit};
 
 /// Boot a Linux kernel in a KVM virtual machine (one process per VM).
@@ -35,6 +35,21 @@ struct Cli {
     /// What a guest reboot does: restart the VM, or exit with status 0.
     #[arg(long, value_name = "ACTION", default_value = "restart")]
     on_reboot: String,
+    /// A virtio disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=S][,direct=on]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// A virtio network card on a tap (created if missing and permitted): tap=NAME[,mac=52:54:00:..]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
+    /// A virtio entropy device fed from the host's /dev/urandom.
+    #[arg(long)]
+    rng: bool,
+    /// A virtio memory balloon, steered with the API's `balloon` request.
+    #[arg(long)]
+    balloon: bool,
+    /// A virtio console (hvc0 in the guest): stdio, file=PATH, pty or null [default when given without a value: pty].
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "pty")]
+    console: Option<String>,
 }
 
 fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
@@ -48,6 +63,11 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
         serial: cli.serial.parse::<SerialMode>()?,
         api_socket: cli.api_socket,
         on_reboot: cli.on_reboot.parse::<OnReboot>()?,
+        disks: cli.disk.iter().map(|d| d.parse::<DiskConfig>()).collect::<Result<_, _>>()?,
+        nets: cli.net.iter().map(|n| n.parse::<NetConfig>()).collect::<Result<_, _>>()?,
+        rng: cli.rng,
+        balloon: cli.balloon,
+        console: cli.console.as_deref().map(str::parse::<SerialMode>).transpose()?,
     })
 }
 

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use rvirt_api::{Request, Response, RunState, VmStats, VmStatus};
-use rvirt_arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PLATFORM_MMIO_START};
+use rvirt_api::{BalloonStatus, DeviceStats, Request, Response, RunState, VmStats, VmStatus};
+use rvirt_arch::layout::{
+    ECAM_SIZE, ECAM_START, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PCI_MMIO_END, PCI_MMIO_START, PLATFORM_MMIO_START,
+};
 use rvirt_arch::{cpuid, regs, MemoryLayout};
 use rvirt_devices::acpi::{AcpiPm, Ged, GedEvent, GED_IRQ, GED_SIZE, PM_BASE, PM_SIZE};
 use rvirt_devices::bus::lock;
@@ -16,6 +18,7 @@ use rvirt_devices::cmos::{Cmos, CMOS_BASE, CMOS_SIZE};
 use rvirt_devices::i8042::{I8042, I8042_BASE, I8042_SIZE};
 use rvirt_devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, UART_REGISTERS};
 use rvirt_devices::{Bus, BusDevice, IrqLine};
+use rvirt_pci::{PciBarWindow, PciConfigIo, PciConfigMmio, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_SIZE};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,7 +26,8 @@ use crate::config::VmConfig;
 use crate::error::kvm;
 use crate::loader::{self, LoadedKernel};
 use crate::vcpu::{self, VcpuContext, VmControl};
-use crate::{acpi, memory, Error, Result};
+use crate::virtio::{Backends, PciDevices};
+use crate::{acpi, memory, virtio, Error, Result};
 
 /// Port 0x80: the POST-code port Linux writes to as an I/O delay. Swallowed.
 struct PostCodePort;
@@ -37,8 +41,9 @@ impl BusDevice for PostCodePort {
 
 /// A built (and, after [`Vm::start`], running) virtual machine.
 pub struct Vm {
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     _memory: GuestMemoryMmap,
+    pci: PciDevices,
     control: Arc<VmControl>,
     serial: Arc<Mutex<SerialDevice>>,
     ged: Arc<Mutex<Ged>>,
@@ -64,10 +69,16 @@ fn add(bus: &mut Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Re
 }
 
 impl Vm {
-    /// Builds the VM described by `cfg`, with the guest's console output going to `serial_out`.
-    pub fn create(kvm_handle: &Kvm, cfg: &VmConfig, serial_out: Box<dyn std::io::Write + Send>) -> Result<Self> {
+    /// Builds the VM described by `cfg`, with the guest's console output
+    /// going to `serial_out` and its virtio devices on `backends`.
+    pub fn create(
+        kvm_handle: &Kvm,
+        cfg: &VmConfig,
+        serial_out: Box<dyn std::io::Write + Send>,
+        backends: &Backends,
+    ) -> Result<Self> {
         let layout = MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("--memory: {e}")))?;
-        let vm_fd = kvm_handle.create_vm().map_err(kvm("CREATE_VM"))?;
+        let vm_fd = Arc::new(kvm_handle.create_vm().map_err(kvm("CREATE_VM"))?);
         vm_fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm("SET_TSS_ADDR"))?;
         vm_fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(kvm("SET_IDENTITY_MAP_ADDR"))?;
         vm_fd.create_irq_chip().map_err(kvm("CREATE_IRQCHIP"))?;
@@ -78,7 +89,8 @@ impl Vm {
         memory::register_with_kvm(&vm_fd, &mem)?;
         let kernel = loader::load(&mem, &layout, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
         tracing::info!("loaded {:?} kernel, entry {:?}, initramfs {:?}", kernel.format, kernel.entry, kernel.initrd);
-        acpi::write(&mem, &acpi::build(cfg.vcpus)?)?;
+        let pci = virtio::build(&vm_fd, &mem, backends)?;
+        acpi::write(&mem, &acpi::build(cfg.vcpus, &pci.bus.occupied_slots())?)?;
 
         let control = Arc::new(VmControl::new().map_err(crate::error::os("eventfd"))?);
         let serial = Arc::new(Mutex::new(SerialDevice::new(irq_line(&vm_fd, COM1_IRQ)?, serial_out)));
@@ -89,8 +101,12 @@ impl Vm {
         add(&mut io_bus, Arc::new(Mutex::new(Cmos::new())), CMOS_BASE, CMOS_SIZE)?;
         add(&mut io_bus, Arc::new(Mutex::new(PostCodePort)), 0x80, 1)?;
         add(&mut io_bus, Arc::new(Mutex::new(AcpiPm::new(control.clone()))), u64::from(PM_BASE), PM_SIZE)?;
+        add(&mut io_bus, Arc::new(Mutex::new(PciConfigIo::new(pci.bus.clone()))), PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_SIZE)?;
         let mut mmio_bus = Bus::new();
         add(&mut mmio_bus, ged.clone(), PLATFORM_MMIO_START, GED_SIZE)?;
+        add(&mut mmio_bus, Arc::new(Mutex::new(PciConfigMmio::new(pci.bus.clone()))), ECAM_START, ECAM_SIZE)?;
+        let window = PciBarWindow::new(pci.bus.clone(), PCI_MMIO_START);
+        add(&mut mmio_bus, Arc::new(Mutex::new(window)), PCI_MMIO_START, PCI_MMIO_END - PCI_MMIO_START)?;
 
         let supported = kvm_handle.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm("GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
@@ -116,6 +132,7 @@ impl Vm {
         Ok(Self {
             _vm_fd: vm_fd,
             _memory: mem,
+            pci,
             control,
             serial,
             ged,
@@ -197,6 +214,11 @@ impl Vm {
             memory_bytes: self.memory_bytes,
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             pid: std::process::id(),
+            balloon: self
+                .pci
+                .balloon
+                .as_ref()
+                .map(|b| BalloonStatus { target_bytes: b.target_bytes(), actual_bytes: b.actual_bytes() }),
         }
     }
 
@@ -205,8 +227,41 @@ impl Vm {
         let result = match req {
             Request::Status => return Response { status: Some(self.status()), ..Response::ok() },
             Request::Stats => {
-                return Response { stats: Some(VmStats { exits: self.control.counters.snapshot() }), ..Response::ok() }
+                let devices = self
+                    .pci
+                    .counters()
+                    .into_iter()
+                    .map(|(name, c)| {
+                        let s = DeviceStats {
+                            requests: c.requests,
+                            bytes_to_guest: c.bytes_to_guest,
+                            bytes_from_guest: c.bytes_from_guest,
+                            errors: c.errors,
+                        };
+                        (name, s)
+                    })
+                    .collect();
+                let stats = VmStats { exits: self.control.counters.snapshot(), devices };
+                return Response { stats: Some(stats), ..Response::ok() };
             }
+            Request::Balloon { target_bytes } => match &self.pci.balloon {
+                Some(b) if *target_bytes <= self.memory_bytes => {
+                    b.set_target(*target_bytes);
+                    Ok(())
+                }
+                Some(_) => Err(Error::Config(format!(
+                    "balloon target {target_bytes} is larger than the guest's {} bytes",
+                    self.memory_bytes
+                ))),
+                None => Err(Error::Config("this VM has no balloon (start it with --balloon)".into())),
+            },
+            Request::SetLink { device, up } => match self.pci.nets.iter().find(|(n, _)| n == device) {
+                Some((_, h)) => {
+                    h.set_link(*up);
+                    Ok(())
+                }
+                None => Err(Error::Config(format!("no network device named '{device}'"))),
+            },
             Request::Pause => self.pause(),
             Request::Resume => {
                 self.resume();
@@ -231,6 +286,7 @@ impl Vm {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        self.pci.shutdown();
     }
 }
 

@@ -1,0 +1,191 @@
+//! virtio-balloon: memory overcommit. The host sets a target; the guest
+//! driver gives up that many pages (inflate) and the VMM returns them to the
+//! host with `madvise(MADV_DONTNEED)`, so the VMM's RSS shrinks. Deflating
+//! needs no work: a page given back faults in fresh on its next use.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rvirt_devices::bus::lock;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::chain::GuestChain;
+use crate::worker::{serve_queue, EventLoop, Worker};
+use crate::{device_type, ActivateContext, DeviceCounters, Interrupt, InterruptKind, VirtioDevice, COMMON_FEATURES};
+
+/// The balloon's page size (fixed by the spec).
+pub const BALLOON_PAGE: u64 = 4096;
+/// Feature: the guest may deflate under memory pressure.
+const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+/// Queue 0 takes pages from the guest; queue 1 (deflate) gives them back.
+const INFLATE: u16 = 0;
+
+#[derive(Default)]
+struct State {
+    target_pages: AtomicU32,
+    actual_pages: AtomicU32,
+    released_bytes: AtomicU64,
+    interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
+}
+
+/// Controls a balloon from the VMM's API thread.
+#[derive(Clone)]
+pub struct BalloonHandle {
+    state: Arc<State>,
+}
+
+impl BalloonHandle {
+    /// Asks the guest to give up `bytes` of memory (rounded down to pages).
+    pub fn set_target(&self, bytes: u64) {
+        let pages = u32::try_from(bytes / BALLOON_PAGE).unwrap_or(u32::MAX);
+        self.state.target_pages.store(pages, Ordering::SeqCst);
+        if let Some(i) = lock(&self.state.interrupt).as_ref() {
+            i.trigger(InterruptKind::Config);
+        }
+    }
+
+    /// The target in bytes.
+    pub fn target_bytes(&self) -> u64 {
+        u64::from(self.state.target_pages.load(Ordering::SeqCst)) * BALLOON_PAGE
+    }
+
+    /// What the guest says it has given up, in bytes.
+    pub fn actual_bytes(&self) -> u64 {
+        u64::from(self.state.actual_pages.load(Ordering::SeqCst)) * BALLOON_PAGE
+    }
+
+    /// Bytes handed back to the host so far (inflations, counted once per page given).
+    pub fn released_bytes(&self) -> u64 {
+        self.state.released_bytes.load(Ordering::SeqCst)
+    }
+}
+
+/// A memory balloon.
+pub struct Balloon {
+    state: Arc<State>,
+    counters: Arc<DeviceCounters>,
+    worker: Option<Worker>,
+}
+
+impl Balloon {
+    /// A balloon with target 0, and the handle to steer it.
+    pub fn new() -> (Self, BalloonHandle) {
+        let state = Arc::new(State::default());
+        (Self { state: state.clone(), counters: Arc::default(), worker: None }, BalloonHandle { state })
+    }
+}
+
+/// Releases the guest pages listed in `chain` (little-endian u32 frame numbers).
+fn inflate(chain: &GuestChain, mem: &GuestMemoryMmap, state: &State, counters: &DeviceCounters) {
+    let count = chain.readable_len() / 4;
+    let mut pfns = vec![0u8; count * 4];
+    if chain.read(mem, 0, &mut pfns).is_err() {
+        counters.error();
+        return;
+    }
+    let mut released = 0u64;
+    for pfn in pfns.chunks_exact(4).map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))) {
+        let gpa = GuestAddress(pfn * BALLOON_PAGE);
+        match mem.get_slice(gpa, BALLOON_PAGE as usize) {
+            Ok(s) => {
+                // SAFETY: the page is guest RAM we mapped privately; dropping
+                // it only makes the next guest access see zeros.
+                let r = unsafe { libc::madvise(s.ptr_guard_mut().as_ptr().cast(), BALLOON_PAGE as usize, libc::MADV_DONTNEED) };
+                if r == 0 {
+                    released += BALLOON_PAGE;
+                } else {
+                    counters.error();
+                }
+            }
+            Err(_) => counters.error(),
+        }
+    }
+    state.released_bytes.fetch_add(released, Ordering::SeqCst);
+    counters.request(0, released);
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        device_type::BALLOON
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![256, 256]
+    }
+    fn features(&self) -> u64 {
+        COMMON_FEATURES | F_DEFLATE_ON_OOM
+    }
+    fn config_len(&self) -> usize {
+        8
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut c = [0u8; 8];
+        c[0..4].copy_from_slice(&self.state.target_pages.load(Ordering::SeqCst).to_le_bytes());
+        c[4..8].copy_from_slice(&self.state.actual_pages.load(Ordering::SeqCst).to_le_bytes());
+        crate::read_config_bytes(&c, offset, data);
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `actual` (bytes 4..8) is the driver's to write.
+        if offset == 4 && data.len() == 4 {
+            let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.state.actual_pages.store(v, Ordering::SeqCst);
+        }
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
+        let ActivateContext { mem, interrupt, queues, .. } = ctx;
+        let mut queues: Vec<_> = queues.into_iter().take(2).collect();
+        if queues.len() != 2 {
+            return Err("virtio-balloon needs its inflate and deflate queues".into());
+        }
+        *lock(&self.state.interrupt) = Some(interrupt.clone());
+        let (state, counters) = (self.state.clone(), self.counters.clone());
+        self.worker = Some(
+            Worker::spawn("virtio-balloon", move |kill| {
+                let Ok(mut events) = EventLoop::new() else { return };
+                for (i, q) in queues.iter().enumerate() {
+                    if events.add(&q.event, i as u64).is_err() {
+                        return;
+                    }
+                }
+                if events.add(&kill, 9).is_err() {
+                    return;
+                }
+                while let Ok(tokens) = events.wait() {
+                    if tokens.contains(&9) {
+                        return;
+                    }
+                    for t in tokens {
+                        let q = &mut queues[t as usize];
+                        let _ = q.event.read();
+                        let served = serve_queue(&mut q.queue, &mem, |chain| {
+                            match GuestChain::parse(chain, &mem) {
+                                Ok(c) if t as u16 == INFLATE => inflate(&c, &mem, &state, &counters),
+                                Ok(c) => counters.request(0, c.readable_len() as u64),
+                                Err(_) => counters.error(),
+                            }
+                            Some(0)
+                        });
+                        if served.notify {
+                            interrupt.trigger(InterruptKind::Queue(t as u16));
+                        }
+                        if served.broken {
+                            tracing::error!("virtio-balloon: the guest broke queue {t}");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?,
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+        *lock(&self.state.interrupt) = None;
+    }
+
+    fn counters(&self) -> Arc<DeviceCounters> {
+        self.counters.clone()
+    }
+}

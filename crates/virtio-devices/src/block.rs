@@ -1,0 +1,279 @@
+//! virtio-blk over any [`BlockBackend`]: raw files (sparse, optionally
+//! O_DIRECT) and qcow2 images. Reads and writes go straight between the
+//! image and guest memory; flush, discard, write-zeroes and the serial
+//! (GET_ID) are supported; a read-only disk answers writes with an I/O error.
+
+use std::sync::Arc;
+
+use rvirt_block::BlockBackend;
+use virtio_queue::DescriptorChain;
+use vm_memory::GuestMemoryMmap;
+
+use crate::chain::{as_bytes, as_mut_bytes, GuestChain};
+use crate::worker::{serve_queue, EventLoop, Worker};
+use crate::{device_type, ActivateContext, DeviceCounters, InterruptKind, VirtioDevice, COMMON_FEATURES};
+
+/// Bytes per sector in virtio-blk requests.
+pub const SECTOR_SIZE: u64 = 512;
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Length of a disk serial (GET_ID answer).
+pub const SERIAL_LEN: usize = 20;
+
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+/// Request status: done.
+pub const S_OK: u8 = 0;
+/// Request status: failed.
+pub const S_IOERR: u8 = 1;
+/// Request status: unknown request type.
+pub const S_UNSUPP: u8 = 2;
+
+const HEADER_LEN: usize = 16;
+const SEGMENT_LEN: usize = 16;
+/// Discard/write-zeroes segments accepted per request.
+const MAX_SEGMENTS: u32 = 1;
+const WRITE_ZEROES_UNMAP: u32 = 1;
+
+/// Serves requests of one disk: shared by the worker and (for fuzzing) tests.
+pub struct BlockRequestHandler {
+    backend: Arc<dyn BlockBackend>,
+    serial: [u8; SERIAL_LEN],
+    counters: Arc<DeviceCounters>,
+}
+
+impl BlockRequestHandler {
+    /// A handler for `backend`, answering GET_ID with `serial`.
+    pub fn new(backend: Arc<dyn BlockBackend>, serial: [u8; SERIAL_LEN], counters: Arc<DeviceCounters>) -> Self {
+        Self { backend, serial, counters }
+    }
+
+    /// Executes one request; returns the bytes written into the chain
+    /// (data plus the status byte).
+    pub fn handle(&self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+        let chain = match GuestChain::parse(chain, mem) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("virtio-blk: bad request: {e}");
+                self.counters.error();
+                return 0;
+            }
+        };
+        let Some(status_at) = chain.writable_len().checked_sub(1) else {
+            self.counters.error();
+            return 0;
+        };
+        let (status, to_guest, from_guest) = match self.execute(&chain, mem, status_at) {
+            Ok((to, from)) => (S_OK, to, from),
+            Err(status) => (status, 0, 0),
+        };
+        if status == S_OK {
+            self.counters.request(to_guest as u64, from_guest as u64);
+        } else {
+            self.counters.error();
+        }
+        if chain.write(mem, status_at, &[status]).is_err() {
+            return 0;
+        }
+        (to_guest + 1) as u32
+    }
+
+    fn range(&self, sector: u64, len: u64) -> Result<u64, u8> {
+        let offset = sector.checked_mul(SECTOR_SIZE).ok_or(S_IOERR)?;
+        match offset.checked_add(len) {
+            Some(end) if end <= self.backend.size() => Ok(offset),
+            _ => Err(S_IOERR),
+        }
+    }
+
+    fn execute(&self, chain: &GuestChain, mem: &GuestMemoryMmap, data_len: usize) -> Result<(usize, usize), u8> {
+        let mut hdr = [0u8; HEADER_LEN];
+        chain.read(mem, 0, &mut hdr).map_err(|_| S_IOERR)?;
+        let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15]]);
+        let io = |what: &str, e: rvirt_block::Error| {
+            tracing::warn!("virtio-blk: {what} failed: {e}");
+            S_IOERR
+        };
+        match kind {
+            T_IN => {
+                if data_len as u64 % SECTOR_SIZE != 0 {
+                    return Err(S_IOERR);
+                }
+                let mut offset = self.range(sector, data_len as u64)?;
+                for s in chain.writable_slices(mem, 0, data_len).map_err(|_| S_IOERR)? {
+                    // SAFETY: the slice is checked guest memory, used only for this read.
+                    self.backend.read_at(unsafe { as_mut_bytes(&s) }, offset).map_err(|e| io("read", e))?;
+                    offset += s.len() as u64;
+                }
+                Ok((data_len, 0))
+            }
+            T_OUT => {
+                let len = chain.readable_len().saturating_sub(HEADER_LEN);
+                if len as u64 % SECTOR_SIZE != 0 || self.backend.is_read_only() {
+                    return Err(S_IOERR);
+                }
+                let mut offset = self.range(sector, len as u64)?;
+                for s in chain.readable_slices(mem, HEADER_LEN, len).map_err(|_| S_IOERR)? {
+                    // SAFETY: as above, for this write.
+                    self.backend.write_at(unsafe { as_bytes(&s) }, offset).map_err(|e| io("write", e))?;
+                    offset += s.len() as u64;
+                }
+                Ok((0, len))
+            }
+            T_FLUSH => self.backend.flush().map(|_| (0, 0)).map_err(|e| io("flush", e)),
+            T_GET_ID => {
+                let n = data_len.min(SERIAL_LEN);
+                chain.write(mem, 0, &self.serial[..n]).map_err(|_| S_IOERR)?;
+                Ok((n, 0))
+            }
+            T_DISCARD | T_WRITE_ZEROES => {
+                if self.backend.is_read_only() {
+                    return Err(S_IOERR);
+                }
+                let segments = chain.readable_len().saturating_sub(HEADER_LEN) / SEGMENT_LEN;
+                if segments == 0 || segments > MAX_SEGMENTS as usize {
+                    return Err(S_UNSUPP);
+                }
+                for i in 0..segments {
+                    let mut seg = [0u8; SEGMENT_LEN];
+                    chain.read(mem, HEADER_LEN + i * SEGMENT_LEN, &mut seg).map_err(|_| S_IOERR)?;
+                    let start = u64::from_le_bytes([seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], seg[6], seg[7]]);
+                    let count = u64::from(u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]));
+                    let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+                    let len = count * SECTOR_SIZE;
+                    let offset = self.range(start, len)?;
+                    if kind == T_DISCARD {
+                        if flags != 0 {
+                            return Err(S_UNSUPP);
+                        }
+                        self.backend.discard(offset, len).map_err(|e| io("discard", e))?;
+                    } else {
+                        if flags & !WRITE_ZEROES_UNMAP != 0 {
+                            return Err(S_UNSUPP);
+                        }
+                        self.backend.write_zeroes(offset, len).map_err(|e| io("write-zeroes", e))?;
+                    }
+                }
+                Ok((0, 0))
+            }
+            _ => Err(S_UNSUPP),
+        }
+    }
+}
+
+/// A virtio block device.
+pub struct VirtioBlock {
+    handler: Arc<BlockRequestHandler>,
+    config: Vec<u8>,
+    features: u64,
+    worker: Option<Worker>,
+    name: String,
+}
+
+impl VirtioBlock {
+    /// A disk over `backend`; `serial` is truncated to 20 bytes.
+    pub fn new(name: impl Into<String>, backend: Arc<dyn BlockBackend>, serial: &str) -> Self {
+        let mut id = [0u8; SERIAL_LEN];
+        let s = serial.as_bytes();
+        id[..s.len().min(SERIAL_LEN)].copy_from_slice(&s[..s.len().min(SERIAL_LEN)]);
+        let read_only = backend.is_read_only();
+        let mut features = COMMON_FEATURES | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        features |= if read_only { F_RO } else { F_DISCARD | F_WRITE_ZEROES };
+        let config = Self::config_space(backend.size());
+        Self {
+            handler: Arc::new(BlockRequestHandler::new(backend, id, Arc::new(DeviceCounters::default()))),
+            config,
+            features,
+            worker: None,
+            name: name.into(),
+        }
+    }
+
+    fn config_space(size: u64) -> Vec<u8> {
+        let mut c = vec![0u8; 60];
+        c[0..8].copy_from_slice(&(size / SECTOR_SIZE).to_le_bytes());
+        // seg_max: the ring minus header and status descriptors.
+        c[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        let max_sectors = (u32::MAX / SECTOR_SIZE as u32).to_le_bytes();
+        c[36..40].copy_from_slice(&max_sectors);
+        c[40..44].copy_from_slice(&MAX_SEGMENTS.to_le_bytes());
+        c[44..48].copy_from_slice(&8u32.to_le_bytes());
+        c[48..52].copy_from_slice(&max_sectors);
+        c[52..56].copy_from_slice(&MAX_SEGMENTS.to_le_bytes());
+        c[56] = 1;
+        c
+    }
+}
+
+impl VirtioDevice for VirtioBlock {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        self.features
+    }
+    fn config_len(&self) -> usize {
+        self.config.len()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
+        let ActivateContext { mem, interrupt, mut queues, .. } = ctx;
+        let mut q = queues.pop().ok_or("virtio-blk needs its request queue")?;
+        let handler = self.handler.clone();
+        let name = self.name.clone();
+        let worker = Worker::spawn(&format!("{name}-io"), move |kill| {
+            let Ok(mut events) = EventLoop::new() else { return };
+            if events.add(&q.event, 0).is_err() || events.add(&kill, 1).is_err() {
+                return;
+            }
+            loop {
+                let Ok(tokens) = events.wait() else { return };
+                if tokens.contains(&1) {
+                    return;
+                }
+                let _ = q.event.read();
+                let served = serve_queue(&mut q.queue, &mem, |chain| Some(handler.handle(chain, &mem)));
+                if served.notify {
+                    interrupt.trigger(InterruptKind::Queue(0));
+                }
+                if served.broken {
+                    tracing::error!("{name}: the guest broke the request queue; serving stops until a device reset");
+                    return;
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+    }
+
+    fn counters(&self) -> Arc<DeviceCounters> {
+        self.handler.counters.clone()
+    }
+}

@@ -1,0 +1,324 @@
+//! virtio-net over a Linux tap device.
+//!
+//! Frames move between the tap and guest memory with `readv`/`writev`
+//! straight on the guest's buffers, each prefixed by the 12-byte virtio-net
+//! header that the tap understands (`IFF_VNET_HDR`), so checksum and TSO
+//! offloads pass through: the guest sends 64 KiB TCP segments and the host
+//! kernel segments (or never needs to), and the tap delivers large frames to
+//! the guest when the guest accepted `GUEST_TSO*`.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rvirt_devices::bus::lock;
+use vmm_sys_util::epoll::EventSet;
+
+use crate::chain::GuestChain;
+use crate::worker::{serve_queue, EventLoop, Worker};
+use crate::{device_type, ActivateContext, DeviceCounters, Interrupt, InterruptKind, VirtioDevice, COMMON_FEATURES};
+
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_MAC: u64 = 1 << 5;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
+const F_GUEST_ECN: u64 = 1 << 9;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
+const F_HOST_ECN: u64 = 1 << 13;
+const F_STATUS: u64 = 1 << 16;
+/// Config `status`: link up.
+const S_LINK_UP: u16 = 1;
+/// The virtio-net header of virtio 1.x (with `num_buffers`).
+pub const VNET_HDR_LEN: usize = 12;
+const QUEUE_SIZE: u16 = 256;
+
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUN_F_CSUM: u32 = 0x01;
+const TUN_F_TSO4: u32 = 0x02;
+const TUN_F_TSO6: u32 = 0x04;
+const TUN_F_TSO_ECN: u32 = 0x08;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+/// A tap network interface opened with virtio-net headers.
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    /// Opens tap `name`, creating it when it does not exist (which needs
+    /// CAP_NET_ADMIN; an existing tap owned by the user does not).
+    pub fn open(name: &str) -> std::io::Result<Self> {
+        use std::io::{Error, ErrorKind};
+        if name.is_empty() || name.len() >= 16 || name.contains(['/', ' ', '\0']) {
+            return Err(Error::new(ErrorKind::InvalidInput, format!("invalid tap name '{name}' (1-15 characters)")));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|e| Error::new(e.kind(), format!("/dev/net/tun: {e}")))?;
+        let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _pad: [0; 22] };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes an ifreq we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            let e = Error::last_os_error();
+            let hint = if e.raw_os_error() == Some(libc::EPERM) {
+                format!(" (creating a tap needs CAP_NET_ADMIN; or create it first: ip tuntap add {name} mode tap user $USER)")
+            } else {
+                String::new()
+            };
+            return Err(Error::new(e.kind(), format!("tap '{name}': {e}{hint}")));
+        }
+        let hdr = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads an int we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
+            return Err(Error::last_os_error());
+        }
+        Ok(Self { file, name: name.into() })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Tells the tap which offloads the guest accepts on receive.
+    fn set_offload(&self, flags: u32) -> std::io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+fn iovecs(slices: &[vm_memory::VolatileSlice<'_, ()>]) -> Vec<libc::iovec> {
+    slices.iter().map(|s| libc::iovec { iov_base: s.ptr_guard_mut().as_ptr().cast(), iov_len: s.len() }).collect()
+}
+
+/// Controls a network device's link from the VMM's API thread.
+#[derive(Clone)]
+pub struct NetHandle {
+    status: Arc<AtomicU16>,
+    interrupt: Arc<Mutex<Option<Arc<dyn Interrupt>>>>,
+}
+
+impl NetHandle {
+    /// Sets the link up or down as the guest sees it.
+    pub fn set_link(&self, up: bool) {
+        self.status.store(if up { S_LINK_UP } else { 0 }, Ordering::SeqCst);
+        if let Some(i) = lock(&self.interrupt).as_ref() {
+            i.trigger(InterruptKind::Config);
+        }
+    }
+
+    /// Whether the link is up.
+    pub fn link_up(&self) -> bool {
+        self.status.load(Ordering::SeqCst) & S_LINK_UP != 0
+    }
+}
+
+/// A network card backed by a tap.
+pub struct VirtioNet {
+    tap: Arc<Tap>,
+    mac: [u8; 6],
+    handle: NetHandle,
+    counters: Arc<DeviceCounters>,
+    worker: Option<Worker>,
+}
+
+impl VirtioNet {
+    /// A card on `tap` with address `mac`, link up.
+    pub fn new(tap: Arc<Tap>, mac: [u8; 6]) -> (Self, NetHandle) {
+        let handle = NetHandle { status: Arc::new(AtomicU16::new(S_LINK_UP)), interrupt: Arc::default() };
+        (Self { tap, mac, handle: handle.clone(), counters: Arc::default(), worker: None }, handle)
+    }
+}
+
+/// Tokens of the worker's event loop.
+const RX_QUEUE: u64 = 0;
+const TX_QUEUE: u64 = 1;
+const TAP: u64 = 2;
+const KILL: u64 = 3;
+
+struct NetWorker {
+    mem: vm_memory::GuestMemoryMmap,
+    tap: Arc<Tap>,
+    interrupt: Arc<dyn Interrupt>,
+    counters: Arc<DeviceCounters>,
+}
+
+impl NetWorker {
+    /// Moves frames from the tap into receive buffers until one runs out.
+    /// Returns false when the guest has no buffers left (stop polling the tap).
+    fn receive(&self, q: &mut virtio_queue::Queue) -> bool {
+        let mut out_of_buffers = true;
+        let served = serve_queue(q, &self.mem, |chain| {
+            let chain = match GuestChain::parse(chain, &self.mem) {
+                Ok(c) => c,
+                Err(_) => {
+                    self.counters.error();
+                    return Some(0);
+                }
+            };
+            let Ok(slices) = chain.writable_slices(&self.mem, 0, chain.writable_len()) else { return Some(0) };
+            let iov = iovecs(&slices);
+            // SAFETY: readv into checked guest buffers.
+            let n = unsafe { libc::readv(self.tap.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    out_of_buffers = false;
+                    return None;
+                }
+                self.counters.error();
+                return Some(0);
+            }
+            let n = n as usize;
+            if n >= VNET_HDR_LEN {
+                // num_buffers: one buffer per frame without MRG_RXBUF.
+                let _ = chain.write(&self.mem, 10, &1u16.to_le_bytes());
+            }
+            self.counters.request(n as u64, 0);
+            Some(n as u32)
+        });
+        if served.notify {
+            self.interrupt.trigger(InterruptKind::Queue(0));
+        }
+        !(out_of_buffers && !served.stopped) || served.broken
+    }
+
+    fn transmit(&self, q: &mut virtio_queue::Queue) {
+        let served = serve_queue(q, &self.mem, |chain| {
+            let sent = GuestChain::parse(chain, &self.mem).ok().and_then(|c| {
+                let slices = c.readable_slices(&self.mem, 0, c.readable_len()).ok()?;
+                let iov = iovecs(&slices);
+                // SAFETY: writev from checked guest buffers.
+                let n = unsafe { libc::writev(self.tap.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+                (n >= 0).then_some(c.readable_len())
+            });
+            match sent {
+                Some(n) => self.counters.request(0, n as u64),
+                None => self.counters.error(),
+            }
+            Some(0)
+        });
+        if served.notify {
+            self.interrupt.trigger(InterruptKind::Queue(1));
+        }
+    }
+}
+
+impl VirtioDevice for VirtioNet {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        COMMON_FEATURES
+            | F_CSUM
+            | F_GUEST_CSUM
+            | F_MAC
+            | F_GUEST_TSO4
+            | F_GUEST_TSO6
+            | F_GUEST_ECN
+            | F_HOST_TSO4
+            | F_HOST_TSO6
+            | F_HOST_ECN
+            | F_STATUS
+    }
+    fn config_len(&self) -> usize {
+        12
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut c = [0u8; 12];
+        c[0..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&self.handle.status.load(Ordering::SeqCst).to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        crate::read_config_bytes(&c, offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
+        let ActivateContext { mem, interrupt, queues, features } = ctx;
+        let mut queues: Vec<_> = queues.into_iter().take(2).collect();
+        if queues.len() != 2 {
+            return Err("virtio-net needs its receive and transmit queues".into());
+        }
+        let mut offload = 0;
+        for (feature, flag) in
+            [(F_GUEST_CSUM, TUN_F_CSUM), (F_GUEST_TSO4, TUN_F_TSO4), (F_GUEST_TSO6, TUN_F_TSO6), (F_GUEST_ECN, TUN_F_TSO_ECN)]
+        {
+            if features & feature != 0 {
+                offload |= flag;
+            }
+        }
+        self.tap.set_offload(offload).map_err(|e| format!("tap {}: setting offloads: {e}", self.tap.name))?;
+        *lock(&self.handle.interrupt) = Some(interrupt.clone());
+        let w = NetWorker { mem, tap: self.tap.clone(), interrupt, counters: self.counters.clone() };
+        self.worker = Some(
+            Worker::spawn(&format!("virtio-net-{}", self.tap.name), move |kill| {
+                let Ok(mut events) = EventLoop::new() else { return };
+                let ok = events.add(&queues[0].event, RX_QUEUE).is_ok()
+                    && events.add(&queues[1].event, TX_QUEUE).is_ok()
+                    && events.add(&w.tap.file, TAP).is_ok()
+                    && events.add(&kill, KILL).is_ok();
+                if !ok {
+                    return;
+                }
+                let tap_fd = w.tap.file.as_raw_fd();
+                let mut polling_tap = true;
+                while let Ok(tokens) = events.wait() {
+                    if tokens.contains(&KILL) {
+                        return;
+                    }
+                    if tokens.contains(&TX_QUEUE) {
+                        let _ = queues[1].event.read();
+                        w.transmit(&mut queues[1].queue);
+                    }
+                    let rx_kick = tokens.contains(&RX_QUEUE);
+                    if rx_kick {
+                        let _ = queues[0].event.read();
+                    }
+                    if tokens.contains(&TAP) || rx_kick {
+                        let has_buffers = w.receive(&mut queues[0].queue);
+                        if has_buffers != polling_tap {
+                            let ev = if has_buffers { EventSet::IN } else { EventSet::empty() };
+                            let _ = events.modify(tap_fd, ev, TAP);
+                            polling_tap = has_buffers;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?,
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+        *lock(&self.handle.interrupt) = None;
+    }
+
+    fn counters(&self) -> Arc<DeviceCounters> {
+        self.counters.clone()
+    }
+}

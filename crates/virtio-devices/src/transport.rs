@@ -1,0 +1,538 @@
+//! The virtio 1.x PCI transport (modern, non-transitional).
+//!
+//! BAR 0 (64-bit, 32 KiB) holds, at fixed offsets, the common configuration,
+//! the ISR byte, the device configuration, the notification area (one
+//! 4-byte slot per queue, each backed by an ioeventfd) and the MSI-X table
+//! and pending bits. Vendor-specific capabilities point the driver at them.
+
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rvirt_devices::bus::lock;
+use rvirt_pci::config::{BarKind, PciClass, PciConfiguration, PciHeader};
+use rvirt_pci::{read_le, write_le, MsixConfig, PciBarInfo, PciDevice};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{device_type, ActivateContext, Interrupt, InterruptKind, QueueHandle, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
+
+/// Size of BAR 0.
+pub const BAR_SIZE: u64 = 0x8000;
+const COMMON_CFG: u64 = 0x0000;
+const COMMON_CFG_LEN: u64 = 0x38;
+const ISR_CFG: u64 = 0x1000;
+const DEVICE_CFG: u64 = 0x2000;
+/// Start of the notification area in BAR 0.
+pub const NOTIFY_CFG: u64 = 0x3000;
+/// Bytes between two queues' notification addresses.
+pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x5000;
+const REGION_LEN: u64 = 0x1000;
+/// "No vector" in the MSI-X vector fields.
+pub const NO_VECTOR: u16 = 0xffff;
+
+const STATUS_ACKNOWLEDGE: u8 = 1;
+const STATUS_DRIVER: u8 = 2;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_NEEDS_RESET: u8 = 0x40;
+const STATUS_FAILED: u8 = 0x80;
+
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+const PCI_VENDOR_VIRTIO: u16 = 0x1af4;
+const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
+const CAP_VENDOR: u8 = 0x09;
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+
+/// Registers the queue-notification ioeventfds with KVM (implemented by the VMM).
+pub trait IoEventRegistrar: Send + Sync {
+    /// Signals `evt` on any guest write to MMIO address `addr`.
+    fn register(&self, evt: &EventFd, addr: u64) -> std::io::Result<()>;
+    /// Undoes [`IoEventRegistrar::register`].
+    fn unregister(&self, evt: &EventFd, addr: u64) -> std::io::Result<()>;
+}
+
+/// A level-triggered INTx line: an irqfd registered with a resample eventfd,
+/// which KVM signals when the guest acknowledges the interrupt.
+pub struct IntxLine {
+    /// Asserts the line.
+    pub irqfd: EventFd,
+    /// Readable after the guest's EOI; the line is re-asserted if still pending.
+    pub resample: EventFd,
+}
+
+/// Interrupt state shared between the transport (vCPU threads) and the
+/// device's worker thread.
+struct InterruptState {
+    isr: AtomicU8,
+    config_generation: AtomicU8,
+    msix: Mutex<MsixConfig>,
+    config_vector: AtomicU16,
+    queue_vectors: Vec<AtomicU16>,
+    intx: Option<IntxLine>,
+    intx_disabled: AtomicBool,
+}
+
+impl InterruptState {
+    fn assert_intx(&self) {
+        if let Some(line) = &self.intx {
+            if !self.intx_disabled.load(Ordering::Relaxed) {
+                let _ = line.irqfd.write(1);
+            }
+        }
+    }
+}
+
+impl Interrupt for InterruptState {
+    fn trigger(&self, kind: InterruptKind) {
+        let vector = match kind {
+            InterruptKind::Config => {
+                self.config_generation.fetch_add(1, Ordering::SeqCst);
+                self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
+                self.config_vector.load(Ordering::SeqCst)
+            }
+            InterruptKind::Queue(q) => {
+                self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
+                self.queue_vectors.get(usize::from(q)).map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst))
+            }
+        };
+        let mut msix = lock(&self.msix);
+        if msix.enabled() {
+            if vector != NO_VECTOR {
+                msix.trigger(vector);
+            }
+            return;
+        }
+        drop(msix);
+        self.assert_intx();
+    }
+}
+
+/// Re-asserts a device's INTx line after an EOI while its ISR is still set.
+pub struct IntxResample {
+    /// The eventfd KVM signals on EOI.
+    pub resample: EventFd,
+    state: Arc<InterruptState>,
+}
+
+impl IntxResample {
+    /// Handles one resample event.
+    pub fn on_eoi(&self) {
+        let _ = self.resample.read();
+        if self.state.isr.load(Ordering::SeqCst) != 0 && !lock(&self.state.msix).enabled() {
+            self.state.assert_intx();
+        }
+    }
+}
+
+/// A virtio device on the PCI bus.
+pub struct VirtioPciDevice {
+    name: String,
+    config: PciConfiguration,
+    device: Box<dyn VirtioDevice>,
+    irq: Arc<InterruptState>,
+    msix_cap: usize,
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    queue_select: u16,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    active: bool,
+    mem: GuestMemoryMmap,
+    ioevents: Arc<dyn IoEventRegistrar>,
+    notify_base: Option<u64>,
+}
+
+fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
+    let len = if extra.is_some() { 20 } else { 16 };
+    let mut c = vec![CAP_VENDOR, 0, len, cfg_type, 0, 0, 0, 0];
+    c.extend_from_slice(&(offset as u32).to_le_bytes());
+    c.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(x) = extra {
+        c.extend_from_slice(&x.to_le_bytes());
+    }
+    c
+}
+
+fn class_of(device_type: u32) -> PciClass {
+    let (class, subclass) = match device_type {
+        device_type::NET => (0x02, 0x00),
+        device_type::BLOCK => (0x01, 0x80),
+        device_type::CONSOLE => (0x07, 0x80),
+        _ => (0xff, 0x00),
+    };
+    PciClass { class, subclass, prog_if: 0 }
+}
+
+impl VirtioPciDevice {
+    /// Wraps `device`. `msix` has one vector per queue plus one for
+    /// configuration changes; `intx` serves guests without MSI-X; BAR 0 is
+    /// placed at `bar_addr`.
+    pub fn new(
+        name: impl Into<String>,
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        msix: MsixConfig,
+        intx: Option<IntxLine>,
+        ioevents: Arc<dyn IoEventRegistrar>,
+        bar_addr: u64,
+    ) -> std::io::Result<Self> {
+        let dtype = device.device_type();
+        let sizes = device.queue_max_sizes();
+        let mut config = PciConfiguration::new(&PciHeader {
+            vendor_id: PCI_VENDOR_VIRTIO,
+            device_id: VIRTIO_PCI_DEVICE_BASE + dtype as u16,
+            revision: 1,
+            class: class_of(dtype),
+            subsystem_vendor_id: PCI_VENDOR_VIRTIO,
+            subsystem_id: 0x40,
+            interrupt_pin: if intx.is_some() { 1 } else { 0 },
+        });
+        config.add_bar(0, BAR_SIZE, BarKind::Mem64);
+        config.set_bar_addr(0, bar_addr);
+        config.add_capability(&virtio_cap(CAP_COMMON, COMMON_CFG, COMMON_CFG_LEN, None), None);
+        config.add_capability(&virtio_cap(CAP_ISR, ISR_CFG, 1, None), None);
+        if device.config_len() > 0 {
+            config.add_capability(&virtio_cap(CAP_DEVICE, DEVICE_CFG, device.config_len() as u64, None), None);
+        }
+        config.add_capability(&virtio_cap(CAP_NOTIFY, NOTIFY_CFG, REGION_LEN, Some(NOTIFY_OFF_MULTIPLIER)), None);
+        let (cap, writable) = msix.capability(0, MSIX_TABLE as u32, MSIX_PBA as u32);
+        let msix_cap = config.add_capability(&cap, Some(&writable));
+        let queues = sizes.iter().map(|s| Queue::new(*s)).collect::<Result<Vec<_>, _>>().map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad queue size: {e}"))
+        })?;
+        let queue_events =
+            sizes.iter().map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<std::io::Result<Vec<_>>>()?;
+        let irq = Arc::new(InterruptState {
+            isr: AtomicU8::new(0),
+            config_generation: AtomicU8::new(0),
+            msix: Mutex::new(msix),
+            config_vector: AtomicU16::new(NO_VECTOR),
+            queue_vectors: sizes.iter().map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            intx,
+            intx_disabled: AtomicBool::new(false),
+        });
+        Ok(Self {
+            name: name.into(),
+            config,
+            device,
+            irq,
+            msix_cap,
+            queues,
+            queue_events,
+            queue_select: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            active: false,
+            mem,
+            ioevents,
+            notify_base: None,
+        })
+    }
+
+    /// The device's name (for logs and the API).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The wrapped device's counters.
+    pub fn counters(&self) -> Arc<crate::DeviceCounters> {
+        self.device.counters()
+    }
+
+    /// The INTx resample hook, when the device has an INTx line.
+    pub fn intx_resample(&self) -> std::io::Result<Option<IntxResample>> {
+        match &self.irq.intx {
+            Some(line) => Ok(Some(IntxResample { resample: line.resample.try_clone()?, state: self.irq.clone() })),
+            None => Ok(None),
+        }
+    }
+
+    /// Stops the device's worker (VM shutdown).
+    pub fn shutdown(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn valid_vector(&self, v: u16) -> u16 {
+        if usize::from(v) < lock(&self.irq.msix).len() {
+            v
+        } else {
+            NO_VECTOR
+        }
+    }
+
+    fn common_image(&mut self) -> [u8; COMMON_CFG_LEN as usize] {
+        let mut b = [0u8; COMMON_CFG_LEN as usize];
+        let features = self.device.features();
+        let dfs = match self.device_feature_select {
+            0 => features as u32,
+            1 => (features >> 32) as u32,
+            _ => 0,
+        };
+        b[0..4].copy_from_slice(&self.device_feature_select.to_le_bytes());
+        b[4..8].copy_from_slice(&dfs.to_le_bytes());
+        b[8..12].copy_from_slice(&self.driver_feature_select.to_le_bytes());
+        let drf = match self.driver_feature_select {
+            0 => self.driver_features as u32,
+            1 => (self.driver_features >> 32) as u32,
+            _ => 0,
+        };
+        b[12..16].copy_from_slice(&drf.to_le_bytes());
+        b[16..18].copy_from_slice(&self.irq.config_vector.load(Ordering::SeqCst).to_le_bytes());
+        b[18..20].copy_from_slice(&(self.queues.len() as u16).to_le_bytes());
+        b[20] = self.status;
+        b[21] = self.irq.config_generation.load(Ordering::SeqCst);
+        b[22..24].copy_from_slice(&self.queue_select.to_le_bytes());
+        let sel = usize::from(self.queue_select);
+        let vector = self.irq.queue_vectors.get(sel).map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst));
+        if let Some(q) = self.queues.get(sel) {
+            b[24..26].copy_from_slice(&q.size().to_le_bytes());
+            b[26..28].copy_from_slice(&vector.to_le_bytes());
+            b[28..30].copy_from_slice(&u16::from(q.ready()).to_le_bytes());
+            b[30..32].copy_from_slice(&self.queue_select.to_le_bytes());
+            b[32..40].copy_from_slice(&q.desc_table().to_le_bytes());
+            b[40..48].copy_from_slice(&q.avail_ring().to_le_bytes());
+            b[48..56].copy_from_slice(&q.used_ring().to_le_bytes());
+        }
+        b
+    }
+
+    fn common_read(&mut self, offset: u64, data: &mut [u8]) {
+        let image = self.common_image();
+        crate::read_config_bytes(&image, offset, data);
+    }
+
+    fn common_write(&mut self, offset: u64, data: &[u8]) {
+        let v = read_le(data);
+        let (lo, hi) = (Some(v as u32), if data.len() == 8 { Some((v >> 32) as u32) } else { None });
+        // Queue layout may only change before the device is live.
+        let queue_writable = !self.active;
+        match (offset, data.len()) {
+            (0x00, 4) => self.device_feature_select = v as u32,
+            (0x08, 4) => self.driver_feature_select = v as u32,
+            (0x0c, 4) if self.status & STATUS_FEATURES_OK == 0 => {
+                let shift = match self.driver_feature_select {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                self.driver_features = (self.driver_features & !(0xffff_ffffu64 << shift)) | ((v & 0xffff_ffff) << shift);
+            }
+            (0x10, 2) => self.irq.config_vector.store(self.valid_vector(v as u16), Ordering::SeqCst),
+            (0x14, 1) => self.set_status(v as u8),
+            (0x16, 2) => self.queue_select = v as u16,
+            (0x18, 2) if queue_writable => {
+                if let Some(q) = self.selected() {
+                    if q.try_set_size(v as u16).is_err() {
+                        tracing::warn!("virtio: driver set an invalid queue size {v}");
+                    }
+                }
+            }
+            (0x1a, 2) => {
+                let vector = self.valid_vector(v as u16);
+                if let Some(slot) = self.irq.queue_vectors.get(usize::from(self.queue_select)) {
+                    slot.store(vector, Ordering::SeqCst);
+                }
+            }
+            (0x1c, 2) if queue_writable && v == 1 => {
+                if let Some(q) = self.selected() {
+                    q.set_ready(true);
+                }
+            }
+            (0x20 | 0x28 | 0x30, 4 | 8) | (0x24 | 0x2c | 0x34, 4) if queue_writable => {
+                let high_half = offset % 8 == 4;
+                let (lo, hi) = if high_half { (None, lo) } else { (lo, hi) };
+                if let Some(q) = self.selected() {
+                    match offset & !7 {
+                        0x20 => q.set_desc_table_address(lo, hi),
+                        0x28 => q.set_avail_ring_address(lo, hi),
+                        _ => q.set_used_ring_address(lo, hi),
+                    }
+                }
+            }
+            _ => tracing::debug!("virtio: ignored common config write at {offset:#x} ({} bytes)", data.len()),
+        }
+    }
+
+    fn set_status(&mut self, value: u8) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let mut value = value | (self.status & STATUS_NEEDS_RESET);
+        let newly = value & !self.status;
+        if newly & STATUS_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let bad = self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0;
+            if bad {
+                tracing::warn!("{}: driver accepted features {:#x} not offered ({offered:#x}) or without VERSION_1", self.name, self.driver_features);
+                value &= !STATUS_FEATURES_OK;
+            }
+        }
+        self.status = value;
+        let ready = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        if newly & STATUS_DRIVER_OK != 0 && value & ready == ready && value & STATUS_FAILED == 0 && !self.active {
+            if let Err(e) = self.activate() {
+                tracing::error!("{}: cannot start: {e}", self.name);
+                self.status |= STATUS_NEEDS_RESET;
+                self.irq.trigger(InterruptKind::Config);
+            }
+        }
+    }
+
+    fn activate(&mut self) -> Result<(), String> {
+        let event_idx = self.driver_features & VIRTIO_F_RING_EVENT_IDX != 0;
+        let mut handles = Vec::with_capacity(self.queues.len());
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.ready() && !q.is_valid(&self.mem) {
+                return Err(format!("queue {i} has rings outside guest memory or misaligned"));
+            }
+            let mut state = q.state();
+            state.event_idx_enabled = event_idx;
+            let queue = Queue::try_from(state).map_err(|e| format!("queue {i}: {e}"))?;
+            let event = self.queue_events[i].try_clone().map_err(|e| e.to_string())?;
+            handles.push(QueueHandle { queue, event });
+        }
+        let ctx = ActivateContext {
+            mem: self.mem.clone(),
+            interrupt: self.irq.clone(),
+            queues: handles,
+            features: self.driver_features,
+        };
+        self.device.activate(ctx)?;
+        self.active = true;
+        tracing::info!("{}: driver ready, features {:#x}", self.name, self.driver_features);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        for q in &mut self.queues {
+            q.reset();
+        }
+        for e in &self.queue_events {
+            let _ = e.read();
+        }
+        self.driver_features = 0;
+        self.status = 0;
+        self.queue_select = 0;
+        self.irq.isr.store(0, Ordering::SeqCst);
+        self.irq.config_vector.store(NO_VECTOR, Ordering::SeqCst);
+        for v in &self.irq.queue_vectors {
+            v.store(NO_VECTOR, Ordering::SeqCst);
+        }
+    }
+
+    fn move_ioevents(&mut self, new: Option<u64>) {
+        if let Some(old) = self.notify_base.take() {
+            for (i, e) in self.queue_events.iter().enumerate() {
+                let _ = self.ioevents.unregister(e, old + i as u64 * u64::from(NOTIFY_OFF_MULTIPLIER));
+            }
+        }
+        if let Some(base) = new {
+            let base = base + NOTIFY_CFG;
+            for (i, e) in self.queue_events.iter().enumerate() {
+                if let Err(err) = self.ioevents.register(e, base + i as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)) {
+                    // Notifications still arrive, as MMIO exits.
+                    tracing::warn!("{}: ioeventfd for queue {i}: {err}", self.name);
+                }
+            }
+            self.notify_base = Some(base);
+        }
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        self.config.read_reg(reg)
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.config.write(offset, data);
+        self.irq.intx_disabled.store(self.config.intx_disabled(), Ordering::Relaxed);
+        let ctl_at = self.msix_cap as u64 + 2;
+        if offset < ctl_at + 2 && offset + data.len() as u64 > ctl_at {
+            let ctl = (self.config.read_reg(self.msix_cap / 4) >> 16) as u16;
+            lock(&self.irq.msix).set_control(ctl);
+        }
+    }
+
+    fn decoded_bars(&self) -> Vec<PciBarInfo> {
+        self.config.decoded_bars()
+    }
+
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if bar != 0 {
+            data.fill(0xff);
+            return;
+        }
+        match offset {
+            o if o < COMMON_CFG + REGION_LEN => self.common_read(o, data),
+            o if o < ISR_CFG + REGION_LEN => {
+                data.fill(0);
+                if o == ISR_CFG {
+                    data[0] = self.irq.isr.swap(0, Ordering::SeqCst);
+                }
+            }
+            o if o < DEVICE_CFG + REGION_LEN => self.device.read_config(o - DEVICE_CFG, data),
+            o if o < NOTIFY_CFG + REGION_LEN => data.fill(0),
+            o if o < MSIX_TABLE + REGION_LEN => lock(&self.irq.msix).read_table(o - MSIX_TABLE, data),
+            o if o < MSIX_PBA + REGION_LEN => lock(&self.irq.msix).read_pba(o - MSIX_PBA, data),
+            _ => write_le(data, 0),
+        }
+    }
+
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar != 0 {
+            return;
+        }
+        match offset {
+            o if o < COMMON_CFG + REGION_LEN => self.common_write(o, data),
+            o if o < ISR_CFG + REGION_LEN => {}
+            o if o < DEVICE_CFG + REGION_LEN => self.device.write_config(o - DEVICE_CFG, data),
+            o if o < NOTIFY_CFG + REGION_LEN => {
+                // Reached only when the ioeventfd is not registered.
+                let q = ((o - NOTIFY_CFG) / u64::from(NOTIFY_OFF_MULTIPLIER)) as usize;
+                if let Some(e) = self.queue_events.get(q) {
+                    let _ = e.write(1);
+                }
+            }
+            o if o < MSIX_TABLE + REGION_LEN => lock(&self.irq.msix).write_table(o - MSIX_TABLE, data),
+            _ => {}
+        }
+    }
+
+    fn bar_moved(&mut self, bar: usize, _old: Option<u64>, new: Option<u64>) {
+        if bar == 0 {
+            self.move_ioevents(new);
+        }
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        self.shutdown();
+        self.move_ioevents(None);
+    }
+}

@@ -1,0 +1,152 @@
+//! The thread each active device serves its queues on, and a small epoll
+//! wrapper for it.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// A device worker thread that stops when asked (kill eventfd) and is joined on drop.
+pub struct Worker {
+    kill: EventFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts `body` on a thread named `name`; `body` receives the eventfd
+    /// that becomes readable when it must return.
+    pub fn spawn<F>(name: &str, body: F) -> std::io::Result<Self>
+    where
+        F: FnOnce(EventFd) + Send + 'static,
+    {
+        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
+        let theirs = kill.try_clone()?;
+        let handle = std::thread::Builder::new().name(name.into()).spawn(move || body(theirs))?;
+        Ok(Self { kill, handle: Some(handle) })
+    }
+
+    /// Asks the thread to return and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = self.kill.write(1);
+            if h.join().is_err() {
+                tracing::error!("a device worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Level-triggered epoll over a few descriptors, each with a caller-chosen token.
+pub struct EventLoop {
+    epoll: Epoll,
+    events: Vec<EpollEvent>,
+}
+
+impl EventLoop {
+    /// An empty set.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { epoll: Epoll::new()?, events: vec![EpollEvent::default(); 16] })
+    }
+
+    /// Watches `fd` for input, reporting it as `token`.
+    pub fn add(&self, fd: &impl AsRawFd, token: u64) -> std::io::Result<()> {
+        self.ctl(ControlOperation::Add, fd.as_raw_fd(), EventSet::IN, token)
+    }
+
+    /// Changes what `fd` is watched for (empty: nothing, until changed again).
+    pub fn modify(&self, fd: RawFd, events: EventSet, token: u64) -> std::io::Result<()> {
+        self.ctl(ControlOperation::Modify, fd, events, token)
+    }
+
+    fn ctl(&self, op: ControlOperation, fd: RawFd, events: EventSet, token: u64) -> std::io::Result<()> {
+        self.epoll.ctl(op, fd, EpollEvent::new(events, token))
+    }
+
+    /// Waits for events and returns their tokens (retrying on EINTR).
+    pub fn wait(&mut self) -> std::io::Result<Vec<u64>> {
+        loop {
+            match self.epoll.wait(-1, &mut self.events) {
+                Ok(n) => return Ok(self.events[..n].iter().map(|e| e.data()).collect()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// What [`serve_queue`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Chains completed.
+    pub chains: usize,
+    /// Whether the driver must be interrupted.
+    pub notify: bool,
+    /// The ring is unusable (bad avail index or addresses); stop serving it.
+    pub broken: bool,
+    /// The handler declined a chain (it stays available for later).
+    pub stopped: bool,
+}
+
+/// Pops every available chain of `queue`, hands it to `handle` (which
+/// returns how many bytes it wrote into the chain, or `None` to leave the
+/// chain available and stop) and puts it on the used ring. With EVENT_IDX it
+/// re-checks after re-enabling notifications, so a chain made available
+/// meanwhile is not missed. A ring the guest broke (available index ahead by
+/// more than the ring size, unreadable rings) ends the loop instead of spinning.
+pub fn serve_queue<F>(queue: &mut virtio_queue::Queue, mem: &vm_memory::GuestMemoryMmap, mut handle: F) -> Served
+where
+    F: FnMut(virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>) -> Option<u32>,
+{
+    use virtio_queue::{QueueOwnedT, QueueT};
+    let mut out = Served::default();
+    'outer: loop {
+        if queue.disable_notification(mem).is_err() {
+            out.broken = true;
+            break;
+        }
+        let mut popped = 0;
+        loop {
+            let chain = match queue.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(_) => {
+                    out.broken = true;
+                    break 'outer;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let Some(len) = handle(chain) else {
+                queue.go_to_previous_position();
+                let _ = queue.enable_notification(mem);
+                out.stopped = true;
+                break 'outer;
+            };
+            if queue.add_used(mem, head, len).is_err() {
+                // A head index outside the ring: nothing to return it to.
+                tracing::warn!("virtio: guest offered an invalid descriptor head {head}");
+            }
+            popped += 1;
+            out.chains += 1;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) if popped > 0 => continue,
+            Ok(false) => break,
+            // More announced but nothing could be popped: a broken ring.
+            Ok(true) | Err(_) => {
+                out.broken = true;
+                break;
+            }
+        }
+    }
+    if out.chains > 0 {
+        out.notify = queue.needs_notification(mem).unwrap_or(true);
+    }
+    out
+}

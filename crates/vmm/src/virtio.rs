@@ -1,0 +1,261 @@
+//! The VM's PCI bus and its virtio devices, built from the configuration.
+//!
+//! Backends (image files, taps, the console) are opened once per VMM run by
+//! [`Backends::open`], before any KVM resource exists, so a missing disk or
+//! a tap the user may not create is reported plainly; a guest reboot builds
+//! new devices on the same backends (a tap created by us keeps its address).
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use rvirt_devices::bus::lock;
+use rvirt_pci::acpi::intx_gsi;
+use rvirt_pci::{MsixConfig, PciBus};
+use rvirt_virtio_devices::balloon::BalloonHandle;
+use rvirt_virtio_devices::net::NetHandle;
+use rvirt_virtio_devices::transport::{IntxResample, BAR_SIZE};
+use rvirt_virtio_devices::worker::{EventLoop, Worker};
+use rvirt_virtio_devices::{
+    Balloon, CounterSnapshot, DeviceCounters, IntxLine, Tap, VirtioBlock, VirtioConsole, VirtioDevice, VirtioNet,
+    VirtioPciDevice, VirtioRng,
+};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{DiskConfig, VmConfig};
+use crate::console::Console;
+use crate::interrupts::{GsiRouter, KvmIoEvents};
+use crate::{Error, Result};
+
+/// An opened disk.
+pub struct DiskBackend {
+    /// What the user asked for.
+    pub config: DiskConfig,
+    /// The image.
+    pub image: Arc<dyn rvirt_block::BlockBackend>,
+}
+
+/// Everything outside the VM that devices attach to, opened once per run.
+pub struct Backends {
+    /// Disks in order.
+    pub disks: Vec<DiskBackend>,
+    /// Taps and the MAC each card gets.
+    pub nets: Vec<(Arc<Tap>, [u8; 6])>,
+    /// The virtio console's backend.
+    pub console: Option<Console>,
+    rng: bool,
+    balloon: bool,
+}
+
+fn random_mac() -> [u8; 6] {
+    let mut b = [0u8; 3];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    // 52:54:00 is the prefix QEMU and libvirt users expect for virtual cards.
+    [0x52, 0x54, 0x00, b[0], b[1], b[2]]
+}
+
+fn open_disk(d: &DiskConfig) -> Result<Arc<dyn rvirt_block::BlockBackend>> {
+    let err = |e: rvirt_block::Error| Error::Device(format!("--disk {}: {e}", d.path.display()));
+    let format = match d.format {
+        Some(f) => f,
+        None => rvirt_block::probe_format(&d.path).map_err(err)?,
+    };
+    if d.direct {
+        if format != rvirt_block::Format::Raw {
+            return Err(Error::Config(format!("--disk {}: direct=on is supported for raw images only", d.path.display())));
+        }
+        return Ok(Arc::new(rvirt_block::RawImage::open_direct(&d.path, d.read_only).map_err(err)?));
+    }
+    Ok(Arc::from(rvirt_block::open(&d.path, Some(format), d.read_only).map_err(err)?))
+}
+
+impl Backends {
+    /// Opens every backend `cfg` names.
+    pub fn open(cfg: &VmConfig) -> Result<Self> {
+        let disks = cfg
+            .disks
+            .iter()
+            .map(|d| Ok(DiskBackend { config: d.clone(), image: open_disk(d)? }))
+            .collect::<Result<Vec<_>>>()?;
+        let nets = cfg
+            .nets
+            .iter()
+            .map(|n| {
+                let tap = Tap::open(&n.tap).map_err(|e| Error::Device(format!("--net: {e}")))?;
+                Ok((Arc::new(tap), n.mac.unwrap_or_else(random_mac)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let console = cfg.console.as_ref().map(Console::open).transpose()?;
+        Ok(Self { disks, nets, console, rng: cfg.rng, balloon: cfg.balloon })
+    }
+}
+
+/// One virtio device on the bus, as the API reports it.
+pub struct DeviceEntry {
+    /// Name: `disk0`, `net0`, `rng`, `balloon`, `console`.
+    pub name: String,
+    /// Counters.
+    pub counters: Arc<DeviceCounters>,
+}
+
+/// The PCI bus with its devices, and handles the API steers them with.
+pub struct PciDevices {
+    /// Bus 0.
+    pub bus: Arc<PciBus>,
+    /// Every virtio device.
+    pub devices: Vec<DeviceEntry>,
+    /// The balloon, when there is one.
+    pub balloon: Option<BalloonHandle>,
+    /// Network cards' link controls, by device name.
+    pub nets: Vec<(String, NetHandle)>,
+    transports: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    _resampler: Option<Worker>,
+}
+
+impl PciDevices {
+    /// Device counters by name.
+    pub fn counters(&self) -> Vec<(String, CounterSnapshot)> {
+        self.devices.iter().map(|d| (d.name.clone(), d.counters.snapshot())).collect()
+    }
+
+    /// Stops every device's worker thread.
+    pub fn shutdown(&self) {
+        for t in &self.transports {
+            lock(t).shutdown();
+        }
+    }
+}
+
+struct Builder<'a> {
+    vm: &'a Arc<VmFd>,
+    mem: &'a GuestMemoryMmap,
+    router: Arc<GsiRouter>,
+    ioevents: Arc<KvmIoEvents>,
+    bus: PciBus,
+    transports: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    devices: Vec<DeviceEntry>,
+    resamples: Vec<IntxResample>,
+}
+
+impl Builder<'_> {
+    fn add(&mut self, name: &str, device: Box<dyn VirtioDevice>) -> Result<()> {
+        let dev_err = |e: std::io::Error| Error::Device(format!("{name}: {e}"));
+        let slot = self.bus.free_slot().ok_or_else(|| Error::Device(format!("{name}: {}", rvirt_pci::Error::NoFreeSlot)))?;
+        let vectors = (0..=device.queue_max_sizes().len())
+            .map(|_| self.router.new_vector())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(dev_err)?;
+        let msix = MsixConfig::new(vectors, self.router.clone());
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
+        let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
+        self.vm
+            .register_irqfd_with_resample(&irqfd, &resample, intx_gsi(slot, 0))
+            .map_err(|e| Error::Device(format!("{name}: INTx irqfd: {e}")))?;
+        let bar = self.bus.allocate_bar(BAR_SIZE).map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        let counters = device.counters();
+        let transport = VirtioPciDevice::new(
+            name,
+            device,
+            self.mem.clone(),
+            msix,
+            Some(IntxLine { irqfd, resample }),
+            self.ioevents.clone(),
+            bar,
+        )
+        .map_err(dev_err)?;
+        if let Some(r) = transport.intx_resample().map_err(dev_err)? {
+            self.resamples.push(r);
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.bus.add_device(transport.clone()).map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        self.transports.push(transport);
+        self.devices.push(DeviceEntry { name: name.into(), counters });
+        Ok(())
+    }
+}
+
+/// Re-asserts INTx lines after EOIs while their device still has an interrupt pending.
+fn spawn_resampler(resamples: Vec<IntxResample>) -> Result<Option<Worker>> {
+    if resamples.is_empty() {
+        return Ok(None);
+    }
+    let worker = Worker::spawn("intx-resample", move |kill| {
+        let Ok(mut events) = EventLoop::new() else { return };
+        for (i, r) in resamples.iter().enumerate() {
+            if events.add(&r.resample, i as u64).is_err() {
+                return;
+            }
+        }
+        if events.add(&kill, u64::MAX).is_err() {
+            return;
+        }
+        while let Ok(tokens) = events.wait() {
+            for t in tokens {
+                match resamples.get(t as usize) {
+                    Some(r) => r.on_eoi(),
+                    None => return,
+                }
+            }
+        }
+    })
+    .map_err(crate::error::os("spawning the INTx resampler"))?;
+    Ok(Some(worker))
+}
+
+/// Builds bus 0 with the virtio devices for `backends`.
+pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, backends: &Backends) -> Result<PciDevices> {
+    use rvirt_arch::layout::{PCI_MMIO_END, PCI_MMIO_START};
+    let mut b = Builder {
+        vm,
+        mem,
+        router: Arc::new(GsiRouter::new(vm.clone())),
+        ioevents: Arc::new(KvmIoEvents(vm.clone())),
+        bus: PciBus::new(PCI_MMIO_START, PCI_MMIO_END),
+        transports: Vec::new(),
+        devices: Vec::new(),
+        resamples: Vec::new(),
+    };
+    for (i, d) in backends.disks.iter().enumerate() {
+        let serial = d.config.serial.clone().unwrap_or_default();
+        b.add(&format!("disk{i}"), Box::new(VirtioBlock::new(format!("disk{i}"), d.image.clone(), &serial)))?;
+    }
+    let mut nets = Vec::new();
+    for (i, (tap, mac)) in backends.nets.iter().enumerate() {
+        let (dev, handle) = VirtioNet::new(tap.clone(), *mac);
+        b.add(&format!("net{i}"), Box::new(dev))?;
+        nets.push((format!("net{i}"), handle));
+    }
+    if backends.rng {
+        let rng = VirtioRng::new().map_err(|e| Error::Device(format!("virtio-rng: /dev/urandom: {e}")))?;
+        b.add("rng", Box::new(rng))?;
+    }
+    let mut balloon = None;
+    if backends.balloon {
+        let (dev, handle) = Balloon::new();
+        b.add("balloon", Box::new(dev))?;
+        balloon = Some(handle);
+    }
+    if let Some(console) = &backends.console {
+        let input = match console.input_fd() {
+            // SAFETY: dup of a descriptor the console holds; the copy is owned by the device.
+            Some(fd) => match unsafe { libc::dup(fd) } {
+                n if n >= 0 => Some(unsafe { OwnedFd::from_raw_fd(n) }),
+                _ => return Err(Error::Device(format!("virtio-console: dup: {}", std::io::Error::last_os_error()))),
+            },
+            None => None,
+        };
+        b.add("console", Box::new(VirtioConsole::new(console.writer()?, input)))?;
+    }
+    let resampler = spawn_resampler(std::mem::take(&mut b.resamples))?;
+    Ok(PciDevices {
+        bus: Arc::new(b.bus),
+        devices: b.devices,
+        balloon,
+        nets,
+        transports: b.transports,
+        _resampler: resampler,
+    })
+}
