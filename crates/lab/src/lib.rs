@@ -98,6 +98,29 @@ impl Lab {
         self.modules.join("tree").join(rel)
     }
 
+    /// The virtio modules a guest needs for `drivers` (e.g. `virtio_blk`,
+    /// `virtio_net`), core modules first, in the order `insmod` needs them.
+    pub fn virtio_modules(&self, drivers: &[&str]) -> Vec<PathBuf> {
+        let mut rel = vec![
+            "drivers/virtio/virtio_ring.ko",
+            "drivers/virtio/virtio.ko",
+            "drivers/virtio/virtio_pci_modern_dev.ko",
+            "drivers/virtio/virtio_pci_legacy_dev.ko",
+            "drivers/virtio/virtio_pci.ko",
+        ];
+        for d in drivers {
+            rel.extend_from_slice(match *d {
+                "virtio_blk" => &["drivers/block/virtio_blk.ko"][..],
+                "virtio_net" => &["net/core/failover.ko", "drivers/net/net_failover.ko", "drivers/net/virtio_net.ko"],
+                "virtio-rng" => &["drivers/char/hw_random/virtio-rng.ko"],
+                "virtio_console" => &["drivers/char/virtio_console.ko"],
+                "virtio_balloon" => &["drivers/virtio/virtio_balloon.ko"],
+                _ => &[],
+            });
+        }
+        rel.into_iter().map(|r| self.module_in_tree(r)).collect()
+    }
+
     /// The kernel as an ELF vmlinux (decompressed from the bzImage once and cached).
     pub fn vmlinux(&self) -> Result<PathBuf> {
         let out = self.cache.join("vmlinux");
@@ -304,6 +327,12 @@ impl L1Spec {
     /// Copies host file `src` to `dest` in L1.
     pub fn file(mut self, src: impl Into<PathBuf>, dest: &str) -> Self {
         self.files.push((src.into(), dest.into()));
+        self
+    }
+
+    /// Copies host program `src` (with the libraries it links) to `dest` in L1.
+    pub fn binary(mut self, src: impl Into<PathBuf>, dest: &str) -> Self {
+        self.binaries.push((src.into(), dest.into()));
         self
     }
 

@@ -75,30 +75,41 @@ impl Balloon {
     }
 }
 
-/// Releases the guest pages listed in `chain` (little-endian u32 frame numbers).
+/// Releases the guest pages listed in `chain` (little-endian u32 frame
+/// numbers), one `madvise` per run of contiguous frames.
 fn inflate(chain: &GuestChain, mem: &GuestMemoryMmap, state: &State, counters: &DeviceCounters) {
     let count = chain.readable_len() / 4;
-    let mut pfns = vec![0u8; count * 4];
-    if chain.read(mem, 0, &mut pfns).is_err() {
+    let mut raw = vec![0u8; count * 4];
+    if chain.read(mem, 0, &mut raw).is_err() {
         counters.error();
         return;
     }
+    let mut pfns: Vec<u64> = raw.chunks_exact(4).map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect();
+    pfns.sort_unstable();
+    pfns.dedup();
     let mut released = 0u64;
-    for pfn in pfns.chunks_exact(4).map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))) {
-        let gpa = GuestAddress(pfn * BALLOON_PAGE);
-        match mem.get_slice(gpa, BALLOON_PAGE as usize) {
+    let mut i = 0;
+    while i < pfns.len() {
+        let mut j = i + 1;
+        while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 {
+            j += 1;
+        }
+        let len = (j - i) as u64 * BALLOON_PAGE;
+        match mem.get_slice(GuestAddress(pfns[i] * BALLOON_PAGE), len as usize) {
             Ok(s) => {
-                // SAFETY: the page is guest RAM we mapped privately; dropping
+                // SAFETY: the range is guest RAM we mapped privately; dropping
                 // it only makes the next guest access see zeros.
-                let r = unsafe { libc::madvise(s.ptr_guard_mut().as_ptr().cast(), BALLOON_PAGE as usize, libc::MADV_DONTNEED) };
+                let r = unsafe { libc::madvise(s.ptr_guard_mut().as_ptr().cast(), len as usize, libc::MADV_DONTNEED) };
                 if r == 0 {
-                    released += BALLOON_PAGE;
+                    released += len;
                 } else {
                     counters.error();
                 }
             }
+            // Outside RAM, or a run crossing into the PCI hole: the guest lied.
             Err(_) => counters.error(),
         }
+        i = j;
     }
     state.released_bytes.fetch_add(released, Ordering::SeqCst);
     counters.request(0, released);

@@ -1,0 +1,110 @@
+//! Lab tests of the virtio devices: Debian's stock kernel (its own virtio
+//! modules, loaded by the L2 init) drives rvirt-vmm's virtio-pci devices.
+
+use rvirt_lab::{l2_initramfs, log, L1Spec, Lab, LabOutput};
+
+/// Loads every module the initramfs carries, in the order given.
+const LOAD_MODULES: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /mnt /tmp
+mount -t tmpfs tmpfs /tmp
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || echo "@@L2-INSMOD-FAILED=$m"; done
+"#;
+
+fn guest_initrd(lab: &Lab, drivers: &[&str], script: &str) -> Vec<u8> {
+    let modules = lab.virtio_modules(drivers);
+    let order: Vec<String> =
+        modules.iter().map(|m| m.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let init = format!("{LOAD_MODULES}{script}");
+    let init = init.replace("$(cat /lib/modules/order)", &order.join(" "));
+    l2_initramfs(&init, &modules).unwrap()
+}
+
+fn show(out: &LabOutput) {
+    for line in out.console.lines().filter(|l| l.contains("@@")) {
+        log(line);
+    }
+}
+
+/// L2: a filesystem on a raw disk and on a qcow2 disk, a read-only disk,
+/// the disk serial, discard.
+const STORAGE_GUEST: &str = r#"
+echo "@@L2-DISKS=$(ls /sys/block | grep vd | tr '\n' ' ')"
+echo "@@L2-VDA-SERIAL=$(cat /sys/block/vda/serial)"
+echo "@@L2-VDB-RO=$(cat /sys/block/vdb/ro)"
+echo "@@L2-IRQ-MODE=$(grep -c PCI-MSI /proc/interrupts)"
+dd if=/dev/urandom of=/tmp/payload bs=1M count=3 2>/dev/null
+echo "@@L2-PAYLOAD=$(sha256sum /tmp/payload | cut -d' ' -f1)"
+for d in vda vdc; do
+  mke2fs -q /dev/$d && mount -t ext4 /dev/$d /mnt && cp /tmp/payload /mnt/payload && sync && umount /mnt && echo "@@L2-WROTE-$d=ok"
+done
+echo "@@L2-VDB-HEAD=$(dd if=/dev/vdb bs=16 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+if dd if=/dev/zero of=/dev/vdb bs=4096 count=1 conv=fsync 2>/dev/null; then echo "@@L2-RO-WRITE=accepted"; else echo "@@L2-RO-WRITE=refused"; fi
+blkdiscard -o 33554432 -l 4194304 /dev/vda && echo "@@L2-DISCARD=ok"
+sync
+poweroff -f
+"#;
+
+const STORAGE_L1: &str = r#"
+insmod /lib/modules/loop.ko
+mkdir -p /mnt
+truncate -s 64M /tmp/disk.raw
+dd if=/dev/urandom of=/tmp/ro.raw bs=1M count=1 2>/dev/null
+ro_before=$(sha256sum /tmp/ro.raw | cut -d' ' -f1)
+echo "@@RO-HEAD=$(dd if=/tmp/ro.raw bs=16 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+qemu-img create -q -f qcow2 /tmp/disk.qcow2 64M
+# Data in the discarded range must come back as a hole.
+dd if=/dev/urandom of=/tmp/disk.raw bs=1M seek=32 count=4 conv=notrunc 2>/dev/null
+echo "@@BEGIN-L2"
+rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --memory 512M --cpus 2 \
+  --cmdline "console=ttyS0 panic=-1" \
+  --disk path=/tmp/disk.raw,serial=rvirt-disk-0 --disk path=/tmp/ro.raw,readonly=on \
+  --disk path=/tmp/disk.qcow2,format=qcow2 </dev/null
+echo "@@VMM-EXIT=$?"
+echo "@@END-L2"
+mount -o loop,ro /tmp/disk.raw /mnt && echo "@@HOST-RAW-PAYLOAD=$(sha256sum /mnt/payload | cut -d' ' -f1)"; umount /mnt
+echo "@@RO-UNCHANGED=$([ "$(sha256sum /tmp/ro.raw | cut -d' ' -f1)" = "$ro_before" ] && echo yes || echo no)"
+echo "@@RAW-ALLOCATED-KB=$(du -k /tmp/disk.raw | cut -f1)"
+qemu-img check /tmp/disk.qcow2 > /tmp/check.txt 2>&1; echo "@@QCOW2-CHECK-EXIT=$?"
+cat /tmp/check.txt
+qemu-img convert -O raw /tmp/disk.qcow2 /tmp/q.raw
+mount -o loop,ro /tmp/q.raw /mnt && echo "@@HOST-QCOW2-PAYLOAD=$(sha256sum /mnt/payload | cut -d' ' -f1)"; umount /mnt
+"#;
+
+#[test]
+fn guest_filesystems_on_raw_and_qcow2_disks_reach_the_host_images() {
+    let lab = Lab::get().unwrap();
+    let initrd = guest_initrd(lab, &["virtio_blk"], STORAGE_GUEST);
+    let spec = L1Spec::new("virtio-storage", STORAGE_L1)
+        .file(&lab.kernel, "l2/vmlinuz")
+        .file(lab.module_in_tree("drivers/block/loop.ko"), "lib/modules/loop.ko")
+        .binary("/usr/bin/qemu-img", "usr/bin/qemu-img")
+        .blob("l2/initrd.gz", initrd);
+    let out = lab.run(&spec).unwrap();
+    out.check_l1().unwrap();
+    show(&out);
+    let v = out.values();
+    let get = |k: &str| v.get(k).cloned().unwrap_or_else(|| panic!("no {k} in output:\n{}", out.tail(80)));
+    assert_eq!(get("VMM-EXIT"), "0");
+    assert!(v.get("L2-INSMOD-FAILED").is_none(), "{}", out.tail(60));
+    assert_eq!(get("L2-DISKS").split_whitespace().collect::<Vec<_>>(), ["vda", "vdb", "vdc"]);
+    assert_eq!(get("L2-VDA-SERIAL"), "rvirt-disk-0");
+    assert_eq!(get("L2-VDB-RO"), "1");
+    assert_ne!(get("L2-IRQ-MODE"), "0", "virtio interrupts use MSI-X");
+    let payload = get("L2-PAYLOAD");
+    assert_eq!(get("L2-WROTE-vda"), "ok");
+    assert_eq!(get("L2-WROTE-vdc"), "ok");
+    assert_eq!(get("HOST-RAW-PAYLOAD"), payload, "the file read back from the raw image");
+    assert_eq!(get("HOST-QCOW2-PAYLOAD"), payload, "the file read back from the qcow2 image");
+    assert_eq!(get("QCOW2-CHECK-EXIT"), "0", "qemu-img check of the guest-written qcow2:\n{}", out.tail(30));
+    assert_eq!(get("L2-VDB-HEAD"), get("RO-HEAD"), "the guest reads the read-only disk");
+    assert_eq!(get("L2-RO-WRITE"), "refused");
+    assert_eq!(get("RO-UNCHANGED"), "yes");
+    assert_eq!(get("L2-DISCARD"), "ok");
+    // 4 MiB of data the guest discarded plus the 3 MiB payload and ext2
+    // metadata: without the hole punched the file would hold over 8 MiB.
+    let kb: u64 = get("RAW-ALLOCATED-KB").parse().unwrap();
+    assert!(kb < 8 * 1024, "discard left {kb} KiB allocated");
+}
