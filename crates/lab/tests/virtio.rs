@@ -108,3 +108,109 @@ fn guest_filesystems_on_raw_and_qcow2_disks_reach_the_host_images() {
     let kb: u64 = get("RAW-ALLOCATED-KB").parse().unwrap();
     assert!(kb < 8 * 1024, "discard left {kb} KiB allocated");
 }
+
+/// L2 for the device test, booted with `pci=nomsi` so every interrupt takes
+/// the INTx path: network (ping and a TCP transfer), hwrng, hvc0, balloon.
+const DEVICES_GUEST: &str = r#"
+echo "@@L2-IRQ-MSI=$(grep -c PCI-MSI /proc/interrupts)"
+echo "@@L2-IRQ-IOAPIC=$(grep -c 'IO-APIC.*virtio' /proc/interrupts)"
+echo "@@L2-MAC=$(cat /sys/class/net/eth0/address)"
+echo "@@L2-FEATURES=$(cat /sys/class/net/eth0/device/features)"
+ip link set lo up
+ip addr add 10.0.2.15/24 dev eth0
+ip link set eth0 up
+echo "@@L2-RNG=$(cat /sys/class/misc/hw_random/rng_current)"
+echo "@@L2-HWRNG-BYTES=$(dd if=/dev/hwrng bs=64 count=4 2>/dev/null | wc -c)"
+echo hello-from-hvc0 > /dev/hvc0
+dd if=/dev/urandom of=/tmp/blob bs=1M count=8 2>/dev/null
+echo "@@L2-BLOB=$(sha256sum /tmp/blob | cut -d' ' -f1)"
+for i in $(seq 1 60); do ping -c 1 -W 1 10.0.2.1 >/dev/null 2>&1 && break; done
+echo "@@L2-PING=$(ping -c 3 10.0.2.1 | grep -o '[0-9]* packets received')"
+nc 10.0.2.1 5000 < /tmp/blob && echo "@@L2-SENT=ok"
+rm /tmp/blob
+# Dirty 200 MiB of RAM, then free it: the host still holds those pages.
+dd if=/dev/zero of=/tmp/fill bs=1M count=200 2>/dev/null
+rm /tmp/fill
+echo "@@L2-MEMFREE-BEFORE=$(awk '/MemFree/ {print $2}' /proc/meminfo)"
+echo "@@L2-FILLED=1"
+for i in $(seq 1 60); do
+  sleep 1
+  b=$(cat /sys/bus/virtio/drivers/virtio_balloon/virtio*/balloon 2>/dev/null)
+  f=$(awk '/MemFree/ {print $2}' /proc/meminfo)
+  [ "$f" -lt 200000 ] && break
+done
+echo "@@L2-MEMFREE-AFTER=$(awk '/MemFree/ {print $2}' /proc/meminfo)"
+echo "@@L2-DONE=1"
+sleep 1000
+"#;
+
+const DEVICES_L1: &str = r#"
+insmod /lib/modules/tun.ko
+rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --memory 512M --cpus 2 \
+  --cmdline "console=ttyS0 panic=-1 pci=nomsi" --serial file=/tmp/l2.log --api-socket /tmp/vm.sock \
+  --net tap=tap0,mac=52:54:00:12:34:56 --rng --balloon --console file=/tmp/hvc0.log </dev/null &
+vmm=$!
+for i in $(seq 1 100); do [ -e /sys/class/net/tap0 ] && break; sleep 0.2; done
+ip addr add 10.0.2.1/24 dev tap0
+ip link set tap0 up
+# The listener's stdin must stay open: busybox nc ends the connection at stdin EOF.
+sleep 600 | nc -l -p 5000 > /tmp/recv &
+listener=$!
+for i in $(seq 1 600); do grep -q '@@L2-FILLED' /tmp/l2.log 2>/dev/null && break; sleep 0.5; done
+for i in $(seq 1 120); do kill -0 $listener 2>/dev/null || break; sleep 0.5; done
+echo "@@HOST-RECV=$(sha256sum /tmp/recv | cut -d' ' -f1)"
+echo "@@HOST-RECV-BYTES=$(wc -c < /tmp/recv)"
+echo "@@RSS-BEFORE-KB=$(awk '/VmRSS/ {print $2}' /proc/$vmm/status)"
+echo "@@API-BALLOON=$(rvirt-lab-api /tmp/vm.sock '{"command":"balloon","target_bytes":268435456}')"
+for i in $(seq 1 600); do grep -q '@@L2-DONE' /tmp/l2.log 2>/dev/null && break; sleep 0.5; done
+echo "@@RSS-AFTER-KB=$(awk '/VmRSS/ {print $2}' /proc/$vmm/status)"
+echo "@@API-STATUS=$(rvirt-lab-api /tmp/vm.sock status)"
+echo "@@API-STATS=$(rvirt-lab-api /tmp/vm.sock stats)"
+echo "@@HVC0=$(cat /tmp/hvc0.log)"
+rvirt-lab-api /tmp/vm.sock stop >/dev/null
+wait $vmm
+echo "@@VMM-EXIT=$?"
+echo "@@BEGIN-L2"
+cat /tmp/l2.log
+echo "@@END-L2"
+"#;
+
+#[test]
+fn network_entropy_console_and_balloon_work_over_intx() {
+    let lab = Lab::get().unwrap();
+    let initrd = guest_initrd(lab, &["virtio_net", "virtio-rng", "virtio_console", "virtio_balloon"], DEVICES_GUEST);
+    let spec = L1Spec::new("virtio-devices", DEVICES_L1)
+        .file(&lab.kernel, "l2/vmlinuz")
+        .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
+        .blob("l2/initrd.gz", initrd);
+    let out = lab.run(&spec).unwrap();
+    out.check_l1().unwrap();
+    show(&out);
+    let v = out.values();
+    let get = |k: &str| v.get(k).cloned().unwrap_or_else(|| panic!("no {k} in output:\n{}", out.tail(80)));
+    assert!(v.get("L2-INSMOD-FAILED").is_none(), "{}", out.tail(60));
+    assert_eq!(get("L2-IRQ-MSI"), "0", "pci=nomsi: no MSI-X");
+    assert_ne!(get("L2-IRQ-IOAPIC"), "0", "virtio interrupts arrive over INTx");
+    assert_eq!(get("L2-MAC"), "52:54:00:12:34:56");
+    assert_eq!(get("L2-PING"), "3 packets received");
+    assert_eq!(get("L2-SENT"), "ok");
+    assert_eq!(get("HOST-RECV"), get("L2-BLOB"), "8 MiB over TCP arrived intact");
+    assert_eq!(get("L2-RNG"), "virtio_rng.0");
+    assert_eq!(get("L2-HWRNG-BYTES"), "256");
+    assert_eq!(get("HVC0"), "hello-from-hvc0");
+    assert_eq!(get("API-BALLOON"), r#"{"ok":true}"#);
+    let before: u64 = get("L2-MEMFREE-BEFORE").parse().unwrap();
+    let after: u64 = get("L2-MEMFREE-AFTER").parse().unwrap();
+    assert!(after + 200 * 1024 < before, "inflating 256 MiB lowers the guest's free memory: {before} -> {after} kB");
+    let rss_before: u64 = get("RSS-BEFORE-KB").parse().unwrap();
+    let rss_after: u64 = get("RSS-AFTER-KB").parse().unwrap();
+    assert!(rss_after + 100 * 1024 < rss_before, "the VMM returned memory to the host: RSS {rss_before} -> {rss_after} kB");
+    assert!(get("API-STATUS").contains(r#""target_bytes":268435456"#), "{}", get("API-STATUS"));
+    let stats: serde_json::Value = serde_json::from_str(&get("API-STATS")).unwrap();
+    let dev = |name: &str, field: &str| stats["stats"]["devices"][name][field].as_u64().unwrap_or(0);
+    assert!(dev("net0", "bytes_from_guest") > 8 << 20, "{stats}");
+    assert!(dev("rng", "bytes_to_guest") >= 256);
+    assert!(dev("console", "bytes_from_guest") >= 16);
+    assert!(dev("balloon", "bytes_from_guest") >= 200 << 20);
+    assert_eq!(get("VMM-EXIT"), "0");
+}
