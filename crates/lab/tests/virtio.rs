@@ -141,6 +141,8 @@ for i in $(seq 1 60); do
 done
 echo "@@L2-MEMFREE-AFTER=$(awk '/MemFree/ {print $2}' /proc/meminfo)"
 echo "@@L2-DONE=1"
+for i in $(seq 1 60); do [ "$(cat /sys/class/net/eth0/carrier)" = 0 ] && break; sleep 0.5; done
+echo "@@L2-CARRIER=$(cat /sys/class/net/eth0/carrier)"
 sleep 1000
 "#;
 
@@ -164,6 +166,9 @@ echo "@@RSS-BEFORE-KB=$(awk '/VmRSS/ {print $2}' /proc/$vmm/status)"
 echo "@@API-BALLOON=$(rvirt-lab-api /tmp/vm.sock '{"command":"balloon","target_bytes":268435456}')"
 for i in $(seq 1 600); do grep -q '@@L2-DONE' /tmp/l2.log 2>/dev/null && break; sleep 0.5; done
 echo "@@RSS-AFTER-KB=$(awk '/VmRSS/ {print $2}' /proc/$vmm/status)"
+echo "@@API-LINK-DOWN=$(rvirt-lab-api /tmp/vm.sock '{"command":"set-link","device":"net0","up":false}')"
+echo "@@API-LINK-BAD=$(rvirt-lab-api /tmp/vm.sock '{"command":"set-link","device":"net7","up":false}')"
+for i in $(seq 1 120); do grep -q '@@L2-CARRIER' /tmp/l2.log 2>/dev/null && break; sleep 0.5; done
 echo "@@API-STATUS=$(rvirt-lab-api /tmp/vm.sock status)"
 echo "@@API-STATS=$(rvirt-lab-api /tmp/vm.sock stats)"
 echo "@@HVC0=$(cat /tmp/hvc0.log)"
@@ -212,5 +217,8 @@ fn network_entropy_console_and_balloon_work_over_intx() {
     assert!(dev("rng", "bytes_to_guest") >= 256);
     assert!(dev("console", "bytes_from_guest") >= 16);
     assert!(dev("balloon", "bytes_from_guest") >= 200 << 20);
+    assert_eq!(get("API-LINK-DOWN"), r#"{"ok":true}"#);
+    assert!(get("API-LINK-BAD").contains("no network device named 'net7'"));
+    assert_eq!(get("L2-CARRIER"), "0", "the guest saw the link go down");
     assert_eq!(get("VMM-EXIT"), "0");
 }

@@ -277,3 +277,117 @@ impl VirtioDevice for VirtioBlock {
         self.handler.counters.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use rvirt_block::RawImage;
+    use virtio_queue::{QueueOwnedT, QueueT};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::chain::tests::{memory, queue_with_chain, F_WRITE};
+
+    const HDR: u64 = 0x8000;
+    const DATA: u64 = 0x9000;
+    const STATUS: u64 = 0xa000;
+
+    fn disk(name: &str, read_only: bool) -> (std::path::PathBuf, Arc<dyn BlockBackend>) {
+        let dir = std::env::temp_dir().join(format!("rvirt-vblk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        let mut f = std::fs::File::create(&p).unwrap();
+        let bytes: Vec<u8> = (0..8192u32).map(|i| (i / 512) as u8).collect();
+        f.write_all(&bytes).unwrap();
+        (p.clone(), Arc::new(RawImage::open(&p, read_only).unwrap()))
+    }
+
+    fn handler(backend: Arc<dyn BlockBackend>) -> BlockRequestHandler {
+        let mut serial = [0u8; SERIAL_LEN];
+        serial[..5].copy_from_slice(b"disk7");
+        BlockRequestHandler::new(backend, serial, Arc::default())
+    }
+
+    fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+        mem.write_obj(kind, GuestAddress(HDR)).unwrap();
+        mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    fn run(h: &BlockRequestHandler, mem: &GuestMemoryMmap, descs: &[(u64, u32, u16)]) -> (u32, u8) {
+        let mut q = queue_with_chain(mem, descs);
+        let chain = q.iter(mem).unwrap().next().unwrap();
+        let used = h.handle(chain, mem);
+        (used, mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap())
+    }
+
+    #[test]
+    fn reads_writes_and_identifies() {
+        let mem = memory();
+        let (path, backend) = disk("rw.raw", false);
+        let h = handler(backend);
+        header(&mem, T_IN, 3);
+        let (used, status) = run(&h, &mem, &[(HDR, 16, 0), (DATA, 1024, F_WRITE), (STATUS, 1, F_WRITE)]);
+        assert_eq!((used, status), (1025, S_OK));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA)).unwrap(), 3);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA + 1023)).unwrap(), 4);
+
+        mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
+        header(&mem, T_OUT, 15);
+        assert_eq!(run(&h, &mem, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)]), (1, S_OK));
+        assert_eq!(std::fs::read(&path).unwrap()[15 * 512..], [0xee; 512]);
+
+        header(&mem, T_GET_ID, 0);
+        assert_eq!(run(&h, &mem, &[(HDR, 16, 0), (DATA, 20, F_WRITE), (STATUS, 1, F_WRITE)]), (21, S_OK));
+        assert_eq!(mem.read_obj::<[u8; 5]>(GuestAddress(DATA)).unwrap(), *b"disk7");
+
+        header(&mem, T_FLUSH, 0);
+        assert_eq!(run(&h, &mem, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]), (1, S_OK));
+        assert_eq!(h.counters.snapshot().errors, 0);
+        assert_eq!(h.counters.snapshot().bytes_to_guest, 1024 + SERIAL_LEN as u64);
+    }
+
+    #[test]
+    fn bad_requests_get_an_error_status_and_never_panic() {
+        let mem = memory();
+        let (path, backend) = disk("ro.raw", true);
+        let before = std::fs::read(&path).unwrap();
+        let h = handler(backend);
+        // Writes, discards and write-zeroes to a read-only disk.
+        for kind in [T_OUT, T_DISCARD, T_WRITE_ZEROES] {
+            header(&mem, kind, 0);
+            assert_eq!(run(&h, &mem, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)]).1, S_IOERR, "{kind}");
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        // Past the end, an overflowing sector, a partial sector, an unknown type.
+        for (kind, sector, len, want) in
+            [(T_IN, 16, 512, S_IOERR), (T_IN, u64::MAX / 2, 512, S_IOERR), (T_IN, 0, 100, S_IOERR), (77, 0, 512, S_UNSUPP)]
+        {
+            header(&mem, kind, sector);
+            assert_eq!(run(&h, &mem, &[(HDR, 16, 0), (DATA, len, F_WRITE), (STATUS, 1, F_WRITE)]), (1, want));
+        }
+        // A short header.
+        header(&mem, T_IN, 0);
+        assert_eq!(run(&h, &mem, &[(HDR, 8, 0), (STATUS, 1, F_WRITE)]), (1, S_IOERR));
+        // No status byte, a buffer outside guest memory, a huge length: no reply possible.
+        assert_eq!(run(&h, &mem, &[(HDR, 16, 0)]).0, 0);
+        assert_eq!(run(&h, &mem, &[(HDR, 16, 0), (0xff_0000, 0x10_0000, F_WRITE), (STATUS, 1, F_WRITE)]).0, 0);
+        assert_eq!(run(&h, &mem, &[(HDR, 16, 0), (DATA, u32::MAX, F_WRITE), (STATUS, 1, F_WRITE)]).0, 0);
+        assert!(h.counters.snapshot().errors >= 10);
+    }
+
+    #[test]
+    fn a_broken_ring_ends_service_instead_of_spinning() {
+        let mem = memory();
+        let (_, backend) = disk("ring.raw", false);
+        let h = handler(backend);
+        header(&mem, T_FLUSH, 0);
+        let mut q = queue_with_chain(&mem, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+        // The driver claims 1000 new buffers in a 16-entry ring.
+        mem.write_obj(1000u16, GuestAddress(q.avail_ring() + 2)).unwrap();
+        let served = crate::worker::serve_queue(&mut q, &mem, |c| Some(h.handle(c, &mem)));
+        assert!(served.broken);
+        assert_eq!(served.chains, 0);
+    }
+}

@@ -536,3 +536,150 @@ impl Drop for VirtioPciDevice {
         self.move_ioevents(None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rvirt_pci::{MsiMessage, MsiRouter, MsiVector};
+
+    use super::*;
+    use crate::chain::tests::memory;
+    use crate::DeviceCounters;
+
+    struct NoKvm;
+    impl IoEventRegistrar for NoKvm {
+        fn register(&self, _: &EventFd, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn unregister(&self, _: &EventFd, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl MsiRouter for NoKvm {
+        fn set_msi_route(&self, _: u32, _: MsiMessage) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A device that records activations.
+    #[derive(Default)]
+    struct Dummy {
+        activations: Arc<Mutex<usize>>,
+    }
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            device_type::RNG
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn config_len(&self) -> usize {
+            0
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn activate(&mut self, _: ActivateContext) -> Result<(), String> {
+            *self.activations.lock().unwrap() += 1;
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn counters(&self) -> Arc<DeviceCounters> {
+            Arc::default()
+        }
+    }
+
+    fn device() -> (VirtioPciDevice, Arc<Mutex<usize>>) {
+        let d = Dummy::default();
+        let n = d.activations.clone();
+        let vectors = (0..2).map(|i| MsiVector { gsi: 24 + i, irqfd: EventFd::new(libc::EFD_NONBLOCK).unwrap() }).collect();
+        let msix = MsixConfig::new(vectors, Arc::new(NoKvm));
+        (VirtioPciDevice::new("t", Box::new(d), memory(), msix, None, Arc::new(NoKvm), 0xc000_0000).unwrap(), n)
+    }
+
+    fn w(d: &mut VirtioPciDevice, off: u64, v: u64, len: usize) {
+        d.write_bar(0, off, &v.to_le_bytes()[..len]);
+    }
+
+    fn r(d: &mut VirtioPciDevice, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        d.read_bar(0, off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    fn negotiate(d: &mut VirtioPciDevice) {
+        w(d, 0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER), 1);
+        w(d, 0x08, 1, 4);
+        w(d, 0x0c, 1, 4); // VERSION_1
+        w(d, 0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK), 1);
+    }
+
+    #[test]
+    fn pci_identity_and_capabilities() {
+        let (mut d, _) = device();
+        assert_eq!(d.read_config_register(0), 0x1044_1af4, "modern virtio-rng ID");
+        // Walk the capability list: four virtio capabilities and MSI-X.
+        let mut at = (d.read_config_register(0xd) & 0xff) as usize;
+        let mut kinds = Vec::new();
+        while at != 0 {
+            let reg = d.read_config_register(at / 4);
+            kinds.push((reg & 0xff, (reg >> 24) & 0xff));
+            at = ((reg >> 8) & 0xff) as usize;
+        }
+        assert_eq!(kinds, vec![(9, 1), (9, 3), (9, 2), (0x11, 0)]);
+    }
+
+    #[test]
+    fn activates_only_after_a_valid_negotiation() {
+        let (mut d, n) = device();
+        // Features never offered: FEATURES_OK does not stick.
+        w(&mut d, 0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER), 1);
+        w(&mut d, 0x08, 0, 4);
+        w(&mut d, 0x0c, 0xffff_ffff, 4);
+        w(&mut d, 0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK), 1);
+        assert_eq!(r(&mut d, 0x14, 1) as u8 & STATUS_FEATURES_OK, 0);
+        w(&mut d, 0x14, 0, 1);
+        negotiate(&mut d);
+        assert_ne!(r(&mut d, 0x14, 1) as u8 & STATUS_FEATURES_OK, 0);
+        // Queue 0: an invalid size is ignored; rings inside memory.
+        w(&mut d, 0x16, 0, 2);
+        w(&mut d, 0x18, 3, 2);
+        assert_eq!(r(&mut d, 0x18, 2), 16);
+        w(&mut d, 0x20, 0x1000, 8);
+        w(&mut d, 0x28, 0x2000, 4);
+        w(&mut d, 0x2c, 0, 4);
+        w(&mut d, 0x30, 0x3000, 8);
+        w(&mut d, 0x1c, 1, 2);
+        w(&mut d, 0x1a, 500, 2);
+        assert_eq!(r(&mut d, 0x1a, 2) as u16, NO_VECTOR, "a vector beyond the table reads as none");
+        w(&mut d, 0x14, 0x0f, 1);
+        assert_eq!(*n.lock().unwrap(), 1);
+        assert_eq!(r(&mut d, 0x14, 1), 0x0f);
+    }
+
+    #[test]
+    fn rings_outside_memory_ask_for_a_reset() {
+        let (mut d, n) = device();
+        negotiate(&mut d);
+        w(&mut d, 0x16, 0, 2);
+        w(&mut d, 0x20, 0xffff_ffff_0000, 8);
+        w(&mut d, 0x1c, 1, 2);
+        w(&mut d, 0x14, 0x0f, 1);
+        assert_eq!(*n.lock().unwrap(), 0);
+        assert_ne!(r(&mut d, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
+        // Selecting a queue that does not exist reads as size 0 and ignores writes.
+        w(&mut d, 0x16, 9, 2);
+        assert_eq!(r(&mut d, 0x18, 2), 0);
+        w(&mut d, 0x1c, 1, 2);
+        // A reset clears everything.
+        w(&mut d, 0x14, 0, 1);
+        assert_eq!(r(&mut d, 0x14, 1), 0);
+        // Odd accesses anywhere in the BAR are harmless.
+        for off in (0..BAR_SIZE).step_by(0x7ff) {
+            w(&mut d, off, u64::MAX, 8);
+            r(&mut d, off, 3);
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Replays the fuzz seeds and every input that once crashed a fuzz target
+//! (`fuzz/corpus/*`, `fuzz/regressions/*`) on stable Rust.
+
+use std::path::Path;
+
+fn replay(dir: &str, run: fn(&[u8])) -> usize {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join(dir);
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        run(&std::fs::read(entry.unwrap().path()).unwrap());
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn fuzz_seeds_and_regressions_replay_without_panics_or_hangs() {
+    assert!(replay("corpus/virtio_blk_queue", rvirt_virtio_devices::fuzzing::block_queue) >= 1, "seeds missing");
+    replay("regressions/virtio_blk_queue", rvirt_virtio_devices::fuzzing::block_queue);
+    replay("corpus/virtio_blk_queue", rvirt_virtio_devices::fuzzing::chains);
+}
