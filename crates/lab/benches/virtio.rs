@@ -20,18 +20,17 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in MODULES; do insmod /lib/modules/$m; done
-chmod +x /lib/modules/diskio
 ip link set lo up
 ip addr add 10.0.2.15/24 dev eth0
 ip link set eth0 up
 for i in $(seq 1 60); do ping -c 1 -W 1 10.0.2.1 >/dev/null 2>&1 && break; done
 up() { cut -d' ' -f1 /proc/uptime; }
-for m in seqread seqwrite; do echo "@@$(/diskio $m /dev/vda 1048576 8 | awk '{print "BLK-" toupper($1) "=" $3}')"; done
-for m in randread randwrite; do echo "@@$(/diskio $m /dev/vda 4096 8 | awk '{print "BLK-" toupper($1) "=" $2}')"; done
 t0=$(up); dd if=/dev/zero bs=64k count=1024 2>/dev/null | nc 10.0.2.1 5000; t1=$(up)
 echo "@@NET-TX=$(echo "$t0 $t1" | awk '{printf "%.1f", 64 / ($2 - $1)}')"
 t0=$(up); sleep 120 | nc 10.0.2.1 5001 > /dev/null; t1=$(up)
 echo "@@NET-RX=$(echo "$t0 $t1" | awk '{printf "%.1f", 64 / ($2 - $1)}')"
+for m in seqread seqwrite; do echo "@@$(/diskio $m /dev/vda 1048576 8 | awk '{print "BLK-" toupper($1) "=" $3}')"; done
+for m in randread randwrite; do echo "@@$(/diskio $m /dev/vda 4096 8 | awk '{print "BLK-" toupper($1) "=" $2}')"; done
 poweroff -f
 "#;
 
@@ -39,19 +38,23 @@ const L1: &str = r#"
 insmod /lib/modules/tun.ko
 truncate -s 256M /tmp/disk.raw
 dd if=/dev/urandom of=/tmp/disk.raw bs=1M count=256 conv=notrunc 2>/dev/null
-CMD="console=ttyS0 quiet panic=-1"
+CMD="console=ttyS0 panic=-1 loglevel=4"
 bench() {
   name=$1; shift
   "$@" </dev/null > /tmp/$name.log 2>&1 &
   pid=$!
+  # Keep the console busy so the lab's stall detector knows L1 is alive.
+  (while kill -0 $pid 2>/dev/null; do sleep 20; echo "[bench] $name running"; done) &
   for i in $(seq 1 300); do [ -e /sys/class/net/tap0 ] && break; sleep 0.2; done
   ip addr add 10.0.2.1/24 dev tap0; ip link set tap0 up
   sleep 600 | nc -l -p 5000 > /dev/null &
   dd if=/dev/zero bs=64k count=1024 2>/dev/null | nc -l -p 5001 &
   wait $pid
-  echo "@@$name-EXIT=$?"
+  rc=$?
+  echo "@@$name-EXIT=$rc"
   grep '@@' /tmp/$name.log | sed "s/@@/@@$name-/"
-  kill %2 %3 2>/dev/null
+  [ $rc = 0 ] || tail -40 /tmp/$name.log
+  kill %3 %4 2>/dev/null
 }
 bench RVIRT rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "$CMD" \
   --disk path=/tmp/disk.raw --net tap=tap0
@@ -85,9 +88,13 @@ fn main() -> anyhow::Result<()> {
     let out = lab.run(&spec)?;
     out.check_l1()?;
     let v = out.values();
-    let get = |k: &str| -> anyhow::Result<f64> {
-        v.get(k).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("no {k} in output:\n{}", out.tail(60)))
-    };
+    // A VMM that failed mid-run leaves some figures missing: print what there is.
+    let get = |k: &str| -> f64 { v.get(k).and_then(|s| s.parse().ok()).unwrap_or(f64::NAN) };
+    for vmm in ["RVIRT", "QEMU"] {
+        if v.get(&format!("{vmm}-EXIT")).map(String::as_str) != Some("0") {
+            println!("note: {vmm} did not finish the run cleanly (exit {:?}); see target/lab-logs/bench-virtio.log", v.get(&format!("{vmm}-EXIT")));
+        }
+    }
     println!("virtio in the lab, 2 vCPUs, 512 MiB (L2 figures under TCG; compare ratios only):");
     println!("  {:<28} {:>10} {:>10} {:>8}", "", "rvirt", "qemu", "ratio");
     for (key, what) in [
@@ -98,7 +105,7 @@ fn main() -> anyhow::Result<()> {
         ("NET-TX", "net guest->host (MiB/s)"),
         ("NET-RX", "net host->guest (MiB/s)"),
     ] {
-        let (r, q) = (get(&format!("RVIRT-{key}"))?, get(&format!("QEMU-{key}"))?);
+        let (r, q) = (get(&format!("RVIRT-{key}")), get(&format!("QEMU-{key}")));
         println!("  {what:<28} {r:>10.1} {q:>10.1} {:>7.2}x", r / q);
     }
     let _ = std::fs::remove_dir_all(&dir);
