@@ -30,8 +30,9 @@ pub fn log(line: &str) {
     let _ = writeln!(std::io::stderr(), "[lab] {line}");
 }
 
-/// What L1's kernel prints when one of its CPUs is stuck (seen with the nested guest stalled).
-const SOFT_LOCKUP: &[u8] = b"watchdog: BUG: soft lockup";
+/// What a stuck kernel prints: L1 soft lockups (seen with the nested guest
+/// stalled) and RCU stalls (seen in L2 when its timer stopped on a CPU).
+const STUCK_KERNEL: [&[u8]; 2] = [b"watchdog: BUG: soft lockup", b"rcu: INFO: rcu_preempt detected stalls"];
 
 /// The prepared lab: packages installed, kernel cached, binaries built.
 pub struct Lab {
@@ -167,7 +168,7 @@ impl Lab {
         let _one_at_a_time = RUN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let first = self.run_once(spec)?;
         let what = if first.stalled {
-            format!("stalled (no console output for {} s, or an L1 soft lockup)", spec.stall_timeout.as_secs())
+            format!("stalled (no console output for {} s, or a soft lockup or RCU stall report)", spec.stall_timeout.as_secs())
         } else if first.l2_triple_faulted() {
             "saw its L2 guest triple-fault".to_string()
         } else {
@@ -211,7 +212,7 @@ impl Lab {
                 }
                 let seen = buf.len().saturating_sub(64);
                 buf.extend_from_slice(&chunk[..n]);
-                if buf[seen..].windows(SOFT_LOCKUP.len()).any(|w| w == SOFT_LOCKUP) {
+                if STUCK_KERNEL.iter().any(|p| buf[seen..].windows(p.len()).any(|w| w == *p)) {
                     lockup_w.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 last_output_w.store(started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);

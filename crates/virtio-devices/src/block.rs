@@ -10,8 +10,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use crate::chain::{as_bytes, as_mut_bytes, GuestChain};
-use crate::worker::{serve_queue, EventLoop, Worker};
-use crate::{device_type, ActivateContext, DeviceCounters, InterruptKind, VirtioDevice, COMMON_FEATURES};
+use crate::worker::{spawn_single_queue, Worker};
+use crate::{device_type, ActivateContext, DeviceCounters, VirtioDevice, COMMON_FEATURES};
 
 /// Bytes per sector in virtio-blk requests.
 pub const SECTOR_SIZE: u64 = 512;
@@ -238,29 +238,10 @@ impl VirtioDevice for VirtioBlock {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
         let ActivateContext { mem, interrupt, mut queues, .. } = ctx;
-        let mut q = queues.pop().ok_or("virtio-blk needs its request queue")?;
+        let q = queues.pop().ok_or("virtio-blk needs its request queue")?;
         let handler = self.handler.clone();
-        let name = self.name.clone();
-        let worker = Worker::spawn(&format!("{name}-io"), move |kill| {
-            let Ok(mut events) = EventLoop::new() else { return };
-            if events.add(&q.event, 0).is_err() || events.add(&kill, 1).is_err() {
-                return;
-            }
-            loop {
-                let Ok(tokens) = events.wait() else { return };
-                if tokens.contains(&1) {
-                    return;
-                }
-                let _ = q.event.read();
-                let served = serve_queue(&mut q.queue, &mem, |chain| Some(handler.handle(chain, &mem)));
-                if served.notify {
-                    interrupt.trigger(InterruptKind::Queue(0));
-                }
-                if served.broken {
-                    tracing::error!("{name}: the guest broke the request queue; serving stops until a device reset");
-                    return;
-                }
-            }
+        let worker = spawn_single_queue(&format!("{}-io", self.name), q, mem, interrupt, move |chain, mem| {
+            handler.handle(chain, mem)
         })
         .map_err(|e| e.to_string())?;
         self.worker = Some(worker);

@@ -5,8 +5,8 @@ use std::io::Read;
 use std::sync::Arc;
 
 use crate::chain::{as_mut_bytes, GuestChain};
-use crate::worker::{serve_queue, EventLoop, Worker};
-use crate::{device_type, ActivateContext, DeviceCounters, InterruptKind, VirtioDevice, COMMON_FEATURES};
+use crate::worker::{spawn_single_queue, Worker};
+use crate::{device_type, ActivateContext, DeviceCounters, VirtioDevice, COMMON_FEATURES};
 
 /// Largest request served at once; the driver asks again for more.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -44,7 +44,7 @@ impl VirtioDevice for VirtioRng {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
         let ActivateContext { mem, interrupt, mut queues, .. } = ctx;
-        let mut q = queues.pop().ok_or("virtio-rng needs its request queue")?;
+        let q = queues.pop().ok_or("virtio-rng needs its request queue")?;
         let (source, counters) = (self.source.clone(), self.counters.clone());
         let fill = move |chain: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>, mem: &vm_memory::GuestMemoryMmap| -> u32 {
             let Ok(chain) = GuestChain::parse(chain, mem) else {
@@ -63,29 +63,7 @@ impl VirtioDevice for VirtioRng {
             counters.request(done as u64, 0);
             done as u32
         };
-        self.worker = Some(
-            Worker::spawn("virtio-rng", move |kill| {
-                let Ok(mut events) = EventLoop::new() else { return };
-                if events.add(&q.event, 0).is_err() || events.add(&kill, 1).is_err() {
-                    return;
-                }
-                while let Ok(tokens) = events.wait() {
-                    if tokens.contains(&1) {
-                        return;
-                    }
-                    let _ = q.event.read();
-                    let served = serve_queue(&mut q.queue, &mem, |c| Some(fill(c, &mem)));
-                    if served.notify {
-                        interrupt.trigger(InterruptKind::Queue(0));
-                    }
-                    if served.broken {
-                        tracing::error!("virtio-rng: the guest broke the queue");
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| e.to_string())?,
-        );
+        self.worker = Some(spawn_single_queue("virtio-rng", q, mem, interrupt, fill).map_err(|e| e.to_string())?);
         Ok(())
     }
 

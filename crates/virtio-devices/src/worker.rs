@@ -150,3 +150,40 @@ where
     }
     out
 }
+
+/// Starts the worker of a one-queue device (block, rng): waits for the
+/// driver's notifications, serves every chain with `handle` (which returns
+/// the bytes it wrote into the chain) and interrupts when the ring asks.
+/// A ring the guest broke ends the worker; the device works again after a reset.
+pub fn spawn_single_queue<F>(
+    name: &str,
+    mut q: crate::QueueHandle,
+    mem: vm_memory::GuestMemoryMmap,
+    interrupt: std::sync::Arc<dyn crate::Interrupt>,
+    mut handle: F,
+) -> std::io::Result<Worker>
+where
+    F: FnMut(virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>, &vm_memory::GuestMemoryMmap) -> u32 + Send + 'static,
+{
+    let thread_name = name.to_string();
+    Worker::spawn(name, move |kill| {
+        let Ok(mut events) = EventLoop::new() else { return };
+        if events.add(&q.event, 0).is_err() || events.add(&kill, 1).is_err() {
+            return;
+        }
+        while let Ok(tokens) = events.wait() {
+            if tokens.contains(&1) {
+                return;
+            }
+            let _ = q.event.read();
+            let served = serve_queue(&mut q.queue, &mem, |chain| Some(handle(chain, &mem)));
+            if served.notify {
+                interrupt.trigger(crate::InterruptKind::Queue(0));
+            }
+            if served.broken {
+                tracing::error!("{thread_name}: the guest broke the queue; serving stops until a device reset");
+                return;
+            }
+        }
+    })
+}
