@@ -167,9 +167,11 @@ struct NetWorker {
 
 impl NetWorker {
     /// Moves frames from the tap into receive buffers until one runs out.
-    /// Returns false when the guest has no buffers left (stop polling the tap).
+    /// Returns whether to keep polling the tap: only when the tap ran dry
+    /// with buffers left. Out of buffers, or a ring the guest broke, waits
+    /// for the next receive-queue notification instead (polling a readable
+    /// tap with nowhere to put its frames would spin).
     fn receive(&self, q: &mut virtio_queue::Queue) -> bool {
-        let mut out_of_buffers = true;
         let served = serve_queue(q, &self.mem, |chain| {
             let chain = match GuestChain::parse(chain, &self.mem) {
                 Ok(c) => c,
@@ -185,7 +187,6 @@ impl NetWorker {
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::WouldBlock {
-                    out_of_buffers = false;
                     return None;
                 }
                 self.counters.error();
@@ -202,7 +203,7 @@ impl NetWorker {
         if served.notify {
             self.interrupt.trigger(InterruptKind::Queue(0));
         }
-        !(out_of_buffers && !served.stopped) || served.broken
+        served.stopped
     }
 
     fn transmit(&self, q: &mut virtio_queue::Queue) {
