@@ -249,9 +249,7 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker = None;
     }
 
     fn counters(&self) -> Arc<DeviceCounters> {

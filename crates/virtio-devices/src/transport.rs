@@ -424,10 +424,7 @@ impl VirtioPciDevice {
     }
 
     fn reset(&mut self) {
-        if self.active {
-            self.device.reset();
-            self.active = false;
-        }
+        self.shutdown();
         for q in &mut self.queues {
             q.reset();
         }
