@@ -14,13 +14,13 @@
 
 use std::process::Command;
 
-use rvirt_lab::{l2_initramfs, L1Spec, Lab};
+use rvirt_lab::{insmod_lines, l2_initramfs, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in MODULES; do insmod /lib/modules/$m; done
+INSMOD
 up() { cut -d' ' -f1 /proc/uptime; }
 if [ -e /sys/class/net/eth0 ]; then
   ip link set lo up
@@ -83,8 +83,7 @@ fn main() -> anyhow::Result<()> {
     let st = Command::new("gcc").args(["-O2", "-static", "-o"]).arg(&diskio).arg(src).status()?;
     anyhow::ensure!(st.success(), "compiling diskio.c failed");
     let modules = lab.virtio_modules(&["virtio_blk", "virtio_net"]);
-    let names: Vec<String> = modules.iter().map(|m| m.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    let guest = GUEST.replace("MODULES", &names.join(" "));
+    let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
     let mut initrd_mods = modules.clone();
     initrd_mods.push(diskio.clone());
     let initrd = l2_initramfs(&guest.replace("/diskio", "/lib/modules/diskio"), &initrd_mods)?;

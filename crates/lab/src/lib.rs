@@ -506,6 +506,19 @@ impl Initramfs {
     }
 }
 
+/// Shell lines that load `modules` from where [`l2_initramfs`] puts them,
+/// in order; a module that fails prints `@@L2-INSMOD-FAILED=NAME`.
+pub fn insmod_lines(modules: &[PathBuf]) -> String {
+    modules
+        .iter()
+        .filter_map(|m| m.file_name())
+        .map(|n| {
+            let n = n.to_string_lossy();
+            format!("insmod /lib/modules/{n} || echo \"@@L2-INSMOD-FAILED={n}\"\n")
+        })
+        .collect()
+}
+
 /// A busybox initramfs for L2 guests: `init` is the given script, and the
 /// given kernel modules are placed in /lib/modules for it to `insmod`.
 pub fn l2_initramfs(init_script: &str, modules: &[PathBuf]) -> Result<Vec<u8>> {

@@ -1,24 +1,20 @@
 //! Lab tests of the virtio devices: Debian's stock kernel (its own virtio
 //! modules, loaded by the L2 init) drives rvirt-vmm's virtio-pci devices.
 
-use rvirt_lab::{l2_initramfs, log, L1Spec, Lab, LabOutput};
+use rvirt_lab::{insmod_lines, l2_initramfs, log, L1Spec, Lab, LabOutput};
 
-/// Loads every module the initramfs carries, in the order given.
-const LOAD_MODULES: &str = r#"#!/bin/sh
+/// The start of every guest's init: the usual mounts; the virtio modules are loaded after it.
+const MOUNTS: &str = r#"#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /mnt /tmp
 mount -t tmpfs tmpfs /tmp
-for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || echo "@@L2-INSMOD-FAILED=$m"; done
 "#;
 
 fn guest_initrd(lab: &Lab, drivers: &[&str], script: &str) -> Vec<u8> {
     let modules = lab.virtio_modules(drivers);
-    let order: Vec<String> =
-        modules.iter().map(|m| m.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    let init = format!("{LOAD_MODULES}{script}");
-    let init = init.replace("$(cat /lib/modules/order)", &order.join(" "));
+    let init = format!("{MOUNTS}{}{script}", insmod_lines(&modules));
     l2_initramfs(&init, &modules).unwrap()
 }
 
