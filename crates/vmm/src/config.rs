@@ -18,20 +18,26 @@ pub enum SerialMode {
     Null,
 }
 
-impl std::str::FromStr for SerialMode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
+impl SerialMode {
+    /// Parses a console backend given to `option` (`--serial`, `--console`),
+    /// naming that option in the error.
+    pub fn parse_for(option: &str, s: &str) -> Result<Self, Error> {
         match s {
             "stdio" => Ok(Self::Stdio),
             "pty" => Ok(Self::Pty),
             "null" | "off" | "none" => Ok(Self::Null),
             _ => match s.strip_prefix("file=") {
                 Some(p) if !p.is_empty() => Ok(Self::File(PathBuf::from(p))),
-                _ => Err(Error::Config(format!(
-                    "invalid --serial '{s}': expected stdio, file=PATH, pty or null"
-                ))),
+                _ => Err(Error::Config(format!("invalid {option} '{s}': expected stdio, file=PATH, pty or null"))),
             },
         }
+    }
+}
+
+impl std::str::FromStr for SerialMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Self::parse_for("--serial", s)
     }
 }
 

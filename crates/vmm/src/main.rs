@@ -67,7 +67,7 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
         nets: cli.net.iter().map(|n| n.parse::<NetConfig>()).collect::<Result<_, _>>()?,
         rng: cli.rng,
         balloon: cli.balloon,
-        console: cli.console.as_deref().map(str::parse::<SerialMode>).transpose()?,
+        console: cli.console.as_deref().map(|c| SerialMode::parse_for("--console", c)).transpose()?,
     })
 }
 

@@ -58,7 +58,8 @@ fn random_mac() -> [u8; 6] {
 }
 
 fn open_disk(d: &DiskConfig) -> Result<Arc<dyn rvirt_block::BlockBackend>> {
-    let err = |e: rvirt_block::Error| Error::Device(format!("--disk {}: {e}", d.path.display()));
+    // The image library's errors already name the file.
+    let err = |e: rvirt_block::Error| Error::Device(format!("--disk: {e}"));
     let format = match d.format {
         Some(f) => f,
         None => rvirt_block::probe_format(&d.path).map_err(err)?,

@@ -47,6 +47,35 @@ fn bad_arguments_get_one_clear_line() {
 }
 
 #[test]
+fn bad_virtio_device_arguments_get_one_clear_line() {
+    let k = kernel_file();
+    let k = k.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("rvirt-cli-disks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad_qcow2 = dir.join("bad.qcow2");
+    std::fs::write(&bad_qcow2, b"QFI\xfb and then nothing a header needs").unwrap();
+    let raw = dir.join("plain.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let disk = |spec: String| ["--kernel".to_string(), k.to_string(), "--disk".to_string(), spec];
+    let run = |args: [String; 4], needle: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        expect_error(&args, needle);
+    };
+    run(disk("path=/nonexistent/d.raw".into()), "--disk: /nonexistent/d.raw: No such file");
+    run(disk("/img/a.raw".into()), "invalid --disk '/img/a.raw'");
+    run(disk("path=a,cache=none".into()), "unknown key 'cache'");
+    run(disk(format!("path={}", bad_qcow2.display())), "not a qcow2 image");
+    run(disk(format!("path={},format=qcow2", raw.display())), "not a qcow2 image");
+    run(disk(format!("path={},format=qcow2,direct=on", raw.display())), "direct=on is supported for raw images only");
+    expect_error(&["--kernel", k, "--net", "tap="], "tap=NAME (1-15 characters) is required");
+    expect_error(&["--kernel", k, "--net", "tap=t0,mac=01:00:00:00:00:00"], "multicast");
+    expect_error(&["--kernel", k, "--net", "tap=t0", "--net", "tap=t0"], "tap 't0' is given to two --net cards");
+    expect_error(&["--kernel", k, "--console", "tcp:1"], "invalid --console 'tcp:1'");
+    expect_error(&["--kernel", k, "--console", "stdio"], "--console stdio needs --serial");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn missing_required_argument_is_a_usage_error() {
     let (code, stderr) = vmm(&["--cpus", "2"]);
     assert_eq!(code, 2);
@@ -59,7 +88,10 @@ fn help_and_version_succeed() {
     assert_eq!(code, 0);
     let out = Command::new(env!("CARGO_BIN_EXE_rvirt-vmm")).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--serial", "--api-socket", "--on-reboot"] {
+    for flag in [
+        "--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--serial", "--api-socket", "--on-reboot", "--disk", "--net",
+        "--rng", "--balloon", "--console",
+    ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }
