@@ -85,6 +85,26 @@ pub trait BlockBackend: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Reads consecutive bytes from `offset` into `bufs`, in order: one
+    /// guest request scattered over many pages. Formats that can do it in
+    /// one system call (raw: `preadv`) override this loop.
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> Result<()> {
+        let mut pos = offset;
+        for b in bufs.iter_mut() {
+            self.read_at(b, pos)?;
+            pos += b.len() as u64;
+        }
+        Ok(())
+    }
+    /// Writes `bufs` one after the other from `offset` (raw: one `pwritev`).
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+        let mut pos = offset;
+        for b in bufs {
+            self.write_at(b, pos)?;
+            pos += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes completed writes durable.
     fn flush(&self) -> Result<()>;
     /// Tells the image `length` bytes at `offset` are no longer needed (they read as zeros after).

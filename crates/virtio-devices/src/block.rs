@@ -112,12 +112,11 @@ impl BlockRequestHandler {
                 if data_len as u64 % SECTOR_SIZE != 0 {
                     return Err(S_IOERR);
                 }
-                let mut offset = self.range(sector, data_len as u64)?;
-                for s in chain.writable_slices(mem, 0, data_len).map_err(|_| S_IOERR)? {
-                    // SAFETY: the slice is checked guest memory, used only for this read.
-                    self.backend.read_at(unsafe { as_mut_bytes(&s) }, offset).map_err(|e| io("read", e))?;
-                    offset += s.len() as u64;
-                }
+                let offset = self.range(sector, data_len as u64)?;
+                let slices = chain.writable_slices(mem, 0, data_len).map_err(|_| S_IOERR)?;
+                // SAFETY: the slices are checked guest memory, used only for this read.
+                let mut bufs: Vec<&mut [u8]> = slices.iter().map(|s| unsafe { as_mut_bytes(s) }).collect();
+                self.backend.read_vectored_at(&mut bufs, offset).map_err(|e| io("read", e))?;
                 Ok((data_len, 0))
             }
             T_OUT => {
@@ -125,12 +124,11 @@ impl BlockRequestHandler {
                 if len as u64 % SECTOR_SIZE != 0 || self.backend.is_read_only() {
                     return Err(S_IOERR);
                 }
-                let mut offset = self.range(sector, len as u64)?;
-                for s in chain.readable_slices(mem, HEADER_LEN, len).map_err(|_| S_IOERR)? {
-                    // SAFETY: as above, for this write.
-                    self.backend.write_at(unsafe { as_bytes(&s) }, offset).map_err(|e| io("write", e))?;
-                    offset += s.len() as u64;
-                }
+                let offset = self.range(sector, len as u64)?;
+                let slices = chain.readable_slices(mem, HEADER_LEN, len).map_err(|_| S_IOERR)?;
+                // SAFETY: as above, for this write.
+                let bufs: Vec<&[u8]> = slices.iter().map(|s| unsafe { as_bytes(s) }).collect();
+                self.backend.write_vectored_at(&bufs, offset).map_err(|e| io("write", e))?;
                 Ok((0, len))
             }
             T_FLUSH => self.backend.flush().map(|_| (0, 0)).map_err(|e| io("flush", e)),
