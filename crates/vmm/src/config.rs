@@ -130,6 +130,8 @@ pub struct NetConfig {
     pub tap: String,
     /// MAC address; a random locally administered one when not given.
     pub mac: Option<[u8; 6]>,
+    /// A Linux bridge the tap joins (and is brought up on) at start.
+    pub bridge: Option<String>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -155,12 +157,14 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], Error> {
 impl std::str::FromStr for NetConfig {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
-        let mut n = NetConfig { tap: String::new(), mac: None };
+        let mut n = NetConfig { tap: String::new(), mac: None, bridge: None };
         for (k, v) in key_values("--net", s)? {
             match k {
                 "tap" => n.tap = v.into(),
                 "mac" => n.mac = Some(parse_mac(v)?),
-                _ => return Err(Error::Config(format!("--net: unknown key '{k}' (expected tap, mac)"))),
+                "bridge" if !v.is_empty() && v.len() <= 15 => n.bridge = Some(v.into()),
+                "bridge" => return Err(Error::Config(format!("--net: bridge '{v}' is not an interface name (1-15 characters)"))),
+                _ => return Err(Error::Config(format!("--net: unknown key '{k}' (expected tap, mac, bridge)"))),
             }
         }
         if n.tap.is_empty() || n.tap.len() > 15 {
@@ -353,7 +357,10 @@ mod tests {
     #[test]
     fn nets_and_macs() {
         let n: NetConfig = "tap=tap0,mac=52:54:00:AB:cd:01".parse().unwrap();
-        assert_eq!(n, NetConfig { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]) });
+        assert_eq!(n, NetConfig { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]), bridge: None });
+        let b: NetConfig = "tap=vnet3,bridge=br0".parse().unwrap();
+        assert_eq!(b.bridge.as_deref(), Some("br0"));
+        assert!("tap=t,bridge=".parse::<NetConfig>().is_err());
         for bad in ["mac=52:54:00:00:00:01", "tap=", "tap=averyveryverylongname", "tap=t,mac=52:54:00:00:00", "tap=t,mac=01:00:00:00:00:00", "tap=t,mac=zz:00:00:00:00:00"] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }

@@ -86,6 +86,9 @@ impl Backends {
             .iter()
             .map(|n| {
                 let tap = Tap::open(&n.tap).map_err(|e| Error::Device(format!("--net: {e}")))?;
+                if let Some(br) = &n.bridge {
+                    tap.attach_to_bridge(br).map_err(|e| Error::Device(format!("--net: {e}")))?;
+                }
                 Ok((Arc::new(tap), n.mac.unwrap_or_else(random_mac)))
             })
             .collect::<Result<Vec<_>>>()?;
