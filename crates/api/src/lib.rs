@@ -73,6 +73,9 @@ pub struct VmStatus {
     /// The balloon, when the VM has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonStatus>,
+    /// The pty the serial console is on (`--serial pty`), for clients to attach to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_pty: Option<String>,
 }
 
 /// The balloon's state in [`VmStatus`].
@@ -259,6 +262,7 @@ mod tests {
                 uptime_seconds: 1.5,
                 pid: 42,
                 balloon: None,
+                serial_pty: Some("/dev/pts/3".into()),
             }),
             ..Response::ok()
         };

@@ -133,6 +133,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     let mut escape = EscapeFilter::default();
     loop {
         let mut vm = Vm::create(&kvm, cfg, console.writer()?, &backends)?;
+        vm.serial_pty = console.pty_path.clone();
         vm.start()?;
         let exit = event_loop(&vm, &console, api.as_ref(), &terminate, &mut escape);
         vm.stop();

@@ -92,7 +92,19 @@ fn main() -> ExitCode {
             eprintln!("rvirt-vmm: guest crashed: {why}");
             ExitCode::from(1)
         }
-        Ok(_) => ExitCode::SUCCESS,
+        // One line on how the VM ended, for logs and the rvirtd supervisor.
+        Ok(VmExit::PowerOff) => {
+            eprintln!("rvirt-vmm: guest powered off");
+            ExitCode::SUCCESS
+        }
+        Ok(VmExit::Reset) => {
+            eprintln!("rvirt-vmm: guest rebooted");
+            ExitCode::SUCCESS
+        }
+        Ok(VmExit::Stopped) => {
+            eprintln!("rvirt-vmm: stopped");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("rvirt-vmm: {e}");
             ExitCode::from(1)

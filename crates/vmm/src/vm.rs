@@ -56,6 +56,8 @@ pub struct Vm {
     memory_bytes: u64,
     /// What was loaded where.
     pub kernel: LoadedKernel,
+    /// The serial console's pty, reported in `status`.
+    pub serial_pty: Option<String>,
 }
 
 fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine> {
@@ -144,6 +146,7 @@ impl Vm {
             vcpu_count: cfg.vcpus,
             memory_bytes: cfg.memory_bytes,
             kernel,
+            serial_pty: None,
         })
     }
 
@@ -219,6 +222,7 @@ impl Vm {
                 .balloon
                 .as_ref()
                 .map(|b| BalloonStatus { target_bytes: b.target_bytes(), actual_bytes: b.actual_bytes() }),
+            serial_pty: self.serial_pty.clone(),
         }
     }
 
