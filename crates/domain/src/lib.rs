@@ -1,0 +1,18 @@
+//! Domains as rvirt manages them: a documented subset of libvirt's domain
+//! XML ([`DomainXml`]) that parses a user's simple libvirt definition,
+//! reports what it does not understand, writes itself back, and turns into
+//! an `rvirt-vmm` command line; and the JSON protocol `rvirtd` and `rvirt`
+//! speak on the management socket ([`protocol`]).
+//!
+//! This crate knows nothing of processes or sockets: the daemon and the
+//! client build on it, and it builds on nothing of rvirt's.
+
+pub mod protocol;
+mod write;
+mod xml;
+
+pub use write::VmmLaunch;
+pub use xml::{
+    CharDevice, DiskSource, DomainXml, ImageFormat, Interface, InterfaceKind, LifecycleAction, UnknownElement, VirtioDisk,
+    XmlError, MAX_VCPUS,
+};

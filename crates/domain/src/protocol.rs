@@ -1,0 +1,268 @@
+//! The management protocol between `rvirt` and `rvirtd`: one JSON request
+//! per line on the daemon's unix socket, one JSON response line back. The
+//! connection stays open for more requests. See docs/rvirtd.md.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line the daemon reads (a domain XML fits many times).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// Default state directory of the daemon.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/rvirt";
+/// Default socket of the daemon.
+pub const DEFAULT_SOCKET: &str = "/run/rvirt/rvirtd.sock";
+
+/// A request. `domain` names a domain by name, id or UUID, as virsh does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Domains: running ones, or all with `all`.
+    List {
+        /// Include inactive domains.
+        #[serde(default)]
+        all: bool,
+    },
+    /// Store a definition (new, or replacing the one with the same name and UUID).
+    Define {
+        /// Domain XML.
+        xml: String,
+    },
+    /// Start a domain that is not stored (gone when it stops).
+    Create {
+        /// Domain XML.
+        xml: String,
+    },
+    /// Remove a stopped domain's definition.
+    Undefine {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// Start a defined domain.
+    Start {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// Press the ACPI power button; with a timeout, wait until the domain is shut off.
+    Shutdown {
+        /// Name, id or UUID.
+        domain: String,
+        /// Seconds to wait for the guest to power off (none: do not wait).
+        #[serde(default)]
+        timeout_seconds: Option<u64>,
+    },
+    /// Stop a domain at once.
+    Destroy {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// Ask the guest to power off, then start it again.
+    Reboot {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// Pause the vCPUs.
+    Suspend {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// Let paused vCPUs run.
+    Resume {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// The domain's XML.
+    DumpXml {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// Facts about a domain.
+    DomInfo {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// A domain's state and why it is in it.
+    DomState {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// Start the domain when the daemon starts (or stop doing so).
+    Autostart {
+        /// Name, id or UUID.
+        domain: String,
+        /// On or off.
+        enable: bool,
+    },
+    /// Where the domain's serial console is (a pty path).
+    Console {
+        /// Name, id or UUID.
+        domain: String,
+    },
+}
+
+/// A domain's state, named as virsh names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainState {
+    /// The VMM runs the guest.
+    Running,
+    /// The guest's vCPUs are paused.
+    Paused,
+    /// An ACPI shutdown was requested and the guest has not finished yet.
+    InShutdown,
+    /// Not running.
+    ShutOff,
+    /// The guest or its VMM crashed and `on_crash` is `preserve`.
+    Crashed,
+}
+
+impl DomainState {
+    /// virsh's words.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::InShutdown => "in shutdown",
+            Self::ShutOff => "shut off",
+            Self::Crashed => "crashed",
+        }
+    }
+
+    /// Whether a VMM process exists for the domain.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Running | Self::Paused | Self::InShutdown)
+    }
+}
+
+impl std::fmt::Display for DomainState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One row of `list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainSummary {
+    /// Id while active.
+    pub id: Option<u32>,
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: DomainState,
+}
+
+/// The answer to `dom-state`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateReport {
+    /// State.
+    pub state: DomainState,
+    /// Why (`booted`, `shutdown`, `destroyed`, `crashed`, `user`, ...).
+    pub reason: String,
+}
+
+/// The answer to `dom-info`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DomainInfo {
+    /// Id while active.
+    pub id: Option<u32>,
+    /// Name.
+    pub name: String,
+    /// UUID.
+    pub uuid: String,
+    /// Always `hvm`.
+    pub os_type: String,
+    /// State.
+    pub state: DomainState,
+    /// Why it is in that state.
+    pub reason: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// `<memory>` in KiB.
+    pub max_memory_kib: u64,
+    /// Memory the guest has now (after ballooning) in KiB.
+    pub used_memory_kib: u64,
+    /// Whether the definition is stored.
+    pub persistent: bool,
+    /// Whether it starts with the daemon.
+    pub autostart: bool,
+    /// CPU seconds the VMM used, while active.
+    pub cpu_time_seconds: Option<f64>,
+    /// The VMM's process ID, while active.
+    pub pid: Option<u32>,
+}
+
+/// A response. `ok` says whether the request was carried out; the other
+/// fields are present when the request produces them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Success.
+    pub ok: bool,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Things the user should know, like XML elements that have no effect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// The domain the request acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domains: Option<Vec<DomainSummary>>,
+    /// `dump-xml`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xml: Option<String>,
+    /// `dom-info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<DomainInfo>,
+    /// `dom-state`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateReport>,
+    /// `console`: the pty to open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
+}
+
+impl Response {
+    /// A bare success.
+    pub fn ok() -> Self {
+        Self { ok: true, ..Default::default() }
+    }
+
+    /// Success naming the domain acted on.
+    pub fn done(name: &str) -> Self {
+        Self { ok: true, name: Some(name.to_string()), ..Default::default() }
+    }
+
+    /// A failure explained by `msg`.
+    pub fn error(msg: impl Into<String>) -> Self {
+        Self { ok: false, error: Some(msg.into()), ..Default::default() }
+    }
+}
+
+/// Parses one request line, with an error a client can show as it is.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+    }
+    serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_use_command_tags_and_reject_junk() {
+        let r = parse_request(r#"{"command":"shutdown","domain":"web","timeout_seconds":30}"#).unwrap();
+        assert_eq!(r, Request::Shutdown { domain: "web".into(), timeout_seconds: Some(30) });
+        assert_eq!(parse_request(r#"{"command":"list"}"#).unwrap(), Request::List { all: false });
+        for bad in ["", "{", r#"{"command":"fly"}"#, r#"{"command":"start"}"#, r#"{"command":"start","domain":"a","x":1}"#, "[1]"] {
+            assert!(parse_request(bad).unwrap_err().starts_with("malformed request"), "{bad}");
+        }
+        assert!(parse_request(&"x".repeat(MAX_REQUEST_BYTES + 1)).unwrap_err().contains("longer"));
+        let s = serde_json::to_string(&Response::error("no")).unwrap();
+        assert_eq!(s, r#"{"ok":false,"error":"no"}"#);
+        let s = serde_json::to_string(&DomainState::ShutOff).unwrap();
+        assert_eq!(s, r#""shut-off""#);
+    }
+}

@@ -1,0 +1,221 @@
+//! Writing a [`DomainXml`] back as libvirt-style XML (`dumpxml`) and as an
+//! `rvirt-vmm` command line.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use crate::xml::{CharDevice, DiskSource, DomainXml, ImageFormat, InterfaceKind, LifecycleAction, UnknownElement};
+
+/// Escapes text and attribute values.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn p(path: &Path) -> String {
+    esc(&path.to_string_lossy())
+}
+
+fn unknown_in(out: &mut String, unknown: &[UnknownElement], parent: &str, indent: &str) {
+    for u in unknown.iter().filter(|u| u.parent == parent) {
+        let _ = writeln!(out, "{indent}{}", u.xml);
+    }
+}
+
+fn char_device(out: &mut String, tag: &str, dev: &CharDevice, target: &str) {
+    let (ty, source) = match dev {
+        CharDevice::Pty => ("pty", None),
+        CharDevice::Null => ("null", None),
+        CharDevice::File(f) => ("file", Some(f)),
+    };
+    let _ = writeln!(out, "    <{tag} type='{ty}'>");
+    if let Some(f) = source {
+        let _ = writeln!(out, "      <source path='{}'/>", p(f));
+    }
+    let _ = writeln!(out, "      {target}");
+    let _ = writeln!(out, "    </{tag}>");
+}
+
+/// What rvirtd decided for one start of a domain: where the VMM's control
+/// socket goes and the tap names it picked for interfaces without one.
+#[derive(Clone, Debug)]
+pub struct VmmLaunch<'a> {
+    /// The `--api-socket` path.
+    pub api_socket: &'a Path,
+    /// One tap name per interface, in order.
+    pub taps: &'a [String],
+}
+
+impl DomainXml {
+    /// The definition as libvirt-style XML; unknown elements come back
+    /// verbatim where they were.
+    pub fn to_xml(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "<domain type='kvm'>");
+        let _ = writeln!(o, "  <name>{}</name>", esc(&self.name));
+        let _ = writeln!(o, "  <uuid>{}</uuid>", self.uuid);
+        let _ = writeln!(o, "  <memory unit='KiB'>{}</memory>", self.memory_kib);
+        let _ = writeln!(o, "  <currentMemory unit='KiB'>{}</currentMemory>", self.current_memory_kib);
+        let _ = writeln!(o, "  <vcpu>{}</vcpu>", self.vcpus);
+        let _ = writeln!(o, "  <os>");
+        let _ = writeln!(o, "    <type arch='x86_64'>hvm</type>");
+        let _ = writeln!(o, "    <kernel>{}</kernel>", p(&self.kernel));
+        if let Some(i) = &self.initrd {
+            let _ = writeln!(o, "    <initrd>{}</initrd>", p(i));
+        }
+        if let Some(c) = &self.cmdline {
+            let _ = writeln!(o, "    <cmdline>{}</cmdline>", esc(c));
+        }
+        unknown_in(&mut o, &self.unknown, "os", "    ");
+        let _ = writeln!(o, "  </os>");
+        unknown_in(&mut o, &self.unknown, "domain", "  ");
+        let _ = writeln!(o, "  <on_poweroff>{}</on_poweroff>", self.on_poweroff.name());
+        let _ = writeln!(o, "  <on_reboot>{}</on_reboot>", self.on_reboot.name());
+        let _ = writeln!(o, "  <on_crash>{}</on_crash>", self.on_crash.name());
+        let _ = writeln!(o, "  <devices>");
+        for d in &self.disks {
+            let (ty, key) = match d.source_kind {
+                DiskSource::File => ("file", "file"),
+                DiskSource::Block => ("block", "dev"),
+            };
+            let _ = writeln!(o, "    <disk type='{ty}' device='disk'>");
+            let mut driver = String::from("<driver name='rvirt'");
+            if let Some(f) = d.format {
+                driver += match f {
+                    ImageFormat::Raw => " type='raw'",
+                    ImageFormat::Qcow2 => " type='qcow2'",
+                };
+            }
+            if d.direct {
+                driver += " cache='none'";
+            }
+            let _ = writeln!(o, "      {driver}/>");
+            let _ = writeln!(o, "      <source {key}='{}'/>", p(&d.path));
+            let _ = writeln!(o, "      <target dev='{}' bus='virtio'/>", esc(&d.target));
+            if d.readonly {
+                let _ = writeln!(o, "      <readonly/>");
+            }
+            if let Some(s) = &d.serial {
+                let _ = writeln!(o, "      <serial>{}</serial>", esc(s));
+            }
+            let _ = writeln!(o, "    </disk>");
+        }
+        for i in &self.interfaces {
+            match &i.kind {
+                InterfaceKind::Ethernet => {
+                    let _ = writeln!(o, "    <interface type='ethernet'>");
+                }
+                InterfaceKind::Bridge(b) => {
+                    let _ = writeln!(o, "    <interface type='bridge'>");
+                    let _ = writeln!(o, "      <source bridge='{}'/>", esc(b));
+                }
+            }
+            if let Some(m) = &i.mac {
+                let _ = writeln!(o, "      <mac address='{}'/>", esc(m));
+            }
+            if let Some(t) = &i.tap {
+                let _ = writeln!(o, "      <target dev='{}'/>", esc(t));
+            }
+            let _ = writeln!(o, "      <model type='virtio'/>");
+            let _ = writeln!(o, "    </interface>");
+        }
+        if let Some(s) = &self.serial {
+            char_device(&mut o, "serial", s, "<target port='0'/>");
+            char_device(&mut o, "console", s, "<target type='serial' port='0'/>");
+        }
+        if let Some(c) = &self.virtio_console {
+            char_device(&mut o, "console", c, "<target type='virtio' port='0'/>");
+        }
+        if self.rng {
+            let _ = writeln!(o, "    <rng model='virtio'>");
+            let _ = writeln!(o, "      <backend model='random'>/dev/urandom</backend>");
+            let _ = writeln!(o, "    </rng>");
+        }
+        let _ = writeln!(o, "    <memballoon model='{}'/>", if self.memballoon { "virtio" } else { "none" });
+        unknown_in(&mut o, &self.unknown, "devices", "    ");
+        let _ = writeln!(o, "  </devices>");
+        let _ = writeln!(o, "</domain>");
+        o
+    }
+
+    /// The `rvirt-vmm` arguments that run this domain.
+    pub fn vmm_args(&self, launch: &VmmLaunch) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "--kernel".into(),
+            self.kernel.to_string_lossy().into_owned(),
+            "--cpus".into(),
+            self.vcpus.to_string(),
+            "--memory".into(),
+            format!("{}K", self.memory_kib),
+            "--api-socket".into(),
+            launch.api_socket.to_string_lossy().into_owned(),
+            "--on-reboot".into(),
+            if self.on_reboot == LifecycleAction::Restart { "restart" } else { "exit" }.into(),
+            "--serial".into(),
+            match &self.serial {
+                Some(c) => char_mode(c),
+                None => "null".into(),
+            },
+        ];
+        if let Some(i) = &self.initrd {
+            a.extend(["--initrd".into(), i.to_string_lossy().into_owned()]);
+        }
+        if let Some(c) = &self.cmdline {
+            a.extend(["--cmdline".into(), c.clone()]);
+        }
+        for d in &self.disks {
+            let mut spec = format!("path={}", d.path.to_string_lossy());
+            if let Some(f) = d.format {
+                spec += if f == ImageFormat::Raw { ",format=raw" } else { ",format=qcow2" };
+            }
+            if d.readonly {
+                spec += ",readonly=on";
+            }
+            if d.direct {
+                spec += ",direct=on";
+            }
+            if let Some(s) = &d.serial {
+                spec += &format!(",serial={s}");
+            }
+            a.extend(["--disk".into(), spec]);
+        }
+        for (i, tap) in self.interfaces.iter().zip(launch.taps) {
+            let mut spec = format!("tap={tap}");
+            if let Some(m) = &i.mac {
+                spec += &format!(",mac={m}");
+            }
+            if let InterfaceKind::Bridge(b) = &i.kind {
+                spec += &format!(",bridge={b}");
+            }
+            a.extend(["--net".into(), spec]);
+        }
+        if self.rng {
+            a.push("--rng".into());
+        }
+        if self.memballoon {
+            a.push("--balloon".into());
+        }
+        if let Some(c) = &self.virtio_console {
+            a.extend(["--console".into(), char_mode(c)]);
+        }
+        a
+    }
+}
+
+fn char_mode(c: &CharDevice) -> String {
+    match c {
+        CharDevice::Pty => "pty".into(),
+        CharDevice::Null => "null".into(),
+        CharDevice::File(f) => format!("file={}", f.to_string_lossy()),
+    }
+}

@@ -1,0 +1,666 @@
+//! Parsing and validating libvirt-style domain XML.
+//!
+//! The subset (documented in docs/domain-xml.md): `name`, `uuid`, `memory`,
+//! `currentMemory`, `vcpu`, `os` (`type`, `kernel`, `initrd`, `cmdline`),
+//! `on_poweroff`/`on_reboot`/`on_crash`, and under `devices`: `disk`,
+//! `interface`, `serial`, `console`, `rng`, `memballoon`. Anything else is
+//! kept verbatim (and written back by `dumpxml`) and listed in
+//! [`DomainXml::unknown`] so the user hears it has no effect. Values rvirt
+//! cannot honour are errors naming the element and its line.
+
+use std::path::PathBuf;
+
+use roxmltree::{Document, Node};
+use uuid::Uuid;
+
+/// Most vCPUs a domain may have (rvirt-vmm's limit).
+pub const MAX_VCPUS: u32 = 254;
+
+/// Why a definition was refused: where, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", location(*.line, .element))]
+pub struct XmlError {
+    /// 1-based line of the offending element (0: not tied to one).
+    pub line: u32,
+    /// The element, like `memory` or `devices/disk/source`.
+    pub element: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn location(line: u32, element: &str) -> String {
+    match (line, element.is_empty()) {
+        (0, true) => String::new(),
+        (0, false) => format!("<{element}>: "),
+        (l, true) => format!("line {l}: "),
+        (l, false) => format!("line {l}: <{element}>: "),
+    }
+}
+
+/// What happens when the guest powers off, reboots or crashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifecycleAction {
+    /// The domain stops (`shut off`).
+    Destroy,
+    /// The domain starts again.
+    Restart,
+    /// The domain stays as it is for inspection (`crashed`); only for `on_crash`.
+    Preserve,
+}
+
+impl LifecycleAction {
+    /// libvirt's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Destroy => "destroy",
+            Self::Restart => "restart",
+            Self::Preserve => "preserve",
+        }
+    }
+}
+
+/// Where a disk's bytes live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskSource {
+    /// `<disk type='file'>`: `<source file=.../>`.
+    File,
+    /// `<disk type='block'>`: `<source dev=.../>`.
+    Block,
+}
+
+/// Disk image formats rvirt-vmm opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// A plain file or device.
+    Raw,
+    /// qcow2.
+    Qcow2,
+}
+
+/// A virtio disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtioDisk {
+    /// File or block device.
+    pub source_kind: DiskSource,
+    /// Absolute path of the image.
+    pub path: PathBuf,
+    /// `<driver type=...>`; probed when absent.
+    pub format: Option<ImageFormat>,
+    /// `<driver cache='none'|'directsync'>`: O_DIRECT.
+    pub direct: bool,
+    /// `<target dev=...>` (`vda`, `vdb`, ...), the guest's name for it.
+    pub target: String,
+    /// `<readonly/>`.
+    pub readonly: bool,
+    /// `<serial>`.
+    pub serial: Option<String>,
+}
+
+/// How a network card reaches the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InterfaceKind {
+    /// `<interface type='ethernet'>`: a tap, nothing else.
+    Ethernet,
+    /// `<interface type='bridge'>`: a tap added to this Linux bridge.
+    Bridge(String),
+}
+
+/// A virtio network card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    /// Ethernet or bridge.
+    pub kind: InterfaceKind,
+    /// `<target dev=...>`: the tap's name; chosen by rvirtd when absent.
+    pub tap: Option<String>,
+    /// `<mac address=...>`.
+    pub mac: Option<String>,
+}
+
+/// Where a serial port or console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CharDevice {
+    /// A pseudo-terminal (`rvirt console` attaches to it).
+    Pty,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    Null,
+}
+
+/// An element rvirt does not implement, kept so `dumpxml` gives it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownElement {
+    /// `domain`, `os` or `devices`: where it sits.
+    pub parent: String,
+    /// Its tag name.
+    pub name: String,
+    /// Its line in the XML it came from.
+    pub line: u32,
+    /// Its text, verbatim.
+    pub xml: String,
+}
+
+/// A domain definition: what rvirtd stores and starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainXml {
+    /// Unique name; also the file name of the stored definition.
+    pub name: String,
+    /// Unique id (generated when the XML has none).
+    pub uuid: Uuid,
+    /// Guest RAM in KiB (`<memory>`).
+    pub memory_kib: u64,
+    /// RAM the guest starts with, the rest ballooned (`<currentMemory>`).
+    pub current_memory_kib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// `<os><kernel>`: rvirt boots kernels directly.
+    pub kernel: PathBuf,
+    /// `<os><initrd>`.
+    pub initrd: Option<PathBuf>,
+    /// `<os><cmdline>`.
+    pub cmdline: Option<String>,
+    /// `<on_poweroff>` (destroy or restart).
+    pub on_poweroff: LifecycleAction,
+    /// `<on_reboot>` (restart or destroy).
+    pub on_reboot: LifecycleAction,
+    /// `<on_crash>` (destroy, restart or preserve).
+    pub on_crash: LifecycleAction,
+    /// Virtio disks, in order.
+    pub disks: Vec<VirtioDisk>,
+    /// Virtio network cards, in order.
+    pub interfaces: Vec<Interface>,
+    /// The first serial port (COM1, the guest's ttyS0).
+    pub serial: Option<CharDevice>,
+    /// A virtio console (`<console><target type='virtio'/>`, hvc0).
+    pub virtio_console: Option<CharDevice>,
+    /// `<rng model='virtio'>` fed from the host's urandom.
+    pub rng: bool,
+    /// `<memballoon model='virtio'>` (libvirt's default; `model='none'` removes it).
+    pub memballoon: bool,
+    /// Elements kept but not acted on.
+    pub unknown: Vec<UnknownElement>,
+}
+
+/// Parsing context: the document (for line numbers) and the path so far.
+struct Cx<'a, 'input> {
+    doc: &'a Document<'input>,
+    src: &'input str,
+}
+
+impl<'a, 'input> Cx<'a, 'input> {
+    fn line(&self, n: Node) -> u32 {
+        self.doc.text_pos_at(n.range().start).row
+    }
+
+    fn err(&self, n: Node, path: &str, message: impl Into<String>) -> XmlError {
+        XmlError { line: self.line(n), element: path.to_string(), message: message.into() }
+    }
+
+    fn unknown(&self, parent: &str, n: Node) -> UnknownElement {
+        UnknownElement {
+            parent: parent.to_string(),
+            name: n.tag_name().name().to_string(),
+            line: self.line(n),
+            xml: self.src[n.range()].to_string(),
+        }
+    }
+
+    fn text(&self, n: Node, path: &str) -> Result<String, XmlError> {
+        let t = n.text().unwrap_or("").trim();
+        if t.is_empty() {
+            return Err(self.err(n, path, "must not be empty"));
+        }
+        Ok(t.to_string())
+    }
+
+    fn attr<'n>(&self, n: Node<'n, 'input>, path: &str, name: &str) -> Result<&'n str, XmlError> {
+        n.attribute(name).ok_or_else(|| self.err(n, path, format!("the {name}='...' attribute is required")))
+    }
+
+    fn path(&self, n: Node, path: &str, what: &str) -> Result<PathBuf, XmlError> {
+        let p = PathBuf::from(what);
+        if !p.is_absolute() {
+            return Err(self.err(n, path, format!("'{what}' must be an absolute path (rvirtd does not share your working directory)")));
+        }
+        Ok(p)
+    }
+}
+
+fn elements<'a, 'input>(n: Node<'a, 'input>) -> impl Iterator<Item = Node<'a, 'input>> {
+    n.children().filter(|c| c.is_element())
+}
+
+/// Bytes per unit of libvirt's `unit` attribute (default KiB).
+fn unit_bytes(unit: &str) -> Option<u64> {
+    Some(match unit {
+        "b" | "bytes" => 1,
+        "KB" => 1000,
+        "k" | "K" | "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "M" | "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "G" | "GiB" => 1 << 30,
+        "TB" => 1_000_000_000_000,
+        "T" | "TiB" => 1 << 40,
+        _ => return None,
+    })
+}
+
+fn memory_kib(cx: &Cx, n: Node, path: &str) -> Result<u64, XmlError> {
+    let unit = n.attribute("unit").unwrap_or("KiB");
+    let per = unit_bytes(unit).ok_or_else(|| cx.err(n, path, format!("unknown unit '{unit}' (use KiB, MiB, GiB, ...)")))?;
+    let text = cx.text(n, path)?;
+    let v: u64 = text.parse().map_err(|_| cx.err(n, path, format!("'{text}' is not a whole number")))?;
+    let bytes = v.checked_mul(per).ok_or_else(|| cx.err(n, path, "too large"))?;
+    let kib = bytes.div_ceil(1024);
+    if kib == 0 {
+        return Err(cx.err(n, path, "must be more than zero"));
+    }
+    Ok(kib)
+}
+
+fn lifecycle(cx: &Cx, n: Node, path: &str, allowed: &[LifecycleAction]) -> Result<LifecycleAction, XmlError> {
+    let t = cx.text(n, path)?;
+    let action = match t.as_str() {
+        "destroy" => LifecycleAction::Destroy,
+        "restart" => LifecycleAction::Restart,
+        "preserve" => LifecycleAction::Preserve,
+        _ => LifecycleAction::Destroy,
+    };
+    if action.name() != t || !allowed.contains(&action) {
+        let names: Vec<&str> = allowed.iter().map(|a| a.name()).collect();
+        return Err(cx.err(n, path, format!("'{t}' is not supported (expected {})", names.join(" or "))));
+    }
+    Ok(action)
+}
+
+/// Checks a name used for files and taps: letters, digits and `-_.+:`.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && !s.starts_with('-')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+:".contains(c))
+}
+
+fn valid_ifname(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 15 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn valid_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts.iter().all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
+        && u8::from_str_radix(parts[0], 16).map(|b| b & 1 == 0).unwrap_or(false)
+}
+
+impl DomainXml {
+    /// Parses and validates `xml`. Elements outside the subset are kept in
+    /// [`DomainXml::unknown`]; the caller should show them to the user.
+    pub fn parse(xml: &str) -> Result<Self, XmlError> {
+        let doc = Document::parse(xml).map_err(|e| XmlError {
+            line: e.pos().row,
+            element: String::new(),
+            message: format!("not well-formed XML: {e}"),
+        })?;
+        let cx = Cx { doc: &doc, src: xml };
+        let root = doc.root_element();
+        if root.tag_name().name() != "domain" {
+            return Err(cx.err(root, root.tag_name().name(), "the root element must be <domain>"));
+        }
+        match root.attribute("type") {
+            Some("kvm") => {}
+            Some(t) => return Err(cx.err(root, "domain", format!("type='{t}' is not supported: rvirt runs type='kvm' domains"))),
+            None => return Err(cx.err(root, "domain", "the type='kvm' attribute is required")),
+        }
+        let mut d = DomainXml {
+            name: String::new(),
+            uuid: Uuid::nil(),
+            memory_kib: 0,
+            current_memory_kib: 0,
+            vcpus: 1,
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: None,
+            on_poweroff: LifecycleAction::Destroy,
+            on_reboot: LifecycleAction::Restart,
+            on_crash: LifecycleAction::Destroy,
+            disks: Vec::new(),
+            interfaces: Vec::new(),
+            serial: None,
+            virtio_console: None,
+            rng: false,
+            memballoon: true,
+            unknown: Vec::new(),
+        };
+        let mut current: Option<(u64, Node)> = None;
+        let mut seen = std::collections::BTreeSet::new();
+        for n in elements(root) {
+            let tag = n.tag_name().name();
+            let repeatable = matches!(tag, "devices");
+            let known = matches!(
+                tag,
+                "name" | "uuid" | "memory" | "currentMemory" | "vcpu" | "os" | "on_poweroff" | "on_reboot" | "on_crash" | "devices"
+            );
+            if known && !repeatable && !seen.insert(tag) {
+                return Err(cx.err(n, tag, "appears twice"));
+            }
+            match tag {
+                "name" => {
+                    let name = cx.text(n, "name")?;
+                    if !valid_name(&name) {
+                        return Err(cx.err(n, "name", format!("'{name}' is not a valid name (up to 64 letters, digits and -_.+:, not starting with . or -)")));
+                    }
+                    d.name = name;
+                }
+                "uuid" => {
+                    let t = cx.text(n, "uuid")?;
+                    d.uuid = Uuid::parse_str(&t).map_err(|_| cx.err(n, "uuid", format!("'{t}' is not a UUID")))?;
+                }
+                "memory" => d.memory_kib = memory_kib(&cx, n, "memory")?,
+                "currentMemory" => current = Some((memory_kib(&cx, n, "currentMemory")?, n)),
+                "vcpu" => {
+                    let t = cx.text(n, "vcpu")?;
+                    d.vcpus = match t.parse::<u32>() {
+                        Ok(v) if (1..=MAX_VCPUS).contains(&v) => v,
+                        _ => return Err(cx.err(n, "vcpu", format!("'{t}' is not a vCPU count from 1 to {MAX_VCPUS}"))),
+                    };
+                    if let Some(c) = n.attribute("current") {
+                        if c != t {
+                            return Err(cx.err(n, "vcpu", "current='...' below the maximum (vCPU hotplug) is not supported"));
+                        }
+                    }
+                }
+                "os" => d.parse_os(&cx, n)?,
+                "on_poweroff" => {
+                    d.on_poweroff = lifecycle(&cx, n, tag, &[LifecycleAction::Destroy, LifecycleAction::Restart])?
+                }
+                "on_reboot" => d.on_reboot = lifecycle(&cx, n, tag, &[LifecycleAction::Restart, LifecycleAction::Destroy])?,
+                "on_crash" => {
+                    d.on_crash = lifecycle(
+                        &cx,
+                        n,
+                        tag,
+                        &[LifecycleAction::Destroy, LifecycleAction::Restart, LifecycleAction::Preserve],
+                    )?
+                }
+                "devices" => d.parse_devices(&cx, n)?,
+                _ => d.unknown.push(cx.unknown("domain", n)),
+            }
+        }
+        if d.name.is_empty() {
+            return Err(cx.err(root, "domain", "<name> is required"));
+        }
+        if d.memory_kib == 0 {
+            return Err(cx.err(root, "domain", "<memory> is required"));
+        }
+        if d.kernel.as_os_str().is_empty() {
+            return Err(cx.err(root, "domain", "<os><kernel> is required: rvirt boots a kernel directly (no firmware boot)"));
+        }
+        d.current_memory_kib = match current {
+            None => d.memory_kib,
+            Some((c, n)) if c > d.memory_kib => {
+                return Err(cx.err(n, "currentMemory", format!("{c} KiB is more than <memory> ({} KiB)", d.memory_kib)))
+            }
+            Some((c, n)) if c < d.memory_kib && !d.memballoon => {
+                return Err(cx.err(n, "currentMemory", "less than <memory> needs a memory balloon, but <memballoon model='none'/> removed it"))
+            }
+            Some((c, _)) => c,
+        };
+        if d.uuid.is_nil() {
+            d.uuid = Uuid::new_v4();
+        }
+        Ok(d)
+    }
+
+    fn parse_os(&mut self, cx: &Cx, os: Node) -> Result<(), XmlError> {
+        for n in elements(os) {
+            let tag = n.tag_name().name();
+            let path = format!("os/{tag}");
+            match tag {
+                "type" => {
+                    let t = cx.text(n, &path)?;
+                    if t != "hvm" {
+                        return Err(cx.err(n, &path, format!("'{t}' is not supported (rvirt runs hvm guests)")));
+                    }
+                    if let Some(arch) = n.attribute("arch") {
+                        if arch != "x86_64" {
+                            return Err(cx.err(n, &path, format!("arch='{arch}' is not supported (x86_64 only)")));
+                        }
+                    }
+                }
+                "kernel" => self.kernel = cx.path(n, &path, &cx.text(n, &path)?)?,
+                "initrd" => self.initrd = Some(cx.path(n, &path, &cx.text(n, &path)?)?),
+                "cmdline" => self.cmdline = Some(n.text().unwrap_or("").trim().to_string()),
+                _ => self.unknown.push(cx.unknown("os", n)),
+            }
+        }
+        Ok(())
+    }
+
+    fn parse_devices(&mut self, cx: &Cx, devices: Node) -> Result<(), XmlError> {
+        for n in elements(devices) {
+            match n.tag_name().name() {
+                "disk" => {
+                    let disk = parse_disk(cx, n)?;
+                    if let Some(other) = self.disks.iter().find(|d| d.target == disk.target) {
+                        return Err(cx.err(n, "devices/disk", format!("target dev='{}' is used twice (also by {})", disk.target, other.path.display())));
+                    }
+                    self.disks.push(disk);
+                }
+                "interface" => {
+                    let i = parse_interface(cx, n)?;
+                    if let Some(tap) = &i.tap {
+                        if self.interfaces.iter().any(|o| o.tap.as_ref() == Some(tap)) {
+                            return Err(cx.err(n, "devices/interface", format!("target dev='{tap}' is used twice")));
+                        }
+                    }
+                    self.interfaces.push(i);
+                }
+                "serial" => {
+                    if self.serial.is_some() {
+                        return Err(cx.err(n, "devices/serial", "only one serial port is supported"));
+                    }
+                    self.serial = Some(parse_char(cx, n, "devices/serial")?);
+                }
+                "console" => {
+                    let path = "devices/console";
+                    let target = elements(n).find(|c| c.has_tag_name("target")).and_then(|t| t.attribute("type"));
+                    let dev = parse_char(cx, n, path)?;
+                    match target.unwrap_or("serial") {
+                        // libvirt's console on the first serial port is the serial port itself.
+                        "serial" => {
+                            if self.serial.is_none() {
+                                self.serial = Some(dev);
+                            }
+                        }
+                        "virtio" => {
+                            if self.virtio_console.is_some() {
+                                return Err(cx.err(n, path, "only one virtio console is supported"));
+                            }
+                            self.virtio_console = Some(dev);
+                        }
+                        t => return Err(cx.err(n, path, format!("target type='{t}' is not supported (serial or virtio)"))),
+                    }
+                }
+                "rng" => {
+                    let path = "devices/rng";
+                    if n.attribute("model") != Some("virtio") {
+                        return Err(cx.err(n, path, "model='virtio' is required"));
+                    }
+                    if let Some(b) = elements(n).find(|c| c.has_tag_name("backend")) {
+                        let src = b.text().unwrap_or("/dev/urandom").trim();
+                        if b.attribute("model").unwrap_or("random") != "random" || !matches!(src, "/dev/urandom" | "/dev/random" | "") {
+                            return Err(cx.err(b, "devices/rng/backend", "only <backend model='random'>/dev/urandom</backend> is supported"));
+                        }
+                    }
+                    self.rng = true;
+                }
+                "memballoon" => match n.attribute("model") {
+                    Some("virtio") => self.memballoon = true,
+                    Some("none") => self.memballoon = false,
+                    other => {
+                        return Err(cx.err(n, "devices/memballoon", format!("model={other:?} is not supported (virtio or none)")))
+                    }
+                },
+                _ => self.unknown.push(cx.unknown("devices", n)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The text of the unknown-element report, one line each (empty when none).
+    pub fn unknown_report(&self) -> Vec<String> {
+        self.unknown
+            .iter()
+            .map(|u| format!("line {}: <{}> in <{}> is not supported by rvirt; kept, but it has no effect", u.line, u.name, u.parent))
+            .collect()
+    }
+}
+
+fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
+    let path = "devices/disk";
+    let source_kind = match n.attribute("type").unwrap_or("file") {
+        "file" => DiskSource::File,
+        "block" => DiskSource::Block,
+        t => return Err(cx.err(n, path, format!("type='{t}' is not supported (file or block)"))),
+    };
+    if let Some(dev) = n.attribute("device") {
+        if dev != "disk" {
+            return Err(cx.err(n, path, format!("device='{dev}' is not supported (only device='disk')")));
+        }
+    }
+    let mut disk = VirtioDisk {
+        source_kind,
+        path: PathBuf::new(),
+        format: None,
+        direct: false,
+        target: String::new(),
+        readonly: false,
+        serial: None,
+    };
+    for c in elements(n) {
+        let tag = c.tag_name().name();
+        let cpath = format!("{path}/{tag}");
+        match tag {
+            "source" => {
+                let key = if source_kind == DiskSource::File { "file" } else { "dev" };
+                disk.path = cx.path(c, &cpath, cx.attr(c, &cpath, key)?)?;
+            }
+            "driver" => {
+                disk.format = match c.attribute("type") {
+                    None => None,
+                    Some("raw") => Some(ImageFormat::Raw),
+                    Some("qcow2") => Some(ImageFormat::Qcow2),
+                    Some(t) => return Err(cx.err(c, &cpath, format!("type='{t}' is not supported (raw or qcow2)"))),
+                };
+                disk.direct = match c.attribute("cache") {
+                    None | Some("default") | Some("writeback") => false,
+                    Some("none") | Some("directsync") => true,
+                    Some(t) => return Err(cx.err(c, &cpath, format!("cache='{t}' is not supported (writeback, none)"))),
+                };
+            }
+            "target" => {
+                let dev = cx.attr(c, &cpath, "dev")?;
+                if !dev.starts_with("vd") || dev.len() < 3 || !dev[2..].chars().all(|ch| ch.is_ascii_lowercase()) {
+                    return Err(cx.err(c, &cpath, format!("dev='{dev}' is not a virtio disk name (vda, vdb, ...)")));
+                }
+                match c.attribute("bus") {
+                    None | Some("virtio") => {}
+                    Some(b) => return Err(cx.err(c, &cpath, format!("bus='{b}' is not supported (virtio only)"))),
+                }
+                disk.target = dev.to_string();
+            }
+            "readonly" => disk.readonly = true,
+            "serial" => {
+                let s = c.text().unwrap_or("").trim().to_string();
+                if s.len() > 20 || !s.is_ascii() {
+                    return Err(cx.err(c, &cpath, "a disk serial is up to 20 ASCII characters"));
+                }
+                disk.serial = Some(s);
+            }
+            "address" | "alias" | "boot" => {}
+            _ => return Err(cx.err(c, &cpath, "is not supported on disks")),
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err(cx.err(n, path, "<source> is required"));
+    }
+    if disk.target.is_empty() {
+        return Err(cx.err(n, path, "<target dev='vdX'/> is required"));
+    }
+    if disk.path.to_string_lossy().contains(',') || disk.serial.as_deref().is_some_and(|s| s.contains([',', '='])) {
+        return Err(cx.err(n, path, "commas in disk paths and serials are not supported"));
+    }
+    if disk.direct && disk.format == Some(ImageFormat::Qcow2) {
+        return Err(cx.err(n, path, "cache='none' is supported on raw disks only"));
+    }
+    Ok(disk)
+}
+
+fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
+    let path = "devices/interface";
+    let ty = cx.attr(n, path, "type")?;
+    if !matches!(ty, "ethernet" | "bridge") {
+        return Err(cx.err(n, path, format!("type='{ty}' is not supported (ethernet or bridge; libvirt networks are not implemented yet)")));
+    }
+    let mut bridge = None;
+    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None };
+    for c in elements(n) {
+        let tag = c.tag_name().name();
+        let cpath = format!("{path}/{tag}");
+        match tag {
+            "source" if ty == "bridge" => bridge = Some(cx.attr(c, &cpath, "bridge")?.to_string()),
+            "target" => {
+                let dev = cx.attr(c, &cpath, "dev")?;
+                if !valid_ifname(dev) {
+                    return Err(cx.err(c, &cpath, format!("dev='{dev}' is not an interface name (1-15 letters, digits, -_.)")));
+                }
+                i.tap = Some(dev.to_string());
+            }
+            "mac" => {
+                let m = cx.attr(c, &cpath, "address")?;
+                if !valid_mac(m) {
+                    return Err(cx.err(c, &cpath, format!("'{m}' is not a unicast MAC address like 52:54:00:12:34:56")));
+                }
+                i.mac = Some(m.to_ascii_lowercase());
+            }
+            "model" => {
+                if c.attribute("type") != Some("virtio") {
+                    return Err(cx.err(c, &cpath, format!("type={:?} is not supported (virtio only)", c.attribute("type"))));
+                }
+            }
+            "address" | "alias" => {}
+            _ => return Err(cx.err(c, &cpath, "is not supported on interfaces")),
+        }
+    }
+    i.kind = match ty {
+        "bridge" => {
+            let b = bridge.ok_or_else(|| cx.err(n, path, "type='bridge' needs <source bridge='NAME'/>"))?;
+            if !valid_ifname(&b) {
+                return Err(cx.err(n, path, format!("bridge '{b}' is not an interface name")));
+            }
+            InterfaceKind::Bridge(b)
+        }
+        _ => InterfaceKind::Ethernet,
+    };
+    Ok(i)
+}
+
+fn parse_char(cx: &Cx, n: Node, path: &str) -> Result<CharDevice, XmlError> {
+    match n.attribute("type").unwrap_or("pty") {
+        "pty" => Ok(CharDevice::Pty),
+        "null" => Ok(CharDevice::Null),
+        "file" => {
+            let src = elements(n)
+                .find(|c| c.has_tag_name("source"))
+                .ok_or_else(|| cx.err(n, path, "type='file' needs <source path='...'/>"))?;
+            let p = cx.attr(src, &format!("{path}/source"), "path")?;
+            Ok(CharDevice::File(cx.path(src, &format!("{path}/source"), p)?))
+        }
+        t => Err(cx.err(n, path, format!("type='{t}' is not supported (pty, file or null)"))),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,192 @@
+use std::path::Path;
+
+use super::*;
+use crate::VmmLaunch;
+
+/// A definition as virt-install or a user would write it for libvirt.
+const LIBVIRT_XML: &str = r#"<domain type='kvm'>
+  <name>web</name>
+  <uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>
+  <title>front end</title>
+  <memory unit='GiB'>1</memory>
+  <currentMemory unit='MiB'>768</currentMemory>
+  <vcpu placement='static'>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <kernel>/var/lib/rvirt/boot/vmlinuz</kernel>
+    <initrd>/var/lib/rvirt/boot/initrd.img</initrd>
+    <cmdline>console=ttyS0 root=/dev/vda</cmdline>
+    <boot dev='hd'/>
+  </os>
+  <features><acpi/><apic/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>preserve</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/rvirt/images/web.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+      <serial>web-root</serial>
+    </disk>
+    <disk type='block' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source dev='/dev/vg0/data'/>
+      <target dev='vdb' bus='virtio'/>
+      <readonly/>
+    </disk>
+    <interface type='bridge'>
+      <mac address='52:54:00:AB:CD:01'/>
+      <source bridge='br0'/>
+      <model type='virtio'/>
+    </interface>
+    <interface type='ethernet'>
+      <target dev='tap7'/>
+    </interface>
+    <serial type='pty'><target port='0'/></serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <console type='file'><source path='/var/log/web-hvc0.log'/><target type='virtio'/></console>
+    <graphics type='vnc' port='-1'/>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <memballoon model='virtio'/>
+  </devices>
+</domain>
+"#;
+
+#[test]
+fn a_libvirt_definition_parses_into_the_subset() {
+    let d = DomainXml::parse(LIBVIRT_XML).unwrap();
+    assert_eq!(d.name, "web");
+    assert_eq!(d.uuid.to_string(), "4dea22b3-1d52-d8f3-2516-782e98ab3fa0");
+    assert_eq!((d.memory_kib, d.current_memory_kib, d.vcpus), (1 << 20, 768 << 10, 2));
+    assert_eq!(d.kernel, Path::new("/var/lib/rvirt/boot/vmlinuz"));
+    assert_eq!(d.cmdline.as_deref(), Some("console=ttyS0 root=/dev/vda"));
+    assert_eq!(d.on_crash, LifecycleAction::Preserve);
+    assert_eq!(d.disks.len(), 2);
+    assert_eq!(d.disks[0].format, Some(ImageFormat::Qcow2));
+    assert_eq!(d.disks[0].serial.as_deref(), Some("web-root"));
+    assert!(d.disks[1].readonly && d.disks[1].direct && d.disks[1].source_kind == DiskSource::Block);
+    assert_eq!(d.interfaces[0].kind, InterfaceKind::Bridge("br0".into()));
+    assert_eq!(d.interfaces[0].mac.as_deref(), Some("52:54:00:ab:cd:01"));
+    assert_eq!(d.interfaces[1].tap.as_deref(), Some("tap7"));
+    assert_eq!(d.serial, Some(CharDevice::Pty));
+    assert_eq!(d.virtio_console, Some(CharDevice::File("/var/log/web-hvc0.log".into())));
+    assert!(d.rng && d.memballoon);
+    let unknown: Vec<(&str, &str, u32)> = d.unknown.iter().map(|u| (u.parent.as_str(), u.name.as_str(), u.line)).collect();
+    assert_eq!(
+        unknown,
+        [("domain", "title", 4), ("os", "boot", 13), ("domain", "features", 15), ("devices", "emulator", 20), ("devices", "graphics", 44)]
+    );
+    let report = d.unknown_report();
+    assert!(report[4].contains("line 44: <graphics> in <devices>"), "{report:?}");
+}
+
+#[test]
+fn dumpxml_round_trips_and_keeps_unknown_elements() {
+    let d = DomainXml::parse(LIBVIRT_XML).unwrap();
+    let xml = d.to_xml();
+    assert!(xml.contains("<graphics type='vnc' port='-1'/>"), "{xml}");
+    assert!(xml.contains("<features><acpi/><apic/></features>"), "{xml}");
+    let again = DomainXml::parse(&xml).unwrap();
+    assert_eq!(again.to_xml(), xml, "writing is stable");
+    let strip = |d: &DomainXml| DomainXml { unknown: vec![], ..d.clone() };
+    assert_eq!(strip(&again), strip(&d));
+    let texts = |d: &DomainXml| d.unknown.iter().map(|u| (u.parent.clone(), u.xml.clone())).collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(texts(&again), texts(&d));
+}
+
+#[test]
+fn minimal_definitions_get_libvirt_defaults() {
+    let d = DomainXml::parse(
+        "<domain type='kvm'><name>m</name><memory>524288</memory><os><kernel>/k</kernel></os></domain>",
+    )
+    .unwrap();
+    assert_eq!((d.memory_kib, d.current_memory_kib, d.vcpus), (512 << 10, 512 << 10, 1));
+    assert!(!d.uuid.is_nil(), "a UUID is generated");
+    assert_eq!((d.on_poweroff, d.on_reboot, d.on_crash), (LifecycleAction::Destroy, LifecycleAction::Restart, LifecycleAction::Destroy));
+    assert!(d.memballoon && d.serial.is_none() && d.unknown.is_empty());
+}
+
+#[test]
+fn vmm_arguments_cover_every_device() {
+    let d = DomainXml::parse(LIBVIRT_XML).unwrap();
+    let taps = vec!["rv1n0".to_string(), "tap7".to_string()];
+    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/run/rvirt/web.sock"), taps: &taps }).join(" ");
+    for want in [
+        "--kernel /var/lib/rvirt/boot/vmlinuz",
+        "--cpus 2",
+        "--memory 1048576K",
+        "--api-socket /run/rvirt/web.sock",
+        "--on-reboot restart",
+        "--serial pty",
+        "--initrd /var/lib/rvirt/boot/initrd.img",
+        "--disk path=/var/lib/rvirt/images/web.qcow2,format=qcow2,serial=web-root",
+        "--disk path=/dev/vg0/data,format=raw,readonly=on,direct=on",
+        "--net tap=rv1n0,mac=52:54:00:ab:cd:01,bridge=br0",
+        "--net tap=tap7",
+        "--rng",
+        "--balloon",
+        "--console file=/var/log/web-hvc0.log",
+    ] {
+        assert!(args.contains(want), "missing '{want}' in {args}");
+    }
+}
+
+/// Each bad definition, and the line and words its error must have.
+#[test]
+fn invalid_definitions_name_the_element_and_line() {
+    let base = |inner: &str| format!("<domain type='kvm'>\n<name>x</name>\n<memory>65536</memory>\n<os><kernel>/k</kernel></os>\n{inner}\n</domain>");
+    let cases: Vec<(String, &str)> = vec![
+        ("<domain type='kvm'><name>x</name>".into(), "line 1: not well-formed XML"),
+        ("<vm/>".into(), "root element must be <domain>"),
+        ("<domain type='xen'><name>x</name></domain>".into(), "type='xen' is not supported"),
+        (base("<memory>1</memory>"), "line 5: <memory>: appears twice"),
+        ("<domain type='kvm'>\n<name>x</name>\n<memory>lots</memory></domain>".into(), "line 3: <memory>: 'lots' is not a whole number"),
+        ("<domain type='kvm'><name>x</name><memory unit='parsec'>1</memory></domain>".into(), "unknown unit 'parsec'"),
+        (base("<vcpu>0</vcpu>"), "line 5: <vcpu>: '0' is not a vCPU count"),
+        (base("<vcpu>999</vcpu>"), "'999' is not a vCPU count"),
+        (base("<currentMemory>99999999</currentMemory>"), "line 5: <currentMemory>: 99999999 KiB is more than <memory>"),
+        ("<domain type='kvm'><name>a/b</name></domain>".into(), "'a/b' is not a valid name"),
+        (base("<uuid>nope</uuid>"), "'nope' is not a UUID"),
+        ("<domain type='kvm'><name>x</name><memory>1</memory></domain>".into(), "<os><kernel> is required"),
+        ("<domain type='kvm'><memory>1</memory></domain>".into(), "<name> is required"),
+        ("<domain type='kvm'><name>x</name><memory>1</memory><os><kernel>vmlinuz</kernel></os></domain>".into(), "'vmlinuz' must be an absolute path"),
+        (base("<on_crash>coredump-destroy</on_crash>"), "line 5: <on_crash>: 'coredump-destroy' is not supported"),
+        (base("<on_reboot>preserve</on_reboot>"), "'preserve' is not supported (expected restart or destroy)"),
+        (base("<devices>\n<disk type='file' device='cdrom'><source file='/a.iso'/><target dev='vda'/></disk></devices>"), "line 6: <devices/disk>: device='cdrom' is not supported"),
+        (base("<devices><disk type='file'><source file='/a'/><target dev='sda' bus='sata'/></disk></devices>"), "dev='sda' is not a virtio disk name"),
+        (base("<devices><disk type='file'><source file='/a'/><target dev='vda' bus='sata'/></disk></devices>"), "bus='sata' is not supported"),
+        (base("<devices><disk type='file'><target dev='vda'/></disk></devices>"), "<source> is required"),
+        (base("<devices><disk type='file'><source file='/a'/></disk></devices>"), "<target dev='vdX'/> is required"),
+        (base("<devices><disk><source file='/a'/><target dev='vda'/></disk><disk><source file='/b'/><target dev='vda'/></disk></devices>"), "target dev='vda' is used twice"),
+        (base("<devices><disk><driver type='vmdk'/><source file='/a'/><target dev='vda'/></disk></devices>"), "type='vmdk' is not supported"),
+        (base("<devices><disk><driver type='qcow2' cache='none'/><source file='/a'/><target dev='vda'/></disk></devices>"), "cache='none' is supported on raw disks only"),
+        (base("<devices><interface type='network'><source network='default'/></interface></devices>"), "type='network' is not supported"),
+        (base("<devices><interface type='bridge'/></devices>"), "needs <source bridge='NAME'/>"),
+        (base("<devices><interface type='ethernet'><mac address='01:00:00:00:00:01'/></interface></devices>"), "is not a unicast MAC"),
+        (base("<devices><interface type='ethernet'><model type='e1000'/></interface></devices>"), "virtio only"),
+        (base("<devices><interface type='ethernet'><target dev='much-too-long-name'/></interface></devices>"), "is not an interface name"),
+        (base("<devices><serial type='tcp'/></devices>"), "type='tcp' is not supported"),
+        (base("<devices><serial type='file'/></devices>"), "needs <source path='...'/>"),
+        (base("<devices><memballoon model='xen'/></devices>"), "model=Some(\"xen\") is not supported"),
+        (base("<memballoon/><currentMemory>1024</currentMemory><devices><memballoon model='none'/></devices>"), "needs a memory balloon"),
+        (base("<devices><rng model='virtio'><backend model='egd'/></rng></devices>"), "only <backend model='random'>"),
+    ];
+    for (xml, want) in cases {
+        let e = DomainXml::parse(&xml).expect_err(&xml).to_string();
+        assert!(e.contains(want), "for\n{xml}\nwanted '{want}', got '{e}'");
+    }
+}
+
+#[test]
+fn hostile_text_is_escaped_on_the_way_out() {
+    let d = DomainXml::parse(
+        "<domain type='kvm'><name>q</name><memory>1024</memory><os><kernel>/k&amp;&lt;'\"</kernel><cmdline>a=&lt;b&gt; &amp; c='d'</cmdline></os></domain>",
+    )
+    .unwrap();
+    assert_eq!(d.kernel, Path::new("/k&<'\""));
+    let back = DomainXml::parse(&d.to_xml()).unwrap();
+    assert_eq!(back.kernel, d.kernel);
+    assert_eq!(back.cmdline.as_deref(), Some("a=<b> & c='d'"));
+}
