@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+use rvirt_lab::guests::{bzimage_with, out_byte, power_off, print, HALT_FOREVER, TRIPLE_FAULT};
 use rvirt_vmm::{OnReboot, SerialMode, VmConfig, VmExit};
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -15,38 +16,6 @@ fn tmpdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
-
-/// A minimal bzImage (boot protocol 2.15, 64-bit entry) whose protected-mode
-/// part is `code` at the 64-bit entry (+0x200).
-fn bzimage_with(code: &[u8]) -> Vec<u8> {
-    let mut img = vec![0u8; 1024 + 0x200];
-    img[0x1f1] = 1; // one setup sector
-    img[0x202..0x206].copy_from_slice(b"HdrS");
-    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    img[0x211] = 1; // LOADED_HIGH
-    img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
-    img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
-    img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
-    img.extend_from_slice(code);
-    img.resize(img.len() + 4096, 0xf4);
-    img
-}
-
-/// `out dx, al` for each byte of `text` to COM1.
-fn print(text: &[u8]) -> Vec<u8> {
-    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    for b in text {
-        c.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
-    }
-    c
-}
-
-fn out_byte(port: u16, value: u8) -> Vec<u8> {
-    let p = port.to_le_bytes();
-    vec![0x66, 0xba, p[0], p[1], 0xb0, value, 0xee] // mov dx, port; mov al, value; out dx, al
-}
-
-const HALT_FOREVER: [u8; 3] = [0xf4, 0xeb, 0xfd];
 
 fn run_guest(name: &str, code: Vec<u8>, on_reboot: OnReboot) -> (VmExit, String) {
     assert!(
@@ -72,7 +41,7 @@ fn run_guest(name: &str, code: Vec<u8>, on_reboot: OnReboot) -> (VmExit, String)
 #[test]
 fn port_io_reaches_the_uart_and_acpi_s5_powers_off() {
     let mut code = print(b"hello from a KVM guest\n");
-    code.extend(out_byte(0x600, (5 << 2) | (1 << 5))); // SLP_TYP=S5 | SLP_EN
+    code.extend(power_off());
     code.extend(HALT_FOREVER);
     let (exit, text) = run_guest("poweroff", code, OnReboot::Restart);
     assert_eq!(exit, VmExit::PowerOff);
@@ -143,7 +112,7 @@ fn reboot_with_restart_boots_again_on_fresh_devices() {
 fn triple_fault_is_reported_as_a_crash() {
     // ud2 with no IDT: #UD -> #DF -> triple fault.
     let mut code = print(b"X");
-    code.extend([0x0f, 0x0b]);
+    code.extend(TRIPLE_FAULT);
     let (exit, text) = run_guest("triple", code, OnReboot::Restart);
     assert!(matches!(exit, VmExit::Crashed(ref why) if why.contains("triple fault")), "{exit:?}");
     assert_eq!(text, "X");
