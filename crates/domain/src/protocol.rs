@@ -107,8 +107,6 @@ pub enum DomainState {
     Running,
     /// The guest's vCPUs are paused.
     Paused,
-    /// An ACPI shutdown was requested and the guest has not finished yet.
-    InShutdown,
     /// Not running.
     ShutOff,
     /// The guest or its VMM crashed and `on_crash` is `preserve`.
@@ -121,7 +119,6 @@ impl DomainState {
         match self {
             Self::Running => "running",
             Self::Paused => "paused",
-            Self::InShutdown => "in shutdown",
             Self::ShutOff => "shut off",
             Self::Crashed => "crashed",
         }
@@ -129,7 +126,7 @@ impl DomainState {
 
     /// Whether a VMM process exists for the domain.
     pub fn is_active(self) -> bool {
-        matches!(self, Self::Running | Self::Paused | Self::InShutdown)
+        matches!(self, Self::Running | Self::Paused)
     }
 }
 

@@ -1,0 +1,60 @@
+//! What the commands print, in virsh's layout.
+
+use rvirt_domain::protocol::{DomainInfo, DomainSummary};
+
+/// The `list` table.
+pub fn list(rows: &[DomainSummary]) -> String {
+    let name_w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(4);
+    let mut out = format!(" {:<4} {:<name_w$}   {}\n", "Id", "Name", "State");
+    out += &"-".repeat(name_w + 18);
+    out.push('\n');
+    for r in rows {
+        let id = r.id.map_or("-".to_string(), |i| i.to_string());
+        out += &format!(" {id:<4} {:<name_w$}   {}\n", r.name, r.state);
+    }
+    out
+}
+
+fn kib(v: u64) -> String {
+    format!("{v} KiB")
+}
+
+/// The `dominfo` table.
+pub fn info(i: &DomainInfo) -> String {
+    let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+    let rows: Vec<(&str, String)> = vec![
+        ("Id", i.id.map_or("-".into(), |v| v.to_string())),
+        ("Name", i.name.clone()),
+        ("UUID", i.uuid.clone()),
+        ("OS Type", i.os_type.clone()),
+        ("State", i.state.to_string()),
+        ("CPU(s)", i.vcpus.to_string()),
+        ("CPU time", i.cpu_time_seconds.map_or("-".into(), |s| format!("{s:.1}s"))),
+        ("Max memory", kib(i.max_memory_kib)),
+        ("Used memory", kib(i.used_memory_kib)),
+        ("Persistent", yes(i.persistent)),
+        ("Autostart", if i.autostart { "enable" } else { "disable" }.into()),
+        ("VMM pid", i.pid.map_or("-".into(), |p| p.to_string())),
+    ];
+    rows.iter().map(|(k, v)| format!("{:<16}{v}\n", format!("{k}:"))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use rvirt_domain::protocol::DomainState;
+
+    use super::*;
+
+    #[test]
+    fn list_is_laid_out_like_virsh() {
+        let rows = vec![
+            DomainSummary { id: Some(3), name: "web".into(), state: DomainState::Running },
+            DomainSummary { id: None, name: "database".into(), state: DomainState::ShutOff },
+        ];
+        let t = list(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], " Id   Name       State");
+        assert_eq!(lines[2], " 3    web        running");
+        assert_eq!(lines[3], " -    database   shut off");
+    }
+}

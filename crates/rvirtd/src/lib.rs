@@ -1,0 +1,53 @@
+//! `rvirtd`, the management daemon (libvirtd's role): it keeps domain
+//! definitions under a state directory, runs one `rvirt-vmm` process per
+//! running domain and drives it through the VMM's control API, and answers
+//! `rvirt` clients on a unix socket. VMMs run in their own sessions, so they
+//! outlive the daemon; a restarted daemon finds them again from its run
+//! records. See docs/rvirtd.md.
+
+pub mod manager;
+pub mod process;
+pub mod server;
+pub mod store;
+
+use std::path::PathBuf;
+
+pub use manager::Manager;
+pub use store::Store;
+
+/// How to run the daemon.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// Definitions, run records and logs.
+    pub state_dir: PathBuf,
+    /// The management socket.
+    pub socket: PathBuf,
+    /// The `rvirt-vmm` binary.
+    pub vmm: PathBuf,
+    /// A group allowed to use the socket besides root.
+    pub group: Option<String>,
+}
+
+/// Where `rvirt-vmm` is: next to this executable, else on `PATH`.
+pub fn default_vmm() -> PathBuf {
+    if let Ok(me) = std::env::current_exe() {
+        let sibling = me.with_file_name("rvirt-vmm");
+        if sibling.is_file() {
+            return sibling;
+        }
+    }
+    PathBuf::from("rvirt-vmm")
+}
+
+/// Loads the state, binds the socket, starts autostart domains and serves clients until killed.
+pub fn run(cfg: &DaemonConfig) -> anyhow::Result<()> {
+    let store = Store::open(&cfg.state_dir)?;
+    let listener = server::bind(&cfg.socket, cfg.group.as_deref())?;
+    let mgr = Manager::open(store, cfg.vmm.clone())?;
+    mgr.spawn_monitor();
+    tracing::info!("rvirtd listening on {}", cfg.socket.display());
+    let auto = mgr.clone();
+    std::thread::spawn(move || auto.autostart());
+    server::serve(listener, mgr);
+    Ok(())
+}

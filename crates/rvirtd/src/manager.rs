@@ -1,0 +1,727 @@
+//! The domains the daemon owns and their lifecycle: definitions, one VMM
+//! process per running domain driven through its control API, and what
+//! happens when a VMM ends (`on_poweroff`, `on_reboot`, `on_crash`).
+//!
+//! All state sits behind one mutex. Requests that wait (start, shutdown
+//! with a timeout, destroy) wait on a condition variable with the mutex
+//! released, so `list` never blocks behind a slow guest.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rvirt_api::{ApiClient, Request as VmmRequest};
+use rvirt_domain::protocol::{DomainInfo, DomainState, DomainSummary, Request, Response, StateReport};
+use rvirt_domain::{CharDevice, DiskSource, DomainXml, LifecycleAction, VmmLaunch};
+
+use crate::process::{self, VmmEnd};
+use crate::store::{RunRecord, Store};
+
+/// How long a VMM may take from spawn to answering its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `destroy` waits after asking the VMM to stop before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How often the monitor looks at VMM processes.
+const MONITOR_PERIOD: Duration = Duration::from_millis(100);
+/// Longest UNIX socket path.
+const MAX_SOCKET_PATH: usize = 107;
+
+struct Running {
+    record: RunRecord,
+    /// Set when this daemon started the VMM (then it reaps it).
+    child: Option<Child>,
+    /// The live definition (as started).
+    def: DomainXml,
+    /// `destroy` is stopping it: the end is "destroyed" whatever the log says.
+    destroying: bool,
+}
+
+struct Domain {
+    /// The stored (or, for transient domains, the running) definition.
+    def: DomainXml,
+    persistent: bool,
+    state: DomainState,
+    reason: String,
+    run: Option<Running>,
+}
+
+struct Inner {
+    domains: BTreeMap<String, Domain>,
+    next_id: u32,
+}
+
+/// The daemon's domains.
+pub struct Manager {
+    store: Store,
+    vmm: PathBuf,
+    inner: Mutex<Inner>,
+    changed: Condvar,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn vmm_call(socket: &Path, req: &VmmRequest, timeout: Duration) -> Result<rvirt_api::Response, String> {
+    let mut c = ApiClient::connect(socket, timeout).map_err(|e| e.to_string())?;
+    let r = c.call(req).map_err(|e| e.to_string())?;
+    if r.ok {
+        Ok(r)
+    } else {
+        Err(r.error.unwrap_or_else(|| "the VMM refused the request".into()))
+    }
+}
+
+impl Inner {
+    /// Finds a domain by name, id or UUID.
+    fn find(&self, key: &str) -> Result<String, String> {
+        if self.domains.contains_key(key) {
+            return Ok(key.to_string());
+        }
+        let by_id = key.parse::<u32>().ok();
+        self.domains
+            .iter()
+            .find(|(_, d)| {
+                d.def.uuid.to_string().eq_ignore_ascii_case(key)
+                    || (by_id.is_some() && d.run.as_ref().map(|r| r.record.id) == by_id)
+            })
+            .map(|(n, _)| n.clone())
+            .ok_or_else(|| format!("no domain with a matching name, id or uuid '{key}'"))
+    }
+}
+
+impl Manager {
+    /// Loads the state directory: definitions, autostart marks, and the VMMs
+    /// a previous daemon started (adopted when still running).
+    pub fn open(store: Store, vmm: PathBuf) -> anyhow::Result<Arc<Self>> {
+        let mut inner = Inner { domains: BTreeMap::new(), next_id: 1 };
+        for (name, text) in store.definitions() {
+            let parsed = text.map_err(|e| e.to_string()).and_then(|t| DomainXml::parse(&t).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(def) if def.name == name => {
+                    inner.domains.insert(name, Domain { def, persistent: true, state: DomainState::ShutOff, reason: "unknown".into(), run: None });
+                }
+                Ok(def) => tracing::error!("{}: holds domain '{}', not '{name}'; ignored", store.root().display(), def.name),
+                // Kept on disk untouched: a definition is never thrown away.
+                Err(e) => tracing::error!("definition '{name}' is unreadable and was skipped: {e}"),
+            }
+        }
+        let mgr = Arc::new(Self { store, vmm, inner: Mutex::new(inner), changed: Condvar::new() });
+        mgr.adopt_running();
+        Ok(mgr)
+    }
+
+    fn adopt_running(&self) {
+        let mut g = lock(&self.inner);
+        for (name, rec) in self.store.run_records() {
+            let rec = match rec {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("run record of '{name}' is unreadable, left alone: {e:#}");
+                    continue;
+                }
+            };
+            g.next_id = g.next_id.max(rec.id + 1);
+            let def = match DomainXml::parse(&rec.xml) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!("run record of '{name}' has bad XML, left alone: {e}");
+                    continue;
+                }
+            };
+            if !process::alive(rec.pid, rec.start_ticks) {
+                // It ended while no daemon watched: record how, and move on.
+                let end = process::read_end(&self.store.log(&name), rec.log_offset);
+                tracing::info!("domain '{name}' ended while the daemon was down: {end:?}");
+                self.store.remove_run(&name, &rec);
+                if let Some(d) = g.domains.get_mut(&name) {
+                    d.reason = if matches!(end, VmmEnd::Crashed(_)) { "crashed" } else { "shutdown" }.into();
+                }
+                continue;
+            }
+            let state = if rec.paused { DomainState::Paused } else { DomainState::Running };
+            let run = Running { record: rec.clone(), child: None, def: def.clone(), destroying: false };
+            match g.domains.get_mut(&name) {
+                Some(d) => {
+                    d.state = state;
+                    d.reason = "adopted".into();
+                    d.run = Some(run);
+                }
+                None => {
+                    // A running domain whose definition was undefined or never stored (transient).
+                    g.domains.insert(name.clone(), Domain { def, persistent: false, state, reason: "adopted".into(), run: Some(run) });
+                }
+            }
+            tracing::info!("found running domain '{name}' (pid {})", rec.pid);
+        }
+    }
+
+    /// Starts the domains marked for autostart that are not running.
+    pub fn autostart(self: &Arc<Self>) {
+        let names: Vec<String> = {
+            let g = lock(&self.inner);
+            g.domains.iter().filter(|(n, d)| d.persistent && !d.state.is_active() && self.store.autostart(n)).map(|(n, _)| n.clone()).collect()
+        };
+        for n in names {
+            match self.start(&n) {
+                Ok(_) => tracing::info!("autostarted '{n}'"),
+                Err(e) => tracing::error!("autostart of '{n}' failed: {e}"),
+            }
+        }
+    }
+
+    /// Runs the monitor: notices VMMs that ended and applies the lifecycle actions.
+    pub fn spawn_monitor(self: &Arc<Self>) {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("monitor".into())
+            .spawn(move || loop {
+                std::thread::sleep(MONITOR_PERIOD);
+                me.check_processes();
+            })
+            .expect("spawning the monitor thread");
+    }
+
+    fn check_processes(self: &Arc<Self>) {
+        let mut g = lock(&self.inner);
+        let mut ended = Vec::new();
+        for (name, d) in g.domains.iter_mut() {
+            let Some(run) = d.run.as_mut() else { continue };
+            let gone = match run.child.as_mut() {
+                Some(c) => !matches!(c.try_wait(), Ok(None)),
+                None => !process::alive(run.record.pid, run.record.start_ticks),
+            };
+            if gone {
+                ended.push(name.clone());
+            }
+        }
+        for name in ended {
+            self.vmm_ended(&mut g, &name);
+        }
+    }
+
+    /// A domain's VMM is gone: decide the domain's next state.
+    fn vmm_ended(self: &Arc<Self>, g: &mut Inner, name: &str) {
+        let Some(d) = g.domains.get_mut(name) else { return };
+        let Some(run) = d.run.take() else { return };
+        self.store.remove_run(name, &run.record);
+        let end = process::read_end(&self.store.log(name), run.record.log_offset);
+        tracing::info!("domain '{name}' VMM (pid {}) ended: {end:?}", run.record.pid);
+        let restart = if run.destroying {
+            d.state = DomainState::ShutOff;
+            d.reason = "destroyed".into();
+            false
+        } else {
+            match end {
+                VmmEnd::PowerOff if run.record.reboot_pending || run.def.on_poweroff == LifecycleAction::Restart => true,
+                VmmEnd::PowerOff | VmmEnd::Reboot => {
+                    d.state = DomainState::ShutOff;
+                    d.reason = "shutdown".into();
+                    false
+                }
+                VmmEnd::Stopped => {
+                    d.state = DomainState::ShutOff;
+                    d.reason = "destroyed".into();
+                    false
+                }
+                // Never restarted: it would fail the same way again.
+                VmmEnd::Failed(why) => {
+                    tracing::warn!("domain '{name}': the VMM failed: {why}");
+                    d.state = DomainState::ShutOff;
+                    d.reason = "failed".into();
+                    false
+                }
+                VmmEnd::Crashed(why) => {
+                    tracing::warn!("domain '{name}' crashed: {why}");
+                    d.reason = "crashed".into();
+                    match run.def.on_crash {
+                        LifecycleAction::Restart => true,
+                        LifecycleAction::Preserve => {
+                            d.state = DomainState::Crashed;
+                            false
+                        }
+                        LifecycleAction::Destroy => {
+                            d.state = DomainState::ShutOff;
+                            false
+                        }
+                    }
+                }
+            }
+        };
+        if restart {
+            // The same definition the domain ran with, as libvirt does on reboot.
+            let def = run.def.clone();
+            match self.spawn(g, name, def) {
+                Ok((socket, offset)) => {
+                    let me = self.clone();
+                    let n = name.to_string();
+                    std::thread::spawn(move || {
+                        if let Err(e) = me.finish_start(&n, &socket, offset) {
+                            tracing::error!("restarting '{n}': {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::error!("restarting '{name}' failed: {e}");
+                    if let Some(d) = g.domains.get_mut(name) {
+                        d.state = DomainState::ShutOff;
+                        d.reason = "failed".into();
+                    }
+                }
+            }
+        } else if let Some(d) = g.domains.get(name) {
+            if !d.persistent && d.state == DomainState::ShutOff {
+                g.domains.remove(name);
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// Checks the files a domain needs before any process is started.
+    fn check_files(def: &DomainXml) -> Result<(), String> {
+        let need = |what: &str, p: &Path| -> Result<(), String> {
+            std::fs::metadata(p).map(|_| ()).map_err(|e| format!("{what} {}: {e}", p.display()))
+        };
+        need("kernel", &def.kernel)?;
+        if let Some(i) = &def.initrd {
+            need("initrd", i)?;
+        }
+        for d in &def.disks {
+            let what = if d.source_kind == DiskSource::File { "disk image" } else { "disk device" };
+            need(&format!("{what} ({})", d.target), &d.path)?;
+        }
+        if let Some(CharDevice::File(p)) = def.virtio_console.as_ref().or(def.serial.as_ref()) {
+            if let Some(dir) = p.parent() {
+                need("console log directory", dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Spawns the VMM for `name` with `def`; the domain is `running` from here.
+    fn spawn(&self, g: &mut Inner, name: &str, def: DomainXml) -> Result<(PathBuf, u64), String> {
+        Self::check_files(&def)?;
+        let id = g.next_id;
+        let api_socket = self.store.api_socket(id);
+        if api_socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(format!("the state directory's path is too long for a socket ({})", api_socket.display()));
+        }
+        let taps: Vec<String> =
+            def.interfaces.iter().enumerate().map(|(i, itf)| itf.tap.clone().unwrap_or_else(|| format!("rv{id}n{i}"))).collect();
+        let log = self.store.log(name);
+        let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let _ = std::fs::remove_file(&api_socket);
+        let args = def.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps });
+        let child = process::spawn_vmm(&self.vmm, &args, &log).map_err(|e| format!("starting {}: {e}", self.vmm.display()))?;
+        g.next_id += 1;
+        let pid = child.id();
+        let start_ticks = process::proc_stat(pid).map(|(t, _)| t).unwrap_or(0);
+        let persistent = g.domains.get(name).is_some_and(|d| d.persistent);
+        let record = RunRecord {
+            id,
+            pid,
+            start_ticks,
+            api_socket: api_socket.clone(),
+            log_offset,
+            xml: def.to_xml(),
+            persistent,
+            taps,
+            paused: false,
+            reboot_pending: false,
+            serial_pty: None,
+        };
+        if let Err(e) = self.store.save_run(name, &record) {
+            tracing::error!("{e:#}: a restarted daemon will not find '{name}'");
+        }
+        let run = Running { record, child: Some(child), def: def.clone(), destroying: false };
+        let d = g.domains.entry(name.to_string()).or_insert_with(|| Domain {
+            def: def.clone(),
+            persistent: false,
+            state: DomainState::ShutOff,
+            reason: String::new(),
+            run: None,
+        });
+        d.run = Some(run);
+        d.state = DomainState::Running;
+        d.reason = "booted".into();
+        Ok((api_socket, log_offset))
+    }
+
+    /// Waits (without the lock) until the VMM of `name` answers on `socket`,
+    /// then sets the balloon for `currentMemory` and records the serial pty.
+    fn finish_start(&self, name: &str, socket: &Path, log_offset: u64) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let status = loop {
+            if let Ok(r) = vmm_call(socket, &VmmRequest::Status, Duration::from_secs(5)) {
+                break r.status;
+            }
+            let g = lock(&self.inner);
+            let still = g.domains.get(name).and_then(|d| d.run.as_ref()).is_some_and(|r| r.record.api_socket == socket);
+            if !still {
+                drop(g);
+                // Gone already: a guest that powered off or crashed at once
+                // did start; a VMM that could not run it did not.
+                return match process::read_end(&self.store.log(name), log_offset) {
+                    VmmEnd::Failed(_) => Err(format!("the VMM exited during start:\n{}", self.start_failure(name, log_offset))),
+                    _ => Ok(()),
+                };
+            }
+            drop(g);
+            if Instant::now() > deadline {
+                return Err(format!("the VMM did not answer on {} within {} s", socket.display(), START_TIMEOUT.as_secs()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut g = lock(&self.inner);
+        let Some(d) = g.domains.get_mut(name) else { return Ok(()) };
+        let Some(run) = d.run.as_mut() else { return Ok(()) };
+        run.record.serial_pty = status.and_then(|s| s.serial_pty);
+        let balloon = (run.def.memory_kib - run.def.current_memory_kib) * 1024;
+        let _ = self.store.save_run(name, &run.record);
+        drop(g);
+        if balloon > 0 {
+            vmm_call(socket, &VmmRequest::Balloon { target_bytes: balloon }, Duration::from_secs(5))
+                .map_err(|e| format!("setting the balloon for currentMemory: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The last lines a VMM that failed to start logged.
+    fn start_failure(&self, name: &str, log_offset: u64) -> String {
+        let log = self.store.log(name);
+        let tail = process::log_tail(&log, log_offset, 5);
+        format!("{tail}\n(log: {})", log.display())
+    }
+
+    /// `start`: spawns the VMM and returns once it runs the guest.
+    pub fn start(&self, key: &str) -> Result<String, String> {
+        let (name, socket) = {
+            let mut g = lock(&self.inner);
+            let name = g.find(key)?;
+            let d = &g.domains[&name];
+            if d.state.is_active() {
+                return Err(format!("domain '{name}' is already running"));
+            }
+            let def = d.def.clone();
+            (name.clone(), self.spawn(&mut g, &name, def)?)
+        };
+        self.finish_start(&name, &socket.0, socket.1).map(|_| name)
+    }
+
+    /// `create`: starts a domain from XML without storing it.
+    pub fn create(&self, xml: &str) -> Result<(String, Vec<String>), String> {
+        let def = DomainXml::parse(xml).map_err(|e| e.to_string())?;
+        let warnings = def.unknown_report();
+        let (name, socket) = {
+            let mut g = lock(&self.inner);
+            Self::check_unique(&g, &def, false)?;
+            let name = def.name.clone();
+            (name.clone(), self.spawn(&mut g, &name, def)?)
+        };
+        self.finish_start(&name, &socket.0, socket.1).map(|_| (name, warnings))
+    }
+
+    /// Refuses a definition whose name or UUID another domain has.
+    /// `replace`: the same name with the same UUID is an update.
+    fn check_unique(g: &Inner, def: &DomainXml, replace: bool) -> Result<(), String> {
+        if let Some(d) = g.domains.get(&def.name) {
+            if !replace || d.def.uuid != def.uuid {
+                return Err(format!("domain '{}' already exists with uuid {}", def.name, d.def.uuid));
+            }
+            if !d.persistent {
+                return Err(format!("domain '{}' is a running transient domain", def.name));
+            }
+        }
+        if let Some((other, _)) = g.domains.iter().find(|(n, d)| **n != def.name && d.def.uuid == def.uuid) {
+            return Err(format!("uuid {} is already used by domain '{other}'", def.uuid));
+        }
+        Ok(())
+    }
+
+    /// `define`: stores a new definition or updates one (same name and UUID).
+    pub fn define(&self, xml: &str) -> Result<(String, Vec<String>), String> {
+        let def = DomainXml::parse(xml).map_err(|e| e.to_string())?;
+        let warnings = def.unknown_report();
+        let mut g = lock(&self.inner);
+        Self::check_unique(&g, &def, true)?;
+        self.store.save_definition(&def.name, &def.to_xml()).map_err(|e| format!("{e:#}"))?;
+        let name = def.name.clone();
+        match g.domains.get_mut(&name) {
+            // A running domain keeps its live definition until it restarts.
+            Some(d) => d.def = def,
+            None => {
+                g.domains.insert(name.clone(), Domain { def, persistent: true, state: DomainState::ShutOff, reason: "unknown".into(), run: None });
+            }
+        }
+        Ok((name, warnings))
+    }
+
+    /// `undefine`: removes a stopped domain's definition.
+    pub fn undefine(&self, key: &str) -> Result<String, String> {
+        let mut g = lock(&self.inner);
+        let name = g.find(key)?;
+        let d = &g.domains[&name];
+        if d.state.is_active() {
+            return Err(format!("domain '{name}' is running; destroy or shut it down before undefining it"));
+        }
+        if d.persistent {
+            self.store.remove_definition(&name).map_err(|e| format!("{e:#}"))?;
+        }
+        g.domains.remove(&name);
+        Ok(name)
+    }
+
+    fn active(&self, key: &str) -> Result<(String, PathBuf), String> {
+        let g = lock(&self.inner);
+        let name = g.find(key)?;
+        match g.domains[&name].run.as_ref() {
+            Some(r) => Ok((name, r.record.api_socket.clone())),
+            None => Err(format!("domain '{name}' is not running")),
+        }
+    }
+
+    fn update_run(&self, name: &str, f: impl FnOnce(&mut Domain)) {
+        let mut g = lock(&self.inner);
+        if let Some(d) = g.domains.get_mut(name) {
+            f(d);
+            if let Some(r) = &d.run {
+                let _ = self.store.save_run(name, &r.record);
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// `suspend` / `resume`.
+    pub fn set_paused(&self, key: &str, paused: bool) -> Result<String, String> {
+        let (name, socket) = self.active(key)?;
+        let req = if paused { VmmRequest::Pause } else { VmmRequest::Resume };
+        vmm_call(&socket, &req, Duration::from_secs(10)).map_err(|e| format!("domain '{name}': {e}"))?;
+        self.update_run(&name, |d| {
+            d.state = if paused { DomainState::Paused } else { DomainState::Running };
+            d.reason = if paused { "user" } else { "unpaused" }.into();
+            if let Some(r) = d.run.as_mut() {
+                r.record.paused = paused;
+            }
+        });
+        Ok(name)
+    }
+
+    /// Waits until `name` is no longer active (or is gone), up to `timeout`.
+    fn wait_inactive(&self, name: &str, socket: &Path, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.inner);
+        loop {
+            let same_run = g.domains.get(name).and_then(|d| d.run.as_ref()).is_some_and(|r| r.record.api_socket == socket);
+            if !same_run {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self.changed.wait_timeout(g, deadline - now).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// `shutdown`: presses the power button; with a timeout, waits for `shut off`.
+    pub fn shutdown(&self, key: &str, timeout: Option<Duration>) -> Result<String, String> {
+        let (name, socket) = self.active(key)?;
+        vmm_call(&socket, &VmmRequest::Shutdown, Duration::from_secs(10)).map_err(|e| format!("domain '{name}': {e}"))?;
+        if let Some(t) = timeout {
+            if !self.wait_inactive(&name, &socket, t) {
+                return Err(format!(
+                    "domain '{name}' did not shut down within {} s (the guest may ignore ACPI; 'destroy' stops it at once)",
+                    t.as_secs()
+                ));
+            }
+        }
+        Ok(name)
+    }
+
+    /// `reboot`: asks the guest to power off and starts it again when it has.
+    pub fn reboot(&self, key: &str) -> Result<String, String> {
+        let (name, socket) = self.active(key)?;
+        self.update_run(&name, |d| {
+            if let Some(r) = d.run.as_mut() {
+                r.record.reboot_pending = true;
+            }
+        });
+        if let Err(e) = vmm_call(&socket, &VmmRequest::Shutdown, Duration::from_secs(10)) {
+            self.update_run(&name, |d| {
+                if let Some(r) = d.run.as_mut() {
+                    r.record.reboot_pending = false;
+                }
+            });
+            return Err(format!("domain '{name}': {e}"));
+        }
+        Ok(name)
+    }
+
+    /// `destroy`: stops the VMM at once (API `stop`, then SIGKILL).
+    pub fn destroy(&self, key: &str) -> Result<String, String> {
+        let (name, socket, pid, ticks) = {
+            let mut g = lock(&self.inner);
+            let name = g.find(key)?;
+            let d = g.domains.get_mut(&name).ok_or("vanished")?;
+            let Some(run) = d.run.as_mut() else {
+                if d.state == DomainState::Crashed {
+                    d.state = DomainState::ShutOff;
+                    d.reason = "destroyed".into();
+                    if !d.persistent {
+                        g.domains.remove(&name);
+                    }
+                    return Ok(name);
+                }
+                return Err(format!("domain '{name}' is not running"));
+            };
+            run.destroying = true;
+            (name, run.record.api_socket.clone(), run.record.pid, run.record.start_ticks)
+        };
+        let _ = vmm_call(&socket, &VmmRequest::Stop, Duration::from_secs(2));
+        if !self.wait_inactive(&name, &socket, STOP_GRACE) {
+            process::signal(pid, ticks, libc::SIGKILL);
+            if !self.wait_inactive(&name, &socket, STOP_GRACE) {
+                return Err(format!("domain '{name}': the VMM (pid {pid}) did not exit after SIGKILL"));
+            }
+        }
+        Ok(name)
+    }
+
+    /// `autostart`.
+    pub fn set_autostart(&self, key: &str, on: bool) -> Result<String, String> {
+        let g = lock(&self.inner);
+        let name = g.find(key)?;
+        if !g.domains[&name].persistent {
+            return Err(format!("domain '{name}' is transient: only defined domains can autostart"));
+        }
+        self.store.set_autostart(&name, on).map_err(|e| format!("{e:#}"))?;
+        Ok(name)
+    }
+
+    /// `dumpxml`: the live definition of a running domain, else the stored one.
+    pub fn dump_xml(&self, key: &str) -> Result<String, String> {
+        let g = lock(&self.inner);
+        let name = g.find(key)?;
+        let d = &g.domains[&name];
+        Ok(d.run.as_ref().map_or(&d.def, |r| &r.def).to_xml())
+    }
+
+    /// `list`.
+    pub fn list(&self, all: bool) -> Vec<DomainSummary> {
+        let g = lock(&self.inner);
+        let mut rows: Vec<DomainSummary> = g
+            .domains
+            .iter()
+            // Crashed domains are shown like active ones: with libvirt, their process is kept.
+            .filter(|(_, d)| all || d.state.is_active() || d.state == DomainState::Crashed)
+            .map(|(n, d)| DomainSummary { id: d.run.as_ref().map(|r| r.record.id), name: n.clone(), state: d.state })
+            .collect();
+        // Running domains by id first, then the rest by name, as virsh does.
+        rows.sort_by(|a, b| (a.id.is_none(), a.id, &a.name).cmp(&(b.id.is_none(), b.id, &b.name)));
+        rows
+    }
+
+    /// `domstate`.
+    pub fn state(&self, key: &str) -> Result<StateReport, String> {
+        let g = lock(&self.inner);
+        let name = g.find(key)?;
+        let d = &g.domains[&name];
+        Ok(StateReport { state: d.state, reason: d.reason.clone() })
+    }
+
+    /// `dominfo`.
+    pub fn info(&self, key: &str) -> Result<DomainInfo, String> {
+        let (name, socket, mut info) = {
+            let g = lock(&self.inner);
+            let name = g.find(key)?;
+            let d = &g.domains[&name];
+            let def = d.run.as_ref().map_or(&d.def, |r| &r.def);
+            let info = DomainInfo {
+                id: d.run.as_ref().map(|r| r.record.id),
+                name: name.clone(),
+                uuid: def.uuid.to_string(),
+                os_type: "hvm".into(),
+                state: d.state,
+                reason: d.reason.clone(),
+                vcpus: def.vcpus,
+                max_memory_kib: def.memory_kib,
+                used_memory_kib: if d.run.is_some() { def.current_memory_kib } else { 0 },
+                persistent: d.persistent,
+                autostart: d.persistent && self.store.autostart(&name),
+                cpu_time_seconds: d.run.as_ref().and_then(|r| process::cpu_seconds(r.record.pid)),
+                pid: d.run.as_ref().map(|r| r.record.pid),
+            };
+            (name, d.run.as_ref().map(|r| r.record.api_socket.clone()), info)
+        };
+        let _ = name;
+        if let Some(s) = socket {
+            if let Ok(Some(b)) = vmm_call(&s, &VmmRequest::Status, Duration::from_secs(2)).map(|r| r.status.and_then(|s| s.balloon)) {
+                info.used_memory_kib = info.max_memory_kib.saturating_sub(b.actual_bytes / 1024);
+            }
+        }
+        Ok(info)
+    }
+
+    /// `console`: the pty of a running domain's serial port.
+    pub fn console(&self, key: &str) -> Result<String, String> {
+        let (name, socket) = self.active(key)?;
+        {
+            let g = lock(&self.inner);
+            let d = &g.domains[&name];
+            let def = d.run.as_ref().map_or(&d.def, |r| &r.def);
+            if def.serial != Some(CharDevice::Pty) {
+                return Err(format!("domain '{name}' has no serial console on a pty (<serial type='pty'/>)"));
+            }
+        }
+        let status = vmm_call(&socket, &VmmRequest::Status, Duration::from_secs(5)).map_err(|e| format!("domain '{name}': {e}"))?;
+        match status.status.and_then(|s| s.serial_pty) {
+            Some(p) => Ok(p),
+            None => Err(format!("domain '{name}': the VMM reports no serial pty")),
+        }
+    }
+
+    /// Carries out one protocol request.
+    pub fn handle(&self, req: Request) -> Response {
+        let done = |r: Result<String, String>| match r {
+            Ok(n) => Response::done(&n),
+            Err(e) => Response::error(e),
+        };
+        let with_warnings = |r: Result<(String, Vec<String>), String>| match r {
+            Ok((n, w)) => Response { warnings: w, ..Response::done(&n) },
+            Err(e) => Response::error(e),
+        };
+        match req {
+            Request::List { all } => Response { domains: Some(self.list(all)), ..Response::ok() },
+            Request::Define { xml } => with_warnings(self.define(&xml)),
+            Request::Create { xml } => with_warnings(self.create(&xml)),
+            Request::Undefine { domain } => done(self.undefine(&domain)),
+            Request::Start { domain } => done(self.start(&domain)),
+            Request::Shutdown { domain, timeout_seconds } => {
+                done(self.shutdown(&domain, timeout_seconds.map(Duration::from_secs)))
+            }
+            Request::Destroy { domain } => done(self.destroy(&domain)),
+            Request::Reboot { domain } => done(self.reboot(&domain)),
+            Request::Suspend { domain } => done(self.set_paused(&domain, true)),
+            Request::Resume { domain } => done(self.set_paused(&domain, false)),
+            Request::DumpXml { domain } => match self.dump_xml(&domain) {
+                Ok(x) => Response { xml: Some(x), ..Response::ok() },
+                Err(e) => Response::error(e),
+            },
+            Request::DomInfo { domain } => match self.info(&domain) {
+                Ok(i) => Response { info: Some(i), ..Response::ok() },
+                Err(e) => Response::error(e),
+            },
+            Request::DomState { domain } => match self.state(&domain) {
+                Ok(s) => Response { state: Some(s), ..Response::ok() },
+                Err(e) => Response::error(e),
+            },
+            Request::Autostart { domain, enable } => done(self.set_autostart(&domain, enable)),
+            Request::Console { domain } => match self.console(&domain) {
+                Ok(p) => Response { console: Some(p), ..Response::ok() },
+                Err(e) => Response::error(e),
+            },
+        }
+    }
+}

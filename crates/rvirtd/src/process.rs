@@ -1,0 +1,149 @@
+//! VMM processes: starting them detached from the daemon (so they outlive
+//! it), recognising them again by pid and start time, and reading how they
+//! ended from their log.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// Start time (clock ticks since boot) and user+system CPU ticks of `pid`,
+/// from `/proc/PID/stat`; `None` when there is no such process or it is a zombie.
+pub fn proc_stat(pid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: parse after the last ')'.
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the name: state is field 3 (index 0 here), utime 14, stime 15, starttime 22.
+    if f.first() == Some(&"Z") {
+        return None;
+    }
+    let num = |field: usize| f.get(field - 3)?.parse::<u64>().ok();
+    Some((num(22)?, num(14)? + num(15)?))
+}
+
+/// Whether the process `pid` that started at `start_ticks` still runs.
+pub fn alive(pid: u32, start_ticks: u64) -> bool {
+    proc_stat(pid).is_some_and(|(t, _)| t == start_ticks)
+}
+
+/// CPU seconds `pid` used.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    proc_stat(pid).map(|(_, cpu)| cpu as f64 / hz)
+}
+
+/// Starts `vmm` with `args`, output appended to `log`, in a session of its
+/// own: signals aimed at the daemon (Ctrl-C, SIGTERM, SIGHUP) do not reach
+/// it, and it keeps running when the daemon exits.
+pub fn spawn_vmm(vmm: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
+    let out = OpenOptions::new().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(vmm);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Sends `sig` to `pid` if it is still the process that started at `start_ticks`.
+pub fn signal(pid: u32, start_ticks: u64, sig: i32) {
+    if alive(pid, start_ticks) {
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+}
+
+/// How a VMM run ended, from the last words it logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmmEnd {
+    /// `rvirt-vmm: guest powered off`.
+    PowerOff,
+    /// `rvirt-vmm: guest rebooted` (with `--on-reboot exit`).
+    Reboot,
+    /// `rvirt-vmm: stopped` (API `stop` or a signal it handled).
+    Stopped,
+    /// The guest crashed, or the VMM died without a word (killed): the message says how.
+    Crashed(String),
+    /// The VMM could not run the guest (bad kernel, no /dev/kvm, ...): its error.
+    Failed(String),
+}
+
+/// Reads the log from `offset` and classifies the end of the run.
+pub fn read_end(log: &Path, offset: u64) -> VmmEnd {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        // The verdict is in the last lines: read at most the final 64 KiB.
+        let from = offset.max(len.saturating_sub(64 << 10));
+        if f.seek(SeekFrom::Start(from)).is_ok() {
+            let mut bytes = Vec::new();
+            let _ = f.read_to_end(&mut bytes);
+            text = String::from_utf8_lossy(&bytes).into_owned();
+        }
+    }
+    for line in text.lines().rev() {
+        let Some(what) = line.trim().strip_prefix("rvirt-vmm: ") else { continue };
+        return match what {
+            "guest powered off" => VmmEnd::PowerOff,
+            "guest rebooted" => VmmEnd::Reboot,
+            "stopped" => VmmEnd::Stopped,
+            w if w.starts_with("serial console on") || w.starts_with("console on") => continue,
+            w if w.starts_with("guest crashed") => VmmEnd::Crashed(w.to_string()),
+            w => VmmEnd::Failed(w.to_string()),
+        };
+    }
+    VmmEnd::Crashed("the VMM exited without saying why (killed?)".into())
+}
+
+/// The last `n` lines of the log from `offset`, for error messages.
+pub fn log_tail(log: &Path, offset: u64, n: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        if f.seek(SeekFrom::Start(offset)).is_ok() {
+            let _ = f.read_to_string(&mut text);
+        }
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive_and_recognised_by_start_time() {
+        let me = std::process::id();
+        let (start, _) = proc_stat(me).unwrap();
+        assert!(alive(me, start));
+        assert!(!alive(me, start + 1), "another start time is another process");
+        assert!(!alive(u32::MAX - 1, start));
+        assert!(cpu_seconds(me).is_some());
+    }
+
+    #[test]
+    fn the_end_of_a_run_is_read_from_the_log() {
+        let p = std::env::temp_dir().join(format!("rvirtd-log-{}", std::process::id()));
+        let old = "rvirt-vmm: guest powered off\n";
+        std::fs::write(&p, format!("{old}rvirt-vmm: serial console on /dev/pts/4\n[ 1.0] boot\nrvirt-vmm: guest crashed: vCPU 0: triple fault\n")).unwrap();
+        assert_eq!(read_end(&p, 0), VmmEnd::Crashed("guest crashed: vCPU 0: triple fault".into()));
+        std::fs::write(&p, format!("{old}rvirt-vmm: serial console on /dev/pts/4\n")).unwrap();
+        assert!(matches!(read_end(&p, old.len() as u64), VmmEnd::Crashed(w) if w.contains("killed")), "an older run's words do not count");
+        std::fs::write(&p, "rvirt-vmm: kernel /k: not a bzImage or ELF\n").unwrap();
+        assert_eq!(read_end(&p, 0), VmmEnd::Failed("kernel /k: not a bzImage or ELF".into()));
+        std::fs::write(&p, "x\nrvirt-vmm: guest rebooted\n").unwrap();
+        assert_eq!(read_end(&p, 0), VmmEnd::Reboot);
+        assert_eq!(log_tail(&p, 0, 1), "rvirt-vmm: guest rebooted");
+        std::fs::remove_file(&p).unwrap();
+    }
+}

@@ -1,0 +1,224 @@
+//! The daemon's state directory: definitions, autostart marks, records of
+//! running domains and VMM logs. Every file is written atomically (a
+//! temporary file, fsync, rename, fsync of the directory), so a crash leaves
+//! either the old or the new version, never half of one.
+//!
+//! ```text
+//! DIR/domains/NAME.xml    persistent definitions
+//! DIR/autostart/NAME      present: start NAME with the daemon
+//! DIR/run/NAME.json       a running domain: VMM pid, socket, live XML
+//! DIR/run/ID.sock         that VMM's control socket
+//! DIR/log/NAME.log        that VMM's output, appended across starts
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Paths inside the state directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// What the daemon remembers about a running domain, so that a restarted
+/// daemon finds its VMM again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The domain's id.
+    pub id: u32,
+    /// The VMM's pid.
+    pub pid: u32,
+    /// The VMM's start time in clock ticks since boot (`/proc/PID/stat`),
+    /// so a recycled pid is not mistaken for it.
+    pub start_ticks: u64,
+    /// The VMM's control socket.
+    pub api_socket: PathBuf,
+    /// Where this run's output starts in the domain's log.
+    pub log_offset: u64,
+    /// The XML the domain was started with.
+    pub xml: String,
+    /// False for `create`d domains, which vanish when they stop.
+    pub persistent: bool,
+    /// Taps the VMM uses, one per interface.
+    pub taps: Vec<String>,
+    /// Paused by `suspend`.
+    pub paused: bool,
+    /// `reboot` asked the guest to power off: start it again when it does.
+    pub reboot_pending: bool,
+    /// The serial console's pty, once the VMM reported it.
+    pub serial_pty: Option<String>,
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    File::open(dir)?.sync_all()
+}
+
+impl Store {
+    /// Opens (creating) the state directory at `root`.
+    pub fn open(root: &Path) -> Result<Self> {
+        for sub in ["domains", "autostart", "run", "log"] {
+            let d = root.join(sub);
+            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        // Definitions name disk images and kernels: not for everyone's eyes.
+        let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o700));
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    /// The state directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn definition(&self, name: &str) -> PathBuf {
+        self.root.join("domains").join(format!("{name}.xml"))
+    }
+
+    fn run_record(&self, name: &str) -> PathBuf {
+        self.root.join("run").join(format!("{name}.json"))
+    }
+
+    /// The VMM control socket for domain id `id`.
+    pub fn api_socket(&self, id: u32) -> PathBuf {
+        self.root.join("run").join(format!("{id}.sock"))
+    }
+
+    /// The log of domain `name`.
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.root.join("log").join(format!("{name}.log"))
+    }
+
+    /// Stored definitions: (file stem, XML text), or why a file could not be read.
+    pub fn definitions(&self) -> Vec<(String, std::io::Result<String>)> {
+        self.list("domains", ".xml").into_iter().map(|name| {
+            let text = fs::read_to_string(self.definition(&name));
+            (name, text)
+        }).collect()
+    }
+
+    fn list(&self, sub: &str, suffix: &str) -> Vec<String> {
+        let Ok(rd) = fs::read_dir(self.root.join(sub)) else { return Vec::new() };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .filter_map(|n| n.strip_suffix(suffix).map(str::to_string).or_else(|| suffix.is_empty().then_some(n)))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Stores a definition.
+    pub fn save_definition(&self, name: &str, xml: &str) -> Result<()> {
+        let p = self.definition(name);
+        write_atomic(&p, xml.as_bytes()).with_context(|| format!("writing {}", p.display()))
+    }
+
+    /// Forgets a definition and its autostart mark.
+    pub fn remove_definition(&self, name: &str) -> Result<()> {
+        let p = self.definition(name);
+        fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        let _ = self.set_autostart(name, false);
+        File::open(self.root.join("domains")).and_then(|d| d.sync_all()).ok();
+        Ok(())
+    }
+
+    /// Whether `name` starts with the daemon.
+    pub fn autostart(&self, name: &str) -> bool {
+        self.root.join("autostart").join(name).exists()
+    }
+
+    /// Marks or unmarks `name` for autostart.
+    pub fn set_autostart(&self, name: &str, on: bool) -> Result<()> {
+        let p = self.root.join("autostart").join(name);
+        if on {
+            write_atomic(&p, b"").with_context(|| format!("writing {}", p.display()))
+        } else {
+            match fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", p.display())),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// Records of domains that were running: (name, record or why unreadable).
+    pub fn run_records(&self) -> Vec<(String, Result<RunRecord>)> {
+        self.list("run", ".json")
+            .into_iter()
+            .map(|name| {
+                let p = self.run_record(&name);
+                let r = fs::read(&p)
+                    .with_context(|| format!("reading {}", p.display()))
+                    .and_then(|b| serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display())));
+                (name, r)
+            })
+            .collect()
+    }
+
+    /// Stores the record of a running domain.
+    pub fn save_run(&self, name: &str, r: &RunRecord) -> Result<()> {
+        let p = self.run_record(name);
+        let bytes = serde_json::to_vec_pretty(r)?;
+        write_atomic(&p, &bytes).with_context(|| format!("writing {}", p.display()))
+    }
+
+    /// Forgets a run record and its socket.
+    pub fn remove_run(&self, name: &str, r: &RunRecord) {
+        let _ = fs::remove_file(self.run_record(name));
+        let _ = fs::remove_file(&r.api_socket);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_atomic_and_listings_skip_temporaries() {
+        let dir = std::env::temp_dir().join(format!("rvirtd-store-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let s = Store::open(&dir).unwrap();
+        s.save_definition("a", "<domain/>").unwrap();
+        // A temporary left by a crash mid-write is not a definition.
+        fs::write(dir.join("domains/.b.xml.tmp1"), "<dom").unwrap();
+        let defs = s.definitions();
+        assert_eq!(defs.len(), 1);
+        assert_eq!(defs[0].0, "a");
+        s.set_autostart("a", true).unwrap();
+        assert!(s.autostart("a"));
+        s.remove_definition("a").unwrap();
+        assert!(!s.autostart("a") && s.definitions().is_empty());
+        let r = RunRecord {
+            id: 3,
+            pid: 1,
+            start_ticks: 5,
+            api_socket: s.api_socket(3),
+            log_offset: 0,
+            xml: String::new(),
+            persistent: true,
+            taps: vec![],
+            paused: false,
+            reboot_pending: false,
+            serial_pty: None,
+        };
+        s.save_run("a", &r).unwrap();
+        assert_eq!(s.run_records()[0].1.as_ref().unwrap(), &r);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

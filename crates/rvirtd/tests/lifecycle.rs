@@ -1,0 +1,216 @@
+//! Domain lifecycles with real rvirt-vmm processes running hand-made guests
+//! on this host's /dev/kvm (stock Linux guests: crates/lab/tests/rvirtd.rs).
+
+mod support;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{domain_xml, kernels, scratch, Daemon};
+
+/// Whether `pid` runs (a zombie nobody reaped yet does not).
+fn alive(pid: i32) -> bool {
+    rvirtd::process::proc_stat(pid as u32).is_some()
+}
+
+#[test]
+fn a_domain_runs_pauses_resumes_and_is_destroyed() {
+    let dir = scratch("life");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let f = d.xml_file("idle", &domain_xml("idle", &k.idle, "  <devices><serial type='file'><source path='/tmp/rvd-serial-idle.log'/></serial></devices>"));
+    d.ok(&["define", f.to_str().unwrap()]);
+    assert_eq!(d.ok(&["start", "idle"]).trim(), "Domain 'idle' started");
+    assert_eq!(d.state("idle"), "running (booted)");
+    let list = d.ok(&["list"]);
+    let row: Vec<&str> = list.lines().nth(2).unwrap().split_whitespace().collect();
+    assert_eq!(row[1..], ["idle", "running"], "{list}");
+    let id = row[0].to_string();
+    let pid = d.vmm_pid("idle");
+    assert!(alive(pid));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string("/tmp/rvd-serial-idle.log").unwrap_or_default() != "hello\n" {
+        assert!(Instant::now() < deadline, "the guest's serial output did not arrive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    d.fails(&["start", "idle"], "domain 'idle' is already running");
+    d.fails(&["undefine", "idle"], "is running; destroy or shut it down");
+    assert_eq!(d.ok(&["suspend", &id]).trim(), "Domain 'idle' suspended", "domains are found by id too");
+    assert_eq!(d.state("idle"), "paused (user)");
+    d.ok(&["resume", "idle"]);
+    assert_eq!(d.state("idle"), "running (unpaused)");
+    let info = d.ok(&["dominfo", "idle"]);
+    assert!(info.contains(&format!("Id:             {id}")) && info.contains("Max memory:     65536 KiB") && info.contains("CPU time:"), "{info}");
+
+    assert_eq!(d.ok(&["destroy", "idle"]).trim(), "Domain 'idle' destroyed");
+    assert_eq!(d.state("idle"), "shut off (destroyed)");
+    assert!(!alive(pid), "the VMM is gone");
+    d.fails(&["suspend", "idle"], "is not running");
+    d.fails(&["destroy", "idle"], "is not running");
+    // It starts again with a new id.
+    d.ok(&["start", "idle"]);
+    assert_ne!(d.ok(&["list"]).lines().nth(2).unwrap().split_whitespace().next().unwrap(), id);
+    d.ok(&["destroy", "idle"]);
+    let _ = std::fs::remove_file("/tmp/rvd-serial-idle.log");
+}
+
+#[test]
+fn guest_power_off_crash_and_a_killed_vmm_follow_the_lifecycle_actions() {
+    let dir = scratch("ends");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let define = |name: &str, kernel: &std::path::Path, extra: &str| {
+        let f = d.xml_file(name, &domain_xml(name, kernel, extra));
+        d.ok(&["define", f.to_str().unwrap()]);
+    };
+    define("off", &k.poweroff, "");
+    d.ok(&["start", "off"]);
+    d.wait_state("off", "shut off (shutdown)");
+
+    define("keep", &k.crash, "  <on_crash>preserve</on_crash>");
+    d.ok(&["start", "keep"]);
+    d.wait_state("keep", "crashed (crashed)");
+    assert!(d.ok(&["list"]).contains("keep"), "a crashed domain is listed without --all:\n{}", d.ok(&["list"]));
+    d.ok(&["destroy", "keep"]);
+    assert_eq!(d.state("keep"), "shut off (destroyed)");
+
+    define("gone", &k.crash, "");
+    d.ok(&["start", "gone"]);
+    d.wait_state("gone", "shut off (crashed)");
+
+    // on_crash restart: the domain comes back by itself, with a new id.
+    define("again", &k.crash, "  <on_crash>restart</on_crash>");
+    d.ok(&["start", "again"]);
+    let mut restarts = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last_log = 0;
+    while restarts < 2 {
+        assert!(Instant::now() < deadline, "no restarts:\n{}", d.log());
+        let log = std::fs::read_to_string(d.state.join("log/again.log")).unwrap_or_default();
+        let n = log.matches("triple fault").count();
+        if n > last_log {
+            restarts += 1;
+            last_log = n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.ok(&["destroy", "again"]);
+    assert_eq!(d.state("again"), "shut off (destroyed)");
+
+    // A VMM killed from outside: the domain is shut off (on_crash destroy) and list says so.
+    define("victim", &k.idle, "");
+    d.ok(&["start", "victim"]);
+    let pid = d.vmm_pid("victim");
+    // SAFETY: killing the test's own child VMM.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    d.wait_state("victim", "shut off (crashed)");
+    assert!(!d.ok(&["list"]).contains("victim"));
+    assert!(d.ok(&["list", "--all"]).contains("victim"));
+
+    // Starting with a missing kernel or disk is a clear error and changes nothing.
+    define("nokernel", &dir.join("missing-kernel"), "");
+    d.fails(&["start", "nokernel"], "kernel");
+    d.fails(&["start", "nokernel"], "missing-kernel: No such file");
+    define("nodisk", &k.idle, "  <devices><disk><source file='/nonexistent/d.raw'/><target dev='vda'/></disk></devices>");
+    d.fails(&["start", "nodisk"], "disk image (vda) /nonexistent/d.raw");
+    assert_eq!(d.state("nodisk"), "shut off (unknown)");
+    // A VMM that refuses to start (not a kernel) fails the start with its own words.
+    let junk = dir.join("junk-kernel");
+    std::fs::write(&junk, b"this is not a kernel").unwrap();
+    define("junk", &junk, "  <on_crash>restart</on_crash>");
+    let o = d.rvirt(&["start", "junk"]);
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("the VMM exited during start") && o.stderr.contains("rvirt-vmm:"), "{}", o.stderr);
+    assert_eq!(d.state("junk"), "shut off (failed)", "a VMM that never ran is not restarted");
+}
+
+#[test]
+fn transient_domains_and_the_serial_console() {
+    let dir = scratch("cons");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let f = d.xml_file("chat", &domain_xml("chat", &k.chatter, "  <devices><serial type='pty'/></devices>"));
+    assert_eq!(d.ok(&["create", f.to_str().unwrap()]).trim(), format!("Domain 'chat' created from {}", f.display()));
+    assert!(d.ok(&["dominfo", "chat"]).contains("Persistent:     no"));
+    d.fails(&["autostart", "chat"], "transient");
+    d.fails(&["define", f.to_str().unwrap()], "already exists");
+
+    // `rvirt console` with a pipe for stdin: read the guest's output, then Ctrl-].
+    let mut child = Command::new(&support::bins().rvirt)
+        .arg("--connect")
+        .arg(&d.socket)
+        .args(["console", "chat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    // A console that shows nothing must fail the test, not hang it.
+    let pid = child.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = done.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(30));
+        if !finished.load(std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: kill has no memory effects; the child is not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while seen.iter().filter(|b| **b == b'x').count() < 3 {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "console closed early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&[0x1d]).unwrap();
+    let st = child.wait().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(st.success(), "Ctrl-] detaches cleanly");
+    assert_eq!(d.state("chat"), "running (booted)", "detaching leaves the domain running");
+
+    d.ok(&["destroy", "chat"]);
+    assert!(!d.ok(&["list", "--all"]).contains("chat"), "a transient domain vanishes when it stops");
+    d.fails(&["console", "chat"], "no domain");
+
+    let f = d.xml_file("quiet", &domain_xml("quiet", &k.idle, ""));
+    d.ok(&["define", f.to_str().unwrap()]);
+    d.ok(&["start", "quiet"]);
+    d.fails(&["console", "quiet"], "has no serial console on a pty");
+    d.ok(&["destroy", "quiet"]);
+}
+
+#[test]
+fn a_restarted_daemon_finds_its_running_domains() {
+    let dir = scratch("adopt");
+    let mut d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let f = d.xml_file("stay", &domain_xml("stay", &k.idle, ""));
+    d.ok(&["define", f.to_str().unwrap()]);
+    d.ok(&["start", "stay"]);
+    d.ok(&["suspend", "stay"]);
+    let pid = d.vmm_pid("stay");
+    let list = d.ok(&["list"]);
+    d.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(pid), "the VMM outlives its daemon");
+    d.restart();
+    assert_eq!(d.ok(&["list"]), list, "same id, name and state after the restart");
+    assert_eq!(d.vmm_pid("stay"), pid);
+    d.ok(&["resume", "stay"]);
+    assert_eq!(d.state("stay"), "running (unpaused)");
+    // The adopted VMM is not our child: its end is still noticed.
+    // SAFETY: killing the test's own VMM.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    d.wait_state("stay", "shut off (crashed)");
+    d.ok(&["start", "stay"]);
+    let pid = d.vmm_pid("stay");
+    d.kill();
+    d.restart();
+    d.ok(&["destroy", "stay"]);
+    assert!(!alive(pid));
+}

@@ -1,0 +1,236 @@
+//! A real rvirtd in a scratch directory, the real `rvirt` client and real
+//! `rvirt-vmm` processes on this host's `/dev/kvm` running hand-made guests.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rvirt_lab::guests;
+
+/// Paths of the binaries under test.
+pub struct Bins {
+    pub rvirtd: PathBuf,
+    pub rvirt: PathBuf,
+    pub vmm: PathBuf,
+}
+
+/// Builds rvirt and rvirt-vmm (same profile as this test) once.
+pub fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let rvirtd = PathBuf::from(env!("CARGO_BIN_EXE_rvirtd"));
+        let dir = rvirtd.parent().expect("bin dir").to_path_buf();
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+            .args(["build", "--quiet", "-p", "rvirt", "-p", "rvirt-vmm", "--bins"]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().expect("cargo build").success(), "building rvirt and rvirt-vmm");
+        Bins { rvirt: dir.join("rvirt"), vmm: dir.join("rvirt-vmm"), rvirtd }
+    })
+}
+
+/// A scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    // Short: VMM control sockets live under it and socket paths are limited.
+    let d = PathBuf::from(format!("/tmp/rvd-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// One daemon.
+pub struct Daemon {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    child: Option<Child>,
+}
+
+/// What a client command did.
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Daemon {
+    /// Starts rvirtd on `dir/state` and `dir/rvirtd.sock` and waits until it answers.
+    pub fn start(dir: &Path) -> Self {
+        let mut d = Daemon { dir: dir.to_path_buf(), socket: dir.join("rvirtd.sock"), state: dir.join("state"), child: None };
+        d.restart();
+        d
+    }
+
+    /// Starts (again) the daemon process.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("rvirtd.log")).unwrap();
+        let child = Command::new(&bins().rvirtd)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--vmm")
+            .arg(&bins().vmm)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning rvirtd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "rvirtd did not come up:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (a crash): its VMMs keep running.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The daemon's own log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("rvirtd.log")).unwrap_or_default()
+    }
+
+    /// Runs `rvirt --connect SOCKET args...`.
+    pub fn rvirt(&self, args: &[&str]) -> Out {
+        self.rvirt_with(args, &[], None)
+    }
+
+    /// Runs the client with extra environment and optional stdin bytes.
+    pub fn rvirt_with(&self, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Out {
+        let mut cmd = Command::new(&bins().rvirt);
+        cmd.arg("--connect").arg(&self.socket).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawning rvirt");
+        if let Some(bytes) = stdin {
+            let _ = child.stdin.take().unwrap().write_all(bytes);
+        }
+        let out = child.wait_with_output().unwrap();
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs the client and insists on success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.rvirt(args);
+        assert_eq!(o.code, 0, "rvirt {args:?} failed: {}{}\n--- daemon log ---\n{}", o.stdout, o.stderr, self.log());
+        o.stdout
+    }
+
+    /// Runs the client and insists on failure with `needle` in the one error line.
+    pub fn fails(&self, args: &[&str], needle: &str) {
+        let o = self.rvirt(args);
+        assert_eq!(o.code, 1, "rvirt {args:?} should fail: {}{}", o.stdout, o.stderr);
+        assert!(o.stderr.starts_with("error: ") && o.stderr.contains(needle), "rvirt {args:?}: wanted '{needle}', got: {}", o.stderr);
+    }
+
+    /// `domstate --reason` text.
+    pub fn state(&self, dom: &str) -> String {
+        self.ok(&["domstate", "--reason", dom]).trim().to_string()
+    }
+
+    /// Waits until `domstate --reason` of `dom` starts with `want`.
+    pub fn wait_state(&self, dom: &str, want: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.state(dom);
+            if s.starts_with(want) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "'{dom}' stayed '{s}', wanted '{want}'\n--- daemon log ---\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The pid of a running domain's VMM.
+    pub fn vmm_pid(&self, dom: &str) -> i32 {
+        let j: serde_json::Value = serde_json::from_str(&self.ok(&["--json", "dominfo", dom])).unwrap();
+        j["info"]["pid"].as_i64().expect("a running domain has a VMM pid") as i32
+    }
+
+    /// Writes a domain XML file and returns its path.
+    pub fn xml_file(&self, name: &str, xml: &str) -> PathBuf {
+        let p = self.dir.join(format!("{name}.xml"));
+        std::fs::write(&p, xml).unwrap();
+        p
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // VMMs outlive the daemon by design: stop this test's ones here.
+        if let Ok(rd) = std::fs::read_dir(self.state.join("run")) {
+            for e in rd.flatten() {
+                if let Ok(text) = std::fs::read_to_string(e.path()) {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                        if let Some(pid) = v["pid"].as_i64() {
+                            // SAFETY: kill has no memory effects.
+                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        }
+                    }
+                }
+            }
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Hand-made guests written as kernel files into `dir`.
+pub struct Kernels {
+    /// Prints "hello" and halts until stopped.
+    pub idle: PathBuf,
+    /// Prints and powers off at once.
+    pub poweroff: PathBuf,
+    /// Triple-faults at once.
+    pub crash: PathBuf,
+    /// Prints 'x' for ever.
+    pub chatter: PathBuf,
+}
+
+pub fn kernels(dir: &Path) -> Kernels {
+    let write = |name: &str, code: Vec<u8>| {
+        let p = dir.join(name);
+        std::fs::write(&p, guests::bzimage_with(&code)).unwrap();
+        p
+    };
+    let mut idle = guests::print(b"hello\n");
+    idle.extend(guests::HALT_FOREVER);
+    let mut off = guests::print(b"bye\n");
+    off.extend(guests::power_off());
+    off.extend(guests::HALT_FOREVER);
+    let mut crash = guests::print(b"X");
+    crash.extend(guests::TRIPLE_FAULT);
+    Kernels {
+        idle: write("idle.bzImage", idle),
+        poweroff: write("poweroff.bzImage", off),
+        crash: write("crash.bzImage", crash),
+        chatter: write("chatter.bzImage", guests::print_forever(b'x')),
+    }
+}
+
+/// A small domain: 64 MiB, one vCPU, the given kernel, `extra` inside <domain>.
+pub fn domain_xml(name: &str, kernel: &Path, extra: &str) -> String {
+    format!(
+        "<domain type='kvm'>\n  <name>{name}</name>\n  <memory unit='MiB'>64</memory>\n  <vcpu>1</vcpu>\n  <os>\n    <type>hvm</type>\n    <kernel>{}</kernel>\n  </os>\n{extra}\n</domain>\n",
+        kernel.display()
+    )
+}
