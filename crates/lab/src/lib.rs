@@ -48,6 +48,10 @@ pub struct Lab {
     pub vmm: PathBuf,
     /// Release build of the lab's API client.
     pub api_client: PathBuf,
+    /// Release builds of the management daemon and its client.
+    pub rvirtd: PathBuf,
+    /// See `rvirtd`.
+    pub rvirt: PathBuf,
 }
 
 static LAB: OnceLock<std::result::Result<Lab, String>> = OnceLock::new();
@@ -75,7 +79,7 @@ impl Lab {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
             .current_dir(&root)
-            .args(["build", "--release", "--quiet", "-p", "rvirt-vmm", "-p", "rvirt-lab", "--bins"])
+            .args(["build", "--release", "--quiet", "-p", "rvirt-vmm", "-p", "rvirt-lab", "-p", "rvirtd", "-p", "rvirt", "--bins"])
             .status()
             .context("building release binaries")?;
         if !st.success() {
@@ -87,8 +91,15 @@ impl Lab {
             modules: kdir.join("modules"),
             vmm: root.join("target/release/rvirt-vmm"),
             api_client: root.join("target/release/rvirt-lab-api"),
+            rvirtd: root.join("target/release/rvirtd"),
+            rvirt: root.join("target/release/rvirt"),
             cache,
         })
+    }
+
+    /// The modules [`ACPID_GUEST`] loads.
+    pub fn acpid_modules(&self) -> Vec<PathBuf> {
+        vec![self.module("evdev.ko"), self.module("button.ko")]
     }
 
     /// Path of a flat module file (`kvm.ko`, `button.ko`, ...).
@@ -274,6 +285,26 @@ impl Lab {
         fs.pack(out)
     }
 }
+
+/// An L2 init for tests that shut guests down through ACPI: acpid turns the
+/// power button into a clean poweroff (needs [`Lab::acpid_modules`]); a
+/// ticker on the console shows whether the guest is running.
+pub const ACPID_GUEST: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+insmod /lib/modules/evdev.ko
+insmod /lib/modules/button.ko
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\necho "@@L2-POWER-BUTTON=pressed"\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+mkdir -p /var/log /var/run
+acpid -d &
+sleep 1
+echo "@@L2-READY=1"
+i=0
+while true; do i=$((i+1)); echo "tick $i"; sleep 0.2; done
+"#;
 
 /// L1's init: mount the basics, load KVM, run the test script, power off.
 const L1_INIT: &str = r#"#!/bin/sh

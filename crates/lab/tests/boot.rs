@@ -1,7 +1,7 @@
 //! Lab tests: rvirt-vmm boots Debian's stock cloud kernel inside the nested
 //! lab (L1 = QEMU TCG with emulated SVM, L2 = our guest).
 
-use rvirt_lab::{l2_initramfs, log, L1Spec, Lab, LabOutput};
+use rvirt_lab::{l2_initramfs, log, L1Spec, Lab, LabOutput, ACPID_GUEST};
 
 /// L2 init: report what the guest sees, then power off through ACPI.
 const REPORT_AND_POWEROFF: &str = r#"#!/bin/sh
@@ -77,25 +77,6 @@ fn elf_vmlinux_boots_through_pvh() {
     check_report(&out, LOADER_PVH);
 }
 
-/// L2 init for the control-API test: acpid turns the power button into a
-/// clean poweroff; a ticker shows whether the guest is running.
-const ACPID_GUEST: &str = r#"#!/bin/sh
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-insmod /lib/modules/evdev.ko
-insmod /lib/modules/button.ko
-mkdir -p /etc/acpi/PWRF
-printf '#!/bin/sh\necho "@@L2-POWER-BUTTON=pressed"\npoweroff -f\n' > /etc/acpi/PWRF/00000080
-chmod +x /etc/acpi/PWRF/00000080
-mkdir -p /var/log /var/run
-acpid -d &
-sleep 1
-echo "@@L2-READY=1"
-i=0
-while true; do i=$((i+1)); echo "tick $i"; sleep 0.2; done
-"#;
-
 const API_SCRIPT: &str = r#"
 rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M \
   --cmdline "console=ttyS0 panic=-1 quiet" --serial file=/tmp/l2.log --api-socket /tmp/vm.sock </dev/null &
@@ -127,7 +108,7 @@ echo "@@END-L2"
 #[test]
 fn control_api_pauses_resumes_and_shuts_down_the_guest() {
     let lab = Lab::get().unwrap();
-    let initrd = l2_initramfs(ACPID_GUEST, &[lab.module("evdev.ko"), lab.module("button.ko")]).unwrap();
+    let initrd = l2_initramfs(ACPID_GUEST, &lab.acpid_modules()).unwrap();
     let spec = L1Spec::new("control-api", API_SCRIPT).file(&lab.kernel, "l2/vmlinuz").blob("l2/initrd.gz", initrd);
     let out = lab.run(&spec).unwrap();
     out.check_l1().unwrap();
