@@ -372,7 +372,7 @@ impl Manager {
             if Instant::now() > deadline {
                 return Err(format!("the VMM did not answer on {} within {} s", socket.display(), START_TIMEOUT.as_secs()));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         };
         let mut g = lock(&self.inner);
         let Some(d) = g.domains.get_mut(name) else { return Ok(()) };
