@@ -169,7 +169,13 @@ fn warn(r: &Response) {
 fn edit(conn: &mut Connection, domain: &str) -> Result<String> {
     let xml = conn.expect(&Request::DumpXml { domain: domain.into() })?.xml.unwrap_or_default();
     let file = std::env::temp_dir().join(format!("rvirt-edit-{}-{domain}.xml", std::process::id()));
-    std::fs::write(&file, &xml).with_context(|| format!("writing {}", file.display()))?;
+    // create_new: never follow something another user left at that path in /tmp.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&file)
+        .and_then(|mut f| f.write_all(xml.as_bytes()))
+        .with_context(|| format!("writing {}", file.display()))?;
     let editor = std::env::var("VISUAL").or_else(|_| std::env::var("EDITOR")).unwrap_or_else(|_| "vi".into());
     let result = (|| loop {
         let st = std::process::Command::new("sh")
@@ -240,7 +246,6 @@ fn install_command(cli: &Cli) -> Result<()> {
         } else {
             println!("Domain '{}' defined and started", def.name);
         }
-        return Ok(());
     }
     Ok(())
 }

@@ -214,3 +214,26 @@ fn a_restarted_daemon_finds_its_running_domains() {
     d.ok(&["destroy", "stay"]);
     assert!(!alive(pid));
 }
+
+#[test]
+fn install_writes_the_definition_creates_the_disk_and_starts() {
+    let dir = scratch("inst");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let disk = dir.join("inst.qcow2");
+    let kernel = k.idle.to_str().unwrap();
+    let disk_spec = format!("path={},size=0.0625", disk.display());
+    let args = ["install", "--name", "inst", "--memory", "64", "--kernel", kernel, "--disk", &disk_spec, "--autostart"];
+    let xml = d.ok(&[&args[..], &["--print-xml"]].concat());
+    assert!(xml.contains("<name>inst</name>") && xml.contains("<memory unit='KiB'>65536</memory>"), "{xml}");
+    assert!(d.ok(&["list", "--all"]).lines().count() == 2, "--print-xml defines nothing");
+    assert_eq!(d.ok(&args).trim(), "Domain 'inst' defined and started");
+    assert_eq!(d.state("inst"), "running (booted)");
+    assert!(d.ok(&["dominfo", "inst"]).contains("Autostart:      enable"));
+    let img = std::process::Command::new("qemu-img").args(["info", "--output", "json"]).arg(&disk).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&img.stdout).unwrap();
+    assert_eq!((info["format"].as_str(), info["virtual-size"].as_u64()), (Some("qcow2"), Some(64 << 20)), "qemu-img reads the new disk");
+    d.fails(&["install", "--name", "inst", "--kernel", kernel], "already exists");
+    d.fails(&["install", "--name", "x", "--kernel", kernel, "--disk", "path=/nonexistent/n.raw"], "give size=GiB");
+    d.ok(&["destroy", "inst"]);
+}
