@@ -44,7 +44,7 @@ pub fn run(cfg: &DaemonConfig) -> anyhow::Result<()> {
     let store = Store::open(&cfg.state_dir)?;
     let listener = server::bind(&cfg.socket, cfg.group.as_deref())?;
     let mgr = Manager::open(store, cfg.vmm.clone())?;
-    mgr.spawn_monitor();
+    mgr.spawn_monitor().map_err(|e| anyhow::anyhow!("starting the monitor thread: {e}"))?;
     tracing::info!("rvirtd listening on {}", cfg.socket.display());
     let auto = mgr.clone();
     std::thread::spawn(move || auto.autostart());

@@ -173,15 +173,13 @@ impl Manager {
     }
 
     /// Runs the monitor: notices VMMs that ended and applies the lifecycle actions.
-    pub fn spawn_monitor(self: &Arc<Self>) {
+    pub fn spawn_monitor(self: &Arc<Self>) -> std::io::Result<()> {
         let me = self.clone();
-        std::thread::Builder::new()
-            .name("monitor".into())
-            .spawn(move || loop {
-                std::thread::sleep(MONITOR_PERIOD);
-                me.check_processes();
-            })
-            .expect("spawning the monitor thread");
+        std::thread::Builder::new().name("monitor".into()).spawn(move || loop {
+            std::thread::sleep(MONITOR_PERIOD);
+            me.check_processes();
+        })?;
+        Ok(())
     }
 
     fn check_processes(self: &Arc<Self>) {
