@@ -631,7 +631,7 @@ impl Manager {
 
     /// `dominfo`.
     pub fn info(&self, key: &str) -> Result<DomainInfo, String> {
-        let (name, socket, mut info) = {
+        let (socket, mut info) = {
             let g = lock(&self.inner);
             let name = g.find(key)?;
             let d = &g.domains[&name];
@@ -651,9 +651,8 @@ impl Manager {
                 cpu_time_seconds: d.run.as_ref().and_then(|r| process::cpu_seconds(r.record.pid)),
                 pid: d.run.as_ref().map(|r| r.record.pid),
             };
-            (name, d.run.as_ref().map(|r| r.record.api_socket.clone()), info)
+            (d.run.as_ref().map(|r| r.record.api_socket.clone()), info)
         };
-        let _ = name;
         if let Some(s) = socket {
             if let Ok(Some(b)) = vmm_call(&s, &VmmRequest::Status, Duration::from_secs(2)).map(|r| r.status.and_then(|s| s.balloon)) {
                 info.used_memory_kib = info.max_memory_kib.saturating_sub(b.actual_bytes / 1024);
