@@ -261,17 +261,10 @@ fn memory_kib(cx: &Cx, n: Node, path: &str) -> Result<u64, XmlError> {
 
 fn lifecycle(cx: &Cx, n: Node, path: &str, allowed: &[LifecycleAction]) -> Result<LifecycleAction, XmlError> {
     let t = cx.text(n, path)?;
-    let action = match t.as_str() {
-        "destroy" => LifecycleAction::Destroy,
-        "restart" => LifecycleAction::Restart,
-        "preserve" => LifecycleAction::Preserve,
-        _ => LifecycleAction::Destroy,
-    };
-    if action.name() != t || !allowed.contains(&action) {
+    allowed.iter().copied().find(|a| a.name() == t).ok_or_else(|| {
         let names: Vec<&str> = allowed.iter().map(|a| a.name()).collect();
-        return Err(cx.err(n, path, format!("'{t}' is not supported (expected {})", names.join(" or "))));
-    }
-    Ok(action)
+        cx.err(n, path, format!("'{t}' is not supported (expected {})", names.join(" or ")))
+    })
 }
 
 /// Checks a name used for files and taps: letters, digits and `-_.+:`.
