@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use rvirt_client::console::{self, Detach};
 use rvirt_client::install::{self, InstallOptions};
 use rvirt_client::{format, Connection};
@@ -118,41 +118,45 @@ enum Command {
         file: PathBuf,
     },
     /// Write a domain definition from options, define it and start it (virt-install).
-    Install {
-        /// Domain name.
-        #[arg(long)]
-        name: String,
-        /// RAM in MiB.
-        #[arg(long, value_name = "MiB", default_value_t = 512)]
-        memory: u64,
-        /// vCPUs.
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        /// Kernel to boot.
-        #[arg(long, value_name = "PATH")]
-        kernel: PathBuf,
-        /// Initramfs.
-        #[arg(long, value_name = "PATH")]
-        initrd: Option<PathBuf>,
-        /// Kernel command line.
-        #[arg(long, alias = "extra-args", value_name = "STR")]
-        cmdline: Option<String>,
-        /// path=FILE[,size=GiB][,format=raw|qcow2][,readonly=on][,serial=S][,cache=none] (repeatable).
-        #[arg(long, value_name = "SPEC")]
-        disk: Vec<String>,
-        /// bridge=BR[,mac=M], tap=NAME[,mac=M] or none (repeatable).
-        #[arg(long, value_name = "SPEC")]
-        network: Vec<String>,
-        /// Add a virtio entropy device.
-        #[arg(long)]
-        rng: bool,
-        /// Also start it with the daemon.
-        #[arg(long)]
-        autostart: bool,
-        /// Print the XML and stop (nothing is defined).
-        #[arg(long)]
-        print_xml: bool,
-    },
+    Install(InstallArgs),
+}
+
+/// The options of `rvirt install`.
+#[derive(Args, Debug)]
+struct InstallArgs {
+    /// Domain name.
+    #[arg(long)]
+    name: String,
+    /// RAM in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 512)]
+    memory: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Kernel to boot.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, alias = "extra-args", value_name = "STR")]
+    cmdline: Option<String>,
+    /// path=FILE[,size=GiB][,format=raw|qcow2][,readonly=on][,serial=S][,cache=none] (repeatable).
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// bridge=BR[,mac=M], tap=NAME[,mac=M] or none (repeatable).
+    #[arg(long, value_name = "SPEC")]
+    network: Vec<String>,
+    /// Add a virtio entropy device.
+    #[arg(long)]
+    rng: bool,
+    /// Also start it with the daemon.
+    #[arg(long)]
+    autostart: bool,
+    /// Print the XML and stop (nothing is defined).
+    #[arg(long)]
+    print_xml: bool,
 }
 
 fn read_file(path: &Path) -> Result<String> {
@@ -216,141 +220,130 @@ fn edit(conn: &mut Connection, domain: &str) -> Result<String> {
 }
 
 /// `rvirt install`: define from options and start (the daemon is not needed for --print-xml).
-fn install_command(cli: &Cli) -> Result<()> {
-    if let Command::Install { name, memory, vcpus, kernel, initrd, cmdline, disk, network, rng, autostart, print_xml } = &cli.command {
-        let o = InstallOptions {
-            name: name.clone(),
-            memory_mib: *memory,
-            vcpus: *vcpus,
-            kernel: kernel.clone(),
-            initrd: initrd.clone(),
-            cmdline: cmdline.clone(),
-            disks: disk.clone(),
-            networks: network.clone(),
-            rng: *rng,
-        };
-        let def = install::build(&o)?;
-        if *print_xml {
-            print!("{}", def.to_xml());
-            return Ok(());
-        }
-        let mut conn = Connection::open(&cli.connect)?;
-        let r = conn.expect(&Request::Define { xml: def.to_xml() })?;
-        warn(&r);
-        if *autostart {
-            conn.expect(&Request::Autostart { domain: def.name.clone(), enable: true })?;
-        }
-        let r = conn.expect(&Request::Start { domain: def.name.clone() })?;
-        if cli.json {
-            println!("{}", serde_json::to_string(&r)?);
-        } else {
-            println!("Domain '{}' defined and started", def.name);
-        }
+fn install_command(cli: &Cli, a: &InstallArgs) -> Result<()> {
+    let o = InstallOptions {
+        name: a.name.clone(),
+        memory_mib: a.memory,
+        vcpus: a.vcpus,
+        kernel: a.kernel.clone(),
+        initrd: a.initrd.clone(),
+        cmdline: a.cmdline.clone(),
+        disks: a.disk.clone(),
+        networks: a.network.clone(),
+        rng: a.rng,
+    };
+    let def = install::build(&o)?;
+    if a.print_xml {
+        print!("{}", def.to_xml());
+        return Ok(());
+    }
+    let mut conn = Connection::open(&cli.connect)?;
+    let r = conn.expect(&Request::Define { xml: def.to_xml() })?;
+    warn(&r);
+    if a.autostart {
+        conn.expect(&Request::Autostart { domain: def.name.clone(), enable: true })?;
+    }
+    let r = conn.expect(&Request::Start { domain: def.name.clone() })?;
+    emit(cli.json, &r, |_| format!("Domain '{}' defined and started\n", def.name))
+}
+
+/// Prints a response: as JSON with `--json`, else its warnings on stderr
+/// and `text` on stdout.
+fn emit(json: bool, r: &Response, text: impl FnOnce(&Response) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+    } else {
+        warn(r);
+        print!("{}", text(r));
     }
     Ok(())
 }
 
+/// The domain a response names.
+fn named(r: &Response) -> &str {
+    r.name.as_deref().unwrap_or("")
+}
+
+/// How to print a command's response when not `--json`.
+type Text = Box<dyn FnOnce(&Response) -> String>;
+
 fn run(cli: Cli) -> Result<()> {
-    let simple = |conn: &mut Connection, req: Request, msg: &dyn Fn(&str) -> String| -> Result<()> {
-        let r = conn.expect(&req)?;
-        if cli.json {
-            println!("{}", serde_json::to_string(&r)?);
-        } else {
-            warn(&r);
-            println!("{}", msg(r.name.as_deref().unwrap_or("")));
+    let (req, text): (Request, Text) = match &cli.command {
+        Command::Install(a) => return install_command(&cli, a),
+        Command::Edit { domain } => {
+            println!("{}", edit(&mut Connection::open(&cli.connect)?, domain)?);
+            return Ok(());
         }
-        Ok(())
-    };
-    if let Command::Install { .. } = &cli.command {
-        return install_command(&cli);
-    }
-    let mut conn = Connection::open(&cli.connect)?;
-    match &cli.command {
+        Command::Console { domain } => return console_command(&cli, domain),
         Command::List { all } => {
-            let r = conn.expect(&Request::List { all: *all })?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                print!("{}", format::list(r.domains.as_deref().unwrap_or_default()));
-            }
+            (Request::List { all: *all }, Box::new(|r: &Response| format::list(r.domains.as_deref().unwrap_or_default())))
         }
         Command::Define { file } => {
             let f = file.display().to_string();
-            simple(&mut conn, Request::Define { xml: read_file(file)? }, &|n| format!("Domain '{n}' defined from {f}"))?
+            (Request::Define { xml: read_file(file)? }, Box::new(move |r: &Response| format!("Domain '{}' defined from {f}\n", named(r))))
         }
         Command::Create { file } => {
             let f = file.display().to_string();
-            simple(&mut conn, Request::Create { xml: read_file(file)? }, &|n| format!("Domain '{n}' created from {f}"))?
+            (Request::Create { xml: read_file(file)? }, Box::new(move |r: &Response| format!("Domain '{}' created from {f}\n", named(r))))
         }
         Command::Undefine { domain } => {
-            simple(&mut conn, Request::Undefine { domain: domain.clone() }, &|n| format!("Domain '{n}' has been undefined"))?
+            (Request::Undefine { domain: domain.clone() }, Box::new(|r: &Response| format!("Domain '{}' has been undefined\n", named(r))))
         }
-        Command::Start { domain } => simple(&mut conn, Request::Start { domain: domain.clone() }, &|n| format!("Domain '{n}' started"))?,
+        Command::Start { domain } => (Request::Start { domain: domain.clone() }, Box::new(|r: &Response| format!("Domain '{}' started\n", named(r)))),
         Command::Shutdown { domain, timeout } => {
-            let waited = timeout.is_some();
-            simple(&mut conn, Request::Shutdown { domain: domain.clone(), timeout_seconds: *timeout }, &|n| {
-                if waited {
-                    format!("Domain '{n}' is shut off")
-                } else {
-                    format!("Domain '{n}' is being shutdown")
-                }
-            })?
+            let how = if timeout.is_some() { "is shut off" } else { "is being shutdown" };
+            (
+                Request::Shutdown { domain: domain.clone(), timeout_seconds: *timeout },
+                Box::new(move |r: &Response| format!("Domain '{}' {how}\n", named(r))),
+            )
         }
-        Command::Destroy { domain } => simple(&mut conn, Request::Destroy { domain: domain.clone() }, &|n| format!("Domain '{n}' destroyed"))?,
+        Command::Destroy { domain } => {
+            (Request::Destroy { domain: domain.clone() }, Box::new(|r: &Response| format!("Domain '{}' destroyed\n", named(r))))
+        }
         Command::Reboot { domain } => {
-            simple(&mut conn, Request::Reboot { domain: domain.clone() }, &|n| format!("Domain '{n}' is being rebooted"))?
+            (Request::Reboot { domain: domain.clone() }, Box::new(|r: &Response| format!("Domain '{}' is being rebooted\n", named(r))))
         }
-        Command::Suspend { domain } => simple(&mut conn, Request::Suspend { domain: domain.clone() }, &|n| format!("Domain '{n}' suspended"))?,
-        Command::Resume { domain } => simple(&mut conn, Request::Resume { domain: domain.clone() }, &|n| format!("Domain '{n}' resumed"))?,
+        Command::Suspend { domain } => {
+            (Request::Suspend { domain: domain.clone() }, Box::new(|r: &Response| format!("Domain '{}' suspended\n", named(r))))
+        }
+        Command::Resume { domain } => {
+            (Request::Resume { domain: domain.clone() }, Box::new(|r: &Response| format!("Domain '{}' resumed\n", named(r))))
+        }
         Command::Autostart { domain, disable } => {
-            let on = !disable;
-            simple(&mut conn, Request::Autostart { domain: domain.clone(), enable: on }, &|n| {
-                if on {
-                    format!("Domain '{n}' marked as autostarted")
-                } else {
-                    format!("Domain '{n}' unmarked as autostarted")
-                }
-            })?
+            let how = if *disable { "unmarked" } else { "marked" };
+            (
+                Request::Autostart { domain: domain.clone(), enable: !disable },
+                Box::new(move |r: &Response| format!("Domain '{}' {how} as autostarted\n", named(r))),
+            )
         }
-        Command::Dumpxml { domain } => {
-            let r = conn.expect(&Request::DumpXml { domain: domain.clone() })?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                print!("{}", r.xml.unwrap_or_default());
-            }
-        }
-        Command::Edit { domain } => println!("{}", edit(&mut conn, domain)?),
+        Command::Dumpxml { domain } => (Request::DumpXml { domain: domain.clone() }, Box::new(|r: &Response| r.xml.clone().unwrap_or_default())),
         Command::Dominfo { domain } => {
-            let r = conn.expect(&Request::DomInfo { domain: domain.clone() })?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else if let Some(i) = &r.info {
-                print!("{}", format::info(i));
-            }
+            (Request::DomInfo { domain: domain.clone() }, Box::new(|r: &Response| r.info.as_ref().map(format::info).unwrap_or_default()))
         }
         Command::Domstate { domain, reason } => {
-            let r = conn.expect(&Request::DomState { domain: domain.clone() })?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else if let Some(s) = &r.state {
-                if *reason {
-                    println!("{} ({})", s.state, s.reason);
-                } else {
-                    println!("{}", s.state);
-                }
-            }
+            let reason = *reason;
+            (
+                Request::DomState { domain: domain.clone() },
+                Box::new(move |r: &Response| match &r.state {
+                    Some(s) if reason => format!("{} ({})\n", s.state, s.reason),
+                    Some(s) => format!("{}\n", s.state),
+                    None => String::new(),
+                }),
+            )
         }
-        Command::Console { domain } => {
-            let r = conn.expect(&Request::Console { domain: domain.clone() })?;
-            let pty = r.console.unwrap_or_default();
-            eprintln!("Connected to domain '{domain}'\r\nEscape character is ^] (Ctrl + ])\r");
-            match console::attach(&pty)? {
-                Detach::User => eprintln!("\r"),
-                Detach::DomainGone => eprintln!("\r\nThe domain stopped; console closed.\r"),
-            }
-        }
-        Command::Install { .. } => install_command(&cli)?,
+    };
+    let r = Connection::open(&cli.connect)?.expect(&req)?;
+    emit(cli.json, &r, text)
+}
+
+/// `rvirt console`: attach to the domain's serial pty until Ctrl-].
+fn console_command(cli: &Cli, domain: &str) -> Result<()> {
+    let r = Connection::open(&cli.connect)?.expect(&Request::Console { domain: domain.to_string() })?;
+    let pty = r.console.unwrap_or_default();
+    eprintln!("Connected to domain '{domain}'\r\nEscape character is ^] (Ctrl + ])\r");
+    match console::attach(&pty)? {
+        Detach::User => eprintln!("\r"),
+        Detach::DomainGone => eprintln!("\r\nThe domain stopped; console closed.\r"),
     }
     Ok(())
 }
