@@ -78,20 +78,21 @@ pub enum VmmEnd {
     Failed(String),
 }
 
+/// The log from `offset` on, at most its final 64 KiB (what a run said last
+/// is all anyone reads), bytes that are not UTF-8 replaced.
+fn log_since(log: &Path, offset: u64) -> String {
+    let Ok(mut f) = std::fs::File::open(log) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut bytes = Vec::new();
+    if f.seek(SeekFrom::Start(offset.max(len.saturating_sub(64 << 10)))).is_ok() {
+        let _ = f.read_to_end(&mut bytes);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// Reads the log from `offset` and classifies the end of the run.
 pub fn read_end(log: &Path, offset: u64) -> VmmEnd {
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(log) {
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        // The verdict is in the last lines: read at most the final 64 KiB.
-        let from = offset.max(len.saturating_sub(64 << 10));
-        if f.seek(SeekFrom::Start(from)).is_ok() {
-            let mut bytes = Vec::new();
-            let _ = f.read_to_end(&mut bytes);
-            text = String::from_utf8_lossy(&bytes).into_owned();
-        }
-    }
-    for line in text.lines().rev() {
+    for line in log_since(log, offset).lines().rev() {
         let Some(what) = line.trim().strip_prefix("rvirt-vmm: ") else { continue };
         return match what {
             "guest powered off" => VmmEnd::PowerOff,
@@ -107,12 +108,7 @@ pub fn read_end(log: &Path, offset: u64) -> VmmEnd {
 
 /// The last `n` lines of the log from `offset`, for error messages.
 pub fn log_tail(log: &Path, offset: u64, n: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(log) {
-        if f.seek(SeekFrom::Start(offset)).is_ok() {
-            let _ = f.read_to_string(&mut text);
-        }
-    }
+    let text = log_since(log, offset);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
