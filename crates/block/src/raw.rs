@@ -81,10 +81,22 @@ impl RawImage {
         !self.direct || (ptr as usize % 512 == 0 && len % 512 == 0 && offset % 512 == 0)
     }
 
-    /// Whether every buffer of a vectored request, starting at `offset`, can
-    /// go to the file as it is (always, unless O_DIRECT).
-    fn all_aligned(&self, mut bufs: impl Iterator<Item = (*const u8, usize)>, offset: u64) -> bool {
-        !self.direct || (offset % 512 == 0 && bufs.all(|(p, len)| self.aligned(p, len, 0)))
+    /// Moves a whole vectored request with one `preadv`/`pwritev` when it can
+    /// go to the file as it is (always, unless O_DIRECT wants alignment the
+    /// pieces lack). `Ok(false)`: nothing moved, go piece by piece.
+    ///
+    /// # Safety
+    /// As [`transfer_vectored`].
+    unsafe fn try_vectored(&self, mut iov: Vec<libc::iovec>, offset: u64, write: bool) -> Result<bool> {
+        if self.direct && (offset % 512 != 0 || !iov.iter().all(|v| self.aligned(v.iov_base as *const u8, v.iov_len, 0))) {
+            return Ok(false);
+        }
+        // SAFETY: the caller's promise.
+        match unsafe { transfer_vectored(&self.file, &mut iov, offset, write) } {
+            Ok(()) => Ok(true),
+            Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     /// The block-aligned span around `offset..offset+len` read into a bounce buffer.
@@ -268,14 +280,10 @@ impl BlockBackend for RawImage {
     fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> Result<()> {
         let total = bufs.iter().map(|b| b.len() as u64).sum();
         check_range(self.size, offset, total)?;
-        if self.all_aligned(bufs.iter().map(|b| (b.as_ptr(), b.len())), offset) {
-            let mut iov: Vec<libc::iovec> =
-                bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
-            // SAFETY: every iovec covers one of `bufs`, borrowed mutably for the call.
-            match unsafe { transfer_vectored(&self.file, &mut iov, offset, false) } {
-                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
-                other => return other.map_err(|e| self.err(e)),
-            }
+        let iov = bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+        // SAFETY: every iovec covers one of `bufs`, borrowed mutably for the call.
+        if unsafe { self.try_vectored(iov, offset, false)? } {
+            return Ok(());
         }
         let mut pos = offset;
         for b in bufs.iter_mut() {
@@ -289,14 +297,10 @@ impl BlockBackend for RawImage {
         self.writable()?;
         let total = bufs.iter().map(|b| b.len() as u64).sum();
         check_range(self.size, offset, total)?;
-        if self.all_aligned(bufs.iter().map(|b| (b.as_ptr(), b.len())), offset) {
-            let mut iov: Vec<libc::iovec> =
-                bufs.iter().map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() }).collect();
-            // SAFETY: every iovec covers one of `bufs`; pwritev only reads them.
-            match unsafe { transfer_vectored(&self.file, &mut iov, offset, true) } {
-                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
-                other => return other.map_err(|e| self.err(e)),
-            }
+        let iov = bufs.iter().map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() }).collect();
+        // SAFETY: every iovec covers one of `bufs`; pwritev only reads them.
+        if unsafe { self.try_vectored(iov, offset, true)? } {
+            return Ok(());
         }
         let mut pos = offset;
         for b in bufs {
