@@ -74,6 +74,8 @@ echo "@@ADOPTED-SUSPEND=$(rvirt suspend web) $(state web)"
 echo "@@ADOPTED-RESUME=$(rvirt resume web)"
 echo "@@ADOPTED-SHUTDOWN=$(rvirt shutdown web --timeout 240 2>&1)"
 echo "@@ADOPTED-STATE=$(state web)"
+# The guest's own words from its serial file (the console is not L1's).
+echo "@@GUEST-SAID=$(grep -o '@@L2-[A-Z-]*=[a-z0-9]*' /tmp/web-serial.log | sed 's/@@//' | tr '\n' ' ')"
 echo "@@BEGIN-LOGS"
 cat /tmp/rvirtd.log
 tail -5 /var/lib/rvirt/log/*.log
@@ -121,4 +123,5 @@ fn rvirtd_manages_debian_guests_through_their_lifecycle() {
     assert_eq!(get("ADOPTED-RESUME"), "Domain 'web' resumed");
     assert_eq!(get("ADOPTED-SHUTDOWN"), "Domain 'web' is shut off", "{logs}");
     assert_eq!(get("ADOPTED-STATE"), "shut off (shutdown)");
+    assert_eq!(get("GUEST-SAID").trim(), "L2-READY=1 L2-POWER-BUTTON=pressed", "the adopted guest's own serial output");
 }
