@@ -44,6 +44,9 @@ fn a_domain_runs_pauses_resumes_and_is_destroyed() {
     let info = d.ok(&["dominfo", "idle"]);
     assert!(info.contains(&format!("Id:             {id}")) && info.contains("Max memory:     65536 KiB") && info.contains("CPU time:"), "{info}");
 
+    // This guest has no ACPI handling: a bounded shutdown says so and leaves it running.
+    d.fails(&["shutdown", "idle", "--timeout", "1"], "did not shut down within 1 s (the guest may ignore ACPI; 'destroy' stops it at once)");
+    assert_eq!(d.state("idle"), "running (unpaused)");
     assert_eq!(d.ok(&["destroy", "idle"]).trim(), "Domain 'idle' destroyed");
     assert_eq!(d.state("idle"), "shut off (destroyed)");
     assert!(!alive(pid), "the VMM is gone");
@@ -236,4 +239,16 @@ fn install_writes_the_definition_creates_the_disk_and_starts() {
     d.fails(&["install", "--name", "inst", "--kernel", kernel], "already exists");
     d.fails(&["install", "--name", "x", "--kernel", kernel, "--disk", "path=/nonexistent/n.raw"], "give size=GiB");
     d.ok(&["destroy", "inst"]);
+}
+
+#[test]
+fn a_state_directory_too_deep_for_vmm_sockets_is_a_clear_error() {
+    let dir = scratch("deep");
+    let state = dir.join("s".repeat(100));
+    let d = Daemon::start_with_state(&dir, &state);
+    let k = kernels(&dir);
+    let f = d.xml_file("deep", &domain_xml("deep", &k.idle, ""));
+    d.ok(&["define", f.to_str().unwrap()]);
+    d.fails(&["start", "deep"], "the state directory's path is too long for a socket");
+    assert_eq!(d.state("deep"), "shut off (unknown)");
 }

@@ -62,7 +62,12 @@ pub struct Out {
 impl Daemon {
     /// Starts rvirtd on `dir/state` and `dir/rvirtd.sock` and waits until it answers.
     pub fn start(dir: &Path) -> Self {
-        let mut d = Daemon { dir: dir.to_path_buf(), socket: dir.join("rvirtd.sock"), state: dir.join("state"), child: None };
+        Self::start_with_state(dir, &dir.join("state"))
+    }
+
+    /// Starts rvirtd with its state directory at `state`.
+    pub fn start_with_state(dir: &Path, state: &Path) -> Self {
+        let mut d = Daemon { dir: dir.to_path_buf(), socket: dir.join("rvirtd.sock"), state: state.to_path_buf(), child: None };
         d.restart();
         d
     }
