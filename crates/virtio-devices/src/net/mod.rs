@@ -5,7 +5,10 @@
 //! header that the tap understands (`IFF_VNET_HDR`), so checksum and TSO
 //! offloads pass through: the guest sends 64 KiB TCP segments and the host
 //! kernel segments (or never needs to), and the tap delivers large frames to
-//! the guest when the guest accepted `GUEST_TSO*`.
+//! the guest when the guest accepted `GUEST_TSO*`. Receive buffers may be
+//! merged (`MRG_RXBUF`, see [`rx`]).
+
+pub mod rx;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -17,6 +20,7 @@ use rvirt_devices::bus::lock;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::chain::GuestChain;
+use rx::RxQueue;
 use crate::worker::{serve_queue, EventLoop, Worker};
 use crate::{device_type, ActivateContext, DeviceCounters, Interrupt, InterruptKind, VirtioDevice, COMMON_FEATURES};
 
@@ -29,12 +33,16 @@ const F_GUEST_ECN: u64 = 1 << 9;
 const F_HOST_TSO4: u64 = 1 << 11;
 const F_HOST_TSO6: u64 = 1 << 12;
 const F_HOST_ECN: u64 = 1 << 13;
+const F_MRG_RXBUF: u64 = 1 << 15;
 const F_STATUS: u64 = 1 << 16;
 /// Config `status`: link up.
 const S_LINK_UP: u16 = 1;
 /// The virtio-net header of virtio 1.x (with `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
 const QUEUE_SIZE: u16 = 256;
+/// The largest frame a tap delivers to a guest that accepted GSO: a 64 KiB
+/// packet, its Ethernet and VLAN headers and the virtio-net header.
+const MAX_GSO_FRAME: usize = VNET_HDR_LEN + 65536 + 14 + 4;
 
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
@@ -55,6 +63,7 @@ struct IfReq {
 }
 
 const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
+const SIOCGIFMTU: libc::c_ulong = 0x8921;
 const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
 const SIOCGIFINDEX: libc::c_ulong = 0x8933;
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
@@ -73,6 +82,17 @@ impl IfReqData {
         r.name[..n].copy_from_slice(&name.as_bytes()[..n]);
         r
     }
+}
+
+/// A plain socket for interface ioctls.
+fn if_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 fn ifreq_ioctl(sock: &std::os::fd::OwnedFd, request: libc::c_ulong, req: &mut IfReqData) -> std::io::Result<()> {
@@ -135,13 +155,7 @@ impl Tap {
         if bridge.is_empty() || bridge.len() >= 16 || bridge.contains(['/', ' ', '\0']) {
             return Err(Error::new(ErrorKind::InvalidInput, format!("invalid bridge name '{bridge}'")));
         }
-        // SAFETY: a plain socket for interface ioctls; owned by `sock` below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(Error::last_os_error());
-        }
-        // SAFETY: fd was just created and is owned by nobody else.
-        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let sock = if_socket()?;
         let ctx = |what: &str, e: Error| Error::new(e.kind(), format!("tap '{}' {what} bridge '{bridge}': {e}", self.name));
         let mut req = IfReqData::named(&self.name);
         ifreq_ioctl(&sock, SIOCGIFINDEX, &mut req).map_err(|e| ctx("(index) for", e))?;
@@ -157,6 +171,13 @@ impl Tap {
         let flags = i16::from_ne_bytes([up.data[0], up.data[1]]) | libc::IFF_UP as i16;
         up.data[..2].copy_from_slice(&flags.to_ne_bytes());
         ifreq_ioctl(&sock, SIOCSIFFLAGS, &mut up).map_err(|e| ctx("(up) on", e))
+    }
+
+    /// The interface's MTU: the largest frame payload it passes without GSO.
+    pub fn mtu(&self) -> std::io::Result<usize> {
+        let mut req = IfReqData::named(&self.name);
+        ifreq_ioctl(&if_socket()?, SIOCGIFMTU, &mut req)?;
+        Ok(i32::from_ne_bytes([req.data[0], req.data[1], req.data[2], req.data[3]]).max(0) as usize)
     }
 
     /// Tells the tap which offloads the guest accepts on receive.
@@ -223,47 +244,18 @@ struct NetWorker {
     tap: Arc<Tap>,
     interrupt: Arc<dyn Interrupt>,
     counters: Arc<DeviceCounters>,
+    rx: RxQueue,
 }
 
 impl NetWorker {
-    /// Moves frames from the tap into receive buffers until one runs out.
-    /// Returns whether to keep polling the tap: only when the tap ran dry
-    /// with buffers left. Out of buffers, or a ring the guest broke, waits
-    /// for the next receive-queue notification instead (polling a readable
-    /// tap with nowhere to put its frames would spin).
-    fn receive(&self, q: &mut virtio_queue::Queue) -> bool {
-        let served = serve_queue(q, &self.mem, |chain| {
-            let chain = match GuestChain::parse(chain, &self.mem) {
-                Ok(c) => c,
-                Err(_) => {
-                    self.counters.error();
-                    return Some(0);
-                }
-            };
-            let Ok(slices) = chain.writable_slices(&self.mem, 0, chain.writable_len()) else { return Some(0) };
-            let iov = iovecs(&slices);
-            // SAFETY: readv into checked guest buffers.
-            let n = unsafe { libc::readv(self.tap.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::WouldBlock {
-                    return None;
-                }
-                self.counters.error();
-                return Some(0);
-            }
-            let n = n as usize;
-            if n >= VNET_HDR_LEN {
-                // num_buffers: one buffer per frame without MRG_RXBUF.
-                let _ = chain.write(&self.mem, 10, &1u16.to_le_bytes());
-            }
-            self.counters.request(n as u64, 0);
-            Some(n as u32)
-        });
-        if served.notify {
+    /// Moves frames from the tap into receive buffers; returns whether to
+    /// keep polling the tap (see [`rx::RxPass::poll_tap`]).
+    fn receive(&mut self, q: &mut virtio_queue::Queue) -> bool {
+        let pass = self.rx.receive(q, &self.mem, self.tap.file.as_raw_fd(), &self.counters);
+        if pass.notify {
             self.interrupt.trigger(InterruptKind::Queue(0));
         }
-        served.stopped
+        pass.poll_tap
     }
 
     fn transmit(&self, q: &mut virtio_queue::Queue) {
@@ -305,6 +297,7 @@ impl VirtioDevice for VirtioNet {
             | F_HOST_TSO4
             | F_HOST_TSO6
             | F_HOST_ECN
+            | F_MRG_RXBUF
             | F_STATUS
     }
     fn config_len(&self) -> usize {
@@ -334,7 +327,14 @@ impl VirtioDevice for VirtioNet {
         }
         self.tap.set_offload(offload).map_err(|e| format!("tap {}: setting offloads: {e}", self.tap.name))?;
         *lock(&self.handle.interrupt) = Some(interrupt.clone());
-        let w = NetWorker { mem, tap: self.tap.clone(), interrupt, counters: self.counters.clone() };
+        // Without GSO the tap's frames are at most its MTU plus Ethernet and VLAN headers.
+        let mtu = self.tap.mtu().unwrap_or(1500);
+        let mut max_frame = VNET_HDR_LEN + 14 + 4 + mtu;
+        if features & (F_GUEST_TSO4 | F_GUEST_TSO6) != 0 {
+            max_frame = max_frame.max(MAX_GSO_FRAME);
+        }
+        let rx = RxQueue::new(features & F_MRG_RXBUF != 0, max_frame);
+        let mut w = NetWorker { mem, tap: self.tap.clone(), interrupt, counters: self.counters.clone(), rx };
         self.worker = Some(
             Worker::spawn(&format!("virtio-net-{}", self.tap.name), move |kill| {
                 let Ok(mut events) = EventLoop::new() else { return };
