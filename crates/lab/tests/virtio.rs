@@ -124,6 +124,14 @@ for i in $(seq 1 60); do ping -c 1 -W 1 10.0.2.1 >/dev/null 2>&1 && break; done
 echo "@@L2-PING=$(ping -c 3 10.0.2.1 | grep -o '[0-9]* packets received')"
 nc 10.0.2.1 5000 < /tmp/blob && echo "@@L2-SENT=ok"
 rm /tmp/blob
+# Host -> guest: nc's stdin must stay open (it ends the connection at EOF)
+# without a pipeline the shell would wait for; a read-write fifo never ends.
+mkfifo /tmp/open; exec 3<>/tmp/open
+nc 10.0.2.1 5001 <&3 > /tmp/got
+exec 3>&-
+echo "@@L2-GOT=$(sha256sum /tmp/got | cut -d' ' -f1)"
+echo "@@L2-GOT-BYTES=$(wc -c < /tmp/got)"
+rm /tmp/got
 # Dirty 200 MiB of RAM, then free it: the host still holds those pages.
 dd if=/dev/zero of=/tmp/fill bs=1M count=200 2>/dev/null
 rm /tmp/fill
@@ -154,6 +162,9 @@ ip link set tap0 up
 # The listener's stdin must stay open: busybox nc ends the connection at stdin EOF.
 sleep 600 | nc -l -p 5000 > /tmp/recv &
 listener=$!
+dd if=/dev/urandom of=/tmp/hblob bs=1M count=8 2>/dev/null
+echo "@@HOST-BLOB=$(sha256sum /tmp/hblob | cut -d' ' -f1)"
+nc -l -p 5001 < /tmp/hblob &
 for i in $(seq 1 600); do grep -q '@@L2-FILLED' /tmp/l2.log 2>/dev/null && break; sleep 0.5; done
 for i in $(seq 1 120); do kill -0 $listener 2>/dev/null || break; sleep 0.5; done
 echo "@@HOST-RECV=$(sha256sum /tmp/recv | cut -d' ' -f1)"
@@ -196,6 +207,10 @@ fn network_entropy_console_and_balloon_work_over_intx() {
     assert_eq!(get("L2-PING"), "3 packets received");
     assert_eq!(get("L2-SENT"), "ok");
     assert_eq!(get("HOST-RECV"), get("L2-BLOB"), "8 MiB over TCP arrived intact");
+    assert_eq!(get("L2-GOT"), get("HOST-BLOB"), "8 MiB host->guest over TCP arrived intact");
+    assert_eq!(get("L2-GOT-BYTES"), "8388608");
+    let features = get("L2-FEATURES");
+    assert_eq!(features.as_bytes().get(15), Some(&b'1'), "the guest took mergeable receive buffers: {features}");
     assert_eq!(get("L2-RNG"), "virtio_rng.0");
     assert_eq!(get("L2-HWRNG-BYTES"), "256");
     assert_eq!(get("HVC0"), "hello-from-hvc0");
@@ -210,6 +225,7 @@ fn network_entropy_console_and_balloon_work_over_intx() {
     let stats: serde_json::Value = serde_json::from_str(&get("API-STATS")).unwrap();
     let dev = |name: &str, field: &str| stats["stats"]["devices"][name][field].as_u64().unwrap_or(0);
     assert!(dev("net0", "bytes_from_guest") > 8 << 20, "{stats}");
+    assert!(dev("net0", "bytes_to_guest") > 8 << 20, "{stats}");
     assert!(dev("rng", "bytes_to_guest") >= 256);
     assert!(dev("console", "bytes_from_guest") >= 16);
     assert!(dev("balloon", "bytes_from_guest") >= 200 << 20);
