@@ -1,9 +1,16 @@
 //! Guest RAM: anonymous host mappings registered with KVM as memory slots.
+//!
+//! Each region starts on a 2 MiB boundary of the VMM's address space and is
+//! advised for transparent huge pages, as QEMU does: KVM maps guest memory
+//! with 2 MiB pages only where the guest-physical and host-virtual addresses
+//! agree modulo 2 MiB (otherwise every 4 KiB the guest touches is a separate
+//! nested page fault and TLB entry).
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use rvirt_arch::MemoryLayout;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
 
 use crate::{Error, Result};
 
@@ -35,16 +42,93 @@ pub fn check_host_can_provide(bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// The huge page size guest RAM is aligned to.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// PROT_NONE mappings on both sides of a `len`-byte hole that starts on a
+/// [`HUGE_PAGE`] boundary. While they stand, the kernel's next `mmap` of
+/// `len` bytes lands in the hole unless a higher gap fits (then the region
+/// is merely unaligned). Unmapped on drop.
+struct AlignedHole {
+    pieces: [(usize, usize); 2],
+}
+
+impl AlignedHole {
+    fn new(len: usize) -> Option<Self> {
+        let total = len.checked_add(HUGE_PAGE)?;
+        // SAFETY: a fresh anonymous PROT_NONE reservation; no existing memory is touched.
+        let r = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return None;
+        }
+        let start = r as usize;
+        let aligned = (start + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
+        // SAFETY: [aligned, aligned + len) lies inside the reservation just made.
+        unsafe { libc::munmap(aligned as *mut libc::c_void, len) };
+        Some(Self { pieces: [(start, aligned - start), (aligned + len, start + total - (aligned + len))] })
+    }
+}
+
+impl Drop for AlignedHole {
+    fn drop(&mut self) {
+        for (addr, len) in self.pieces {
+            if len > 0 {
+                // SAFETY: the pieces are what is left of our own reservation.
+                unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+            }
+        }
+    }
+}
+
+/// Maps `len` bytes of anonymous, private, unreserved memory, on a
+/// [`HUGE_PAGE`] boundary when the address space allows, advised for
+/// transparent huge pages. vm-memory owns the mapping (unmapped with the
+/// last reference to the guest memory).
+fn map_ram(len: usize) -> std::result::Result<MmapRegion, vm_memory::mmap::MmapRegionError> {
+    // Another thread mapping memory at the same moment can take the hole;
+    // then try again, and settle for an unaligned region after three tries.
+    let mut attempt = 0;
+    let region = loop {
+        attempt += 1;
+        let hole = AlignedHole::new(len);
+        let region = MmapRegion::build(
+            None,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE,
+        );
+        drop(hole);
+        let region = region?;
+        if region.as_ptr() as usize % HUGE_PAGE == 0 || attempt == 3 {
+            break region;
+        }
+    };
+    // SAFETY: advice only, on the mapping just made. Without THP in this
+    // kernel it fails, and the memory is simply not huge-page backed.
+    unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+    Ok(region)
+}
+
 /// Maps guest RAM for `layout` (anonymous, private, not reserved up front).
 pub fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
     check_host_can_provide(layout.ram_bytes)?;
-    let ranges: Vec<(GuestAddress, usize)> = layout
-        .ram_ranges()
-        .into_iter()
-        .map(|(start, len)| usize::try_from(len).map(|l| (GuestAddress(start), l)))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| Error::Memory("size does not fit this host's address space".into()))?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(format!("cannot map {} MiB: {e}", layout.ram_bytes >> 20)))
+    let what = |e: String| Error::Memory(format!("cannot map {} MiB: {e}", layout.ram_bytes >> 20));
+    let mut regions = Vec::new();
+    for (start, len) in layout.ram_ranges() {
+        let len = usize::try_from(len).map_err(|_| Error::Memory("size does not fit this host's address space".into()))?;
+        let mapping = map_ram(len).map_err(|e| what(e.to_string()))?;
+        regions.push(GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or_else(|| what("region wraps the address space".into()))?);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| what(e.to_string()))
 }
 
 /// Registers every region of `mem` with KVM, one slot each, and marks them
@@ -99,5 +183,25 @@ mod tests {
         assert_eq!(mem.num_regions(), 2);
         assert!(mem.address_in_range(GuestAddress((4 << 30) + 4096)));
         assert!(!mem.address_in_range(GuestAddress(0xd000_0000)));
+    }
+
+    #[test]
+    fn regions_start_on_huge_page_boundaries_and_are_advised_for_them() {
+        let layout = MemoryLayout::new((3 << 30) + (64 << 20)).unwrap();
+        for _ in 0..4 {
+            let mem = create_guest_memory(&layout).unwrap();
+            for region in mem.iter() {
+                let host = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+                assert_eq!(host % HUGE_PAGE, 0, "region at {:#x} mapped at {host:#x}", region.start_addr().0);
+                if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+                    continue; // no THP in this kernel: nothing to advise
+                }
+                let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+                let header = format!("{host:x}-");
+                let block: Vec<&str> = smaps.lines().skip_while(|l| !l.starts_with(&header)).take(30).collect();
+                let flags = block.iter().find(|l| l.starts_with("VmFlags:")).unwrap_or_else(|| panic!("no mapping at {header}"));
+                assert!(flags.split_whitespace().any(|f| f == "hg"), "MADV_HUGEPAGE: {flags}");
+            }
+        }
     }
 }
