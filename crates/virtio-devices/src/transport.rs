@@ -3,7 +3,9 @@
 //! BAR 0 (64-bit, 32 KiB) holds, at fixed offsets, the common configuration,
 //! the ISR byte, the device configuration, the notification area (one
 //! 4-byte slot per queue, each backed by an ioeventfd) and the MSI-X table
-//! and pending bits. Vendor-specific capabilities point the driver at them.
+//! and pending bits. Vendor-specific capabilities point the driver at them;
+//! the PCI configuration access capability (`VIRTIO_PCI_CAP_PCI_CFG`) also
+//! reaches BAR 0 through configuration space, for firmware that cannot map BARs.
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,6 +52,12 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+/// Offsets inside the PCI configuration access capability.
+const PCI_CFG_BAR: usize = 4;
+const PCI_CFG_OFFSET: usize = 8;
+const PCI_CFG_LENGTH: usize = 12;
+const PCI_CFG_DATA: usize = 16;
 
 /// Registers the queue-notification ioeventfds with KVM (implemented by the VMM).
 pub trait IoEventRegistrar: Send + Sync {
@@ -139,6 +147,7 @@ pub struct VirtioPciDevice {
     device: Box<dyn VirtioDevice>,
     irq: Arc<InterruptState>,
     msix_cap: usize,
+    pci_cfg_cap: usize,
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
     queue_select: u16,
@@ -207,6 +216,11 @@ impl VirtioPciDevice {
         config.add_capability(&virtio_cap(CAP_NOTIFY, NOTIFY_CFG, REGION_LEN, Some(NOTIFY_OFF_MULTIPLIER)), None);
         let (cap, writable) = msix.capability(0, MSIX_TABLE as u32, MSIX_PBA as u32);
         let msix_cap = config.add_capability(&cap, Some(&writable));
+        // bar, offset, length and the data window are the driver's to set.
+        let mut pci_cfg_writable = [0u8; 20];
+        pci_cfg_writable[PCI_CFG_BAR] = 0xff;
+        pci_cfg_writable[PCI_CFG_OFFSET..].fill(0xff);
+        let pci_cfg_cap = config.add_capability(&virtio_cap(CAP_PCI_CFG, 0, 0, Some(0)), Some(&pci_cfg_writable));
         let queues = sizes.iter().map(|s| Queue::new(*s)).collect::<Result<Vec<_>, _>>().map_err(|e| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad queue size: {e}"))
         })?;
@@ -227,6 +241,7 @@ impl VirtioPciDevice {
             device,
             irq,
             msix_cap,
+            pci_cfg_cap,
             queues,
             queue_events,
             queue_select: 0,
@@ -441,6 +456,17 @@ impl VirtioPciDevice {
         }
     }
 
+    /// The BAR window the PCI configuration access capability points at:
+    /// (offset, length) when it is BAR 0 with a naturally aligned 1, 2 or
+    /// 4-byte access, as the spec allows; anything else is ignored.
+    fn pci_cfg_window(&self) -> Option<(u64, usize)> {
+        let reg = |at: usize| self.config.read_reg((self.pci_cfg_cap + at) / 4);
+        let bar = reg(PCI_CFG_BAR) & 0xff;
+        let (offset, len) = (u64::from(reg(PCI_CFG_OFFSET)), reg(PCI_CFG_LENGTH) as usize);
+        (bar == 0 && matches!(len, 1 | 2 | 4) && offset % len as u64 == 0 && offset + len as u64 <= BAR_SIZE)
+            .then_some((offset, len))
+    }
+
     fn move_ioevents(&mut self, new: Option<u64>) {
         if let Some(old) = self.notify_base.take() {
             for (i, e) in self.queue_events.iter().enumerate() {
@@ -462,11 +488,24 @@ impl VirtioPciDevice {
 
 impl PciDevice for VirtioPciDevice {
     fn read_config_register(&mut self, reg: usize) -> u32 {
+        if reg == (self.pci_cfg_cap + PCI_CFG_DATA) / 4 {
+            if let Some((offset, len)) = self.pci_cfg_window() {
+                let mut b = [0u8; 4];
+                self.read_bar(0, offset, &mut b[..len]);
+                return u32::from_le_bytes(b);
+            }
+        }
         self.config.read_reg(reg)
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         self.config.write(offset, data);
+        if offset == (self.pci_cfg_cap + PCI_CFG_DATA) as u64 {
+            if let Some((bar_offset, _)) = self.pci_cfg_window().filter(|(_, len)| *len == data.len()) {
+                self.write_bar(0, bar_offset, data);
+            }
+            return;
+        }
         self.irq.intx_disabled.store(self.config.intx_disabled(), Ordering::Relaxed);
         let ctl_at = self.msix_cap as u64 + 2;
         if offset < ctl_at + 2 && offset + data.len() as u64 > ctl_at {
@@ -617,7 +656,7 @@ mod tests {
     fn pci_identity_and_capabilities() {
         let (mut d, _) = device();
         assert_eq!(d.read_config_register(0), 0x1044_1af4, "modern virtio-rng ID");
-        // Walk the capability list: four virtio capabilities and MSI-X.
+        // Walk the capability list: four virtio capabilities, MSI-X, PCI config access.
         let mut at = (d.read_config_register(0xd) & 0xff) as usize;
         let mut kinds = Vec::new();
         while at != 0 {
@@ -625,7 +664,36 @@ mod tests {
             kinds.push((reg & 0xff, (reg >> 24) & 0xff));
             at = ((reg >> 8) & 0xff) as usize;
         }
-        assert_eq!(kinds, vec![(9, 1), (9, 3), (9, 2), (0x11, 0)]);
+        assert_eq!(kinds, vec![(9, 1), (9, 3), (9, 2), (0x11, 0), (9, 5)]);
+    }
+
+    #[test]
+    fn pci_config_access_capability_reaches_bar_0() {
+        let (mut d, _) = device();
+        let cap = d.pci_cfg_cap as u64;
+        let set = |d: &mut VirtioPciDevice, bar: u8, offset: u32, len: u32| {
+            d.write_config(cap + PCI_CFG_BAR as u64, &[bar]);
+            d.write_config(cap + PCI_CFG_OFFSET as u64, &offset.to_le_bytes());
+            d.write_config(cap + PCI_CFG_LENGTH as u64, &len.to_le_bytes());
+        };
+        let data_reg = (d.pci_cfg_cap + PCI_CFG_DATA) / 4;
+        // device_feature_select = 1, then device_feature reads VERSION_1 (bit 32).
+        set(&mut d, 0, 0x00, 4);
+        d.write_config(cap + PCI_CFG_DATA as u64, &1u32.to_le_bytes());
+        assert_eq!(r(&mut d, 0x00, 4), 1);
+        set(&mut d, 0, 0x04, 4);
+        assert_eq!(d.read_config_register(data_reg), 1);
+        // A 1-byte access: device_status.
+        set(&mut d, 0, 0x14, 1);
+        d.write_config(cap + PCI_CFG_DATA as u64, &[STATUS_ACKNOWLEDGE]);
+        assert_eq!(r(&mut d, 0x14, 1), u64::from(STATUS_ACKNOWLEDGE));
+        assert_eq!(d.read_config_register(data_reg) & 0xff, u32::from(STATUS_ACKNOWLEDGE));
+        // Another BAR, an odd length, a misaligned or out-of-range offset: no access.
+        for (bar, offset, len) in [(1, 0x14, 1), (0, 0x14, 3), (0, 0x15, 2), (0, BAR_SIZE as u32, 4)] {
+            set(&mut d, bar, offset, len);
+            d.write_config(cap + PCI_CFG_DATA as u64, &[0xff; 4][..len.min(4) as usize]);
+        }
+        assert_eq!(r(&mut d, 0x14, 1), u64::from(STATUS_ACKNOWLEDGE), "status untouched");
     }
 
     #[test]
