@@ -52,7 +52,9 @@ CMD="console=ttyS0 panic=-1 loglevel=4"
 # the TCP peers in L1. Figures come out as @@NAME-KIND-RROUND-KEY=VALUE.
 bench() {
   name=$1; kind=$2; round=$3; shift 3
-  "$@" </dev/null > /tmp/$name-$kind.log 2>&1 &
+  # A guest that stops (see "Known lab issues" in docs/design.md) is killed
+  # after 6 minutes; a normal run takes 1-3.
+  timeout -s KILL 360 "$@" </dev/null > /tmp/$name-$kind.log 2>&1 &
   pid=$!
   # Keep the console busy so the lab's stall detector knows L1 is alive.
   (while kill -0 $pid 2>/dev/null; do sleep 20; echo "[bench] $name $kind round $round running"; done) &
@@ -125,7 +127,8 @@ fn main() -> anyhow::Result<()> {
     let mut v = std::collections::HashMap::new();
     let mut failed = Vec::new();
     for run in &runs {
-        let mut spec = L1Spec::new("bench-virtio", &L1.replace("RUN", run))
+        let name = format!("bench-virtio-{}", run.replace(' ', "-"));
+        let mut spec = L1Spec::new(&name, &L1.replace("RUN", run))
             .file(&lab.kernel, "l2/vmlinuz")
             .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
             .file(std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?, "usr/share/qemu/bios-microvm.bin")
@@ -137,11 +140,14 @@ fn main() -> anyhow::Result<()> {
         let out = lab.run(&spec)?;
         if let Err(e) = out.check_l1() {
             let first = e.to_string().lines().next().unwrap_or_default().to_string();
-            println!("note: L1 for '{run}' failed ({first}); that figure is missing");
+            println!("note: L1 for '{run}' failed ({first}); that figure is missing (target/lab-logs/{name}.log)");
             failed.push(format!("{run}: L1 {first}"));
             continue;
         }
-        v.extend(out.values());
+        let values = out.values();
+        let figures: Vec<String> = values.iter().filter(|(k, _)| k.contains("-R")).map(|(k, x)| format!("{k}={x}")).collect();
+        println!("{run}: {}", figures.join(" "));
+        v.extend(values);
     }
     let get = |k: &str| -> f64 { v.get(k).and_then(|s| s.parse().ok()).unwrap_or(f64::NAN) };
     // A VMM that failed mid-run leaves that round's figures missing.
@@ -170,7 +176,7 @@ fn main() -> anyhow::Result<()> {
         println!("  {what:<26} {:>22} {:>22} {:>7.2}x", format!("{rm:.1} ({})", list(&r)), format!("{qm:.1} ({})", list(&q)), rm / qm);
     }
     for f in &failed {
-        println!("note: {f}; see target/lab-logs/bench-virtio.log");
+        println!("note: {f}; see target/lab-logs/bench-virtio-*.log");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

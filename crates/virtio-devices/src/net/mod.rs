@@ -20,9 +20,9 @@ use rvirt_devices::bus::lock;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::chain::GuestChain;
-use rx::RxQueue;
 use crate::worker::{serve_queue, EventLoop, Worker};
 use crate::{device_type, ActivateContext, DeviceCounters, Interrupt, InterruptKind, VirtioDevice, COMMON_FEATURES};
+use rx::RxQueue;
 
 const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
