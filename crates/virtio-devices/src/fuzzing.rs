@@ -84,22 +84,30 @@ pub fn chains(data: &[u8]) {
     });
 }
 
+/// A connected pair of non-blocking, message-preserving sockets standing in
+/// for a tap: one frame per read, a frame longer than the buffers cut to
+/// them. Write frames to the second; the device reads the first.
+pub fn stand_in_tap() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills two descriptors we then own.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both were just created.
+    Ok(unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) })
+}
+
 /// Receives frames into a virtio-net receive queue whose rings and buffers
 /// are `data`: the first bytes choose mergeable buffers and the largest
 /// frame, the last ones the sizes of three frames from a stand-in tap.
 pub fn net_rx(data: &[u8]) {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::AsRawFd;
     let Some((mem, mut q)) = setup(data) else { return };
     let byte = |i: usize| data.get(i).copied().unwrap_or(0) as usize;
     let mergeable = byte(1) & 1 == 1;
     let max_frame = 12 + byte(2) * 256;
-    let mut fds = [0; 2];
-    // SAFETY: socketpair fills two descriptors we then own.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) } != 0 {
-        return;
-    }
-    // SAFETY: both were just created.
-    let (tap, host) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let Ok((tap, host)) = stand_in_tap() else { return };
     for k in 1..=3 {
         let frame = vec![0xa5u8; byte(data.len().saturating_sub(k)) * 64 + 1];
         // SAFETY: writes a buffer we own.

@@ -232,7 +232,7 @@ impl RxQueue {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, OwnedFd};
 
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -241,14 +241,8 @@ mod tests {
     use super::*;
     use crate::chain::tests::{memory, F_WRITE};
 
-    /// A message-preserving socket pair standing in for a tap: one frame per read.
     fn frames() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: socketpair fills two descriptors we then own.
-        let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) };
-        assert_eq!(r, 0);
-        // SAFETY: both were just created.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+        crate::fuzzing::stand_in_tap().expect("socketpair")
     }
 
     fn send(fd: &OwnedFd, frame: &[u8]) {
