@@ -82,6 +82,11 @@ impl IfReqData {
         r.name[..n].copy_from_slice(&name.as_bytes()[..n]);
         r
     }
+
+    /// The union read as an `int` (`ifr_ifindex`, `ifr_mtu`).
+    fn int(&self) -> i32 {
+        i32::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
 }
 
 /// A plain socket for interface ioctls.
@@ -159,7 +164,7 @@ impl Tap {
         let ctx = |what: &str, e: Error| Error::new(e.kind(), format!("tap '{}' {what} bridge '{bridge}': {e}", self.name));
         let mut req = IfReqData::named(&self.name);
         ifreq_ioctl(&sock, SIOCGIFINDEX, &mut req).map_err(|e| ctx("(index) for", e))?;
-        let index = i32::from_ne_bytes([req.data[0], req.data[1], req.data[2], req.data[3]]);
+        let index = req.int();
         let mut br = IfReqData::named(bridge);
         br.data[..4].copy_from_slice(&index.to_ne_bytes());
         ifreq_ioctl(&sock, SIOCBRADDIF, &mut br).map_err(|e| match e.raw_os_error() {
@@ -177,7 +182,7 @@ impl Tap {
     pub fn mtu(&self) -> std::io::Result<usize> {
         let mut req = IfReqData::named(&self.name);
         ifreq_ioctl(&if_socket()?, SIOCGIFMTU, &mut req)?;
-        Ok(i32::from_ne_bytes([req.data[0], req.data[1], req.data[2], req.data[3]]).max(0) as usize)
+        Ok(req.int().max(0) as usize)
     }
 
     /// Tells the tap which offloads the guest accepts on receive.
@@ -400,6 +405,7 @@ mod tests {
             return;
         }
         let t = Tap::open(&tap).expect("open tap");
+        assert_eq!(t.mtu().expect("mtu"), 1500, "a new tap's MTU");
         t.attach_to_bridge(&br).expect("attach");
         let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).expect("tap has a master");
         assert!(master.ends_with(&br), "{master:?}");
