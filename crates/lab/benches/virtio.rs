@@ -49,7 +49,8 @@ insmod /lib/modules/tun.ko
 mkfifo /tmp/open; exec 3<>/tmp/open
 CMD="console=ttyS0 panic=-1 loglevel=4"
 # bench NAME KIND ROUND COMMAND...: runs one VM; KIND net sets up the tap and
-# the TCP peers in L1. Figures come out as @@NAME-KIND-RROUND-KEY=VALUE.
+# the TCP peers in L1. Figures come out as @@NAME-RROUND-KEY=VALUE, the exit
+# status as @@NAME-KIND-RROUND-EXIT.
 bench() {
   name=$1; kind=$2; round=$3; shift 3
   # A guest that stops (see "Known lab issues" in docs/design.md) is killed
@@ -72,7 +73,6 @@ bench() {
   grep '@@' /tmp/$name-$kind.log | sed "s/@@/@@$name-R$round-/"
   [ $rc = 0 ] || tail -40 /tmp/$name-$kind.log
   [ $kind = net ] && kill $sink $source 2>/dev/null
-  sleep 1
 }
 RVIRT="rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline"
 QEMU="qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/share/qemu/bios-microvm.bin -smp 2 -m 512M -no-reboot -nographic -kernel /l2/vmlinuz -initrd /l2/initrd.gz -append"
@@ -124,6 +124,7 @@ fn main() -> anyhow::Result<()> {
             if r % 2 == 1 { ["rvirt_disk", "qemu_disk", "qemu_net", "rvirt_net"] } else { ["qemu_disk", "rvirt_disk", "rvirt_net", "qemu_net"] };
         runs.extend(order.iter().map(|f| format!("{f} {r}")));
     }
+    let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
     let mut v = std::collections::HashMap::new();
     let mut failed = Vec::new();
     for run in &runs {
@@ -131,7 +132,7 @@ fn main() -> anyhow::Result<()> {
         let mut spec = L1Spec::new(&name, &L1.replace("RUN", run))
             .file(&lab.kernel, "l2/vmlinuz")
             .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
-            .file(std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?, "usr/share/qemu/bios-microvm.bin")
+            .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
             .blob("l2/initrd.gz", initrd.clone())
             .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
         spec.timeout = std::time::Duration::from_secs(900);
@@ -145,7 +146,12 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         let values = out.values();
-        let figures: Vec<String> = values.iter().filter(|(k, _)| k.contains("-R")).map(|(k, x)| format!("{k}={x}")).collect();
+        // The VMM-prefixed figures; a failed VM's log tail repeats them unprefixed.
+        let figures: Vec<String> = values
+            .iter()
+            .filter(|(k, _)| k.starts_with("RVIRT-") || k.starts_with("QEMU-"))
+            .map(|(k, x)| format!("{k}={x}"))
+            .collect();
         println!("{run}: {}", figures.join(" "));
         v.extend(values);
     }
