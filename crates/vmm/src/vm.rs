@@ -111,11 +111,12 @@ impl Vm {
         add(&mut mmio_bus, Arc::new(Mutex::new(window)), PCI_MMIO_START, PCI_MMIO_END - PCI_MMIO_START)?;
 
         let supported = kvm_handle.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm("GET_SUPPORTED_CPUID"))?;
+        let caps = cpuid::KvmCaps { tsc_deadline_timer: kvm_handle.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) };
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
             let vcpu = vm_fd.create_vcpu(u64::from(id)).map_err(kvm("CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
-            cpuid::filter_cpuid(&mut cpuid, id, cfg.vcpus);
+            cpuid::filter_cpuid(&mut cpuid, id, cfg.vcpus, caps);
             vcpu.set_cpuid2(&cpuid).map_err(kvm("SET_CPUID2"))?;
             let refused = regs::setup_msrs(&vcpu)?;
             if refused > 0 {
