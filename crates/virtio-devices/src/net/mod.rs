@@ -50,6 +50,7 @@ const IFF_VNET_HDR: i16 = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETSNDBUF: libc::c_ulong = 0x4004_54d4;
 const TUN_F_CSUM: u32 = 0x01;
 const TUN_F_TSO4: u32 = 0x02;
 const TUN_F_TSO6: u32 = 0x04;
@@ -143,6 +144,15 @@ impl Tap {
         let hdr = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads an int we own.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
+            return Err(Error::last_os_error());
+        }
+        // Every frame written stays charged to the tap's socket until the
+        // host's stack has taken it; with the default send buffer (about
+        // 200 KiB) three 64 KiB TSO frames in flight make writes fail.
+        // Unlimited, as QEMU's default; back-pressure is EAGAIN below.
+        let sndbuf = libc::c_int::MAX;
+        // SAFETY: TUNSETSNDBUF reads an int we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETSNDBUF, &sndbuf) } < 0 {
             return Err(Error::last_os_error());
         }
         Ok(Self { file, name: name.into() })
@@ -263,24 +273,38 @@ impl NetWorker {
         pass.poll_tap
     }
 
-    fn transmit(&self, q: &mut virtio_queue::Queue) {
+    /// Writes the guest's frames to the tap; returns whether the tap refused
+    /// one for now (`EAGAIN`): that frame stays on the ring and the worker
+    /// waits for the tap to become writable instead of dropping it.
+    fn transmit(&self, q: &mut virtio_queue::Queue) -> bool {
+        let mut tap_full = false;
         let served = serve_queue(q, &self.mem, |chain| {
-            let sent = GuestChain::parse(chain, &self.mem).ok().and_then(|c| {
-                let slices = c.readable_slices(&self.mem, 0, c.readable_len()).ok()?;
-                let iov = iovecs(&slices);
-                // SAFETY: writev from checked guest buffers.
-                let n = unsafe { libc::writev(self.tap.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-                (n >= 0).then_some(c.readable_len())
-            });
-            match sent {
-                Some(n) => self.counters.request(0, n as u64),
-                None => self.counters.error(),
+            let Ok(c) = GuestChain::parse(chain, &self.mem) else {
+                self.counters.error();
+                return Some(0);
+            };
+            let Ok(slices) = c.readable_slices(&self.mem, 0, c.readable_len()) else {
+                self.counters.error();
+                return Some(0);
+            };
+            let iov = iovecs(&slices);
+            // SAFETY: writev from checked guest buffers.
+            let n = unsafe { libc::writev(self.tap.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+            if n >= 0 {
+                self.counters.request(0, c.readable_len() as u64);
+            } else if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
+                tap_full = true;
+                return None;
+            } else {
+                // A frame the tap rejects (malformed header, link down) is dropped, as a wire would.
+                self.counters.error();
             }
             Some(0)
         });
         if served.notify {
             self.interrupt.trigger(InterruptKind::Queue(1));
         }
+        tap_full
     }
 }
 
@@ -351,26 +375,39 @@ impl VirtioDevice for VirtioNet {
                     return;
                 }
                 let tap_fd = w.tap.file.as_raw_fd();
-                let mut polling_tap = true;
+                // What the tap is watched for: input while there are receive
+                // buffers, output while a frame waits for room.
+                let (mut polling_rx, mut tx_waiting) = (true, false);
                 while let Ok(tokens) = events.wait() {
                     if tokens.contains(&KILL) {
                         return;
                     }
-                    if tokens.contains(&TX_QUEUE) {
+                    let tap = tokens.contains(&TAP);
+                    let tx_kick = tokens.contains(&TX_QUEUE);
+                    if tx_kick {
                         let _ = queues[1].event.read();
-                        w.transmit(&mut queues[1].queue);
+                    }
+                    let was_waiting = tx_waiting;
+                    if tx_kick || (tap && tx_waiting) {
+                        tx_waiting = w.transmit(&mut queues[1].queue);
                     }
                     let rx_kick = tokens.contains(&RX_QUEUE);
                     if rx_kick {
                         let _ = queues[0].event.read();
                     }
-                    if tokens.contains(&TAP) || rx_kick {
-                        let has_buffers = w.receive(&mut queues[0].queue);
-                        if has_buffers != polling_tap {
-                            let ev = if has_buffers { EventSet::IN } else { EventSet::empty() };
-                            let _ = events.modify(tap_fd, ev, TAP);
-                            polling_tap = has_buffers;
+                    let was_polling = polling_rx;
+                    if (tap && polling_rx) || rx_kick {
+                        polling_rx = w.receive(&mut queues[0].queue);
+                    }
+                    if polling_rx != was_polling || tx_waiting != was_waiting {
+                        let mut ev = EventSet::empty();
+                        if polling_rx {
+                            ev |= EventSet::IN;
                         }
+                        if tx_waiting {
+                            ev |= EventSet::OUT;
+                        }
+                        let _ = events.modify(tap_fd, ev, TAP);
                     }
                 }
             })
@@ -416,5 +453,66 @@ mod tests {
         assert!(t.attach_to_bridge("bad name").is_err());
         drop(t);
         ip(&["link", "del", &br]);
+    }
+}
+
+#[cfg(test)]
+mod transmit_tests {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicUsize;
+
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::chain::tests::memory;
+    use crate::net::rx::RxQueue;
+
+    #[derive(Default)]
+    struct CountingInterrupt(AtomicUsize);
+    impl Interrupt for CountingInterrupt {
+        fn trigger(&self, _: InterruptKind) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A full tap (`EAGAIN`) leaves the frame on the ring and says so; once
+    /// the host side reads, the same frame goes out whole and is returned.
+    #[test]
+    fn a_full_tap_holds_the_frame_instead_of_dropping_it() {
+        let mem = memory();
+        let (tap_end, host) = crate::fuzzing::stand_in_tap().expect("socketpair");
+        // Fill the stand-in tap until it refuses.
+        let filler = [0u8; 4096];
+        // SAFETY: writes a buffer we own to a non-blocking socket.
+        while unsafe { libc::write(tap_end.as_raw_fd(), filler.as_ptr().cast(), filler.len()) } > 0 {}
+        let frame: Vec<u8> = (0..1500u32).map(|i| i as u8).collect();
+        mem.write_slice(&frame, GuestAddress(0x10000)).unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        mock.desc_table().store(0, RawDescriptor::from(Descriptor::new(0x10000, frame.len() as u32, 0, 0))).unwrap();
+        mock.avail().ring().ref_at(0).unwrap().store(0);
+        mock.avail().idx().store(1);
+        let mut q: virtio_queue::Queue = mock.create_queue().unwrap();
+
+        let tap = Arc::new(Tap { file: File::from(tap_end), name: "stand-in".into() });
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let w = NetWorker { mem: mem.clone(), tap, interrupt: interrupt.clone(), counters: Arc::default(), rx: RxQueue::new(false, 1526) };
+        assert!(w.transmit(&mut q), "EAGAIN must be reported as a full tap");
+        assert_eq!(q.next_avail(), 0, "the frame stays available");
+        assert_eq!(mock.used().idx().load(), 0);
+        assert_eq!(w.counters.snapshot().errors, 0, "a full tap is not an error");
+
+        // The host drains the tap; the retry sends the frame.
+        let mut buf = vec![0u8; 8192];
+        // SAFETY: reads into a buffer we own.
+        while unsafe { libc::read(host.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        assert!(!w.transmit(&mut q));
+        assert_eq!(mock.used().idx().load(), 1);
+        // SAFETY: reads into a buffer we own.
+        let n = unsafe { libc::read(host.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert_eq!(&buf[..n as usize], &frame[..]);
+        assert_eq!(interrupt.0.load(Ordering::SeqCst), 1);
     }
 }
