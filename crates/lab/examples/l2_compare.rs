@@ -1,0 +1,57 @@
+//! What a Debian guest sees under rvirt-vmm and under QEMU (`-M microvm
+//! -cpu host`) in one L1: raw CPUID leaves, the kernel's KVM, APIC and clock
+//! messages, the clock event device and interrupt counts, prefixed `@@R`
+//! and `@@Q` so the two can be diffed. This found the missing TSC-deadline
+//! timer behind the lab's L2 triple faults (docs/design.md, "Known lab issues").
+//!
+//! `cargo run --release -p rvirt-lab --example l2_compare > out; diff <(grep '^@@R ' out | cut -c5-) <(grep '^@@Q ' out | cut -c5-)`
+use std::process::Command;
+use rvirt_lab::{insmod_lines, l2_initramfs, L1Spec, Lab};
+
+const GUEST: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+INSMOD
+/lib/modules/cpuid
+dmesg | grep -i -E 'kvm|clock|apic|pv|tsc|timer|steal|spinlock|async|x2apic|hpet|pit|msi' | sed 's/^/@@DMESG /'
+echo "@@CS=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+echo "@@CE=$(cat /sys/devices/system/clockevents/clockevent0/current_device)"
+grep -E 'LOC|PCI|IO-APIC|HYP|PIN|NMI|CAL|TLB' /proc/interrupts | sed 's/^/@@IRQ /'
+poweroff -f
+"#;
+
+const L1: &str = r#"
+CMD="console=ttyS0 panic=-1 loglevel=7"
+echo "@@BEGIN RVIRT"
+rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "$CMD" --disk path=/tmp/d.raw </dev/null 2>&1 | grep '@@' | sed 's/@@/@@R /'
+echo "@@BEGIN QEMU"
+qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/share/qemu/bios-microvm.bin -smp 2 -m 512M -no-reboot -nographic -kernel /l2/vmlinuz -initrd /l2/initrd.gz -append "$CMD" -drive file=/tmp/d.raw,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0 </dev/null 2>&1 | grep '@@' | sed 's/@@/@@Q /'
+"#;
+
+fn main() -> anyhow::Result<()> {
+    let lab = Lab::get()?;
+    let dir = std::env::temp_dir().join(format!("rvirt-l2-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let bin = dir.join("cpuid");
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/guest/cpuid.c");
+    anyhow::ensure!(Command::new("gcc").args(["-O2", "-static", "-o"]).arg(&bin).arg(src).status()?.success());
+    let modules = lab.virtio_modules(&["virtio_blk"]);
+    let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
+    let mut mods = modules.clone();
+    mods.push(bin);
+    let initrd = l2_initramfs(&guest, &mods)?;
+    let l1 = format!("truncate -s 64M /tmp/d.raw\n{L1}");
+    let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
+    let spec = L1Spec::new("l2-compare", &l1)
+        .file(&lab.kernel, "l2/vmlinuz")
+        .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
+        .blob("l2/initrd.gz", initrd)
+        .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
+    let out = lab.run(&spec)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    for l in out.console.lines().filter(|l| l.contains("@@")) {
+        println!("{l}");
+    }
+    Ok(())
+}

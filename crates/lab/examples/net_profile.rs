@@ -1,0 +1,85 @@
+//! Where guest->host TCP time goes, rvirt-vmm against QEMU in one L1: around
+//! a 20 MiB transfer it snapshots L1's KVM exit statistics (debugfs), the
+//! VMM's per-thread CPU time, and in the guest the packets sent, interrupts,
+//! TCP retransmissions and ping round trips idle and under load.
+//!
+//! `cargo run --release -p rvirt-lab --example net_profile`
+use rvirt_lab::{insmod_lines, l2_initramfs, L1Spec, Lab};
+
+const GUEST: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+INSMOD
+ip link set lo up
+ip addr add 10.0.2.15/24 dev eth0
+ip link set eth0 up
+for i in $(seq 1 60); do ping -c 1 -W 1 10.0.2.1 >/dev/null 2>&1 && break; done
+s() { echo "@@G$1 $(cat /sys/class/net/eth0/statistics/tx_packets) $(cat /sys/class/net/eth0/statistics/tx_bytes) $(cat /sys/class/net/eth0/statistics/rx_packets) $(cut -d' ' -f1 /proc/uptime)"; grep -E 'virtio|LOC|CAL|RES|TLB' /proc/interrupts | sed "s/^/@@G$1-IRQ /"; cat /proc/stat | head -3 | sed "s/^/@@G$1-STAT /"; grep Tcp: /proc/net/snmp | tail -1 | sed "s/^/@@G$1-TCP /"; }
+echo "@@PING-IDLE $(ping -c 10 -i 0.2 10.0.2.1 | tail -1)"
+s 0
+ping -c 16 -i 0.5 10.0.2.1 > /tmp/p &
+echo TX-START
+dd if=/dev/zero bs=64k count=320 2>/dev/null | nc 10.0.2.1 5000
+echo TX-END
+wait
+echo "@@PING-LOAD $(tail -1 /tmp/p)"
+sleep 3
+s 1
+sleep 3
+poweroff -f
+"#;
+
+const L1: &str = r#"
+insmod /lib/modules/tun.ko
+mount -t debugfs none /sys/kernel/debug
+mkfifo /tmp/open; exec 3<>/tmp/open
+CMD="console=ttyS0 panic=-1 loglevel=4"
+snap() {
+  for f in /sys/kernel/debug/kvm/*; do [ -f $f ] && echo "@@$1-KVM $(basename $f) $(cat $f 2>/dev/null)"; done
+  for t in /proc/$2/task/*; do echo "@@$1-THR $(cat $t/comm | tr ' ' _) $(cut -d')' -f2 $t/stat | awk '{print $12, $13}')"; done
+  echo "@@$1-L1STAT $(head -1 /proc/stat)"
+}
+run() {
+  name=$1; shift
+  "$@" </dev/null > /tmp/vm.log 2>&1 &
+  pid=$!
+  for i in $(seq 1 300); do [ -e /sys/class/net/tap0 ] && break; sleep 0.2; done
+  ip addr add 10.0.2.1/24 dev tap0; ip link set tap0 up
+  nc -l -p 5000 <&3 > /dev/null &
+  sink=$!
+  while ! grep -q TX-START /tmp/vm.log; do sleep 0.2; kill -0 $pid || break; done
+  snap $name-0 $pid
+  while ! grep -q TX-END /tmp/vm.log; do sleep 0.2; kill -0 $pid || break; done
+  snap $name-1 $pid
+  grep tap0 /proc/net/dev | sed "s/^/@@$name-TAPDEV /"
+  wait $pid
+  grep '@@' /tmp/vm.log | sed "s/@@/@@$name-/"
+  grep -E 'triple|crash' /tmp/vm.log
+  kill $sink
+  sleep 1
+}
+run RVIRT rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "$CMD" --net tap=tap0
+run QEMU qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/share/qemu/bios-microvm.bin -smp 2 -m 512M -no-reboot -nographic -kernel /l2/vmlinuz -initrd /l2/initrd.gz -append "$CMD" -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=n0,romfile=
+"#;
+
+fn main() -> anyhow::Result<()> {
+    let lab = Lab::get()?;
+    let modules = lab.virtio_modules(&["virtio_net"]);
+    let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
+    let initrd = l2_initramfs(&guest, &modules)?;
+    let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
+    let mut spec = L1Spec::new("net-profile", L1)
+        .file(&lab.kernel, "l2/vmlinuz")
+        .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
+        .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
+        .blob("l2/initrd.gz", initrd)
+        .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
+    spec.timeout = std::time::Duration::from_secs(1200);
+    spec.retry_l2_crash = false;
+    let out = lab.run(&spec)?;
+    for l in out.console.lines().filter(|l| l.contains("@@") || l.contains("triple") || l.contains("crash")) {
+        println!("{l}");
+    }
+    Ok(())
+}
