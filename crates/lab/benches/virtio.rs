@@ -14,9 +14,9 @@
 //! rounds that alternate which VMM goes first; the medians are compared. Figures inside the lab are TCG figures and move by up to 2x
 //! between runs: only the ratio between the two VMMs in one run means anything.
 
-use std::process::Command;
+use std::path::Path;
 
-use rvirt_lab::{insmod_lines, l2_initramfs, L1Spec, Lab};
+use rvirt_lab::{insmod_lines, l2_initramfs, static_c_program, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -105,8 +105,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let diskio = dir.join("diskio");
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/guest/diskio.c");
-    let st = Command::new("gcc").args(["-O2", "-static", "-o"]).arg(&diskio).arg(src).status()?;
-    anyhow::ensure!(st.success(), "compiling diskio.c failed");
+    static_c_program(Path::new(src), &diskio)?;
     let modules = lab.virtio_modules(&["virtio_blk", "virtio_net"]);
     let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
     let mut initrd_mods = modules.clone();

@@ -4,8 +4,8 @@
 //! issues"). `VMM` overrides the VMM command line, e.g. to run QEMU instead.
 //!
 //! `NVMS=8 cargo run --release -p rvirt-lab --example fault_count`
-use std::process::Command;
-use rvirt_lab::{insmod_lines, l2_initramfs, L1Spec, Lab};
+use std::path::Path;
+use rvirt_lab::{insmod_lines, l2_initramfs, static_c_program, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let diskio = dir.join("diskio");
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/guest/diskio.c");
-    anyhow::ensure!(Command::new("gcc").args(["-O2", "-static", "-o"]).arg(&diskio).arg(src).status()?.success());
+    static_c_program(Path::new(src), &diskio)?;
     let modules = lab.virtio_modules(&["virtio_blk"]);
     let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
     let mut mods = modules.clone();

@@ -5,8 +5,8 @@
 //! timer behind the lab's L2 triple faults (docs/design.md, "Known lab issues").
 //!
 //! `cargo run --release -p rvirt-lab --example l2_compare > out; diff <(grep '^@@R ' out | cut -c5-) <(grep '^@@Q ' out | cut -c5-)`
-use std::process::Command;
-use rvirt_lab::{insmod_lines, l2_initramfs, L1Spec, Lab};
+use std::path::Path;
+use rvirt_lab::{insmod_lines, l2_initramfs, static_c_program, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let bin = dir.join("cpuid");
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/guest/cpuid.c");
-    anyhow::ensure!(Command::new("gcc").args(["-O2", "-static", "-o"]).arg(&bin).arg(src).status()?.success());
+    static_c_program(Path::new(src), &bin)?;
     let modules = lab.virtio_modules(&["virtio_blk"]);
     let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
     let mut mods = modules.clone();

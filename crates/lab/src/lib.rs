@@ -583,6 +583,22 @@ pub fn l2_initramfs(init_script: &str, modules: &[PathBuf]) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Compiles the C program `src` into the static binary `out`: L2 initramfs
+/// images carry busybox and no C library, so guest-side helpers (disk I/O,
+/// CPUID dumps) are linked statically.
+pub fn static_c_program(src: &Path, out: &Path) -> Result<()> {
+    let st = Command::new("gcc")
+        .args(["-O2", "-static", "-o"])
+        .arg(out)
+        .arg(src)
+        .status()
+        .with_context(|| format!("running gcc for {}", src.display()))?;
+    if !st.success() {
+        bail!("compiling {} failed ({st})", src.display());
+    }
+    Ok(())
+}
+
 /// Decompresses the ELF vmlinux inside a bzImage (payload located through
 /// the setup header; gzip, xz, zstd and LZ4 payloads are handled).
 pub fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<()> {
@@ -640,6 +656,20 @@ fn tempdir(tag: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn static_c_program_builds_a_static_binary_and_names_a_broken_source() {
+        let dir = tempdir("static-c").unwrap();
+        let out = dir.join("cpuid");
+        static_c_program(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/guest/cpuid.c"), &out).unwrap();
+        let elf = std::fs::read(&out).unwrap();
+        assert_eq!(&elf[..4], b"\x7fELF");
+        let bad = dir.join("bad.c");
+        std::fs::write(&bad, "int main(void) { return }").unwrap();
+        let err = static_c_program(&bad, &dir.join("bad")).unwrap_err().to_string();
+        assert!(err.contains("bad.c") && err.contains("failed"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn parses_values_and_sections() {
