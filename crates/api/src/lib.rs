@@ -33,6 +33,10 @@ pub enum Request {
     Stop,
     /// Report VM-exit and per-device counters.
     Stats,
+    /// Report each vCPU's registers, run state and local APIC (timer,
+    /// pending interrupts): what a hung guest is waiting for. The vCPUs
+    /// stop for the moment it takes.
+    VcpuState,
     /// Set the balloon's target: how much guest memory the guest gives back to the host.
     Balloon {
         /// Bytes the guest should give up (0 deflates the balloon completely).
@@ -124,6 +128,9 @@ pub struct Response {
     /// Present in the answer to `stats`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<VmStats>,
+    /// Present in the answer to `vcpu-state`: one multi-line report per vCPU, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<Vec<String>>,
 }
 
 impl Response {

@@ -319,6 +319,33 @@ insmod /lib/modules/irqbypass.ko
 insmod /lib/modules/kvm.ko
 insmod /lib/modules/kvm-amd.ko
 if [ -c /dev/kvm ]; then echo "@@L1-KVM=yes"; else echo "@@L1-KVM=no"; fi
+# Evidence for hung guests (docs/design.md, "Known lab issues"): a vCPU
+# thread of an rvirt-vmm that has not been scheduled for 60 s is reported
+# once, with every thread's state and, through SIGUSR2, the VMM's account
+# of its vCPUs (registers, LAPIC timer, pending interrupts).
+lab_watch() {
+  while sleep 30; do
+    for p in $(pidof rvirt-vmm); do
+      for t in /proc/$p/task/*; do
+        grep -q '^vcpu' $t/comm 2>/dev/null || continue
+        id=${t##*/}
+        now=$(awk '/ctxt_switches/ {s += $2} END {print s + 0}' $t/status 2>/dev/null)
+        eval "last=\${lab_s_$id:-none}; n=\${lab_n_$id:-0}"
+        if [ "$now" = "$last" ]; then n=$((n + 1)); else n=0; fi
+        eval "lab_s_$id=$now; lab_n_$id=$n"
+        [ $n = 2 ] || continue
+        echo "[lab-watch] rvirt-vmm $p: $(cat $t/comm) not scheduled for 60 s; threads:"
+        for u in /proc/$p/task/*; do
+          echo "[lab-watch]   $(cat $u/comm) state=$(cut -d' ' -f3 $u/stat) wchan=$(cat $u/wchan) syscall=$(cut -d' ' -f1 $u/syscall)"
+        done
+        kill -USR2 $p
+        sleep 3
+        [ -f /proc/$p/fd/2 ] && tail -n 40 /proc/$p/fd/2 | sed 's/^/[lab-watch]   /'
+      done
+    done
+  done
+}
+lab_watch &
 cd /
 sh /test.sh
 echo "@@L1-DONE=$?"

@@ -92,6 +92,10 @@ echo "@@API-RESUME=$(api resume)"
 sleep 3; s3=$(wc -c < /tmp/l2.log)
 echo "@@RESUMED-GROWTH=$((s3 - s2))"
 echo "@@API-STATS=$(api stats)"
+echo "@@API-VCPUS=$(api vcpu-state)"
+echo "@@API-STATUS-AFTER-REPORT=$(api status)"
+# The same reports on the VMM's stderr (this console).
+kill -USR2 $vmm; sleep 2
 echo "@@API-BAD=$(api '{"command":"launch"}' 2>&1)"
 echo "@@API-SHUTDOWN=$(api shutdown)"
 # A guest that ignores the button must not hang the lab: give it 120 s.
@@ -130,6 +134,14 @@ fn control_api_pauses_resumes_and_shuts_down_the_guest() {
     let resumed: i64 = get("RESUMED-GROWTH").parse().unwrap();
     assert!(resumed > 0, "a resumed guest prints again");
     assert!(get("API-STATS").contains(r#""io":"#));
+    let vcpus = get("API-VCPUS");
+    for want in [r#""ok":true"#, "vCPU 0 state", "vCPU 1 state", "rip=", "run state:", "LAPIC: TPR"] {
+        assert!(vcpus.contains(want), "vcpu-state lacks {want}: {vcpus}");
+    }
+    // Linux arms its LAPIC timer in TSC-deadline mode when CPUID offers it (rvirt does).
+    assert!(vcpus.contains("(TSC-deadline"), "the guest's LAPIC timer is not in TSC-deadline mode: {vcpus}");
+    assert!(get("API-STATUS-AFTER-REPORT").contains(r#""state":"running""#), "a report must not leave the VM paused");
+    assert!(out.console.contains("rvirt-vmm: vCPU 1 state:"), "SIGUSR2 printed no vCPU report:\n{}", out.tail(40));
     assert!(get("API-BAD").contains("malformed request"));
     assert_eq!(get("API-SHUTDOWN"), r#"{"ok":true}"#);
     assert!(v.get("SHUTDOWN-IGNORED").is_none(), "the guest ignored the power button:\n{}", out.section("L2").unwrap_or_default());

@@ -62,11 +62,14 @@ pub fn open_kvm() -> Result<Kvm> {
     Ok(kvm)
 }
 
-/// Write end of the eventfd the termination signal handler pokes.
-static TERMINATE_FD: AtomicI32 = AtomicI32::new(-1);
+/// The eventfds the signal handlers poke, by [`SignalFds`] slot:
+/// termination (SIGTERM, SIGINT, SIGHUP) and a vCPU state report (SIGUSR2).
+static SIGNAL_FDS: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
+const TERMINATE: usize = 0;
+const REPORT: usize = 1;
 
-extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let fd = TERMINATE_FD.load(Ordering::Relaxed);
+fn poke(slot: usize) {
+    let fd = SIGNAL_FDS[slot].load(Ordering::Relaxed);
     if fd >= 0 {
         let one: u64 = 1;
         // SAFETY: write(2) on an eventfd is async-signal-safe.
@@ -74,20 +77,34 @@ extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     }
 }
 
-/// Clears [`TERMINATE_FD`] when the run that set it ends, so a signal after
-/// `run` returns cannot write into a descriptor number that was reused.
-struct TerminateFdGuard(i32);
+extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    poke(TERMINATE);
+}
 
-impl Drop for TerminateFdGuard {
+extern "C" fn on_report(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    poke(REPORT);
+}
+
+/// The eventfds one run's event loop waits on for signals; dropping it
+/// clears [`SIGNAL_FDS`] (if still its own), so a signal after `run`
+/// returns cannot write into a descriptor number that was reused.
+struct SignalFds {
+    terminate: vmm_sys_util::eventfd::EventFd,
+    report: vmm_sys_util::eventfd::EventFd,
+}
+
+impl Drop for SignalFds {
     fn drop(&mut self) {
-        let _ = TERMINATE_FD.compare_exchange(self.0, -1, Ordering::SeqCst, Ordering::SeqCst);
+        for (slot, fd) in [(TERMINATE, self.terminate.as_raw_fd()), (REPORT, self.report.as_raw_fd())] {
+            let _ = SIGNAL_FDS[slot].compare_exchange(fd, -1, Ordering::SeqCst, Ordering::SeqCst);
+        }
     }
 }
 
-/// Points the termination handlers at `terminate` for the duration of one
+/// Points the signal handlers at fresh eventfds for the duration of one
 /// run. Handlers and the panic hook are process-wide and installed once,
 /// however many VMs a process runs.
-fn install_signal_handlers(terminate: &vmm_sys_util::eventfd::EventFd) -> Result<TerminateFdGuard> {
+fn install_signal_handlers() -> Result<SignalFds> {
     static INSTALL: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
     INSTALL
         .get_or_init(|| {
@@ -96,6 +113,8 @@ fn install_signal_handlers(terminate: &vmm_sys_util::eventfd::EventFd) -> Result
                 vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
                     .map_err(|e| format!("installing signal handlers: {e}"))?;
             }
+            vmm_sys_util::signal::register_signal_handler(libc::SIGUSR2, on_report)
+                .map_err(|e| format!("installing signal handlers: {e}"))?;
             // A panic must not leave the user's terminal in raw mode.
             let default_hook = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
@@ -106,9 +125,11 @@ fn install_signal_handlers(terminate: &vmm_sys_util::eventfd::EventFd) -> Result
         })
         .clone()
         .map_err(Error::Process)?;
-    let fd = terminate.as_raw_fd();
-    TERMINATE_FD.store(fd, Ordering::SeqCst);
-    Ok(TerminateFdGuard(fd))
+    let new = || vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(error::os("eventfd"));
+    let fds = SignalFds { terminate: new()?, report: new()? };
+    SIGNAL_FDS[TERMINATE].store(fds.terminate.as_raw_fd(), Ordering::SeqCst);
+    SIGNAL_FDS[REPORT].store(fds.report.as_raw_fd(), Ordering::SeqCst);
+    Ok(fds)
 }
 
 /// Boots the VM described by `cfg` and runs it until it powers off, is
@@ -124,8 +145,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     let backends = virtio::Backends::open(cfg)?;
     let kvm = open_kvm()?;
     let api = cfg.api_socket.as_deref().map(ApiServer::bind).transpose()?;
-    let terminate = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(error::os("eventfd"))?;
-    let _terminate_guard = install_signal_handlers(&terminate)?;
+    let signals = install_signal_handlers()?;
     let console = Console::open(&cfg.serial)?;
     if console.is_raw() {
         eprintln!("rvirt-vmm: console on this terminal; press Ctrl-A x to quit\r");
@@ -135,7 +155,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
         let mut vm = Vm::create(&kvm, cfg, console.writer()?, &backends)?;
         vm.serial_pty = console.pty_path.clone();
         vm.start()?;
-        let exit = event_loop(&vm, &console, api.as_ref(), &terminate, &mut escape);
+        let exit = event_loop(&vm, &console, api.as_ref(), &signals, &mut escape);
         vm.stop();
         match exit {
             VmExit::Reset if cfg.on_reboot == OnReboot::Restart => {
@@ -152,14 +172,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     }
 }
 
-/// Waits for and handles console input, API requests and the VM's exit.
-fn event_loop(
-    vm: &Vm,
-    console: &Console,
-    api: Option<&ApiServer>,
-    terminate: &vmm_sys_util::eventfd::EventFd,
-    escape: &mut EscapeFilter,
-) -> VmExit {
+/// Waits for and handles console input, API requests, signals and the VM's exit.
+fn event_loop(vm: &Vm, console: &Console, api: Option<&ApiServer>, signals: &SignalFds, escape: &mut EscapeFilter) -> VmExit {
     let exit_fd = vm.control().exit_eventfd().as_raw_fd();
     let mut input_fd = console.input_fd();
     let mut pending_input: Vec<u8> = Vec::new();
@@ -169,7 +183,8 @@ fn event_loop(
         }
         let mut fds = vec![
             libc::pollfd { fd: exit_fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: terminate.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: signals.terminate.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: signals.report.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         if let Some(a) = api {
             fds.push(libc::pollfd { fd: a.wakeup_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 });
@@ -193,9 +208,16 @@ fn event_loop(
             return VmExit::Crashed(format!("poll failed: {err}"));
         }
         if fds[1].revents != 0 {
-            let _ = terminate.read();
+            let _ = signals.terminate.read();
             eprintln!("rvirt-vmm: terminated by signal\r");
             return VmExit::Stopped;
+        }
+        if fds[2].revents != 0 {
+            let _ = signals.report.read();
+            match vm.vcpu_reports() {
+                Ok(reports) => eprintln!("{}\r", reports.join("\n").replace('\n', "\r\n")),
+                Err(e) => eprintln!("rvirt-vmm: vCPU state report: {e}\r"),
+            }
         }
         if let Some(a) = api {
             for call in a.drain() {
@@ -240,19 +262,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn termination_fd_is_cleared_when_the_run_ends() {
-        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let guard = install_signal_handlers(&evt).unwrap();
-        assert_eq!(TERMINATE_FD.load(Ordering::SeqCst), evt.as_raw_fd());
+    fn signal_fds_are_cleared_when_the_run_ends() {
+        let fds = install_signal_handlers().unwrap();
+        assert_eq!(SIGNAL_FDS[TERMINATE].load(Ordering::SeqCst), fds.terminate.as_raw_fd());
+        assert_eq!(SIGNAL_FDS[REPORT].load(Ordering::SeqCst), fds.report.as_raw_fd());
         // A second install (a second VM in the same process) reuses the handlers.
-        let evt2 = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let guard2 = install_signal_handlers(&evt2).unwrap();
-        assert_eq!(TERMINATE_FD.load(Ordering::SeqCst), evt2.as_raw_fd());
-        // The older run ending must not clear the newer run's descriptor...
-        drop(guard);
-        assert_eq!(TERMINATE_FD.load(Ordering::SeqCst), evt2.as_raw_fd());
+        let fds2 = install_signal_handlers().unwrap();
+        assert_eq!(SIGNAL_FDS[TERMINATE].load(Ordering::SeqCst), fds2.terminate.as_raw_fd());
+        // The older run ending must not clear the newer run's descriptors...
+        drop(fds);
+        assert_eq!(SIGNAL_FDS[TERMINATE].load(Ordering::SeqCst), fds2.terminate.as_raw_fd());
+        assert_eq!(SIGNAL_FDS[REPORT].load(Ordering::SeqCst), fds2.report.as_raw_fd());
         // ...and the newer one ending leaves nothing behind.
-        drop(guard2);
-        assert_eq!(TERMINATE_FD.load(Ordering::SeqCst), -1);
+        drop(fds2);
+        assert_eq!(SIGNAL_FDS[TERMINATE].load(Ordering::SeqCst), -1);
+        assert_eq!(SIGNAL_FDS[REPORT].load(Ordering::SeqCst), -1);
     }
 }

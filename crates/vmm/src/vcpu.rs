@@ -71,6 +71,8 @@ struct RunFlags {
     paused: bool,
     stopping: bool,
     parked: usize,
+    /// What each vCPU reported ([`describe_vcpu`]) the last time it parked.
+    reports: std::collections::BTreeMap<u8, String>,
 }
 
 /// State shared by the VMM's main thread and all vCPU threads.
@@ -150,14 +152,21 @@ impl VmControl {
         g.parked >= n
     }
 
-    /// Called by a vCPU thread between runs: parks while paused. Returns false
+    /// What each vCPU reported when it last parked, in vCPU order.
+    pub fn parked_reports(&self) -> Vec<String> {
+        lock(&self.flags).reports.values().cloned().collect()
+    }
+
+    /// Called by vCPU `id` between runs: parks while paused, first leaving
+    /// `report()` (its state) for [`VmControl::parked_reports`]. Returns false
     /// when the thread must exit.
-    fn checkpoint(&self) -> bool {
+    fn checkpoint(&self, id: u8, report: impl FnOnce() -> String) -> bool {
         let mut f = lock(&self.flags);
         if f.stopping {
             return false;
         }
         if f.paused {
+            f.reports.insert(id, report());
             f.parked += 1;
             self.changed.notify_all();
             while f.paused && !f.stopping {
@@ -229,7 +238,7 @@ pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
     let counters = &ctx.control.counters;
     let mut warned_mmio = 0u32;
     loop {
-        if !ctx.control.checkpoint() {
+        if !ctx.control.checkpoint(ctx.id, || describe_vcpu(&vcpu, ctx.id)) {
             break;
         }
         let next = match vcpu.run() {
@@ -328,6 +337,88 @@ fn warn_mmio(warned: &mut u32, id: u8, op: &str, addr: u64) {
     }
 }
 
+/// Where a vCPU is and what could wake it: registers, run state, pending
+/// events and the local APIC's timer and interrupt state. Answers the
+/// `vcpu-state` request and SIGUSR2 (like QEMU's `info registers` and
+/// `info lapic`), for guests that hang.
+pub fn describe_vcpu(vcpu: &VcpuFd, id: u8) -> String {
+    use std::fmt::Write as _;
+    let mut s = describe_registers(vcpu, id);
+    match vcpu.get_mp_state() {
+        Ok(m) => {
+            let state = match m.mp_state {
+                kvm_bindings::KVM_MP_STATE_RUNNABLE => "runnable",
+                kvm_bindings::KVM_MP_STATE_UNINITIALIZED => "waiting for INIT/SIPI",
+                kvm_bindings::KVM_MP_STATE_INIT_RECEIVED => "INIT received",
+                kvm_bindings::KVM_MP_STATE_HALTED => "halted",
+                kvm_bindings::KVM_MP_STATE_SIPI_RECEIVED => "SIPI received",
+                _ => "other",
+            };
+            let _ = write!(s, "\n  run state: {state} ({})", m.mp_state);
+        }
+        Err(e) => {
+            let _ = write!(s, "\n  run state unavailable: {e}");
+        }
+    }
+    if let Ok(ev) = vcpu.get_vcpu_events() {
+        let _ = write!(
+            s,
+            "\n  pending: exception {} (vector {}), interrupt {} (vector {}), NMI {}, interrupt shadow {}",
+            ev.exception.injected | ev.exception.pending,
+            ev.exception.nr,
+            ev.interrupt.injected,
+            ev.interrupt.nr,
+            ev.nmi.pending | ev.nmi.injected,
+            ev.interrupt.shadow
+        );
+    }
+    let mut msrs = match kvm_bindings::Msrs::from_entries(&[
+        kvm_bindings::kvm_msr_entry { index: 0x10, ..Default::default() },
+        kvm_bindings::kvm_msr_entry { index: 0x6e0, ..Default::default() },
+    ]) {
+        Ok(m) => m,
+        Err(_) => return s,
+    };
+    if vcpu.get_msrs(&mut msrs) == Ok(2) {
+        let (tsc, deadline) = (msrs.as_slice()[0].data, msrs.as_slice()[1].data);
+        let due = match deadline {
+            0 => "disarmed".to_string(),
+            d if d <= tsc => format!("due {} cycles ago", tsc - d),
+            d => format!("due in {} cycles", d - tsc),
+        };
+        let _ = write!(s, "\n  TSC {tsc:#x}, TSC deadline {deadline:#x} ({due})");
+    }
+    if let Ok(lapic) = vcpu.get_lapic() {
+        let reg = |off: usize| -> u32 {
+            let b = &lapic.regs[off..off + 4];
+            u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+        };
+        // IRR and ISR are 8 32-bit words each, 16 bytes apart.
+        let vectors = |base: usize| -> Vec<String> {
+            (0..256usize).filter(|v| reg(base + (v / 32) * 16) & (1 << (v % 32)) != 0).map(|v| format!("{v:#x}")).collect()
+        };
+        let lvt = reg(0x320);
+        let mode = match (lvt >> 17) & 3 {
+            0 => "one-shot",
+            1 => "periodic",
+            2 => "TSC-deadline",
+            _ => "reserved",
+        };
+        let _ = write!(
+            s,
+            "\n  LAPIC: TPR {:#x}, timer LVT {lvt:#x} ({mode}{}, vector {:#x}), initial count {:#x}, current count {:#x}\n  LAPIC: requested [{}], in service [{}]",
+            reg(0x80),
+            if lvt & (1 << 16) != 0 { ", masked" } else { "" },
+            lvt & 0xff,
+            reg(0x380),
+            reg(0x390),
+            vectors(0x200).join(" "),
+            vectors(0x100).join(" ")
+        );
+    }
+    s
+}
+
 /// The vCPU's registers, for the report printed when the guest crashes.
 pub fn describe_registers(vcpu: &VcpuFd, id: u8) -> String {
     let mut s = format!("rvirt-vmm: vCPU {id} state:\n");
@@ -367,7 +458,7 @@ mod tests {
         c.request_pause();
         let t = {
             let c = c.clone();
-            std::thread::spawn(move || c.checkpoint())
+            std::thread::spawn(move || c.checkpoint(3, || "vCPU 3 report".into()))
         };
         assert!(c.wait_parked(1, Duration::from_secs(5)));
         (c, t)
@@ -377,6 +468,7 @@ mod tests {
     fn pause_parks_and_resume_releases() {
         let (c, t) = parked_thread();
         assert!(c.is_paused());
+        assert_eq!(c.parked_reports(), vec!["vCPU 3 report".to_string()], "a parked vCPU leaves its report");
         c.resume();
         assert!(t.join().unwrap());
     }

@@ -200,6 +200,18 @@ impl Vm {
         Err(Error::Device("vCPUs did not stop within 5 seconds".into()))
     }
 
+    /// Each vCPU's state report ([`vcpu::describe_vcpu`]), taken by pausing
+    /// the vCPUs for a moment (a VM paused already stays paused).
+    pub fn vcpu_reports(&self) -> Result<Vec<String>> {
+        let was_paused = self.control.is_paused();
+        let paused = self.pause();
+        let reports = self.control.parked_reports();
+        if !was_paused {
+            self.resume();
+        }
+        paused.map(|()| reports)
+    }
+
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
         self.control.resume();
@@ -267,6 +279,12 @@ impl Vm {
                 }
                 None => Err(Error::Config(format!("no network device named '{device}'"))),
             },
+            Request::VcpuState => {
+                return match self.vcpu_reports() {
+                    Ok(r) => Response { vcpus: Some(r), ..Response::ok() },
+                    Err(e) => Response::error(e.to_string()),
+                }
+            }
             Request::Pause => self.pause(),
             Request::Resume => {
                 self.resume();

@@ -117,3 +117,39 @@ fn triple_fault_is_reported_as_a_crash() {
     assert!(matches!(exit, VmExit::Crashed(ref why) if why.contains("triple fault")), "{exit:?}");
     assert_eq!(text, "X");
 }
+
+#[test]
+fn vcpu_state_reports_a_halted_guest_and_keeps_it_running() {
+    let mut code = print(b"S");
+    code.extend(HALT_FOREVER);
+    let dir = tmpdir("vcpu-state");
+    let kernel = dir.join("kernel");
+    std::fs::write(&kernel, bzimage_with(&code)).unwrap();
+    let log = dir.join("serial.log");
+    let sock = dir.join("api.sock");
+    let mut cfg = VmConfig::new(&kernel);
+    cfg.memory_bytes = 64 << 20;
+    cfg.serial = SerialMode::File(log.clone());
+    cfg.api_socket = Some(sock.clone());
+    let vmm = std::thread::spawn(move || rvirt_vmm::run(&cfg));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the guest did not print");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut api = rvirt_api::ApiClient::connect(&sock, std::time::Duration::from_secs(10)).unwrap();
+    let r = api.call(&rvirt_api::Request::VcpuState).unwrap();
+    assert!(r.ok, "{r:?}");
+    let reports = r.vcpus.unwrap();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert!(reports[0].contains("vCPU 0 state") && reports[0].contains("rip=") && reports[0].contains("run state:"), "{}", reports[0]);
+    let status = api.call(&rvirt_api::Request::Status).unwrap().status.unwrap();
+    assert_eq!(status.state, rvirt_api::RunState::Running, "a report must not leave the VM paused");
+    // A paused VM stays paused.
+    assert!(api.call(&rvirt_api::Request::Pause).unwrap().ok);
+    assert!(api.call(&rvirt_api::Request::VcpuState).unwrap().ok);
+    assert_eq!(api.call(&rvirt_api::Request::Status).unwrap().status.unwrap().state, rvirt_api::RunState::Paused);
+    assert!(api.call(&rvirt_api::Request::Stop).unwrap().ok);
+    assert_eq!(vmm.join().unwrap().unwrap(), VmExit::Stopped);
+    let _ = std::fs::remove_dir_all(&dir);
+}
