@@ -5,13 +5,16 @@
 //!   image in L1's page cache (both VMMs use the page cache: QEMU's default
 //!   `cache=writeback`, rvirt's default);
 //! - virtio-net: TCP throughput guest->host and host->guest over a tap
-//!   (QEMU with `vhost=off`: both VMMs move packets in user space).
+//!   (QEMU with `vhost=off`: both VMMs move packets in user space), by
+//!   `benches/guest/tcpio.c` at both ends in 64 KiB writes, and guest->host
+//!   once more in 1 KiB writes (many small packets).
 //!
 //! Same kernel, initramfs, 2 vCPUs, 512 MiB; QEMU runs `-M microvm,pcie=on`.
 //! Disk and network are measured in separate VMs, each VM in an L1 of its
 //! own (an L1 that stalls, as QEMU's network VM sometimes makes it do, then
 //! costs one figure, not the run), in `RVIRT_BENCH_ROUNDS` (default 3)
-//! rounds that alternate which VMM goes first; the medians are compared. Figures inside the lab are TCG figures and move by up to 2x
+//! rounds that alternate which VMM goes first; the medians are compared.
+//! `RVIRT_BENCH_ONLY=disk` or `=net` runs one kind. Figures inside the lab are TCG figures and move by up to 2x
 //! between runs: only the ratio between the two VMMs in one run means anything.
 
 use std::path::Path;
@@ -29,13 +32,11 @@ if [ -e /sys/class/net/eth0 ]; then
   ip addr add 10.0.2.15/24 dev eth0
   ip link set eth0 up
   for i in $(seq 1 60); do ping -c 1 -W 1 10.0.2.1 >/dev/null 2>&1 && break; done
-  t0=$(up); dd if=/dev/zero bs=64k count=1024 2>/dev/null | nc 10.0.2.1 5000; t1=$(up)
-  echo "@@NET-TX=$(echo "$t0 $t1" | awk '{printf "%.2f", 64 / ($2 - $1)}')"
-  # nc ends the connection at stdin EOF; a read-write fifo never ends and,
-  # unlike a `sleep | nc` pipeline, leaves nothing for the shell to wait for.
-  mkfifo /tmp/open; exec 3<>/tmp/open
-  t0=$(up); nc 10.0.2.1 5001 <&3 > /dev/null; t1=$(up)
-  echo "@@NET-RX=$(echo "$t0 $t1" | awk '{printf "%.2f", 64 / ($2 - $1)}')"
+  # 64 KiB writes, as iperf-like tools make; then 1 KiB writes, busybox nc's
+  # size, where the guest's per-packet cost decides.
+  /tcpio send 10.0.2.1 5000 64 | sed -n 's/@@TCPIO-MIBS=/@@NET-TX=/p'
+  /tcpio send 10.0.2.1 5002 16 1024 | sed -n 's/@@TCPIO-MIBS=/@@NET-TX1K=/p'
+  /tcpio recv 10.0.2.1 5001 | sed -n 's/@@TCPIO-MIBS=/@@NET-RX=/p'
 fi
 if [ -e /dev/vda ]; then
   for m in seqread seqwrite; do echo "@@$(/diskio $m /dev/vda 1048576 8 | awk '{print "BLK-" toupper($1) "=" $3}')"; done
@@ -46,7 +47,6 @@ poweroff -f
 
 const L1: &str = r#"
 insmod /lib/modules/tun.ko
-mkfifo /tmp/open; exec 3<>/tmp/open
 CMD="console=ttyS0 panic=-1 loglevel=4"
 # bench NAME KIND ROUND COMMAND...: runs one VM; KIND net sets up the tap and
 # the TCP peers in L1. Figures come out as @@NAME-RROUND-KEY=VALUE, the exit
@@ -62,17 +62,16 @@ bench() {
   if [ $kind = net ]; then
     for i in $(seq 1 300); do [ -e /sys/class/net/tap0 ] && break; sleep 0.2; done
     ip addr add 10.0.2.1/24 dev tap0; ip link set tap0 up
-    nc -l -p 5000 <&3 > /dev/null &
-    sink=$!
-    dd if=/dev/zero bs=64k count=1024 2>/dev/null | nc -l -p 5001 &
-    source=$!
+    tcpio sink 5000 & sink=$!
+    tcpio sink 5002 & sink1k=$!
+    tcpio source 5001 64 & source=$!
   fi
   wait $pid
   rc=$?
   echo "@@$name-$kind-R$round-EXIT=$rc"
   grep '@@' /tmp/$name-$kind.log | sed "s/@@/@@$name-R$round-/"
   [ $rc = 0 ] || tail -40 /tmp/$name-$kind.log
-  [ $kind = net ] && kill $sink $source 2>/dev/null
+  [ $kind = net ] && kill $sink $sink1k $source 2>/dev/null
 }
 RVIRT="rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline"
 QEMU="qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/share/qemu/bios-microvm.bin -smp 2 -m 512M -no-reboot -nographic -kernel /l2/vmlinuz -initrd /l2/initrd.gz -append"
@@ -103,25 +102,33 @@ fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
     let dir = std::env::temp_dir().join(format!("rvirt-bench-virtio-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let guest_src = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/guest"));
     let diskio = dir.join("diskio");
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/guest/diskio.c");
-    static_c_program(Path::new(src), &diskio)?;
+    static_c_program(&guest_src.join("diskio.c"), &diskio)?;
+    let tcpio = dir.join("tcpio");
+    static_c_program(&guest_src.join("tcpio.c"), &tcpio)?;
     let modules = lab.virtio_modules(&["virtio_blk", "virtio_net"]);
     let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
     let mut initrd_mods = modules.clone();
     initrd_mods.push(diskio.clone());
-    let initrd = l2_initramfs(&guest.replace("/diskio", "/lib/modules/diskio"), &initrd_mods)?;
+    initrd_mods.push(tcpio.clone());
+    let guest = guest.replace("/diskio", "/lib/modules/diskio").replace("/tcpio", "/lib/modules/tcpio");
+    let initrd = l2_initramfs(&guest, &initrd_mods)?;
     let rounds: usize = match std::env::var("RVIRT_BENCH_ROUNDS") {
         Ok(v) => v.parse().ok().filter(|n| *n > 0).ok_or_else(|| anyhow::anyhow!("RVIRT_BENCH_ROUNDS={v}: want a whole number above 0"))?,
         Err(_) => 3,
     };
+    let only = std::env::var("RVIRT_BENCH_ONLY").ok();
+    if let Some(k) = only.as_deref().filter(|k| !["disk", "net"].contains(k)) {
+        anyhow::bail!("RVIRT_BENCH_ONLY={k}: want disk or net");
+    }
     // Rounds alternate which VMM goes first, so drift (the host's load, the
     // page cache) does not always favour the same one.
     let mut runs = Vec::new();
     for r in 1..=rounds {
         let order: [&str; 4] =
             if r % 2 == 1 { ["rvirt_disk", "qemu_disk", "qemu_net", "rvirt_net"] } else { ["qemu_disk", "rvirt_disk", "rvirt_net", "qemu_net"] };
-        runs.extend(order.iter().map(|f| format!("{f} {r}")));
+        runs.extend(order.iter().filter(|f| only.as_deref().is_none_or(|k| f.ends_with(k))).map(|f| format!("{f} {r}")));
     }
     let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
     let mut v = std::collections::HashMap::new();
@@ -132,6 +139,7 @@ fn main() -> anyhow::Result<()> {
             .file(&lab.kernel, "l2/vmlinuz")
             .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
             .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
+            .file(&tcpio, "usr/bin/tcpio")
             .blob("l2/initrd.gz", initrd.clone())
             .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
         spec.timeout = std::time::Duration::from_secs(900);
@@ -157,7 +165,7 @@ fn main() -> anyhow::Result<()> {
     let get = |k: &str| -> f64 { v.get(k).and_then(|s| s.parse().ok()).unwrap_or(f64::NAN) };
     // A VMM that failed mid-run leaves that round's figures missing.
     for vmm in ["RVIRT", "QEMU"] {
-        for kind in ["disk", "net"] {
+        for kind in ["disk", "net"].into_iter().filter(|k| only.as_deref().is_none_or(|o| o == *k)) {
             let bad = (1..=rounds).filter(|r| v.get(&format!("{vmm}-{kind}-R{r}-EXIT")).map(String::as_str) != Some("0")).count();
             if bad > 0 {
                 failed.push(format!("{vmm} {kind}: {bad} of {rounds} rounds did not finish"));
@@ -172,8 +180,12 @@ fn main() -> anyhow::Result<()> {
         ("BLK-RANDREAD", "blk rand read 4K (IOPS)"),
         ("BLK-RANDWRITE", "blk rand write 4K (IOPS)"),
         ("NET-TX", "net guest->host (MiB/s)"),
+        ("NET-TX1K", "net g->h 1K writes (MiB/s)"),
         ("NET-RX", "net host->guest (MiB/s)"),
     ] {
+        if only.as_deref().is_some_and(|k| !key.to_lowercase().starts_with(if k == "disk" { "blk" } else { k })) {
+            continue;
+        }
         let each = |vmm: &str| -> Vec<f64> { (1..=rounds).map(|r| get(&format!("{vmm}-R{r}-{key}"))).collect() };
         let (r, q) = (each("RVIRT"), each("QEMU"));
         let list = |xs: &[f64]| xs.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(" ");

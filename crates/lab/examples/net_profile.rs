@@ -1,10 +1,15 @@
 //! Where guest->host TCP time goes, rvirt-vmm against QEMU in one L1: around
-//! a 20 MiB transfer it snapshots L1's KVM exit statistics (debugfs), the
-//! VMM's per-thread CPU time, and in the guest the packets sent, interrupts,
-//! TCP retransmissions and ping round trips idle and under load.
+//! a 20 MiB transfer in 1 KiB writes (`benches/guest/tcpio.c`) it snapshots
+//! L1's KVM exit statistics (debugfs), the VMM's per-thread CPU time, and in
+//! the guest the packets sent, interrupts, TCP retransmissions and ping round
+//! trips idle and under load. Two more transfers (64 KiB, then 8 KiB writes)
+//! print the sender's TCP_INFO over time (RTT, cwnd, pacing rate, and the
+//! kernel's busy / receive-window-limited / send-buffer-limited time).
 //!
 //! `cargo run --release -p rvirt-lab --example net_profile`
-use rvirt_lab::{insmod_lines, l2_initramfs, L1Spec, Lab};
+use std::path::Path;
+
+use rvirt_lab::{insmod_lines, l2_initramfs, static_c_program, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -20,12 +25,21 @@ echo "@@PING-IDLE $(ping -c 10 -i 0.2 10.0.2.1 | tail -1)"
 s 0
 ping -c 16 -i 0.5 10.0.2.1 > /tmp/p &
 echo TX-START
-dd if=/dev/zero bs=64k count=320 2>/dev/null | nc 10.0.2.1 5000
+/lib/modules/tcpio send 10.0.2.1 5000 20 1024 | sed "s/@@TCPIO/@@W1024/"
 echo TX-END
 wait
 echo "@@PING-LOAD $(tail -1 /tmp/p)"
 sleep 3
 s 1
+txp() { cat /sys/class/net/eth0/statistics/tx_packets; }
+port=5002
+for w in 65536 8192; do
+  p0=$(txp)
+  TCPIO_INFO=1 /lib/modules/tcpio send 10.0.2.1 $port 20 $w | sed "s/@@/@@W$w-/"
+  echo "@@W$w-TXPKTS=$(( $(txp) - p0 ))"
+  port=$((port + 1))
+done
+grep -E 'virtio' /proc/interrupts | sed "s/^/@@G2-IRQ /"
 sleep 3
 poweroff -f
 "#;
@@ -33,7 +47,6 @@ poweroff -f
 const L1: &str = r#"
 insmod /lib/modules/tun.ko
 mount -t debugfs none /sys/kernel/debug
-mkfifo /tmp/open; exec 3<>/tmp/open
 CMD="console=ttyS0 panic=-1 loglevel=4"
 snap() {
   for f in /sys/kernel/debug/kvm/*; do [ -f $f ] && echo "@@$1-KVM $(basename $f) $(cat $f 2>/dev/null)"; done
@@ -46,8 +59,9 @@ run() {
   pid=$!
   for i in $(seq 1 300); do [ -e /sys/class/net/tap0 ] && break; sleep 0.2; done
   ip addr add 10.0.2.1/24 dev tap0; ip link set tap0 up
-  nc -l -p 5000 <&3 > /dev/null &
-  sink=$!
+  tcpio sink 5000 & sink=$!
+  tcpio sink 5002 & sink2=$!
+  tcpio sink 5003 & sink3=$!
   while ! grep -q TX-START /tmp/vm.log; do sleep 0.2; kill -0 $pid || break; done
   snap $name-0 $pid
   while ! grep -q TX-END /tmp/vm.log; do sleep 0.2; kill -0 $pid || break; done
@@ -56,7 +70,7 @@ run() {
   wait $pid
   grep '@@' /tmp/vm.log | sed "s/@@/@@$name-/"
   grep -E 'triple|crash' /tmp/vm.log
-  kill $sink
+  kill $sink $sink2 $sink3
   sleep 1
 }
 run RVIRT rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "$CMD" --net tap=tap0
@@ -67,17 +81,26 @@ fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
     let modules = lab.virtio_modules(&["virtio_net"]);
     let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
-    let initrd = l2_initramfs(&guest, &modules)?;
+    let dir = std::env::temp_dir().join(format!("rvirt-net-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let tcpio = dir.join("tcpio");
+    static_c_program(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/guest/tcpio.c")), &tcpio)?;
+    let mut files = modules.clone();
+    files.push(tcpio.clone());
+    let initrd = l2_initramfs(&guest, &files)?;
+
     let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
     let mut spec = L1Spec::new("net-profile", L1)
         .file(&lab.kernel, "l2/vmlinuz")
         .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
         .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
+        .file(&tcpio, "usr/bin/tcpio")
         .blob("l2/initrd.gz", initrd)
         .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
     spec.timeout = std::time::Duration::from_secs(1200);
     spec.retry_l2_crash = false;
     let out = lab.run(&spec)?;
+    let _ = std::fs::remove_dir_all(&dir);
     for l in out.console.lines().filter(|l| l.contains("@@") || l.contains("triple") || l.contains("crash")) {
         println!("{l}");
     }

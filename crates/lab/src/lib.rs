@@ -189,7 +189,7 @@ impl Lab {
         } else {
             return Ok(first);
         };
-        log(&format!("WARNING: L1 run '{}' {what}; console tail:\n{}\n[lab] retrying once", spec.name, first.tail(15)));
+        log(&format!("WARNING: L1 run '{}' {what}; console tail:\n{}\n[lab] retrying once", spec.name, first.tail(40)));
         self.run_once(spec)
     }
 
