@@ -20,7 +20,7 @@ use rvirt_devices::bus::lock;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::chain::GuestChain;
-use crate::worker::{serve_queue, EventLoop, Worker};
+use crate::worker::{serve_queue_notifying, EventLoop, Worker};
 use crate::{device_type, ActivateContext, DeviceCounters, Interrupt, InterruptKind, VirtioDevice, COMMON_FEATURES};
 use rx::RxQueue;
 
@@ -278,7 +278,8 @@ impl NetWorker {
     /// waits for the tap to become writable instead of dropping it.
     fn transmit(&self, q: &mut virtio_queue::Queue) -> bool {
         let mut tap_full = false;
-        let served = serve_queue(q, &self.mem, |chain| {
+        let interrupt = &self.interrupt;
+        serve_queue_notifying(q, &self.mem, |chain| {
             let Ok(c) = GuestChain::parse(chain, &self.mem) else {
                 self.counters.error();
                 return Some(0);
@@ -300,10 +301,7 @@ impl NetWorker {
                 self.counters.error();
             }
             Some(0)
-        });
-        if served.notify {
-            self.interrupt.trigger(InterruptKind::Queue(1));
-        }
+        }, || interrupt.trigger(InterruptKind::Queue(1)));
         tap_full
     }
 }
