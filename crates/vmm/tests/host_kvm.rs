@@ -17,20 +17,27 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-fn run_guest(name: &str, code: Vec<u8>, on_reboot: OnReboot) -> (VmExit, String) {
+/// A 64 MiB VM running `code`, in a fresh directory holding its kernel,
+/// its serial output (`serial.log`) and its API socket (`api.sock`).
+fn guest_config(name: &str, code: &[u8], on_reboot: OnReboot) -> (PathBuf, VmConfig) {
     assert!(
         std::path::Path::new("/dev/kvm").exists(),
         "these tests need /dev/kvm (the project's CI machines have it)"
     );
     let dir = tmpdir(name);
     let kernel = dir.join("kernel");
-    std::fs::write(&kernel, bzimage_with(&code)).unwrap();
-    let log = dir.join("serial.log");
+    std::fs::write(&kernel, bzimage_with(code)).unwrap();
     let mut cfg = VmConfig::new(&kernel);
     cfg.memory_bytes = 64 << 20;
-    cfg.serial = SerialMode::File(log.clone());
+    cfg.serial = SerialMode::File(dir.join("serial.log"));
     cfg.on_reboot = on_reboot;
     cfg.api_socket = Some(dir.join("api.sock"));
+    (dir, cfg)
+}
+
+fn run_guest(name: &str, code: Vec<u8>, on_reboot: OnReboot) -> (VmExit, String) {
+    let (dir, cfg) = guest_config(name, &code, on_reboot);
+    let log = dir.join("serial.log");
     let exit = rvirt_vmm::run(&cfg).unwrap();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!dir.join("api.sock").exists(), "API socket is removed on exit");
@@ -84,16 +91,8 @@ fn reboot_with_restart_boots_again_on_fresh_devices() {
     code.extend(body);
     code.extend(stale);
 
-    let dir = tmpdir("restart");
-    let kernel = dir.join("kernel");
-    std::fs::write(&kernel, bzimage_with(&code)).unwrap();
-    let log = dir.join("serial.log");
-    let sock = dir.join("api.sock");
-    let mut cfg = VmConfig::new(&kernel);
-    cfg.memory_bytes = 64 << 20;
-    cfg.serial = SerialMode::File(log.clone());
-    cfg.on_reboot = OnReboot::Restart;
-    cfg.api_socket = Some(sock.clone());
+    let (dir, cfg) = guest_config("restart", &code, OnReboot::Restart);
+    let (log, sock) = (dir.join("serial.log"), dir.join("api.sock"));
     let vmm = std::thread::spawn(move || rvirt_vmm::run(&cfg));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::fs::read_to_string(&log).unwrap_or_default().len() < 3 {
@@ -122,15 +121,8 @@ fn triple_fault_is_reported_as_a_crash() {
 fn vcpu_state_reports_a_halted_guest_and_keeps_it_running() {
     let mut code = print(b"S");
     code.extend(HALT_FOREVER);
-    let dir = tmpdir("vcpu-state");
-    let kernel = dir.join("kernel");
-    std::fs::write(&kernel, bzimage_with(&code)).unwrap();
-    let log = dir.join("serial.log");
-    let sock = dir.join("api.sock");
-    let mut cfg = VmConfig::new(&kernel);
-    cfg.memory_bytes = 64 << 20;
-    cfg.serial = SerialMode::File(log.clone());
-    cfg.api_socket = Some(sock.clone());
+    let (dir, cfg) = guest_config("vcpu-state", &code, OnReboot::Restart);
+    let (log, sock) = (dir.join("serial.log"), dir.join("api.sock"));
     let vmm = std::thread::spawn(move || rvirt_vmm::run(&cfg));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
