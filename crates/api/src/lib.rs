@@ -236,6 +236,7 @@ mod tests {
     fn requests_use_kebab_case_commands() {
         assert_eq!(serde_json::to_string(&Request::Pause).unwrap(), r#"{"command":"pause"}"#);
         assert_eq!(parse_request(r#"{"command":"stats"}"#), Ok(Request::Stats));
+        assert_eq!(parse_request(r#"{"command":"vcpu-state"}"#), Ok(Request::VcpuState));
         assert_eq!(parse_request(" {\"command\":\"shutdown\"}\n"), Ok(Request::Shutdown));
         assert_eq!(
             parse_request(r#"{"command":"balloon","target_bytes":1048576}"#),

@@ -17,9 +17,7 @@
 //! `RVIRT_BENCH_ONLY=disk` or `=net` runs one kind. Figures inside the lab are TCG figures and move by up to 2x
 //! between runs: only the ratio between the two VMMs in one run means anything.
 
-use std::path::Path;
-
-use rvirt_lab::{insmod_lines, l2_initramfs, static_c_program, L1Spec, Lab};
+use rvirt_lab::{GuestPrograms, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -100,20 +98,9 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
-    let dir = std::env::temp_dir().join(format!("rvirt-bench-virtio-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let guest_src = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/guest"));
-    let diskio = dir.join("diskio");
-    static_c_program(&guest_src.join("diskio.c"), &diskio)?;
-    let tcpio = dir.join("tcpio");
-    static_c_program(&guest_src.join("tcpio.c"), &tcpio)?;
-    let modules = lab.virtio_modules(&["virtio_blk", "virtio_net"]);
-    let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
-    let mut initrd_mods = modules.clone();
-    initrd_mods.push(diskio.clone());
-    initrd_mods.push(tcpio.clone());
-    let guest = guest.replace("/diskio", "/lib/modules/diskio").replace("/tcpio", "/lib/modules/tcpio");
-    let initrd = l2_initramfs(&guest, &initrd_mods)?;
+    let programs = GuestPrograms::build(&["benches/guest/diskio.c", "benches/guest/tcpio.c"])?;
+    let guest = GUEST.replace("/diskio", "/lib/modules/diskio").replace("/tcpio", "/lib/modules/tcpio");
+    let initrd = lab.virtio_initramfs(&guest, &["virtio_blk", "virtio_net"], programs.paths())?;
     let rounds: usize = match std::env::var("RVIRT_BENCH_ROUNDS") {
         Ok(v) => v.parse().ok().filter(|n| *n > 0).ok_or_else(|| anyhow::anyhow!("RVIRT_BENCH_ROUNDS={v}: want a whole number above 0"))?,
         Err(_) => 3,
@@ -139,7 +126,7 @@ fn main() -> anyhow::Result<()> {
             .file(&lab.kernel, "l2/vmlinuz")
             .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
             .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
-            .file(&tcpio, "usr/bin/tcpio")
+            .file(programs.path("tcpio"), "usr/bin/tcpio")
             .blob("l2/initrd.gz", initrd.clone())
             .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
         spec.timeout = std::time::Duration::from_secs(900);
@@ -174,16 +161,16 @@ fn main() -> anyhow::Result<()> {
     }
     println!("virtio in the lab, 2 vCPUs, 512 MiB, {rounds} alternating rounds (L2 figures under TCG; compare ratios only):");
     println!("  {:<26} {:>22} {:>22} {:>8}", "", "rvirt median (each)", "qemu median (each)", "ratio");
-    for (key, what) in [
-        ("BLK-SEQREAD", "blk seq read 1M (MiB/s)"),
-        ("BLK-SEQWRITE", "blk seq write 1M (MiB/s)"),
-        ("BLK-RANDREAD", "blk rand read 4K (IOPS)"),
-        ("BLK-RANDWRITE", "blk rand write 4K (IOPS)"),
-        ("NET-TX", "net guest->host (MiB/s)"),
-        ("NET-TX1K", "net g->h 1K writes (MiB/s)"),
-        ("NET-RX", "net host->guest (MiB/s)"),
+    for (kind, key, what) in [
+        ("disk", "BLK-SEQREAD", "blk seq read 1M (MiB/s)"),
+        ("disk", "BLK-SEQWRITE", "blk seq write 1M (MiB/s)"),
+        ("disk", "BLK-RANDREAD", "blk rand read 4K (IOPS)"),
+        ("disk", "BLK-RANDWRITE", "blk rand write 4K (IOPS)"),
+        ("net", "NET-TX", "net guest->host (MiB/s)"),
+        ("net", "NET-TX1K", "net g->h 1K writes (MiB/s)"),
+        ("net", "NET-RX", "net host->guest (MiB/s)"),
     ] {
-        if only.as_deref().is_some_and(|k| !key.to_lowercase().starts_with(if k == "disk" { "blk" } else { k })) {
+        if only.as_deref().is_some_and(|k| k != kind) {
             continue;
         }
         let each = |vmm: &str| -> Vec<f64> { (1..=rounds).map(|r| get(&format!("{vmm}-R{r}-{key}"))).collect() };
@@ -195,6 +182,5 @@ fn main() -> anyhow::Result<()> {
     for f in &failed {
         println!("note: {f}; see target/lab-logs/bench-virtio-*.log");
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -4,8 +4,7 @@
 //! issues"). `VMM` overrides the VMM command line, e.g. to run QEMU instead.
 //!
 //! `NVMS=8 cargo run --release -p rvirt-lab --example fault_count`
-use std::path::Path;
-use rvirt_lab::{insmod_lines, l2_initramfs, static_c_program, L1Spec, Lab};
+use rvirt_lab::{GuestPrograms, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -36,16 +35,8 @@ fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
     let n: usize = std::env::var("NVMS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     let vmm = std::env::var("VMM").unwrap_or_else(|_| "rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline \"$CMD\" --disk path=/tmp/disk.raw".into());
-    let dir = std::env::temp_dir().join(format!("rvirt-fault-count-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let diskio = dir.join("diskio");
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/guest/diskio.c");
-    static_c_program(Path::new(src), &diskio)?;
-    let modules = lab.virtio_modules(&["virtio_blk"]);
-    let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
-    let mut mods = modules.clone();
-    mods.push(diskio);
-    let initrd = l2_initramfs(&guest, &mods)?;
+    let programs = GuestPrograms::build(&["benches/guest/diskio.c"])?;
+    let initrd = lab.virtio_initramfs(GUEST, &["virtio_blk"], programs.paths())?;
     let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
     let mut spec = L1Spec::new("fault-count", &L1.replace("NVMS", &n.to_string()).replace("VMM", &vmm))
         .file(&lab.kernel, "l2/vmlinuz")
@@ -55,7 +46,6 @@ fn main() -> anyhow::Result<()> {
     spec.timeout = std::time::Duration::from_secs(60 + 300 * n as u64);
     spec.retry_l2_crash = false;
     let out = lab.run(&spec)?;
-    let _ = std::fs::remove_dir_all(&dir);
     for l in out.console.lines().filter(|l| l.contains("@@") || l.contains("triple") || l.contains("crash")) {
         println!("{l}");
     }

@@ -5,8 +5,7 @@
 //! timer behind the lab's L2 triple faults (docs/design.md, "Known lab issues").
 //!
 //! `cargo run --release -p rvirt-lab --example l2_compare > out; diff <(grep '^@@R ' out | cut -c5-) <(grep '^@@Q ' out | cut -c5-)`
-use std::path::Path;
-use rvirt_lab::{insmod_lines, l2_initramfs, static_c_program, L1Spec, Lab};
+use rvirt_lab::{GuestPrograms, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -31,16 +30,8 @@ qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/share/qemu/
 
 fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
-    let dir = std::env::temp_dir().join(format!("rvirt-l2-compare-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let bin = dir.join("cpuid");
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/guest/cpuid.c");
-    static_c_program(Path::new(src), &bin)?;
-    let modules = lab.virtio_modules(&["virtio_blk"]);
-    let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
-    let mut mods = modules.clone();
-    mods.push(bin);
-    let initrd = l2_initramfs(&guest, &mods)?;
+    let programs = GuestPrograms::build(&["examples/guest/cpuid.c"])?;
+    let initrd = lab.virtio_initramfs(GUEST, &["virtio_blk"], programs.paths())?;
     let l1 = format!("truncate -s 64M /tmp/d.raw\n{L1}");
     let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
     let spec = L1Spec::new("l2-compare", &l1)
@@ -49,7 +40,6 @@ fn main() -> anyhow::Result<()> {
         .blob("l2/initrd.gz", initrd)
         .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
     let out = lab.run(&spec)?;
-    let _ = std::fs::remove_dir_all(&dir);
     for l in out.console.lines().filter(|l| l.contains("@@")) {
         println!("{l}");
     }

@@ -7,9 +7,8 @@
 //! kernel's busy / receive-window-limited / send-buffer-limited time).
 //!
 //! `cargo run --release -p rvirt-lab --example net_profile`
-use std::path::Path;
 
-use rvirt_lab::{insmod_lines, l2_initramfs, static_c_program, L1Spec, Lab};
+use rvirt_lab::{GuestPrograms, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -79,28 +78,20 @@ run QEMU qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/sh
 
 fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
-    let modules = lab.virtio_modules(&["virtio_net"]);
-    let guest = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
-    let dir = std::env::temp_dir().join(format!("rvirt-net-profile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let tcpio = dir.join("tcpio");
-    static_c_program(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/guest/tcpio.c")), &tcpio)?;
-    let mut files = modules.clone();
-    files.push(tcpio.clone());
-    let initrd = l2_initramfs(&guest, &files)?;
+    let programs = GuestPrograms::build(&["benches/guest/tcpio.c"])?;
+    let initrd = lab.virtio_initramfs(GUEST, &["virtio_net"], programs.paths())?;
 
     let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
     let mut spec = L1Spec::new("net-profile", L1)
         .file(&lab.kernel, "l2/vmlinuz")
         .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
         .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
-        .file(&tcpio, "usr/bin/tcpio")
+        .file(programs.path("tcpio"), "usr/bin/tcpio")
         .blob("l2/initrd.gz", initrd)
         .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
     spec.timeout = std::time::Duration::from_secs(1200);
     spec.retry_l2_crash = false;
     let out = lab.run(&spec)?;
-    let _ = std::fs::remove_dir_all(&dir);
     for l in out.console.lines().filter(|l| l.contains("@@") || l.contains("triple") || l.contains("crash")) {
         println!("{l}");
     }

@@ -112,6 +112,17 @@ impl Lab {
         self.modules.join("tree").join(rel)
     }
 
+    /// An L2 initramfs whose `init` is `script` with its `INSMOD` line
+    /// replaced by loading the virtio core and the named `drivers` (see
+    /// [`Lab::virtio_modules`]); the `extra` files go beside the modules, in
+    /// /lib/modules, for the script to run.
+    pub fn virtio_initramfs(&self, script: &str, drivers: &[&str], extra: &[PathBuf]) -> Result<Vec<u8>> {
+        let mut files = self.virtio_modules(drivers);
+        let script = script.replace("INSMOD\n", &insmod_lines(&files));
+        files.extend_from_slice(extra);
+        l2_initramfs(&script, &files)
+    }
+
     /// The virtio modules a guest needs for `drivers` (e.g. `virtio_blk`,
     /// `virtio_net`), core modules first, in the order `insmod` needs them.
     pub fn virtio_modules(&self, drivers: &[&str]) -> Vec<PathBuf> {
@@ -626,6 +637,45 @@ pub fn static_c_program(src: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Static guest-side programs, built by [`static_c_program`] from C sources
+/// under `crates/lab/` into a scratch directory that is removed on drop;
+/// each binary is named after its source (`benches/guest/tcpio.c` -> `tcpio`).
+pub struct GuestPrograms {
+    dir: PathBuf,
+    paths: Vec<PathBuf>,
+}
+
+impl GuestPrograms {
+    /// Compiles each source (a path relative to `crates/lab/`).
+    pub fn build(sources: &[&str]) -> Result<Self> {
+        let mut built = Self { dir: tempdir("programs")?, paths: Vec::new() };
+        for s in sources {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(s);
+            let name = src.file_stem().with_context(|| format!("{s}: no file name"))?;
+            let out = built.dir.join(name);
+            static_c_program(&src, &out)?;
+            built.paths.push(out);
+        }
+        Ok(built)
+    }
+
+    /// Every built binary, in the order of the sources.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    /// The binary built from the source named `name` (without `.c`).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for GuestPrograms {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Decompresses the ELF vmlinux inside a bzImage (payload located through
 /// the setup header; gzip, xz, zstd and LZ4 payloads are handled).
 pub fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<()> {
@@ -683,6 +733,18 @@ fn tempdir(tag: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_programs_are_named_after_their_sources_and_removed_on_drop() {
+        let p = GuestPrograms::build(&["examples/guest/cpuid.c", "benches/guest/tcpio.c"]).unwrap();
+        assert_eq!(p.paths(), [p.path("cpuid"), p.path("tcpio")]);
+        assert!(p.paths().iter().all(|b| b.is_file()));
+        let dir = p.dir.clone();
+        drop(p);
+        assert!(!dir.exists());
+        let err = GuestPrograms::build(&["examples/guest/missing.c"]).err().expect("a missing source fails").to_string();
+        assert!(err.contains("missing.c"), "{err}");
+    }
 
     #[test]
     fn static_c_program_builds_a_static_binary_and_names_a_broken_source() {

@@ -35,6 +35,15 @@ fn guest_config(name: &str, code: &[u8], on_reboot: OnReboot) -> (PathBuf, VmCon
     (dir, cfg)
 }
 
+/// Waits up to a minute for the guest's serial output to reach `len` bytes.
+fn wait_for_output(log: &std::path::Path, len: usize, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(log).unwrap_or_default().len() < len {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn run_guest(name: &str, code: Vec<u8>, on_reboot: OnReboot) -> (VmExit, String) {
     let (dir, cfg) = guest_config(name, &code, on_reboot);
     let log = dir.join("serial.log");
@@ -94,11 +103,7 @@ fn reboot_with_restart_boots_again_on_fresh_devices() {
     let (dir, cfg) = guest_config("restart", &code, OnReboot::Restart);
     let (log, sock) = (dir.join("serial.log"), dir.join("api.sock"));
     let vmm = std::thread::spawn(move || rvirt_vmm::run(&cfg));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_to_string(&log).unwrap_or_default().len() < 3 {
-        assert!(std::time::Instant::now() < deadline, "the guest did not boot three times");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_output(&log, 3, "the guest did not boot three times");
     let mut api = rvirt_api::ApiClient::connect(&sock, std::time::Duration::from_secs(10)).unwrap();
     assert!(api.call(&rvirt_api::Request::Stop).unwrap().ok);
     assert_eq!(vmm.join().unwrap().unwrap(), VmExit::Stopped);
@@ -124,11 +129,7 @@ fn vcpu_state_reports_a_halted_guest_and_keeps_it_running() {
     let (dir, cfg) = guest_config("vcpu-state", &code, OnReboot::Restart);
     let (log, sock) = (dir.join("serial.log"), dir.join("api.sock"));
     let vmm = std::thread::spawn(move || rvirt_vmm::run(&cfg));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the guest did not print");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_output(&log, 1, "the guest did not print");
     let mut api = rvirt_api::ApiClient::connect(&sock, std::time::Duration::from_secs(10)).unwrap();
     let r = api.call(&rvirt_api::Request::VcpuState).unwrap();
     assert!(r.ok, "{r:?}");
