@@ -3,6 +3,10 @@
 //! messages, the clock event device and interrupt counts, prefixed `@@R`
 //! and `@@Q` so the two can be diffed. This found the missing TSC-deadline
 //! timer behind the lab's L2 triple faults (docs/design.md, "Known lab issues").
+//! Each guest also reports the CPU flags and vulnerability mitigations its
+//! kernel chose and runs `examples/guest/micro.c` twice (compute, system
+//! call, page fault and pipe round-trip costs); the VMMs take turns twice,
+//! so a VMM that slows every guest operation shows apart from the lab's noise.
 //!
 //! `cargo run --release -p rvirt-lab --example l2_compare > out; diff <(grep '^@@R ' out | cut -c5-) <(grep '^@@Q ' out | cut -c5-)`
 use rvirt_lab::{GuestPrograms, L1Spec, Lab};
@@ -13,6 +17,9 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 INSMOD
 /lib/modules/cpuid
+grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | sed 's/^/@@FLAG /'
+for f in /sys/devices/system/cpu/vulnerabilities/*; do echo "@@VULN $(basename $f): $(cat $f)"; done
+/lib/modules/micro; /lib/modules/micro
 dmesg | grep -i -E 'kvm|clock|apic|pv|tsc|timer|steal|spinlock|async|x2apic|hpet|pit|msi' | sed 's/^/@@DMESG /'
 echo "@@CS=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 echo "@@CE=$(cat /sys/devices/system/clockevents/clockevent0/current_device)"
@@ -21,24 +28,32 @@ poweroff -f
 "#;
 
 const L1: &str = r#"
+# Output is piped until each VM ends: keep the console alive for the stall detector.
+(while sleep 20; do echo "[l2-compare] running"; done) &
 CMD="console=ttyS0 panic=-1 loglevel=7"
+rvirt() {
 echo "@@BEGIN RVIRT"
 rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "$CMD" --disk path=/tmp/d.raw </dev/null 2>&1 | grep '@@' | sed 's/@@/@@R /'
+}
+qemu() {
 echo "@@BEGIN QEMU"
 qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/share/qemu/bios-microvm.bin -smp 2 -m 512M -no-reboot -nographic -kernel /l2/vmlinuz -initrd /l2/initrd.gz -append "$CMD" -drive file=/tmp/d.raw,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0 </dev/null 2>&1 | grep '@@' | sed 's/@@/@@Q /'
+}
+rvirt; qemu; qemu; rvirt
 "#;
 
 fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
-    let programs = GuestPrograms::build(&["examples/guest/cpuid.c"])?;
+    let programs = GuestPrograms::build(&["examples/guest/cpuid.c", "examples/guest/micro.c"])?;
     let initrd = lab.virtio_initramfs(GUEST, &["virtio_blk"], programs.paths())?;
     let l1 = format!("truncate -s 64M /tmp/d.raw\n{L1}");
     let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
-    let spec = L1Spec::new("l2-compare", &l1)
+    let mut spec = L1Spec::new("l2-compare", &l1)
         .file(&lab.kernel, "l2/vmlinuz")
         .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
         .blob("l2/initrd.gz", initrd)
         .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
+    spec.timeout = std::time::Duration::from_secs(1200);
     let out = lab.run(&spec)?;
     for l in out.console.lines().filter(|l| l.contains("@@")) {
         println!("{l}");
