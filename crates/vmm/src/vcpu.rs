@@ -422,26 +422,49 @@ pub fn describe_vcpu(vcpu: &VcpuFd, id: u8) -> String {
 /// The vCPU's registers, for the report printed when the guest crashes.
 pub fn describe_registers(vcpu: &VcpuFd, id: u8) -> String {
     let mut s = format!("rvirt-vmm: vCPU {id} state:\n");
+    let mut rip = None;
     match vcpu.get_regs() {
-        Ok(r) => s.push_str(&format!(
+        Ok(r) => {
+            rip = Some(r.rip);
+            s.push_str(&format!(
             "  rip={:#018x} rsp={:#018x} rflags={:#010x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n",
             r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
-        )),
+            ))
+        }
         Err(e) => s.push_str(&format!("  registers unavailable: {e}\n")),
     }
     match vcpu.get_sregs() {
-        Ok(r) => s.push_str(&format!(
-            "  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
-            r.cr0, r.cr2, r.cr3, r.cr4, r.efer, r.cs.selector
-        )),
+        Ok(r) => {
+            s.push_str(&format!(
+                "  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+                r.cr0, r.cr2, r.cr3, r.cr4, r.efer, r.cs.selector
+            ));
+            if rip.is_some_and(|rip| is_reset_state(rip, r.cs.selector, r.cr0)) {
+                s.push_str("\n  (the power-on state: KVM on AMD reinitializes a vCPU after a shutdown, so its state at the fault is lost)");
+            }
+        }
         Err(e) => s.push_str(&format!("  system registers unavailable: {e}")),
     }
     s
 }
 
+/// Whether registers are the x86 power-on state (CS:IP F000:FFF0, real
+/// mode), which is all a crash report can show after KVM on AMD has
+/// reinitialized a vCPU that triple-faulted.
+fn is_reset_state(rip: u64, cs: u16, cr0: u64) -> bool {
+    rip == 0xfff0 && cs == 0xf000 && cr0 & 1 == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_power_on_state_is_recognised_and_a_real_fault_is_not() {
+        assert!(is_reset_state(0xfff0, 0xf000, 0x10));
+        assert!(!is_reset_state(0xffff_ffff_8100_0000, 0x10, 0x8005_0033));
+        assert!(!is_reset_state(0xfff0, 0xf000, 0x11), "protected mode at that address is not the reset state");
+    }
 
     #[test]
     fn first_exit_reason_wins() {
