@@ -6,16 +6,18 @@
 //!   `cache=writeback`, rvirt's default);
 //! - virtio-net: TCP throughput guest->host and host->guest over a tap
 //!   (QEMU with `vhost=off`: both VMMs move packets in user space), by
-//!   `benches/guest/tcpio.c` at both ends in 64 KiB writes, and guest->host
-//!   once more in 1 KiB writes (many small packets).
+//!   `benches/guest/tcpio.c` at both ends, 256 MiB in 64 KiB writes each
+//!   way, and guest->host 64 MiB in 1 KiB writes (many small packets);
+//!   transfers of a few seconds, as one of a second is mostly slow start.
 //!
 //! Same kernel, initramfs, 2 vCPUs, 512 MiB; QEMU runs `-M microvm,pcie=on`.
-//! Disk and network are measured in separate VMs, each VM in an L1 of its
-//! own (an L1 that stalls, as QEMU's network VM sometimes makes it do, then
-//! costs one figure, not the run), in `RVIRT_BENCH_ROUNDS` (default 3)
-//! rounds that alternate which VMM goes first; the medians are compared.
-//! `RVIRT_BENCH_ONLY=disk` or `=net` runs one kind. Figures inside the lab are TCG figures and move by up to 2x
-//! between runs: only the ratio between the two VMMs in one run means anything.
+//! A round is one L1 that runs one kind (disk or network) under both VMMs,
+//! one after the other, the order alternating between rounds: single
+//! figures move by up to 5x between L1s (the host's load reaches TCG), so
+//! the figure that counts is the median of each round's rvirt/QEMU ratio.
+//! A guest that stops is killed after 6 minutes and costs its round's ratio.
+//! `RVIRT_BENCH_ROUNDS` (default 3) sets the rounds; `RVIRT_BENCH_ONLY=disk`,
+//! `=net` or `=net1k` (only the 1 KiB-write transfer) runs one kind.
 
 use rvirt_lab::{GuestPrograms, L1Spec, Lab};
 
@@ -26,15 +28,16 @@ mount -t devtmpfs devtmpfs /dev
 INSMOD
 up() { cut -d' ' -f1 /proc/uptime; }
 if [ -e /sys/class/net/eth0 ]; then
+  only_1k=$(grep -c rvirt_bench=net1k /proc/cmdline)
   ip link set lo up
   ip addr add 10.0.2.15/24 dev eth0
   ip link set eth0 up
   for i in $(seq 1 60); do ping -c 1 -W 1 10.0.2.1 >/dev/null 2>&1 && break; done
   # 64 KiB writes, as iperf-like tools make; then 1 KiB writes, busybox nc's
-  # size, where the guest's per-packet cost decides.
-  /tcpio send 10.0.2.1 5000 64 | sed -n 's/@@TCPIO-MIBS=/@@NET-TX=/p'
-  /tcpio send 10.0.2.1 5002 16 1024 | sed -n 's/@@TCPIO-MIBS=/@@NET-TX1K=/p'
-  /tcpio recv 10.0.2.1 5001 | sed -n 's/@@TCPIO-MIBS=/@@NET-RX=/p'
+  # size, where the guest's per-packet cost decides. Several seconds each.
+  [ $only_1k = 1 ] || /tcpio send 10.0.2.1 5000 256 | sed -n 's/@@TCPIO-MIBS=/@@NET-TX=/p'
+  /tcpio send 10.0.2.1 5002 64 1024 | sed -n 's/@@TCPIO-MIBS=/@@NET-TX1K=/p'
+  [ $only_1k = 1 ] || /tcpio recv 10.0.2.1 5001 | sed -n 's/@@TCPIO-MIBS=/@@NET-RX=/p'
 fi
 if [ -e /dev/vda ]; then
   for m in seqread seqwrite; do echo "@@$(/diskio $m /dev/vda 1048576 8 | awk '{print "BLK-" toupper($1) "=" $3}')"; done
@@ -45,7 +48,7 @@ poweroff -f
 
 const L1: &str = r#"
 insmod /lib/modules/tun.ko
-CMD="console=ttyS0 panic=-1 loglevel=4"
+CMD="console=ttyS0 panic=-1 loglevel=4 EXTRA"
 # bench NAME KIND ROUND COMMAND...: runs one VM; KIND net sets up the tap and
 # the TCP peers in L1. Figures come out as @@NAME-RROUND-KEY=VALUE, the exit
 # status as @@NAME-KIND-RROUND-EXIT.
@@ -62,7 +65,7 @@ bench() {
     ip addr add 10.0.2.1/24 dev tap0; ip link set tap0 up
     tcpio sink 5000 & sink=$!
     tcpio sink 5002 & sink1k=$!
-    tcpio source 5001 64 & source=$!
+    tcpio source 5001 256 & source=$!
   fi
   wait $pid
   rc=$?
@@ -106,36 +109,41 @@ fn main() -> anyhow::Result<()> {
         Err(_) => 3,
     };
     let only = std::env::var("RVIRT_BENCH_ONLY").ok();
-    if let Some(k) = only.as_deref().filter(|k| !["disk", "net"].contains(k)) {
-        anyhow::bail!("RVIRT_BENCH_ONLY={k}: want disk or net");
+    if let Some(k) = only.as_deref().filter(|k| !["disk", "net", "net1k"].contains(k)) {
+        anyhow::bail!("RVIRT_BENCH_ONLY={k}: want disk, net or net1k");
     }
-    // Rounds alternate which VMM goes first, so drift (the host's load, the
-    // page cache) does not always favour the same one.
+    let only_1k = only.as_deref() == Some("net1k");
+    let kinds: Vec<&str> = ["disk", "net"].into_iter().filter(|k| only.as_deref().is_none_or(|o| o.starts_with(k))).collect();
+    // One L1 per round and kind, both VMMs in it; rounds alternate which
+    // goes first, so drift inside an L1 (the page cache, the host's load)
+    // does not always favour the same one.
     let mut runs = Vec::new();
     for r in 1..=rounds {
-        let order: [&str; 4] =
-            if r % 2 == 1 { ["rvirt_disk", "qemu_disk", "qemu_net", "rvirt_net"] } else { ["qemu_disk", "rvirt_disk", "rvirt_net", "qemu_net"] };
-        runs.extend(order.iter().filter(|f| only.as_deref().is_none_or(|k| f.ends_with(k))).map(|f| format!("{f} {r}")));
+        for kind in &kinds {
+            let order = if r % 2 == 1 { ["rvirt", "qemu"] } else { ["qemu", "rvirt"] };
+            runs.push((format!("{kind}-{r}"), format!("{}_{kind} {r}\n{}_{kind} {r}", order[0], order[1])));
+        }
     }
     let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
     let mut v = std::collections::HashMap::new();
     let mut failed = Vec::new();
-    for run in &runs {
-        let name = format!("bench-virtio-{}", run.replace(' ', "-"));
-        let mut spec = L1Spec::new(&name, &L1.replace("RUN", run))
+    let extra = if only_1k { "rvirt_bench=net1k" } else { "" };
+    for (run, script) in &runs {
+        let name = format!("bench-virtio-{run}");
+        let mut spec = L1Spec::new(&name, &L1.replace("RUN", script).replace("EXTRA", extra))
             .file(&lab.kernel, "l2/vmlinuz")
             .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
             .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
             .file(programs.path("tcpio"), "usr/bin/tcpio")
             .blob("l2/initrd.gz", initrd.clone())
             .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
-        spec.timeout = std::time::Duration::from_secs(900);
+        spec.timeout = std::time::Duration::from_secs(1500);
         // A crashed guest is a result here (counted below), not a reason to rerun.
         spec.retry_l2_crash = false;
         let out = lab.run(&spec)?;
         if let Err(e) = out.check_l1() {
             let first = e.to_string().lines().next().unwrap_or_default().to_string();
-            println!("note: L1 for '{run}' failed ({first}); that figure is missing (target/lab-logs/{name}.log)");
+            println!("note: L1 for '{run}' failed ({first}); that round is missing (target/lab-logs/{name}.log)");
             failed.push(format!("{run}: L1 {first}"));
             continue;
         }
@@ -152,15 +160,15 @@ fn main() -> anyhow::Result<()> {
     let get = |k: &str| -> f64 { v.get(k).and_then(|s| s.parse().ok()).unwrap_or(f64::NAN) };
     // A VMM that failed mid-run leaves that round's figures missing.
     for vmm in ["RVIRT", "QEMU"] {
-        for kind in ["disk", "net"].into_iter().filter(|k| only.as_deref().is_none_or(|o| o == *k)) {
+        for kind in &kinds {
             let bad = (1..=rounds).filter(|r| v.get(&format!("{vmm}-{kind}-R{r}-EXIT")).map(String::as_str) != Some("0")).count();
             if bad > 0 {
                 failed.push(format!("{vmm} {kind}: {bad} of {rounds} rounds did not finish"));
             }
         }
     }
-    println!("virtio in the lab, 2 vCPUs, 512 MiB, {rounds} alternating rounds (L2 figures under TCG; compare ratios only):");
-    println!("  {:<26} {:>22} {:>22} {:>8}", "", "rvirt median (each)", "qemu median (each)", "ratio");
+    println!("virtio in the lab, 2 vCPUs, 512 MiB, {rounds} rounds, both VMMs in each round's L1 (L2 figures under TCG; compare ratios only):");
+    println!("  {:<26} {:>10} {:>10} {:>30}", "", "rvirt med.", "qemu med.", "ratio: median of rounds (each)");
     for (kind, key, what) in [
         ("disk", "BLK-SEQREAD", "blk seq read 1M (MiB/s)"),
         ("disk", "BLK-SEQWRITE", "blk seq write 1M (MiB/s)"),
@@ -170,14 +178,20 @@ fn main() -> anyhow::Result<()> {
         ("net", "NET-TX1K", "net g->h 1K writes (MiB/s)"),
         ("net", "NET-RX", "net host->guest (MiB/s)"),
     ] {
-        if only.as_deref().is_some_and(|k| k != kind) {
+        if !kinds.contains(&kind) || (only_1k && key != "NET-TX1K") {
             continue;
         }
         let each = |vmm: &str| -> Vec<f64> { (1..=rounds).map(|r| get(&format!("{vmm}-R{r}-{key}"))).collect() };
         let (r, q) = (each("RVIRT"), each("QEMU"));
-        let list = |xs: &[f64]| xs.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(" ");
-        let (rm, qm) = (median(r.clone()), median(q.clone()));
-        println!("  {what:<26} {:>22} {:>22} {:>7.2}x", format!("{rm:.1} ({})", list(&r)), format!("{qm:.1} ({})", list(&q)), rm / qm);
+        let ratios: Vec<f64> = r.iter().zip(&q).map(|(a, b)| a / b).collect();
+        let list = |xs: &[f64], p: usize| xs.iter().map(|x| format!("{x:.p$}")).collect::<Vec<_>>().join(" ");
+        println!(
+            "  {what:<26} {:>10.1} {:>10.1} {:>30}",
+            median(r.clone()),
+            median(q.clone()),
+            format!("{:.2}x ({})", median(ratios.clone()), list(&ratios, 2))
+        );
+        println!("  {:<26} rvirt ({}) / qemu ({})", "", list(&r, 1), list(&q, 1));
     }
     for f in &failed {
         println!("note: {f}; see target/lab-logs/bench-virtio-*.log");
