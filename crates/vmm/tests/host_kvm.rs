@@ -44,6 +44,36 @@ fn wait_for_output(log: &std::path::Path, len: usize, what: &str) {
     }
 }
 
+/// A guest running on its own thread, with its control API connected.
+struct RunningGuest {
+    dir: PathBuf,
+    log: PathBuf,
+    vmm: std::thread::JoinHandle<rvirt_vmm::Result<VmExit>>,
+    api: rvirt_api::ApiClient,
+}
+
+impl RunningGuest {
+    /// Starts `code` and waits until its serial output reaches `len` bytes.
+    fn start(name: &str, code: &[u8], on_reboot: OnReboot, len: usize, what: &str) -> Self {
+        let (dir, cfg) = guest_config(name, code, on_reboot);
+        let (log, sock) = (dir.join("serial.log"), dir.join("api.sock"));
+        let vmm = std::thread::spawn(move || rvirt_vmm::run(&cfg));
+        wait_for_output(&log, len, what);
+        let api = rvirt_api::ApiClient::connect(&sock, std::time::Duration::from_secs(10)).unwrap();
+        Self { dir, log, vmm, api }
+    }
+
+    /// Stops the VM through the API, checks it ended as stopped, and
+    /// returns its serial output.
+    fn stop(mut self) -> String {
+        assert!(self.api.call(&rvirt_api::Request::Stop).unwrap().ok);
+        assert_eq!(self.vmm.join().unwrap().unwrap(), VmExit::Stopped);
+        let text = std::fs::read_to_string(&self.log).unwrap();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        text
+    }
+}
+
 fn run_guest(name: &str, code: Vec<u8>, on_reboot: OnReboot) -> (VmExit, String) {
     let (dir, cfg) = guest_config(name, &code, on_reboot);
     let log = dir.join("serial.log");
@@ -100,16 +130,9 @@ fn reboot_with_restart_boots_again_on_fresh_devices() {
     code.extend(body);
     code.extend(stale);
 
-    let (dir, cfg) = guest_config("restart", &code, OnReboot::Restart);
-    let (log, sock) = (dir.join("serial.log"), dir.join("api.sock"));
-    let vmm = std::thread::spawn(move || rvirt_vmm::run(&cfg));
-    wait_for_output(&log, 3, "the guest did not boot three times");
-    let mut api = rvirt_api::ApiClient::connect(&sock, std::time::Duration::from_secs(10)).unwrap();
-    assert!(api.call(&rvirt_api::Request::Stop).unwrap().ok);
-    assert_eq!(vmm.join().unwrap().unwrap(), VmExit::Stopped);
-    let text = std::fs::read_to_string(&log).unwrap();
+    let guest = RunningGuest::start("restart", &code, OnReboot::Restart, 3, "the guest did not boot three times");
+    let text = guest.stop();
     assert!(text.starts_with("BBB") && !text.contains("stale"), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -126,11 +149,8 @@ fn triple_fault_is_reported_as_a_crash() {
 fn vcpu_state_reports_a_halted_guest_and_keeps_it_running() {
     let mut code = print(b"S");
     code.extend(HALT_FOREVER);
-    let (dir, cfg) = guest_config("vcpu-state", &code, OnReboot::Restart);
-    let (log, sock) = (dir.join("serial.log"), dir.join("api.sock"));
-    let vmm = std::thread::spawn(move || rvirt_vmm::run(&cfg));
-    wait_for_output(&log, 1, "the guest did not print");
-    let mut api = rvirt_api::ApiClient::connect(&sock, std::time::Duration::from_secs(10)).unwrap();
+    let mut guest = RunningGuest::start("vcpu-state", &code, OnReboot::Restart, 1, "the guest did not print");
+    let api = &mut guest.api;
     let r = api.call(&rvirt_api::Request::VcpuState).unwrap();
     assert!(r.ok, "{r:?}");
     let reports = r.vcpus.unwrap();
@@ -142,7 +162,5 @@ fn vcpu_state_reports_a_halted_guest_and_keeps_it_running() {
     assert!(api.call(&rvirt_api::Request::Pause).unwrap().ok);
     assert!(api.call(&rvirt_api::Request::VcpuState).unwrap().ok);
     assert_eq!(api.call(&rvirt_api::Request::Status).unwrap().status.unwrap().state, rvirt_api::RunState::Paused);
-    assert!(api.call(&rvirt_api::Request::Stop).unwrap().ok);
-    assert_eq!(vmm.join().unwrap().unwrap(), VmExit::Stopped);
-    let _ = std::fs::remove_dir_all(&dir);
+    guest.stop();
 }
