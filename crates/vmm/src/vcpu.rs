@@ -422,15 +422,12 @@ pub fn describe_vcpu(vcpu: &VcpuFd, id: u8) -> String {
 /// The vCPU's registers, for the report printed when the guest crashes.
 pub fn describe_registers(vcpu: &VcpuFd, id: u8) -> String {
     let mut s = format!("rvirt-vmm: vCPU {id} state:\n");
-    let mut rip = None;
-    match vcpu.get_regs() {
-        Ok(r) => {
-            rip = Some(r.rip);
-            s.push_str(&format!(
+    let regs = vcpu.get_regs();
+    match &regs {
+        Ok(r) => s.push_str(&format!(
             "  rip={:#018x} rsp={:#018x} rflags={:#010x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n",
             r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
-            ))
-        }
+        )),
         Err(e) => s.push_str(&format!("  registers unavailable: {e}\n")),
     }
     match vcpu.get_sregs() {
@@ -439,7 +436,7 @@ pub fn describe_registers(vcpu: &VcpuFd, id: u8) -> String {
                 "  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
                 r.cr0, r.cr2, r.cr3, r.cr4, r.efer, r.cs.selector
             ));
-            if rip.is_some_and(|rip| is_reset_state(rip, r.cs.selector, r.cr0)) {
+            if regs.as_ref().is_ok_and(|g| is_reset_state(g.rip, r.cs.selector, r.cr0)) {
                 s.push_str("\n  (the power-on state: KVM on AMD reinitializes a vCPU after a shutdown, so its state at the fault is lost)");
             }
         }
