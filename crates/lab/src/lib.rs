@@ -164,7 +164,8 @@ impl Lab {
             .arg(&self.kernel)
             .arg("-initrd")
             .arg(initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+            // nokaslr: L1's /proc/kallsyms then names L2 kernel addresses (L1_INIT).
+            .args(["-append", "console=ttyS0 panic=-1 quiet nokaslr"]);
         c
     }
 
@@ -194,7 +195,16 @@ impl Lab {
         let what = if first.stalled {
             format!("stalled (no console output for {} s, or a soft lockup or RCU stall report)", spec.stall_timeout.as_secs())
         } else if spec.retry_l2_crash && first.l2_triple_faulted() {
-            "saw its L2 guest triple-fault".to_string()
+            let at: Vec<String> = first
+                .l2_shutdowns()
+                .iter()
+                .map(|s| {
+                    let sym = s.symbol.as_deref().map(|n| format!(" ({n} if nokaslr)")).unwrap_or_default();
+                    let vec = s.delivering.map(|v| format!(" delivering vector {v}")).unwrap_or_default();
+                    format!("{:#x}{sym}{vec}", s.rip)
+                })
+                .collect();
+            format!("saw its L2 guest triple-fault (rip at the shutdown, from L1's trace: {})", if at.is_empty() { "not traced".into() } else { at.join(", ") })
         } else if first.l1_panicked() {
             "saw its L1 kernel panic before the script finished".to_string()
         } else {
@@ -293,6 +303,9 @@ impl Lab {
         for (dest, bytes) in &spec.blobs {
             fs.add_bytes(bytes, dest, 0o644)?;
         }
+        if std::env::var("RVIRT_LAB_TRACE").as_deref() == Ok("history") {
+            fs.add_bytes(b"", "lab-trace-history", 0o644)?;
+        }
         fs.add_bytes(spec.script.as_bytes(), "test.sh", 0o755)?;
         fs.add_bytes(L1_INIT.as_bytes(), "init", 0o755)?;
         fs.pack(out)
@@ -356,10 +369,63 @@ lab_watch() {
     done
   done
 }
+# Evidence for L2 triple faults: after an SVM shutdown intercept KVM loads
+# the reset state, so the VMM's register dump says nothing, but the kvm_exit
+# tracepoint still carries the guest's rip at the shutdown. By default only
+# shutdown exits are traced, and lab_trace_report prints each as a
+# `[lab-trace]` line with the kernel symbol at that address (L1 boots the
+# same kernel with nokaslr, so the name is right for an L2 that does too).
+# With /lab-trace-history (RVIRT_LAB_TRACE=history) every KVM event goes
+# into a ring that stops at the shutdown, and the report prints its end.
+# The ring is polled, not read through trace_pipe, which held back the last
+# event until another came.
+T=/sys/kernel/tracing
+lab_symbol() {
+  awk -v r="$1" '($1 "") > (r "") {exit} $2 ~ /^[Tt]$/ {s = $3; a = $1} END {if (s != "") print s, a}' /proc/kallsyms |
+    { read -r s a && printf '%s+0x%x' "$s" $((0x$1 - 0x$a)); }
+}
+lab_trace_line() {
+  rip=$(echo "$1" | sed -n 's/.* rip 0x\([0-9a-f]*\).*/\1/p')
+  case $rip in
+    ffffffff*) echo "[lab-trace] $1 (kernel symbol, if L2 has nokaslr: $(lab_symbol $rip))" ;;
+    *) echo "[lab-trace] $1" ;;
+  esac
+}
+# How many shutdown lines were printed, in a file: the poller is a subshell.
+echo 0 > /run/lab-traced
+lab_trace_report() {
+  [ -f $T/trace ] || return 0
+  if [ -f /lab-trace-history ]; then
+    [ "$(cat $T/tracing_on)" = 0 ] || return 0
+    echo "[lab-trace] KVM events before the L2 shutdown (last 400):"
+    tail -n 400 $T/trace | sed 's/^/[lab-trace]   /'
+    grep 'reason shutdown' $T/trace | tail -n 1 | while read -r l; do lab_trace_line "$l"; done
+    echo > $T/trace
+    echo 1 > $T/tracing_on
+  else
+    n=$(grep -c 'reason shutdown' $T/trace) done=$(cat /run/lab-traced)
+    [ "$n" -gt "$done" ] || return 0
+    grep 'reason shutdown' $T/trace | tail -n $((n - done)) | while read -r l; do lab_trace_line "$l"; done
+    echo $n > /run/lab-traced
+  fi
+}
+if mount -t tracefs tracefs $T 2>/dev/null && [ -d $T/events/kvm ]; then
+  if [ -f /lab-trace-history ]; then
+    echo 4096 > $T/buffer_size_kb
+    echo 'traceoff if exit_reason == 127' > $T/events/kvm/kvm_exit/trigger && echo 1 > $T/events/kvm/enable
+  elif echo 'exit_reason == 127' > $T/events/kvm/kvm_exit/filter; then
+    echo 1 > $T/events/kvm/kvm_exit/enable
+  fi
+  (while sleep 3; do lab_trace_report; done) &
+  lab_trace_poller=$!
+fi
 lab_watch &
 cd /
 sh /test.sh
-echo "@@L1-DONE=$?"
+rc=$?
+# What the poller has not printed yet (it prints again only what is new).
+[ -n "$lab_trace_poller" ] && kill $lab_trace_poller && sleep 0.2 && lab_trace_report
+echo "@@L1-DONE=$rc"
 poweroff -f
 "#;
 
@@ -421,6 +487,19 @@ impl L1Spec {
     }
 }
 
+/// One L2 shutdown exit as L1's KVM traced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L2Shutdown {
+    /// The guest's instruction pointer at the shutdown.
+    pub rip: u64,
+    /// The kernel symbol at `rip` (`name+0xoffset`), from L1's own symbol
+    /// table: right only for an L2 kernel booted with `nokaslr`.
+    pub symbol: Option<String>,
+    /// The vector of the event the CPU was delivering when it gave up
+    /// (e.g. 14 for a page fault), when SVM recorded one.
+    pub delivering: Option<u8>,
+}
+
 /// What an L1 run printed.
 #[derive(Debug)]
 pub struct LabOutput {
@@ -475,6 +554,27 @@ impl LabOutput {
     /// Whether rvirt-vmm reported its L2 guest crashing with a triple fault.
     pub fn l2_triple_faulted(&self) -> bool {
         self.console.lines().any(|l| l.contains("guest crashed:") && l.contains("triple fault"))
+    }
+
+    /// The L2 shutdowns (triple faults) L1's KVM traced, in order (see
+    /// `L1_INIT`): what is known about a triple fault on AMD, where the
+    /// VMM's own register dump shows only the reset state.
+    pub fn l2_shutdowns(&self) -> Vec<L2Shutdown> {
+        self.console
+            .lines()
+            // The annotated line, not the raw copy in a history dump (indented).
+            .filter_map(|l| l.split_once("[lab-trace] ").map(|(_, rest)| rest))
+            .filter(|l| !l.starts_with(' ') && l.contains("kvm_exit:") && l.contains("reason shutdown"))
+            .filter_map(|l| {
+                let hex = l.split_once(" rip 0x")?.1.split_whitespace().next()?;
+                let rip = u64::from_str_radix(hex, 16).ok()?;
+                let symbol = l.split_once("nokaslr: ").map(|(_, s)| s.trim_end_matches(')').to_string());
+                // SVM's EXITINTINFO: bit 31 valid, bits 0-7 the vector.
+                let info = l.split_once(" intr_info 0x").and_then(|(_, r)| u32::from_str_radix(r.split_whitespace().next()?, 16).ok());
+                let delivering = info.filter(|i| i & 0x8000_0000 != 0).map(|i| i as u8);
+                Some(L2Shutdown { rip, symbol, delivering })
+            })
+            .collect()
     }
 
     /// Fails with the tail of the console if L1 did not finish its script with KVM available.
@@ -758,6 +858,29 @@ mod tests {
         let err = static_c_program(&bad, &dir.join("bad")).unwrap_err().to_string();
         assert!(err.contains("bad.c") && err.contains("failed"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn finds_the_annotated_shutdown_lines_only() {
+        let out = LabOutput {
+            console: "[lab-trace]   rvirt-vmm-1 [001] 5.0: kvm_exit: vcpu 0 reason shutdown rip 0x1 info1 0x0 intr_info 0x80000306\n\
+                      [lab-trace] rvirt-vmm-1 [001] 5.0: kvm_exit: vcpu 0 reason shutdown rip 0x100207 info1 0x0 intr_info 0x80000306\n\
+                      [lab-trace] x [000] 9.0: kvm_exit: vcpu 1 reason shutdown rip 0xffffffff81001234 info1 0x0 intr_info 0x0 \
+                      (kernel symbol, if L2 has nokaslr: asm_exc_page_fault+0x4)\n\
+                      [lab-trace] x [000] 9.5: kvm_exit: vcpu 1 reason npf rip 0x5 info1 0x0\n"
+                .into(),
+            elapsed: Duration::ZERO,
+            timed_out: false,
+            stalled: false,
+            qemu_stderr: String::new(),
+        };
+        assert_eq!(
+            out.l2_shutdowns(),
+            vec![
+                L2Shutdown { rip: 0x100207, symbol: None, delivering: Some(6) },
+                L2Shutdown { rip: 0xffff_ffff_8100_1234, symbol: Some("asm_exc_page_fault+0x4".into()), delivering: None },
+            ]
+        );
     }
 
     #[test]
