@@ -1,9 +1,19 @@
-//! Counts how many of `NVMS` (default 4) disk-loaded rvirt VMs in one L1 run
-//! to the end, triple-fault or hang (killed after 5 minutes): the lab's
-//! nested SVM misbehaved under some guest setups (docs/design.md, "Known lab
-//! issues"). `VMM` overrides the VMM command line, e.g. to run QEMU instead.
+//! Counts how many of `NVMS` (default 4) loaded VMs in one L1 run to the
+//! end, triple-fault or hang (killed after 5 minutes): the lab's nested SVM
+//! misbehaves now and then under guest load (docs/design.md, "Known lab
+//! issues"), and the question is whether one VMM's guests do so more.
 //!
-//! `NVMS=8 cargo run --release -p rvirt-lab --example fault_count`
+//! - `VMM=rvirt` (default) or `VMM=qemu`: which VMM runs the guests;
+//! - `LOAD=disk` (default: sequential and random O_DIRECT I/O on a 256 MiB
+//!   raw disk) or `LOAD=net1k` (64 MiB guest->L1 TCP in 1 KiB writes, where
+//!   a triple fault was seen on 2026-11-22).
+//!
+//! The L2 kernels boot with `nokaslr`, so L1's trace of each shutdown names
+//! the kernel function the guest was in (`[lab-trace]` lines, summed up at
+//! the end with the exception being delivered). `RVIRT_LAB_TRACE=history`
+//! keeps every KVM event up to the shutdown as well.
+//!
+//! `NVMS=8 LOAD=net1k VMM=qemu cargo run --release -p rvirt-lab --example fault_count`
 use rvirt_lab::{GuestPrograms, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
@@ -11,44 +21,83 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 INSMOD
-echo "@@CE=$(cat /sys/devices/system/clockevents/clockevent0/current_device)"
-for m in seqread seqwrite; do echo "@@$(/lib/modules/diskio $m /dev/vda 1048576 8 | awk '{print "BLK-" toupper($1) "=" $3}')"; done
-for m in randread randwrite; do echo "@@$(/lib/modules/diskio $m /dev/vda 4096 8 | awk '{print "BLK-" toupper($1) "=" $2}')"; done
+if [ -e /dev/vda ]; then
+  for m in seqread seqwrite; do echo "@@$(/lib/modules/diskio $m /dev/vda 1048576 8 | awk '{print "BLK-" toupper($1) "=" $3}')"; done
+  for m in randread randwrite; do echo "@@$(/lib/modules/diskio $m /dev/vda 4096 8 | awk '{print "BLK-" toupper($1) "=" $2}')"; done
+fi
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set lo up; ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up
+  for i in $(seq 1 60); do ping -c 1 -W 1 10.0.2.1 >/dev/null 2>&1 && break; done
+  /lib/modules/tcpio send 10.0.2.1 5002 64 1024 | sed -n 's/@@TCPIO-MIBS=/@@NET-TX1K=/p'
+fi
 poweroff -f
 "#;
 
 const L1: &str = r#"
-CMD="console=ttyS0 panic=-1 loglevel=4"
+insmod /lib/modules/tun.ko
+CMD="console=ttyS0 panic=-1 loglevel=4 nokaslr"
 dd if=/dev/urandom of=/tmp/disk.raw bs=1M count=256 2>/dev/null
 for i in $(seq 1 NVMS); do
   timeout -s KILL 300 VMM </dev/null > /tmp/vm.log 2>&1 &
   pid=$!
   (while kill -0 $pid 2>/dev/null; do sleep 20; echo "[faults] vm $i running"; done) &
+  if [ LOAD = net1k ]; then
+    for t in $(seq 1 300); do [ -e /sys/class/net/tap0 ] && break; sleep 0.2; done
+    ip addr add 10.0.2.1/24 dev tap0; ip link set tap0 up
+    tcpio sink 5002 & sink=$!
+  fi
   wait $pid; rc=$?
   echo "@@VM$i-EXIT=$rc"
   grep '@@' /tmp/vm.log | sed "s/@@/@@VM$i-/"
   grep -E 'triple|crashed|stall' /tmp/vm.log | head -3
+  [ LOAD = net1k ] && kill $sink 2>/dev/null
 done
 "#;
 
 fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
-    let n: usize = std::env::var("NVMS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
-    let vmm = std::env::var("VMM").unwrap_or_else(|_| "rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline \"$CMD\" --disk path=/tmp/disk.raw".into());
-    let programs = GuestPrograms::build(&["benches/guest/diskio.c"])?;
-    let initrd = lab.virtio_initramfs(GUEST, &["virtio_blk"], programs.paths())?;
+    let n: usize = match std::env::var("NVMS") {
+        Ok(v) => v.parse().ok().filter(|n| *n > 0).ok_or_else(|| anyhow::anyhow!("NVMS={v}: want a whole number above 0"))?,
+        Err(_) => 4,
+    };
+    let load = std::env::var("LOAD").unwrap_or_else(|_| "disk".into());
+    let vmm = std::env::var("VMM").unwrap_or_else(|_| "rvirt".into());
+    let rvirt = "rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline \"$CMD\"";
+    let qemu = "qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/share/qemu/bios-microvm.bin -smp 2 -m 512M \
+                -no-reboot -nographic -kernel /l2/vmlinuz -initrd /l2/initrd.gz -append \"$CMD\"";
+    let command = match (vmm.as_str(), load.as_str()) {
+        ("rvirt", "disk") => format!("{rvirt} --disk path=/tmp/disk.raw"),
+        ("rvirt", "net1k") => format!("{rvirt} --net tap=tap0"),
+        ("qemu", "disk") => format!("{qemu} -drive file=/tmp/disk.raw,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0"),
+        ("qemu", "net1k") => format!(
+            "{qemu} -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=n0,romfile="
+        ),
+        _ => anyhow::bail!("VMM={vmm} LOAD={load}: want VMM=rvirt|qemu and LOAD=disk|net1k"),
+    };
+    let programs = GuestPrograms::build(&["benches/guest/diskio.c", "benches/guest/tcpio.c"])?;
+    let initrd = lab.virtio_initramfs(GUEST, &["virtio_blk", "virtio_net"], programs.paths())?;
     let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
-    let mut spec = L1Spec::new("fault-count", &L1.replace("NVMS", &n.to_string()).replace("VMM", &vmm))
+    let script = L1.replace("NVMS", &n.to_string()).replace("LOAD", &load).replace("VMM", &command);
+    let mut spec = L1Spec::new(&format!("fault-count-{vmm}-{load}"), &script)
         .file(&lab.kernel, "l2/vmlinuz")
+        .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
         .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
+        .file(programs.path("tcpio"), "usr/bin/tcpio")
         .blob("l2/initrd.gz", initrd)
         .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
     spec.timeout = std::time::Duration::from_secs(60 + 300 * n as u64);
     spec.retry_l2_crash = false;
     let out = lab.run(&spec)?;
-    for l in out.console.lines().filter(|l| l.contains("@@") || l.contains("triple") || l.contains("crash")) {
+    for l in out.console.lines().filter(|l| l.contains("@@VM") || l.contains("triple") || l.contains("crash")) {
         println!("{l}");
     }
-    println!("timed_out={} stalled={}", out.timed_out, out.stalled);
+    let values = out.values();
+    let finished = (1..=n).filter(|i| values.get(&format!("VM{i}-EXIT")).map(String::as_str) == Some("0")).count();
+    let shutdowns = out.l2_shutdowns();
+    println!("{vmm} {load}: {finished} of {n} VMs finished, {} L2 shutdowns traced; timed_out={} stalled={}", shutdowns.len(), out.timed_out, out.stalled);
+    for s in shutdowns {
+        let vec = s.delivering.map(|v| format!(", delivering vector {v}")).unwrap_or_default();
+        println!("  shutdown at {:#x} ({}){vec}", s.rip, s.symbol.as_deref().unwrap_or("not a kernel address"));
+    }
     Ok(())
 }
