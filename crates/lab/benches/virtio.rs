@@ -48,7 +48,8 @@ poweroff -f
 
 const L1: &str = r#"
 insmod /lib/modules/tun.ko
-CMD="console=ttyS0 panic=-1 loglevel=4 EXTRA"
+# nokaslr: L1's trace then names where a triple-faulting L2 was.
+CMD="console=ttyS0 panic=-1 loglevel=4 nokaslr EXTRA"
 # bench NAME KIND ROUND COMMAND...: runs one VM; KIND net sets up the tap and
 # the TCP peers in L1. Figures come out as @@NAME-RROUND-KEY=VALUE, the exit
 # status as @@NAME-KIND-RROUND-EXIT.
@@ -155,6 +156,14 @@ fn main() -> anyhow::Result<()> {
             .map(|(k, x)| format!("{k}={x}"))
             .collect();
         println!("{run}: {}", figures.join(" "));
+        // QEMU with -no-reboot exits 0 after a triple fault: L1's trace is
+        // what shows it (the round's figures are then missing).
+        for s in out.l2_shutdowns() {
+            let vec = s.delivering.map(|v| format!(", delivering vector {v}")).unwrap_or_default();
+            let sym = s.symbol.as_deref().unwrap_or("not a kernel address");
+            println!("note: {run}: an L2 triple-faulted in {} at {:#x} ({sym}){vec}", s.thread, s.rip);
+            failed.push(format!("{run}: L2 triple fault in {}", s.thread));
+        }
         v.extend(values);
     }
     let get = |k: &str| -> f64 { v.get(k).and_then(|s| s.parse().ok()).unwrap_or(f64::NAN) };

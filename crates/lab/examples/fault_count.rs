@@ -92,12 +92,17 @@ fn main() -> anyhow::Result<()> {
         println!("{l}");
     }
     let values = out.values();
-    let finished = (1..=n).filter(|i| values.get(&format!("VM{i}-EXIT")).map(String::as_str) == Some("0")).count();
+    // Finished means the load's last figure came out: QEMU with -no-reboot
+    // exits 0 after a triple fault too.
+    let last = if load == "disk" { "BLK-RANDWRITE" } else { "NET-TX1K" };
+    let finished = (1..=n)
+        .filter(|i| values.get(&format!("VM{i}-EXIT")).map(String::as_str) == Some("0") && values.contains_key(&format!("VM{i}-{last}")))
+        .count();
     let shutdowns = out.l2_shutdowns();
     println!("{vmm} {load}: {finished} of {n} VMs finished, {} L2 shutdowns traced; timed_out={} stalled={}", shutdowns.len(), out.timed_out, out.stalled);
     for s in shutdowns {
         let vec = s.delivering.map(|v| format!(", delivering vector {v}")).unwrap_or_default();
-        println!("  shutdown at {:#x} ({}){vec}", s.rip, s.symbol.as_deref().unwrap_or("not a kernel address"));
+        println!("  {}: shutdown at {:#x} ({}){vec}", s.thread, s.rip, s.symbol.as_deref().unwrap_or("not a kernel address"));
     }
     Ok(())
 }

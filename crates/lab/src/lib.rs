@@ -201,7 +201,7 @@ impl Lab {
                 .map(|s| {
                     let sym = s.symbol.as_deref().map(|n| format!(" ({n} if nokaslr)")).unwrap_or_default();
                     let vec = s.delivering.map(|v| format!(" delivering vector {v}")).unwrap_or_default();
-                    format!("{:#x}{sym}{vec}", s.rip)
+                    format!("{:#x}{sym}{vec} in {}", s.rip, s.thread)
                 })
                 .collect();
             format!("saw its L2 guest triple-fault (rip at the shutdown, from L1's trace: {})", if at.is_empty() { "not traced".into() } else { at.join(", ") })
@@ -490,6 +490,9 @@ impl L1Spec {
 /// One L2 shutdown exit as L1's KVM traced it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct L2Shutdown {
+    /// The L1 thread that ran the vCPU, as the trace names it (`TASK-PID`):
+    /// rvirt-vmm's are `vcpuN-PID`, QEMU's `qemu-system-x86-PID`.
+    pub thread: String,
     /// The guest's instruction pointer at the shutdown.
     pub rip: u64,
     /// The kernel symbol at `rip` (`name+0xoffset`), from L1's own symbol
@@ -572,7 +575,8 @@ impl LabOutput {
                 // SVM's EXITINTINFO: bit 31 valid, bits 0-7 the vector.
                 let info = l.split_once(" intr_info 0x").and_then(|(_, r)| u32::from_str_radix(r.split_whitespace().next()?, 16).ok());
                 let delivering = info.filter(|i| i & 0x8000_0000 != 0).map(|i| i as u8);
-                Some(L2Shutdown { rip, symbol, delivering })
+                let thread = l.split_whitespace().next()?.to_string();
+                Some(L2Shutdown { thread, rip, symbol, delivering })
             })
             .collect()
     }
@@ -877,8 +881,8 @@ mod tests {
         assert_eq!(
             out.l2_shutdowns(),
             vec![
-                L2Shutdown { rip: 0x100207, symbol: None, delivering: Some(6) },
-                L2Shutdown { rip: 0xffff_ffff_8100_1234, symbol: Some("asm_exc_page_fault+0x4".into()), delivering: None },
+                L2Shutdown { thread: "rvirt-vmm-1".into(), rip: 0x100207, symbol: None, delivering: Some(6) },
+                L2Shutdown { thread: "x".into(), rip: 0xffff_ffff_8100_1234, symbol: Some("asm_exc_page_fault+0x4".into()), delivering: None },
             ]
         );
     }
