@@ -372,7 +372,7 @@ lab_watch() {
 # Evidence for L2 triple faults: after an SVM shutdown intercept KVM loads
 # the reset state, so the VMM's register dump says nothing, but the kvm_exit
 # tracepoint still carries the guest's rip at the shutdown. By default only
-# shutdown exits are traced, and lab_trace_report prints each as a
+# shutdown exits are traced, and a poller prints each as a
 # `[lab-trace]` line with the kernel symbol at that address (L1 boots the
 # same kernel with nokaslr, so the name is right for an L2 that does too).
 # With /lab-trace-history (RVIRT_LAB_TRACE=history) every KVM event goes
@@ -387,11 +387,11 @@ lab_symbol() {
 lab_trace_line() {
   rip=$(echo "$1" | sed -n 's/.* rip 0x\([0-9a-f]*\).*/\1/p')
   case $rip in
-    ffffffff*) echo "[lab-trace] $1 (kernel symbol, if L2 has nokaslr: $(lab_symbol $rip))" ;;
+    ffffffff8*) echo "[lab-trace] $1 (kernel symbol, if L2 has nokaslr: $(lab_symbol $rip))" ;;
     *) echo "[lab-trace] $1" ;;
   esac
 }
-# How many shutdown lines were printed, in a file: the poller is a subshell.
+# How many shutdown lines were printed (a file: the poller is a subshell).
 echo 0 > /run/lab-traced
 lab_trace_report() {
   [ -f $T/trace ] || return 0
@@ -416,15 +416,16 @@ if mount -t tracefs tracefs $T 2>/dev/null && [ -d $T/events/kvm ]; then
   elif echo 'exit_reason == 127' > $T/events/kvm/kvm_exit/filter; then
     echo 1 > $T/events/kvm/kvm_exit/enable
   fi
-  (while sleep 3; do lab_trace_report; done) &
+  # The poller is the only reporter: asked to stop, it reports once more and
+  # ends, so no line is printed twice or lost.
+  (while [ ! -f /run/lab-trace-stop ]; do sleep 1; lab_trace_report; done; lab_trace_report) &
   lab_trace_poller=$!
 fi
 lab_watch &
 cd /
 sh /test.sh
 rc=$?
-# What the poller has not printed yet (it prints again only what is new).
-[ -n "$lab_trace_poller" ] && kill $lab_trace_poller && sleep 0.2 && lab_trace_report
+[ -n "$lab_trace_poller" ] && touch /run/lab-trace-stop && wait $lab_trace_poller
 echo "@@L1-DONE=$rc"
 poweroff -f
 "#;
