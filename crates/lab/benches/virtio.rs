@@ -159,9 +159,7 @@ fn main() -> anyhow::Result<()> {
         // QEMU with -no-reboot exits 0 after a triple fault: L1's trace is
         // what shows it (the round's figures are then missing).
         for s in out.l2_shutdowns() {
-            let vec = s.delivering.map(|v| format!(", delivering vector {v}")).unwrap_or_default();
-            let sym = s.symbol.as_deref().unwrap_or("not a kernel address");
-            println!("note: {run}: an L2 triple-faulted in {} at {:#x} ({sym}){vec}", s.thread, s.rip);
+            println!("note: {run}: an L2 triple-faulted at {s}");
             failed.push(format!("{run}: L2 triple fault in {}", s.thread));
         }
         v.extend(values);

@@ -101,8 +101,7 @@ fn main() -> anyhow::Result<()> {
     let shutdowns = out.l2_shutdowns();
     println!("{vmm} {load}: {finished} of {n} VMs finished, {} L2 shutdowns traced; timed_out={} stalled={}", shutdowns.len(), out.timed_out, out.stalled);
     for s in shutdowns {
-        let vec = s.delivering.map(|v| format!(", delivering vector {v}")).unwrap_or_default();
-        println!("  {}: shutdown at {:#x} ({}){vec}", s.thread, s.rip, s.symbol.as_deref().unwrap_or("not a kernel address"));
+        println!("  shutdown at {s}");
     }
     Ok(())
 }

@@ -195,15 +195,7 @@ impl Lab {
         let what = if first.stalled {
             format!("stalled (no console output for {} s, or a soft lockup or RCU stall report)", spec.stall_timeout.as_secs())
         } else if spec.retry_l2_crash && first.l2_triple_faulted() {
-            let at: Vec<String> = first
-                .l2_shutdowns()
-                .iter()
-                .map(|s| {
-                    let sym = s.symbol.as_deref().map(|n| format!(" ({n} if nokaslr)")).unwrap_or_default();
-                    let vec = s.delivering.map(|v| format!(" delivering vector {v}")).unwrap_or_default();
-                    format!("{:#x}{sym}{vec} in {}", s.rip, s.thread)
-                })
-                .collect();
+            let at: Vec<String> = first.l2_shutdowns().iter().map(L2Shutdown::to_string).collect();
             format!("saw its L2 guest triple-fault (rip at the shutdown, from L1's trace: {})", if at.is_empty() { "not traced".into() } else { at.join(", ") })
         } else if first.l1_panicked() {
             "saw its L1 kernel panic before the script finished".to_string()
@@ -502,6 +494,17 @@ pub struct L2Shutdown {
     /// The vector of the event the CPU was delivering when it gave up
     /// (e.g. 14 for a page fault), when SVM recorded one.
     pub delivering: Option<u8>,
+}
+
+impl std::fmt::Display for L2Shutdown {
+    /// `RIP (SYMBOL if nokaslr), delivering vector N, in THREAD`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x} ({})", self.rip, self.symbol.as_deref().map_or("not a kernel address".into(), |n| format!("{n} if nokaslr")))?;
+        if let Some(v) = self.delivering {
+            write!(f, ", delivering vector {v}")?;
+        }
+        write!(f, ", in {}", self.thread)
+    }
 }
 
 /// What an L1 run printed.
@@ -884,6 +887,14 @@ mod tests {
             vec![
                 L2Shutdown { thread: "rvirt-vmm-1".into(), rip: 0x100207, symbol: None, delivering: Some(6) },
                 L2Shutdown { thread: "x".into(), rip: 0xffff_ffff_8100_1234, symbol: Some("asm_exc_page_fault+0x4".into()), delivering: None },
+            ]
+        );
+        let shown: Vec<String> = out.l2_shutdowns().iter().map(L2Shutdown::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "0x100207 (not a kernel address), delivering vector 6, in rvirt-vmm-1",
+                "0xffffffff81001234 (asm_exc_page_fault+0x4 if nokaslr), in x"
             ]
         );
     }
