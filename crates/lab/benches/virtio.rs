@@ -19,7 +19,7 @@
 //! `RVIRT_BENCH_ROUNDS` (default 3) sets the rounds; `RVIRT_BENCH_ONLY=disk`,
 //! `=net` or `=net1k` (only the 1 KiB-write transfer) runs one kind.
 
-use rvirt_lab::{GuestPrograms, L1Spec, Lab};
+use rvirt_lab::{compare, GuestPrograms, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -75,13 +75,11 @@ bench() {
   [ $rc = 0 ] || tail -40 /tmp/$name-$kind.log
   [ $kind = net ] && kill $sink $sink1k $source 2>/dev/null
 }
-RVIRT="rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline"
-QEMU="qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/share/qemu/bios-microvm.bin -smp 2 -m 512M -no-reboot -nographic -kernel /l2/vmlinuz -initrd /l2/initrd.gz -append"
 disk() { dd if=/dev/urandom of=/tmp/disk.raw bs=1M count=256 2>/dev/null; }
-rvirt_disk() { disk; bench RVIRT disk $1 $RVIRT "$CMD" --disk path=/tmp/disk.raw; }
-qemu_disk() { disk; bench QEMU disk $1 $QEMU "$CMD" -drive file=/tmp/disk.raw,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0; }
-rvirt_net() { bench RVIRT net $1 $RVIRT "$CMD" --net tap=tap0; }
-qemu_net() { bench QEMU net $1 $QEMU "$CMD" -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=n0,romfile=; }
+rvirt_disk() { disk; bench RVIRT disk $1 RVIRT_L2 RVIRT_DISK; }
+qemu_disk() { disk; bench QEMU disk $1 QEMU_L2 QEMU_DISK; }
+rvirt_net() { bench RVIRT net $1 RVIRT_L2 RVIRT_NET; }
+qemu_net() { bench QEMU net $1 QEMU_L2 QEMU_NET; }
 RUN
 "#;
 
@@ -125,19 +123,16 @@ fn main() -> anyhow::Result<()> {
             runs.push((format!("{kind}-{r}"), format!("{}_{kind} {r}\n{}_{kind} {r}", order[0], order[1])));
         }
     }
-    let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
     let mut v = std::collections::HashMap::new();
     let mut failed = Vec::new();
     let extra = if only_1k { "rvirt_bench=net1k" } else { "" };
     for (run, script) in &runs {
         let name = format!("bench-virtio-{run}");
-        let mut spec = L1Spec::new(&name, &L1.replace("RUN", script).replace("EXTRA", extra))
-            .file(&lab.kernel, "l2/vmlinuz")
+        let mut spec = L1Spec::new(&name, &compare::expand(&L1.replace("RUN", script).replace("EXTRA", extra)))
+            .with_both_vmms(lab)?
             .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
-            .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
             .file(programs.path("tcpio"), "usr/bin/tcpio")
-            .blob("l2/initrd.gz", initrd.clone())
-            .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
+            .blob("l2/initrd.gz", initrd.clone());
         spec.timeout = std::time::Duration::from_secs(1500);
         // A crashed guest is a result here (counted below), not a reason to rerun.
         spec.retry_l2_crash = false;

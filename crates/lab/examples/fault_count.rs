@@ -14,6 +14,7 @@
 //! keeps every KVM event up to the shutdown as well.
 //!
 //! `NVMS=8 LOAD=net1k VMM=qemu cargo run --release -p rvirt-lab --example fault_count`
+use rvirt_lab::compare::{QEMU_DISK, QEMU_L2, QEMU_NET, RVIRT_DISK, RVIRT_L2, RVIRT_NET};
 use rvirt_lab::{GuestPrograms, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
@@ -62,29 +63,21 @@ fn main() -> anyhow::Result<()> {
     };
     let load = std::env::var("LOAD").unwrap_or_else(|_| "disk".into());
     let vmm = std::env::var("VMM").unwrap_or_else(|_| "rvirt".into());
-    let rvirt = "rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline \"$CMD\"";
-    let qemu = "qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/share/qemu/bios-microvm.bin -smp 2 -m 512M \
-                -no-reboot -nographic -kernel /l2/vmlinuz -initrd /l2/initrd.gz -append \"$CMD\"";
     let command = match (vmm.as_str(), load.as_str()) {
-        ("rvirt", "disk") => format!("{rvirt} --disk path=/tmp/disk.raw"),
-        ("rvirt", "net1k") => format!("{rvirt} --net tap=tap0"),
-        ("qemu", "disk") => format!("{qemu} -drive file=/tmp/disk.raw,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0"),
-        ("qemu", "net1k") => format!(
-            "{qemu} -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=n0,romfile="
-        ),
+        ("rvirt", "disk") => format!("{RVIRT_L2} {RVIRT_DISK}"),
+        ("rvirt", "net1k") => format!("{RVIRT_L2} {RVIRT_NET}"),
+        ("qemu", "disk") => format!("{QEMU_L2} {QEMU_DISK}"),
+        ("qemu", "net1k") => format!("{QEMU_L2} {QEMU_NET}"),
         _ => anyhow::bail!("VMM={vmm} LOAD={load}: want VMM=rvirt|qemu and LOAD=disk|net1k"),
     };
     let programs = GuestPrograms::build(&["benches/guest/diskio.c", "benches/guest/tcpio.c"])?;
     let initrd = lab.virtio_initramfs(GUEST, &["virtio_blk", "virtio_net"], programs.paths())?;
-    let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
     let script = L1.replace("NVMS", &n.to_string()).replace("LOAD", &load).replace("VMM", &command);
     let mut spec = L1Spec::new(&format!("fault-count-{vmm}-{load}"), &script)
-        .file(&lab.kernel, "l2/vmlinuz")
+        .with_both_vmms(lab)?
         .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
-        .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
         .file(programs.path("tcpio"), "usr/bin/tcpio")
-        .blob("l2/initrd.gz", initrd)
-        .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
+        .blob("l2/initrd.gz", initrd);
     spec.timeout = std::time::Duration::from_secs(60 + 300 * n as u64);
     spec.retry_l2_crash = false;
     let out = lab.run(&spec)?;

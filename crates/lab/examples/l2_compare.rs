@@ -9,7 +9,7 @@
 //! so a VMM that slows every guest operation shows apart from the lab's noise.
 //!
 //! `cargo run --release -p rvirt-lab --example l2_compare > out; diff <(grep '^@@R ' out | cut -c5-) <(grep '^@@Q ' out | cut -c5-)`
-use rvirt_lab::{GuestPrograms, L1Spec, Lab};
+use rvirt_lab::{compare, GuestPrograms, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -33,11 +33,11 @@ const L1: &str = r#"
 CMD="console=ttyS0 panic=-1 loglevel=7"
 rvirt() {
 echo "@@BEGIN RVIRT"
-rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "$CMD" --disk path=/tmp/d.raw </dev/null 2>&1 | grep '@@' | sed 's/@@/@@R /'
+RVIRT_L2 RVIRT_DISK </dev/null 2>&1 | grep '@@' | sed 's/@@/@@R /'
 }
 qemu() {
 echo "@@BEGIN QEMU"
-qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/share/qemu/bios-microvm.bin -smp 2 -m 512M -no-reboot -nographic -kernel /l2/vmlinuz -initrd /l2/initrd.gz -append "$CMD" -drive file=/tmp/d.raw,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0 </dev/null 2>&1 | grep '@@' | sed 's/@@/@@Q /'
+QEMU_L2 QEMU_DISK </dev/null 2>&1 | grep '@@' | sed 's/@@/@@Q /'
 }
 rvirt; qemu; qemu; rvirt
 "#;
@@ -46,13 +46,8 @@ fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
     let programs = GuestPrograms::build(&["examples/guest/cpuid.c", "examples/guest/micro.c"])?;
     let initrd = lab.virtio_initramfs(GUEST, &["virtio_blk"], programs.paths())?;
-    let l1 = format!("truncate -s 64M /tmp/d.raw\n{L1}");
-    let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
-    let mut spec = L1Spec::new("l2-compare", &l1)
-        .file(&lab.kernel, "l2/vmlinuz")
-        .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
-        .blob("l2/initrd.gz", initrd)
-        .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
+    let l1 = format!("truncate -s 64M /tmp/disk.raw\n{}", compare::expand(L1));
+    let mut spec = L1Spec::new("l2-compare", &l1).with_both_vmms(lab)?.blob("l2/initrd.gz", initrd);
     spec.timeout = std::time::Duration::from_secs(1200);
     let out = lab.run(&spec)?;
     for l in out.console.lines().filter(|l| l.contains("@@")) {

@@ -8,7 +8,7 @@
 //!
 //! `cargo run --release -p rvirt-lab --example net_profile`
 
-use rvirt_lab::{GuestPrograms, L1Spec, Lab};
+use rvirt_lab::{compare, GuestPrograms, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -72,8 +72,8 @@ run() {
   kill $sink $sink2 $sink3
   sleep 1
 }
-run RVIRT rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "$CMD" --net tap=tap0
-run QEMU qemu-system-x86_64 -M microvm,pcie=on,accel=kvm -cpu host -bios /usr/share/qemu/bios-microvm.bin -smp 2 -m 512M -no-reboot -nographic -kernel /l2/vmlinuz -initrd /l2/initrd.gz -append "$CMD" -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=n0,romfile=
+run RVIRT RVIRT_L2 RVIRT_NET
+run QEMU QEMU_L2 QEMU_NET
 "#;
 
 fn main() -> anyhow::Result<()> {
@@ -81,14 +81,11 @@ fn main() -> anyhow::Result<()> {
     let programs = GuestPrograms::build(&["benches/guest/tcpio.c"])?;
     let initrd = lab.virtio_initramfs(GUEST, &["virtio_net"], programs.paths())?;
 
-    let microvm_bios = std::fs::canonicalize("/usr/share/qemu/bios-microvm.bin")?;
-    let mut spec = L1Spec::new("net-profile", L1)
-        .file(&lab.kernel, "l2/vmlinuz")
+    let mut spec = L1Spec::new("net-profile", &compare::expand(L1))
+        .with_both_vmms(lab)?
         .file(lab.module_in_tree("drivers/net/tun.ko"), "lib/modules/tun.ko")
-        .file(&microvm_bios, "usr/share/qemu/bios-microvm.bin")
         .file(programs.path("tcpio"), "usr/bin/tcpio")
-        .blob("l2/initrd.gz", initrd)
-        .binary("/usr/bin/qemu-system-x86_64", "usr/bin/qemu-system-x86_64");
+        .blob("l2/initrd.gz", initrd);
     spec.timeout = std::time::Duration::from_secs(1200);
     spec.retry_l2_crash = false;
     let out = lab.run(&spec)?;

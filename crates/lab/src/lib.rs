@@ -10,6 +10,7 @@
 //! Everything is built here from Debian packages (`setup.sh`), cached under
 //! `target/lab-cache` (or `$RVIRT_LAB_CACHE`) so a second run is fast.
 
+pub mod compare;
 pub mod guests;
 
 use std::collections::BTreeMap;
