@@ -27,6 +27,11 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from("."))
 }
 
+/// Where the console of L1 run `name` is kept: `target/lab-logs/NAME.log`.
+fn console_log(name: &str) -> PathBuf {
+    workspace_root().join("target/lab-logs").join(format!("{name}.log"))
+}
+
 /// Writes a line straight to the process's stderr, past the test harness's
 /// output capture, so CI logs show what the guests printed.
 pub fn log(line: &str) {
@@ -203,7 +208,15 @@ impl Lab {
         } else {
             return Ok(first);
         };
-        log(&format!("WARNING: L1 run '{}' {what}; console tail:\n{}\n[lab] retrying once", spec.name, first.tail(40)));
+        // The retry streams to the same log file: keep the first attempt's.
+        let kept = console_log(&format!("{}.first", spec.name));
+        let _ = std::fs::rename(console_log(&spec.name), &kept);
+        log(&format!(
+            "WARNING: L1 run '{}' {what}; console tail (all of it in {}):\n{}\n[lab] retrying once",
+            spec.name,
+            kept.display(),
+            first.tail(40)
+        ));
         self.run_once(spec)
     }
 
@@ -223,9 +236,9 @@ impl Lab {
         let mut stdout = child.stdout.take().context("qemu stdout")?;
         // The console is also streamed to target/lab-logs/NAME.log as it
         // arrives, so a run that hangs can be watched.
-        let log_dir = workspace_root().join("target/lab-logs");
-        let _ = std::fs::create_dir_all(&log_dir);
-        let mut live = std::fs::File::create(log_dir.join(format!("{}.log", spec.name))).ok();
+        let live_path = console_log(&spec.name);
+        let _ = live_path.parent().map(std::fs::create_dir_all);
+        let mut live = std::fs::File::create(&live_path).ok();
         let last_output = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let last_output_w = last_output.clone();
         // L1's own soft-lockup reports keep the console busy while the
