@@ -27,6 +27,16 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from("."))
 }
 
+/// Whether `RVIRT_LAB_TRACE` (given as `value`) asks L1 to keep every KVM
+/// event up to an L2 shutdown; a misspelt value is an error, not the default.
+fn trace_history(value: Option<&str>) -> Result<bool> {
+    match value {
+        None | Some("") => Ok(false),
+        Some("history") => Ok(true),
+        Some(other) => bail!("RVIRT_LAB_TRACE={other}: want history (or unset, for shutdown exits only)"),
+    }
+}
+
 /// Where the console of L1 run `name` is kept: `target/lab-logs/NAME.log`.
 fn console_log(name: &str) -> PathBuf {
     workspace_root().join("target/lab-logs").join(format!("{name}.log"))
@@ -309,7 +319,7 @@ impl Lab {
         for (dest, bytes) in &spec.blobs {
             fs.add_bytes(bytes, dest, 0o644)?;
         }
-        if std::env::var("RVIRT_LAB_TRACE").as_deref() == Ok("history") {
+        if trace_history(std::env::var("RVIRT_LAB_TRACE").ok().as_deref())? {
             fs.add_bytes(b"", "lab-trace-history", 0o644)?;
         }
         fs.add_bytes(spec.script.as_bytes(), "test.sh", 0o755)?;
@@ -880,6 +890,15 @@ mod tests {
         let err = static_c_program(&bad, &dir.join("bad")).unwrap_err().to_string();
         assert!(err.contains("bad.c") && err.contains("failed"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn trace_mode_is_history_or_unset() {
+        assert!(!trace_history(None).unwrap());
+        assert!(!trace_history(Some("")).unwrap());
+        assert!(trace_history(Some("history")).unwrap());
+        let e = trace_history(Some("histroy")).unwrap_err().to_string();
+        assert!(e.contains("RVIRT_LAB_TRACE=histroy") && e.contains("want history"), "{e}");
     }
 
     #[test]
