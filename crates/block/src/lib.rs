@@ -6,13 +6,19 @@
 //! concurrently. Every malformed image is refused with an [`Error`] naming
 //! the problem; nothing here panics on file contents.
 
+pub mod detect;
+pub mod file;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod lock;
 pub mod qcow2;
 pub mod raw;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+pub use detect::probe_format;
+pub use file::ImageFile;
+pub use lock::Locking;
 pub use qcow2::Qcow2Image;
 pub use raw::RawImage;
 
@@ -50,6 +56,14 @@ pub enum Error {
     /// The image was opened read-only.
     #[error("{0}: image is read-only")]
     ReadOnly(String),
+    /// Another process holds the image in a way this open cannot share.
+    #[error("{path}: image is in use: {detail} (is another VM or tool using it? -U/--force-share reads it anyway)")]
+    Locked {
+        /// The image file.
+        path: String,
+        /// Which permission conflicts.
+        detail: String,
+    },
 }
 
 /// Result type of the image library.
@@ -145,27 +159,99 @@ impl Format {
     }
 }
 
-/// Guesses an image's format from its first bytes (qcow2 magic, else raw).
-pub fn probe_format(path: &Path) -> Result<Format> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
-    let mut magic = [0u8; 4];
-    match f.read_exact(&mut magic) {
-        Ok(()) if magic == qcow2::MAGIC => Ok(Format::Qcow2),
-        _ => Ok(Format::Raw),
+/// One layer of a backing chain, named by the caller rather than found
+/// inside an image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layer {
+    /// The file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: Format,
+}
+
+/// How a qcow2 image's backing file is found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BackingPolicy {
+    /// Follow the name in the header; the image must record the backing
+    /// file's format (libvirt's rule: a format is never guessed from
+    /// contents a guest may have written).
+    #[default]
+    RecordedFormat,
+    /// Follow the name and probe the backing file's format when none is
+    /// recorded: the user opted in, trusting the backing file.
+    Probe,
+    /// The layers below this image, top first, resolved by the caller
+    /// (rvirtd hands the VMM its chains this way): no file is opened by a
+    /// name read from an image.
+    Given(Vec<Layer>),
+    /// Open this layer alone; ranges it does not store read as zeros
+    /// (header edits, and commit, which copies only what the top stores).
+    Ignore,
+}
+
+/// How an image is opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageOptions {
+    /// Open the file (and its chain) read-only.
+    pub read_only: bool,
+    /// What other users of the file may do meanwhile.
+    pub locking: Locking,
+    /// Where the backing chain comes from.
+    pub backing: BackingPolicy,
+    /// Bypass the host page cache (raw only).
+    pub direct: bool,
+}
+
+impl ImageOptions {
+    /// A read-only open with default locking and backing rules.
+    pub fn read_only() -> Self {
+        Self { read_only: true, ..Self::default() }
+    }
+
+    /// A read-write open with default locking and backing rules.
+    pub fn read_write() -> Self {
+        Self::default()
     }
 }
 
-/// Opens an image of `format` (probed when `None`).
-pub fn open(path: &Path, format: Option<Format>, read_only: bool) -> Result<Box<dyn BlockBackend>> {
-    let format = match format {
-        Some(f) => f,
-        None => probe_format(path)?,
-    };
+/// Opens an image of `format`. The format is never probed here: callers
+/// probe only files a user named ([`probe_format`]).
+pub fn open(path: &Path, format: Format, read_only: bool) -> Result<Box<dyn BlockBackend>> {
+    open_with(path, format, &ImageOptions { read_only, ..ImageOptions::default() })
+}
+
+/// Opens an image of `format` with `opts`.
+pub fn open_with(path: &Path, format: Format, opts: &ImageOptions) -> Result<Box<dyn BlockBackend>> {
     Ok(match format {
-        Format::Raw => Box::new(RawImage::open(path, read_only)?),
-        Format::Qcow2 => Box::new(Qcow2Image::open(path, read_only)?),
+        Format::Raw => Box::new(RawImage::open_with(path, opts)?),
+        Format::Qcow2 => Box::new(Qcow2Image::open_with(path, opts)?),
     })
+}
+
+/// The backing chain below the image at `path` (top first), read from the
+/// headers of qcow2 layers without opening them for I/O or locking them.
+/// Each layer's format must be recorded by the layer above it (or probed
+/// with [`BackingPolicy::Probe`]); `json:` names, loops and chains deeper
+/// than [`qcow2::MAX_CHAIN_DEPTH`] are refused.
+pub fn backing_chain(path: &Path, format: Format, policy: &BackingPolicy) -> Result<Vec<Layer>> {
+    let mut chain = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let (mut cur, mut fmt) = (path.to_path_buf(), format);
+    while fmt == Format::Qcow2 {
+        let id = std::fs::canonicalize(&cur).map_err(|e| io_err(&cur, e))?;
+        if !seen.insert(id) {
+            return Err(Error::Corrupt { path: cur.display().to_string(), detail: "backing chain loops back to this image".into() });
+        }
+        if seen.len() > qcow2::MAX_CHAIN_DEPTH {
+            return Err(Error::Unsupported { path: path.display().to_string(), detail: format!("backing chain deeper than {}", qcow2::MAX_CHAIN_DEPTH) });
+        }
+        let Some((name, recorded)) = qcow2::read_backing_name(&cur)? else { break };
+        let next = qcow2::resolve_backing(&cur, &name);
+        fmt = qcow2::backing_format_for(&cur, &name, &next, recorded, policy)?;
+        chain.push(Layer { path: next.clone(), format: fmt });
+        cur = next;
+    }
+    Ok(chain)
 }
 
 /// Whether `buf` is all zeros (fast: ORs 4 KiB at a time, which vectorises).
@@ -186,8 +272,7 @@ pub(crate) fn fallocate(f: &std::fs::File, mode: i32, offset: u64, length: u64) 
 }
 
 /// Writes zeros over `from..to` of `f` (what `preallocation=full` asks for).
-pub(crate) fn write_zeros(f: &std::fs::File, from: u64, to: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
+pub(crate) fn write_zeros(f: &dyn ImageFile, from: u64, to: u64) -> std::io::Result<()> {
     let zeros = vec![0u8; 1 << 20];
     let mut pos = from;
     while pos < to {
@@ -206,6 +291,7 @@ pub(crate) fn test_path(tag: &str, name: &str) -> std::path::PathBuf {
     d.join(name)
 }
 
+/// The library's error for an OS error on `path`.
 pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), source }
 }

@@ -2,12 +2,14 @@
 //! write-zeroes uses `FALLOC_FL_ZERO_RANGE`/`PUNCH_HOLE`, and the allocation
 //! map comes from `SEEK_DATA`/`SEEK_HOLE`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::{check_range, io_err, push_extent, BlockBackend, Error, Extent, ExtentKind, Result};
+use crate::file::{open_checked, Kind};
+use crate::lock::Permissions;
+use crate::{check_range, io_err, push_extent, BlockBackend, Error, Extent, ExtentKind, ImageOptions, Result};
 
 /// A raw image file.
 pub struct RawImage {
@@ -53,28 +55,37 @@ impl Drop for AlignedBuf {
 impl RawImage {
     /// Opens `path`; `read_only` opens the file O_RDONLY so nothing can write it.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(|e| io_err(path, e))?;
-        let meta = file.metadata().map_err(|e| io_err(path, e))?;
-        if !meta.is_file() && !is_block_device(&meta) {
-            return Err(Error::Corrupt { path: path.display().to_string(), detail: "not a regular file or block device".into() });
-        }
-        let size = device_size(&file).map_err(|e| io_err(path, e))?;
-        Ok(Self { file, path: path.to_path_buf(), size, read_only, direct: false })
+        Self::open_with(path, &ImageOptions { read_only, ..ImageOptions::default() })
     }
 
     /// Opens `path` with O_DIRECT: I/O bypasses the host page cache (QEMU's
     /// `cache=none`). Unaligned requests go through an aligned bounce buffer.
     pub fn open_direct(path: &Path, read_only: bool) -> Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut img = Self::open(path, read_only)?;
-        img.file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| Error::Io { path: path.display().to_string(), source: std::io::Error::new(e.kind(), format!("O_DIRECT: {e}")) })?;
-        img.direct = true;
-        Ok(img)
+        Self::open_with(path, &ImageOptions { read_only, direct: true, ..ImageOptions::default() })
+    }
+
+    /// Opens `path` as `opts` say: a regular file or block device (anything
+    /// else is refused without blocking), locked as QEMU locks it.
+    pub fn open_with(path: &Path, opts: &ImageOptions) -> Result<Self> {
+        let flags = if opts.direct { libc::O_DIRECT } else { 0 };
+        let file = open_checked(path, !opts.read_only, Kind::RegularOrBlock, flags).map_err(|e| {
+            let e = if opts.direct { std::io::Error::new(e.kind(), format!("O_DIRECT: {e}")) } else { e };
+            io_err(path, e)
+        })?;
+        crate::lock::lock(&file, path, Permissions::for_image(opts.read_only, false, opts.locking))?;
+        Self::from_locked(file, path, opts.read_only, opts.direct)
+    }
+
+    /// Opens a raw backing file: read-only, locked so nobody changes it underneath.
+    pub(crate) fn open_backing(path: &Path, locking: crate::Locking) -> Result<Self> {
+        let file = open_checked(path, false, Kind::RegularOrBlock, 0).map_err(|e| io_err(path, e))?;
+        crate::lock::lock(&file, path, Permissions::for_backing(locking))?;
+        Self::from_locked(file, path, true, false)
+    }
+
+    fn from_locked(file: File, path: &Path, read_only: bool, direct: bool) -> Result<Self> {
+        let size = device_size(&file).map_err(|e| io_err(path, e))?;
+        Ok(Self { file, path: path.to_path_buf(), size, read_only, direct })
     }
 
     fn aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
@@ -153,7 +164,7 @@ impl RawImage {
 
     /// Creates (or truncates) a sparse raw image of `size` bytes.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(|e| io_err(path, e))?;
+        let file = crate::file::create_locked(path)?;
         file.set_len(size).map_err(|e| io_err(path, e))?;
         Ok(Self { file, path: path.to_path_buf(), size, read_only: false, direct: false })
     }
@@ -241,12 +252,8 @@ unsafe fn transfer_vectored(file: &File, iov: &mut [libc::iovec], mut offset: u6
     Ok(())
 }
 
-fn is_block_device(meta: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    meta.file_type().is_block_device()
-}
-
-fn device_size(f: &File) -> std::io::Result<u64> {
+/// Size of a regular file or block device.
+pub(crate) fn device_size(f: &File) -> std::io::Result<u64> {
     let meta = f.metadata()?;
     if meta.is_file() {
         return Ok(meta.len());
@@ -450,6 +457,9 @@ mod tests {
         assert_eq!(back, data);
         let mut big = vec![0u8; 2 << 20];
         assert!(img.read_vectored_at(&mut [&mut big[..]], 0).unwrap_err().to_string().contains("beyond"));
+        // A reader needs the writer gone (the image locks of QEMU's layout).
+        assert!(RawImage::open(&p, true).err().unwrap().to_string().contains("in use"));
+        drop(img);
         let ro = RawImage::open(&p, true).unwrap();
         assert!(matches!(ro.write_vectored_at(&[&[1u8][..]], 0), Err(Error::ReadOnly(_))));
         std::fs::remove_file(p).unwrap();

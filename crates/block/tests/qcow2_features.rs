@@ -204,6 +204,9 @@ fn freed_clusters_are_reused() {
     img.write_at(&vec![1u8; 8 * MIB as usize], 0).unwrap();
     let len = std::fs::metadata(&p).unwrap().len();
     img.discard(0, 8 * MIB).unwrap();
+    // Freed clusters are reused once the discard is durable: until then the
+    // L2 table on disk may still point at them.
+    img.flush().unwrap();
     img.write_at(&vec![2u8; 8 * MIB as usize], 8 * MIB).unwrap();
     assert_eq!(std::fs::metadata(&p).unwrap().len(), len, "the second write should take the freed clusters");
     drop(img);
@@ -272,8 +275,9 @@ fn lazy_refcounts_survive_a_crash_and_are_repaired_on_open() {
     let img = Qcow2Image::create(&p, 8 * MIB, &CreateOptions { lazy_refcounts: true, ..Default::default() }).unwrap();
     img.write_at(&vec![3u8; 512 << 10], 0).unwrap();
     img.write_at(&vec![4u8; 4096], 4 * MIB).unwrap();
-    // A crash: nothing written at close, refcounts still in memory.
-    std::mem::forget(img);
+    // Flushed data, then a crash: the refcounts were still in memory.
+    img.flush().unwrap();
+    img.simulate_crash();
     let info = qemu_img(&["info", "--output=json", s(&p)]);
     assert!(info.contains("\"lazy-refcounts\": true"), "{info}");
     assert!(!qemu_check_text(&p).contains("No errors were found"), "a crashed lazy image should need repair");

@@ -77,6 +77,8 @@ impl Qcow2Image {
             self.writable()?;
         }
         let mut inner = self.lock();
+        // The census reads tables from the cache and the file alike: make them agree.
+        self.commit(&mut inner)?;
         let first = self.compare(&mut inner, repair)?;
         if repair == Repair::None || (first.leaks == 0 && first.corruptions == 0) {
             return Ok(first);
@@ -84,8 +86,7 @@ impl Qcow2Image {
         if repair == Repair::All {
             self.fix_copied(&mut inner)?;
         }
-        self.flush_refcounts(&mut inner)?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.commit(&mut inner)?;
         let mut after = self.compare(&mut inner, Repair::None)?;
         after.leaks_fixed = first.leaks.saturating_sub(after.leaks);
         after.corruptions_fixed = first.corruptions.saturating_sub(after.corruptions);
@@ -151,7 +152,7 @@ impl Qcow2Image {
         }
         for s in inner.snapshots.clone() {
             c.add(cs, s.l1_table_offset, u64::from(s.l1_size) * 8, "snapshot L1 table");
-            match super::read_table(&self.file, s.l1_table_offset, s.l1_size as usize) {
+            match super::read_table(&*self.file, s.l1_table_offset, s.l1_size as usize) {
                 Ok(l1) => self.census_l1(inner, &l1, false, &mut c)?,
                 Err(e) => c.corrupt(format!("ERROR snapshot {} L1 table: {e}", s.id)),
             }

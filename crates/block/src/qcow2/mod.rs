@@ -15,13 +15,14 @@
 //! too, and [`check`] counts every reference to find leaks and corruption.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::{check_range, io_err, push_extent, BlockBackend, Error, Extent, ExtentKind, Format, Result};
+use crate::file::{open_checked, Kind};
+use crate::lock::Permissions;
+use crate::{check_range, io_err, push_extent, BackingPolicy, BlockBackend, Error, Extent, ExtentKind, Format, ImageFile, ImageOptions, Result};
 
 pub mod check;
 mod refcount;
@@ -347,6 +348,12 @@ pub(crate) struct Inner {
     l1: Vec<u64>,
     l2_cache: HashMap<u64, Vec<u64>>,
     l2_lru: Vec<u64>,
+    /// L2 tables changed in the cache and not yet written: written only
+    /// after a barrier makes the data and refcounts they point at durable.
+    l2_dirty: HashSet<u64>,
+    /// Host clusters losing a reference, applied only once the table that
+    /// dropped it is durable (until then the old table may still point there).
+    pending_free: Vec<u64>,
     reftable: Vec<u64>,
     rc_cache: HashMap<u64, Vec<u8>>,
     rc_lru: Vec<u64>,
@@ -368,7 +375,7 @@ pub struct Qcow2Image {
     path: PathBuf,
     name: String,
     cluster_bits: u32,
-    file: File,
+    file: Box<dyn ImageFile>,
     backing: Option<Box<dyn BlockBackend>>,
     backing_name: Option<String>,
     backing_format: Option<Format>,
@@ -376,6 +383,10 @@ pub struct Qcow2Image {
     extensions: Vec<(u32, Vec<u8>)>,
     read_only: bool,
     lazy_refcounts: bool,
+    /// qemu-img's `unsafe` cache mode: barriers and flushes skip `fdatasync`.
+    no_sync: AtomicBool,
+    /// Closed as if the process died: nothing cached is written.
+    abandoned: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -428,15 +439,22 @@ pub(crate) enum Mapping {
 }
 
 impl Qcow2Image {
-    /// Opens `path`; `read_only` opens the file (and its backing chain) O_RDONLY.
+    /// Opens `path`; `read_only` opens the file (and its backing chain)
+    /// O_RDONLY. Locks as QEMU does; the backing file's format must be
+    /// recorded in the image.
     ///
     /// A read-write open of an image left dirty by lazy refcounts rebuilds
     /// its refcounts first, as QEMU does.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
-        Self::open_in_chain(path, read_only, &mut HashSet::new())
+        Self::open_with(path, &ImageOptions { read_only, ..ImageOptions::default() })
     }
 
-    fn open_in_chain(path: &Path, read_only: bool, chain: &mut HashSet<PathBuf>) -> Result<Self> {
+    /// Opens `path` as `opts` say (locking, where the backing chain comes from).
+    pub fn open_with(path: &Path, opts: &ImageOptions) -> Result<Self> {
+        Self::open_in_chain(path, opts, false, &mut HashSet::new())
+    }
+
+    fn open_in_chain(path: &Path, opts: &ImageOptions, as_backing: bool, chain: &mut HashSet<PathBuf>) -> Result<Self> {
         let name = path.display().to_string();
         let canonical = std::fs::canonicalize(path).map_err(|e| io_err(path, e))?;
         if !chain.insert(canonical) {
@@ -445,71 +463,58 @@ impl Qcow2Image {
         if chain.len() > MAX_CHAIN_DEPTH {
             return Err(Error::Unsupported { path: name, detail: format!("backing chain deeper than {MAX_CHAIN_DEPTH}") });
         }
-        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(|e| io_err(path, e))?;
-        let file_len = file.metadata().map_err(|e| io_err(path, e))?.len();
+        let read_only = opts.read_only || as_backing;
+        let file = open_checked(path, !read_only, Kind::Regular, 0).map_err(|e| io_err(path, e))?;
+        let perms = if as_backing { Permissions::for_backing(opts.locking) } else { Permissions::for_image(read_only, true, opts.locking) };
+        crate::lock::lock(&file, path, perms)?;
+        Self::from_file(Box::new(file), path, read_only, opts, chain)
+    }
+
+    /// Opens an image over any [`ImageFile`] (the power-loss tests use a
+    /// recording one). `backing` is the image's backing file, already open.
+    #[doc(hidden)]
+    pub fn open_file(file: Box<dyn ImageFile>, name: &str, read_only: bool, backing: Option<Box<dyn BlockBackend>>) -> Result<Self> {
+        let mut img = Self::from_file(file, Path::new(name), read_only, &ImageOptions { read_only, backing: BackingPolicy::Ignore, ..ImageOptions::default() }, &mut HashSet::new())?;
+        img.backing = backing;
+        Ok(img)
+    }
+
+    fn from_file(file: Box<dyn ImageFile>, path: &Path, read_only: bool, opts: &ImageOptions, chain: &mut HashSet<PathBuf>) -> Result<Self> {
+        let name = path.display().to_string();
+        let file_len = file.len().map_err(|e| io_err(path, e))?;
         let mut head = vec![0u8; 4096.min(file_len as usize).max(V2_HEADER_LEN as usize)];
-        let n = read_full(&file, &mut head, 0).map_err(|e| io_err(path, e))?;
+        let n = read_full(file.as_ref(), &mut head, 0).map_err(|e| io_err(path, e))?;
         head.truncate(n);
         let header = Header::parse(&head, file_len, &name)?;
         let cs = header.cluster_size();
         // Re-read the whole header cluster for extensions and the backing name.
         let mut hc = vec![0u8; cs.min(file_len) as usize];
-        read_full(&file, &mut hc, 0).map_err(|e| io_err(path, e))?;
+        read_full(file.as_ref(), &mut hc, 0).map_err(|e| io_err(path, e))?;
         let corrupt = |d: &str| Error::Corrupt { path: name.clone(), detail: d.into() };
         if !read_only && header.incompatible_features & INCOMPAT_CORRUPT != 0 {
             return Err(corrupt("image is marked corrupt; open it read-only or repair it"));
         }
-        let mut backing_format = None;
-        let mut extensions = Vec::new();
-        let mut off = header.header_length as usize;
-        loop {
-            if off + 8 > hc.len() {
-                break;
+        let HeaderCluster { backing_name, backing_format, extensions } = parse_header_cluster(&hc, &header, &name)?;
+        let backing = match &backing_name {
+            Some(bname) => Self::open_backing(path, bname, backing_format, opts, chain)?,
+            None if matches!(&opts.backing, BackingPolicy::Given(l) if !l.is_empty()) => {
+                return Err(Error::Request(format!("{name}: a backing chain was given, but the image has no backing file")));
             }
-            let (typ, len) = (be32(&hc, off), be32(&hc, off + 4) as usize);
-            if typ == EXT_END {
-                break;
-            }
-            let data_end = off + 8 + len;
-            if data_end > hc.len() {
-                return Err(corrupt("header extension runs past the header cluster"));
-            }
-            if typ == EXT_BACKING_FORMAT {
-                let fmt = String::from_utf8_lossy(&hc[off + 8..data_end]).into_owned();
-                backing_format = Some(Format::parse(&fmt).map_err(|_| Error::Unsupported { path: name.clone(), detail: format!("backing format '{fmt}'") })?);
-            } else {
-                extensions.push((typ, hc[off + 8..data_end].to_vec()));
-            }
-            off = data_end.next_multiple_of(8);
-        }
-        let mut backing_name = None;
-        let mut backing: Option<Box<dyn BlockBackend>> = None;
-        if header.backing_file_offset != 0 {
-            let s = header.backing_file_offset as usize;
-            let raw = &hc[s..s + header.backing_file_size as usize];
-            let bname = String::from_utf8_lossy(raw).into_owned();
-            let bpath = resolve_backing(path, &bname);
-            let fmt = match backing_format {
-                Some(f) => f,
-                None => crate::probe_format(&bpath).map_err(|e| corrupt(&format!("backing file {bname}: {e}")))?,
-            };
-            let b: Box<dyn BlockBackend> = match fmt {
-                Format::Raw => Box::new(crate::RawImage::open(&bpath, true).map_err(|e| corrupt(&format!("backing file: {e}")))?),
-                Format::Qcow2 => Box::new(Self::open_in_chain(&bpath, true, chain)?),
-            };
-            backing = Some(b);
-            backing_name = Some(bname);
-        }
-        let l1 = read_table(&file, header.l1_table_offset, header.l1_size as usize).map_err(|e| io_err(path, e))?;
+            None => None,
+        };
+        let l1 = read_table(file.as_ref(), header.l1_table_offset, header.l1_size as usize).map_err(|e| io_err(path, e))?;
         let rt_entries = (u64::from(header.refcount_table_clusters) * cs / 8) as usize;
-        let reftable: Vec<u64> =
-            read_table(&file, header.refcount_table_offset, rt_entries).map_err(|e| io_err(path, e))?.into_iter().map(|e| e & REFT_OFFSET_MASK).collect();
+        let reftable: Vec<u64> = read_table(file.as_ref(), header.refcount_table_offset, rt_entries)
+            .map_err(|e| io_err(path, e))?
+            .into_iter()
+            .map(|e| e & REFT_OFFSET_MASK)
+            .collect();
         for (i, &rb) in reftable.iter().enumerate() {
             if rb != 0 && (rb % cs != 0 || rb < cs || rb.checked_add(cs).is_none_or(|end| end > file_len)) {
                 return Err(corrupt(&format!("refcount block {i} at {rb:#x} is outside the file or misaligned")));
             }
         }
-        let snapshots = snapshot::read_snapshot_table(&file, &header, file_len, &name)?;
+        let snapshots = snapshot::read_snapshot_table(file.as_ref(), &header, file_len, &name)?;
         let dirty = header.incompatible_features & INCOMPAT_DIRTY != 0;
         let lazy_refcounts = !read_only && header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
         let img = Self {
@@ -523,10 +528,14 @@ impl Qcow2Image {
             extensions,
             read_only,
             lazy_refcounts,
+            no_sync: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 l1,
                 l2_cache: HashMap::new(),
                 l2_lru: Vec::new(),
+                l2_dirty: HashSet::new(),
+                pending_free: Vec::new(),
                 reftable,
                 rc_cache: HashMap::new(),
                 rc_lru: Vec::new(),
@@ -546,6 +555,44 @@ impl Qcow2Image {
             img.set_dirty(false)?;
         }
         Ok(img)
+    }
+
+    /// Opens the backing file `bname` of the image at `path` as `opts.backing` says.
+    fn open_backing(
+        path: &Path,
+        bname: &str,
+        recorded: Option<Format>,
+        opts: &ImageOptions,
+        chain: &mut HashSet<PathBuf>,
+    ) -> Result<Option<Box<dyn BlockBackend>>> {
+        let (bpath, fmt, below) = match &opts.backing {
+            BackingPolicy::Ignore => return Ok(None),
+            BackingPolicy::Given(layers) => {
+                let Some((first, rest)) = layers.split_first() else {
+                    return Err(Error::Request(format!(
+                        "{}: the image names backing file '{bname}', but no backing chain was given",
+                        path.display()
+                    )));
+                };
+                (first.path.clone(), first.format, BackingPolicy::Given(rest.to_vec()))
+            }
+            policy => {
+                let bpath = resolve_backing(path, bname);
+                let fmt = backing_format_for(path, bname, &bpath, recorded, policy)?;
+                (bpath, fmt, policy.clone())
+            }
+        };
+        let sub = ImageOptions { read_only: true, locking: opts.locking, backing: below, direct: false };
+        let b: Box<dyn BlockBackend> = match fmt {
+            Format::Raw => {
+                if matches!(&sub.backing, BackingPolicy::Given(l) if !l.is_empty()) {
+                    return Err(Error::Request(format!("{}: a raw backing file has no backing file of its own", bpath.display())));
+                }
+                Box::new(crate::RawImage::open_backing(&bpath, opts.locking).map_err(|e| backing_err(path, e))?)
+            }
+            Format::Qcow2 => Box::new(Self::open_in_chain(&bpath, &sub, true, chain)?),
+        };
+        Ok(Some(b))
     }
 
     /// Creates a new, empty image of `size` bytes.
@@ -607,7 +654,7 @@ impl Qcow2Image {
         if total_clusters > cs / 2 {
             return Err(Error::Request("image metadata does not fit one refcount block; use larger clusters".into()));
         }
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(|e| io_err(path, e))?;
+        let file = crate::file::create_locked(path)?;
         let io = |e| Error::Io { path: name.clone(), source: e };
         file.set_len(total_clusters * cs).map_err(io)?;
         file.write_all_at(&cluster0, 0).map_err(io)?;
@@ -619,8 +666,7 @@ impl Qcow2Image {
         }
         file.write_all_at(&block, 2 * cs).map_err(io)?;
         file.sync_all().map_err(io)?;
-        drop(file);
-        let img = Self::open(path, false)?;
+        let img = Self::from_file(Box::new(file), path, false, &ImageOptions::default(), &mut HashSet::new())?;
         if opts.preallocation != Preallocation::Off {
             img.preallocate(opts.preallocation)?;
         }
@@ -644,12 +690,12 @@ impl Qcow2Image {
         let end = inner.next_free;
         match mode {
             Preallocation::Off | Preallocation::Metadata => self.file.set_len(end).map_err(|e| self.io(e))?,
-            Preallocation::Falloc => crate::fallocate(&self.file, 0, 0, end).map_err(|e| self.io(e))?,
+            Preallocation::Falloc => self.file.allocate(0, end).map_err(|e| self.io(e))?,
             // Zero-fill the whole file past what is already written.
-            Preallocation::Full => crate::write_zeros(&self.file, inner.file_len, end).map_err(|e| self.io(e))?,
+            Preallocation::Full => crate::write_zeros(self.file.as_ref(), inner.file_len, end).map_err(|e| self.io(e))?,
         }
         inner.file_len = inner.file_len.max(end);
-        self.file.sync_all().map_err(|e| self.io(e))
+        self.commit(&mut inner)
     }
 
     /// A copy of the current header.
@@ -695,10 +741,17 @@ impl Qcow2Image {
             if off % cs != 0 || off < cs || off + cs > inner.file_len.max(inner.next_free) {
                 return Err(self.corrupt(format!("L2 table offset {off:#x} is misaligned, in the header or past the end")));
             }
-            let table = read_table(&self.file, off, self.l2_entries() as usize).map_err(|e| self.io(e))?;
+            let table = read_table(&*self.file, off, self.l2_entries() as usize).map_err(|e| self.io(e))?;
             if inner.l2_cache.len() >= L2_CACHE_TABLES {
                 let victim = inner.l2_lru.remove(0);
-                inner.l2_cache.remove(&victim);
+                if let Some(t) = inner.l2_cache.remove(&victim) {
+                    if inner.l2_dirty.remove(&victim) {
+                        // What the table points at must be durable before it is.
+                        self.flush_refcounts(inner)?;
+                        self.sync()?;
+                        write_table(&*self.file, victim, &t).map_err(|e| self.io(e))?;
+                    }
+                }
             }
             inner.l2_cache.insert(off, table);
             inner.l2_lru.push(off);
@@ -709,18 +762,67 @@ impl Qcow2Image {
         inner.l2_cache.get_mut(&off).ok_or_else(|| self.corrupt("L2 cache".into()))
     }
 
-    /// Writes a whole L2 table (after its entries were changed in place).
+    /// Replaces a whole L2 table (after its entries were changed): in the
+    /// cache, written at the next barrier.
     fn write_l2_table(&self, inner: &mut Inner, off: u64, table: Vec<u64>) -> Result<()> {
-        write_table(&self.file, off, &table).map_err(|e| self.io(e))?;
-        if inner.l2_cache.contains_key(&off) {
-            inner.l2_cache.insert(off, table);
-        }
+        *self.l2_table(inner, off)? = table;
+        inner.l2_dirty.insert(off);
         Ok(())
     }
 
-    fn drop_l2_cache(inner: &mut Inner) {
+    /// Forgets cached L2 tables; dirty ones are written first.
+    fn drop_l2_cache(&self, inner: &mut Inner) -> Result<()> {
+        if !inner.l2_dirty.is_empty() {
+            self.commit(inner)?;
+        }
         inner.l2_cache.clear();
         inner.l2_lru.clear();
+        Ok(())
+    }
+
+    /// `fdatasync`, unless qemu-img's `unsafe` cache mode is on.
+    pub(crate) fn sync(&self) -> Result<()> {
+        if self.no_sync.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(|e| self.io(e))
+    }
+
+    /// qemu-img's `-t unsafe`: skip every `fdatasync` (the output of a
+    /// convert that is thrown away if the host crashes).
+    pub fn set_cache_unsafe(&self, on: bool) {
+        self.no_sync.store(on, Ordering::Relaxed);
+    }
+
+    /// Makes everything written so far durable, in QEMU's dependency order:
+    /// data, new tables and refcount increments first (barrier; with lazy
+    /// refcounts the increments wait for close, covered by the dirty bit); then the
+    /// L2 tables that point at them (barrier); then the refcount decrements
+    /// for clusters those tables stopped pointing at, which only now may be
+    /// reused. A power cut anywhere leaves at most leaked clusters.
+    pub(crate) fn commit(&self, inner: &mut Inner) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        if !self.lazy_refcounts {
+            // Lazy refcounts stay in memory until close; the dirty bit covers them.
+            self.flush_refcounts(inner)?;
+        }
+        self.sync()?;
+        if !inner.l2_dirty.is_empty() {
+            let mut dirty: Vec<u64> = inner.l2_dirty.drain().collect();
+            dirty.sort_unstable();
+            for off in dirty {
+                if let Some(t) = inner.l2_cache.get(&off) {
+                    write_table(&*self.file, off, t).map_err(|e| self.io(e))?;
+                }
+            }
+            self.sync()?;
+        }
+        for host in std::mem::take(&mut inner.pending_free) {
+            self.adjust_refcount(inner, host, -1)?;
+        }
+        Ok(())
     }
 
     fn mapping(&self, inner: &mut Inner, guest_cluster: u64) -> Result<Mapping> {
@@ -773,7 +875,7 @@ impl Qcow2Image {
 
     fn decompress(&self, inner: &Inner, offset: u64, len: u64, out: &mut [u8]) -> Result<()> {
         let mut comp = vec![0u8; len as usize];
-        let n = read_full(&self.file, &mut comp, offset).map_err(|e| self.io(e))?;
+        let n = read_full(&*self.file, &mut comp, offset).map_err(|e| self.io(e))?;
         comp.truncate(n);
         let bad = |what: &str| self.corrupt(format!("compressed cluster at {offset:#x}: {what}"));
         match inner.header.compression {
@@ -805,7 +907,7 @@ impl Qcow2Image {
                 Ok(())
             }
             Mapping::Data { host, .. } => {
-                let n = read_full(&self.file, buf, host + in_cluster).map_err(|e| self.io(e))?;
+                let n = read_full(&*self.file, buf, host + in_cluster).map_err(|e| self.io(e))?;
                 buf[n..].fill(0);
                 Ok(())
             }
@@ -818,10 +920,11 @@ impl Qcow2Image {
         }
     }
 
-    /// Drops one reference to every host cluster `m` holds.
+    /// Drops one reference to every host cluster `m` held, once the table
+    /// that stopped pointing at them is durable ([`Self::commit`]).
     fn release(&self, inner: &mut Inner, m: Mapping) -> Result<()> {
         for c in self.clusters_of(m) {
-            self.adjust_refcount(inner, c * self.cluster_size(), -1)?;
+            inner.pending_free.push(c * self.cluster_size());
         }
         Ok(())
     }
@@ -844,13 +947,15 @@ impl Qcow2Image {
         // table loses a reference.
         let new = self.alloc_clusters(inner, 1)?;
         let table = if old != 0 { self.l2_table(inner, old)?.clone() } else { vec![0u64; self.l2_entries() as usize] };
-        write_table(&self.file, new, &table).map_err(|e| self.io(e))?;
+        write_table(&*self.file, new, &table).map_err(|e| self.io(e))?;
         inner.file_len = inner.file_len.max(new + self.cluster_size());
+        // The table and its refcount are durable before the L1 entry points at it.
+        self.flush_refcounts(inner)?;
+        self.sync()?;
         self.set_l1_entry(inner, l1_idx, new | COPIED)?;
-        inner.l2_cache.insert(new, table);
-        inner.l2_lru.push(new);
+        *self.l2_table(inner, new)? = table;
         if old != 0 {
-            self.adjust_refcount(inner, old, -1)?;
+            inner.pending_free.push(old);
         }
         Ok(new)
     }
@@ -861,10 +966,11 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Changes one L2 entry in the cache; the table is written at the next barrier.
     fn set_l2_entry(&self, inner: &mut Inner, l2_off: u64, guest_cluster: u64, entry: u64) -> Result<()> {
         let idx = guest_cluster % self.l2_entries();
-        self.file.write_all_at(&entry.to_be_bytes(), l2_off + idx * 8).map_err(|e| self.io(e))?;
         self.l2_table(inner, l2_off)?[idx as usize] = entry;
+        inner.l2_dirty.insert(l2_off);
         Ok(())
     }
 
@@ -928,8 +1034,8 @@ impl Qcow2Image {
         }
         let entries: Vec<u64> = (0..n).map(|i| (host + i * cs) | COPIED).collect();
         let first = (gc % self.l2_entries()) as usize;
-        write_table(&self.file, l2_off + first as u64 * 8, &entries).map_err(|e| self.io(e))?;
         self.l2_table(&mut inner, l2_off)?[first..first + n as usize].copy_from_slice(&entries);
+        inner.l2_dirty.insert(l2_off);
         for m in replaced {
             self.release(&mut inner, m)?;
         }
@@ -1070,11 +1176,10 @@ impl Qcow2Image {
                 self.grow_l1(&mut inner, needed as usize)?;
             }
         }
-        self.flush_refcounts(&mut inner)?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.commit(&mut inner)?;
         self.file.write_all_at(&new_size.to_be_bytes(), 24).map_err(|e| self.io(e))?;
         inner.header.size = new_size;
-        self.file.sync_data().map_err(|e| self.io(e))
+        self.sync()
     }
 
     /// Moves the active L1 table to new clusters with room for `entries`.
@@ -1091,13 +1196,13 @@ impl Qcow2Image {
         self.file.write_all_at(&bytes, new).map_err(|e| self.io(e))?;
         inner.file_len = inner.file_len.max(new + clusters * cs);
         self.flush_refcounts(inner)?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.sync()?;
         // l1_size and l1_table_offset are adjacent: one write switches tables.
         let mut field = Vec::with_capacity(12);
         field.extend_from_slice(&(entries as u32).to_be_bytes());
         field.extend_from_slice(&new.to_be_bytes());
         self.file.write_all_at(&field, 36).map_err(|e| self.io(e))?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.sync()?;
         let (old, old_clusters) = (inner.header.l1_table_offset, (u64::from(inner.header.l1_size) * 8).div_ceil(cs));
         inner.header.l1_size = entries as u32;
         inner.header.l1_table_offset = new;
@@ -1121,7 +1226,7 @@ impl Qcow2Image {
         }
         self.flush()?;
         self.file.write_all_at(&cluster0, 0).map_err(|e| self.io(e))?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.sync()?;
         self.lock().header = h;
         Ok(())
     }
@@ -1157,7 +1262,7 @@ impl Qcow2Image {
             return Ok(());
         }
         self.file.write_all_at(&features.to_be_bytes(), 72).map_err(|e| self.io(e))?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.sync()?;
         inner.header.incompatible_features = features;
         Ok(())
     }
@@ -1168,8 +1273,7 @@ impl Qcow2Image {
 
     /// Bytes of the file that hold data or metadata (what qemu-img calls disk size).
     pub fn allocated_bytes(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+        self.file.allocated_bytes()
     }
 
     /// What this layer stores for each range of `offset..offset+length`,
@@ -1198,6 +1302,13 @@ impl Qcow2Image {
         Ok(out)
     }
 
+    /// Closes the image as a crash would: what is cached in memory is lost
+    /// (tests of crash consistency).
+    #[doc(hidden)]
+    pub fn simulate_crash(self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+    }
+
     /// The backing image, when there is one.
     pub fn backing(&self) -> Option<&dyn BlockBackend> {
         self.backing.as_deref()
@@ -1206,17 +1317,17 @@ impl Qcow2Image {
 
 impl Drop for Qcow2Image {
     fn drop(&mut self) {
-        if self.read_only {
+        if self.read_only || self.abandoned.load(Ordering::Relaxed) {
             return;
         }
-        // Best effort: write deferred refcounts and clear the dirty bit. A
-        // failure here leaves the dirty bit set, and the next open repairs.
+        // Best effort: write cached tables and deferred refcounts, then clear
+        // the dirty bit. A failure here leaves at most leaks (or the dirty
+        // bit set, and the next open repairs).
         let mut inner = self.lock();
-        if inner.rc_dirty.is_empty() && !inner.marked_dirty {
-            // Nothing deferred: no sync either (qemu-img's `unsafe` cache mode relies on that).
+        if inner.rc_dirty.is_empty() && inner.l2_dirty.is_empty() && inner.pending_free.is_empty() && !inner.marked_dirty {
             return;
         }
-        if self.flush_refcounts(&mut inner).is_ok() && self.file.sync_data().is_ok() && inner.marked_dirty {
+        if self.commit(&mut inner).is_ok() && self.flush_refcounts(&mut inner).is_ok() && self.sync().is_ok() && inner.marked_dirty {
             let f = inner.header.incompatible_features & !INCOMPAT_DIRTY;
             let _ = self.write_incompatible(&mut inner, f);
         }
@@ -1284,20 +1395,20 @@ fn compress(c: Compression, data: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 /// Reads `n` big-endian u64 entries at `offset`.
-pub(crate) fn read_table(f: &File, offset: u64, n: usize) -> std::io::Result<Vec<u64>> {
+pub(crate) fn read_table(f: &dyn ImageFile, offset: u64, n: usize) -> std::io::Result<Vec<u64>> {
     let mut b = vec![0u8; n * 8];
     f.read_exact_at(&mut b, offset)?;
     Ok(b.chunks_exact(8).map(|c| be64(c, 0)).collect())
 }
 
 /// Writes big-endian u64 entries at `offset`.
-pub(crate) fn write_table(f: &File, offset: u64, table: &[u64]) -> std::io::Result<()> {
+pub(crate) fn write_table(f: &dyn ImageFile, offset: u64, table: &[u64]) -> std::io::Result<()> {
     let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
     f.write_all_at(&bytes, offset)
 }
 
 /// Reads as much as the file has at `offset`; returns the count (short at EOF).
-pub(crate) fn read_full(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+pub(crate) fn read_full(f: &dyn ImageFile, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match f.read_at(&mut buf[done..], offset + done as u64) {
@@ -1334,6 +1445,95 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// What the header cluster holds besides the header.
+struct HeaderCluster {
+    backing_name: Option<String>,
+    backing_format: Option<Format>,
+    extensions: Vec<(u32, Vec<u8>)>,
+}
+
+/// Parses the header extensions and the backing file name of a header
+/// cluster `hc` whose header is `header`.
+fn parse_header_cluster(hc: &[u8], header: &Header, name: &str) -> Result<HeaderCluster> {
+    let corrupt = |d: &str| Error::Corrupt { path: name.into(), detail: d.into() };
+    let mut backing_format = None;
+    let mut extensions = Vec::new();
+    let mut off = header.header_length as usize;
+    loop {
+        if off + 8 > hc.len() {
+            break;
+        }
+        let (typ, len) = (be32(hc, off), be32(hc, off + 4) as usize);
+        if typ == EXT_END {
+            break;
+        }
+        let data_end = off + 8 + len;
+        if data_end > hc.len() {
+            return Err(corrupt("header extension runs past the header cluster"));
+        }
+        if typ == EXT_BACKING_FORMAT {
+            let fmt = String::from_utf8_lossy(&hc[off + 8..data_end]).into_owned();
+            backing_format = Some(Format::parse(&fmt).map_err(|_| Error::Unsupported { path: name.into(), detail: format!("backing format '{fmt}'") })?);
+        } else {
+            extensions.push((typ, hc[off + 8..data_end].to_vec()));
+        }
+        off = data_end.next_multiple_of(8);
+    }
+    let mut backing_name = None;
+    if header.backing_file_offset != 0 {
+        let s = header.backing_file_offset as usize;
+        let raw = hc.get(s..s + header.backing_file_size as usize).ok_or_else(|| corrupt("backing file name is outside the header cluster"))?;
+        let bname = String::from_utf8_lossy(raw).into_owned();
+        if bname.starts_with("json:") {
+            // A json: name can point anywhere (another driver, a host file
+            // by any name); QEMU's users give those on command lines only.
+            return Err(Error::Unsupported {
+                path: name.into(),
+                detail: "the backing file name is a json: pseudo-name; those are accepted on the command line only".into(),
+            });
+        }
+        backing_name = Some(bname);
+    }
+    Ok(HeaderCluster { backing_name, backing_format, extensions })
+}
+
+/// The backing file name and recorded backing format of the qcow2 image at
+/// `path`, read from its header alone (no lock, no I/O beyond the header).
+pub fn read_backing_name(path: &Path) -> Result<Option<(String, Option<Format>)>> {
+    let file = open_checked(path, false, Kind::Regular, 0).map_err(|e| io_err(path, e))?;
+    let name = path.display().to_string();
+    let file_len = ImageFile::len(&file).map_err(|e| io_err(path, e))?;
+    let mut head = vec![0u8; 4096.min(file_len as usize).max(V2_HEADER_LEN as usize)];
+    let n = read_full(&file, &mut head, 0).map_err(|e| io_err(path, e))?;
+    head.truncate(n);
+    let header = Header::parse(&head, file_len, &name)?;
+    let mut hc = vec![0u8; header.cluster_size().min(file_len) as usize];
+    read_full(&file, &mut hc, 0).map_err(|e| io_err(path, e))?;
+    let hc = parse_header_cluster(&hc, &header, &name)?;
+    Ok(hc.backing_name.map(|n| (n, hc.backing_format)))
+}
+
+/// The format of the backing file `bname` (at `bpath`) of the image at
+/// `image`: the recorded one, or, only when `policy` opts in, a probe.
+pub(crate) fn backing_format_for(image: &Path, bname: &str, bpath: &Path, recorded: Option<Format>, policy: &BackingPolicy) -> Result<Format> {
+    match (recorded, policy) {
+        (Some(f), _) => Ok(f),
+        (None, BackingPolicy::Probe) => crate::probe_format(bpath).map_err(|e| backing_err(image, e)),
+        (None, _) => Err(Error::Unsupported {
+            path: image.display().to_string(),
+            detail: format!(
+                "the image does not record the format of its backing file '{bname}', and formats of backing files are not guessed \
+                 (a guest could have written what a probe would read); record it with `rvirt-img rebase -u -b '{bname}' -F raw|qcow2`"
+            ),
+        }),
+    }
+}
+
+/// An error opening the backing file of `image`.
+fn backing_err(image: &Path, e: Error) -> Error {
+    Error::Corrupt { path: image.display().to_string(), detail: format!("backing file: {e}") }
+}
+
 impl BlockBackend for Qcow2Image {
     fn size(&self) -> u64 {
         self.lock().header.size
@@ -1360,7 +1560,7 @@ impl BlockBackend for Qcow2Image {
                         _ => break,
                     }
                 }
-                let got = read_full(&self.file, &mut buf[done..done + n], start).map_err(|e| self.io(e))?;
+                let got = read_full(&*self.file, &mut buf[done..done + n], start).map_err(|e| self.io(e))?;
                 buf[done + got..done + n].fill(0);
             } else {
                 self.read_in_cluster(&mut inner, pos, &mut buf[done..done + n])?;
@@ -1399,8 +1599,7 @@ impl BlockBackend for Qcow2Image {
             return Ok(());
         }
         let mut inner = self.lock();
-        self.flush_refcounts(&mut inner)?;
-        self.file.sync_data().map_err(|e| self.io(e))
+        self.commit(&mut inner)
     }
 
     fn discard(&self, offset: u64, length: u64) -> Result<()> {

@@ -3,8 +3,6 @@
 //! lazy refcounts their updates are written on flush and close instead of
 //! at once (the dirty bit covers the gap).
 
-use std::os::unix::fs::FileExt;
-
 use super::{Inner, Qcow2Image, MAX_REFTABLE_BYTES};
 use crate::{Error, Result};
 
@@ -148,12 +146,16 @@ impl Qcow2Image {
         }
         self.file.write_all_at(&b, block).map_err(|e| self.io(e))?;
         inner.file_len = inner.file_len.max(block + cs);
+        if own_rt != rt_idx {
+            // Counted elsewhere; that count lands before the table points here.
+            self.set_refcount(inner, block, 1)?;
+        }
+        // The block's contents are durable before the table entry that makes them count.
+        self.flush_refcounts(inner)?;
+        self.sync()?;
         let slot = inner.header.refcount_table_offset + rt_idx as u64 * 8;
         self.file.write_all_at(&block.to_be_bytes(), slot).map_err(|e| self.io(e))?;
         inner.reftable[rt_idx] = block;
-        if own_rt != rt_idx {
-            self.set_refcount(inner, block, 1)?;
-        }
         Ok(block)
     }
 
@@ -203,17 +205,17 @@ impl Qcow2Image {
             }
         }
         let table_off = (start + nblocks) * cs;
-        super::write_table(&self.file, table_off, &table).map_err(|e| self.io(e))?;
+        super::write_table(&*self.file, table_off, &table).map_err(|e| self.io(e))?;
         inner.next_free = area.end * cs;
         inner.file_len = inner.file_len.max(inner.next_free);
         self.flush_refcounts(inner)?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.sync()?;
         // refcount_table_offset and refcount_table_clusters are adjacent.
         let mut field = Vec::with_capacity(12);
         field.extend_from_slice(&table_off.to_be_bytes());
         field.extend_from_slice(&(table_clusters as u32).to_be_bytes());
         self.file.write_all_at(&field, 48).map_err(|e| self.io(e))?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.sync()?;
         let (old_off, old_clusters) = (inner.header.refcount_table_offset, u64::from(inner.header.refcount_table_clusters));
         inner.header.refcount_table_offset = table_off;
         inner.header.refcount_table_clusters = table_clusters as u32;

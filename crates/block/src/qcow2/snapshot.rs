@@ -3,8 +3,6 @@
 //! copy-on-write instead of changing what the snapshot sees. The snapshot
 //! table lists them (QEMU's layout: fixed fields, extra data, id, name).
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{be32, be64, read_table, write_table, Header, Inner, Mapping, Qcow2Image, COPIED, L1_OFFSET_MASK, MAX_L1_BYTES};
@@ -43,7 +41,7 @@ pub struct Snapshot {
 }
 
 /// Reads and validates the snapshot table named by `h`.
-pub(crate) fn read_snapshot_table(file: &File, h: &Header, file_len: u64, name: &str) -> Result<Vec<Snapshot>> {
+pub(crate) fn read_snapshot_table(file: &dyn crate::ImageFile, h: &Header, file_len: u64, name: &str) -> Result<Vec<Snapshot>> {
     let corrupt = |d: String| Error::Corrupt { path: name.into(), detail: d };
     if h.nb_snapshots == 0 {
         return Ok(Vec::new());
@@ -157,11 +155,12 @@ impl Qcow2Image {
         if inner.snapshots.len() as u32 >= MAX_SNAPSHOTS {
             return Err(Error::Request(format!("an image holds at most {MAX_SNAPSHOTS} snapshots")));
         }
+        self.commit(&mut inner)?;
         let l1 = inner.l1.clone();
         let clusters = (l1.len() as u64 * 8).div_ceil(cs).max(1);
         let l1_off = self.alloc_clusters(&mut inner, clusters)?;
         let copy: Vec<u64> = l1.iter().map(|e| e & !COPIED).collect();
-        write_table(&self.file, l1_off, &copy).map_err(|e| self.io(e))?;
+        write_table(&*self.file, l1_off, &copy).map_err(|e| self.io(e))?;
         inner.file_len = inner.file_len.max(l1_off + clusters * cs);
         self.adjust_tree(&mut inner, &l1, 1)?;
         self.fix_copied(&mut inner)?;
@@ -191,8 +190,9 @@ impl Qcow2Image {
     pub fn apply_snapshot(&self, which: &str) -> Result<()> {
         self.writable()?;
         let mut inner = self.lock();
+        self.commit(&mut inner)?;
         let snap = find(&inner.snapshots, which)?.clone();
-        let mut snap_l1 = read_table(&self.file, snap.l1_table_offset, snap.l1_size as usize).map_err(|e| self.io(e))?;
+        let mut snap_l1 = read_table(&*self.file, snap.l1_table_offset, snap.l1_size as usize).map_err(|e| self.io(e))?;
         if snap.l1_size > inner.header.l1_size {
             self.grow_l1(&mut inner, snap.l1_size as usize)?;
         }
@@ -201,17 +201,23 @@ impl Qcow2Image {
             *e &= !COPIED;
         }
         self.adjust_tree(&mut inner, &snap_l1, 1)?;
+        // The snapshot's tree is counted before the active L1 points at it,
+        // and the old tree loses its counts only once nothing points at it.
+        self.flush_refcounts(&mut inner)?;
+        self.sync()?;
         let old = std::mem::replace(&mut inner.l1, snap_l1);
-        write_table(&self.file, inner.header.l1_table_offset, &inner.l1).map_err(|e| self.io(e))?;
-        Self::drop_l2_cache(&mut inner);
+        write_table(&*self.file, inner.header.l1_table_offset, &inner.l1).map_err(|e| self.io(e))?;
+        self.sync()?;
+        self.drop_l2_cache(&mut inner)?;
         self.adjust_tree(&mut inner, &old, -1)?;
+        self.flush_refcounts(&mut inner)?;
+        self.sync()?;
         self.fix_copied(&mut inner)?;
         if let Some(size) = snap.disk_size.filter(|&s| s != inner.header.size) {
             self.file.write_all_at(&size.to_be_bytes(), 24).map_err(|e| self.io(e))?;
             inner.header.size = size;
         }
-        self.flush_refcounts(&mut inner)?;
-        self.file.sync_data().map_err(|e| self.io(e))
+        self.commit(&mut inner)
     }
 
     /// Deletes snapshot `which` (id or name) and frees what only it used.
@@ -219,17 +225,20 @@ impl Qcow2Image {
         self.writable()?;
         let cs = self.cluster_size();
         let mut inner = self.lock();
+        self.commit(&mut inner)?;
         let snap = find(&inner.snapshots, which)?.clone();
         let list: Vec<Snapshot> = inner.snapshots.iter().filter(|s| s.id != snap.id).cloned().collect();
         self.write_snapshot_table(&mut inner, list)?;
-        let l1 = read_table(&self.file, snap.l1_table_offset, snap.l1_size as usize).map_err(|e| self.io(e))?;
+        let l1 = read_table(&*self.file, snap.l1_table_offset, snap.l1_size as usize).map_err(|e| self.io(e))?;
         self.adjust_tree(&mut inner, &l1, -1)?;
         for i in 0..(u64::from(snap.l1_size) * 8).div_ceil(cs).max(1) {
             self.adjust_refcount(&mut inner, snap.l1_table_offset + i * cs, -1)?;
         }
-        self.fix_copied(&mut inner)?;
+        // Counts drop before flags claim a cluster is ours alone.
         self.flush_refcounts(&mut inner)?;
-        self.file.sync_data().map_err(|e| self.io(e))
+        self.sync()?;
+        self.fix_copied(&mut inner)?;
+        self.commit(&mut inner)
     }
 
     /// Writes `list` as a new snapshot table, switches the header to it and
@@ -248,14 +257,13 @@ impl Qcow2Image {
             inner.file_len = inner.file_len.max(off + bytes.len() as u64);
             off
         };
-        self.flush_refcounts(inner)?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.commit(inner)?;
         // nb_snapshots and snapshots_offset are adjacent: one write switches.
         let mut field = Vec::with_capacity(12);
         field.extend_from_slice(&(list.len() as u32).to_be_bytes());
         field.extend_from_slice(&new_off.to_be_bytes());
         self.file.write_all_at(&field, 60).map_err(|e| self.io(e))?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.sync()?;
         let (old_off, old_len) = (inner.header.snapshots_offset, serialize(&inner.snapshots).len() as u64);
         inner.header.nb_snapshots = list.len() as u32;
         inner.header.snapshots_offset = new_off;
@@ -288,6 +296,7 @@ impl Qcow2Image {
             self.adjust_refcount(inner, l2, delta)?;
             if self.refcount(inner, l2)? == 0 {
                 inner.l2_cache.remove(&l2);
+                inner.l2_dirty.remove(&l2);
                 inner.l2_lru.retain(|&o| o != l2);
             }
         }
@@ -329,7 +338,7 @@ impl Qcow2Image {
             }
         }
         if l1_changed {
-            write_table(&self.file, inner.header.l1_table_offset, &inner.l1).map_err(|e| self.io(e))?;
+            write_table(&*self.file, inner.header.l1_table_offset, &inner.l1).map_err(|e| self.io(e))?;
         }
         Ok(())
     }

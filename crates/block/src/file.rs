@@ -1,0 +1,204 @@
+//! The file under an image, and opening files so that nobody can make an
+//! open hang or land on something that is not an image.
+//!
+//! [`ImageFile`] is what a format reads and writes: a real [`File`] in use,
+//! a recording in-memory file in the power-loss tests. [`open_checked`]
+//! opens with `O_NONBLOCK` (a FIFO or a device cannot block the open) and
+//! checks the type of what was opened (not of what the path named a moment
+//! before), so a FIFO, socket, directory or character device given as a
+//! kernel, disk or backing file is refused at once.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+/// The byte store under an image format.
+pub trait ImageFile: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`; short only at the end of the file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `offset`, growing the file when needed.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every write so far durable (`fdatasync`): the write barrier.
+    fn sync_data(&self) -> io::Result<()>;
+    /// The file's length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserves blocks for `offset..offset+len` (`fallocate`).
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Bytes the file occupies on disk (what qemu-img calls disk size).
+    fn allocated_bytes(&self) -> u64;
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "unexpected end of file")),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ImageFile for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(self, buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        crate::fallocate(self, 0, offset, len)
+    }
+    fn allocated_bytes(&self) -> u64 {
+        self.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+}
+
+/// What kinds of file an open accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Regular files only (kernels, initrds, firmware, qcow2 images).
+    Regular,
+    /// Regular files and block devices (raw disks).
+    RegularOrBlock,
+}
+
+/// Opens `path` without blocking (a FIFO or a device cannot hang the
+/// caller), close-on-exec and without taking a controlling terminal, then
+/// refuses what is not of `kind`, naming what it is. `custom` adds open
+/// flags (`O_DIRECT`).
+pub fn open_checked(path: &Path, write: bool, kind: Kind, custom: i32) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC | custom)
+        .open(path)?;
+    let ft = file.metadata()?.file_type();
+    let ok = ft.is_file() || (kind == Kind::RegularOrBlock && ft.is_block_device());
+    if !ok {
+        let what = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_dir() {
+            "a directory"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else {
+            "not a regular file"
+        };
+        let want = if kind == Kind::Regular { "a regular file" } else { "a regular file or block device" };
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("is {what}, not {want}")));
+    }
+    // Back to blocking I/O for the file itself.
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own, plain integer flags.
+    unsafe {
+        let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
+}
+
+/// Creates or empties the image file at `path` for writing: opened without
+/// blocking, checked to be a regular file, locked as a writer (so an image
+/// a VM or tool holds is refused, not truncated), then truncated.
+pub fn create_locked(path: &Path) -> crate::Result<File> {
+    let io = |e| crate::io_err(path, e);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io)?;
+    if !file.metadata().map_err(io)?.is_file() {
+        return Err(crate::Error::Request(format!("{}: not a regular file; an image is created only as a file", path.display())));
+    }
+    crate::lock::lock(&file, path, crate::lock::Permissions::for_image(false, true, crate::Locking::Exclusive))?;
+    file.set_len(0).map_err(io)?;
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
+}
+
+/// Reads a whole input file (kernel, initrd, firmware) opened with
+/// [`open_checked`], refusing one over `limit` bytes.
+pub fn read_input(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = open_checked(path, false, Kind::Regular, 0)?;
+    let len = f.metadata()?.len();
+    if len > limit {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("is {len} bytes, over the limit of {limit}")));
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    f.take(limit + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > limit {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("grew past the limit of {limit} bytes while read")));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mkfifo(p: &Path) {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn fifos_directories_and_devices_are_refused_without_blocking() {
+        let p = crate::test_path("file", "fifo");
+        let _ = std::fs::remove_file(&p);
+        mkfifo(&p);
+        // Neither a reader nor a writer is on the other end: a blocking open would hang here.
+        for write in [false, true] {
+            let e = open_checked(&p, write, Kind::RegularOrBlock, 0).unwrap_err();
+            assert!(e.to_string().contains("a FIFO"), "{e}");
+        }
+        assert!(read_input(&p, 1 << 20).unwrap_err().to_string().contains("a FIFO"));
+        let e = open_checked(Path::new("/tmp"), false, Kind::Regular, 0).unwrap_err();
+        assert!(e.to_string().contains("a directory"), "{e}");
+        let e = open_checked(Path::new("/dev/null"), false, Kind::RegularOrBlock, 0).unwrap_err();
+        assert!(e.to_string().contains("a character device"), "{e}");
+    }
+
+    #[test]
+    fn regular_files_open_and_inputs_are_bounded() {
+        let p = crate::test_path("file", "plain");
+        std::fs::write(&p, b"0123456789").unwrap();
+        let f = open_checked(&p, true, Kind::Regular, 0).unwrap();
+        // SAFETY: F_GETFL on an open descriptor.
+        let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(fl & libc::O_NONBLOCK, 0, "the open file is blocking again");
+        assert_eq!(read_input(&p, 10).unwrap(), b"0123456789");
+        assert!(read_input(&p, 9).unwrap_err().to_string().contains("over the limit"));
+    }
+}
