@@ -169,6 +169,14 @@ impl RawImage {
         Ok(Self { file, path: path.to_path_buf(), size, read_only: false, direct: false })
     }
 
+    /// Changes the size of the file (`rvirt-img resize` on a raw image).
+    pub fn resize(&mut self, new_size: u64) -> Result<()> {
+        self.writable()?;
+        self.file.set_len(new_size).map_err(|e| self.err(e))?;
+        self.size = new_size;
+        Ok(())
+    }
+
     /// Allocates every block of the file: reserved with `fallocate`, or
     /// (`write_zeros`, qemu-img's `preallocation=full`) written with zeros.
     pub fn preallocate(&self, write_zeros: bool) -> Result<()> {

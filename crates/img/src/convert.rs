@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use rvirt_block::qcow2::Qcow2Image;
 use rvirt_block::{BlockBackend, ExtentKind, Format};
 
-use crate::{create, CreateRequest};
+use crate::{access, create_at, CreateRequest};
 
 /// What `convert` copies.
 #[derive(Clone, Debug, Default)]
@@ -95,8 +95,12 @@ impl Dest {
 /// zero clusters and all-zero chunks stay unallocated in the destination.
 /// Returns the bytes written.
 pub fn convert(req: &ConvertRequest) -> Result<u64> {
-    let sfmt = req.source_format.as_deref().map(Format::parse).transpose()?;
-    let src = rvirt_block::open(&req.source, sfmt, true).with_context(|| req.source.display().to_string())?;
+    let sfmt = access::format_of(&req.source, req.source_format.as_deref())?;
+    // Writing over the source (or a file of its chain) would destroy it as it is read.
+    let mut sources = vec![req.source.clone()];
+    sources.extend(access::chain_below(&req.source, sfmt)?.into_iter().map(|l| l.path));
+    access::refuse_overlap(&req.dest, &sources, "destination")?;
+    let src = access::open(&req.source, sfmt, true)?;
     if req.options.iter().any(|o| o.split(',').any(|kv| kv.starts_with("backing_file="))) {
         bail!("convert does not create backed images; convert first, then rebase");
     }
@@ -104,16 +108,19 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
     if req.compress && dfmt != Format::Qcow2 {
         bail!("-c (compression) needs a qcow2 destination (-O qcow2)");
     }
-    create(&CreateRequest {
-        path: req.dest.clone(),
-        format: req.dest_format.clone(),
-        size: Some(src.size()),
-        options: req.options.clone(),
-        ..Default::default()
-    })?;
+    // Written under a temporary name, moved into place when complete and
+    // removed on any failure (a full disk leaves no half image behind).
+    let out = access::Output::new(&req.dest)?;
+    let create_req =
+        CreateRequest { path: req.dest.clone(), format: req.dest_format.clone(), size: Some(src.size()), options: req.options.clone(), ..Default::default() };
+    create_at(&create_req, out.path())?;
     let dst = match dfmt {
-        Format::Qcow2 => Dest::Qcow2 { img: Qcow2Image::open(&req.dest, false)?, compress: req.compress },
-        Format::Raw => Dest::Raw(rvirt_block::open(&req.dest, Some(dfmt), false)?),
+        Format::Qcow2 => {
+            let img = Qcow2Image::open(out.path(), false).with_context(|| req.dest.display().to_string())?;
+            img.set_cache_unsafe(!req.flush);
+            Dest::Qcow2 { img, compress: req.compress }
+        }
+        Format::Raw => Dest::Raw(rvirt_block::open(out.path(), dfmt, false).with_context(|| req.dest.display().to_string())?),
     };
     let size = src.size();
     // Work items: pieces of the extents that may hold data, aligned for the destination.
@@ -145,9 +152,14 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
     } else {
         copy_parallel(src.as_ref(), &dst, &chunks, chunk, workers, &progress, total)?
     };
-    if req.flush {
+    // A qcow2 destination writes its cached tables here (without fdatasync
+    // in the unsafe cache mode), so a full disk is an error, not a silent loss.
+    if req.flush || matches!(dst, Dest::Qcow2 { .. }) {
         dst.backend().flush()?;
     }
+    // Closing writes the qcow2 tables still cached; only then is the image whole.
+    drop(dst);
+    out.finish()?;
     progress.finish();
     Ok(copied)
 }

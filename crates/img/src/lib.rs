@@ -4,15 +4,17 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod access;
 mod convert;
 mod ops;
 
+pub use access::{image_arg, set_force_share, set_probe_backing};
 pub use convert::{cache_mode_flushes, convert, ConvertRequest};
 pub use ops::*;
 
 use anyhow::{bail, Context, Result};
 use rvirt_block::qcow2::{resolve_backing, Compression, CreateOptions, Preallocation, Qcow2Image};
-use rvirt_block::{probe_format, BlockBackend, Format, RawImage};
+use rvirt_block::{Format, RawImage};
 use serde::Serialize;
 
 /// Parses a size the way qemu-img does: bytes, or a number with a
@@ -66,8 +68,17 @@ pub struct CreateRequest {
     pub options: Vec<String>,
 }
 
-/// `rvirt-img create`.
+/// `rvirt-img create`: written under a temporary name and moved into
+/// place when complete.
 pub fn create(req: &CreateRequest) -> Result<()> {
+    let out = access::Output::new(&req.path)?;
+    create_at(req, out.path())?;
+    out.finish()
+}
+
+/// Creates the image `req` describes at `at` (backing names resolve next to
+/// `req.path`, which is in the same directory).
+pub(crate) fn create_at(req: &CreateRequest, at: &Path) -> Result<()> {
     let format = Format::parse(req.format.as_deref().unwrap_or("raw"))?;
     let mut size = req.size;
     let mut backing = req.backing_file.clone();
@@ -122,11 +133,12 @@ pub fn create(req: &CreateRequest) -> Result<()> {
     }
     if let Some(b) = &backing {
         let bpath = resolve_backing(&req.path, b);
-        let bfmt = match &backing_fmt {
-            Some(f) => Format::parse(f)?,
-            None => probe_format(&bpath).with_context(|| format!("backing file {b}"))?,
-        };
-        let bimg = rvirt_block::open(&bpath, Some(bfmt), true).with_context(|| format!("backing file {b}"))?;
+        if bpath.to_str().is_some_and(|p| p.starts_with("json:")) {
+            bail!("a json: name cannot be stored as a backing file name");
+        }
+        access::refuse_overlap(&req.path, &[bpath.clone()], "new image")?;
+        let bfmt = access::format_of(&bpath, backing_fmt.as_deref()).with_context(|| format!("backing file {b}"))?;
+        let bimg = access::open(&bpath, bfmt, true).with_context(|| format!("backing file {b}"))?;
         if size.is_none() {
             size = Some(bimg.size());
         }
@@ -135,7 +147,7 @@ pub fn create(req: &CreateRequest) -> Result<()> {
     let size = size.context("an image size is needed (e.g. 10G)")?;
     match format {
         Format::Raw => {
-            let img = RawImage::create(&req.path, size)?;
+            let img = RawImage::create(at, size)?;
             match prealloc {
                 Preallocation::Off => {}
                 Preallocation::Metadata => bail!("preallocation=metadata is for qcow2; raw takes off, falloc or full"),
@@ -144,7 +156,7 @@ pub fn create(req: &CreateRequest) -> Result<()> {
             }
         }
         Format::Qcow2 => {
-            Qcow2Image::create(&req.path, size, &qopts)?;
+            Qcow2Image::create(at, size, &qopts)?;
         }
     }
     Ok(())
@@ -228,10 +240,7 @@ pub struct ImageInfo {
 /// `rvirt-img info`.
 pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
     use std::os::unix::fs::MetadataExt;
-    let format = match format {
-        Some(f) => Format::parse(f)?,
-        None => probe_format(path)?,
-    };
+    let format = access::format_of(path, format)?;
     let meta = std::fs::metadata(path).with_context(|| path.display().to_string())?;
     let mut info = ImageInfo {
         snapshots: Vec::new(),
@@ -248,9 +257,10 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
         dirty_flag: false,
     };
     match format {
-        Format::Raw => info.virtual_size = RawImage::open(path, true)?.size(),
+        Format::Raw => info.virtual_size = access::open(path, Format::Raw, true)?.size(),
         Format::Qcow2 => {
-            let img = Qcow2Image::open(path, true)?;
+            // Like qemu-img, info reads the header alone, not the chain.
+            let img = access::open_qcow2(path, true, false)?;
             let h = img.header();
             info.virtual_size = h.size;
             info.cluster_size = Some(h.cluster_size());
@@ -298,15 +308,11 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
 
 /// `info --backing-chain`: the image and every backing file below it, top first.
 pub fn info_chain(path: &Path, format: Option<&str>) -> Result<Vec<ImageInfo>> {
-    let mut out: Vec<ImageInfo> = Vec::new();
-    let mut next = Some((path.to_path_buf(), format.map(str::to_string)));
-    while let Some((p, f)) = next.take() {
-        if out.len() > rvirt_block::qcow2::MAX_CHAIN_DEPTH {
-            bail!("backing chain deeper than {}", rvirt_block::qcow2::MAX_CHAIN_DEPTH);
-        }
-        let i = info(&p, f.as_deref())?;
-        next = i.full_backing_filename.as_ref().map(|b| (PathBuf::from(b), i.backing_filename_format.clone()));
-        out.push(i);
+    let fmt = access::format_of(path, format)?;
+    // The chain as the images record it: formats are not guessed below the top.
+    let mut out = vec![info(path, Some(fmt.name()))?];
+    for layer in access::chain_below(path, fmt)? {
+        out.push(info(&layer.path, Some(layer.format.name()))?);
     }
     Ok(out)
 }

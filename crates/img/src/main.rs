@@ -11,6 +11,13 @@ use rvirt_img::*;
 #[derive(Parser)]
 #[command(name = "rvirt-img", version, about)]
 struct Cli {
+    /// Force share: read an image another process holds (read-only commands; the view may be inconsistent).
+    #[arg(short = 'U', long = "force-share", global = true)]
+    force_share: bool,
+    /// Guess the format of backing files whose format the image does not record
+    /// (unsafe if a guest could have written the backing file).
+    #[arg(long = "probe-backing", global = true)]
+    probe_backing: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -213,12 +220,15 @@ fn output_json(output: &str) -> anyhow::Result<bool> {
 
 /// Runs one command; returns the process exit code.
 fn run(cli: Cli) -> anyhow::Result<u8> {
+    set_force_share(cli.force_share);
+    set_probe_backing(cli.probe_backing);
     match cli.command {
         Cmd::Create { format, backing, backing_format, options, filename, size } => {
             let size = size.as_deref().map(parse_size).transpose()?;
             create(&CreateRequest { path: filename, format, size, backing_file: backing, backing_format, options })?;
         }
         Cmd::Convert { format, output_format, options, progress, cache, compress, workers, source, dest } => {
+            let (source, format) = image_arg(source, format)?;
             let flush = cache_mode_flushes(&cache)?;
             if !(1..=16).contains(&workers) {
                 anyhow::bail!("-m must be between 1 and 16");
@@ -226,6 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             convert(&ConvertRequest { source, source_format: format, dest, dest_format: output_format, options, progress, flush, compress, workers })?;
         }
         Cmd::Info { format, output, backing_chain, filename } => {
+            let (filename, format) = image_arg(filename, format)?;
             let json = output_json(&output)?;
             let chain = if backing_chain { info_chain(&filename, format.as_deref())? } else { vec![info(&filename, format.as_deref())?] };
             match (json, backing_chain) {
@@ -235,6 +246,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Cmd::Check { format, repair, output, filename } => {
+            let (filename, format) = image_arg(filename, format)?;
             let json = output_json(&output)?;
             let outcome = check(&filename, format.as_deref(), repair.as_deref())?;
             for m in &outcome.report.messages {
@@ -248,6 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             return Ok(outcome.exit_code);
         }
         Cmd::Resize { format, shrink, filename, size } => {
+            let (filename, format) = image_arg(filename, format)?;
             resize(&filename, format.as_deref(), &size, shrink)?;
             println!("Image resized.");
         }
@@ -275,6 +288,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             println!("Image committed.");
         }
         Cmd::Compare { format, format2, strict, first, second } => {
+            let (first, format) = image_arg(first, format)?;
+            let (second, format2) = image_arg(second, format2)?;
             let (verdict, size_mismatch) = match compare(&first, format.as_deref(), &second, format2.as_deref(), strict) {
                 Ok(v) => v,
                 Err(e) => {
@@ -301,6 +316,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             });
         }
         Cmd::Map { format, output, filename } => {
+            let (filename, format) = image_arg(filename, format)?;
             let entries = map(&filename, format.as_deref())?;
             if output_json(&output)? {
                 print!("{}", map_json(&entries)?);

@@ -6,17 +6,11 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use rvirt_block::qcow2::{resolve_backing, CheckReport, Qcow2Image, Repair, Snapshot, Stored};
-use rvirt_block::{probe_format, BlockBackend, ExtentKind, Format, RawImage};
+use rvirt_block::{BlockBackend, ExtentKind, Format, RawImage};
 use serde::Serialize;
 
+use crate::access::{self, format_of};
 use crate::human_size;
-
-fn format_of(path: &Path, format: Option<&str>) -> Result<Format> {
-    Ok(match format {
-        Some(f) => Format::parse(f)?,
-        None => probe_format(path)?,
-    })
-}
 
 /// `check`'s result and the exit code qemu-img would give it.
 pub struct CheckOutcome {
@@ -37,7 +31,9 @@ pub fn check(path: &Path, format: Option<&str>, repair: Option<&str>) -> Result<
         Some("all") => Repair::All,
         Some(other) => bail!("invalid -r '{other}': expected leaks or all"),
     };
-    let report = rvirt_block::qcow2::check::check_path(path, repair).with_context(|| path.display().to_string())?;
+    // Checks need the image alone, not its backing chain.
+    let img = access::open_qcow2(path, repair == Repair::None, false)?;
+    let report = img.check(repair).with_context(|| path.display().to_string())?;
     let exit_code = if report.corruptions > 0 {
         2
     } else if report.leaks > 0 {
@@ -107,7 +103,8 @@ pub fn check_json(path: &Path, r: &CheckReport) -> serde_json::Value {
 /// `rvirt-img resize [--shrink] FILE [+|-]SIZE`.
 pub fn resize(path: &Path, format: Option<&str>, size: &str, shrink: bool) -> Result<()> {
     let fmt = format_of(path, format)?;
-    let current = rvirt_block::open(path, Some(fmt), true)?.size();
+    // Dropped before the resize opens the image for writing.
+    let current = access::open(path, fmt, true)?.size();
     let new = if let Some(d) = size.strip_prefix('+') {
         current.checked_add(crate::parse_size(d)?).context("size overflows")?
     } else if let Some(d) = size.strip_prefix('-') {
@@ -116,13 +113,14 @@ pub fn resize(path: &Path, format: Option<&str>, size: &str, shrink: bool) -> Re
         crate::parse_size(size)?
     };
     match fmt {
-        Format::Qcow2 => Qcow2Image::open(path, false)?.resize(new, shrink)?,
+        Format::Qcow2 => access::open_qcow2(path, false, true)?.resize(new, shrink)?,
         Format::Raw => {
             if new < current && !shrink {
                 bail!("shrinking an image can lose data; pass --shrink to confirm");
             }
-            let f = std::fs::OpenOptions::new().write(true).open(path).with_context(|| path.display().to_string())?;
-            f.set_len(new).with_context(|| path.display().to_string())?;
+            // Opened and locked as an image: a VM's disk is not resized under it.
+            let mut img = RawImage::open_with(path, &access::options(false, false)?).with_context(|| path.display().to_string())?;
+            img.resize(new)?;
         }
     }
     Ok(())
@@ -142,11 +140,11 @@ pub enum SnapshotAction<'a> {
 
 /// `rvirt-img snapshot -l|-c|-a|-d`. Returns the text to print.
 pub fn snapshot(path: &Path, action: SnapshotAction) -> Result<String> {
-    if probe_format(path)? != Format::Qcow2 {
+    if format_of(path, None)? != Format::Qcow2 {
         bail!("{}: internal snapshots need a qcow2 image", path.display());
     }
     let read_only = matches!(action, SnapshotAction::List);
-    let img = Qcow2Image::open(path, read_only).with_context(|| path.display().to_string())?;
+    let img = access::open_qcow2(path, read_only, false)?;
     match action {
         SnapshotAction::List => return Ok(snapshot_table(&img.snapshots())),
         SnapshotAction::Create(n) => img.create_snapshot(n)?,
@@ -188,16 +186,23 @@ fn format_date(secs: u32) -> String {
 /// differs between the old and the new backing file, so what FILE reads
 /// stays the same. `new_backing` empty removes the backing file.
 pub fn rebase(path: &Path, new_backing: &str, new_format: Option<&str>, unsafe_mode: bool) -> Result<()> {
-    if probe_format(path)? != Format::Qcow2 {
+    if format_of(path, None)? != Format::Qcow2 {
         bail!("{}: only qcow2 images have backing files", path.display());
     }
-    let img = Qcow2Image::open(path, false).with_context(|| path.display().to_string())?;
+    if new_backing.starts_with("json:") {
+        bail!("a json: name cannot be stored as a backing file name");
+    }
+    // -u edits the header only: the old backing file need not even exist.
+    let img = access::open_qcow2(path, false, !unsafe_mode)?;
     let new = if new_backing.is_empty() {
         None
     } else {
         let bpath = resolve_backing(path, new_backing);
         let fmt = format_of(&bpath, new_format).with_context(|| format!("new backing file {new_backing}"))?;
-        let b = rvirt_block::open(&bpath, Some(fmt), true).with_context(|| format!("new backing file {new_backing}"))?;
+        let mut files = vec![bpath.clone()];
+        files.extend(access::chain_below(&bpath, fmt)?.into_iter().map(|l| l.path));
+        access::refuse_overlap(path, &files, "image")?;
+        let b = if unsafe_mode { None } else { Some(access::open(&bpath, fmt, true).with_context(|| format!("new backing file {new_backing}"))?) };
         Some((b, fmt))
     };
     if !unsafe_mode {
@@ -212,7 +217,7 @@ pub fn rebase(path: &Path, new_backing: &str, new_format: Option<&str>, unsafe_m
             while pos < e.offset + e.length {
                 let n = (cs - pos % cs).min(e.offset + e.length - pos) as usize;
                 read_or_zero(img.backing(), &mut old_buf[..n], pos)?;
-                read_or_zero(new.as_ref().map(|(b, _)| b.as_ref()), &mut new_buf[..n], pos)?;
+                read_or_zero(new.as_ref().and_then(|(b, _)| b.as_deref()), &mut new_buf[..n], pos)?;
                 if old_buf[..n] != new_buf[..n] {
                     img.write_at(&old_buf[..n], pos)?;
                 }
@@ -240,17 +245,17 @@ fn read_or_zero(img: Option<&dyn BlockBackend>, buf: &mut [u8], pos: u64) -> Res
 /// `rvirt-img commit [-d] FILE`: writes what FILE stores into its backing
 /// file, then (unless `keep`) empties FILE so it reads through again.
 pub fn commit(path: &Path, keep: bool) -> Result<()> {
-    if probe_format(path)? != Format::Qcow2 {
+    if format_of(path, None)? != Format::Qcow2 {
         bail!("{}: only qcow2 images have backing files to commit to", path.display());
     }
-    let top = Qcow2Image::open(path, keep).with_context(|| path.display().to_string())?;
+    // The top alone: commit copies only what it stores, and the base is
+    // opened once, for writing.
+    let top = access::open_qcow2(path, keep, false)?;
     let Some(name) = top.backing_file().map(str::to_string) else { bail!("{}: image has no backing file", path.display()) };
-    let bpath = resolve_backing(path, &name);
-    let bfmt = match top.backing_format() {
-        Some(f) => f,
-        None => probe_format(&bpath)?,
-    };
-    let base = rvirt_block::open(&bpath, Some(bfmt), false).with_context(|| format!("backing file {name}"))?;
+    let chain = access::chain_below(path, Format::Qcow2)?;
+    let Some(base_layer) = chain.first() else { bail!("{}: image has no backing file", path.display()) };
+    access::refuse_overlap(&base_layer.path, &[path.to_path_buf()], "backing file")?;
+    let base = access::open(&base_layer.path, base_layer.format, false).with_context(|| format!("backing file {name}"))?;
     let size = top.size();
     let mut buf = vec![0u8; 1 << 20];
     for e in top.host_map(0, size)? {
@@ -292,8 +297,8 @@ pub enum Comparison {
 
 /// `rvirt-img compare [-s] A B`. Sizes may differ if the extra part reads as zeros.
 pub fn compare(a: &Path, afmt: Option<&str>, b: &Path, bfmt: Option<&str>, strict: bool) -> Result<(Comparison, bool)> {
-    let ia = rvirt_block::open(a, Some(format_of(a, afmt)?), true).with_context(|| a.display().to_string())?;
-    let ib = rvirt_block::open(b, Some(format_of(b, bfmt)?), true).with_context(|| b.display().to_string())?;
+    let ia = access::open(a, format_of(a, afmt)?, true)?;
+    let ib = access::open(b, format_of(b, bfmt)?, true)?;
     let (sa, sb) = (ia.size(), ib.size());
     let size_mismatch = sa != sb;
     if size_mismatch && strict {
@@ -369,29 +374,18 @@ enum Layer {
     Raw(RawImage),
 }
 
-/// Opens `path` and every backing file below it, top first.
+/// Opens `path` and every backing file below it, top first, each alone.
 fn open_chain(path: &Path, format: Option<&str>) -> Result<Vec<(String, Layer)>> {
+    let fmt = format_of(path, format)?;
+    let mut layers = vec![(path.to_path_buf(), fmt)];
+    layers.extend(access::chain_below(path, fmt)?.into_iter().map(|l| (l.path, l.format)));
+    let opts = access::options(true, false)?;
     let mut chain = Vec::new();
-    let mut next = Some((path.to_path_buf(), format_of(path, format)?));
-    while let Some((p, fmt)) = next.take() {
-        if chain.len() > rvirt_block::qcow2::MAX_CHAIN_DEPTH {
-            bail!("backing chain deeper than {}", rvirt_block::qcow2::MAX_CHAIN_DEPTH);
-        }
+    for (p, fmt) in layers {
         let name = p.display().to_string();
         let layer = match fmt {
-            Format::Raw => Layer::Raw(RawImage::open(&p, true)?),
-            Format::Qcow2 => {
-                let q = Qcow2Image::open(&p, true).with_context(|| name.clone())?;
-                if let Some(b) = q.backing_file() {
-                    let bp = resolve_backing(&p, b);
-                    let bf = match q.backing_format() {
-                        Some(f) => f,
-                        None => probe_format(&bp)?,
-                    };
-                    next = Some((bp, bf));
-                }
-                Layer::Qcow2(q)
-            }
+            Format::Raw => Layer::Raw(RawImage::open_with(&p, &opts).with_context(|| name.clone())?),
+            Format::Qcow2 => Layer::Qcow2(Qcow2Image::open_with(&p, &opts).with_context(|| name.clone())?),
         };
         chain.push((name, layer));
     }
@@ -520,7 +514,7 @@ pub fn measure(out_format: &str, cluster_size: u64, size: Option<u64>, source: O
         (Some(s), None) => (s, None, None),
         (None, Some((p, f))) => {
             let fmt = format_of(p, f)?;
-            let img = rvirt_block::open(p, Some(fmt), true).with_context(|| p.display().to_string())?;
+            let img = access::open(p, fmt, true)?;
             let size = img.size();
             // Data clusters in the image and the backing chain under it.
             let mut data = 0u64;

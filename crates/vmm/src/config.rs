@@ -61,13 +61,22 @@ impl std::str::FromStr for OnReboot {
     }
 }
 
-/// A virtio disk, from `--disk path=F[,format=raw|qcow2][,readonly=on][,serial=S][,direct=on]`.
+/// A virtio disk, from `--disk path=F[,format=raw|qcow2][,readonly=on][,serial=S][,direct=on]
+/// [,backing=F:FMT]...[,probe_backing=on][,shareable=on]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
     /// The image file.
     pub path: PathBuf,
-    /// Image format; probed from the file when not given.
+    /// Image format. Never probed: a guest writes its disk's first bytes,
+    /// so a disk without a format is raw (libvirt's rule).
     pub format: Option<rvirt_block::Format>,
+    /// The backing chain below a qcow2 image, top first, as resolved by the
+    /// caller (rvirtd): when given, no file is opened by a name read from an image.
+    pub backing: Vec<rvirt_block::Layer>,
+    /// Guess the format of a backing file the image does not record (opt-in).
+    pub probe_backing: bool,
+    /// Other VMs may write the image at once (`<shareable/>`).
+    pub shareable: bool,
     /// Refuse guest writes (and open the file read-only).
     pub read_only: bool,
     /// Serial number the guest reads (up to 20 bytes).
@@ -76,15 +85,37 @@ pub struct DiskConfig {
     pub direct: bool,
 }
 
-/// Splits `a=b,c=d` into pairs, naming the option in errors.
-fn key_values<'a>(option: &str, s: &'a str) -> Result<Vec<(&'a str, &'a str)>, Error> {
-    s.split(',')
+/// Splits `a=b,c=d` into pairs, naming the option in errors. As in QEMU,
+/// `,,` stands for a comma inside a value (a path with commas).
+fn key_values(option: &str, s: &str) -> Result<Vec<(String, String)>, Error> {
+    let mut items = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                items.last_mut().map(|i| i.push(','));
+            }
+            ',' => items.push(String::new()),
+            c => {
+                items.last_mut().map(|i| i.push(c));
+            }
+        }
+    }
+    items
+        .iter()
         .map(|kv| {
             kv.split_once('=')
                 .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
                 .ok_or_else(|| Error::Config(format!("invalid {option} '{s}': '{kv}' is not KEY=VALUE")))
         })
         .collect()
+}
+
+/// Escapes a value for a `KEY=VALUE,...` option (commas doubled).
+pub fn escape_value(v: &str) -> String {
+    v.replace(',', ",,")
 }
 
 fn on_off(option: &str, key: &str, v: &str) -> Result<bool, Error> {
@@ -98,23 +129,43 @@ fn on_off(option: &str, key: &str, v: &str) -> Result<bool, Error> {
 impl std::str::FromStr for DiskConfig {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
-        let mut d = DiskConfig { path: PathBuf::new(), format: None, read_only: false, serial: None, direct: false };
+        let mut d = DiskConfig {
+            path: PathBuf::new(),
+            format: None,
+            backing: Vec::new(),
+            probe_backing: false,
+            shareable: false,
+            read_only: false,
+            serial: None,
+            direct: false,
+        };
+        let format = |v: &str| rvirt_block::Format::parse(v).map_err(|e| Error::Config(format!("--disk: {e}")));
         for (k, v) in key_values("--disk", s)? {
+            let (k, v) = (k.as_str(), v.as_str());
             match k {
                 "path" => d.path = PathBuf::from(v),
-                "format" => {
-                    d.format = Some(rvirt_block::Format::parse(v).map_err(|e| Error::Config(format!("--disk: {e}")))?)
+                "format" => d.format = Some(format(v)?),
+                "backing" => {
+                    let (p, f) = v.rsplit_once(':').filter(|(p, _)| !p.is_empty()).ok_or_else(|| {
+                        Error::Config(format!("--disk backing='{v}': expected PATH:FORMAT (the format is never guessed)"))
+                    })?;
+                    d.backing.push(rvirt_block::Layer { path: PathBuf::from(p), format: format(f)? });
                 }
+                "probe_backing" => d.probe_backing = on_off("--disk", k, v)?,
+                "shareable" => d.shareable = on_off("--disk", k, v)?,
                 "readonly" => d.read_only = on_off("--disk", k, v)?,
                 "direct" => d.direct = on_off("--disk", k, v)?,
                 "serial" if v.len() <= 20 && v.bytes().all(|b| b.is_ascii_graphic()) => d.serial = Some(v.into()),
                 "serial" => return Err(Error::Config(format!("--disk serial '{v}': at most 20 printable characters"))),
                 _ => {
                     return Err(Error::Config(format!(
-                        "--disk: unknown key '{k}' (expected path, format, readonly, serial, direct)"
+                        "--disk: unknown key '{k}' (expected path, format, backing, probe_backing, shareable, readonly, serial, direct)"
                     )))
                 }
             }
+        }
+        if !d.backing.is_empty() && d.format != Some(rvirt_block::Format::Qcow2) {
+            return Err(Error::Config(format!("--disk '{s}': backing= needs format=qcow2")));
         }
         if d.path.as_os_str().is_empty() {
             return Err(Error::Config(format!("--disk '{s}': path=FILE is required")));
@@ -159,6 +210,7 @@ impl std::str::FromStr for NetConfig {
     fn from_str(s: &str) -> Result<Self, Error> {
         let mut n = NetConfig { tap: String::new(), mac: None, bridge: None };
         for (k, v) in key_values("--net", s)? {
+            let (k, v) = (k.as_str(), v.as_str());
             match k {
                 "tap" => n.tap = v.into(),
                 "mac" => n.mac = Some(parse_mac(v)?),
@@ -348,10 +400,25 @@ mod tests {
             ("path=a,readonly=maybe", "on or off"),
             ("path=a,cache=none", "unknown key 'cache'"),
             ("path=a,serial=123456789012345678901", "20"),
+            ("path=a,format=qcow2,backing=/b", "PATH:FORMAT"),
+            ("path=a,format=qcow2,backing=/b:vmdk", "vmdk"),
+            ("path=a,backing=/b:raw", "needs format=qcow2"),
         ] {
             let e = bad.parse::<DiskConfig>().unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn disk_chains_and_commas() {
+        let d: DiskConfig = "path=/i/top,,1.qcow2,format=qcow2,backing=/i/mid:x.qcow2:qcow2,backing=/i/base.raw:raw,shareable=on".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/i/top,1.qcow2"));
+        let chain: Vec<(&str, rvirt_block::Format)> = d.backing.iter().map(|l| (l.path.to_str().unwrap(), l.format)).collect();
+        assert_eq!(chain, [("/i/mid:x.qcow2", rvirt_block::Format::Qcow2), ("/i/base.raw", rvirt_block::Format::Raw)]);
+        assert!(d.shareable && !d.probe_backing);
+        assert_eq!(escape_value("/a,b"), "/a,,b");
+        // No format: raw, never probed.
+        assert_eq!("path=/x".parse::<DiskConfig>().unwrap().format, None);
     }
 
     #[test]

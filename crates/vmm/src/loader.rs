@@ -47,14 +47,11 @@ fn file_err(what: &'static str, path: &Path, detail: impl ToString) -> Error {
     Error::File { what, path: path.to_path_buf(), detail: detail.to_string() }
 }
 
-/// Opens `path` for reading with an error that names it.
+/// Opens `path` for reading with an error that names it: without blocking
+/// (a FIFO cannot hang the VMM) and only if what was opened is a regular file.
 pub fn open_input(what: &'static str, path: &Path) -> Result<File> {
-    let f = File::open(path).map_err(|e| file_err(what, path, e))?;
-    let meta = f.metadata().map_err(|e| file_err(what, path, e))?;
-    if !meta.is_file() {
-        return Err(file_err(what, path, "not a regular file"));
-    }
-    Ok(f)
+    use rvirt_block::file::{open_checked, Kind};
+    open_checked(path, false, Kind::Regular, 0).map_err(|e| file_err(what, path, e))
 }
 
 /// Recognises the kernel's format from its first bytes.

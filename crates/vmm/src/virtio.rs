@@ -58,19 +58,29 @@ fn random_mac() -> [u8; 6] {
 }
 
 fn open_disk(d: &DiskConfig) -> Result<Arc<dyn rvirt_block::BlockBackend>> {
+    use rvirt_block::{BackingPolicy, Format, ImageOptions, Locking};
     // The image library's errors already name the file.
     let err = |e: rvirt_block::Error| Error::Device(format!("--disk: {e}"));
-    let format = match d.format {
-        Some(f) => f,
-        None => rvirt_block::probe_format(&d.path).map_err(err)?,
-    };
-    if d.direct {
-        if format != rvirt_block::Format::Raw {
-            return Err(Error::Config(format!("--disk {}: direct=on is supported for raw images only", d.path.display())));
-        }
-        return Ok(Arc::new(rvirt_block::RawImage::open_direct(&d.path, d.read_only).map_err(err)?));
+    // Never probed: the guest writes the first bytes of its disk, and a
+    // probe could be talked into opening any host file as a backing file.
+    let format = d.format.unwrap_or(Format::Raw);
+    if d.direct && format != Format::Raw {
+        return Err(Error::Config(format!("--disk {}: direct=on is supported for raw images only", d.path.display())));
     }
-    Ok(Arc::from(rvirt_block::open(&d.path, Some(format), d.read_only).map_err(err)?))
+    let backing = if !d.backing.is_empty() {
+        BackingPolicy::Given(d.backing.clone())
+    } else if d.probe_backing {
+        BackingPolicy::Probe
+    } else {
+        BackingPolicy::RecordedFormat
+    };
+    let opts = ImageOptions {
+        read_only: d.read_only,
+        locking: if d.shareable { Locking::ShareWrite } else { Locking::Exclusive },
+        backing,
+        direct: d.direct,
+    };
+    Ok(Arc::from(rvirt_block::open_with(&d.path, format, &opts).map_err(err)?))
 }
 
 impl Backends {

@@ -64,7 +64,7 @@ fn bad_virtio_device_arguments_get_one_clear_line() {
     run(disk("path=/nonexistent/d.raw".into()), "--disk: /nonexistent/d.raw: No such file");
     run(disk("/img/a.raw".into()), "invalid --disk '/img/a.raw'");
     run(disk("path=a,cache=none".into()), "unknown key 'cache'");
-    run(disk(format!("path={}", bad_qcow2.display())), "not a qcow2 image");
+    run(disk(format!("path={},format=qcow2", bad_qcow2.display())), "not a qcow2 image");
     run(disk(format!("path={},format=qcow2", raw.display())), "not a qcow2 image");
     run(disk(format!("path={},format=qcow2,direct=on", raw.display())), "direct=on is supported for raw images only");
     expect_error(&["--kernel", k, "--net", "tap="], "tap=NAME (1-15 characters) is required");
@@ -94,4 +94,34 @@ fn help_and_version_succeed() {
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
+}
+
+fn mkfifo(p: &std::path::Path) {
+    let _ = std::fs::remove_file(p);
+    let status = Command::new("mkfifo").arg(p).status().unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn fifos_as_kernel_initrd_disk_or_backing_file_are_refused_at_once() {
+    // A blocking open of a FIFO with no writer would hang the VMM forever.
+    let k = kernel_file();
+    let k = k.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("rvirt-cli-fifos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    mkfifo(&fifo);
+    let f = fifo.to_str().unwrap();
+    expect_error(&["--kernel", f], "is a FIFO");
+    expect_error(&["--kernel", k, "--initrd", f], "is a FIFO");
+    expect_error(&["--kernel", k, "--disk", &format!("path={f}")], "is a FIFO");
+    // A qcow2 overlay whose backing file is a FIFO (made without opening it).
+    let top = dir.join("top.qcow2");
+    let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", f]).arg(&top).arg("1M").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spec = format!("path={},format=qcow2", top.display());
+    expect_error(&["--kernel", k, "--disk", &spec], "is a FIFO");
+    let spec = format!("path={},format=qcow2,backing={f}:raw", top.display());
+    expect_error(&["--kernel", k, "--disk", &spec], "is a FIFO");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
