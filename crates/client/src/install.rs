@@ -52,6 +52,7 @@ fn disk(spec: &str, index: usize) -> Result<VirtioDisk> {
         direct: false,
         target: format!("vd{}", (b'a' + index as u8) as char),
         readonly: false,
+        shareable: false,
         serial: None,
     };
     if index >= 26 {
@@ -83,10 +84,21 @@ fn disk(spec: &str, index: usize) -> Result<VirtioDisk> {
             ImageFormat::Raw => drop(rvirt_block::RawImage::create(&d.path, bytes)?),
             ImageFormat::Qcow2 => drop(rvirt_block::Qcow2Image::create(&d.path, bytes, &Default::default())?),
         }
-    } else if let Ok(meta) = std::fs::metadata(&d.path) {
-        use std::os::unix::fs::FileTypeExt;
-        if meta.file_type().is_block_device() {
-            d.source_kind = DiskSource::Block;
+    } else {
+        if let Ok(meta) = std::fs::metadata(&d.path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_block_device() {
+                d.source_kind = DiskSource::Block;
+            }
+        }
+        // The user named this image, so it is probed now, once, and the
+        // format is written into the definition: the domain's disk is never
+        // probed again (by then the guest has written its first bytes).
+        if d.format.is_none() {
+            d.format = Some(match rvirt_block::probe_format(&d.path)? {
+                rvirt_block::Format::Raw => ImageFormat::Raw,
+                rvirt_block::Format::Qcow2 => ImageFormat::Qcow2,
+            });
         }
     }
     Ok(d)
@@ -173,6 +185,13 @@ mod tests {
         assert_eq!(d.disks[0].format, Some(ImageFormat::Qcow2));
         assert_eq!(&std::fs::read(&img).unwrap()[..4], b"QFI\xfb", "a qcow2 image was created");
         assert_eq!(d.serial, Some(CharDevice::Pty));
+        // An existing image gets the format it has written into the XML.
+        let existing = InstallOptions { disks: vec![format!("path={}", img.display())], ..o.clone() };
+        assert_eq!(build(&existing).unwrap().disks[0].format, Some(ImageFormat::Qcow2));
+        let vmdk = dir.join("foreign.vmdk");
+        std::fs::write(&vmdk, b"KDMV\x01\0\0\0 and the rest of a sparse extent header").unwrap();
+        let foreign = InstallOptions { disks: vec![format!("path={}", vmdk.display())], ..o.clone() };
+        assert!(build(&foreign).unwrap_err().to_string().contains("vmdk format"));
         let missing = InstallOptions { disks: vec!["path=/nonexistent/x.raw".into()], ..o.clone() };
         assert!(build(&missing).unwrap_err().to_string().contains("give size=GiB"));
         let bad = InstallOptions { networks: vec!["network=default".into()], disks: vec![], ..o.clone() };

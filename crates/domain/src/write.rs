@@ -2,7 +2,7 @@
 //! `rvirt-vmm` command line.
 
 use std::fmt::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::xml::{CharDevice, DiskSource, DomainXml, ImageFormat, InterfaceKind, LifecycleAction, UnknownElement};
 
@@ -54,6 +54,9 @@ pub struct VmmLaunch<'a> {
     pub api_socket: &'a Path,
     /// One tap name per interface, in order.
     pub taps: &'a [String],
+    /// One backing chain per disk, in order (top first; empty for none),
+    /// resolved by the daemon so the VMM opens no file named in an image.
+    pub chains: &'a [Vec<(PathBuf, ImageFormat)>],
 }
 
 impl DomainXml {
@@ -104,6 +107,9 @@ impl DomainXml {
             let _ = writeln!(o, "      <target dev='{}' bus='virtio'/>", esc(&d.target));
             if d.readonly {
                 let _ = writeln!(o, "      <readonly/>");
+            }
+            if d.shareable {
+                let _ = writeln!(o, "      <shareable/>");
             }
             if let Some(s) = &d.serial {
                 let _ = writeln!(o, "      <serial>{}</serial>", esc(s));
@@ -173,10 +179,17 @@ impl DomainXml {
         if let Some(c) = &self.cmdline {
             a.extend(["--cmdline".into(), c.clone()]);
         }
-        for d in &self.disks {
-            let mut spec = format!("path={}", d.path.to_string_lossy());
-            if let Some(f) = d.format {
-                spec += if f == ImageFormat::Raw { ",format=raw" } else { ",format=qcow2" };
+        let fmt = |f: ImageFormat| if f == ImageFormat::Raw { "raw" } else { "qcow2" };
+        // Commas in values are doubled, as QEMU-style options expect.
+        let escape = |p: &Path| p.to_string_lossy().replace(',', ",,");
+        for (i, d) in self.disks.iter().enumerate() {
+            // A disk without a format is raw: the VMM is told so, never left to guess.
+            let mut spec = format!("path={},format={}", escape(&d.path), fmt(d.format.unwrap_or(ImageFormat::Raw)));
+            for (path, f) in launch.chains.get(i).map(Vec::as_slice).unwrap_or_default() {
+                spec += &format!(",backing={}:{}", escape(path), fmt(*f));
+            }
+            if d.shareable {
+                spec += ",shareable=on";
             }
             if d.readonly {
                 spec += ",readonly=on";

@@ -84,7 +84,7 @@ pub struct VirtioDisk {
     pub source_kind: DiskSource,
     /// Absolute path of the image.
     pub path: PathBuf,
-    /// `<driver type=...>`; probed when absent.
+    /// `<driver type=...>`; raw when absent (a guest-writable disk is never probed).
     pub format: Option<ImageFormat>,
     /// `<driver cache='none'|'directsync'>`: O_DIRECT.
     pub direct: bool,
@@ -92,6 +92,8 @@ pub struct VirtioDisk {
     pub target: String,
     /// `<readonly/>`.
     pub readonly: bool,
+    /// `<shareable/>`: other domains may write the image at the same time.
+    pub shareable: bool,
     /// `<serial>`.
     pub serial: Option<String>,
 }
@@ -530,6 +532,7 @@ fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
         direct: false,
         target: String::new(),
         readonly: false,
+        shareable: false,
         serial: None,
     };
     for c in elements(n) {
@@ -565,6 +568,7 @@ fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
                 disk.target = dev.to_string();
             }
             "readonly" => disk.readonly = true,
+            "shareable" => disk.shareable = true,
             "serial" => {
                 let s = c.text().unwrap_or("").trim().to_string();
                 if s.len() > 20 || !s.is_ascii() {

@@ -8,6 +8,7 @@
 pub mod manager;
 pub mod process;
 pub mod server;
+pub mod storage;
 pub mod store;
 
 use std::path::PathBuf;

@@ -17,6 +17,7 @@ use rvirt_domain::protocol::{DomainInfo, DomainState, DomainSummary, Request, Re
 use rvirt_domain::{CharDevice, DiskSource, DomainXml, LifecycleAction, VmmLaunch};
 
 use crate::process::{self, VmmEnd};
+use crate::storage;
 use crate::store::{RunRecord, Store};
 
 /// How long a VMM may take from spawn to answering its control socket.
@@ -301,6 +302,9 @@ impl Manager {
     /// Spawns the VMM for `name` with `def`; the domain is `running` from here.
     fn spawn(&self, g: &mut Inner, name: &str, def: DomainXml) -> Result<(PathBuf, u64), String> {
         Self::check_files(&def)?;
+        let chains = storage::resolve_chains(&def)?;
+        let others = g.domains.iter().filter(|(n, _)| n.as_str() != name).filter_map(|(n, d)| d.run.as_ref().map(|r| (n.as_str(), &r.def)));
+        storage::check_disk_conflicts(name, &def, &chains, others)?;
         let id = g.next_id;
         let api_socket = self.store.api_socket(id);
         if api_socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -311,7 +315,7 @@ impl Manager {
         let log = self.store.log(name);
         let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let _ = std::fs::remove_file(&api_socket);
-        let args = def.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps });
+        let args = def.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains });
         let child = process::spawn_vmm(&self.vmm, &args, &log).map_err(|e| format!("starting {}: {e}", self.vmm.display()))?;
         g.next_id += 1;
         let pid = child.id();

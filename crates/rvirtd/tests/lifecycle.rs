@@ -233,7 +233,10 @@ fn install_writes_the_definition_creates_the_disk_and_starts() {
     assert_eq!(d.ok(&args).trim(), "Domain 'inst' defined and started");
     assert_eq!(d.state("inst"), "running (booted)");
     assert!(d.ok(&["dominfo", "inst"]).contains("Autostart:      enable"));
-    let img = std::process::Command::new("qemu-img").args(["info", "--output", "json"]).arg(&disk).output().unwrap();
+    // The running VMM holds the image as QEMU would: qemu-img needs -U to look.
+    let locked = std::process::Command::new("qemu-img").args(["info"]).arg(&disk).output().unwrap();
+    assert!(!locked.status.success() && String::from_utf8_lossy(&locked.stderr).contains("lock"), "qemu-img info without -U on a running disk");
+    let img = std::process::Command::new("qemu-img").args(["info", "-U", "--output", "json"]).arg(&disk).output().unwrap();
     let info: serde_json::Value = serde_json::from_slice(&img.stdout).unwrap();
     assert_eq!((info["format"].as_str(), info["virtual-size"].as_u64()), (Some("qcow2"), Some(64 << 20)), "qemu-img reads the new disk");
     d.fails(&["install", "--name", "inst", "--kernel", kernel], "already exists");

@@ -112,7 +112,8 @@ fn minimal_definitions_get_libvirt_defaults() {
 fn vmm_arguments_cover_every_device() {
     let d = DomainXml::parse(LIBVIRT_XML).unwrap();
     let taps = vec!["rv1n0".to_string(), "tap7".to_string()];
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/run/rvirt/web.sock"), taps: &taps }).join(" ");
+    let chains = vec![vec![(std::path::PathBuf::from("/var/lib/rvirt/images/base,1.qcow2"), ImageFormat::Qcow2), ("/b.raw".into(), ImageFormat::Raw)], vec![]];
+    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/run/rvirt/web.sock"), taps: &taps, chains: &chains }).join(" ");
     for want in [
         "--kernel /var/lib/rvirt/boot/vmlinuz",
         "--cpus 2",
@@ -121,7 +122,7 @@ fn vmm_arguments_cover_every_device() {
         "--on-reboot restart",
         "--serial pty",
         "--initrd /var/lib/rvirt/boot/initrd.img",
-        "--disk path=/var/lib/rvirt/images/web.qcow2,format=qcow2,serial=web-root",
+        "--disk path=/var/lib/rvirt/images/web.qcow2,format=qcow2,backing=/var/lib/rvirt/images/base,,1.qcow2:qcow2,backing=/b.raw:raw,serial=web-root",
         "--disk path=/dev/vg0/data,format=raw,readonly=on,direct=on",
         "--net tap=rv1n0,mac=52:54:00:ab:cd:01,bridge=br0",
         "--net tap=tap7",
@@ -189,4 +190,16 @@ fn hostile_text_is_escaped_on_the_way_out() {
     let back = DomainXml::parse(&d.to_xml()).unwrap();
     assert_eq!(back.kernel, d.kernel);
     assert_eq!(back.cmdline.as_deref(), Some("a=<b> & c='d'"));
+}
+
+#[test]
+fn disks_without_a_format_are_raw_and_shareable_is_kept() {
+    let xml = "<domain type='kvm'><name>s</name><memory>524288</memory><os><kernel>/k</kernel></os><devices>\
+        <disk type='file' device='disk'><source file='/img/shared.img'/><target dev='vda'/><shareable/></disk>\
+        </devices></domain>";
+    let d = DomainXml::parse(xml).unwrap();
+    assert!(d.disks[0].shareable && d.disks[0].format.is_none());
+    assert!(DomainXml::parse(&d.to_xml()).unwrap().disks[0].shareable, "dumpxml keeps <shareable/>");
+    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &[], chains: &[] }).join(" ");
+    assert!(args.contains("--disk path=/img/shared.img,format=raw,shareable=on"), "{args}");
 }
