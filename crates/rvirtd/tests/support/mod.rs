@@ -16,9 +16,10 @@ pub struct Bins {
     pub rvirtd: PathBuf,
     pub rvirt: PathBuf,
     pub vmm: PathBuf,
+    pub img: PathBuf,
 }
 
-/// Builds rvirt and rvirt-vmm (same profile as this test) once.
+/// Builds rvirt, rvirt-vmm and rvirt-img (same profile as this test) once.
 pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
     BINS.get_or_init(|| {
@@ -26,12 +27,12 @@ pub fn bins() -> &'static Bins {
         let dir = rvirtd.parent().expect("bin dir").to_path_buf();
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-            .args(["build", "--quiet", "-p", "rvirt", "-p", "rvirt-vmm", "--bins"]);
+            .args(["build", "--quiet", "-p", "rvirt", "-p", "rvirt-vmm", "-p", "rvirt-img", "--bins"]);
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
-        assert!(cmd.status().expect("cargo build").success(), "building rvirt and rvirt-vmm");
-        Bins { rvirt: dir.join("rvirt"), vmm: dir.join("rvirt-vmm"), rvirtd }
+        assert!(cmd.status().expect("cargo build").success(), "building rvirt, rvirt-vmm and rvirt-img");
+        Bins { rvirt: dir.join("rvirt"), vmm: dir.join("rvirt-vmm"), img: dir.join("rvirt-img"), rvirtd }
     })
 }
 
