@@ -1,6 +1,8 @@
 //! `cargo bench -p rvirt-block --bench iops`: 4 KiB read and write IOPS
 //! through the library against `qemu-img bench`, side by side on the same
-//! 1 GiB qcow2 image (metadata preallocated, so writes land in place).
+//! 1 GiB qcow2 image (metadata preallocated, so writes land in place); then
+//! allocating writes into a fresh image with a flush every 32 requests (what
+//! the write barriers cost), with lazy refcounts off (the default) and on.
 //!
 //! `qemu-img bench` has no random mode; both sides use its strided pattern
 //! instead: each request 1 MiB + 4 KiB past the last, wrapping at the end,
@@ -57,6 +59,41 @@ fn qemu(path: &std::path::Path, write: bool) -> f64 {
         .unwrap_or_else(|| panic!("qemu-img bench: {text}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
+/// `REQUESTS` 4 KiB writes into a fresh image, one at a time, flushing every
+/// `FLUSH_EVERY`: every write allocates, so every flush writes tables.
+fn ours_allocating(path: &std::path::Path, lazy: bool) -> f64 {
+    let _ = std::fs::remove_file(path);
+    drop(Qcow2Image::create(path, SIZE, &CreateOptions { lazy_refcounts: lazy, ..Default::default() }).unwrap());
+    let img = Qcow2Image::open(path, false).unwrap();
+    let buf = vec![0x5au8; 4096];
+    let t = Instant::now();
+    for i in 0..REQUESTS {
+        img.write_at(&buf, (i * STEP) % (SIZE - 4096) / 4096 * 4096).expect("write");
+        if (i + 1) % FLUSH_EVERY == 0 {
+            img.flush().expect("flush");
+        }
+    }
+    img.flush().expect("flush");
+    t.elapsed().as_secs_f64()
+}
+
+fn qemu_allocating(path: &std::path::Path, lazy: bool) -> f64 {
+    let _ = std::fs::remove_file(path);
+    let lazy = format!("lazy_refcounts={}", if lazy { "on" } else { "off" });
+    let ok = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", &lazy]).arg(path).arg(SIZE.to_string()).status().expect("qemu-img");
+    assert!(ok.success());
+    let n = REQUESTS.to_string();
+    let every = FLUSH_EVERY.to_string();
+    let args = ["bench", "-w", "-c", &n, "-d", "1", "-s", "4k", "-S", "1052672", "-t", "writeback", "--flush-interval", &every, "-f", "qcow2"];
+    let out = Command::new("qemu-img").args(args).arg(path).output().expect("qemu-img");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Run completed in ").and_then(|r| r.strip_suffix(" seconds.")).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("qemu-img bench: {text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+const FLUSH_EVERY: u64 = 32;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -83,6 +120,18 @@ fn main() {
         let iops = |t: f64| REQUESTS as f64 / t;
         let (o1, o4, qm) = (iops(median(one)), iops(median(four)), iops(median(q)));
         println!("  {label}: rvirt-block {o1:.0} IOPS (1 thread), {o4:.0} IOPS (4 threads); qemu-img bench {qm:.0} IOPS (64 in flight); ratio rvirt/qemu {:.2}", o1.max(o4) / qm);
+    }
+    println!("allocating 4 KiB writes into a fresh 1 GiB qcow2, one in flight, a flush every {FLUSH_EVERY}, median of {ROUNDS}:");
+    let fresh = dir.join("fresh.qcow2");
+    for lazy in [false, true] {
+        let (mut o, mut q) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            o.push(ours_allocating(&fresh, lazy));
+            q.push(qemu_allocating(&fresh, lazy));
+        }
+        let iops = |t: f64| REQUESTS as f64 / t;
+        let (om, qm) = (iops(median(o)), iops(median(q)));
+        println!("  lazy_refcounts={}: rvirt-block {om:.0} IOPS; qemu-img bench {qm:.0} IOPS; ratio rvirt/qemu {:.2}", if lazy { "on" } else { "off" }, om / qm);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -123,7 +123,11 @@ pub(crate) struct Output {
 
 impl Output {
     /// Prepares an output at `dest`, refusing one another process holds.
+    /// An existing destination reached through a symlink is replaced where
+    /// the link points, as writing through it would.
     pub(crate) fn new(dest: &Path) -> Result<Self> {
+        let resolved = std::fs::canonicalize(dest).ok();
+        let dest = resolved.as_deref().unwrap_or(dest);
         if let Ok(meta) = std::fs::metadata(dest) {
             use std::os::unix::fs::FileTypeExt;
             if meta.file_type().is_block_device() {
