@@ -293,7 +293,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let (verdict, size_mismatch) = match compare(&first, format.as_deref(), &second, format2.as_deref(), strict) {
                 Ok(v) => v,
                 Err(e) => {
-                    eprintln!("rvirt-img: {e:#}");
+                    eprintln!("rvirt-img: {}", error_text(&e));
                     return Ok(2);
                 }
             };
@@ -347,6 +347,25 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// The error and its causes on one line, each said once: the image
+/// library's errors already carry their OS error in their text.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let m = cause.to_string();
+        if m.starts_with(&out) {
+            // A context that only named the file the cause names again.
+            out = m;
+        } else if !out.contains(&m) {
+            if !out.is_empty() {
+                out += ": ";
+            }
+            out += &m;
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -358,7 +377,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("rvirt-img: {e:#}");
+            eprintln!("rvirt-img: {}", error_text(&e));
             ExitCode::from(1)
         }
     }
