@@ -983,6 +983,10 @@ impl Qcow2Image {
         if let Mapping::Data { host, copied: true } = current {
             return self.file.write_all_at(data, host + in_cluster).map_err(|e| self.io(e));
         }
+        if current == Mapping::Unallocated && data.len() as u64 != cs && self.backing.is_none() && self.backing_name.is_some() {
+            // The rest of the cluster is the backing file's, which this open did not open.
+            return Err(Error::Request(format!("{}: a partial write over the backing file needs the backing file open", self.name)));
+        }
         // Copy-on-write: build the whole new cluster from what reads see now.
         let mut cluster = vec![0u8; cs as usize];
         if data.len() as u64 != cs {
@@ -1082,12 +1086,14 @@ impl Qcow2Image {
     fn zero_cluster(&self, inner: &mut Inner, gc: u64, unmap: bool) -> Result<()> {
         let current = self.mapping(inner, gc)?;
         let entry = if inner.header.version >= 3 {
-            if unmap && self.backing.is_none() {
+            // Whether a backing file shows through is the header's to say, even
+            // when this open did not open the backing file.
+            if unmap && self.backing_name.is_none() {
                 0
             } else {
                 ZERO
             }
-        } else if self.backing.is_none() {
+        } else if self.backing_name.is_none() {
             0
         } else {
             // v2 cannot express zeros over a backing file: write them.
@@ -1614,7 +1620,7 @@ impl BlockBackend for Qcow2Image {
         let mut out = Vec::new();
         for e in self.host_map(offset, length)? {
             let kind = match e.stored {
-                Stored::Unallocated if self.backing.is_some() => ExtentKind::Backing,
+                Stored::Unallocated if self.backing_name.is_some() => ExtentKind::Backing,
                 Stored::Unallocated | Stored::Zero => ExtentKind::Zero,
                 Stored::Data { .. } => ExtentKind::Data,
             };
@@ -1719,6 +1725,25 @@ mod tests {
         let e = Qcow2Image::create(&p, 16 << 30, &CreateOptions { cluster_bits: 9, ..Default::default() }).err().unwrap();
         assert!(e.to_string().contains("use larger clusters"), "{e}");
         assert!(!p.exists(), "a refused create must not leave a file behind");
+    }
+
+    #[test]
+    fn an_overlay_opened_alone_never_uncovers_or_drops_its_backing_data() {
+        let base = tmp("alone-base.raw");
+        std::fs::write(&base, vec![7u8; 1 << 20]).unwrap();
+        let top = tmp("alone-top.qcow2");
+        let _ = std::fs::remove_file(&top);
+        drop(Qcow2Image::create(&top, 1 << 20, &CreateOptions { backing: Some(("alone-base.raw".into(), Format::Raw)), ..Default::default() }).unwrap());
+        let alone = Qcow2Image::open_with(&top, &ImageOptions { backing: BackingPolicy::Ignore, ..ImageOptions::default() }).unwrap();
+        assert!(alone.write_at(&[1u8; 100], 0).unwrap_err().to_string().contains("needs the backing file open"));
+        alone.discard(65536, 65536).unwrap();
+        drop(alone);
+        let full = Qcow2Image::open(&top, true).unwrap();
+        let mut b = vec![0u8; 65536];
+        full.read_at(&mut b, 65536).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "a discard over a backing file reads as zeros");
+        full.read_at(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 7), "the refused write changed nothing");
     }
 
     #[test]
