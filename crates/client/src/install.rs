@@ -146,6 +146,7 @@ pub fn build(o: &InstallOptions) -> Result<DomainXml> {
         rng: o.rng,
         memballoon: true,
         unknown: Vec::new(),
+        namespaces: Vec::new(),
     };
     d.current_memory_kib = d.memory_kib;
     for (i, spec) in o.disks.iter().enumerate() {

@@ -14,5 +14,5 @@ mod xml;
 pub use write::VmmLaunch;
 pub use xml::{
     CharDevice, DiskSource, DomainXml, ImageFormat, Interface, InterfaceKind, LifecycleAction, UnknownElement, VirtioDisk,
-    XmlError, MAX_VCPUS,
+    XmlError, MAX_DEPTH, MAX_UNKNOWN, MAX_VCPUS, MAX_XML_BYTES,
 };

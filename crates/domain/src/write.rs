@@ -64,7 +64,14 @@ impl DomainXml {
     /// verbatim where they were.
     pub fn to_xml(&self) -> String {
         let mut o = String::new();
-        let _ = writeln!(o, "<domain type='kvm'>");
+        let mut decls = String::new();
+        for (prefix, uri) in &self.namespaces {
+            match prefix {
+                Some(p) => decls += &format!(" xmlns:{}='{}'", esc(p), esc(uri)),
+                None => decls += &format!(" xmlns='{}'", esc(uri)),
+            }
+        }
+        let _ = writeln!(o, "<domain type='kvm'{decls}>");
         let _ = writeln!(o, "  <name>{}</name>", esc(&self.name));
         let _ = writeln!(o, "  <uuid>{}</uuid>", self.uuid);
         let _ = writeln!(o, "  <memory unit='KiB'>{}</memory>", self.memory_kib);

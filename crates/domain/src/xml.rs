@@ -13,6 +13,9 @@ use std::path::PathBuf;
 use roxmltree::{Document, Node};
 use uuid::Uuid;
 
+mod limits;
+pub use limits::{MAX_DEPTH, MAX_UNKNOWN, MAX_XML_BYTES};
+
 /// Most vCPUs a domain may have (rvirt-vmm's limit).
 pub const MAX_VCPUS: u32 = 254;
 
@@ -181,17 +184,21 @@ pub struct DomainXml {
     pub memballoon: bool,
     /// Elements kept but not acted on.
     pub unknown: Vec<UnknownElement>,
+    /// Namespace declarations on `<domain>` (prefix, URI; no prefix: the
+    /// default namespace), kept so unknown elements that use them
+    /// (vagrant's `<qemu:commandline>`) stay well-formed in `dumpxml`.
+    pub namespaces: Vec<(Option<String>, String)>,
 }
 
-/// Parsing context: the document (for line numbers) and the path so far.
-struct Cx<'a, 'input> {
-    doc: &'a Document<'input>,
+/// Parsing context: the source text and its line numbers.
+struct Cx<'input> {
     src: &'input str,
+    lines: limits::LineIndex<'input>,
 }
 
-impl<'a, 'input> Cx<'a, 'input> {
+impl<'input> Cx<'input> {
     fn line(&self, n: Node) -> u32 {
-        self.doc.text_pos_at(n.range().start).row
+        self.lines.line(n.range().start)
     }
 
     fn err(&self, n: Node, path: &str, message: impl Into<String>) -> XmlError {
@@ -273,6 +280,8 @@ fn lifecycle(cx: &Cx, n: Node, path: &str, allowed: &[LifecycleAction]) -> Resul
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
+        && !s.bytes().all(|c| c.is_ascii_digit())
+        && Uuid::parse_str(s).is_err()
         && !s.starts_with('.')
         && !s.starts_with('-')
         && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+:".contains(c))
@@ -293,12 +302,13 @@ impl DomainXml {
     /// Parses and validates `xml`. Elements outside the subset are kept in
     /// [`DomainXml::unknown`]; the caller should show them to the user.
     pub fn parse(xml: &str) -> Result<Self, XmlError> {
+        limits::check_shape(xml)?;
         let doc = Document::parse(xml).map_err(|e| XmlError {
             line: e.pos().row,
             element: String::new(),
             message: format!("not well-formed XML: {e}"),
         })?;
-        let cx = Cx { doc: &doc, src: xml };
+        let cx = Cx { src: xml, lines: limits::LineIndex::new(xml) };
         let root = doc.root_element();
         if root.tag_name().name() != "domain" {
             return Err(cx.err(root, root.tag_name().name(), "the root element must be <domain>"));
@@ -327,6 +337,11 @@ impl DomainXml {
             rng: false,
             memballoon: true,
             unknown: Vec::new(),
+            namespaces: root
+                .namespaces()
+                .filter(|ns| ns.name() != Some("xml"))
+                .map(|ns| (ns.name().map(str::to_string), ns.uri().to_string()))
+                .collect(),
         };
         let mut current: Option<(u64, Node)> = None;
         let mut seen = std::collections::BTreeSet::new();
@@ -344,7 +359,11 @@ impl DomainXml {
                 "name" => {
                     let name = cx.text(n, "name")?;
                     if !valid_name(&name) {
-                        return Err(cx.err(n, "name", format!("'{name}' is not a valid name (up to 64 letters, digits and -_.+:, not starting with . or -)")));
+                        return Err(cx.err(
+                            n,
+                            "name",
+                            format!("'{name}' is not a valid name (up to 64 letters, digits and -_.+:, not starting with . or -, not all digits, not a UUID: those name domains by id and UUID)"),
+                        ));
                     }
                     d.name = name;
                 }
@@ -402,6 +421,13 @@ impl DomainXml {
             }
             Some((c, _)) => c,
         };
+        if d.unknown.len() > MAX_UNKNOWN {
+            return Err(XmlError {
+                line: 0,
+                element: String::new(),
+                message: format!("{} unsupported elements; at most {MAX_UNKNOWN} are kept", d.unknown.len()),
+            });
+        }
         if d.uuid.is_nil() {
             d.uuid = Uuid::new_v4();
         }

@@ -28,6 +28,20 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const MONITOR_PERIOD: Duration = Duration::from_millis(100);
 /// Longest UNIX socket path.
 const MAX_SOCKET_PATH: usize = 107;
+/// Longest a client may ask `shutdown` to wait.
+pub const MAX_SHUTDOWN_WAIT: Duration = Duration::from_secs(3600);
+
+/// Parses a definition and checks that it reads back from its own XML
+/// unchanged, so what is stored is what a restarted daemon will load.
+fn parse_checked(xml: &str) -> Result<DomainXml, String> {
+    let def = DomainXml::parse(xml).map_err(|e| e.to_string())?;
+    let text = def.to_xml();
+    match DomainXml::parse(&text) {
+        Ok(again) if again.to_xml() == text => Ok(def),
+        Ok(_) => Err("the definition does not write back the same way twice; it was not stored (please report this)".into()),
+        Err(e) => Err(format!("the definition does not read back from its own XML ({e}); it was not stored (please report this)")),
+    }
+}
 
 struct Running {
     record: RunRecord,
@@ -414,7 +428,7 @@ impl Manager {
 
     /// `create`: starts a domain from XML without storing it.
     pub fn create(&self, xml: &str) -> Result<(String, Vec<String>), String> {
-        let def = DomainXml::parse(xml).map_err(|e| e.to_string())?;
+        let def = parse_checked(xml)?;
         let warnings = def.unknown_report();
         let (name, socket) = {
             let mut g = lock(&self.inner);
@@ -444,7 +458,7 @@ impl Manager {
 
     /// `define`: stores a new definition or updates one (same name and UUID).
     pub fn define(&self, xml: &str) -> Result<(String, Vec<String>), String> {
-        let def = DomainXml::parse(xml).map_err(|e| e.to_string())?;
+        let def = parse_checked(xml)?;
         let warnings = def.unknown_report();
         let mut g = lock(&self.inner);
         Self::check_unique(&g, &def, true)?;
@@ -512,7 +526,7 @@ impl Manager {
 
     /// Waits until `name` is no longer active (or is gone), up to `timeout`.
     fn wait_inactive(&self, name: &str, socket: &Path, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout.min(MAX_SHUTDOWN_WAIT);
         let mut g = lock(&self.inner);
         loop {
             let same_run = g.domains.get(name).and_then(|d| d.run.as_ref()).is_some_and(|r| r.record.api_socket == socket);
@@ -529,6 +543,9 @@ impl Manager {
 
     /// `shutdown`: presses the power button; with a timeout, waits for `shut off`.
     pub fn shutdown(&self, key: &str, timeout: Option<Duration>) -> Result<String, String> {
+        if let Some(t) = timeout.filter(|t| *t > MAX_SHUTDOWN_WAIT) {
+            return Err(format!("a shutdown timeout of {} s is too long; at most {} s", t.as_secs(), MAX_SHUTDOWN_WAIT.as_secs()));
+        }
         let (name, socket) = self.active(key)?;
         vmm_call(&socket, &VmmRequest::Shutdown, Duration::from_secs(10)).map_err(|e| format!("domain '{name}': {e}"))?;
         if let Some(t) = timeout {

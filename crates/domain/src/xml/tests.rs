@@ -203,3 +203,45 @@ fn disks_without_a_format_are_raw_and_shareable_is_kept() {
     let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &[], chains: &[] }).join(" ");
     assert!(args.contains("--disk path=/img/shared.img,format=raw,shareable=on"), "{args}");
 }
+
+#[test]
+fn hostile_definitions_are_refused_quickly() {
+    let head = "<domain type='kvm'><name>h</name><memory>65536</memory><os><kernel>/k</kernel></os>";
+    // Nested far deeper than any parser stack allows: refused before parsing, on a small stack.
+    let deep = format!("{head}<metadata>{}{}</metadata></domain>", "<a>".repeat(100_000), "</a>".repeat(100_000));
+    let r = std::thread::Builder::new().stack_size(256 << 10).spawn(move || DomainXml::parse(&deep).map(|_| ()).map_err(|e| e.to_string()));
+    let e = r.unwrap().join().unwrap().unwrap_err();
+    assert!(e.contains("nested more than"), "{e}");
+    // Many unknown elements: their lines cost one pass, and there is a cap.
+    let many = |n: usize| format!("{head}{}</domain>", (0..n).map(|i| format!("<unk{i}/>\n")).collect::<String>());
+    let d = DomainXml::parse(&many(MAX_UNKNOWN)).unwrap();
+    assert_eq!(d.unknown.last().unwrap().line, MAX_UNKNOWN as u32, "the last unknown element's line");
+    let e = DomainXml::parse(&many(MAX_UNKNOWN + 1)).unwrap_err().to_string();
+    assert!(e.contains("at most"), "{e}");
+    assert!(DomainXml::parse(&"x".repeat(MAX_XML_BYTES + 1)).unwrap_err().to_string().contains("at most"));
+}
+
+#[test]
+fn names_that_look_like_ids_or_uuids_are_refused() {
+    for bad in ["42", "0", "0a8a1b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b", "0A8A1B2C3D4E4F508A6B7C8D9E0F1A2B"] {
+        let xml = format!("<domain type='kvm'><name>{bad}</name><memory>65536</memory><os><kernel>/k</kernel></os></domain>");
+        let e = DomainXml::parse(&xml).unwrap_err().to_string();
+        assert!(e.contains("not all digits, not a UUID"), "{bad}: {e}");
+    }
+    for good in ["vm42", "42vm", "web-1"] {
+        let xml = format!("<domain type='kvm'><name>{good}</name><memory>65536</memory><os><kernel>/k</kernel></os></domain>");
+        DomainXml::parse(&xml).unwrap();
+    }
+}
+
+#[test]
+fn namespace_declarations_on_domain_survive_the_round_trip() {
+    let xml = "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>v</name><memory>65536</memory>\
+        <os><kernel>/k</kernel></os><qemu:commandline><qemu:arg value='-s'/></qemu:commandline></domain>";
+    let d = DomainXml::parse(xml).unwrap();
+    let back = d.to_xml();
+    assert!(back.contains("xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'"), "{back}");
+    let again = DomainXml::parse(&back).unwrap();
+    assert_eq!(again.unknown.len(), 1);
+    assert_eq!(again.namespaces, d.namespaces);
+}
