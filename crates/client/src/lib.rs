@@ -36,9 +36,16 @@ impl Connection {
         let mut line = serde_json::to_string(req)?;
         line.push('\n');
         self.writer.write_all(line.as_bytes()).with_context(|| format!("writing to {}", self.path.display()))?;
+        // Answers carry at most a few definitions; a bound keeps a broken
+        // daemon from filling the client's memory.
+        const MAX_ANSWER: u64 = 64 << 20;
         let mut answer = String::new();
-        if self.reader.read_line(&mut answer).with_context(|| format!("reading from {}", self.path.display()))? == 0 {
+        let n = std::io::Read::take(&mut self.reader, MAX_ANSWER).read_line(&mut answer).with_context(|| format!("reading from {}", self.path.display()))?;
+        if n == 0 {
             bail!("rvirtd closed the connection without answering");
+        }
+        if !answer.ends_with('\n') && n as u64 >= MAX_ANSWER {
+            bail!("rvirtd's answer is longer than {MAX_ANSWER} bytes");
         }
         serde_json::from_str(&answer).with_context(|| format!("rvirtd's answer is not a response: {}", answer.trim()))
     }

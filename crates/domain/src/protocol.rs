@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Longest request line the daemon reads (a domain XML fits many times).
-pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Longest request line the daemon reads: the largest definition
+/// ([`crate::MAX_XML_BYTES`]) with room for JSON escaping.
+pub const MAX_REQUEST_BYTES: usize = 8 << 20;
 
 /// Default state directory of the daemon.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/rvirt";

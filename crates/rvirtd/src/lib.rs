@@ -49,6 +49,5 @@ pub fn run(cfg: &DaemonConfig) -> anyhow::Result<()> {
     tracing::info!("rvirtd listening on {}", cfg.socket.display());
     let auto = mgr.clone();
     std::thread::spawn(move || auto.autostart());
-    server::serve(listener, mgr);
-    Ok(())
+    server::serve(listener, mgr)
 }

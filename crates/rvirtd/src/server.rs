@@ -1,6 +1,6 @@
-//! The management socket: one thread per client, one JSON request per line.
+//! The management socket: one JSON request per line, served by
+//! `rvirt-lineserver` (one poll thread, a pool of workers, every buffer bounded).
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use rvirt_domain::protocol::{parse_request, Response, MAX_REQUEST_BYTES};
+use rvirt_lineserver::Line;
 
 use crate::manager::Manager;
 
@@ -49,52 +50,34 @@ fn group_id(name: &str) -> Result<u32> {
     Ok(unsafe { (*g).gr_gid })
 }
 
-/// Accepts clients for ever.
-pub fn serve(listener: UnixListener, mgr: Arc<Manager>) {
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                let mgr = mgr.clone();
-                let spawned = std::thread::Builder::new().name("client".into()).spawn(move || client(stream, &mgr));
-                if let Err(e) = spawned {
-                    tracing::error!("cannot start a client thread: {e}");
-                }
-            }
-            Err(e) => {
-                tracing::warn!("accept: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        }
-    }
+/// The bounds the management socket keeps (see `rvirt_lineserver::Limits`):
+/// idle clients cost a descriptor, not a thread; partial requests are capped
+/// in size, total memory and time. 16 workers answer requests, so 16
+/// clients in long waits (`shutdown --timeout`) delay the rest, as
+/// libvirtd's worker pool does.
+pub fn limits() -> rvirt_lineserver::Limits {
+    rvirt_lineserver::Limits { max_line: MAX_REQUEST_BYTES, workers: 16, ..rvirt_lineserver::Limits::default() }
 }
 
-fn client(stream: UnixStream, mgr: &Manager) {
-    let Ok(mut writer) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = Vec::new();
-        // One byte more than allowed tells an overlong request from a full one.
-        match (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let overlong = line.len() > MAX_REQUEST_BYTES;
-        let response = if overlong {
-            Response::error(format!("request longer than {MAX_REQUEST_BYTES} bytes"))
-        } else {
-            match std::str::from_utf8(&line) {
+/// Serves clients until the process ends.
+pub fn serve(listener: UnixListener, mgr: Arc<Manager>) -> Result<()> {
+    rvirt_lineserver::raise_fd_limit();
+    let handler: Arc<rvirt_lineserver::Handler> = Arc::new(move |line: Line| {
+        let response = match line {
+            Line::TooLong => Response::error(format!("request longer than {MAX_REQUEST_BYTES} bytes")),
+            Line::Busy => Response::error("rvirtd has too many clients connected; try again"),
+            Line::Request(bytes) => match std::str::from_utf8(bytes) {
                 Err(_) => Response::error("malformed request: not UTF-8"),
-                Ok(text) if text.trim().is_empty() => continue,
-                Ok(text) => match parse_request(text.trim()) {
+                Ok(text) => match parse_request(text) {
                     Ok(req) => mgr.handle(req),
                     Err(e) => Response::error(e),
                 },
-            }
+            },
         };
-        let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| br#"{"ok":false,"error":"internal error"}"#.to_vec());
-        out.push(b'\n');
-        if writer.write_all(&out).is_err() || overlong {
-            return;
-        }
+        serde_json::to_vec(&response).unwrap_or_else(|_| br#"{"ok":false,"error":"internal error"}"#.to_vec())
+    });
+    rvirt_lineserver::spawn(listener, limits(), handler).context("starting the socket server")?;
+    loop {
+        std::thread::park();
     }
 }

@@ -164,7 +164,7 @@ fn malformed_requests_get_errors_and_the_daemon_carries_on() {
     assert_eq!(ask(b"{\"command\":\"list\",\"all\":true}\n")["ok"], true, "the same connection still works");
     // An overlong request is refused and its connection closed; others are unaffected.
     let mut big = UnixStream::connect(&d.socket).unwrap();
-    let huge = vec![b'x'; 2 << 20];
+    let huge = vec![b'x'; rvirt_domain::protocol::MAX_REQUEST_BYTES + (1 << 20)];
     let _ = big.write_all(&huge);
     let mut answer = String::new();
     let _ = BufReader::new(big).read_line(&mut answer);

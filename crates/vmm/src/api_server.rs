@@ -1,14 +1,15 @@
-//! The control API socket: accepts connections on its own threads and hands
-//! each parsed request to the VMM's main thread, which owns the VM.
+//! The control API socket: served by `rvirt-lineserver` (one poll thread,
+//! a few workers, every buffer bounded), which hands each parsed request to
+//! the VMM's main thread, which owns the VM.
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use rvirt_lineserver::Line;
 
 use rvirt_api::{parse_request, Request, Response, MAX_REQUEST_BYTES};
 use vmm_sys_util::eventfd::EventFd;
@@ -37,7 +38,7 @@ pub struct ApiServer {
     path: PathBuf,
     calls: Mutex<Receiver<ApiCall>>,
     wakeup: Arc<EventFd>,
-    in_flight: Arc<AtomicUsize>,
+    server: rvirt_lineserver::Server,
 }
 
 fn sock_err(path: &Path, detail: impl ToString) -> Error {
@@ -59,17 +60,32 @@ impl ApiServer {
         }
         let listener = UnixListener::bind(path).map_err(|e| sock_err(path, e))?;
         let wakeup = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| sock_err(path, e))?);
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let (tx, rx) = mpsc::channel();
-        {
-            let wakeup = wakeup.clone();
-            let in_flight = in_flight.clone();
-            std::thread::Builder::new()
-                .name("api-accept".into())
-                .spawn(move || accept_loop(listener, tx, wakeup, in_flight))
-                .map_err(|e| sock_err(path, e))?;
-        }
-        Ok(Self { path: path.to_path_buf(), calls: Mutex::new(rx), wakeup, in_flight })
+        let (tx, rx) = mpsc::channel::<ApiCall>();
+        let main_wakeup = wakeup.clone();
+        let tx = Mutex::new(tx);
+        let handler: Arc<rvirt_lineserver::Handler> = Arc::new(move |line: Line| {
+            let response = match line {
+                Line::TooLong => Response::error(format!("malformed request: longer than {MAX_REQUEST_BYTES} bytes")),
+                Line::Busy => Response::error("too many connections to this VMM"),
+                Line::Request(bytes) => match std::str::from_utf8(bytes).map_err(|_| "malformed request: not UTF-8".to_string()).and_then(parse_request) {
+                    Err(e) => Response::error(e),
+                    Ok(request) => {
+                        let (reply_tx, reply_rx) = mpsc::channel();
+                        let sent = tx.lock().unwrap_or_else(|e| e.into_inner()).send(ApiCall { request, reply: reply_tx });
+                        if sent.is_err() {
+                            Response::error("the VM is shutting down")
+                        } else {
+                            let _ = main_wakeup.write(1);
+                            reply_rx.recv_timeout(REPLY_TIMEOUT).unwrap_or_else(|_| Response::error("the VMM did not answer in time"))
+                        }
+                    }
+                },
+            };
+            serde_json::to_vec(&response).unwrap_or_else(|_| br#"{"ok":false,"error":"internal error"}"#.to_vec())
+        });
+        let limits = rvirt_lineserver::Limits { max_line: MAX_REQUEST_BYTES, workers: 4, max_connections: 256, ..Default::default() };
+        let server = rvirt_lineserver::spawn(listener, limits, handler).map_err(|e| sock_err(path, e))?;
+        Ok(Self { path: path.to_path_buf(), calls: Mutex::new(rx), wakeup, server })
     }
 
     /// Readable when requests are queued.
@@ -87,7 +103,7 @@ impl ApiServer {
     /// Waits (briefly) until answers already given have been written to their clients.
     pub fn flush(&self, timeout: Duration) {
         let deadline = std::time::Instant::now() + timeout;
-        while self.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        while self.server.stats().in_progress > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -99,71 +115,11 @@ impl Drop for ApiServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, tx: Sender<ApiCall>, wakeup: Arc<EventFd>, in_flight: Arc<AtomicUsize>) {
-    for conn in listener.incoming() {
-        let Ok(stream) = conn else { continue };
-        let (tx, wakeup, in_flight) = (tx.clone(), wakeup.clone(), in_flight.clone());
-        let _ = std::thread::Builder::new()
-            .name("api-conn".into())
-            .spawn(move || serve_connection(stream, tx, wakeup, in_flight));
-    }
-}
-
-fn serve_connection(stream: UnixStream, tx: Sender<ApiCall>, wakeup: Arc<EventFd>, in_flight: Arc<AtomicUsize>) {
-    let Ok(mut writer) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        // Bound what one line may take, so a client cannot make us buffer without limit.
-        let n = match (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1).read_line(&mut line) {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = send(&mut writer, &Response::error(format!("malformed request: {e}")));
-                return;
-            }
-        };
-        if n == 0 {
-            return;
-        }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let too_long = !line.ends_with('\n') && n > MAX_REQUEST_BYTES;
-        let response = match parse_request(&line) {
-            Err(e) => Response::error(e),
-            Ok(request) => {
-                in_flight.fetch_add(1, Ordering::SeqCst);
-                let (reply_tx, reply_rx) = mpsc::channel();
-                let r = if tx.send(ApiCall { request, reply: reply_tx }).is_err() {
-                    Response::error("the VM is shutting down")
-                } else {
-                    let _ = wakeup.write(1);
-                    reply_rx.recv_timeout(REPLY_TIMEOUT).unwrap_or_else(|_| Response::error("the VMM did not answer in time"))
-                };
-                let ok = send(&mut writer, &r);
-                in_flight.fetch_sub(1, Ordering::SeqCst);
-                if !ok {
-                    return;
-                }
-                continue;
-            }
-        };
-        if !send(&mut writer, &response) || too_long {
-            return;
-        }
-    }
-}
-
-fn send(w: &mut UnixStream, r: &Response) -> bool {
-    let mut s = serde_json::to_string(r).unwrap_or_else(|_| r#"{"ok":false,"error":"internal error"}"#.into());
-    s.push('\n');
-    w.write_all(s.as_bytes()).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rvirt_api::ApiClient;
+    use std::io::{BufRead, BufReader, Write};
 
     fn tmp_path(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("rvirt-apisrv-{}-{name}", std::process::id()));
@@ -195,6 +151,39 @@ mod tests {
         BufReader::new(raw.try_clone().unwrap()).read_line(&mut line).unwrap();
         assert!(line.contains("malformed request"), "{line}");
         assert!(c.call(&Request::Stop).unwrap().ok);
+        main.join().unwrap();
+    }
+
+    #[test]
+    fn a_thousand_idle_connections_do_not_stop_the_api_answering() {
+        let p = tmp_path("idle");
+        let server = Arc::new(ApiServer::bind(&p).unwrap());
+        let s2 = server.clone();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let main = std::thread::spawn(move || {
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                for call in s2.drain() {
+                    call.respond(Response::ok());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        // 200 idle clients held open: the API still answers.
+        let idle: Vec<UnixStream> = (0..200).map(|_| UnixStream::connect(&p).unwrap()).collect();
+        let mut c = ApiClient::connect(&p, Duration::from_secs(5)).unwrap();
+        assert!(c.call(&Request::Status).unwrap().ok);
+        // Past the cap of 256, more clients are told so and closed at once.
+        let extra: Vec<UnixStream> = (0..800).filter_map(|_| UnixStream::connect(&p).ok()).collect();
+        let mut answer = String::new();
+        BufReader::new(extra.last().unwrap().try_clone().unwrap()).read_line(&mut answer).unwrap();
+        assert!(answer.contains("too many connections"), "{answer}");
+        assert!(server.server.stats().connections <= 800, "{:?}", server.server.stats());
+        assert!(c.call(&Request::Status).unwrap().ok);
+        drop((idle, extra));
+        let threads = std::fs::read_dir("/proc/self/task").unwrap().count();
+        assert!(threads < 100, "{threads} threads");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
         main.join().unwrap();
     }
 

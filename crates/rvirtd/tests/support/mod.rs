@@ -172,6 +172,11 @@ impl Daemon {
         j["info"]["pid"].as_i64().expect("a running domain has a VMM pid") as i32
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the daemon runs").id()
+    }
+
     /// Writes a domain XML file and returns its path.
     pub fn xml_file(&self, name: &str, xml: &str) -> PathBuf {
         let p = self.dir.join(format!("{name}.xml"));
