@@ -39,15 +39,28 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 /// own: signals aimed at the daemon (Ctrl-C, SIGTERM, SIGHUP) do not reach
 /// it, and it keeps running when the daemon exits.
 pub fn spawn_vmm(vmm: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
-    let out = OpenOptions::new().create(true).append(true).open(log)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never through a symlink, and only a regular file: the log is appended to as root.
+    let out = OpenOptions::new().create(true).append(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(log)?;
+    if !out.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is not a regular file", log.display())));
+    }
     let err = out.try_clone()?;
     let mut cmd = Command::new(vmm);
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    // SAFETY: setsid, close_range and close are async-signal-safe and touch no memory of ours.
     unsafe {
         cmd.pre_exec(|| {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // Only stdin, stdout and stderr cross into the VMM: not client
+            // sockets, nor anything the daemon itself inherited without
+            // close-on-exec (a jobserver pipe, a service manager's sockets).
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+                for fd in 3..4096 {
+                    libc::close(fd);
+                }
             }
             Ok(())
         });

@@ -53,12 +53,16 @@ pub struct RunRecord {
     pub serial_pty: Option<String>,
 }
 
-/// Writes `bytes` to `path` atomically.
+/// Writes `bytes` to `path` atomically. The temporary file is created new
+/// (`O_EXCL`, which also refuses a symlink planted in its place), mode 0600.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    // A leftover of a crashed write (or anything planted there) goes first; a symlink is removed, not followed.
+    let _ = fs::remove_file(&tmp);
     {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -70,11 +74,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 impl Store {
-    /// Opens (creating) the state directory at `root`.
+    /// Opens (creating, mode 0700) the state directory at `root`. A
+    /// directory (or subdirectory) that is a symlink, belongs to another
+    /// user or is writable by group or others is refused: whoever can write
+    /// there can plant a symlink and have the daemon, as root, write through it.
     pub fn open(root: &Path) -> Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let check = |d: &Path| -> Result<()> {
+            let m = fs::symlink_metadata(d).with_context(|| format!("state directory {}", d.display()))?;
+            if m.file_type().is_symlink() || !m.is_dir() {
+                anyhow::bail!("state directory {} is not a directory (a symlink or a file): refusing it", d.display());
+            }
+            if m.uid() != me {
+                anyhow::bail!("state directory {} belongs to uid {}, not to rvirtd's user (uid {me}): refusing it", d.display(), m.uid());
+            }
+            if m.mode() & 0o022 != 0 {
+                anyhow::bail!("state directory {} is writable by group or others (mode {:o}): refusing it", d.display(), m.mode() & 0o7777);
+            }
+            Ok(())
+        };
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true).mode(0o700);
+        if fs::symlink_metadata(root).is_err() {
+            builder.create(root).with_context(|| format!("creating {}", root.display()))?;
+        }
+        check(root)?;
         for sub in ["domains", "autostart", "run", "log"] {
             let d = root.join(sub);
-            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            if fs::symlink_metadata(&d).is_err() {
+                builder.create(&d).with_context(|| format!("creating {}", d.display()))?;
+            }
+            check(&d)?;
         }
         use std::os::unix::fs::PermissionsExt;
         // Definitions name disk images and kernels: not for everyone's eyes.

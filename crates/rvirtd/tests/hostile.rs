@@ -101,3 +101,79 @@ fn a_namespaced_definition_survives_a_daemon_restart() {
     assert!(back.contains("xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'") && back.contains("<qemu:arg value='-s'/>"), "{back}");
     rvirt_domain::DomainXml::parse(&back).expect("dumpxml gives well-formed XML");
 }
+
+#[test]
+fn symlinks_planted_in_the_state_directory_are_not_written_through() {
+    let dir = scratch("plant");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let victim = dir.join("root-only.conf");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let f = d.xml_file("p", &domain_xml("p", &k.idle, ""));
+    // The log the VMM appends to, and the temporary file of the next define.
+    std::os::unix::fs::symlink(&victim, d.state.join("log/p.log")).unwrap();
+    let tmp = d.state.join("domains").join(format!(".p.xml.tmp{}", d.pid()));
+    std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+    d.ok(&["define", f.to_str().unwrap()]);
+    let out = d.rvirt(&["start", "p"]);
+    assert_ne!(out.code, 0, "a start whose log is a symlink must fail");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n", "nothing was written through a planted symlink");
+    assert!(d.ok(&["dumpxml", "p"]).contains("<name>p</name>"));
+}
+
+#[test]
+fn a_state_directory_others_could_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("perm");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = std::process::Command::new(&bins().rvirtd).arg("--state-dir").arg(&state).arg("--socket").arg(dir.join("s.sock")).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("writable by group or others"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&state, Some(1), None).unwrap();
+    let out = std::process::Command::new(&bins().rvirtd).arg("--state-dir").arg(&state).arg("--socket").arg(dir.join("s.sock")).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to uid 1"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Inodes of the sockets and pipes process `pid` holds.
+fn ipc_inodes(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| p.starts_with("socket:") || p.starts_with("pipe:"))
+        .collect()
+}
+
+#[test]
+fn the_daemon_s_descriptors_do_not_leak_into_vmms() {
+    let dir = scratch("fds");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    // Clients connected while the VMM starts: their sockets must stay the daemon's.
+    let _clients: Vec<UnixStream> = (0..5).map(|_| UnixStream::connect(&d.socket).unwrap()).collect();
+    let f = d.xml_file("leak", &domain_xml("leak", &k.idle, ""));
+    d.ok(&["define", f.to_str().unwrap()]);
+    d.ok(&["start", "leak"]);
+    let vmm = d.vmm_pid("leak") as u32;
+    let daemon = ipc_inodes(d.pid());
+    let shared: Vec<String> = ipc_inodes(vmm).into_iter().filter(|i| daemon.contains(i)).collect();
+    let listing = |pid: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten().map(|e| format!("{} -> {}", e.file_name().to_string_lossy(), std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default())).collect()
+    };
+    assert!(shared.is_empty(), "the VMM holds the daemon's {shared:?}\ndaemon: {:?}\nvmm: {:?}", listing(d.pid()), listing(vmm));
+    let state = std::fs::canonicalize(&d.state).unwrap();
+    for e in std::fs::read_dir(format!("/proc/{vmm}/fd")).unwrap().flatten() {
+        let fd: u32 = e.file_name().to_string_lossy().parse().unwrap();
+        let target = std::fs::read_link(e.path()).unwrap();
+        if fd > 2 {
+            assert!(!target.starts_with(state.join("domains")), "fd {fd} -> {}", target.display());
+        }
+    }
+    let mode = std::fs::metadata(d.state.join("run").join(format!("{}.sock", 1))).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert!(matches!(mode, Ok(0o600) | Err(_)), "the VMM's socket is mode {mode:?}");
+    d.ok(&["destroy", "leak"]);
+}

@@ -58,7 +58,13 @@ impl ApiServer {
             }
             std::fs::remove_file(path).map_err(|e| sock_err(path, format!("cannot remove stale socket: {e}")))?;
         }
-        let listener = UnixListener::bind(path).map_err(|e| sock_err(path, e))?;
+        // Mode 0600 from birth, whatever the umask: the API controls the VM.
+        // SAFETY: umask only swaps the process's file-creation mask.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old) };
+        let listener = bound.map_err(|e| sock_err(path, e))?;
         let wakeup = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| sock_err(path, e))?);
         let (tx, rx) = mpsc::channel::<ApiCall>();
         let main_wakeup = wakeup.clone();
