@@ -75,18 +75,45 @@ impl Balloon {
     }
 }
 
+/// Most page numbers one inflate request may carry (Linux sends 256; this
+/// is 1 GiB of guest memory). A longer chain (descriptors may overlap, so a
+/// small guest can describe gigabytes) is refused, not read.
+const MAX_INFLATE_PFNS: usize = 1 << 18;
+/// Page numbers read from guest memory at a time.
+const INFLATE_CHUNK_PFNS: usize = 4096;
+
 /// Releases the guest pages listed in `chain` (little-endian u32 frame
-/// numbers), one `madvise` per run of contiguous frames.
+/// numbers), one `madvise` per run of contiguous frames, reading the list
+/// in bounded chunks: whatever the guest writes, the VMM holds at most
+/// [`INFLATE_CHUNK_PFNS`] page numbers.
 fn inflate(chain: &GuestChain, mem: &GuestMemoryMmap, state: &State, counters: &DeviceCounters) {
     let count = chain.readable_len() / 4;
-    let mut raw = vec![0u8; count * 4];
-    if chain.read(mem, 0, &mut raw).is_err() {
+    if count > MAX_INFLATE_PFNS {
         counters.error();
         return;
     }
-    let mut pfns: Vec<u64> = raw.chunks_exact(4).map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect();
-    pfns.sort_unstable();
-    pfns.dedup();
+    let mut raw = vec![0u8; INFLATE_CHUNK_PFNS.min(count) * 4];
+    let mut released = 0u64;
+    let mut done = 0usize;
+    while done < count {
+        let n = (count - done).min(INFLATE_CHUNK_PFNS);
+        if chain.read(mem, done * 4, &mut raw[..n * 4]).is_err() {
+            counters.error();
+            break;
+        }
+        let mut pfns: Vec<u64> = raw[..n * 4].chunks_exact(4).map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect();
+        pfns.sort_unstable();
+        pfns.dedup();
+        released += release_runs(&pfns, mem, counters);
+        done += n;
+    }
+    state.released_bytes.fetch_add(released, Ordering::SeqCst);
+    counters.request(0, released);
+}
+
+/// `madvise(MADV_DONTNEED)` over each run of contiguous pages in sorted
+/// `pfns`; returns the bytes released.
+fn release_runs(pfns: &[u64], mem: &GuestMemoryMmap, counters: &DeviceCounters) -> u64 {
     let mut released = 0u64;
     let mut i = 0;
     while i < pfns.len() {
@@ -111,8 +138,7 @@ fn inflate(chain: &GuestChain, mem: &GuestMemoryMmap, state: &State, counters: &
         }
         i = j;
     }
-    state.released_bytes.fetch_add(released, Ordering::SeqCst);
-    counters.request(0, released);
+    released
 }
 
 impl VirtioDevice for Balloon {
@@ -198,5 +224,66 @@ impl VirtioDevice for Balloon {
 
     fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    /// Resident memory of this process, in bytes.
+    fn rss() -> u64 {
+        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+        s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+    }
+
+    /// A chain of `n` readable descriptors, each `len` bytes at guest address 0
+    /// (overlapping: a small guest describing a huge list), popped from a queue.
+    fn hostile_chain(mem: &GuestMemoryMmap, n: u16, len: u32) -> GuestChain {
+        let table = 0x10_0000u64;
+        for i in 0..n {
+            let flags: u16 = if i + 1 < n { 1 } else { 0 };
+            let d = table + u64::from(i) * 16;
+            mem.write_obj(0u64, GuestAddress(d)).unwrap();
+            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(i + 1, GuestAddress(d + 14)).unwrap();
+        }
+        let avail = table + 0x1000;
+        mem.write_obj(0u16, GuestAddress(avail)).unwrap();
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+        let mut q = Queue::new(256).unwrap();
+        q.set_size(256);
+        q.set_desc_table_address(Some(table as u32), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some((avail + 0x1000) as u32), Some(0));
+        q.set_ready(true);
+        let chain = q.pop_descriptor_chain(mem).expect("a chain");
+        GuestChain::parse(chain, mem).unwrap()
+    }
+
+    #[test]
+    fn a_hostile_inflate_list_cannot_grow_the_vmm() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let state = State::default();
+        let counters = DeviceCounters::default();
+        let before = rss();
+        // Descriptors of all 64 MiB each: a page list of gigabytes, refused unread.
+        let huge = hostile_chain(&mem, 256, 64 << 20);
+        assert!(huge.readable_len() >= 1 << 30, "{}", huge.readable_len());
+        inflate(&huge, &mem, &state, &counters);
+        assert_eq!(counters.snapshot().errors, 1);
+        // At the limit (1 MiB of page numbers, overlapping), read in chunks.
+        let at_limit = hostile_chain(&mem, 4, 256 << 10);
+        inflate(&at_limit, &mem, &state, &counters);
+        assert_eq!(counters.snapshot().errors, 1, "a list within the limit is served");
+        let chunks = (MAX_INFLATE_PFNS / INFLATE_CHUNK_PFNS) as u64;
+        assert_eq!(state.released_bytes.load(Ordering::SeqCst), chunks * BALLOON_PAGE, "page 0, listed 262,144 times, released once per chunk");
+        let grown = rss().saturating_sub(before);
+        assert!(grown < 8 << 20, "the VMM grew by {grown} bytes");
     }
 }
