@@ -326,6 +326,7 @@ impl Manager {
         }
         let taps: Vec<String> =
             def.interfaces.iter().enumerate().map(|(i, itf)| itf.tap.clone().unwrap_or_else(|| format!("rv{id}n{i}"))).collect();
+        self.store.rotate_log(name);
         let log = self.store.log(name);
         let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let _ = std::fs::remove_file(&api_socket);

@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+/// Size past which a domain's log is rotated when its VMM starts.
+pub const LOG_ROTATE_BYTES: u64 = 32 << 20;
+
 /// Paths inside the state directory.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -137,6 +140,17 @@ impl Store {
         self.root.join("log").join(format!("{name}.log"))
     }
 
+    /// Before a VMM starts: a log past [`LOG_ROTATE_BYTES`] becomes
+    /// `NAME.log.1` (replacing the previous one) and the run starts a new
+    /// file. With each run's own output capped by the VMM, a domain's logs
+    /// stay bounded however often its guest floods them or restarts.
+    pub fn rotate_log(&self, name: &str) {
+        let log = self.log(name);
+        if fs::symlink_metadata(&log).is_ok_and(|m| m.is_file() && m.len() > LOG_ROTATE_BYTES) {
+            let _ = fs::rename(&log, log.with_extension("log.1"));
+        }
+    }
+
     /// Stored definitions: (file stem, XML text), or why a file could not be read.
     pub fn definitions(&self) -> Vec<(String, std::io::Result<String>)> {
         self.list("domains", ".xml").into_iter().map(|name| {
@@ -251,6 +265,33 @@ mod tests {
         };
         s.save_run("a", &r).unwrap();
         assert_eq!(s.run_records()[0].1.as_ref().unwrap(), &r);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+
+    #[test]
+    fn a_log_past_the_limit_is_rotated_when_a_run_starts() {
+        let dir = std::env::temp_dir().join(format!("rvirtd-rotate-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let s = Store::open(&dir).unwrap();
+        let log = s.log("d");
+        fs::write(&log, vec![b'x'; 1000]).unwrap();
+        s.rotate_log("d");
+        assert_eq!(fs::metadata(&log).unwrap().len(), 1000, "a small log is kept");
+        let f = fs::OpenOptions::new().write(true).open(&log).unwrap();
+        f.set_len(LOG_ROTATE_BYTES + 1).unwrap();
+        s.rotate_log("d");
+        assert!(!log.exists());
+        assert_eq!(fs::metadata(dir.join("log/d.log.1")).unwrap().len(), LOG_ROTATE_BYTES + 1);
+        // The previous .1 is replaced, so two files at most.
+        fs::write(&log, vec![b'y'; 10]).unwrap();
+        fs::OpenOptions::new().write(true).open(&log).unwrap().set_len(LOG_ROTATE_BYTES + 2).unwrap();
+        s.rotate_log("d");
+        assert_eq!(fs::metadata(dir.join("log/d.log.1")).unwrap().len(), LOG_ROTATE_BYTES + 2);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -12,6 +12,7 @@ pub mod console;
 pub mod error;
 pub mod interrupts;
 pub mod loader;
+pub mod log_limit;
 pub mod memory;
 pub mod vcpu;
 pub mod virtio;

@@ -79,8 +79,11 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
+    // Guest-triggerable warnings are rate-limited and the run's log capped.
+    let log: &'static _ = Box::leak(Box::new(rvirt_vmm::log_limit::LimitedLog::new(std::io::stderr(), rvirt_vmm::log_limit::MAX_LOG_BYTES)));
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(move || log.writer())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RVIRT_LOG").unwrap_or_else(|_| "warn".into()),
         )

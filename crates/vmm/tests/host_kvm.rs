@@ -164,3 +164,28 @@ fn vcpu_state_reports_a_halted_guest_and_keeps_it_running() {
     assert_eq!(api.call(&rvirt_api::Request::Status).unwrap().status.unwrap().state, rvirt_api::RunState::Paused);
     guest.stop();
 }
+
+#[test]
+fn a_guest_flooding_the_log_is_rate_limited_and_capped() {
+    let dir = tmpdir("flood");
+    let kernel = dir.join("flood.bzImage");
+    // Asks for sleep state S1 (unsupported: a warning each time) in a tight loop:
+    // mov dx, 0x600; mov al, SLP_EN | S1; top: out dx, al; jmp top
+    let code = [0x66, 0xba, 0x00, 0x06, 0xb0, (1 << 5) | (1 << 2), 0xee, 0xeb, 0xfd];
+    std::fs::write(&kernel, bzimage_with(&code)).unwrap();
+    let log = dir.join("vmm.log");
+    let mut vmm = std::process::Command::new(env!("CARGO_BIN_EXE_rvirt-vmm"))
+        .args(["--memory", "64M", "--serial", "null", "--kernel"])
+        .arg(&kernel)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warnings = text.lines().filter(|l| l.contains("unsupported sleep type")).count();
+    assert!(warnings >= 10, "the guest's warnings do reach the log ({warnings}):\n{text}");
+    assert!(text.len() < 256 << 10, "{} bytes of log in 3 s", text.len());
+    assert!(text.contains("lines dropped") || warnings < 200, "dropped lines are counted:\n{}", &text[text.len().saturating_sub(500)..]);
+}
