@@ -9,7 +9,9 @@
 //! and wait has a bound: the length of a line, the bytes buffered across
 //! all connections, the number of connections, how long a line may take to
 //! arrive, how long a connection may sit idle and how long a reply may take
-//! to be read.
+//! to be read. The poll thread uses epoll and looks only at connections
+//! that have something to do (and at all of them once a second, for
+//! timeouts), so a thousand idle clients do not slow the busy one.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -117,6 +119,8 @@ struct Conn {
     broken: bool,
     /// Close once the reply is sent (over-long line, server full).
     close_after: bool,
+    /// The epoll events it is registered for (0: not registered).
+    registered: u32,
 }
 
 /// Serves `listener` with `handler` on threads of its own, for as long as the process lives.
@@ -168,6 +172,44 @@ fn wake_pipe() -> std::io::Result<(RawFd, RawFd)> {
     Ok((fds[0], fds[1]))
 }
 
+/// Epoll tokens of the two descriptors that are not connections.
+const WAKE_TOKEN: u64 = u64::MAX;
+const LISTEN_TOKEN: u64 = u64::MAX - 1;
+
+/// The epoll set: what each connection is registered for.
+struct Interest {
+    epfd: RawFd,
+}
+
+impl Interest {
+    fn ctl(&self, op: i32, fd: RawFd, token: u64, events: u32) {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: epoll_ctl on our epoll descriptor with a live event struct.
+        unsafe { libc::epoll_ctl(self.epfd, op, fd, &mut ev) };
+    }
+
+    /// Registers `c` for what its state waits on, or not at all while a
+    /// worker has its request (a hung-up socket would otherwise be reported
+    /// again and again).
+    fn update(&self, id: u64, c: &mut Conn) {
+        let want = match c.state {
+            State::Reading if !c.eof => libc::EPOLLIN as u32,
+            State::Writing { .. } if !c.broken => libc::EPOLLOUT as u32,
+            _ => 0,
+        };
+        if want == c.registered {
+            return;
+        }
+        let fd = c.stream.as_raw_fd();
+        match (c.registered, want) {
+            (0, w) => self.ctl(libc::EPOLL_CTL_ADD, fd, id, w),
+            (_, 0) => self.ctl(libc::EPOLL_CTL_DEL, fd, id, 0),
+            (_, w) => self.ctl(libc::EPOLL_CTL_MOD, fd, id, w),
+        }
+        c.registered = want;
+    }
+}
+
 fn poll_loop(
     listener: UnixListener,
     limits: Limits,
@@ -176,48 +218,103 @@ fn poll_loop(
     wake: RawFd,
     stats: &Mutex<Stats>,
 ) {
+    // SAFETY: epoll_create1 has no preconditions.
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epfd < 0 {
+        tracing::error!("epoll_create1: {}", std::io::Error::last_os_error());
+        return;
+    }
+    let interest = Interest { epfd };
+    interest.ctl(libc::EPOLL_CTL_ADD, wake, WAKE_TOKEN, libc::EPOLLIN as u32);
+    interest.ctl(libc::EPOLL_CTL_ADD, listener.as_raw_fd(), LISTEN_TOKEN, libc::EPOLLIN as u32);
+    let mut listening = true;
     let mut conns: HashMap<u64, Conn> = HashMap::new();
     let mut next_id = 0u64;
     let mut buffered = 0usize;
     let mut dropped = 0u64;
     let mut peak = 0usize;
     let mut accept_paused_until: Option<Instant> = None;
+    let mut last_sweep = Instant::now();
     let mut chunk = vec![0u8; 64 << 10];
+    // SAFETY: epoll_event is plain data; zeroed entries are valid.
+    let mut events: Vec<libc::epoll_event> = vec![unsafe { std::mem::zeroed() }; 256];
     loop {
-        // Who to wait for.
-        let mut fds = vec![libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 }];
-        let listening = accept_paused_until.is_none_or(|t| Instant::now() >= t);
-        if listening {
-            fds.push(libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-        }
-        let first_conn = fds.len();
-        let mut ids = Vec::with_capacity(conns.len());
-        for (&id, c) in &conns {
-            // A connection with a request at a worker is not polled at all: a
-            // hung-up one would otherwise wake poll at once, again and again.
-            let (fd, events) = match c.state {
-                State::Reading if !c.eof => (c.stream.as_raw_fd(), libc::POLLIN),
-                State::Writing { .. } if !c.broken => (c.stream.as_raw_fd(), libc::POLLOUT),
-                _ => (-1, 0),
-            };
-            fds.push(libc::pollfd { fd, events, revents: 0 });
-            ids.push(id);
-        }
-        // SAFETY: poll over a live array of pollfds of the length given.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        // SAFETY: epoll_wait fills at most `events.len()` entries of our live buffer.
+        let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, 1000) };
         let now = Instant::now();
-        // Replies from workers.
-        let mut drain = [0u8; 64];
-        // SAFETY: reading into a live local buffer from the pipe we own.
-        while unsafe { libc::read(wake, drain.as_mut_ptr().cast(), drain.len()) } > 0 {}
+        let mut touched: Vec<u64> = Vec::new();
+        let mut accept_ready = false;
+        for ev in &events[..n.max(0) as usize] {
+            let (token, revents) = (ev.u64, ev.events);
+            match token {
+                WAKE_TOKEN => {
+                    let mut drain = [0u8; 64];
+                    // SAFETY: reading into a live local buffer from the pipe we own.
+                    while unsafe { libc::read(wake, drain.as_mut_ptr().cast(), drain.len()) } > 0 {}
+                }
+                LISTEN_TOKEN => accept_ready = true,
+                id => {
+                    let Some(c) = conns.get_mut(&id) else { continue };
+                    touched.push(id);
+                    if matches!(c.state, State::Reading) && revents & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                        loop {
+                            match c.stream.read(&mut chunk) {
+                                Ok(0) => {
+                                    c.eof = true;
+                                    break;
+                                }
+                                Ok(n) => {
+                                    c.buf.extend_from_slice(&chunk[..n]);
+                                    buffered += n;
+                                    c.active = now;
+                                    if c.buf.len() > limits.max_line + 1 || buffered > limits.max_buffered {
+                                        break;
+                                    }
+                                }
+                                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                                Err(_) => {
+                                    c.eof = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    if let State::Writing { out, pos } = &mut c.state {
+                        match c.stream.write(&out[*pos..]) {
+                            Ok(n) => {
+                                *pos += n;
+                                c.active = now;
+                            }
+                            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                            Err(_) => c.broken = true,
+                        }
+                    }
+                }
+            }
+        }
+        // Replies from workers: write at once (most fit the socket buffer).
         while let Ok((id, out)) = done.try_recv() {
             if let Some(c) = conns.get_mut(&id) {
-                c.state = State::Writing { out, pos: 0 };
+                let mut pos = 0;
+                match c.stream.write(&out) {
+                    Ok(n) => pos = n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => c.broken = true,
+                }
+                c.state = State::Writing { out, pos };
                 c.active = now;
+                touched.push(id);
             }
         }
         // New connections.
-        if listening && fds[1].revents != 0 {
+        if accept_paused_until.is_some_and(|t| now >= t) {
+            accept_paused_until = None;
+            interest.ctl(libc::EPOLL_CTL_ADD, listener.as_raw_fd(), LISTEN_TOKEN, libc::EPOLLIN as u32);
+            listening = true;
+            accept_ready = true;
+        }
+        if accept_ready && listening {
             loop {
                 match listener.accept() {
                     Ok((stream, _)) => {
@@ -228,12 +325,14 @@ fn poll_loop(
                         next_id += 1;
                         let full = conns.len() >= limits.max_connections;
                         let state = if full { State::Busy } else { State::Reading };
-                        let conn = Conn { stream, buf: Vec::new(), state, active: now, partial_since: None, eof: false, broken: false, close_after: full };
-                        conns.insert(id, conn);
+                        let mut conn =
+                            Conn { stream, buf: Vec::new(), state, active: now, partial_since: None, eof: false, broken: false, close_after: full, registered: 0 };
                         if full {
                             dropped += 1;
                             let _ = jobs.send((id, Vec::new(), KIND_BUSY));
                         }
+                        interest.update(id, &mut conn);
+                        conns.insert(id, conn);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -241,114 +340,28 @@ fn poll_loop(
                         // instead of spinning on a listener that stays readable.
                         tracing::warn!("accept: {e}");
                         accept_paused_until = Some(now + Duration::from_millis(100));
+                        interest.ctl(libc::EPOLL_CTL_DEL, listener.as_raw_fd(), LISTEN_TOKEN, 0);
+                        listening = false;
                         break;
                     }
                 }
             }
         }
-        // Reads and writes.
-        for (k, id) in ids.iter().enumerate() {
-            let revents = fds[first_conn + k].revents;
-            let Some(c) = conns.get_mut(id) else { continue };
-            if revents & libc::POLLIN != 0 || (revents & (libc::POLLHUP | libc::POLLERR) != 0 && matches!(c.state, State::Reading)) {
-                loop {
-                    match c.stream.read(&mut chunk) {
-                        Ok(0) => {
-                            c.eof = true;
-                            break;
-                        }
-                        Ok(n) => {
-                            c.buf.extend_from_slice(&chunk[..n]);
-                            buffered += n;
-                            c.active = now;
-                            if c.buf.len() > limits.max_line + 1 || buffered > limits.max_buffered {
-                                break;
-                            }
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                        Err(_) => {
-                            c.eof = true;
-                            break;
-                        }
-                    }
-                }
-            }
-            if revents & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0 {
-                if let State::Writing { out, pos } = &mut c.state {
-                    match c.stream.write(&out[*pos..]) {
-                        Ok(n) => {
-                            *pos += n;
-                            c.active = now;
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
-                        Err(_) => c.broken = true,
-                    }
-                }
-            }
+        // Once a second, every connection is looked at for its timeouts.
+        if now.duration_since(last_sweep) >= Duration::from_secs(1) {
+            last_sweep = now;
+            touched.extend(conns.keys().copied());
         }
-        // Advance each connection; close what is finished or over a limit.
+        touched.sort_unstable();
+        touched.dedup();
+        // Advance what changed; close what is finished or over a limit.
         let mut close = Vec::new();
-        for (&id, c) in conns.iter_mut() {
-            if let State::Writing { out, pos } = &c.state {
-                if *pos < out.len() {
-                    if c.broken || now.duration_since(c.active) > limits.write_timeout {
-                        close.push(id);
-                    }
-                    continue;
-                }
-                if c.close_after || (c.eof && !c.buf.contains(&b'\n')) {
-                    close.push(id);
-                    continue;
-                }
-                c.state = State::Reading;
-            }
-            if !matches!(c.state, State::Reading) {
-                continue;
-            }
-            // Take the next complete line, if any.
-            let start = c.buf.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(c.buf.len());
-            if start > 0 {
-                c.buf.drain(..start);
-                buffered -= start;
-            }
-            if let Some(end) = c.buf.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = c.buf.drain(..=end).collect();
-                buffered -= line.len();
-                line.pop();
-                while line.last().is_some_and(u8::is_ascii_whitespace) {
-                    line.pop();
-                }
-                c.partial_since = None;
-                if line.len() > limits.max_line {
-                    c.close_after = true;
-                    c.state = State::Busy;
-                    let _ = jobs.send((id, Vec::new(), KIND_TOO_LONG));
-                } else {
-                    c.state = State::Busy;
-                    let _ = jobs.send((id, line, KIND_REQUEST));
-                }
-                continue;
-            }
-            if c.buf.len() > limits.max_line {
-                dropped += 1;
-                buffered -= c.buf.len();
-                c.buf = Vec::new();
-                c.close_after = true;
-                c.state = State::Busy;
-                let _ = jobs.send((id, Vec::new(), KIND_TOO_LONG));
-                continue;
-            }
-            if !c.buf.is_empty() {
-                let since = *c.partial_since.get_or_insert(now);
-                if now.duration_since(since) > limits.line_timeout {
-                    dropped += 1;
-                    close.push(id);
-                    continue;
-                }
-            }
-            if c.eof || (c.buf.is_empty() && now.duration_since(c.active) > limits.idle_timeout) {
+        for id in touched {
+            let Some(c) = conns.get_mut(&id) else { continue };
+            if advance(id, c, &limits, now, &jobs, &mut buffered, &mut dropped) {
                 close.push(id);
+            } else {
+                interest.update(id, c);
             }
         }
         // Over the memory bound: close the connections holding the most.
@@ -368,12 +381,80 @@ fn poll_loop(
         for id in close {
             if let Some(c) = conns.remove(&id) {
                 buffered -= c.buf.len();
+                if c.registered != 0 {
+                    interest.ctl(libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), id, 0);
+                }
             }
         }
         peak = peak.max(buffered);
         let in_progress = conns.values().filter(|c| !matches!(c.state, State::Reading)).count();
         *stats.lock().unwrap_or_else(|e| e.into_inner()) = Stats { connections: conns.len(), buffered, peak_buffered: peak, dropped, in_progress };
     }
+}
+
+/// Moves one connection on: a finished reply back to reading, a complete
+/// line to a worker, limits enforced. Returns whether to close it.
+fn advance(
+    id: u64,
+    c: &mut Conn,
+    limits: &Limits,
+    now: Instant,
+    jobs: &Sender<(u64, Vec<u8>, u8)>,
+    buffered: &mut usize,
+    dropped: &mut u64,
+) -> bool {
+    if let State::Writing { out, pos } = &c.state {
+        if *pos < out.len() {
+            return c.broken || now.duration_since(c.active) > limits.write_timeout;
+        }
+        if c.close_after || (c.eof && !c.buf.contains(&b'\n')) {
+            return true;
+        }
+        c.state = State::Reading;
+    }
+    if !matches!(c.state, State::Reading) {
+        return false;
+    }
+    // Take the next complete line, if any.
+    let start = c.buf.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(c.buf.len());
+    if start > 0 {
+        c.buf.drain(..start);
+        *buffered -= start;
+    }
+    if let Some(end) = c.buf.iter().position(|&b| b == b'\n') {
+        let mut line: Vec<u8> = c.buf.drain(..=end).collect();
+        *buffered -= line.len();
+        line.pop();
+        while line.last().is_some_and(u8::is_ascii_whitespace) {
+            line.pop();
+        }
+        c.partial_since = None;
+        c.state = State::Busy;
+        if line.len() > limits.max_line {
+            c.close_after = true;
+            let _ = jobs.send((id, Vec::new(), KIND_TOO_LONG));
+        } else {
+            let _ = jobs.send((id, line, KIND_REQUEST));
+        }
+        return false;
+    }
+    if c.buf.len() > limits.max_line {
+        *dropped += 1;
+        *buffered -= c.buf.len();
+        c.buf = Vec::new();
+        c.close_after = true;
+        c.state = State::Busy;
+        let _ = jobs.send((id, Vec::new(), KIND_TOO_LONG));
+        return false;
+    }
+    if !c.buf.is_empty() {
+        let since = *c.partial_since.get_or_insert(now);
+        if now.duration_since(since) > limits.line_timeout {
+            *dropped += 1;
+            return true;
+        }
+    }
+    c.eof || (c.buf.is_empty() && now.duration_since(c.active) > limits.idle_timeout)
 }
 
 /// Raises this process's soft limit on open descriptors to its hard limit
