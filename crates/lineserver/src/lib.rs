@@ -61,7 +61,8 @@ pub enum Line<'a> {
     /// The client sent a line over [`Limits::max_line`]; the connection is
     /// closed after the reply.
     TooLong,
-    /// The server is full; the connection is closed after the reply.
+    /// The server is full; the connection is closed after the reply. Asked
+    /// once, when the server starts: the answer must not depend on anything.
     Busy,
 }
 
@@ -136,13 +137,15 @@ pub fn spawn(listener: UnixListener, limits: Limits, handler: Arc<Handler>) -> s
         std::thread::Builder::new().name(format!("lineserver-{i}")).spawn(move || worker(&job_rx, &done_tx, &*handler, wake_w))?;
     }
     let st = stats.clone();
-    std::thread::Builder::new().name("lineserver-poll".into()).spawn(move || poll_loop(listener, limits, job_tx, done_rx, wake.0, &st))?;
+    // Said to a client over the connection cap straight from the poll thread.
+    let mut busy = handler(Line::Busy);
+    busy.push(b'\n');
+    std::thread::Builder::new().name("lineserver-poll".into()).spawn(move || poll_loop(listener, limits, job_tx, done_rx, wake.0, &busy, &st))?;
     Ok(Server { stats })
 }
 
 const KIND_REQUEST: u8 = 0;
 const KIND_TOO_LONG: u8 = 1;
-const KIND_BUSY: u8 = 2;
 
 fn worker(jobs: &Mutex<Receiver<(u64, Vec<u8>, u8)>>, done: &Sender<(u64, Vec<u8>)>, handler: &Handler, wake: RawFd) {
     loop {
@@ -150,7 +153,6 @@ fn worker(jobs: &Mutex<Receiver<(u64, Vec<u8>, u8)>>, done: &Sender<(u64, Vec<u8
         let Ok((id, line, kind)) = job else { return };
         let mut out = handler(match kind {
             KIND_TOO_LONG => Line::TooLong,
-            KIND_BUSY => Line::Busy,
             _ => Line::Request(&line),
         });
         out.push(b'\n');
@@ -216,6 +218,7 @@ fn poll_loop(
     jobs: Sender<(u64, Vec<u8>, u8)>,
     done: Receiver<(u64, Vec<u8>)>,
     wake: RawFd,
+    busy: &[u8],
     stats: &Mutex<Stats>,
 ) {
     // SAFETY: epoll_create1 has no preconditions.
@@ -317,20 +320,29 @@ fn poll_loop(
         if accept_ready && listening {
             loop {
                 match listener.accept() {
-                    Ok((stream, _)) => {
+                    Ok((mut stream, _)) => {
                         if stream.set_nonblocking(true).is_err() {
+                            continue;
+                        }
+                        if conns.len() >= limits.max_connections {
+                            // Told so (best effort: it fits any socket buffer) and closed.
+                            dropped += 1;
+                            let _ = stream.write(busy);
                             continue;
                         }
                         let id = next_id;
                         next_id += 1;
-                        let full = conns.len() >= limits.max_connections;
-                        let state = if full { State::Busy } else { State::Reading };
-                        let mut conn =
-                            Conn { stream, buf: Vec::new(), state, active: now, partial_since: None, eof: false, broken: false, close_after: full, registered: 0 };
-                        if full {
-                            dropped += 1;
-                            let _ = jobs.send((id, Vec::new(), KIND_BUSY));
-                        }
+                        let mut conn = Conn {
+                            stream,
+                            buf: Vec::new(),
+                            state: State::Reading,
+                            active: now,
+                            partial_since: None,
+                            eof: false,
+                            broken: false,
+                            close_after: false,
+                            registered: 0,
+                        };
                         interest.update(id, &mut conn);
                         conns.insert(id, conn);
                     }

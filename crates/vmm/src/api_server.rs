@@ -184,7 +184,7 @@ mod tests {
         let mut answer = String::new();
         BufReader::new(extra.last().unwrap().try_clone().unwrap()).read_line(&mut answer).unwrap();
         assert!(answer.contains("too many connections"), "{answer}");
-        assert!(server.server.stats().connections <= 800, "{:?}", server.server.stats());
+        assert!(server.server.stats().connections <= 256, "{:?}", server.server.stats());
         assert!(c.call(&Request::Status).unwrap().ok);
         drop((idle, extra));
         let threads = std::fs::read_dir("/proc/self/task").unwrap().count();
