@@ -6,6 +6,10 @@
 //! Management (rvirtd) drives VMs only through this API and the CLI, so the
 //! types here are the contract between the two layers.
 
+
+#[doc(hidden)]
+pub mod fuzzing;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

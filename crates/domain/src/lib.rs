@@ -7,6 +7,8 @@
 //! This crate knows nothing of processes or sockets: the daemon and the
 //! client build on it, and it builds on nothing of rvirt's.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod protocol;
 mod write;
 mod xml;

@@ -47,20 +47,85 @@ impl BlockBackend for MemDisk {
     }
 }
 
-/// Guest memory layout of a fuzz case: 1 MiB of RAM whose first 64 KiB are
-/// the input (descriptor table at 0, avail ring at 0x1000, used ring at
-/// 0x2000, buffers after), and a 16-entry queue over them.
+/// Guest RAM of a fuzz case.
+const RAM: u64 = 1 << 20;
+/// Where the payload (request headers, data) of a fuzz case starts.
+const PAYLOAD: u64 = 0x4000;
+/// Queue size of a fuzz case.
+const QSIZE: u16 = 16;
+
+/// Lays a fuzz input out in guest memory as a driver would, so the device
+/// sees real chains instead of a zeroed ring (raw bytes as memory put the
+/// avail ring past libFuzzer's input sizes: 152 edges in 4 million runs).
+///
+/// Input: a flags byte (bit 0: EVENT_IDX; bit 1: addresses and lengths
+/// taken raw, so some point outside RAM), the number of descriptors and of
+/// avail entries (each 1 to 16), then 16 bytes per descriptor (address,
+/// length, flags, next), 2 bytes per avail entry, and the rest as payload
+/// at [`PAYLOAD`]. Addresses land in the payload area unless raw; lengths
+/// are kept under 64 KiB unless raw.
 fn setup(data: &[u8]) -> Option<(GuestMemoryMmap, Queue)> {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).ok()?;
-    mem.write_slice(&data[..data.len().min(0x10000)], GuestAddress(0)).ok()?;
-    let mut q = Queue::new(16).ok()?;
-    q.set_size(16);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).ok()?;
+    let (&flags, rest) = data.split_first()?;
+    let (&nd, rest) = rest.split_first()?;
+    let (&na, mut rest) = rest.split_first()?;
+    let (nd, na) = (usize::from(nd % QSIZE as u8) + 1, usize::from(na % QSIZE as u8) + 1);
+    let raw = flags & 2 != 0;
+    let mut take = |n: usize| -> Vec<u8> {
+        let k = n.min(rest.len());
+        let (a, b) = rest.split_at(k);
+        rest = b;
+        let mut v = a.to_vec();
+        v.resize(n, 0);
+        v
+    };
+    for i in 0..nd {
+        let d = take(16);
+        let mut addr = u64::from_le_bytes(d[0..8].try_into().ok()?);
+        let mut len = u32::from_le_bytes(d[8..12].try_into().ok()?);
+        if !raw {
+            addr = PAYLOAD + addr % (RAM - PAYLOAD);
+            len %= 1 << 16;
+        }
+        let dflags = u16::from_le_bytes([d[12], d[13]]) & 0x7;
+        let next = u16::from_le_bytes([d[14], d[15]]) % if raw { u16::MAX } else { QSIZE };
+        let at = i as u64 * 16;
+        mem.write_obj(addr, GuestAddress(at)).ok()?;
+        mem.write_obj(len, GuestAddress(at + 8)).ok()?;
+        mem.write_obj(dflags, GuestAddress(at + 12)).ok()?;
+        mem.write_obj(next, GuestAddress(at + 14)).ok()?;
+    }
+    mem.write_obj(0u16, GuestAddress(0x1000)).ok()?;
+    mem.write_obj(na as u16, GuestAddress(0x1002)).ok()?;
+    for i in 0..na {
+        let h = take(2);
+        let head = u16::from_le_bytes([h[0], h[1]]) % if raw { u16::MAX } else { nd as u16 };
+        mem.write_obj(head, GuestAddress(0x1004 + 2 * i as u64)).ok()?;
+    }
+    mem.write_slice(&rest[..rest.len().min((RAM - PAYLOAD) as usize)], GuestAddress(PAYLOAD)).ok()?;
+    let mut q = Queue::new(QSIZE).ok()?;
+    q.set_size(QSIZE);
     q.set_desc_table_address(Some(0), Some(0));
     q.set_avail_ring_address(Some(0x1000), Some(0));
     q.set_used_ring_address(Some(0x2000), Some(0));
-    q.set_event_idx(data.first().is_some_and(|b| b & 1 == 1));
+    q.set_event_idx(flags & 1 == 1);
     q.set_ready(true);
     Some((mem, q))
+}
+
+/// A fuzz input that lays out one chain of `descs` (address, length, flags)
+/// with `payload` at [`PAYLOAD`]: seeds for the corpus.
+pub fn seed(descs: &[(u64, u32, u16)], payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8, (descs.len() as u8).saturating_sub(1), 0];
+    for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+        v.extend_from_slice(&(addr - PAYLOAD).to_le_bytes());
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend_from_slice(&flags.to_le_bytes());
+        v.extend_from_slice(&((i + 1) as u16).to_le_bytes());
+    }
+    v.extend_from_slice(&0u16.to_le_bytes());
+    v.extend_from_slice(payload);
+    v
 }
 
 /// Serves a virtio-blk request queue whose rings and requests are `data`.

@@ -22,7 +22,8 @@ fn replay(dir: &str, run: fn(&[u8])) -> usize {
 fn fuzz_seeds_and_regressions_replay_without_panics_or_hangs() {
     assert!(replay("corpus/virtio_blk_queue", rvirt_virtio_devices::fuzzing::block_queue) >= 1, "seeds missing");
     replay("regressions/virtio_blk_queue", rvirt_virtio_devices::fuzzing::block_queue);
-    replay("corpus/virtio_blk_queue", rvirt_virtio_devices::fuzzing::chains);
+    assert!(replay("corpus/virtio_chains", rvirt_virtio_devices::fuzzing::chains) >= 1, "seeds missing");
+    replay("regressions/virtio_chains", rvirt_virtio_devices::fuzzing::chains);
     assert!(replay("corpus/virtio_net_rx", rvirt_virtio_devices::fuzzing::net_rx) >= 1, "seeds missing");
     replay("regressions/virtio_net_rx", rvirt_virtio_devices::fuzzing::net_rx);
 }
