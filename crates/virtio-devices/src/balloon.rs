@@ -229,8 +229,7 @@ impl VirtioDevice for Balloon {
 
 #[cfg(test)]
 mod tests {
-    use virtio_queue::{Queue, QueueT};
-    use vm_memory::Bytes;
+    use virtio_queue::QueueT;
 
     use super::*;
 
@@ -243,25 +242,7 @@ mod tests {
     /// A chain of `n` readable descriptors, each `len` bytes at guest address 0
     /// (overlapping: a small guest describing a huge list), popped from a queue.
     fn hostile_chain(mem: &GuestMemoryMmap, n: u16, len: u32) -> GuestChain {
-        let table = 0x10_0000u64;
-        for i in 0..n {
-            let flags: u16 = if i + 1 < n { 1 } else { 0 };
-            let d = table + u64::from(i) * 16;
-            mem.write_obj(0u64, GuestAddress(d)).unwrap();
-            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-            mem.write_obj(i + 1, GuestAddress(d + 14)).unwrap();
-        }
-        let avail = table + 0x1000;
-        mem.write_obj(0u16, GuestAddress(avail)).unwrap();
-        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
-        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
-        let mut q = Queue::new(256).unwrap();
-        q.set_size(256);
-        q.set_desc_table_address(Some(table as u32), Some(0));
-        q.set_avail_ring_address(Some(avail as u32), Some(0));
-        q.set_used_ring_address(Some((avail + 0x1000) as u32), Some(0));
-        q.set_ready(true);
+        let mut q = crate::fuzzing::chain_queue(mem, 0x10_0000, &vec![(0, len, 0); usize::from(n)]);
         let chain = q.pop_descriptor_chain(mem).expect("a chain");
         GuestChain::parse(chain, mem).unwrap()
     }

@@ -113,6 +113,32 @@ fn setup(data: &[u8]) -> Option<(GuestMemoryMmap, Queue)> {
     Some((mem, q))
 }
 
+/// A ready 256-entry queue with its rings at `base` (descriptor table),
+/// `base + 0x1000` (avail) and `base + 0x2000` (used), whose one available
+/// chain is `descs` (address, length, flags; NEXT is added): what the
+/// hostile-chain tests hand a device.
+pub fn chain_queue(mem: &GuestMemoryMmap, base: u64, descs: &[(u64, u32, u16)]) -> Queue {
+    for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+        let at = base + i as u64 * 16;
+        let flags = if i + 1 < descs.len() { flags | 1 } else { flags };
+        let _ = mem.write_obj(addr, GuestAddress(at));
+        let _ = mem.write_obj(len, GuestAddress(at + 8));
+        let _ = mem.write_obj(flags, GuestAddress(at + 12));
+        let _ = mem.write_obj(i as u16 + 1, GuestAddress(at + 14));
+    }
+    let avail = base + 0x1000;
+    let _ = mem.write_obj(0u16, GuestAddress(avail));
+    let _ = mem.write_obj(u16::from(!descs.is_empty()), GuestAddress(avail + 2));
+    let _ = mem.write_obj(0u16, GuestAddress(avail + 4));
+    let mut q = Queue::new(256).unwrap_or_else(|_| unreachable!("256 is a valid queue size"));
+    q.set_size(256);
+    q.set_desc_table_address(Some(base as u32), Some((base >> 32) as u32));
+    q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+    q.set_used_ring_address(Some((avail + 0x1000) as u32), Some(((avail + 0x1000) >> 32) as u32));
+    q.set_ready(true);
+    q
+}
+
 /// A fuzz input that lays out one chain of `descs` (address, length, flags)
 /// with `payload` at [`PAYLOAD`]: seeds for the corpus.
 pub fn seed(descs: &[(u64, u32, u16)], payload: &[u8]) -> Vec<u8> {

@@ -11,13 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rvirt_virtio_devices::{ActivateContext, Interrupt, InterruptKind, QueueHandle, VirtioBlock, VirtioConsole, VirtioDevice, VirtioRng};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const RAM: u64 = 64 << 20;
 const RINGS: u64 = 48 << 20;
-const NEXT: u16 = 1;
 const WRITE: u16 = 2;
 
 struct NoInterrupt;
@@ -37,25 +35,7 @@ fn rss() -> u64 {
 
 /// A ready queue at `base` whose one available chain is `descs` (address, length, flags).
 fn queue(mem: &GuestMemoryMmap, base: u64, descs: &[(u64, u32, u16)]) -> QueueHandle {
-    for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-        let at = base + i as u64 * 16;
-        let flags = if i + 1 < descs.len() { flags | NEXT } else { flags };
-        mem.write_obj(addr, GuestAddress(at)).unwrap();
-        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-        mem.write_obj(i as u16 + 1, GuestAddress(at + 14)).unwrap();
-    }
-    let avail = base + 0x1000;
-    mem.write_obj(0u16, GuestAddress(avail)).unwrap();
-    mem.write_obj(u16::from(!descs.is_empty()), GuestAddress(avail + 2)).unwrap();
-    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
-    let mut q = Queue::new(256).unwrap();
-    q.set_size(256);
-    q.set_desc_table_address(Some(base as u32), Some(0));
-    q.set_avail_ring_address(Some(avail as u32), Some(0));
-    q.set_used_ring_address(Some((avail + 0x1000) as u32), Some(0));
-    q.set_ready(true);
-    QueueHandle { queue: q, event: EventFd::new(0).unwrap() }
+    QueueHandle { queue: rvirt_virtio_devices::fuzzing::chain_queue(mem, base, descs), event: EventFd::new(0).unwrap() }
 }
 
 /// Activates `dev` on `queues`, notifies queue `kick` and waits until it has used its chain.
