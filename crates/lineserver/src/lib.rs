@@ -28,7 +28,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Longest request line, newline excluded.
     pub max_line: usize,
-    /// Bytes of partial requests buffered across all connections.
+    /// Bytes held for clients across all connections: partial requests and
+    /// answers not yet read (a client that asks and never reads holds its answer).
     pub max_buffered: usize,
     /// Threads answering requests.
     pub workers: usize,
@@ -74,7 +75,7 @@ pub type Handler = dyn Fn(Line) -> Vec<u8> + Send + Sync;
 pub struct Stats {
     /// Connections open now.
     pub connections: usize,
-    /// Bytes of partial requests buffered now.
+    /// Bytes of partial requests and unread answers held now.
     pub buffered: usize,
     /// Most bytes ever buffered at once.
     pub peak_buffered: usize,
@@ -122,6 +123,17 @@ struct Conn {
     close_after: bool,
     /// The epoll events it is registered for (0: not registered).
     registered: u32,
+}
+
+impl Conn {
+    /// Bytes this connection holds: its partial request and unsent answer.
+    fn held(&self) -> usize {
+        let unsent = match &self.state {
+            State::Writing { out, pos } => out.len() - pos,
+            _ => 0,
+        };
+        self.buf.len() + unsent
+    }
 }
 
 /// Serves `listener` with `handler` on threads of its own, for as long as the process lives.
@@ -287,6 +299,7 @@ fn poll_loop(
                         match c.stream.write(&out[*pos..]) {
                             Ok(n) => {
                                 *pos += n;
+                                buffered -= n;
                                 c.active = now;
                             }
                             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
@@ -305,6 +318,7 @@ fn poll_loop(
                     Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
                     Err(_) => c.broken = true,
                 }
+                buffered += out.len() - pos;
                 c.state = State::Writing { out, pos };
                 c.active = now;
                 touched.push(id);
@@ -378,7 +392,7 @@ fn poll_loop(
         }
         // Over the memory bound: close the connections holding the most.
         if buffered > limits.max_buffered {
-            let mut by_size: Vec<(usize, u64)> = conns.iter().filter(|(id, _)| !close.contains(id)).map(|(&id, c)| (c.buf.len(), id)).collect();
+            let mut by_size: Vec<(usize, u64)> = conns.iter().filter(|(id, _)| !close.contains(id)).map(|(&id, c)| (c.held(), id)).collect();
             by_size.sort_unstable_by(|a, b| b.cmp(a));
             let mut over = buffered - limits.max_buffered;
             for (len, id) in by_size {
@@ -392,7 +406,7 @@ fn poll_loop(
         }
         for id in close {
             if let Some(c) = conns.remove(&id) {
-                buffered -= c.buf.len();
+                buffered -= c.held();
                 if c.registered != 0 {
                     interest.ctl(libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), id, 0);
                 }

@@ -133,3 +133,23 @@ fn a_client_that_half_closes_still_gets_its_answer() {
     c.read_line(&mut line).unwrap();
     assert_eq!(line.trim_end(), "SLEPT");
 }
+
+#[test]
+fn clients_that_ask_and_never_read_are_bounded_too() {
+    let limits = Limits { max_buffered: 16 << 20, write_timeout: Duration::from_secs(30), ..Limits::default() };
+    let (p, server) = start("unread", limits);
+    // Each asks for a 4 MiB answer and never reads it: 40 would hold 160 MiB.
+    let mut askers = Vec::new();
+    for _ in 0..40 {
+        let mut s = UnixStream::connect(&p).unwrap();
+        s.write_all(b"big\n").unwrap();
+        askers.push(s);
+    }
+    wait_for(&server, "the largest holders closed", |s| s.dropped > 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = server.stats();
+    assert!(stats.peak_buffered <= (16 << 20) + (5 << 20), "{stats:?}");
+    assert!(stats.dropped > 0, "the largest holders were closed: {stats:?}");
+    let mut c = connect(&p);
+    assert_eq!(ask(&mut c, "fine"), "FINE");
+}
