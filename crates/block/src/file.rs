@@ -108,14 +108,7 @@ pub fn open_checked(path: &Path, write: bool, kind: Kind, custom: i32) -> io::Re
         let want = if kind == Kind::Regular { "a regular file" } else { "a regular file or block device" };
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("is {what}, not {want}")));
     }
-    // Back to blocking I/O for the file itself.
-    // SAFETY: F_GETFL/F_SETFL on a descriptor we own, plain integer flags.
-    unsafe {
-        let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-        if fl >= 0 {
-            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
-        }
-    }
+    set_blocking(&file);
     Ok(file)
 }
 
@@ -136,31 +129,19 @@ pub fn create_locked(path: &Path) -> crate::Result<File> {
     }
     crate::lock::lock(&file, path, crate::lock::Permissions::for_image(false, true, crate::Locking::Exclusive))?;
     file.set_len(0).map_err(io)?;
-    // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+    set_blocking(&file);
+    Ok(file)
+}
+
+/// Back to blocking I/O once the open (the part that could hang) is done.
+fn set_blocking(file: &File) {
+    // SAFETY: F_GETFL/F_SETFL on a descriptor the caller owns, plain integer flags.
     unsafe {
         let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
         if fl >= 0 {
             libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
         }
     }
-    Ok(file)
-}
-
-/// Reads a whole input file (kernel, initrd, firmware) opened with
-/// [`open_checked`], refusing one over `limit` bytes.
-pub fn read_input(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-    use std::io::Read;
-    let f = open_checked(path, false, Kind::Regular, 0)?;
-    let len = f.metadata()?.len();
-    if len > limit {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("is {len} bytes, over the limit of {limit}")));
-    }
-    let mut out = Vec::with_capacity(len as usize);
-    f.take(limit + 1).read_to_end(&mut out)?;
-    if out.len() as u64 > limit {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("grew past the limit of {limit} bytes while read")));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -183,7 +164,6 @@ mod tests {
             let e = open_checked(&p, write, Kind::RegularOrBlock, 0).unwrap_err();
             assert!(e.to_string().contains("a FIFO"), "{e}");
         }
-        assert!(read_input(&p, 1 << 20).unwrap_err().to_string().contains("a FIFO"));
         let e = open_checked(Path::new("/tmp"), false, Kind::Regular, 0).unwrap_err();
         assert!(e.to_string().contains("a directory"), "{e}");
         let e = open_checked(Path::new("/dev/null"), false, Kind::RegularOrBlock, 0).unwrap_err();
@@ -191,14 +171,12 @@ mod tests {
     }
 
     #[test]
-    fn regular_files_open_and_inputs_are_bounded() {
+    fn regular_files_open_blocking() {
         let p = crate::test_path("file", "plain");
         std::fs::write(&p, b"0123456789").unwrap();
         let f = open_checked(&p, true, Kind::Regular, 0).unwrap();
         // SAFETY: F_GETFL on an open descriptor.
         let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
         assert_eq!(fl & libc::O_NONBLOCK, 0, "the open file is blocking again");
-        assert_eq!(read_input(&p, 10).unwrap(), b"0123456789");
-        assert!(read_input(&p, 9).unwrap_err().to_string().contains("over the limit"));
     }
 }

@@ -207,11 +207,6 @@ impl ImageOptions {
     pub fn read_only() -> Self {
         Self { read_only: true, ..Self::default() }
     }
-
-    /// A read-write open with default locking and backing rules.
-    pub fn read_write() -> Self {
-        Self::default()
-    }
 }
 
 /// Opens an image of `format`. The format is never probed here: callers
@@ -238,13 +233,7 @@ pub fn backing_chain(path: &Path, format: Format, policy: &BackingPolicy) -> Res
     let mut seen = std::collections::HashSet::new();
     let (mut cur, mut fmt) = (path.to_path_buf(), format);
     while fmt == Format::Qcow2 {
-        let id = std::fs::canonicalize(&cur).map_err(|e| io_err(&cur, e))?;
-        if !seen.insert(id) {
-            return Err(Error::Corrupt { path: cur.display().to_string(), detail: "backing chain loops back to this image".into() });
-        }
-        if seen.len() > qcow2::MAX_CHAIN_DEPTH {
-            return Err(Error::Unsupported { path: path.display().to_string(), detail: format!("backing chain deeper than {}", qcow2::MAX_CHAIN_DEPTH) });
-        }
+        qcow2::enter_chain(&mut seen, &cur)?;
         let Some((name, recorded)) = qcow2::read_backing_name(&cur)? else { break };
         let next = qcow2::resolve_backing(&cur, &name);
         fmt = qcow2::backing_format_for(&cur, &name, &next, recorded, policy)?;

@@ -247,14 +247,7 @@ impl Qcow2Image {
     }
 
     fn open_in_chain(path: &Path, opts: &ImageOptions, as_backing: bool, chain: &mut HashSet<PathBuf>) -> Result<Self> {
-        let name = path.display().to_string();
-        let canonical = std::fs::canonicalize(path).map_err(|e| io_err(path, e))?;
-        if !chain.insert(canonical) {
-            return Err(Error::Corrupt { path: name, detail: "backing chain loops back to this image".into() });
-        }
-        if chain.len() > MAX_CHAIN_DEPTH {
-            return Err(Error::Unsupported { path: name, detail: format!("backing chain deeper than {MAX_CHAIN_DEPTH}") });
-        }
+        enter_chain(chain, path)?;
         let read_only = opts.read_only || as_backing;
         let file = open_checked(path, !read_only, Kind::Regular, 0).map_err(|e| io_err(path, e))?;
         let perms = if as_backing { Permissions::for_backing(opts.locking) } else { Permissions::for_image(read_only, true, opts.locking) };
@@ -1111,6 +1104,19 @@ impl Qcow2Image {
     pub fn backing(&self) -> Option<&dyn BlockBackend> {
         self.backing.as_deref()
     }
+}
+
+/// Adds `path` to the backing chain walked so far, refusing a loop back to
+/// an image already in it and a chain deeper than [`MAX_CHAIN_DEPTH`].
+pub(crate) fn enter_chain(chain: &mut HashSet<PathBuf>, path: &Path) -> Result<()> {
+    let canonical = std::fs::canonicalize(path).map_err(|e| io_err(path, e))?;
+    if !chain.insert(canonical) {
+        return Err(Error::Corrupt { path: path.display().to_string(), detail: "backing chain loops back to this image".into() });
+    }
+    if chain.len() > MAX_CHAIN_DEPTH {
+        return Err(Error::Unsupported { path: path.display().to_string(), detail: format!("backing chain deeper than {MAX_CHAIN_DEPTH}") });
+    }
+    Ok(())
 }
 
 impl Drop for Qcow2Image {
