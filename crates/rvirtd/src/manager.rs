@@ -51,6 +51,8 @@ struct Running {
     def: DomainXml,
     /// `destroy` is stopping it: the end is "destroyed" whatever the log says.
     destroying: bool,
+    /// The backing chains its disks were started with (for conflict checks).
+    chains: storage::Chains,
 }
 
 struct Domain {
@@ -157,7 +159,9 @@ impl Manager {
                 continue;
             }
             let state = if rec.paused { DomainState::Paused } else { DomainState::Running };
-            let run = Running { record: rec.clone(), child: None, def: def.clone(), destroying: false };
+            // Read once here, for later starts' conflict checks; best effort, as the VMM already runs.
+            let chains = storage::resolve_chains(&def).unwrap_or_else(|_| vec![Vec::new(); def.disks.len()]);
+            let run = Running { record: rec.clone(), child: None, def: def.clone(), destroying: false, chains };
             match g.domains.get_mut(&name) {
                 Some(d) => {
                     d.state = state;
@@ -317,7 +321,8 @@ impl Manager {
     fn spawn(&self, g: &mut Inner, name: &str, def: DomainXml) -> Result<(PathBuf, u64), String> {
         Self::check_files(&def)?;
         let chains = storage::resolve_chains(&def)?;
-        let others = g.domains.iter().filter(|(n, _)| n.as_str() != name).filter_map(|(n, d)| d.run.as_ref().map(|r| (n.as_str(), &r.def)));
+        let others =
+            g.domains.iter().filter(|(n, _)| n.as_str() != name).filter_map(|(n, d)| d.run.as_ref().map(|r| (n.as_str(), &r.def, &r.chains)));
         storage::check_disk_conflicts(name, &def, &chains, others)?;
         let id = g.next_id;
         let api_socket = self.store.api_socket(id);
@@ -352,7 +357,7 @@ impl Manager {
         if let Err(e) = self.store.save_run(name, &record) {
             tracing::error!("{e:#}: a restarted daemon will not find '{name}'");
         }
-        let run = Running { record, child: Some(child), def: def.clone(), destroying: false };
+        let run = Running { record, child: Some(child), def: def.clone(), destroying: false, chains };
         let d = g.domains.entry(name.to_string()).or_insert_with(|| Domain {
             def: def.clone(),
             persistent: false,

@@ -68,22 +68,21 @@ fn uses(def: &DomainXml, chains: &Chains) -> Vec<FileUse> {
 }
 
 /// Refuses to start `name` (`def`, with `chains`) when a file one of its
-/// disks uses is also used by a running domain in `running`, and either of
-/// them writes it, unless both declare the disk `<shareable/>`.
+/// disks uses is also used by a running domain in `running` (name,
+/// definition, the chains it started with), and either of them writes it,
+/// unless both declare the disk `<shareable/>`.
 pub fn check_disk_conflicts<'a>(
     name: &str,
     def: &DomainXml,
     chains: &Chains,
-    running: impl Iterator<Item = (&'a str, &'a DomainXml)>,
+    running: impl Iterator<Item = (&'a str, &'a DomainXml, &'a Chains)>,
 ) -> Result<(), String> {
     let mine = uses(def, chains);
     if mine.is_empty() {
         return Ok(());
     }
-    for (other, odef) in running {
-        // Running domains' chains were resolved when they started; read again, best effort.
-        let ochains = resolve_chains(odef).unwrap_or_else(|_| vec![Vec::new(); odef.disks.len()]);
-        for theirs in uses(odef, &ochains) {
+    for (other, odef, ochains) in running {
+        for theirs in uses(odef, ochains) {
             for m in mine.iter().filter(|m| m.id == theirs.id) {
                 if !(m.writable || theirs.writable) || (m.shareable && theirs.shareable) {
                     continue;
@@ -126,13 +125,14 @@ mod tests {
         std::fs::write(&img, [0u8; 512]).unwrap();
         let a = domain("a", &disk(&img, ""));
         let b = domain("b", &disk(&img, ""));
-        let e = check_disk_conflicts("b", &b, &resolve_chains(&b).unwrap(), [("a", &a)].into_iter()).unwrap_err();
+        let none: Chains = vec![Vec::new()];
+        let e = check_disk_conflicts("b", &b, &resolve_chains(&b).unwrap(), [("a", &a, &none)].into_iter()).unwrap_err();
         assert!(e.contains("domain 'b'") && e.contains("running domain 'a'") && e.contains("one.img"), "{e}");
         let (ra, rb) = (domain("a", &disk(&img, "<readonly/>")), domain("b", &disk(&img, "<readonly/>")));
-        check_disk_conflicts("b", &rb, &resolve_chains(&rb).unwrap(), [("a", &ra)].into_iter()).unwrap();
-        assert!(check_disk_conflicts("b", &b, &resolve_chains(&b).unwrap(), [("a", &ra)].into_iter()).is_err(), "a writer under a reader");
+        check_disk_conflicts("b", &rb, &resolve_chains(&rb).unwrap(), [("a", &ra, &none)].into_iter()).unwrap();
+        assert!(check_disk_conflicts("b", &b, &resolve_chains(&b).unwrap(), [("a", &ra, &none)].into_iter()).is_err(), "a writer under a reader");
         let (sa, sb) = (domain("a", &disk(&img, "<shareable/>")), domain("b", &disk(&img, "<shareable/>")));
-        check_disk_conflicts("b", &sb, &resolve_chains(&sb).unwrap(), [("a", &sa)].into_iter()).unwrap();
+        check_disk_conflicts("b", &sb, &resolve_chains(&sb).unwrap(), [("a", &sa, &none)].into_iter()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
