@@ -326,16 +326,24 @@ pub(crate) fn parse_header_cluster(hc: &[u8], header: &Header, name: &str) -> Re
 /// `path`, read from its header alone (no lock, no I/O beyond the header).
 pub fn read_backing_name(path: &Path) -> Result<Option<(String, Option<Format>)>> {
     let file = open_checked(path, false, Kind::Regular, 0).map_err(|e| io_err(path, e))?;
+    let (_, _, hc) = read_header(&file, path)?;
+    Ok(hc.backing_name.map(|n| (n, hc.backing_format)))
+}
+
+/// Reads and validates the header and the rest of the header cluster of
+/// the image in `file` (named `path` in errors); also returns the file's length.
+pub(crate) fn read_header(file: &dyn ImageFile, path: &Path) -> Result<(u64, Header, HeaderCluster)> {
     let name = path.display().to_string();
-    let file_len = ImageFile::len(&file).map_err(|e| io_err(path, e))?;
+    let file_len = file.len().map_err(|e| io_err(path, e))?;
     let mut head = vec![0u8; 4096.min(file_len as usize).max(V2_HEADER_LEN as usize)];
-    let n = read_full(&file, &mut head, 0).map_err(|e| io_err(path, e))?;
+    let n = read_full(file, &mut head, 0).map_err(|e| io_err(path, e))?;
     head.truncate(n);
     let header = Header::parse(&head, file_len, &name)?;
+    // Re-read the whole header cluster for extensions and the backing name.
     let mut hc = vec![0u8; header.cluster_size().min(file_len) as usize];
-    read_full(&file, &mut hc, 0).map_err(|e| io_err(path, e))?;
+    read_full(file, &mut hc, 0).map_err(|e| io_err(path, e))?;
     let hc = parse_header_cluster(&hc, &header, &name)?;
-    Ok(hc.backing_name.map(|n| (n, hc.backing_format)))
+    Ok((file_len, header, hc))
 }
 
 /// The format of the backing file `bname` (at `bpath`) of the image at

@@ -32,7 +32,7 @@ pub mod snapshot;
 pub use check::{CheckReport, Repair};
 pub use header::{read_backing_name, resolve_backing, Header};
 pub use snapshot::Snapshot;
-pub(crate) use header::{backing_err, backing_format_for, be32, be64, build_header_cluster, parse_header_cluster, HeaderCluster};
+pub(crate) use header::{backing_err, backing_format_for, be32, be64, build_header_cluster, read_header, HeaderCluster};
 
 /// The four bytes every qcow2 file starts with.
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -266,20 +266,12 @@ impl Qcow2Image {
 
     fn from_file(file: Box<dyn ImageFile>, path: &Path, read_only: bool, opts: &ImageOptions, chain: &mut HashSet<PathBuf>) -> Result<Self> {
         let name = path.display().to_string();
-        let file_len = file.len().map_err(|e| io_err(path, e))?;
-        let mut head = vec![0u8; 4096.min(file_len as usize).max(V2_HEADER_LEN as usize)];
-        let n = read_full(file.as_ref(), &mut head, 0).map_err(|e| io_err(path, e))?;
-        head.truncate(n);
-        let header = Header::parse(&head, file_len, &name)?;
+        let (file_len, header, HeaderCluster { backing_name, backing_format, extensions }) = read_header(file.as_ref(), path)?;
         let cs = header.cluster_size();
-        // Re-read the whole header cluster for extensions and the backing name.
-        let mut hc = vec![0u8; cs.min(file_len) as usize];
-        read_full(file.as_ref(), &mut hc, 0).map_err(|e| io_err(path, e))?;
         let corrupt = |d: &str| Error::Corrupt { path: name.clone(), detail: d.into() };
         if !read_only && header.incompatible_features & INCOMPAT_CORRUPT != 0 {
             return Err(corrupt("image is marked corrupt; open it read-only or repair it"));
         }
-        let HeaderCluster { backing_name, backing_format, extensions } = parse_header_cluster(&hc, &header, &name)?;
         let backing = match &backing_name {
             Some(bname) => Self::open_backing(path, bname, backing_format, opts, chain)?,
             None if matches!(&opts.backing, BackingPolicy::Given(l) if !l.is_empty()) => {
