@@ -483,6 +483,18 @@ fn advance(
     c.eof || (c.buf.is_empty() && now.duration_since(c.active) > limits.idle_timeout)
 }
 
+/// Binds a unix socket at `path` that has `mode` from birth: bound under a
+/// umask that gives exactly that mode, so there is no moment where the
+/// process's umask lets others connect.
+pub fn bind_with_mode(path: &std::path::Path, mode: u32) -> std::io::Result<UnixListener> {
+    // SAFETY: umask only swaps the process's file-creation mask.
+    let old = unsafe { libc::umask(0o777 & !mode) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    bound
+}
+
 /// Raises this process's soft limit on open descriptors to its hard limit
 /// (at most 65,536), so thousands of idle clients cannot starve the
 /// server of descriptors at the usual soft limit of 1,024.

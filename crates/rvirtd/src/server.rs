@@ -28,13 +28,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
     }
     let gid = group.map(group_id).transpose()?;
     let mode = if gid.is_some() { 0o660 } else { 0o600 };
-    // The socket is born with its final mode: no moment where the umask's applies.
-    // SAFETY: umask only swaps the process's file-creation mask.
-    let old = unsafe { libc::umask(0o777 & !mode) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.with_context(|| format!("binding {}", path.display()))?;
+    let listener = rvirt_lineserver::bind_with_mode(path, mode).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))?;
     if let Some(gid) = gid {
         std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| format!("chgrp {}", path.display()))?;

@@ -3,7 +3,7 @@
 //! the VMM's main thread, which owns the VM.
 
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -59,12 +59,7 @@ impl ApiServer {
             std::fs::remove_file(path).map_err(|e| sock_err(path, format!("cannot remove stale socket: {e}")))?;
         }
         // Mode 0600 from birth, whatever the umask: the API controls the VM.
-        // SAFETY: umask only swaps the process's file-creation mask.
-        let old = unsafe { libc::umask(0o177) };
-        let bound = UnixListener::bind(path);
-        // SAFETY: as above, restoring the previous mask.
-        unsafe { libc::umask(old) };
-        let listener = bound.map_err(|e| sock_err(path, e))?;
+        let listener = rvirt_lineserver::bind_with_mode(path, 0o600).map_err(|e| sock_err(path, e))?;
         let wakeup = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| sock_err(path, e))?);
         let (tx, rx) = mpsc::channel::<ApiCall>();
         let main_wakeup = wakeup.clone();
@@ -126,6 +121,7 @@ mod tests {
     use super::*;
     use rvirt_api::ApiClient;
     use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
 
     fn tmp_path(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("rvirt-apisrv-{}-{name}", std::process::id()));
