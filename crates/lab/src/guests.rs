@@ -54,3 +54,145 @@ pub fn print_forever(byte: u8) -> Vec<u8> {
     c.extend_from_slice(&[0xee, 0xb9, 0x00, 0x00, 0x40, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xf4]);
     c
 }
+
+/// Where [`virtio_balloon_chain_bomb`] keeps its inflate queue's rings: in
+/// its own image, which the loader puts at 1 MiB (code at +0x200).
+const BOMB_DESC: u32 = 0x10_1000;
+const BOMB_AVAIL: u32 = 0x10_2000;
+const BOMB_USED: u32 = 0x10_3000;
+/// The 32 MiB every descriptor of the bomb points at, filled with one PFN.
+const BOMB_FILL: u32 = 0x40_0000;
+const BOMB_FILL_LEN: u32 = 32 << 20;
+/// The page the bomb's PFN list names (48 MiB, unused by the guest).
+pub const BOMB_PFN: u32 = 0x3000;
+/// Descriptors in the bomb's first chain (each 32 MiB: 6 GiB in all).
+pub const BOMB_HUGE_DESCRIPTORS: u16 = 192;
+/// Bytes of the second chain: 64 descriptors of 16 KiB over the same
+/// memory, 262,144 PFNs, as long a list as a device should still serve.
+pub const BOMB_AT_LIMIT_BYTES: u32 = 64 * (16 << 10);
+
+/// Configuration address (port 0xcf8) of register `reg` of bus 0 slot `slot`.
+fn pci_cfg(slot: u32, reg: u32) -> u32 {
+    0x8000_0000 | (slot << 11) | (reg << 2)
+}
+
+/// `mov dx, port`.
+fn mov_dx(port: u16) -> [u8; 4] {
+    let p = port.to_le_bytes();
+    [0x66, 0xba, p[0], p[1]]
+}
+
+/// `op [rbx + disp], imm` for an opcode with ModRM reg field 0 (the stores).
+fn at_rbx(prefix: &[u8], disp: u32, imm: &[u8]) -> Vec<u8> {
+    let mut c = prefix.to_vec();
+    c.push(0x83); // ModRM: [rbx + disp32]
+    c.extend_from_slice(&disp.to_le_bytes());
+    c.extend_from_slice(imm);
+    c
+}
+
+/// A hostile virtio-balloon driver: finds the balloon on PCI bus 0 (config
+/// ports 0xcf8/0xcfc), negotiates VERSION_1 through BAR 0's common
+/// configuration, and queues two inflate chains whose descriptors all
+/// overlap one 32 MiB region: [`BOMB_HUGE_DESCRIPTORS`] descriptors of
+/// 32 MiB (6 GiB of "PFNs" from a 64 MiB guest), then a list of
+/// [`BOMB_AT_LIMIT_BYTES`]. Prints `used 2` once the device has returned
+/// both chains, `stuck` if it does not within a few seconds, or
+/// `no virtio-balloon`; then halts.
+pub fn virtio_balloon_chain_bomb() -> Vec<u8> {
+    let mut c = vec![0x31, 0xf6]; // xor esi, esi: the balloon's config address
+    for slot in 1..32 {
+        c.push(0xb8); // mov eax, cfg(slot, 0)
+        c.extend_from_slice(&pci_cfg(slot, 0).to_le_bytes());
+        c.extend_from_slice(&mov_dx(0xcf8));
+        c.push(0xef); // out dx, eax
+        c.extend_from_slice(&mov_dx(0xcfc));
+        c.push(0xed); // in eax, dx
+        c.push(0x3d); // cmp eax, virtio 1.0 balloon
+        c.extend_from_slice(&0x1045_1af4u32.to_le_bytes());
+        c.extend_from_slice(&[0x75, 0x05]); // jne over the next instruction
+        c.push(0xbe); // mov esi, cfg(slot, 0)
+        c.extend_from_slice(&pci_cfg(slot, 0).to_le_bytes());
+    }
+    let mut missing = print(b"no virtio-balloon\n");
+    missing.extend(HALT_FOREVER);
+    c.extend_from_slice(&[0x85, 0xf6, 0x75, missing.len() as u8]); // test esi, esi; jnz found
+    c.extend(missing);
+    // Memory space and bus mastering on; rbx = BAR 0 (64-bit).
+    let read_reg = |c: &mut Vec<u8>, reg: u32| {
+        c.extend_from_slice(&[0x89, 0xf0, 0x0d]); // mov eax, esi; or eax, reg * 4
+        c.extend_from_slice(&(reg << 2).to_le_bytes());
+        c.extend_from_slice(&mov_dx(0xcf8));
+        c.push(0xef);
+        c.extend_from_slice(&mov_dx(0xcfc));
+    };
+    read_reg(&mut c, 1);
+    c.extend_from_slice(&[0xb8, 6, 0, 0, 0, 0xef]); // mov eax, 6; out dx, eax
+    read_reg(&mut c, 4);
+    c.extend_from_slice(&[0xed, 0x25, 0xf0, 0xff, 0xff, 0xff, 0x89, 0xc3]); // in; and eax, ~0xf; mov ebx, eax
+    read_reg(&mut c, 5);
+    c.extend_from_slice(&[0xed, 0x48, 0xc1, 0xe0, 0x20, 0x48, 0x09, 0xc3]); // in; shl rax, 32; or rbx, rax
+    // Fill the region with the one PFN: mov edi; mov ecx; mov eax; rep stosd.
+    c.push(0xbf);
+    c.extend_from_slice(&BOMB_FILL.to_le_bytes());
+    c.push(0xb9);
+    c.extend_from_slice(&(BOMB_FILL_LEN / 4).to_le_bytes());
+    c.push(0xb8);
+    c.extend_from_slice(&BOMB_PFN.to_le_bytes());
+    c.extend_from_slice(&[0xf3, 0xab]);
+    // virtio_pci_common_cfg: reset, ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK.
+    let status = |v: u8| at_rbx(&[0xc6], 0x14, &[v]);
+    let dword = |off: u32, v: u32| at_rbx(&[0xc7], off, &v.to_le_bytes());
+    let word = |off: u32, v: u16| at_rbx(&[0x66, 0xc7], off, &v.to_le_bytes());
+    for part in [status(0), status(1), status(3), dword(0x08, 1), dword(0x0c, 1), dword(0x08, 0), dword(0x0c, 0)] {
+        c.extend(part);
+    }
+    c.extend(status(0x0b));
+    // Queue 0 (inflate): 256 entries, rings in the image, enabled; DRIVER_OK.
+    for part in [
+        word(0x16, 0),
+        word(0x18, 256),
+        dword(0x20, BOMB_DESC),
+        dword(0x24, 0),
+        dword(0x28, BOMB_AVAIL),
+        dword(0x2c, 0),
+        dword(0x30, BOMB_USED),
+        dword(0x34, 0),
+        word(0x1c, 1),
+        status(0x0f),
+    ] {
+        c.extend(part);
+    }
+    // Notify queue 0 at BAR + 0x3000 + queue_notify_off * 4.
+    c.extend(at_rbx(&[0x0f, 0xb7], 0x1e, &[])); // movzx eax, word [rbx + 0x1e]
+    c.extend_from_slice(&[0x66, 0xc7, 0x84, 0x83, 0x00, 0x30, 0x00, 0x00, 0x00, 0x00]); // mov word [rbx+rax*4+0x3000], 0
+    // Wait (bounded) for used.idx == 2.
+    let mut stuck = print(b"stuck\n");
+    stuck.extend(HALT_FOREVER);
+    c.extend_from_slice(&[0xb9, 0xff, 0xff, 0xff, 0xff]); // mov ecx, 0xffffffff
+    c.extend_from_slice(&[0x0f, 0xb7, 0x04, 0x25]); // loop: movzx eax, word [used.idx]
+    c.extend_from_slice(&(BOMB_USED + 2).to_le_bytes());
+    c.extend_from_slice(&[0x83, 0xf8, 0x02, 0x74, 4 + stuck.len() as u8]); // cmp eax, 2; je done
+    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xef]); // dec ecx; jnz loop
+    c.extend(stuck);
+    c.extend(print(b"used 2\n")); // done:
+    c.extend(HALT_FOREVER);
+    // The rings, at the addresses above (the code starts at 0x10_0200).
+    let base = 0x10_0200usize;
+    assert!(base + c.len() <= BOMB_DESC as usize, "the bomb's code overlaps its rings");
+    c.resize(BOMB_DESC as usize - base, 0xf4);
+    let at_limit_len = BOMB_AT_LIMIT_BYTES / 64;
+    for i in 0..256u16 {
+        let (len, last) = if i < BOMB_HUGE_DESCRIPTORS { (BOMB_FILL_LEN, BOMB_HUGE_DESCRIPTORS - 1) } else { (at_limit_len, 255) };
+        c.extend_from_slice(&u64::from(BOMB_FILL).to_le_bytes());
+        c.extend_from_slice(&len.to_le_bytes());
+        c.extend_from_slice(&u16::from(i != last).to_le_bytes()); // VIRTQ_DESC_F_NEXT
+        c.extend_from_slice(&if i != last { i + 1 } else { 0 }.to_le_bytes());
+    }
+    // avail: NO_INTERRUPT, idx 2, heads 0 and BOMB_HUGE_DESCRIPTORS; then a zeroed used ring.
+    for v in [1u16, 2, 0, BOMB_HUGE_DESCRIPTORS] {
+        c.extend_from_slice(&v.to_le_bytes());
+    }
+    c.resize(BOMB_USED as usize - base + 4096, 0);
+    c
+}

@@ -189,3 +189,53 @@ fn a_guest_flooding_the_log_is_rate_limited_and_capped() {
     assert!(text.len() < 256 << 10, "{} bytes of log in 3 s", text.len());
     assert!(text.contains("lines dropped") || warnings < 200, "dropped lines are counted:\n{}", &text[text.len().saturating_sub(500)..]);
 }
+
+/// The VMM process's peak resident set (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).expect("VmHWM in /proc/PID/status");
+    kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn a_balloon_chain_bomb_from_the_guest_cannot_grow_the_vmm() {
+    use rvirt_lab::guests::{virtio_balloon_chain_bomb, BOMB_AT_LIMIT_BYTES};
+    let dir = tmpdir("balloon-bomb");
+    let kernel = dir.join("bomb.bzImage");
+    std::fs::write(&kernel, bzimage_with(&virtio_balloon_chain_bomb())).unwrap();
+    let (serial, sock) = (dir.join("serial.log"), dir.join("api.sock"));
+    let mut vmm = std::process::Command::new(env!("CARGO_BIN_EXE_rvirt-vmm"))
+        .args(["--memory", "64M", "--balloon", "--serial"])
+        .arg(format!("file={}", serial.display()))
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--kernel")
+        .arg(&kernel)
+        .stderr(std::fs::File::create(dir.join("vmm.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let out = loop {
+        let out = std::fs::read_to_string(&serial).unwrap_or_default();
+        if out.ends_with('\n') || std::time::Instant::now() > deadline {
+            break out;
+        }
+        assert!(vmm.try_wait().unwrap().is_none(), "the VMM ended: {}", std::fs::read_to_string(dir.join("vmm.log")).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(out, "used 2\n", "the device returns both chains and stays up");
+    let peak = peak_rss(vmm.id());
+    let mut api = rvirt_api::ApiClient::connect(&sock, std::time::Duration::from_secs(10)).unwrap();
+    let stats = api.call(&rvirt_api::Request::Stats).unwrap().stats.unwrap();
+    let balloon = stats.devices.iter().find(|(name, _)| name.contains("balloon")).expect("balloon counters").1;
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    // The 6 GiB list is refused whole; the list at the limit is served in
+    // chunks, each naming one page: released once per 4,096-PFN chunk.
+    assert_eq!(balloon.errors, 1, "{balloon:?}");
+    assert_eq!(balloon.requests, 1, "{balloon:?}");
+    assert_eq!(balloon.bytes_from_guest, u64::from(BOMB_AT_LIMIT_BYTES / 4 / 4096) * 4096, "{balloon:?}");
+    // 64 MiB of guest (32 MiB of it touched) plus the VMM's own few MiB.
+    assert!(peak < 128 << 20, "the VMM's peak RSS reached {} MiB", peak >> 20);
+    let _ = std::fs::remove_dir_all(&dir);
+}
