@@ -8,6 +8,8 @@
 pub mod acpi;
 pub mod bus;
 pub mod cmos;
+pub mod debugcon;
+pub mod fw_cfg;
 pub mod i8042;
 pub mod serial;
 
