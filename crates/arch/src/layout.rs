@@ -6,9 +6,16 @@
 //! 0x0010_0000 .. 3 GiB        RAM (kernel, initramfs)
 //! 3 GiB       .. 3.5 GiB      PCI BARs
 //! 3.5 GiB     .. +1 MiB       PCI ECAM (bus 0), reserved in the e820 map
-//! ..          .. 4 GiB        platform MMIO, IOAPIC, LAPIC
+//! ..          .. 0xfec0_0000  PCI BARs as firmware places them (top down)
+//! 0xfec0_0000 .. 4 GiB        IOAPIC, LAPIC, platform MMIO (GED), KVM's
+//!                             TSS pages, the firmware image at 4 GiB - size
 //! 4 GiB       .. 4 GiB + rest RAM that did not fit below the hole
 //! ```
+//!
+//! With firmware, 0xc0000..0x100000 holds a writable copy of the image's
+//! last 256 KiB (SeaBIOS runs its 32-bit code from there, as if a chipset
+//! had shadowed it) instead of ACPI tables, which the firmware places
+//! itself, from fw_cfg.
 
 /// Where the GDT used for the first guest instruction lives.
 pub const BOOT_GDT_START: u64 = 0x500;
@@ -56,16 +63,30 @@ pub const PCI_MMIO_END: u64 = 0xe000_0000;
 pub const ECAM_START: u64 = 0xe000_0000;
 /// Size of the ECAM window: one bus.
 pub const ECAM_SIZE: u64 = 1 << 20;
-/// MMIO window handed to platform devices (ACPI GED and friends).
-pub const PLATFORM_MMIO_START: u64 = 0xfe00_0000;
+/// MMIO window handed to platform devices (ACPI GED and friends): above
+/// the IOAPIC, outside the range firmware assigns PCI BARs in.
+pub const PLATFORM_MMIO_START: u64 = 0xfef0_0000;
+/// SeaBIOS assigns 32-bit BARs top-down below this address (the IOAPIC).
+pub const FIRMWARE_PCI_MMIO_END: u64 = 0xfec0_0000;
+/// Lowest address the firmware image's tail is copied to: the image's
+/// last [`BIOS_LOW_SIZE`] bytes end at 1 MiB, mirroring its place below 4 GiB.
+pub const BIOS_LOW_START: u64 = 0xc0000;
+/// Most bytes of the image copied below 1 MiB (SeaBIOS's 256 KiB build).
+pub const BIOS_LOW_SIZE: u64 = 0x40000;
+/// Smallest firmware image accepted.
+pub const MIN_FIRMWARE_SIZE: u64 = 64 << 10;
+/// Largest firmware image accepted (it is mapped just below 4 GiB).
+pub const MAX_FIRMWARE_SIZE: u64 = 16 << 20;
 /// The IOAPIC's MMIO base, as the in-kernel irqchip expects.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APIC's MMIO base.
 pub const APIC_START: u64 = 0xfee0_0000;
-/// TSS address given to KVM (three pages just below the IOAPIC area).
-pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
-/// Identity-map page given to KVM, just below the TSS.
-pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// TSS address given to KVM (three pages above the identity-map page).
+pub const KVM_TSS_ADDRESS: u64 = 0xfeff_d000;
+/// Identity-map page given to KVM: below any firmware image, as QEMU puts it.
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfeff_c000;
+/// Bytes KVM's identity-map page and TSS take (reserved in firmware's map).
+pub const KVM_PRIVATE_SIZE: u64 = 0x4000;
 /// Smallest guest RAM rvirt will build a machine with.
 pub const MIN_MEMORY: u64 = 16 << 20;
 
@@ -150,6 +171,50 @@ impl MemoryLayout {
         }
         map
     }
+
+    /// The map firmware gets through fw_cfg (`etc/e820`): RAM from 0 (the
+    /// firmware carves its own low areas), ECAM and KVM's private pages
+    /// reserved, RAM above 4 GiB.
+    pub fn firmware_e820(&self) -> Vec<E820Entry> {
+        let mut map = vec![
+            E820Entry {
+                addr: 0,
+                size: self.low_ram_end(),
+                kind: E820Kind::Ram,
+            },
+            E820Entry {
+                addr: ECAM_START,
+                size: ECAM_SIZE,
+                kind: E820Kind::Reserved,
+            },
+            E820Entry {
+                addr: KVM_IDENTITY_MAP_ADDRESS,
+                size: KVM_PRIVATE_SIZE,
+                kind: E820Kind::Reserved,
+            },
+        ];
+        if self.ram_bytes > PCI_HOLE_START {
+            map.push(E820Entry {
+                addr: PCI_HOLE_END,
+                size: self.ram_bytes - PCI_HOLE_START,
+                kind: E820Kind::Ram,
+            });
+        }
+        map
+    }
+
+    /// Where firmware may put 32-bit BARs, as (first, last) address pairs:
+    /// from the end of low RAM up to [`FIRMWARE_PCI_MMIO_END`], around ECAM.
+    /// SeaBIOS assigns top-down from the end, within the same bounds.
+    pub fn firmware_pci_windows(&self) -> Vec<(u64, u64)> {
+        let ecam_end = ECAM_START + ECAM_SIZE;
+        let mut w = Vec::new();
+        if self.low_ram_end() < ECAM_START {
+            w.push((self.low_ram_end(), ECAM_START - 1));
+        }
+        w.push((ecam_end.max(self.low_ram_end()), FIRMWARE_PCI_MMIO_END - 1));
+        w
+    }
 }
 
 #[cfg(test)]
@@ -189,6 +254,43 @@ mod tests {
         let l = MemoryLayout::new(PCI_HOLE_START).unwrap();
         assert_eq!(l.ram_ranges().len(), 1);
         assert_eq!(l.e820().len(), 4);
+    }
+
+    #[test]
+    fn firmware_map_and_bar_windows_leave_ecam_and_platform_mmio_alone() {
+        let l = MemoryLayout::new(512 << 20).unwrap();
+        assert_eq!(
+            l.firmware_pci_windows(),
+            vec![
+                (512 << 20, ECAM_START - 1),
+                (ECAM_START + ECAM_SIZE, 0xfebf_ffff)
+            ]
+        );
+        let big = MemoryLayout::new(6 << 30).unwrap();
+        assert_eq!(big.firmware_pci_windows()[0].0, PCI_HOLE_START);
+        assert_eq!(
+            big.firmware_e820().last().unwrap(),
+            &E820Entry {
+                addr: 4 << 30,
+                size: 3 << 30,
+                kind: E820Kind::Ram
+            }
+        );
+        for w in big
+            .firmware_pci_windows()
+            .iter()
+            .chain(&l.firmware_pci_windows())
+        {
+            assert!(
+                w.1 < PLATFORM_MMIO_START && w.1 < IOAPIC_START && w.1 < KVM_IDENTITY_MAP_ADDRESS
+            );
+        }
+        assert!(
+            PLATFORM_MMIO_START > IOAPIC_START
+                && PLATFORM_MMIO_START < (1 << 32) - MAX_FIRMWARE_SIZE
+        );
+        assert!(KVM_IDENTITY_MAP_ADDRESS + KVM_PRIVATE_SIZE <= (1 << 32) - MAX_FIRMWARE_SIZE);
+        assert!(KVM_TSS_ADDRESS == KVM_IDENTITY_MAP_ADDRESS + 0x1000);
     }
 
     #[test]

@@ -100,6 +100,16 @@ impl Cmos {
         Self { index: 0, nvram: [0; 128], clock }
     }
 
+    /// Presets NVRAM byte `index` (firmware reads the vCPU count at 0x5F
+    /// and the boot devices at 0x3D/0x38 from it). Clock registers are
+    /// not NVRAM and are left alone.
+    pub fn set_nvram(&mut self, index: u8, value: u8) {
+        let i = index & 0x7f;
+        if !matches!(i, REG_SECONDS..=REG_YEAR | REG_STATUS_A..=REG_STATUS_D | REG_CENTURY) {
+            self.nvram[usize::from(i)] = value;
+        }
+    }
+
     fn register(&self, index: u8) -> u8 {
         let t = || (self.clock)();
         match index {
@@ -192,6 +202,13 @@ mod tests {
         c.write(0, &[REG_SECONDS]);
         c.write(1, &[0x11]);
         assert_eq!(get(&mut c, REG_SECONDS), 0x59);
+        c.set_nvram(0x5f, 1);
+        c.set_nvram(REG_MONTH, 0xff);
+        assert_eq!(
+            (get(&mut c, 0x5f), get(&mut c, REG_MONTH)),
+            (1, 0x11),
+            "presets reach NVRAM only"
+        );
     }
 
     #[test]

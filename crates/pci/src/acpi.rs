@@ -12,12 +12,10 @@ pub fn intx_gsi(slot: usize, pin: usize) -> u32 {
     16 + ((slot + pin) % 8) as u32
 }
 
-/// Where the bridge decodes: its BAR window.
+/// Where the bridge decodes: its BAR windows.
 pub struct HostBridgeResources {
-    /// First address of the 32-bit MMIO window.
-    pub mmio_start: u32,
-    /// Last address of the 32-bit MMIO window.
-    pub mmio_end: u32,
+    /// The 32-bit MMIO windows, as (first address, last address).
+    pub mmio_windows: Vec<(u32, u32)>,
 }
 
 /// AML for `\_SB_.PCI0` with children for `slots`.
@@ -26,9 +24,14 @@ pub fn host_bridge_aml(res: &HostBridgeResources, slots: &[usize]) -> Vec<u8> {
     let cfg_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
     let io_low = aml::AddressSpace::<u16>::new_io(0x0000, 0x0cf7, None);
     let io_high = aml::AddressSpace::<u16>::new_io(0x0d00, 0xffff, None);
-    let mmio =
-        aml::AddressSpace::<u32>::new_memory(aml::AddressSpaceCacheable::NotCacheable, true, res.mmio_start, res.mmio_end, None);
-    let crs = aml::ResourceTemplate::new(vec![&bus, &cfg_ports, &io_low, &io_high, &mmio]);
+    let mmio: Vec<aml::AddressSpace<u32>> = res
+        .mmio_windows
+        .iter()
+        .map(|&(start, end)| aml::AddressSpace::<u32>::new_memory(aml::AddressSpaceCacheable::NotCacheable, true, start, end, None))
+        .collect();
+    let mut resources: Vec<&dyn Aml> = vec![&bus, &cfg_ports, &io_low, &io_high];
+    resources.extend(mmio.iter().map(|m| m as &dyn Aml));
+    let crs = aml::ResourceTemplate::new(resources);
 
     let mut prt_values: Vec<(u32, u32, u32)> = Vec::new();
     for slot in 1..SLOTS {
@@ -78,7 +81,7 @@ mod tests {
 
     #[test]
     fn aml_names_the_bridge_and_each_slot() {
-        let v = host_bridge_aml(&HostBridgeResources { mmio_start: 0xc000_0000, mmio_end: 0xdfff_ffff }, &[0, 1, 2]);
+        let v = host_bridge_aml(&HostBridgeResources { mmio_windows: vec![(0xc000_0000, 0xdfff_ffff)] }, &[0, 1, 2]);
         for needle in [&b"PCI0"[..], b"_PRT", b"_CRS", b"S001", b"S002", b"_BBN"] {
             assert!(v.windows(needle.len()).any(|w| w == needle), "{:?}", std::str::from_utf8(needle));
         }

@@ -234,7 +234,8 @@ pub struct PciHostBridge {
 }
 
 impl PciHostBridge {
-    /// A host bridge (class 06/00).
+    /// A host bridge (class 06/00). Its subsystem IDs are QEMU's "virtual
+    /// machine" ones, which SeaBIOS checks before it reads fw_cfg.
     pub fn new() -> Self {
         Self {
             config: PciConfiguration::new(&PciHeader {
@@ -242,8 +243,8 @@ impl PciHostBridge {
                 device_id: 0x0008,
                 revision: 0,
                 class: PciClass { class: 0x06, subclass: 0x00, prog_if: 0 },
-                subsystem_vendor_id: 0,
-                subsystem_id: 0,
+                subsystem_vendor_id: 0x1af4,
+                subsystem_id: 0x1100,
                 interrupt_pin: 0,
             }),
         }
@@ -338,6 +339,7 @@ mod tests {
         let mut io = PciConfigIo::new(bus.clone());
         let mut ecam = PciConfigMmio::new(bus.clone());
         assert_eq!(cf8(&mut io, 0, 2) >> 8, 0x060000, "host bridge class");
+        assert_eq!(cf8(&mut io, 0, 11), 0x1100_1af4, "QEMU machine subsystem, for SeaBIOS");
         assert_eq!(cf8(&mut io, 1, 0), 0x1044_1af4);
         assert_eq!(cf8(&mut io, 2, 0), 0xffff_ffff, "empty slot");
         let mut b = [0u8; 2];

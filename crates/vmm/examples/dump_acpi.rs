@@ -20,7 +20,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = rvirt_vmm::acpi::build(vcpus, &[0]).map_err(|e| e.to_string()).and_then(|tables| {
+    let result = rvirt_vmm::acpi::build(vcpus, &[0], &rvirt_vmm::acpi::AcpiLayout::direct()).map_err(|e| e.to_string()).and_then(|tables| {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         for (addr, bytes) in &tables.blobs {
             let sig: String = bytes[..4].iter().map(|&b| b as char).filter(|c| c.is_ascii_alphanumeric()).collect();

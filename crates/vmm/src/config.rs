@@ -83,6 +83,8 @@ pub struct DiskConfig {
     pub serial: Option<String>,
     /// Bypass the host page cache (O_DIRECT; raw images only).
     pub direct: bool,
+    /// Place in the firmware's boot order (`boot=N`, lowest first).
+    pub boot_index: Option<u16>,
 }
 
 /// Splits `a=b,c=d` into pairs, naming the option in errors. As in QEMU,
@@ -138,6 +140,7 @@ impl std::str::FromStr for DiskConfig {
             read_only: false,
             serial: None,
             direct: false,
+            boot_index: None,
         };
         let format = |v: &str| rvirt_block::Format::parse(v).map_err(|e| Error::Config(format!("--disk: {e}")));
         for (k, v) in key_values("--disk", s)? {
@@ -155,11 +158,14 @@ impl std::str::FromStr for DiskConfig {
                 "shareable" => d.shareable = on_off("--disk", k, v)?,
                 "readonly" => d.read_only = on_off("--disk", k, v)?,
                 "direct" => d.direct = on_off("--disk", k, v)?,
+                "boot" => {
+                    d.boot_index = Some(v.parse::<u16>().map_err(|_| Error::Config(format!("--disk boot='{v}': expected a number 0-65535")))?)
+                }
                 "serial" if v.len() <= 20 && v.bytes().all(|b| b.is_ascii_graphic()) => d.serial = Some(v.into()),
                 "serial" => return Err(Error::Config(format!("--disk serial '{v}': at most 20 printable characters"))),
                 _ => {
                     return Err(Error::Config(format!(
-                        "--disk: unknown key '{k}' (expected path, format, backing, probe_backing, shareable, readonly, serial, direct)"
+                        "--disk: unknown key '{k}' (expected path, format, backing, probe_backing, shareable, readonly, serial, direct, boot)"
                     )))
                 }
             }
@@ -229,15 +235,37 @@ impl std::str::FromStr for NetConfig {
 /// Largest vCPU count: APIC IDs are 8-bit in the MADT entries we emit.
 pub const MAX_VCPUS: u8 = 254;
 
+/// Debian's SeaBIOS (package `seabios`): the firmware used when neither a
+/// kernel nor a firmware image is given.
+pub const DEFAULT_FIRMWARE: &str = "/usr/share/seabios/bios-256k.bin";
+
+/// How the VM starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// The VMM loads a Linux kernel and starts it at its entry point.
+    Kernel {
+        /// Kernel image: bzImage or ELF vmlinux with a PVH note.
+        kernel: PathBuf,
+        /// Optional initramfs.
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        cmdline: String,
+    },
+    /// vCPUs start at the reset vector of this firmware image (SeaBIOS),
+    /// which boots from the guest's own disks.
+    Firmware(PathBuf),
+}
+
 /// A complete, validated description of one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
-    /// Kernel image: bzImage or ELF vmlinux with a PVH note.
-    pub kernel: PathBuf,
-    /// Optional initramfs.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
+    /// What runs first: a kernel or firmware.
+    pub boot: Boot,
+    /// The machine's UUID (SMBIOS, fw_cfg), when it has one.
+    pub uuid: Option<[u8; 16]>,
+    /// With firmware: milliseconds before a failed boot is retried by a
+    /// reboot (libvirt's `<bios rebootTimeout>`); None waits for ever.
+    pub reboot_timeout_ms: Option<u32>,
     /// Number of vCPUs.
     pub vcpus: u8,
     /// Guest RAM in bytes.
@@ -269,10 +297,19 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
 impl VmConfig {
     /// A config with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self::with_boot(Boot::Kernel { kernel: kernel.into(), initrd: None, cmdline: DEFAULT_CMDLINE.into() })
+    }
+
+    /// A config with defaults, booting through the firmware image `firmware`.
+    pub fn firmware(firmware: impl Into<PathBuf>) -> Self {
+        Self::with_boot(Boot::Firmware(firmware.into()))
+    }
+
+    fn with_boot(boot: Boot) -> Self {
         Self {
-            kernel: kernel.into(),
-            initrd: None,
-            cmdline: DEFAULT_CMDLINE.into(),
+            boot,
+            uuid: None,
+            reboot_timeout_ms: None,
             vcpus: 1,
             memory_bytes: 512 << 20,
             serial: SerialMode::Stdio,
@@ -293,15 +330,17 @@ impl VmConfig {
             return Err(Error::Config(format!("--cpus must be between 1 and {MAX_VCPUS}")));
         }
         rvirt_arch::MemoryLayout::new(self.memory_bytes).map_err(|e| Error::Config(format!("--memory: {e}")))?;
-        if self.cmdline.len() >= rvirt_arch::layout::CMDLINE_MAX_SIZE {
-            return Err(Error::Config(format!(
-                "--cmdline is {} bytes; the limit is {}",
-                self.cmdline.len(),
-                rvirt_arch::layout::CMDLINE_MAX_SIZE - 1
-            )));
-        }
-        if self.cmdline.bytes().any(|b| b == 0) {
-            return Err(Error::Config("--cmdline contains a NUL byte".into()));
+        if let Boot::Kernel { cmdline, .. } = &self.boot {
+            if cmdline.len() >= rvirt_arch::layout::CMDLINE_MAX_SIZE {
+                return Err(Error::Config(format!(
+                    "--cmdline is {} bytes; the limit is {}",
+                    cmdline.len(),
+                    rvirt_arch::layout::CMDLINE_MAX_SIZE - 1
+                )));
+            }
+            if cmdline.bytes().any(|b| b == 0) {
+                return Err(Error::Config("--cmdline contains a NUL byte".into()));
+            }
         }
         if self.console == Some(SerialMode::Stdio) && self.serial == SerialMode::Stdio {
             return Err(Error::Config("--console stdio needs --serial to be something else than stdio".into()));
@@ -317,6 +356,20 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// Parses a UUID written as 32 hex digits, with or without the usual dashes.
+pub fn parse_uuid(s: &str) -> Result<[u8; 16], Error> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    let bad = || Error::Config(format!("invalid --uuid '{s}': expected 32 hex digits like 4dea22b3-1d52-d8f3-2516-782e98ab3fa0"));
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
 }
 
 /// Parses a memory size the way QEMU does: a plain number is MiB; suffixes
@@ -379,10 +432,13 @@ mod tests {
         c.memory_bytes = 1 << 20;
         assert!(c.validate().unwrap_err().to_string().contains("--memory"));
         c.memory_bytes = 64 << 20;
-        c.cmdline = "x".repeat(70000);
+        let kernel = |cmdline: &str| Boot::Kernel { kernel: "/k".into(), initrd: None, cmdline: cmdline.into() };
+        c.boot = kernel(&"x".repeat(70000));
         assert!(c.validate().unwrap_err().to_string().contains("--cmdline"));
-        c.cmdline = "a\0b".into();
+        c.boot = kernel("a\0b");
         assert!(c.validate().is_err());
+        c.boot = Boot::Firmware("/usr/share/seabios/bios-256k.bin".into());
+        c.validate().unwrap();
     }
 
     #[test]
@@ -419,6 +475,8 @@ mod tests {
         assert_eq!(escape_value("/a,b"), "/a,,b");
         // No format: raw, never probed.
         assert_eq!("path=/x".parse::<DiskConfig>().unwrap().format, None);
+        assert_eq!("path=/x,boot=2".parse::<DiskConfig>().unwrap().boot_index, Some(2));
+        assert!("path=/x,boot=first".parse::<DiskConfig>().unwrap_err().to_string().contains("boot='first'"));
     }
 
     #[test]
@@ -437,6 +495,16 @@ mod tests {
         let mut c = VmConfig::new("/k");
         c.console = Some(SerialMode::Stdio);
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn uuids() {
+        let u = parse_uuid("4dea22b3-1d52-d8f3-2516-782e98ab3fa0").unwrap();
+        assert_eq!(u[..4], [0x4d, 0xea, 0x22, 0xb3]);
+        assert_eq!(parse_uuid("4dea22b31d52d8f32516782e98ab3fa0").unwrap(), u);
+        for bad in ["", "4dea22b3", "4dea22b3-1d52-d8f3-2516-782e98ab3fa0aa", "zdea22b3-1d52-d8f3-2516-782e98ab3fa0"] {
+            assert!(parse_uuid(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

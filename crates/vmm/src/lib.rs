@@ -10,6 +10,7 @@ pub mod api_server;
 pub mod config;
 pub mod console;
 pub mod error;
+pub mod firmware;
 pub mod interrupts;
 pub mod loader;
 pub mod log_limit;
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 use kvm_ioctls::{Cap, Kvm};
 
-pub use config::{OnReboot, SerialMode, VmConfig};
+pub use config::{Boot, OnReboot, SerialMode, VmConfig};
 pub use error::{Error, Result};
 pub use vcpu::VmExit;
 pub use vm::Vm;
@@ -138,10 +139,16 @@ fn install_signal_handlers() -> Result<SignalFds> {
 pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     cfg.validate()?;
     // Check the files before taking any resources, so errors are about them.
-    loader::open_input("kernel", &cfg.kernel)?;
-    if let Some(initrd) = &cfg.initrd {
-        loader::open_input("initramfs", initrd)?;
-    }
+    let firmware = match &cfg.boot {
+        config::Boot::Kernel { kernel, initrd, .. } => {
+            loader::open_input("kernel", kernel)?;
+            if let Some(initrd) = initrd {
+                loader::open_input("initramfs", initrd)?;
+            }
+            None
+        }
+        config::Boot::Firmware(path) => Some(firmware::read_image(path)?),
+    };
     memory::check_host_can_provide(cfg.memory_bytes)?;
     let backends = virtio::Backends::open(cfg)?;
     let kvm = open_kvm()?;
@@ -153,7 +160,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     }
     let mut escape = EscapeFilter::default();
     loop {
-        let mut vm = Vm::create(&kvm, cfg, console.writer()?, &backends)?;
+        let mut vm = Vm::create(&kvm, cfg, console.writer()?, &backends, firmware.as_deref())?;
         vm.serial_pty = console.pty_path.clone();
         vm.start()?;
         let exit = event_loop(&vm, &console, api.as_ref(), &signals, &mut escape);

@@ -1,25 +1,40 @@
-//! `rvirt-vmm`: boot a Linux kernel in a KVM virtual machine.
+//! `rvirt-vmm`: run a KVM virtual machine, from its own disks through
+//! firmware or from a kernel given on the command line.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use rvirt_vmm::config::{parse_size, DiskConfig, NetConfig, DEFAULT_CMDLINE};
+use rvirt_vmm::config::{parse_size, parse_uuid, Boot, DiskConfig, NetConfig, DEFAULT_CMDLINE, DEFAULT_FIRMWARE};
 use rvirt_vmm::{OnReboot, SerialMode, VmConfig, VmExit};
 
-/// Boot a Linux kernel in a KVM virtual machine (one process per VM).
+/// Run a KVM virtual machine (one process per VM): from its own disks
+/// through SeaBIOS, or from a Linux kernel given with --kernel.
 #[derive(Parser, Debug)]
 #[command(name = "rvirt-vmm", version, about)]
 struct Cli {
     /// Kernel to boot: a bzImage, or an ELF vmlinux with a PVH entry note.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
-    /// Initramfs to load.
-    #[arg(long, value_name = "PATH")]
+    /// Without it the VM boots through firmware from its own disks.
+    #[arg(long, value_name = "PATH", conflicts_with = "firmware")]
+    kernel: Option<PathBuf>,
+    /// Initramfs to load (with --kernel).
+    #[arg(long, value_name = "PATH", requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
-    cmdline: String,
+    /// Kernel command line (with --kernel) [default: console=ttyS0 panic=-1].
+    #[arg(long, value_name = "STR", requires = "kernel")]
+    cmdline: Option<String>,
+    /// Firmware image started at the reset vector [default without --kernel:
+    /// /usr/share/seabios/bios-256k.bin]. SeaBIOS does not load kernels, so
+    /// not with --kernel.
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<PathBuf>,
+    /// The machine's UUID, as firmware and SMBIOS report it.
+    #[arg(long, value_name = "UUID")]
+    uuid: Option<String>,
+    /// With firmware: reboot this many milliseconds after a failed boot
+    /// [default: wait for ever].
+    #[arg(long, value_name = "MS", conflicts_with = "kernel")]
+    reboot_timeout: Option<u32>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
@@ -53,10 +68,14 @@ struct Cli {
 }
 
 fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
+    let boot = match cli.kernel {
+        Some(kernel) => Boot::Kernel { kernel, initrd: cli.initrd, cmdline: cli.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()) },
+        None => Boot::Firmware(cli.firmware.unwrap_or_else(|| PathBuf::from(DEFAULT_FIRMWARE))),
+    };
     Ok(VmConfig {
-        kernel: cli.kernel,
-        initrd: cli.initrd,
-        cmdline: cli.cmdline,
+        boot,
+        uuid: cli.uuid.as_deref().map(parse_uuid).transpose()?,
+        reboot_timeout_ms: cli.reboot_timeout,
         // Out-of-range counts get the same message as 0 from validate().
         vcpus: u8::try_from(cli.cpus).unwrap_or(0),
         memory_bytes: parse_size(&cli.memory)?,

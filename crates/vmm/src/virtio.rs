@@ -111,6 +111,8 @@ impl Backends {
 pub struct DeviceEntry {
     /// Name: `disk0`, `net0`, `rng`, `balloon`, `console`.
     pub name: String,
+    /// Its slot on PCI bus 0 (firmware boot order names devices by slot).
+    pub slot: usize,
     /// Counters.
     pub counters: Arc<DeviceCounters>,
 }
@@ -186,7 +188,7 @@ impl Builder<'_> {
         let transport = Arc::new(Mutex::new(transport));
         self.bus.add_device(transport.clone()).map_err(|e| Error::Device(format!("{name}: {e}")))?;
         self.transports.push(transport);
-        self.devices.push(DeviceEntry { name: name.into(), counters });
+        self.devices.push(DeviceEntry { name: name.into(), slot, counters });
         Ok(())
     }
 }

@@ -5,12 +5,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use rvirt_api::{BalloonStatus, DeviceStats, Request, Response, RunState, VmStats, VmStatus};
 use rvirt_arch::layout::{
     ECAM_SIZE, ECAM_START, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PCI_MMIO_END, PCI_MMIO_START, PLATFORM_MMIO_START,
 };
+use rvirt_devices::debugcon::{DebugCon, DEBUGCON_PORT};
+use rvirt_devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORT_LEN};
 use rvirt_arch::{cpuid, regs, MemoryLayout};
 use rvirt_devices::acpi::{AcpiPm, Ged, GedEvent, GED_IRQ, GED_SIZE, PM_BASE, PM_SIZE};
 use rvirt_devices::bus::lock;
@@ -22,7 +24,8 @@ use rvirt_pci::{PciBarWindow, PciConfigIo, PciConfigMmio, PCI_CONFIG_IO_BASE, PC
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::VmConfig;
+use crate::config::{Boot, VmConfig};
+use crate::firmware::{self, FirmwareRom, MachineInfo};
 use crate::error::kvm;
 use crate::loader::{self, LoadedKernel};
 use crate::vcpu::{self, VcpuContext, VmControl};
@@ -54,8 +57,9 @@ pub struct Vm {
     started: Instant,
     vcpu_count: u8,
     memory_bytes: u64,
-    /// What was loaded where.
-    pub kernel: LoadedKernel,
+    /// What was loaded where (direct kernel boot).
+    pub kernel: Option<LoadedKernel>,
+    _firmware: Option<FirmwareRom>,
     /// The serial console's pty, reported in `status`.
     pub serial_pty: Option<String>,
 }
@@ -72,27 +76,41 @@ fn add(bus: &mut Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Re
 
 impl Vm {
     /// Builds the VM described by `cfg`, with the guest's console output
-    /// going to `serial_out` and its virtio devices on `backends`.
+    /// going to `serial_out`, its virtio devices on `backends` and, when it
+    /// boots through firmware, the image `firmware` (read by the caller).
     pub fn create(
         kvm_handle: &Kvm,
         cfg: &VmConfig,
         serial_out: Box<dyn std::io::Write + Send>,
         backends: &Backends,
+        firmware: Option<&[u8]>,
     ) -> Result<Self> {
         let layout = MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("--memory: {e}")))?;
         let vm_fd = Arc::new(kvm_handle.create_vm().map_err(kvm("CREATE_VM"))?);
         vm_fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm("SET_TSS_ADDR"))?;
         vm_fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(kvm("SET_IDENTITY_MAP_ADDR"))?;
         vm_fd.create_irq_chip().map_err(kvm("CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        // The PIT's speaker port (0x61) is KVM's: firmware and kernels
+        // calibrate the TSC on channel 2, gated through it.
+        let pit = kvm_pit_config::default();
         vm_fd.create_pit2(pit).map_err(kvm("CREATE_PIT2"))?;
 
         let mem = memory::create_guest_memory(&layout)?;
         memory::register_with_kvm(&vm_fd, &mem)?;
-        let kernel = loader::load(&mem, &layout, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
-        tracing::info!("loaded {:?} kernel, entry {:?}, initramfs {:?}", kernel.format, kernel.entry, kernel.initrd);
         let pci = virtio::build(&vm_fd, &mem, backends)?;
-        acpi::write(&mem, &acpi::build(cfg.vcpus, &pci.bus.occupied_slots())?)?;
+        let (kernel, rom) = match (&cfg.boot, firmware) {
+            (Boot::Kernel { kernel, initrd, cmdline }, _) => {
+                let k = loader::load(&mem, &layout, kernel, initrd.as_deref(), cmdline)?;
+                tracing::info!("loaded {:?} kernel, entry {:?}, initramfs {:?}", k.format, k.entry, k.initrd);
+                acpi::write(&mem, &acpi::build(cfg.vcpus, &pci.bus.occupied_slots(), &acpi::AcpiLayout::direct())?)?;
+                (Some(k), None)
+            }
+            (Boot::Firmware(_), Some(image)) => {
+                let slot = vm_memory::GuestMemoryBackend::num_regions(&mem) as u32;
+                (None, Some(firmware::map(kvm_handle, &vm_fd, &mem, image, slot)?))
+            }
+            (Boot::Firmware(path), None) => return Err(Error::Config(format!("firmware {} was not read", path.display()))),
+        };
 
         let control = Arc::new(VmControl::new().map_err(crate::error::os("eventfd"))?);
         let serial = Arc::new(Mutex::new(SerialDevice::new(irq_line(&vm_fd, COM1_IRQ)?, serial_out)));
@@ -100,15 +118,43 @@ impl Vm {
         let mut io_bus = Bus::new();
         add(&mut io_bus, serial.clone(), COM1_BASE, UART_REGISTERS)?;
         add(&mut io_bus, Arc::new(Mutex::new(I8042::new(control.clone()))), I8042_BASE, I8042_SIZE)?;
-        add(&mut io_bus, Arc::new(Mutex::new(Cmos::new())), CMOS_BASE, CMOS_SIZE)?;
+        let mut cmos = Cmos::new();
+        if rom.is_some() {
+            for (index, value) in firmware::cmos_presets(cfg.vcpus) {
+                cmos.set_nvram(index, value);
+            }
+            let boot_disks: Vec<(usize, u16)> = backends
+                .disks
+                .iter()
+                .zip(&pci.devices)
+                .filter_map(|(d, dev)| d.config.boot_index.map(|i| (dev.slot, i)))
+                .collect();
+            let info = MachineInfo {
+                vcpus: cfg.vcpus,
+                layout: &layout,
+                pci_slots: &pci.bus.occupied_slots(),
+                boot_disks: &boot_disks,
+                uuid: cfg.uuid,
+                reboot_timeout_ms: cfg.reboot_timeout_ms,
+            };
+            add(&mut io_bus, Arc::new(Mutex::new(firmware::fw_cfg(&info, mem.clone())?)), FW_CFG_PORT, FW_CFG_PORT_LEN)?;
+            add(&mut io_bus, Arc::new(Mutex::new(DebugCon::new())), DEBUGCON_PORT, 1)?;
+        }
+        add(&mut io_bus, Arc::new(Mutex::new(cmos)), CMOS_BASE, CMOS_SIZE)?;
         add(&mut io_bus, Arc::new(Mutex::new(PostCodePort)), 0x80, 1)?;
         add(&mut io_bus, Arc::new(Mutex::new(AcpiPm::new(control.clone()))), u64::from(PM_BASE), PM_SIZE)?;
         add(&mut io_bus, Arc::new(Mutex::new(PciConfigIo::new(pci.bus.clone()))), PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_SIZE)?;
         let mut mmio_bus = Bus::new();
         add(&mut mmio_bus, ged.clone(), PLATFORM_MMIO_START, GED_SIZE)?;
         add(&mut mmio_bus, Arc::new(Mutex::new(PciConfigMmio::new(pci.bus.clone()))), ECAM_START, ECAM_SIZE)?;
-        let window = PciBarWindow::new(pci.bus.clone(), PCI_MMIO_START);
-        add(&mut mmio_bus, Arc::new(Mutex::new(window)), PCI_MMIO_START, PCI_MMIO_END - PCI_MMIO_START)?;
+        // BARs live where the VMM put them, or anywhere firmware moves them.
+        let windows = match rom {
+            None => vec![(PCI_MMIO_START, PCI_MMIO_END - 1)],
+            Some(_) => layout.firmware_pci_windows(),
+        };
+        for (start, last) in windows {
+            add(&mut mmio_bus, Arc::new(Mutex::new(PciBarWindow::new(pci.bus.clone(), start))), start, last - start + 1)?;
+        }
 
         let supported = kvm_handle.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm("GET_SUPPORTED_CPUID"))?;
         let caps = cpuid::KvmCaps { tsc_deadline_timer: kvm_handle.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) };
@@ -124,10 +170,11 @@ impl Vm {
             }
             regs::setup_fpu(&vcpu)?;
             regs::setup_lapic(&vcpu)?;
-            if id == 0 {
-                // Application processors wait for INIT/SIPI from the guest.
-                regs::setup_regs(&vcpu, kernel.entry)?;
-                regs::setup_sregs(&mem, &vcpu, kernel.entry)?;
+            // Application processors wait for INIT/SIPI from the guest;
+            // with firmware the boot vCPU keeps its reset state too.
+            if let (0, Some(k)) = (id, &kernel) {
+                regs::setup_regs(&vcpu, k.entry)?;
+                regs::setup_sregs(&mem, &vcpu, k.entry)?;
             }
             vcpus.push(vcpu);
         }
@@ -147,6 +194,7 @@ impl Vm {
             vcpu_count: cfg.vcpus,
             memory_bytes: cfg.memory_bytes,
             kernel,
+            _firmware: rom,
             serial_pty: None,
         })
     }
