@@ -3,7 +3,8 @@
 # second run only checks). Usage: setup.sh CACHE_DIR
 #  - installs qemu-system-x86 together with the matching qemu-utils (installing
 #    it alone would remove qemu-img/qemu-io), busybox-static, cpio, lz4, and
-#    gcc with libc6-dev for the static guest-side helpers (static_c_program);
+#    gcc with libc6-dev for the static guest-side helpers (static_c_program),
+#    and seabios (the firmware rvirt-vmm boots disks through);
 #  - downloads Debian's cloud kernel package once and unpacks the kernel and
 #    the modules the lab needs into CACHE_DIR/kernel.
 set -euo pipefail
@@ -14,7 +15,8 @@ have_pkgs() {
   command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null &&
     command -v qemu-io >/dev/null && command -v cpio >/dev/null && command -v lz4 >/dev/null &&
     [ -x /bin/busybox ] && dpkg -s busybox-static >/dev/null 2>&1 &&
-    command -v gcc >/dev/null && dpkg -s libc6-dev >/dev/null 2>&1
+    command -v gcc >/dev/null && dpkg -s libc6-dev >/dev/null 2>&1 &&
+    [ -f /usr/share/seabios/bios-256k.bin ]
 }
 
 apt_updated=
@@ -22,13 +24,13 @@ apt_update() { [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }; 
 
 if ! have_pkgs; then
   if [ "$(id -u)" != 0 ]; then
-    echo "lab setup: missing packages and not root; install qemu-system-x86 qemu-utils busybox-static cpio lz4 gcc libc6-dev" >&2
+    echo "lab setup: missing packages and not root; install qemu-system-x86 qemu-utils busybox-static cpio lz4 gcc libc6-dev seabios" >&2
     exit 1
   fi
   apt_update
   v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
-    "qemu-system-x86=$v" "qemu-utils=$v" busybox-static cpio lz4 gcc libc6-dev >/dev/null
+    "qemu-system-x86=$v" "qemu-utils=$v" busybox-static cpio lz4 gcc libc6-dev seabios >/dev/null
 fi
 
 kdir="$cache/kernel"

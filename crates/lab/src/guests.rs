@@ -196,3 +196,26 @@ pub fn virtio_balloon_chain_bomb() -> Vec<u8> {
     c.resize(BOMB_USED as usize - base + 4096, 0);
     c
 }
+
+/// A disk's first sector holding 16-bit `code` at 0x7C00 and the 0x55AA
+/// signature: what firmware loads and jumps to when it boots the disk.
+pub fn boot_sector(code: &[u8]) -> Vec<u8> {
+    assert!(code.len() <= 446, "boot code must leave room for the partition table");
+    let mut s = vec![0u8; 512];
+    s[..code.len()].copy_from_slice(code);
+    s[510] = 0x55;
+    s[511] = 0xaa;
+    s
+}
+
+/// Real-mode code for [`boot_sector`]: prints `text` on COM1, then powers
+/// the machine off through ACPI (S5) and halts.
+pub fn real_mode_print_and_power_off(text: &[u8]) -> Vec<u8> {
+    let mut c = vec![0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for b in text {
+        c.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
+    }
+    c.extend_from_slice(&[0xba, 0x00, 0x06, 0xb0, (5 << 2) | (1 << 5), 0xee]); // mov dx, 0x600; mov al, S5|SLP_EN; out
+    c.extend_from_slice(&HALT_FOREVER);
+    c
+}

@@ -76,10 +76,20 @@ fn bad_virtio_device_arguments_get_one_clear_line() {
 }
 
 #[test]
-fn missing_required_argument_is_a_usage_error() {
-    let (code, stderr) = vmm(&["--cpus", "2"]);
-    assert_eq!(code, 2);
-    assert!(stderr.contains("--kernel"), "{stderr}");
+fn kernel_and_firmware_arguments_that_do_not_go_together_are_usage_errors() {
+    for (args, needle) in [
+        (&["--kernel", "/k", "--firmware", "/f"][..], "--firmware"),
+        (&["--initrd", "/i"][..], "--kernel"),
+        (&["--cmdline", "quiet"][..], "--kernel"),
+        (&["--kernel", "/k", "--reboot-timeout", "5"][..], "--reboot-timeout"),
+    ] {
+        let (code, stderr) = vmm(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    expect_error(&["--firmware", "/nonexistent/bios.bin"], "firmware /nonexistent/bios.bin");
+    expect_error(&["--firmware", "/etc/hostname"], "expected a ROM image");
+    expect_error(&["--uuid", "not-a-uuid"], "invalid --uuid 'not-a-uuid'");
 }
 
 #[test]
@@ -90,7 +100,7 @@ fn help_and_version_succeed() {
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
         "--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--serial", "--api-socket", "--on-reboot", "--disk", "--net",
-        "--rng", "--balloon", "--console",
+        "--rng", "--balloon", "--console", "--firmware", "--uuid", "--reboot-timeout",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
