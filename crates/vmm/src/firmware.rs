@@ -4,10 +4,12 @@
 //! vector is, and its last 256 KiB (all of SeaBIOS's usual build) are
 //! copied into RAM ending at 1 MiB: SeaBIOS runs there after its first far
 //! jump and expects the low copy to mirror the top of the 4 GiB space, as
-//! a chipset shadowing the ROM gives it (we have no PAM registers). The vCPUs keep the
-//! architectural reset state KVM gives them. Everything the firmware needs
-//! to know about the machine travels through fw_cfg, built here.
+//! a chipset shadowing the ROM gives it (we have no PAM registers). The
+//! vCPUs keep the architectural reset state KVM gives them. Everything the
+//! firmware needs to know about the machine travels through fw_cfg, built
+//! here.
 
+use std::io::Read;
 use std::path::Path;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
@@ -21,29 +23,25 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::acpi::{self, AcpiLayout, AcpiTables};
 use crate::config::DEFAULT_FIRMWARE;
-use crate::{Error, Result};
+use crate::{loader, Error, Result};
 
 /// Reads and checks a firmware image: 64 KiB to 16 MiB, whole pages.
+/// Opened as the kernel is ([`loader::open_input`]: a FIFO cannot hang the
+/// VMM, only a regular file is read) and read no further than its size.
 pub fn read_image(path: &Path) -> Result<Vec<u8>> {
-    let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_FIRMWARE) {
-            Error::Config(format!("firmware {shown} not found: install Debian's seabios package, or give --firmware PATH or --kernel PATH"))
-        } else {
-            Error::Config(format!("firmware {shown}: {e}"))
-        }
-    })?;
-    let size = meta.len();
-    if !meta.is_file() || size < MIN_FIRMWARE_SIZE || size > MAX_FIRMWARE_SIZE || size % 4096 != 0 {
-        return Err(Error::Config(format!(
-            "firmware {shown}: {size} bytes; expected a ROM image of 64 KiB to 16 MiB in whole 4 KiB pages"
-        )));
+    let bad = |detail: String| Error::File { what: "firmware", path: path.to_path_buf(), detail };
+    if path == Path::new(DEFAULT_FIRMWARE) && !path.exists() {
+        return Err(bad("not found: install Debian's seabios package, or give --firmware PATH or --kernel PATH".into()));
     }
-    let image = std::fs::read(path).map_err(|e| Error::Config(format!("firmware {shown}: {e}")))?;
+    let file = loader::open_input("firmware", path)?;
+    let size = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+    if !(MIN_FIRMWARE_SIZE..=MAX_FIRMWARE_SIZE).contains(&size) || size % 4096 != 0 {
+        return Err(bad(format!("{size} bytes; expected a ROM image of 64 KiB to 16 MiB in whole 4 KiB pages")));
+    }
+    let mut image = Vec::with_capacity(size as usize);
+    file.take(size + 1).read_to_end(&mut image).map_err(|e| bad(e.to_string()))?;
     if image.len() as u64 != size {
-        return Err(Error::Config(format!(
-            "firmware {shown} changed while it was read"
-        )));
+        return Err(bad("changed while it was read".into()));
     }
     Ok(image)
 }
@@ -240,6 +238,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.bin"), "{e}");
+        let fifo = dir.join("bios.fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_image(&fifo).unwrap_err().to_string();
+        assert!(e.contains("FIFO"), "a FIFO is refused without blocking: {e}");
         if !Path::new(DEFAULT_FIRMWARE).exists() {
             let e = read_image(Path::new(DEFAULT_FIRMWARE))
                 .unwrap_err()
