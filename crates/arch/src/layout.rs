@@ -204,16 +204,11 @@ impl MemoryLayout {
     }
 
     /// Where firmware may put 32-bit BARs, as (first, last) address pairs:
-    /// from the end of low RAM up to [`FIRMWARE_PCI_MMIO_END`], around ECAM.
+    /// from the end of low RAM up to [`FIRMWARE_PCI_MMIO_END`], around ECAM
+    /// (low RAM always ends below it, at the PCI hole at the latest).
     /// SeaBIOS assigns top-down from the end, within the same bounds.
-    pub fn firmware_pci_windows(&self) -> Vec<(u64, u64)> {
-        let ecam_end = ECAM_START + ECAM_SIZE;
-        let mut w = Vec::new();
-        if self.low_ram_end() < ECAM_START {
-            w.push((self.low_ram_end(), ECAM_START - 1));
-        }
-        w.push((ecam_end.max(self.low_ram_end()), FIRMWARE_PCI_MMIO_END - 1));
-        w
+    pub fn firmware_pci_windows(&self) -> [(u64, u64); 2] {
+        [(self.low_ram_end(), ECAM_START - 1), (ECAM_START + ECAM_SIZE, FIRMWARE_PCI_MMIO_END - 1)]
     }
 }
 
@@ -261,7 +256,7 @@ mod tests {
         let l = MemoryLayout::new(512 << 20).unwrap();
         assert_eq!(
             l.firmware_pci_windows(),
-            vec![
+            [
                 (512 << 20, ECAM_START - 1),
                 (ECAM_START + ECAM_SIZE, 0xfebf_ffff)
             ]

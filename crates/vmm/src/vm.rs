@@ -150,7 +150,7 @@ impl Vm {
         // BARs live where the VMM put them, or anywhere firmware moves them.
         let windows = match rom {
             None => vec![(PCI_MMIO_START, PCI_MMIO_END - 1)],
-            Some(_) => layout.firmware_pci_windows(),
+            Some(_) => layout.firmware_pci_windows().to_vec(),
         };
         for (start, last) in windows {
             add(&mut mmio_bus, Arc::new(Mutex::new(PciBarWindow::new(pci.bus.clone(), start))), start, last - start + 1)?;
