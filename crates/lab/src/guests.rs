@@ -20,19 +20,37 @@ pub fn bzimage_with(code: &[u8]) -> Vec<u8> {
     img
 }
 
+/// `mov dx, port` in 64-bit code (the operand-size prefix selects DX).
+fn mov_dx(port: u16) -> [u8; 4] {
+    let p = port.to_le_bytes();
+    [0x66, 0xba, p[0], p[1]]
+}
+
+/// `mov al, b; out dx, al` for each byte of `bytes`: the same encoding in
+/// 64-bit and in 16-bit code.
+fn out_each(bytes: &[u8]) -> Vec<u8> {
+    bytes.iter().flat_map(|b| [0xb0, *b, 0xee]).collect()
+}
+
+/// COM1's data port.
+const COM1: u16 = 0x3f8;
+/// The PM1 control register (rvirt's sleep-control register).
+const PM1_CONTROL: u16 = 0x600;
+/// SLP_TYP=S5 | SLP_EN: written to [`PM1_CONTROL`], powers the machine off.
+const S5_SLP_EN: u8 = (5 << 2) | (1 << 5);
+
 /// `out dx, al` for each byte of `text` to COM1.
 pub fn print(text: &[u8]) -> Vec<u8> {
-    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    for b in text {
-        c.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
-    }
+    let mut c = mov_dx(COM1).to_vec();
+    c.extend(out_each(text));
     c
 }
 
 /// `out port, value`.
 pub fn out_byte(port: u16, value: u8) -> Vec<u8> {
-    let p = port.to_le_bytes();
-    vec![0x66, 0xba, p[0], p[1], 0xb0, value, 0xee] // mov dx, port; mov al, value; out dx, al
+    let mut c = mov_dx(port).to_vec();
+    c.extend(out_each(&[value]));
+    c
 }
 
 /// `hlt` in a loop: the guest idles until stopped.
@@ -40,7 +58,7 @@ pub const HALT_FOREVER: [u8; 3] = [0xf4, 0xeb, 0xfd];
 
 /// ACPI S5 through the PM1 control register: the guest powers off.
 pub fn power_off() -> Vec<u8> {
-    out_byte(0x600, (5 << 2) | (1 << 5)) // SLP_TYP=S5 | SLP_EN
+    out_byte(PM1_CONTROL, S5_SLP_EN)
 }
 
 /// `ud2` with no IDT: #UD, #DF, triple fault.
@@ -49,7 +67,8 @@ pub const TRIPLE_FAULT: [u8; 2] = [0x0f, 0x0b];
 /// Prints `byte` on COM1 for ever, with a short busy wait between bytes
 /// (for console tests: output keeps coming whenever a client attaches).
 pub fn print_forever(byte: u8) -> Vec<u8> {
-    let mut c = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, byte]; // mov dx, 0x3f8; mov al, byte
+    let mut c = mov_dx(COM1).to_vec();
+    c.extend_from_slice(&[0xb0, byte]); // mov al, byte
     // top: out dx, al; mov ecx, 0x400000; spin: dec ecx; jnz spin; jmp top
     c.extend_from_slice(&[0xee, 0xb9, 0x00, 0x00, 0x40, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xf4]);
     c
@@ -74,12 +93,6 @@ pub const BOMB_AT_LIMIT_BYTES: u32 = 64 * (16 << 10);
 /// Configuration address (port 0xcf8) of register `reg` of bus 0 slot `slot`.
 fn pci_cfg(slot: u32, reg: u32) -> u32 {
     0x8000_0000 | (slot << 11) | (reg << 2)
-}
-
-/// `mov dx, port`.
-fn mov_dx(port: u16) -> [u8; 4] {
-    let p = port.to_le_bytes();
-    [0x66, 0xba, p[0], p[1]]
 }
 
 /// `op [rbx + disp], imm` for an opcode with ModRM reg field 0 (the stores).
@@ -119,18 +132,19 @@ pub fn virtio_balloon_chain_bomb() -> Vec<u8> {
     c.extend_from_slice(&[0x85, 0xf6, 0x75, missing.len() as u8]); // test esi, esi; jnz found
     c.extend(missing);
     // Memory space and bus mastering on; rbx = BAR 0 (64-bit).
-    let read_reg = |c: &mut Vec<u8>, reg: u32| {
+    // Points 0xcf8 at register `reg` of the balloon and leaves DX at 0xcfc.
+    let select_reg = |c: &mut Vec<u8>, reg: u32| {
         c.extend_from_slice(&[0x89, 0xf0, 0x0d]); // mov eax, esi; or eax, reg * 4
         c.extend_from_slice(&(reg << 2).to_le_bytes());
         c.extend_from_slice(&mov_dx(0xcf8));
         c.push(0xef);
         c.extend_from_slice(&mov_dx(0xcfc));
     };
-    read_reg(&mut c, 1);
+    select_reg(&mut c, 1);
     c.extend_from_slice(&[0xb8, 6, 0, 0, 0, 0xef]); // mov eax, 6; out dx, eax
-    read_reg(&mut c, 4);
+    select_reg(&mut c, 4);
     c.extend_from_slice(&[0xed, 0x25, 0xf0, 0xff, 0xff, 0xff, 0x89, 0xc3]); // in; and eax, ~0xf; mov ebx, eax
-    read_reg(&mut c, 5);
+    select_reg(&mut c, 5);
     c.extend_from_slice(&[0xed, 0x48, 0xc1, 0xe0, 0x20, 0x48, 0x09, 0xc3]); // in; shl rax, 32; or rbx, rax
     // Fill the region with the one PFN: mov edi; mov ecx; mov eax; rep stosd.
     c.push(0xbf);
@@ -211,11 +225,15 @@ pub fn boot_sector(code: &[u8]) -> Vec<u8> {
 /// Real-mode code for [`boot_sector`]: prints `text` on COM1, then powers
 /// the machine off through ACPI (S5) and halts.
 pub fn real_mode_print_and_power_off(text: &[u8]) -> Vec<u8> {
-    let mut c = vec![0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    for b in text {
-        c.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
-    }
-    c.extend_from_slice(&[0xba, 0x00, 0x06, 0xb0, (5 << 2) | (1 << 5), 0xee]); // mov dx, 0x600; mov al, S5|SLP_EN; out
+    // In 16-bit code `mov dx, imm16` needs no operand-size prefix.
+    let mov_dx16 = |port: u16| -> [u8; 3] {
+        let p = port.to_le_bytes();
+        [0xba, p[0], p[1]]
+    };
+    let mut c = mov_dx16(COM1).to_vec();
+    c.extend(out_each(text));
+    c.extend(mov_dx16(PM1_CONTROL));
+    c.extend(out_each(&[S5_SLP_EN]));
     c.extend_from_slice(&HALT_FOREVER);
     c
 }
