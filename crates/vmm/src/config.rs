@@ -251,9 +251,15 @@ pub enum Boot {
         /// Kernel command line.
         cmdline: String,
     },
-    /// vCPUs start at the reset vector of this firmware image (SeaBIOS),
+    /// vCPUs start at the reset vector of a firmware image (SeaBIOS),
     /// which boots from the guest's own disks.
-    Firmware(PathBuf),
+    Firmware {
+        /// The image.
+        path: PathBuf,
+        /// Milliseconds before a failed boot is retried by a reboot
+        /// (libvirt's `<bios rebootTimeout>`); None waits for ever.
+        reboot_timeout_ms: Option<u32>,
+    },
 }
 
 /// A complete, validated description of one VM.
@@ -263,9 +269,6 @@ pub struct VmConfig {
     pub boot: Boot,
     /// The machine's UUID (SMBIOS, fw_cfg), when it has one.
     pub uuid: Option<[u8; 16]>,
-    /// With firmware: milliseconds before a failed boot is retried by a
-    /// reboot (libvirt's `<bios rebootTimeout>`); None waits for ever.
-    pub reboot_timeout_ms: Option<u32>,
     /// Number of vCPUs.
     pub vcpus: u8,
     /// Guest RAM in bytes.
@@ -302,14 +305,13 @@ impl VmConfig {
 
     /// A config with defaults, booting through the firmware image `firmware`.
     pub fn firmware(firmware: impl Into<PathBuf>) -> Self {
-        Self::with_boot(Boot::Firmware(firmware.into()))
+        Self::with_boot(Boot::Firmware { path: firmware.into(), reboot_timeout_ms: None })
     }
 
     fn with_boot(boot: Boot) -> Self {
         Self {
             boot,
             uuid: None,
-            reboot_timeout_ms: None,
             vcpus: 1,
             memory_bytes: 512 << 20,
             serial: SerialMode::Stdio,
@@ -437,7 +439,7 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("--cmdline"));
         c.boot = kernel("a\0b");
         assert!(c.validate().is_err());
-        c.boot = Boot::Firmware("/usr/share/seabios/bios-256k.bin".into());
+        c.boot = Boot::Firmware { path: "/usr/share/seabios/bios-256k.bin".into(), reboot_timeout_ms: Some(5000) };
         c.validate().unwrap();
     }
 

@@ -255,32 +255,35 @@ mod tests {
 
     /// Runs `etc/table-loader` as firmware does, with the rsdp file at
     /// `rsdp_at` and the tables at `tables_at`, and returns both patched.
+    /// Reads fw_cfg item `key` through the data port, as firmware without DMA does.
+    fn read_item(f: &mut fw_cfg::FwCfg, key: u16, len: usize) -> Vec<u8> {
+        f.write(0, &key.to_le_bytes());
+        (0..len)
+            .map(|_| {
+                let mut b = [0u8];
+                f.read(1, &mut b);
+                b[0]
+            })
+            .collect()
+    }
+
+    /// Finds fw_cfg file `name` in the directory and reads it whole.
+    fn read_file(f: &mut fw_cfg::FwCfg, name: &str) -> Vec<u8> {
+        let count = u32::from_be_bytes(read_item(f, fw_cfg::FILE_DIR, 4).try_into().unwrap()) as usize;
+        let dir = read_item(f, fw_cfg::FILE_DIR, 4 + 64 * count);
+        let e = (0..count)
+            .map(|i| &dir[4 + 64 * i..4 + 64 * (i + 1)])
+            .find(|e| e[8..].starts_with(name.as_bytes()) && e[8 + name.len()] == 0)
+            .unwrap_or_else(|| panic!("no fw_cfg file {name}"));
+        let size = u32::from_be_bytes(e[..4].try_into().unwrap()) as usize;
+        read_item(f, u16::from_be_bytes([e[4], e[5]]), size)
+    }
+
     fn run_loader(f: &mut fw_cfg::FwCfg, rsdp_at: u64, tables_at: u64) -> (Vec<u8>, Vec<u8>) {
-        let file = |f: &mut fw_cfg::FwCfg, name: &str| -> Vec<u8> {
-            let read = |f: &mut fw_cfg::FwCfg, key: u16, len: usize| -> Vec<u8> {
-                f.write(0, &key.to_le_bytes());
-                (0..len)
-                    .map(|_| {
-                        let mut b = [0u8];
-                        f.read(1, &mut b);
-                        b[0]
-                    })
-                    .collect()
-            };
-            let count =
-                u32::from_be_bytes(read(f, fw_cfg::FILE_DIR, 4).try_into().unwrap()) as usize;
-            let dir = read(f, fw_cfg::FILE_DIR, 4 + 64 * count);
-            let e = (0..count)
-                .map(|i| &dir[4 + 64 * i..4 + 64 * (i + 1)])
-                .find(|e| e[8..].starts_with(name.as_bytes()) && e[8 + name.len()] == 0)
-                .unwrap();
-            let size = u32::from_be_bytes(e[..4].try_into().unwrap()) as usize;
-            read(f, u16::from_be_bytes([e[4], e[5]]), size)
-        };
-        let script = file(f, "etc/table-loader");
+        let script = read_file(f, "etc/table-loader");
         let mut files = [
-            ("etc/acpi/rsdp", file(f, "etc/acpi/rsdp"), rsdp_at),
-            ("etc/acpi/tables", file(f, "etc/acpi/tables"), tables_at),
+            ("etc/acpi/rsdp", read_file(f, "etc/acpi/rsdp"), rsdp_at),
+            ("etc/acpi/tables", read_file(f, "etc/acpi/tables"), tables_at),
         ];
         let name = |b: &[u8]| {
             String::from_utf8(b.iter().take_while(|c| **c != 0).copied().collect()).unwrap()
@@ -365,6 +368,28 @@ mod tests {
         }
         assert_eq!(sigs, [b"FACP".to_vec(), b"APIC".to_vec(), b"MCFG".to_vec()]);
         assert_eq!(sum(xsdt), 0);
+    }
+
+    #[test]
+    fn fw_cfg_carries_the_cpu_count_boot_order_and_reboot_timeout() {
+        let layout = MemoryLayout::new(256 << 20).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        for (timeout, want) in [(None, u32::MAX), (Some(5000), 5000)] {
+            let info = MachineInfo {
+                vcpus: 3,
+                layout: &layout,
+                pci_slots: &[0, 1, 2],
+                boot_disks: &[(2, 1)],
+                uuid: Some([7; 16]),
+                reboot_timeout_ms: timeout,
+            };
+            let mut f = fw_cfg(&info, mem.clone()).unwrap();
+            assert_eq!(read_item(&mut f, fw_cfg::NB_CPUS, 2), [3, 0]);
+            assert_eq!(read_item(&mut f, fw_cfg::UUID, 16), [7; 16]);
+            assert_eq!(read_file(&mut f, "etc/boot-fail-wait"), want.to_le_bytes());
+            assert_eq!(read_file(&mut f, "bootorder"), b"/pci@i0cf8/*@2\nHALT");
+            assert_eq!(read_file(&mut f, "etc/e820"), e820_file(&layout));
+        }
     }
 
     #[test]

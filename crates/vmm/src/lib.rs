@@ -147,7 +147,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
             }
             None
         }
-        config::Boot::Firmware(path) => Some(firmware::read_image(path)?),
+        config::Boot::Firmware { path, .. } => Some(firmware::read_image(path)?),
     };
     memory::check_host_can_provide(cfg.memory_bytes)?;
     let backends = virtio::Backends::open(cfg)?;

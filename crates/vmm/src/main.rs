@@ -70,12 +70,14 @@ struct Cli {
 fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
     let boot = match cli.kernel {
         Some(kernel) => Boot::Kernel { kernel, initrd: cli.initrd, cmdline: cli.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()) },
-        None => Boot::Firmware(cli.firmware.unwrap_or_else(|| PathBuf::from(DEFAULT_FIRMWARE))),
+        None => Boot::Firmware {
+            path: cli.firmware.unwrap_or_else(|| PathBuf::from(DEFAULT_FIRMWARE)),
+            reboot_timeout_ms: cli.reboot_timeout,
+        },
     };
     Ok(VmConfig {
         boot,
         uuid: cli.uuid.as_deref().map(parse_uuid).transpose()?,
-        reboot_timeout_ms: cli.reboot_timeout,
         // Out-of-range counts get the same message as 0 from validate().
         vcpus: u8::try_from(cli.cpus).unwrap_or(0),
         memory_bytes: parse_size(&cli.memory)?,

@@ -132,6 +132,11 @@ pub struct PciDevices {
 }
 
 impl PciDevices {
+    /// The PCI slot of the device called `name` (`disk0`, ...).
+    pub fn slot_of(&self, name: &str) -> Option<usize> {
+        self.devices.iter().find(|d| d.name == name).map(|d| d.slot)
+    }
+
     /// Device counters by name.
     pub fn counters(&self) -> Vec<(String, CounterSnapshot)> {
         self.devices.iter().map(|d| (d.name.clone(), d.counters.snapshot())).collect()

@@ -11,12 +11,12 @@ use rvirt_api::{BalloonStatus, DeviceStats, Request, Response, RunState, VmStats
 use rvirt_arch::layout::{
     ECAM_SIZE, ECAM_START, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PCI_MMIO_END, PCI_MMIO_START, PLATFORM_MMIO_START,
 };
-use rvirt_devices::debugcon::{DebugCon, DEBUGCON_PORT};
-use rvirt_devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORT_LEN};
 use rvirt_arch::{cpuid, regs, MemoryLayout};
 use rvirt_devices::acpi::{AcpiPm, Ged, GedEvent, GED_IRQ, GED_SIZE, PM_BASE, PM_SIZE};
 use rvirt_devices::bus::lock;
 use rvirt_devices::cmos::{Cmos, CMOS_BASE, CMOS_SIZE};
+use rvirt_devices::debugcon::{DebugCon, DEBUGCON_PORT};
+use rvirt_devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORT_LEN};
 use rvirt_devices::i8042::{I8042, I8042_BASE, I8042_SIZE};
 use rvirt_devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, UART_REGISTERS};
 use rvirt_devices::{Bus, BusDevice, IrqLine};
@@ -25,8 +25,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Boot, VmConfig};
-use crate::firmware::{self, FirmwareRom, MachineInfo};
 use crate::error::kvm;
+use crate::firmware::{self, FirmwareRom, MachineInfo};
 use crate::loader::{self, LoadedKernel};
 use crate::vcpu::{self, VcpuContext, VmControl};
 use crate::virtio::{Backends, PciDevices};
@@ -98,18 +98,37 @@ impl Vm {
         let mem = memory::create_guest_memory(&layout)?;
         memory::register_with_kvm(&vm_fd, &mem)?;
         let pci = virtio::build(&vm_fd, &mem, backends)?;
-        let (kernel, rom) = match (&cfg.boot, firmware) {
+        // A kernel is loaded with ACPI tables beside it; firmware is mapped
+        // and gets the machine's description through fw_cfg.
+        let (kernel, firmware) = match (&cfg.boot, firmware) {
             (Boot::Kernel { kernel, initrd, cmdline }, _) => {
                 let k = loader::load(&mem, &layout, kernel, initrd.as_deref(), cmdline)?;
                 tracing::info!("loaded {:?} kernel, entry {:?}, initramfs {:?}", k.format, k.entry, k.initrd);
                 acpi::write(&mem, &acpi::build(cfg.vcpus, &pci.bus.occupied_slots(), &acpi::AcpiLayout::direct())?)?;
                 (Some(k), None)
             }
-            (Boot::Firmware(_), Some(image)) => {
+            (Boot::Firmware { reboot_timeout_ms, .. }, Some(image)) => {
                 let slot = vm_memory::GuestMemoryBackend::num_regions(&mem) as u32;
-                (None, Some(firmware::map(kvm_handle, &vm_fd, &mem, image, slot)?))
+                let rom = firmware::map(kvm_handle, &vm_fd, &mem, image, slot)?;
+                let boot_disks: Vec<(usize, u16)> = backends
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, d)| Some((pci.slot_of(&format!("disk{i}"))?, d.config.boot_index?)))
+                    .collect();
+                let info = MachineInfo {
+                    vcpus: cfg.vcpus,
+                    layout: &layout,
+                    pci_slots: &pci.bus.occupied_slots(),
+                    boot_disks: &boot_disks,
+                    uuid: cfg.uuid,
+                    reboot_timeout_ms: *reboot_timeout_ms,
+                };
+                (None, Some((rom, firmware::fw_cfg(&info, mem.clone())?)))
             }
-            (Boot::Firmware(path), None) => return Err(Error::Config(format!("firmware {} was not read", path.display()))),
+            (Boot::Firmware { path, .. }, None) => {
+                return Err(Error::Config(format!("firmware {} was not read", path.display())))
+            }
         };
 
         let control = Arc::new(VmControl::new().map_err(crate::error::os("eventfd"))?);
@@ -119,27 +138,17 @@ impl Vm {
         add(&mut io_bus, serial.clone(), COM1_BASE, UART_REGISTERS)?;
         add(&mut io_bus, Arc::new(Mutex::new(I8042::new(control.clone()))), I8042_BASE, I8042_SIZE)?;
         let mut cmos = Cmos::new();
-        if rom.is_some() {
-            for (index, value) in firmware::cmos_presets(cfg.vcpus) {
-                cmos.set_nvram(index, value);
+        let rom = match firmware {
+            Some((rom, fw_cfg)) => {
+                for (index, value) in firmware::cmos_presets(cfg.vcpus) {
+                    cmos.set_nvram(index, value);
+                }
+                add(&mut io_bus, Arc::new(Mutex::new(fw_cfg)), FW_CFG_PORT, FW_CFG_PORT_LEN)?;
+                add(&mut io_bus, Arc::new(Mutex::new(DebugCon::new())), DEBUGCON_PORT, 1)?;
+                Some(rom)
             }
-            let boot_disks: Vec<(usize, u16)> = backends
-                .disks
-                .iter()
-                .zip(&pci.devices)
-                .filter_map(|(d, dev)| d.config.boot_index.map(|i| (dev.slot, i)))
-                .collect();
-            let info = MachineInfo {
-                vcpus: cfg.vcpus,
-                layout: &layout,
-                pci_slots: &pci.bus.occupied_slots(),
-                boot_disks: &boot_disks,
-                uuid: cfg.uuid,
-                reboot_timeout_ms: cfg.reboot_timeout_ms,
-            };
-            add(&mut io_bus, Arc::new(Mutex::new(firmware::fw_cfg(&info, mem.clone())?)), FW_CFG_PORT, FW_CFG_PORT_LEN)?;
-            add(&mut io_bus, Arc::new(Mutex::new(DebugCon::new())), DEBUGCON_PORT, 1)?;
-        }
+            None => None,
+        };
         add(&mut io_bus, Arc::new(Mutex::new(cmos)), CMOS_BASE, CMOS_SIZE)?;
         add(&mut io_bus, Arc::new(Mutex::new(PostCodePort)), 0x80, 1)?;
         add(&mut io_bus, Arc::new(Mutex::new(AcpiPm::new(control.clone()))), u64::from(PM_BASE), PM_SIZE)?;
