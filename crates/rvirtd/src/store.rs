@@ -235,10 +235,16 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// An empty scratch directory for one test.
+    fn fresh_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("rvirtd-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
     #[test]
     fn writes_are_atomic_and_listings_skip_temporaries() {
-        let dir = std::env::temp_dir().join(format!("rvirtd-store-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = fresh_dir("store");
         let s = Store::open(&dir).unwrap();
         s.save_definition("a", "<domain/>").unwrap();
         // A temporary left by a crash mid-write is not a definition.
@@ -267,16 +273,10 @@ mod tests {
         assert_eq!(s.run_records()[0].1.as_ref().unwrap(), &r);
         fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-#[cfg(test)]
-mod rotation_tests {
-    use super::*;
 
     #[test]
     fn a_log_past_the_limit_is_rotated_when_a_run_starts() {
-        let dir = std::env::temp_dir().join(format!("rvirtd-rotate-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = fresh_dir("rotate");
         let s = Store::open(&dir).unwrap();
         let log = s.log("d");
         fs::write(&log, vec![b'x'; 1000]).unwrap();
