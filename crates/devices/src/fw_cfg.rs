@@ -199,9 +199,10 @@ impl FwCfg {
         if !fits {
             return false;
         }
-        let start = self.offset.min(self.current().len());
-        let n = (self.current().len() - start).min(len);
-        if n > 0 && self.mem.write_slice(&self.items[&self.selected][start..start + n], GuestAddress(addr)).is_err() {
+        let item = self.current();
+        let start = self.offset.min(item.len());
+        let n = (item.len() - start).min(len);
+        if n > 0 && self.mem.write_slice(&item[start..start + n], GuestAddress(addr)).is_err() {
             return false;
         }
         let zeros = [0u8; ZERO_CHUNK];
