@@ -46,11 +46,10 @@ pub fn read_image(path: &Path) -> Result<Vec<u8>> {
     Ok(image)
 }
 
-/// The firmware image as the guest sees it; keeps the mapping alive.
+/// The firmware image as the guest sees it (4 GiB minus its size): held
+/// by the VM to keep the mapping KVM reads alive.
 pub struct FirmwareRom {
     _mapping: MmapRegion,
-    /// Guest address of the image's first byte (4 GiB minus its size).
-    pub base: u64,
 }
 
 /// Maps `image` at 4 GiB minus its size in KVM slot `slot` (read-only where
@@ -89,10 +88,7 @@ pub fn map(
     let at = (1u64 << 20) - low.len() as u64;
     mem.write_slice(low, GuestAddress(at))
         .map_err(|e| Error::Memory(format!("cannot copy the firmware to {at:#x}: {e}")))?;
-    Ok(FirmwareRom {
-        _mapping: mapping,
-        base,
-    })
+    Ok(FirmwareRom { _mapping: mapping })
 }
 
 /// What fw_cfg tells the firmware about this machine.
