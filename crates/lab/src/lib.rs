@@ -11,6 +11,7 @@
 //! `target/lab-cache` (or `$RVIRT_LAB_CACHE`) so a second run is fast.
 
 pub mod compare;
+pub mod disk;
 pub mod guests;
 
 use std::collections::BTreeMap;
@@ -672,6 +673,7 @@ impl Initramfs {
         if let Some(p) = d.parent() {
             std::fs::create_dir_all(p)?;
         }
+        replace_link(&d)?;
         std::fs::copy(src, &d).with_context(|| format!("copying {} into the initramfs", src.display()))?;
         Ok(())
     }
@@ -700,6 +702,7 @@ impl Initramfs {
         if let Some(p) = d.parent() {
             std::fs::create_dir_all(p)?;
         }
+        replace_link(&d)?;
         std::fs::write(&d, bytes)?;
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))?;
         Ok(())
@@ -720,6 +723,16 @@ impl Initramfs {
         }
         Ok(())
     }
+}
+
+/// Removes an applet link at `dest` before a file is written there: the
+/// links point at `/bin/busybox`, an absolute name, so writing through one
+/// would overwrite the host's busybox instead of the tree's.
+fn replace_link(dest: &Path) -> Result<()> {
+    if dest.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+        std::fs::remove_file(dest).with_context(|| format!("replacing the link {}", dest.display()))?;
+    }
+    Ok(())
 }
 
 /// Shell lines that load `modules` from where [`l2_initramfs`] puts them,
@@ -865,6 +878,22 @@ fn tempdir(tag: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writing_over_an_applet_link_replaces_the_link_not_its_target() {
+        let dir = tempdir("link-test").unwrap();
+        let target = dir.join("outside");
+        std::fs::write(&target, b"keep").unwrap();
+        let mut fs = Initramfs::new(&dir.join("root")).unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("root/sbin/init")).unwrap();
+        fs.add_bytes(b"#!/bin/sh\n", "sbin/init", 0o755).unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("root/bin/sh")).unwrap();
+        fs.add_file(&dir.join("root/sbin/init"), "bin/sh").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert_eq!(std::fs::read(dir.join("root/sbin/init")).unwrap(), b"#!/bin/sh\n");
+        assert!(!dir.join("root/bin/sh").symlink_metadata().unwrap().file_type().is_symlink());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn guest_programs_are_named_after_their_sources_and_removed_on_drop() {
