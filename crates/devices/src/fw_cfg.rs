@@ -40,6 +40,9 @@ pub const MAX_CPUS: u16 = 0x000f;
 pub const FILE_DIR: u16 = 0x0019;
 /// Selector of the first named file.
 pub const FILE_FIRST: u16 = 0x0020;
+/// Legacy SMBIOS fields and tables (u16 count, then entries), from which
+/// SeaBIOS builds its SMBIOS tables: how the domain UUID reaches type 1.
+pub const SMBIOS_ENTRIES: u16 = 0x8001;
 /// Whether the PIT's IRQ 0 is routed to IOAPIC pin 2 (for the MP table).
 pub const IRQ0_OVERRIDE: u16 = 0x8002;
 /// Legacy e820 reservations (a count; zero when `etc/e820` is given).

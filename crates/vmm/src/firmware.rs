@@ -168,6 +168,9 @@ pub fn fw_cfg(info: &MachineInfo, mem: GuestMemoryMmap) -> Result<fw_cfg::FwCfg>
         .item(fw_cfg::NUMA, 0u64.to_le_bytes().to_vec())
         .item(fw_cfg::BOOT_MENU, 0u16.to_le_bytes().to_vec())
         .item(fw_cfg::E820_TABLE, 0u32.to_le_bytes().to_vec());
+    if let Some(uuid) = info.uuid {
+        b.item(fw_cfg::SMBIOS_ENTRIES, smbios_uuid_field(uuid));
+    }
     let err = |e: fw_cfg::FwCfgError| Error::Device(e.to_string());
     b.file("etc/e820", e820_file(info.layout)).map_err(err)?;
     b.file(acpi::RSDP_FILE, rsdp).map_err(err)?;
@@ -187,6 +190,23 @@ pub fn fw_cfg(info: &MachineInfo, mem: GuestMemoryMmap) -> Result<fw_cfg::FwCfg>
         b.file("bootorder", order.into_bytes()).map_err(err)?;
     }
     Ok(b.build(mem))
+}
+
+/// Offset of the UUID in an SMBIOS type 1 (System Information) structure.
+const SMBIOS_TYPE1_UUID: u16 = 8;
+
+/// One legacy SMBIOS field entry setting the type 1 UUID: count 1, then
+/// {u16 entry length, u8 0 = field, u8 table type, u16 field offset, data}.
+/// SeaBIOS announces SMBIOS 2.4, for which the UUID is stored in the order
+/// it is written (the byte-swapped first fields came with 2.6), so the
+/// guest's `product_uuid` reads back the domain's UUID.
+fn smbios_uuid_field(uuid: [u8; 16]) -> Vec<u8> {
+    let mut v = 1u16.to_le_bytes().to_vec();
+    v.extend_from_slice(&(6u16 + 16).to_le_bytes());
+    v.extend_from_slice(&[0, 1]);
+    v.extend_from_slice(&SMBIOS_TYPE1_UUID.to_le_bytes());
+    v.extend_from_slice(&uuid);
+    v
 }
 
 /// CMOS bytes SeaBIOS reads: 0x5F the vCPU count less one; 0x3D/0x38 the
@@ -382,6 +402,9 @@ mod tests {
             let mut f = fw_cfg(&info, mem.clone()).unwrap();
             assert_eq!(read_item(&mut f, fw_cfg::NB_CPUS, 2), [3, 0]);
             assert_eq!(read_item(&mut f, fw_cfg::UUID, 16), [7; 16]);
+            let smbios = read_item(&mut f, fw_cfg::SMBIOS_ENTRIES, 24);
+            assert_eq!(smbios[..8], [1, 0, 22, 0, 0, 1, 8, 0], "one type 1 field entry at the UUID's offset");
+            assert_eq!(smbios[8..], [7; 16]);
             assert_eq!(read_file(&mut f, "etc/boot-fail-wait"), want.to_le_bytes());
             assert_eq!(read_file(&mut f, "bootorder"), b"/pci@i0cf8/*@2\nHALT");
             assert_eq!(read_file(&mut f, "etc/e820"), e820_file(&layout));
