@@ -3,12 +3,20 @@
 //! Guests read the wall-clock time from it at boot (rtc_cmos / hctosys). The
 //! clock registers are computed from the host's UTC time on every read; the
 //! rest of the 128 bytes is plain NVRAM that keeps what the guest writes.
+//! The periodic interrupt (status B PIE, rate in status A) pulses IRQ 8 from
+//! a ticker thread started the first time a guest enables it: firmware
+//! waits on it (SeaBIOS's int 15h AH=86h), as do some bootloaders.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::IrqLine;
 
 /// I/O base of the CMOS (index at 0x70, data at 0x71).
 pub const CMOS_BASE: u64 = 0x70;
 /// Size of the CMOS register window.
 pub const CMOS_SIZE: u64 = 2;
-/// The RTC's ISA IRQ (alarms are not emulated, but the guest driver wants one).
+/// The RTC's ISA IRQ (the periodic interrupt; alarms are not emulated).
 pub const CMOS_IRQ: u32 = 8;
 
 const REG_SECONDS: u8 = 0x00;
@@ -24,10 +32,15 @@ const REG_STATUS_C: u8 = 0x0c;
 const REG_STATUS_D: u8 = 0x0d;
 const REG_CENTURY: u8 = 0x32;
 
-/// Status A: 32.768 kHz time base, 1024 Hz rate, update never in progress.
+/// Status A at reset: 32.768 kHz time base, 1024 Hz rate, update never in
+/// progress (bit 7 always reads 0; the guest may change the rest).
 const STATUS_A: u8 = 0x26;
 /// Status B: 24-hour mode, BCD values.
 const STATUS_B_24H: u8 = 0x02;
+/// Status B: periodic interrupt enable.
+const STATUS_B_PIE: u8 = 0x40;
+/// Status C: an interrupt is pending (IRQF) because of the periodic flag (PF).
+const STATUS_C_PERIODIC: u8 = 0xc0;
 /// Status D: the battery is good.
 const STATUS_D_VALID: u8 = 0x80;
 
@@ -76,11 +89,99 @@ fn bcd(v: u8) -> u8 {
     ((v / 10) << 4) | (v % 10)
 }
 
+/// The period of rate `rate` (status A bits 0-3) with the 32.768 kHz time
+/// base: 32768 >> (rate - 1) Hz, rates 1 and 2 being 256 and 128 Hz; 0 is off.
+fn period(rate: u8) -> Option<Duration> {
+    let shift = match rate & 0x0f {
+        0 => return None,
+        r @ 1..=2 => r + 6,
+        r => r - 1,
+    };
+    Some(Duration::from_nanos((1_000_000_000u64 << shift) / 32768))
+}
+
+/// What the periodic ticker and the register interface share.
+struct PeriodicState {
+    /// The current period when PIE is set and the rate is not 0.
+    period: Option<Duration>,
+    /// Status C's flags, set by the ticker and cleared when C is read.
+    flags: u8,
+    /// The device is gone: the ticker ends.
+    stop: bool,
+}
+
+/// The periodic interrupt: state, a condition variable to wake the ticker
+/// when the period changes, and the line it pulses.
+struct Periodic {
+    state: Mutex<PeriodicState>,
+    changed: Condvar,
+    irq: IrqLine,
+}
+
+impl Periodic {
+    /// The ticker thread's body: one pulse per period while enabled, on
+    /// absolute deadlines (a late tick is not made up for, so a stalled host
+    /// never sends a burst).
+    fn run(&self) {
+        let Ok(mut st) = self.state.lock() else { return };
+        let mut next: Option<Instant> = None;
+        loop {
+            if st.stop {
+                return;
+            }
+            let Some(p) = st.period else {
+                next = None;
+                st = match self.changed.wait(st) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+                continue;
+            };
+            let now = Instant::now();
+            let due = match next {
+                Some(d) if d > now => d,
+                Some(_) => {
+                    st.flags |= STATUS_C_PERIODIC;
+                    let _ = self.irq.trigger();
+                    let d = next.map(|d| d + p).filter(|d| *d > now).unwrap_or(now + p);
+                    next = Some(d);
+                    d
+                }
+                None => {
+                    next = Some(now + p);
+                    now + p
+                }
+            };
+            st = match self.changed.wait_timeout(st, due.saturating_duration_since(now)) {
+                Ok((g, _)) => g,
+                Err(_) => return,
+            };
+        }
+    }
+}
+
 /// The CMOS device.
 pub struct Cmos {
     index: u8,
     nvram: [u8; 128],
     clock: Box<dyn Fn() -> RtcTime + Send>,
+    status_a: u8,
+    status_b_pie: bool,
+    /// IRQ 8 and its ticker; `None` when the board gives the RTC no line.
+    periodic: Option<Arc<Periodic>>,
+    /// Whether the ticker thread was started (on the first enable).
+    ticking: bool,
+}
+
+impl Drop for Cmos {
+    fn drop(&mut self) {
+        if let Some(p) = &self.periodic {
+            if let Ok(mut st) = p.state.lock() {
+                st.stop = true;
+            }
+            p.changed.notify_all();
+        }
+    }
 }
 
 impl Default for Cmos {
@@ -97,7 +198,41 @@ impl Cmos {
 
     /// A CMOS reading time from `clock` (used by tests).
     pub fn with_clock(clock: Box<dyn Fn() -> RtcTime + Send>) -> Self {
-        Self { index: 0, nvram: [0; 128], clock }
+        Self { index: 0, nvram: [0; 128], clock, status_a: STATUS_A, status_b_pie: false, periodic: None, ticking: false }
+    }
+
+    /// Connects the periodic interrupt to `irq` (IRQ 8 on a PC).
+    pub fn with_irq(mut self, irq: IrqLine) -> Self {
+        self.periodic = Some(Arc::new(Periodic {
+            state: Mutex::new(PeriodicState { period: None, flags: 0, stop: false }),
+            changed: Condvar::new(),
+            irq,
+        }));
+        self
+    }
+
+    /// Tells the ticker the period after a write to status A or B, starting
+    /// it the first time the interrupt is enabled.
+    fn update_periodic(&mut self) {
+        let Some(p) = &self.periodic else { return };
+        let period = if self.status_b_pie { period(self.status_a) } else { None };
+        if let Ok(mut st) = p.state.lock() {
+            st.period = period;
+        }
+        p.changed.notify_all();
+        if period.is_some() && !self.ticking {
+            let ticker = p.clone();
+            match std::thread::Builder::new().name("rtc-periodic".into()).spawn(move || ticker.run()) {
+                Ok(_) => self.ticking = true,
+                Err(e) => tracing::warn!("RTC periodic interrupt unavailable: {e}"),
+            }
+        }
+    }
+
+    /// Status C: the pending flags, cleared by the read.
+    fn take_status_c(&self) -> u8 {
+        let Some(p) = &self.periodic else { return 0 };
+        p.state.lock().map(|mut st| std::mem::take(&mut st.flags)).unwrap_or(0)
     }
 
     /// Presets NVRAM byte `index` (firmware reads the vCPU count at 0x5F
@@ -110,7 +245,7 @@ impl Cmos {
         }
     }
 
-    fn register(&self, index: u8) -> u8 {
+    fn register(&mut self, index: u8) -> u8 {
         let t = || (self.clock)();
         match index {
             REG_SECONDS => bcd(t().second),
@@ -121,9 +256,9 @@ impl Cmos {
             REG_MONTH => bcd(t().month),
             REG_YEAR => bcd((t().year % 100) as u8),
             REG_CENTURY => bcd((t().year / 100) as u8),
-            REG_STATUS_A => STATUS_A,
-            REG_STATUS_B => STATUS_B_24H,
-            REG_STATUS_C => 0,
+            REG_STATUS_A => self.status_a,
+            REG_STATUS_B => STATUS_B_24H | if self.status_b_pie { STATUS_B_PIE } else { 0 },
+            REG_STATUS_C => self.take_status_c(),
             REG_STATUS_D => STATUS_D_VALID,
             i => self.nvram[usize::from(i & 0x7f)],
         }
@@ -147,7 +282,15 @@ impl crate::BusDevice for Cmos {
             // Bit 7 of the index port is the NMI mask, not part of the index.
             0 => self.index = v & 0x7f,
             1 => match self.index {
-                REG_SECONDS..=REG_YEAR | REG_STATUS_A..=REG_STATUS_D | REG_CENTURY => {}
+                REG_STATUS_A => {
+                    self.status_a = v & 0x7f;
+                    self.update_periodic();
+                }
+                REG_STATUS_B => {
+                    self.status_b_pie = v & STATUS_B_PIE != 0;
+                    self.update_periodic();
+                }
+                REG_SECONDS..=REG_YEAR | REG_STATUS_C..=REG_STATUS_D | REG_CENTURY => {}
                 i => self.nvram[usize::from(i)] = v,
             },
             _ => {}
@@ -209,6 +352,42 @@ mod tests {
             (1, 0x11),
             "presets reach NVRAM only"
         );
+    }
+
+    #[test]
+    fn the_periodic_interrupt_pulses_irq_8_while_enabled() {
+        use vmm_sys_util::eventfd::EventFd;
+        assert_eq!(period(6), Some(Duration::from_nanos(976_562)), "1024 Hz");
+        assert_eq!(period(1), period(8));
+        assert_eq!(period(3), Some(Duration::from_nanos(122_070)), "8192 Hz, the fastest");
+        assert_eq!(period(0), None);
+        let evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut c = fixed().with_irq(IrqLine::new(evt.clone()));
+        let set = |c: &mut Cmos, reg: u8, v: u8| {
+            c.write(0, &[reg]);
+            c.write(1, &[v]);
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(evt.read().is_err(), "no pulses before the guest enables them");
+        set(&mut c, REG_STATUS_A, 0x26);
+        set(&mut c, REG_STATUS_B, STATUS_B_24H | STATUS_B_PIE);
+        assert_eq!(get(&mut c, REG_STATUS_B), STATUS_B_24H | STATUS_B_PIE);
+        std::thread::sleep(Duration::from_millis(100));
+        let pulses = evt.read().unwrap();
+        assert!((5..=110).contains(&pulses), "~100 pulses at 1024 Hz in 100 ms (never a burst), got {pulses}");
+        assert_eq!(get(&mut c, REG_STATUS_C), STATUS_C_PERIODIC);
+        assert_eq!(get(&mut c, REG_STATUS_C) & 0x80, 0, "reading C clears it");
+        set(&mut c, REG_STATUS_B, STATUS_B_24H);
+        std::thread::sleep(Duration::from_millis(10));
+        let _ = evt.read();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(evt.read().is_err(), "no pulses once disabled");
+        set(&mut c, REG_STATUS_B, STATUS_B_PIE);
+        set(&mut c, REG_STATUS_A, 0x20);
+        std::thread::sleep(Duration::from_millis(10));
+        let _ = evt.read();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(evt.read().is_err(), "rate 0 stops them too");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use rvirt_arch::layout::{
 use rvirt_arch::{cpuid, regs, MemoryLayout};
 use rvirt_devices::acpi::{AcpiPm, Ged, GedEvent, GED_IRQ, GED_SIZE, PM_BASE, PM_SIZE};
 use rvirt_devices::bus::lock;
-use rvirt_devices::cmos::{Cmos, CMOS_BASE, CMOS_SIZE};
+use rvirt_devices::cmos::{Cmos, CMOS_BASE, CMOS_IRQ, CMOS_SIZE};
 use rvirt_devices::debugcon::{DebugCon, DEBUGCON_PORT};
 use rvirt_devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORT_LEN};
 use rvirt_devices::i8042::{I8042, I8042_BASE, I8042_SIZE};
@@ -137,7 +137,7 @@ impl Vm {
         let mut io_bus = Bus::new();
         add(&mut io_bus, serial.clone(), COM1_BASE, UART_REGISTERS)?;
         add(&mut io_bus, Arc::new(Mutex::new(I8042::new(control.clone()))), I8042_BASE, I8042_SIZE)?;
-        let mut cmos = Cmos::new();
+        let mut cmos = Cmos::new().with_irq(irq_line(&vm_fd, CMOS_IRQ)?);
         let rom = match firmware {
             Some((rom, fw_cfg)) => {
                 for (index, value) in firmware::cmos_presets(cfg.vcpus) {
