@@ -211,6 +211,37 @@ pub fn virtio_balloon_chain_bomb() -> Vec<u8> {
     c
 }
 
+/// Calibrates against PIT channel 2 as SeaBIOS and Linux do (gate it on
+/// through port 0x61, count 0x800 in mode 0, poll 0x61 bit 5 for its
+/// output), then prints `T2OUT` when the output rose, or `STUCK` after
+/// 0x40000 polls (far longer than the 1.7 ms the count takes), and powers off.
+pub fn pit_channel2_probe() -> Vec<u8> {
+    let mut c = vec![
+        0xe4, 0x61, // in al, 0x61
+        0x24, 0xfc, // and al, 0xfc (speaker off)
+        0x0c, 0x01, // or al, 1 (channel 2 gate on)
+        0xe6, 0x61, // out 0x61, al
+        0xb0, 0xb0, 0xe6, 0x43, // channel 2, lobyte/hibyte, mode 0, binary
+        0xb0, 0x00, 0xe6, 0x42, // count low
+        0xb0, 0x08, 0xe6, 0x42, // count high
+        0xb9, 0x00, 0x00, 0x04, 0x00, // mov ecx, 0x40000
+        // poll:
+        0xe4, 0x61, // in al, 0x61
+        0xa8, 0x20, // test al, 0x20 (OUT2)
+        0x75, 0x00, // jnz rose (patched below)
+        0xff, 0xc9, // dec ecx
+        0x75, 0xf6, // jnz poll
+    ];
+    let jnz_rose = c.len() - 6;
+    let stuck = [print(b"STUCK"), power_off(), HALT_FOREVER.to_vec()].concat();
+    c[jnz_rose + 1] = u8::try_from(stuck.len() + 4).expect("a short jump");
+    c.extend(stuck);
+    c.extend(print(b"T2OUT"));
+    c.extend(power_off());
+    c.extend_from_slice(&HALT_FOREVER);
+    c
+}
+
 /// A disk's first sector holding 16-bit `code` at 0x7C00 and the 0x55AA
 /// signature: what firmware loads and jumps to when it boots the disk.
 pub fn boot_sector(code: &[u8]) -> Vec<u8> {

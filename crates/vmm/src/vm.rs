@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use rvirt_api::{BalloonStatus, DeviceStats, Request, Response, RunState, VmStats, VmStatus};
 use rvirt_arch::layout::{
@@ -91,8 +91,11 @@ impl Vm {
         vm_fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(kvm("SET_IDENTITY_MAP_ADDR"))?;
         vm_fd.create_irq_chip().map_err(kvm("CREATE_IRQCHIP"))?;
         // The PIT's speaker port (0x61) is KVM's: firmware and kernels
-        // calibrate the TSC on channel 2, gated through it.
-        let pit = kvm_pit_config::default();
+        // calibrate the TSC on channel 2, gated through it. KVM emulates
+        // the port in the kernel only with this flag (named "dummy", but it
+        // reports the gate and channel 2's output); without it reads of 0x61
+        // come to us and a calibration loop never ends.
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm_fd.create_pit2(pit).map_err(kvm("CREATE_PIT2"))?;
 
         let mem = memory::create_guest_memory(&layout)?;

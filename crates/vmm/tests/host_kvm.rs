@@ -94,6 +94,17 @@ fn port_io_reaches_the_uart_and_acpi_s5_powers_off() {
     assert_eq!(text, "hello from a KVM guest\n");
 }
 
+/// The speaker port is KVM's in-kernel one (registered only with
+/// KVM_PIT_SPEAKER_DUMMY, despite the name): without it port 0x61 reads 0,
+/// the output of channel 2 never rises and firmware calibrating its TSC
+/// there spins for ever (SeaBIOS does when kvmclock is not stable).
+#[test]
+fn pit_channel_2_output_rises_through_the_speaker_port() {
+    let (exit, text) = run_guest("pit-channel-2", rvirt_lab::guests::pit_channel2_probe(), OnReboot::Exit);
+    assert_eq!(exit, VmExit::PowerOff);
+    assert_eq!(text, "T2OUT");
+}
+
 #[test]
 fn i8042_reset_exits_when_asked_to() {
     let mut code = print(b"R");
