@@ -4,7 +4,8 @@
 #  - installs qemu-system-x86 together with the matching qemu-utils (installing
 #    it alone would remove qemu-img/qemu-io), busybox-static, cpio, lz4, and
 #    gcc with libc6-dev for the static guest-side helpers (static_c_program),
-#    and seabios (the firmware rvirt-vmm boots disks through);
+#    seabios (the firmware rvirt-vmm boots disks through), and syslinux,
+#    mtools, dosfstools and e2fsprogs (the firmware tests' bootable disks);
 #  - downloads Debian's cloud kernel package once and unpacks the kernel and
 #    the modules the lab needs into CACHE_DIR/kernel.
 set -euo pipefail
@@ -16,7 +17,9 @@ have_pkgs() {
     command -v qemu-io >/dev/null && command -v cpio >/dev/null && command -v lz4 >/dev/null &&
     [ -x /bin/busybox ] && dpkg -s busybox-static >/dev/null 2>&1 &&
     command -v gcc >/dev/null && dpkg -s libc6-dev >/dev/null 2>&1 &&
-    [ -f /usr/share/seabios/bios-256k.bin ]
+    [ -f /usr/share/seabios/bios-256k.bin ] && command -v syslinux >/dev/null &&
+    [ -f /usr/lib/syslinux/mbr/mbr.bin ] && command -v mcopy >/dev/null && command -v mkfs.fat >/dev/null &&
+    command -v mke2fs >/dev/null
 }
 
 apt_updated=
@@ -24,13 +27,14 @@ apt_update() { [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }; 
 
 if ! have_pkgs; then
   if [ "$(id -u)" != 0 ]; then
-    echo "lab setup: missing packages and not root; install qemu-system-x86 qemu-utils busybox-static cpio lz4 gcc libc6-dev seabios" >&2
+    echo "lab setup: missing packages and not root; install qemu-system-x86 qemu-utils busybox-static cpio lz4 gcc libc6-dev seabios syslinux syslinux-common mtools dosfstools e2fsprogs" >&2
     exit 1
   fi
   apt_update
   v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
-    "qemu-system-x86=$v" "qemu-utils=$v" busybox-static cpio lz4 gcc libc6-dev seabios >/dev/null
+    "qemu-system-x86=$v" "qemu-utils=$v" busybox-static cpio lz4 gcc libc6-dev seabios \
+    syslinux syslinux-common mtools dosfstools e2fsprogs >/dev/null
 fi
 
 kdir="$cache/kernel"
