@@ -259,7 +259,62 @@ pub enum Boot {
         /// Milliseconds before a failed boot is retried by a reboot
         /// (libvirt's `<bios rebootTimeout>`); None waits for ever.
         reboot_timeout_ms: Option<u32>,
+        /// Device classes to try, in order, for devices the per-disk boot
+        /// order leaves out (libvirt's `<boot dev>`, QEMU's `-boot order`).
+        order: Vec<BootDevice>,
+        /// Show the firmware's boot menu for this many milliseconds
+        /// (`<bootmenu enable='yes' timeout>`); None: no menu.
+        menu_ms: Option<u16>,
     },
+}
+
+/// A class of boot device, as SeaBIOS ranks them from CMOS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootDevice {
+    /// `a`: floppy (rvirt has none; kept so the order means what it says).
+    Floppy,
+    /// `c`: hard disk.
+    Disk,
+    /// `d`: CD-ROM.
+    Cdrom,
+    /// `n`: network (an option ROM's boot entry).
+    Network,
+}
+
+impl BootDevice {
+    /// The code SeaBIOS reads from CMOS 0x3D/0x38.
+    pub fn cmos_code(self) -> u8 {
+        match self {
+            Self::Floppy => 1,
+            Self::Disk => 2,
+            Self::Cdrom => 3,
+            Self::Network => 4,
+        }
+    }
+}
+
+/// Parses QEMU's `-boot order=` letters (`a` floppy, `c` disk, `d` CD-ROM,
+/// `n` network), at most three (what CMOS holds), none twice.
+pub fn parse_boot_order(s: &str) -> Result<Vec<BootDevice>, Error> {
+    let bad = |why: &str| Error::Config(format!("--boot-order '{s}': {why} (letters a, c, d, n, e.g. 'dc')"));
+    let mut v = Vec::new();
+    for c in s.chars() {
+        let d = match c {
+            'a' => BootDevice::Floppy,
+            'c' => BootDevice::Disk,
+            'd' => BootDevice::Cdrom,
+            'n' => BootDevice::Network,
+            _ => return Err(bad(&format!("'{c}' is not a boot device"))),
+        };
+        if v.contains(&d) {
+            return Err(bad(&format!("'{c}' appears twice")));
+        }
+        v.push(d);
+    }
+    if v.is_empty() || v.len() > 3 {
+        return Err(bad("one to three devices"));
+    }
+    Ok(v)
 }
 
 /// A complete, validated description of one VM.
@@ -305,7 +360,12 @@ impl VmConfig {
 
     /// A config with defaults, booting through the firmware image `firmware`.
     pub fn firmware(firmware: impl Into<PathBuf>) -> Self {
-        Self::with_boot(Boot::Firmware { path: firmware.into(), reboot_timeout_ms: None })
+        Self::with_boot(Boot::Firmware {
+            path: firmware.into(),
+            reboot_timeout_ms: None,
+            order: vec![BootDevice::Disk, BootDevice::Cdrom],
+            menu_ms: None,
+        })
     }
 
     fn with_boot(boot: Boot) -> Self {
@@ -439,7 +499,12 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("--cmdline"));
         c.boot = kernel("a\0b");
         assert!(c.validate().is_err());
-        c.boot = Boot::Firmware { path: "/usr/share/seabios/bios-256k.bin".into(), reboot_timeout_ms: Some(5000) };
+        c.boot = Boot::Firmware {
+            path: "/usr/share/seabios/bios-256k.bin".into(),
+            reboot_timeout_ms: Some(5000),
+            order: vec![BootDevice::Cdrom, BootDevice::Disk],
+            menu_ms: Some(3000),
+        };
         c.validate().unwrap();
     }
 
@@ -497,6 +562,16 @@ mod tests {
         let mut c = VmConfig::new("/k");
         c.console = Some(SerialMode::Stdio);
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn boot_order_letters() {
+        use BootDevice::*;
+        assert_eq!(parse_boot_order("dcn").unwrap(), vec![Cdrom, Disk, Network]);
+        assert_eq!(parse_boot_order("c").unwrap(), vec![Disk]);
+        for bad in ["", "cc", "x", "acdn", "C"] {
+            assert!(parse_boot_order(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::acpi::{self, AcpiLayout, AcpiTables};
-use crate::config::DEFAULT_FIRMWARE;
+use crate::config::{BootDevice, DEFAULT_FIRMWARE};
 use crate::{loader, Error, Result};
 
 /// Reads and checks a firmware image: 64 KiB to 16 MiB, whole pages.
@@ -106,6 +106,8 @@ pub struct MachineInfo<'a> {
     /// How long the firmware waits before rebooting after a failed boot
     /// (None: it waits for ever, as QEMU's default).
     pub reboot_timeout_ms: Option<u32>,
+    /// How long the boot menu waits for a key (None: no menu).
+    pub menu_ms: Option<u16>,
 }
 
 /// `etc/e820`: 20-byte entries (address, length, type), little-endian.
@@ -166,7 +168,7 @@ pub fn fw_cfg(info: &MachineInfo, mem: GuestMemoryMmap) -> Result<fw_cfg::FwCfg>
         .item(fw_cfg::NB_CPUS, cpus.clone())
         .item(fw_cfg::MAX_CPUS, cpus)
         .item(fw_cfg::NUMA, 0u64.to_le_bytes().to_vec())
-        .item(fw_cfg::BOOT_MENU, 0u16.to_le_bytes().to_vec())
+        .item(fw_cfg::BOOT_MENU, u16::from(info.menu_ms.is_some()).to_le_bytes().to_vec())
         .item(fw_cfg::E820_TABLE, 0u32.to_le_bytes().to_vec());
     if let Some(uuid) = info.uuid {
         b.item(fw_cfg::SMBIOS_ENTRIES, smbios_uuid_field(uuid));
@@ -184,6 +186,9 @@ pub fn fw_cfg(info: &MachineInfo, mem: GuestMemoryMmap) -> Result<fw_cfg::FwCfg>
             .to_vec(),
     )
     .map_err(err)?;
+    if let Some(ms) = info.menu_ms {
+        b.file("etc/boot-menu-wait", ms.to_le_bytes().to_vec()).map_err(err)?;
+    }
     b.file("etc/sercon-port", (COM1_BASE as u16).to_le_bytes().to_vec())
         .map_err(err)?;
     if let Some(order) = bootorder(info.boot_disks) {
@@ -210,10 +215,12 @@ fn smbios_uuid_field(uuid: [u8; 16]) -> Vec<u8> {
 }
 
 /// CMOS bytes SeaBIOS reads: 0x5F the vCPU count less one; 0x3D/0x38 the
-/// boot device classes (2 disk, 3 CD-ROM; first in the low nibble of
-/// 0x3D), with the floppy signature check off (bit 0 of 0x38).
-pub fn cmos_presets(vcpus: u8) -> [(u8, u8); 3] {
-    [(0x5f, vcpus.saturating_sub(1)), (0x3d, 0x32), (0x38, 0x01)]
+/// boot device classes in `order` (first in the low nibble of 0x3D,
+/// second in its high nibble, third in the high nibble of 0x38), with the
+/// floppy signature check off (bit 0 of 0x38).
+pub fn cmos_presets(vcpus: u8, order: &[BootDevice]) -> [(u8, u8); 3] {
+    let code = |i: usize| order.get(i).map_or(0, |d| d.cmos_code());
+    [(0x5f, vcpus.saturating_sub(1)), (0x3d, code(0) | code(1) << 4), (0x38, code(2) << 4 | 0x01)]
 }
 
 #[cfg(test)]
@@ -349,6 +356,7 @@ mod tests {
             boot_disks: &[],
             uuid: None,
             reboot_timeout_ms: None,
+            menu_ms: None,
         };
         let mut f = fw_cfg(&info, mem).unwrap();
         let (rsdp_at, tables_at) = (0xf5a40u64, 0x1ffe_0000u64);
@@ -398,6 +406,7 @@ mod tests {
                 boot_disks: &[(2, 1)],
                 uuid: Some([7; 16]),
                 reboot_timeout_ms: timeout,
+                menu_ms: Some(1500),
             };
             let mut f = fw_cfg(&info, mem.clone()).unwrap();
             assert_eq!(read_item(&mut f, fw_cfg::NB_CPUS, 2), [3, 0]);
@@ -406,6 +415,8 @@ mod tests {
             assert_eq!(smbios[..8], [1, 0, 22, 0, 0, 1, 8, 0], "one type 1 field entry at the UUID's offset");
             assert_eq!(smbios[8..], [7; 16]);
             assert_eq!(read_file(&mut f, "etc/boot-fail-wait"), want.to_le_bytes());
+            assert_eq!(read_item(&mut f, fw_cfg::BOOT_MENU, 2), [1, 0]);
+            assert_eq!(read_file(&mut f, "etc/boot-menu-wait"), 1500u16.to_le_bytes());
             assert_eq!(read_file(&mut f, "bootorder"), b"/pci@i0cf8/*@2\nHALT");
             assert_eq!(read_file(&mut f, "etc/e820"), e820_file(&layout));
         }
@@ -425,6 +436,9 @@ mod tests {
             ]
             .concat()[..]
         );
-        assert_eq!(cmos_presets(4)[0], (0x5f, 3));
+        assert_eq!(cmos_presets(4, &[])[0], (0x5f, 3));
+        use BootDevice::*;
+        assert_eq!(cmos_presets(1, &[Disk, Cdrom])[1..], [(0x3d, 0x32), (0x38, 0x01)], "QEMU's default, -boot order=cd");
+        assert_eq!(cmos_presets(1, &[Network, Cdrom, Disk])[1..], [(0x3d, 0x34), (0x38, 0x21)]);
     }
 }

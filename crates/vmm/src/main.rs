@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use rvirt_vmm::config::{parse_size, parse_uuid, Boot, DiskConfig, NetConfig, DEFAULT_CMDLINE, DEFAULT_FIRMWARE};
+use rvirt_vmm::config::{parse_boot_order, parse_size, parse_uuid, Boot, DiskConfig, NetConfig, DEFAULT_CMDLINE, DEFAULT_FIRMWARE};
 use rvirt_vmm::{OnReboot, SerialMode, VmConfig, VmExit};
 
 /// Run a KVM virtual machine (one process per VM): from its own disks
@@ -35,6 +35,15 @@ struct Cli {
     /// [default: wait for ever].
     #[arg(long, value_name = "MS", conflicts_with = "kernel")]
     reboot_timeout: Option<u32>,
+    /// With firmware: device classes to boot from, in order, for devices
+    /// without a `boot=N` place (a floppy, c disk, d CD-ROM, n network)
+    /// [default: cd].
+    #[arg(long, value_name = "LETTERS", conflicts_with = "kernel")]
+    boot_order: Option<String>,
+    /// With firmware: show its boot menu for this many milliseconds
+    /// (press Esc on the console) [default: no menu].
+    #[arg(long, value_name = "MS", conflicts_with = "kernel")]
+    boot_menu: Option<u16>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
@@ -73,6 +82,8 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
         None => Boot::Firmware {
             path: cli.firmware.unwrap_or_else(|| PathBuf::from(DEFAULT_FIRMWARE)),
             reboot_timeout_ms: cli.reboot_timeout,
+            order: parse_boot_order(cli.boot_order.as_deref().unwrap_or("cd"))?,
+            menu_ms: cli.boot_menu,
         },
     };
     Ok(VmConfig {

@@ -110,7 +110,7 @@ impl Vm {
                 acpi::write(&mem, &acpi::build(cfg.vcpus, &pci.bus.occupied_slots(), &acpi::AcpiLayout::direct())?)?;
                 (Some(k), None)
             }
-            (Boot::Firmware { reboot_timeout_ms, .. }, Some(image)) => {
+            (Boot::Firmware { reboot_timeout_ms, menu_ms, .. }, Some(image)) => {
                 let slot = vm_memory::GuestMemoryBackend::num_regions(&mem) as u32;
                 let rom = firmware::map(kvm_handle, &vm_fd, &mem, image, slot)?;
                 let boot_disks: Vec<(usize, u16)> = backends
@@ -126,6 +126,7 @@ impl Vm {
                     boot_disks: &boot_disks,
                     uuid: cfg.uuid,
                     reboot_timeout_ms: *reboot_timeout_ms,
+                    menu_ms: *menu_ms,
                 };
                 (None, Some((rom, firmware::fw_cfg(&info, mem.clone())?)))
             }
@@ -143,7 +144,11 @@ impl Vm {
         let mut cmos = Cmos::new().with_irq(irq_line(&vm_fd, CMOS_IRQ)?);
         let rom = match firmware {
             Some((rom, fw_cfg)) => {
-                for (index, value) in firmware::cmos_presets(cfg.vcpus) {
+                let order = match &cfg.boot {
+                    Boot::Firmware { order, .. } => order.as_slice(),
+                    Boot::Kernel { .. } => &[],
+                };
+                for (index, value) in firmware::cmos_presets(cfg.vcpus, order) {
                     cmos.set_nvram(index, value);
                 }
                 add(&mut io_bus, Arc::new(Mutex::new(fw_cfg)), FW_CFG_PORT, FW_CFG_PORT_LEN)?;

@@ -82,6 +82,8 @@ fn kernel_and_firmware_arguments_that_do_not_go_together_are_usage_errors() {
         (&["--initrd", "/i"][..], "--kernel"),
         (&["--cmdline", "quiet"][..], "--kernel"),
         (&["--kernel", "/k", "--reboot-timeout", "5"][..], "--reboot-timeout"),
+        (&["--kernel", "/k", "--boot-order", "c"][..], "--boot-order"),
+        (&["--kernel", "/k", "--boot-menu", "500"][..], "--boot-menu"),
     ] {
         let (code, stderr) = vmm(args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
@@ -90,6 +92,7 @@ fn kernel_and_firmware_arguments_that_do_not_go_together_are_usage_errors() {
     expect_error(&["--firmware", "/nonexistent/bios.bin"], "firmware /nonexistent/bios.bin");
     expect_error(&["--firmware", "/etc/hostname"], "expected a ROM image");
     expect_error(&["--uuid", "not-a-uuid"], "invalid --uuid 'not-a-uuid'");
+    expect_error(&["--boot-order", "cz"], "--boot-order 'cz': 'z' is not a boot device");
 }
 
 #[test]
@@ -101,6 +104,7 @@ fn help_and_version_succeed() {
     for flag in [
         "--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--serial", "--api-socket", "--on-reboot", "--disk", "--net",
         "--rng", "--balloon", "--console", "--firmware", "--uuid", "--reboot-timeout",
+        "--boot-order", "--boot-menu",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }

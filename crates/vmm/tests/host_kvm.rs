@@ -254,11 +254,11 @@ fn a_balloon_chain_bomb_from_the_guest_cannot_grow_the_vmm() {
 /// Runs rvirt-vmm through Debian's SeaBIOS with `disks` (raw images in
 /// `dir`) until it exits or a minute passes; returns (exit status,
 /// serial output, VMM log).
-fn run_firmware(dir: &std::path::Path, disks: &[(&str, Vec<u8>, Option<u16>)]) -> (Option<i32>, String, String) {
+fn run_firmware(dir: &std::path::Path, disks: &[(&str, Vec<u8>, Option<u16>)], args: &[&str]) -> (Option<i32>, String, String) {
     let (serial, log) = (dir.join("serial.log"), dir.join("vmm.log"));
     let _ = std::fs::remove_file(&serial);
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rvirt-vmm"));
-    cmd.args(["--memory", "128M", "--serial"]).arg(format!("file={}", serial.display()));
+    cmd.args(["--memory", "128M", "--serial"]).arg(format!("file={}", serial.display())).args(args);
     for (name, content, boot) in disks {
         let p = dir.join(name);
         let mut image = content.clone();
@@ -292,7 +292,7 @@ fn firmware_boots_the_disk_the_boot_order_names() {
     let disk = |tag: &str| boot_sector(&real_mode_print_and_power_off(format!("<booted {tag}>").as_bytes()));
     for (first, second) in [("a", "b"), ("b", "a")] {
         let order = |tag: &str| Some(if tag == first { 1 } else { 2 });
-        let (status, serial, log) = run_firmware(&dir, &[("a.raw", disk("a"), order("a")), ("b.raw", disk("b"), order("b"))]);
+        let (status, serial, log) = run_firmware(&dir, &[("a.raw", disk("a"), order("a")), ("b.raw", disk("b"), order("b"))], &[]);
         assert_eq!(status, Some(0), "the boot sector powers off through ACPI:\n{log}\n{serial}");
         assert!(serial.contains("SeaBIOS") && serial.contains("Booting from Hard Disk"), "firmware on the serial console:\n{serial}");
         // SeaBIOS's serial console flushes its own text lazily, so it may
@@ -307,10 +307,24 @@ fn firmware_boots_the_disk_the_boot_order_names() {
 fn a_disk_without_a_bootloader_is_reported_not_spun_on() {
     let dir = tmpdir("firmware-nothing");
     let start = std::time::Instant::now();
-    let (status, serial, log) = run_firmware(&dir, &[("blank.raw", vec![0u8; 512], None)]);
+    let (status, serial, log) = run_firmware(&dir, &[("blank.raw", vec![0u8; 512], None)], &[]);
     assert_eq!(status, None, "the VMM was still waiting (and was stopped by the test)");
     assert!(log.contains("WARN") && log.contains("No bootable device"), "a warning in the VMM log:\n{log}");
     assert!(serial.contains("No bootable device"), "and on the console:\n{serial}");
     assert!(start.elapsed() < std::time::Duration::from_secs(60));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_boot_menu_is_offered_only_when_asked_for() {
+    use rvirt_lab::guests::{boot_sector, real_mode_print_and_power_off};
+    let dir = tmpdir("firmware-menu");
+    let disk = || vec![("a.raw", boot_sector(&real_mode_print_and_power_off(b"<booted>")), None)];
+    let (status, serial, log) = run_firmware(&dir, &disk(), &["--boot-menu", "300"]);
+    assert_eq!(status, Some(0), "{log}\n{serial}");
+    assert!(serial.contains("Press ESC for boot menu"), "the menu's prompt on the console:\n{serial}");
+    let (status, serial, log) = run_firmware(&dir, &disk(), &[]);
+    assert_eq!(status, Some(0), "{log}\n{serial}");
+    assert!(!serial.contains("boot menu"), "no menu by default (it would hold every boot):\n{serial}");
     let _ = std::fs::remove_dir_all(&dir);
 }
