@@ -18,6 +18,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The firmware a VM without a kernel boots through, unless told otherwise:
+/// Debian's SeaBIOS (package `seabios`). The VMM's default, and the image
+/// rvirtd checks for before it starts a domain that boots its disks.
+pub const DEFAULT_FIRMWARE: &str = "/usr/share/seabios/bios-256k.bin";
+
 /// Largest request line the VMM accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 

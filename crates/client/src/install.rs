@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use rvirt_domain::{CharDevice, DiskSource, DomainXml, ImageFormat, Interface, InterfaceKind, LifecycleAction, VirtioDisk};
+use rvirt_domain::{
+    BootDev, CharDevice, DiskSource, DomainXml, FirmwareDef, ImageFormat, Interface, InterfaceKind, LifecycleAction, VirtioDisk,
+};
 
 /// The options of `rvirt install`.
 #[derive(Clone, Debug, Default)]
@@ -15,8 +17,10 @@ pub struct InstallOptions {
     pub memory_mib: u64,
     /// vCPUs.
     pub vcpus: u32,
-    /// Kernel to boot.
-    pub kernel: PathBuf,
+    /// Kernel to boot directly; None with `import`.
+    pub kernel: Option<PathBuf>,
+    /// Boot the disks through firmware (virt-install --import).
+    pub import: bool,
     /// Initramfs.
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
@@ -54,6 +58,7 @@ fn disk(spec: &str, index: usize) -> Result<VirtioDisk> {
         readonly: false,
         shareable: false,
         serial: None,
+        boot_order: None,
     };
     if index >= 26 {
         bail!("at most 26 disks");
@@ -108,7 +113,7 @@ fn network(spec: &str) -> Result<Option<Interface>> {
     if spec == "none" {
         return Ok(None);
     }
-    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None };
+    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None };
     for (k, v) in pairs("--network", spec)? {
         match k {
             "bridge" => i.kind = InterfaceKind::Bridge(v.to_string()),
@@ -127,15 +132,29 @@ pub fn build(o: &InstallOptions) -> Result<DomainXml> {
     if o.name.is_empty() {
         bail!("--name is required");
     }
+    match (&o.kernel, o.import) {
+        (Some(_), true) => bail!("--kernel and --import do not go together: --import boots the disk's own bootloader"),
+        (None, false) => bail!("give --kernel to boot a kernel directly, or --import to boot an installed disk through firmware"),
+        (None, true) if o.disks.is_empty() => bail!("--import needs a --disk holding an installed system"),
+        _ => {}
+    }
+    let mut firmware = FirmwareDef::default();
+    if o.import {
+        firmware.boot_devs.push(BootDev::Disk);
+    }
     let mut d = DomainXml {
+        emulated: false,
         name: o.name.clone(),
         uuid: Default::default(),
         memory_kib: o.memory_mib.checked_mul(1024).ok_or_else(|| anyhow::anyhow!("--memory is too large"))?,
         current_memory_kib: 0,
         vcpus: o.vcpus,
-        kernel: absolute(&o.kernel)?,
+        arch: None,
+        machine: None,
+        kernel: o.kernel.as_deref().map(absolute).transpose()?,
         initrd: o.initrd.as_deref().map(absolute).transpose()?,
         cmdline: o.cmdline.clone(),
+        firmware,
         on_poweroff: LifecycleAction::Destroy,
         on_reboot: LifecycleAction::Restart,
         on_crash: LifecycleAction::Destroy,
@@ -173,7 +192,8 @@ mod tests {
             name: "vm1".into(),
             memory_mib: 256,
             vcpus: 2,
-            kernel: "/boot/vmlinuz".into(),
+            kernel: Some("/boot/vmlinuz".into()),
+            import: false,
             initrd: None,
             cmdline: Some("console=ttyS0".into()),
             disks: vec![format!("path={},size=0.01", img.display())],
@@ -197,8 +217,20 @@ mod tests {
         assert!(build(&missing).unwrap_err().to_string().contains("give size=GiB"));
         let bad = InstallOptions { networks: vec!["network=default".into()], disks: vec![], ..o.clone() };
         assert!(build(&bad).unwrap_err().to_string().contains("not implemented"));
-        let bad = InstallOptions { vcpus: 0, disks: vec![], ..o };
+        let bad = InstallOptions { vcpus: 0, disks: vec![], ..o.clone() };
         assert!(build(&bad).unwrap_err().to_string().contains("vCPU count"));
+        // --import boots the existing disk through firmware, its format written down.
+        let import = InstallOptions { kernel: None, import: true, cmdline: None, disks: vec![format!("path={}", img.display())], ..o.clone() };
+        let d = build(&import).unwrap();
+        assert!(d.boots_firmware() && d.firmware.boot_devs == [BootDev::Disk], "{}", d.to_xml());
+        assert_eq!(d.disks[0].format, Some(ImageFormat::Qcow2));
+        for (bad, why) in [
+            (InstallOptions { disks: vec![], ..import.clone() }, "--import needs a --disk"),
+            (InstallOptions { kernel: Some("/k".into()), ..import.clone() }, "do not go together"),
+            (InstallOptions { import: false, ..import }, "give --kernel"),
+        ] {
+            assert!(build(&bad).unwrap_err().to_string().contains(why), "{why}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -133,15 +133,19 @@ struct InstallArgs {
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// Kernel to boot.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
-    /// Initramfs.
-    #[arg(long, value_name = "PATH")]
+    /// Kernel to boot directly.
+    #[arg(long, value_name = "PATH", required_unless_present = "import", conflicts_with = "import")]
+    kernel: Option<PathBuf>,
+    /// Initramfs (with --kernel).
+    #[arg(long, value_name = "PATH", requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, alias = "extra-args", value_name = "STR")]
+    /// Kernel command line (with --kernel).
+    #[arg(long, alias = "extra-args", value_name = "STR", requires = "kernel")]
     cmdline: Option<String>,
+    /// Boot the first disk's own bootloader through firmware (SeaBIOS), as
+    /// virt-install --import: the disk already holds an installed system.
+    #[arg(long)]
+    import: bool,
     /// path=FILE[,size=GiB][,format=raw|qcow2][,readonly=on][,serial=S][,cache=none] (repeatable).
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
@@ -226,6 +230,7 @@ fn install_command(cli: &Cli, a: &InstallArgs) -> Result<()> {
         memory_mib: a.memory,
         vcpus: a.vcpus,
         kernel: a.kernel.clone(),
+        import: a.import,
         initrd: a.initrd.clone(),
         cmdline: a.cmdline.clone(),
         disks: a.disk.clone(),

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use crate::xml::{CharDevice, DiskSource, DomainXml, ImageFormat, InterfaceKind, LifecycleAction, UnknownElement};
+use crate::xml::{BootMenu, CharDevice, DiskSource, DomainXml, ImageFormat, InterfaceKind, LifecycleAction, UnknownElement};
 
 /// Escapes text and attribute values.
 fn esc(s: &str) -> String {
@@ -71,20 +71,51 @@ impl DomainXml {
                 None => decls += &format!(" xmlns='{}'", esc(uri)),
             }
         }
-        let _ = writeln!(o, "<domain type='kvm'{decls}>");
+        let _ = writeln!(o, "<domain type='{}'{decls}>", if self.emulated { "qemu" } else { "kvm" });
         let _ = writeln!(o, "  <name>{}</name>", esc(&self.name));
         let _ = writeln!(o, "  <uuid>{}</uuid>", self.uuid);
         let _ = writeln!(o, "  <memory unit='KiB'>{}</memory>", self.memory_kib);
         let _ = writeln!(o, "  <currentMemory unit='KiB'>{}</currentMemory>", self.current_memory_kib);
         let _ = writeln!(o, "  <vcpu>{}</vcpu>", self.vcpus);
-        let _ = writeln!(o, "  <os>");
-        let _ = writeln!(o, "    <type arch='x86_64'>hvm</type>");
-        let _ = writeln!(o, "    <kernel>{}</kernel>", p(&self.kernel));
+        let fw = &self.firmware;
+        match &fw.os_firmware {
+            Some(f) => {
+                let _ = writeln!(o, "  <os firmware='{}'>", esc(f));
+            }
+            None => {
+                let _ = writeln!(o, "  <os>");
+            }
+        }
+        let machine = self.machine.as_deref().map(|m| format!(" machine='{}'", esc(m))).unwrap_or_default();
+        let _ = writeln!(o, "    <type arch='{}'{machine}>hvm</type>", esc(self.arch.as_deref().unwrap_or("x86_64")));
+        if let Some(l) = &fw.loader {
+            let _ = writeln!(o, "    <loader type='rom'>{}</loader>", p(l));
+        }
+        if let Some(k) = &self.kernel {
+            let _ = writeln!(o, "    <kernel>{}</kernel>", p(k));
+        }
         if let Some(i) = &self.initrd {
             let _ = writeln!(o, "    <initrd>{}</initrd>", p(i));
         }
         if let Some(c) = &self.cmdline {
             let _ = writeln!(o, "    <cmdline>{}</cmdline>", esc(c));
+        }
+        for d in &fw.boot_devs {
+            let _ = writeln!(o, "    <boot dev='{}'/>", d.name());
+        }
+        if let Some(m) = &fw.bootmenu {
+            let timeout = m.timeout_ms.map(|t| format!(" timeout='{t}'")).unwrap_or_default();
+            let _ = writeln!(o, "    <bootmenu enable='{}'{timeout}/>", if m.enable { "yes" } else { "no" });
+        }
+        if fw.bios_useserial.is_some() || fw.reboot_timeout_ms.is_some() {
+            let mut bios = String::from("<bios");
+            if let Some(u) = fw.bios_useserial {
+                bios += if u { " useserial='yes'" } else { " useserial='no'" };
+            }
+            if let Some(t) = fw.reboot_timeout_ms {
+                bios += &format!(" rebootTimeout='{t}'");
+            }
+            let _ = writeln!(o, "    {bios}/>");
         }
         unknown_in(&mut o, &self.unknown, "os", "    ");
         let _ = writeln!(o, "  </os>");
@@ -121,6 +152,9 @@ impl DomainXml {
             if let Some(s) = &d.serial {
                 let _ = writeln!(o, "      <serial>{}</serial>", esc(s));
             }
+            if let Some(b) = d.boot_order {
+                let _ = writeln!(o, "      <boot order='{b}'/>");
+            }
             let _ = writeln!(o, "    </disk>");
         }
         for i in &self.interfaces {
@@ -140,6 +174,9 @@ impl DomainXml {
                 let _ = writeln!(o, "      <target dev='{}'/>", esc(t));
             }
             let _ = writeln!(o, "      <model type='virtio'/>");
+            if let Some(b) = i.boot_order {
+                let _ = writeln!(o, "      <boot order='{b}'/>");
+            }
             let _ = writeln!(o, "    </interface>");
         }
         if let Some(s) = &self.serial {
@@ -164,8 +201,8 @@ impl DomainXml {
     /// The `rvirt-vmm` arguments that run this domain.
     pub fn vmm_args(&self, launch: &VmmLaunch) -> Vec<String> {
         let mut a: Vec<String> = vec![
-            "--kernel".into(),
-            self.kernel.to_string_lossy().into_owned(),
+            "--uuid".into(),
+            self.uuid.to_string(),
             "--cpus".into(),
             self.vcpus.to_string(),
             "--memory".into(),
@@ -180,11 +217,17 @@ impl DomainXml {
                 None => "null".into(),
             },
         ];
-        if let Some(i) = &self.initrd {
-            a.extend(["--initrd".into(), i.to_string_lossy().into_owned()]);
-        }
-        if let Some(c) = &self.cmdline {
-            a.extend(["--cmdline".into(), c.clone()]);
+        match &self.kernel {
+            Some(k) => {
+                a.extend(["--kernel".into(), k.to_string_lossy().into_owned()]);
+                if let Some(i) = &self.initrd {
+                    a.extend(["--initrd".into(), i.to_string_lossy().into_owned()]);
+                }
+                if let Some(c) = &self.cmdline {
+                    a.extend(["--cmdline".into(), c.clone()]);
+                }
+            }
+            None => a.extend(self.firmware_args()),
         }
         let fmt = |f: ImageFormat| if f == ImageFormat::Raw { "raw" } else { "qcow2" };
         // Commas in values are doubled, as QEMU-style options expect.
@@ -207,6 +250,10 @@ impl DomainXml {
             if let Some(s) = &d.serial {
                 spec += &format!(",serial={s}");
             }
+            // The firmware's bootorder ranks from 0; libvirt's orders start at 1.
+            if let (None, Some(b)) = (&self.kernel, d.boot_order) {
+                spec += &format!(",boot={}", b.saturating_sub(1).min(u32::from(u16::MAX)));
+            }
             a.extend(["--disk".into(), spec]);
         }
         for (i, tap) in self.interfaces.iter().zip(launch.taps) {
@@ -227,6 +274,33 @@ impl DomainXml {
         }
         if let Some(c) = &self.virtio_console {
             a.extend(["--console".into(), char_mode(c)]);
+        }
+        a
+    }
+}
+
+impl DomainXml {
+    /// The VMM arguments for firmware boot: the loader, `<boot dev>` as
+    /// letters, the boot menu and the reboot timeout.
+    fn firmware_args(&self) -> Vec<String> {
+        let fw = &self.firmware;
+        let mut a = Vec::new();
+        if let Some(l) = &fw.loader {
+            a.extend(["--firmware".into(), l.to_string_lossy().into_owned()]);
+        }
+        // CMOS holds three classes; libvirt allows four (the fourth is never reached in practice).
+        let order: String = fw.boot_devs.iter().take(3).map(|d| d.letter()).collect();
+        if !order.is_empty() {
+            a.extend(["--boot-order".into(), order]);
+        }
+        if let Some(BootMenu { enable: true, timeout_ms }) = fw.bootmenu {
+            // libvirt's default wait when no timeout is given is the firmware's (SeaBIOS: 2.5 s).
+            a.extend(["--boot-menu".into(), timeout_ms.unwrap_or(2500).to_string()]);
+        }
+        if let Some(t) = fw.reboot_timeout_ms {
+            if let Ok(ms) = u32::try_from(t) {
+                a.extend(["--reboot-timeout".into(), ms.to_string()]);
+            }
         }
         a
     }

@@ -1,7 +1,8 @@
 //! Parsing and validating libvirt-style domain XML.
 //!
 //! The subset (documented in docs/domain-xml.md): `name`, `uuid`, `memory`,
-//! `currentMemory`, `vcpu`, `os` (`type`, `kernel`, `initrd`, `cmdline`),
+//! `currentMemory`, `vcpu`, `os` (`type`, `kernel`, `initrd`, `cmdline`,
+//! `loader`, `boot`, `bootmenu`, `bios`),
 //! `on_poweroff`/`on_reboot`/`on_crash`, and under `devices`: `disk`,
 //! `interface`, `serial`, `console`, `rng`, `memballoon`. Anything else is
 //! kept verbatim (and written back by `dumpxml`) and listed in
@@ -14,7 +15,9 @@ use roxmltree::{Document, Node};
 use uuid::Uuid;
 
 mod limits;
+mod os;
 pub use limits::{MAX_DEPTH, MAX_UNKNOWN, MAX_XML_BYTES};
+pub use os::{BootDev, BootMenu, FirmwareDef};
 
 /// Most vCPUs a domain may have (rvirt-vmm's limit).
 pub const MAX_VCPUS: u32 = 254;
@@ -99,6 +102,8 @@ pub struct VirtioDisk {
     pub shareable: bool,
     /// `<serial>`.
     pub serial: Option<String>,
+    /// `<boot order='N'>`: its place in the firmware's boot order.
+    pub boot_order: Option<u32>,
 }
 
 /// How a network card reaches the host.
@@ -119,6 +124,8 @@ pub struct Interface {
     pub tap: Option<String>,
     /// `<mac address=...>`.
     pub mac: Option<String>,
+    /// `<boot order='N'>`: kept; rvirt has no network boot ROM yet.
+    pub boot_order: Option<u32>,
 }
 
 /// Where a serial port or console goes.
@@ -148,6 +155,8 @@ pub struct UnknownElement {
 /// A domain definition: what rvirtd stores and starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DomainXml {
+    /// `type='qemu'` (emulation in libvirt): kept, but run with KVM like `type='kvm'`.
+    pub emulated: bool,
     /// Unique name; also the file name of the stored definition.
     pub name: String,
     /// Unique id (generated when the XML has none).
@@ -158,12 +167,18 @@ pub struct DomainXml {
     pub current_memory_kib: u64,
     /// Number of vCPUs.
     pub vcpus: u32,
-    /// `<os><kernel>`: rvirt boots kernels directly.
-    pub kernel: PathBuf,
+    /// `<os><type arch>` when not x86_64 (`i686`).
+    pub arch: Option<String>,
+    /// `<os><type machine>`, kept as written (rvirt has one machine type).
+    pub machine: Option<String>,
+    /// `<os><kernel>`: booted directly; without it, firmware boots the disks.
+    pub kernel: Option<PathBuf>,
     /// `<os><initrd>`.
     pub initrd: Option<PathBuf>,
     /// `<os><cmdline>`.
     pub cmdline: Option<String>,
+    /// Firmware boot: `<loader>`, `<boot dev>`, `<bootmenu>`, `<bios>`, UEFI requests.
+    pub firmware: FirmwareDef,
     /// `<on_poweroff>` (destroy or restart).
     pub on_poweroff: LifecycleAction,
     /// `<on_reboot>` (restart or destroy).
@@ -313,20 +328,25 @@ impl DomainXml {
         if root.tag_name().name() != "domain" {
             return Err(cx.err(root, root.tag_name().name(), "the root element must be <domain>"));
         }
-        match root.attribute("type") {
-            Some("kvm") => {}
-            Some(t) => return Err(cx.err(root, "domain", format!("type='{t}' is not supported: rvirt runs type='kvm' domains"))),
+        let emulated = match root.attribute("type") {
+            Some("kvm") => false,
+            Some("qemu") => true,
+            Some(t) => return Err(cx.err(root, "domain", format!("type='{t}' is not supported: rvirt runs type='kvm' (and type='qemu') domains"))),
             None => return Err(cx.err(root, "domain", "the type='kvm' attribute is required")),
-        }
+        };
         let mut d = DomainXml {
+            emulated,
             name: String::new(),
             uuid: Uuid::nil(),
             memory_kib: 0,
             current_memory_kib: 0,
             vcpus: 1,
-            kernel: PathBuf::new(),
+            arch: None,
+            machine: None,
+            kernel: None,
             initrd: None,
             cmdline: None,
+            firmware: FirmwareDef::default(),
             on_poweroff: LifecycleAction::Destroy,
             on_reboot: LifecycleAction::Restart,
             on_crash: LifecycleAction::Destroy,
@@ -368,8 +388,11 @@ impl DomainXml {
                     d.name = name;
                 }
                 "uuid" => {
-                    let t = cx.text(n, "uuid")?;
-                    d.uuid = Uuid::parse_str(&t).map_err(|_| cx.err(n, "uuid", format!("'{t}' is not a UUID")))?;
+                    // An empty <uuid/> (Vagrant writes one) gets a generated UUID, as in libvirt.
+                    let t = n.text().unwrap_or("").trim();
+                    if !t.is_empty() {
+                        d.uuid = Uuid::parse_str(t).map_err(|_| cx.err(n, "uuid", format!("'{t}' is not a UUID")))?;
+                    }
                 }
                 "memory" => d.memory_kib = memory_kib(&cx, n, "memory")?,
                 "currentMemory" => current = Some((memory_kib(&cx, n, "currentMemory")?, n)),
@@ -408,9 +431,7 @@ impl DomainXml {
         if d.memory_kib == 0 {
             return Err(cx.err(root, "domain", "<memory> is required"));
         }
-        if d.kernel.as_os_str().is_empty() {
-            return Err(cx.err(root, "domain", "<os><kernel> is required: rvirt boots a kernel directly (no firmware boot)"));
-        }
+        d.check_boot_orders(&cx, root)?;
         d.current_memory_kib = match current {
             None => d.memory_kib,
             Some((c, n)) if c > d.memory_kib => {
@@ -434,27 +455,21 @@ impl DomainXml {
         Ok(d)
     }
 
-    fn parse_os(&mut self, cx: &Cx, os: Node) -> Result<(), XmlError> {
-        for n in elements(os) {
-            let tag = n.tag_name().name();
-            let path = format!("os/{tag}");
-            match tag {
-                "type" => {
-                    let t = cx.text(n, &path)?;
-                    if t != "hvm" {
-                        return Err(cx.err(n, &path, format!("'{t}' is not supported (rvirt runs hvm guests)")));
-                    }
-                    if let Some(arch) = n.attribute("arch") {
-                        if arch != "x86_64" {
-                            return Err(cx.err(n, &path, format!("arch='{arch}' is not supported (x86_64 only)")));
-                        }
-                    }
-                }
-                "kernel" => self.kernel = cx.path(n, &path, &cx.text(n, &path)?)?,
-                "initrd" => self.initrd = Some(cx.path(n, &path, &cx.text(n, &path)?)?),
-                "cmdline" => self.cmdline = Some(n.text().unwrap_or("").trim().to_string()),
-                _ => self.unknown.push(cx.unknown("os", n)),
-            }
+    /// Per-device `<boot order>` values are distinct and, as in libvirt,
+    /// not mixed with `<os><boot dev>`.
+    fn check_boot_orders(&self, cx: &Cx, root: Node) -> Result<(), XmlError> {
+        let orders: Vec<u32> =
+            self.disks.iter().filter_map(|d| d.boot_order).chain(self.interfaces.iter().filter_map(|i| i.boot_order)).collect();
+        if orders.is_empty() {
+            return Ok(());
+        }
+        if !self.firmware.boot_devs.is_empty() {
+            return Err(cx.err(root, "domain", "per-device <boot order> cannot be used together with <os><boot dev>"));
+        }
+        let mut sorted = orders.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(cx.err(root, "domain", format!("<boot order='{}'> is used by two devices", w[0])));
         }
         Ok(())
     }
@@ -530,12 +545,34 @@ impl DomainXml {
         Ok(())
     }
 
-    /// The text of the unknown-element report, one line each (empty when none).
+    /// The text of the unknown-element report, one line each (empty when
+    /// none). `<graphics>` and `<video>` share one line saying what it means
+    /// to have no screen; a UEFI request and network boot get theirs.
     pub fn unknown_report(&self) -> Vec<String> {
-        self.unknown
+        let screen = |u: &&UnknownElement| u.parent == "devices" && matches!(u.name.as_str(), "graphics" | "video");
+        let mut out: Vec<String> = self
+            .unknown
             .iter()
+            .filter(|u| !screen(u))
             .map(|u| format!("line {}: <{}> in <{}> is not supported by rvirt; kept, but it has no effect", u.line, u.name, u.parent))
-            .collect()
+            .collect();
+        let screens: Vec<String> = self.unknown.iter().filter(screen).map(|u| format!("<{}> (line {})", u.name, u.line)).collect();
+        if !screens.is_empty() {
+            out.push(format!(
+                "{}: rvirt has no display; the guest's console is its serial port (rvirt console). Installers that only draw on a screen will be invisible; kept, but no effect",
+                screens.join(", ")
+            ));
+        }
+        if self.emulated {
+            out.push("type='qemu' asks for emulation; rvirt runs the domain with KVM acceleration".into());
+        }
+        if let Some(why) = &self.firmware.uefi {
+            out.push(format!("{why}: UEFI firmware is not supported yet; the domain is defined but will not start (rvirt boots disks through SeaBIOS)"));
+        }
+        if self.interfaces.iter().any(|i| i.boot_order.is_some()) || self.firmware.boot_devs.contains(&BootDev::Network) {
+            out.push("network boot (PXE) is not supported yet; the boot order skips network cards".into());
+        }
+        out
     }
 }
 
@@ -560,6 +597,7 @@ fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
         readonly: false,
         shareable: false,
         serial: None,
+        boot_order: None,
     };
     for c in elements(n) {
         let tag = c.tag_name().name();
@@ -602,7 +640,8 @@ fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
                 }
                 disk.serial = Some(s);
             }
-            "address" | "alias" | "boot" => {}
+            "boot" => disk.boot_order = Some(boot_order(cx, c, &cpath)?),
+            "address" | "alias" => {}
             _ => return Err(cx.err(c, &cpath, "is not supported on disks")),
         }
     }
@@ -628,7 +667,7 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
         return Err(cx.err(n, path, format!("type='{ty}' is not supported (ethernet or bridge; libvirt networks are not implemented yet)")));
     }
     let mut bridge = None;
-    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None };
+    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None };
     for c in elements(n) {
         let tag = c.tag_name().name();
         let cpath = format!("{path}/{tag}");
@@ -653,6 +692,7 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
                     return Err(cx.err(c, &cpath, format!("type={:?} is not supported (virtio only)", c.attribute("type"))));
                 }
             }
+            "boot" => i.boot_order = Some(boot_order(cx, c, &cpath)?),
             "address" | "alias" => {}
             _ => return Err(cx.err(c, &cpath, "is not supported on interfaces")),
         }
@@ -668,6 +708,15 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
         _ => InterfaceKind::Ethernet,
     };
     Ok(i)
+}
+
+/// `<boot order='N'>`, N from 1.
+fn boot_order(cx: &Cx, n: Node, path: &str) -> Result<u32, XmlError> {
+    let t = cx.attr(n, path, "order")?;
+    match t.parse::<u32>() {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(cx.err(n, path, format!("order='{t}' is not a number from 1"))),
+    }
 }
 
 fn parse_char(cx: &Cx, n: Node, path: &str) -> Result<CharDevice, XmlError> {

@@ -331,7 +331,7 @@ impl Lab {
 
 /// Debian's SeaBIOS, rvirt-vmm's default firmware (package `seabios`):
 /// tests copy it to the same path in L1.
-pub const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
+pub const SEABIOS: &str = rvirt_api::DEFAULT_FIRMWARE;
 
 /// An L2 init for tests that shut guests down through ACPI: acpid turns the
 /// power button into a clean poweroff (needs [`Lab::acpid_modules`]); a

@@ -301,7 +301,20 @@ impl Manager {
         let need = |what: &str, p: &Path| -> Result<(), String> {
             std::fs::metadata(p).map(|_| ()).map_err(|e| format!("{what} {}: {e}", p.display()))
         };
-        need("kernel", &def.kernel)?;
+        match &def.kernel {
+            Some(k) => need("kernel", k)?,
+            None => {
+                if let Some(why) = &def.firmware.uefi {
+                    return Err(format!(
+                        "{why}: UEFI firmware is not supported yet; rvirt boots disks through SeaBIOS (remove it to boot this domain through BIOS)"
+                    ));
+                }
+                match &def.firmware.loader {
+                    Some(l) => need("firmware (<loader>)", l)?,
+                    None => need("firmware (package seabios)", Path::new(rvirt_api::DEFAULT_FIRMWARE))?,
+                }
+            }
+        }
         if let Some(i) = &def.initrd {
             need("initrd", i)?;
         }

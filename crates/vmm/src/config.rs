@@ -235,9 +235,7 @@ impl std::str::FromStr for NetConfig {
 /// Largest vCPU count: APIC IDs are 8-bit in the MADT entries we emit.
 pub const MAX_VCPUS: u8 = 254;
 
-/// Debian's SeaBIOS (package `seabios`): the firmware used when neither a
-/// kernel nor a firmware image is given.
-pub const DEFAULT_FIRMWARE: &str = "/usr/share/seabios/bios-256k.bin";
+pub use rvirt_api::DEFAULT_FIRMWARE;
 
 /// How the VM starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
