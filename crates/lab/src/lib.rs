@@ -192,10 +192,18 @@ impl Lab {
         let work = tempdir("l1")?;
         let initrd = work.join("l1.cpio.gz");
         self.build_l1(spec, &work.join("root"), &initrd)?;
-        let st = self.qemu_l1(spec, &initrd).status().context("starting qemu-system-x86_64")?;
+        // QEMU's own stderr (TCG's warnings about CPU features it does not
+        // emulate) is kept out of the user's terminal, and shown on failure.
+        let qemu_log = work.join("qemu.stderr");
+        let st = self
+            .qemu_l1(spec, &initrd)
+            .stderr(std::fs::File::create(&qemu_log)?)
+            .status()
+            .context("starting qemu-system-x86_64")?;
+        let stderr = std::fs::read_to_string(&qemu_log).unwrap_or_default();
         let _ = std::fs::remove_dir_all(&work);
         if !st.success() {
-            bail!("qemu exited with {st}");
+            bail!("qemu exited with {st}: {}", stderr.trim());
         }
         Ok(())
     }
@@ -359,6 +367,7 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 mkdir -p /tmp /run && mount -t tmpfs tmpfs /tmp
 insmod /lib/modules/irqbypass.ko
 insmod /lib/modules/kvm.ko
