@@ -1,7 +1,9 @@
 //! Lab test: disks with their own bootloader boot through SeaBIOS under
 //! rvirt-vmm, as the VMs users bring do. The disks are made here from Debian
 //! packages (crates/lab/src/disk.rs): MBR, SYSLINUX on a FAT partition,
-//! Debian's kernel, an ext4 root filesystem.
+//! Debian's kernel, an ext4 root filesystem. One L1 boot: rvirt-vmm with
+//! 1 and 2 vCPUs, a qcow2 copy, the boot order between two disks; then
+//! rvirtd with a virt-install-style definition and `rvirt install --import`.
 
 use std::collections::BTreeMap;
 
@@ -52,6 +54,52 @@ boot TWO --cpus 2 --disk path=/l2/a.raw
 qemu-img convert -O qcow2 /l2/a.raw /tmp/a.qcow2
 boot QCOW2 --cpus 2 --disk path=/tmp/a.qcow2,format=qcow2
 boot ORDER --cpus 1 --disk path=/l2/a.raw --disk path=/l2/b.raw,boot=1
+
+# rvirtd: a definition as virt-install writes it (no <kernel>, boot order on
+# the disk, a screen rvirt does not have), and rvirt install --import.
+mkdir -p /var/lib /run
+rvirtd > /tmp/rvirtd.log 2>&1 &
+for i in $(seq 1 100); do rvirt list >/dev/null 2>&1 && break; sleep 0.1; done
+cp /l2/b.raw /tmp/virt-install.raw
+cat > /tmp/virt-install.xml <<XML
+<domain type="kvm">
+  <name>virt-install</name>
+  <uuid>UUID</uuid>
+  <memory>524288</memory>
+  <vcpu>2</vcpu>
+  <os>
+    <type arch="x86_64" machine="q35">hvm</type>
+  </os>
+  <features><acpi/><apic/></features>
+  <devices>
+    <disk type="file" device="disk">
+      <driver name="qemu" type="raw"/>
+      <source file="/tmp/virt-install.raw"/>
+      <target dev="vda" bus="virtio"/>
+      <boot order="1"/>
+    </disk>
+    <serial type="file"><source path="/tmp/virt-install.log"/></serial>
+    <graphics type="vnc" port="-1"/>
+    <video><model type="virtio"/></video>
+  </devices>
+</domain>
+XML
+domain() {
+  run=$1; dom=$2; log=$3
+  for i in $(seq 1 1200); do rvirt domstate $dom | grep -q 'shut off' && break; sleep 0.2; [ $((i % 50)) = 0 ] && echo "[firmware test] $run: waiting"; done
+  echo "@@$run-STATE=$(rvirt domstate $dom)"
+  sed -n "s/.*@@L2-\([A-Z-]*\)=\(.*\)/@@$run-\1=\2/p" $log | tr -d '\r'
+}
+echo "@@XML-DEFINE=$(rvirt define /tmp/virt-install.xml 2>&1 | tr '\n' ' ')"
+rvirt start virt-install >/dev/null
+domain XML virt-install /tmp/virt-install.log
+cp /l2/a.raw /tmp/import.raw
+rvirt install --name import --memory 512 --vcpus 1 --import --disk path=/tmp/import.raw --print-xml > /tmp/import.xml
+sed -i "s|<serial type='pty'>|<serial type='file'><source path='/tmp/import.log'/>|" /tmp/import.xml
+echo "@@IMPORT-BOOT=$(grep -c "<boot dev='hd'/>" /tmp/import.xml)"
+rvirt define /tmp/import.xml >/dev/null && rvirt start import >/dev/null
+domain IMPORT import /tmp/import.log
+echo "@@BEGIN-RVIRTD-LOG"; cat /tmp/rvirtd.log /tmp/import.xml; tail -5 /var/lib/rvirt/log/*.log; echo "@@END-RVIRTD-LOG"
 "#;
 
 #[test]
@@ -66,7 +114,9 @@ fn disks_with_their_own_bootloader_boot_through_seabios() {
         .file(&a, "l2/a.raw")
         .file(&b, "l2/b.raw")
         .file(rvirt_lab::SEABIOS, &rvirt_lab::SEABIOS[1..])
-        .binary("/usr/bin/qemu-img", "usr/bin/qemu-img");
+        .binary("/usr/bin/qemu-img", "usr/bin/qemu-img")
+        .binary(&lab.rvirtd, "bin/rvirtd")
+        .binary(&lab.rvirt, "bin/rvirt");
     spec.timeout = std::time::Duration::from_secs(1500);
     let out = lab.run(&spec).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
@@ -89,5 +139,20 @@ fn disks_with_their_own_bootloader_boot_through_seabios() {
         assert_eq!(get(&k("BIOS")), "Bochs", "{run}: SMBIOS from the firmware");
         assert_eq!(get(&k("UUID")), UUID, "{run}: the domain UUID in SMBIOS type 1");
         assert_eq!(get(&k("CANT-CLAIM")), "0", "{run}: every BAR inside the host bridge's windows");
+    }
+    let logs = || out.section("RVIRTD-LOG").unwrap_or_default();
+    let define = get("XML-DEFINE");
+    assert!(define.contains("Domain 'virt-install' defined") && define.matches("warning:").count() == 2, "features and the screen: {define}");
+    assert!(define.contains("rvirt has no display"), "{define}");
+    assert_eq!(get("IMPORT-BOOT"), "1", "rvirt install --import boots the disk");
+    for (run, cpus, disk, uuid) in [("XML", "2", "b", Some(UUID)), ("IMPORT", "1", "a", None)] {
+        let k = |s: &str| format!("{run}-{s}");
+        assert_eq!(v.get(&k("STATE")).map(String::as_str), Some("shut off"), "{run}: the guest powered off\n{}", logs());
+        assert_eq!(v.get(&k("DISK")).map(String::as_str), Some(disk), "{run}: booted its disk through firmware\n{}", logs());
+        assert_eq!(get(&k("ROOT")), "/dev/vda2");
+        assert_eq!(get(&k("NPROC")), cpus);
+        if let Some(u) = uuid {
+            assert_eq!(get(&k("UUID")), u, "the definition's UUID reaches SMBIOS");
+        }
     }
 }
