@@ -183,14 +183,14 @@ impl Lun {
                 Ok(reply(data_in, &r, alloc))
             }
             op::READ_CAPACITY_10 => {
-                let last = self.ready()?.checked_sub(1).unwrap_or(0);
+                let last = self.ready()?.saturating_sub(1);
                 let mut r = [0u8; 8];
                 r[..4].copy_from_slice(&u32::try_from(last).unwrap_or(u32::MAX).to_be_bytes());
                 r[4..].copy_from_slice(&(self.block_size() as u32).to_be_bytes());
                 Ok(reply(data_in, &r, 8))
             }
             op::SERVICE_ACTION_IN_16 if cdb[1] & 0x1f == 0x10 => {
-                let last = self.ready()?.checked_sub(1).unwrap_or(0);
+                let last = self.ready()?.saturating_sub(1);
                 let mut r = [0u8; 32];
                 r[..8].copy_from_slice(&last.to_be_bytes());
                 r[8..12].copy_from_slice(&(self.block_size() as u32).to_be_bytes());
@@ -293,7 +293,7 @@ impl Lun {
         if list_len == 0 {
             return Ok(0);
         }
-        if list_len < 8 || list_len > MAX_UNMAP_LIST {
+        if !(8..=MAX_UNMAP_LIST).contains(&list_len) {
             return Err(Sense::INVALID_FIELD);
         }
         let list = gather(data_out, list_len);
