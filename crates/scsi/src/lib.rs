@@ -71,6 +71,11 @@ pub struct Lun {
     serial: String,
     /// A unit attention to report before anything else.
     attention: Option<Sense>,
+    /// The sense of the last command that failed, for REQUEST SENSE: a
+    /// driver that ignores autosense (SeaBIOS) asks for it after each
+    /// CHECK CONDITION, and stops waiting for an empty drive only when it
+    /// hears MEDIUM NOT PRESENT.
+    last_sense: Option<Sense>,
     /// The guest locked the tray.
     prevent_removal: bool,
     /// The tray is open (only meaningful without a medium).
@@ -92,7 +97,16 @@ impl Lun {
 
     fn new(kind: Kind, medium: Option<Arc<dyn BlockBackend>>, serial: &str) -> Self {
         let serial: String = serial.chars().filter(|c| c.is_ascii_graphic()).take(20).collect();
-        Self { kind, medium, serial, attention: Some(Sense::POWER_ON_RESET), prevent_removal: false, tray_open: false, media_event: 0 }
+        Self {
+            kind,
+            medium,
+            serial,
+            attention: Some(Sense::POWER_ON_RESET),
+            last_sense: None,
+            prevent_removal: false,
+            tray_open: false,
+            media_event: 0,
+        }
     }
 
     /// Disk or CD-ROM.
@@ -156,14 +170,24 @@ impl Lun {
         }
         // INQUIRY, REPORT LUNS and REQUEST SENSE are answered even with a
         // unit attention pending; anything else reports it first.
-        if !matches!(op, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE | op::GET_EVENT_STATUS) {
-            if let Some(ua) = self.attention.take() {
-                return Completion::check(ua);
+        let result = match self.attention {
+            Some(ua) if !matches!(op, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE | op::GET_EVENT_STATUS) => {
+                self.attention = None;
+                Err(ua)
             }
-        }
-        match self.dispatch(op, cdb, data_out, data_in) {
-            Ok(n) => Completion::good(n),
-            Err(s) => Completion::check(s),
+            _ => self.dispatch(op, cdb, data_out, data_in),
+        };
+        match result {
+            Ok(n) => {
+                if op != op::REQUEST_SENSE {
+                    self.last_sense = None;
+                }
+                Completion::good(n)
+            }
+            Err(s) => {
+                self.last_sense = Some(s);
+                Completion::check(s)
+            }
         }
     }
 
@@ -171,7 +195,7 @@ impl Lun {
         match op {
             op::TEST_UNIT_READY => self.ready().map(|_| 0),
             op::REQUEST_SENSE => {
-                let sense = self.attention.take().unwrap_or(Sense::NO_SENSE);
+                let sense = self.attention.take().or(self.last_sense.take()).unwrap_or(Sense::NO_SENSE);
                 Ok(reply(data_in, &sense.fixed(), usize::from(cdb[4])))
             }
             op::INQUIRY => self.inquiry(cdb, data_in),

@@ -115,7 +115,9 @@ fn a_disk_identifies_itself_and_reports_its_capacity() {
     let mode10 = good(&mut lun, &[0x5a, 0, 0x3f, 0, 0, 0, 0, 1, 0, 0], 256);
     assert_eq!(mode10[8], 0x08);
     assert_eq!(sense(&mut lun, &[0x1a, 0, 0x2a, 0, 255, 0], &[]), Sense::INVALID_FIELD, "no CD page on a disk");
-    assert_eq!(good(&mut lun, &[0x03, 0, 0, 0, 18, 0], 18)[2], 0, "REQUEST SENSE: nothing pending");
+    assert_eq!(good(&mut lun, &[0x03, 0, 0, 0, 18, 0], 18)[12], 0x24, "REQUEST SENSE: the last failure");
+    good(&mut lun, &[0; 6], 0);
+    assert_eq!(good(&mut lun, &[0x03, 0, 0, 0, 18, 0], 18)[2], 0, "REQUEST SENSE after a success: nothing");
 }
 
 #[test]
@@ -172,6 +174,9 @@ fn a_cdrom_reports_its_disc_and_media_changes() {
     let inq = good(&mut cd, &[0x12, 0, 0, 0, 36, 0], 36);
     assert_eq!((inq[0], inq[1] & 0x80), (0x05, 0x80), "CD-ROM, removable");
     assert_eq!(sense(&mut cd, &[0; 6], &[]), Sense::NO_MEDIUM_TRAY_CLOSED);
+    let req = good(&mut cd, &[0x03, 0, 0, 0, 18, 0], 18);
+    assert_eq!((req[2], req[12], req[13]), (0x2, 0x3a, 0x01), "REQUEST SENSE gives the last failure (SeaBIOS ignores autosense)");
+    assert_eq!(good(&mut cd, &[0x03, 0, 0, 0, 18, 0], 18)[2], 0, "once");
     assert_eq!(sense(&mut cd, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]), Sense::NO_MEDIUM_TRAY_CLOSED);
     let gesn = [0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8, 0];
     assert_eq!(good(&mut cd, &gesn, 8), [0, 6, 4, 0x10, 0, 0, 0, 0], "no disc, no event");

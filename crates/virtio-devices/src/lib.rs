@@ -20,6 +20,7 @@ pub mod console;
 pub mod fuzzing;
 pub mod net;
 pub mod rng;
+pub mod scsi;
 pub mod transport;
 pub mod worker;
 
@@ -35,6 +36,7 @@ pub use block::VirtioBlock;
 pub use console::VirtioConsole;
 pub use net::{Tap, VirtioNet};
 pub use rng::VirtioRng;
+pub use scsi::VirtioScsi;
 pub use transport::{IoEventRegistrar, IntxLine, VirtioPciDevice};
 
 /// Feature bit: the device follows virtio 1.x (modern) rules.
@@ -58,6 +60,8 @@ pub mod device_type {
     pub const RNG: u32 = 4;
     /// Memory balloon.
     pub const BALLOON: u32 = 5;
+    /// SCSI host (controller).
+    pub const SCSI: u32 = 8;
 }
 
 /// What an interrupt is about.

@@ -61,12 +61,34 @@ impl std::str::FromStr for OnReboot {
     }
 }
 
-/// A virtio disk, from `--disk path=F[,format=raw|qcow2][,readonly=on][,serial=S][,direct=on]
-/// [,backing=F:FMT]...[,probe_backing=on][,shareable=on]`.
+/// Which controller a disk is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskBus {
+    /// Its own virtio-blk device (`vdX` in Linux).
+    Virtio,
+    /// A target on the virtio-scsi controller (`sdX`, `srX`).
+    Scsi,
+}
+
+/// What kind of drive a disk is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Media {
+    /// A hard disk.
+    Disk,
+    /// A CD-ROM drive: read-only, removable, possibly empty.
+    Cdrom,
+}
+
+/// A disk, from `--disk path=F[,format=raw|qcow2][,readonly=on][,serial=S][,direct=on]
+/// [,bus=virtio|scsi][,media=disk|cdrom][,boot=N][,backing=F:FMT]...[,probe_backing=on][,shareable=on]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// The image file.
+    /// The image file; empty for a CD-ROM drive without a disc.
     pub path: PathBuf,
+    /// virtio-blk or virtio-scsi.
+    pub bus: DiskBus,
+    /// Disk or CD-ROM.
+    pub media: Media,
     /// Image format. Never probed: a guest writes its disk's first bytes,
     /// so a disk without a format is raw (libvirt's rule).
     pub format: Option<rvirt_block::Format>,
@@ -133,6 +155,8 @@ impl std::str::FromStr for DiskConfig {
     fn from_str(s: &str) -> Result<Self, Error> {
         let mut d = DiskConfig {
             path: PathBuf::new(),
+            bus: DiskBus::Virtio,
+            media: Media::Disk,
             format: None,
             backing: Vec::new(),
             probe_backing: false,
@@ -147,6 +171,20 @@ impl std::str::FromStr for DiskConfig {
             let (k, v) = (k.as_str(), v.as_str());
             match k {
                 "path" => d.path = PathBuf::from(v),
+                "bus" => {
+                    d.bus = match v {
+                        "virtio" => DiskBus::Virtio,
+                        "scsi" => DiskBus::Scsi,
+                        _ => return Err(Error::Config(format!("--disk bus='{v}': expected virtio or scsi"))),
+                    }
+                }
+                "media" => {
+                    d.media = match v {
+                        "disk" => Media::Disk,
+                        "cdrom" => Media::Cdrom,
+                        _ => return Err(Error::Config(format!("--disk media='{v}': expected disk or cdrom"))),
+                    }
+                }
                 "format" => d.format = Some(format(v)?),
                 "backing" => {
                     let (p, f) = v.rsplit_once(':').filter(|(p, _)| !p.is_empty()).ok_or_else(|| {
@@ -165,7 +203,7 @@ impl std::str::FromStr for DiskConfig {
                 "serial" => return Err(Error::Config(format!("--disk serial '{v}': at most 20 printable characters"))),
                 _ => {
                     return Err(Error::Config(format!(
-                        "--disk: unknown key '{k}' (expected path, format, backing, probe_backing, shareable, readonly, serial, direct, boot)"
+                        "--disk: unknown key '{k}' (expected path, format, backing, probe_backing, shareable, readonly, serial, direct, boot, bus, media)"
                     )))
                 }
             }
@@ -173,8 +211,18 @@ impl std::str::FromStr for DiskConfig {
         if !d.backing.is_empty() && d.format != Some(rvirt_block::Format::Qcow2) {
             return Err(Error::Config(format!("--disk '{s}': backing= needs format=qcow2")));
         }
-        if d.path.as_os_str().is_empty() {
-            return Err(Error::Config(format!("--disk '{s}': path=FILE is required")));
+        if d.media == Media::Cdrom {
+            // A CD-ROM drive is a SCSI unit and never written; it may be empty.
+            if s.split(',').any(|kv| kv == "bus=virtio") {
+                return Err(Error::Config(format!("--disk '{s}': media=cdrom is a SCSI unit (bus=scsi)")));
+            }
+            if d.direct || d.shareable || !d.backing.is_empty() {
+                return Err(Error::Config(format!("--disk '{s}': direct, shareable and backing do not apply to a CD-ROM")));
+            }
+            d.bus = DiskBus::Scsi;
+            d.read_only = true;
+        } else if d.path.as_os_str().is_empty() {
+            return Err(Error::Config(format!("--disk '{s}': path=FILE is required (only a CD-ROM drive may be empty)")));
         }
         Ok(d)
     }
@@ -560,6 +608,25 @@ mod tests {
         let mut c = VmConfig::new("/k");
         c.console = Some(SerialMode::Stdio);
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn scsi_disks_and_cdrom_drives() {
+        let d: DiskConfig = "path=/x.iso,media=cdrom".parse().unwrap();
+        assert_eq!((d.bus, d.media, d.read_only), (DiskBus::Scsi, Media::Cdrom, true), "a CD-ROM is a read-only SCSI unit");
+        let empty: DiskConfig = "media=cdrom".parse().unwrap();
+        assert!(empty.path.as_os_str().is_empty(), "an empty drive");
+        assert_eq!("path=/d,bus=scsi".parse::<DiskConfig>().unwrap().bus, DiskBus::Scsi);
+        for (bad, why) in [
+            ("path=/x,media=cdrom,bus=virtio", "bus=scsi"),
+            ("path=/x,media=floppy", "media='floppy'"),
+            ("path=/x,bus=ide", "bus='ide'"),
+            ("bus=scsi", "only a CD-ROM drive may be empty"),
+            ("path=/x,media=cdrom,direct=on", "do not apply to a CD-ROM"),
+        ] {
+            let e = bad.parse::<DiskConfig>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

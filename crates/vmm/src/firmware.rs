@@ -99,8 +99,8 @@ pub struct MachineInfo<'a> {
     pub layout: &'a MemoryLayout,
     /// Populated PCI slots, for the DSDT.
     pub pci_slots: &'a [usize],
-    /// (PCI slot, boot index) of each disk given a place in the boot order.
-    pub boot_disks: &'a [(usize, u16)],
+    /// Each disk given a place in the boot order, with its index.
+    pub boot_disks: &'a [(BootDevicePath, u16)],
     /// The machine's UUID.
     pub uuid: Option<[u8; 16]>,
     /// How long the firmware waits before rebooting after a failed boot
@@ -121,19 +121,42 @@ fn e820_file(layout: &MemoryLayout) -> Vec<u8> {
     out
 }
 
-/// SeaBIOS's `bootorder`: one device path per line in boot order (a
-/// virtio-blk disk is `/pci@i0cf8/*@SLOT`, slot in hex), then `HALT` so
-/// that devices left out are not tried. None when no disk has an index.
-pub fn bootorder(boot_disks: &[(usize, u16)]) -> Option<String> {
+/// A bootable device as SeaBIOS names it in `bootorder`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BootDevicePath {
+    /// A virtio-blk disk: `/pci@i0cf8/*@SLOT`.
+    Virtio {
+        /// Its PCI slot.
+        slot: usize,
+    },
+    /// A unit on the virtio-scsi controller: `/pci@i0cf8/*@SLOT/*@0/*@TARGET,0`.
+    Scsi {
+        /// The controller's PCI slot.
+        slot: usize,
+        /// The unit's target (LUN 0).
+        target: usize,
+    },
+}
+
+impl std::fmt::Display for BootDevicePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Virtio { slot } => write!(f, "/pci@i0cf8/*@{slot:x}"),
+            Self::Scsi { slot, target } => write!(f, "/pci@i0cf8/*@{slot:x}/*@0/*@{target:x},0"),
+        }
+    }
+}
+
+/// SeaBIOS's `bootorder`: one device path per line in boot order (slots
+/// and targets in hex), then `HALT` so that devices left out are not
+/// tried. None when no disk has an index.
+pub fn bootorder(boot_disks: &[(BootDevicePath, u16)]) -> Option<String> {
     if boot_disks.is_empty() {
         return None;
     }
     let mut d = boot_disks.to_vec();
-    d.sort_by_key(|&(slot, index)| (index, slot));
-    let mut s: String = d
-        .iter()
-        .map(|(slot, _)| format!("/pci@i0cf8/*@{slot:x}\n"))
-        .collect();
+    d.sort_by_key(|&(path, index)| (index, path));
+    let mut s: String = d.iter().map(|(path, _)| format!("{path}\n")).collect();
     s.push_str("HALT");
     Some(s)
 }
@@ -231,14 +254,16 @@ mod tests {
     #[test]
     fn bootorder_lines_follow_the_indexes_and_end_with_halt() {
         assert_eq!(bootorder(&[]), None);
+        use BootDevicePath::*;
         assert_eq!(
-            bootorder(&[(1, 2), (2, 1)]).unwrap(),
+            bootorder(&[(Virtio { slot: 1 }, 2), (Virtio { slot: 2 }, 1)]).unwrap(),
             "/pci@i0cf8/*@2\n/pci@i0cf8/*@1\nHALT"
         );
+        assert_eq!(bootorder(&[(Virtio { slot: 17 }, 0)]).unwrap(), "/pci@i0cf8/*@11\nHALT", "slots in hex");
         assert_eq!(
-            bootorder(&[(17, 0)]).unwrap(),
-            "/pci@i0cf8/*@11\nHALT",
-            "slots in hex"
+            bootorder(&[(Scsi { slot: 3, target: 10 }, 0), (Virtio { slot: 1 }, 1)]).unwrap(),
+            "/pci@i0cf8/*@3/*@0/*@a,0\n/pci@i0cf8/*@1\nHALT",
+            "a SCSI unit: controller slot, channel 0, target and LUN"
         );
     }
 
@@ -403,7 +428,7 @@ mod tests {
                 vcpus: 3,
                 layout: &layout,
                 pci_slots: &[0, 1, 2],
-                boot_disks: &[(2, 1)],
+                boot_disks: &[(BootDevicePath::Virtio { slot: 2 }, 1)],
                 uuid: Some([7; 16]),
                 reboot_timeout_ms: timeout,
                 menu_ms: Some(1500),

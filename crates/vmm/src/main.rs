@@ -59,7 +59,8 @@ struct Cli {
     /// What a guest reboot does: restart the VM, or exit with status 0.
     #[arg(long, value_name = "ACTION", default_value = "restart")]
     on_reboot: String,
-    /// A virtio disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=S][,direct=on]. Repeatable.
+    /// A disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=S][,direct=on][,bus=virtio|scsi]
+    /// [,media=disk|cdrom][,boot=N]. media=cdrom is a read-only SCSI CD-ROM drive, empty without path. Repeatable.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
     /// A virtio network card on a tap (created if missing and permitted): tap=NAME[,mac=52:54:00:..]. Repeatable.

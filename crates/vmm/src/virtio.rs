@@ -18,12 +18,15 @@ use rvirt_virtio_devices::transport::{IntxResample, BAR_SIZE};
 use rvirt_virtio_devices::worker::{EventLoop, Worker};
 use rvirt_virtio_devices::{
     Balloon, CounterSnapshot, DeviceCounters, IntxLine, Tap, VirtioBlock, VirtioConsole, VirtioDevice, VirtioNet,
-    VirtioPciDevice, VirtioRng,
+    VirtioPciDevice, VirtioRng, VirtioScsi,
 };
+use rvirt_scsi::Lun;
+use rvirt_virtio_devices::scsi::Targets;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{DiskBus, DiskConfig, Media, VmConfig};
+use crate::firmware::BootDevicePath;
 use crate::console::Console;
 use crate::interrupts::{GsiRouter, KvmIoEvents};
 use crate::{Error, Result};
@@ -32,8 +35,8 @@ use crate::{Error, Result};
 pub struct DiskBackend {
     /// What the user asked for.
     pub config: DiskConfig,
-    /// The image.
-    pub image: Arc<dyn rvirt_block::BlockBackend>,
+    /// The image (None: a CD-ROM drive without a disc).
+    pub image: Option<Arc<dyn rvirt_block::BlockBackend>>,
 }
 
 /// Everything outside the VM that devices attach to, opened once per run.
@@ -89,7 +92,10 @@ impl Backends {
         let disks = cfg
             .disks
             .iter()
-            .map(|d| Ok(DiskBackend { config: d.clone(), image: open_disk(d)? }))
+            .map(|d| {
+                let image = if d.path.as_os_str().is_empty() { None } else { Some(open_disk(d)?) };
+                Ok(DiskBackend { config: d.clone(), image })
+            })
             .collect::<Result<Vec<_>>>()?;
         let nets = cfg
             .nets
@@ -127,6 +133,10 @@ pub struct PciDevices {
     pub balloon: Option<BalloonHandle>,
     /// Network cards' link controls, by device name.
     pub nets: Vec<(String, NetHandle)>,
+    /// The virtio-scsi controller's units (target = index), for media changes.
+    pub scsi: Option<Targets>,
+    /// Disks with a place in the firmware's boot order, and their index.
+    pub boot: Vec<(BootDevicePath, u16)>,
     transports: Vec<Arc<Mutex<VirtioPciDevice>>>,
     _resampler: Option<Worker>,
 }
@@ -159,10 +169,12 @@ struct Builder<'a> {
     transports: Vec<Arc<Mutex<VirtioPciDevice>>>,
     devices: Vec<DeviceEntry>,
     resamples: Vec<IntxResample>,
+    scsi: Option<Targets>,
 }
 
 impl Builder<'_> {
-    fn add(&mut self, name: &str, device: Box<dyn VirtioDevice>) -> Result<()> {
+    /// Puts `device` on the bus; returns its slot.
+    fn add(&mut self, name: &str, device: Box<dyn VirtioDevice>) -> Result<usize> {
         let dev_err = |e: std::io::Error| Error::Device(format!("{name}: {e}"));
         let slot = self.bus.free_slot().ok_or_else(|| Error::Device(format!("{name}: {}", rvirt_pci::Error::NoFreeSlot)))?;
         let vectors = (0..=device.queue_max_sizes().len())
@@ -194,7 +206,7 @@ impl Builder<'_> {
         self.bus.add_device(transport.clone()).map_err(|e| Error::Device(format!("{name}: {e}")))?;
         self.transports.push(transport);
         self.devices.push(DeviceEntry { name: name.into(), slot, counters });
-        Ok(())
+        Ok(slot)
     }
 }
 
@@ -238,10 +250,41 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, backends: &Backends) -> Resu
         transports: Vec::new(),
         devices: Vec::new(),
         resamples: Vec::new(),
+        scsi: None,
     };
+    let mut luns = Vec::new();
+    let mut boot = Vec::new();
     for (i, d) in backends.disks.iter().enumerate() {
         let serial = d.config.serial.clone().unwrap_or_default();
-        b.add(&format!("disk{i}"), Box::new(VirtioBlock::new(format!("disk{i}"), d.image.clone(), &serial)))?;
+        match (d.config.bus, d.config.media, &d.image) {
+            (DiskBus::Virtio, _, Some(image)) => {
+                let slot = b.add(&format!("disk{i}"), Box::new(VirtioBlock::new(format!("disk{i}"), image.clone(), &serial)))?;
+                if let Some(index) = d.config.boot_index {
+                    boot.push((BootDevicePath::Virtio { slot }, index));
+                }
+            }
+            (DiskBus::Scsi, media, image) => {
+                if let Some(index) = d.config.boot_index {
+                    boot.push((BootDevicePath::Scsi { slot: 0, target: luns.len() }, index));
+                }
+                luns.push(match media {
+                    Media::Disk => Lun::disk(image.clone().ok_or_else(|| Error::Config(format!("disk{i} has no image")))?, &serial),
+                    Media::Cdrom => Lun::cdrom(image.clone(), &serial),
+                });
+            }
+            (DiskBus::Virtio, _, None) => return Err(Error::Config(format!("disk{i} has no image"))),
+        }
+    }
+    if !luns.is_empty() {
+        let scsi = VirtioScsi::new("scsi0", luns).map_err(Error::Config)?;
+        let targets = scsi.targets();
+        let slot = b.add("scsi0", Box::new(scsi))?;
+        for (path, _) in &mut boot {
+            if let BootDevicePath::Scsi { slot: s, .. } = path {
+                *s = slot;
+            }
+        }
+        b.scsi = Some(targets);
     }
     let mut nets = Vec::new();
     for (i, (tap, mac)) in backends.nets.iter().enumerate() {
@@ -277,6 +320,8 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, backends: &Backends) -> Resu
         balloon,
         nets,
         transports: b.transports,
+        scsi: b.scsi,
+        boot,
         _resampler: resampler,
     })
 }

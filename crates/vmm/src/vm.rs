@@ -113,17 +113,11 @@ impl Vm {
             (Boot::Firmware { reboot_timeout_ms, menu_ms, .. }, Some(image)) => {
                 let slot = vm_memory::GuestMemoryBackend::num_regions(&mem) as u32;
                 let rom = firmware::map(kvm_handle, &vm_fd, &mem, image, slot)?;
-                let boot_disks: Vec<(usize, u16)> = backends
-                    .disks
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, d)| Some((pci.slot_of(&format!("disk{i}"))?, d.config.boot_index?)))
-                    .collect();
                 let info = MachineInfo {
                     vcpus: cfg.vcpus,
                     layout: &layout,
                     pci_slots: &pci.bus.occupied_slots(),
-                    boot_disks: &boot_disks,
+                    boot_disks: &pci.boot,
                     uuid: cfg.uuid,
                     reboot_timeout_ms: *reboot_timeout_ms,
                     menu_ms: *menu_ms,
