@@ -58,6 +58,18 @@ pub enum Request {
         /// Link state.
         up: bool,
     },
+    /// Eject the disc of a CD-ROM drive, or insert one: the guest sees the
+    /// media change as a real drive reports it.
+    ChangeMedia {
+        /// The drive, by its `--disk` position: `disk0`, `disk1`, ...
+        device: String,
+        /// The image to insert (read-only, raw ISO); none ejects.
+        #[serde(default)]
+        path: Option<std::path::PathBuf>,
+        /// Eject even though the guest locked the tray.
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// Whether the guest's vCPUs are running.

@@ -157,6 +157,15 @@ impl Lab {
                 "virtio-rng" => &["drivers/char/hw_random/virtio-rng.ko"],
                 "virtio_console" => &["drivers/char/virtio_console.ko"],
                 "virtio_balloon" => &["drivers/virtio/virtio_balloon.ko"],
+                "virtio_scsi" => &[
+                    "drivers/scsi/scsi_common.ko",
+                    "drivers/scsi/scsi_mod.ko",
+                    "drivers/cdrom/cdrom.ko",
+                    "drivers/scsi/sd_mod.ko",
+                    "drivers/scsi/sr_mod.ko",
+                    "drivers/scsi/virtio_scsi.ko",
+                    "fs/isofs/isofs.ko",
+                ],
                 _ => &[],
             });
         }

@@ -60,7 +60,8 @@ fn random_mac() -> [u8; 6] {
     [0x52, 0x54, 0x00, b[0], b[1], b[2]]
 }
 
-fn open_disk(d: &DiskConfig) -> Result<Arc<dyn rvirt_block::BlockBackend>> {
+/// Opens the image of `d` as its settings say (format never probed).
+pub(crate) fn open_disk(d: &DiskConfig) -> Result<Arc<dyn rvirt_block::BlockBackend>> {
     use rvirt_block::{BackingPolicy, Format, ImageOptions, Locking};
     // The image library's errors already name the file.
     let err = |e: rvirt_block::Error| Error::Device(format!("--disk: {e}"));
@@ -135,6 +136,8 @@ pub struct PciDevices {
     pub nets: Vec<(String, NetHandle)>,
     /// The virtio-scsi controller's units (target = index), for media changes.
     pub scsi: Option<Targets>,
+    /// Each SCSI unit's name (`diskN`, its `--disk` position) and target.
+    pub scsi_units: Vec<(String, usize)>,
     /// Disks with a place in the firmware's boot order, and their index.
     pub boot: Vec<(BootDevicePath, u16)>,
     transports: Vec<Arc<Mutex<VirtioPciDevice>>>,
@@ -254,6 +257,7 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, backends: &Backends) -> Resu
     };
     let mut luns = Vec::new();
     let mut boot = Vec::new();
+    let mut scsi_units = Vec::new();
     for (i, d) in backends.disks.iter().enumerate() {
         let serial = d.config.serial.clone().unwrap_or_default();
         match (d.config.bus, d.config.media, &d.image) {
@@ -267,6 +271,7 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, backends: &Backends) -> Resu
                 if let Some(index) = d.config.boot_index {
                     boot.push((BootDevicePath::Scsi { slot: 0, target: luns.len() }, index));
                 }
+                scsi_units.push((format!("disk{i}"), luns.len()));
                 luns.push(match media {
                     Media::Disk => Lun::disk(image.clone().ok_or_else(|| Error::Config(format!("disk{i} has no image")))?, &serial),
                     Media::Cdrom => Lun::cdrom(image.clone(), &serial),
@@ -321,6 +326,7 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, backends: &Backends) -> Resu
         nets,
         transports: b.transports,
         scsi: b.scsi,
+        scsi_units,
         boot,
         _resampler: resampler,
     })

@@ -281,6 +281,29 @@ impl Vm {
         lock(&self.ged).notify(GedEvent::PowerButton).map_err(|e| Error::Device(format!("power button: {e}")))
     }
 
+    /// Ejects the disc of CD-ROM drive `device` (`diskN`), or inserts the
+    /// image at `path` (opened read-only, raw, locked as QEMU locks it).
+    pub fn change_media(&self, device: &str, path: Option<&std::path::Path>, force: bool) -> Result<()> {
+        let target = self.pci.scsi_units.iter().find(|(n, _)| n == device).map(|(_, t)| *t);
+        let unit = target.and_then(|t| self.pci.scsi.as_ref()?.get(t).cloned());
+        let Some(unit) = unit else {
+            return Err(Error::Config(format!("no CD-ROM drive named '{device}' (drives are named diskN by their --disk position)")));
+        };
+        let image = match path {
+            Some(p) => {
+                let spec = format!("path={},media=cdrom", crate::config::escape_value(&p.to_string_lossy()));
+                Some(crate::virtio::open_disk(&spec.parse()?)?)
+            }
+            None => None,
+        };
+        let mut lun = unit.lock().map_err(|_| Error::Device(format!("{device}: the unit's lock is poisoned")))?;
+        let done = match image {
+            Some(i) => lun.insert(i),
+            None => lun.eject(force),
+        };
+        done.map_err(|e| Error::Config(format!("{device}: {e}")))
+    }
+
     /// Current status for the API.
     pub fn status(&self) -> VmStatus {
         VmStatus {
@@ -338,6 +361,7 @@ impl Vm {
                 }
                 None => Err(Error::Config(format!("no network device named '{device}'"))),
             },
+            Request::ChangeMedia { device, path, force } => self.change_media(device, path.as_deref(), *force),
             Request::VcpuState => {
                 return match self.vcpu_reports() {
                     Ok(r) => Response { vcpus: Some(r), ..Response::ok() },
