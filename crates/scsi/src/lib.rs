@@ -139,7 +139,10 @@ impl Lun {
             return Err("only a CD-ROM drive has removable media");
         }
         if self.prevent_removal && !force {
-            return Err("the guest has locked the tray");
+            // As a drive's eject button does: the guest hears an eject
+            // request (a media event) and may unlock and eject itself.
+            self.media_event = 1;
+            return Err("the guest has locked the tray (asked it to eject; try again, or force)");
         }
         if self.medium.take().is_some() {
             self.media_event = 3;

@@ -209,6 +209,7 @@ fn a_cdrom_reports_its_disc_and_media_changes() {
     good(&mut cd, &[0x1e, 0, 0, 0, 1, 0], 0);
     assert_eq!(sense(&mut cd, &[0x1b, 0, 0, 0, 0x02, 0], &[]), Sense::REMOVAL_PREVENTED);
     assert!(cd.eject(false).is_err());
+    assert_eq!(good(&mut cd, &gesn, 8)[4], 1, "the guest hears an eject request");
     good(&mut cd, &[0x1e, 0, 0, 0, 0, 0], 0);
     good(&mut cd, &[0x1b, 0, 0, 0, 0x02, 0], 0);
     assert_eq!(sense(&mut cd, &[0; 6], &[]), Sense::NO_MEDIUM_TRAY_OPEN, "ejected by the guest");
