@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use rvirt_domain::{
-    BootDev, CharDevice, DiskSource, DomainXml, FirmwareDef, ImageFormat, Interface, InterfaceKind, LifecycleAction, VirtioDisk,
+    BootDev, CharDevice, DiskBus, DiskSource, DomainXml, FirmwareDef, ImageFormat, Interface, InterfaceKind, LifecycleAction, VirtioDisk,
 };
 
 /// The options of `rvirt install`.
@@ -52,6 +52,8 @@ fn disk(spec: &str, index: usize) -> Result<VirtioDisk> {
     let mut d = VirtioDisk {
         source_kind: DiskSource::File,
         path: PathBuf::new(),
+        cdrom: false,
+        bus: DiskBus::Virtio,
         format: None,
         direct: false,
         target: format!("vd{}", (b'a' + index as u8) as char),
@@ -113,7 +115,7 @@ fn network(spec: &str) -> Result<Option<Interface>> {
     if spec == "none" {
         return Ok(None);
     }
-    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None };
+    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None, model: None };
     for (k, v) in pairs("--network", spec)? {
         match k {
             "bridge" => i.kind = InterfaceKind::Bridge(v.to_string()),

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use crate::xml::{BootMenu, CharDevice, DiskSource, DomainXml, ImageFormat, InterfaceKind, LifecycleAction, UnknownElement};
+use crate::xml::{BootMenu, CharDevice, DiskBus, DiskSource, DomainXml, ImageFormat, InterfaceKind, LifecycleAction, UnknownElement};
 
 /// Escapes text and attribute values.
 fn esc(s: &str) -> String {
@@ -129,7 +129,7 @@ impl DomainXml {
                 DiskSource::File => ("file", "file"),
                 DiskSource::Block => ("block", "dev"),
             };
-            let _ = writeln!(o, "    <disk type='{ty}' device='disk'>");
+            let _ = writeln!(o, "    <disk type='{ty}' device='{}'>", if d.cdrom { "cdrom" } else { "disk" });
             let mut driver = String::from("<driver name='rvirt'");
             if let Some(f) = d.format {
                 driver += match f {
@@ -141,8 +141,10 @@ impl DomainXml {
                 driver += " cache='none'";
             }
             let _ = writeln!(o, "      {driver}/>");
-            let _ = writeln!(o, "      <source {key}='{}'/>", p(&d.path));
-            let _ = writeln!(o, "      <target dev='{}' bus='virtio'/>", esc(&d.target));
+            if !d.path.as_os_str().is_empty() {
+                let _ = writeln!(o, "      <source {key}='{}'/>", p(&d.path));
+            }
+            let _ = writeln!(o, "      <target dev='{}' bus='{}'/>", esc(&d.target), d.bus.name());
             if d.readonly {
                 let _ = writeln!(o, "      <readonly/>");
             }
@@ -173,7 +175,7 @@ impl DomainXml {
             if let Some(t) = &i.tap {
                 let _ = writeln!(o, "      <target dev='{}'/>", esc(t));
             }
-            let _ = writeln!(o, "      <model type='virtio'/>");
+            let _ = writeln!(o, "      <model type='{}'/>", esc(i.model.as_deref().unwrap_or("virtio")));
             if let Some(b) = i.boot_order {
                 let _ = writeln!(o, "      <boot order='{b}'/>");
             }
@@ -234,17 +236,26 @@ impl DomainXml {
         let escape = |p: &Path| p.to_string_lossy().replace(',', ",,");
         for (i, d) in self.disks.iter().enumerate() {
             // A disk without a format is raw: the VMM is told so, never left to guess.
-            let mut spec = format!("path={},format={}", escape(&d.path), fmt(d.format.unwrap_or(ImageFormat::Raw)));
+            let mut spec = if d.path.as_os_str().is_empty() {
+                String::from("media=cdrom")
+            } else {
+                format!("path={},format={}", escape(&d.path), fmt(d.format.unwrap_or(ImageFormat::Raw)))
+            };
+            if d.cdrom && !d.path.as_os_str().is_empty() {
+                spec += ",media=cdrom";
+            } else if !d.cdrom && d.bus != DiskBus::Virtio {
+                spec += ",bus=scsi";
+            }
             for (path, f) in launch.chains.get(i).map(Vec::as_slice).unwrap_or_default() {
                 spec += &format!(",backing={}:{}", escape(path), fmt(*f));
             }
-            if d.shareable {
+            if d.shareable && !d.cdrom {
                 spec += ",shareable=on";
             }
-            if d.readonly {
+            if d.readonly && !d.cdrom {
                 spec += ",readonly=on";
             }
-            if d.direct {
+            if d.direct && !d.cdrom {
                 spec += ",direct=on";
             }
             if let Some(s) = &d.serial {

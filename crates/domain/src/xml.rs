@@ -83,13 +83,43 @@ pub enum ImageFormat {
     Qcow2,
 }
 
-/// A virtio disk.
+/// The bus a disk's `<target bus>` names. Everything but virtio becomes a
+/// unit on rvirt's virtio-scsi controller; the name is kept for `dumpxml`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskBus {
+    /// `virtio`: its own virtio-blk device.
+    Virtio,
+    /// `scsi`.
+    Scsi,
+    /// `sata` (served as SCSI).
+    Sata,
+    /// `ide` (served as SCSI).
+    Ide,
+}
+
+impl DiskBus {
+    /// libvirt's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Virtio => "virtio",
+            Self::Scsi => "scsi",
+            Self::Sata => "sata",
+            Self::Ide => "ide",
+        }
+    }
+}
+
+/// A disk: a virtio-blk disk, or a disk or CD-ROM drive on virtio-scsi.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VirtioDisk {
     /// File or block device.
     pub source_kind: DiskSource,
-    /// Absolute path of the image.
+    /// Absolute path of the image; empty for a CD-ROM drive without a disc.
     pub path: PathBuf,
+    /// `<disk device='cdrom'>`: a read-only, removable CD-ROM drive.
+    pub cdrom: bool,
+    /// `<target bus>`.
+    pub bus: DiskBus,
     /// `<driver type=...>`; raw when absent (a guest-writable disk is never probed).
     pub format: Option<ImageFormat>,
     /// `<driver cache='none'|'directsync'>`: O_DIRECT.
@@ -126,6 +156,8 @@ pub struct Interface {
     pub mac: Option<String>,
     /// `<boot order='N'>`: kept; rvirt has no network boot ROM yet.
     pub boot_order: Option<u32>,
+    /// `<model type>` when not virtio (e1000, e1000e, rtl8139): served as virtio-net.
+    pub model: Option<String>,
 }
 
 /// Where a serial port or console goes.
@@ -566,6 +598,18 @@ impl DomainXml {
         if self.emulated {
             out.push("type='qemu' asks for emulation; rvirt runs the domain with KVM acceleration".into());
         }
+        let on_scsi: Vec<String> =
+            self.disks.iter().filter(|d| matches!(d.bus, DiskBus::Sata | DiskBus::Ide)).map(|d| format!("{} (bus='{}')", d.target, d.bus.name())).collect();
+        if !on_scsi.is_empty() {
+            out.push(format!(
+                "{}: rvirt has no SATA or IDE controller; the guest sees these as SCSI units on virtio-scsi (sdX, srX)",
+                on_scsi.join(", ")
+            ));
+        }
+        let models: Vec<&str> = self.interfaces.iter().filter_map(|i| i.model.as_deref()).collect();
+        if !models.is_empty() {
+            out.push(format!("<model type='{}'>: rvirt serves these network cards as virtio-net (the guest needs its virtio driver)", models.join("', '")));
+        }
         if let Some(why) = &self.firmware.uefi {
             out.push(format!("{why}: UEFI firmware is not supported yet; the domain is defined but will not start (rvirt boots disks through SeaBIOS)"));
         }
@@ -583,14 +627,16 @@ fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
         "block" => DiskSource::Block,
         t => return Err(cx.err(n, path, format!("type='{t}' is not supported (file or block)"))),
     };
-    if let Some(dev) = n.attribute("device") {
-        if dev != "disk" {
-            return Err(cx.err(n, path, format!("device='{dev}' is not supported (only device='disk')")));
-        }
-    }
+    let cdrom = match n.attribute("device").unwrap_or("disk") {
+        "disk" => false,
+        "cdrom" => true,
+        dev => return Err(cx.err(n, path, format!("device='{dev}' is not supported (disk or cdrom)"))),
+    };
     let mut disk = VirtioDisk {
         source_kind,
         path: PathBuf::new(),
+        cdrom,
+        bus: DiskBus::Virtio,
         format: None,
         direct: false,
         target: String::new(),
@@ -622,13 +668,23 @@ fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
             }
             "target" => {
                 let dev = cx.attr(c, &cpath, "dev")?;
-                if !dev.starts_with("vd") || dev.len() < 3 || !dev[2..].chars().all(|ch| ch.is_ascii_lowercase()) {
-                    return Err(cx.err(c, &cpath, format!("dev='{dev}' is not a virtio disk name (vda, vdb, ...)")));
+                let prefix = dev.get(..2).unwrap_or("");
+                if !matches!(prefix, "vd" | "sd" | "hd") || dev.len() < 3 || !dev[2..].chars().all(|ch| ch.is_ascii_lowercase()) {
+                    return Err(cx.err(c, &cpath, format!("dev='{dev}' is not a disk name (vda, sda, hda, ...)")));
                 }
-                match c.attribute("bus") {
-                    None | Some("virtio") => {}
-                    Some(b) => return Err(cx.err(c, &cpath, format!("bus='{b}' is not supported (virtio only)"))),
-                }
+                // libvirt's default bus follows the name: vd virtio, sd scsi, hd ide.
+                let default = match prefix {
+                    "vd" => "virtio",
+                    "sd" => "scsi",
+                    _ => "ide",
+                };
+                disk.bus = match c.attribute("bus").unwrap_or(default) {
+                    "virtio" => DiskBus::Virtio,
+                    "scsi" => DiskBus::Scsi,
+                    "sata" => DiskBus::Sata,
+                    "ide" => DiskBus::Ide,
+                    b => return Err(cx.err(c, &cpath, format!("bus='{b}' is not supported (virtio, scsi, sata, ide)"))),
+                };
                 disk.target = dev.to_string();
             }
             "readonly" => disk.readonly = true,
@@ -645,8 +701,16 @@ fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
             _ => return Err(cx.err(c, &cpath, "is not supported on disks")),
         }
     }
-    if disk.path.as_os_str().is_empty() {
-        return Err(cx.err(n, path, "<source> is required"));
+    if disk.path.as_os_str().is_empty() && !disk.cdrom {
+        return Err(cx.err(n, path, "<source> is required (only a CD-ROM drive may be empty)"));
+    }
+    if disk.cdrom {
+        if disk.bus == DiskBus::Virtio {
+            return Err(cx.err(n, path, "a CD-ROM drive needs bus='scsi', 'sata' or 'ide'"));
+        }
+        // cache='none' and <shareable/> (virt-manager writes them) are kept
+        // for dumpxml; a read-only disc needs neither.
+        disk.readonly = true;
     }
     if disk.target.is_empty() {
         return Err(cx.err(n, path, "<target dev='vdX'/> is required"));
@@ -667,7 +731,7 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
         return Err(cx.err(n, path, format!("type='{ty}' is not supported (ethernet or bridge; libvirt networks are not implemented yet)")));
     }
     let mut bridge = None;
-    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None };
+    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None, model: None };
     for c in elements(n) {
         let tag = c.tag_name().name();
         let cpath = format!("{path}/{tag}");
@@ -687,11 +751,11 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
                 }
                 i.mac = Some(m.to_ascii_lowercase());
             }
-            "model" => {
-                if c.attribute("type") != Some("virtio") {
-                    return Err(cx.err(c, &cpath, format!("type={:?} is not supported (virtio only)", c.attribute("type"))));
-                }
-            }
+            "model" => match c.attribute("type") {
+                Some("virtio") => {}
+                Some(m @ ("e1000" | "e1000e" | "rtl8139")) => i.model = Some(m.to_string()),
+                other => return Err(cx.err(c, &cpath, format!("type={other:?} is not supported (virtio; e1000, e1000e and rtl8139 are served as virtio)"))),
+            },
             "boot" => i.boot_order = Some(boot_order(cx, c, &cpath)?),
             "address" | "alias" => {}
             _ => return Err(cx.err(c, &cpath, "is not supported on interfaces")),

@@ -318,7 +318,7 @@ impl Manager {
         if let Some(i) = &def.initrd {
             need("initrd", i)?;
         }
-        for d in &def.disks {
+        for d in def.disks.iter().filter(|d| !d.path.as_os_str().is_empty()) {
             let what = if d.source_kind == DiskSource::File { "disk image" } else { "disk device" };
             need(&format!("{what} ({})", d.target), &d.path)?;
         }

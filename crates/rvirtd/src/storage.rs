@@ -33,6 +33,10 @@ pub fn resolve_chains(def: &DomainXml) -> Result<Chains, String> {
     def.disks
         .iter()
         .map(|d| {
+            // A CD-ROM drive without a disc has no file.
+            if d.path.as_os_str().is_empty() {
+                return Ok(Vec::new());
+            }
             let fmt = block_format(d.format.unwrap_or(ImageFormat::Raw));
             let chain = rvirt_block::backing_chain(&d.path, fmt, &BackingPolicy::RecordedFormat)
                 .map_err(|e| format!("disk {} ({}): {e}", d.target, d.path.display()))?;

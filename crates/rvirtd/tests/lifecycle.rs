@@ -307,6 +307,21 @@ fn a_definition_without_a_kernel_boots_its_disk_through_firmware() {
     let uuid = dump.split("<uuid>").nth(1).unwrap().split("</uuid>").next().unwrap();
     assert!(text.contains(&format!("Machine UUID {uuid}")), "the domain's UUID in SMBIOS: {text}");
 
+    // The same disk on bus='sata' beside an empty IDE CD-ROM drive: both
+    // become units on virtio-scsi, and SeaBIOS boots the disk through it.
+    let _ = std::fs::remove_file(&serial);
+    let sata = xml
+        .replace("imported", "sata")
+        .replace(r#"<target dev="vda" bus="virtio"/>"#, r#"<target dev="sda" bus="sata"/>"#)
+        .replace("<serial type", r#"<disk type="file" device="cdrom"><target dev="hdc" bus="ide"/></disk><serial type"#);
+    let o = d.rvirt(&["define", d.xml_file("sata", &sata).to_str().unwrap()]);
+    assert!(o.code == 0 && o.stderr.contains("rvirt has no SATA or IDE controller"), "{}", o.stderr);
+    d.ok(&["start", "sata"]);
+    d.wait_state("sata", "shut off");
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    let plain: String = text.chars().filter(|c| !matches!(c, '.' | '\r' | '\n')).collect();
+    assert!(plain.contains("<booted from its disk>"), "a SATA disk boots through virtio-scsi: {text}");
+
     let uefi = xml.replace("<os>", "<os firmware=\"efi\">").replace("imported", "uefi");
     let o = d.rvirt(&["define", d.xml_file("uefi", &uefi).to_str().unwrap()]);
     assert_eq!(o.code, 0, "UEFI definitions define: {}", o.stderr);

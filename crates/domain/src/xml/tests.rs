@@ -172,9 +172,11 @@ fn invalid_definitions_name_the_element_and_line() {
         ("<domain type='kvm'><name>x</name><memory>1</memory><os><kernel>vmlinuz</kernel></os></domain>".into(), "'vmlinuz' must be an absolute path"),
         (base("<on_crash>coredump-destroy</on_crash>"), "line 5: <on_crash>: 'coredump-destroy' is not supported"),
         (base("<on_reboot>preserve</on_reboot>"), "'preserve' is not supported (expected restart or destroy)"),
-        (base("<devices>\n<disk type='file' device='cdrom'><source file='/a.iso'/><target dev='vda'/></disk></devices>"), "line 6: <devices/disk>: device='cdrom' is not supported"),
-        (base("<devices><disk type='file'><source file='/a'/><target dev='sda' bus='sata'/></disk></devices>"), "dev='sda' is not a virtio disk name"),
-        (base("<devices><disk type='file'><source file='/a'/><target dev='vda' bus='sata'/></disk></devices>"), "bus='sata' is not supported"),
+        (base("<devices>\n<disk type='file' device='cdrom'><source file='/a.iso'/><target dev='vda'/></disk></devices>"), "line 6: <devices/disk>: a CD-ROM drive needs bus='scsi'"),
+        (base("<devices><disk type='file' device='lun'><source file='/a'/><target dev='sda'/></disk></devices>"), "device='lun' is not supported (disk or cdrom)"),
+        (base("<devices><disk type='file'><target dev='sda'/></disk></devices>"), "only a CD-ROM drive may be empty"),
+        (base("<devices><disk type='file'><source file='/a'/><target dev='xda' bus='sata'/></disk></devices>"), "dev='xda' is not a disk name"),
+        (base("<devices><disk type='file'><source file='/a'/><target dev='vda' bus='usb'/></disk></devices>"), "bus='usb' is not supported"),
         (base("<devices><disk type='file'><target dev='vda'/></disk></devices>"), "<source> is required"),
         (base("<devices><disk type='file'><source file='/a'/></disk></devices>"), "<target dev='vdX'/> is required"),
         (base("<devices><disk><source file='/a'/><target dev='vda'/></disk><disk><source file='/b'/><target dev='vda'/></disk></devices>"), "target dev='vda' is used twice"),
@@ -183,7 +185,7 @@ fn invalid_definitions_name_the_element_and_line() {
         (base("<devices><interface type='network'><source network='default'/></interface></devices>"), "type='network' is not supported"),
         (base("<devices><interface type='bridge'/></devices>"), "needs <source bridge='NAME'/>"),
         (base("<devices><interface type='ethernet'><mac address='01:00:00:00:00:01'/></interface></devices>"), "is not a unicast MAC"),
-        (base("<devices><interface type='ethernet'><model type='e1000'/></interface></devices>"), "virtio only"),
+        (base("<devices><interface type='ethernet'><model type='ne2k_pci'/></interface></devices>"), "e1000, e1000e and rtl8139 are served as virtio"),
         (base("<devices><interface type='ethernet'><target dev='much-too-long-name'/></interface></devices>"), "is not an interface name"),
         (base("<devices><serial type='tcp'/></devices>"), "type='tcp' is not supported"),
         (base("<devices><serial type='file'/></devices>"), "needs <source path='...'/>"),
@@ -390,7 +392,9 @@ fn the_libvirt_corpus_defines_or_names_a_missing_feature() {
                 refused += 1;
                 let msg = e.to_string();
                 assert!(!msg.contains("kernel"), "{}: {msg}", path.display());
-                let later = ["type='network'", "bus=", "device='cdrom'", "device='floppy'", "device='lun'", "type='e1000'", "type='rtl8139'", "e1000e", "is not a virtio disk name", "is not supported (pty, file or null)", "type='unix'", "only one", "type='tcp'", "type='spicevmc'", "type='vhostuser'", "type='hostdev'", "type='user'", "type='direct'", "dev='hdc'", "type='volume'", "type='network' is not supported", "is not supported on disks", "is not supported on interfaces", "model=", "type='qemu'", "cache='none' is supported on raw disks only"];
+                let later = ["type='network'", "bus=", "device='cdrom'", "device='floppy'", "device='lun'", "type='e1000'", "type='rtl8139'", "e1000e", "is not a virtio disk name", "is not supported (pty, file or null)", "type='unix'", "only one", "type='tcp'", "type='spicevmc'", "type='vhostuser'", "type='hostdev'", "type='user'", "type='direct'", "dev='hdc'", "type='volume'", "type='network' is not supported", "is not supported on disks", "is not supported on interfaces", "model=", "type='qemu'", "cache='none' is supported on raw disks only",
+                    // virt-install's test suite scrubbed one path to a relative one.
+                    "TESTSUITE_SCRUBBED"];
                 assert!(later.iter().any(|w| msg.contains(w)), "{}: refused for an unexpected reason: {msg}", path.display());
                 eprintln!("{}: {msg}", path.file_name().unwrap().to_string_lossy());
             }
@@ -399,4 +403,39 @@ fn the_libvirt_corpus_defines_or_names_a_missing_feature() {
     eprintln!("corpus: {defined} defined ({firmware} through firmware), {refused} refused for later features");
     assert!(defined + refused >= 30, "the corpus has 33 definitions");
     assert!(firmware >= 5, "definitions without a kernel define now");
+}
+
+#[test]
+fn sata_ide_and_cdrom_drives_become_scsi_units_and_other_nics_virtio() {
+    let d = DomainXml::parse(
+        "<domain type='kvm'><name>w</name><memory>65536</memory><devices>\
+         <disk type='file' device='disk'><driver type='qcow2'/><source file='/win.qcow2'/><target dev='sda' bus='sata'/><boot order='1'/></disk>\
+         <disk type='file' device='cdrom'><driver type='raw'/><source file='/install.iso'/><target dev='sdb' bus='sata'/><readonly/><boot order='2'/></disk>\
+         <disk type='file' device='cdrom'><driver type='raw' cache='none'/><target dev='hdc' bus='ide'/></disk>\
+         <disk type='file'><source file='/data.raw'/><target dev='vda' bus='virtio'/></disk>\
+         <interface type='ethernet'><model type='e1000e'/></interface></devices></domain>",
+    )
+    .unwrap();
+    assert_eq!(d.disks.iter().map(|d| (d.bus, d.cdrom, d.readonly)).collect::<Vec<_>>(), [
+        (DiskBus::Sata, false, false),
+        (DiskBus::Sata, true, true),
+        (DiskBus::Ide, true, true),
+        (DiskBus::Virtio, false, false),
+    ]);
+    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &["t0".into()], chains: &[vec![], vec![], vec![], vec![]] }).join(" ");
+    for want in [
+        "--disk path=/win.qcow2,format=qcow2,bus=scsi,boot=0",
+        "--disk path=/install.iso,format=raw,media=cdrom,boot=1",
+        "--disk media=cdrom --disk path=/data.raw,format=raw --net tap=t0",
+    ] {
+        assert!(args.contains(want), "missing '{want}' in {args}");
+    }
+    let report = d.unknown_report();
+    assert!(report.iter().any(|l| l.starts_with("sda (bus='sata'), sdb (bus='sata'), hdc (bus='ide'): rvirt has no SATA or IDE controller")), "{report:?}");
+    assert!(report.iter().any(|l| l.contains("<model type='e1000e'>: rvirt serves these network cards as virtio-net")), "{report:?}");
+    let xml = d.to_xml();
+    for want in ["<disk type='file' device='cdrom'>", "<target dev='hdc' bus='ide'/>", "<target dev='sda' bus='sata'/>", "<model type='e1000e'/>"] {
+        assert!(xml.contains(want), "dumpxml keeps what the user wrote: {want}\n{xml}");
+    }
+    assert_eq!(DomainXml::parse(&xml).unwrap().to_xml(), xml);
 }
