@@ -112,6 +112,22 @@ enum Command {
         /// Name, id or UUID.
         domain: String,
     },
+    /// Eject or insert the disc of a running domain's CD-ROM drive (virsh change-media).
+    ChangeMedia {
+        /// Name, id or UUID.
+        domain: String,
+        /// The drive's target (hdc, sdb, ...).
+        target: String,
+        /// Take the disc out.
+        #[arg(long, conflicts_with = "insert", required_unless_present = "insert")]
+        eject: bool,
+        /// Put this image in.
+        #[arg(long, value_name = "PATH")]
+        insert: Option<PathBuf>,
+        /// Eject even though the guest locked the tray.
+        #[arg(long)]
+        force: bool,
+    },
     /// Start a transient domain from an XML file (not stored).
     Create {
         /// Domain XML file.
@@ -280,6 +296,13 @@ fn run(cli: Cli) -> Result<()> {
             return Ok(());
         }
         Command::Console { domain } => return console_command(&cli, domain),
+        Command::ChangeMedia { domain, target, eject: _, insert, force } => {
+            let path = insert.as_deref().map(|p| std::path::absolute(p)).transpose()?;
+            // virsh's words.
+            let what = if path.is_some() { "inserted" } else { "ejected" };
+            let req = Request::ChangeMedia { domain: domain.clone(), target: target.clone(), path, force: *force };
+            (req, Box::new(move |_: &Response| format!("Successfully {what} media.\n")))
+        }
         Command::List { all } => {
             (Request::List { all: *all }, Box::new(|r: &Response| format::list(r.domains.as_deref().unwrap_or_default())))
         }

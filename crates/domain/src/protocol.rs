@@ -98,6 +98,19 @@ pub enum Request {
         /// Name, id or UUID.
         domain: String,
     },
+    /// Eject the disc of a running domain's CD-ROM drive, or insert one (virsh change-media).
+    ChangeMedia {
+        /// Name, id or UUID.
+        domain: String,
+        /// The drive's `<target dev>` (`hdc`, `sdb`, ...).
+        target: String,
+        /// The image to insert; none ejects.
+        #[serde(default)]
+        path: Option<std::path::PathBuf>,
+        /// Eject even though the guest locked the tray.
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// A domain's state, named as virsh names them.

@@ -543,6 +543,45 @@ impl Manager {
         Ok(name)
     }
 
+    /// `change-media`: ejects or inserts the disc of CD-ROM drive `target`
+    /// of a running domain, through its VMM, and updates the live XML. A
+    /// guest holding the tray locked is asked to eject (as QEMU does) and
+    /// the eject tried again for up to 3 s before it is refused.
+    pub fn change_media(&self, key: &str, target: &str, path: Option<&Path>, force: bool) -> Result<String, String> {
+        let (name, socket) = self.active(key)?;
+        let index = {
+            let g = lock(&self.inner);
+            let def = g.domains.get(&name).and_then(|d| d.run.as_ref()).map(|r| &r.def);
+            let disk = def.and_then(|d| d.disks.iter().position(|x| x.target == target));
+            match (disk, def) {
+                (Some(i), Some(d)) if d.disks[i].cdrom => i,
+                (Some(_), _) => return Err(format!("domain '{name}': {target} is not a CD-ROM drive")),
+                (None, _) => return Err(format!("domain '{name}' has no drive {target}")),
+            }
+        };
+        if let Some(p) = path {
+            if !p.is_absolute() {
+                return Err(format!("'{}' must be an absolute path (rvirtd does not share your working directory)", p.display()));
+            }
+            std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        let req = VmmRequest::ChangeMedia { device: format!("disk{index}"), path: path.map(Path::to_path_buf), force };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match vmm_call(&socket, &req, Duration::from_secs(10)) {
+                Ok(_) => break,
+                Err(e) if e.contains("locked the tray") && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => return Err(format!("domain '{name}': {e}")),
+            }
+        }
+        self.update_run(&name, |d| {
+            if let Some(disk) = d.run.as_mut().and_then(|r| r.def.disks.get_mut(index)) {
+                disk.path = path.map(Path::to_path_buf).unwrap_or_default();
+            }
+        });
+        Ok(name)
+    }
+
     /// Waits until `name` is no longer active (or is gone), up to `timeout`.
     fn wait_inactive(&self, name: &str, socket: &Path, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout.min(MAX_SHUTDOWN_WAIT);
@@ -755,6 +794,7 @@ impl Manager {
                 Err(e) => Response::error(e),
             },
             Request::Autostart { domain, enable } => done(self.set_autostart(&domain, enable)),
+            Request::ChangeMedia { domain, target, path, force } => done(self.change_media(&domain, &target, path.as_deref(), force)),
             Request::Console { domain } => match self.console(&domain) {
                 Ok(p) => Response { console: Some(p), ..Response::ok() },
                 Err(e) => Response::error(e),

@@ -332,3 +332,33 @@ fn a_definition_without_a_kernel_boots_its_disk_through_firmware() {
     d.fails(&["start", "noloader"], "firmware (<loader>) /nonexistent/bios.bin");
     assert_eq!(d.state("noloader"), "shut off (unknown)");
 }
+
+/// `rvirt change-media` on a running domain: insert and eject through the
+/// VMM, the live XML follows; wrong drives and missing files are refused.
+#[test]
+fn change_media_inserts_and_ejects_a_running_domains_disc() {
+    let dir = scratch("media");
+    let d = Daemon::start(&dir);
+    let iso = dir.join("disc.iso");
+    std::fs::write(&iso, vec![0u8; 64 * 2048]).unwrap();
+    let blank = dir.join("blank.raw");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+    // No bootable device: SeaBIOS waits, the domain stays running.
+    let xml = format!(
+        "<domain type='kvm'><name>media</name><memory unit='MiB'>64</memory><os><type>hvm</type></os><devices>\
+         <disk type='file'><source file='{}'/><target dev='sda' bus='sata'/></disk>\
+         <disk type='file' device='cdrom'><target dev='hdc' bus='ide'/></disk></devices></domain>",
+        blank.display()
+    );
+    d.ok(&["define", d.xml_file("media", &xml).to_str().unwrap()]);
+    d.fails(&["change-media", "media", "hdc", "--eject"], "not running");
+    d.ok(&["start", "media"]);
+    assert_eq!(d.ok(&["change-media", "media", "hdc", "--insert", iso.to_str().unwrap()]).trim(), "Successfully inserted media.");
+    assert!(d.ok(&["dumpxml", "media"]).contains(&format!("<source file='{}'/>", iso.display())), "the live XML has the disc");
+    assert_eq!(d.ok(&["change-media", "media", "hdc", "--eject"]).trim(), "Successfully ejected media.");
+    assert!(!d.ok(&["dumpxml", "media"]).contains("disc.iso"));
+    d.fails(&["change-media", "media", "sda", "--eject"], "sda is not a CD-ROM drive");
+    d.fails(&["change-media", "media", "hdd", "--eject"], "has no drive hdd");
+    d.fails(&["change-media", "media", "hdc", "--insert", "/nonexistent.iso"], "/nonexistent.iso");
+    d.ok(&["destroy", "media"]);
+}
