@@ -5,6 +5,8 @@
 //! and sense data, never a panic, and no reply is longer than the guest's
 //! allocation length or its buffer.
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod mmc;
 mod sense;
 

@@ -1,54 +1,7 @@
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use rvirt_block::{BlockBackend, Extent, Result as BlockResult};
-
+use super::fuzzing::MemImage;
 use super::*;
-
-/// An image in memory: what the unit reads and writes.
-struct MemImage {
-    data: Mutex<Vec<u8>>,
-    read_only: bool,
-}
-
-impl MemImage {
-    fn new(size: usize, read_only: bool) -> Arc<Self> {
-        let data = (0..size).map(|i| (i / 512) as u8).collect();
-        Arc::new(Self { data: Mutex::new(data), read_only })
-    }
-}
-
-impl BlockBackend for MemImage {
-    fn size(&self) -> u64 {
-        self.data.lock().unwrap().len() as u64
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        let d = self.data.lock().unwrap();
-        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
-        let mut d = self.data.lock().unwrap();
-        d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&self) -> BlockResult<()> {
-        Ok(())
-    }
-    fn discard(&self, offset: u64, length: u64) -> BlockResult<()> {
-        self.write_zeroes(offset, length)
-    }
-    fn write_zeroes(&self, offset: u64, length: u64) -> BlockResult<()> {
-        let mut d = self.data.lock().unwrap();
-        d[offset as usize..(offset + length) as usize].fill(0);
-        Ok(())
-    }
-    fn map(&self, _: u64, _: u64) -> BlockResult<Vec<Extent>> {
-        Ok(Vec::new())
-    }
-    fn is_read_only(&self) -> bool {
-        self.read_only
-    }
-}
 
 /// Runs `cdb` with a data-in buffer of `len` bytes (split in two to
 /// exercise scatter), returning the completion and the bytes produced.
