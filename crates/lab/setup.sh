@@ -4,8 +4,10 @@
 #  - installs qemu-system-x86 together with the matching qemu-utils (installing
 #    it alone would remove qemu-img/qemu-io), busybox-static, cpio, lz4, and
 #    gcc with libc6-dev for the static guest-side helpers (static_c_program),
-#    seabios (the firmware rvirt-vmm boots disks through), and syslinux,
-#    mtools, dosfstools and e2fsprogs (the firmware tests' bootable disks);
+#    seabios (the firmware rvirt-vmm boots disks through), syslinux,
+#    mtools, dosfstools and e2fsprogs (the firmware tests' bootable disks),
+#    and xorriso, genisoimage (isoinfo) and isolinux (CD images and their
+#    independent readers);
 #  - downloads Debian's cloud kernel package once and unpacks the kernel and
 #    the modules the lab needs into CACHE_DIR/kernel.
 set -euo pipefail
@@ -19,7 +21,8 @@ have_pkgs() {
     command -v gcc >/dev/null && dpkg -s libc6-dev >/dev/null 2>&1 &&
     [ -f /usr/share/seabios/bios-256k.bin ] && command -v syslinux >/dev/null &&
     [ -f /usr/lib/syslinux/mbr/mbr.bin ] && command -v mcopy >/dev/null && command -v mkfs.fat >/dev/null &&
-    command -v mke2fs >/dev/null
+    command -v mke2fs >/dev/null && command -v xorriso >/dev/null && command -v isoinfo >/dev/null &&
+    [ -f /usr/lib/ISOLINUX/isohdpfx.bin ]
 }
 
 apt_updated=
@@ -27,14 +30,14 @@ apt_update() { [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }; 
 
 if ! have_pkgs; then
   if [ "$(id -u)" != 0 ]; then
-    echo "lab setup: missing packages and not root; install qemu-system-x86 qemu-utils busybox-static cpio lz4 gcc libc6-dev seabios syslinux syslinux-common mtools dosfstools e2fsprogs" >&2
+    echo "lab setup: missing packages and not root; install qemu-system-x86 qemu-utils busybox-static cpio lz4 gcc libc6-dev seabios syslinux syslinux-common mtools dosfstools e2fsprogs xorriso genisoimage isolinux" >&2
     exit 1
   fi
   apt_update
   v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
     "qemu-system-x86=$v" "qemu-utils=$v" busybox-static cpio lz4 gcc libc6-dev seabios \
-    syslinux syslinux-common mtools dosfstools e2fsprogs >/dev/null
+    syslinux syslinux-common mtools dosfstools e2fsprogs xorriso genisoimage isolinux >/dev/null
 fi
 
 kdir="$cache/kernel"

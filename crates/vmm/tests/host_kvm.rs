@@ -363,3 +363,44 @@ fn firmware_boots_a_disk_on_the_scsi_controller() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// El Torito: SeaBIOS boots a CD-ROM drive's disc (a no-emulation boot
+/// image in a plain ISO and in a hybrid one, made with Debian's xorriso),
+/// and the CMOS boot order (`--boot-order`) picks CD or disk.
+#[test]
+fn firmware_boots_el_torito_discs_and_the_boot_order_picks_cd_or_disk() {
+    use rvirt_lab::guests::{boot_sector, real_mode_print_and_power_off};
+    assert!(std::path::Path::new("/usr/bin/xorriso").exists(), "Debian's xorriso (crates/lab/setup.sh installs it)");
+    let dir = tmpdir("firmware-cd");
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    let mut image = real_mode_print_and_power_off(b"<booted from CD>");
+    image.resize(2048, 0);
+    std::fs::write(tree.join("boot.img"), image).unwrap();
+    let mut disk = boot_sector(&real_mode_print_and_power_off(b"<booted from disk>"));
+    disk.resize(1 << 20, 0);
+    std::fs::write(dir.join("disk.raw"), disk).unwrap();
+    let iso = |name: &str, hybrid: bool| {
+        let out = dir.join(name);
+        let mut cmd = std::process::Command::new("xorriso");
+        cmd.args(["-as", "mkisofs", "-quiet", "-o"]).arg(&out);
+        if hybrid {
+            cmd.args(["-isohybrid-mbr", "/usr/lib/ISOLINUX/isohdpfx.bin"]);
+        }
+        cmd.args(["-b", "boot.img", "-no-emul-boot", "-boot-load-size", "4"]).arg(&tree);
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "xorriso: {}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let (plain, hybrid) = (iso("plain.iso", false), iso("hybrid.iso", true));
+    let disk = format!("--disk=path={},format=raw", dir.join("disk.raw").display());
+    for (cd, order, want) in [(&plain, "d", "CD"), (&hybrid, "d", "CD"), (&plain, "dc", "CD"), (&plain, "cd", "disk")] {
+        let cd = format!("--disk=path={},media=cdrom", cd.display());
+        let args = [cd.as_str(), disk.as_str(), "--boot-order", order];
+        let (status, serial, log) = run_firmware(&dir, &[], &args);
+        assert_eq!(status, Some(0), "{args:?}\n{log}\n{serial}");
+        let plain_text: String = serial.chars().filter(|c| !matches!(c, '.' | '\r' | '\n')).collect();
+        assert!(plain_text.contains(&format!("<booted from {want}>")), "{args:?} boots the {want}:\n{serial}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
