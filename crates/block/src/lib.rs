@@ -10,6 +10,7 @@ pub mod detect;
 pub mod file;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod iso9660;
 pub mod lock;
 pub mod qcow2;
 pub mod raw;

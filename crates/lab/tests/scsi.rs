@@ -1,7 +1,8 @@
 //! Lab test of virtio-scsi: Debian's kernel (its own virtio_scsi, sd and sr
 //! modules) finds a SCSI disk (`sda`) and a CD-ROM drive (`sr0`), writes a
-//! filesystem on the disk, reads the disc, and sees the host eject it and
-//! insert another while it runs.
+//! filesystem on the disk, mounts the disc (a cloud-init seed written by
+//! rvirt-block's ISO 9660 writer) and reads it whole, and sees the host
+//! eject it and insert another while it runs.
 
 use rvirt_lab::{insmod_lines, l2_initramfs, log, L1Spec, Lab};
 
@@ -19,6 +20,13 @@ echo "@@L2-SDA-SECTORS=$(cat /sys/block/sda/size)"
 echo "@@L2-SDA-DISCARD=$(cat /sys/block/sda/queue/discard_max_bytes)"
 echo "@@L2-SR0-RO=$(cat /sys/block/sr0/ro)"
 echo "@@L2-SR0-SUM=$(dd if=/dev/sr0 bs=2048 2>/dev/null | sha256sum | cut -d' ' -f1)"
+# The disc is a cloud-init seed written by rvirt-block: its files by their real names.
+mount -t iso9660 -o ro /dev/sr0 /mnt && {
+  echo "@@L2-SEED-FILES=$(ls /mnt | tr '\n' ' ')"
+  echo "@@L2-SEED-USER-DATA=$(head -n 1 /mnt/user-data)"
+  echo "@@L2-SEED-LABEL=$(dd if=/dev/sr0 bs=1 skip=32808 count=6 2>/dev/null)"
+  umount /mnt
+}
 dd if=/dev/urandom of=/tmp/payload bs=1M count=3 2>/dev/null
 echo "@@L2-PAYLOAD=$(sha256sum /tmp/payload | cut -d' ' -f1)"
 mke2fs -q /dev/sda && mount -t ext4 /dev/sda /mnt && cp /tmp/payload /mnt/payload && sync && umount /mnt && echo "@@L2-SDA-WROTE=ok"
@@ -36,7 +44,7 @@ poweroff -f
 
 const L1: &str = r#"
 dd if=/dev/urandom of=/tmp/sd.raw bs=1M count=64 2>/dev/null
-dd if=/dev/urandom of=/tmp/disc1.iso bs=2048 count=1000 2>/dev/null
+cp /l2/seed.iso /tmp/disc1.iso
 dd if=/dev/urandom of=/tmp/disc2.iso bs=2048 count=700 2>/dev/null
 echo "@@DISC1=$(sha256sum /tmp/disc1.iso | cut -d' ' -f1)"
 echo "@@DISC2=$(sha256sum /tmp/disc2.iso | cut -d' ' -f1)"
@@ -71,7 +79,8 @@ fn linux_drives_scsi_disks_and_a_cdrom_whose_disc_changes() {
     let init = GUEST.replace("INSMOD\n", &insmod_lines(&modules));
     let spec = L1Spec::new("virtio-scsi", L1)
         .file(&lab.kernel, "l2/vmlinuz")
-        .blob("l2/initrd.gz", l2_initramfs(&init, &modules).unwrap());
+        .blob("l2/initrd.gz", l2_initramfs(&init, &modules).unwrap())
+        .blob("l2/seed.iso", rvirt_block::iso9660::cloud_init_seed(b"#cloud-config\nhostname: seeded\n", None, None).unwrap());
     let out = lab.run(&spec).unwrap();
     out.check_l1().unwrap();
     let v = out.values();
@@ -87,6 +96,9 @@ fn linux_drives_scsi_disks_and_a_cdrom_whose_disc_changes() {
     assert_ne!(get("L2-SDA-DISCARD"), "0", "UNMAP offered through the VPD pages");
     assert_eq!(get("L2-SR0-RO"), "1");
     assert_eq!(get("L2-SR0-SUM"), get("DISC1"), "the guest reads the whole disc");
+    assert_eq!(get("L2-SEED-FILES"), "meta-data user-data", "Rock Ridge names in the guest");
+    assert_eq!(get("L2-SEED-USER-DATA"), "#cloud-config");
+    assert_eq!(get("L2-SEED-LABEL"), "cidata", "the volume id cloud-init looks for, read through the drive");
     assert_eq!(get("L2-SDA-WROTE"), "ok");
     assert_eq!(get("L2-SDA-READ"), get("L2-PAYLOAD"));
     assert!(get("API-NOT-A-CD").contains("only a CD-ROM drive has removable media"), "{}", get("API-NOT-A-CD"));
