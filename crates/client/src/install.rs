@@ -21,6 +21,10 @@ pub struct InstallOptions {
     pub kernel: Option<PathBuf>,
     /// Boot the disks through firmware (virt-install --import).
     pub import: bool,
+    /// An installer ISO: the domain boots it while its disk has no bootloader.
+    pub cdrom: Option<PathBuf>,
+    /// `user-data=F[,meta-data=F][,network-config=F]`: a NoCloud seed is built and attached.
+    pub cloud_init: Option<String>,
     /// Initramfs.
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
@@ -129,20 +133,57 @@ fn network(spec: &str) -> Result<Option<Interface>> {
     Ok(Some(i))
 }
 
+/// Builds the NoCloud seed `--cloud-init user-data=F[,meta-data=F][,network-config=F]`
+/// names, beside the first disk (or in the working directory) as
+/// `NAME-cidata.iso`; returns its path.
+fn cloud_init_seed(spec: &str, o: &InstallOptions) -> Result<PathBuf> {
+    let (mut user, mut meta, mut net) = (None, None, None);
+    for (k, v) in pairs("--cloud-init", spec)? {
+        let data = std::fs::read(v).with_context(|| format!("--cloud-init {k}={v}"))?;
+        match k {
+            "user-data" => user = Some(data),
+            "meta-data" => meta = Some(data),
+            "network-config" => net = Some(data),
+            _ => bail!("--cloud-init: unknown key '{k}' (user-data, meta-data, network-config)"),
+        }
+    }
+    let user = user.ok_or_else(|| anyhow::anyhow!("--cloud-init '{spec}': user-data=FILE is required"))?;
+    let meta = meta.unwrap_or_else(|| format!("instance-id: {}\nlocal-hostname: {}\n", o.name, o.name).into_bytes());
+    let dir = o
+        .disks
+        .first()
+        .and_then(|s| pairs("--disk", s).ok()?.into_iter().find(|(k, _)| *k == "path").map(|(_, v)| PathBuf::from(v)))
+        .and_then(|p| absolute(&p).ok()?.parent().map(Path::to_path_buf))
+        .map_or_else(|| std::env::current_dir().context("current directory"), Ok)?;
+    let path = dir.join(format!("{}-cidata.iso", o.name));
+    let image = rvirt_block::iso9660::cloud_init_seed(&user, Some(&meta), net.as_deref())?;
+    std::fs::write(&path, image).with_context(|| format!("writing the seed {}", path.display()))?;
+    Ok(path)
+}
+
 /// The definition `rvirt install` defines, checked as the daemon will check it.
 pub fn build(o: &InstallOptions) -> Result<DomainXml> {
     if o.name.is_empty() {
         bail!("--name is required");
     }
-    match (&o.kernel, o.import) {
-        (Some(_), true) => bail!("--kernel and --import do not go together: --import boots the disk's own bootloader"),
-        (None, false) => bail!("give --kernel to boot a kernel directly, or --import to boot an installed disk through firmware"),
-        (None, true) if o.disks.is_empty() => bail!("--import needs a --disk holding an installed system"),
+    let firmware_boot = o.import || o.cdrom.is_some();
+    match (&o.kernel, firmware_boot) {
+        (Some(_), true) => bail!("--kernel does not go with --import or --cdrom: those boot through firmware"),
+        (None, false) => bail!("give --kernel to boot a kernel directly, --import to boot an installed disk, or --cdrom to boot an installer"),
+        (None, true) if o.import && o.disks.is_empty() => bail!("--import needs a --disk holding an installed system"),
         _ => {}
     }
+    if o.import && o.cdrom.is_some() {
+        bail!("--import and --cdrom do not go together: --import boots an installed disk");
+    }
     let mut firmware = FirmwareDef::default();
-    if o.import {
+    if firmware_boot {
+        // The disk first: while it has no bootloader the firmware goes on to
+        // the CD, so the installer boots until it has installed one.
         firmware.boot_devs.push(BootDev::Disk);
+        if o.cdrom.is_some() {
+            firmware.boot_devs.push(BootDev::Cdrom);
+        }
     }
     let mut d = DomainXml {
         emulated: false,
@@ -173,6 +214,33 @@ pub fn build(o: &InstallOptions) -> Result<DomainXml> {
     for (i, spec) in o.disks.iter().enumerate() {
         d.disks.push(disk(spec, i)?);
     }
+    let mut scsi = 0u8;
+    let mut cd = |path: PathBuf| -> Result<VirtioDisk> {
+        let target = format!("sd{}", (b'a' + scsi) as char);
+        scsi += 1;
+        Ok(VirtioDisk {
+            source_kind: DiskSource::File,
+            path,
+            cdrom: true,
+            bus: DiskBus::Scsi,
+            format: Some(ImageFormat::Raw),
+            direct: false,
+            target,
+            readonly: true,
+            shareable: false,
+            serial: None,
+            boot_order: None,
+        })
+    };
+    if let Some(iso) = &o.cdrom {
+        let iso = absolute(iso)?;
+        std::fs::metadata(&iso).with_context(|| format!("--cdrom {}", iso.display()))?;
+        d.disks.push(cd(iso)?);
+    }
+    if let Some(spec) = &o.cloud_init {
+        let seed = cloud_init_seed(spec, o)?;
+        d.disks.push(cd(seed)?);
+    }
     for spec in &o.networks {
         d.interfaces.extend(network(spec)?);
     }
@@ -196,6 +264,8 @@ mod tests {
             vcpus: 2,
             kernel: Some("/boot/vmlinuz".into()),
             import: false,
+            cdrom: None,
+            cloud_init: None,
             initrd: None,
             cmdline: Some("console=ttyS0".into()),
             disks: vec![format!("path={},size=0.01", img.display())],
@@ -228,11 +298,41 @@ mod tests {
         assert_eq!(d.disks[0].format, Some(ImageFormat::Qcow2));
         for (bad, why) in [
             (InstallOptions { disks: vec![], ..import.clone() }, "--import needs a --disk"),
-            (InstallOptions { kernel: Some("/k".into()), ..import.clone() }, "do not go together"),
+            (InstallOptions { kernel: Some("/k".into()), ..import.clone() }, "--kernel does not go with --import or --cdrom"),
             (InstallOptions { import: false, ..import }, "give --kernel"),
         ] {
             assert!(build(&bad).unwrap_err().to_string().contains(why), "{why}");
         }
+        // --cdrom: the installer in a CD-ROM drive, tried after the (empty) disk.
+        let iso = dir.join("installer.iso");
+        std::fs::write(&iso, vec![0u8; 4096]).unwrap();
+        let fresh = dir.join("fresh.qcow2");
+        let install = InstallOptions {
+            kernel: None,
+            cmdline: None,
+            cdrom: Some(iso.clone()),
+            disks: vec![format!("path={},size=0.01", fresh.display())],
+            ..o.clone()
+        };
+        let d = build(&install).unwrap();
+        assert_eq!(d.firmware.boot_devs, [BootDev::Disk, BootDev::Cdrom]);
+        let cd = &d.disks[1];
+        assert!(cd.cdrom && cd.readonly && cd.bus == DiskBus::Scsi && cd.path == iso && cd.target == "sda", "{}", d.to_xml());
+        assert!(build(&InstallOptions { import: true, ..install.clone() }).unwrap_err().to_string().contains("do not go together"));
+        // --cloud-init: a seed beside the first disk, attached as a second CD-ROM drive.
+        let user = dir.join("user-data.yaml");
+        std::fs::write(&user, "#cloud-config\n").unwrap();
+        let seeded = InstallOptions { cloud_init: Some(format!("user-data={}", user.display())), ..install.clone() };
+        let d = build(&seeded).unwrap();
+        let seed = dir.join("vm1-cidata.iso");
+        assert_eq!(d.disks[2].path, seed);
+        assert_eq!(d.disks[2].target, "sdb");
+        let listing = std::process::Command::new("isoinfo").args(["-R", "-f", "-i"]).arg(&seed).output().unwrap();
+        let mut names: Vec<String> = String::from_utf8_lossy(&listing.stdout).lines().map(String::from).collect();
+        names.sort();
+        assert_eq!(names, ["/meta-data", "/user-data"]);
+        let bad = InstallOptions { cloud_init: Some("meta-data=/etc/hostname".into()), ..install };
+        assert!(build(&bad).unwrap_err().to_string().contains("user-data=FILE is required"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -150,7 +150,7 @@ struct InstallArgs {
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Kernel to boot directly.
-    #[arg(long, value_name = "PATH", required_unless_present = "import", conflicts_with = "import")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["import", "cdrom"], conflicts_with_all = ["import", "cdrom"])]
     kernel: Option<PathBuf>,
     /// Initramfs (with --kernel).
     #[arg(long, value_name = "PATH", requires = "kernel")]
@@ -162,6 +162,15 @@ struct InstallArgs {
     /// virt-install --import: the disk already holds an installed system.
     #[arg(long)]
     import: bool,
+    /// An installer ISO in a CD-ROM drive: it boots while the disk has no bootloader.
+    #[arg(long, value_name = "ISO")]
+    cdrom: Option<PathBuf>,
+    /// user-data=FILE[,meta-data=FILE][,network-config=FILE]: a cloud-init NoCloud seed is built and attached.
+    #[arg(long, value_name = "SPEC")]
+    cloud_init: Option<String>,
+    /// Accepted for virt-install's sake (rvirt has one machine type).
+    #[arg(long, value_name = "NAME")]
+    os_variant: Option<String>,
     /// path=FILE[,size=GiB][,format=raw|qcow2][,readonly=on][,serial=S][,cache=none] (repeatable).
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
@@ -247,6 +256,8 @@ fn install_command(cli: &Cli, a: &InstallArgs) -> Result<()> {
         vcpus: a.vcpus,
         kernel: a.kernel.clone(),
         import: a.import,
+        cdrom: a.cdrom.clone(),
+        cloud_init: a.cloud_init.clone(),
         initrd: a.initrd.clone(),
         cmdline: a.cmdline.clone(),
         disks: a.disk.clone(),

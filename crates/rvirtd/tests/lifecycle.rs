@@ -362,3 +362,49 @@ fn change_media_inserts_and_ejects_a_running_domains_disc() {
     d.fails(&["change-media", "media", "hdc", "--insert", "/nonexistent.iso"], "/nonexistent.iso");
     d.ok(&["destroy", "media"]);
 }
+
+/// `rvirt install --cdrom`: the installer boots while the new disk has no
+/// bootloader; once "installed", the same definition boots the disk.
+#[test]
+fn install_from_cdrom_boots_the_installer_until_the_disk_has_a_bootloader() {
+    use rvirt_lab::guests::{boot_sector, real_mode_print_and_power_off};
+    let dir = scratch("install-cd");
+    let d = Daemon::start(&dir);
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    let mut image = real_mode_print_and_power_off(b"<installer>");
+    image.resize(2048, 0);
+    std::fs::write(tree.join("boot.img"), image).unwrap();
+    let iso = dir.join("installer.iso");
+    let o = Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-o"])
+        .arg(&iso)
+        .args(["-b", "boot.img", "-no-emul-boot", "-boot-load-size", "4"])
+        .arg(&tree)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let disk = dir.join("new.raw");
+    let serial = dir.join("serial.log");
+    let xml = d.ok(&[
+        "install", "--name", "inst", "--memory", "64", "--os-variant", "debian12", "--cdrom", iso.to_str().unwrap(),
+        "--disk", &format!("path={},size=0.001,format=raw", disk.display()), "--print-xml",
+    ]);
+    let xml = xml.replacen("<serial type='pty'>", &format!("<serial type='file'><source path='{}'/>", serial.display()), 1);
+    d.ok(&["define", d.xml_file("inst", &xml).to_str().unwrap()]);
+    let booted = |what: &str| {
+        let _ = std::fs::remove_file(&serial);
+        d.ok(&["start", "inst"]);
+        d.wait_state("inst", "shut off");
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        let plain: String = text.chars().filter(|c| !matches!(c, '.' | '\r' | '\n')).collect();
+        assert!(plain.contains(what), "want {what}:\n{text}");
+    };
+    booted("<installer>");
+    // The "installation" writes a bootloader to the disk.
+    let mut mbr = boot_sector(&real_mode_print_and_power_off(b"<installed system>"));
+    mbr.resize(4096, 0);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &mbr, 0).unwrap();
+    booted("<installed system>");
+}
