@@ -4,6 +4,9 @@
 //!   writes, all O_DIRECT in the guest (`benches/guest/diskio.c`), on a raw
 //!   image in L1's page cache (both VMMs use the page cache: QEMU's default
 //!   `cache=writeback`, rvirt's default);
+//! - virtio-scsi: the same four measures on the same image as a SCSI disk
+//!   (`sda`), rvirt against QEMU's virtio-scsi-pci + scsi-hd, and against
+//!   rvirt's own virtio-blk in the same L1 (`RVIRT_BENCH_ONLY=scsi`);
 //! - virtio-net: TCP throughput guest->host and host->guest over a tap
 //!   (QEMU with `vhost=off`: both VMMs move packets in user space), by
 //!   `benches/guest/tcpio.c` at both ends, 256 MiB in 64 KiB writes each
@@ -39,10 +42,12 @@ if [ -e /sys/class/net/eth0 ]; then
   /tcpio send 10.0.2.1 5002 64 1024 | sed -n 's/@@TCPIO-MIBS=/@@NET-TX1K=/p'
   [ $only_1k = 1 ] || /tcpio recv 10.0.2.1 5001 | sed -n 's/@@TCPIO-MIBS=/@@NET-RX=/p'
 fi
-if [ -e /dev/vda ]; then
-  for m in seqread seqwrite; do echo "@@$(/diskio $m /dev/vda 1048576 8 | awk '{print "BLK-" toupper($1) "=" $3}')"; done
-  for m in randread randwrite; do echo "@@$(/diskio $m /dev/vda 4096 8 | awk '{print "BLK-" toupper($1) "=" $2}')"; done
-fi
+for dev in vda sda; do
+  [ -e /dev/$dev ] || continue
+  p=BLK; [ $dev = sda ] && p=SCSI
+  for m in seqread seqwrite; do echo "@@$(/diskio $m /dev/$dev 1048576 8 | awk -v p=$p '{print p "-" toupper($1) "=" $3}')"; done
+  for m in randread randwrite; do echo "@@$(/diskio $m /dev/$dev 4096 8 | awk -v p=$p '{print p "-" toupper($1) "=" $2}')"; done
+done
 poweroff -f
 "#;
 
@@ -78,6 +83,8 @@ bench() {
 disk() { dd if=/dev/urandom of=/tmp/disk.raw bs=1M count=256 2>/dev/null; }
 rvirt_disk() { disk; bench RVIRT disk $1 RVIRT_L2 RVIRT_DISK; }
 qemu_disk() { disk; bench QEMU disk $1 QEMU_L2 QEMU_DISK; }
+rvirt_scsi() { disk; bench RVIRT scsi $1 RVIRT_L2 RVIRT_SCSI; }
+qemu_scsi() { disk; bench QEMU scsi $1 QEMU_L2 QEMU_SCSI; }
 rvirt_net() { bench RVIRT net $1 RVIRT_L2 RVIRT_NET; }
 qemu_net() { bench QEMU net $1 QEMU_L2 QEMU_NET; }
 RUN
@@ -102,17 +109,17 @@ fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
     let programs = GuestPrograms::build(&["benches/guest/diskio.c", "benches/guest/tcpio.c"])?;
     let guest = GUEST.replace("/diskio", "/lib/modules/diskio").replace("/tcpio", "/lib/modules/tcpio");
-    let initrd = lab.virtio_initramfs(&guest, &["virtio_blk", "virtio_net"], programs.paths())?;
+    let initrd = lab.virtio_initramfs(&guest, &["virtio_blk", "virtio_scsi", "virtio_net"], programs.paths())?;
     let rounds: usize = match std::env::var("RVIRT_BENCH_ROUNDS") {
         Ok(v) => v.parse().ok().filter(|n| *n > 0).ok_or_else(|| anyhow::anyhow!("RVIRT_BENCH_ROUNDS={v}: want a whole number above 0"))?,
         Err(_) => 3,
     };
     let only = std::env::var("RVIRT_BENCH_ONLY").ok();
-    if let Some(k) = only.as_deref().filter(|k| !["disk", "net", "net1k"].contains(k)) {
-        anyhow::bail!("RVIRT_BENCH_ONLY={k}: want disk, net or net1k");
+    if let Some(k) = only.as_deref().filter(|k| !["disk", "scsi", "net", "net1k"].contains(k)) {
+        anyhow::bail!("RVIRT_BENCH_ONLY={k}: want disk, scsi, net or net1k");
     }
     let only_1k = only.as_deref() == Some("net1k");
-    let kinds: Vec<&str> = ["disk", "net"].into_iter().filter(|k| only.as_deref().is_none_or(|o| o.starts_with(k))).collect();
+    let kinds: Vec<&str> = ["disk", "scsi", "net"].into_iter().filter(|k| only.as_deref().is_none_or(|o| o.starts_with(k))).collect();
     // One L1 per round and kind, both VMMs in it; rounds alternate which
     // goes first, so drift inside an L1 (the page cache, the host's load)
     // does not always favour the same one.
@@ -120,7 +127,12 @@ fn main() -> anyhow::Result<()> {
     for r in 1..=rounds {
         for kind in &kinds {
             let order = if r % 2 == 1 { ["rvirt", "qemu"] } else { ["qemu", "rvirt"] };
-            runs.push((format!("{kind}-{r}"), format!("{}_{kind} {r}\n{}_{kind} {r}", order[0], order[1])));
+            let mut script = format!("{}_{kind} {r}\n{}_{kind} {r}", order[0], order[1]);
+            if *kind == "scsi" {
+                // rvirt's virtio-blk on the same image in the same L1: SCSI against block.
+                script.push_str(&format!("\nrvirt_disk {r}"));
+            }
+            runs.push((format!("{kind}-{r}"), script));
         }
     }
     let mut v = std::collections::HashMap::new();
@@ -176,6 +188,10 @@ fn main() -> anyhow::Result<()> {
         ("disk", "BLK-SEQWRITE", "blk seq write 1M (MiB/s)"),
         ("disk", "BLK-RANDREAD", "blk rand read 4K (IOPS)"),
         ("disk", "BLK-RANDWRITE", "blk rand write 4K (IOPS)"),
+        ("scsi", "SCSI-SEQREAD", "scsi seq read 1M (MiB/s)"),
+        ("scsi", "SCSI-SEQWRITE", "scsi seq write 1M (MiB/s)"),
+        ("scsi", "SCSI-RANDREAD", "scsi rand read 4K (IOPS)"),
+        ("scsi", "SCSI-RANDWRITE", "scsi rand write 4K (IOPS)"),
         ("net", "NET-TX", "net guest->host (MiB/s)"),
         ("net", "NET-TX1K", "net g->h 1K writes (MiB/s)"),
         ("net", "NET-RX", "net host->guest (MiB/s)"),
@@ -194,6 +210,13 @@ fn main() -> anyhow::Result<()> {
             format!("{:.2}x ({})", median(ratios.clone()), list(&ratios, 2))
         );
         println!("  {:<26} rvirt ({}) / qemu ({})", "", list(&r, 1), list(&q, 1));
+    }
+    if kinds.contains(&"scsi") {
+        println!("  rvirt virtio-scsi against rvirt virtio-blk in the same L1 (median of rounds' ratios):");
+        for m in ["SEQREAD", "SEQWRITE", "RANDREAD", "RANDWRITE"] {
+            let ratios: Vec<f64> = (1..=rounds).map(|r| get(&format!("RVIRT-R{r}-SCSI-{m}")) / get(&format!("RVIRT-R{r}-BLK-{m}"))).collect();
+            println!("  {:<26} {:.2}x", m.to_lowercase(), median(ratios));
+        }
     }
     for f in &failed {
         println!("note: {f}; see target/lab-logs/bench-virtio-*.log");

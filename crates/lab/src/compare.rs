@@ -23,6 +23,13 @@ pub const RVIRT_DISK: &str = "--disk path=/tmp/disk.raw";
 /// QEMU's virtio-blk-pci on `/tmp/disk.raw` (its default page-cache mode, as rvirt's).
 pub const QEMU_DISK: &str = "-drive file=/tmp/disk.raw,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0";
 
+/// rvirt's virtio-scsi with `/tmp/disk.raw` as its disk.
+pub const RVIRT_SCSI: &str = "--disk path=/tmp/disk.raw,bus=scsi";
+
+/// QEMU's virtio-scsi-pci with `/tmp/disk.raw` as a scsi-hd (page-cache mode, as rvirt's).
+pub const QEMU_SCSI: &str =
+    "-drive file=/tmp/disk.raw,format=raw,if=none,id=d0 -device virtio-scsi-pci,id=scsi0 -device scsi-hd,drive=d0,bus=scsi0.0";
+
 /// rvirt's virtio-net on `tap0`.
 pub const RVIRT_NET: &str = "--net tap=tap0";
 
@@ -30,9 +37,19 @@ pub const RVIRT_NET: &str = "--net tap=tap0";
 pub const QEMU_NET: &str = "-netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=n0,romfile=";
 
 /// Replaces the words `RVIRT_L2`, `QEMU_L2`, `RVIRT_DISK`, `QEMU_DISK`,
-/// `RVIRT_NET` and `QEMU_NET` in an L1 script with the options above.
+/// `RVIRT_SCSI`, `QEMU_SCSI`, `RVIRT_NET` and `QEMU_NET` in an L1 script
+/// with the options above.
 pub fn expand(script: &str) -> String {
-    [("RVIRT_L2", RVIRT_L2), ("QEMU_L2", QEMU_L2), ("RVIRT_DISK", RVIRT_DISK), ("QEMU_DISK", QEMU_DISK), ("RVIRT_NET", RVIRT_NET), ("QEMU_NET", QEMU_NET)]
+    [
+        ("RVIRT_L2", RVIRT_L2),
+        ("QEMU_L2", QEMU_L2),
+        ("RVIRT_DISK", RVIRT_DISK),
+        ("QEMU_DISK", QEMU_DISK),
+        ("RVIRT_SCSI", RVIRT_SCSI),
+        ("QEMU_SCSI", QEMU_SCSI),
+        ("RVIRT_NET", RVIRT_NET),
+        ("QEMU_NET", QEMU_NET),
+    ]
         .iter()
         .fold(script.to_string(), |s, (word, text)| s.replace(word, text))
 }

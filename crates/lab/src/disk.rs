@@ -170,12 +170,13 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 impl Lab {
-    /// A bootable disk with Debian's kernel (virtio_pci and virtio_blk in
-    /// its initramfs) and `init` as the root filesystem's `/sbin/init`.
+    /// A bootable disk with Debian's kernel (virtio_pci, virtio_blk and the
+    /// virtio-scsi stack in its initramfs, so it boots as `vda` or `sda`)
+    /// and `init` as the root filesystem's `/sbin/init`.
     pub fn boot_disk(&self, root_label: &str, append: &str, init: &str, signature: u32) -> BootDisk {
         BootDisk {
             kernel: self.kernel.clone(),
-            modules: self.virtio_modules(&["virtio_blk"]),
+            modules: self.virtio_modules(&["virtio_blk", "virtio_scsi"]),
             root_label: root_label.to_string(),
             append: append.to_string(),
             init: init.to_string(),

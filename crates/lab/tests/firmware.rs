@@ -93,6 +93,11 @@ domain() {
 echo "@@XML-DEFINE=$(rvirt define /tmp/virt-install.xml 2>&1 | tr '\n' ' ')"
 rvirt start virt-install >/dev/null
 domain XML virt-install /tmp/virt-install.log
+# The same kind of definition with the disk on bus='sata': a SCSI unit.
+cp /l2/a.raw /tmp/sata.raw
+sed -e 's/virt-install/sata/g' -e 's/dev="vda" bus="virtio"/dev="sda" bus="sata"/' -e 's/<uuid>[^<]*<.uuid>//' /tmp/virt-install.xml > /tmp/sata.xml
+rvirt define /tmp/sata.xml >/dev/null && rvirt start sata >/dev/null
+domain SATA sata /tmp/sata.log
 cp /l2/a.raw /tmp/import.raw
 rvirt install --name import --memory 512 --vcpus 1 --import --disk path=/tmp/import.raw --print-xml > /tmp/import.xml
 sed -i "s|<serial type='pty'>|<serial type='file'><source path='/tmp/import.log'/>|" /tmp/import.xml
@@ -145,11 +150,11 @@ fn disks_with_their_own_bootloader_boot_through_seabios() {
     assert!(define.contains("Domain 'virt-install' defined") && define.matches("warning:").count() == 2, "features and the screen: {define}");
     assert!(define.contains("rvirt has no display"), "{define}");
     assert_eq!(get("IMPORT-BOOT"), "1", "rvirt install --import boots the disk");
-    for (run, cpus, disk, uuid) in [("XML", "2", "b", Some(UUID)), ("IMPORT", "1", "a", None)] {
+    for (run, cpus, disk, uuid) in [("XML", "2", "b", Some(UUID)), ("IMPORT", "1", "a", None), ("SATA", "2", "a", None)] {
         let k = |s: &str| format!("{run}-{s}");
         assert_eq!(v.get(&k("STATE")).map(String::as_str), Some("shut off"), "{run}: the guest powered off\n{}", logs());
         assert_eq!(v.get(&k("DISK")).map(String::as_str), Some(disk), "{run}: booted its disk through firmware\n{}", logs());
-        assert_eq!(get(&k("ROOT")), "/dev/vda2");
+        assert_eq!(get(&k("ROOT")), if run == "SATA" { "/dev/sda2" } else { "/dev/vda2" }, "{run}: the root device");
         assert_eq!(get(&k("NPROC")), cpus);
         if let Some(u) = uuid {
             assert_eq!(get(&k("UUID")), u, "the definition's UUID reaches SMBIOS");
