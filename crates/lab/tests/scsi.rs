@@ -109,3 +109,86 @@ fn linux_drives_scsi_disks_and_a_cdrom_whose_disc_changes() {
     assert_eq!(get("L2-ERRORS"), "0", "no errors on sda:\n{}", out.section("L2").unwrap_or_default());
     assert_eq!(get("VMM-EXIT"), "0");
 }
+
+/// What the guest booted from a CD reports: the disc it booted from and the
+/// SCSI disk beside it.
+const CD_GUEST: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /mnt
+INSMOD
+for i in $(seq 1 100); do [ -e /sys/block/sda ] && [ -e /sys/block/sr0 ] && break; sleep 0.1; done
+echo "@@L2-CMDLINE=$(sed -n 's/.*rvirt.iso=\([a-z]*\).*/\1/p' /proc/cmdline)"
+mount -t iso9660 -o ro /dev/sr0 /mnt && echo "@@L2-SR0-HAS=$(ls /mnt/isolinux | grep -c isolinux.bin)" && umount /mnt
+echo "@@L2-SDA-HEAD=$(dd if=/dev/sda bs=16 count=1 2>/dev/null)"
+poweroff -f
+"#;
+
+/// A plain and a hybrid El Torito ISO with ISOLINUX, Debian's kernel and an
+/// initramfs (made with xorriso from Debian packages) boot from the CD-ROM
+/// drive through SeaBIOS; the booted guest reads its disc and the SCSI disk.
+#[test]
+fn linux_boots_from_plain_and_hybrid_isos_on_the_cdrom() {
+    let lab = Lab::get().unwrap();
+    let modules = lab.virtio_modules(&["virtio_scsi"]);
+    let init = CD_GUEST.replace("INSMOD\n", &insmod_lines(&modules));
+    let dir = std::env::temp_dir().join(format!("rvirt-cd-lab-{}", std::process::id()));
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("isolinux")).unwrap();
+    std::fs::copy("/usr/lib/ISOLINUX/isolinux.bin", tree.join("isolinux/isolinux.bin")).unwrap();
+    std::fs::copy("/usr/lib/syslinux/modules/bios/ldlinux.c32", tree.join("isolinux/ldlinux.c32")).unwrap();
+    std::fs::copy(&lab.kernel, tree.join("vmlinuz")).unwrap();
+    std::fs::write(tree.join("initrd.gz"), l2_initramfs(&init, &modules).unwrap()).unwrap();
+    let mut spec = L1Spec::new("cd-boot", CD_L1);
+    for (name, hybrid) in [("plain", false), ("hybrid", true)] {
+        std::fs::write(
+            tree.join("isolinux/isolinux.cfg"),
+            format!("SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL /vmlinuz\n  INITRD /initrd.gz\n  APPEND console=ttyS0 panic=-1 rvirt.iso={name}\n"),
+        )
+        .unwrap();
+        let iso = dir.join(format!("{name}.iso"));
+        let mut cmd = std::process::Command::new("xorriso");
+        cmd.args(["-as", "mkisofs", "-quiet", "-R", "-J", "-V", "RVIRT_CD", "-o"]).arg(&iso);
+        if hybrid {
+            cmd.args(["-isohybrid-mbr", "/usr/lib/ISOLINUX/isohdpfx.bin"]);
+        }
+        cmd.args(["-c", "isolinux/boot.cat", "-b", "isolinux/isolinux.bin", "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table"]).arg(&tree);
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "xorriso: {}", String::from_utf8_lossy(&o.stderr));
+        spec = spec.file(&iso, &format!("l2/{name}.iso"));
+    }
+    let spec = spec.file(rvirt_lab::SEABIOS, &rvirt_lab::SEABIOS[1..]);
+    let out = lab.run(&spec).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    out.check_l1().unwrap();
+    let v = out.values();
+    let get = |k: &str| v.get(k).cloned().unwrap_or_else(|| panic!("no {k}:\n{}", out.tail(80)));
+    for name in ["plain", "hybrid"] {
+        let k = |s: &str| format!("{}-{s}", name.to_uppercase());
+        log(&format!("{name}: exit {} cmdline {} isolinux {} sda {}", get(&k("EXIT")), get(&k("CMDLINE")), get(&k("SR0-HAS")), get(&k("SDA-HEAD"))));
+        assert_eq!(get(&k("EXIT")), "0", "{name}: the guest powered off");
+        assert_eq!(get(&k("ISOLINUX")), "1", "{name}: ISOLINUX ran from the disc");
+        assert_eq!(get(&k("CMDLINE")), name, "{name}: the kernel ISOLINUX loaded from this disc");
+        assert_eq!(get(&k("SR0-HAS")), "1", "{name}: the guest reads the disc it booted from");
+        assert_eq!(get(&k("SDA-HEAD")), "rvirt-scsi-disk!", "{name}: and the SCSI disk beside it");
+    }
+}
+
+const CD_L1: &str = r#"
+printf 'rvirt-scsi-disk!' > /tmp/sd.raw
+truncate -s 16M /tmp/sd.raw
+for name in plain hybrid; do
+  N=$(echo $name | tr a-z A-Z)
+  rvirt-vmm --memory 512M --cpus 1 --boot-order dc --disk path=/l2/$name.iso,media=cdrom --disk path=/tmp/sd.raw,bus=scsi \
+    --serial file=/tmp/$name.log </dev/null > /tmp/vmm-$name.log 2>&1 &
+  vmm=$!
+  n=0
+  while kill -0 $vmm 2>/dev/null; do sleep 0.2; n=$((n + 1)); [ $((n % 50)) = 0 ] && echo "[cd test] $name running"; done
+  wait $vmm
+  echo "@@$N-EXIT=$?"
+  grep -q ISOLINUX /tmp/$name.log && echo "@@$N-ISOLINUX=1"
+  sed -n "s/.*@@L2-\([A-Z0-9-]*\)=\(.*\)/@@$N-\1=\2/p" /tmp/$name.log | tr -d '\r'
+  grep -q "@@L2-CMDLINE" /tmp/$name.log || { tail -c 3000 /tmp/$name.log; tail -20 /tmp/vmm-$name.log; }
+done
+"#;
