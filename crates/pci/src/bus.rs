@@ -115,12 +115,25 @@ impl PciBus {
 pub struct PciConfigIo {
     bus: Arc<PciBus>,
     address: u32,
+    /// Where a write to the reset control register (byte 0xCF9) goes.
+    reset: Option<Arc<dyn rvirt_devices::PlatformControl>>,
 }
+
+/// Reset control register (0xCF9): RST_CPU, the bit that starts a reset.
+const RESET_CPU: u8 = 0x04;
 
 impl PciConfigIo {
     /// Configuration ports for `bus`.
     pub fn new(bus: Arc<PciBus>) -> Self {
-        Self { bus, address: 0 }
+        Self { bus, address: 0, reset: None }
+    }
+
+    /// Also the PC's reset control register at 0xCF9: a byte write with
+    /// RST_CPU set resets the machine (firmware resets this way, SeaBIOS
+    /// after a failed boot).
+    pub fn with_reset_control(mut self, control: Arc<dyn rvirt_devices::PlatformControl>) -> Self {
+        self.reset = Some(control);
+        self
     }
 
     fn target(&self) -> Option<(usize, usize, usize)> {
@@ -151,9 +164,13 @@ impl BusDevice for PciConfigIo {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset < 4 {
-            // Only dword writes change the address (byte writes to 0xCF9 are a reset port on PCs).
+            // Only dword writes change the address; a byte at 0xCF9 is the reset control register.
             if offset == 0 && data.len() == 4 {
                 self.address = read_le(data) as u32;
+            } else if offset == 1 && data.len() == 1 && data[0] & RESET_CPU != 0 {
+                if let Some(r) = &self.reset {
+                    r.request(rvirt_devices::PlatformRequest::Reset);
+                }
             }
             return;
         }
@@ -357,6 +374,27 @@ mod tests {
         io.write(0, &0x8001_0000u32.to_le_bytes());
         io.read(4, &mut w);
         assert_eq!(w, [0xff; 4]);
+    }
+
+    #[test]
+    fn a_byte_write_with_rst_cpu_at_0xcf9_resets_and_leaves_the_address_alone() {
+        struct Requests(Mutex<Vec<rvirt_devices::PlatformRequest>>);
+        impl rvirt_devices::PlatformControl for Requests {
+            fn request(&self, r: rvirt_devices::PlatformRequest) {
+                self.0.lock().unwrap().push(r);
+            }
+        }
+        let (bus, _) = bus_with_probe();
+        let reqs = Arc::new(Requests(Mutex::new(Vec::new())));
+        let mut io = PciConfigIo::new(bus).with_reset_control(reqs.clone());
+        assert_eq!(cf8(&mut io, 1, 0), 0x1044_1af4);
+        io.write(1, &[0x02]);
+        assert!(reqs.0.lock().unwrap().is_empty(), "SYS_RST alone prepares, does not reset");
+        io.write(1, &[0x06]);
+        assert_eq!(*reqs.0.lock().unwrap(), vec![rvirt_devices::PlatformRequest::Reset]);
+        let mut b = [0u8; 4];
+        io.read(4, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x1044_1af4, "the config address is untouched");
     }
 
     #[test]

@@ -150,7 +150,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
         config::Boot::Firmware { path, .. } => Some(firmware::read_image(path)?),
     };
     memory::check_host_can_provide(cfg.memory_bytes)?;
-    let backends = virtio::Backends::open(cfg)?;
+    let mut backends = virtio::Backends::open(cfg)?;
     let kvm = open_kvm()?;
     let api = cfg.api_socket.as_deref().map(ApiServer::bind).transpose()?;
     let signals = install_signal_handlers()?;
@@ -165,6 +165,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
         vm.start()?;
         let exit = event_loop(&vm, &console, api.as_ref(), &signals, &mut escape);
         vm.stop();
+        for (index, medium) in vm.current_media() {
+            if let Some(d) = backends.disks.get_mut(index) {
+                d.image = medium;
+            }
+        }
         match exit {
             VmExit::Reset if cfg.on_reboot == OnReboot::Restart => {
                 tracing::info!("guest rebooted; restarting");

@@ -154,7 +154,8 @@ impl Vm {
         add(&mut io_bus, Arc::new(Mutex::new(cmos)), CMOS_BASE, CMOS_SIZE)?;
         add(&mut io_bus, Arc::new(Mutex::new(PostCodePort)), 0x80, 1)?;
         add(&mut io_bus, Arc::new(Mutex::new(AcpiPm::new(control.clone()))), u64::from(PM_BASE), PM_SIZE)?;
-        add(&mut io_bus, Arc::new(Mutex::new(PciConfigIo::new(pci.bus.clone()))), PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_SIZE)?;
+        let config_io = PciConfigIo::new(pci.bus.clone()).with_reset_control(control.clone());
+        add(&mut io_bus, Arc::new(Mutex::new(config_io)), PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_SIZE)?;
         let mut mmio_bus = Bus::new();
         add(&mut mmio_bus, ged.clone(), PLATFORM_MMIO_START, GED_SIZE)?;
         add(&mut mmio_bus, Arc::new(Mutex::new(PciConfigMmio::new(pci.bus.clone()))), ECAM_START, ECAM_SIZE)?;
@@ -302,6 +303,22 @@ impl Vm {
             None => lun.eject(force),
         };
         done.map_err(|e| Error::Config(format!("{device}: {e}")))
+    }
+
+    /// The disc in each CD-ROM drive now, by `--disk` position: a guest
+    /// reset keeps it, as a real drive does (the next devices are built
+    /// with these instead of the start-time images).
+    pub fn current_media(&self) -> Vec<(usize, Option<Arc<dyn rvirt_block::BlockBackend>>)> {
+        let Some(targets) = &self.pci.scsi else { return Vec::new() };
+        self.pci
+            .scsi_units
+            .iter()
+            .filter_map(|(name, t)| {
+                let index: usize = name.strip_prefix("disk")?.parse().ok()?;
+                let lun = targets.get(*t)?.lock().ok()?;
+                (lun.kind() == rvirt_scsi::Kind::Cdrom).then(|| (index, lun.medium().cloned()))
+            })
+            .collect()
     }
 
     /// Current status for the API.

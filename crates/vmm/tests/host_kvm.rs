@@ -404,3 +404,60 @@ fn firmware_boots_el_torito_discs_and_the_boot_order_picks_cd_or_disk() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A disc inserted through the API stays in the drive across a guest reset,
+/// as in a real drive: SeaBIOS finds nothing to boot, resets after
+/// --reboot-timeout, and the next firmware run boots the disc put in meanwhile.
+#[test]
+fn an_inserted_disc_stays_in_the_drive_across_a_reset() {
+    use rvirt_lab::guests::real_mode_print_and_power_off;
+    let dir = tmpdir("media-reset");
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    let mut image = real_mode_print_and_power_off(b"<booted the inserted disc>");
+    image.resize(2048, 0);
+    std::fs::write(tree.join("boot.img"), image).unwrap();
+    let iso = dir.join("late.iso");
+    let o = std::process::Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-o"])
+        .arg(&iso)
+        .args(["-b", "boot.img", "-no-emul-boot", "-boot-load-size", "4"])
+        .arg(&tree)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (serial, sock) = (dir.join("serial.log"), dir.join("api.sock"));
+    let mut vmm = std::process::Command::new(env!("CARGO_BIN_EXE_rvirt-vmm"))
+        .args(["--memory", "64M", "--disk", "media=cdrom", "--boot-order", "d", "--reboot-timeout", "300", "--serial"])
+        .arg(format!("file={}", serial.display()))
+        .arg("--api-socket")
+        .arg(&sock)
+        .stderr(std::fs::File::create(dir.join("vmm.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // Wait for the first failed boot, then insert.
+    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("No bootable device") {
+        assert!(std::time::Instant::now() < deadline, "no first boot attempt");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut api = rvirt_api::ApiClient::connect(&sock, std::time::Duration::from_secs(5)).unwrap();
+    let req = rvirt_api::Request::ChangeMedia { device: "disk0".into(), path: Some(iso.clone()), force: false };
+    assert!(api.call(&req).unwrap().ok);
+    let status = loop {
+        if let Some(s) = vmm.try_wait().unwrap() {
+            break s.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = vmm.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    let plain: String = text.chars().filter(|c| !matches!(c, '.' | '\r' | '\n')).collect();
+    let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+    assert_eq!(status, Some(0), "the disc booted after the reset and powered off:\n{text}\n{log}");
+    assert!(plain.contains("<booted the inserted disc>"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
