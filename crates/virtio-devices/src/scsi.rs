@@ -13,8 +13,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use crate::chain::{as_bytes, as_mut_bytes, GuestChain};
-use crate::worker::{serve_queue, EventLoop, Worker};
-use crate::{device_type, ActivateContext, DeviceCounters, InterruptKind, VirtioDevice, COMMON_FEATURES};
+use crate::worker::{spawn_queues, Worker};
+use crate::{device_type, ActivateContext, DeviceCounters, QueueHandle, VirtioDevice, COMMON_FEATURES};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -161,6 +161,7 @@ pub struct VirtioScsi {
     handler: Arc<ScsiRequestHandler>,
     config: Vec<u8>,
     worker: Option<Worker>,
+    event_queue: Option<QueueHandle>,
     name: String,
 }
 
@@ -186,6 +187,7 @@ impl VirtioScsi {
             handler: Arc::new(ScsiRequestHandler::new(targets, Arc::new(DeviceCounters::default()))),
             config: c,
             worker: None,
+            event_queue: None,
             name: name.into(),
         })
     }
@@ -218,38 +220,17 @@ impl VirtioDevice for VirtioScsi {
         if queues.len() != 3 {
             return Err("virtio-scsi needs its control, event and request queues".into());
         }
-        let mut request = queues.pop().ok_or("no request queue")?;
-        // No events are sent; the queue's buffers stay with the device.
+        let request = queues.pop().ok_or("no request queue")?;
         let event = queues.pop();
-        let mut control = queues.pop().ok_or("no control queue")?;
+        let control = queues.pop().ok_or("no control queue")?;
         let handler = self.handler.clone();
-        let name = self.name.clone();
-        let worker = Worker::spawn(&format!("{}-io", self.name), move |kill| {
-            let _event_queue = event;
-            let Ok(mut events) = EventLoop::new() else { return };
-            if events.add(&control.event, 0).is_err() || events.add(&request.event, 1).is_err() || events.add(&kill, 2).is_err() {
-                return;
-            }
-            while let Ok(tokens) = events.wait() {
-                if tokens.contains(&2) {
-                    return;
-                }
-                for (token, q, index) in [(0u64, &mut control, CONTROL_QUEUE), (1, &mut request, REQUEST_QUEUE)] {
-                    if !tokens.contains(&token) {
-                        continue;
-                    }
-                    let _ = q.event.read();
-                    let served = serve_queue(&mut q.queue, &mem, |chain| {
-                        Some(if index == CONTROL_QUEUE { handler.handle_control(chain, &mem) } else { handler.handle_request(chain, &mem) })
-                    });
-                    if served.notify {
-                        interrupt.trigger(InterruptKind::Queue(index));
-                    }
-                    if served.broken {
-                        tracing::error!("{name}: the guest broke queue {index}; serving stops until a device reset");
-                        return;
-                    }
-                }
+        // The event queue is not served (no events are sent): kept, with its buffers, until reset.
+        self.event_queue = event;
+        let worker = spawn_queues(&format!("{}-io", self.name), vec![(CONTROL_QUEUE, control), (REQUEST_QUEUE, request)], mem, interrupt, move |index, chain, mem| {
+            if index == CONTROL_QUEUE {
+                handler.handle_control(chain, mem)
+            } else {
+                handler.handle_request(chain, mem)
             }
         })
         .map_err(|e| e.to_string())?;
@@ -259,6 +240,7 @@ impl VirtioDevice for VirtioScsi {
 
     fn reset(&mut self) {
         self.worker = None;
+        self.event_queue = None;
     }
 
     fn counters(&self) -> Arc<DeviceCounters> {

@@ -186,13 +186,11 @@ where
     out
 }
 
-/// Starts the worker of a one-queue device (block, rng): waits for the
-/// driver's notifications, serves every chain with `handle` (which returns
-/// the bytes it wrote into the chain) and interrupts when the ring asks.
-/// A ring the guest broke ends the worker; the device works again after a reset.
+/// Starts the worker of a one-queue device (block, rng): [`spawn_queues`]
+/// with its queue as queue 0.
 pub fn spawn_single_queue<F>(
     name: &str,
-    mut q: crate::QueueHandle,
+    q: crate::QueueHandle,
     mem: vm_memory::GuestMemoryMmap,
     interrupt: std::sync::Arc<dyn crate::Interrupt>,
     mut handle: F,
@@ -200,24 +198,49 @@ pub fn spawn_single_queue<F>(
 where
     F: FnMut(virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>, &vm_memory::GuestMemoryMmap) -> u32 + Send + 'static,
 {
+    spawn_queues(name, vec![(0, q)], mem, interrupt, move |_, chain, mem| handle(chain, mem))
+}
+
+/// Starts a worker serving `queues` (each with its queue index): waits for
+/// the driver's notifications, serves every chain of a notified queue with
+/// `handle` (given the queue index; it returns the bytes it wrote into the
+/// chain) and interrupts for that queue when its ring asks. A ring the guest
+/// broke ends the worker; the device works again after a reset.
+pub fn spawn_queues<F>(
+    name: &str,
+    mut queues: Vec<(u16, crate::QueueHandle)>,
+    mem: vm_memory::GuestMemoryMmap,
+    interrupt: std::sync::Arc<dyn crate::Interrupt>,
+    mut handle: F,
+) -> std::io::Result<Worker>
+where
+    F: FnMut(u16, virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>, &vm_memory::GuestMemoryMmap) -> u32 + Send + 'static,
+{
     let thread_name = name.to_string();
     Worker::spawn(name, move |kill| {
         let Ok(mut events) = EventLoop::new() else { return };
-        if events.add(&q.event, 0).is_err() || events.add(&kill, 1).is_err() {
+        let kill_token = queues.len() as u64;
+        if queues.iter().enumerate().any(|(i, (_, q))| events.add(&q.event, i as u64).is_err()) || events.add(&kill, kill_token).is_err() {
             return;
         }
         while let Ok(tokens) = events.wait() {
-            if tokens.contains(&1) {
+            if tokens.contains(&kill_token) {
                 return;
             }
-            let _ = q.event.read();
-            let served = serve_queue(&mut q.queue, &mem, |chain| Some(handle(chain, &mem)));
-            if served.notify {
-                interrupt.trigger(crate::InterruptKind::Queue(0));
-            }
-            if served.broken {
-                tracing::error!("{thread_name}: the guest broke the queue; serving stops until a device reset");
-                return;
+            for (i, (index, q)) in queues.iter_mut().enumerate() {
+                if !tokens.contains(&(i as u64)) {
+                    continue;
+                }
+                let _ = q.event.read();
+                let index = *index;
+                let served = serve_queue(&mut q.queue, &mem, |chain| Some(handle(index, chain, &mem)));
+                if served.notify {
+                    interrupt.trigger(crate::InterruptKind::Queue(index));
+                }
+                if served.broken {
+                    tracing::error!("{thread_name}: the guest broke queue {index}; serving stops until a device reset");
+                    return;
+                }
             }
         }
     })
