@@ -3,9 +3,10 @@
 //! (`tests/fuzz_corpus.rs`). Not part of the public API.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use crate::qcow2::{Header, Qcow2Image, Repair};
-use crate::BlockBackend;
+use crate::{BlockBackend, Error, Extent, ExtentKind, Result};
 
 /// Largest range read or mapped per input, so huge virtual sizes stay fast.
 const SPAN: u64 = 64 << 20;
@@ -45,4 +46,59 @@ pub fn image(bytes: &[u8]) {
         let _ = img.check(Repair::All);
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// An image in memory: the disk behind the tests and fuzz targets of the
+/// layers above the image library (virtio-blk, SCSI units).
+pub struct MemImage {
+    /// The bytes (tests look at them).
+    pub data: Mutex<Vec<u8>>,
+    read_only: bool,
+}
+
+impl MemImage {
+    /// An image holding `data`.
+    pub fn new(data: Vec<u8>, read_only: bool) -> Arc<Self> {
+        Arc::new(Self { data: Mutex::new(data), read_only })
+    }
+
+    fn range(&self, offset: u64, len: usize) -> Result<std::ops::Range<usize>> {
+        let start = usize::try_from(offset).map_err(|_| Error::Request("range".into()))?;
+        let end = start.checked_add(len).ok_or_else(|| Error::Request("range".into()))?;
+        Ok(start..end)
+    }
+}
+
+impl BlockBackend for MemImage {
+    fn size(&self) -> u64 {
+        self.data.lock().map(|d| d.len() as u64).unwrap_or(0)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let d = self.data.lock().map_err(|_| Error::Request("poisoned".into()))?;
+        buf.copy_from_slice(d.get(self.range(offset, buf.len())?).ok_or_else(|| Error::Request("range".into()))?);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut d = self.data.lock().map_err(|_| Error::Request("poisoned".into()))?;
+        d.get_mut(self.range(offset, buf.len())?).ok_or_else(|| Error::Request("range".into()))?.copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, length: u64) -> Result<()> {
+        self.write_zeroes(offset, length)
+    }
+    fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
+        let len = usize::try_from(length).map_err(|_| Error::Request("range".into()))?;
+        let mut d = self.data.lock().map_err(|_| Error::Request("poisoned".into()))?;
+        d.get_mut(self.range(offset, len)?).ok_or_else(|| Error::Request("range".into()))?.fill(0);
+        Ok(())
+    }
+    fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        Ok(vec![Extent { offset, length, kind: ExtentKind::Data }])
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
 }

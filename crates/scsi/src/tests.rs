@@ -1,6 +1,8 @@
 use std::sync::Arc;
 
-use super::fuzzing::MemImage;
+use rvirt_block::fuzzing::MemImage;
+
+use super::fuzzing::patterned;
 use super::*;
 
 /// Runs `cdb` with a data-in buffer of `len` bytes (split in two to
@@ -28,7 +30,7 @@ fn sense(lun: &mut Lun, cdb: &[u8], out: &[u8]) -> Sense {
 }
 
 fn disk(blocks: usize, read_only: bool) -> (Lun, Arc<MemImage>) {
-    let img = MemImage::new(blocks * 512, read_only);
+    let img = patterned(blocks * 512, read_only);
     let mut lun = Lun::disk(img.clone(), "disk-serial-1");
     assert_eq!(sense(&mut lun, &[0; 6], &[]), Sense::POWER_ON_RESET, "the first command sees the reset");
     (lun, img)
@@ -136,7 +138,7 @@ fn a_cdrom_reports_its_disc_and_media_changes() {
     assert_eq!(good(&mut cd, &[0x46, 0, 0, 0, 0, 0, 0, 0, 64, 0], 64)[6..8], [0, 0], "no current profile");
 
     // The host inserts a 1 MiB ISO: unit attention, then a "new media" event.
-    let iso = MemImage::new(1 << 20, true);
+    let iso = patterned(1 << 20, true);
     cd.insert(iso).unwrap();
     assert_eq!(good(&mut cd, &gesn, 8)[4..6], [2, 2], "new media, present");
     assert_eq!(good(&mut cd, &gesn, 8)[4], 0, "reported once");
@@ -174,7 +176,7 @@ fn a_cdrom_reports_its_disc_and_media_changes() {
 
     let (mut d, _) = disk(8, false);
     assert_eq!(sense(&mut d, &[0x43, 0, 0, 0, 0, 0, 0, 0, 255, 0], &[]), Sense::INVALID_OPCODE, "no TOC on a disk");
-    assert!(d.eject(true).is_err() && d.insert(MemImage::new(512, true)).is_err());
+    assert!(d.eject(true).is_err() && d.insert(patterned(512, true)).is_err());
 }
 
 /// Any bytes as a CDB, any data-out, any buffer: a status, never a panic,
@@ -189,7 +191,7 @@ fn hostile_cdbs_get_sense_data_not_a_crash() {
         seed
     };
     let (mut d, _) = disk(64, false);
-    let mut cd = Lun::cdrom(Some(MemImage::new(64 * 2048, true)), "cd");
+    let mut cd = Lun::cdrom(Some(patterned(64 * 2048, true)), "cd");
     let mut empty = Lun::cdrom(None, "");
     for round in 0..60_000u32 {
         let len = (next() % 20) as usize;

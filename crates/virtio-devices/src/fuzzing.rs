@@ -1,51 +1,16 @@
 //! Entry points shared by the cargo-fuzz targets (`fuzz/`) and the stable
 //! test that replays their corpus: guest-controlled rings and requests.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use rvirt_block::{BlockBackend, Extent, ExtentKind, Result};
+use rvirt_block::fuzzing::MemImage;
+use rvirt_block::BlockBackend;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::block::BlockRequestHandler;
 use crate::chain::GuestChain;
 use crate::worker::serve_queue;
-
-/// A 64 KiB disk in memory.
-struct MemDisk(Mutex<Vec<u8>>);
-
-impl BlockBackend for MemDisk {
-    fn size(&self) -> u64 {
-        65536
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let d = self.0.lock().map_err(|_| rvirt_block::Error::Request("poisoned".into()))?;
-        let o = offset as usize;
-        buf.copy_from_slice(d.get(o..o + buf.len()).ok_or_else(|| rvirt_block::Error::Request("range".into()))?);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let mut d = self.0.lock().map_err(|_| rvirt_block::Error::Request("poisoned".into()))?;
-        let o = offset as usize;
-        d.get_mut(o..o + buf.len()).ok_or_else(|| rvirt_block::Error::Request("range".into()))?.copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn discard(&self, offset: u64, length: u64) -> Result<()> {
-        self.write_zeroes(offset, length)
-    }
-    fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
-        self.write_at(&vec![0; length as usize], offset)
-    }
-    fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-        Ok(vec![Extent { offset, length, kind: ExtentKind::Data }])
-    }
-    fn is_read_only(&self) -> bool {
-        false
-    }
-}
 
 /// Guest RAM of a fuzz case.
 const RAM: u64 = 1 << 20;
@@ -157,7 +122,7 @@ pub fn seed(descs: &[(u64, u32, u16)], payload: &[u8]) -> Vec<u8> {
 /// Serves a virtio-blk request queue whose rings and requests are `data`.
 pub fn block_queue(data: &[u8]) {
     let Some((mem, mut q)) = setup(data) else { return };
-    let disk: Arc<dyn BlockBackend> = Arc::new(MemDisk(Mutex::new(vec![0; 65536])));
+    let disk: Arc<dyn BlockBackend> = MemImage::new(vec![0; 65536], false);
     let h = BlockRequestHandler::new(disk, [0; 20], Arc::default());
     let _ = serve_queue(&mut q, &mem, |c| Some(h.handle(c, &mem)));
 }
