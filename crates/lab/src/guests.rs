@@ -268,3 +268,33 @@ pub fn real_mode_print_and_power_off(text: &[u8]) -> Vec<u8> {
     c.extend_from_slice(&HALT_FOREVER);
     c
 }
+
+/// Writes to `out` an ISO 9660 disc (made with Debian's xorriso) whose El
+/// Torito no-emulation boot image is the real-mode `code` (loaded at
+/// 0x7C00, as a boot sector is), with an isohybrid MBR when `hybrid`.
+pub fn el_torito_iso(code: &[u8], out: &std::path::Path, hybrid: bool) -> Result<(), String> {
+    let tree = out.with_extension("tree");
+    let mut image = code.to_vec();
+    image.resize(image.len().div_ceil(2048).max(1) * 2048, 0);
+    std::fs::create_dir_all(&tree).and_then(|_| std::fs::write(tree.join("boot.img"), image)).map_err(|e| format!("{}: {e}", tree.display()))?;
+    let mut cmd = std::process::Command::new("xorriso");
+    cmd.args(["-as", "mkisofs", "-quiet", "-o"]).arg(out);
+    if hybrid {
+        cmd.args(["-isohybrid-mbr", "/usr/lib/ISOLINUX/isohdpfx.bin"]);
+    }
+    cmd.args(["-b", "boot.img", "-no-emul-boot", "-boot-load-size", "4"]).arg(&tree);
+    let result = cmd.output();
+    let _ = std::fs::remove_dir_all(&tree);
+    let o = result.map_err(|e| format!("xorriso (crates/lab/setup.sh installs it): {e}"))?;
+    if !o.status.success() {
+        return Err(format!("xorriso: {}", String::from_utf8_lossy(&o.stderr)));
+    }
+    Ok(())
+}
+
+/// The serial console's text without dots and line ends: SeaBIOS flushes
+/// its own text lazily, so its dots and newlines can land inside what a
+/// boot sector prints after it.
+pub fn without_firmware_punctuation(serial: &str) -> String {
+    serial.chars().filter(|c| !matches!(c, '.' | '\r' | '\n')).collect()
+}

@@ -300,8 +300,7 @@ fn a_definition_without_a_kernel_boots_its_disk_through_firmware() {
     // The boot code powers off: on_poweroff destroy.
     d.wait_state("imported", "shut off");
     let text = std::fs::read_to_string(&serial).unwrap_or_default();
-    // SeaBIOS flushes its own text lazily, into the boot code's: compare without its dots and line ends.
-    let plain: String = text.chars().filter(|c| !matches!(c, '.' | '\r' | '\n')).collect();
+    let plain = rvirt_lab::guests::without_firmware_punctuation(&text);
     assert!(text.contains("SeaBIOS") && plain.contains("<booted from its disk>"), "{text}");
     let dump = d.ok(&["dumpxml", "imported"]);
     let uuid = dump.split("<uuid>").nth(1).unwrap().split("</uuid>").next().unwrap();
@@ -319,7 +318,7 @@ fn a_definition_without_a_kernel_boots_its_disk_through_firmware() {
     d.ok(&["start", "sata"]);
     d.wait_state("sata", "shut off");
     let text = std::fs::read_to_string(&serial).unwrap_or_default();
-    let plain: String = text.chars().filter(|c| !matches!(c, '.' | '\r' | '\n')).collect();
+    let plain = rvirt_lab::guests::without_firmware_punctuation(&text);
     assert!(plain.contains("<booted from its disk>"), "a SATA disk boots through virtio-scsi: {text}");
 
     let uefi = xml.replace("<os>", "<os firmware=\"efi\">").replace("imported", "uefi");
@@ -367,23 +366,11 @@ fn change_media_inserts_and_ejects_a_running_domains_disc() {
 /// bootloader; once "installed", the same definition boots the disk.
 #[test]
 fn install_from_cdrom_boots_the_installer_until_the_disk_has_a_bootloader() {
-    use rvirt_lab::guests::{boot_sector, real_mode_print_and_power_off};
+    use rvirt_lab::guests::{boot_sector, el_torito_iso, real_mode_print_and_power_off};
     let dir = scratch("install-cd");
     let d = Daemon::start(&dir);
-    let tree = dir.join("tree");
-    std::fs::create_dir_all(&tree).unwrap();
-    let mut image = real_mode_print_and_power_off(b"<installer>");
-    image.resize(2048, 0);
-    std::fs::write(tree.join("boot.img"), image).unwrap();
     let iso = dir.join("installer.iso");
-    let o = Command::new("xorriso")
-        .args(["-as", "mkisofs", "-quiet", "-o"])
-        .arg(&iso)
-        .args(["-b", "boot.img", "-no-emul-boot", "-boot-load-size", "4"])
-        .arg(&tree)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    el_torito_iso(&real_mode_print_and_power_off(b"<installer>"), &iso, false).unwrap();
     let disk = dir.join("new.raw");
     let serial = dir.join("serial.log");
     let xml = d.ok(&[
@@ -397,7 +384,7 @@ fn install_from_cdrom_boots_the_installer_until_the_disk_has_a_bootloader() {
         d.ok(&["start", "inst"]);
         d.wait_state("inst", "shut off");
         let text = std::fs::read_to_string(&serial).unwrap_or_default();
-        let plain: String = text.chars().filter(|c| !matches!(c, '.' | '\r' | '\n')).collect();
+        let plain = rvirt_lab::guests::without_firmware_punctuation(&text);
         assert!(plain.contains(what), "want {what}:\n{text}");
     };
     booted("<installer>");

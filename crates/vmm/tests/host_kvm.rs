@@ -369,37 +369,22 @@ fn firmware_boots_a_disk_on_the_scsi_controller() {
 /// and the CMOS boot order (`--boot-order`) picks CD or disk.
 #[test]
 fn firmware_boots_el_torito_discs_and_the_boot_order_picks_cd_or_disk() {
-    use rvirt_lab::guests::{boot_sector, real_mode_print_and_power_off};
-    assert!(std::path::Path::new("/usr/bin/xorriso").exists(), "Debian's xorriso (crates/lab/setup.sh installs it)");
+    use rvirt_lab::guests::{boot_sector, el_torito_iso, real_mode_print_and_power_off, without_firmware_punctuation};
     let dir = tmpdir("firmware-cd");
-    let tree = dir.join("tree");
-    std::fs::create_dir_all(&tree).unwrap();
-    let mut image = real_mode_print_and_power_off(b"<booted from CD>");
-    image.resize(2048, 0);
-    std::fs::write(tree.join("boot.img"), image).unwrap();
     let mut disk = boot_sector(&real_mode_print_and_power_off(b"<booted from disk>"));
     disk.resize(1 << 20, 0);
     std::fs::write(dir.join("disk.raw"), disk).unwrap();
-    let iso = |name: &str, hybrid: bool| {
-        let out = dir.join(name);
-        let mut cmd = std::process::Command::new("xorriso");
-        cmd.args(["-as", "mkisofs", "-quiet", "-o"]).arg(&out);
-        if hybrid {
-            cmd.args(["-isohybrid-mbr", "/usr/lib/ISOLINUX/isohdpfx.bin"]);
-        }
-        cmd.args(["-b", "boot.img", "-no-emul-boot", "-boot-load-size", "4"]).arg(&tree);
-        let o = cmd.output().unwrap();
-        assert!(o.status.success(), "xorriso: {}", String::from_utf8_lossy(&o.stderr));
-        out
-    };
-    let (plain, hybrid) = (iso("plain.iso", false), iso("hybrid.iso", true));
+    let (plain, hybrid) = (dir.join("plain.iso"), dir.join("hybrid.iso"));
+    let code = real_mode_print_and_power_off(b"<booted from CD>");
+    el_torito_iso(&code, &plain, false).unwrap();
+    el_torito_iso(&code, &hybrid, true).unwrap();
     let disk = format!("--disk=path={},format=raw", dir.join("disk.raw").display());
     for (cd, order, want) in [(&plain, "d", "CD"), (&hybrid, "d", "CD"), (&plain, "dc", "CD"), (&plain, "cd", "disk")] {
         let cd = format!("--disk=path={},media=cdrom", cd.display());
         let args = [cd.as_str(), disk.as_str(), "--boot-order", order];
         let (status, serial, log) = run_firmware(&dir, &[], &args);
         assert_eq!(status, Some(0), "{args:?}\n{log}\n{serial}");
-        let plain_text: String = serial.chars().filter(|c| !matches!(c, '.' | '\r' | '\n')).collect();
+        let plain_text = without_firmware_punctuation(&serial);
         assert!(plain_text.contains(&format!("<booted from {want}>")), "{args:?} boots the {want}:\n{serial}");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -410,22 +395,10 @@ fn firmware_boots_el_torito_discs_and_the_boot_order_picks_cd_or_disk() {
 /// --reboot-timeout, and the next firmware run boots the disc put in meanwhile.
 #[test]
 fn an_inserted_disc_stays_in_the_drive_across_a_reset() {
-    use rvirt_lab::guests::real_mode_print_and_power_off;
+    use rvirt_lab::guests::{el_torito_iso, real_mode_print_and_power_off, without_firmware_punctuation};
     let dir = tmpdir("media-reset");
-    let tree = dir.join("tree");
-    std::fs::create_dir_all(&tree).unwrap();
-    let mut image = real_mode_print_and_power_off(b"<booted the inserted disc>");
-    image.resize(2048, 0);
-    std::fs::write(tree.join("boot.img"), image).unwrap();
     let iso = dir.join("late.iso");
-    let o = std::process::Command::new("xorriso")
-        .args(["-as", "mkisofs", "-quiet", "-o"])
-        .arg(&iso)
-        .args(["-b", "boot.img", "-no-emul-boot", "-boot-load-size", "4"])
-        .arg(&tree)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    el_torito_iso(&real_mode_print_and_power_off(b"<booted the inserted disc>"), &iso, false).unwrap();
     let (serial, sock) = (dir.join("serial.log"), dir.join("api.sock"));
     let mut vmm = std::process::Command::new(env!("CARGO_BIN_EXE_rvirt-vmm"))
         .args(["--memory", "64M", "--disk", "media=cdrom", "--boot-order", "d", "--reboot-timeout", "300", "--serial"])
@@ -455,7 +428,7 @@ fn an_inserted_disc_stays_in_the_drive_across_a_reset() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let text = std::fs::read_to_string(&serial).unwrap_or_default();
-    let plain: String = text.chars().filter(|c| !matches!(c, '.' | '\r' | '\n')).collect();
+    let plain = without_firmware_punctuation(&text);
     let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
     assert_eq!(status, Some(0), "the disc booted after the reset and powered off:\n{text}\n{log}");
     assert!(plain.contains("<booted the inserted disc>"), "{text}");
