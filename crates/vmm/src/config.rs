@@ -150,11 +150,11 @@ fn on_off(option: &str, key: &str, v: &str) -> Result<bool, Error> {
     }
 }
 
-impl std::str::FromStr for DiskConfig {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let mut d = DiskConfig {
-            path: PathBuf::new(),
+impl DiskConfig {
+    /// A raw virtio disk at `path` with every option at its default.
+    fn plain(path: PathBuf) -> Self {
+        DiskConfig {
+            path,
             bus: DiskBus::Virtio,
             media: Media::Disk,
             format: None,
@@ -165,7 +165,19 @@ impl std::str::FromStr for DiskConfig {
             serial: None,
             direct: false,
             boot_index: None,
-        };
+        }
+    }
+
+    /// A CD-ROM drive holding the disc `path` (what `change-media` inserts).
+    pub fn cdrom(path: PathBuf) -> Self {
+        DiskConfig { bus: DiskBus::Scsi, media: Media::Cdrom, read_only: true, ..Self::plain(path) }
+    }
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let mut d = DiskConfig::plain(PathBuf::new());
         let format = |v: &str| rvirt_block::Format::parse(v).map_err(|e| Error::Config(format!("--disk: {e}")));
         for (k, v) in key_values("--disk", s)? {
             let (k, v) = (k.as_str(), v.as_str());
@@ -614,6 +626,7 @@ mod tests {
     fn scsi_disks_and_cdrom_drives() {
         let d: DiskConfig = "path=/x.iso,media=cdrom".parse().unwrap();
         assert_eq!((d.bus, d.media, d.read_only), (DiskBus::Scsi, Media::Cdrom, true), "a CD-ROM is a read-only SCSI unit");
+        assert_eq!("path=/x.iso,media=cdrom".parse::<DiskConfig>().unwrap(), DiskConfig::cdrom("/x.iso".into()), "the API's drive is the CLI's");
         let empty: DiskConfig = "media=cdrom".parse().unwrap();
         assert!(empty.path.as_os_str().is_empty(), "an empty drive");
         assert_eq!("path=/d,bus=scsi".parse::<DiskConfig>().unwrap().bus, DiskBus::Scsi);

@@ -291,10 +291,7 @@ impl Vm {
             return Err(Error::Config(format!("no CD-ROM drive named '{device}' (drives are named diskN by their --disk position)")));
         };
         let image = match path {
-            Some(p) => {
-                let spec = format!("path={},media=cdrom", crate::config::escape_value(&p.to_string_lossy()));
-                Some(crate::virtio::open_disk(&spec.parse()?)?)
-            }
+            Some(p) => Some(crate::virtio::open_disk(&crate::config::DiskConfig::cdrom(p.to_path_buf()))?),
             None => None,
         };
         let mut lun = unit.lock().map_err(|_| Error::Device(format!("{device}: the unit's lock is poisoned")))?;
