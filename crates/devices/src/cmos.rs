@@ -66,21 +66,36 @@ pub struct RtcTime {
 impl RtcTime {
     /// The host's current UTC time.
     pub fn now() -> Self {
-        // SAFETY: time() with a null pointer only returns the time; gmtime_r
-        // writes into the tm we own.
-        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-        unsafe {
-            let t = libc::time(std::ptr::null_mut());
-            libc::gmtime_r(&t, &mut tm);
-        }
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Self::from_unix(secs)
+    }
+
+    /// The UTC calendar time `secs` seconds after 1970-01-01, computed here
+    /// rather than by libc, whose gmtime reads the host's time zone file
+    /// (which a confined vCPU thread may not open).
+    pub fn from_unix(secs: u64) -> Self {
+        let days = secs / 86_400;
+        let rem = secs % 86_400;
+        // Civil date from a day count (Howard Hinnant's algorithm), in
+        // 400-year eras starting on 0000-03-01.
+        let z = days as i64 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
         Self {
-            second: tm.tm_sec.clamp(0, 59) as u8,
-            minute: tm.tm_min.clamp(0, 59) as u8,
-            hour: tm.tm_hour.clamp(0, 23) as u8,
-            weekday: (tm.tm_wday.clamp(0, 6) + 1) as u8,
-            day: tm.tm_mday.clamp(1, 31) as u8,
-            month: (tm.tm_mon.clamp(0, 11) + 1) as u8,
-            year: (tm.tm_year + 1900).clamp(0, 9999) as u16,
+            second: (rem % 60) as u8,
+            minute: (rem / 60 % 60) as u8,
+            hour: (rem / 3_600) as u8,
+            // 1970-01-01 was a Thursday; the RTC counts Sunday as 1.
+            weekday: ((days + 4) % 7 + 1) as u8,
+            day: day as u8,
+            month: month as u8,
+            year: year.clamp(0, 9999) as u16,
         }
     }
 }
@@ -222,7 +237,10 @@ impl Cmos {
         p.changed.notify_all();
         if period.is_some() && !self.ticking {
             let ticker = p.clone();
-            match std::thread::Builder::new().name("rtc-periodic".into()).spawn(move || ticker.run()) {
+            match std::thread::Builder::new().name("rtc-periodic".into()).spawn(move || {
+                rvirt_sandbox::seccomp::enter_or_exit(rvirt_sandbox::ThreadKind::Worker);
+                ticker.run()
+            }) {
                 Ok(_) => self.ticking = true,
                 Err(e) => tracing::warn!("RTC periodic interrupt unavailable: {e}"),
             }
@@ -301,6 +319,18 @@ impl crate::BusDevice for Cmos {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calendar_from_unix_time_matches_known_dates() {
+        let t = |secs| {
+            let r = RtcTime::from_unix(secs);
+            (r.year, r.month, r.day, r.hour, r.minute, r.second, r.weekday)
+        };
+        assert_eq!(t(0), (1970, 1, 1, 0, 0, 0, 5), "a Thursday");
+        assert_eq!(t(951_782_400), (2000, 2, 29, 0, 0, 0, 3), "leap day of a century leap year, a Tuesday");
+        assert_eq!(t(1_798_761_599), (2026, 12, 31, 23, 59, 59, 5), "a Thursday");
+        assert_eq!(t(4_107_542_400), (2100, 3, 1, 0, 0, 0, 2), "2100 is no leap year; a Monday");
+    }
     use crate::BusDevice;
 
     fn fixed() -> Cmos {

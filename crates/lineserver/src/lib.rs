@@ -39,6 +39,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// How long a client may take to read its reply.
     pub write_timeout: Duration,
+    /// Called first on each of the server's threads (rvirt-vmm confines them with it).
+    pub thread_start: Option<fn()>,
 }
 
 impl Default for Limits {
@@ -51,6 +53,7 @@ impl Default for Limits {
             line_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
             write_timeout: Duration::from_secs(30),
+            thread_start: None,
         }
     }
 }
@@ -146,13 +149,24 @@ pub fn spawn(listener: UnixListener, limits: Limits, handler: Arc<Handler>) -> s
     let job_rx = Arc::new(Mutex::new(job_rx));
     for i in 0..limits.workers.max(1) {
         let (job_rx, done_tx, handler, wake_w) = (job_rx.clone(), done_tx.clone(), handler.clone(), wake.1);
-        std::thread::Builder::new().name(format!("lineserver-{i}")).spawn(move || worker(&job_rx, &done_tx, &*handler, wake_w))?;
+        let start = limits.thread_start;
+        std::thread::Builder::new().name(format!("lineserver-{i}")).spawn(move || {
+            if let Some(f) = start {
+                f();
+            }
+            worker(&job_rx, &done_tx, &*handler, wake_w)
+        })?;
     }
     let st = stats.clone();
     // Said to a client over the connection cap straight from the poll thread.
     let mut busy = handler(Line::Busy);
     busy.push(b'\n');
-    std::thread::Builder::new().name("lineserver-poll".into()).spawn(move || poll_loop(listener, limits, job_tx, done_rx, wake.0, &busy, &st))?;
+    std::thread::Builder::new().name("lineserver-poll".into()).spawn(move || {
+        if let Some(f) = limits.thread_start {
+            f();
+        }
+        poll_loop(listener, limits, job_tx, done_rx, wake.0, &busy, &st)
+    })?;
     Ok(Server { stats })
 }
 

@@ -21,7 +21,13 @@ pub struct VirtioRng {
 impl VirtioRng {
     /// An entropy device reading the host's `/dev/urandom`.
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { source: Arc::new(File::open("/dev/urandom")?), counters: Arc::default(), worker: None })
+        Ok(Self::with_source(Arc::new(File::open("/dev/urandom")?)))
+    }
+
+    /// An entropy device reading `source`, opened by the caller (a jailed
+    /// VMM opens `/dev/urandom` once, before it loses the path).
+    pub fn with_source(source: Arc<File>) -> Self {
+        Self { source, counters: Arc::default(), worker: None }
     }
 }
 

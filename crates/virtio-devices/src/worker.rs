@@ -22,7 +22,10 @@ impl Worker {
     {
         let kill = EventFd::new(libc::EFD_NONBLOCK)?;
         let theirs = kill.try_clone()?;
-        let handle = std::thread::Builder::new().name(name.into()).spawn(move || body(theirs))?;
+        let handle = std::thread::Builder::new().name(name.into()).spawn(move || {
+            rvirt_sandbox::seccomp::enter_or_exit(rvirt_sandbox::ThreadKind::Worker);
+            body(theirs)
+        })?;
         Ok(Self { kill, handle: Some(handle) })
     }
 

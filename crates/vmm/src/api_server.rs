@@ -49,6 +49,12 @@ impl ApiServer {
     /// Listens on `path`. A stale socket left by a dead VMM is replaced; a
     /// live one, or any other kind of file, is an error.
     pub fn bind(path: &Path) -> Result<Self> {
+        Self::listen(path)?.serve()
+    }
+
+    /// Binds `path` (as [`ApiServer::bind`]) without starting threads, so
+    /// the socket can be made before the VMM enters its jail and served after.
+    pub fn listen(path: &Path) -> Result<ApiListener> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
                 return Err(sock_err(path, "exists and is not a socket"));
@@ -60,6 +66,21 @@ impl ApiServer {
         }
         // Mode 0600 from birth, whatever the umask: the API controls the VM.
         let listener = rvirt_lineserver::bind_with_mode(path, 0o600).map_err(|e| sock_err(path, e))?;
+        Ok(ApiListener { path: path.to_path_buf(), listener })
+    }
+}
+
+/// A bound API socket not served yet.
+pub struct ApiListener {
+    path: PathBuf,
+    listener: std::os::unix::net::UnixListener,
+}
+
+impl ApiListener {
+    /// Starts the threads that serve it.
+    pub fn serve(self) -> Result<ApiServer> {
+        let Self { path, listener } = self;
+        let path = path.as_path();
         let wakeup = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| sock_err(path, e))?);
         let (tx, rx) = mpsc::channel::<ApiCall>();
         let main_wakeup = wakeup.clone();
@@ -84,10 +105,19 @@ impl ApiServer {
             };
             serde_json::to_vec(&response).unwrap_or_else(|_| br#"{"ok":false,"error":"internal error"}"#.to_vec())
         });
-        let limits = rvirt_lineserver::Limits { max_line: MAX_REQUEST_BYTES, workers: 4, max_connections: 256, ..Default::default() };
+        let limits = rvirt_lineserver::Limits {
+            max_line: MAX_REQUEST_BYTES,
+            workers: 4,
+            max_connections: 256,
+            thread_start: Some(|| rvirt_sandbox::seccomp::enter_or_exit(rvirt_sandbox::ThreadKind::Api)),
+            ..Default::default()
+        };
         let server = rvirt_lineserver::spawn(listener, limits, handler).map_err(|e| sock_err(path, e))?;
-        Ok(Self { path: path.to_path_buf(), calls: Mutex::new(rx), wakeup, server })
+        Ok(ApiServer { path: path.to_path_buf(), calls: Mutex::new(rx), wakeup, server })
     }
+}
+
+impl ApiServer {
 
     /// Readable when requests are queued.
     pub fn wakeup_fd(&self) -> &EventFd {

@@ -402,6 +402,11 @@ pub struct VmConfig {
     pub balloon: bool,
     /// A virtio console (hvc0) and where it goes.
     pub console: Option<SerialMode>,
+    /// What a forbidden system call does (`Off` unless asked: a VMM run
+    /// inside another program, such as a test, must not filter its threads).
+    pub seccomp: rvirt_sandbox::SeccompMode,
+    /// The jail the VMM enters once its files are open, if any.
+    pub jail: Option<rvirt_sandbox::Jail>,
 }
 
 /// Virtio devices that fit on bus 0 beside the host bridge.
@@ -440,6 +445,8 @@ impl VmConfig {
             rng: false,
             balloon: false,
             console: None,
+            seccomp: rvirt_sandbox::SeccompMode::Off,
+            jail: None,
         }
     }
 

@@ -53,6 +53,12 @@ pub enum Error {
     /// Process-wide setup (signal handlers) failed.
     #[error("{0}")]
     Process(String),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] rvirt_sandbox::SeccompError),
+    /// The jail could not be entered.
+    #[error(transparent)]
+    Jail(#[from] rvirt_sandbox::JailError),
     /// An operating-system call failed.
     #[error("{what}: {source}")]
     Os {

@@ -136,25 +136,30 @@ fn install_signal_handlers() -> Result<SignalFds> {
 
 /// Boots the VM described by `cfg` and runs it until it powers off, is
 /// stopped, crashes, or reboots with `--on-reboot exit`.
+///
+/// Everything the VM uses from the host (kernel, firmware, disks, taps,
+/// sockets, `/dev/kvm`) is opened first; then, as configured, the process
+/// enters its jail and each thread its seccomp list, and nothing is opened
+/// by path again except a CD-ROM's new disc on request.
 pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     cfg.validate()?;
+    rvirt_sandbox::seccomp::set_mode(cfg.seccomp)?;
     // Check the files before taking any resources, so errors are about them.
     let firmware = match &cfg.boot {
-        config::Boot::Kernel { kernel, initrd, .. } => {
-            loader::open_input("kernel", kernel)?;
-            if let Some(initrd) = initrd {
-                loader::open_input("initramfs", initrd)?;
-            }
-            None
-        }
+        config::Boot::Kernel { .. } => None,
         config::Boot::Firmware { path, .. } => Some(firmware::read_image(path)?),
     };
     memory::check_host_can_provide(cfg.memory_bytes)?;
     let mut backends = virtio::Backends::open(cfg)?;
     let kvm = open_kvm()?;
-    let api = cfg.api_socket.as_deref().map(ApiServer::bind).transpose()?;
+    let api = cfg.api_socket.as_deref().map(ApiServer::listen).transpose()?;
     let signals = install_signal_handlers()?;
     let console = Console::open(&cfg.serial)?;
+    if let Some(jail) = &cfg.jail {
+        jail.enter()?;
+    }
+    let api = api.map(api_server::ApiListener::serve).transpose()?;
+    rvirt_sandbox::seccomp::enter(rvirt_sandbox::ThreadKind::Main)?;
     if console.is_raw() {
         eprintln!("rvirt-vmm: console on this terminal; press Ctrl-A x to quit\r");
     }

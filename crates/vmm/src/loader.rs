@@ -88,11 +88,11 @@ pub struct LoadedKernel {
 pub fn load(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
-    kernel: &Path,
-    initrd: Option<&Path>,
+    (kernel, kernel_file): (&Path, &File),
+    initrd: Option<(&Path, &File)>,
     cmdline: &str,
 ) -> Result<LoadedKernel> {
-    let mut kfile = open_input("kernel", kernel)?;
+    let mut kfile = kernel_file.try_clone().map_err(|e| file_err("kernel", kernel, e))?;
     let format = detect_format(&mut kfile, kernel)?;
     let high = Some(GuestAddress(HIGH_MEMORY_START));
     let (mut loaded, setup_hdr) = match format {
@@ -118,8 +118,8 @@ pub fn load(
     };
 
     let initrd_max = hdr_initrd_max(setup_hdr.as_ref(), layout);
-    if let Some(path) = initrd {
-        loaded.initrd = Some(load_initrd(mem, path, loaded.kernel_end, initrd_max)?);
+    if let Some((path, file)) = initrd {
+        loaded.initrd = Some(load_initrd(mem, path, file, loaded.kernel_end, initrd_max)?);
     }
 
     let mut cmd = cmdline.as_bytes().to_vec();
@@ -144,8 +144,9 @@ fn hdr_initrd_max(hdr: Option<&setup_header>, layout: &MemoryLayout) -> u64 {
 }
 
 /// Places the initramfs as high as allowed, page aligned, above the kernel.
-fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, max_end: u64) -> Result<(u64, u64)> {
-    let mut f = open_input("initramfs", path)?;
+fn load_initrd(mem: &GuestMemoryMmap, path: &Path, file: &File, kernel_end: u64, max_end: u64) -> Result<(u64, u64)> {
+    let mut f = file.try_clone().map_err(|e| file_err("initramfs", path, e))?;
+    f.seek(SeekFrom::Start(0)).map_err(|e| file_err("initramfs", path, e))?;
     let size = f.metadata().map_err(|e| file_err("initramfs", path, e))?.len();
     if size == 0 {
         return Err(file_err("initramfs", path, "file is empty"));
@@ -294,13 +295,20 @@ mod tests {
         assert!(e.contains("not a regular file"), "{e}");
     }
 
+    /// Opens the files as `Backends::open` does and loads them.
+    fn load_paths(m: &GuestMemoryMmap, layout: &MemoryLayout, kernel: &Path, initrd: Option<&std::path::PathBuf>, cmdline: &str) -> Result<LoadedKernel> {
+        let k = open_input("kernel", kernel)?;
+        let rd = initrd.map(|p| open_input("initramfs", p)).transpose()?;
+        load(m, layout, (kernel, &k), initrd.map(|p| p.as_path()).zip(rd.as_ref()), cmdline)
+    }
+
     #[test]
     fn loads_bzimage_initrd_and_cmdline() {
         let layout = MemoryLayout::new(64 << 20).unwrap();
         let m = mem(&layout);
         let bz = tmp("bz2", &fake_bzimage(0x20f, XLF_KERNEL_64));
         let rd = tmp("initrd", &vec![0xab; 10_000]);
-        let k = load(&m, &layout, &bz, Some(&rd), "console=ttyS0 quiet").unwrap();
+        let k = load_paths(&m, &layout, &bz, Some(&rd), "console=ttyS0 quiet").unwrap();
         assert_eq!(k.entry, BootEntry::Linux64 { entry: 0x10_0200 });
         let (addr, size) = k.initrd.unwrap();
         assert_eq!(size, 10_000);
@@ -325,7 +333,7 @@ mod tests {
         let m = mem(&layout);
         for (v, x) in [(0x20b, 1), (0x20f, 0)] {
             let bz = tmp("old", &fake_bzimage(v, x));
-            let e = load(&m, &layout, &bz, None, "").unwrap_err().to_string();
+            let e = load_paths(&m, &layout, &bz, None, "").unwrap_err().to_string();
             assert!(e.contains("64-bit entry"), "{e}");
         }
     }
@@ -336,10 +344,10 @@ mod tests {
         let m = mem(&layout);
         let bz = tmp("bz3", &fake_bzimage(0x20f, 1));
         let rd = tmp("bigrd", &vec![1; 17 << 20]);
-        let e = load(&m, &layout, &bz, Some(&rd), "").unwrap_err().to_string();
+        let e = load_paths(&m, &layout, &bz, Some(&rd), "").unwrap_err().to_string();
         assert!(e.contains("does not fit"), "{e}");
         let empty = tmp("emptyrd", b"");
-        assert!(load(&m, &layout, &bz, Some(&empty), "").unwrap_err().to_string().contains("empty"));
+        assert!(load_paths(&m, &layout, &bz, Some(&empty), "").unwrap_err().to_string().contains("empty"));
     }
 
     #[test]

@@ -75,6 +75,30 @@ struct Cli {
     /// A virtio console (hvc0 in the guest): stdio, file=PATH, pty or null [default when given without a value: pty].
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "pty")]
     console: Option<String>,
+    /// What a system call outside a thread's allow-list does: kill (stop the
+    /// VMM, naming the thread and the call), log (allow it; the kernel's
+    /// audit log records it) or off.
+    #[arg(long, value_name = "MODE", default_value = "kill")]
+    seccomp: String,
+    /// Confine the VMM once its files are open: mount, PID, IPC, UTS and
+    /// network namespaces of its own whose root is an empty tmpfs mounted
+    /// (privately) over DIR, no capabilities, no_new_privs. Needs root.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = rvirt_sandbox::jail::DEFAULT_JAIL_ROOT)]
+    jail: Option<PathBuf>,
+    /// With --jail: the unprivileged uid and gid to run as.
+    #[arg(long, value_name = "UID:GID", requires = "jail")]
+    jail_user: Option<String>,
+}
+
+/// Parses `UID:GID` (numbers; uid and gid 0 are refused: that would not drop anything).
+fn parse_jail_user(s: &str) -> rvirt_vmm::Result<(u32, u32)> {
+    let bad = || rvirt_vmm::Error::Config(format!("--jail-user must be UID:GID with numbers above 0, not '{s}'"));
+    let (u, g) = s.split_once(':').ok_or_else(bad)?;
+    let (u, g) = (u.parse::<u32>().map_err(|_| bad())?, g.parse::<u32>().map_err(|_| bad())?);
+    if u == 0 || g == 0 {
+        return Err(bad());
+    }
+    Ok((u, g))
 }
 
 fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
@@ -101,6 +125,11 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
         rng: cli.rng,
         balloon: cli.balloon,
         console: cli.console.as_deref().map(|c| SerialMode::parse_for("--console", c)).transpose()?,
+        seccomp: cli.seccomp.parse().map_err(rvirt_vmm::Error::Config)?,
+        jail: match cli.jail {
+            Some(root) => Some(rvirt_sandbox::Jail { root, user: cli.jail_user.as_deref().map(parse_jail_user).transpose()? }),
+            None => None,
+        },
     })
 }
 

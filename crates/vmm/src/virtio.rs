@@ -47,8 +47,20 @@ pub struct Backends {
     pub nets: Vec<(Arc<Tap>, [u8; 6])>,
     /// The virtio console's backend.
     pub console: Option<Console>,
-    rng: bool,
+    /// The kernel and initramfs, opened once: a reboot reloads them from
+    /// these descriptors (a jailed VMM can no longer reach their paths).
+    pub kernel: Option<KernelFiles>,
+    /// `/dev/urandom` for the virtio-rng device.
+    rng: Option<Arc<std::fs::File>>,
     balloon: bool,
+}
+
+/// A kernel and its initramfs, open.
+pub struct KernelFiles {
+    /// The kernel image.
+    pub kernel: std::fs::File,
+    /// The initramfs.
+    pub initrd: Option<std::fs::File>,
 }
 
 fn random_mac() -> [u8; 6] {
@@ -110,7 +122,20 @@ impl Backends {
             })
             .collect::<Result<Vec<_>>>()?;
         let console = cfg.console.as_ref().map(Console::open).transpose()?;
-        Ok(Self { disks, nets, console, rng: cfg.rng, balloon: cfg.balloon })
+        let kernel = match &cfg.boot {
+            crate::config::Boot::Kernel { kernel, initrd, .. } => Some(KernelFiles {
+                kernel: crate::loader::open_input("kernel", kernel)?,
+                initrd: initrd.as_deref().map(|p| crate::loader::open_input("initramfs", p)).transpose()?,
+            }),
+            crate::config::Boot::Firmware { .. } => None,
+        };
+        let rng = if cfg.rng {
+            let f = std::fs::File::open("/dev/urandom").map_err(|e| Error::Device(format!("virtio-rng: /dev/urandom: {e}")))?;
+            Some(Arc::new(f))
+        } else {
+            None
+        };
+        Ok(Self { disks, nets, console, kernel, rng, balloon: cfg.balloon })
     }
 }
 
@@ -297,9 +322,8 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, backends: &Backends) -> Resu
         b.add(&format!("net{i}"), Box::new(dev))?;
         nets.push((format!("net{i}"), handle));
     }
-    if backends.rng {
-        let rng = VirtioRng::new().map_err(|e| Error::Device(format!("virtio-rng: /dev/urandom: {e}")))?;
-        b.add("rng", Box::new(rng))?;
+    if let Some(source) = &backends.rng {
+        b.add("rng", Box::new(VirtioRng::with_source(source.clone())))?;
     }
     let mut balloon = None;
     if backends.balloon {

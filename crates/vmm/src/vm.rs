@@ -105,7 +105,12 @@ impl Vm {
         // and gets the machine's description through fw_cfg.
         let (kernel, firmware) = match (&cfg.boot, firmware) {
             (Boot::Kernel { kernel, initrd, cmdline }, _) => {
-                let k = loader::load(&mem, &layout, kernel, initrd.as_deref(), cmdline)?;
+                let files = backends.kernel.as_ref().ok_or_else(|| Error::Config(format!("kernel {} was not opened", kernel.display())))?;
+                let initrd = match (initrd, &files.initrd) {
+                    (Some(path), Some(f)) => Some((path.as_path(), f)),
+                    _ => None,
+                };
+                let k = loader::load(&mem, &layout, (kernel, &files.kernel), initrd, cmdline)?;
                 tracing::info!("loaded {:?} kernel, entry {:?}, initramfs {:?}", k.format, k.entry, k.initrd);
                 acpi::write(&mem, &acpi::build(cfg.vcpus, &pci.bus.occupied_slots(), &acpi::AcpiLayout::direct())?)?;
                 (Some(k), None)

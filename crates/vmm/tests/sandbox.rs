@@ -1,0 +1,194 @@
+//! The VMM's confinement on this host's /dev/kvm with hand-made guests:
+//! each kind of thread is stopped by its seccomp list when it makes a call
+//! outside it, and a jailed VMM holds no capability, no path to the host's
+//! files and nothing but its own descriptors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rvirt_lab::guests::{bzimage_with, print, virtio_balloon_chain_bomb, HALT_FOREVER};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rvirt-sandbox-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// rvirt-vmm on `kernel` with a balloon (so a device worker starts when the
+/// guest activates it), an API socket and serial output in `dir`.
+fn vmm(dir: &Path, kernel: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rvirt-vmm"));
+    cmd.args(["--memory", "64M", "--balloon", "--serial"])
+        .arg(format!("file={}", dir.join("serial.log").display()))
+        .arg("--api-socket")
+        .arg(dir.join("api.sock"))
+        .arg("--kernel")
+        .arg(kernel)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("vmm.log")).unwrap());
+    cmd
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn a_forbidden_call_on_each_kind_of_thread_stops_the_vmm() {
+    let dir = tmpdir("kinds");
+    let kernel = dir.join("bomb.bzImage");
+    std::fs::write(&kernel, bzimage_with(&virtio_balloon_chain_bomb())).unwrap();
+    // The main thread asks for a network socket; every other kind opens /etc/shadow.
+    for (kind, call) in [("main", libc::SYS_socket), ("vcpu", libc::SYS_openat), ("worker", libc::SYS_openat), ("api", libc::SYS_openat), ("reaper", libc::SYS_openat)] {
+        let jail = dir.join("jail");
+        let extra: &[&str] = if kind == "reaper" { &["--jail", jail.to_str().unwrap()] } else { &[] };
+        let mut child = vmm(&dir, &kernel, extra).env("RVIRT_SECCOMP_SELFTEST", kind).spawn().unwrap();
+        let status = wait_exit(&mut child, Duration::from_secs(60)).unwrap_or_else(|| panic!("{kind}: the VMM kept running"));
+        let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap();
+        assert_eq!(status.code(), Some(159), "{kind}: {log}");
+        assert!(log.contains(&format!("seccomp: the {kind} thread made forbidden system call {call};")), "{kind}: {log}");
+    }
+    // With --seccomp log the same call is allowed (the kernel's audit log
+    // records it) and the guest runs to its end; off installs nothing.
+    for mode in ["log", "off"] {
+        let mut child = vmm(&dir, &kernel, &["--seccomp", mode]).env("RVIRT_SECCOMP_SELFTEST", "worker").spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default().ends_with('\n') && Instant::now() < deadline {
+            assert!(child.try_wait().unwrap().is_none(), "{mode}: {}", std::fs::read_to_string(dir.join("vmm.log")).unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(std::fs::read_to_string(dir.join("serial.log")).unwrap(), "used 2\n", "{mode}");
+        let st = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let expected = if mode == "log" { "Seccomp:\t2" } else { "Seccomp:\t0" };
+        assert!(st.contains(expected), "{mode}: {st}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    st.lines().find_map(|l| l.strip_prefix(field)).unwrap_or_else(|| panic!("{field} in {st}")).trim().to_string()
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // Fields after the parenthesised name: state, ppid, ...
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(pid)
+        })
+        .collect()
+}
+
+fn fd_targets(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+fn wait_for_serial(dir: &Path, text: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default().contains(text) {
+        assert!(Instant::now() < deadline, "no '{text}' on the serial console");
+        assert!(child.try_wait().unwrap().is_none(), "the VMM ended: {}", std::fs::read_to_string(dir.join("vmm.log")).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_jailed_vmm_holds_no_capability_no_host_path_and_only_its_own_descriptors() {
+    let dir = tmpdir("jail");
+    let kernel = dir.join("idle.bzImage");
+    let mut code = print(b"up\n");
+    code.extend(HALT_FOREVER);
+    std::fs::write(&kernel, bzimage_with(&code)).unwrap();
+    let jail = dir.join("jail-root");
+    let mut reaper = vmm(&dir, &kernel, &["--jail", jail.to_str().unwrap(), "--jail-user", "4242:4343"]).spawn().unwrap();
+    wait_for_serial(&dir, "up", &mut reaper);
+    let mut api = rvirt_api::ApiClient::connect(&dir.join("api.sock"), Duration::from_secs(10)).unwrap();
+    let status = api.call(&rvirt_api::Request::Status).unwrap();
+    assert!(status.ok, "the API answers from inside the jail: {status:?}");
+
+    let outer = reaper.id();
+    let inner = children_of(outer);
+    assert_eq!(inner.len(), 1, "the reaper has the VMM as its only child: {inner:?}");
+    let inner = inner[0];
+    for (pid, what) in [(outer, "reaper"), (inner, "VMM")] {
+        assert_eq!(status_field(pid, "Seccomp:"), "2", "{what}");
+        assert_eq!(status_field(pid, "NoNewPrivs:"), "1", "{what}");
+        for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(status_field(pid, caps), "0000000000000000", "{what} {caps}");
+        }
+        assert_eq!(status_field(pid, "Uid:").split_whitespace().collect::<Vec<_>>(), ["4242"; 4], "{what}");
+        assert_eq!(status_field(pid, "Gid:").split_whitespace().collect::<Vec<_>>(), ["4343"; 4], "{what}");
+        for ns in ["mnt", "ipc", "uts", "net"] {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+            let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+            assert_ne!(theirs, ours, "{what} has its own {ns} namespace");
+        }
+    }
+    let pid_ns = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/pid")).unwrap();
+    assert_ne!(pid_ns(inner), pid_ns(outer), "the VMM is in a PID namespace of its own");
+    assert_eq!(status_field(inner, "NSpid:").split_whitespace().last(), Some("1"), "the VMM is PID 1 there");
+
+    // Its root is an empty tmpfs: no /etc/shadow, nothing at all.
+    let root = PathBuf::from(format!("/proc/{inner}/root"));
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "the jail's root is empty");
+    assert!(!root.join("etc/shadow").exists());
+    // The host's directory is untouched (the tmpfs is mounted in the VMM's namespace only).
+    assert_eq!(std::fs::read_dir(&jail).unwrap().count(), 0);
+
+    // Descriptors: what it was given and what it made, nothing else.
+    let kernel_s = kernel.display().to_string();
+    let serial_s = dir.join("serial.log").display().to_string();
+    let log_s = dir.join("vmm.log").display().to_string();
+    for t in fd_targets(inner) {
+        let own = t == "/dev/null" || t == "/dev/kvm" || t == kernel_s || t == serial_s || t == log_s
+            || t.starts_with("anon_inode:") || t.starts_with("socket:") || t.starts_with("pipe:");
+        assert!(own, "the VMM holds {t}");
+    }
+    let outer_fds = fd_targets(outer);
+    assert_eq!(outer_fds.len(), 3, "the reaper keeps only stdin, stdout and stderr: {outer_fds:?}");
+
+    // SIGTERM to the process rvirtd knows reaches the VMM, which stops as asked.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(outer as i32, libc::SIGTERM) };
+    let st = wait_exit(&mut reaper, Duration::from_secs(30)).expect("the VMM stops on SIGTERM");
+    assert_eq!(st.code(), Some(0), "{}", std::fs::read_to_string(dir.join("vmm.log")).unwrap());
+    assert!(std::fs::read_to_string(dir.join("vmm.log")).unwrap().contains("stopped"));
+
+    // Killing the reaper outright takes the VMM with it.
+    let mut reaper = vmm(&dir, &kernel, &["--jail", jail.to_str().unwrap()]).spawn().unwrap();
+    std::fs::remove_file(dir.join("serial.log")).ok();
+    wait_for_serial(&dir, "up", &mut reaper);
+    let inner = children_of(reaper.id());
+    assert_eq!(inner.len(), 1);
+    reaper.kill().unwrap();
+    let _ = reaper.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{}", inner[0])).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!Path::new(&format!("/proc/{}/status", inner[0])).exists(), "the VMM outlived its reaper");
+    let _ = std::fs::remove_dir_all(&dir);
+}
