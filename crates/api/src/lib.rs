@@ -69,6 +69,10 @@ pub enum Request {
         /// Eject even though the guest locked the tray.
         #[serde(default)]
         force: bool,
+        /// The disc is the descriptor sent with the request (SCM_RIGHTS);
+        /// `path` only names it. A jailed VMM can open no path.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fd: bool,
     },
 }
 
@@ -232,6 +236,44 @@ impl ApiClient {
         let mut line = serde_json::to_string(req).map_err(|e| self.protocol(e.to_string()))?;
         line.push('\n');
         self.writer.write_all(line.as_bytes()).map_err(|e| self.io(e))?;
+        let mut answer = String::new();
+        let n = self.reader.read_line(&mut answer).map_err(|e| self.io(e))?;
+        if n == 0 {
+            return Err(self.protocol("connection closed before a response".into()));
+        }
+        serde_json::from_str(&answer).map_err(|e| self.protocol(format!("{e}: {}", answer.trim())))
+    }
+
+    /// Sends `req` with `fd` attached (SCM_RIGHTS) and waits for its
+    /// response: how rvirtd hands a jailed VMM a file it cannot open itself.
+    pub fn call_with_fd(&mut self, req: &Request, fd: std::os::fd::BorrowedFd<'_>) -> Result<Response, ClientError> {
+        use std::os::fd::AsRawFd;
+        let mut line = serde_json::to_string(req).map_err(|e| self.protocol(e.to_string()))?;
+        line.push('\n');
+        let bytes = line.as_bytes();
+        // The descriptor travels with the first bytes; the rest follow as usual.
+        let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+        let mut control = vec![0u8; space];
+        // SAFETY: msghdr is plain data; every pointer set below refers to live buffers of this frame.
+        let sent = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd.as_raw_fd());
+            libc::sendmsg(self.writer.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+        };
+        if sent < 0 {
+            return Err(self.io(std::io::Error::last_os_error()));
+        }
+        self.writer.write_all(&bytes[sent as usize..]).map_err(|e| self.io(e))?;
         let mut answer = String::new();
         let n = self.reader.read_line(&mut answer).map_err(|e| self.io(e))?;
         if n == 0 {

@@ -76,6 +76,18 @@ impl RawImage {
         Self::from_locked(file, path, opts.read_only, opts.direct)
     }
 
+    /// A read-only raw image on a file opened by someone else (a descriptor
+    /// passed to a jailed VMM), `name` naming it in messages; refused unless
+    /// a regular file or block device, locked as [`RawImage::open_with`] locks.
+    pub fn from_file(file: std::fs::File, name: &Path, opts: &ImageOptions) -> Result<Self> {
+        let ft = file.metadata().map_err(|e| io_err(name, e))?.file_type();
+        if !(ft.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&ft)) {
+            return Err(io_err(name, std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file or block device")));
+        }
+        crate::lock::lock(&file, name, Permissions::for_image(true, false, opts.locking))?;
+        Self::from_locked(file, name, true, false)
+    }
+
     /// Opens a raw backing file: read-only, locked so nobody changes it underneath.
     pub(crate) fn open_backing(path: &Path, locking: crate::Locking) -> Result<Self> {
         let file = open_checked(path, false, Kind::RegularOrBlock, 0).map_err(|e| io_err(path, e))?;

@@ -113,6 +113,39 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The command's name, as on the wire (`list`, `start`, ...), for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::List { .. } => "list",
+            Self::Define { .. } => "define",
+            Self::Create { .. } => "create",
+            Self::Undefine { .. } => "undefine",
+            Self::Start { .. } => "start",
+            Self::Shutdown { .. } => "shutdown",
+            Self::Destroy { .. } => "destroy",
+            Self::Reboot { .. } => "reboot",
+            Self::Suspend { .. } => "suspend",
+            Self::Resume { .. } => "resume",
+            Self::DumpXml { .. } => "dump-xml",
+            Self::DomInfo { .. } => "dom-info",
+            Self::DomState { .. } => "dom-state",
+            Self::Autostart { .. } => "autostart",
+            Self::Console { .. } => "console",
+            Self::ChangeMedia { .. } => "change-media",
+        }
+    }
+
+    /// Whether the request only reads (the read-only socket answers it).
+    /// The console is not: it types into the guest.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Self::List { .. } | Self::DumpXml { .. } | Self::DomInfo { .. } | Self::DomState { .. })
+    }
+}
+
+/// Default read-only socket of the daemon.
+pub const DEFAULT_RO_SOCKET: &str = "/run/rvirt/rvirtd-ro.sock";
+
 /// A domain's state, named as virsh names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

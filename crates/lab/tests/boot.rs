@@ -22,7 +22,7 @@ const CMDLINE: &str = "console=ttyS0 panic=-1 rvirt.test=hello-from-the-lab";
 fn boot_script(kernel: &str) -> String {
     format!(
         r#"echo "@@BEGIN-L2"
-rvirt-vmm --kernel {kernel} --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "{CMDLINE}" </dev/null
+rvirt-vmm --jail --kernel {kernel} --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "{CMDLINE}" </dev/null
 echo "@@VMM-EXIT=$?"
 echo "@@END-L2"
 "#
@@ -96,7 +96,7 @@ fn l2_triple_fault_addresses_are_traced_in_l1() {
     jump.extend([0xff, 0xe0]); // jmp rax
     let script = r#"
 for g in ud2 jump; do
-  rvirt-vmm --kernel /l2/$g --cpus 1 --memory 64M </dev/null > /tmp/vmm.log 2>&1
+  rvirt-vmm --jail --kernel /l2/$g --cpus 1 --memory 64M </dev/null > /tmp/vmm.log 2>&1
   echo "@@VMM-EXIT-$g=$?"
   grep -q 'triple fault' /tmp/vmm.log && echo "@@VMM-TRIPLE-$g=yes"
 done
@@ -121,7 +121,7 @@ done
 }
 
 const API_SCRIPT: &str = r#"
-rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M \
+rvirt-vmm --jail --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M \
   --cmdline "console=ttyS0 panic=-1 quiet" --serial file=/tmp/l2.log --api-socket /tmp/vm.sock </dev/null &
 vmm=$!
 for i in $(seq 1 600); do grep -q '@@L2-READY' /tmp/l2.log 2>/dev/null && break; sleep 0.5; done

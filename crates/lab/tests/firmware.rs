@@ -33,7 +33,7 @@ boot() {
   run=$1; shift
   rm -f /tmp/serial.log
   t0=$(cut -d' ' -f1 /proc/uptime)
-  rvirt-vmm --memory 512M --serial file=/tmp/serial.log --uuid UUID "$@" </dev/null > /tmp/vmm-$run.log 2>&1 &
+  rvirt-vmm --jail --memory 512M --serial file=/tmp/serial.log --uuid UUID "$@" </dev/null > /tmp/vmm-$run.log 2>&1 &
   vmm=$!
   # Progress on L1's console (the lab counts a silent console as a stall).
   n=0

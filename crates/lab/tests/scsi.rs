@@ -48,7 +48,7 @@ cp /l2/seed.iso /tmp/disc1.iso
 dd if=/dev/urandom of=/tmp/disc2.iso bs=2048 count=700 2>/dev/null
 echo "@@DISC1=$(sha256sum /tmp/disc1.iso | cut -d' ' -f1)"
 echo "@@DISC2=$(sha256sum /tmp/disc2.iso | cut -d' ' -f1)"
-rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --memory 512M --cpus 2 --cmdline "console=ttyS0 panic=-1" \
+rvirt-vmm --jail --kernel /l2/vmlinuz --initrd /l2/initrd.gz --memory 512M --cpus 2 --cmdline "console=ttyS0 panic=-1" \
   --serial file=/tmp/l2.log --api-socket /tmp/vm.sock \
   --disk path=/tmp/sd.raw,bus=scsi,serial=scsi-disk-0 --disk path=/tmp/disc1.iso,media=cdrom </dev/null &
 vmm=$!
@@ -180,7 +180,7 @@ printf 'rvirt-scsi-disk!' > /tmp/sd.raw
 truncate -s 16M /tmp/sd.raw
 for name in plain hybrid; do
   N=$(echo $name | tr a-z A-Z)
-  rvirt-vmm --memory 512M --cpus 1 --boot-order dc --disk path=/l2/$name.iso,media=cdrom --disk path=/tmp/sd.raw,bus=scsi \
+  rvirt-vmm --jail --memory 512M --cpus 1 --boot-order dc --disk path=/l2/$name.iso,media=cdrom --disk path=/tmp/sd.raw,bus=scsi \
     --serial file=/tmp/$name.log </dev/null > /tmp/vmm-$name.log 2>&1 &
   vmm=$!
   n=0

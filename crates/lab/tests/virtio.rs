@@ -54,7 +54,7 @@ qemu-img create -q -f qcow2 /tmp/disk.qcow2 64M
 # Data in the discarded range must come back as a hole.
 dd if=/dev/urandom of=/tmp/disk.raw bs=1M seek=32 count=4 conv=notrunc 2>/dev/null
 echo "@@BEGIN-L2"
-rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --memory 512M --cpus 2 \
+rvirt-vmm --jail --kernel /l2/vmlinuz --initrd /l2/initrd.gz --memory 512M --cpus 2 \
   --cmdline "console=ttyS0 panic=-1" \
   --disk path=/tmp/disk.raw,serial=rvirt-disk-0 --disk path=/tmp/ro.raw,readonly=on \
   --disk path=/tmp/disk.qcow2,format=qcow2 </dev/null
@@ -152,7 +152,7 @@ sleep 1000
 
 const DEVICES_L1: &str = r#"
 insmod /lib/modules/tun.ko
-rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --memory 512M --cpus 2 \
+rvirt-vmm --jail --kernel /l2/vmlinuz --initrd /l2/initrd.gz --memory 512M --cpus 2 \
   --cmdline "console=ttyS0 panic=-1 pci=nomsi" --serial file=/tmp/l2.log --api-socket /tmp/vm.sock \
   --net tap=tap0,mac=52:54:00:12:34:56 --rng --balloon --console file=/tmp/hvc0.log </dev/null &
 vmm=$!

@@ -14,8 +14,8 @@
 //! timeouts), so a thousand idle clients do not slow the busy one.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::io::{ErrorKind, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -126,6 +126,10 @@ struct Conn {
     close_after: bool,
     /// The epoll events it is registered for (0: not registered).
     registered: u32,
+    /// Who connected.
+    peer: Peer,
+    /// Descriptors it sent, for its next request.
+    fds: Vec<OwnedFd>,
 }
 
 impl Conn {
@@ -143,7 +147,7 @@ impl Conn {
 pub fn spawn(listener: UnixListener, limits: Limits, handler: Arc<Handler>) -> std::io::Result<Server> {
     listener.set_nonblocking(true)?;
     let stats = Arc::new(Mutex::new(Stats::default()));
-    let (job_tx, job_rx) = mpsc::channel::<(u64, Vec<u8>, u8)>();
+    let (job_tx, job_rx) = mpsc::channel::<Job>();
     let (done_tx, done_rx) = mpsc::channel::<(u64, Vec<u8>)>();
     let wake = wake_pipe()?;
     let job_rx = Arc::new(Mutex::new(job_rx));
@@ -170,18 +174,115 @@ pub fn spawn(listener: UnixListener, limits: Limits, handler: Arc<Handler>) -> s
     Ok(Server { stats })
 }
 
+/// A request for a worker: connection id, line, kind, who sent it, and the
+/// descriptors the client sent since its previous request.
+type Job = (u64, Vec<u8>, u8, Peer, Vec<OwnedFd>);
+
+/// Descriptors a connection may have waiting (SCM_RIGHTS); more are closed
+/// as they arrive.
+pub const MAX_FDS_PER_CONNECTION: usize = 4;
+
+/// Who is on the other end of a connection (SO_PEERCRED at accept).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The client's process id (in the server's PID namespace).
+    pub pid: i32,
+    /// Its user id.
+    pub uid: u32,
+    /// Its group id.
+    pub gid: u32,
+}
+
+impl Peer {
+    /// The credentials of the process on the other end of `stream`.
+    pub fn of(stream: &UnixStream) -> std::io::Result<Self> {
+        // SAFETY: getsockopt writes at most `len` bytes into the ucred we own.
+        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, std::ptr::addr_of_mut!(cred).cast(), &mut len)
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { pid: cred.pid, uid: cred.uid, gid: cred.gid })
+    }
+}
+
+thread_local! {
+    static PEER: std::cell::Cell<Option<Peer>> = const { std::cell::Cell::new(None) };
+    static FDS: std::cell::RefCell<Vec<OwnedFd>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The descriptors the client sent with the request the calling worker
+/// thread is answering (inside a [`Handler`]); those not taken are closed
+/// when the handler returns.
+pub fn take_fds() -> Vec<OwnedFd> {
+    FDS.with(|f| std::mem::take(&mut *f.borrow_mut()))
+}
+
+/// Reads like `read(2)`, keeping descriptors passed with the bytes in `fds`
+/// (at most [`MAX_FDS_PER_CONNECTION`]; the rest are closed).
+fn recv_with_fds(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
+    use std::os::fd::FromRawFd;
+    const MAX: usize = MAX_FDS_PER_CONNECTION;
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE((MAX * std::mem::size_of::<libc::c_int>()) as u32) } as usize;
+    let mut control = [0u64; 8];
+    debug_assert!(space <= std::mem::size_of_val(&control));
+    // SAFETY: msghdr is plain data pointing at live buffers of this frame;
+    // the kernel fills at most their lengths, and each descriptor it reports
+    // is new and ours (MSG_CMSG_CLOEXEC).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let n = libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<libc::c_int>();
+                for i in 0..count {
+                    let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                    if fds.len() < MAX {
+                        fds.push(fd);
+                    }
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        Ok(n as usize)
+    }
+}
+
+/// The client whose request the calling worker thread is answering (inside a
+/// [`Handler`]); `None` elsewhere.
+pub fn peer() -> Option<Peer> {
+    PEER.with(|p| p.get())
+}
+
 const KIND_REQUEST: u8 = 0;
 const KIND_TOO_LONG: u8 = 1;
 
-fn worker(jobs: &Mutex<Receiver<(u64, Vec<u8>, u8)>>, done: &Sender<(u64, Vec<u8>)>, handler: &Handler, wake: RawFd) {
+fn worker(jobs: &Mutex<Receiver<Job>>, done: &Sender<(u64, Vec<u8>)>, handler: &Handler, wake: RawFd) {
     loop {
         let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        let Ok((id, line, kind)) = job else { return };
+        let Ok((id, line, kind, peer, fds)) = job else { return };
+        PEER.with(|p| p.set(Some(peer)));
+        FDS.with(|f| *f.borrow_mut() = fds);
         let mut out = handler(match kind {
             KIND_TOO_LONG => Line::TooLong,
             _ => Line::Request(&line),
         });
         out.push(b'\n');
+        drop(take_fds());
         if done.send((id, out)).is_err() {
             return;
         }
@@ -241,7 +342,7 @@ impl Interest {
 fn poll_loop(
     listener: UnixListener,
     limits: Limits,
-    jobs: Sender<(u64, Vec<u8>, u8)>,
+    jobs: Sender<Job>,
     done: Receiver<(u64, Vec<u8>)>,
     wake: RawFd,
     busy: &[u8],
@@ -287,7 +388,7 @@ fn poll_loop(
                     touched.push(id);
                     if matches!(c.state, State::Reading) && revents & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
                         loop {
-                            match c.stream.read(&mut chunk) {
+                            match recv_with_fds(&c.stream, &mut chunk, &mut c.fds) {
                                 Ok(0) => {
                                     c.eof = true;
                                     break;
@@ -360,6 +461,7 @@ fn poll_loop(
                         }
                         let id = next_id;
                         next_id += 1;
+                        let peer = Peer::of(&stream).unwrap_or_default();
                         let mut conn = Conn {
                             stream,
                             buf: Vec::new(),
@@ -370,6 +472,8 @@ fn poll_loop(
                             broken: false,
                             close_after: false,
                             registered: 0,
+                            peer,
+                            fds: Vec::new(),
                         };
                         interest.update(id, &mut conn);
                         conns.insert(id, conn);
@@ -439,7 +543,7 @@ fn advance(
     c: &mut Conn,
     limits: &Limits,
     now: Instant,
-    jobs: &Sender<(u64, Vec<u8>, u8)>,
+    jobs: &Sender<Job>,
     buffered: &mut usize,
     dropped: &mut u64,
 ) -> bool {
@@ -472,9 +576,9 @@ fn advance(
         c.state = State::Busy;
         if line.len() > limits.max_line {
             c.close_after = true;
-            let _ = jobs.send((id, Vec::new(), KIND_TOO_LONG));
+            let _ = jobs.send((id, Vec::new(), KIND_TOO_LONG, c.peer, Vec::new()));
         } else {
-            let _ = jobs.send((id, line, KIND_REQUEST));
+            let _ = jobs.send((id, line, KIND_REQUEST, c.peer, std::mem::take(&mut c.fds)));
         }
         return false;
     }
@@ -484,7 +588,7 @@ fn advance(
         c.buf = Vec::new();
         c.close_after = true;
         c.state = State::Busy;
-        let _ = jobs.send((id, Vec::new(), KIND_TOO_LONG));
+        let _ = jobs.send((id, Vec::new(), KIND_TOO_LONG, c.peer, Vec::new()));
         return false;
     }
     if !c.buf.is_empty() {

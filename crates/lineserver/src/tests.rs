@@ -22,6 +22,7 @@ fn start(name: &str, limits: Limits) -> (PathBuf, Server) {
             b"SLEPT".to_vec()
         }
         Line::Request(b"big") => vec![b'x'; 4 << 20],
+        Line::Request(b"who") => peer().map(|p| format!("{} {} {}", p.pid, p.uid, p.gid)).unwrap_or_default().into_bytes(),
         Line::Request(r) => r.to_ascii_uppercase(),
         Line::TooLong => b"too long".to_vec(),
         Line::Busy => b"busy".to_vec(),
@@ -49,6 +50,16 @@ fn wait_for(server: &Server, what: &str, ok: impl Fn(Stats) -> bool) {
         assert!(Instant::now() < deadline, "{what}: {:?}", server.stats());
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn handlers_know_who_sent_the_request() {
+    let (p, _server) = start("peer", Limits::default());
+    let mut c = connect(&p);
+    // SAFETY: getuid and getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    assert_eq!(ask(&mut c, "who"), format!("{} {uid} {gid}", std::process::id()));
+    assert_eq!(peer(), None, "only inside a handler");
 }
 
 #[test]

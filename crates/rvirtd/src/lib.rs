@@ -6,6 +6,7 @@
 //! records. See docs/rvirtd.md.
 
 pub mod manager;
+pub mod policy;
 pub mod process;
 pub mod server;
 pub mod storage;
@@ -27,6 +28,10 @@ pub struct DaemonConfig {
     pub vmm: PathBuf,
     /// A group allowed to use the socket besides root.
     pub group: Option<String>,
+    /// The read-only socket (list, dominfo, domstate, dumpxml), open to every local user.
+    pub read_only_socket: Option<PathBuf>,
+    /// What domains may touch and how VMMs are confined.
+    pub policy: policy::Policy,
 }
 
 /// Where `rvirt-vmm` is: next to this executable, else on `PATH`.
@@ -44,10 +49,14 @@ pub fn default_vmm() -> PathBuf {
 pub fn run(cfg: &DaemonConfig) -> anyhow::Result<()> {
     let store = Store::open(&cfg.state_dir)?;
     let listener = server::bind(&cfg.socket, cfg.group.as_deref())?;
-    let mgr = Manager::open(store, cfg.vmm.clone())?;
+    let read_only = cfg.read_only_socket.as_deref().map(server::bind_read_only).transpose()?;
+    if cfg.policy.jail.is_none() {
+        tracing::warn!("VMMs run without a jail (rvirtd is not root, or --no-jail): each still filters its system calls");
+    }
+    let mgr = Manager::open(store, cfg.vmm.clone(), cfg.policy.clone())?;
     mgr.spawn_monitor().map_err(|e| anyhow::anyhow!("starting the monitor thread: {e}"))?;
     tracing::info!("rvirtd listening on {}", cfg.socket.display());
     let auto = mgr.clone();
     std::thread::spawn(move || auto.autostart());
-    server::serve(listener, mgr)
+    server::serve(listener, read_only, mgr)
 }

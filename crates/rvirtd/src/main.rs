@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use rvirt_domain::protocol::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+use rvirt_domain::protocol::{DEFAULT_RO_SOCKET, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+use rvirtd::policy::{Policy, DEFAULT_ALLOW, DEFAULT_ALLOW_READ_ONLY, DEFAULT_JAIL_UID_BASE};
 
 /// The rvirt management daemon: stores domains and runs their VMMs.
 #[derive(Parser, Debug)]
@@ -22,6 +23,31 @@ struct Cli {
     /// A group whose members may use the socket (mode 0660); otherwise only its owner (0600).
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
+    /// The read-only socket (list, dominfo, domstate, dumpxml), mode 0666.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_RO_SOCKET)]
+    read_only_socket: PathBuf,
+    /// No read-only socket.
+    #[arg(long, conflicts_with = "read_only_socket")]
+    no_read_only_socket: bool,
+    /// A directory whose files domains may use in every way (disk images);
+    /// repeatable [default: /var/lib/rvirt/images, /var/lib/libvirt/images].
+    #[arg(long, value_name = "DIR")]
+    allow_path: Vec<PathBuf>,
+    /// A directory whose files domains may only read (kernels, firmware,
+    /// discs, read-only disks); repeatable [default: /boot, /usr/share/seabios,
+    /// /usr/share/qemu, /var/lib/libvirt/boot].
+    #[arg(long, value_name = "DIR")]
+    allow_path_ro: Vec<PathBuf>,
+    /// Start VMMs without the jail (namespaces, empty root, no capabilities,
+    /// own uid); their system calls are still filtered. Without root there is no jail.
+    #[arg(long)]
+    no_jail: bool,
+    /// Jailed VMMs run as uid and gid BASE + domain id.
+    #[arg(long, value_name = "BASE", default_value_t = DEFAULT_JAIL_UID_BASE)]
+    jail_uid_base: u32,
+    /// Jailed VMMs keep uid 0 (without any capability) instead of their own uid.
+    #[arg(long)]
+    jail_keep_uid: bool,
 }
 
 fn main() -> ExitCode {
@@ -36,7 +62,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RVIRT_LOG").unwrap_or_else(|_| "info".into()))
         .init();
-    let cfg = rvirtd::DaemonConfig { state_dir: cli.state_dir, socket: cli.socket, vmm: cli.vmm.unwrap_or_else(rvirtd::default_vmm), group: cli.group };
+    let dirs = |given: Vec<PathBuf>, default: &[&str]| if given.is_empty() { default.iter().map(PathBuf::from).collect() } else { given };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let jail = (root && !cli.no_jail).then_some((!cli.jail_keep_uid).then_some(cli.jail_uid_base));
+    let policy = Policy::new(&dirs(cli.allow_path, DEFAULT_ALLOW), &dirs(cli.allow_path_ro, DEFAULT_ALLOW_READ_ONLY), jail);
+    let cfg = rvirtd::DaemonConfig {
+        state_dir: cli.state_dir,
+        socket: cli.socket,
+        vmm: cli.vmm.unwrap_or_else(rvirtd::default_vmm),
+        group: cli.group,
+        read_only_socket: (!cli.no_read_only_socket).then_some(cli.read_only_socket),
+        policy,
+    };
     match rvirtd::run(&cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

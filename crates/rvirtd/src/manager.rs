@@ -73,6 +73,7 @@ struct Inner {
 pub struct Manager {
     store: Store,
     vmm: PathBuf,
+    policy: crate::policy::Policy,
     inner: Mutex<Inner>,
     changed: Condvar,
 }
@@ -84,6 +85,16 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 fn vmm_call(socket: &Path, req: &VmmRequest, timeout: Duration) -> Result<rvirt_api::Response, String> {
     let mut c = ApiClient::connect(socket, timeout).map_err(|e| e.to_string())?;
     let r = c.call(req).map_err(|e| e.to_string())?;
+    if r.ok {
+        Ok(r)
+    } else {
+        Err(r.error.unwrap_or_else(|| "the VMM refused the request".into()))
+    }
+}
+
+fn vmm_call_with_fd(socket: &Path, req: &VmmRequest, fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> Result<rvirt_api::Response, String> {
+    let mut c = ApiClient::connect(socket, timeout).map_err(|e| e.to_string())?;
+    let r = c.call_with_fd(req, fd).map_err(|e| e.to_string())?;
     if r.ok {
         Ok(r)
     } else {
@@ -112,7 +123,7 @@ impl Inner {
 impl Manager {
     /// Loads the state directory: definitions, autostart marks, and the VMMs
     /// a previous daemon started (adopted when still running).
-    pub fn open(store: Store, vmm: PathBuf) -> anyhow::Result<Arc<Self>> {
+    pub fn open(store: Store, vmm: PathBuf, policy: crate::policy::Policy) -> anyhow::Result<Arc<Self>> {
         let mut inner = Inner { domains: BTreeMap::new(), next_id: 1 };
         for (name, text) in store.definitions() {
             let parsed = text.map_err(|e| e.to_string()).and_then(|t| DomainXml::parse(&t).map_err(|e| e.to_string()));
@@ -125,7 +136,7 @@ impl Manager {
                 Err(e) => tracing::error!("definition '{name}' is unreadable and was skipped: {e}"),
             }
         }
-        let mgr = Arc::new(Self { store, vmm, inner: Mutex::new(inner), changed: Condvar::new() });
+        let mgr = Arc::new(Self { store, vmm, policy, inner: Mutex::new(inner), changed: Condvar::new() });
         mgr.adopt_running();
         Ok(mgr)
     }
@@ -333,7 +344,13 @@ impl Manager {
     /// Spawns the VMM for `name` with `def`; the domain is `running` from here.
     fn spawn(&self, g: &mut Inner, name: &str, def: DomainXml) -> Result<(PathBuf, u64), String> {
         Self::check_files(&def)?;
+        self.policy.check_domain(&def)?;
         let chains = storage::resolve_chains(&def)?;
+        for (disk, chain) in def.disks.iter().zip(&chains) {
+            for (backing, _) in chain {
+                self.policy.check(&format!("backing file of disk ({})", disk.target), backing, false)?;
+            }
+        }
         let others =
             g.domains.iter().filter(|(n, _)| n.as_str() != name).filter_map(|(n, d)| d.run.as_ref().map(|r| (n.as_str(), &r.def, &r.chains)));
         storage::check_disk_conflicts(name, &def, &chains, others)?;
@@ -348,7 +365,8 @@ impl Manager {
         let log = self.store.log(name);
         let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let _ = std::fs::remove_file(&api_socket);
-        let args = def.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains });
+        let mut args = def.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains });
+        args.extend(self.policy.jail_args(&self.store.jail_dir(), id));
         let child = process::spawn_vmm(&self.vmm, &args, &log).map_err(|e| format!("starting {}: {e}", self.vmm.display()))?;
         g.next_id += 1;
         let pid = child.id();
@@ -559,16 +577,28 @@ impl Manager {
                 (None, _) => return Err(format!("domain '{name}' has no drive {target}")),
             }
         };
-        if let Some(p) = path {
-            if !p.is_absolute() {
-                return Err(format!("'{}' must be an absolute path (rvirtd does not share your working directory)", p.display()));
+        // rvirtd opens the disc itself, where the path policy allows, and
+        // hands the VMM the descriptor: a jailed VMM can open no path.
+        let disc = match path {
+            Some(p) => {
+                if !p.is_absolute() {
+                    return Err(format!("'{}' must be an absolute path (rvirtd does not share your working directory)", p.display()));
+                }
+                let real = self.policy.check("disc", p, false)?;
+                let file = rvirt_block::file::open_checked(&real, false, rvirt_block::file::Kind::RegularOrBlock, 0)
+                    .map_err(|e| format!("{}: {e}", p.display()))?;
+                Some(file)
             }
-            std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        }
-        let req = VmmRequest::ChangeMedia { device: format!("disk{index}"), path: path.map(Path::to_path_buf), force };
+            None => None,
+        };
+        let req = VmmRequest::ChangeMedia { device: format!("disk{index}"), path: path.map(Path::to_path_buf), force, fd: disc.is_some() };
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            match vmm_call(&socket, &req, Duration::from_secs(10)) {
+            let call = match &disc {
+                Some(f) => vmm_call_with_fd(&socket, &req, std::os::fd::AsFd::as_fd(f), Duration::from_secs(10)),
+                None => vmm_call(&socket, &req, Duration::from_secs(10)),
+            };
+            match call {
                 Ok(_) => break,
                 Err(e) if e.contains("locked the tray") && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
                 Err(e) => return Err(format!("domain '{name}': {e}")),

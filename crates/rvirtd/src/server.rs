@@ -17,6 +17,19 @@ use crate::manager::Manager;
 /// A socket file nobody answers on (a daemon that died) is replaced; one a
 /// live daemon answers on is an error.
 pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
+    let gid = group.map(group_id).transpose()?;
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    bind_mode(path, mode, gid)
+}
+
+/// Binds the read-only socket at `path`, mode 0666: any local user may list
+/// domains and read their state and definitions there (libvirt's
+/// `libvirt-sock-ro`), and nothing else.
+pub fn bind_read_only(path: &Path) -> Result<UnixListener> {
+    bind_mode(path, 0o666, None)
+}
+
+fn bind_mode(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -26,8 +39,6 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    let gid = group.map(group_id).transpose()?;
-    let mode = if gid.is_some() { 0o660 } else { 0o600 };
     let listener = rvirt_lineserver::bind_with_mode(path, mode).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))?;
     if let Some(gid) = gid {
@@ -59,23 +70,46 @@ pub fn limits() -> rvirt_lineserver::Limits {
     rvirt_lineserver::Limits { max_line: MAX_REQUEST_BYTES, workers: 16, ..rvirt_lineserver::Limits::default() }
 }
 
-/// Serves clients until the process ends.
-pub fn serve(listener: UnixListener, mgr: Arc<Manager>) -> Result<()> {
-    rvirt_lineserver::raise_fd_limit();
-    let handler: Arc<rvirt_lineserver::Handler> = Arc::new(move |line: Line| {
+/// The handler of one socket: requests parsed and answered by `mgr`; on
+/// the read-only socket only those that change nothing. Each request is
+/// logged with the client's pid, uid and gid.
+fn handler(mgr: Arc<Manager>, read_only: bool) -> Arc<rvirt_lineserver::Handler> {
+    Arc::new(move |line: Line| {
         let response = match line {
             Line::TooLong => Response::error(format!("request longer than {MAX_REQUEST_BYTES} bytes")),
             Line::Busy => Response::error("rvirtd has too many clients connected; try again"),
             Line::Request(bytes) => match std::str::from_utf8(bytes) {
                 Err(_) => Response::error("malformed request: not UTF-8"),
                 Ok(text) => match parse_request(text) {
-                    Ok(req) => mgr.handle(req),
+                    Ok(req) => {
+                        let peer = rvirt_lineserver::peer().unwrap_or_default();
+                        let socket = if read_only { "read-only" } else { "read-write" };
+                        tracing::info!(pid = peer.pid, uid = peer.uid, gid = peer.gid, socket, request = req.name(), "request");
+                        if read_only && !req.is_read_only() {
+                            Response::error(format!(
+                                "'{}' changes domains, which the read-only socket does not allow; use the read-write socket (root or the daemon's group)",
+                                req.name()
+                            ))
+                        } else {
+                            mgr.handle(req)
+                        }
+                    }
                     Err(e) => Response::error(e),
                 },
             },
         };
         serde_json::to_vec(&response).unwrap_or_else(|_| br#"{"ok":false,"error":"internal error"}"#.to_vec())
-    });
+    })
+}
+
+/// Serves clients on the read-write socket (and the read-only one, if
+/// bound) until the process ends.
+pub fn serve(listener: UnixListener, read_only: Option<UnixListener>, mgr: Arc<Manager>) -> Result<()> {
+    rvirt_lineserver::raise_fd_limit();
+    if let Some(ro) = read_only {
+        rvirt_lineserver::spawn(ro, limits(), handler(mgr.clone(), true)).context("starting the read-only socket server")?;
+    }
+    let handler = handler(mgr, false);
     rvirt_lineserver::spawn(listener, limits(), handler).context("starting the socket server")?;
     loop {
         std::thread::park();

@@ -135,6 +135,12 @@ impl Store {
         self.root.join("run").join(format!("{id}.sock"))
     }
 
+    /// The directory each jailed VMM mounts its empty root over (in its own
+    /// mount namespace; it stays empty here).
+    pub fn jail_dir(&self) -> PathBuf {
+        self.root.join("jail")
+    }
+
     /// The log of domain `name`.
     pub fn log(&self, name: &str) -> PathBuf {
         self.root.join("log").join(format!("{name}.log"))

@@ -158,7 +158,8 @@ fn the_daemon_s_descriptors_do_not_leak_into_vmms() {
     let f = d.xml_file("leak", &domain_xml("leak", &k.idle, ""));
     d.ok(&["define", f.to_str().unwrap()]);
     d.ok(&["start", "leak"]);
-    let vmm = d.vmm_pid("leak") as u32;
+    // The process rvirtd started is the jail's reaper; the VMM is its child.
+    let vmm = d.jailed_vmm_pid("leak");
     let daemon = ipc_inodes(d.pid());
     let shared: Vec<String> = ipc_inodes(vmm).into_iter().filter(|i| daemon.contains(i)).collect();
     let listing = |pid: u32| -> Vec<String> {

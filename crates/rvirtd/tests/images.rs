@@ -48,7 +48,7 @@ fn a_guest_written_qcow2_header_cannot_make_the_vmm_open_a_host_file() {
     let f = d.xml_file("victim", &domain_xml("victim", &k.idle, &disk_xml(&disk, "", "")));
     d.ok(&["define", f.to_str().unwrap()]);
     d.ok(&["start", "victim"]);
-    let files = open_files(d.vmm_pid("victim"));
+    let files = open_files(d.jailed_vmm_pid("victim") as i32);
     let disk_real = std::fs::canonicalize(&disk).unwrap();
     assert!(files.contains(&disk_real), "the disk itself is open: {files:?}");
     let secret_real = std::fs::canonicalize(&secret).unwrap();

@@ -19,7 +19,8 @@ fn a_domain_runs_pauses_resumes_and_is_destroyed() {
     let dir = scratch("life");
     let d = Daemon::start(&dir);
     let k = kernels(&dir);
-    let f = d.xml_file("idle", &domain_xml("idle", &k.idle, "  <devices><serial type='file'><source path='/tmp/rvd-serial-idle.log'/></serial></devices>"));
+    let serial = dir.join("serial-idle.log");
+    let f = d.xml_file("idle", &domain_xml("idle", &k.idle, &format!("  <devices><serial type='file'><source path='{}'/></serial></devices>", serial.display())));
     d.ok(&["define", f.to_str().unwrap()]);
     assert_eq!(d.ok(&["start", "idle"]).trim(), "Domain 'idle' started");
     assert_eq!(d.state("idle"), "running (booted)");
@@ -30,7 +31,7 @@ fn a_domain_runs_pauses_resumes_and_is_destroyed() {
     let pid = d.vmm_pid("idle");
     assert!(alive(pid));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string("/tmp/rvd-serial-idle.log").unwrap_or_default() != "hello\n" {
+    while std::fs::read_to_string(&serial).unwrap_or_default() != "hello\n" {
         assert!(Instant::now() < deadline, "the guest's serial output did not arrive");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -56,7 +57,6 @@ fn a_domain_runs_pauses_resumes_and_is_destroyed() {
     d.ok(&["start", "idle"]);
     assert_ne!(d.ok(&["list"]).lines().nth(2).unwrap().split_whitespace().next().unwrap(), id);
     d.ok(&["destroy", "idle"]);
-    let _ = std::fs::remove_file("/tmp/rvd-serial-idle.log");
 }
 
 #[test]
@@ -385,7 +385,8 @@ fn install_from_cdrom_boots_the_installer_until_the_disk_has_a_bootloader() {
         d.wait_state("inst", "shut off");
         let text = std::fs::read_to_string(&serial).unwrap_or_default();
         let plain = rvirt_lab::guests::without_firmware_punctuation(&text);
-        assert!(plain.contains(what), "want {what}:\n{text}");
+        let log = std::fs::read_to_string(d.state.join("log/inst.log")).unwrap_or_default();
+        assert!(plain.contains(what), "want {what}:\n{text}\n--- VMM log ---\n{log}");
     };
     booted("<installer>");
     // The "installation" writes a bootloader to the disk.

@@ -121,10 +121,23 @@ impl Jail {
                 "mounting the jail's tmpfs",
             )?;
             check(libc::mkdir(old.as_ptr(), 0o700), "making the jail's pivot directory")?;
-            check(libc::syscall(libc::SYS_pivot_root, root.as_ptr(), old.as_ptr()) as libc::c_int, "pivot_root")?;
-            check(libc::chdir(c"/".as_ptr()), "chdir /")?;
-            check(libc::umount2(c"/.old".as_ptr(), libc::MNT_DETACH), "detaching the host's root")?;
-            check(libc::rmdir(c"/.old".as_ptr()), "removing the pivot directory")?;
+            if libc::syscall(libc::SYS_pivot_root, root.as_ptr(), old.as_ptr()) == 0 {
+                check(libc::chdir(c"/".as_ptr()), "chdir /")?;
+                check(libc::umount2(c"/.old".as_ptr(), libc::MNT_DETACH), "detaching the host's root")?;
+                check(libc::rmdir(c"/.old".as_ptr()), "removing the pivot directory")?;
+            } else if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                // The root is the initial ramfs (an initramfs-only host such
+                // as the lab's L1), which cannot be pivoted away: move the
+                // tmpfs over it and chroot, as switch_root does. Without
+                // CAP_SYS_CHROOT (dropped below) there is no way back out.
+                check(libc::rmdir(old.as_ptr()), "removing the pivot directory")?;
+                check(libc::chdir(root.as_ptr()), "chdir to the jail")?;
+                check(libc::mount(c".".as_ptr(), c"/".as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()), "moving the jail over /")?;
+                check(libc::chroot(c".".as_ptr()), "chroot")?;
+                check(libc::chdir(c"/".as_ptr()), "chdir /")?;
+            } else {
+                return Err(JailError::Step { step: "pivot_root", source: io::Error::last_os_error() });
+            }
             check(
                 libc::mount(
                     std::ptr::null(),

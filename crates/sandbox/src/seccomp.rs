@@ -154,6 +154,15 @@ pub fn set_mode(mode: SeccompMode) -> Result<(), SeccompError> {
     if mode == SeccompMode::Kill {
         install_sigsys_handler()?;
     }
+    if mode != SeccompMode::Off {
+        // glibc's malloc reads /sys/devices/system/cpu/online the first time
+        // a thread needs an arena of its own, which may be a device worker
+        // long after every list forbids opening files; a fixed limit (its
+        // default, 8 per CPU) spares it the look.
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        // SAFETY: mallopt only sets an allocator parameter.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, i32::try_from(cpus * 8).unwrap_or(64)) };
+    }
     let _ = SELFTEST.set(std::env::var(SELFTEST_ENV).ok().and_then(|v| ThreadKind::ALL.into_iter().find(|k| k.name() == v)));
     MODE.store(mode as u8 + 1, Ordering::SeqCst);
     Ok(())

@@ -23,6 +23,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ApiCall {
     /// The parsed request.
     pub request: Request,
+    /// A descriptor the client sent with it (SCM_RIGHTS), if any.
+    pub fd: Option<std::os::fd::OwnedFd>,
     reply: Sender<Response>,
 }
 
@@ -93,7 +95,8 @@ impl ApiListener {
                     Err(e) => Response::error(e),
                     Ok(request) => {
                         let (reply_tx, reply_rx) = mpsc::channel();
-                        let sent = tx.lock().unwrap_or_else(|e| e.into_inner()).send(ApiCall { request, reply: reply_tx });
+                        let fd = rvirt_lineserver::take_fds().into_iter().next();
+                        let sent = tx.lock().unwrap_or_else(|e| e.into_inner()).send(ApiCall { request, fd, reply: reply_tx });
                         if sent.is_err() {
                             Response::error("the VM is shutting down")
                         } else {

@@ -238,8 +238,8 @@ fn event_loop(vm: &Vm, console: &Console, api: Option<&ApiServer>, signals: &Sig
             }
         }
         if let Some(a) = api {
-            for call in a.drain() {
-                let response = vm.handle(&call.request);
+            for mut call in a.drain() {
+                let response = vm.handle_with(&call.request, call.fd.take());
                 call.respond(response);
             }
         }

@@ -290,11 +290,7 @@ impl Vm {
     /// Ejects the disc of CD-ROM drive `device` (`diskN`), or inserts the
     /// image at `path` (opened read-only, raw, locked as QEMU locks it).
     pub fn change_media(&self, device: &str, path: Option<&std::path::Path>, force: bool) -> Result<()> {
-        let target = self.pci.scsi_units.iter().find(|(n, _)| n == device).map(|(_, t)| *t);
-        let unit = target.and_then(|t| self.pci.scsi.as_ref()?.get(t).cloned());
-        let Some(unit) = unit else {
-            return Err(Error::Config(format!("no CD-ROM drive named '{device}' (drives are named diskN by their --disk position)")));
-        };
+        let unit = self.cdrom_unit(device)?;
         let image = match path {
             Some(p) => Some(crate::virtio::open_disk(&crate::config::DiskConfig::cdrom(p.to_path_buf()))?),
             None => None,
@@ -305,6 +301,23 @@ impl Vm {
             None => lun.eject(force),
         };
         done.map_err(|e| Error::Config(format!("{device}: {e}")))
+    }
+
+    /// Inserts the disc open as `fd` (sent by rvirtd, which checked its
+    /// path) into CD-ROM drive `device`; `name` names it in messages.
+    pub fn insert_media_fd(&self, device: &str, name: Option<&std::path::Path>, fd: std::os::fd::OwnedFd) -> Result<()> {
+        let unit = self.cdrom_unit(device)?;
+        let name = name.unwrap_or(std::path::Path::new("(descriptor)"));
+        let opts = rvirt_block::ImageOptions { read_only: true, ..Default::default() };
+        let image = rvirt_block::RawImage::from_file(std::fs::File::from(fd), name, &opts).map_err(|e| Error::Device(format!("--disk: {e}")))?;
+        let mut lun = unit.lock().map_err(|_| Error::Device(format!("{device}: the unit's lock is poisoned")))?;
+        lun.insert(Arc::new(image)).map_err(|e| Error::Config(format!("{device}: {e}")))
+    }
+
+    fn cdrom_unit(&self, device: &str) -> Result<Arc<Mutex<rvirt_scsi::Lun>>> {
+        let target = self.pci.scsi_units.iter().find(|(n, _)| n == device).map(|(_, t)| *t);
+        let unit = target.and_then(|t| self.pci.scsi.as_ref()?.get(t).cloned());
+        unit.ok_or_else(|| Error::Config(format!("no CD-ROM drive named '{device}' (drives are named diskN by their --disk position)")))
     }
 
     /// The disc in each CD-ROM drive now, by `--disk` position: a guest
@@ -342,6 +355,11 @@ impl Vm {
 
     /// Carries out one API request. `Stop` only records the exit; the caller ends the loop.
     pub fn handle(&self, req: &Request) -> Response {
+        self.handle_with(req, None)
+    }
+
+    /// [`Vm::handle`] for a request that came with a descriptor.
+    pub fn handle_with(&self, req: &Request, fd: Option<std::os::fd::OwnedFd>) -> Response {
         let result = match req {
             Request::Status => return Response { status: Some(self.status()), ..Response::ok() },
             Request::Stats => {
@@ -380,7 +398,11 @@ impl Vm {
                 }
                 None => Err(Error::Config(format!("no network device named '{device}'"))),
             },
-            Request::ChangeMedia { device, path, force } => self.change_media(device, path.as_deref(), *force),
+            Request::ChangeMedia { device, path, force, fd: false } => self.change_media(device, path.as_deref(), *force),
+            Request::ChangeMedia { device, path, force: _, fd: true } => match fd {
+                Some(fd) => self.insert_media_fd(device, path.as_deref(), fd),
+                None => Err(Error::Config("change-media with fd: no descriptor came with the request".into())),
+            },
             Request::VcpuState => {
                 return match self.vcpu_reports() {
                     Ok(r) => Response { vcpus: Some(r), ..Response::ok() },

@@ -415,7 +415,7 @@ fn an_inserted_disc_stays_in_the_drive_across_a_reset() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let mut api = rvirt_api::ApiClient::connect(&sock, std::time::Duration::from_secs(5)).unwrap();
-    let req = rvirt_api::Request::ChangeMedia { device: "disk0".into(), path: Some(iso.clone()), force: false };
+    let req = rvirt_api::Request::ChangeMedia { device: "disk0".into(), path: Some(iso.clone()), force: false, fd: false };
     assert!(api.call(&req).unwrap().ok);
     let status = loop {
         if let Some(s) = vmm.try_wait().unwrap() {

@@ -50,6 +50,8 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub state: PathBuf,
+    /// More rvirtd options (kept across restarts).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -68,7 +70,7 @@ impl Daemon {
 
     /// Starts rvirtd with its state directory at `state`.
     pub fn start_with_state(dir: &Path, state: &Path) -> Self {
-        let mut d = Daemon { dir: dir.to_path_buf(), socket: dir.join("rvirtd.sock"), state: state.to_path_buf(), child: None };
+        let mut d = Daemon { dir: dir.to_path_buf(), socket: dir.join("rvirtd.sock"), state: state.to_path_buf(), extra_args: Vec::new(), child: None };
         d.restart();
         d
     }
@@ -83,6 +85,12 @@ impl Daemon {
             .arg(&self.socket)
             .arg("--vmm")
             .arg(&bins().vmm)
+            // Domains use files the tests make in their directory.
+            .arg("--allow-path")
+            .arg(&self.dir)
+            .arg("--read-only-socket")
+            .arg(self.dir.join("rvirtd-ro.sock"))
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -172,6 +180,15 @@ impl Daemon {
         j["info"]["pid"].as_i64().expect("a running domain has a VMM pid") as i32
     }
 
+    /// The jailed VMM of a running domain: the only child of the process
+    /// rvirtd started (the jail's reaper), which holds its descriptors.
+    pub fn jailed_vmm_pid(&self, dom: &str) -> u32 {
+        let reaper = self.vmm_pid(dom) as u32;
+        let kids = children_of(reaper);
+        assert_eq!(kids.len(), 1, "the jail's reaper {reaper} has one child, the VMM: {kids:?}");
+        kids[0]
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the daemon runs").id()
@@ -244,4 +261,16 @@ pub fn domain_xml(name: &str, kernel: &Path, extra: &str) -> String {
         "<domain type='kvm'>\n  <name>{name}</name>\n  <memory unit='MiB'>64</memory>\n  <vcpu>1</vcpu>\n  <os>\n    <type>hvm</type>\n    <kernel>{}</kernel>\n  </os>\n{extra}\n</domain>\n",
         kernel.display()
     )
+}
+
+/// The processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(pid)
+        })
+        .collect()
 }
