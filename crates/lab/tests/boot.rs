@@ -190,5 +190,7 @@ fn control_api_pauses_resumes_and_shuts_down_the_guest() {
     assert!(v.get("SHUTDOWN-IGNORED").is_none(), "the guest ignored the power button:\n{}", out.section("L2").unwrap_or_default());
     assert_eq!(get("L2-POWER-BUTTON"), "pressed", "acpid in the guest saw the power button");
     assert_eq!(get("VMM-EXIT"), "0");
-    assert_eq!(get("SOCKET-REMOVED"), "yes");
+    // A jailed VMM cannot reach the socket's path to remove it at exit;
+    // the next VMM on that path replaces the stale socket (rvirtd removes it).
+    assert_eq!(get("SOCKET-REMOVED"), "no");
 }

@@ -58,7 +58,7 @@ boot ORDER --cpus 1 --disk path=/l2/a.raw --disk path=/l2/b.raw,boot=1
 # rvirtd: a definition as virt-install writes it (no <kernel>, boot order on
 # the disk, a screen rvirt does not have), and rvirt install --import.
 mkdir -p /var/lib /run
-rvirtd > /tmp/rvirtd.log 2>&1 &
+rvirtd --allow-path /l2 --allow-path /tmp --allow-path /var/lib/rvirt > /tmp/rvirtd.log 2>&1 &
 for i in $(seq 1 100); do rvirt list >/dev/null 2>&1 && break; sleep 0.1; done
 cp /l2/b.raw /tmp/virt-install.raw
 cat > /tmp/virt-install.xml <<XML

@@ -8,7 +8,7 @@ use rvirt_lab::{l2_initramfs, log, L1Spec, Lab, ACPID_GUEST};
 const SCRIPT: &str = r#"
 mkdir -p /var/lib /run
 start_daemon() {
-  rvirtd >> /tmp/rvirtd.log 2>&1 &
+  rvirtd --allow-path /l2 --allow-path /tmp --allow-path /var/lib/rvirt >> /tmp/rvirtd.log 2>&1 &
   for i in $(seq 1 100); do rvirt list >/dev/null 2>&1 && break; sleep 0.1; done
 }
 start_daemon

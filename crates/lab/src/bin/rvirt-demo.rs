@@ -89,7 +89,7 @@ fn run() -> anyhow::Result<ExitCode> {
             .env("STATE", &state)
             .env("DISK", &copy)
             .env("RVIRT_CONNECT", &socket)
-            .env("RVIRTD_ARGS", format!("--state-dir {} --socket {}", state.display(), socket.display()))
+            .env("RVIRTD_ARGS", format!("--state-dir {} --socket {} --allow-path {}", state.display(), socket.display(), state.display()))
             .status()?;
         let _ = std::fs::remove_dir_all(&state);
         return Ok(if st.success() { ExitCode::SUCCESS } else { ExitCode::from(1) });
@@ -98,7 +98,7 @@ fn run() -> anyhow::Result<ExitCode> {
     eprintln!("rvirt-demo: (QEMU TCG boots a KVM host, which runs rvirtd and the VM; expect about a minute)");
     let script = format!(
         // L1 kernel messages (its KVM reporting guest MSR writes) stay off the demo screen.
-        "echo 1 > /proc/sys/kernel/printk\nmkdir -p /var/lib /run\nexport STATE=/tmp DISK=/l2/demo.raw RVIRTD_ARGS=\nsetsid cttyhack sh -c '{}'\n",
+        "echo 1 > /proc/sys/kernel/printk\nmkdir -p /var/lib /run\nexport STATE=/tmp DISK=/l2/demo.raw RVIRTD_ARGS=\"--allow-path /l2\"\nsetsid cttyhack sh -c '{}'\n",
         DEMO_SCRIPT.replace('\'', r"'\''")
     );
     let spec = L1Spec::new("demo", &script)

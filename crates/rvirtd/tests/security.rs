@@ -1,0 +1,128 @@
+//! rvirtd's confinement of domains on this host's /dev/kvm: the VMM it
+//! starts is jailed and filtered, the read-only socket changes nothing, the
+//! path policy keeps domains to their directories, and every request is
+//! logged with who sent it.
+
+mod support;
+
+use support::*;
+
+fn status_field(pid: u32, field: &str) -> String {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    st.lines().find_map(|l| l.strip_prefix(field)).unwrap_or_else(|| panic!("{field} in {st}")).trim().to_string()
+}
+
+#[test]
+fn a_vmm_started_by_rvirtd_is_jailed_filtered_and_holds_only_its_own_files() {
+    let dir = scratch("jailed");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let disk = dir.join("data.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_xml = format!("<devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk></devices>", disk.display());
+    let f = d.xml_file("j", &domain_xml("j", &k.idle, &disk_xml));
+    d.ok(&["define", f.to_str().unwrap()]);
+    d.ok(&["start", "j"]);
+    let reaper = d.vmm_pid("j") as u32;
+    let vmm = d.jailed_vmm_pid("j");
+    let id: u32 = serde_json::from_str::<serde_json::Value>(&d.ok(&["--json", "dominfo", "j"])).unwrap()["info"]["id"].as_u64().unwrap() as u32;
+    let uid = (1_000_000_000 + id).to_string();
+    for (pid, what) in [(reaper, "reaper"), (vmm, "VMM")] {
+        assert_eq!(status_field(pid, "Seccomp:"), "2", "{what}");
+        assert_eq!(status_field(pid, "NoNewPrivs:"), "1", "{what}");
+        assert_eq!(status_field(pid, "CapEff:"), "0000000000000000", "{what}");
+        assert_eq!(status_field(pid, "CapBnd:"), "0000000000000000", "{what}");
+        assert_eq!(status_field(pid, "Uid:").split_whitespace().next(), Some(uid.as_str()), "{what} runs as the domain's own uid");
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_ne!(theirs, std::fs::read_link("/proc/self/ns/mnt").unwrap(), "{what} has its own mount namespace");
+    }
+    // Nothing of the host is reachable by path: the root is empty.
+    assert_eq!(std::fs::read_dir(format!("/proc/{vmm}/root")).unwrap().count(), 0);
+    assert!(!std::path::Path::new(&format!("/proc/{vmm}/root/etc/shadow")).exists());
+    // Its descriptors are what rvirtd gave it and what it made.
+    let allowed = [disk.clone(), k.idle.clone(), d.state.join("log/j.log")].map(|p| std::fs::canonicalize(p).unwrap().display().to_string());
+    for e in std::fs::read_dir(format!("/proc/{vmm}/fd")).unwrap().flatten() {
+        let t = std::fs::read_link(e.path()).unwrap().display().to_string();
+        let own = allowed.contains(&t) || ["/dev/null", "/dev/kvm", "/dev/ptmx"].contains(&t.as_str()) || t.starts_with("/dev/pts/")
+            || t.starts_with("anon_inode:") || t.starts_with("socket:") || t.starts_with("pipe:");
+        assert!(own, "the VMM holds {t}");
+    }
+    // The daemon still drives it through its API, and it stops as asked.
+    d.ok(&["suspend", "j"]);
+    d.ok(&["resume", "j"]);
+    d.ok(&["destroy", "j"]);
+    let log = d.log();
+    assert!(log.contains("uid=0") && log.contains("request=\"destroy\""), "requests are logged with the client's credentials:\n{log}");
+}
+
+#[test]
+fn the_read_only_socket_answers_questions_and_refuses_every_change() {
+    let dir = scratch("ro");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let f = d.xml_file("ro", &domain_xml("ro", &k.idle, ""));
+    d.ok(&["define", f.to_str().unwrap()]);
+    d.ok(&["start", "ro"]);
+    let ro = dir.join("rvirtd-ro.sock");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&ro).unwrap().permissions()) & 0o777;
+    assert_eq!(mode, 0o666, "any local user may ask");
+    let on_ro = |args: &[&str]| {
+        let out = std::process::Command::new(&bins().rvirt).arg("--connect").arg(&ro).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for args in [vec!["list", "--all"], vec!["dominfo", "ro"], vec!["domstate", "ro"], vec!["dumpxml", "ro"]] {
+        let (code, stdout, stderr) = on_ro(&args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert!(!stdout.is_empty(), "{args:?}");
+    }
+    let xml = f.to_str().unwrap();
+    let iso = dir.join("x.iso");
+    std::fs::write(&iso, b"").unwrap();
+    for args in [
+        vec!["define", xml],
+        vec!["create", xml],
+        vec!["undefine", "ro"],
+        vec!["start", "ro"],
+        vec!["shutdown", "ro"],
+        vec!["destroy", "ro"],
+        vec!["reboot", "ro"],
+        vec!["suspend", "ro"],
+        vec!["resume", "ro"],
+        vec!["autostart", "ro"],
+        vec!["console", "ro"],
+        vec!["change-media", "ro", "hdc", "--insert", iso.to_str().unwrap()],
+    ] {
+        let (code, _, stderr) = on_ro(&args);
+        assert_ne!(code, Some(0), "{args:?} through the read-only socket");
+        assert!(stderr.contains("read-only socket does not allow"), "{args:?}: {stderr}");
+    }
+    assert_eq!(d.state("ro"), "running (booted)", "nothing changed");
+    d.ok(&["destroy", "ro"]);
+}
+
+#[test]
+fn files_outside_the_path_policy_are_refused_with_the_reason() {
+    let dir = scratch("policy");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let disk = |path: &str, extra: &str| {
+        format!("<devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{path}'/><target dev='vda' bus='virtio'/>{extra}</disk></devices>")
+    };
+    // A host file as a writable disk, directly and through a symlink planted in the allowed directory.
+    std::os::unix::fs::symlink("/etc/passwd", dir.join("innocent.raw")).unwrap();
+    let link = dir.join("innocent.raw").display().to_string();
+    for (name, xml, needle) in [
+        ("shadow", disk("/etc/shadow", ""), "disk (vda) /etc/shadow is outside the directories domains may write"),
+        ("link", disk(&link, ""), "(which is /etc/passwd) is outside"),
+        ("ro", disk("/etc/passwd", "<readonly/>"), "outside the directories domains may use"),
+    ] {
+        let f = d.xml_file(name, &domain_xml(name, &k.idle, &xml));
+        d.ok(&["define", f.to_str().unwrap()]);
+        d.fails(&["start", name], needle);
+        d.fails(&["start", name], "--allow-path");
+    }
+    // A kernel from outside is refused too.
+    let f = d.xml_file("kern", &domain_xml("kern", std::path::Path::new("/etc/hostname"), ""));
+    d.ok(&["define", f.to_str().unwrap()]);
+    d.fails(&["start", "kern"], "kernel /etc/hostname is outside");
+}
