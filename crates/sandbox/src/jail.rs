@@ -71,6 +71,14 @@ pub struct Jail {
 /// The default [`Jail::root`].
 pub const DEFAULT_JAIL_ROOT: &str = "/run/rvirt/jail";
 
+/// Set in the VMM once it is inside its jail.
+static JAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process is a VMM inside its jail (where no host path resolves).
+pub fn jailed() -> bool {
+    JAILED.load(Ordering::SeqCst)
+}
+
 /// The VMM's pid as the reaper sees it, for forwarding signals.
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
@@ -158,6 +166,7 @@ impl Jail {
             -1 => Err(JailError::Step { step: "fork", source: io::Error::last_os_error() }),
             0 => {
                 drop_privileges(self.user, last_cap)?;
+                JAILED.store(true, Ordering::SeqCst);
                 // After the uid change, which would clear it: the VMM dies with the reaper.
                 // SAFETY: prctl with constant arguments.
                 check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) }, "PR_SET_PDEATHSIG")

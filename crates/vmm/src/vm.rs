@@ -291,6 +291,11 @@ impl Vm {
     /// image at `path` (opened read-only, raw, locked as QEMU locks it).
     pub fn change_media(&self, device: &str, path: Option<&std::path::Path>, force: bool) -> Result<()> {
         let unit = self.cdrom_unit(device)?;
+        if path.is_some() && rvirt_sandbox::jail::jailed() {
+            return Err(Error::Config(
+                "a jailed VMM can open no path: send the disc's descriptor with the request (\"fd\":true, SCM_RIGHTS), as rvirtd does".into(),
+            ));
+        }
         let image = match path {
             Some(p) => Some(crate::virtio::open_disk(&crate::config::DiskConfig::cdrom(p.to_path_buf()))?),
             None => None,
