@@ -113,6 +113,8 @@ fn ifreq_ioctl(sock: &std::os::fd::OwnedFd, request: libc::c_ulong, req: &mut If
 pub struct Tap {
     file: File,
     name: String,
+    /// The MTU when the tap was opened.
+    mtu: usize,
 }
 
 impl Tap {
@@ -155,7 +157,11 @@ impl Tap {
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETSNDBUF, &sndbuf) } < 0 {
             return Err(Error::last_os_error());
         }
-        Ok(Self { file, name: name.into() })
+        // Read now: a jailed VMM lives in an empty network namespace and
+        // can no longer ask about the interface by name.
+        let mut req = IfReqData::named(name);
+        let mtu = if_socket().and_then(|s| ifreq_ioctl(&s, SIOCGIFMTU, &mut req)).map(|()| req.int().max(0) as usize).unwrap_or(1500);
+        Ok(Self { file, name: name.into(), mtu })
     }
 
     /// The interface name.
@@ -188,11 +194,10 @@ impl Tap {
         ifreq_ioctl(&sock, SIOCSIFFLAGS, &mut up).map_err(|e| ctx("(up) on", e))
     }
 
-    /// The interface's MTU: the largest frame payload it passes without GSO.
+    /// The interface's MTU when it was opened: the largest frame payload it
+    /// passes without GSO.
     pub fn mtu(&self) -> std::io::Result<usize> {
-        let mut req = IfReqData::named(&self.name);
-        ifreq_ioctl(&if_socket()?, SIOCGIFMTU, &mut req)?;
-        Ok(req.int().max(0) as usize)
+        Ok(self.mtu)
     }
 
     /// Tells the tap which offloads the guest accepts on receive.
@@ -494,7 +499,7 @@ mod transmit_tests {
         mock.avail().idx().store(1);
         let mut q: virtio_queue::Queue = mock.create_queue().unwrap();
 
-        let tap = Arc::new(Tap { file: File::from(tap_end), name: "stand-in".into() });
+        let tap = Arc::new(Tap { file: File::from(tap_end), name: "stand-in".into(), mtu: 1500 });
         let interrupt = Arc::new(CountingInterrupt::default());
         let w = NetWorker { mem: mem.clone(), tap, interrupt: interrupt.clone(), counters: Arc::default(), rx: RxQueue::new(false, 1526) };
         assert!(w.transmit(&mut q), "EAGAIN must be reported as a full tap");
