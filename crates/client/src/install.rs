@@ -207,6 +207,7 @@ pub fn build(o: &InstallOptions) -> Result<DomainXml> {
         virtio_console: None,
         rng: o.rng,
         memballoon: true,
+        tuning: Default::default(),
         unknown: Vec::new(),
         namespaces: Vec::new(),
     };

@@ -15,6 +15,6 @@ mod xml;
 
 pub use write::VmmLaunch;
 pub use xml::{
-    BootDev, BootMenu, CharDevice, DiskBus, DiskSource, DomainXml, FirmwareDef, ImageFormat, Interface, InterfaceKind, LifecycleAction, UnknownElement, VirtioDisk,
+    BootDev, BootMenu, CharDevice, CpuSet, DiskBus, DiskSource, DomainXml, FirmwareDef, ImageFormat, Interface, InterfaceKind, LifecycleAction, Tuning, UnknownElement, VirtioDisk,
     XmlError, MAX_DEPTH, MAX_UNKNOWN, MAX_VCPUS, MAX_XML_BYTES,
 };

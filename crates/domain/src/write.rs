@@ -26,7 +26,7 @@ fn p(path: &Path) -> String {
     esc(&path.to_string_lossy())
 }
 
-fn unknown_in(out: &mut String, unknown: &[UnknownElement], parent: &str, indent: &str) {
+pub(crate) fn unknown_in(out: &mut String, unknown: &[UnknownElement], parent: &str, indent: &str) {
     for u in unknown.iter().filter(|u| u.parent == parent) {
         let _ = writeln!(out, "{indent}{}", u.xml);
     }
@@ -77,6 +77,7 @@ impl DomainXml {
         let _ = writeln!(o, "  <memory unit='KiB'>{}</memory>", self.memory_kib);
         let _ = writeln!(o, "  <currentMemory unit='KiB'>{}</currentMemory>", self.current_memory_kib);
         let _ = writeln!(o, "  <vcpu>{}</vcpu>", self.vcpus);
+        self.tuning_xml(&mut o);
         let fw = &self.firmware;
         match &fw.os_firmware {
             Some(f) => {
@@ -285,6 +286,12 @@ impl DomainXml {
         }
         if let Some(c) = &self.virtio_console {
             a.extend(["--console".into(), char_mode(c)]);
+        }
+        for (v, set) in &self.tuning.vcpupin {
+            a.extend(["--vcpu-pin".into(), format!("{v}:{}", set.list())]);
+        }
+        if let Some(set) = &self.tuning.emulatorpin {
+            a.extend(["--emulator-pin".into(), set.list()]);
         }
         a
     }

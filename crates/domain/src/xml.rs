@@ -16,8 +16,10 @@ use uuid::Uuid;
 
 mod limits;
 mod os;
+mod tune;
 pub use limits::{MAX_DEPTH, MAX_UNKNOWN, MAX_XML_BYTES};
 pub use os::{BootDev, BootMenu, FirmwareDef};
+pub use tune::{CpuSet, Tuning};
 
 /// Most vCPUs a domain may have (rvirt-vmm's limit).
 pub const MAX_VCPUS: u32 = 254;
@@ -229,6 +231,8 @@ pub struct DomainXml {
     pub rng: bool,
     /// `<memballoon model='virtio'>` (libvirt's default; `model='none'` removes it).
     pub memballoon: bool,
+    /// `<memtune>` and `<cputune>`.
+    pub tuning: Tuning,
     /// Elements kept but not acted on.
     pub unknown: Vec<UnknownElement>,
     /// Namespace declarations on `<domain>` (prefix, URI; no prefix: the
@@ -388,6 +392,7 @@ impl DomainXml {
             virtio_console: None,
             rng: false,
             memballoon: true,
+            tuning: Tuning::default(),
             unknown: Vec::new(),
             namespaces: root
                 .namespaces()
@@ -402,7 +407,7 @@ impl DomainXml {
             let repeatable = matches!(tag, "devices");
             let known = matches!(
                 tag,
-                "name" | "uuid" | "memory" | "currentMemory" | "vcpu" | "os" | "on_poweroff" | "on_reboot" | "on_crash" | "devices"
+                "name" | "uuid" | "memory" | "currentMemory" | "vcpu" | "os" | "on_poweroff" | "on_reboot" | "on_crash" | "devices" | "memtune" | "cputune"
             );
             if known && !repeatable && !seen.insert(tag) {
                 return Err(cx.err(n, tag, "appears twice"));
@@ -454,6 +459,8 @@ impl DomainXml {
                     )?
                 }
                 "devices" => d.parse_devices(&cx, n)?,
+                "memtune" => d.parse_memtune(&cx, n)?,
+                "cputune" => d.parse_cputune(&cx, n)?,
                 _ => d.unknown.push(cx.unknown("domain", n)),
             }
         }
@@ -464,6 +471,7 @@ impl DomainXml {
             return Err(cx.err(root, "domain", "<memory> is required"));
         }
         d.check_boot_orders(&cx, root)?;
+        d.check_tuning(&cx, root)?;
         d.current_memory_kib = match current {
             None => d.memory_kib,
             Some((c, n)) if c > d.memory_kib => {

@@ -156,6 +156,10 @@ rvirt-vmm --jail --kernel /l2/vmlinuz --initrd /l2/initrd.gz --memory 512M --cpu
   --cmdline "console=ttyS0 panic=-1 pci=nomsi" --serial file=/tmp/l2.log --api-socket /tmp/vm.sock \
   --net tap=tap0,mac=52:54:00:12:34:56 --rng --balloon --console file=/tmp/hvc0.log </dev/null &
 vmm=$!
+# $vmm is the jail's reaper; the VMM itself (guest memory, devices) is its child.
+for i in $(seq 1 100); do inner=$(pgrep -P $vmm | head -1); [ -n "$inner" ] && break; sleep 0.1; done
+echo "@@JAILED-SECCOMP=$(awk '/^Seccomp:/ {print $2}' /proc/$inner/status)"
+echo "@@JAILED-CAPEFF=$(awk '/^CapEff:/ {print $2}' /proc/$inner/status)"
 for i in $(seq 1 100); do [ -e /sys/class/net/tap0 ] && break; sleep 0.2; done
 ip addr add 10.0.2.1/24 dev tap0
 ip link set tap0 up
@@ -169,10 +173,10 @@ for i in $(seq 1 600); do grep -q '@@L2-FILLED' /tmp/l2.log 2>/dev/null && break
 for i in $(seq 1 120); do kill -0 $listener 2>/dev/null || break; sleep 0.5; done
 echo "@@HOST-RECV=$(sha256sum /tmp/recv | cut -d' ' -f1)"
 echo "@@HOST-RECV-BYTES=$(wc -c < /tmp/recv)"
-echo "@@RSS-BEFORE-KB=$(awk '/VmRSS/ {print $2}' /proc/$vmm/status)"
+echo "@@RSS-BEFORE-KB=$(awk '/VmRSS/ {print $2}' /proc/$inner/status)"
 echo "@@API-BALLOON=$(rvirt-lab-api /tmp/vm.sock '{"command":"balloon","target_bytes":268435456}')"
 for i in $(seq 1 600); do grep -q '@@L2-DONE' /tmp/l2.log 2>/dev/null && break; sleep 0.5; done
-echo "@@RSS-AFTER-KB=$(awk '/VmRSS/ {print $2}' /proc/$vmm/status)"
+echo "@@RSS-AFTER-KB=$(awk '/VmRSS/ {print $2}' /proc/$inner/status)"
 echo "@@API-LINK-DOWN=$(rvirt-lab-api /tmp/vm.sock '{"command":"set-link","device":"net0","up":false}')"
 echo "@@API-LINK-BAD=$(rvirt-lab-api /tmp/vm.sock '{"command":"set-link","device":"net7","up":false}')"
 for i in $(seq 1 120); do grep -q '@@L2-CARRIER' /tmp/l2.log 2>/dev/null && break; sleep 0.5; done
@@ -218,6 +222,8 @@ fn network_entropy_console_and_balloon_work_over_intx() {
     let before: u64 = get("L2-MEMFREE-BEFORE").parse().unwrap();
     let after: u64 = get("L2-MEMFREE-AFTER").parse().unwrap();
     assert!(after + 200 * 1024 < before, "inflating 256 MiB lowers the guest's free memory: {before} -> {after} kB");
+    assert_eq!(get("JAILED-SECCOMP"), "2", "the VMM runs under its seccomp lists");
+    assert_eq!(get("JAILED-CAPEFF"), "0000000000000000", "and without capabilities");
     let rss_before: u64 = get("RSS-BEFORE-KB").parse().unwrap();
     let rss_after: u64 = get("RSS-AFTER-KB").parse().unwrap();
     assert!(rss_after + 100 * 1024 < rss_before, "the VMM returned memory to the host: RSS {rss_before} -> {rss_after} kB");

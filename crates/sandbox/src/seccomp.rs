@@ -183,6 +183,12 @@ pub fn mode() -> SeccompMode {
 /// answer ENOSYS, so threads are made with `clone`, whose flags the lists
 /// can check.
 pub fn enter(kind: ThreadKind) -> Result<(), SeccompError> {
+    // Pinned first, under the parent's list (a vCPU pins itself in run_vcpu).
+    if matches!(kind, ThreadKind::Worker | ThreadKind::Api) {
+        if let Err(e) = crate::affinity::pin_emulator_thread() {
+            tracing::warn!("{kind} thread: {e}");
+        }
+    }
     let mode = mode();
     if mode == SeccompMode::Off {
         return Ok(());
@@ -327,7 +333,8 @@ fn worker() -> Result<Vec<Entry>, seccompiler::BackendError> {
 fn vcpu() -> Result<Vec<Entry>, seccompiler::BackendError> {
     use libc::*;
     let mut v = worker()?;
-    v.extend([SYS_eventfd2, SYS_clone3].into_iter().map(any));
+    // sched_setaffinity: the workers it starts pin themselves to the emulator's CPUs.
+    v.extend([SYS_eventfd2, SYS_clone3, SYS_sched_setaffinity].into_iter().map(any));
     v.push(arg_masked(SYS_clone, 0, CLONE_THREAD as u64, CLONE_THREAD as u64)?);
     v.push(arg_masked(SYS_ioctl, 1, IOCTL_TYPE_MASK, KVM_IO)?);
     v.push(arg_masked(SYS_ioctl, 1, IOCTL_TYPE_MASK, TTY_TUN_IO)?);

@@ -407,6 +407,27 @@ pub struct VmConfig {
     pub seccomp: rvirt_sandbox::SeccompMode,
     /// The jail the VMM enters once its files are open, if any.
     pub jail: Option<rvirt_sandbox::Jail>,
+    /// Host CPUs for each pinned vCPU (libvirt's `<vcpupin>`).
+    pub vcpu_pins: Vec<(u8, Vec<usize>)>,
+    /// Host CPUs for every other thread (`<emulatorpin>`).
+    pub emulator_pin: Option<Vec<usize>>,
+}
+
+/// Parses a CPU list as rvirt-vmm takes it: `0,2,5` or ranges `0-3`.
+pub fn parse_cpu_list(what: &str, s: &str) -> Result<Vec<usize>, Error> {
+    let bad = || Error::Config(format!("{what}: '{s}' is not a list of host CPUs (0,2,4-7)"));
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        if a > b || b >= libc::CPU_SETSIZE as usize {
+            return Err(bad());
+        }
+        cpus.extend(a..=b);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
 }
 
 /// Virtio devices that fit on bus 0 beside the host bridge.
@@ -447,6 +468,8 @@ impl VmConfig {
             console: None,
             seccomp: rvirt_sandbox::SeccompMode::Off,
             jail: None,
+            vcpu_pins: Vec::new(),
+            emulator_pin: None,
         }
     }
 
@@ -455,6 +478,9 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), Error> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(Error::Config(format!("--cpus must be between 1 and {MAX_VCPUS}")));
+        }
+        if let Some((v, _)) = self.vcpu_pins.iter().find(|(v, _)| *v >= self.vcpus) {
+            return Err(Error::Config(format!("--vcpu-pin {v}: the VM has {} vCPUs (numbered from 0)", self.vcpus)));
         }
         rvirt_arch::MemoryLayout::new(self.memory_bytes).map_err(|e| Error::Config(format!("--memory: {e}")))?;
         if let Boot::Kernel { cmdline, .. } = &self.boot {

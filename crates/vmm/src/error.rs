@@ -56,6 +56,9 @@ pub enum Error {
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] rvirt_sandbox::SeccompError),
+    /// A CPU pin cannot be applied.
+    #[error(transparent)]
+    Affinity(#[from] rvirt_sandbox::affinity::AffinityError),
     /// The jail could not be entered.
     #[error(transparent)]
     Jail(#[from] rvirt_sandbox::JailError),

@@ -144,6 +144,7 @@ fn install_signal_handlers() -> Result<SignalFds> {
 pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     cfg.validate()?;
     rvirt_sandbox::seccomp::set_mode(cfg.seccomp)?;
+    rvirt_sandbox::affinity::configure(cfg.emulator_pin.clone(), cfg.vcpu_pins.clone())?;
     // Check the files before taking any resources, so errors are about them.
     let firmware = match &cfg.boot {
         config::Boot::Kernel { .. } => None,

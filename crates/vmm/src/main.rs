@@ -85,6 +85,12 @@ struct Cli {
     /// (privately) over DIR, no capabilities, no_new_privs. Needs root.
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = rvirt_sandbox::jail::DEFAULT_JAIL_ROOT)]
     jail: Option<PathBuf>,
+    /// Run vCPU N on these host CPUs only: N:CPUS, e.g. 0:2 or 1:4-7,9. Repeatable.
+    #[arg(long, value_name = "N:CPUS")]
+    vcpu_pin: Vec<String>,
+    /// Run every thread that is not a vCPU (main, devices, API) on these host CPUs.
+    #[arg(long, value_name = "CPUS")]
+    emulator_pin: Option<String>,
     /// With --jail: the unprivileged uid and gid to run as.
     #[arg(long, value_name = "UID:GID", requires = "jail")]
     jail_user: Option<String>,
@@ -126,6 +132,16 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
         balloon: cli.balloon,
         console: cli.console.as_deref().map(|c| SerialMode::parse_for("--console", c)).transpose()?,
         seccomp: cli.seccomp.parse().map_err(rvirt_vmm::Error::Config)?,
+        vcpu_pins: cli
+            .vcpu_pin
+            .iter()
+            .map(|p| {
+                let bad = || rvirt_vmm::Error::Config(format!("--vcpu-pin must be N:CPUS, not '{p}'"));
+                let (v, cpus) = p.split_once(':').ok_or_else(bad)?;
+                Ok((v.parse::<u8>().map_err(|_| bad())?, rvirt_vmm::config::parse_cpu_list("--vcpu-pin", cpus)?))
+            })
+            .collect::<rvirt_vmm::Result<_>>()?,
+        emulator_pin: cli.emulator_pin.as_deref().map(|c| rvirt_vmm::config::parse_cpu_list("--emulator-pin", c)).transpose()?,
         jail: match cli.jail {
             Some(root) => Some(rvirt_sandbox::Jail { root, user: cli.jail_user.as_deref().map(parse_jail_user).transpose()? }),
             None => None,

@@ -233,6 +233,9 @@ enum Next {
 
 /// The body of a vCPU thread: runs until the VM stops.
 pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    if let Err(e) = rvirt_sandbox::affinity::pin_vcpu_thread(ctx.id) {
+        tracing::warn!("vCPU {}: {e}", ctx.id);
+    }
     rvirt_sandbox::seccomp::enter_or_exit(rvirt_sandbox::ThreadKind::Vcpu);
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     KVM_RUN.with(|c| c.set(run_ptr));

@@ -60,6 +60,11 @@ fn a_forbidden_call_on_each_kind_of_thread_stops_the_vmm() {
         let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap();
         assert_eq!(status.code(), Some(159), "{kind}: {log}");
         assert!(log.contains(&format!("seccomp: the {kind} thread made forbidden system call {call};")), "{kind}: {log}");
+        // A jailed VMM dies with its reaper a moment later (PDEATHSIG): wait until its socket is dead.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(dir.join("api.sock")).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     // With --seccomp log the same call is allowed (the kernel's audit log
     // records it) and the guest runs to its end; off installs nothing.
@@ -190,5 +195,46 @@ fn a_jailed_vmm_holds_no_capability_no_host_path_and_only_its_own_descriptors() 
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!Path::new(&format!("/proc/{}/status", inner[0])).exists(), "the VMM outlived its reaper");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Each thread of `pid` by name, with the host CPUs it may run on.
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_string();
+            (comm, cpus)
+        })
+        .collect()
+}
+
+#[test]
+fn vcpus_and_the_other_threads_run_on_the_cpus_they_are_pinned_to() {
+    let all = std::fs::read_to_string("/proc/self/status").unwrap();
+    let all = all.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+    assert_ne!(all, "0", "this test needs two host CPUs");
+    let dir = tmpdir("pins");
+    let kernel = dir.join("bomb.bzImage");
+    // The balloon bomb starts a device worker (on a vCPU thread) and then idles.
+    std::fs::write(&kernel, bzimage_with(&virtio_balloon_chain_bomb())).unwrap();
+    let mut vmm = vmm(&dir, &kernel, &["--cpus", "2", "--vcpu-pin", "1:1", "--emulator-pin", "0"]).spawn().unwrap();
+    wait_for_serial(&dir, "used 2", &mut vmm);
+    let threads = thread_cpus(vmm.id());
+    let cpus_of = |prefix: &str| -> Vec<String> { threads.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, c)| c.clone()).collect() };
+    assert_eq!(cpus_of("vcpu1"), ["1"], "{threads:?}");
+    assert_eq!(cpus_of("vcpu0"), [all.clone()], "an unpinned vCPU gets every CPU back: {threads:?}");
+    assert_eq!(cpus_of("rvirt-vmm"), ["0"], "main: {threads:?}");
+    assert!(!cpus_of("virtio-balloon").is_empty() && cpus_of("virtio-balloon").iter().all(|c| c == "0"), "the worker a vCPU started: {threads:?}");
+    assert!(cpus_of("lineserver").iter().all(|c| c == "0") && !cpus_of("lineserver").is_empty(), "{threads:?}");
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    // A CPU the host does not have is refused before anything starts.
+    let out = Command::new(env!("CARGO_BIN_EXE_rvirt-vmm")).args(["--kernel", kernel.to_str().unwrap(), "--vcpu-pin", "0:1000"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--vcpu-pin 0") && err.contains("none this process may run on"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
