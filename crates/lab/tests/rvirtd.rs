@@ -1,7 +1,10 @@
 //! Lab test: rvirtd and rvirt manage stock Debian guests in L1 with their
 //! default paths (/var/lib/rvirt, /run/rvirt/rvirtd.sock): define, start,
 //! suspend/resume, ACPI shutdown, destroy, a killed VMM, and a daemon
-//! restart while a domain runs.
+//! restart while a domain runs; then, with cgroup v2 mounted (L1 can; the
+//! machines it runs on are hybrid v1), `<memtune>`/`<cputune>` limits in
+//! the domain's cgroup, CPU pins on the VMM's threads, and a memory limit
+//! enforced on a guest that fills its RAM.
 
 use rvirt_lab::{l2_initramfs, log, L1Spec, Lab, ACPID_GUEST};
 
@@ -76,10 +79,68 @@ echo "@@ADOPTED-SHUTDOWN=$(rvirt shutdown web --timeout 240 2>&1)"
 echo "@@ADOPTED-STATE=$(state web)"
 # The guest's own words from its serial file (the console is not L1's).
 echo "@@GUEST-SAID=$(grep -o '@@L2-[A-Z-]*=[a-z0-9]*' /tmp/web-serial.log | sed 's/@@//' | tr '\n' ' ')"
+
+# cgroup v2: limits, pins, and an enforced memory limit.
+mount -t cgroup2 none /sys/fs/cgroup && echo "@@CG2=1"
+limited() {
+cat > /tmp/$1.xml <<EOF
+<domain type='kvm'>
+  <name>$1</name>
+  <memory unit='MiB'>$2</memory>
+  <vcpu>2</vcpu>
+  <memtune><hard_limit unit='MiB'>$3</hard_limit></memtune>
+  <cputune><shares>2048</shares><period>100000</period><quota>150000</quota><vcpupin vcpu='1' cpuset='1'/><emulatorpin cpuset='0'/></cputune>
+  <os>
+    <type arch='x86_64'>hvm</type>
+    <kernel>/l2/vmlinuz</kernel>
+    <initrd>/l2/hog.gz</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet $4</cmdline>
+  </os>
+  <devices>
+    <serial type='file'><source path='/tmp/$1-serial.log'/></serial>
+  </devices>
+</domain>
+EOF
+rvirt define /tmp/$1.xml > /dev/null
+}
+limited tuned 256 400 ""
+echo "@@TUNED-START=$(rvirt start tuned 2>&1)"
+ready tuned && echo "@@TUNED-READY=1"
+cg=/sys/fs/cgroup/rvirt/tuned
+echo "@@CG-MEMORY-MAX=$(cat $cg/memory.max)"
+echo "@@CG-CPU-MAX=$(cat $cg/cpu.max)"
+echo "@@CG-CPU-WEIGHT=$(cat $cg/cpu.weight)"
+echo "@@CG-PIDS-MAX=$(cat $cg/pids.max)"
+pid=$(rvirt dominfo tuned | grep 'VMM pid' | tr -s ' ' | cut -d' ' -f3)
+inner=$(for p in /proc/[0-9]*; do [ "$(awk '{print $4}' $p/stat 2>/dev/null)" = "$pid" ] && echo ${p#/proc/}; done | head -1)
+grep -qx "$pid" $cg/cgroup.procs && grep -qx "$inner" $cg/cgroup.procs && echo "@@CG-HOLDS-VMM=1"
+echo "@@PINS=$(for t in /proc/$inner/task/*; do echo "$(cat $t/comm)=$(awk '/Cpus_allowed_list/ {print $2}' $t/status)"; done | sort -u | tr '\n' ' ')"
+rvirt destroy tuned > /dev/null
+limited hog 512 160 hog
+echo "@@HOG-START=$(rvirt start hog 2>&1)"
+for i in $(seq 1 600); do state hog | grep -q 'shut off' && break; sleep 0.5; done
+echo "@@HOG-STATE=$(state hog)"
+echo "@@HOG-OOM-KILLS=$(awk '/^oom_kill / {print $2}' /sys/fs/cgroup/rvirt/hog/memory.events)"
+grep -q '@@L2-HOG-FILLING' /tmp/hog-serial.log && echo "@@HOG-FILLING=1"
+grep -q '@@L2-HOG-SURVIVED' /tmp/hog-serial.log && echo "@@HOG-SURVIVED=1"
 echo "@@BEGIN-LOGS"
 cat /tmp/rvirtd.log
 tail -5 /var/lib/rvirt/log/*.log
 echo "@@END-LOGS"
+"#;
+
+/// A guest that says it is ready and idles; with `hog` on its command line
+/// it first fills 400 MiB of its RAM through a tmpfs.
+const HOG_GUEST: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+echo "@@L2-READY=1"
+if grep -q hog /proc/cmdline; then
+  mkdir -p /mnt && mount -t tmpfs -o size=450m none /mnt
+  echo "@@L2-HOG-FILLING=1"
+  dd if=/dev/zero of=/mnt/fill bs=1M count=400 2>/dev/null
+  echo "@@L2-HOG-SURVIVED=1"
+fi
+while true; do sleep 1; done
 "#;
 
 #[test]
@@ -89,6 +150,7 @@ fn rvirtd_manages_debian_guests_through_their_lifecycle() {
     let mut spec = L1Spec::new("rvirtd", SCRIPT)
         .file(&lab.kernel, "l2/vmlinuz")
         .blob("l2/initrd.gz", initrd)
+        .blob("l2/hog.gz", l2_initramfs(HOG_GUEST, &[]).unwrap())
         .binary(&lab.rvirtd, "bin/rvirtd")
         .binary(&lab.rvirt, "bin/rvirt");
     spec.timeout = std::time::Duration::from_secs(1500);
@@ -124,4 +186,20 @@ fn rvirtd_manages_debian_guests_through_their_lifecycle() {
     assert_eq!(get("ADOPTED-SHUTDOWN"), "Domain 'web' is shut off", "{logs}");
     assert_eq!(get("ADOPTED-STATE"), "shut off (shutdown)");
     assert_eq!(get("GUEST-SAID").trim(), "L2-READY=1 L2-POWER-BUTTON=pressed", "the adopted guest's own serial output");
+    // cgroup v2 in L1.
+    assert_eq!(get("CG2"), "1");
+    assert_eq!(get("TUNED-START"), "Domain 'tuned' started", "{logs}");
+    assert_eq!(get("TUNED-READY"), "1");
+    assert_eq!(get("CG-MEMORY-MAX"), (400u64 << 20).to_string());
+    assert_eq!(get("CG-CPU-MAX"), "150000 100000");
+    assert_eq!(get("CG-CPU-WEIGHT"), "79", "2048 shares");
+    assert_eq!(get("CG-PIDS-MAX"), "1024");
+    assert_eq!(get("CG-HOLDS-VMM"), "1", "the reaper and the jailed VMM are in the domain's group");
+    let pins = get("PINS");
+    assert!(pins.contains("vcpu1=1 ") && pins.contains("rvirt-vmm=0 ") && pins.contains("vcpu0=0-1 "), "{pins}");
+    assert_eq!(get("HOG-START"), "Domain 'hog' started");
+    assert_eq!(get("HOG-FILLING"), "1", "the guest began filling its memory");
+    assert!(v.get("HOG-SURVIVED").is_none(), "a guest filling 400 MiB under a 160 MiB limit must not get there");
+    assert_eq!(get("HOG-STATE"), "shut off (crashed)", "{logs}");
+    assert!(get("HOG-OOM-KILLS").parse::<u32>().unwrap_or(0) >= 1, "the cgroup's OOM killer stopped the VMM");
 }

@@ -157,7 +157,8 @@ rvirt-vmm --jail --kernel /l2/vmlinuz --initrd /l2/initrd.gz --memory 512M --cpu
   --net tap=tap0,mac=52:54:00:12:34:56 --rng --balloon --console file=/tmp/hvc0.log </dev/null &
 vmm=$!
 # $vmm is the jail's reaper; the VMM itself (guest memory, devices) is its child.
-for i in $(seq 1 100); do inner=$(pgrep -P $vmm | head -1); [ -n "$inner" ] && break; sleep 0.1; done
+child_of() { for p in /proc/[0-9]*; do [ "$(awk '{print $4}' $p/stat 2>/dev/null)" = "$1" ] && echo ${p#/proc/}; done; }
+for i in $(seq 1 100); do inner=$(child_of $vmm | head -1); [ -n "$inner" ] && break; sleep 0.1; done
 echo "@@JAILED-SECCOMP=$(awk '/^Seccomp:/ {print $2}' /proc/$inner/status)"
 echo "@@JAILED-CAPEFF=$(awk '/^CapEff:/ {print $2}' /proc/$inner/status)"
 for i in $(seq 1 100); do [ -e /sys/class/net/tap0 ] && break; sleep 0.2; done

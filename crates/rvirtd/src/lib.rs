@@ -5,6 +5,7 @@
 //! outlive the daemon; a restarted daemon finds them again from its run
 //! records. See docs/rvirtd.md.
 
+pub mod cgroup;
 pub mod manager;
 pub mod policy;
 pub mod process;

@@ -367,7 +367,9 @@ impl Manager {
         let _ = std::fs::remove_file(&api_socket);
         let mut args = def.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains });
         args.extend(self.policy.jail_args(&self.store.jail_dir(), id));
-        let child = process::spawn_vmm(&self.vmm, &args, &log).map_err(|e| format!("starting {}: {e}", self.vmm.display()))?;
+        let group = crate::cgroup::prepare(crate::cgroup::v2_root().as_deref(), name, &def.tuning)?;
+        let child = process::spawn_vmm(&self.vmm, &args, &log, group.as_ref().map(|g| g.procs()).as_deref())
+            .map_err(|e| format!("starting {}: {e}", self.vmm.display()))?;
         g.next_id += 1;
         let pid = child.id();
         let start_ticks = process::proc_stat(pid).map(|(t, _)| t).unwrap_or(0);

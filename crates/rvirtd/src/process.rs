@@ -37,8 +37,9 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 
 /// Starts `vmm` with `args`, output appended to `log`, in a session of its
 /// own: signals aimed at the daemon (Ctrl-C, SIGTERM, SIGHUP) do not reach
-/// it, and it keeps running when the daemon exits.
-pub fn spawn_vmm(vmm: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
+/// it, and it keeps running when the daemon exits. With `cgroup_procs` it
+/// joins that cgroup before it runs.
+pub fn spawn_vmm(vmm: &Path, args: &[String], log: &Path, cgroup_procs: Option<&Path>) -> std::io::Result<Child> {
     use std::os::unix::fs::OpenOptionsExt;
     // Never through a symlink, and only a regular file: the log is appended to as root.
     let out = OpenOptions::new().create(true).append(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(log)?;
@@ -48,11 +49,24 @@ pub fn spawn_vmm(vmm: &Path, args: &[String], log: &Path) -> std::io::Result<Chi
     let err = out.try_clone()?;
     let mut cmd = Command::new(vmm);
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: setsid, close_range and close are async-signal-safe and touch no memory of ours.
+    let procs = cgroup_procs
+        .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()))
+        .transpose()
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "cgroup path with a NUL byte"))?;
+    // SAFETY: setsid, open, write, close_range and close are async-signal-safe
+    // and touch no memory of ours but the path made above.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(procs) = &procs {
+                // "0": the writing process itself; its threads and children follow.
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
             }
             // Only stdin, stdout and stderr cross into the VMM: not client
             // sockets, nor anything the daemon itself inherited without
