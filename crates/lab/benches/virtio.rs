@@ -21,6 +21,8 @@
 //! A guest that stops is killed after 6 minutes and costs its round's ratio.
 //! `RVIRT_BENCH_ROUNDS` (default 3) sets the rounds; `RVIRT_BENCH_ONLY=disk`,
 //! `=net` or `=net1k` (only the 1 KiB-write transfer) runs one kind.
+//! `RVIRT_BENCH_VERSUS=jailed` compares rvirt-vmm with itself jailed
+//! (`--jail --jail-user`) instead of QEMU: what confinement costs the guest.
 
 use rvirt_lab::{compare, GuestPrograms, L1Spec, Lab};
 
@@ -87,6 +89,9 @@ rvirt_scsi() { disk; bench RVIRT scsi $1 RVIRT_L2 RVIRT_SCSI; }
 qemu_scsi() { disk; bench QEMU scsi $1 QEMU_L2 QEMU_SCSI; }
 rvirt_net() { bench RVIRT net $1 RVIRT_L2 RVIRT_NET; }
 qemu_net() { bench QEMU net $1 QEMU_L2 QEMU_NET; }
+jailed_disk() { disk; bench JAILED disk $1 RVIRT_L2 --jail --jail-user 4242:4242 RVIRT_DISK; }
+jailed_scsi() { disk; bench JAILED scsi $1 RVIRT_L2 --jail --jail-user 4242:4242 RVIRT_SCSI; }
+jailed_net() { bench JAILED net $1 RVIRT_L2 --jail --jail-user 4242:4242 RVIRT_NET; }
 RUN
 "#;
 
@@ -119,6 +124,12 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("RVIRT_BENCH_ONLY={k}: want disk, scsi, net or net1k");
     }
     let only_1k = only.as_deref() == Some("net1k");
+    let versus = match std::env::var("RVIRT_BENCH_VERSUS").as_deref() {
+        Err(_) | Ok("qemu") => "qemu",
+        Ok("jailed") => "jailed",
+        Ok(o) => anyhow::bail!("RVIRT_BENCH_VERSUS={o}: want qemu or jailed"),
+    };
+    let other = versus.to_uppercase();
     let kinds: Vec<&str> = ["disk", "scsi", "net"].into_iter().filter(|k| only.as_deref().is_none_or(|o| o.starts_with(k))).collect();
     // One L1 per round and kind, both VMMs in it; rounds alternate which
     // goes first, so drift inside an L1 (the page cache, the host's load)
@@ -126,9 +137,9 @@ fn main() -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for r in 1..=rounds {
         for kind in &kinds {
-            let order = if r % 2 == 1 { ["rvirt", "qemu"] } else { ["qemu", "rvirt"] };
+            let order = if r % 2 == 1 { ["rvirt", versus] } else { [versus, "rvirt"] };
             let mut script = format!("{}_{kind} {r}\n{}_{kind} {r}", order[0], order[1]);
-            if *kind == "scsi" {
+            if *kind == "scsi" && versus == "qemu" {
                 // rvirt's virtio-blk on the same image in the same L1: SCSI against block.
                 script.push_str(&format!("\nrvirt_disk {r}"));
             }
@@ -159,7 +170,7 @@ fn main() -> anyhow::Result<()> {
         // The VMM-prefixed figures; a failed VM's log tail repeats them unprefixed.
         let figures: Vec<String> = values
             .iter()
-            .filter(|(k, _)| k.starts_with("RVIRT-") || k.starts_with("QEMU-"))
+            .filter(|(k, _)| k.starts_with("RVIRT-") || k.starts_with(&format!("{other}-")))
             .map(|(k, x)| format!("{k}={x}"))
             .collect();
         println!("{run}: {}", figures.join(" "));
@@ -173,7 +184,7 @@ fn main() -> anyhow::Result<()> {
     }
     let get = |k: &str| -> f64 { v.get(k).and_then(|s| s.parse().ok()).unwrap_or(f64::NAN) };
     // A VMM that failed mid-run leaves that round's figures missing.
-    for vmm in ["RVIRT", "QEMU"] {
+    for vmm in ["RVIRT", other.as_str()] {
         for kind in &kinds {
             let bad = (1..=rounds).filter(|r| v.get(&format!("{vmm}-{kind}-R{r}-EXIT")).map(String::as_str) != Some("0")).count();
             if bad > 0 {
@@ -181,8 +192,8 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    println!("virtio in the lab, 2 vCPUs, 512 MiB, {rounds} rounds, both VMMs in each round's L1 (L2 figures under TCG; compare ratios only):");
-    println!("  {:<26} {:>10} {:>10} {:>30}", "", "rvirt med.", "qemu med.", "ratio: median of rounds (each)");
+    println!("virtio in the lab, 2 vCPUs, 512 MiB, {rounds} rounds, rvirt and {versus} in each round's L1 (L2 figures under TCG; compare ratios only):");
+    println!("  {:<26} {:>10} {:>10} {:>30}", "", "rvirt med.", format!("{versus} med."), "ratio: median of rounds (each)");
     for (kind, key, what) in [
         ("disk", "BLK-SEQREAD", "blk seq read 1M (MiB/s)"),
         ("disk", "BLK-SEQWRITE", "blk seq write 1M (MiB/s)"),
@@ -200,7 +211,7 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         let each = |vmm: &str| -> Vec<f64> { (1..=rounds).map(|r| get(&format!("{vmm}-R{r}-{key}"))).collect() };
-        let (r, q) = (each("RVIRT"), each("QEMU"));
+        let (r, q) = (each("RVIRT"), each(&other));
         let ratios: Vec<f64> = r.iter().zip(&q).map(|(a, b)| a / b).collect();
         let list = |xs: &[f64], p: usize| xs.iter().map(|x| format!("{x:.p$}")).collect::<Vec<_>>().join(" ");
         println!(
@@ -209,9 +220,9 @@ fn main() -> anyhow::Result<()> {
             median(q.clone()),
             format!("{:.2}x ({})", median(ratios.clone()), list(&ratios, 2))
         );
-        println!("  {:<26} rvirt ({}) / qemu ({})", "", list(&r, 1), list(&q, 1));
+        println!("  {:<26} rvirt ({}) / {versus} ({})", "", list(&r, 1), list(&q, 1));
     }
-    if kinds.contains(&"scsi") {
+    if kinds.contains(&"scsi") && versus == "qemu" {
         println!("  rvirt virtio-scsi against rvirt virtio-blk in the same L1 (median of rounds' ratios):");
         for m in ["SEQREAD", "SEQWRITE", "RANDREAD", "RANDWRITE"] {
             let ratios: Vec<f64> = (1..=rounds).map(|r| get(&format!("RVIRT-R{r}-SCSI-{m}")) / get(&format!("RVIRT-R{r}-BLK-{m}"))).collect();

@@ -118,7 +118,7 @@ echo "@@PINS=$(for t in /proc/$inner/task/*; do echo "$(cat $t/comm)=$(awk '/Cpu
 rvirt destroy tuned > /dev/null
 limited hog 512 160 hog
 echo "@@HOG-START=$(rvirt start hog 2>&1)"
-for i in $(seq 1 600); do state hog | grep -q 'shut off' && break; sleep 0.5; done
+for i in $(seq 1 600); do state hog | grep -q 'shut off' && break; sleep 0.5; [ $((i % 20)) = 0 ] && echo "[rvirtd test] hog: $(state hog), $(cat /sys/fs/cgroup/rvirt/hog/memory.current) bytes"; done
 echo "@@HOG-STATE=$(state hog)"
 echo "@@HOG-OOM-KILLS=$(awk '/^oom_kill / {print $2}' /sys/fs/cgroup/rvirt/hog/memory.events)"
 grep -q '@@L2-HOG-FILLING' /tmp/hog-serial.log && echo "@@HOG-FILLING=1"
