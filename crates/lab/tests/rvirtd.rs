@@ -118,7 +118,7 @@ echo "@@PINS=$(for t in /proc/$inner/task/*; do echo "$(cat $t/comm)=$(awk '/Cpu
 rvirt destroy tuned > /dev/null
 limited hog 512 160 hog
 echo "@@HOG-START=$(rvirt start hog 2>&1)"
-for i in $(seq 1 600); do state hog | grep -q 'shut off' && break; sleep 0.5; [ $((i % 20)) = 0 ] && echo "[rvirtd test] hog: $(state hog), $(cat /sys/fs/cgroup/rvirt/hog/memory.current) bytes"; done
+for i in $(seq 1 600); do state hog | grep -q 'shut off' && break; grep -q '@@L2-HOG-SURVIVED' /tmp/hog-serial.log && break; sleep 0.5; [ $((i % 20)) = 0 ] && echo "[rvirtd test] hog: $(state hog), $(cat /sys/fs/cgroup/rvirt/hog/memory.current) bytes"; done
 echo "@@HOG-STATE=$(state hog)"
 echo "@@HOG-OOM-KILLS=$(awk '/^oom_kill / {print $2}' /sys/fs/cgroup/rvirt/hog/memory.events)"
 grep -q '@@L2-HOG-FILLING' /tmp/hog-serial.log && echo "@@HOG-FILLING=1"
@@ -133,6 +133,7 @@ echo "@@END-LOGS"
 /// it first fills 400 MiB of its RAM through a tmpfs.
 const HOG_GUEST: &str = r#"#!/bin/sh
 mount -t proc proc /proc
+mount -t devtmpfs devtmpfs /dev
 echo "@@L2-READY=1"
 if grep -q hog /proc/cmdline; then
   mkdir -p /mnt && mount -t tmpfs -o size=450m none /mnt
