@@ -1,6 +1,8 @@
 //! Boot benchmark, run side by side in one lab run (`cargo bench -p rvirt-lab --bench boot`):
 //! - boot-to-userspace-and-poweroff time of rvirt-vmm and of QEMU `-M microvm`
 //!   (the reference), same kernel, initramfs, command line, 2 vCPUs, 512 MiB;
+//! - the same boot with rvirt-vmm jailed (`--jail --jail-user`), for what
+//!   confinement costs;
 //! - resident memory of each VMM beyond guest RAM, with the guest idle.
 //!
 //! Times inside the lab are TCG times: only the ratio between the two VMMs
@@ -23,6 +25,8 @@ for i in $(seq 1 {ROUNDS}); do
   echo "@@RVIRT-$i=$(echo "$t1 $t0" | awk '{{printf "%.2f", $1 - $2}}') rc=$rc"
   t0=$(up); $QEMU -nographic -kernel /l2/vmlinuz -initrd /l2/off.gz -append "$CMD" </dev/null >/dev/null; rc=$?; t1=$(up)
   echo "@@QEMU-$i=$(echo "$t1 $t0" | awk '{{printf "%.2f", $1 - $2}}') rc=$rc"
+  t0=$(up); rvirt-vmm --jail --jail-user 4242:4242 --kernel /l2/vmlinuz --initrd /l2/off.gz --cpus 2 --memory 512M --cmdline "$CMD" </dev/null >/dev/null; rc=$?; t1=$(up)
+  echo "@@JAILED-$i=$(echo "$t1 $t0" | awk '{{printf "%.2f", $1 - $2}}') rc=$rc"
 done
 # Resident memory beyond guest RAM: all of the process's RSS except the
 # 512 MiB guest-RAM mapping.
@@ -79,6 +83,8 @@ fn main() -> anyhow::Result<()> {
     println!("  rvirt-vmm      median {r_med:.2} s  min {r_min:.2} s");
     println!("  qemu microvm   median {q_med:.2} s  min {q_min:.2} s");
     println!("  ratio rvirt/qemu (median): {:.2}", r_med / q_med);
+    let (j_med, j_min) = stats(&times("JAILED")?);
+    println!("  rvirt jailed   median {j_med:.2} s  min {j_min:.2} s  (jailed/unjailed {:.2})", j_med / r_med);
     if let Some(why) = v.get("QEMU-IDLE-DIED") {
         println!("note: the idle QEMU exited before it could be measured: {why}");
     }
