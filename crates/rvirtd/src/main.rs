@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use rvirt_domain::protocol::{DEFAULT_RO_SOCKET, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+use rvirt_domain::protocol::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 use rvirtd::policy::{Policy, DEFAULT_ALLOW, DEFAULT_ALLOW_READ_ONLY, DEFAULT_JAIL_UID_BASE};
 
 /// The rvirt management daemon: stores domains and runs their VMMs.
@@ -23,9 +23,10 @@ struct Cli {
     /// A group whose members may use the socket (mode 0660); otherwise only its owner (0600).
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
-    /// The read-only socket (list, dominfo, domstate, dumpxml), mode 0666.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_RO_SOCKET)]
-    read_only_socket: PathBuf,
+    /// The read-only socket (list, dominfo, domstate, dumpxml), mode 0666
+    /// [default: beside --socket, NAME-ro.sock: /run/rvirt/rvirtd-ro.sock].
+    #[arg(long, value_name = "PATH")]
+    read_only_socket: Option<PathBuf>,
     /// No read-only socket.
     #[arg(long, conflicts_with = "read_only_socket")]
     no_read_only_socket: bool,
@@ -50,6 +51,12 @@ struct Cli {
     jail_keep_uid: bool,
 }
 
+/// The read-only socket's default place: `NAME-ro.sock` beside the read-write socket.
+fn beside(socket: &std::path::Path) -> PathBuf {
+    let stem = socket.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "rvirtd".into());
+    socket.with_file_name(format!("{stem}-ro.sock"))
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -68,12 +75,13 @@ fn main() -> ExitCode {
     let root = unsafe { libc::geteuid() } == 0;
     let jail = (root && !cli.no_jail).then_some((!cli.jail_keep_uid).then_some(cli.jail_uid_base));
     let policy = Policy::new(&dirs(cli.allow_path, DEFAULT_ALLOW), &dirs(cli.allow_path_ro, DEFAULT_ALLOW_READ_ONLY), jail);
+    let read_only_socket = (!cli.no_read_only_socket).then(|| cli.read_only_socket.clone().unwrap_or_else(|| beside(&cli.socket)));
     let cfg = rvirtd::DaemonConfig {
         state_dir: cli.state_dir,
         socket: cli.socket,
         vmm: cli.vmm.unwrap_or_else(rvirtd::default_vmm),
         group: cli.group,
-        read_only_socket: (!cli.no_read_only_socket).then_some(cli.read_only_socket),
+        read_only_socket,
         policy,
     };
     match rvirtd::run(&cfg) {
@@ -82,5 +90,15 @@ fn main() -> ExitCode {
             eprintln!("rvirtd: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_read_only_socket_sits_beside_the_read_write_one() {
+        use rvirt_domain::protocol::{DEFAULT_RO_SOCKET, DEFAULT_SOCKET};
+        assert_eq!(super::beside(std::path::Path::new(DEFAULT_SOCKET)), std::path::Path::new(DEFAULT_RO_SOCKET));
+        assert_eq!(super::beside(std::path::Path::new("/tmp/x/s.sock")), std::path::Path::new("/tmp/x/s-ro.sock"));
     }
 }
