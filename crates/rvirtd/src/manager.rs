@@ -367,7 +367,15 @@ impl Manager {
         let _ = std::fs::remove_file(&api_socket);
         let mut args = def.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains });
         args.extend(self.policy.jail_args(&self.store.jail_dir(), id));
-        let group = crate::cgroup::prepare(crate::cgroup::v2_root().as_deref(), name, &def.tuning)?;
+        let group = match crate::cgroup::prepare(crate::cgroup::v2_root().as_deref(), name, &def.tuning) {
+            Ok(g) => g,
+            // A group only for accounting and the thread cap: not worth refusing the domain.
+            Err(e) if !def.tuning.has_cgroup_limits() => {
+                tracing::warn!("domain '{name}' runs without a cgroup: {e}");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let child = process::spawn_vmm(&self.vmm, &args, &log, group.as_ref().map(|g| g.procs()).as_deref())
             .map_err(|e| format!("starting {}: {e}", self.vmm.display()))?;
         g.next_id += 1;
