@@ -425,7 +425,8 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     let kind = KIND.with(|k| k.get());
     let name = match kind.checked_sub(1).and_then(|i| ThreadKind::ALL.get(usize::from(i))) {
         Some(k) => k.name(),
-        None => "unconfined",
+        // A thread that has not installed its own list yet runs under its parent's.
+        None => "new",
     };
     let mut buf = [0u8; 160];
     let mut n = 0;
