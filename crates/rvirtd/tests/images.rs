@@ -5,19 +5,11 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
+use rvirt_lab::procfs::open_files;
 use support::*;
-
-fn disk_xml(path: &Path, driver: &str, extra: &str) -> String {
-    format!("<devices><disk type='file' device='disk'>{driver}<source file='{}'/><target dev='vda'/>{extra}</disk></devices>", path.display())
-}
-
-/// Where every descriptor of process `pid` points.
-fn open_files(pid: i32) -> Vec<PathBuf> {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten().filter_map(|e| std::fs::read_link(e.path()).ok()).collect()
-}
 
 fn run(cmd: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new(cmd).args(args).output().unwrap();
@@ -48,7 +40,7 @@ fn a_guest_written_qcow2_header_cannot_make_the_vmm_open_a_host_file() {
     let f = d.xml_file("victim", &domain_xml("victim", &k.idle, &disk_xml(&disk, "", "")));
     d.ok(&["define", f.to_str().unwrap()]);
     d.ok(&["start", "victim"]);
-    let files = open_files(d.jailed_vmm_pid("victim") as i32);
+    let files = open_files(d.jailed_vmm_pid("victim"));
     let disk_real = std::fs::canonicalize(&disk).unwrap();
     assert!(files.contains(&disk_real), "the disk itself is open: {files:?}");
     let secret_real = std::fs::canonicalize(&secret).unwrap();
@@ -64,7 +56,7 @@ fn a_guest_written_qcow2_header_cannot_make_the_vmm_open_a_host_file() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let files = open_files(vmm.id() as i32);
+    let files = open_files(vmm.id());
     let _ = vmm.kill();
     let _ = vmm.wait();
     assert!(files.contains(&disk_real) && !files.contains(&secret_real), "{files:?}");

@@ -5,12 +5,8 @@
 
 mod support;
 
+use rvirt_lab::procfs::{open_files, status_field};
 use support::*;
-
-fn status_field(pid: u32, field: &str) -> String {
-    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    st.lines().find_map(|l| l.strip_prefix(field)).unwrap_or_else(|| panic!("{field} in {st}")).trim().to_string()
-}
 
 #[test]
 fn a_vmm_started_by_rvirtd_is_jailed_filtered_and_holds_only_its_own_files() {
@@ -19,8 +15,7 @@ fn a_vmm_started_by_rvirtd_is_jailed_filtered_and_holds_only_its_own_files() {
     let k = kernels(&dir);
     let disk = dir.join("data.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let disk_xml = format!("<devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk></devices>", disk.display());
-    let f = d.xml_file("j", &domain_xml("j", &k.idle, &disk_xml));
+    let f = d.xml_file("j", &domain_xml("j", &k.idle, &disk_xml(&disk, "<driver name='qemu' type='raw'/>", "")));
     d.ok(&["define", f.to_str().unwrap()]);
     d.ok(&["start", "j"]);
     let reaper = d.vmm_pid("j") as u32;
@@ -41,8 +36,7 @@ fn a_vmm_started_by_rvirtd_is_jailed_filtered_and_holds_only_its_own_files() {
     assert!(!std::path::Path::new(&format!("/proc/{vmm}/root/etc/shadow")).exists());
     // Its descriptors are what rvirtd gave it and what it made.
     let allowed = [disk.clone(), k.idle.clone(), d.state.join("log/j.log")].map(|p| std::fs::canonicalize(p).unwrap().display().to_string());
-    for e in std::fs::read_dir(format!("/proc/{vmm}/fd")).unwrap().flatten() {
-        let t = std::fs::read_link(e.path()).unwrap().display().to_string();
+    for t in open_files(vmm).iter().map(|p| p.display().to_string()) {
         let own = allowed.contains(&t) || ["/dev/null", "/dev/kvm", "/dev/ptmx"].contains(&t.as_str()) || t.starts_with("/dev/pts/")
             || t.starts_with("anon_inode:") || t.starts_with("socket:") || t.starts_with("pipe:");
         assert!(own, "the VMM holds {t}");
@@ -105,9 +99,7 @@ fn files_outside_the_path_policy_are_refused_with_the_reason() {
     let dir = scratch("policy");
     let d = Daemon::start(&dir);
     let k = kernels(&dir);
-    let disk = |path: &str, extra: &str| {
-        format!("<devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{path}'/><target dev='vda' bus='virtio'/>{extra}</disk></devices>")
-    };
+    let disk = |path: &str, extra: &str| disk_xml(std::path::Path::new(path), "<driver name='qemu' type='raw'/>", extra);
     // A host file as a writable disk, directly and through a symlink planted in the allowed directory.
     std::os::unix::fs::symlink("/etc/passwd", dir.join("innocent.raw")).unwrap();
     let link = dir.join("innocent.raw").display().to_string();

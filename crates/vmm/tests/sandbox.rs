@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rvirt_lab::guests::{bzimage_with, print, virtio_balloon_chain_bomb, HALT_FOREVER};
+use rvirt_lab::procfs::{children_of, open_files, status_field};
 
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("rvirt-sandbox-{}-{name}", std::process::id()));
@@ -85,32 +86,6 @@ fn a_forbidden_call_on_each_kind_of_thread_stops_the_vmm() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn status_field(pid: u32, field: &str) -> String {
-    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    st.lines().find_map(|l| l.strip_prefix(field)).unwrap_or_else(|| panic!("{field} in {st}")).trim().to_string()
-}
-
-/// The processes whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            // Fields after the parenthesised name: state, ppid, ...
-            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(pid)
-        })
-        .collect()
-}
-
-fn fd_targets(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .map(|p| p.display().to_string())
-        .collect()
-}
-
 fn wait_for_serial(dir: &Path, text: &str, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default().contains(text) {
@@ -167,12 +142,12 @@ fn a_jailed_vmm_holds_no_capability_no_host_path_and_only_its_own_descriptors() 
     let kernel_s = kernel.display().to_string();
     let serial_s = dir.join("serial.log").display().to_string();
     let log_s = dir.join("vmm.log").display().to_string();
-    for t in fd_targets(inner) {
+    for t in open_files(inner).iter().map(|p| p.display().to_string()) {
         let own = t == "/dev/null" || t == "/dev/kvm" || t == kernel_s || t == serial_s || t == log_s
             || t.starts_with("anon_inode:") || t.starts_with("socket:") || t.starts_with("pipe:");
         assert!(own, "the VMM holds {t}");
     }
-    let outer_fds = fd_targets(outer);
+    let outer_fds = open_files(outer);
     assert_eq!(outer_fds.len(), 3, "the reaper keeps only stdin, stdout and stderr: {outer_fds:?}");
 
     // SIGTERM to the process rvirtd knows reaches the VMM, which stops as asked.

@@ -184,7 +184,7 @@ impl Daemon {
     /// rvirtd started (the jail's reaper), which holds its descriptors.
     pub fn jailed_vmm_pid(&self, dom: &str) -> u32 {
         let reaper = self.vmm_pid(dom) as u32;
-        let kids = children_of(reaper);
+        let kids = rvirt_lab::procfs::children_of(reaper);
         assert_eq!(kids.len(), 1, "the jail's reaper {reaper} has one child, the VMM: {kids:?}");
         kids[0]
     }
@@ -263,14 +263,8 @@ pub fn domain_xml(name: &str, kernel: &Path, extra: &str) -> String {
     )
 }
 
-/// The processes whose parent is `pid`.
-pub fn children_of(pid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(pid)
-        })
-        .collect()
+/// A domain's `<devices>` with one file disk `vda` at `path`, `driver`
+/// (a `<driver .../>` element or nothing) and `extra` inside `<disk>`.
+pub fn disk_xml(path: &Path, driver: &str, extra: &str) -> String {
+    format!("<devices><disk type='file' device='disk'>{driver}<source file='{}'/><target dev='vda'/>{extra}</disk></devices>", path.display())
 }
