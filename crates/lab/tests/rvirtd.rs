@@ -15,17 +15,19 @@ start_daemon() {
   for i in $(seq 1 100); do rvirt list >/dev/null 2>&1 && break; sleep 0.1; done
 }
 start_daemon
+# domain NAME [MiB] [vCPUs] [initrd] [more kernel command line] [more XML]
 domain() {
 cat > /tmp/$1.xml <<EOF
 <domain type='kvm'>
   <name>$1</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
+  <memory unit='MiB'>${2:-256}</memory>
+  <vcpu>${3:-1}</vcpu>
+  $6
   <os>
     <type arch='x86_64'>hvm</type>
     <kernel>/l2/vmlinuz</kernel>
-    <initrd>/l2/initrd.gz</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
+    <initrd>/l2/${4:-initrd.gz}</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet $5</cmdline>
   </os>
   <devices>
     <serial type='file'><source path='/tmp/$1-serial.log'/></serial>
@@ -82,25 +84,9 @@ echo "@@GUEST-SAID=$(grep -o '@@L2-[A-Z-]*=[a-z0-9]*' /tmp/web-serial.log | sed 
 
 # cgroup v2: limits, pins, and an enforced memory limit.
 mount -t cgroup2 none /sys/fs/cgroup && echo "@@CG2=1"
+# limited NAME MiB HARD-LIMIT-MiB [more kernel command line]: 2 vCPUs, the hog guest, limits and pins.
 limited() {
-cat > /tmp/$1.xml <<EOF
-<domain type='kvm'>
-  <name>$1</name>
-  <memory unit='MiB'>$2</memory>
-  <vcpu>2</vcpu>
-  <memtune><hard_limit unit='MiB'>$3</hard_limit></memtune>
-  <cputune><shares>2048</shares><period>100000</period><quota>150000</quota><vcpupin vcpu='1' cpuset='1'/><emulatorpin cpuset='0'/></cputune>
-  <os>
-    <type arch='x86_64'>hvm</type>
-    <kernel>/l2/vmlinuz</kernel>
-    <initrd>/l2/hog.gz</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet $4</cmdline>
-  </os>
-  <devices>
-    <serial type='file'><source path='/tmp/$1-serial.log'/></serial>
-  </devices>
-</domain>
-EOF
+domain $1 $2 2 hog.gz "$4" "<memtune><hard_limit unit='MiB'>$3</hard_limit></memtune><cputune><shares>2048</shares><period>100000</period><quota>150000</quota><vcpupin vcpu='1' cpuset='1'/><emulatorpin cpuset='0'/></cputune>"
 rvirt define /tmp/$1.xml > /dev/null
 }
 limited tuned 256 400 ""
