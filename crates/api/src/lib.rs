@@ -236,6 +236,11 @@ impl ApiClient {
         let mut line = serde_json::to_string(req).map_err(|e| self.protocol(e.to_string()))?;
         line.push('\n');
         self.writer.write_all(line.as_bytes()).map_err(|e| self.io(e))?;
+        self.read_answer()
+    }
+
+    /// Reads the response line to the request just sent.
+    fn read_answer(&mut self) -> Result<Response, ClientError> {
         let mut answer = String::new();
         let n = self.reader.read_line(&mut answer).map_err(|e| self.io(e))?;
         if n == 0 {
@@ -274,12 +279,7 @@ impl ApiClient {
             return Err(self.io(std::io::Error::last_os_error()));
         }
         self.writer.write_all(&bytes[sent as usize..]).map_err(|e| self.io(e))?;
-        let mut answer = String::new();
-        let n = self.reader.read_line(&mut answer).map_err(|e| self.io(e))?;
-        if n == 0 {
-            return Err(self.protocol("connection closed before a response".into()));
-        }
-        serde_json::from_str(&answer).map_err(|e| self.protocol(format!("{e}: {}", answer.trim())))
+        self.read_answer()
     }
 
     fn io(&self, source: std::io::Error) -> ClientError {

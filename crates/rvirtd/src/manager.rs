@@ -83,18 +83,17 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 fn vmm_call(socket: &Path, req: &VmmRequest, timeout: Duration) -> Result<rvirt_api::Response, String> {
-    let mut c = ApiClient::connect(socket, timeout).map_err(|e| e.to_string())?;
-    let r = c.call(req).map_err(|e| e.to_string())?;
-    if r.ok {
-        Ok(r)
-    } else {
-        Err(r.error.unwrap_or_else(|| "the VMM refused the request".into()))
-    }
+    vmm_call_with_fd(socket, req, None, timeout)
 }
 
-fn vmm_call_with_fd(socket: &Path, req: &VmmRequest, fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> Result<rvirt_api::Response, String> {
+/// [`vmm_call`], sending `fd` along with the request when given.
+fn vmm_call_with_fd(socket: &Path, req: &VmmRequest, fd: Option<std::os::fd::BorrowedFd<'_>>, timeout: Duration) -> Result<rvirt_api::Response, String> {
     let mut c = ApiClient::connect(socket, timeout).map_err(|e| e.to_string())?;
-    let r = c.call_with_fd(req, fd).map_err(|e| e.to_string())?;
+    let r = match fd {
+        Some(fd) => c.call_with_fd(req, fd),
+        None => c.call(req),
+    }
+    .map_err(|e| e.to_string())?;
     if r.ok {
         Ok(r)
     } else {
@@ -604,11 +603,7 @@ impl Manager {
         let req = VmmRequest::ChangeMedia { device: format!("disk{index}"), path: path.map(Path::to_path_buf), force, fd: disc.is_some() };
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            let call = match &disc {
-                Some(f) => vmm_call_with_fd(&socket, &req, std::os::fd::AsFd::as_fd(f), Duration::from_secs(10)),
-                None => vmm_call(&socket, &req, Duration::from_secs(10)),
-            };
-            match call {
+            match vmm_call_with_fd(&socket, &req, disc.as_ref().map(std::os::fd::AsFd::as_fd), Duration::from_secs(10)) {
                 Ok(_) => break,
                 Err(e) if e.contains("locked the tray") && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
                 Err(e) => return Err(format!("domain '{name}': {e}")),
