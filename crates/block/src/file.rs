@@ -89,6 +89,14 @@ pub fn open_checked(path: &Path, write: bool, kind: Kind, custom: i32) -> io::Re
         .write(write)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC | custom)
         .open(path)?;
+    check_kind(&file, kind)?;
+    set_blocking(&file);
+    Ok(file)
+}
+
+/// Refuses an open file that is not of `kind`, naming what it is (a
+/// descriptor someone else opened gets the same check as a path we open).
+pub fn check_kind(file: &File, kind: Kind) -> io::Result<()> {
     let ft = file.metadata()?.file_type();
     let ok = ft.is_file() || (kind == Kind::RegularOrBlock && ft.is_block_device());
     if !ok {
@@ -108,8 +116,7 @@ pub fn open_checked(path: &Path, write: bool, kind: Kind, custom: i32) -> io::Re
         let want = if kind == Kind::Regular { "a regular file" } else { "a regular file or block device" };
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("is {what}, not {want}")));
     }
-    set_blocking(&file);
-    Ok(file)
+    Ok(())
 }
 
 /// Creates or empties the image file at `path` for writing: opened without

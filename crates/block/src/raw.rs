@@ -80,10 +80,7 @@ impl RawImage {
     /// passed to a jailed VMM), `name` naming it in messages; refused unless
     /// a regular file or block device, locked as [`RawImage::open_with`] locks.
     pub fn from_file(file: std::fs::File, name: &Path, opts: &ImageOptions) -> Result<Self> {
-        let ft = file.metadata().map_err(|e| io_err(name, e))?.file_type();
-        if !(ft.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&ft)) {
-            return Err(io_err(name, std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file or block device")));
-        }
+        crate::file::check_kind(&file, Kind::RegularOrBlock).map_err(|e| io_err(name, e))?;
         crate::lock::lock(&file, name, Permissions::for_image(true, false, opts.locking))?;
         Self::from_locked(file, name, true, false)
     }

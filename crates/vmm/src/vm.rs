@@ -300,12 +300,7 @@ impl Vm {
             Some(p) => Some(crate::virtio::open_disk(&crate::config::DiskConfig::cdrom(p.to_path_buf()))?),
             None => None,
         };
-        let mut lun = unit.lock().map_err(|_| Error::Device(format!("{device}: the unit's lock is poisoned")))?;
-        let done = match image {
-            Some(i) => lun.insert(i),
-            None => lun.eject(force),
-        };
-        done.map_err(|e| Error::Config(format!("{device}: {e}")))
+        put_media(&unit, device, image, force)
     }
 
     /// Inserts the disc open as `fd` (sent by rvirtd, which checked its
@@ -315,8 +310,7 @@ impl Vm {
         let name = name.unwrap_or(std::path::Path::new("(descriptor)"));
         let opts = rvirt_block::ImageOptions { read_only: true, ..Default::default() };
         let image = rvirt_block::RawImage::from_file(std::fs::File::from(fd), name, &opts).map_err(|e| Error::Device(format!("--disk: {e}")))?;
-        let mut lun = unit.lock().map_err(|_| Error::Device(format!("{device}: the unit's lock is poisoned")))?;
-        lun.insert(Arc::new(image)).map_err(|e| Error::Config(format!("{device}: {e}")))
+        put_media(&unit, device, Some(Arc::new(image)), false)
     }
 
     fn cdrom_unit(&self, device: &str) -> Result<Arc<Mutex<rvirt_scsi::Lun>>> {
@@ -440,6 +434,16 @@ impl Vm {
         }
         self.pci.shutdown();
     }
+}
+
+/// Puts `image` in CD-ROM drive `unit` (named `device`), or with none ejects its disc.
+fn put_media(unit: &Mutex<rvirt_scsi::Lun>, device: &str, image: Option<Arc<dyn rvirt_block::BlockBackend>>, force: bool) -> Result<()> {
+    let mut lun = unit.lock().map_err(|_| Error::Device(format!("{device}: the unit's lock is poisoned")))?;
+    let done = match image {
+        Some(i) => lun.insert(i),
+        None => lun.eject(force),
+    };
+    done.map_err(|e| Error::Config(format!("{device}: {e}")))
 }
 
 impl Drop for Vm {
