@@ -213,3 +213,39 @@ fn vcpus_and_the_other_threads_run_on_the_cpus_they_are_pinned_to() {
     assert!(!out.status.success() && err.contains("--vcpu-pin 0") && err.contains("none this process may run on"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_jailed_vmm_takes_a_disc_only_as_a_descriptor_and_checks_what_it_gets() {
+    use rvirt_api::{ApiClient, Request};
+    let dir = tmpdir("jailed-media");
+    let kernel = dir.join("idle.bzImage");
+    let mut code = print(b"up\n");
+    code.extend(HALT_FOREVER);
+    std::fs::write(&kernel, bzimage_with(&code)).unwrap();
+    let iso = dir.join("disc.iso");
+    std::fs::write(&iso, vec![0u8; 64 << 10]).unwrap();
+    let jail = dir.join("jail-root");
+    let mut reaper = vmm(&dir, &kernel, &["--jail", jail.to_str().unwrap(), "--disk", "media=cdrom"]).spawn().unwrap();
+    wait_for_serial(&dir, "up", &mut reaper);
+    let mut api = ApiClient::connect(&dir.join("api.sock"), Duration::from_secs(10)).unwrap();
+    let insert = |fd: bool| Request::ChangeMedia { device: "disk0".into(), path: Some(iso.clone()), force: false, fd };
+    // By path: refused, saying how to do it instead (the path does not exist in the jail anyway).
+    let r = api.call(&insert(false)).unwrap();
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("a jailed VMM can open no path"), "{r:?}");
+    // fd:true with no descriptor attached.
+    let r = api.call(&insert(true)).unwrap();
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("no descriptor came with the request"), "{r:?}");
+    // A directory's descriptor is no disc.
+    let d = std::fs::File::open(&dir).unwrap();
+    let r = api.call_with_fd(&insert(true), std::os::fd::AsFd::as_fd(&d)).unwrap();
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("is a directory"), "{r:?}");
+    // The disc's own descriptor goes in, and the VMM holds that file from then on.
+    let f = std::fs::File::open(&iso).unwrap();
+    let r = api.call_with_fd(&insert(true), std::os::fd::AsFd::as_fd(&f)).unwrap();
+    assert!(r.ok, "{r:?}");
+    let inner = children_of(reaper.id())[0];
+    assert!(open_files(inner).contains(&iso), "{:?}", open_files(inner));
+    let _ = reaper.kill();
+    let _ = reaper.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
