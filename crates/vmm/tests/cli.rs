@@ -47,6 +47,22 @@ fn bad_arguments_get_one_clear_line() {
 }
 
 #[test]
+fn bad_confinement_arguments_get_one_clear_line() {
+    let k = kernel_file();
+    let k = k.to_str().unwrap();
+    expect_error(&["--kernel", k, "--seccomp", "strict"], "--seccomp must be kill, log or off, not 'strict'");
+    for user in ["0:0", "4242", "a:b", "4242:0"] {
+        expect_error(&["--kernel", k, "--jail", "--jail-user", user], "--jail-user must be UID:GID with numbers above 0");
+    }
+    expect_error(&["--kernel", k, "--vcpu-pin", "1:0"], "--vcpu-pin 1: the VM has 1 vCPUs");
+    expect_error(&["--kernel", k, "--vcpu-pin", "0"], "--vcpu-pin must be N:CPUS");
+    expect_error(&["--kernel", k, "--vcpu-pin", "0:a"], "--vcpu-pin: 'a' is not a list of host CPUs");
+    expect_error(&["--kernel", k, "--emulator-pin", "3-1"], "--emulator-pin: '3-1' is not a list of host CPUs");
+    expect_error(&["--kernel", k, "--emulator-pin", "5000"], "--emulator-pin: '5000' is not a list of host CPUs");
+    expect_error(&["--kernel", k, "--emulator-pin", "1000"], "none this process may run on");
+}
+
+#[test]
 fn bad_virtio_device_arguments_get_one_clear_line() {
     let k = kernel_file();
     let k = k.to_str().unwrap();
