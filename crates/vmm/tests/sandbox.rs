@@ -70,6 +70,8 @@ fn a_forbidden_call_on_each_kind_of_thread_stops_the_vmm() {
     // With --seccomp log the same call is allowed (the kernel's audit log
     // records it) and the guest runs to its end; off installs nothing.
     for mode in ["log", "off"] {
+        // The previous run's console output must not pass for this one's.
+        let _ = std::fs::remove_file(dir.join("serial.log"));
         let mut child = vmm(&dir, &kernel, &["--seccomp", mode]).env("RVIRT_SECCOMP_SELFTEST", "worker").spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         while !std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default().ends_with('\n') && Instant::now() < deadline {
@@ -158,8 +160,9 @@ fn a_jailed_vmm_holds_no_capability_no_host_path_and_only_its_own_descriptors() 
     assert!(std::fs::read_to_string(dir.join("vmm.log")).unwrap().contains("stopped"));
 
     // Killing the reaper outright takes the VMM with it.
-    let mut reaper = vmm(&dir, &kernel, &["--jail", jail.to_str().unwrap()]).spawn().unwrap();
+    // (The console file goes first: the new VMM may open it before this thread runs again.)
     std::fs::remove_file(dir.join("serial.log")).ok();
+    let mut reaper = vmm(&dir, &kernel, &["--jail", jail.to_str().unwrap()]).spawn().unwrap();
     wait_for_serial(&dir, "up", &mut reaper);
     let inner = children_of(reaper.id());
     assert_eq!(inner.len(), 1);
