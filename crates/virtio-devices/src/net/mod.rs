@@ -10,9 +10,7 @@
 
 pub mod rx;
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -37,178 +35,12 @@ const F_MRG_RXBUF: u64 = 1 << 15;
 const F_STATUS: u64 = 1 << 16;
 /// Config `status`: link up.
 const S_LINK_UP: u16 = 1;
-/// The virtio-net header of virtio 1.x (with `num_buffers`).
-pub const VNET_HDR_LEN: usize = 12;
+pub use rvirt_tap::{Tap, VNET_HDR_LEN};
+use rvirt_tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 const QUEUE_SIZE: u16 = 256;
 /// The largest frame a tap delivers to a guest that accepted GSO: a 64 KiB
 /// packet, its Ethernet and VLAN headers and the virtio-net header.
 const MAX_GSO_FRAME: usize = VNET_HDR_LEN + 65536 + 14 + 4;
-
-const IFF_TAP: i16 = 0x0002;
-const IFF_NO_PI: i16 = 0x1000;
-const IFF_VNET_HDR: i16 = 0x4000;
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const TUNSETSNDBUF: libc::c_ulong = 0x4004_54d4;
-const TUN_F_CSUM: u32 = 0x01;
-const TUN_F_TSO4: u32 = 0x02;
-const TUN_F_TSO6: u32 = 0x04;
-const TUN_F_TSO_ECN: u32 = 0x08;
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: i16,
-    _pad: [u8; 22],
-}
-
-const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
-const SIOCGIFMTU: libc::c_ulong = 0x8921;
-const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
-const SIOCGIFINDEX: libc::c_ulong = 0x8933;
-const SIOCBRADDIF: libc::c_ulong = 0x89a2;
-
-/// `struct ifreq` with its union as raw bytes (index, flags).
-#[repr(C)]
-struct IfReqData {
-    name: [u8; 16],
-    data: [u8; 24],
-}
-
-impl IfReqData {
-    fn named(name: &str) -> Self {
-        let mut r = Self { name: [0; 16], data: [0; 24] };
-        let n = name.len().min(15);
-        r.name[..n].copy_from_slice(&name.as_bytes()[..n]);
-        r
-    }
-
-    /// The union read as an `int` (`ifr_ifindex`, `ifr_mtu`).
-    fn int(&self) -> i32 {
-        i32::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
-    }
-}
-
-/// A plain socket for interface ioctls.
-fn if_socket() -> std::io::Result<std::os::fd::OwnedFd> {
-    // SAFETY: socket(2) with constant arguments.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created and is owned by nobody else.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-}
-
-fn ifreq_ioctl(sock: &std::os::fd::OwnedFd, request: libc::c_ulong, req: &mut IfReqData) -> std::io::Result<()> {
-    // SAFETY: the interface ioctls used here read and write one ifreq we own.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), request, req as *mut IfReqData) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A tap network interface opened with virtio-net headers.
-pub struct Tap {
-    file: File,
-    name: String,
-    /// The MTU when the tap was opened.
-    mtu: usize,
-}
-
-impl Tap {
-    /// Opens tap `name`, creating it when it does not exist (which needs
-    /// CAP_NET_ADMIN; an existing tap owned by the user does not).
-    pub fn open(name: &str) -> std::io::Result<Self> {
-        use std::io::{Error, ErrorKind};
-        if name.is_empty() || name.len() >= 16 || name.contains(['/', ' ', '\0']) {
-            return Err(Error::new(ErrorKind::InvalidInput, format!("invalid tap name '{name}' (1-15 characters)")));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(|e| Error::new(e.kind(), format!("/dev/net/tun: {e}")))?;
-        let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _pad: [0; 22] };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes an ifreq we own.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            let e = Error::last_os_error();
-            let hint = if e.raw_os_error() == Some(libc::EPERM) {
-                format!(" (creating a tap needs CAP_NET_ADMIN; or create it first: ip tuntap add {name} mode tap user $USER)")
-            } else {
-                String::new()
-            };
-            return Err(Error::new(e.kind(), format!("tap '{name}': {e}{hint}")));
-        }
-        let hdr = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads an int we own.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
-            return Err(Error::last_os_error());
-        }
-        // Every frame written stays charged to the tap's socket until the
-        // host's stack has taken it; with the default send buffer (about
-        // 200 KiB) three 64 KiB TSO frames in flight make writes fail.
-        // Unlimited, as QEMU's default; back-pressure is EAGAIN below.
-        let sndbuf = libc::c_int::MAX;
-        // SAFETY: TUNSETSNDBUF reads an int we own.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETSNDBUF, &sndbuf) } < 0 {
-            return Err(Error::last_os_error());
-        }
-        // Read now: a jailed VMM lives in an empty network namespace and
-        // can no longer ask about the interface by name.
-        let mut req = IfReqData::named(name);
-        let mtu = if_socket().and_then(|s| ifreq_ioctl(&s, SIOCGIFMTU, &mut req)).map(|()| req.int().max(0) as usize).unwrap_or(1500);
-        Ok(Self { file, name: name.into(), mtu })
-    }
-
-    /// The interface name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Adds the tap to Linux bridge `bridge` and brings it up, as libvirt
-    /// does for `<interface type='bridge'>` (needs CAP_NET_ADMIN).
-    pub fn attach_to_bridge(&self, bridge: &str) -> std::io::Result<()> {
-        use std::io::{Error, ErrorKind};
-        if bridge.is_empty() || bridge.len() >= 16 || bridge.contains(['/', ' ', '\0']) {
-            return Err(Error::new(ErrorKind::InvalidInput, format!("invalid bridge name '{bridge}'")));
-        }
-        let sock = if_socket()?;
-        let ctx = |what: &str, e: Error| Error::new(e.kind(), format!("tap '{}' {what} bridge '{bridge}': {e}", self.name));
-        let mut req = IfReqData::named(&self.name);
-        ifreq_ioctl(&sock, SIOCGIFINDEX, &mut req).map_err(|e| ctx("(index) for", e))?;
-        let index = req.int();
-        let mut br = IfReqData::named(bridge);
-        br.data[..4].copy_from_slice(&index.to_ne_bytes());
-        ifreq_ioctl(&sock, SIOCBRADDIF, &mut br).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENODEV) | Some(libc::EOPNOTSUPP) => Error::new(e.kind(), format!("bridge '{bridge}' does not exist or is not a bridge ({e})")),
-            _ => ctx("joining", e),
-        })?;
-        let mut up = IfReqData::named(&self.name);
-        ifreq_ioctl(&sock, SIOCGIFFLAGS, &mut up).map_err(|e| ctx("(flags) on", e))?;
-        let flags = i16::from_ne_bytes([up.data[0], up.data[1]]) | libc::IFF_UP as i16;
-        up.data[..2].copy_from_slice(&flags.to_ne_bytes());
-        ifreq_ioctl(&sock, SIOCSIFFLAGS, &mut up).map_err(|e| ctx("(up) on", e))
-    }
-
-    /// The interface's MTU when it was opened: the largest frame payload it
-    /// passes without GSO.
-    pub fn mtu(&self) -> usize {
-        self.mtu
-    }
-
-    /// Tells the tap which offloads the guest accepts on receive.
-    fn set_offload(&self, flags: u32) -> std::io::Result<()> {
-        // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-}
 
 fn iovecs(slices: &[vm_memory::VolatileSlice<'_, ()>]) -> Vec<libc::iovec> {
     slices.iter().map(|s| libc::iovec { iov_base: s.ptr_guard_mut().as_ptr().cast(), iov_len: s.len() }).collect()
@@ -271,7 +103,7 @@ impl NetWorker {
     /// Moves frames from the tap into receive buffers; returns whether to
     /// keep polling the tap (see [`rx::RxPass::poll_tap`]).
     fn receive(&mut self, q: &mut virtio_queue::Queue) -> bool {
-        let pass = self.rx.receive(q, &self.mem, self.tap.file.as_raw_fd(), &self.counters);
+        let pass = self.rx.receive(q, &self.mem, self.tap.as_raw_fd(), &self.counters);
         if pass.notify {
             self.interrupt.trigger(InterruptKind::Queue(0));
         }
@@ -295,7 +127,7 @@ impl NetWorker {
             };
             let iov = iovecs(&slices);
             // SAFETY: writev from checked guest buffers.
-            let n = unsafe { libc::writev(self.tap.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+            let n = unsafe { libc::writev(self.tap.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
             if n >= 0 {
                 self.counters.request(0, c.readable_len() as u64);
             } else if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
@@ -357,7 +189,7 @@ impl VirtioDevice for VirtioNet {
                 offload |= flag;
             }
         }
-        self.tap.set_offload(offload).map_err(|e| format!("tap {}: setting offloads: {e}", self.tap.name))?;
+        self.tap.set_offload(offload).map_err(|e| format!("tap {}: setting offloads: {e}", self.tap.name()))?;
         *lock(&self.handle.interrupt) = Some(interrupt.clone());
         // Without GSO the tap's frames are at most its MTU plus Ethernet and VLAN headers.
         let mtu = self.tap.mtu();
@@ -368,16 +200,16 @@ impl VirtioDevice for VirtioNet {
         let rx = RxQueue::new(features & F_MRG_RXBUF != 0, max_frame);
         let mut w = NetWorker { mem, tap: self.tap.clone(), interrupt, counters: self.counters.clone(), rx };
         self.worker = Some(
-            Worker::spawn(&format!("virtio-net-{}", self.tap.name), move |kill| {
+            Worker::spawn(&format!("virtio-net-{}", self.tap.name()), move |kill| {
                 let Ok(mut events) = EventLoop::new() else { return };
                 let ok = events.add(&queues[0].event, RX_QUEUE).is_ok()
                     && events.add(&queues[1].event, TX_QUEUE).is_ok()
-                    && events.add(&w.tap.file, TAP).is_ok()
+                    && events.add(&*w.tap, TAP).is_ok()
                     && events.add(&kill, KILL).is_ok();
                 if !ok {
                     return;
                 }
-                let tap_fd = w.tap.file.as_raw_fd();
+                let tap_fd = w.tap.as_raw_fd();
                 // What the tap is watched for: input while there are receive
                 // buffers, output while a frame waits for room.
                 let (mut polling_rx, mut tx_waiting) = (true, false);
@@ -430,83 +262,6 @@ impl VirtioDevice for VirtioNet {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ip(args: &[&str]) -> bool {
-        std::process::Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false)
-    }
-
-    /// Runs `body` on a thread in a network namespace of its own (the `ip`
-    /// commands it starts inherit it), never in the machine's; `false` when
-    /// no namespace can be made here.
-    fn in_private_netns(body: impl FnOnce() + Send + 'static) -> bool {
-        let t = std::thread::spawn(move || {
-            // SAFETY: unshare affects only this thread's network namespace.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return false;
-            }
-            body();
-            true
-        });
-        match t.join() {
-            Ok(made) => made,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
-
-    #[test]
-    fn tap_joins_a_bridge_and_comes_up() {
-        if !in_private_netns(tap_joins_a_bridge) {
-            eprintln!("note: no network namespace here; bridge attach not exercised");
-        }
-    }
-
-    fn tap_joins_a_bridge() {
-        let (br, tap) = (format!("rvbr{}", std::process::id() % 100000), format!("rvtp{}", std::process::id() % 100000));
-        if !ip(&["link", "add", &br, "type", "bridge"]) {
-            eprintln!("note: cannot create a bridge here (no CAP_NET_ADMIN); bridge attach not exercised");
-            return;
-        }
-        let t = Tap::open(&tap).expect("open tap");
-        assert_eq!(t.mtu(), 1500, "a new tap's MTU");
-        t.attach_to_bridge(&br).expect("attach");
-        // Asked of `ip`, which runs in this namespace (/sys shows the machine's).
-        let out = std::process::Command::new("ip").args(["-o", "link", "show", "dev", &tap]).output().expect("ip link show");
-        let link = String::from_utf8_lossy(&out.stdout);
-        assert!(link.contains(&format!(" master {br} ")), "the tap has the bridge as its master: {link}");
-        let flags = link.split_once('<').and_then(|(_, r)| r.split_once('>')).map(|(f, _)| f).unwrap_or("");
-        assert!(flags.split(',').any(|f| f == "UP"), "the tap is up: {link}");
-        let err = t.attach_to_bridge("rvnobridge0").unwrap_err().to_string();
-        assert!(err.contains("rvnobridge0"), "{err}");
-        assert!(t.attach_to_bridge("bad name").is_err());
-        drop(t);
-        ip(&["link", "del", &br]);
-    }
-
-    #[test]
-    fn a_taps_mtu_is_read_when_it_is_opened() {
-        if !in_private_netns(taps_mtu_is_read) {
-            eprintln!("note: no network namespace here; MTU not exercised");
-        }
-    }
-
-    fn taps_mtu_is_read() {
-        let tap = format!("rvmt{}", std::process::id() % 100000);
-        if !ip(&["tuntap", "add", &tap, "mode", "tap"]) {
-            eprintln!("note: cannot create a tap here (no CAP_NET_ADMIN); MTU not exercised");
-            return;
-        }
-        assert!(ip(&["link", "set", &tap, "mtu", "1400"]));
-        let t = Tap::open(&tap).expect("open tap");
-        // Read from the interface, not assumed (1500 is the default).
-        assert_eq!(t.mtu(), 1400);
-        drop(t);
-        ip(&["link", "del", &tap]);
-    }
-}
-
-#[cfg(test)]
 mod transmit_tests {
     use std::os::fd::AsRawFd;
     use std::sync::atomic::AtomicUsize;
@@ -546,7 +301,7 @@ mod transmit_tests {
         mock.avail().idx().store(1);
         let mut q: virtio_queue::Queue = mock.create_queue().unwrap();
 
-        let tap = Arc::new(Tap { file: File::from(tap_end), name: "stand-in".into(), mtu: 1500 });
+        let tap = Arc::new(Tap::stand_in(tap_end, "stand-in", 1500));
         let interrupt = Arc::new(CountingInterrupt::default());
         let w = NetWorker { mem: mem.clone(), tap, interrupt: interrupt.clone(), counters: Arc::default(), rx: RxQueue::new(false, 1526) };
         assert!(w.transmit(&mut q), "EAGAIN must be reported as a full tap");
