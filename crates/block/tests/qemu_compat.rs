@@ -54,7 +54,15 @@ fn we_read_what_qemu_writes_zero_and_compressed_clusters() {
     assert!(our_contents(&ours) == expected, "contents differ from qemu-img convert");
     // Overwriting a compressed cluster makes it a normal one and frees the old.
     drop(ours);
-    let rw = Qcow2Image::open(&p, false).unwrap();
+    // The other test in this process forks qemu-img: a child between fork
+    // and exec briefly holds our dropped descriptor, and with it its lock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let rw = loop {
+        match Qcow2Image::open(&p, false) {
+            Err(rvirt_block::Error::Locked { .. }) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(10)),
+            r => break r.unwrap(),
+        }
+    };
     rw.write_at(&[0x55; 100], 2 << 20).unwrap();
     rw.flush().unwrap();
     drop(rw);

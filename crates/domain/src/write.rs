@@ -54,6 +54,9 @@ pub struct VmmLaunch<'a> {
     pub api_socket: &'a Path,
     /// One tap name per interface, in order.
     pub taps: &'a [String],
+    /// Each tap's descriptor, opened by the daemon and inherited by the VMM,
+    /// in the same order (empty: the VMM opens the taps by name).
+    pub tap_fds: &'a [i32],
     /// One backing chain per disk, in order (top first; empty for none),
     /// resolved by the daemon so the VMM opens no file named in an image.
     pub chains: &'a [Vec<(PathBuf, ImageFormat)>],
@@ -268,8 +271,11 @@ impl DomainXml {
             }
             a.extend(["--disk".into(), spec]);
         }
-        for (i, tap) in self.interfaces.iter().zip(launch.taps) {
+        for (n, (i, tap)) in self.interfaces.iter().zip(launch.taps).enumerate() {
             let mut spec = format!("tap={tap}");
+            if let Some(fd) = launch.tap_fds.get(n) {
+                spec += &format!(",fd={fd}");
+            }
             if let Some(m) = &i.mac {
                 spec += &format!(",mac={m}");
             }

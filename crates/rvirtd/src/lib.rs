@@ -6,6 +6,7 @@
 //! records. See docs/rvirtd.md.
 
 pub mod cgroup;
+pub mod handoff;
 pub mod manager;
 pub mod policy;
 pub mod process;

@@ -364,7 +364,10 @@ impl Manager {
         let log = self.store.log(name);
         let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let _ = std::fs::remove_file(&api_socket);
-        let mut args = def.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains });
+        // rvirtd opens every file and tap; the VMM gets descriptors only.
+        let handoff = crate::handoff::Handoff::open(&def, &chains, &taps, &self.policy)?;
+        let mut args = def.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains, tap_fds: &handoff.tap_fds() });
+        args.extend(handoff.args());
         args.extend(self.policy.jail_args(&self.store.jail_dir(), id));
         let group = match crate::cgroup::prepare(crate::cgroup::v2_root().as_deref(), name, &def.tuning) {
             Ok(g) => g,
@@ -375,8 +378,10 @@ impl Manager {
             }
             Err(e) => return Err(e),
         };
-        let child = process::spawn_vmm(&self.vmm, &args, &log, group.as_ref().map(|g| g.procs()).as_deref())
+        let child = process::spawn_vmm(&self.vmm, &args, &log, group.as_ref().map(|g| g.procs()).as_deref(), &handoff.inherited())
             .map_err(|e| format!("starting {}: {e}", self.vmm.display()))?;
+        // The VMM holds its copies; the daemon keeps none.
+        drop(handoff);
         g.next_id += 1;
         let pid = child.id();
         let start_ticks = process::proc_stat(pid).map(|(t, _)| t).unwrap_or(0);

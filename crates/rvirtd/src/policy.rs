@@ -39,6 +39,28 @@ impl Policy {
     /// directories and the option that adds one.
     pub fn check(&self, what: &str, path: &Path, write: bool) -> Result<PathBuf, String> {
         let real = std::fs::canonicalize(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+        self.judge(what, path, real, write)
+    }
+
+    /// Whether the file open as `file` (opened for `path`) lies in an allowed
+    /// directory: judged by where the descriptor really leads, so a symlink
+    /// swapped in after [`Policy::check`] gains nothing. `parent`: judge its
+    /// directory instead (a console log may be created there).
+    pub fn check_opened(&self, what: &str, path: &Path, file: &std::fs::File, write: bool, parent: bool) -> Result<PathBuf, String> {
+        use std::os::fd::AsRawFd;
+        let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let real = std::fs::read_link(&link).map_err(|e| format!("{what} {}: where it leads ({link}): {e}", path.display()))?;
+        if !real.is_absolute() || real.to_string_lossy().ends_with(" (deleted)") {
+            return Err(format!("{what} {}: it was removed or is not a file ({})", path.display(), real.display()));
+        }
+        if parent {
+            let dir = real.parent().unwrap_or(Path::new("/")).to_path_buf();
+            return self.judge(what, path.parent().unwrap_or(path), dir, write).map(|_| real);
+        }
+        self.judge(what, path, real, write)
+    }
+
+    fn judge(&self, what: &str, path: &Path, real: PathBuf, write: bool) -> Result<PathBuf, String> {
         let dirs: Vec<&PathBuf> = if write { self.allow.iter().collect() } else { self.allow.iter().chain(&self.allow_read_only).collect() };
         if dirs.iter().any(|d| real.starts_with(d)) {
             return Ok(real);

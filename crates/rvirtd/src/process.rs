@@ -4,6 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -39,7 +40,7 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 /// own: signals aimed at the daemon (Ctrl-C, SIGTERM, SIGHUP) do not reach
 /// it, and it keeps running when the daemon exits. With `cgroup_procs` it
 /// joins that cgroup before it runs.
-pub fn spawn_vmm(vmm: &Path, args: &[String], log: &Path, cgroup_procs: Option<&Path>) -> std::io::Result<Child> {
+pub fn spawn_vmm(vmm: &Path, args: &[String], log: &Path, cgroup_procs: Option<&Path>, inherit: &[RawFd]) -> std::io::Result<Child> {
     use std::os::unix::fs::OpenOptionsExt;
     // Never through a symlink, and only a regular file: the log is appended to as root.
     let out = OpenOptions::new().create(true).append(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(log)?;
@@ -49,12 +50,16 @@ pub fn spawn_vmm(vmm: &Path, args: &[String], log: &Path, cgroup_procs: Option<&
     let err = out.try_clone()?;
     let mut cmd = Command::new(vmm);
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // Sorted before the fork: between fork and exec nothing may allocate.
+    let mut inherit = inherit.to_vec();
+    inherit.sort_unstable();
+    inherit.dedup();
     let procs = cgroup_procs
         .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()))
         .transpose()
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "cgroup path with a NUL byte"))?;
-    // SAFETY: setsid, open, write, close_range and close are async-signal-safe
-    // and touch no memory of ours but the path made above.
+    // SAFETY: setsid, open, write, fcntl, close_range and close are
+    // async-signal-safe and touch no memory of ours but what was made above.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
@@ -68,18 +73,39 @@ pub fn spawn_vmm(vmm: &Path, args: &[String], log: &Path, cgroup_procs: Option<&
                 }
                 libc::close(fd);
             }
-            // Only stdin, stdout and stderr cross into the VMM: not client
-            // sockets, nor anything the daemon itself inherited without
-            // close-on-exec (a jobserver pipe, a service manager's sockets).
-            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
-                for fd in 3..4096 {
-                    libc::close(fd);
+            // Only stdin, stdout, stderr and the handed-over descriptors cross
+            // into the VMM: not client sockets, nor anything the daemon itself
+            // inherited without close-on-exec (a jobserver pipe, a service
+            // manager's sockets).
+            let mut from = 3;
+            for &fd in inherit.iter() {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
+                close_from_to(from, fd);
+                from = fd + 1;
             }
+            close_from_to(from, i32::MAX);
             Ok(())
         });
     }
     cmd.spawn()
+}
+
+/// Closes descriptors `from..to` (async-signal-safe: used between fork and exec).
+fn close_from_to(from: RawFd, to: RawFd) {
+    if from >= to {
+        return;
+    }
+    // SAFETY: closing descriptors in the child before exec; close_range and
+    // close touch no memory.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, from as u32, (to - 1) as u32, 0u32) != 0 {
+            for fd in from..to.min(4096) {
+                libc::close(fd);
+            }
+        }
+    }
 }
 
 /// Sends `sig` to `pid` if it is still the process that started at `start_ticks`.

@@ -41,6 +41,12 @@ fn a_vmm_started_by_rvirtd_is_jailed_filtered_and_holds_only_its_own_files() {
             || t.starts_with("anon_inode:") || t.starts_with("socket:") || t.starts_with("pipe:");
         assert!(own, "the VMM holds {t}");
     }
+    // It opened none of them by name: rvirtd passed each as a descriptor.
+    let cmdline = std::fs::read_to_string(format!("/proc/{vmm}/cmdline")).unwrap().replace('\0', " ");
+    assert!(cmdline.contains("--only-passed-files"), "{cmdline}");
+    for f in [&disk, &k.idle] {
+        assert!(cmdline.contains(&format!("={} ", f.display())) && cmdline.contains("--pass-fd "), "{} not passed: {cmdline}", f.display());
+    }
     // The daemon still drives it through its API, and it stops as asked.
     d.ok(&["suspend", "j"]);
     d.ok(&["resume", "j"]);

@@ -240,15 +240,27 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
-/// A virtio network card on a tap, from `--net tap=NAME[,mac=52:54:00:..]`.
+/// A virtio network card on a tap, from `--net tap=NAME[,mac=52:54:00:..][,bridge=BR][,fd=N]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
     /// Tap interface name (created when missing and permitted).
     pub tap: String,
+    /// An inherited descriptor of the tap, opened by the parent (rvirtd),
+    /// used instead of opening the tap by name.
+    pub fd: Option<i32>,
     /// MAC address; a random locally administered one when not given.
     pub mac: Option<[u8; 6]>,
     /// A Linux bridge the tap joins (and is brought up on) at start.
     pub bridge: Option<String>,
+}
+
+/// Parses the number of a descriptor the VMM inherits: above 2 (0-2 are
+/// its standard streams) and below the kernel's limit on any process.
+pub fn parse_inherited_fd(option: &str, s: &str) -> Result<i32, Error> {
+    match s.parse::<i32>() {
+        Ok(n) if (3..1 << 20).contains(&n) => Ok(n),
+        _ => Err(Error::Config(format!("{option}: '{s}' is not an inherited descriptor number (3 or more)"))),
+    }
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -274,7 +286,7 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], Error> {
 impl std::str::FromStr for NetConfig {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
-        let mut n = NetConfig { tap: String::new(), mac: None, bridge: None };
+        let mut n = NetConfig { tap: String::new(), fd: None, mac: None, bridge: None };
         for (k, v) in key_values("--net", s)? {
             let (k, v) = (k.as_str(), v.as_str());
             match k {
@@ -282,7 +294,8 @@ impl std::str::FromStr for NetConfig {
                 "mac" => n.mac = Some(parse_mac(v)?),
                 "bridge" if !v.is_empty() && v.len() <= 15 => n.bridge = Some(v.into()),
                 "bridge" => return Err(Error::Config(format!("--net: bridge '{v}' is not an interface name (1-15 characters)"))),
-                _ => return Err(Error::Config(format!("--net: unknown key '{k}' (expected tap, mac, bridge)"))),
+                "fd" => n.fd = Some(parse_inherited_fd("--net", v)?),
+                _ => return Err(Error::Config(format!("--net: unknown key '{k}' (expected tap, mac, bridge, fd)"))),
             }
         }
         if n.tap.is_empty() || n.tap.len() > 15 {
@@ -640,9 +653,13 @@ mod tests {
     #[test]
     fn nets_and_macs() {
         let n: NetConfig = "tap=tap0,mac=52:54:00:AB:cd:01".parse().unwrap();
-        assert_eq!(n, NetConfig { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]), bridge: None });
-        let b: NetConfig = "tap=vnet3,bridge=br0".parse().unwrap();
-        assert_eq!(b.bridge.as_deref(), Some("br0"));
+        assert_eq!(n, NetConfig { tap: "tap0".into(), fd: None, mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]), bridge: None });
+        let b: NetConfig = "tap=vnet3,bridge=br0,fd=7".parse().unwrap();
+        assert_eq!((b.bridge.as_deref(), b.fd), (Some("br0"), Some(7)));
+        for bad in ["2", "-1", "seven", "99999999999"] {
+            let e = format!("tap=t,fd={bad}").parse::<NetConfig>().unwrap_err().to_string();
+            assert!(e.contains("not an inherited descriptor number"), "{e}");
+        }
         assert!("tap=t,bridge=".parse::<NetConfig>().is_err());
         for bad in ["mac=52:54:00:00:00:01", "tap=", "tap=averyveryverylongname", "tap=t,mac=52:54:00:00:00", "tap=t,mac=01:00:00:00:00:00", "tap=t,mac=zz:00:00:00:00:00"] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");

@@ -81,12 +81,12 @@ impl Console {
                 }
             }
             SerialMode::File(path) => {
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| Error::Console(format!("cannot open {}: {e}", path.display())))?;
-                c.file = Some(f);
+                let f = match rvirt_block::file::passed(path, false, true) {
+                    Ok(Some(f)) => Ok(f),
+                    Ok(None) => OpenOptions::new().create(true).append(true).open(path),
+                    Err(e) => Err(e),
+                };
+                c.file = Some(f.map_err(|e| Error::Console(format!("cannot open {}: {e}", path.display())))?);
             }
             SerialMode::Pty => {
                 let (master, slave, path) = open_pty().map_err(|e| Error::Console(format!("cannot create a pty: {e}")))?;

@@ -11,6 +11,7 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod firmware;
+pub mod inherited;
 pub mod interrupts;
 pub mod loader;
 pub mod log_limit;
@@ -156,6 +157,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     let api = cfg.api_socket.as_deref().map(ApiServer::listen).transpose()?;
     let signals = install_signal_handlers()?;
     let console = Console::open(&cfg.serial)?;
+    // Every file is open: descriptors passed for names go (the copies stay).
+    rvirt_block::file::forget_passed();
     if let Some(jail) = &cfg.jail {
         jail.enter()?;
     }

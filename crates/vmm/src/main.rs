@@ -91,6 +91,14 @@ struct Cli {
     /// Run every thread that is not a vCPU (main, devices, API) on these host CPUs.
     #[arg(long, value_name = "CPUS")]
     emulator_pin: Option<String>,
+    /// Use inherited descriptor N wherever the file PATH is named (by
+    /// --kernel, --initrd, --firmware, --disk, backing=, --serial file=,
+    /// --console file=): its parent opened it. Repeatable.
+    #[arg(long, value_name = "N=PATH")]
+    pass_fd: Vec<String>,
+    /// Open no file by name: each must come with --pass-fd (what rvirtd does).
+    #[arg(long)]
+    only_passed_files: bool,
     /// With --jail: the unprivileged uid and gid to run as.
     #[arg(long, value_name = "UID:GID", requires = "jail")]
     jail_user: Option<String>,
@@ -150,7 +158,7 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -166,7 +174,24 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("RVIRT_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .init();
-    let result = config(cli).and_then(|cfg| rvirt_vmm::run(&cfg));
+    let (pass_fd, only_passed) = (std::mem::take(&mut cli.pass_fd), cli.only_passed_files);
+    let result = config(cli)
+        .and_then(|cfg| {
+            // Inherited descriptors are taken before the VMM opens anything.
+            for spec in &pass_fd {
+                rvirt_vmm::inherited::pass_file(spec)?;
+            }
+            for n in &cfg.nets {
+                if let Some(fd) = n.fd {
+                    rvirt_vmm::inherited::pass_tap(&n.tap, fd)?;
+                }
+            }
+            if only_passed {
+                rvirt_block::file::only_passed();
+            }
+            Ok(cfg)
+        })
+        .and_then(|cfg| rvirt_vmm::run(&cfg));
     rvirt_vmm::console::restore_terminal();
     match result {
         Ok(VmExit::Crashed(why)) => {

@@ -114,7 +114,12 @@ impl Backends {
             .nets
             .iter()
             .map(|n| {
-                let tap = Tap::open(&n.tap).map_err(|e| Error::Device(format!("--net: {e}")))?;
+                let tap = match (crate::inherited::take_tap(&n.tap), n.fd) {
+                    (Some(fd), _) => Tap::from_fd(&n.tap, fd),
+                    (None, Some(fd)) => return Err(Error::Config(format!("--net: descriptor {fd} of tap '{}' was not taken at start", n.tap))),
+                    (None, None) => Tap::open(&n.tap),
+                }
+                .map_err(|e| Error::Device(format!("--net: {e}")))?;
                 if let Some(br) = &n.bridge {
                     tap.attach_to_bridge(br).map_err(|e| Error::Device(format!("--net: {e}")))?;
                 }

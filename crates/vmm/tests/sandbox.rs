@@ -252,3 +252,92 @@ fn a_jailed_vmm_takes_a_disc_only_as_a_descriptor_and_checks_what_it_gets() {
     let _ = reaper.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// rvirt-vmm with `args`, inheriting each of `files` (opened here) at its
+/// own descriptor number; its stderr goes to `log`.
+fn vmm_inheriting(args: &[String], files: &[&std::fs::File], log: &Path) -> Command {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rvirt-vmm"));
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
+    // SAFETY: fcntl is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+#[test]
+fn a_vmm_given_descriptors_opens_no_file_by_name() {
+    use std::os::fd::AsRawFd;
+    let dir = tmpdir("passed");
+    let kernel = dir.join("idle.bzImage");
+    let mut code = print(b"up\n");
+    code.extend(HALT_FOREVER);
+    std::fs::write(&kernel, bzimage_with(&code)).unwrap();
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let serial = dir.join("serial.log");
+    let log = dir.join("vmm.log");
+    // The names the VMM is given lead nowhere: only the descriptors can work.
+    let (k_name, d_name, s_name) = ("/nonexistent/rvirt/kernel", "/nonexistent/rvirt/disk.raw", "/nonexistent/rvirt/serial.log");
+    let k = std::fs::File::open(&kernel).unwrap();
+    let d = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+    let s = std::fs::OpenOptions::new().create(true).append(true).open(&serial).unwrap();
+    let args = |extra: &[String]| -> Vec<String> {
+        let mut a: Vec<String> = ["--memory", "64M", "--only-passed-files", "--kernel", k_name, "--serial"].iter().map(|s| s.to_string()).collect();
+        a.push(format!("file={s_name}"));
+        a.extend(extra.iter().cloned());
+        a
+    };
+    let pass = |f: &std::fs::File, name: &str| vec!["--pass-fd".to_string(), format!("{}={name}", f.as_raw_fd())];
+    let base: Vec<String> = [pass(&k, k_name), pass(&s, s_name)].concat();
+    let disk_arg = vec!["--disk".to_string(), format!("path={d_name},format=raw")];
+    let mut child = vmm_inheriting(&args(&[base.clone(), pass(&d, d_name), disk_arg.clone()].concat()), &[&k, &d, &s], &log).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("up") {
+        assert!(Instant::now() < deadline, "no 'up' on the console");
+        assert!(child.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // It holds the files it was given (by their real names) and no name it was told.
+    let held = open_files(child.id());
+    for f in [&kernel, &disk, &serial] {
+        assert!(held.contains(f), "{} not held: {held:?}", f.display());
+    }
+    assert!(held.iter().all(|p| !p.starts_with("/nonexistent")), "{held:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Each mistake is refused before the VM starts, with one clear line.
+    let ro = std::fs::File::open(&disk).unwrap();
+    let dir_fd = std::fs::File::open(&dir).unwrap();
+    let cases: Vec<(Vec<String>, Vec<&std::fs::File>, &str)> = vec![
+        // A disk named but not passed.
+        ([base.clone(), disk_arg.clone()].concat(), vec![&k, &s], "was not passed as a descriptor"),
+        // A writable disk passed read-only.
+        ([base.clone(), pass(&ro, d_name), disk_arg.clone()].concat(), vec![&k, &s, &ro], "not open for reading and writing"),
+        // A directory passed as a (read-only) disk.
+        ([base.clone(), pass(&dir_fd, d_name), vec!["--disk".into(), format!("path={d_name},format=raw,readonly=on")]].concat(), vec![&k, &s, &dir_fd], "is a directory"),
+        // A descriptor that was never passed (not inherited: close-on-exec here).
+        ([base.clone(), pass(&d, d_name), disk_arg.clone()].concat(), vec![&k, &s], "not open"),
+        // A relative name, and the same name twice.
+        ([base.clone(), vec!["--pass-fd".into(), format!("{}=disk.raw", d.as_raw_fd())]].concat(), vec![&k, &s, &d], "absolute path"),
+        ([base.clone(), pass(&d, k_name)].concat(), vec![&k, &s, &d], "already passed"),
+    ];
+    for (i, (a, files, want)) in cases.into_iter().enumerate() {
+        let mut c = vmm_inheriting(&args(&a), &files, &log).spawn().unwrap();
+        let st = wait_exit(&mut c, Duration::from_secs(30)).expect("a refused VMM exits");
+        let err = std::fs::read_to_string(&log).unwrap();
+        assert!(!st.success() && err.contains(want) && err.lines().count() == 1, "case {i}: want '{want}': {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

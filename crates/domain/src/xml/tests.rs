@@ -116,7 +116,7 @@ fn vmm_arguments_cover_every_device() {
     let d = DomainXml::parse(LIBVIRT_XML).unwrap();
     let taps = vec!["rv1n0".to_string(), "tap7".to_string()];
     let chains = vec![vec![(std::path::PathBuf::from("/var/lib/rvirt/images/base,1.qcow2"), ImageFormat::Qcow2), ("/b.raw".into(), ImageFormat::Raw)], vec![]];
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/run/rvirt/web.sock"), taps: &taps, chains: &chains }).join(" ");
+    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/run/rvirt/web.sock"), taps: &taps, chains: &chains, tap_fds: &[] }).join(" ");
     for want in [
         "--kernel /var/lib/rvirt/boot/vmlinuz",
         "--cpus 2",
@@ -219,7 +219,7 @@ fn disks_without_a_format_are_raw_and_shareable_is_kept() {
     let d = DomainXml::parse(xml).unwrap();
     assert!(d.disks[0].shareable && d.disks[0].format.is_none());
     assert!(DomainXml::parse(&d.to_xml()).unwrap().disks[0].shareable, "dumpxml keeps <shareable/>");
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &[], chains: &[] }).join(" ");
+    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &[], chains: &[], tap_fds: &[] }).join(" ");
     assert!(args.contains("--disk path=/img/shared.img,format=raw,shareable=on"), "{args}");
 }
 
@@ -306,7 +306,7 @@ fn definitions_without_a_kernel_boot_through_firmware() {
     let report = d.unknown_report();
     assert_eq!(report.len(), 1, "one warning for the screen: {report:?}");
     assert!(report[0].contains("<graphics> (line 24), <video> (line 25)") && report[0].contains("Installers that only draw on a screen"), "{report:?}");
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/run/x.sock"), taps: &[], chains: &[vec![], vec![]] }).join(" ");
+    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/run/x.sock"), taps: &[], chains: &[vec![], vec![]], tap_fds: &[] }).join(" ");
     for want in [
         "--uuid 5f1d3c2a-8e4b-4c6d-9a7f-0123456789ab",
         "--firmware /usr/share/seabios/bios-256k.bin",
@@ -333,7 +333,7 @@ fn boot_dev_menu_off_and_vagrants_empty_kernel() {
     )
     .unwrap();
     assert!(d.boots_firmware() && d.initrd.is_none() && d.cmdline.is_none());
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &[], chains: &[] }).join(" ");
+    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &[], chains: &[], tap_fds: &[] }).join(" ");
     assert!(args.contains("--boot-order dcn") && !args.contains("--boot-menu") && !args.contains("--firmware"), "{args}");
     assert!(d.unknown_report().iter().any(|l| l.contains("network boot (PXE) is not supported yet")));
     let xml = d.to_xml();
@@ -422,11 +422,11 @@ fn sata_ide_and_cdrom_drives_become_scsi_units_and_other_nics_virtio() {
         (DiskBus::Ide, true, true),
         (DiskBus::Virtio, false, false),
     ]);
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &["t0".into()], chains: &[vec![], vec![], vec![], vec![]] }).join(" ");
+    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &["t0".into()], chains: &[vec![], vec![], vec![], vec![]], tap_fds: &[9] }).join(" ");
     for want in [
         "--disk path=/win.qcow2,format=qcow2,bus=scsi,boot=0",
         "--disk path=/install.iso,format=raw,media=cdrom,boot=1",
-        "--disk media=cdrom --disk path=/data.raw,format=raw --net tap=t0",
+        "--disk media=cdrom --disk path=/data.raw,format=raw --net tap=t0,fd=9",
     ] {
         assert!(args.contains(want), "missing '{want}' in {args}");
     }
