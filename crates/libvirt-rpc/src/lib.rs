@@ -5,7 +5,9 @@
 //! is checked against libvirt's own limits before anything is allocated.
 
 pub mod message;
+pub mod remote;
 pub mod xdr;
 
 pub use message::{Header, MessageError, MessageStatus, MessageType, Packet, RemoteError};
+pub use remote::RemoteDomain;
 pub use xdr::{Decoder, Encoder, XdrError};

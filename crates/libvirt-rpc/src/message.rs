@@ -32,9 +32,9 @@ pub enum MessageError {
     /// The connection failed or ended inside a message.
     #[error("reading a libvirt message: {0}")]
     Io(#[from] std::io::Error),
-    /// The length word is below a header's size or over [`MESSAGE_MAX`].
-    #[error("libvirt message length {0} is outside {min}..={max}", min = LEN_BYTES + HEADER_BYTES, max = LEN_BYTES + MESSAGE_MAX)]
-    BadLength(u32),
+    /// The length word is below a header's size or over the limit.
+    #[error("libvirt message length {0} is outside {min}..={1}", min = LEN_BYTES + HEADER_BYTES)]
+    BadLength(u32, usize),
     /// The header does not decode.
     #[error(transparent)]
     Xdr(#[from] XdrError),
@@ -148,10 +148,20 @@ impl Packet {
     /// Reads one message. The length is checked before the body is read or
     /// any memory set aside for it.
     pub fn read_from(r: &mut impl Read) -> Result<Self, MessageError> {
+        Self::read_limited(r, MESSAGE_MAX)
+    }
+
+    /// [`Packet::read_from`] with a lower limit on the body (header and
+    /// payload): a server knows how large the calls it serves can be.
+    pub fn read_limited(r: &mut impl Read, max_body: usize) -> Result<Self, MessageError> {
+        let max_body = max_body.min(MESSAGE_MAX);
         let mut len = [0u8; LEN_BYTES];
         r.read_exact(&mut len)?;
         let len = u32::from_be_bytes(len);
-        let body = (len as usize).checked_sub(LEN_BYTES).filter(|b| (HEADER_BYTES..=MESSAGE_MAX).contains(b)).ok_or(MessageError::BadLength(len))?;
+        let body = (len as usize)
+            .checked_sub(LEN_BYTES)
+            .filter(|b| (HEADER_BYTES..=max_body).contains(b))
+            .ok_or(MessageError::BadLength(len, LEN_BYTES + max_body))?;
         let mut buf = vec![0u8; body];
         r.read_exact(&mut buf)?;
         let mut d = Decoder::new(&buf);
@@ -253,8 +263,12 @@ mod tests {
             let mut bytes = len.to_be_bytes().to_vec();
             bytes.extend_from_slice(&[0; 64]);
             let e = Packet::read_from(&mut &bytes[..]).unwrap_err();
-            assert!(matches!(e, MessageError::BadLength(l) if l == len), "{len}: {e}");
+            assert!(matches!(e, MessageError::BadLength(l, _) if l == len), "{len}: {e}");
         }
+        // A server's own lower limit.
+        let big = call(1, 1, vec![0; 4096]).encode();
+        assert!(matches!(Packet::read_limited(&mut &big[..], 1024).unwrap_err(), MessageError::BadLength(_, 1028)));
+        assert!(Packet::read_limited(&mut &big[..], 8192).is_ok());
         // A frame cut short, and header fields libvirt does not define.
         let mut good = call(1, 1, vec![0; 8]).encode();
         assert!(matches!(Packet::read_from(&mut &good[..20]).unwrap_err(), MessageError::Io(_)));

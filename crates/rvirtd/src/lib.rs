@@ -6,6 +6,7 @@
 //! records. See docs/rvirtd.md.
 
 pub mod cgroup;
+pub mod events;
 pub mod handoff;
 pub mod manager;
 pub mod policy;
@@ -34,6 +35,9 @@ pub struct DaemonConfig {
     pub read_only_socket: Option<PathBuf>,
     /// What domains may touch and how VMMs are confined.
     pub policy: policy::Policy,
+    /// libvirt's read-write socket (its read-only one is beside it, `-ro`),
+    /// for virsh, virt-install and python-libvirt; `None`: not served.
+    pub libvirt_socket: Option<PathBuf>,
 }
 
 /// Where `rvirt-vmm` is: next to this executable, else on `PATH`.
@@ -52,12 +56,18 @@ pub fn run(cfg: &DaemonConfig) -> anyhow::Result<()> {
     let store = Store::open(&cfg.state_dir)?;
     let listener = server::bind(&cfg.socket, cfg.group.as_deref())?;
     let read_only = cfg.read_only_socket.as_deref().map(server::bind_read_only).transpose()?;
+    let libvirt = cfg.libvirt_socket.as_deref().map(|p| server::libvirt::bind(p, cfg.group.as_deref())).transpose()?;
     if cfg.policy.jail.is_none() {
         tracing::warn!("VMMs run without a jail (rvirtd is not root, or --no-jail): each still filters its system calls");
     }
     let mgr = Manager::open(store, cfg.vmm.clone(), cfg.policy.clone())?;
     mgr.spawn_monitor().map_err(|e| anyhow::anyhow!("starting the monitor thread: {e}"))?;
     tracing::info!("rvirtd listening on {}", cfg.socket.display());
+    if let (Some((rw, ro)), Some(path)) = (libvirt, cfg.libvirt_socket.as_deref()) {
+        server::libvirt::spawn(rw, false, mgr.clone())?;
+        server::libvirt::spawn(ro, true, mgr.clone())?;
+        tracing::info!("libvirt clients served on {} (and {})", path.display(), server::libvirt::read_only_path(path).display());
+    }
     let auto = mgr.clone();
     std::thread::spawn(move || auto.autostart());
     server::serve(listener, read_only, mgr)

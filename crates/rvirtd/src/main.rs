@@ -30,6 +30,13 @@ struct Cli {
     /// No read-only socket.
     #[arg(long, conflicts_with = "read_only_socket")]
     no_read_only_socket: bool,
+    /// libvirt's socket, for virsh, virt-install and python-libvirt
+    /// (`qemu:///system`); its read-only twin is PATH-ro.
+    #[arg(long, value_name = "PATH", default_value = rvirtd::server::libvirt::DEFAULT_SOCKET)]
+    libvirt_socket: PathBuf,
+    /// Do not serve libvirt's protocol.
+    #[arg(long)]
+    no_libvirt_socket: bool,
     /// A directory whose files domains may use in every way (disk images);
     /// repeatable [default: /var/lib/rvirt/images, /var/lib/libvirt/images].
     #[arg(long, value_name = "DIR")]
@@ -83,6 +90,7 @@ fn main() -> ExitCode {
         group: cli.group,
         read_only_socket,
         policy,
+        libvirt_socket: (!cli.no_libvirt_socket).then_some(cli.libvirt_socket),
     };
     match rvirtd::run(&cfg) {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,7 @@ use rvirt_api::{ApiClient, Request as VmmRequest};
 use rvirt_domain::protocol::{DomainInfo, DomainState, DomainSummary, Request, Response, StateReport};
 use rvirt_domain::{CharDevice, DiskSource, DomainXml, LifecycleAction, VmmLaunch};
 
+use crate::events::{DomainEvent, EventBus, Lifecycle, StopReason};
 use crate::process::{self, VmmEnd};
 use crate::storage;
 use crate::store::{RunRecord, Store};
@@ -69,6 +70,25 @@ struct Inner {
     next_id: u32,
 }
 
+/// A domain's identity and state at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainBrief {
+    /// Its name.
+    pub name: String,
+    /// Its UUID's bytes.
+    pub uuid: [u8; 16],
+    /// Its id while a VMM runs it.
+    pub id: Option<u32>,
+    /// Its state.
+    pub state: DomainState,
+    /// Why it is in that state (`booted`, `user`, `shutdown`, `destroyed`, `crashed`, `failed`, ...).
+    pub reason: String,
+    /// Whether its definition is stored.
+    pub persistent: bool,
+    /// Whether it starts with the daemon.
+    pub autostart: bool,
+}
+
 /// The daemon's domains.
 pub struct Manager {
     store: Store,
@@ -76,6 +96,7 @@ pub struct Manager {
     policy: crate::policy::Policy,
     inner: Mutex<Inner>,
     changed: Condvar,
+    events: EventBus,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -135,7 +156,7 @@ impl Manager {
                 Err(e) => tracing::error!("definition '{name}' is unreadable and was skipped: {e}"),
             }
         }
-        let mgr = Arc::new(Self { store, vmm, policy, inner: Mutex::new(inner), changed: Condvar::new() });
+        let mgr = Arc::new(Self { store, vmm, policy, inner: Mutex::new(inner), changed: Condvar::new(), events: EventBus::default() });
         mgr.adopt_running();
         Ok(mgr)
     }
@@ -187,6 +208,15 @@ impl Manager {
         }
     }
 
+    /// Where the manager reports lifecycle events, for front ends to subscribe to.
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    fn emit(&self, name: &str, def: &DomainXml, id: Option<u32>, what: Lifecycle) {
+        self.events.emit(DomainEvent { name: name.to_string(), uuid: def.uuid.to_string(), id, what });
+    }
+
     /// Starts the domains marked for autostart that are not running.
     pub fn autostart(self: &Arc<Self>) {
         let names: Vec<String> = {
@@ -236,47 +266,50 @@ impl Manager {
         self.store.remove_run(name, &run.record);
         let end = process::read_end(&self.store.log(name), run.record.log_offset);
         tracing::info!("domain '{name}' VMM (pid {}) ended: {end:?}", run.record.pid);
-        let restart = if run.destroying {
+        let (restart, what) = if run.destroying {
             d.state = DomainState::ShutOff;
             d.reason = "destroyed".into();
-            false
+            (false, Lifecycle::Stopped(StopReason::Destroyed))
         } else {
             match end {
-                VmmEnd::PowerOff if run.record.reboot_pending || run.def.on_poweroff == LifecycleAction::Restart => true,
+                VmmEnd::PowerOff if run.record.reboot_pending || run.def.on_poweroff == LifecycleAction::Restart => {
+                    (true, Lifecycle::Stopped(StopReason::Shutdown))
+                }
                 VmmEnd::PowerOff | VmmEnd::Reboot => {
                     d.state = DomainState::ShutOff;
                     d.reason = "shutdown".into();
-                    false
+                    (false, Lifecycle::Stopped(StopReason::Shutdown))
                 }
                 VmmEnd::Stopped => {
                     d.state = DomainState::ShutOff;
                     d.reason = "destroyed".into();
-                    false
+                    (false, Lifecycle::Stopped(StopReason::Destroyed))
                 }
                 // Never restarted: it would fail the same way again.
                 VmmEnd::Failed(why) => {
                     tracing::warn!("domain '{name}': the VMM failed: {why}");
                     d.state = DomainState::ShutOff;
                     d.reason = "failed".into();
-                    false
+                    (false, Lifecycle::Stopped(StopReason::Failed))
                 }
                 VmmEnd::Crashed(why) => {
                     tracing::warn!("domain '{name}' crashed: {why}");
                     d.reason = "crashed".into();
                     match run.def.on_crash {
-                        LifecycleAction::Restart => true,
+                        LifecycleAction::Restart => (true, Lifecycle::Stopped(StopReason::Crashed)),
                         LifecycleAction::Preserve => {
                             d.state = DomainState::Crashed;
-                            false
+                            (false, Lifecycle::Crashed)
                         }
                         LifecycleAction::Destroy => {
                             d.state = DomainState::ShutOff;
-                            false
+                            (false, Lifecycle::Stopped(StopReason::Crashed))
                         }
                     }
                 }
             }
         };
+        self.emit(name, &run.def, None, what);
         if restart {
             // The same definition the domain ran with, as libvirt does on reboot.
             let def = run.def.clone();
@@ -413,6 +446,7 @@ impl Manager {
         d.run = Some(run);
         d.state = DomainState::Running;
         d.reason = "booted".into();
+        self.emit(name, &def, Some(id), Lifecycle::Started);
         Ok((api_socket, log_offset))
     }
 
@@ -515,6 +549,8 @@ impl Manager {
         Self::check_unique(&g, &def, true)?;
         self.store.save_definition(&def.name, &def.to_xml()).map_err(|e| format!("{e:#}"))?;
         let name = def.name.clone();
+        let updated = g.domains.get(&name).is_some_and(|d| d.persistent);
+        self.emit(&name, &def, g.domains.get(&name).and_then(|d| d.run.as_ref()).map(|r| r.record.id), Lifecycle::Defined { updated });
         match g.domains.get_mut(&name) {
             // A running domain keeps its live definition until it restarts.
             Some(d) => d.def = def,
@@ -536,7 +572,9 @@ impl Manager {
         if d.persistent {
             self.store.remove_definition(&name).map_err(|e| format!("{e:#}"))?;
         }
-        g.domains.remove(&name);
+        if let Some(d) = g.domains.remove(&name) {
+            self.emit(&name, &d.def, None, Lifecycle::Undefined);
+        }
         Ok(name)
     }
 
@@ -570,6 +608,7 @@ impl Manager {
             d.reason = if paused { "user" } else { "unpaused" }.into();
             if let Some(r) = d.run.as_mut() {
                 r.record.paused = paused;
+                self.emit(&name, &r.def, Some(r.record.id), if paused { Lifecycle::Suspended } else { Lifecycle::Resumed });
             }
         });
         Ok(name)
@@ -725,6 +764,14 @@ impl Manager {
         Ok(d.run.as_ref().map_or(&d.def, |r| &r.def).to_xml())
     }
 
+    /// The stored definition (`dumpxml --inactive`): a running domain's
+    /// next run, or the live one of a transient domain, which has no other.
+    pub fn dump_inactive_xml(&self, key: &str) -> Result<String, String> {
+        let g = lock(&self.inner);
+        let name = g.find(key)?;
+        Ok(g.domains[&name].def.to_xml())
+    }
+
     /// `list`.
     pub fn list(&self, all: bool) -> Vec<DomainSummary> {
         let g = lock(&self.inner);
@@ -738,6 +785,32 @@ impl Manager {
         // Running domains by id first, then the rest by name, as virsh does.
         rows.sort_by(|a, b| (a.id.is_none(), a.id, &a.name).cmp(&(b.id.is_none(), b.id, &b.name)));
         rows
+    }
+
+    /// Who domain `key` is and what state it is in: the libvirt front end's
+    /// lookups (by name, id or UUID) and list filters.
+    pub fn brief(&self, key: &str) -> Result<DomainBrief, String> {
+        let g = lock(&self.inner);
+        let name = g.find(key)?;
+        Ok(self.brief_of(&name, &g.domains[&name]))
+    }
+
+    /// [`Manager::brief`] of every domain, by name.
+    pub fn briefs(&self) -> Vec<DomainBrief> {
+        let g = lock(&self.inner);
+        g.domains.iter().map(|(n, d)| self.brief_of(n, d)).collect()
+    }
+
+    fn brief_of(&self, name: &str, d: &Domain) -> DomainBrief {
+        DomainBrief {
+            name: name.to_string(),
+            uuid: *d.def.uuid.as_bytes(),
+            id: d.run.as_ref().map(|r| r.record.id),
+            state: d.state,
+            reason: d.reason.clone(),
+            persistent: d.persistent,
+            autostart: d.persistent && self.store.autostart(name),
+        }
     }
 
     /// `domstate`.

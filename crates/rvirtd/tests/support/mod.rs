@@ -56,6 +56,7 @@ pub struct Daemon {
 }
 
 /// What a client command did.
+#[derive(Debug)]
 pub struct Out {
     pub code: i32,
     pub stdout: String,
@@ -90,6 +91,8 @@ impl Daemon {
             .arg(&self.dir)
             .arg("--read-only-socket")
             .arg(self.dir.join("rvirtd-ro.sock"))
+            .arg("--libvirt-socket")
+            .arg(self.libvirt_socket())
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -102,6 +105,11 @@ impl Daemon {
             assert!(Instant::now() < deadline, "rvirtd did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The daemon's libvirt socket (its read-only one is beside it, `-ro`).
+    pub fn libvirt_socket(&self) -> PathBuf {
+        self.dir.join("libvirt-sock")
     }
 
     /// Kills the daemon with SIGKILL (a crash): its VMMs keep running.

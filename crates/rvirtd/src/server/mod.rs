@@ -1,5 +1,9 @@
-//! The management socket: one JSON request per line, served by
-//! `rvirt-lineserver` (one poll thread, a pool of workers, every buffer bounded).
+//! rvirtd's front ends: its own management socket (one JSON request per
+//! line, served by `rvirt-lineserver`: one poll thread, a pool of workers,
+//! every buffer bounded), and libvirt's remote protocol ([`libvirt`]) for
+//! virsh, virt-install and python-libvirt. Both call the same [`Manager`].
+
+pub mod libvirt;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};

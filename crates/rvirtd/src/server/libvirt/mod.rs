@@ -1,0 +1,256 @@
+//! libvirt's remote protocol, so the tools people already use (virsh,
+//! virt-install, python-libvirt, virt-manager) manage rvirt unchanged:
+//! libvirt's sockets (`/run/libvirt/libvirt-sock` and `-ro`), its framing
+//! and XDR (`rvirt-libvirt-rpc`), the `remote` and keepalive programs,
+//! lifecycle events and console streams. Every procedure calls the same
+//! [`Manager`] as rvirtd's own socket; nothing is implemented twice.
+//!
+//! Each connection has a thread (at most [`MAX_CONNECTIONS`] per socket);
+//! a frame must arrive whole within [`FRAME_TIMEOUT`] of its first byte, a
+//! call may be at most [`MAX_CALL_BYTES`], and a client that stops reading
+//! what it is sent is dropped after [`WRITE_TIMEOUT`].
+
+mod console;
+mod dispatch;
+mod host;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rvirt_libvirt_rpc::message::{KEEPALIVE_PROGRAM, KEEPALIVE_VERSION, REMOTE_PROGRAM, REMOTE_VERSION};
+use rvirt_libvirt_rpc::remote::{err, FROM_RPC, KEEPALIVE_PING, KEEPALIVE_PONG};
+use rvirt_libvirt_rpc::{Header, MessageError, MessageStatus, MessageType, Packet, RemoteError};
+
+use crate::manager::Manager;
+
+/// Where libvirt's clients look for the daemon (`qemu:///system`).
+pub const DEFAULT_SOCKET: &str = "/run/libvirt/libvirt-sock";
+/// The socket modern clients prefer when it exists (libvirt's modular daemon).
+pub const VIRTQEMUD_SOCKET: &str = "/run/libvirt/virtqemud-sock";
+/// Connections served at once on each socket; the next is closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a frame may take to arrive once its first byte has.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may leave what it is sent unread.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest call: a 4 MiB string (a domain's XML) and room for the rest.
+pub const MAX_CALL_BYTES: usize = rvirt_libvirt_rpc::xdr::STRING_MAX + (64 << 10);
+
+/// The read-only socket beside `rw` (libvirt's `libvirt-sock-ro`).
+pub fn read_only_path(rw: &Path) -> PathBuf {
+    let mut s = rw.as_os_str().to_owned();
+    s.push("-ro");
+    PathBuf::from(s)
+}
+
+/// Binds libvirt's read-write socket at `path` (0600, or 0660 for `group`)
+/// and its read-only one beside it (0666). A path a live daemon answers on
+/// is refused; a warning says when libvirt's modular daemon has a socket
+/// here too (clients would prefer it).
+pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, UnixListener)> {
+    let rw = super::bind(path, group).with_context(|| format!("libvirt socket {}", path.display()))?;
+    let ro_path = read_only_path(path);
+    let ro = super::bind_read_only(&ro_path).with_context(|| format!("libvirt socket {}", ro_path.display()))?;
+    let virtqemud = path.with_file_name("virtqemud-sock");
+    if virtqemud.exists() {
+        tracing::warn!(
+            "{} exists: libvirt clients prefer virtqemud's socket to {}; stop virtqemud or connect with ?socket={}",
+            virtqemud.display(),
+            path.display(),
+            path.display()
+        );
+    }
+    Ok((rw, ro))
+}
+
+/// Serves libvirt clients on `listener` from a thread of its own; on a
+/// `read_only` socket nothing may be changed.
+pub fn spawn(listener: UnixListener, read_only: bool, mgr: Arc<Manager>) -> Result<()> {
+    let active = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name(if read_only { "libvirt-ro" } else { "libvirt" }.into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!("libvirt socket: {MAX_CONNECTIONS} clients already connected; one more refused");
+                    continue;
+                }
+                let (mgr, count) = (mgr.clone(), active.clone());
+                let spawned = std::thread::Builder::new().name("libvirt-conn".into()).spawn(move || {
+                    match Session::new(stream, read_only, mgr) {
+                        Ok(s) => s.run(),
+                        Err(e) => tracing::warn!("libvirt socket: a new client could not be set up: {e}"),
+                    }
+                    count.fetch_sub(1, Ordering::SeqCst);
+                });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    tracing::error!("libvirt socket: no thread for a new client");
+                }
+            }
+        })
+        .context("starting the libvirt socket's thread")?;
+    Ok(())
+}
+
+/// The sending half of a connection, shared by the call loop, the event
+/// thread and console streams.
+pub(crate) struct Outbox {
+    stream: Mutex<UnixStream>,
+    closed: AtomicBool,
+}
+
+impl Outbox {
+    /// Sends one message whole; a failure (or a client that reads nothing
+    /// for [`WRITE_TIMEOUT`]) closes the connection.
+    pub(crate) fn send(&self, p: &Packet) -> bool {
+        if self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        let bytes = p.encode();
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        if (&*s).write_all(&bytes).is_err() {
+            self.close_locked(&s);
+            return false;
+        }
+        true
+    }
+
+    /// Ends the connection: the call loop's next read fails.
+    pub(crate) fn close(&self) {
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        self.close_locked(&s);
+    }
+
+    fn close_locked(&self, s: &UnixStream) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Whether the connection has ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads one frame, waiting as long as need be for its first byte and at
+/// most [`FRAME_TIMEOUT`] for the rest.
+fn read_frame(s: &UnixStream) -> Result<Packet, MessageError> {
+    let mut first = [0u8; 1];
+    s.set_read_timeout(None)?;
+    if (&*s).read(&mut first)? == 0 {
+        return Err(MessageError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    let deadline = Instant::now() + FRAME_TIMEOUT;
+    let mut rest = Deadline { s, deadline };
+    Packet::read_limited(&mut first.as_slice().chain(&mut rest), MAX_CALL_BYTES)
+}
+
+/// A reader that gives up at `deadline`, however the bytes trickle in.
+struct Deadline<'a> {
+    s: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "a frame took too long to arrive"));
+        }
+        self.s.set_read_timeout(Some(left))?;
+        (&*self.s).read(buf)
+    }
+}
+
+/// One client connection.
+pub(crate) struct Session {
+    mgr: Arc<Manager>,
+    read_only: bool,
+    stream: UnixStream,
+    out: Arc<Outbox>,
+    /// `CONNECT_OPEN` succeeded.
+    opened: bool,
+    events: dispatch::Events,
+    consoles: console::Consoles,
+    peer: rvirt_lineserver::Peer,
+}
+
+impl Session {
+    fn new(stream: UnixStream, read_only: bool, mgr: Arc<Manager>) -> std::io::Result<Self> {
+        let peer = rvirt_lineserver::Peer::of(&stream).unwrap_or_default();
+        // The timeout is the socket's: it holds for the reply side too.
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let out = Arc::new(Outbox { stream: Mutex::new(stream.try_clone()?), closed: AtomicBool::new(false) });
+        Ok(Self { mgr, read_only, stream, out, opened: false, events: dispatch::Events::default(), consoles: console::Consoles::default(), peer })
+    }
+
+    fn run(mut self) {
+        let socket = if self.read_only { "libvirt read-only" } else { "libvirt" };
+        tracing::debug!(pid = self.peer.pid, uid = self.peer.uid, socket, "client connected");
+        loop {
+            let p = match read_frame(&self.stream) {
+                Ok(p) => p,
+                Err(MessageError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => break,
+                Err(e) => {
+                    // The stream is out of step after a bad frame: say why and hang up.
+                    tracing::warn!(pid = self.peer.pid, uid = self.peer.uid, "libvirt client sent a bad frame: {e}");
+                    break;
+                }
+            };
+            if !self.handle(p) {
+                break;
+            }
+            if self.out.is_closed() {
+                break;
+            }
+        }
+        self.out.close();
+        self.events.stop();
+        self.consoles.stop_all();
+    }
+
+    /// Answers one message; false ends the connection.
+    fn handle(&mut self, p: Packet) -> bool {
+        let h = p.header;
+        match (h.prog, h.kind) {
+            (KEEPALIVE_PROGRAM, MessageType::Message) if h.vers == KEEPALIVE_VERSION => {
+                if h.proc_ == KEEPALIVE_PING {
+                    let pong = Header { proc_: KEEPALIVE_PONG, status: MessageStatus::Ok, ..h };
+                    return self.out.send(&Packet { header: pong, payload: Vec::new() });
+                }
+                true
+            }
+            (REMOTE_PROGRAM, MessageType::Call) if h.vers == REMOTE_VERSION => {
+                let reply = match self.call(&h, &p.payload) {
+                    Ok(ret) => Packet { header: h.reply(MessageStatus::Ok), payload: ret },
+                    Err(e) => e.reply_to(&h),
+                };
+                let sent = self.out.send(&reply);
+                // A console stream starts sending once its call is answered.
+                self.consoles.start_pending(&self.out);
+                sent && h.proc_ != rvirt_libvirt_rpc::remote::proc_::CONNECT_CLOSE
+            }
+            (REMOTE_PROGRAM, MessageType::Stream) => {
+                self.consoles.from_client(&h, &p.payload, &self.out);
+                true
+            }
+            (_, MessageType::Call) => {
+                let e = RemoteError { domain: FROM_RPC, ..RemoteError::new(err::RPC, format!("unknown program {:#x} version {}", h.prog, h.vers)) };
+                self.out.send(&e.reply_to(&h))
+            }
+            // Replies, stray messages and descriptor-carrying calls are not ours to answer.
+            _ => {
+                tracing::debug!("libvirt client sent message type {:?} of program {:#x}; ignored", h.kind, h.prog);
+                true
+            }
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! rvirtd through libvirt's remote protocol, checked with the clients
+//! people use: Debian's `virsh` (package libvirt-clients) and
+//! python3-libvirt, on hand-made guests on this host's /dev/kvm; and
+//! hostile bytes on the libvirt socket.
+
+mod support;
+
+use std::io::{BufRead, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// The URI that reaches this test's daemon (`ro`: its read-only socket).
+fn uri(d: &Daemon, ro: bool) -> String {
+    let mut s = d.libvirt_socket().display().to_string();
+    if ro {
+        s.push_str("-ro");
+    }
+    format!("qemu:///system?socket={s}")
+}
+
+/// Runs Debian's virsh against the daemon.
+fn virsh(d: &Daemon, args: &[&str]) -> Out {
+    virsh_at(&uri(d, false), args)
+}
+
+fn virsh_at(uri: &str, args: &[&str]) -> Out {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running virsh (Debian package libvirt-clients; .ci/run installs it)");
+    Out { code: out.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out.stdout).into_owned(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+}
+
+fn virsh_ok(d: &Daemon, args: &[&str]) -> String {
+    let o = virsh(d, args);
+    assert_eq!(o.code, 0, "virsh {args:?}: {}{}\n--- daemon log ---\n{}", o.stdout, o.stderr, d.log());
+    o.stdout
+}
+
+fn virsh_fails(d: &Daemon, args: &[&str], needle: &str) {
+    let o = virsh(d, args);
+    assert_ne!(o.code, 0, "virsh {args:?} should fail: {}", o.stdout);
+    assert!(o.stderr.contains(needle), "virsh {args:?}: wanted '{needle}' in: {}", o.stderr);
+}
+
+/// The value of `Key:` in virsh's two-column output.
+fn field(text: &str, key: &str) -> String {
+    text.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string())).unwrap_or_else(|| panic!("no '{key}' in:\n{text}"))
+}
+
+#[test]
+fn virsh_manages_a_domain_through_its_whole_life() {
+    let dir = scratch("lv-virsh");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let f = d.xml_file("web", &domain_xml("web", &k.idle, "<devices><serial type='pty'/></devices>"));
+    let out = virsh_ok(&d, &["define", f.to_str().unwrap()]);
+    assert!(out.contains("Domain 'web' defined from"), "{out}");
+    let list = virsh_ok(&d, &["list", "--all"]);
+    assert!(list.lines().any(|l| l.contains("web") && l.contains("shut off") && l.trim_start().starts_with('-')), "{list}");
+    assert!(virsh_ok(&d, &["list", "--name"]).trim().is_empty(), "nothing runs yet");
+
+    let out = virsh_ok(&d, &["start", "web"]);
+    assert!(out.contains("Domain 'web' started"), "{out}");
+    let info = virsh_ok(&d, &["dominfo", "web"]);
+    assert_eq!(field(&info, "Name:"), "web");
+    assert_eq!(field(&info, "State:"), "running");
+    assert_eq!(field(&info, "OS Type:"), "hvm");
+    assert_eq!(field(&info, "CPU(s):"), "1");
+    assert_eq!(field(&info, "Max memory:"), "65536 KiB");
+    assert_eq!(field(&info, "Persistent:"), "yes");
+    assert_eq!(field(&info, "Autostart:"), "disable");
+    let id = field(&info, "Id:");
+    let uuid = field(&info, "UUID:");
+    assert_eq!(virsh_ok(&d, &["domstate", "--reason", "web"]).trim(), "running (booted)");
+    // Lookups by name, id and UUID agree.
+    assert_eq!(virsh_ok(&d, &["domid", "web"]).trim(), id);
+    assert_eq!(virsh_ok(&d, &["domname", &id]).trim(), "web");
+    assert_eq!(virsh_ok(&d, &["domuuid", "web"]).trim(), uuid);
+    assert_eq!(virsh_ok(&d, &["domname", &uuid]).trim(), "web");
+    let list = virsh_ok(&d, &["list"]);
+    assert!(list.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == [id.as_str(), "web", "running"]), "{list}");
+
+    virsh_ok(&d, &["suspend", "web"]);
+    assert_eq!(virsh_ok(&d, &["domstate", "--reason", "web"]).trim(), "paused (user)");
+    virsh_fails(&d, &["suspend", "web"], "domain is already paused");
+    virsh_ok(&d, &["resume", "web"]);
+    assert_eq!(virsh_ok(&d, &["domstate", "--reason", "web"]).trim(), "running (unpaused)");
+
+    let xml = virsh_ok(&d, &["dumpxml", "web"]);
+    assert!(xml.contains("<name>web</name>") && xml.contains(&format!("<uuid>{uuid}</uuid>")), "{xml}");
+    assert!(virsh_ok(&d, &["dumpxml", "--inactive", "web"]).contains("<name>web</name>"));
+
+    virsh_ok(&d, &["autostart", "web"]);
+    assert_eq!(field(&virsh_ok(&d, &["dominfo", "web"]), "Autostart:"), "enable");
+    assert!(virsh_ok(&d, &["list", "--all", "--autostart", "--name"]).lines().any(|l| l.trim() == "web"));
+    virsh_ok(&d, &["autostart", "--disable", "web"]);
+    assert_eq!(field(&virsh_ok(&d, &["dominfo", "web"]), "Autostart:"), "disable");
+
+    // What rvirt lacks gets libvirt's "not supported", and no harm done.
+    virsh_fails(&d, &["snapshot-create-as", "web", "s1"], "this function is not supported by the connection driver");
+    virsh_fails(&d, &["start", "web"], "Domain is already active");
+    virsh_fails(&d, &["dominfo", "nosuch"], "failed to get domain 'nosuch'");
+
+    // The read-only socket answers questions and refuses changes.
+    let ro = uri(&d, true);
+    let o = virsh_at(&ro, &["-r", "list", "--all"]);
+    assert!(o.code == 0 && o.stdout.contains("web"), "{o:?}");
+    let o = virsh_at(&ro, &["destroy", "web"]);
+    assert!(o.code != 0 && o.stderr.contains("read only access prevents"), "{o:?}");
+    assert_eq!(virsh_ok(&d, &["domstate", "web"]).trim(), "running");
+
+    let out = virsh_ok(&d, &["destroy", "web"]);
+    assert!(out.contains("Domain 'web' destroyed"), "{out}");
+    assert_eq!(virsh_ok(&d, &["domstate", "--reason", "web"]).trim(), "shut off (destroyed)");
+    virsh_fails(&d, &["destroy", "web"], "domain is not running");
+    let out = virsh_ok(&d, &["undefine", "web"]);
+    assert!(out.contains("Domain 'web' has been undefined"), "{out}");
+    assert!(!virsh_ok(&d, &["list", "--all"]).contains("web"));
+    // rvirt's own client sees the same manager.
+    assert!(!d.ok(&["list", "--all"]).contains("web"));
+}
+
+#[test]
+fn virsh_event_reports_each_lifecycle_change() {
+    let dir = scratch("lv-event");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let mut ev = Command::new("virsh")
+        .args(["-q", "-c", &uri(&d, false), "event", "--loop", "--event", "lifecycle"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("virsh event");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    let stdout = ev.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    // virsh registers its callback after connecting: wait until it has.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d.log().contains("libvirt client connected") {
+        assert!(Instant::now() < deadline, "virsh event did not connect:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let f = d.xml_file("ev", &domain_xml("ev", &k.idle, ""));
+    virsh_ok(&d, &["define", f.to_str().unwrap()]);
+    virsh_ok(&d, &["start", "ev"]);
+    virsh_ok(&d, &["suspend", "ev"]);
+    virsh_ok(&d, &["resume", "ev"]);
+    virsh_ok(&d, &["destroy", "ev"]);
+    virsh_ok(&d, &["undefine", "ev"]);
+    // A guest that powers itself off: Stopped Shutdown.
+    let f = d.xml_file("off", &domain_xml("off", &k.poweroff, ""));
+    virsh_ok(&d, &["create", f.to_str().unwrap()]);
+    let want = [
+        "'lifecycle' for domain 'ev': Defined Added",
+        "'lifecycle' for domain 'ev': Started Booted",
+        "'lifecycle' for domain 'ev': Suspended Paused",
+        "'lifecycle' for domain 'ev': Resumed Unpaused",
+        "'lifecycle' for domain 'ev': Stopped Destroyed",
+        "'lifecycle' for domain 'ev': Undefined Removed",
+        "'lifecycle' for domain 'off': Started Booted",
+        "'lifecycle' for domain 'off': Stopped Shutdown",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = lines.lock().unwrap().clone();
+        let mut it = got.iter();
+        // In order: each wanted line after the one before.
+        if want.iter().all(|w| it.any(|l| l.contains(w))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "virsh event printed:\n{}\n--- daemon log ---\n{}", got.join("\n"), d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = ev.kill();
+    let _ = ev.wait();
+}
+
+#[test]
+fn virsh_console_joins_the_serial_port_until_ctrl_close_bracket() {
+    let dir = scratch("lv-console");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let f = d.xml_file("con", &domain_xml("con", &k.chatter, "<devices><serial type='pty'/></devices>"));
+    virsh_ok(&d, &["define", f.to_str().unwrap()]);
+    virsh_ok(&d, &["start", "con"]);
+    // virsh console wants a terminal: Debian's python3 gives it one (pty.fork),
+    // reads what arrives, then sends Ctrl-] and checks virsh leaves.
+    let script = r#"
+import os, pty, sys, time, select
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp("virsh", ["virsh", "-c", sys.argv[1], "console", "con"])
+out = b""
+end = time.time() + 20
+while time.time() < end and out.count(b"x") < 3:
+    r, _, _ = select.select([fd], [], [], 0.5)
+    if r:
+        try:
+            out += os.read(fd, 4096)
+        except OSError:
+            break
+os.write(fd, b"\x1d")
+status = None
+end = time.time() + 10
+while time.time() < end:
+    p, st = os.waitpid(pid, os.WNOHANG)
+    if p:
+        status = os.waitstatus_to_exitcode(st)
+        break
+    r, _, _ = select.select([fd], [], [], 0.2)
+    if r:
+        try:
+            os.read(fd, 4096)
+        except OSError:
+            pass
+print("connected" if b"Connected to domain" in out else "no banner", out.count(b"x"), status)
+"#;
+    let out = Command::new("/usr/bin/python3").arg("-c").arg(script).arg(uri(&d, false)).output().expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"connected"), "{text}{}\n{}", String::from_utf8_lossy(&out.stderr), d.log());
+    // The guest prints an 'x' every moment: three came through the stream.
+    assert!(words.get(1).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0) >= 3, "the guest's output came through: {text}\n--- daemon log ---\n{}", d.log());
+    assert_eq!(words.get(2), Some(&"0"), "virsh left on Ctrl-] with status 0: {text}");
+    // The console is free again for the next client, and the domain runs on.
+    assert_eq!(virsh_ok(&d, &["domstate", "con"]).trim(), "running");
+    virsh_ok(&d, &["destroy", "con"]);
+}
+
+#[test]
+fn python_libvirt_drives_rvirtd() {
+    let dir = scratch("lv-python");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let xml = domain_xml("py", &k.idle, "");
+    let script = r#"
+import sys, threading, time, libvirt
+uri, xml = sys.argv[1], sys.argv[2]
+libvirt.virEventRegisterDefaultImpl()
+events = []
+def loop():
+    while True:
+        libvirt.virEventRunDefaultImpl()
+threading.Thread(target=loop, daemon=True).start()
+conn = libvirt.openAuth(uri, [[libvirt.VIR_CRED_AUTHNAME], lambda c, d: 0, None], 0)
+assert conn.getType() == "QEMU", conn.getType()
+def cb(conn, dom, event, detail, opaque):
+    events.append((dom.name(), event, detail))
+conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, cb, None)
+dom = conn.defineXML(xml)
+uuid = dom.UUIDString()
+assert conn.lookupByName("py").UUIDString() == uuid
+assert conn.lookupByUUIDString(uuid).name() == "py"
+assert "py" in [d.name() for d in conn.listAllDomains(0)]
+assert [d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)] == []
+dom.create()
+state, maxmem, mem, vcpus, cputime = dom.info()
+assert state == libvirt.VIR_DOMAIN_RUNNING and maxmem == 65536 and vcpus == 1, dom.info()
+assert dom.isActive() == 1 and dom.isPersistent() == 1 and dom.ID() > 0
+assert "<name>py</name>" in dom.XMLDesc(0)
+assert dom.state() == [libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED], dom.state()
+dom.destroy()
+assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+try:
+    conn.lookupByName("nosuch")
+    raise SystemExit("lookup of a missing domain succeeded")
+except libvirt.libvirtError as e:
+    assert e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN, e.get_error_code()
+try:
+    dom.snapshotCreateXML("<domainsnapshot/>", 0)
+    raise SystemExit("a snapshot succeeded")
+except libvirt.libvirtError as e:
+    assert e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT, e.get_error_code()
+dom.undefine()
+end = time.time() + 10
+want = [("py", libvirt.VIR_DOMAIN_EVENT_DEFINED), ("py", libvirt.VIR_DOMAIN_EVENT_STARTED), ("py", libvirt.VIR_DOMAIN_EVENT_STOPPED), ("py", libvirt.VIR_DOMAIN_EVENT_UNDEFINED)]
+while time.time() < end and [(n, e) for n, e, _ in events] != want:
+    time.sleep(0.05)
+assert [(n, e) for n, e, _ in events] == want, events
+conn.close()
+print("python-libvirt ok")
+"#;
+    let out = Command::new("/usr/bin/python3").arg("-c").arg(script).arg(uri(&d, false)).arg(&xml).output().expect("python3 (Debian's, with python3-libvirt)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("python-libvirt ok"), "{text}{}\n--- daemon log ---\n{}", String::from_utf8_lossy(&out.stderr), d.log());
+}
+
+/// A frame of libvirt's `remote` program: length, header, payload.
+fn frame(prog: u32, vers: u32, proc_: i32, kind: i32, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&((28 + payload.len()) as u32).to_be_bytes());
+    for w in [prog, vers, proc_ as u32, kind as u32, 1, 0] {
+        f.extend_from_slice(&w.to_be_bytes());
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Sends `bytes` and says whether the daemon hung up (rather than waiting for more).
+fn hung_up_after(d: &Daemon, bytes: &[u8]) -> bool {
+    let mut s = UnixStream::connect(d.libvirt_socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => panic!("the daemon neither answered nor hung up: {e}"),
+        }
+    }
+}
+
+#[test]
+fn hostile_frames_on_the_libvirt_socket_close_that_connection_only() {
+    let dir = scratch("lv-hostile");
+    let d = Daemon::start(&dir);
+    const REMOTE: u32 = 0x2000_8086;
+    // A client that holds a half frame is cut off after the frame timeout; others are served meanwhile.
+    let mut half = UnixStream::connect(d.libvirt_socket()).unwrap();
+    half.write_all(&frame(REMOTE, 1, 66, 0, &[])[..10]).unwrap();
+    for (what, bytes) in [
+        ("a length below the header", 8u32.to_be_bytes().to_vec()),
+        ("an absurd length", u32::MAX.to_be_bytes().to_vec()),
+        ("a length over the call limit", (64u32 << 20).to_be_bytes().to_vec()),
+        ("an unknown message type", frame(REMOTE, 1, 66, 9, &[])),
+    ] {
+        assert!(hung_up_after(&d, &bytes), "{what}");
+    }
+    // Wrong program or version, and unknown procedures, get error replies on a connection that stays usable.
+    let mut s = UnixStream::connect(d.libvirt_socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for (prog, vers, proc_, code) in [(0x1234_5678u32, 1u32, 1i32, 39u32), (REMOTE, 7, 1, 39), (REMOTE, 1, 66, 0), (REMOTE, 1, 9999, 5)] {
+        s.write_all(&frame(prog, vers, proc_, 0, &[])).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+        s.read_exact(&mut body).unwrap();
+        let status = u32::from_be_bytes(body[20..24].try_into().unwrap());
+        if code == 0 {
+            assert_eq!(status, 0, "AUTH_LIST works before open");
+        } else {
+            assert_eq!(status, 1, "program {prog:#x} v{vers} proc {proc_}: an error reply");
+            assert_eq!(u32::from_be_bytes(body[24..28].try_into().unwrap()), code, "error code");
+        }
+    }
+    // The daemon serves others, over both protocols, and is alive.
+    assert!(virsh(&d, &["list", "--all"]).code == 0);
+    d.ok(&["list"]);
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    half.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(half.read(&mut buf).unwrap_or(0), 0, "the half frame's connection is closed");
+    assert!(start.elapsed() < Duration::from_secs(45));
+}
