@@ -528,11 +528,10 @@ impl Manager {
     /// `replace`: the same name with the same UUID is an update.
     fn check_unique(g: &Inner, def: &DomainXml, replace: bool) -> Result<(), String> {
         if let Some(d) = g.domains.get(&def.name) {
+            // The same name and UUID: an update, or (for a running transient
+            // domain) making it persistent, as libvirt does.
             if !replace || d.def.uuid != def.uuid {
                 return Err(format!("domain '{}' already exists with uuid {}", def.name, d.def.uuid));
-            }
-            if !d.persistent {
-                return Err(format!("domain '{}' is a running transient domain", def.name));
             }
         }
         if let Some((other, _)) = g.domains.iter().find(|(n, d)| **n != def.name && d.def.uuid == def.uuid) {
@@ -553,7 +552,16 @@ impl Manager {
         self.emit(&name, &def, g.domains.get(&name).and_then(|d| d.run.as_ref()).map(|r| r.record.id), Lifecycle::Defined { updated });
         match g.domains.get_mut(&name) {
             // A running domain keeps its live definition until it restarts.
-            Some(d) => d.def = def,
+            Some(d) => {
+                d.def = def;
+                d.persistent = true;
+                if let Some(r) = d.run.as_mut() {
+                    r.record.persistent = true;
+                    if let Err(e) = self.store.save_run(&name, &r.record) {
+                        tracing::error!("{e:#}: a restarted daemon will think '{name}' transient");
+                    }
+                }
+            }
             None => {
                 g.domains.insert(name.clone(), Domain { def, persistent: true, state: DomainState::ShutOff, reason: "unknown".into(), run: None });
             }
@@ -561,19 +569,31 @@ impl Manager {
         Ok((name, warnings))
     }
 
-    /// `undefine`: removes a stopped domain's definition.
+    /// `undefine`: removes a domain's stored definition. A running domain
+    /// runs on as a transient one (gone when it stops), as with libvirt.
     pub fn undefine(&self, key: &str) -> Result<String, String> {
         let mut g = lock(&self.inner);
         let name = g.find(key)?;
         let d = &g.domains[&name];
-        if d.state.is_active() {
-            return Err(format!("domain '{name}' is running; destroy or shut it down before undefining it"));
+        if !d.persistent {
+            return Err(format!("domain '{name}' is transient: it has no definition to remove (it vanishes when it stops)"));
         }
-        if d.persistent {
-            self.store.remove_definition(&name).map_err(|e| format!("{e:#}"))?;
-        }
-        if let Some(d) = g.domains.remove(&name) {
-            self.emit(&name, &d.def, None, Lifecycle::Undefined);
+        self.store.remove_definition(&name).map_err(|e| format!("{e:#}"))?;
+        let Some(d) = g.domains.get_mut(&name) else { return Ok(name) };
+        self.emit(&name, &d.def, d.run.as_ref().map(|r| r.record.id), Lifecycle::Undefined);
+        match d.run.as_mut() {
+            Some(r) => {
+                d.persistent = false;
+                r.record.persistent = false;
+                // The live definition is all that is left.
+                d.def = r.def.clone();
+                if let Err(e) = self.store.save_run(&name, &r.record) {
+                    tracing::error!("{e:#}: a restarted daemon will think '{name}' persistent");
+                }
+            }
+            None => {
+                g.domains.remove(&name);
+            }
         }
         Ok(name)
     }

@@ -367,3 +367,28 @@ fn hostile_frames_on_the_libvirt_socket_close_that_connection_only() {
     assert_eq!(half.read(&mut buf).unwrap_or(0), 0, "the half frame's connection is closed");
     assert!(start.elapsed() < Duration::from_secs(45));
 }
+
+#[test]
+fn virt_install_defines_and_starts_a_domain() {
+    let dir = scratch("lv-install");
+    let d = Daemon::start(&dir);
+    let k = kernels(&dir);
+    let out = Command::new("virt-install")
+        .args(["--connect", &uri(&d, false), "--name", "vi", "--memory", "64", "--vcpus", "1", "--import"])
+        .arg("--boot")
+        .arg(format!("kernel={}", k.idle.display()))
+        .args(["--disk", "none", "--network", "none", "--graphics", "none", "--noautoconsole", "--osinfo", "linux2022"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running virt-install (Debian package virtinst)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("Domain creation completed"), "{text}\n--- daemon log ---\n{}", d.log());
+    // virt-install starts it transient and then defines it: running and persistent.
+    let info = virsh_ok(&d, &["dominfo", "vi"]);
+    assert_eq!(field(&info, "State:"), "running");
+    assert_eq!(field(&info, "Persistent:"), "yes");
+    let xml = virsh_ok(&d, &["dumpxml", "vi"]);
+    assert!(xml.contains(&format!("<kernel>{}</kernel>", k.idle.display())) && xml.contains("libosinfo"), "{xml}");
+    virsh_ok(&d, &["destroy", "vi"]);
+    assert_eq!(virsh_ok(&d, &["domstate", "vi"]).trim(), "shut off");
+}

@@ -37,7 +37,15 @@ fn a_domain_runs_pauses_resumes_and_is_destroyed() {
     }
 
     d.fails(&["start", "idle"], "domain 'idle' is already running");
-    d.fails(&["undefine", "idle"], "is running; destroy or shut it down");
+    // Undefined while running, it runs on as a transient domain; defined
+    // again (same name and UUID) it is persistent once more.
+    assert_eq!(d.ok(&["undefine", "idle"]).trim(), "Domain 'idle' has been undefined");
+    assert!(d.ok(&["dominfo", "idle"]).contains("Persistent:     no"));
+    assert_eq!(d.state("idle"), "running (booted)");
+    d.fails(&["undefine", "idle"], "is transient");
+    let again = d.xml_file("idle-again", &d.ok(&["dumpxml", "idle"]));
+    d.ok(&["define", again.to_str().unwrap()]);
+    assert!(d.ok(&["dominfo", "idle"]).contains("Persistent:     yes"));
     assert_eq!(d.ok(&["suspend", &id]).trim(), "Domain 'idle' suspended", "domains are found by id too");
     assert_eq!(d.state("idle"), "paused (user)");
     d.ok(&["resume", "idle"]);

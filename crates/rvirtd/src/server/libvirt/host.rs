@@ -80,14 +80,14 @@ impl Node {
 }
 
 /// The capabilities XML: the host and the one guest kind rvirt runs
-/// (x86_64 hvm under KVM, machine `pc`).
+/// (x86_64 hvm under KVM, machine `pc`). No host CPU model is named: rvirt
+/// gives guests the host's CPU (host-passthrough), not a named model.
 pub fn capabilities(node: &Node) -> String {
     format!(
         "<capabilities>\n\
   <host>\n\
     <cpu>\n\
       <arch>x86_64</arch>\n\
-      <model>{model}</model>\n\
       <topology sockets='1' dies='1' cores='{cpus}' threads='1'/>\n\
     </cpu>\n\
     <power_management/>\n\
@@ -116,7 +116,6 @@ pub fn capabilities(node: &Node) -> String {
     </features>\n\
   </guest>\n\
 </capabilities>\n",
-        model = xml_escape(&node.model),
         cpus = node.cpus,
         mem = node.memory_kib,
     )
@@ -190,10 +189,6 @@ pub fn domain_capabilities() -> String {
 </domainCapabilities>\n",
         fw = rvirt_api::DEFAULT_FIRMWARE,
     )
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;")
 }
 
 #[cfg(test)]
