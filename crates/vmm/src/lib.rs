@@ -242,9 +242,16 @@ fn event_loop(vm: &Vm, console: &Console, api: Option<&ApiServer>, signals: &Sig
             }
         }
         if let Some(a) = api {
+            let mut stop = false;
             for mut call in a.drain() {
+                stop |= call.request == rvirt_api::Request::Stop;
                 let response = vm.handle_with(&call.request, call.fd.take());
                 call.respond(response);
+            }
+            // Even when the guest reset at the same moment (its exit reason
+            // is then Reset): a stop asked for is never lost to a reboot.
+            if stop {
+                return VmExit::Stopped;
             }
         }
         if let Some(slot) = input_slot {
