@@ -39,6 +39,8 @@ pub mod proc_ {
     pub const CONNECT_LIST_DOMAINS: i32 = 37;
     pub const CONNECT_NUM_OF_DOMAINS: i32 = 51;
     pub const CONNECT_GET_HOSTNAME: i32 = 59;
+    pub const DOMAIN_BLOCK_STATS: i32 = 64;
+    pub const DOMAIN_INTERFACE_STATS: i32 = 65;
     pub const CONNECT_SUPPORTS_FEATURE: i32 = 60;
     pub const AUTH_LIST: i32 = 66;
     pub const CONNECT_GET_URI: i32 = 110;

@@ -873,6 +873,27 @@ impl Manager {
         Ok(info)
     }
 
+    /// The counters of a running domain's disk (by target, `vda`, or source
+    /// path) or network card (by tap name or MAC address), from its VMM.
+    pub fn device_stats(&self, key: &str, device: &str) -> Result<rvirt_api::DeviceStats, String> {
+        let (name, socket) = self.active(key)?;
+        let vmm_name = {
+            let g = lock(&self.inner);
+            let run = g.domains.get(&name).and_then(|d| d.run.as_ref()).ok_or_else(|| format!("domain '{name}' is not running"))?;
+            let def = &run.def;
+            let disk = def.disks.iter().position(|x| x.target == device || (!x.path.as_os_str().is_empty() && x.path == Path::new(device)));
+            let nic = def.interfaces.iter().enumerate().position(|(i, x)| run.record.taps.get(i).is_some_and(|t| t == device) || x.mac.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(device)));
+            match (disk, nic) {
+                (Some(i), _) if def.disks[i].bus == rvirt_domain::DiskBus::Virtio && !def.disks[i].cdrom => format!("disk{i}"),
+                (Some(_), _) => return Err(format!("domain '{name}': {device} is on the SCSI controller, whose counters cover all its disks together")),
+                (None, Some(i)) => format!("net{i}"),
+                (None, None) => return Err(format!("domain '{name}' has no disk or interface '{device}'")),
+            }
+        };
+        let r = vmm_call(&socket, &VmmRequest::Stats, Duration::from_secs(5)).map_err(|e| format!("domain '{name}': {e}"))?;
+        r.stats.and_then(|s| s.devices.get(&vmm_name).copied()).ok_or_else(|| format!("domain '{name}': the VMM has no counters for {vmm_name}"))
+    }
+
     /// `console`: the pty of a running domain's serial port.
     pub fn console(&self, key: &str) -> Result<String, String> {
         let (name, socket) = self.active(key)?;

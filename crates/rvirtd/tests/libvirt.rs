@@ -59,7 +59,13 @@ fn virsh_manages_a_domain_through_its_whole_life() {
     let dir = scratch("lv-virsh");
     let d = Daemon::start(&dir);
     let k = kernels(&dir);
-    let f = d.xml_file("web", &domain_xml("web", &k.idle, "<devices><serial type='pty'/></devices>"));
+    let disk = dir.join("web.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let devices = format!(
+        "<devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk><serial type='pty'/></devices>",
+        disk.display()
+    );
+    let f = d.xml_file("web", &domain_xml("web", &k.idle, &devices));
     let out = virsh_ok(&d, &["define", f.to_str().unwrap()]);
     assert!(out.contains("Domain 'web' defined from"), "{out}");
     let list = virsh_ok(&d, &["list", "--all"]);
@@ -93,6 +99,13 @@ fn virsh_manages_a_domain_through_its_whole_life() {
     virsh_ok(&d, &["resume", "web"]);
     assert_eq!(virsh_ok(&d, &["domstate", "--reason", "web"]).trim(), "running (unpaused)");
 
+    // The disk's counters (the idle guest moves no bytes); an unknown device is named.
+    let stats = virsh_ok(&d, &["domblkstat", "web", "vda"]);
+    for want in ["vda rd_bytes 0", "vda wr_bytes 0", "vda errs 0"] {
+        assert!(stats.contains(want), "{stats}");
+    }
+    assert!(!stats.contains("rd_req"), "counts rvirt does not keep are left out: {stats}");
+    virsh_fails(&d, &["domifstat", "web", "vnet9"], "has no disk or interface 'vnet9'");
     let xml = virsh_ok(&d, &["dumpxml", "web"]);
     assert!(xml.contains("<name>web</name>") && xml.contains(&format!("<uuid>{uuid}</uuid>")), "{xml}");
     assert!(virsh_ok(&d, &["dumpxml", "--inactive", "web"]).contains("<name>web</name>"));
