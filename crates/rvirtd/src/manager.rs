@@ -873,6 +873,21 @@ impl Manager {
         Ok(info)
     }
 
+    /// A running domain's disks (target, source path, whether it has
+    /// counters of its own) and taps, in order.
+    pub fn devices(&self, key: &str) -> Result<(Vec<(String, String, bool)>, Vec<String>), String> {
+        let g = lock(&self.inner);
+        let name = g.find(key)?;
+        let run = g.domains[&name].run.as_ref().ok_or_else(|| format!("domain '{name}' is not running"))?;
+        let disks = run
+            .def
+            .disks
+            .iter()
+            .map(|x| (x.target.clone(), x.path.display().to_string(), x.bus == rvirt_domain::DiskBus::Virtio && !x.cdrom))
+            .collect();
+        Ok((disks, run.record.taps.clone()))
+    }
+
     /// The counters of a running domain's disk (by target, `vda`, or source
     /// path) or network card (by tap name or MAC address), from its VMM.
     pub fn device_stats(&self, key: &str, device: &str) -> Result<rvirt_api::DeviceStats, String> {

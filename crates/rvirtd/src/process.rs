@@ -29,11 +29,15 @@ pub fn alive(pid: u32, start_ticks: u64) -> bool {
     proc_stat(pid).is_some_and(|(t, _)| t == start_ticks)
 }
 
-/// CPU seconds `pid` used.
+/// CPU seconds `pid` and its children used: a jailed VMM is the child of
+/// the process rvirtd started (its reaper), which itself uses next to none.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    proc_stat(pid).map(|(_, cpu)| cpu as f64 / hz)
+    let own = proc_stat(pid)?.1;
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let theirs: u64 = children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).filter_map(|c| proc_stat(c).map(|(_, t)| t)).sum();
+    Some((own + theirs) as f64 / hz)
 }
 
 /// Starts `vmm` with `args`, output appended to `log`, in a session of its
@@ -178,6 +182,28 @@ mod tests {
         assert!(!alive(me, start + 1), "another start time is another process");
         assert!(!alive(u32::MAX - 1, start));
         assert!(cpu_seconds(me).is_some());
+    }
+
+    #[test]
+    fn cpu_time_counts_the_child_that_does_the_work() {
+        // A shell that only waits, and a child of it that spins: the jail's reaper and its VMM.
+        let mut sh = std::process::Command::new("sh").args(["-c", "while :; do :; done & wait"]).spawn().unwrap();
+        let pid = sh.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while cpu_seconds(pid).unwrap_or(0.0) < 0.2 {
+            assert!(std::time::Instant::now() < deadline, "the child's CPU time was not counted");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // SAFETY: sysconf has no memory effects.
+        let own = proc_stat(pid).unwrap().1 as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        assert!(own < 0.2, "the waiting shell itself used {own} s");
+        let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        for k in kids.split_whitespace() {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(k.parse().unwrap(), libc::SIGKILL) };
+        }
+        let _ = sh.kill();
+        let _ = sh.wait();
     }
 
     #[test]

@@ -106,6 +106,12 @@ fn virsh_manages_a_domain_through_its_whole_life() {
     }
     assert!(!stats.contains("rd_req"), "counts rvirt does not keep are left out: {stats}");
     virsh_fails(&d, &["domifstat", "web", "vnet9"], "has no disk or interface 'vnet9'");
+    let stats = virsh_ok(&d, &["domstats", "web"]);
+    for want in ["Domain: 'web'", "state.state=1", "state.reason=5", "vcpu.current=1", "balloon.maximum=65536", "block.count=1", "block.0.name=vda", "block.0.rd.bytes=0", "net.count=0", "cpu.time="] {
+        assert!(stats.contains(want), "'{want}' in:\n{stats}");
+    }
+    let some = virsh_ok(&d, &["domstats", "--state", "--list-active"]);
+    assert!(some.contains("state.state=1") && !some.contains("vcpu.current"), "{some}");
     let xml = virsh_ok(&d, &["dumpxml", "web"]);
     assert!(xml.contains("<name>web</name>") && xml.contains(&format!("<uuid>{uuid}</uuid>")), "{xml}");
     assert!(virsh_ok(&d, &["dumpxml", "--inactive", "web"]).contains("<name>web</name>"));

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rvirt_domain::protocol::DomainState;
 use rvirt_domain::DomainXml;
 use rvirt_libvirt_rpc::message::{REMOTE_PROGRAM, REMOTE_VERSION};
-use rvirt_libvirt_rpc::remote::{err, event, feature, list, proc_ as p, state, RemoteDomain, AUTH_NONE, DOMAIN_LIST_MAX, FROM_QEMU, FROM_RPC, UUID_LEN};
+use rvirt_libvirt_rpc::remote::{encode_typed, err, event, feature, list, proc_ as p, state, stats, RemoteDomain, TypedValue, AUTH_NONE, DOMAIN_LIST_MAX, FROM_QEMU, FROM_RPC, UUID_LEN};
 use rvirt_libvirt_rpc::{Decoder, Encoder, Header, MessageStatus, MessageType, Packet, RemoteError, XdrError};
 
 use super::{host, Outbox, Session};
@@ -418,6 +418,34 @@ impl Session {
                     e.i64(c.bytes_from_guest as i64).i64(-1).i64(-1).i64(-1);
                 })
             }
+            p::CONNECT_GET_ALL_DOMAIN_STATS => {
+                let n = d.array_len(DOMAIN_LIST_MAX).map_err(bad_args)?;
+                let mut doms = Vec::with_capacity(n);
+                for _ in 0..n {
+                    doms.push(self.domain(&mut d)?);
+                }
+                let groups = d.u32().map_err(bad_args)?;
+                let flags = d.u32().map_err(bad_args)?;
+                let served = stats::STATE | stats::CPU_TOTAL | stats::BALLOON | stats::VCPU | stats::INTERFACE | stats::BLOCK;
+                if flags & stats::ENFORCE != 0 && groups & !served != 0 {
+                    return Err(error(err::NO_SUPPORT, format!("this function is not supported by the connection driver: statistics groups {:#x}", groups & !served)));
+                }
+                let groups = if groups == 0 { served } else { groups & served };
+                if doms.is_empty() {
+                    doms = mgr.briefs().into_iter().filter(|b| list_matches(b, flags & 0xff)).collect();
+                }
+                let records: Vec<(DomainBrief, Vec<(String, TypedValue)>)> = doms.into_iter().map(|b| { let p = domain_stats(&mgr, &b, groups); (b, p) }).collect();
+                encode(|e| {
+                    e.u32(records.len() as u32);
+                    for (b, params) in &records {
+                        to_remote(b).encode(e);
+                        e.u32(params.len() as u32);
+                        for (field, v) in params {
+                            encode_typed(e, field, v);
+                        }
+                    }
+                })
+            }
             p::DOMAIN_GET_AUTOSTART => ret_int(i32::from(self.domain(&mut d)?.autostart)),
             p::DOMAIN_IS_ACTIVE => ret_int(i32::from(self.domain(&mut d)?.id.is_some())),
             p::DOMAIN_IS_PERSISTENT => ret_int(i32::from(self.domain(&mut d)?.persistent)),
@@ -525,6 +553,62 @@ impl Session {
         }
         Ok(b)
     }
+}
+
+/// `virsh domstats` for one domain: the groups asked for, with libvirt's
+/// field names; counters only while it runs (what a stopped domain lacks is
+/// left out, as libvirt does).
+fn domain_stats(mgr: &Manager, b: &DomainBrief, groups: u32) -> Vec<(String, TypedValue)> {
+    let mut out = Vec::new();
+    let mut put = |f: String, v: TypedValue| out.push((f, v));
+    if groups & stats::STATE != 0 {
+        let (st, reason) = state_numbers(b);
+        put("state.state".into(), TypedValue::Int(st));
+        put("state.reason".into(), TypedValue::Int(reason));
+    }
+    if b.id.is_none() {
+        return out;
+    }
+    let Ok(info) = mgr.info(&b.name) else { return out };
+    if groups & stats::CPU_TOTAL != 0 {
+        if let Some(s) = info.cpu_time_seconds {
+            put("cpu.time".into(), TypedValue::ULLong((s * 1e9) as u64));
+        }
+    }
+    if groups & stats::BALLOON != 0 {
+        put("balloon.current".into(), TypedValue::ULLong(info.used_memory_kib));
+        put("balloon.maximum".into(), TypedValue::ULLong(info.max_memory_kib));
+    }
+    if groups & stats::VCPU != 0 {
+        put("vcpu.current".into(), TypedValue::UInt(info.vcpus));
+        put("vcpu.maximum".into(), TypedValue::UInt(info.vcpus));
+    }
+    let Ok((disks, taps)) = mgr.devices(&b.name) else { return out };
+    if groups & stats::INTERFACE != 0 {
+        put("net.count".into(), TypedValue::UInt(taps.len() as u32));
+        for (i, tap) in taps.iter().enumerate() {
+            put(format!("net.{i}.name"), TypedValue::Str(tap.clone()));
+            if let Ok(c) = mgr.device_stats(&b.name, tap) {
+                put(format!("net.{i}.rx.bytes"), TypedValue::ULLong(c.bytes_to_guest));
+                put(format!("net.{i}.tx.bytes"), TypedValue::ULLong(c.bytes_from_guest));
+            }
+        }
+    }
+    if groups & stats::BLOCK != 0 {
+        put("block.count".into(), TypedValue::UInt(disks.len() as u32));
+        for (i, (target, path, counted)) in disks.iter().enumerate() {
+            put(format!("block.{i}.name"), TypedValue::Str(target.clone()));
+            if !path.is_empty() {
+                put(format!("block.{i}.path"), TypedValue::Str(path.clone()));
+            }
+            if let (true, Ok(c)) = (*counted, mgr.device_stats(&b.name, target)) {
+                put(format!("block.{i}.rd.bytes"), TypedValue::ULLong(c.bytes_to_guest));
+                put(format!("block.{i}.wr.bytes"), TypedValue::ULLong(c.bytes_from_guest));
+                put(format!("block.{i}.errors"), TypedValue::ULLong(c.errors));
+            }
+        }
+    }
+    out
 }
 
 /// Refuses XML that does not parse with libvirt's XML error code.
