@@ -112,9 +112,29 @@ fn virsh_manages_a_domain_through_its_whole_life() {
     }
     let some = virsh_ok(&d, &["domstats", "--state", "--list-active"]);
     assert!(some.contains("state.state=1") && !some.contains("vcpu.current"), "{some}");
+    // Facts about the host and what rvirt offers, as virt-install reads them.
+    let version = virsh_ok(&d, &["version"]);
+    assert!(version.contains("Running hypervisor: QEMU"), "{version}");
+    assert!(virsh_ok(&d, &["nodeinfo"]).contains("CPU(s):"));
+    assert!(!virsh_ok(&d, &["hostname"]).trim().is_empty());
+    let caps = virsh_ok(&d, &["capabilities"]);
+    assert!(caps.contains("<os_type>hvm</os_type>") && caps.contains("<domain type='kvm'/>"), "{caps}");
+    let dcaps = virsh_ok(&d, &["domcapabilities"]);
+    assert!(dcaps.contains("<domain>kvm</domain>") && dcaps.contains("<value>virtio</value>"), "{dcaps}");
     let xml = virsh_ok(&d, &["dumpxml", "web"]);
     assert!(xml.contains("<name>web</name>") && xml.contains(&format!("<uuid>{uuid}</uuid>")), "{xml}");
     assert!(virsh_ok(&d, &["dumpxml", "--inactive", "web"]).contains("<name>web</name>"));
+
+    // virsh edit: the stored definition through $EDITOR, defined back.
+    let o = Command::new("virsh")
+        .args(["-c", &uri(&d, false), "edit", "web"])
+        .env("EDITOR", "sed -i 's#<vcpu>1</vcpu>#<vcpu>2</vcpu>#'")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Domain 'web' XML configuration edited"), "{o:?}");
+    assert!(virsh_ok(&d, &["dumpxml", "--inactive", "web"]).contains("<vcpu>2</vcpu>"));
+    assert!(virsh_ok(&d, &["dumpxml", "web"]).contains("<vcpu>1</vcpu>"), "the running domain keeps its live definition");
 
     virsh_ok(&d, &["autostart", "web"]);
     assert_eq!(field(&virsh_ok(&d, &["dominfo", "web"]), "Autostart:"), "enable");
@@ -377,6 +397,13 @@ fn hostile_frames_on_the_libvirt_socket_close_that_connection_only() {
             assert_eq!(u32::from_be_bytes(body[24..28].try_into().unwrap()), code, "error code");
         }
     }
+    // A keepalive ping is answered with a pong.
+    const KEEPALIVE: u32 = 0x6b65_6570;
+    s.write_all(&frame(KEEPALIVE, 1, 1, 2, &[])).unwrap();
+    let mut reply = [0u8; 28];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), KEEPALIVE);
+    assert_eq!(u32::from_be_bytes(reply[12..16].try_into().unwrap()), 2, "PONG");
     // The daemon serves others, over both protocols, and is alive.
     assert!(virsh(&d, &["list", "--all"]).code == 0);
     d.ok(&["list"]);
