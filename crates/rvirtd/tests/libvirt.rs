@@ -147,6 +147,22 @@ fn virsh_manages_a_domain_through_its_whole_life() {
     virsh_fails(&d, &["start", "web"], "Domain is already active");
     virsh_fails(&d, &["dominfo", "nosuch"], "failed to get domain 'nosuch'");
 
+    // rvirt's own URI scheme reaches the same daemon.
+    let o = virsh_at(&format!("rvirt:///system?socket={}", d.libvirt_socket().display()), &["domstate", "web"]);
+    assert!(o.code == 0 && o.stdout.trim() == "running", "{o:?}");
+    // A second daemon on the same libvirt socket is refused, naming it.
+    let second = Command::new(&bins().rvirtd)
+        .arg("--state-dir")
+        .arg(dir.join("state2"))
+        .arg("--socket")
+        .arg(dir.join("second.sock"))
+        .arg("--no-read-only-socket")
+        .arg("--libvirt-socket")
+        .arg(d.libvirt_socket())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && err.contains("already answers on") && err.contains("--no-libvirt-socket"), "{err}");
     // The read-only socket answers questions and refuses changes.
     let ro = uri(&d, true);
     let o = virsh_at(&ro, &["-r", "list", "--all"]);

@@ -53,6 +53,14 @@ pub fn read_only_path(rw: &Path) -> PathBuf {
 /// is refused; a warning says when libvirt's modular daemon has a socket
 /// here too (clients would prefer it).
 pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, UnixListener)> {
+    for p in [path.to_path_buf(), read_only_path(path)] {
+        if UnixStream::connect(&p).is_ok() {
+            anyhow::bail!(
+                "a libvirt daemon (libvirtd, virtqemud or another rvirtd) already answers on {}; stop it, or give rvirtd --libvirt-socket PATH or --no-libvirt-socket",
+                p.display()
+            );
+        }
+    }
     let rw = super::bind(path, group).with_context(|| format!("libvirt socket {}", path.display()))?;
     let ro_path = read_only_path(path);
     let ro = super::bind_read_only(&ro_path).with_context(|| format!("libvirt socket {}", ro_path.display()))?;
