@@ -301,7 +301,7 @@ fn python_libvirt_drives_rvirtd() {
     let dir = scratch("lv-python");
     let d = Daemon::start(&dir);
     let k = kernels(&dir);
-    let xml = domain_xml("py", &k.idle, "");
+    let xml = domain_xml("py", &k.idle, "<devices><serial type='pty'/></devices>");
     let script = r#"
 import sys, threading, time, libvirt
 uri, xml = sys.argv[1], sys.argv[2]
@@ -328,8 +328,36 @@ assert state == libvirt.VIR_DOMAIN_RUNNING and maxmem == 65536 and vcpus == 1, d
 assert dom.isActive() == 1 and dom.isPersistent() == 1 and dom.ID() > 0
 assert "<name>py</name>" in dom.XMLDesc(0)
 assert dom.state() == [libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED], dom.state()
+# One console client at a time; VIR_DOMAIN_CONSOLE_FORCE takes it, ending the holder's stream.
+st1 = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+dom.openConsole(None, st1, 0)
+try:
+    dom.openConsole(None, conn.newStream(0), 0)
+    raise SystemExit("a second console opened")
+except libvirt.libvirtError as e:
+    assert "Active console session" in str(e), e
+st2 = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+dom.openConsole(None, st2, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+end = time.time() + 10
+ended = False
+while time.time() < end and not ended:
+    r = st1.recv(4096)
+    ended = r == b""
+    if r == -2:
+        time.sleep(0.05)
+assert ended, "the forced-away stream did not end"
 dom.destroy()
 assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+# The domain stopping ends its console stream; finishing it is confirmed.
+end = time.time() + 10
+ended = False
+while time.time() < end and not ended:
+    r = st2.recv(4096)
+    ended = r == b""
+    if r == -2:
+        time.sleep(0.05)
+assert ended, "the console stream did not end with the domain"
+st2.finish()
 try:
     conn.lookupByName("nosuch")
     raise SystemExit("lookup of a missing domain succeeded")

@@ -1,7 +1,7 @@
 //! `virsh console`: a libvirt stream (`DOMAIN_OPEN_CONSOLE`) joined to a
 //! running domain's serial pty. The domain's output goes to the client as
 //! stream data; what the client types goes to the pty; the end of either
-//! side ends the stream as libvirt's daemon ends it (a zero-length packet).
+//! side ends the stream as libvirt's daemon ends it (empty data).
 //! One client holds a domain's console at a time, unless another forces it
 //! away (`virsh console --force`).
 
@@ -23,7 +23,8 @@ const CHUNK: usize = 64 << 10;
 /// How often a console's reader looks whether it should stop.
 const POLL_MS: i32 = 200;
 
-/// Which domain's console is held, and the flag that takes it away.
+/// Which domain's console is held, and the flag that takes it away
+/// (another client forcing it: the holder's stream ends).
 static HELD: Mutex<BTreeMap<String, Arc<AtomicBool>>> = Mutex::new(BTreeMap::new());
 
 fn held() -> std::sync::MutexGuard<'static, BTreeMap<String, Arc<AtomicBool>>> {
@@ -35,14 +36,17 @@ struct Pending {
     header: Header,
     pty: File,
     name: String,
-    stop: Arc<AtomicBool>,
+    taken: Arc<AtomicBool>,
 }
 
 /// A console stream in use.
 struct Active {
     pty: File,
     name: String,
+    /// Set when this client (or its connection) ends the stream.
     stop: Arc<AtomicBool>,
+    /// Set when another client takes the console.
+    taken: Arc<AtomicBool>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -53,7 +57,7 @@ impl Active {
             let _ = t.join();
         }
         let mut h = held();
-        if h.get(&self.name).is_some_and(|s| Arc::ptr_eq(s, &self.stop)) {
+        if h.get(&self.name).is_some_and(|s| Arc::ptr_eq(s, &self.taken)) {
             h.remove(&self.name);
         }
     }
@@ -70,7 +74,7 @@ impl Consoles {
     /// Opens the pty at `pty_path` of domain `name` for the call `h`; the
     /// stream starts once the call's reply is sent ([`Consoles::start_pending`]).
     pub(crate) fn open(&mut self, h: &Header, name: &str, pty_path: &str, force: bool) -> Result<(), RemoteError> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let taken = Arc::new(AtomicBool::new(false));
         {
             let mut hd = held();
             if let Some(other) = hd.get(name) {
@@ -79,13 +83,13 @@ impl Consoles {
                 }
                 other.store(true, Ordering::SeqCst);
             }
-            hd.insert(name.to_string(), stop.clone());
+            hd.insert(name.to_string(), taken.clone());
         }
         let pty = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC).open(pty_path).map_err(|e| {
             held().remove(name);
             RemoteError::new(err::OPERATION_FAILED, format!("domain '{name}': opening its console {pty_path}: {e}"))
         })?;
-        self.pending = Some(Pending { header: *h, pty, name: name.to_string(), stop });
+        self.pending = Some(Pending { header: *h, pty, name: name.to_string(), taken });
         Ok(())
     }
 
@@ -99,11 +103,12 @@ impl Consoles {
                 return;
             }
         };
-        let (out, stop, header) = (out.clone(), p.stop.clone(), p.header);
-        let thread = std::thread::Builder::new().name("libvirt-console".into()).spawn(move || pump(reader, header, out, stop));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (out, flags, header) = (out.clone(), (stop.clone(), p.taken.clone()), p.header);
+        let thread = std::thread::Builder::new().name("libvirt-console".into()).spawn(move || pump(reader, header, out, flags.0, flags.1));
         match thread {
             Ok(t) => {
-                self.active.insert(p.header.serial, Active { pty: p.pty, name: p.name, stop: p.stop, reader: Some(t) });
+                self.active.insert(p.header.serial, Active { pty: p.pty, name: p.name, stop, taken: p.taken, reader: Some(t) });
             }
             Err(e) => {
                 tracing::warn!("console of '{}': no thread: {e}", p.name);
@@ -114,18 +119,19 @@ impl Consoles {
 
     /// A stream packet from the client: keys for the console, or its end.
     pub(crate) fn from_client(&mut self, h: &Header, data: &[u8], out: &Arc<Outbox>) {
-        let Some(a) = self.active.get_mut(&h.serial) else {
-            tracing::debug!("stream packet for serial {} that has no console; ignored", h.serial);
-            return;
-        };
         match h.status {
-            MessageStatus::Continue => {
+            MessageStatus::Continue => match self.active.get_mut(&h.serial) {
                 // Non-blocking: a guest that reads nothing loses keys, never stalls this connection.
-                if let Err(e) = a.pty.write_all(data) {
-                    tracing::debug!("console of '{}': {} bytes of input dropped: {e}", a.name, data.len());
+                Some(a) => {
+                    if let Err(e) = a.pty.write_all(data) {
+                        tracing::debug!("console of '{}': {} bytes of input dropped: {e}", a.name, data.len());
+                    }
                 }
-            }
-            // Finish or abort: confirm with an empty packet, as libvirtd does.
+                None => tracing::debug!("stream data for serial {} that has no console; dropped", h.serial),
+            },
+            // Finish or abort: the client waits for a confirmation (an
+            // empty packet with status OK, as libvirtd sends), even for a
+            // stream that has already ended here.
             MessageStatus::Ok | MessageStatus::Error => {
                 if let Some(mut a) = self.active.remove(&h.serial) {
                     a.end();
@@ -148,12 +154,12 @@ impl Consoles {
 }
 
 /// Sends what the domain writes to its console until the pty closes (the
-/// domain stopped), the client ends the stream, or another client forces
-/// the console away; the first two end with an empty packet.
-fn pump(mut pty: File, call: Header, out: Arc<Outbox>, stop: Arc<AtomicBool>) {
+/// domain stopped), another client forces the console away (both end the
+/// stream with libvirt's empty packet), or the client ends it.
+fn pump(mut pty: File, call: Header, out: Arc<Outbox>, stop: Arc<AtomicBool>, taken: Arc<AtomicBool>) {
     let header = |status| Header { kind: MessageType::Stream, status, ..call };
     let mut buf = vec![0u8; CHUNK];
-    while !stop.load(Ordering::SeqCst) && !out.is_closed() {
+    while !stop.load(Ordering::SeqCst) && !taken.load(Ordering::SeqCst) && !out.is_closed() {
         let mut pfd = libc::pollfd { fd: pty.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: poll on one pollfd we own, with a bounded timeout.
         let n = unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
@@ -161,7 +167,10 @@ fn pump(mut pty: File, call: Header, out: Arc<Outbox>, stop: Arc<AtomicBool>) {
             continue;
         }
         match pty.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => {
+                tracing::debug!(serial = call.serial, "console pty: end of file");
+                break;
+            }
             Ok(n) => {
                 if !out.send(&Packet { header: header(MessageStatus::Continue), payload: buf[..n].to_vec() }) {
                     return;
@@ -169,11 +178,16 @@ fn pump(mut pty: File, call: Header, out: Arc<Outbox>, stop: Arc<AtomicBool>) {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
             // EIO: the VMM closed its side (the domain stopped).
-            Err(_) => break,
+            Err(e) => {
+                tracing::debug!(serial = call.serial, "console pty: {e}");
+                break;
+            }
         }
     }
-    // End of stream, unless the client itself ended it.
+    // End of stream (libvirt's: empty data with status CONTINUE; an OK
+    // packet only confirms a client's finish), unless the client ended it.
+    tracing::debug!(serial = call.serial, taken = taken.load(Ordering::SeqCst), "console stream ends");
     if !stop.swap(true, Ordering::SeqCst) {
-        out.send(&Packet { header: header(MessageStatus::Ok), payload: Vec::new() });
+        out.send(&Packet { header: header(MessageStatus::Continue), payload: Vec::new() });
     }
 }

@@ -206,7 +206,10 @@ impl Session {
         loop {
             let p = match read_frame(&self.stream) {
                 Ok(p) => p,
-                Err(MessageError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => break,
+                Err(MessageError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
+                    tracing::debug!(pid = self.peer.pid, "libvirt client disconnected");
+                    break;
+                }
                 Err(e) => {
                     // The stream is out of step after a bad frame: say why and hang up.
                     tracing::warn!(pid = self.peer.pid, uid = self.peer.uid, "libvirt client sent a bad frame: {e}");
@@ -214,6 +217,7 @@ impl Session {
                 }
             };
             if !self.handle(p) {
+                tracing::debug!(pid = self.peer.pid, "libvirt connection ends after the last message");
                 break;
             }
             if self.out.is_closed() {
