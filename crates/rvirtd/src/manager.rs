@@ -812,16 +812,17 @@ impl Manager {
     pub fn brief(&self, key: &str) -> Result<DomainBrief, String> {
         let g = lock(&self.inner);
         let name = g.find(key)?;
-        Ok(self.brief_of(&name, &g.domains[&name]))
+        Ok(self.brief_of(&name, &g.domains[&name], true))
     }
 
-    /// [`Manager::brief`] of every domain, by name.
-    pub fn briefs(&self) -> Vec<DomainBrief> {
+    /// [`Manager::brief`] of every domain, by name; `autostart` is read only
+    /// when asked for (it costs a file check per domain), else false.
+    pub fn briefs(&self, autostart: bool) -> Vec<DomainBrief> {
         let g = lock(&self.inner);
-        g.domains.iter().map(|(n, d)| self.brief_of(n, d)).collect()
+        g.domains.iter().map(|(n, d)| self.brief_of(n, d, autostart)).collect()
     }
 
-    fn brief_of(&self, name: &str, d: &Domain) -> DomainBrief {
+    fn brief_of(&self, name: &str, d: &Domain, autostart: bool) -> DomainBrief {
         DomainBrief {
             name: name.to_string(),
             uuid: *d.def.uuid.as_bytes(),
@@ -829,7 +830,7 @@ impl Manager {
             state: d.state,
             reason: d.reason.clone(),
             persistent: d.persistent,
-            autostart: d.persistent && self.store.autostart(name),
+            autostart: autostart && d.persistent && self.store.autostart(name),
         }
     }
 

@@ -305,7 +305,8 @@ impl Session {
             p::CONNECT_LIST_ALL_DOMAINS => {
                 let need = d.i32().map_err(bad_args)?;
                 let flags = d.u32().map_err(bad_args)?;
-                let found: Vec<DomainBrief> = mgr.briefs().into_iter().filter(|b| list_matches(b, flags)).collect();
+                let autostart = flags & (list::AUTOSTART | list::NO_AUTOSTART) != 0;
+                let found: Vec<DomainBrief> = mgr.briefs(autostart).into_iter().filter(|b| list_matches(b, flags)).collect();
                 encode(|e| {
                     if need != 0 {
                         e.u32(found.len() as u32);
@@ -318,12 +319,12 @@ impl Session {
                     e.u32(found.len() as u32);
                 })
             }
-            p::CONNECT_NUM_OF_DOMAINS => ret_int(mgr.briefs().iter().filter(|b| b.id.is_some()).count() as i32),
-            p::CONNECT_NUM_OF_DEFINED_DOMAINS => ret_int(mgr.briefs().iter().filter(|b| b.id.is_none() && b.persistent).count() as i32),
+            p::CONNECT_NUM_OF_DOMAINS => ret_int(mgr.briefs(false).iter().filter(|b| b.id.is_some()).count() as i32),
+            p::CONNECT_NUM_OF_DEFINED_DOMAINS => ret_int(mgr.briefs(false).iter().filter(|b| b.id.is_none() && b.persistent).count() as i32),
             p::CONNECT_LIST_DOMAINS => {
                 let max = d.i32().map_err(bad_args)?;
                 let max = usize::try_from(max).ok().filter(|m| *m <= DOMAIN_LIST_MAX).ok_or_else(|| error(err::RPC, format!("too many domains asked for: {max}")))?;
-                let ids: Vec<i32> = mgr.briefs().iter().filter_map(|b| b.id).map(|i| i as i32).take(max).collect();
+                let ids: Vec<i32> = mgr.briefs(false).iter().filter_map(|b| b.id).map(|i| i as i32).take(max).collect();
                 encode(|e| {
                     e.u32(ids.len() as u32);
                     for i in &ids {
@@ -334,7 +335,7 @@ impl Session {
             p::CONNECT_LIST_DEFINED_DOMAINS => {
                 let max = d.i32().map_err(bad_args)?;
                 let max = usize::try_from(max).ok().filter(|m| *m <= DOMAIN_LIST_MAX).ok_or_else(|| error(err::RPC, format!("too many names asked for: {max}")))?;
-                let names: Vec<String> = mgr.briefs().into_iter().filter(|b| b.id.is_none() && b.persistent).map(|b| b.name).take(max).collect();
+                let names: Vec<String> = mgr.briefs(false).into_iter().filter(|b| b.id.is_none() && b.persistent).map(|b| b.name).take(max).collect();
                 encode(|e| {
                     e.u32(names.len() as u32);
                     for n in &names {
@@ -355,7 +356,7 @@ impl Session {
             }
             p::DOMAIN_LOOKUP_BY_ID => {
                 let id = d.i32().map_err(bad_args)?;
-                let b = mgr.briefs().into_iter().find(|b| b.id.is_some_and(|i| i as i32 == id));
+                let b = mgr.briefs(false).into_iter().find(|b| b.id.is_some_and(|i| i as i32 == id));
                 ret_domain(&b.ok_or_else(|| error(err::NO_DOMAIN, format!("Domain not found: no domain with matching id {id}")))?)
             }
             p::DOMAIN_GET_INFO => {
@@ -432,7 +433,7 @@ impl Session {
                 }
                 let groups = if groups == 0 { served } else { groups & served };
                 if doms.is_empty() {
-                    doms = mgr.briefs().into_iter().filter(|b| list_matches(b, flags & 0xff)).collect();
+                    doms = mgr.briefs(false).into_iter().filter(|b| list_matches(b, flags & 0xff)).collect();
                 }
                 let records: Vec<(DomainBrief, Vec<(String, TypedValue)>)> = doms.into_iter().map(|b| { let p = domain_stats(&mgr, &b, groups); (b, p) }).collect();
                 encode(|e| {
