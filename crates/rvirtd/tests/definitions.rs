@@ -175,6 +175,7 @@ fn malformed_requests_get_errors_and_the_daemon_carries_on() {
     assert!(out.starts_with(" Id"), "{out}");
     // A second daemon on the same socket is refused; the first keeps serving.
     let st = std::process::Command::new(&support::bins().rvirtd)
+        .arg("--no-libvirt-socket")
         .arg("--state-dir")
         .arg(dir.join("other"))
         .arg("--socket")
@@ -199,6 +200,7 @@ fn the_socket_is_private_unless_a_group_is_named() {
     assert_eq!(mode, 0o600);
     let sock = dir.join("g.sock");
     let mut child = std::process::Command::new(&support::bins().rvirtd)
+        .arg("--no-libvirt-socket")
         .arg("--state-dir")
         .arg(dir.join("g"))
         .arg("--socket")
@@ -218,6 +220,7 @@ fn the_socket_is_private_unless_a_group_is_named() {
     let _ = child.kill();
     let _ = child.wait();
     let o = std::process::Command::new(&support::bins().rvirtd)
+        .arg("--no-libvirt-socket")
         .arg("--state-dir")
         .arg(dir.join("x"))
         .arg("--socket")

@@ -128,12 +128,14 @@ fn a_state_directory_others_could_write_is_refused() {
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = std::process::Command::new(&bins().rvirtd).arg("--state-dir").arg(&state).arg("--socket").arg(dir.join("s.sock")).output().unwrap();
+    let out = std::process::Command::new(&bins().rvirtd)
+        .arg("--no-libvirt-socket").arg("--state-dir").arg(&state).arg("--socket").arg(dir.join("s.sock")).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("writable by group or others"), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::os::unix::fs::chown(&state, Some(1), None).unwrap();
-    let out = std::process::Command::new(&bins().rvirtd).arg("--state-dir").arg(&state).arg("--socket").arg(dir.join("s.sock")).output().unwrap();
+    let out = std::process::Command::new(&bins().rvirtd)
+        .arg("--no-libvirt-socket").arg("--state-dir").arg(&state).arg("--socket").arg(dir.join("s.sock")).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to uid 1"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
