@@ -30,8 +30,6 @@ use crate::manager::Manager;
 
 /// Where libvirt's clients look for the daemon (`qemu:///system`).
 pub const DEFAULT_SOCKET: &str = "/run/libvirt/libvirt-sock";
-/// The socket modern clients prefer when it exists (libvirt's modular daemon).
-pub const VIRTQEMUD_SOCKET: &str = "/run/libvirt/virtqemud-sock";
 /// Connections served at once on each socket; the next is closed at once.
 pub const MAX_CONNECTIONS: usize = 256;
 /// How long a frame may take to arrive once its first byte has.
@@ -84,7 +82,11 @@ pub fn spawn(listener: UnixListener, read_only: bool, mgr: Arc<Manager>) -> Resu
         .name(if read_only { "libvirt-ro" } else { "libvirt" }.into())
         .spawn(move || {
             for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
+                let Ok(stream) = stream else {
+                    // Out of descriptors, most likely: wait rather than spin.
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                };
                 if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                     active.fetch_sub(1, Ordering::SeqCst);
                     tracing::warn!("libvirt socket: {MAX_CONNECTIONS} clients already connected; one more refused");
