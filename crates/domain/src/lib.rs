@@ -18,3 +18,4 @@ pub use xml::{
     BootDev, BootMenu, CharDevice, CpuSet, DiskBus, DiskSource, DomainXml, FirmwareDef, ImageFormat, Interface, InterfaceKind, LifecycleAction, Tuning, UnknownElement, VirtioDisk,
     XmlError, MAX_DEPTH, MAX_UNKNOWN, MAX_VCPUS, MAX_XML_BYTES,
 };
+pub use xml::{DhcpHost, DnsHost, ForwardMode, IpDef, NetworkDef};

@@ -15,9 +15,11 @@ use roxmltree::{Document, Node};
 use uuid::Uuid;
 
 mod limits;
+mod network;
 mod os;
 mod tune;
 pub use limits::{MAX_DEPTH, MAX_UNKNOWN, MAX_XML_BYTES};
+pub use network::{DhcpHost, DnsHost, ForwardMode, IpDef, NetworkDef};
 pub use os::{BootDev, BootMenu, FirmwareDef};
 pub use tune::{CpuSet, Tuning};
 
