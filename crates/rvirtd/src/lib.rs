@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod events;
 pub mod handoff;
 pub mod manager;
+pub mod network;
 pub mod policy;
 pub mod process;
 pub mod server;

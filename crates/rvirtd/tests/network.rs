@@ -1,0 +1,197 @@
+//! Virtual networks brought up and down for real (a bridge, dnsmasq,
+//! nftables) inside network namespaces the test makes, never the
+//! machine's: a stand-in guest (a veth on the bridge, in a namespace of its
+//! own, asking with busybox's DHCP client) gets a lease, resolves a name the
+//! network serves, reaches an "outside" namespace through NAT while the
+//! outside cannot reach it; an isolated network reaches nothing outside;
+//! taking a network down leaves no bridge, process or rule behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use rvirt_domain::NetworkDef;
+use rvirtd::network::runtime::{self, NetworkFiles};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(format!("/tmp/rvnet-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs `body` on a thread in a network namespace of its own (the tools it
+/// starts inherit it); `None` when this machine cannot make one.
+fn in_netns<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread's network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        sh("ip link set lo up");
+        Some(body())
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Runs a shell command; its success and output (stdout and stderr).
+fn sh(cmd: &str) -> (bool, String) {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+}
+
+fn ok(cmd: &str) -> String {
+    let (good, out) = sh(cmd);
+    assert!(good, "{cmd}: {out}");
+    out
+}
+
+/// A process holding a network namespace of its own (a guest, or the outside).
+struct Netns(Child);
+
+impl Netns {
+    fn new() -> Self {
+        let c = Command::new("unshare").args(["-n", "sleep", "120"]).stdin(Stdio::null()).spawn().unwrap();
+        // The namespace exists once unshare has exec'd sleep.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{}/comm", c.id())).unwrap_or_default().trim() != "sleep" {
+            assert!(std::time::Instant::now() < deadline, "unshare did not start");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Self(c)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Runs `cmd` inside this namespace.
+    fn sh(&self, cmd: &str) -> (bool, String) {
+        sh(&format!("nsenter --net=/proc/{}/ns/net sh -c '{}'", self.pid(), cmd.replace('\'', "'\\''")))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A stand-in guest: a namespace whose `eth0` is a veth on `bridge`; it
+/// asks for a lease with busybox's udhcpc and returns the address it got.
+fn guest_on(bridge: &str, dir: &Path, n: u32) -> (Netns, Option<String>) {
+    let g = Netns::new();
+    ok(&format!("ip link add vg{n} type veth peer name vh{n} && ip link set vg{n} netns {} && ip link set vh{n} master {bridge} up", g.pid()));
+    let script = dir.join("udhcpc.sh");
+    std::fs::write(&script, "#!/bin/sh\n[ \"$1\" = bound ] && ip addr add $ip/$mask dev $interface && { [ -n \"$router\" ] && ip route add default via $router; echo \"LEASE $ip\"; }\nexit 0\n").unwrap();
+    ok(&format!("chmod +x {}", script.display()));
+    // With spanning tree on (libvirt's default) a new port forwards after
+    // the kernel's least forward delay, 2 s twice: ask for up to 15 s.
+    let (_, out) = g.sh(&format!("ip link set lo up && ip link set vg{n} name eth0 && ip link set eth0 up && busybox udhcpc -i eth0 -q -n -t 15 -T 1 -s {}", script.display()));
+    let ip = out.lines().find_map(|l| l.strip_prefix("LEASE ")).map(str::to_string);
+    if ip.is_none() {
+        eprintln!("udhcpc said:\n{out}");
+    }
+    (g, ip)
+}
+
+/// The "outside": a namespace at 198.51.100.2 behind the uplink 198.51.100.1.
+fn outside() -> Netns {
+    let o = Netns::new();
+    ok(&format!("ip link add up0 type veth peer name out0 && ip link set out0 netns {} && ip addr add 198.51.100.1/24 dev up0 && ip link set up0 up", o.pid()));
+    let (good, out) = o.sh("ip link set lo up && ip addr add 198.51.100.2/24 dev out0 && ip link set out0 up");
+    assert!(good, "{out}");
+    o
+}
+
+fn pinged(from: &Netns, to: &str) -> bool {
+    from.sh(&format!("busybox ping -c 1 -W 2 {to}")).1.contains("1 packets received")
+}
+
+#[test]
+fn a_nat_network_leases_resolves_and_masquerades_and_leaves_nothing_behind() {
+    let dir = scratch("nat");
+    let ran = in_netns(move || {
+        let def = NetworkDef::parse(
+            "<network><name>default</name><forward mode='nat'/><bridge name='rvbr0'/><domain name='lab.test'/>\
+             <dns><host ip='10.77.0.9'><hostname>db</hostname></host></dns>\
+             <ip address='10.77.0.1' netmask='255.255.255.0'><dhcp><range start='10.77.0.100' end='10.77.0.150'/></dhcp></ip></network>",
+        )
+        .unwrap();
+        let files = NetworkFiles::new(&dir, "default");
+        let out = outside();
+        runtime::start(&def, "rvbr0", &files).unwrap();
+        assert!(runtime::is_active(&def, "rvbr0", &files));
+        let e = runtime::start(&def, "rvbr0", &files).unwrap_err();
+        assert!(e.contains("rvbr0 already exists"), "{e}");
+
+        let (guest, ip) = guest_on("rvbr0", &dir, 1);
+        let ip = ip.expect("the guest got a lease");
+        let n: u8 = ip.rsplit('.').next().unwrap().parse().unwrap();
+        assert!(ip.starts_with("10.77.0.") && (100..=150).contains(&n), "{ip}");
+        assert!(std::fs::read_to_string(&files.leases).unwrap().contains(&ip), "dnsmasq's lease file has it");
+        let (_, dns) = guest.sh("busybox nslookup -type=a db 10.77.0.1");
+        assert!(dns.contains("10.77.0.9"), "the network's DNS answers for its names: {dns}");
+        // Out through NAT; never in.
+        assert!(pinged(&guest, "198.51.100.2"), "the guest reaches the outside");
+        out.sh("ip route add 10.77.0.0/24 via 198.51.100.1");
+        assert!(!pinged(&out, &ip), "the outside cannot reach a guest behind NAT");
+        let rules = ok("nft list table inet rvirt_rvbr0");
+        assert!(rules.contains("masquerade"), "{rules}");
+
+        let pid = runtime::dnsmasq_pid(&files).unwrap();
+        runtime::stop(&def, "rvbr0", &files).unwrap();
+        assert!(!runtime::link_exists("rvbr0"), "no bridge left");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "no dnsmasq left");
+        assert!(!sh("nft list table inet rvirt_rvbr0").0, "no rules left");
+        assert!(!runtime::is_active(&def, "rvbr0", &files));
+        // Down twice is not an error.
+        runtime::stop(&def, "rvbr0", &files).unwrap();
+    });
+    if ran.is_none() {
+        eprintln!("note: no network namespace here; networks not exercised");
+    }
+}
+
+#[test]
+fn an_isolated_network_reaches_nothing_outside_and_bad_starts_leave_nothing() {
+    let dir = scratch("iso");
+    let ran = in_netns(move || {
+        let def = NetworkDef::parse(
+            "<network><name>iso</name><bridge name='rvbr1'/><ip address='10.78.0.1' prefix='24'><dhcp><range start='10.78.0.10' end='10.78.0.20'/></dhcp></ip></network>",
+        )
+        .unwrap();
+        let files = NetworkFiles::new(&dir, "iso");
+        let _outside = outside();
+        runtime::start(&def, "rvbr1", &files).unwrap();
+        let (guest, ip) = guest_on("rvbr1", &dir, 2);
+        assert!(ip.is_some_and(|i| i.starts_with("10.78.0.")), "isolated networks still lease");
+        assert!(pinged(&guest, "10.78.0.1"), "the guest reaches the host on the bridge");
+        assert!(!pinged(&guest, "198.51.100.2"), "but nothing beyond it");
+        runtime::stop(&def, "rvbr1", &files).unwrap();
+
+        // A subnet the host already routes is refused, and nothing is left half-made.
+        ok("ip link add busy0 type bridge && ip addr add 10.79.0.1/16 dev busy0 && ip link set busy0 up");
+        let clash = NetworkDef::parse("<network><name>clash</name><forward/><bridge name='rvbr2'/><ip address='10.79.5.1' prefix='24'/></network>").unwrap();
+        let e = runtime::start(&clash, "rvbr2", &NetworkFiles::new(&dir, "clash")).unwrap_err();
+        assert!(e.contains("overlaps the host's route 10.79.0.0/16 (dev busy0)"), "{e}");
+        // A bridge name in use.
+        let taken = NetworkDef::parse("<network><name>taken</name><bridge name='busy0'/><ip address='10.80.0.1' prefix='24'/></network>").unwrap();
+        let e = runtime::start(&taken, "busy0", &NetworkFiles::new(&dir, "taken")).unwrap_err();
+        assert!(e.contains("busy0 already exists"), "{e}");
+        assert!(!runtime::link_exists("rvbr2"));
+        assert!(!sh("nft list table inet rvirt_rvbr2").0);
+        // A failure half-way (dnsmasq's files cannot be written once the
+        // bridge and rules are made) takes down what was made.
+        let half = NetworkDef::parse("<network><name>half</name><forward/><bridge name='rvbr3'/><ip address='10.81.0.1' prefix='24'/></network>").unwrap();
+        let e = runtime::start(&half, "rvbr3", &NetworkFiles::new(Path::new("/nonexistent/rvirt"), "half")).unwrap_err();
+        assert!(e.contains("/nonexistent/rvirt/half.conf"), "{e}");
+        assert!(!runtime::link_exists("rvbr3"), "the bridge was taken down");
+        assert!(!sh("nft list table inet rvirt_rvbr3").0, "the rules were taken down");
+        drop(guest);
+    });
+    if ran.is_none() {
+        eprintln!("note: no network namespace here; networks not exercised");
+    }
+}
