@@ -36,8 +36,22 @@ pub mod proc_ {
     pub const DOMAIN_SHUTDOWN: i32 = 33;
     pub const DOMAIN_SUSPEND: i32 = 34;
     pub const DOMAIN_UNDEFINE: i32 = 35;
+    pub const CONNECT_LIST_DEFINED_NETWORKS: i32 = 36;
     pub const CONNECT_LIST_DOMAINS: i32 = 37;
+    pub const CONNECT_LIST_NETWORKS: i32 = 38;
+    pub const NETWORK_CREATE: i32 = 39;
+    pub const NETWORK_DEFINE_XML: i32 = 41;
+    pub const NETWORK_DESTROY: i32 = 42;
+    pub const NETWORK_GET_XML_DESC: i32 = 43;
+    pub const NETWORK_GET_AUTOSTART: i32 = 44;
+    pub const NETWORK_GET_BRIDGE_NAME: i32 = 45;
+    pub const NETWORK_LOOKUP_BY_NAME: i32 = 46;
+    pub const NETWORK_LOOKUP_BY_UUID: i32 = 47;
+    pub const NETWORK_SET_AUTOSTART: i32 = 48;
+    pub const NETWORK_UNDEFINE: i32 = 49;
+    pub const CONNECT_NUM_OF_DEFINED_NETWORKS: i32 = 50;
     pub const CONNECT_NUM_OF_DOMAINS: i32 = 51;
+    pub const CONNECT_NUM_OF_NETWORKS: i32 = 52;
     pub const CONNECT_GET_HOSTNAME: i32 = 59;
     pub const DOMAIN_BLOCK_STATS: i32 = 64;
     pub const DOMAIN_INTERFACE_STATS: i32 = 65;
@@ -47,6 +61,8 @@ pub mod proc_ {
     pub const CONNECT_IS_SECURE: i32 = 149;
     pub const DOMAIN_IS_ACTIVE: i32 = 150;
     pub const DOMAIN_IS_PERSISTENT: i32 = 151;
+    pub const NETWORK_IS_ACTIVE: i32 = 152;
+    pub const NETWORK_IS_PERSISTENT: i32 = 153;
     pub const CONNECT_GET_LIB_VERSION: i32 = 157;
     pub const DOMAIN_CREATE_WITH_FLAGS: i32 = 196;
     pub const DOMAIN_GET_VCPUS_FLAGS: i32 = 200;
@@ -57,6 +73,7 @@ pub mod proc_ {
     pub const DOMAIN_DESTROY_FLAGS: i32 = 234;
     pub const DOMAIN_SHUTDOWN_FLAGS: i32 = 258;
     pub const CONNECT_LIST_ALL_DOMAINS: i32 = 273;
+    pub const CONNECT_LIST_ALL_NETWORKS: i32 = 283;
     pub const CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY: i32 = 316;
     pub const CONNECT_DOMAIN_EVENT_CALLBACK_DEREGISTER_ANY: i32 = 317;
     pub const DOMAIN_EVENT_CALLBACK_LIFECYCLE: i32 = 318;
@@ -92,12 +109,15 @@ pub mod err {
     pub const OPERATION_DENIED: i32 = 29;
     pub const RPC: i32 = 39;
     pub const NO_DOMAIN: i32 = 42;
+    pub const NO_NETWORK: i32 = 43;
     pub const OPERATION_INVALID: i32 = 55;
     pub const ACCESS_DENIED: i32 = 88;
 }
 
 /// `virErrorDomain`: errors about domains come from the QEMU driver, as libvirtd's do.
 pub const FROM_QEMU: i32 = 10;
+/// `virErrorDomain` of errors about networks.
+pub const FROM_NETWORK: i32 = 19;
 /// `virErrorDomain` of protocol-level errors.
 pub const FROM_RPC: i32 = 7;
 
@@ -228,6 +248,41 @@ pub fn encode_typed(e: &mut Encoder, field: &str, v: &TypedValue) {
         TypedValue::ULLong(u) => e.i32(4).u64(*u),
         TypedValue::Str(s) => e.i32(7).string(s),
     };
+}
+
+/// `remote_nonnull_network`: how a network is named in every call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteNetwork {
+    /// The network's name.
+    pub name: String,
+    /// Its UUID.
+    pub uuid: [u8; UUID_LEN],
+}
+
+impl RemoteNetwork {
+    /// Appends the network to `e`.
+    pub fn encode(&self, e: &mut Encoder) {
+        e.string(&self.name).fixed_opaque(&self.uuid);
+    }
+
+    /// Reads a network from `d`.
+    pub fn decode(d: &mut Decoder) -> Result<Self, XdrError> {
+        let name = d.string()?.to_string();
+        let mut uuid = [0u8; UUID_LEN];
+        uuid.copy_from_slice(d.fixed_opaque(UUID_LEN)?);
+        Ok(Self { name, uuid })
+    }
+}
+
+/// `virConnectListAllNetworksFlags`.
+#[allow(missing_docs)]
+pub mod list_networks {
+    pub const INACTIVE: u32 = 1;
+    pub const ACTIVE: u32 = 2;
+    pub const PERSISTENT: u32 = 4;
+    pub const TRANSIENT: u32 = 8;
+    pub const AUTOSTART: u32 = 16;
+    pub const NO_AUTOSTART: u32 = 32;
 }
 
 #[cfg(test)]

@@ -71,6 +71,10 @@ pub fn run(cfg: &DaemonConfig) -> anyhow::Result<()> {
         tracing::info!("libvirt clients served on {} (and {})", path.display(), server::libvirt::read_only_path(path).display());
     }
     let auto = mgr.clone();
-    std::thread::spawn(move || auto.autostart());
+    // Networks first: domains may use them.
+    std::thread::spawn(move || {
+        auto.networks().autostart();
+        auto.autostart();
+    });
     server::serve(listener, read_only, mgr)
 }

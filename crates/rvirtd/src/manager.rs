@@ -97,6 +97,7 @@ pub struct Manager {
     inner: Mutex<Inner>,
     changed: Condvar,
     events: EventBus,
+    networks: crate::network::Networks,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -156,7 +157,8 @@ impl Manager {
                 Err(e) => tracing::error!("definition '{name}' is unreadable and was skipped: {e}"),
             }
         }
-        let mgr = Arc::new(Self { store, vmm, policy, inner: Mutex::new(inner), changed: Condvar::new(), events: EventBus::default() });
+        let networks = crate::network::Networks::open(store.clone());
+        let mgr = Arc::new(Self { store, vmm, policy, inner: Mutex::new(inner), changed: Condvar::new(), events: EventBus::default(), networks });
         mgr.adopt_running();
         Ok(mgr)
     }
@@ -206,6 +208,11 @@ impl Manager {
             }
             tracing::info!("found running domain '{name}' (pid {})", rec.pid);
         }
+    }
+
+    /// The daemon's virtual networks.
+    pub fn networks(&self) -> &crate::network::Networks {
+        &self.networks
     }
 
     /// Where the manager reports lifecycle events, for front ends to subscribe to.

@@ -9,6 +9,9 @@
 //! DIR/run/NAME.json       a running domain: VMM pid, socket, live XML
 //! DIR/run/ID.sock         that VMM's control socket
 //! DIR/log/NAME.log        that VMM's output, appended across starts
+//! DIR/networks/NAME.xml   persistent network definitions
+//! DIR/networks/autostart/NAME   present: start network NAME with the daemon
+//! DIR/networks/run/       a running network's dnsmasq files
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -54,6 +57,18 @@ pub struct RunRecord {
     pub reboot_pending: bool,
     /// The serial console's pty, once the VMM reported it.
     pub serial_pty: Option<String>,
+}
+
+/// Creates (`on`) or removes the empty marker file `p`.
+fn mark(p: &Path, on: bool) -> Result<()> {
+    if on {
+        write_atomic(p, b"").with_context(|| format!("writing {}", p.display()))
+    } else {
+        match fs::remove_file(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", p.display())),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Writes `bytes` to `path` atomically. The temporary file is created new
@@ -104,7 +119,7 @@ impl Store {
             builder.create(root).with_context(|| format!("creating {}", root.display()))?;
         }
         check(root)?;
-        for sub in ["domains", "autostart", "run", "log"] {
+        for sub in ["domains", "autostart", "run", "log", "networks", "networks/autostart", "networks/run"] {
             let d = root.join(sub);
             if fs::symlink_metadata(&d).is_err() {
                 builder.create(&d).with_context(|| format!("creating {}", d.display()))?;
@@ -198,15 +213,44 @@ impl Store {
 
     /// Marks or unmarks `name` for autostart.
     pub fn set_autostart(&self, name: &str, on: bool) -> Result<()> {
-        let p = self.root.join("autostart").join(name);
-        if on {
-            write_atomic(&p, b"").with_context(|| format!("writing {}", p.display()))
-        } else {
-            match fs::remove_file(&p) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", p.display())),
-                _ => Ok(()),
-            }
-        }
+        mark(&self.root.join("autostart").join(name), on)
+    }
+
+    /// Stored network definitions: (file stem, XML text), or why a file could not be read.
+    pub fn network_definitions(&self) -> Vec<(String, std::io::Result<String>)> {
+        self.list("networks", ".xml").into_iter().map(|name| {
+            let text = fs::read_to_string(self.root.join("networks").join(format!("{name}.xml")));
+            (name, text)
+        }).collect()
+    }
+
+    /// Stores a network definition.
+    pub fn save_network(&self, name: &str, xml: &str) -> Result<()> {
+        let p = self.root.join("networks").join(format!("{name}.xml"));
+        write_atomic(&p, xml.as_bytes()).with_context(|| format!("writing {}", p.display()))
+    }
+
+    /// Forgets a network definition and its autostart mark.
+    pub fn remove_network(&self, name: &str) -> Result<()> {
+        let p = self.root.join("networks").join(format!("{name}.xml"));
+        fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        let _ = self.set_network_autostart(name, false);
+        Ok(())
+    }
+
+    /// Whether network `name` starts with the daemon.
+    pub fn network_autostart(&self, name: &str) -> bool {
+        self.root.join("networks/autostart").join(name).exists()
+    }
+
+    /// Marks or unmarks network `name` for autostart.
+    pub fn set_network_autostart(&self, name: &str, on: bool) -> Result<()> {
+        mark(&self.root.join("networks/autostart").join(name), on)
+    }
+
+    /// Where running networks keep dnsmasq's files.
+    pub fn network_run_dir(&self) -> PathBuf {
+        self.root.join("networks/run")
     }
 
     /// Records of domains that were running: (name, record or why unreadable).

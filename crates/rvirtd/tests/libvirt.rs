@@ -493,3 +493,60 @@ fn virt_install_defines_and_starts_a_domain() {
     virsh_ok(&d, &["destroy", "vi"]);
     assert_eq!(virsh_ok(&d, &["domstate", "vi"]).trim(), "shut off");
 }
+
+#[test]
+fn virsh_manages_networks_in_the_daemon_s_own_namespace() {
+    let dir = scratch("lv-net");
+    let mut d = Daemon::start_in_netns(&dir);
+    let in_daemon_ns = |pid: u32, cmd: &str| {
+        let o = Command::new("nsenter").arg(format!("--net=/proc/{pid}/ns/net")).args(["sh", "-c", cmd]).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    assert!(virsh_ok(&d, &["net-list", "--all", "--name"]).trim().is_empty());
+    // libvirt's default network, on a subnet of the test's own.
+    let xml = "<network>\n  <name>default</name>\n  <forward/>\n  <ip address='10.90.0.1' netmask='255.255.255.0'>\n    <dhcp>\n      <range start='10.90.0.2' end='10.90.0.254'/>\n    </dhcp>\n  </ip>\n</network>\n";
+    let f = dir.join("default-net.xml");
+    std::fs::write(&f, xml).unwrap();
+    let out = virsh_ok(&d, &["net-define", f.to_str().unwrap()]);
+    assert!(out.contains("Network default defined from"), "{out}");
+    let list = virsh_ok(&d, &["net-list", "--all"]);
+    assert!(list.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["default", "inactive", "no", "yes"]), "{list}");
+    // rvirtd gave it a bridge and a MAC, as libvirt does.
+    let dumped = virsh_ok(&d, &["net-dumpxml", "default"]);
+    assert!(dumped.contains("<bridge name='virbr0'") && dumped.contains("<mac address='52:54:00:"), "{dumped}");
+
+    let out = virsh_ok(&d, &["net-start", "default"]);
+    assert!(out.contains("Network default started"), "{out}");
+    let info = virsh_ok(&d, &["net-info", "default"]);
+    assert_eq!(field(&info, "Active:"), "yes");
+    assert_eq!(field(&info, "Bridge:"), "virbr0");
+    let pid = d.pid();
+    let (up, addr) = in_daemon_ns(pid, "ip -4 -o addr show dev virbr0");
+    assert!(up && addr.contains("10.90.0.1/24"), "the bridge is up in the daemon's namespace: {addr}");
+    virsh_fails(&d, &["net-start", "default"], "network is already active");
+    let ro = virsh_at(&uri(&d, true), &["net-destroy", "default"]);
+    assert!(ro.code != 0 && ro.stderr.contains("read only access prevents"), "{ro:?}");
+    virsh_ok(&d, &["net-autostart", "default"]);
+    assert!(virsh_ok(&d, &["net-list", "--autostart", "--name"]).lines().any(|l| l.trim() == "default"));
+
+    // A restarted daemon (in the same namespace, which dnsmasq keeps) finds it up: not lost, not doubled.
+    let before = std::fs::read_to_string(d.state.join("networks/run/default.pid")).unwrap().trim().to_string();
+    d.kill();
+    d.prefix = vec!["nsenter".into(), format!("--net=/proc/{before}/ns/net")];
+    d.restart();
+    let list = virsh_ok(&d, &["net-list", "--all"]);
+    assert!(list.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["default", "active", "yes", "yes"]), "{list}\n{}", d.log());
+    let after = std::fs::read_to_string(d.state.join("networks/run/default.pid")).unwrap().trim().to_string();
+    assert_eq!(before, after, "the same dnsmasq serves it");
+
+    let out = virsh_ok(&d, &["net-destroy", "default"]);
+    assert!(out.contains("Network default destroyed"), "{out}");
+    let (up, _) = in_daemon_ns(d.pid(), "ip link show dev virbr0");
+    assert!(!up, "the bridge is gone");
+    assert!(!std::path::Path::new(&format!("/proc/{before}")).exists(), "dnsmasq is gone");
+    virsh_fails(&d, &["net-destroy", "default"], "network is not active");
+    let out = virsh_ok(&d, &["net-undefine", "default"]);
+    assert!(out.contains("Network default has been undefined"), "{out}");
+    assert!(virsh_ok(&d, &["net-list", "--all", "--name"]).trim().is_empty());
+    virsh_fails(&d, &["net-info", "nosuch"], "failed to get network 'nosuch'");
+}

@@ -1,4 +1,256 @@
-//! Virtual networks like libvirt's (issue 22): definitions and the
-//! runtime that brings them up ([`runtime`]).
+//! Virtual networks like libvirt's (issue 22): definitions kept in the
+//! state directory and autostarted like domains, each brought up and down
+//! by [`runtime`] in the daemon's network namespace. A network that was up
+//! when the daemon stopped is found up again (its bridge and dnsmasq
+//! outlive the daemon, as libvirt's do), neither lost nor started twice.
 
 pub mod runtime;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use rvirt_domain::NetworkDef;
+
+use crate::store::Store;
+use runtime::NetworkFiles;
+
+/// A network's identity and state at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkBrief {
+    /// Its name.
+    pub name: String,
+    /// Its UUID's bytes.
+    pub uuid: [u8; 16],
+    /// Whether it is up.
+    pub active: bool,
+    /// Whether its definition is stored.
+    pub persistent: bool,
+    /// Whether it starts with the daemon.
+    pub autostart: bool,
+    /// Its bridge.
+    pub bridge: String,
+}
+
+struct Net {
+    def: NetworkDef,
+    persistent: bool,
+    active: bool,
+}
+
+impl Net {
+    fn bridge(&self) -> &str {
+        self.def.bridge.as_deref().unwrap_or("")
+    }
+}
+
+/// The daemon's networks.
+pub struct Networks {
+    store: Store,
+    nets: Mutex<BTreeMap<String, Net>>,
+}
+
+fn random_mac() -> String {
+    let mut b = [0u8; 3];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+impl Networks {
+    /// Loads the stored definitions; a network whose bridge and dnsmasq
+    /// are still there is active.
+    pub fn open(store: Store) -> Self {
+        let mut nets = BTreeMap::new();
+        for (name, text) in store.network_definitions() {
+            let def = match text.map_err(|e| e.to_string()).and_then(|t| NetworkDef::parse(&t).map_err(|e| e.to_string())) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!("network definition '{name}' is unreadable, left alone: {e}");
+                    continue;
+                }
+            };
+            let files = NetworkFiles::new(&store.network_run_dir(), &def.name);
+            let active = def.bridge.as_deref().is_some_and(|b| runtime::is_active(&def, b, &files));
+            if active {
+                tracing::info!("network '{name}' is up (bridge {})", def.bridge.as_deref().unwrap_or(""));
+            }
+            nets.insert(def.name.clone(), Net { def, persistent: true, active });
+        }
+        Self { store, nets: Mutex::new(nets) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Net>> {
+        self.nets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn files(&self, name: &str) -> NetworkFiles {
+        NetworkFiles::new(&self.store.network_run_dir(), name)
+    }
+
+    /// Finds a network by name or UUID.
+    fn find(nets: &BTreeMap<String, Net>, key: &str) -> Result<String, String> {
+        if nets.contains_key(key) {
+            return Ok(key.to_string());
+        }
+        nets.iter()
+            .find(|(_, n)| n.def.uuid.to_string().eq_ignore_ascii_case(key))
+            .map(|(n, _)| n.clone())
+            .ok_or_else(|| format!("no network with a matching name or uuid '{key}'"))
+    }
+
+    /// Stores a new definition or updates one (same name and UUID). A
+    /// bridge name (`virbrN`, the first free) and a MAC address are given
+    /// when the XML has none. Returns the name and the elements rvirt ignores.
+    pub fn define(&self, xml: &str) -> Result<(String, Vec<String>), String> {
+        let mut def = NetworkDef::parse(xml).map_err(|e| e.to_string())?;
+        let mut nets = self.lock();
+        if let Some(old) = nets.get(&def.name) {
+            if old.def.uuid != def.uuid && xml.contains("<uuid>") {
+                return Err(format!("network '{}' already exists with uuid {}", def.name, old.def.uuid));
+            }
+            // An update keeps the identity and bridge rvirt gave it.
+            def.uuid = old.def.uuid;
+            if def.bridge.is_none() {
+                def.bridge = old.def.bridge.clone();
+            }
+            if def.mac.is_none() {
+                def.mac = old.def.mac.clone();
+            }
+        }
+        if let Some((other, _)) = nets.iter().find(|(n, o)| **n != def.name && o.def.uuid == def.uuid) {
+            return Err(format!("uuid {} is already used by network '{other}'", def.uuid));
+        }
+        let bridge = match def.bridge.clone() {
+            Some(b) => b,
+            None => (0..).map(|i| format!("virbr{i}")).find(|b| !nets.values().any(|n| n.bridge() == b) && !runtime::link_exists(b)).unwrap_or_default(),
+        };
+        if let Some((other, _)) = nets.iter().find(|(n, o)| **n != def.name && o.bridge() == bridge) {
+            return Err(format!("bridge {bridge} is already used by network '{other}'"));
+        }
+        def.bridge = Some(bridge);
+        def.mac.get_or_insert_with(random_mac);
+        let warnings = def.unknown.iter().map(|u| format!("<{}> (line {}) is kept but not used by rvirt", u.name, u.line)).collect();
+        self.store.save_network(&def.name, &def.to_xml()).map_err(|e| format!("{e:#}"))?;
+        let name = def.name.clone();
+        match nets.get_mut(&name) {
+            Some(n) => {
+                n.def = def;
+                n.persistent = true;
+            }
+            None => {
+                nets.insert(name.clone(), Net { def, persistent: true, active: false });
+            }
+        }
+        Ok((name, warnings))
+    }
+
+    /// Removes a definition. An active network stays up as a transient one
+    /// (gone when destroyed), as with libvirt.
+    pub fn undefine(&self, key: &str) -> Result<String, String> {
+        let mut nets = self.lock();
+        let name = Self::find(&nets, key)?;
+        if !nets[&name].persistent {
+            return Err(format!("network '{name}' is transient: it has no definition to remove"));
+        }
+        self.store.remove_network(&name).map_err(|e| format!("{e:#}"))?;
+        if nets[&name].active {
+            if let Some(n) = nets.get_mut(&name) {
+                n.persistent = false;
+            }
+        } else {
+            nets.remove(&name);
+        }
+        Ok(name)
+    }
+
+    /// Brings a network up.
+    pub fn start(&self, key: &str) -> Result<String, String> {
+        let mut nets = self.lock();
+        let name = Self::find(&nets, key)?;
+        let n = &nets[&name];
+        if n.active {
+            return Err(format!("network '{name}' is already active"));
+        }
+        runtime::start(&n.def, n.bridge(), &self.files(&name))?;
+        for t in runtime::dropping_forward_tables() {
+            tracing::warn!("network '{name}': nftables table {t} drops forwarded traffic by default; it may drop this network's too");
+        }
+        if let Some(n) = nets.get_mut(&name) {
+            n.active = true;
+        }
+        Ok(name)
+    }
+
+    /// Takes a network down. Domains on it lose their connection (their
+    /// taps stay, unattached), as with libvirt; a transient network is gone.
+    pub fn destroy(&self, key: &str) -> Result<String, String> {
+        let mut nets = self.lock();
+        let name = Self::find(&nets, key)?;
+        let n = &nets[&name];
+        if !n.active {
+            return Err(format!("network '{name}' is not active"));
+        }
+        runtime::stop(&n.def, n.bridge(), &self.files(&name))?;
+        if nets[&name].persistent {
+            if let Some(n) = nets.get_mut(&name) {
+                n.active = false;
+            }
+        } else {
+            nets.remove(&name);
+        }
+        Ok(name)
+    }
+
+    /// Marks a defined network to start with the daemon, or not.
+    pub fn set_autostart(&self, key: &str, on: bool) -> Result<String, String> {
+        let nets = self.lock();
+        let name = Self::find(&nets, key)?;
+        if !nets[&name].persistent {
+            return Err(format!("network '{name}' is transient: only defined networks can autostart"));
+        }
+        self.store.set_network_autostart(&name, on).map_err(|e| format!("{e:#}"))?;
+        Ok(name)
+    }
+
+    /// Starts the networks marked for autostart that are not up.
+    pub fn autostart(&self) {
+        let names: Vec<String> = self.lock().iter().filter(|(n, x)| !x.active && self.store.network_autostart(n)).map(|(n, _)| n.clone()).collect();
+        for n in names {
+            match self.start(&n) {
+                Ok(_) => tracing::info!("autostarted network '{n}'"),
+                Err(e) => tracing::error!("autostart of network '{n}' failed: {e}"),
+            }
+        }
+    }
+
+    /// A network's identity and state.
+    pub fn brief(&self, key: &str) -> Result<NetworkBrief, String> {
+        let nets = self.lock();
+        let name = Self::find(&nets, key)?;
+        Ok(self.brief_of(&name, &nets[&name]))
+    }
+
+    /// Every network, by name.
+    pub fn briefs(&self) -> Vec<NetworkBrief> {
+        self.lock().iter().map(|(n, x)| self.brief_of(n, x)).collect()
+    }
+
+    fn brief_of(&self, name: &str, n: &Net) -> NetworkBrief {
+        NetworkBrief {
+            name: name.to_string(),
+            uuid: *n.def.uuid.as_bytes(),
+            active: n.active,
+            persistent: n.persistent,
+            autostart: n.persistent && self.store.network_autostart(name),
+            bridge: n.bridge().to_string(),
+        }
+    }
+
+    /// The definition as `net-dumpxml` shows it.
+    pub fn dump_xml(&self, key: &str) -> Result<String, String> {
+        let nets = self.lock();
+        let name = Self::find(&nets, key)?;
+        Ok(nets[&name].def.to_xml())
+    }
+}

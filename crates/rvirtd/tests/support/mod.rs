@@ -52,6 +52,8 @@ pub struct Daemon {
     pub state: PathBuf,
     /// More rvirtd options (kept across restarts).
     pub extra_args: Vec<String>,
+    /// A command the daemon runs under (`unshare -n`: a network namespace of its own).
+    pub prefix: Vec<String>,
     child: Option<Child>,
 }
 
@@ -69,9 +71,17 @@ impl Daemon {
         Self::start_with_state(dir, &dir.join("state"))
     }
 
+    /// Starts rvirtd in a network namespace of its own (its sockets are
+    /// files, so clients reach it from anywhere), for tests of networks.
+    pub fn start_in_netns(dir: &Path) -> Self {
+        let mut d = Daemon { dir: dir.to_path_buf(), socket: dir.join("rvirtd.sock"), state: dir.join("state"), extra_args: Vec::new(), prefix: vec!["unshare".into(), "-n".into()], child: None };
+        d.restart();
+        d
+    }
+
     /// Starts rvirtd with its state directory at `state`.
     pub fn start_with_state(dir: &Path, state: &Path) -> Self {
-        let mut d = Daemon { dir: dir.to_path_buf(), socket: dir.join("rvirtd.sock"), state: state.to_path_buf(), extra_args: Vec::new(), child: None };
+        let mut d = Daemon { dir: dir.to_path_buf(), socket: dir.join("rvirtd.sock"), state: state.to_path_buf(), extra_args: Vec::new(), prefix: Vec::new(), child: None };
         d.restart();
         d
     }
@@ -79,7 +89,16 @@ impl Daemon {
     /// Starts (again) the daemon process.
     pub fn restart(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("rvirtd.log")).unwrap();
-        let child = Command::new(&bins().rvirtd)
+        // A prefix (unshare, nsenter) runs the daemon in another namespace.
+        let mut cmd = match self.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bins().rvirtd);
+                c
+            }
+            None => Command::new(&bins().rvirtd),
+        };
+        let child = cmd
             .arg("--state-dir")
             .arg(&self.state)
             .arg("--socket")

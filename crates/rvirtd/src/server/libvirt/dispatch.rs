@@ -17,7 +17,8 @@ use super::{host, Outbox, Session};
 use crate::events::{DomainEvent, Lifecycle, StopReason};
 use crate::manager::{DomainBrief, Manager};
 
-type Reply = Result<Vec<u8>, RemoteError>;
+/// A procedure's encoded return value, or libvirt's error.
+pub(super) type Reply = Result<Vec<u8>, RemoteError>;
 
 /// `VIR_CONNECT_RO`: the client asked for a read-only connection.
 const CONNECT_RO: u32 = 1;
@@ -40,7 +41,8 @@ fn invalid(message: String) -> RemoteError {
     error(err::OPERATION_INVALID, format!("Requested operation is not valid: {message}"))
 }
 
-fn bad_args(e: XdrError) -> RemoteError {
+/// The error for arguments that do not decode.
+pub(super) fn bad_args(e: XdrError) -> RemoteError {
     RemoteError { domain: FROM_RPC, ..RemoteError::new(err::RPC, format!("Unable to decode message payload: {e}")) }
 }
 
@@ -251,7 +253,7 @@ impl Session {
         if !self.opened && !matches!(proc_, p::AUTH_LIST | p::CONNECT_SUPPORTS_FEATURE | p::CONNECT_OPEN) {
             return Err(error(err::NO_CONNECT, "no connection driver available: the connection is not open (CONNECT_OPEN first)"));
         }
-        if self.read_only && changes(proc_) {
+        if self.read_only && (changes(proc_) || super::networks::changes(proc_)) {
             return Err(error(err::OPERATION_DENIED, format!("operation forbidden: read only access prevents procedure {proc_} (use the read-write socket)")));
         }
         tracing::debug!(pid = self.peer.pid, uid = self.peer.uid, proc_, "libvirt call");
@@ -542,7 +544,13 @@ impl Session {
                 self.events.deregister(id)?;
                 empty()
             }
-            other => Err(error(err::NO_SUPPORT, format!("this function is not supported by the connection driver: procedure {other} of libvirt's remote protocol (rvirt has no such function yet)"))),
+            other => match self.network_call(other, &mut d) {
+                Some(reply) => reply,
+                None => Err(error(
+                    err::NO_SUPPORT,
+                    format!("this function is not supported by the connection driver: procedure {other} of libvirt's remote protocol (rvirt has no such function yet)"),
+                )),
+            },
         }
     }
 

@@ -13,6 +13,7 @@
 mod console;
 mod dispatch;
 mod host;
+mod networks;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

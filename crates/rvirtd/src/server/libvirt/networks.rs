@@ -1,0 +1,175 @@
+//! The `remote` program's network procedures (`virsh net-*`): each a thin
+//! call into the daemon's [`crate::network::Networks`].
+
+use rvirt_libvirt_rpc::remote::{err, list_networks as list, proc_ as p, RemoteNetwork, DOMAIN_LIST_MAX, FROM_NETWORK, UUID_LEN};
+use rvirt_libvirt_rpc::{Decoder, Encoder, RemoteError};
+
+use super::dispatch::{bad_args, Reply};
+use super::Session;
+use crate::network::NetworkBrief;
+
+/// Whether network procedure `proc_` changes anything (refused on read-only connections).
+pub(super) fn changes(proc_: i32) -> bool {
+    matches!(proc_, p::NETWORK_CREATE | p::NETWORK_DEFINE_XML | p::NETWORK_DESTROY | p::NETWORK_SET_AUTOSTART | p::NETWORK_UNDEFINE)
+}
+
+fn error(code: i32, message: impl Into<String>) -> RemoteError {
+    RemoteError { domain: FROM_NETWORK, ..RemoteError::new(code, message) }
+}
+
+fn failed(message: String) -> RemoteError {
+    error(err::OPERATION_FAILED, format!("operation failed: {message}"))
+}
+
+fn remote(b: &NetworkBrief) -> RemoteNetwork {
+    RemoteNetwork { name: b.name.clone(), uuid: b.uuid }
+}
+
+fn encode(f: impl FnOnce(&mut Encoder)) -> Reply {
+    let mut e = Encoder::new();
+    f(&mut e);
+    Ok(e.into_bytes())
+}
+
+fn ret_network(b: &NetworkBrief) -> Reply {
+    encode(|e| remote(b).encode(e))
+}
+
+fn ret_int(v: i32) -> Reply {
+    encode(|e| {
+        e.i32(v);
+    })
+}
+
+/// Whether `b` passes `virConnectListAllNetworks` filter `flags`.
+fn list_matches(b: &NetworkBrief, flags: u32) -> bool {
+    let group = |mask: u32, pass: &[(u32, bool)]| flags & mask == 0 || pass.iter().any(|(f, ok)| flags & f != 0 && *ok);
+    group(list::ACTIVE | list::INACTIVE, &[(list::ACTIVE, b.active), (list::INACTIVE, !b.active)])
+        && group(list::PERSISTENT | list::TRANSIENT, &[(list::PERSISTENT, b.persistent), (list::TRANSIENT, !b.persistent)])
+        && group(list::AUTOSTART | list::NO_AUTOSTART, &[(list::AUTOSTART, b.autostart), (list::NO_AUTOSTART, !b.autostart)])
+}
+
+impl Session {
+    /// The network a call names, as it is now.
+    fn network(&self, d: &mut Decoder) -> Result<NetworkBrief, RemoteError> {
+        let n = RemoteNetwork::decode(d).map_err(bad_args)?;
+        let uuid = uuid::Uuid::from_bytes(n.uuid).hyphenated().to_string();
+        self.mgr.networks().brief(&uuid).map_err(|_| error(err::NO_NETWORK, format!("Network not found: no network with matching uuid '{uuid}' ({})", n.name)))
+    }
+
+    /// Answers a network procedure; `None` when `proc_` is not one.
+    pub(super) fn network_call(&mut self, proc_: i32, d: &mut Decoder) -> Option<Reply> {
+        let nets = self.mgr.clone();
+        let nets = nets.networks();
+        Some(match proc_ {
+            p::CONNECT_LIST_ALL_NETWORKS => (|| {
+                let need = d.i32().map_err(bad_args)?;
+                let flags = d.u32().map_err(bad_args)?;
+                let found: Vec<NetworkBrief> = nets.briefs().into_iter().filter(|b| list_matches(b, flags)).collect();
+                encode(|e| {
+                    if need != 0 {
+                        e.u32(found.len() as u32);
+                        for b in &found {
+                            remote(b).encode(e);
+                        }
+                    } else {
+                        e.u32(0);
+                    }
+                    e.u32(found.len() as u32);
+                })
+            })(),
+            p::CONNECT_NUM_OF_NETWORKS => ret_int(nets.briefs().iter().filter(|b| b.active).count() as i32),
+            p::CONNECT_NUM_OF_DEFINED_NETWORKS => ret_int(nets.briefs().iter().filter(|b| !b.active).count() as i32),
+            p::CONNECT_LIST_NETWORKS | p::CONNECT_LIST_DEFINED_NETWORKS => (|| {
+                let max = d.i32().map_err(bad_args)?;
+                let max = usize::try_from(max).ok().filter(|m| *m <= DOMAIN_LIST_MAX).ok_or_else(|| error(err::RPC, format!("too many names asked for: {max}")))?;
+                let active = proc_ == p::CONNECT_LIST_NETWORKS;
+                let names: Vec<String> = nets.briefs().into_iter().filter(|b| b.active == active).map(|b| b.name).take(max).collect();
+                encode(|e| {
+                    e.u32(names.len() as u32);
+                    for n in &names {
+                        e.string(n);
+                    }
+                })
+            })(),
+            p::NETWORK_LOOKUP_BY_NAME => (|| {
+                let name = d.string().map_err(bad_args)?;
+                let b = nets.brief(name).ok().filter(|b| b.name == name);
+                ret_network(&b.ok_or_else(|| error(err::NO_NETWORK, format!("Network not found: no network with matching name '{name}'")))?)
+            })(),
+            p::NETWORK_LOOKUP_BY_UUID => (|| {
+                let mut u = [0u8; UUID_LEN];
+                u.copy_from_slice(d.fixed_opaque(UUID_LEN).map_err(bad_args)?);
+                let s = uuid::Uuid::from_bytes(u).hyphenated().to_string();
+                ret_network(&nets.brief(&s).map_err(|_| error(err::NO_NETWORK, format!("Network not found: no network with matching uuid '{s}'")))?)
+            })(),
+            p::NETWORK_DEFINE_XML => (|| {
+                let xml = d.string().map_err(bad_args)?;
+                let (name, warnings) = nets.define(xml).map_err(|e| error(err::XML_ERROR, format!("XML error: {e}")))?;
+                for w in warnings {
+                    tracing::warn!("network '{name}': {w}");
+                }
+                ret_network(&nets.brief(&name).map_err(failed)?)
+            })(),
+            p::NETWORK_UNDEFINE => (|| {
+                let b = self.network(d)?;
+                nets.undefine(&b.name).map_err(|e| error(err::OPERATION_INVALID, format!("Requested operation is not valid: {e}")))?;
+                Ok(Vec::new())
+            })(),
+            p::NETWORK_CREATE => (|| {
+                let b = self.network(d)?;
+                if b.active {
+                    return Err(error(err::OPERATION_INVALID, "Requested operation is not valid: network is already active"));
+                }
+                nets.start(&b.name).map_err(failed)?;
+                Ok(Vec::new())
+            })(),
+            p::NETWORK_DESTROY => (|| {
+                let b = self.network(d)?;
+                if !b.active {
+                    return Err(error(err::OPERATION_INVALID, "Requested operation is not valid: network is not active"));
+                }
+                nets.destroy(&b.name).map_err(failed)?;
+                Ok(Vec::new())
+            })(),
+            p::NETWORK_GET_XML_DESC => (|| {
+                let b = self.network(d)?;
+                let xml = nets.dump_xml(&b.name).map_err(failed)?;
+                encode(|e| {
+                    e.string(&xml);
+                })
+            })(),
+            p::NETWORK_GET_BRIDGE_NAME => (|| {
+                let b = self.network(d)?;
+                encode(|e| {
+                    e.string(&b.bridge);
+                })
+            })(),
+            p::NETWORK_GET_AUTOSTART => (|| ret_int(i32::from(self.network(d)?.autostart)))(),
+            p::NETWORK_SET_AUTOSTART => (|| {
+                let b = self.network(d)?;
+                let on = d.i32().map_err(bad_args)? != 0;
+                nets.set_autostart(&b.name, on).map_err(|e| error(err::OPERATION_INVALID, format!("Requested operation is not valid: {e}")))?;
+                Ok(Vec::new())
+            })(),
+            p::NETWORK_IS_ACTIVE => (|| ret_int(i32::from(self.network(d)?.active)))(),
+            p::NETWORK_IS_PERSISTENT => (|| ret_int(i32::from(self.network(d)?.persistent)))(),
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_list_filters_combine_as_libvirt_s_do() {
+        let b = |active, persistent, autostart| NetworkBrief { name: "n".into(), uuid: [0; 16], active, persistent, autostart, bridge: "virbr0".into() };
+        assert!(list_matches(&b(true, true, true), 0));
+        assert!(list_matches(&b(true, true, false), list::ACTIVE) && !list_matches(&b(false, true, false), list::ACTIVE));
+        assert!(list_matches(&b(false, true, false), list::INACTIVE | list::ACTIVE));
+        assert!(list_matches(&b(true, false, false), list::TRANSIENT) && !list_matches(&b(true, false, false), list::PERSISTENT));
+        assert!(list_matches(&b(false, true, true), list::AUTOSTART) && !list_matches(&b(false, true, true), list::NO_AUTOSTART));
+    }
+}
