@@ -126,8 +126,8 @@ fn network(spec: &str) -> Result<Option<Interface>> {
             "tap" => i.tap = Some(v.to_string()),
             "mac" => i.mac = Some(v.to_string()),
             "model" if v == "virtio" => {}
-            "network" => bail!("--network network={v}: libvirt networks are not implemented yet; use bridge=BR or tap=NAME"),
-            _ => bail!("--network: unknown key '{k}' (bridge, tap, mac)"),
+            "network" => i.kind = InterfaceKind::Network(v.to_string()),
+            _ => bail!("--network: unknown key '{k}' (network, bridge, tap, mac)"),
         }
     }
     Ok(Some(i))
@@ -288,8 +288,11 @@ mod tests {
         assert!(build(&foreign).unwrap_err().to_string().contains("vmdk format"));
         let missing = InstallOptions { disks: vec!["path=/nonexistent/x.raw".into()], ..o.clone() };
         assert!(build(&missing).unwrap_err().to_string().contains("give size=GiB"));
-        let bad = InstallOptions { networks: vec!["network=default".into()], disks: vec![], ..o.clone() };
-        assert!(build(&bad).unwrap_err().to_string().contains("not implemented"));
+        // A card on an rvirt network (virt-install's --network network=NAME).
+        let net = InstallOptions { networks: vec!["network=default".into()], disks: vec![], ..o.clone() };
+        assert_eq!(build(&net).unwrap().interfaces[0].kind, InterfaceKind::Network("default".into()));
+        let bad = InstallOptions { networks: vec!["switch=x".into()], disks: vec![], ..o.clone() };
+        assert!(build(&bad).unwrap_err().to_string().contains("unknown key 'switch'"));
         let bad = InstallOptions { vcpus: 0, disks: vec![], ..o.clone() };
         assert!(build(&bad).unwrap_err().to_string().contains("vCPU count"));
         // --import boots the existing disk through firmware, its format written down.

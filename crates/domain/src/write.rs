@@ -172,6 +172,10 @@ impl DomainXml {
                     let _ = writeln!(o, "    <interface type='bridge'>");
                     let _ = writeln!(o, "      <source bridge='{}'/>", esc(b));
                 }
+                InterfaceKind::Network(n) => {
+                    let _ = writeln!(o, "    <interface type='network'>");
+                    let _ = writeln!(o, "      <source network='{}'/>", esc(n));
+                }
             }
             if let Some(m) = &i.mac {
                 let _ = writeln!(o, "      <mac address='{}'/>", esc(m));
@@ -204,7 +208,21 @@ impl DomainXml {
         o
     }
 
-    /// The `rvirt-vmm` arguments that run this domain.
+    /// This definition with each `<interface type='network'>` turned into
+    /// the bridge its network has now (`bridge_of`), as the VMM is started:
+    /// the VMM knows bridges, not rvirt's networks.
+    pub fn with_network_bridges(&self, bridge_of: impl Fn(&str) -> Result<String, String>) -> Result<DomainXml, String> {
+        let mut d = self.clone();
+        for i in &mut d.interfaces {
+            if let InterfaceKind::Network(n) = &i.kind {
+                i.kind = InterfaceKind::Bridge(bridge_of(n)?);
+            }
+        }
+        Ok(d)
+    }
+
+    /// The `rvirt-vmm` arguments that run this domain (network interfaces
+    /// resolved first with [`DomainXml::with_network_bridges`]).
     pub fn vmm_args(&self, launch: &VmmLaunch) -> Vec<String> {
         let mut a: Vec<String> = vec![
             "--uuid".into(),

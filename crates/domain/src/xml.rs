@@ -147,6 +147,8 @@ pub enum InterfaceKind {
     Ethernet,
     /// `<interface type='bridge'>`: a tap added to this Linux bridge.
     Bridge(String),
+    /// `<interface type='network'>`: a tap on this rvirt network's bridge.
+    Network(String),
 }
 
 /// A virtio network card.
@@ -737,16 +739,27 @@ fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
 fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
     let path = "devices/interface";
     let ty = cx.attr(n, path, "type")?;
-    if !matches!(ty, "ethernet" | "bridge") {
-        return Err(cx.err(n, path, format!("type='{ty}' is not supported (ethernet or bridge; libvirt networks are not implemented yet)")));
+    match ty {
+        "ethernet" | "bridge" | "network" => {}
+        "user" => {
+            return Err(cx.err(n, path, "type='user' (QEMU's user-mode networking) is not supported: use <interface type='network'><source network='default'/></interface>, a NAT network"))
+        }
+        _ => return Err(cx.err(n, path, format!("type='{ty}' is not supported (ethernet, bridge or network)"))),
     }
     let mut bridge = None;
+    let mut network = None;
     let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None, model: None };
     for c in elements(n) {
         let tag = c.tag_name().name();
         let cpath = format!("{path}/{tag}");
         match tag {
             "source" if ty == "bridge" => bridge = Some(cx.attr(c, &cpath, "bridge")?.to_string()),
+            "source" if ty == "network" => {
+                if c.attribute("portgroup").is_some() {
+                    return Err(cx.err(c, &cpath, "portgroup= is not supported"));
+                }
+                network = Some(cx.attr(c, &cpath, "network")?.to_string());
+            }
             "target" => {
                 let dev = cx.attr(c, &cpath, "dev")?;
                 if !valid_ifname(dev) {
@@ -778,6 +791,13 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
                 return Err(cx.err(n, path, format!("bridge '{b}' is not an interface name")));
             }
             InterfaceKind::Bridge(b)
+        }
+        "network" => {
+            let name = network.ok_or_else(|| cx.err(n, path, "type='network' needs <source network='NAME'/>"))?;
+            if !valid_name(&name) {
+                return Err(cx.err(n, path, format!("network '{name}' is not a network name")));
+            }
+            InterfaceKind::Network(name)
         }
         _ => InterfaceKind::Ethernet,
     };

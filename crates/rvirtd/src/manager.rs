@@ -406,7 +406,8 @@ impl Manager {
         let _ = std::fs::remove_file(&api_socket);
         // rvirtd opens every file and tap; the VMM gets descriptors only.
         let handoff = crate::handoff::Handoff::open(&def, &chains, &taps, &self.policy)?;
-        let mut args = def.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains, tap_fds: &handoff.tap_fds() });
+        let launch = def.with_network_bridges(|n| self.networks.active_bridge(n))?;
+        let mut args = launch.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains, tap_fds: &handoff.tap_fds() });
         args.extend(handoff.args());
         args.extend(self.policy.jail_args(&self.store.jail_dir(), id));
         let group = match crate::cgroup::prepare(crate::cgroup::v2_root().as_deref(), name, &def.tuning) {

@@ -529,6 +529,20 @@ fn virsh_manages_networks_in_the_daemon_s_own_namespace() {
     virsh_ok(&d, &["net-autostart", "default"]);
     assert!(virsh_ok(&d, &["net-list", "--autostart", "--name"]).lines().any(|l| l.trim() == "default"));
 
+    // A domain's card on the network: rvirtd makes the tap, the VMM puts it on the network's bridge.
+    let k = kernels(&dir);
+    let card = "<devices><interface type='network'><source network='default'/><target dev='vnet7'/></interface></devices>";
+    let f = d.xml_file("onnet", &domain_xml("onnet", &k.idle, card));
+    virsh_ok(&d, &["define", f.to_str().unwrap()]);
+    virsh_ok(&d, &["start", "onnet"]);
+    let (_, link) = in_daemon_ns(pid, "ip -o link show master virbr0");
+    assert!(link.contains("vnet7"), "the card's tap is on the network's bridge: {link}");
+    assert!(virsh_ok(&d, &["dumpxml", "onnet"]).contains("<source network='default'/>"));
+    virsh_ok(&d, &["destroy", "onnet"]);
+    let f = d.xml_file("offnet", &domain_xml("offnet", &k.idle, "<devices><interface type='network'><source network='nosuch'/></interface></devices>"));
+    virsh_ok(&d, &["define", f.to_str().unwrap()]);
+    virsh_fails(&d, &["start", "offnet"], "network 'nosuch' does not exist");
+
     // A restarted daemon (in the same namespace, which dnsmasq keeps) finds it up: not lost, not doubled.
     let before = std::fs::read_to_string(d.state.join("networks/run/default.pid")).unwrap().trim().to_string();
     d.kill();

@@ -182,7 +182,9 @@ fn invalid_definitions_name_the_element_and_line() {
         (base("<devices><disk><source file='/a'/><target dev='vda'/></disk><disk><source file='/b'/><target dev='vda'/></disk></devices>"), "target dev='vda' is used twice"),
         (base("<devices><disk><driver type='vmdk'/><source file='/a'/><target dev='vda'/></disk></devices>"), "type='vmdk' is not supported"),
         (base("<devices><disk><driver type='qcow2' cache='none'/><source file='/a'/><target dev='vda'/></disk></devices>"), "cache='none' is supported on raw disks only"),
-        (base("<devices><interface type='network'><source network='default'/></interface></devices>"), "type='network' is not supported"),
+        (base("<devices><interface type='user'/></devices>"), "use <interface type='network'><source network='default'/>"),
+        (base("<devices><interface type='network'/></devices>"), "needs <source network='NAME'/>"),
+        (base("<devices><interface type='vhostuser'/></devices>"), "type='vhostuser' is not supported (ethernet, bridge or network)"),
         (base("<devices><interface type='bridge'/></devices>"), "needs <source bridge='NAME'/>"),
         (base("<devices><interface type='ethernet'><mac address='01:00:00:00:00:01'/></interface></devices>"), "is not a unicast MAC"),
         (base("<devices><interface type='ethernet'><model type='ne2k_pci'/></interface></devices>"), "e1000, e1000e and rtl8139 are served as virtio"),
@@ -392,7 +394,7 @@ fn the_libvirt_corpus_defines_or_names_a_missing_feature() {
                 refused += 1;
                 let msg = e.to_string();
                 assert!(!msg.contains("kernel"), "{}: {msg}", path.display());
-                let later = ["type='network'", "bus=", "device='cdrom'", "device='floppy'", "device='lun'", "type='e1000'", "type='rtl8139'", "e1000e", "is not a virtio disk name", "is not supported (pty, file or null)", "type='unix'", "only one", "type='tcp'", "type='spicevmc'", "type='vhostuser'", "type='hostdev'", "type='user'", "type='direct'", "dev='hdc'", "type='volume'", "type='network' is not supported", "is not supported on disks", "is not supported on interfaces", "model=", "type='qemu'", "cache='none' is supported on raw disks only",
+                let later = ["type='network'", "bus=", "device='cdrom'", "device='floppy'", "device='lun'", "type='e1000'", "type='rtl8139'", "e1000e", "is not a virtio disk name", "is not supported (pty, file or null)", "type='unix'", "only one", "type='tcp'", "type='spicevmc'", "type='vhostuser'", "type='hostdev'", "type='user'", "type='direct'", "dev='hdc'", "type='volume'", "type='network' is not supported", "is not supported on disks", "is not supported on interfaces", "portgroup=", "model=", "type='qemu'", "cache='none' is supported on raw disks only",
                     // virt-install's test suite scrubbed one path to a relative one.
                     "TESTSUITE_SCRUBBED"];
                 assert!(later.iter().any(|w| msg.contains(w)), "{}: refused for an unexpected reason: {msg}", path.display());
@@ -403,6 +405,20 @@ fn the_libvirt_corpus_defines_or_names_a_missing_feature() {
     eprintln!("corpus: {defined} defined ({firmware} through firmware), {refused} refused for later features");
     assert!(defined + refused >= 30, "the corpus has 33 definitions");
     assert!(firmware >= 5, "definitions without a kernel define now");
+}
+
+#[test]
+fn a_card_on_a_network_round_trips_and_joins_the_network_s_bridge_when_started() {
+    let d = DomainXml::parse("<domain type='kvm'><name>x</name><memory>65536</memory><os><kernel>/k</kernel></os><devices><interface type='network'><source network='default'/><mac address='52:54:00:00:00:09'/></interface></devices></domain>").unwrap();
+    assert_eq!(d.interfaces[0].kind, InterfaceKind::Network("default".into()));
+    let xml = d.to_xml();
+    assert!(xml.contains("<interface type='network'>") && xml.contains("<source network='default'/>"), "{xml}");
+    assert_eq!(DomainXml::parse(&xml).unwrap().to_xml(), xml);
+    let launch = d.with_network_bridges(|n| if n == "default" { Ok("virbr0".into()) } else { Err(format!("no {n}")) }).unwrap();
+    let args = launch.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &["vnet0".into()], chains: &[], tap_fds: &[] }).join(" ");
+    assert!(args.contains("--net tap=vnet0,mac=52:54:00:00:00:09,bridge=virbr0"), "{args}");
+    let e = d.with_network_bridges(|n| Err(format!("network '{n}' is not active"))).unwrap_err();
+    assert!(e.contains("'default' is not active"), "{e}");
 }
 
 #[test]

@@ -247,6 +247,17 @@ impl Networks {
         }
     }
 
+    /// The bridge of network `name` for a domain's card; refused when the
+    /// network does not exist or is down.
+    pub fn active_bridge(&self, name: &str) -> Result<String, String> {
+        let nets = self.lock();
+        match nets.get(name) {
+            Some(n) if n.active => Ok(n.bridge().to_string()),
+            Some(_) => Err(format!("network '{name}' is not active (start it: virsh net-start {name})")),
+            None => Err(format!("network '{name}' does not exist (define it: virsh net-define FILE)")),
+        }
+    }
+
     /// The definition as `net-dumpxml` shows it.
     pub fn dump_xml(&self, key: &str) -> Result<String, String> {
         let nets = self.lock();
