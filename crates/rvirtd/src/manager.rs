@@ -35,7 +35,12 @@ pub const MAX_SHUTDOWN_WAIT: Duration = Duration::from_secs(3600);
 /// Parses a definition and checks that it reads back from its own XML
 /// unchanged, so what is stored is what a restarted daemon will load.
 fn parse_checked(xml: &str) -> Result<DomainXml, String> {
-    let def = DomainXml::parse(xml).map_err(|e| e.to_string())?;
+    let mut def = DomainXml::parse(xml).map_err(|e| e.to_string())?;
+    // Each card gets its MAC address now, as libvirt gives it: the guest
+    // keeps it across starts, and leases can be matched to it (domifaddr).
+    for i in def.interfaces.iter_mut().filter(|i| i.mac.is_none()) {
+        i.mac = Some(crate::network::random_mac());
+    }
     let text = def.to_xml();
     match DomainXml::parse(&text) {
         Ok(again) if again.to_xml() == text => Ok(def),
@@ -916,6 +921,28 @@ impl Manager {
         };
         let r = vmm_call(&socket, &VmmRequest::Stats, Duration::from_secs(5)).map_err(|e| format!("domain '{name}': {e}"))?;
         r.stats.and_then(|s| s.devices.get(&vmm_name).copied()).ok_or_else(|| format!("domain '{name}': the VMM has no counters for {vmm_name}"))
+    }
+
+    /// A domain's cards as it runs (or would run): the network each is on
+    /// (if any), its MAC address and its tap.
+    pub fn interfaces(&self, key: &str) -> Result<Vec<(Option<String>, Option<String>, Option<String>)>, String> {
+        let g = lock(&self.inner);
+        let name = g.find(key)?;
+        let d = &g.domains[&name];
+        let def = d.run.as_ref().map_or(&d.def, |r| &r.def);
+        let taps = d.run.as_ref().map(|r| r.record.taps.clone()).unwrap_or_default();
+        Ok(def
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                let net = match &x.kind {
+                    rvirt_domain::InterfaceKind::Network(n) => Some(n.clone()),
+                    _ => None,
+                };
+                (net, x.mac.clone(), taps.get(i).cloned().or_else(|| x.tap.clone()))
+            })
+            .collect())
     }
 
     /// `console`: the pty of a running domain's serial port.

@@ -531,13 +531,31 @@ fn virsh_manages_networks_in_the_daemon_s_own_namespace() {
 
     // A domain's card on the network: rvirtd makes the tap, the VMM puts it on the network's bridge.
     let k = kernels(&dir);
-    let card = "<devices><interface type='network'><source network='default'/><target dev='vnet7'/></interface></devices>";
+    let card = "<devices><interface type='network'><source network='default'/><mac address='52:54:00:00:00:77'/><target dev='vnet7'/></interface></devices>";
     let f = d.xml_file("onnet", &domain_xml("onnet", &k.idle, card));
     virsh_ok(&d, &["define", f.to_str().unwrap()]);
     virsh_ok(&d, &["start", "onnet"]);
     let (_, link) = in_daemon_ns(pid, "ip -o link show master virbr0");
     assert!(link.contains("vnet7"), "the card's tap is on the network's bridge: {link}");
     assert!(virsh_ok(&d, &["dumpxml", "onnet"]).contains("<source network='default'/>"));
+    // A stand-in for the guest's DHCP client, with the card's MAC (the
+    // hand-made guest has no network stack): its lease is the domain's address.
+    let guest = Command::new("unshare").args(["-n", "sleep", "120"]).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let g = guest.id();
+    let (made, why) = in_daemon_ns(pid, &format!("ip link add vs0 type veth peer name vs1 && ip link set vs1 netns {g} && ip link set vs0 master virbr0 up"));
+    assert!(made, "{why}");
+    let script = dir.join("udhcpc.sh");
+    std::fs::write(&script, "#!/bin/sh\n[ \"$1\" = bound ] && ip addr add $ip/$mask dev $interface && echo \"LEASE $ip\"\nexit 0\n").unwrap();
+    let (_, lease) = in_daemon_ns(g, &format!("chmod +x {0} && ip link set vs1 address 52:54:00:00:00:77 && ip link set vs1 up && busybox udhcpc -i vs1 -q -n -t 15 -T 1 -s {0}", script.display()));
+    let ip = lease.lines().find_map(|l| l.strip_prefix("LEASE ")).unwrap_or_else(|| panic!("no lease: {lease}")).to_string();
+    let leases = virsh_ok(&d, &["net-dhcp-leases", "default"]);
+    assert!(leases.contains("52:54:00:00:00:77") && leases.contains(&format!("{ip}/24")), "{leases}");
+    let addrs = virsh_ok(&d, &["domifaddr", "onnet"]);
+    assert!(addrs.lines().any(|l| l.contains("vnet7") && l.contains("52:54:00:00:00:77") && l.contains(&format!("{ip}/24"))), "{addrs}");
+    let mut guest = guest;
+    let _ = guest.kill();
+    let _ = guest.wait();
     virsh_ok(&d, &["destroy", "onnet"]);
     let f = d.xml_file("offnet", &domain_xml("offnet", &k.idle, "<devices><interface type='network'><source network='nosuch'/></interface></devices>"));
     virsh_ok(&d, &["define", f.to_str().unwrap()]);

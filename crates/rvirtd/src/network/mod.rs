@@ -49,7 +49,8 @@ pub struct Networks {
     nets: Mutex<BTreeMap<String, Net>>,
 }
 
-fn random_mac() -> String {
+/// A random MAC address in the 52:54:00 range QEMU and libvirt users expect.
+pub(crate) fn random_mac() -> String {
     let mut b = [0u8; 3];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut f, &mut b);
@@ -256,6 +257,25 @@ impl Networks {
             Some(_) => Err(format!("network '{name}' is not active (start it: virsh net-start {name})")),
             None => Err(format!("network '{name}' does not exist (define it: virsh net-define FILE)")),
         }
+    }
+
+    /// The leases an active network's dnsmasq handed out, with the
+    /// network's bridge and the prefix length of each address's subnet.
+    pub fn leases(&self, key: &str) -> Result<(String, Vec<(runtime::Lease, u8)>), String> {
+        let nets = self.lock();
+        let name = Self::find(&nets, key)?;
+        let n = &nets[&name];
+        if !n.active {
+            return Err(format!("network '{name}' is not active"));
+        }
+        let leases = runtime::read_leases(&self.files(&name))
+            .into_iter()
+            .map(|l| {
+                let prefix = n.def.ips.iter().find(|i| i.contains(l.ip)).map_or(0, |i| i.prefix);
+                (l, prefix)
+            })
+            .collect();
+        Ok((n.bridge().to_string(), leases))
     }
 
     /// The definition as `net-dumpxml` shows it.

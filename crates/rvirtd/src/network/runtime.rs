@@ -356,6 +356,37 @@ pub fn stop(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> Result<(), 
     first.map_or(Ok(()), Err)
 }
 
+/// One lease dnsmasq handed out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// When it expires (seconds since the epoch; 0: never).
+    pub expiry: i64,
+    /// The client's MAC address.
+    pub mac: String,
+    /// The address leased.
+    pub ip: IpAddr,
+    /// The name the client gave, if any.
+    pub hostname: Option<String>,
+    /// The client id it sent, if any.
+    pub client_id: Option<String>,
+}
+
+/// The leases in dnsmasq's lease file (`expiry mac ip name clientid`, `*`
+/// for none); lines that do not read so are skipped.
+pub fn read_leases(files: &NetworkFiles) -> Vec<Lease> {
+    let text = std::fs::read_to_string(&files.leases).unwrap_or_default();
+    let opt = |s: Option<&str>| s.filter(|v| *v != "*").map(str::to_string);
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let expiry = w.next()?.parse().ok()?;
+            let mac = w.next()?.to_ascii_lowercase();
+            let ip = w.next()?.parse().ok()?;
+            Some(Lease { expiry, mac, ip, hostname: opt(w.next()), client_id: opt(w.next()) })
+        })
+        .collect()
+}
+
 /// Tables of others whose forward chain drops by default (Docker,
 /// firewalld): they would drop the network's traffic whatever rvirt allows.
 pub fn dropping_forward_tables() -> Vec<String> {
@@ -429,6 +460,19 @@ mod tests {
         }
         assert_eq!(dhcp_hosts(&d), "52:54:00:00:00:07,10.3.0.7,web\n");
         assert_eq!(addn_hosts(&d), "10.3.0.9 db\n");
+    }
+
+    #[test]
+    fn dnsmasq_s_lease_file_is_read() {
+        let dir = std::env::temp_dir().join(format!("rvirt-leases-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = NetworkFiles::new(&dir, "n");
+        std::fs::write(&files.leases, "1796510484 52:54:00:AA:00:01 10.77.0.69 web 01:52:54:00:aa:00:01\n0 52:54:00:aa:00:02 10.77.0.70 * *\ngarbage\n").unwrap();
+        let l = read_leases(&files);
+        assert_eq!(l.len(), 2);
+        assert_eq!((l[0].mac.as_str(), l[0].ip.to_string(), l[0].hostname.as_deref()), ("52:54:00:aa:00:01", "10.77.0.69".into(), Some("web")));
+        assert_eq!((l[1].hostname.clone(), l[1].client_id.clone(), l[1].expiry), (None, None, 0));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The `remote` program's network procedures (`virsh net-*`): each a thin
+//! The `remote` program's network procedures (`virsh net-*`, and `domifaddr`,
+//! which reads a network's leases): each a thin
 //! call into the daemon's [`crate::network::Networks`].
 
 use rvirt_libvirt_rpc::remote::{err, list_networks as list, proc_ as p, RemoteNetwork, DOMAIN_LIST_MAX, FROM_NETWORK, UUID_LEN};
@@ -151,6 +152,56 @@ impl Session {
                 let on = d.i32().map_err(bad_args)? != 0;
                 nets.set_autostart(&b.name, on).map_err(|e| error(err::OPERATION_INVALID, format!("Requested operation is not valid: {e}")))?;
                 Ok(Vec::new())
+            })(),
+            p::NETWORK_GET_DHCP_LEASES => (|| {
+                let b = self.network(d)?;
+                let mac = d.opt_string().map_err(bad_args)?.map(str::to_ascii_lowercase);
+                let need = d.i32().map_err(bad_args)?;
+                let _flags = d.u32().map_err(bad_args)?;
+                let (bridge, leases) = nets.leases(&b.name).map_err(|e| error(err::OPERATION_INVALID, format!("Requested operation is not valid: {e}")))?;
+                let leases: Vec<_> = leases.into_iter().filter(|(l, _)| mac.as_ref().is_none_or(|m| *m == l.mac)).collect();
+                encode(|e| {
+                    if need != 0 {
+                        e.u32(leases.len() as u32);
+                        for (l, prefix) in &leases {
+                            e.string(&bridge).i64(l.expiry).i32(i32::from(l.ip.is_ipv6()));
+                            e.opt_string(Some(&l.mac)).opt_string(None).string(&l.ip.to_string()).u32(u32::from(*prefix));
+                            e.opt_string(l.hostname.as_deref()).opt_string(l.client_id.as_deref());
+                        }
+                    } else {
+                        e.u32(0);
+                    }
+                    e.u32(leases.len() as u32);
+                })
+            })(),
+            p::DOMAIN_INTERFACE_ADDRESSES => (|| {
+                let dom = rvirt_libvirt_rpc::RemoteDomain::decode(d).map_err(bad_args)?;
+                let source = d.u32().map_err(bad_args)?;
+                let _flags = d.u32().map_err(bad_args)?;
+                // 0: from the network's leases; the guest agent (1) and ARP (2) are not served.
+                if source != 0 {
+                    return Err(error(err::NO_SUPPORT, "this function is not supported by the connection driver: only --source lease is served"));
+                }
+                let uuid = uuid::Uuid::from_bytes(dom.uuid).hyphenated().to_string();
+                let cards = self.mgr.interfaces(&uuid).map_err(|_| RemoteError { domain: rvirt_libvirt_rpc::remote::FROM_QEMU, ..RemoteError::new(err::NO_DOMAIN, format!("Domain not found: no domain with matching uuid '{uuid}'")) })?;
+                let mut found = Vec::new();
+                for (net, mac, tap) in cards {
+                    let (Some(net), Some(mac)) = (net, mac) else { continue };
+                    let Ok((_, leases)) = nets.leases(&net) else { continue };
+                    let addrs: Vec<_> = leases.into_iter().filter(|(l, _)| l.mac == mac).collect();
+                    if !addrs.is_empty() {
+                        found.push((tap.unwrap_or_else(|| "-".into()), mac, addrs));
+                    }
+                }
+                encode(|e| {
+                    e.u32(found.len() as u32);
+                    for (tap, mac, addrs) in &found {
+                        e.string(tap).opt_string(Some(mac)).u32(addrs.len() as u32);
+                        for (l, prefix) in addrs {
+                            e.i32(i32::from(l.ip.is_ipv6())).string(&l.ip.to_string()).u32(u32::from(*prefix));
+                        }
+                    }
+                })
             })(),
             p::NETWORK_IS_ACTIVE => (|| ret_int(i32::from(self.network(d)?.active)))(),
             p::NETWORK_IS_PERSISTENT => (|| ret_int(i32::from(self.network(d)?.persistent)))(),
