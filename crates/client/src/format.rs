@@ -1,6 +1,6 @@
 //! What the commands print, in virsh's layout.
 
-use rvirt_domain::protocol::{DomainInfo, DomainSummary};
+use rvirt_domain::protocol::{DomainInfo, DomainSummary, LeaseInfo, NetworkSummary};
 
 /// The `list` table.
 pub fn list(rows: &[DomainSummary]) -> String {
@@ -11,6 +11,32 @@ pub fn list(rows: &[DomainSummary]) -> String {
     for r in rows {
         let id = r.id.map_or("-".to_string(), |i| i.to_string());
         out += &format!(" {id:<4} {:<name_w$}   {}\n", r.name, r.state);
+    }
+    out
+}
+
+/// The `net-list` table.
+pub fn net_list(rows: &[NetworkSummary]) -> String {
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let name_w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(4);
+    let mut out = format!(" {:<name_w$}   {:<8}   {:<9}   {}\n", "Name", "State", "Autostart", "Persistent");
+    out += &"-".repeat(name_w + 40);
+    out.push('\n');
+    for r in rows {
+        let state = if r.active { "active" } else { "inactive" };
+        out += &format!(" {:<name_w$}   {state:<8}   {:<9}   {}\n", r.name, yes(r.autostart), yes(r.persistent));
+    }
+    out
+}
+
+/// The `net-dhcp-leases` table.
+pub fn leases(rows: &[LeaseInfo]) -> String {
+    let mut out = format!(" {:<19}   {:<17}   {:<18}   {}\n", "Expiry (UTC, s)", "MAC address", "IP address", "Hostname");
+    out += &"-".repeat(72);
+    out.push('\n');
+    for l in rows {
+        let expiry = if l.expiry == 0 { "never".to_string() } else { l.expiry.to_string() };
+        out += &format!(" {expiry:<19}   {:<17}   {:<18}   {}\n", l.mac, l.address, l.hostname.as_deref().unwrap_or("-"));
     }
     out
 }
@@ -44,6 +70,16 @@ mod tests {
     use rvirt_domain::protocol::DomainState;
 
     use super::*;
+
+    #[test]
+    fn networks_and_leases_are_laid_out_like_virsh() {
+        let t = net_list(&[NetworkSummary { name: "default".into(), active: true, autostart: true, persistent: true, bridge: "virbr0".into() }]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["Name", "State", "Autostart", "Persistent"]);
+        assert_eq!(lines[2].split_whitespace().collect::<Vec<_>>(), ["default", "active", "yes", "yes"]);
+        let l = leases(&[LeaseInfo { expiry: 0, mac: "52:54:00:00:00:01".into(), address: "10.0.0.5/24".into(), hostname: None }]);
+        assert_eq!(l.lines().nth(2).unwrap().split_whitespace().collect::<Vec<_>>(), ["never", "52:54:00:00:00:01", "10.0.0.5/24", "-"]);
+    }
 
     #[test]
     fn list_is_laid_out_like_virsh() {

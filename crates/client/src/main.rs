@@ -135,6 +135,50 @@ enum Command {
     },
     /// Write a domain definition from options, define it and start it (virt-install).
     Install(InstallArgs),
+    /// List active networks (all with --all).
+    NetList {
+        /// Inactive networks too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Define (or update) a network from an XML file.
+    NetDefine {
+        /// Network XML file.
+        file: PathBuf,
+    },
+    /// Remove a network's definition.
+    NetUndefine {
+        /// Name or UUID.
+        network: String,
+    },
+    /// Bring a defined network up.
+    NetStart {
+        /// Name or UUID.
+        network: String,
+    },
+    /// Take a network down.
+    NetDestroy {
+        /// Name or UUID.
+        network: String,
+    },
+    /// Print a network's XML.
+    NetDumpxml {
+        /// Name or UUID.
+        network: String,
+    },
+    /// Start the network with the daemon (or stop doing so with --disable).
+    NetAutostart {
+        /// Name or UUID.
+        network: String,
+        /// Stop autostarting it.
+        #[arg(long)]
+        disable: bool,
+    },
+    /// The leases an active network handed out.
+    NetDhcpLeases {
+        /// Name or UUID.
+        network: String,
+    },
 }
 
 /// The options of `rvirt install`.
@@ -358,6 +402,31 @@ fn run(cli: Cli) -> Result<()> {
         Command::Dumpxml { domain } => (Request::DumpXml { domain: domain.clone() }, Box::new(|r: &Response| r.xml.clone().unwrap_or_default())),
         Command::Dominfo { domain } => {
             (Request::DomInfo { domain: domain.clone() }, Box::new(|r: &Response| r.info.as_ref().map(format::info).unwrap_or_default()))
+        }
+        Command::NetList { all } => {
+            (Request::NetList { all: *all }, Box::new(|r: &Response| format::net_list(r.networks.as_deref().unwrap_or_default())))
+        }
+        Command::NetDefine { file } => {
+            let f = file.display().to_string();
+            (Request::NetDefine { xml: read_file(file)? }, Box::new(move |r: &Response| format!("Network {} defined from {f}\n", named(r))))
+        }
+        Command::NetUndefine { network } => {
+            (Request::NetUndefine { network: network.clone() }, Box::new(|r: &Response| format!("Network {} has been undefined\n", named(r))))
+        }
+        Command::NetStart { network } => (Request::NetStart { network: network.clone() }, Box::new(|r: &Response| format!("Network {} started\n", named(r)))),
+        Command::NetDestroy { network } => {
+            (Request::NetDestroy { network: network.clone() }, Box::new(|r: &Response| format!("Network {} destroyed\n", named(r))))
+        }
+        Command::NetDumpxml { network } => (Request::NetDumpXml { network: network.clone() }, Box::new(|r: &Response| r.xml.clone().unwrap_or_default())),
+        Command::NetAutostart { network, disable } => {
+            let how = if *disable { "unmarked" } else { "marked" };
+            (
+                Request::NetAutostart { network: network.clone(), enable: !disable },
+                Box::new(move |r: &Response| format!("Network {} {how} as autostarted\n", named(r))),
+            )
+        }
+        Command::NetDhcpLeases { network } => {
+            (Request::NetDhcpLeases { network: network.clone() }, Box::new(|r: &Response| format::leases(r.leases.as_deref().unwrap_or_default())))
         }
         Command::Domstate { domain, reason } => {
             let reason = *reason;

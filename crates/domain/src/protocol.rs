@@ -111,6 +111,49 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Networks: active ones, or all with `all`.
+    NetList {
+        /// Include inactive networks.
+        #[serde(default)]
+        all: bool,
+    },
+    /// Store a network definition (new, or replacing the one with the same name).
+    NetDefine {
+        /// Network XML.
+        xml: String,
+    },
+    /// Remove a network's definition (an active one stays up, transient).
+    NetUndefine {
+        /// Name or UUID.
+        network: String,
+    },
+    /// Bring a defined network up.
+    NetStart {
+        /// Name or UUID.
+        network: String,
+    },
+    /// Take a network down.
+    NetDestroy {
+        /// Name or UUID.
+        network: String,
+    },
+    /// The network's XML.
+    NetDumpXml {
+        /// Name or UUID.
+        network: String,
+    },
+    /// Start the network when the daemon starts (or stop doing so).
+    NetAutostart {
+        /// Name or UUID.
+        network: String,
+        /// On or off.
+        enable: bool,
+    },
+    /// The leases an active network handed out.
+    NetDhcpLeases {
+        /// Name or UUID.
+        network: String,
+    },
 }
 
 impl Request {
@@ -133,13 +176,24 @@ impl Request {
             Self::Autostart { .. } => "autostart",
             Self::Console { .. } => "console",
             Self::ChangeMedia { .. } => "change-media",
+            Self::NetList { .. } => "net-list",
+            Self::NetDefine { .. } => "net-define",
+            Self::NetUndefine { .. } => "net-undefine",
+            Self::NetStart { .. } => "net-start",
+            Self::NetDestroy { .. } => "net-destroy",
+            Self::NetDumpXml { .. } => "net-dump-xml",
+            Self::NetAutostart { .. } => "net-autostart",
+            Self::NetDhcpLeases { .. } => "net-dhcp-leases",
         }
     }
 
     /// Whether the request only reads (the read-only socket answers it).
     /// The console is not: it types into the guest.
     pub fn is_read_only(&self) -> bool {
-        matches!(self, Self::List { .. } | Self::DumpXml { .. } | Self::DomInfo { .. } | Self::DomState { .. })
+        matches!(
+            self,
+            Self::List { .. } | Self::DumpXml { .. } | Self::DomInfo { .. } | Self::DomState { .. } | Self::NetList { .. } | Self::NetDumpXml { .. } | Self::NetDhcpLeases { .. }
+        )
     }
 }
 
@@ -264,6 +318,40 @@ pub struct Response {
     /// `console`: the pty to open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
+    /// `net-list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub networks: Option<Vec<NetworkSummary>>,
+    /// `net-dhcp-leases`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leases: Option<Vec<LeaseInfo>>,
+}
+
+/// One row of `net-list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSummary {
+    /// Name.
+    pub name: String,
+    /// Up.
+    pub active: bool,
+    /// Starts with the daemon.
+    pub autostart: bool,
+    /// Its definition is stored.
+    pub persistent: bool,
+    /// Its bridge.
+    pub bridge: String,
+}
+
+/// One lease of `net-dhcp-leases`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// When it expires, seconds since the epoch (0: never).
+    pub expiry: i64,
+    /// The client's MAC address.
+    pub mac: String,
+    /// The address with its prefix length (`10.0.0.5/24`).
+    pub address: String,
+    /// The name the client gave.
+    pub hostname: Option<String>,
 }
 
 impl Response {

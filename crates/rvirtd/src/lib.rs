@@ -39,6 +39,8 @@ pub struct DaemonConfig {
     /// libvirt's read-write socket (its read-only one is beside it, `-ro`),
     /// for virsh, virt-install and python-libvirt; `None`: not served.
     pub libvirt_socket: Option<PathBuf>,
+    /// Define libvirt's `default` NAT network (autostarted) when absent.
+    pub default_network: bool,
 }
 
 /// Where `rvirt-vmm` is: next to this executable, else on `PATH`.
@@ -69,6 +71,11 @@ pub fn run(cfg: &DaemonConfig) -> anyhow::Result<()> {
         server::libvirt::spawn(rw, false, mgr.clone())?;
         server::libvirt::spawn(ro, true, mgr.clone())?;
         tracing::info!("libvirt clients served on {} (and {})", path.display(), server::libvirt::read_only_path(path).display());
+    }
+    if cfg.default_network {
+        if let Err(e) = mgr.networks().ensure_default() {
+            tracing::error!("the default network: {e}");
+        }
     }
     let auto = mgr.clone();
     // Networks first: domains may use them.

@@ -37,6 +37,10 @@ struct Cli {
     /// Do not serve libvirt's protocol.
     #[arg(long)]
     no_libvirt_socket: bool,
+    /// Define libvirt's `default` NAT network (virbr0, 192.168.122.0/24,
+    /// autostarted) when there is none, as libvirt's packages do.
+    #[arg(long)]
+    default_network: bool,
     /// A directory whose files domains may use in every way (disk images);
     /// repeatable [default: /var/lib/rvirt/images, /var/lib/libvirt/images].
     #[arg(long, value_name = "DIR")]
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
         read_only_socket,
         policy,
         libvirt_socket: (!cli.no_libvirt_socket).then_some(cli.libvirt_socket),
+        default_network: cli.default_network,
     };
     match rvirtd::run(&cfg) {
         Ok(()) => ExitCode::SUCCESS,

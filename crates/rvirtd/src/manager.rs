@@ -1004,6 +1004,14 @@ impl Manager {
                 Ok(p) => Response { console: Some(p), ..Response::ok() },
                 Err(e) => Response::error(e),
             },
+            net @ (Request::NetList { .. }
+            | Request::NetDefine { .. }
+            | Request::NetUndefine { .. }
+            | Request::NetStart { .. }
+            | Request::NetDestroy { .. }
+            | Request::NetDumpXml { .. }
+            | Request::NetAutostart { .. }
+            | Request::NetDhcpLeases { .. }) => self.networks.handle(net),
         }
     }
 }

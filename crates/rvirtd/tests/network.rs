@@ -6,6 +6,8 @@
 //! outside cannot reach it; an isolated network reaches nothing outside;
 //! taking a network down leaves no bridge, process or rule behind.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -195,3 +197,46 @@ fn an_isolated_network_reaches_nothing_outside_and_bad_starts_leave_nothing() {
         eprintln!("note: no network namespace here; networks not exercised");
     }
 }
+
+#[test]
+fn rvirt_s_net_commands_and_the_default_network_on_a_daemon_in_its_own_namespace() {
+    let dir = support::scratch("net-cli");
+    let mut d = support::Daemon::start_in_netns(&dir);
+    d.kill();
+    // --default-network: libvirt's default network, defined and autostarted.
+    d.extra_args = vec!["--default-network".into()];
+    d.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let list = d.ok(&["net-list", "--all"]);
+        if list.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["default", "active", "yes", "yes"]) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{list}\n{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let xml = d.ok(&["net-dumpxml", "default"]);
+    assert!(xml.contains("<bridge name='virbr0'") && xml.contains("192.168.122.1"), "{xml}");
+    let in_ns = |cmd: &str| sh(&format!("nsenter --net=/proc/{}/ns/net sh -c '{cmd}'", d.pid()));
+    assert!(in_ns("ip -o link show dev virbr0").0, "virbr0 is up in the daemon's namespace");
+
+    // A second network through rvirt's own commands.
+    let f = dir.join("lab.xml");
+    std::fs::write(&f, "<network><name>lab</name><forward mode='route'/><ip address='10.91.0.1' prefix='24'><dhcp><range start='10.91.0.10' end='10.91.0.20'/></dhcp></ip></network>").unwrap();
+    assert_eq!(d.ok(&["net-define", f.to_str().unwrap()]).trim(), format!("Network lab defined from {}", f.display()));
+    assert_eq!(d.ok(&["net-start", "lab"]).trim(), "Network lab started");
+    d.fails(&["net-start", "lab"], "is already active");
+    assert!(d.ok(&["net-list"]).contains("lab"));
+    assert!(d.ok(&["net-dhcp-leases", "lab"]).contains("MAC address"), "an empty lease table");
+    d.fails(&["net-dhcp-leases", "nosuch"], "no network with a matching name");
+    assert_eq!(d.ok(&["net-autostart", "lab"]).trim(), "Network lab marked as autostarted");
+    // The read-only socket shows networks and changes none.
+    let ro = Command::new(&support::bins().rvirt).arg("--connect").arg(dir.join("rvirtd-ro.sock")).args(["net-destroy", "lab"]).output().unwrap();
+    assert!(!ro.status.success() && String::from_utf8_lossy(&ro.stderr).contains("read-only socket"), "{ro:?}");
+    assert_eq!(d.ok(&["net-destroy", "lab"]).trim(), "Network lab destroyed");
+    assert_eq!(d.ok(&["net-undefine", "lab"]).trim(), "Network lab has been undefined");
+    assert!(!d.ok(&["net-list", "--all"]).contains("lab"));
+    d.ok(&["net-destroy", "default"]);
+    assert!(!in_ns("ip -o link show dev virbr0").0, "virbr0 is gone");
+}
+

@@ -9,10 +9,15 @@ pub mod runtime;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use rvirt_domain::protocol::{LeaseInfo, NetworkSummary, Request, Response};
 use rvirt_domain::NetworkDef;
 
 use crate::store::Store;
 use runtime::NetworkFiles;
+
+/// libvirt's `default` network (its `networks/default.xml`): NAT on
+/// virbr0, 192.168.122.0/24, DHCP for .2 to .254.
+pub const DEFAULT_NETWORK_XML: &str = "<network>\n  <name>default</name>\n  <forward mode='nat'/>\n  <bridge name='virbr0' stp='on' delay='0'/>\n  <ip address='192.168.122.1' netmask='255.255.255.0'>\n    <dhcp>\n      <range start='192.168.122.2' end='192.168.122.254'/>\n    </dhcp>\n  </ip>\n</network>\n";
 
 /// A network's identity and state at one moment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,6 +219,18 @@ impl Networks {
         Ok(name)
     }
 
+    /// Defines libvirt's `default` network, marked for autostart, unless a
+    /// network of that name exists (`rvirtd --default-network`, as libvirt
+    /// packages do on real hosts). Starting it is refused, with the reason,
+    /// when its subnet or bridge is in use.
+    pub fn ensure_default(&self) -> Result<(), String> {
+        if self.brief("default").is_ok() {
+            return Ok(());
+        }
+        self.define(DEFAULT_NETWORK_XML)?;
+        self.set_autostart("default", true).map(|_| ())
+    }
+
     /// Starts the networks marked for autostart that are not up.
     pub fn autostart(&self) {
         let names: Vec<String> = self.lock().iter().filter(|(n, x)| !x.active && self.store.network_autostart(n)).map(|(n, _)| n.clone()).collect();
@@ -276,6 +293,48 @@ impl Networks {
             })
             .collect();
         Ok((n.bridge().to_string(), leases))
+    }
+
+    /// Carries out one network request of rvirtd's own protocol.
+    pub fn handle(&self, req: Request) -> Response {
+        let done = |r: Result<String, String>| match r {
+            Ok(n) => Response::done(&n),
+            Err(e) => Response::error(e),
+        };
+        match req {
+            Request::NetList { all } => {
+                let rows = self
+                    .briefs()
+                    .into_iter()
+                    .filter(|b| all || b.active)
+                    .map(|b| NetworkSummary { name: b.name, active: b.active, autostart: b.autostart, persistent: b.persistent, bridge: b.bridge })
+                    .collect();
+                Response { networks: Some(rows), ..Response::ok() }
+            }
+            Request::NetDefine { xml } => match self.define(&xml) {
+                Ok((n, w)) => Response { warnings: w, ..Response::done(&n) },
+                Err(e) => Response::error(e),
+            },
+            Request::NetUndefine { network } => done(self.undefine(&network)),
+            Request::NetStart { network } => done(self.start(&network)),
+            Request::NetDestroy { network } => done(self.destroy(&network)),
+            Request::NetAutostart { network, enable } => done(self.set_autostart(&network, enable)),
+            Request::NetDumpXml { network } => match self.dump_xml(&network) {
+                Ok(x) => Response { xml: Some(x), ..Response::ok() },
+                Err(e) => Response::error(e),
+            },
+            Request::NetDhcpLeases { network } => match self.leases(&network) {
+                Ok((_, leases)) => {
+                    let rows = leases
+                        .into_iter()
+                        .map(|(l, p)| LeaseInfo { expiry: l.expiry, mac: l.mac, address: format!("{}/{p}", l.ip), hostname: l.hostname })
+                        .collect();
+                    Response { leases: Some(rows), ..Response::ok() }
+                }
+                Err(e) => Response::error(e),
+            },
+            other => Response::error(format!("'{}' is not a network request", other.name())),
+        }
     }
 
     /// The definition as `net-dumpxml` shows it.
