@@ -571,6 +571,16 @@ fn virsh_manages_networks_in_the_daemon_s_own_namespace() {
     let after = std::fs::read_to_string(d.state.join("networks/run/default.pid")).unwrap().trim().to_string();
     assert_eq!(before, after, "the same dnsmasq serves it");
 
+    // virsh net-edit: the definition through $EDITOR, defined back (the running network keeps its range until restarted).
+    let o = Command::new("virsh")
+        .args(["-c", &uri(&d, false), "net-edit", "default"])
+        .env("EDITOR", "sed -i 's#10.90.0.254#10.90.0.200#'")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Network default XML configuration edited"), "{o:?}");
+    assert!(virsh_ok(&d, &["net-dumpxml", "--inactive", "default"]).contains("end='10.90.0.200'"), "the stored definition changed");
+    assert!(virsh_ok(&d, &["net-dumpxml", "default"]).contains("end='10.90.0.254'"), "the running network keeps its own until restarted");
     let out = virsh_ok(&d, &["net-destroy", "default"]);
     assert!(out.contains("Network default destroyed"), "{out}");
     let (up, _) = in_daemon_ns(d.pid(), "ip link show dev virbr0");

@@ -37,14 +37,22 @@ pub struct NetworkBrief {
 }
 
 struct Net {
+    /// The stored definition: what the next start uses.
     def: NetworkDef,
     persistent: bool,
-    active: bool,
+    /// The definition the network runs with, while it is up (an edit
+    /// while up changes `def` only, as with libvirt).
+    live: Option<NetworkDef>,
 }
 
 impl Net {
+    fn active(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// The bridge it runs on, else the one it will.
     fn bridge(&self) -> &str {
-        self.def.bridge.as_deref().unwrap_or("")
+        self.live.as_ref().unwrap_or(&self.def).bridge.as_deref().unwrap_or("")
     }
 }
 
@@ -81,7 +89,8 @@ impl Networks {
             if active {
                 tracing::info!("network '{name}' is up (bridge {})", def.bridge.as_deref().unwrap_or(""));
             }
-            nets.insert(def.name.clone(), Net { def, persistent: true, active });
+            let live = active.then(|| def.clone());
+            nets.insert(def.name.clone(), Net { def, persistent: true, live });
         }
         Self { store, nets: Mutex::new(nets) }
     }
@@ -145,7 +154,7 @@ impl Networks {
                 n.persistent = true;
             }
             None => {
-                nets.insert(name.clone(), Net { def, persistent: true, active: false });
+                nets.insert(name.clone(), Net { def, persistent: true, live: None });
             }
         }
         Ok((name, warnings))
@@ -160,7 +169,7 @@ impl Networks {
             return Err(format!("network '{name}' is transient: it has no definition to remove"));
         }
         self.store.remove_network(&name).map_err(|e| format!("{e:#}"))?;
-        if nets[&name].active {
+        if nets[&name].active() {
             if let Some(n) = nets.get_mut(&name) {
                 n.persistent = false;
             }
@@ -175,15 +184,16 @@ impl Networks {
         let mut nets = self.lock();
         let name = Self::find(&nets, key)?;
         let n = &nets[&name];
-        if n.active {
+        if n.active() {
             return Err(format!("network '{name}' is already active"));
         }
         runtime::start(&n.def, n.bridge(), &self.files(&name))?;
+        let live = n.def.clone();
         for t in runtime::dropping_forward_tables() {
             tracing::warn!("network '{name}': nftables table {t} drops forwarded traffic by default; it may drop this network's too");
         }
         if let Some(n) = nets.get_mut(&name) {
-            n.active = true;
+            n.live = Some(live);
         }
         Ok(name)
     }
@@ -194,13 +204,13 @@ impl Networks {
         let mut nets = self.lock();
         let name = Self::find(&nets, key)?;
         let n = &nets[&name];
-        if !n.active {
+        let Some(live) = &n.live else {
             return Err(format!("network '{name}' is not active"));
-        }
-        runtime::stop(&n.def, n.bridge(), &self.files(&name))?;
+        };
+        runtime::stop(live, n.bridge(), &self.files(&name))?;
         if nets[&name].persistent {
             if let Some(n) = nets.get_mut(&name) {
-                n.active = false;
+                n.live = None;
             }
         } else {
             nets.remove(&name);
@@ -233,7 +243,7 @@ impl Networks {
 
     /// Starts the networks marked for autostart that are not up.
     pub fn autostart(&self) {
-        let names: Vec<String> = self.lock().iter().filter(|(n, x)| !x.active && self.store.network_autostart(n)).map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = self.lock().iter().filter(|(n, x)| !x.active() && self.store.network_autostart(n)).map(|(n, _)| n.clone()).collect();
         for n in names {
             match self.start(&n) {
                 Ok(_) => tracing::info!("autostarted network '{n}'"),
@@ -258,7 +268,7 @@ impl Networks {
         NetworkBrief {
             name: name.to_string(),
             uuid: *n.def.uuid.as_bytes(),
-            active: n.active,
+            active: n.active(),
             persistent: n.persistent,
             autostart: n.persistent && self.store.network_autostart(name),
             bridge: n.bridge().to_string(),
@@ -270,7 +280,7 @@ impl Networks {
     pub fn active_bridge(&self, name: &str) -> Result<String, String> {
         let nets = self.lock();
         match nets.get(name) {
-            Some(n) if n.active => Ok(n.bridge().to_string()),
+            Some(n) if n.active() => Ok(n.bridge().to_string()),
             Some(_) => Err(format!("network '{name}' is not active (start it: virsh net-start {name})")),
             None => Err(format!("network '{name}' does not exist (define it: virsh net-define FILE)")),
         }
@@ -282,13 +292,13 @@ impl Networks {
         let nets = self.lock();
         let name = Self::find(&nets, key)?;
         let n = &nets[&name];
-        if !n.active {
+        let Some(live) = &n.live else {
             return Err(format!("network '{name}' is not active"));
-        }
+        };
         let leases = runtime::read_leases(&self.files(&name))
             .into_iter()
             .map(|l| {
-                let prefix = n.def.ips.iter().find(|i| i.contains(l.ip)).map_or(0, |i| i.prefix);
+                let prefix = live.ips.iter().find(|i| i.contains(l.ip)).map_or(0, |i| i.prefix);
                 (l, prefix)
             })
             .collect();
@@ -319,7 +329,7 @@ impl Networks {
             Request::NetStart { network } => done(self.start(&network)),
             Request::NetDestroy { network } => done(self.destroy(&network)),
             Request::NetAutostart { network, enable } => done(self.set_autostart(&network, enable)),
-            Request::NetDumpXml { network } => match self.dump_xml(&network) {
+            Request::NetDumpXml { network } => match self.dump_xml(&network, false) {
                 Ok(x) => Response { xml: Some(x), ..Response::ok() },
                 Err(e) => Response::error(e),
             },
@@ -337,10 +347,12 @@ impl Networks {
         }
     }
 
-    /// The definition as `net-dumpxml` shows it.
-    pub fn dump_xml(&self, key: &str) -> Result<String, String> {
+    /// The definition as `net-dumpxml` shows it: the one it runs with while
+    /// up, unless `inactive` (the stored one, which its next start uses).
+    pub fn dump_xml(&self, key: &str, inactive: bool) -> Result<String, String> {
         let nets = self.lock();
         let name = Self::find(&nets, key)?;
-        Ok(nets[&name].def.to_xml())
+        let n = &nets[&name];
+        Ok(n.live.as_ref().filter(|_| !inactive).unwrap_or(&n.def).to_xml())
     }
 }

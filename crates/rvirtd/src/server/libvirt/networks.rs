@@ -135,7 +135,9 @@ impl Session {
             })(),
             p::NETWORK_GET_XML_DESC => (|| {
                 let b = self.network(d)?;
-                let xml = nets.dump_xml(&b.name).map_err(failed)?;
+                // VIR_NETWORK_XML_INACTIVE: the stored definition.
+                let inactive = d.u32().map_err(bad_args)? & 1 != 0;
+                let xml = nets.dump_xml(&b.name, inactive).map_err(failed)?;
                 encode(|e| {
                     e.string(&xml);
                 })
