@@ -127,8 +127,13 @@ impl Store {
             check(&d)?;
         }
         use std::os::unix::fs::PermissionsExt;
-        // Definitions name disk images and kernels: not for everyone's eyes.
-        let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o700));
+        // Definitions name disk images and kernels: not for everyone's eyes
+        // (their directories stay 0700). The way to networks/run is only
+        // passable (0711, nothing listable): dnsmasq, once it drops root,
+        // re-reads its hosts files there on SIGHUP.
+        for (d, mode) in [(root.to_path_buf(), 0o711), (root.join("networks"), 0o711), (root.join("networks/run"), 0o711)] {
+            let _ = fs::set_permissions(&d, fs::Permissions::from_mode(mode));
+        }
         Ok(Self { root: root.to_path_buf() })
     }
 

@@ -538,6 +538,14 @@ fn virsh_manages_networks_in_the_daemon_s_own_namespace() {
     let (_, link) = in_daemon_ns(pid, "ip -o link show master virbr0");
     assert!(link.contains("vnet7"), "the card's tap is on the network's bridge: {link}");
     assert!(virsh_ok(&d, &["dumpxml", "onnet"]).contains("<source network='default'/>"));
+    // A fixed lease for the card, added to the running network (dnsmasq re-reads its hosts on SIGHUP) and its definition.
+    let host = "<host mac='52:54:00:00:00:77' name='onnet' ip='10.90.0.77'/>";
+    let out = virsh_ok(&d, &["net-update", "default", "add", "ip-dhcp-host", host, "--live", "--config"]);
+    assert!(out.contains("Updated network default"), "{out}");
+    assert!(virsh_ok(&d, &["net-dumpxml", "default"]).contains("ip='10.90.0.77'"));
+    assert!(virsh_ok(&d, &["net-dumpxml", "--inactive", "default"]).contains("ip='10.90.0.77'"));
+    virsh_fails(&d, &["net-update", "default", "add", "ip-dhcp-host", host, "--live"], "already a fixed lease");
+    virsh_fails(&d, &["net-update", "default", "add", "ip-dhcp-host", "<host mac='52:54:00:00:00:78' ip='10.99.0.1'/>", "--live"], "not a guest address inside 10.90.0.0/24");
     // A stand-in for the guest's DHCP client, with the card's MAC (the
     // hand-made guest has no network stack): its lease is the domain's address.
     let guest = Command::new("unshare").args(["-n", "sleep", "120"]).spawn().unwrap();
@@ -549,6 +557,7 @@ fn virsh_manages_networks_in_the_daemon_s_own_namespace() {
     std::fs::write(&script, "#!/bin/sh\n[ \"$1\" = bound ] && ip addr add $ip/$mask dev $interface && echo \"LEASE $ip\"\nexit 0\n").unwrap();
     let (_, lease) = in_daemon_ns(g, &format!("chmod +x {0} && ip link set vs1 address 52:54:00:00:00:77 && ip link set vs1 up && busybox udhcpc -i vs1 -q -n -t 15 -T 1 -s {0}", script.display()));
     let ip = lease.lines().find_map(|l| l.strip_prefix("LEASE ")).unwrap_or_else(|| panic!("no lease: {lease}")).to_string();
+    assert_eq!(ip, "10.90.0.77", "the fixed lease added while the network ran");
     let leases = virsh_ok(&d, &["net-dhcp-leases", "default"]);
     assert!(leases.contains("52:54:00:00:00:77") && leases.contains(&format!("{ip}/24")), "{leases}");
     let addrs = virsh_ok(&d, &["domifaddr", "onnet"]);
@@ -556,6 +565,8 @@ fn virsh_manages_networks_in_the_daemon_s_own_namespace() {
     let mut guest = guest;
     let _ = guest.kill();
     let _ = guest.wait();
+    virsh_ok(&d, &["net-update", "default", "delete", "ip-dhcp-host", host, "--live", "--config"]);
+    assert!(!virsh_ok(&d, &["net-dumpxml", "--inactive", "default"]).contains("10.90.0.77"));
     virsh_ok(&d, &["destroy", "onnet"]);
     let f = d.xml_file("offnet", &domain_xml("offnet", &k.idle, "<devices><interface type='network'><source network='nosuch'/></interface></devices>"));
     virsh_ok(&d, &["define", f.to_str().unwrap()]);

@@ -19,6 +19,54 @@ use runtime::NetworkFiles;
 /// virbr0, 192.168.122.0/24, DHCP for .2 to .254.
 pub const DEFAULT_NETWORK_XML: &str = "<network>\n  <name>default</name>\n  <forward mode='nat'/>\n  <bridge name='virbr0' stp='on' delay='0'/>\n  <ip address='192.168.122.1' netmask='255.255.255.0'>\n    <dhcp>\n      <range start='192.168.122.2' end='192.168.122.254'/>\n    </dhcp>\n  </ip>\n</network>\n";
 
+/// How `net-update` changes a network's fixed leases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostChange {
+    /// Add after the others.
+    AddLast,
+    /// Add before the others.
+    AddFirst,
+    /// Replace the one with the same MAC (or name).
+    Modify,
+    /// Remove the one with the same MAC (or name, or address).
+    Delete,
+}
+
+/// Applies `change` with the `<host .../>` element `host_xml` to the IPv4
+/// DHCP of `def`, validated as a definition's hosts are.
+fn edit_dhcp_hosts(def: &mut NetworkDef, change: HostChange, host_xml: &str) -> Result<(), String> {
+    let ip = def.ips.iter_mut().find(|i| i.address.is_ipv4() && !i.dhcp_ranges.is_empty()).ok_or_else(|| format!("network '{}' has no IPv4 DHCP", def.name))?;
+    // The element parsed inside a stand-in network with this subnet: the same checks as at define.
+    let probe = format!("<network><name>probe</name><ip address='{}' prefix='{}'><dhcp>{host_xml}</dhcp></ip></network>", ip.address, ip.prefix);
+    let parsed = NetworkDef::parse(&probe).map_err(|e| format!("the host element: {}", e.message))?;
+    let host = parsed.ips.into_iter().next().and_then(|i| i.dhcp_hosts.into_iter().next()).ok_or("the update holds no <host .../>")?;
+    let same = |h: &rvirt_domain::DhcpHost| (h.mac.is_some() && h.mac == host.mac) || (h.mac.is_none() && h.name.is_some() && h.name == host.name);
+    match change {
+        HostChange::AddLast | HostChange::AddFirst => {
+            if let Some(h) = ip.dhcp_hosts.iter().find(|h| same(h) || h.ip == host.ip) {
+                return Err(format!("there is already a fixed lease for {} or {} ({})", host.mac.as_deref().or(host.name.as_deref()).unwrap_or("?"), host.ip, h.ip));
+            }
+            if change == HostChange::AddFirst {
+                ip.dhcp_hosts.insert(0, host);
+            } else {
+                ip.dhcp_hosts.push(host);
+            }
+        }
+        HostChange::Modify => {
+            let h = ip.dhcp_hosts.iter_mut().find(|h| same(h)).ok_or("no fixed lease with that MAC address or name to modify")?;
+            *h = host;
+        }
+        HostChange::Delete => {
+            let before = ip.dhcp_hosts.len();
+            ip.dhcp_hosts.retain(|h| !(same(h) || h.ip == host.ip));
+            if ip.dhcp_hosts.len() == before {
+                return Err("no fixed lease with that MAC address, name or address to delete".into());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A network's identity and state at one moment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkBrief {
@@ -226,6 +274,43 @@ impl Networks {
             return Err(format!("network '{name}' is transient: only defined networks can autostart"));
         }
         self.store.set_network_autostart(&name, on).map_err(|e| format!("{e:#}"))?;
+        Ok(name)
+    }
+
+    /// `net-update ... ip-dhcp-host`: adds (`first`: before the others),
+    /// replaces (same MAC) or deletes a fixed lease of the network's IPv4
+    /// DHCP, in the running network (`live`: dnsmasq re-reads its hosts file
+    /// on SIGHUP) and/or its stored definition (`config`).
+    pub fn update_dhcp_host(&self, key: &str, change: HostChange, host_xml: &str, live: bool, config: bool) -> Result<String, String> {
+        let mut nets = self.lock();
+        let name = Self::find(&nets, key)?;
+        let n = nets.get_mut(&name).ok_or_else(|| format!("no network '{name}'"))?;
+        if live && n.live.is_none() {
+            return Err(format!("network '{name}' is not active: only its definition can change (--config)"));
+        }
+        let mut targets: Vec<&mut NetworkDef> = Vec::new();
+        if config {
+            targets.push(&mut n.def);
+        }
+        let live_def = if live { n.live.as_mut() } else { None };
+        let touched_live = live_def.is_some();
+        targets.extend(live_def);
+        for def in targets {
+            edit_dhcp_hosts(def, change, host_xml)?;
+        }
+        if config {
+            self.store.save_network(&name, &n.def.to_xml()).map_err(|e| format!("{e:#}"))?;
+        }
+        if touched_live {
+            if let Some(l) = &n.live {
+                let files = self.files(&name);
+                std::fs::write(&files.hosts, runtime::dhcp_hosts(l)).map_err(|e| format!("writing {}: {e}", files.hosts.display()))?;
+                if let Some(pid) = runtime::dnsmasq_pid(&files) {
+                    // SAFETY: kill has no memory effects; the pid is dnsmasq's (checked by name).
+                    unsafe { libc::kill(pid, libc::SIGHUP) };
+                }
+            }
+        }
         Ok(name)
     }
 
