@@ -231,6 +231,18 @@ fn host_routes() -> Result<Vec<(IpAddr, u8, String)>, String> {
     Ok(v)
 }
 
+/// The first interface with routes learnt from router advertisements
+/// (`proto ra` in `ip -6 route`) whose `accept_ra` is not 2: turning on
+/// IPv6 forwarding makes the kernel ignore its advertisements, and its
+/// default route would expire (libvirt refuses the same way).
+fn ra_uplink_losing_routes(routes: &str, accept_ra: impl Fn(&str) -> Option<u32>) -> Option<String> {
+    routes
+        .lines()
+        .filter(|l| l.split_whitespace().collect::<Vec<_>>().windows(2).any(|w| w == ["proto", "ra"]))
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "dev").nth(1).map(str::to_string))
+        .find(|dev| accept_ra(dev) != Some(2))
+}
+
 /// Whether two subnets overlap.
 fn overlaps(a: IpAddr, ap: u8, b: IpAddr, bp: u8) -> bool {
     if a.is_ipv4() != b.is_ipv4() {
@@ -257,6 +269,16 @@ pub fn start(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> Result<(),
     for i in &def.ips {
         if let Some((a, p, dev)) = routes.iter().find(|(a, p, _)| overlaps(i.address, i.prefix, *a, *p)) {
             return Err(format!("network '{}': its subnet {}/{} overlaps the host's route {a}/{p} (dev {dev})", def.name, i.network(), i.prefix));
+        }
+    }
+    if matches!(def.forward, ForwardMode::Nat | ForwardMode::Route | ForwardMode::Open) && def.ips.iter().any(|i| i.address.is_ipv6()) {
+        let routes = run("ip", &["-6", "route", "show"])?;
+        let accept_ra = |dev: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{dev}/accept_ra")).ok().and_then(|v| v.trim().parse().ok());
+        if let Some(dev) = ra_uplink_losing_routes(&routes, accept_ra) {
+            return Err(format!(
+                "network '{}': turning on IPv6 forwarding would drop the routes {dev} learns from router advertisements (its accept_ra is not 2); set it first: sysctl net.ipv6.conf.{dev}.accept_ra=2",
+                def.name
+            ));
         }
     }
     let r = bring_up(def, bridge, files);
@@ -473,6 +495,14 @@ mod tests {
         assert_eq!((l[0].mac.as_str(), l[0].ip.to_string(), l[0].hostname.as_deref()), ("52:54:00:aa:00:01", "10.77.0.69".into(), Some("web")));
         assert_eq!((l[1].hostname.clone(), l[1].client_id.clone(), l[1].expiry), (None, None, 0));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ipv6_forwarding_is_refused_while_an_uplink_takes_routes_from_advertisements() {
+        let routes = "fd00::/64 dev br0 proto kernel metric 256 pref medium\ndefault via fe80::1 dev eth0 proto ra metric 1024 expires 1790sec hoplimit 64 pref medium\n";
+        assert_eq!(ra_uplink_losing_routes(routes, |_| Some(1)), Some("eth0".to_string()));
+        assert_eq!(ra_uplink_losing_routes(routes, |_| Some(2)), None);
+        assert_eq!(ra_uplink_losing_routes("fd00::/64 dev br0 proto kernel metric 256\n", |_| Some(0)), None);
     }
 
     #[test]
