@@ -173,6 +173,11 @@ fn an_isolated_network_reaches_nothing_outside_and_bad_starts_leave_nothing() {
         assert!(!pinged(&guest, "198.51.100.2"), "but nothing beyond it");
         runtime::stop(&def, "rvbr1", &files).unwrap();
 
+        // Another table whose forward chain drops by default (as Docker's does) is found, so rvirtd can warn of it.
+        assert!(runtime::dropping_forward_tables().is_empty());
+        ok("nft add table inet dockerlike && nft add chain inet dockerlike blocked '{ type filter hook forward priority 0 ; policy drop ; }'");
+        assert_eq!(runtime::dropping_forward_tables(), ["inet dockerlike"]);
+        ok("nft delete table inet dockerlike");
         // A subnet the host already routes is refused, and nothing is left half-made.
         ok("ip link add busy0 type bridge && ip addr add 10.79.0.1/16 dev busy0 && ip link set busy0 up");
         let clash = NetworkDef::parse("<network><name>clash</name><forward/><bridge name='rvbr2'/><ip address='10.79.5.1' prefix='24'/></network>").unwrap();
