@@ -1,6 +1,6 @@
 //! What the commands print, in virsh's layout.
 
-use rvirt_domain::protocol::{DomainInfo, DomainSummary, LeaseInfo, NetworkSummary};
+use rvirt_domain::protocol::{DomainInfo, DomainSummary, InterfaceAddress, LeaseInfo, NetworkSummary};
 
 /// The `list` table.
 pub fn list(rows: &[DomainSummary]) -> String {
@@ -37,6 +37,18 @@ pub fn leases(rows: &[LeaseInfo]) -> String {
     for l in rows {
         let expiry = if l.expiry == 0 { "never".to_string() } else { l.expiry.to_string() };
         out += &format!(" {expiry:<19}   {:<17}   {:<18}   {}\n", l.mac, l.address, l.hostname.as_deref().unwrap_or("-"));
+    }
+    out
+}
+
+/// The `domifaddr` table.
+pub fn addresses(rows: &[InterfaceAddress]) -> String {
+    let mut out = format!(" {:<10} {:<19} {:<8} {}\n", "Name", "MAC address", "Protocol", "Address");
+    out += &"-".repeat(64);
+    out.push('\n');
+    for a in rows {
+        let proto = if a.address.contains(':') { "ipv6" } else { "ipv4" };
+        out += &format!(" {:<10} {:<19} {proto:<8} {}\n", a.name, a.mac, a.address);
     }
     out
 }

@@ -135,6 +135,11 @@ enum Command {
     },
     /// Write a domain definition from options, define it and start it (virt-install).
     Install(InstallArgs),
+    /// A domain's addresses, from the leases of its networks.
+    Domifaddr {
+        /// Name, id or UUID.
+        domain: String,
+    },
     /// List active networks (all with --all).
     NetList {
         /// Inactive networks too.
@@ -402,6 +407,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Dumpxml { domain } => (Request::DumpXml { domain: domain.clone() }, Box::new(|r: &Response| r.xml.clone().unwrap_or_default())),
         Command::Dominfo { domain } => {
             (Request::DomInfo { domain: domain.clone() }, Box::new(|r: &Response| r.info.as_ref().map(format::info).unwrap_or_default()))
+        }
+        Command::Domifaddr { domain } => {
+            (Request::DomIfAddr { domain: domain.clone() }, Box::new(|r: &Response| format::addresses(r.addresses.as_deref().unwrap_or_default())))
         }
         Command::NetList { all } => {
             (Request::NetList { all: *all }, Box::new(|r: &Response| format::net_list(r.networks.as_deref().unwrap_or_default())))

@@ -111,6 +111,11 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// A domain's addresses, from its networks' leases (virsh domifaddr).
+    DomIfAddr {
+        /// Name, id or UUID.
+        domain: String,
+    },
     /// Networks: active ones, or all with `all`.
     NetList {
         /// Include inactive networks.
@@ -176,6 +181,7 @@ impl Request {
             Self::Autostart { .. } => "autostart",
             Self::Console { .. } => "console",
             Self::ChangeMedia { .. } => "change-media",
+            Self::DomIfAddr { .. } => "dom-if-addr",
             Self::NetList { .. } => "net-list",
             Self::NetDefine { .. } => "net-define",
             Self::NetUndefine { .. } => "net-undefine",
@@ -192,7 +198,7 @@ impl Request {
     pub fn is_read_only(&self) -> bool {
         matches!(
             self,
-            Self::List { .. } | Self::DumpXml { .. } | Self::DomInfo { .. } | Self::DomState { .. } | Self::NetList { .. } | Self::NetDumpXml { .. } | Self::NetDhcpLeases { .. }
+            Self::List { .. } | Self::DumpXml { .. } | Self::DomInfo { .. } | Self::DomState { .. } | Self::DomIfAddr { .. } | Self::NetList { .. } | Self::NetDumpXml { .. } | Self::NetDhcpLeases { .. }
         )
     }
 }
@@ -324,6 +330,20 @@ pub struct Response {
     /// `net-dhcp-leases`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leases: Option<Vec<LeaseInfo>>,
+    /// `dom-if-addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<Vec<InterfaceAddress>>,
+}
+
+/// One address of `domifaddr`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceAddress {
+    /// The card's tap.
+    pub name: String,
+    /// The card's MAC address.
+    pub mac: String,
+    /// The address with its prefix length.
+    pub address: String,
 }
 
 /// One row of `net-list`.

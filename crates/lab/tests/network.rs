@@ -4,7 +4,7 @@
 //! `<interface type='network'><source network='default'/>` asks for a lease
 //! with its own DHCP client, reaches a host outside L1's bridge (a network
 //! namespace behind an uplink) through the NAT, and that host cannot reach
-//! it back; the lease shows in `net-dhcp-leases`; destroying the network
+//! it back; the lease shows in `net-dhcp-leases` and `domifaddr`; destroying the network
 //! leaves no bridge or dnsmasq behind.
 
 use rvirt_lab::{insmod_lines, l2_initramfs, log, L1Spec, Lab};
@@ -77,6 +77,7 @@ echo "@@START=$(rvirt start g 2>&1)"
 for i in $(seq 1 600); do grep -q '@@L2-DONE' /tmp/g-serial.log 2>/dev/null && break; sleep 0.5; [ $((i % 20)) = 0 ] && echo "[network test] waiting for the guest"; done
 echo "@@GUEST-SAID=$(grep -o '@@L2-[A-Z-]*=[a-z0-9.]*' /tmp/g-serial.log | sed 's/@@//' | tr '\n' ' ')"
 echo "@@LEASES=$(rvirt net-dhcp-leases default | grep 52:54:00:00:00:42 | tr -s ' ')"
+echo "@@DOMIFADDR=$(rvirt domifaddr g | grep 52:54:00:00:00:42 | tr -s ' ')"
 echo "@@FORWARDING=$(cat /proc/sys/net/ipv4/ip_forward)"
 if ping -c 1 -W 2 198.51.100.2 >/dev/null 2>&1; then echo "@@L1-TO-OUTSIDE=reached"; else echo "@@L1-TO-OUTSIDE=unreached"; fi
 echo "@@RULES=$(nft list table inet rvirt_virbr0 2>&1 | tr -s ' \n\t' ' ')"
@@ -155,6 +156,7 @@ fn a_debian_guest_on_the_default_network_leases_and_reaches_the_outside_through_
     assert!(said.contains("L2-ROUTER=192.168.122.1") && said.contains("L2-GATEWAY=reached"), "{said}");
     assert!(said.contains("L2-OUTSIDE=reached"), "the guest reaches the outside through NAT: {said}\n{logs}");
     assert!(get("LEASES").contains(&format!("{lease}/24")), "net-dhcp-leases shows the guest's lease");
+    assert!(get("DOMIFADDR").ends_with(&format!("52:54:00:00:00:42 ipv4 {lease}/24")), "domifaddr shows the guest's address: {}", get("DOMIFADDR"));
     assert_eq!(get("OUTSIDE-TO-GUEST"), "blocked", "the outside cannot reach a guest behind NAT");
     assert_eq!(get("DESTROY"), "Domain 'g' destroyed");
     assert_eq!(get("NET-DESTROY"), "Network default destroyed");

@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rvirt_api::{ApiClient, Request as VmmRequest};
-use rvirt_domain::protocol::{DomainInfo, DomainState, DomainSummary, Request, Response, StateReport};
+use rvirt_domain::protocol::{DomainInfo, DomainState, DomainSummary, InterfaceAddress, Request, Response, StateReport};
 use rvirt_domain::{CharDevice, DiskSource, DomainXml, LifecycleAction, VmmLaunch};
 
 use crate::events::{DomainEvent, EventBus, Lifecycle, StopReason};
@@ -945,6 +945,22 @@ impl Manager {
             .collect())
     }
 
+    /// A domain's addresses, from the leases of the networks its cards are
+    /// on (`domifaddr`): each card with a lease, its tap, MAC and leased
+    /// addresses with their prefix lengths.
+    pub fn interface_addresses(&self, key: &str) -> Result<Vec<(String, String, Vec<(std::net::IpAddr, u8)>)>, String> {
+        let mut found = Vec::new();
+        for (net, mac, tap) in self.interfaces(key)? {
+            let (Some(net), Some(mac)) = (net, mac) else { continue };
+            let Ok((_, leases)) = self.networks.leases(&net) else { continue };
+            let addrs: Vec<_> = leases.into_iter().filter(|(l, _)| l.mac == mac).map(|(l, p)| (l.ip, p)).collect();
+            if !addrs.is_empty() {
+                found.push((tap.unwrap_or_else(|| "-".into()), mac, addrs));
+            }
+        }
+        Ok(found)
+    }
+
     /// `console`: the pty of a running domain's serial port.
     pub fn console(&self, key: &str) -> Result<String, String> {
         let (name, socket) = self.active(key)?;
@@ -1002,6 +1018,16 @@ impl Manager {
             Request::ChangeMedia { domain, target, path, force } => done(self.change_media(&domain, &target, path.as_deref(), force)),
             Request::Console { domain } => match self.console(&domain) {
                 Ok(p) => Response { console: Some(p), ..Response::ok() },
+                Err(e) => Response::error(e),
+            },
+            Request::DomIfAddr { domain } => match self.interface_addresses(&domain) {
+                Ok(cards) => {
+                    let rows = cards
+                        .into_iter()
+                        .flat_map(|(tap, mac, addrs)| addrs.into_iter().map(move |(ip, p)| InterfaceAddress { name: tap.clone(), mac: mac.clone(), address: format!("{ip}/{p}") }))
+                        .collect();
+                    Response { addresses: Some(rows), ..Response::ok() }
+                }
                 Err(e) => Response::error(e),
             },
             net @ (Request::NetList { .. }

@@ -562,6 +562,9 @@ fn virsh_manages_networks_in_the_daemon_s_own_namespace() {
     assert!(leases.contains("52:54:00:00:00:77") && leases.contains(&format!("{ip}/24")), "{leases}");
     let addrs = virsh_ok(&d, &["domifaddr", "onnet"]);
     assert!(addrs.lines().any(|l| l.contains("vnet7") && l.contains("52:54:00:00:00:77") && l.contains(&format!("{ip}/24"))), "{addrs}");
+    // The same through rvirt's own socket.
+    let ours = d.ok(&["domifaddr", "onnet"]);
+    assert!(ours.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["vnet7", "52:54:00:00:00:77", "ipv4", &format!("{ip}/24")]), "{ours}");
     let mut guest = guest;
     let _ = guest.kill();
     let _ = guest.wait();

@@ -185,22 +185,13 @@ impl Session {
                     return Err(error(err::NO_SUPPORT, "this function is not supported by the connection driver: only --source lease is served"));
                 }
                 let uuid = uuid::Uuid::from_bytes(dom.uuid).hyphenated().to_string();
-                let cards = self.mgr.interfaces(&uuid).map_err(|_| RemoteError { domain: rvirt_libvirt_rpc::remote::FROM_QEMU, ..RemoteError::new(err::NO_DOMAIN, format!("Domain not found: no domain with matching uuid '{uuid}'")) })?;
-                let mut found = Vec::new();
-                for (net, mac, tap) in cards {
-                    let (Some(net), Some(mac)) = (net, mac) else { continue };
-                    let Ok((_, leases)) = nets.leases(&net) else { continue };
-                    let addrs: Vec<_> = leases.into_iter().filter(|(l, _)| l.mac == mac).collect();
-                    if !addrs.is_empty() {
-                        found.push((tap.unwrap_or_else(|| "-".into()), mac, addrs));
-                    }
-                }
+                let found = self.mgr.interface_addresses(&uuid).map_err(|_| RemoteError { domain: rvirt_libvirt_rpc::remote::FROM_QEMU, ..RemoteError::new(err::NO_DOMAIN, format!("Domain not found: no domain with matching uuid '{uuid}'")) })?;
                 encode(|e| {
                     e.u32(found.len() as u32);
                     for (tap, mac, addrs) in &found {
                         e.string(tap).opt_string(Some(mac)).u32(addrs.len() as u32);
-                        for (l, prefix) in addrs {
-                            e.i32(i32::from(l.ip.is_ipv6())).string(&l.ip.to_string()).u32(u32::from(*prefix));
+                        for (ip, prefix) in addrs {
+                            e.i32(i32::from(ip.is_ipv6())).string(&ip.to_string()).u32(u32::from(*prefix));
                         }
                     }
                 })
