@@ -346,25 +346,21 @@ except libvirt.libvirtError as e:
     assert "Active console session" in str(e), e
 st2 = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
 dom.openConsole(None, st2, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
-end = time.time() + 10
-ended = False
-while time.time() < end and not ended:
-    r = st1.recv(4096)
-    ended = r == b""
-    if r == -2:
-        time.sleep(0.05)
-assert ended, "the forced-away stream did not end"
+def ends(st):
+    """Whether a non-blocking stream reaches its end within 10 s."""
+    end = time.time() + 10
+    while time.time() < end:
+        r = st.recv(4096)
+        if r == b"":
+            return True
+        if r == -2:
+            time.sleep(0.05)
+    return False
+assert ends(st1), "the forced-away stream did not end"
 dom.destroy()
 assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
 # The domain stopping ends its console stream; finishing it is confirmed.
-end = time.time() + 10
-ended = False
-while time.time() < end and not ended:
-    r = st2.recv(4096)
-    ended = r == b""
-    if r == -2:
-        time.sleep(0.05)
-assert ended, "the console stream did not end with the domain"
+assert ends(st2), "the console stream did not end with the domain"
 st2.finish()
 try:
     conn.lookupByName("nosuch")

@@ -54,7 +54,8 @@ fn to_remote(b: &DomainBrief) -> RemoteDomain {
     RemoteDomain { name: b.name.clone(), uuid: b.uuid, id: b.id.map_or(-1, |i| i as i32) }
 }
 
-fn encode(f: impl FnOnce(&mut Encoder)) -> Reply {
+/// A reply whose return value `f` writes.
+pub(super) fn encode(f: impl FnOnce(&mut Encoder)) -> Reply {
     let mut e = Encoder::new();
     f(&mut e);
     Ok(e.into_bytes())
@@ -64,7 +65,8 @@ fn ret_domain(b: &DomainBrief) -> Reply {
     encode(|e| to_remote(b).encode(e))
 }
 
-fn ret_int(v: i32) -> Reply {
+/// A reply of one `int`.
+pub(super) fn ret_int(v: i32) -> Reply {
     encode(|e| {
         e.i32(v);
     })
@@ -625,10 +627,17 @@ fn check_xml(xml: &str) -> Result<(), RemoteError> {
     DomainXml::parse(xml).map(|_| ()).map_err(|e| error(err::XML_ERROR, format!("XML error: {e}")))
 }
 
+/// One group of a list call's filter flags: passes when none of `mask`
+/// is set, or when a set flag's condition in `pass` holds (libvirt's rule
+/// for `virConnectListAll*`).
+pub(super) fn flag_group(flags: u32, mask: u32, pass: &[(u32, bool)]) -> bool {
+    flags & mask == 0 || pass.iter().any(|(f, ok)| flags & f != 0 && *ok)
+}
+
 /// Whether `b` passes `virConnectListAllDomains` filter `flags` (groups of
 /// flags are each "any of"; an empty group passes everything).
 fn list_matches(b: &DomainBrief, flags: u32) -> bool {
-    let group = |mask: u32, pass: &[(u32, bool)]| flags & mask == 0 || pass.iter().any(|(f, ok)| flags & f != 0 && *ok);
+    let group = |mask: u32, pass: &[(u32, bool)]| flag_group(flags, mask, pass);
     let active = b.id.is_some();
     group(list::ACTIVE | list::INACTIVE, &[(list::ACTIVE, active), (list::INACTIVE, !active)])
         && group(list::PERSISTENT | list::TRANSIENT, &[(list::PERSISTENT, b.persistent), (list::TRANSIENT, !b.persistent)])

@@ -3,9 +3,9 @@
 //! call into the daemon's [`crate::network::Networks`].
 
 use rvirt_libvirt_rpc::remote::{err, list_networks as list, proc_ as p, RemoteNetwork, DOMAIN_LIST_MAX, FROM_NETWORK, UUID_LEN};
-use rvirt_libvirt_rpc::{Decoder, Encoder, RemoteError};
+use rvirt_libvirt_rpc::{Decoder, RemoteError};
 
-use super::dispatch::{bad_args, Reply};
+use super::dispatch::{bad_args, encode, flag_group, ret_int, Reply};
 use super::Session;
 use crate::network::{HostChange, NetworkBrief};
 
@@ -26,25 +26,13 @@ fn remote(b: &NetworkBrief) -> RemoteNetwork {
     RemoteNetwork { name: b.name.clone(), uuid: b.uuid }
 }
 
-fn encode(f: impl FnOnce(&mut Encoder)) -> Reply {
-    let mut e = Encoder::new();
-    f(&mut e);
-    Ok(e.into_bytes())
-}
-
 fn ret_network(b: &NetworkBrief) -> Reply {
     encode(|e| remote(b).encode(e))
 }
 
-fn ret_int(v: i32) -> Reply {
-    encode(|e| {
-        e.i32(v);
-    })
-}
-
 /// Whether `b` passes `virConnectListAllNetworks` filter `flags`.
 fn list_matches(b: &NetworkBrief, flags: u32) -> bool {
-    let group = |mask: u32, pass: &[(u32, bool)]| flags & mask == 0 || pass.iter().any(|(f, ok)| flags & f != 0 && *ok);
+    let group = |mask: u32, pass: &[(u32, bool)]| flag_group(flags, mask, pass);
     group(list::ACTIVE | list::INACTIVE, &[(list::ACTIVE, b.active), (list::INACTIVE, !b.active)])
         && group(list::PERSISTENT | list::TRANSIENT, &[(list::PERSISTENT, b.persistent), (list::TRANSIENT, !b.persistent)])
         && group(list::AUTOSTART | list::NO_AUTOSTART, &[(list::AUTOSTART, b.autostart), (list::NO_AUTOSTART, !b.autostart)])
