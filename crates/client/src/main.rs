@@ -223,7 +223,8 @@ struct InstallArgs {
     /// path=FILE[,size=GiB][,format=raw|qcow2][,readonly=on][,serial=S][,cache=none] (repeatable).
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
-    /// bridge=BR[,mac=M], tap=NAME[,mac=M] or none (repeatable).
+    /// network=NET, bridge=BR or tap=NAME, each [,mac=M], or none
+    /// (repeatable) [default: network=default when the daemon has that network].
     #[arg(long, value_name = "SPEC")]
     network: Vec<String>,
     /// Add a virtio entropy device.
@@ -313,12 +314,20 @@ fn install_command(cli: &Cli, a: &InstallArgs) -> Result<()> {
         networks: a.network.clone(),
         rng: a.rng,
     };
-    let def = install::build(&o)?;
     if a.print_xml {
-        print!("{}", def.to_xml());
+        print!("{}", install::build(&o)?.to_xml());
         return Ok(());
     }
     let mut conn = Connection::open(&cli.connect)?;
+    // As virt-install: without --network, the daemon's default network if it has one.
+    let mut o = o;
+    if o.networks.is_empty() {
+        let nets = conn.expect(&Request::NetList { all: true })?.networks.unwrap_or_default();
+        if nets.iter().any(|n| n.name == "default") {
+            o.networks = vec!["network=default".into()];
+        }
+    }
+    let def = install::build(&o)?;
     let r = conn.expect(&Request::Define { xml: def.to_xml() })?;
     warn(&r);
     if a.autostart {

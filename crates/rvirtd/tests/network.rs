@@ -225,6 +225,15 @@ fn rvirt_s_net_commands_and_the_default_network_on_a_daemon_in_its_own_namespace
     let in_ns = |cmd: &str| sh(&format!("nsenter --net=/proc/{}/ns/net sh -c '{cmd}'", d.pid()));
     assert!(in_ns("ip -o link show dev virbr0").0, "virbr0 is up in the daemon's namespace");
 
+    // rvirt install without --network puts the card on the default network, as virt-install does.
+    let k = support::kernels(&dir);
+    let disk = format!("path={},size=0.001,format=raw", dir.join("inst.raw").display());
+    d.ok(&["install", "--name", "inst", "--memory", "64", "--kernel", k.idle.to_str().unwrap(), "--disk", &disk]);
+    let xml = d.ok(&["dumpxml", "inst"]);
+    assert!(xml.contains("<interface type='network'>") && xml.contains("<source network='default'/>"), "{xml}");
+    let (_, on_bridge) = in_ns("ip -o link show master virbr0");
+    assert!(on_bridge.contains("rv"), "the installed domain's tap is on virbr0: {on_bridge}");
+    d.ok(&["destroy", "inst"]);
     // A second network through rvirt's own commands.
     let f = dir.join("lab.xml");
     std::fs::write(&f, "<network><name>lab</name><forward mode='route'/><ip address='10.91.0.1' prefix='24'><dhcp><range start='10.91.0.10' end='10.91.0.20'/></dhcp></ip></network>").unwrap();
