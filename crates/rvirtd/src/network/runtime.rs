@@ -155,8 +155,10 @@ pub fn dnsmasq_conf(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> Str
     let mut o = String::new();
     let _ = writeln!(o, "# rvirt network '{}': written by rvirtd, rewritten at each start", def.name);
     let _ = writeln!(o, "strict-order\npid-file={}\nexcept-interface=lo\nbind-dynamic\ninterface={bridge}", files.pid.display());
-    // Drop root once the sockets and the lease file are open.
-    let _ = writeln!(o, "user=nobody\ngroup=nogroup");
+    // Drop root once the sockets and the lease file are open (Debian's
+    // unprivileged group is nogroup, other systems' nobody).
+    let group = if group_exists("nogroup") { "nogroup" } else { "nobody" };
+    let _ = writeln!(o, "user=nobody\ngroup={group}");
     if let Some(d) = &def.domain {
         let _ = writeln!(o, "domain={d}\nlocal=/{d}/\nexpand-hosts");
     }
@@ -184,6 +186,11 @@ pub fn dnsmasq_conf(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> Str
     }
     let _ = writeln!(o, "addn-hosts={}", files.addn_hosts.display());
     o
+}
+
+/// Whether the system has group `name`.
+fn group_exists(name: &str) -> bool {
+    std::fs::read_to_string("/etc/group").is_ok_and(|g| g.lines().any(|l| l.split(':').next() == Some(name)))
 }
 
 fn number(a: IpAddr) -> u128 {
@@ -358,11 +365,24 @@ pub fn stop(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> Result<(), 
         }
     };
     if let Some(pid) = dnsmasq_pid(files) {
+        let gone = |limit: Duration| {
+            let deadline = Instant::now() + limit;
+            while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            true
+        };
         // SAFETY: kill has no memory effects; the pid is dnsmasq's (checked by name).
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        if !gone(Duration::from_secs(5)) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            if !gone(Duration::from_secs(5)) {
+                note(Err(format!("network '{}': dnsmasq (pid {pid}) did not exit", def.name)));
+            }
         }
     }
     let _ = std::fs::remove_file(&files.pid);
