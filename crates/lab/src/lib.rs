@@ -13,6 +13,7 @@
 pub mod compare;
 pub mod disk;
 pub mod guests;
+pub mod nethost;
 pub mod procfs;
 
 use std::collections::BTreeMap;

@@ -7,50 +7,10 @@
 //! it back; the lease shows in `net-dhcp-leases` and `domifaddr`; destroying the network
 //! leaves no bridge or dnsmasq behind.
 
-use rvirt_lab::{insmod_lines, l2_initramfs, log, L1Spec, Lab};
+use rvirt_lab::{insmod_lines, l2_initramfs, log, nethost, L1Spec, Lab};
 
-/// L1 modules for bridges, taps, veths and nftables NAT, in load order.
-const L1_MODULES: &[&str] = &[
-    "net/llc/llc.ko",
-    "net/802/stp.ko",
-    "net/bridge/bridge.ko",
-    "drivers/net/tun.ko",
-    "drivers/net/veth.ko",
-    "lib/libcrc32c.ko",
-    "net/netfilter/nfnetlink.ko",
-    "net/netfilter/nf_tables.ko",
-    "net/ipv4/netfilter/nf_defrag_ipv4.ko",
-    "net/ipv6/netfilter/nf_defrag_ipv6.ko",
-    "net/netfilter/nf_conntrack.ko",
-    "net/netfilter/nf_nat.ko",
-    "net/netfilter/nft_chain_nat.ko",
-    "net/netfilter/nft_masq.ko",
-    "net/netfilter/nft_ct.ko",
-    "net/ipv4/netfilter/nf_reject_ipv4.ko",
-    "net/ipv6/netfilter/nf_reject_ipv6.ko",
-    "net/netfilter/nft_reject.ko",
-    "net/netfilter/nft_reject_inet.ko",
-];
-
+/// After [`nethost::PRELUDE`].
 const SCRIPT: &str = r#"
-for m in /lib/modules/net-*.ko; do insmod $m 2>/dev/null || echo "@@INSMOD-FAILED=$m"; done
-mkdir -p /var/lib /run /etc
-echo 'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' >> /etc/passwd
-echo 'nogroup:x:65534:' >> /etc/group
-# iproute2's ip before busybox's for rvirtd (this shell prefers its own
-# applets, so the script names /usr/sbin/ip).
-export PATH=/usr/sbin:/usr/bin:$PATH
-# The outside: a namespace at 198.51.100.2 behind L1's uplink 198.51.100.1.
-unshare -n sleep 100000 & OUT=$!
-sleep 1
-/usr/sbin/ip link add up0 type veth peer name out0 || echo "@@SETUP-FAILED=veth"
-/usr/sbin/ip link set out0 netns $OUT || echo "@@SETUP-FAILED=netns"
-/usr/sbin/ip addr add 198.51.100.1/24 dev up0
-/usr/sbin/ip link set up0 up
-nsenter --net=/proc/$OUT/ns/net /usr/sbin/ip link set lo up
-nsenter --net=/proc/$OUT/ns/net /usr/sbin/ip addr add 198.51.100.2/24 dev out0
-nsenter --net=/proc/$OUT/ns/net /usr/sbin/ip link set out0 up
-echo "@@OUTSIDE-LINKS=$(nsenter --net=/proc/$OUT/ns/net /usr/sbin/ip -4 -o addr | awk '{print $2 "=" $4}' | tr '\n' ' ')"
 rvirtd --default-network --allow-path /l2 --allow-path /tmp > /tmp/rvirtd.log 2>&1 &
 for i in $(seq 1 200); do rvirt net-list 2>/dev/null | grep -q 'default *active' && break; sleep 0.2; done
 echo "@@NET-LIST=$(rvirt net-list --all | grep default | tr -s ' ')"
@@ -128,18 +88,10 @@ fn a_debian_guest_on_the_default_network_leases_and_reaches_the_outside_through_
     let lab = Lab::get().unwrap();
     let modules = lab.virtio_modules(&["virtio_net"]);
     let guest = l2_initramfs(&format!("{MOUNTS}{}{GUEST}", insmod_lines(&modules)), &modules).unwrap();
-    let mut spec = L1Spec::new("network", SCRIPT)
+    let mut spec = L1Spec::new("network", &format!("{}{SCRIPT}", nethost::PRELUDE))
+        .with_network_host(lab)
         .file(&lab.kernel, "l2/vmlinuz")
-        .blob("l2/net.gz", guest)
-        .binary(&lab.rvirtd, "bin/rvirtd")
-        .binary(&lab.rvirt, "bin/rvirt")
-        .binary("/usr/sbin/dnsmasq", "usr/sbin/dnsmasq")
-        .binary("/usr/sbin/nft", "usr/sbin/nft")
-        .binary("/usr/sbin/ip", "usr/sbin/ip");
-    for (i, m) in L1_MODULES.iter().enumerate() {
-        // Numbered, so the script's glob loads them in this order.
-        spec = spec.file(lab.module_in_tree(m), &format!("lib/modules/net-{i:02}.ko"));
-    }
+        .blob("l2/net.gz", guest);
     spec.timeout = std::time::Duration::from_secs(900);
     let out = lab.run(&spec).unwrap();
     out.check_l1().unwrap();
