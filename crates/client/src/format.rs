@@ -29,6 +29,13 @@ pub fn net_list(rows: &[NetworkSummary]) -> String {
     out
 }
 
+/// The `net-info` table.
+pub fn net_info(n: &NetworkSummary) -> String {
+    let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+    let rows = [("Name", n.name.clone()), ("UUID", n.uuid.clone()), ("Active", yes(n.active)), ("Persistent", yes(n.persistent)), ("Autostart", yes(n.autostart)), ("Bridge", n.bridge.clone())];
+    rows.iter().map(|(k, v)| format!("{:<16}{v}\n", format!("{k}:"))).collect()
+}
+
 /// The `net-dhcp-leases` table.
 pub fn leases(rows: &[LeaseInfo]) -> String {
     let mut out = format!(" {:<19}   {:<17}   {:<18}   {}\n", "Expiry (UTC, s)", "MAC address", "IP address", "Hostname");
@@ -85,7 +92,9 @@ mod tests {
 
     #[test]
     fn networks_and_leases_are_laid_out_like_virsh() {
-        let t = net_list(&[NetworkSummary { name: "default".into(), active: true, autostart: true, persistent: true, bridge: "virbr0".into() }]);
+        let n = NetworkSummary { name: "default".into(), uuid: "u".into(), active: true, autostart: true, persistent: true, bridge: "virbr0".into() };
+        let t = net_list(std::slice::from_ref(&n));
+        assert_eq!(net_info(&n).lines().nth(5), Some("Bridge:         virbr0"));
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["Name", "State", "Autostart", "Persistent"]);
         assert_eq!(lines[2].split_whitespace().collect::<Vec<_>>(), ["default", "active", "yes", "yes"]);

@@ -166,10 +166,41 @@ enum Command {
         /// Name or UUID.
         network: String,
     },
-    /// Print a network's XML.
+    /// Print a network's XML (the one it runs with; --inactive: the stored one).
     NetDumpxml {
         /// Name or UUID.
         network: String,
+        /// The stored definition, which its next start uses.
+        #[arg(long)]
+        inactive: bool,
+    },
+    /// Facts about a network.
+    NetInfo {
+        /// Name or UUID.
+        network: String,
+    },
+    /// Edit a network's stored definition in $EDITOR; saved only when valid.
+    NetEdit {
+        /// Name or UUID.
+        network: String,
+    },
+    /// Change a network's fixed leases: ACTION (add, add-first, add-last,
+    /// modify, delete) of SECTION ip-dhcp-host with XML <host mac name ip/>.
+    NetUpdate {
+        /// Name or UUID.
+        network: String,
+        /// add, add-first, add-last, modify or delete.
+        action: String,
+        /// ip-dhcp-host.
+        section: String,
+        /// The <host .../> element.
+        xml: String,
+        /// Change the running network (dnsmasq re-reads its hosts).
+        #[arg(long)]
+        live: bool,
+        /// Change the stored definition.
+        #[arg(long)]
+        config: bool,
     },
     /// Start the network with the daemon (or stop doing so with --disable).
     NetAutostart {
@@ -249,8 +280,21 @@ fn warn(r: &Response) {
     }
 }
 
-fn edit(conn: &mut Connection, domain: &str) -> Result<String> {
-    let xml = conn.expect(&Request::DumpXml { domain: domain.into() })?.xml.unwrap_or_default();
+/// What `edit` and `net-edit` edit.
+#[derive(Clone, Copy)]
+enum Editable {
+    Domain,
+    Network,
+}
+
+fn edit(conn: &mut Connection, what: Editable, name: &str) -> Result<String> {
+    let (dump, noun, quoted) = match what {
+        Editable::Domain => (Request::DumpXml { domain: name.into() }, "Domain", format!("'{name}'")),
+        // The stored definition: an edit applies at the network's next start.
+        Editable::Network => (Request::NetDumpXml { network: name.into(), inactive: true }, "Network", name.to_string()),
+    };
+    let domain = name;
+    let xml = conn.expect(&dump)?.xml.unwrap_or_default();
     let file = std::env::temp_dir().join(format!("rvirt-edit-{}-{domain}.xml", std::process::id()));
     // create_new: never follow something another user left at that path in /tmp.
     std::fs::OpenOptions::new()
@@ -273,12 +317,16 @@ fn edit(conn: &mut Connection, domain: &str) -> Result<String> {
         }
         let edited = read_file(&file)?;
         if edited == xml {
-            return Ok(format!("Domain '{domain}' XML configuration not changed."));
+            return Ok(format!("{noun} {quoted} XML configuration not changed."));
         }
-        let r = conn.call(&Request::Define { xml: edited })?;
+        let define = match what {
+            Editable::Domain => Request::Define { xml: edited },
+            Editable::Network => Request::NetDefine { xml: edited },
+        };
+        let r = conn.call(&define)?;
         if r.ok {
             warn(&r);
-            return Ok(format!("Domain '{}' XML configuration edited.", r.name.unwrap_or_default()));
+            return Ok(format!("{noun} {quoted} XML configuration edited."));
         }
         let err = r.error.unwrap_or_default();
         eprintln!("error: {err}");
@@ -361,7 +409,7 @@ fn run(cli: Cli) -> Result<()> {
     let (req, text): (Request, Text) = match &cli.command {
         Command::Install(a) => return install_command(&cli, a),
         Command::Edit { domain } => {
-            println!("{}", edit(&mut Connection::open(&cli.connect)?, domain)?);
+            println!("{}", edit(&mut Connection::open(&cli.connect)?, Editable::Domain, domain)?);
             return Ok(());
         }
         Command::Console { domain } => return console_command(&cli, domain),
@@ -434,7 +482,30 @@ fn run(cli: Cli) -> Result<()> {
         Command::NetDestroy { network } => {
             (Request::NetDestroy { network: network.clone() }, Box::new(|r: &Response| format!("Network {} destroyed\n", named(r))))
         }
-        Command::NetDumpxml { network } => (Request::NetDumpXml { network: network.clone() }, Box::new(|r: &Response| r.xml.clone().unwrap_or_default())),
+        Command::NetDumpxml { network, inactive } => {
+            (Request::NetDumpXml { network: network.clone(), inactive: *inactive }, Box::new(|r: &Response| r.xml.clone().unwrap_or_default()))
+        }
+        Command::NetInfo { network } => {
+            let want = network.clone();
+            (
+                Request::NetList { all: true },
+                Box::new(move |r: &Response| {
+                    let rows = r.networks.as_deref().unwrap_or_default();
+                    match rows.iter().find(|n| n.name == want || n.uuid.eq_ignore_ascii_case(&want)) {
+                        Some(n) => format::net_info(n),
+                        None => format!("no network with a matching name or uuid '{want}'\n"),
+                    }
+                }),
+            )
+        }
+        Command::NetEdit { network } => {
+            println!("{}", edit(&mut Connection::open(&cli.connect)?, Editable::Network, network)?);
+            return Ok(());
+        }
+        Command::NetUpdate { network, action, section, xml, live, config } => {
+            let req = Request::NetUpdate { network: network.clone(), action: action.clone(), section: section.clone(), xml: xml.clone(), live: *live, config: *config };
+            (req, Box::new(|r: &Response| format!("Updated network {}\n", named(r))))
+        }
         Command::NetAutostart { network, disable } => {
             let how = if *disable { "unmarked" } else { "marked" };
             (

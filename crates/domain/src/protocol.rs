@@ -142,10 +142,30 @@ pub enum Request {
         /// Name or UUID.
         network: String,
     },
-    /// The network's XML.
+    /// The network's XML: the one it runs with, or the stored one with `inactive`.
     NetDumpXml {
         /// Name or UUID.
         network: String,
+        /// The stored definition rather than the running one.
+        #[serde(default)]
+        inactive: bool,
+    },
+    /// Change a network's fixed leases (virsh net-update ... ip-dhcp-host).
+    NetUpdate {
+        /// Name or UUID.
+        network: String,
+        /// `add` (= `add-last`), `add-first`, `modify` or `delete`.
+        action: String,
+        /// The section; rvirt changes `ip-dhcp-host`.
+        section: String,
+        /// The `<host mac name ip/>` element.
+        xml: String,
+        /// Change the running network.
+        #[serde(default)]
+        live: bool,
+        /// Change the stored definition.
+        #[serde(default)]
+        config: bool,
     },
     /// Start the network when the daemon starts (or stop doing so).
     NetAutostart {
@@ -189,6 +209,7 @@ impl Request {
             Self::NetDestroy { .. } => "net-destroy",
             Self::NetDumpXml { .. } => "net-dump-xml",
             Self::NetAutostart { .. } => "net-autostart",
+            Self::NetUpdate { .. } => "net-update",
             Self::NetDhcpLeases { .. } => "net-dhcp-leases",
         }
     }
@@ -351,6 +372,9 @@ pub struct InterfaceAddress {
 pub struct NetworkSummary {
     /// Name.
     pub name: String,
+    /// UUID.
+    #[serde(default)]
+    pub uuid: String,
     /// Up.
     pub active: bool,
     /// Starts with the daemon.

@@ -1037,6 +1037,7 @@ impl Manager {
             | Request::NetDestroy { .. }
             | Request::NetDumpXml { .. }
             | Request::NetAutostart { .. }
+            | Request::NetUpdate { .. }
             | Request::NetDhcpLeases { .. }) => self.networks.handle(net),
         }
     }

@@ -241,6 +241,19 @@ fn rvirt_s_net_commands_and_the_default_network_on_a_daemon_in_its_own_namespace
     assert_eq!(d.ok(&["net-start", "lab"]).trim(), "Network lab started");
     d.fails(&["net-start", "lab"], "is already active");
     assert!(d.ok(&["net-list"]).contains("lab"));
+    let info = d.ok(&["net-info", "lab"]);
+    assert!(info.contains("Active:         yes") && info.contains("Bridge:         virbr1"), "{info}");
+    // net-update: a fixed lease, live and in the definition.
+    let host = "<host mac='52:54:00:00:00:91' ip='10.91.0.91'/>";
+    assert_eq!(d.ok(&["net-update", "lab", "add", "ip-dhcp-host", host, "--live", "--config"]).trim(), "Updated network lab");
+    assert!(d.ok(&["net-dumpxml", "lab"]).contains("ip='10.91.0.91'") && d.ok(&["net-dumpxml", "--inactive", "lab"]).contains("ip='10.91.0.91'"));
+    d.fails(&["net-update", "lab", "add", "ip-dhcp-host", host, "--live"], "already a fixed lease");
+    d.fails(&["net-update", "lab", "add", "dns-host", host], "ip-dhcp-host section only");
+    // net-edit: the stored definition through $EDITOR; the running network keeps its own.
+    let o = d.rvirt_with(&["net-edit", "lab"], &[("EDITOR", "sed -i 's#10.91.0.20#10.91.0.30#'")], None);
+    assert!(o.code == 0 && o.stdout.contains("Network lab XML configuration edited."), "{o:?}");
+    assert!(d.ok(&["net-dumpxml", "--inactive", "lab"]).contains("end='10.91.0.30'"));
+    assert!(d.ok(&["net-dumpxml", "lab"]).contains("end='10.91.0.20'"));
     assert!(d.ok(&["net-dhcp-leases", "lab"]).contains("MAC address"), "an empty lease table");
     d.fails(&["net-dhcp-leases", "nosuch"], "no network with a matching name");
     assert_eq!(d.ok(&["net-autostart", "lab"]).trim(), "Network lab marked as autostarted");

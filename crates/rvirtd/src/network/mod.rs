@@ -402,7 +402,14 @@ impl Networks {
                     .briefs()
                     .into_iter()
                     .filter(|b| all || b.active)
-                    .map(|b| NetworkSummary { name: b.name, active: b.active, autostart: b.autostart, persistent: b.persistent, bridge: b.bridge })
+                    .map(|b| NetworkSummary {
+                        uuid: uuid::Uuid::from_bytes(b.uuid).hyphenated().to_string(),
+                        name: b.name,
+                        active: b.active,
+                        autostart: b.autostart,
+                        persistent: b.persistent,
+                        bridge: b.bridge,
+                    })
                     .collect();
                 Response { networks: Some(rows), ..Response::ok() }
             }
@@ -414,7 +421,27 @@ impl Networks {
             Request::NetStart { network } => done(self.start(&network)),
             Request::NetDestroy { network } => done(self.destroy(&network)),
             Request::NetAutostart { network, enable } => done(self.set_autostart(&network, enable)),
-            Request::NetDumpXml { network } => match self.dump_xml(&network, false) {
+            Request::NetUpdate { network, action, section, xml, live, config } => {
+                if section != "ip-dhcp-host" {
+                    return Response::error(format!("net-update changes the ip-dhcp-host section only, not '{section}'"));
+                }
+                let change = match action.as_str() {
+                    "add" | "add-last" => HostChange::AddLast,
+                    "add-first" => HostChange::AddFirst,
+                    "modify" => HostChange::Modify,
+                    "delete" => HostChange::Delete,
+                    c => return Response::error(format!("net-update: unknown command '{c}' (add, add-first, add-last, modify, delete)")),
+                };
+                // Neither: the network as it is now (virsh's --current).
+                let (live, config) = if live || config {
+                    (live, config)
+                } else {
+                    let active = self.brief(&network).is_ok_and(|b| b.active);
+                    (active, !active)
+                };
+                done(self.update_dhcp_host(&network, change, &xml, live, config))
+            }
+            Request::NetDumpXml { network, inactive } => match self.dump_xml(&network, inactive) {
                 Ok(x) => Response { xml: Some(x), ..Response::ok() },
                 Err(e) => Response::error(e),
             },
