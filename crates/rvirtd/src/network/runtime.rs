@@ -82,6 +82,13 @@ fn load_nft(rules: &str) -> Result<(), String> {
 
 /// Refuses a network whose tools are missing, naming the package.
 pub fn check_tools(def: &NetworkDef) -> Result<(), String> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    dirs.extend(["/usr/sbin".into(), "/sbin".into()]);
+    check_tools_in(def, &dirs)
+}
+
+/// [`check_tools`] over an explicit list of directories to look in.
+fn check_tools_in(def: &NetworkDef, dirs: &[PathBuf]) -> Result<(), String> {
     let mut need = vec!["ip"];
     if def.forward != ForwardMode::Open {
         need.push("nft");
@@ -90,10 +97,7 @@ pub fn check_tools(def: &NetworkDef) -> Result<(), String> {
         need.push("dnsmasq");
     }
     for t in need {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).chain(["/usr/sbin".into(), "/sbin".into()]).any(|d| d.join(t).is_file()))
-            .unwrap_or(false);
-        if !found {
+        if !dirs.iter().any(|d| d.join(t).is_file()) {
             return Err(format!("network '{}' needs {t}, which is not installed ({})", def.name, package_of(t)));
         }
     }
@@ -451,6 +455,31 @@ mod tests {
 
     fn def(xml: &str) -> NetworkDef {
         NetworkDef::parse(xml).unwrap()
+    }
+
+    #[test]
+    fn a_missing_tool_is_named_with_its_debian_package() {
+        let dir = std::env::temp_dir().join(format!("rvirt-tools-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dirs = vec![dir.clone()];
+        let nat = def("<network><name>n</name><forward/><ip address='10.9.0.1' prefix='24'><dhcp><range start='10.9.0.2' end='10.9.0.9'/></dhcp></ip></network>");
+        let open = def("<network><name>o</name><forward mode='open'/></network>");
+        let e = check_tools_in(&nat, &dirs).unwrap_err();
+        assert_eq!(e, "network 'n' needs ip, which is not installed (Debian package iproute2)");
+        std::fs::write(dir.join("ip"), "").unwrap();
+        assert_eq!(check_tools_in(&open, &dirs), Ok(()), "an open network without addresses needs only ip");
+        let e = check_tools_in(&nat, &dirs).unwrap_err();
+        assert_eq!(e, "network 'n' needs nft, which is not installed (Debian package nftables)");
+        std::fs::write(dir.join("nft"), "").unwrap();
+        let e = check_tools_in(&nat, &dirs).unwrap_err();
+        assert_eq!(e, "network 'n' needs dnsmasq, which is not installed (Debian package dnsmasq-base)");
+        std::fs::create_dir(dir.join("dnsmasq")).unwrap();
+        assert!(check_tools_in(&nat, &dirs).is_err(), "a directory is not the tool");
+        std::fs::remove_dir(dir.join("dnsmasq")).unwrap();
+        std::fs::write(dir.join("dnsmasq"), "").unwrap();
+        assert_eq!(check_tools_in(&nat, &dirs), Ok(()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
