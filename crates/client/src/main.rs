@@ -184,14 +184,15 @@ enum Command {
         /// Name or UUID.
         network: String,
     },
-    /// Change a network's fixed leases: ACTION (add, add-first, add-last,
-    /// modify, delete) of SECTION ip-dhcp-host with XML <host mac name ip/>.
+    /// Change a network's fixed leases or DNS names: ACTION (add, add-first, add-last,
+    /// modify, delete) of SECTION ip-dhcp-host (XML <host mac name ip/>) or dns-host
+    /// (XML <host ip><hostname>NAME</hostname></host>).
     NetUpdate {
         /// Name or UUID.
         network: String,
         /// add, add-first, add-last, modify or delete.
         action: String,
-        /// ip-dhcp-host.
+        /// ip-dhcp-host or dns-host.
         section: String,
         /// The <host .../> element.
         xml: String,

@@ -561,6 +561,17 @@ fn virsh_manages_networks_in_the_daemon_s_own_namespace() {
     // The same through rvirt's own socket.
     let ours = d.ok(&["domifaddr", "onnet"]);
     assert!(ours.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["vnet7", "52:54:00:00:00:77", "ipv4", &format!("{ip}/24")]), "{ours}");
+    // A DNS name added to the running network answers at once (dnsmasq re-reads its hosts on SIGHUP).
+    let name = "<host ip='10.90.0.200'><hostname>files.test</hostname></host>";
+    assert!(virsh_ok(&d, &["net-update", "default", "add-first", "dns-host", name, "--live"]).contains("Updated network default"));
+    let (_, answer) = in_daemon_ns(g, "busybox nslookup -type=a files.test 10.90.0.1");
+    assert!(answer.contains("10.90.0.200"), "{answer}");
+    assert!(virsh_ok(&d, &["net-dumpxml", "default"]).contains("<hostname>files.test</hostname>"));
+    assert!(!virsh_ok(&d, &["net-dumpxml", "--inactive", "default"]).contains("files.test"), "live only");
+    virsh_fails(&d, &["net-update", "default", "add", "ip-dhcp-range", "<range start='10.90.0.30' end='10.90.0.40'/>", "--live"], "not supported");
+    virsh_ok(&d, &["net-update", "default", "delete", "dns-host", name, "--live"]);
+    let (_, answer) = in_daemon_ns(g, "busybox nslookup -type=a files.test 10.90.0.1");
+    assert!(!answer.contains("10.90.0.200"), "{answer}");
     let mut guest = guest;
     let _ = guest.kill();
     let _ = guest.wait();

@@ -248,7 +248,16 @@ fn rvirt_s_net_commands_and_the_default_network_on_a_daemon_in_its_own_namespace
     assert_eq!(d.ok(&["net-update", "lab", "add", "ip-dhcp-host", host, "--live", "--config"]).trim(), "Updated network lab");
     assert!(d.ok(&["net-dumpxml", "lab"]).contains("ip='10.91.0.91'") && d.ok(&["net-dumpxml", "--inactive", "lab"]).contains("ip='10.91.0.91'"));
     d.fails(&["net-update", "lab", "add", "ip-dhcp-host", host, "--live"], "already a fixed lease");
-    d.fails(&["net-update", "lab", "add", "dns-host", host], "ip-dhcp-host section only");
+    d.fails(&["net-update", "lab", "add", "ip-dhcp-range", "<range start='10.91.0.30' end='10.91.0.40'/>"], "ip-dhcp-host and dns-host sections, not 'ip-dhcp-range'");
+    // A DNS name, live and in the definition; added or deleted, never modified.
+    let name = "<host ip='10.91.0.9'><hostname>files</hostname></host>";
+    assert_eq!(d.ok(&["net-update", "lab", "add-last", "dns-host", name, "--live", "--config"]).trim(), "Updated network lab");
+    assert!(d.ok(&["net-dumpxml", "lab"]).contains("<hostname>files</hostname>") && d.ok(&["net-dumpxml", "--inactive", "lab"]).contains("<hostname>files</hostname>"));
+    d.fails(&["net-update", "lab", "add", "dns-host", "<host ip='10.91.0.10'><hostname>files</hostname></host>", "--live"], "already a DNS host");
+    d.fails(&["net-update", "lab", "modify", "dns-host", name, "--live"], "cannot be modified");
+    d.fails(&["net-update", "lab", "add", "dns-host", "<host ip='10.91.0.11'/>", "--live"], "needs at least one <hostname>");
+    assert_eq!(d.ok(&["net-update", "lab", "delete", "dns-host", name, "--config"]).trim(), "Updated network lab");
+    assert!(!d.ok(&["net-dumpxml", "--inactive", "lab"]).contains("files") && d.ok(&["net-dumpxml", "lab"]).contains("files"), "config only");
     // net-edit: the stored definition through $EDITOR; the running network keeps its own.
     let o = d.rvirt_with(&["net-edit", "lab"], &[("EDITOR", "sed -i 's#10.91.0.20#10.91.0.30#'")], None);
     assert!(o.code == 0 && o.stdout.contains("Network lab XML configuration edited."), "{o:?}");

@@ -32,6 +32,65 @@ pub enum HostChange {
     Delete,
 }
 
+/// The part of a network `net-update` changes (libvirt's section names and numbers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateSection {
+    /// `ip-dhcp-host` (4): a fixed lease of the IPv4 DHCP.
+    DhcpHost,
+    /// `dns-host` (10): a name DNS answers for.
+    DnsHost,
+}
+
+impl UpdateSection {
+    /// The section named `name` as virsh spells it, or why not.
+    pub fn from_name(name: &str) -> Result<Self, String> {
+        match name {
+            "ip-dhcp-host" => Ok(Self::DhcpHost),
+            "dns-host" => Ok(Self::DnsHost),
+            s => Err(format!("net-update changes the ip-dhcp-host and dns-host sections, not '{s}'")),
+        }
+    }
+
+    /// The section numbered `n` in libvirt's protocol.
+    pub fn from_libvirt(n: u32) -> Option<Self> {
+        match n {
+            4 => Some(Self::DhcpHost),
+            10 => Some(Self::DnsHost),
+            _ => None,
+        }
+    }
+}
+
+/// Applies `change` with the `<host ip=...><hostname>...</host>` element
+/// `host_xml` to the DNS names of `def`, validated as a definition's are.
+/// As in libvirt, a DNS host is added or deleted, never modified in place.
+fn edit_dns_hosts(def: &mut NetworkDef, change: HostChange, host_xml: &str) -> Result<(), String> {
+    let probe = format!("<network><name>probe</name><dns>{host_xml}</dns></network>");
+    let parsed = NetworkDef::parse(&probe).map_err(|e| format!("the host element: {}", e.message))?;
+    let host = parsed.dns_hosts.into_iter().next().ok_or("the update holds no <host ip=...><hostname>...</hostname></host>")?;
+    match change {
+        HostChange::AddLast | HostChange::AddFirst => {
+            if let Some(h) = def.dns_hosts.iter().find(|h| h.ip == host.ip || h.hostnames.iter().any(|n| host.hostnames.contains(n))) {
+                return Err(format!("there is already a DNS host for {} or one of its names ({})", host.ip, h.hostnames.join(", ")));
+            }
+            if change == HostChange::AddFirst {
+                def.dns_hosts.insert(0, host);
+            } else {
+                def.dns_hosts.push(host);
+            }
+        }
+        HostChange::Modify => return Err("DNS hosts cannot be modified, only added or deleted".into()),
+        HostChange::Delete => {
+            let before = def.dns_hosts.len();
+            def.dns_hosts.retain(|h| h.ip != host.ip);
+            if def.dns_hosts.len() == before {
+                return Err(format!("no DNS host with address {} to delete", host.ip));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies `change` with the `<host .../>` element `host_xml` to the IPv4
 /// DHCP of `def`, validated as a definition's hosts are.
 fn edit_dhcp_hosts(def: &mut NetworkDef, change: HostChange, host_xml: &str) -> Result<(), String> {
@@ -277,11 +336,11 @@ impl Networks {
         Ok(name)
     }
 
-    /// `net-update ... ip-dhcp-host`: adds (`first`: before the others),
-    /// replaces (same MAC) or deletes a fixed lease of the network's IPv4
-    /// DHCP, in the running network (`live`: dnsmasq re-reads its hosts file
-    /// on SIGHUP) and/or its stored definition (`config`).
-    pub fn update_dhcp_host(&self, key: &str, change: HostChange, host_xml: &str, live: bool, config: bool) -> Result<String, String> {
+    /// `net-update`: adds (`first`: before the others), replaces or deletes
+    /// a fixed lease of the network's IPv4 DHCP or a DNS host, in the running
+    /// network (`live`: dnsmasq re-reads its host files on SIGHUP) and/or its
+    /// stored definition (`config`).
+    pub fn update(&self, key: &str, section: UpdateSection, change: HostChange, host_xml: &str, live: bool, config: bool) -> Result<String, String> {
         let mut nets = self.lock();
         let name = Self::find(&nets, key)?;
         let n = nets.get_mut(&name).ok_or_else(|| format!("no network '{name}'"))?;
@@ -296,7 +355,10 @@ impl Networks {
         let touched_live = live_def.is_some();
         targets.extend(live_def);
         for def in targets {
-            edit_dhcp_hosts(def, change, host_xml)?;
+            match section {
+                UpdateSection::DhcpHost => edit_dhcp_hosts(def, change, host_xml)?,
+                UpdateSection::DnsHost => edit_dns_hosts(def, change, host_xml)?,
+            }
         }
         if config {
             self.store.save_network(&name, &n.def.to_xml()).map_err(|e| format!("{e:#}"))?;
@@ -304,7 +366,11 @@ impl Networks {
         if touched_live {
             if let Some(l) = &n.live {
                 let files = self.files(&name);
-                std::fs::write(&files.hosts, runtime::dhcp_hosts(l)).map_err(|e| format!("writing {}: {e}", files.hosts.display()))?;
+                let (path, text) = match section {
+                    UpdateSection::DhcpHost => (&files.hosts, runtime::dhcp_hosts(l)),
+                    UpdateSection::DnsHost => (&files.addn_hosts, runtime::addn_hosts(l)),
+                };
+                std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
                 if let Some(pid) = runtime::dnsmasq_pid(&files) {
                     // SAFETY: kill has no memory effects; the pid is dnsmasq's (checked by name).
                     unsafe { libc::kill(pid, libc::SIGHUP) };
@@ -422,9 +488,10 @@ impl Networks {
             Request::NetDestroy { network } => done(self.destroy(&network)),
             Request::NetAutostart { network, enable } => done(self.set_autostart(&network, enable)),
             Request::NetUpdate { network, action, section, xml, live, config } => {
-                if section != "ip-dhcp-host" {
-                    return Response::error(format!("net-update changes the ip-dhcp-host section only, not '{section}'"));
-                }
+                let section = match UpdateSection::from_name(&section) {
+                    Ok(s) => s,
+                    Err(e) => return Response::error(e),
+                };
                 let change = match action.as_str() {
                     "add" | "add-last" => HostChange::AddLast,
                     "add-first" => HostChange::AddFirst,
@@ -439,7 +506,7 @@ impl Networks {
                     let active = self.brief(&network).is_ok_and(|b| b.active);
                     (active, !active)
                 };
-                done(self.update_dhcp_host(&network, change, &xml, live, config))
+                done(self.update(&network, section, change, &xml, live, config))
             }
             Request::NetDumpXml { network, inactive } => match self.dump_xml(&network, inactive) {
                 Ok(x) => Response { xml: Some(x), ..Response::ok() },

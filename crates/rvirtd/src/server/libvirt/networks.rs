@@ -7,7 +7,7 @@ use rvirt_libvirt_rpc::{Decoder, RemoteError};
 
 use super::dispatch::{bad_args, encode, flag_group, ret_int, Reply};
 use super::Session;
-use crate::network::{HostChange, NetworkBrief};
+use crate::network::{HostChange, NetworkBrief, UpdateSection};
 
 /// Whether network procedure `proc_` changes anything (refused on read-only connections).
 pub(super) fn changes(proc_: i32) -> bool {
@@ -191,12 +191,19 @@ impl Session {
                 let xml = d.string().map_err(bad_args)?;
                 let flags = d.u32().map_err(bad_args)?;
                 // libvirt's client sends section and command in either order
-                // (the protocol swapped them once); the section rvirt serves is
-                // ip-dhcp-host (4), so the other word is the command.
-                const DHCP_HOST: u32 = 4;
-                let command = match (a, c) {
-                    (DHCP_HOST, cmd @ 1..=4) | (cmd @ 1..=4, DHCP_HOST) => cmd,
-                    _ => return Err(error(err::NO_SUPPORT, "this function is not supported by the connection driver: rvirt updates the ip-dhcp-host section only")),
+                // (the protocol swapped them once); commands are 1 to 4 and the
+                // sections rvirt serves are ip-dhcp-host (4) and dns-host (10).
+                let served = |n: u32| UpdateSection::from_libvirt(n);
+                let command = |n: u32| (1..=4).contains(&n);
+                let (section, command) = if command(c) && served(a).is_some() {
+                    (served(a), c)
+                } else if command(a) && served(c).is_some() {
+                    (served(c), a)
+                } else {
+                    (None, 0)
+                };
+                let Some(section) = section else {
+                    return Err(error(err::NO_SUPPORT, "this function is not supported by the connection driver: rvirt updates the ip-dhcp-host and dns-host sections only"));
                 };
                 let change = match command {
                     1 => HostChange::Modify,
@@ -209,7 +216,7 @@ impl Session {
                     0 => (b.active, !b.active),
                     f => (f & 1 != 0, f & 2 != 0),
                 };
-                nets.update_dhcp_host(&b.name, change, xml, live, config).map_err(|e| error(err::OPERATION_INVALID, format!("Requested operation is not valid: {e}")))?;
+                nets.update(&b.name, section, change, xml, live, config).map_err(|e| error(err::OPERATION_INVALID, format!("Requested operation is not valid: {e}")))?;
                 Ok(Vec::new())
             })(),
             p::NETWORK_IS_ACTIVE => (|| ret_int(i32::from(self.network(d)?.active)))(),
