@@ -184,15 +184,15 @@ enum Command {
         /// Name or UUID.
         network: String,
     },
-    /// Change a network's fixed leases or DNS names: ACTION (add, add-first, add-last,
-    /// modify, delete) of SECTION ip-dhcp-host (XML <host mac name ip/>) or dns-host
-    /// (XML <host ip><hostname>NAME</hostname></host>).
+    /// Change a network's fixed leases, DHCP ranges or DNS names: ACTION (add, add-first, add-last,
+    /// modify, delete) of SECTION ip-dhcp-host (XML <host mac name ip/>), ip-dhcp-range
+    /// (<range start end/>) or dns-host (<host ip><hostname>NAME</hostname></host>).
     NetUpdate {
         /// Name or UUID.
         network: String,
         /// add, add-first, add-last, modify or delete.
         action: String,
-        /// ip-dhcp-host or dns-host.
+        /// ip-dhcp-host, ip-dhcp-range or dns-host.
         section: String,
         /// The <host .../> element.
         xml: String,

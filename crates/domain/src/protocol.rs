@@ -150,15 +150,15 @@ pub enum Request {
         #[serde(default)]
         inactive: bool,
     },
-    /// Change a network's fixed leases or DNS names (virsh net-update ... ip-dhcp-host|dns-host).
+    /// Change a network's fixed leases or DNS names (virsh net-update ... ip-dhcp-host|ip-dhcp-range|dns-host).
     NetUpdate {
         /// Name or UUID.
         network: String,
         /// `add` (= `add-last`), `add-first`, `modify` or `delete`.
         action: String,
-        /// The section; rvirt changes `ip-dhcp-host` and `dns-host`.
+        /// The section; rvirt changes `ip-dhcp-host`, `ip-dhcp-range` and `dns-host`.
         section: String,
-        /// The `<host mac name ip/>` (or `<host ip><hostname>`) element.
+        /// The `<host mac name ip/>`, `<range start end/>` or `<host ip><hostname>` element.
         xml: String,
         /// Change the running network.
         #[serde(default)]

@@ -568,7 +568,8 @@ fn virsh_manages_networks_in_the_daemon_s_own_namespace() {
     assert!(answer.contains("10.90.0.200"), "{answer}");
     assert!(virsh_ok(&d, &["net-dumpxml", "default"]).contains("<hostname>files.test</hostname>"));
     assert!(!virsh_ok(&d, &["net-dumpxml", "--inactive", "default"]).contains("files.test"), "live only");
-    virsh_fails(&d, &["net-update", "default", "add", "ip-dhcp-range", "<range start='10.90.0.30' end='10.90.0.40'/>", "--live"], "not supported");
+    virsh_fails(&d, &["net-update", "default", "add", "forward", "<forward mode='route'/>", "--live"], "not supported");
+    virsh_fails(&d, &["net-update", "default", "delete", "ip-dhcp-range", "<range start='10.90.0.2' end='10.90.0.254'/>", "--live"], "the network's only DHCP range");
     virsh_ok(&d, &["net-update", "default", "delete", "dns-host", name, "--live"]);
     let (_, answer) = in_daemon_ns(g, "busybox nslookup -type=a files.test 10.90.0.1");
     assert!(!answer.contains("10.90.0.200"), "{answer}");

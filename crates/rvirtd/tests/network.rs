@@ -248,7 +248,7 @@ fn rvirt_s_net_commands_and_the_default_network_on_a_daemon_in_its_own_namespace
     assert_eq!(d.ok(&["net-update", "lab", "add", "ip-dhcp-host", host, "--live", "--config"]).trim(), "Updated network lab");
     assert!(d.ok(&["net-dumpxml", "lab"]).contains("ip='10.91.0.91'") && d.ok(&["net-dumpxml", "--inactive", "lab"]).contains("ip='10.91.0.91'"));
     d.fails(&["net-update", "lab", "add", "ip-dhcp-host", host, "--live"], "already a fixed lease");
-    d.fails(&["net-update", "lab", "add", "ip-dhcp-range", "<range start='10.91.0.30' end='10.91.0.40'/>"], "ip-dhcp-host and dns-host sections, not 'ip-dhcp-range'");
+    d.fails(&["net-update", "lab", "add", "forward", "<forward mode='route'/>"], "ip-dhcp-host, ip-dhcp-range and dns-host sections, not 'forward'");
     // A DNS name, live and in the definition; added or deleted, never modified.
     let name = "<host ip='10.91.0.9'><hostname>files</hostname></host>";
     assert_eq!(d.ok(&["net-update", "lab", "add-last", "dns-host", name, "--live", "--config"]).trim(), "Updated network lab");
@@ -258,6 +258,24 @@ fn rvirt_s_net_commands_and_the_default_network_on_a_daemon_in_its_own_namespace
     d.fails(&["net-update", "lab", "add", "dns-host", "<host ip='10.91.0.11'/>", "--live"], "needs at least one <hostname>");
     assert_eq!(d.ok(&["net-update", "lab", "delete", "dns-host", name, "--config"]).trim(), "Updated network lab");
     assert!(!d.ok(&["net-dumpxml", "--inactive", "lab"]).contains("files") && d.ok(&["net-dumpxml", "lab"]).contains("files"), "config only");
+    // A DHCP range, live: dnsmasq reads ranges only at start, so it is restarted with them.
+    let pid_file = d.state.join("networks/run/lab.pid");
+    let before = std::fs::read_to_string(&pid_file).unwrap();
+    let range = "<range start='10.91.0.100' end='10.91.0.110'/>";
+    assert_eq!(d.ok(&["net-update", "lab", "add", "ip-dhcp-range", range, "--live"]).trim(), "Updated network lab");
+    let after = std::fs::read_to_string(&pid_file).unwrap();
+    assert_ne!(before, after, "a new dnsmasq");
+    assert!(in_ns(&format!("kill -0 {}", after.trim())).0, "it runs");
+    let conf = std::fs::read_to_string(d.state.join("networks/run/lab.conf")).unwrap();
+    assert!(conf.contains("dhcp-range=10.91.0.10,10.91.0.20") && conf.contains("dhcp-range=10.91.0.100,10.91.0.110"), "{conf}");
+    assert!(d.ok(&["net-dumpxml", "lab"]).contains("start='10.91.0.100'") && !d.ok(&["net-dumpxml", "--inactive", "lab"]).contains("10.91.0.100"), "live only");
+    d.fails(&["net-update", "lab", "add", "ip-dhcp-range", "<range start='10.91.0.105' end='10.91.0.120'/>", "--live"], "overlaps the range 10.91.0.100-10.91.0.110");
+    d.fails(&["net-update", "lab", "add", "ip-dhcp-range", "<range start='10.92.0.5' end='10.92.0.9'/>", "--live"], "is not a range inside 10.91.0.0/24");
+    d.fails(&["net-update", "lab", "modify", "ip-dhcp-range", range, "--live"], "cannot be modified");
+    assert_eq!(d.ok(&["net-update", "lab", "delete", "ip-dhcp-range", range, "--live"]).trim(), "Updated network lab");
+    d.fails(&["net-update", "lab", "delete", "ip-dhcp-range", range, "--live"], "no DHCP range 10.91.0.100-10.91.0.110 to delete");
+    d.fails(&["net-update", "lab", "delete", "ip-dhcp-range", "<range start='10.91.0.10' end='10.91.0.20'/>", "--live"], "only DHCP range");
+    assert!(!std::fs::read_to_string(d.state.join("networks/run/lab.conf")).unwrap().contains("10.91.0.100"));
     // net-edit: the stored definition through $EDITOR; the running network keeps its own.
     let o = d.rvirt_with(&["net-edit", "lab"], &[("EDITOR", "sed -i 's#10.91.0.20#10.91.0.30#'")], None);
     assert!(o.code == 0 && o.stdout.contains("Network lab XML configuration edited."), "{o:?}");

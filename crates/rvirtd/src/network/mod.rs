@@ -37,6 +37,8 @@ pub enum HostChange {
 pub enum UpdateSection {
     /// `ip-dhcp-host` (4): a fixed lease of the IPv4 DHCP.
     DhcpHost,
+    /// `ip-dhcp-range` (5): an address range of the IPv4 DHCP.
+    DhcpRange,
     /// `dns-host` (10): a name DNS answers for.
     DnsHost,
 }
@@ -46,8 +48,9 @@ impl UpdateSection {
     pub fn from_name(name: &str) -> Result<Self, String> {
         match name {
             "ip-dhcp-host" => Ok(Self::DhcpHost),
+            "ip-dhcp-range" => Ok(Self::DhcpRange),
             "dns-host" => Ok(Self::DnsHost),
-            s => Err(format!("net-update changes the ip-dhcp-host and dns-host sections, not '{s}'")),
+            s => Err(format!("net-update changes the ip-dhcp-host, ip-dhcp-range and dns-host sections, not '{s}'")),
         }
     }
 
@@ -55,10 +58,44 @@ impl UpdateSection {
     pub fn from_libvirt(n: u32) -> Option<Self> {
         match n {
             4 => Some(Self::DhcpHost),
+            5 => Some(Self::DhcpRange),
             10 => Some(Self::DnsHost),
             _ => None,
         }
     }
+}
+
+/// Applies `change` with the `<range start end/>` element `range_xml` to the
+/// IPv4 DHCP of `def`, validated as a definition's ranges are. As in
+/// libvirt, a range is added or deleted, never modified; the last one stays
+/// (without it the network would lease nothing).
+fn edit_dhcp_ranges(def: &mut NetworkDef, change: HostChange, range_xml: &str) -> Result<(), String> {
+    let ip = def.ips.iter_mut().find(|i| i.address.is_ipv4() && !i.dhcp_ranges.is_empty()).ok_or_else(|| format!("network '{}' has no IPv4 DHCP", def.name))?;
+    let probe = format!("<network><name>probe</name><ip address='{}' prefix='{}'><dhcp>{range_xml}</dhcp></ip></network>", ip.address, ip.prefix);
+    let parsed = NetworkDef::parse(&probe).map_err(|e| format!("the range element: {}", e.message))?;
+    let (start, end) = parsed.ips.into_iter().next().and_then(|i| i.dhcp_ranges.into_iter().next()).ok_or("the update holds no <range start=... end=.../>")?;
+    let number = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(v) => u128::from(u32::from(v)),
+        std::net::IpAddr::V6(v) => u128::from(v),
+    };
+    match change {
+        HostChange::AddLast | HostChange::AddFirst => {
+            if let Some((s, e)) = ip.dhcp_ranges.iter().find(|(s, e)| number(start) <= number(*e) && number(*s) <= number(end)) {
+                return Err(format!("{start}-{end} overlaps the range {s}-{e}"));
+            }
+            let at = if change == HostChange::AddFirst { 0 } else { ip.dhcp_ranges.len() };
+            ip.dhcp_ranges.insert(at, (start, end));
+        }
+        HostChange::Modify => return Err("DHCP ranges cannot be modified, only added or deleted".into()),
+        HostChange::Delete => {
+            let at = ip.dhcp_ranges.iter().position(|r| *r == (start, end)).ok_or_else(|| format!("no DHCP range {start}-{end} to delete"))?;
+            if ip.dhcp_ranges.len() == 1 {
+                return Err(format!("{start}-{end} is the network's only DHCP range: add another first"));
+            }
+            ip.dhcp_ranges.remove(at);
+        }
+    }
+    Ok(())
 }
 
 /// Applies `change` with the `<host ip=...><hostname>...</host>` element
@@ -337,9 +374,10 @@ impl Networks {
     }
 
     /// `net-update`: adds (`first`: before the others), replaces or deletes
-    /// a fixed lease of the network's IPv4 DHCP or a DNS host, in the running
-    /// network (`live`: dnsmasq re-reads its host files on SIGHUP) and/or its
-    /// stored definition (`config`).
+    /// a fixed lease or range of the network's IPv4 DHCP or a DNS host, in
+    /// the running network (`live`: dnsmasq re-reads its host files on
+    /// SIGHUP, and restarts for a range) and/or its stored definition
+    /// (`config`).
     pub fn update(&self, key: &str, section: UpdateSection, change: HostChange, host_xml: &str, live: bool, config: bool) -> Result<String, String> {
         let mut nets = self.lock();
         let name = Self::find(&nets, key)?;
@@ -357,6 +395,7 @@ impl Networks {
         for def in targets {
             match section {
                 UpdateSection::DhcpHost => edit_dhcp_hosts(def, change, host_xml)?,
+                UpdateSection::DhcpRange => edit_dhcp_ranges(def, change, host_xml)?,
                 UpdateSection::DnsHost => edit_dns_hosts(def, change, host_xml)?,
             }
         }
@@ -369,6 +408,8 @@ impl Networks {
                 let (path, text) = match section {
                     UpdateSection::DhcpHost => (&files.hosts, runtime::dhcp_hosts(l)),
                     UpdateSection::DnsHost => (&files.addn_hosts, runtime::addn_hosts(l)),
+                    // dnsmasq reads its ranges only at start.
+                    UpdateSection::DhcpRange => return runtime::restart_dnsmasq(l, n.bridge(), &files).map(|()| name),
                 };
                 std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
                 if let Some(pid) = runtime::dnsmasq_pid(&files) {

@@ -329,20 +329,26 @@ fn bring_up(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> Result<(), 
         }
     }
     if !def.ips.is_empty() {
-        let write = |p: &Path, text: String| std::fs::write(p, text).map_err(|e| format!("writing {}: {e}", p.display()));
-        write(&files.conf, dnsmasq_conf(def, bridge, files))?;
-        write(&files.hosts, dhcp_hosts(def))?;
-        write(&files.addn_hosts, addn_hosts(def))?;
-        let _ = std::fs::remove_file(&files.pid);
-        run("dnsmasq", &[&format!("--conf-file={}", files.conf.display())])?;
-        // dnsmasq writes its pid file once it runs in the background.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while dnsmasq_pid(files).is_none() {
-            if Instant::now() > deadline {
-                return Err(format!("network '{}': dnsmasq did not start (no pid in {})", def.name, files.pid.display()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        start_dnsmasq(def, bridge, files)?;
+    }
+    Ok(())
+}
+
+/// Writes dnsmasq's files for the network and starts it, waiting for its pid.
+fn start_dnsmasq(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> Result<(), String> {
+    let write = |p: &Path, text: String| std::fs::write(p, text).map_err(|e| format!("writing {}: {e}", p.display()));
+    write(&files.conf, dnsmasq_conf(def, bridge, files))?;
+    write(&files.hosts, dhcp_hosts(def))?;
+    write(&files.addn_hosts, addn_hosts(def))?;
+    let _ = std::fs::remove_file(&files.pid);
+    run("dnsmasq", &[&format!("--conf-file={}", files.conf.display())])?;
+    // dnsmasq writes its pid file once it runs in the background.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dnsmasq_pid(files).is_none() {
+        if Instant::now() > deadline {
+            return Err(format!("network '{}': dnsmasq did not start (no pid in {})", def.name, files.pid.display()));
         }
+        std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
 }
@@ -359,15 +365,10 @@ pub fn is_active(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> bool {
     link_exists(bridge) && (def.ips.is_empty() || dnsmasq_pid(files).is_some())
 }
 
-/// Takes the network down: dnsmasq, the nftables table, the bridge. Every
-/// step is tried; the first failure is returned.
-pub fn stop(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> Result<(), String> {
-    let mut first: Option<String> = None;
-    let mut note = |r: Result<(), String>| {
-        if let Err(e) = r {
-            first.get_or_insert(e);
-        }
-    };
+/// Stops the network's dnsmasq: SIGTERM, SIGKILL after 5 s, an error if it
+/// survives that too.
+fn stop_dnsmasq(def: &NetworkDef, files: &NetworkFiles) -> Result<(), String> {
+    let mut result = Ok(());
     if let Some(pid) = dnsmasq_pid(files) {
         let gone = |limit: Duration| {
             let deadline = Instant::now() + limit;
@@ -385,11 +386,31 @@ pub fn stop(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> Result<(), 
             // SAFETY: as above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             if !gone(Duration::from_secs(5)) {
-                note(Err(format!("network '{}': dnsmasq (pid {pid}) did not exit", def.name)));
+                result = Err(format!("network '{}': dnsmasq (pid {pid}) did not exit", def.name));
             }
         }
     }
     let _ = std::fs::remove_file(&files.pid);
+    result
+}
+
+/// Restarts a running network's dnsmasq with its configuration rewritten
+/// (a changed DHCP range; leases live on in the lease file).
+pub fn restart_dnsmasq(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> Result<(), String> {
+    stop_dnsmasq(def, files)?;
+    start_dnsmasq(def, bridge, files)
+}
+
+/// Takes the network down: dnsmasq, the nftables table, the bridge. Every
+/// step is tried; the first failure is returned.
+pub fn stop(def: &NetworkDef, bridge: &str, files: &NetworkFiles) -> Result<(), String> {
+    let mut first: Option<String> = None;
+    let mut note = |r: Result<(), String>| {
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    };
+    note(stop_dnsmasq(def, files));
     if def.forward != ForwardMode::Open {
         let t = table_name(bridge);
         if run("nft", &["list", "table", "inet", &t]).is_ok() {

@@ -192,7 +192,8 @@ impl Session {
                 let flags = d.u32().map_err(bad_args)?;
                 // libvirt's client sends section and command in either order
                 // (the protocol swapped them once); commands are 1 to 4 and the
-                // sections rvirt serves are ip-dhcp-host (4) and dns-host (10).
+                // sections rvirt serves are ip-dhcp-host (4), ip-dhcp-range (5)
+                // and dns-host (10).
                 let served = |n: u32| UpdateSection::from_libvirt(n);
                 let command = |n: u32| (1..=4).contains(&n);
                 let (section, command) = if command(c) && served(a).is_some() {
@@ -203,7 +204,7 @@ impl Session {
                     (None, 0)
                 };
                 let Some(section) = section else {
-                    return Err(error(err::NO_SUPPORT, "this function is not supported by the connection driver: rvirt updates the ip-dhcp-host and dns-host sections only"));
+                    return Err(error(err::NO_SUPPORT, "this function is not supported by the connection driver: rvirt updates the ip-dhcp-host, ip-dhcp-range and dns-host sections only"));
                 };
                 let change = match command {
                     1 => HostChange::Modify,
