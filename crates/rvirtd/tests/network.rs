@@ -4,7 +4,9 @@
 //! own, asking with busybox's DHCP client) gets a lease, resolves a name the
 //! network serves, reaches an "outside" namespace through NAT while the
 //! outside cannot reach it; an isolated network reaches nothing outside;
-//! taking a network down leaves no bridge, process or rule behind.
+//! on an IPv6 network it gets its route from router advertisements and an
+//! address by DHCPv6 (ISC's dhclient); taking a network down leaves no
+//! bridge, process or rule behind.
 
 mod support;
 
@@ -154,6 +156,85 @@ fn a_nat_network_leases_resolves_and_masquerades_and_leaves_nothing_behind() {
     if ran.is_none() {
         eprintln!("note: no network namespace here; networks not exercised");
     }
+}
+
+#[test]
+fn an_ipv6_network_advertises_leases_by_dhcpv6_and_routes_both_ways() {
+    let dir = scratch("six");
+    let ran = in_netns(move || {
+        let Ok(dhclient) = which("dhclient") else {
+            panic!("dhclient (Debian package isc-dhcp-client) is needed for the DHCPv6 client; .ci/run installs it");
+        };
+        let def = NetworkDef::parse(
+            "<network><name>six</name><forward mode='route'/><bridge name='rvbr6' stp='off'/>\
+             <ip family='ipv6' address='fd00:77::1' prefix='64'><dhcp><range start='fd00:77::100' end='fd00:77::1ff'/></dhcp></ip></network>",
+        )
+        .unwrap();
+        let files = NetworkFiles::new(&dir, "six");
+        let out = Netns::new();
+        ok(&format!("ip link add up0 type veth peer name out0 && ip link set out0 netns {} && ip addr add fd00:51::1/64 dev up0 nodad && ip link set up0 up", out.pid()));
+        let (good, said) = out.sh("ip link set lo up && ip addr add fd00:51::2/64 dev out0 nodad && ip link set out0 up && ip -6 route add fd00:77::/64 via fd00:51::1");
+        assert!(good, "{said}");
+        runtime::start(&def, "rvbr6", &files).unwrap();
+        assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").unwrap().trim(), "1");
+        let conf = std::fs::read_to_string(&files.conf).unwrap();
+        assert!(conf.contains("dhcp-range=fd00:77::100,fd00:77::1ff,64") && conf.contains("enable-ra"), "{conf}");
+
+        // The stand-in guest: router advertisements give it its default
+        // route, DHCPv6 (ISC's dhclient) its address.
+        let g = Netns::new();
+        ok(&format!("ip link add vg6 type veth peer name vh6 && ip link set vg6 netns {} && ip link set vh6 master rvbr6 up", g.pid()));
+        // dhclient stays to renew: stopped when the test ends, however it ends
+        // (its own script would release the address).
+        struct StopDhclient(PathBuf);
+        impl Drop for StopDhclient {
+            fn drop(&mut self) {
+                sh(&format!("kill $(cat {}) 2>/dev/null", self.0.display()));
+            }
+        }
+        let _dhclient = StopDhclient(dir.join("dh6.pid"));
+        let script = dir.join("dhclient6.sh");
+        std::fs::write(&script, "#!/bin/sh\ncase $reason in BOUND6|REBOOT6) ip -6 addr add $new_ip6_address/128 dev $interface nodad && echo \"LEASE6 $new_ip6_address\";; esac\nexit 0\n").unwrap();
+        ok(&format!("chmod +x {}", script.display()));
+        let (_, said) = g.sh(&format!(
+            "sysctl -qw net.ipv6.conf.vg6.accept_dad=0 && ip link set lo up && ip link set vg6 address 52:54:00:00:06:06 && ip link set vg6 up && sleep 0.5 && \
+             timeout 30 {dhclient} -6 -1 -v -sf {s} -lf {d}/dh6.leases -pf {d}/dh6.pid vg6",
+            s = script.display(),
+            d = dir.display()
+        ));
+        let ip = said.lines().find_map(|l| l.strip_prefix("LEASE6 ")).unwrap_or_else(|| panic!("no DHCPv6 lease: {said}")).to_string();
+        let addr: std::net::Ipv6Addr = ip.parse().unwrap();
+        let low = u128::from(addr) & 0xffff;
+        assert!(ip.starts_with("fd00:77::") && (0x100..=0x1ff).contains(&low), "{ip}");
+        let leases = runtime::read_leases(&files);
+        let lease = leases.iter().find(|l| l.ip.to_string() == ip).unwrap_or_else(|| panic!("dnsmasq's lease file has it: {leases:?}"));
+        assert_eq!(lease.mac, "52:54:00:00:06:06", "the MAC read from the client's DUID");
+        // The default route came from the network's router advertisements.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let (_, routes) = g.sh("ip -6 route show default");
+            if routes.contains("proto ra") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no default route from an RA: {routes}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let ping6 = |from: &Netns, to: &str| from.sh(&format!("busybox ping6 -c 1 -W 2 {to}")).1.contains("1 packets received");
+        assert!(ping6(&g, "fd00:77::1"), "the guest reaches the host on the bridge");
+        assert!(ping6(&g, "fd00:51::2"), "and, routed, the outside");
+        assert!(ping6(&out, &ip), "a routed network is reachable from the outside");
+        runtime::stop(&def, "rvbr6", &files).unwrap();
+        assert!(!runtime::link_exists("rvbr6"));
+        drop(g);
+    });
+    if ran.is_none() {
+        eprintln!("note: no network namespace here; networks not exercised");
+    }
+}
+
+/// The full path of `tool` in the usual directories, or why not.
+fn which(tool: &str) -> Result<String, String> {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().map(|d| format!("{d}/{tool}")).find(|p| Path::new(p).is_file()).ok_or_else(|| format!("{tool} not found"))
 }
 
 #[test]

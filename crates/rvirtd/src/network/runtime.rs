@@ -447,11 +447,28 @@ pub fn read_leases(files: &NetworkFiles) -> Vec<Lease> {
         .filter_map(|l| {
             let mut w = l.split_whitespace();
             let expiry = w.next()?.parse().ok()?;
-            let mac = w.next()?.to_ascii_lowercase();
-            let ip = w.next()?.parse().ok()?;
-            Some(Lease { expiry, mac, ip, hostname: opt(w.next()), client_id: opt(w.next()) })
+            let second = w.next()?.to_ascii_lowercase();
+            let ip: IpAddr = w.next()?.parse().ok()?;
+            let (hostname, client_id) = (opt(w.next()), opt(w.next()));
+            // A DHCPv6 lease has the IAID where IPv4's has the MAC; the MAC
+            // is in the client's DUID when it is link-layer based.
+            let mac = if ip.is_ipv6() { client_id.as_deref().and_then(mac_of_duid).unwrap_or_default() } else { second };
+            Some(Lease { expiry, mac, ip, hostname, client_id })
         })
         .collect()
+}
+
+/// The Ethernet address inside a DHCPv6 DUID written `00:01:...`: DUID-LLT
+/// (type 1: hardware type, time, address) or DUID-LL (type 3: hardware
+/// type, address) with hardware type 1.
+fn mac_of_duid(duid: &str) -> Option<String> {
+    let b: Vec<u8> = duid.split(':').map(|x| u8::from_str_radix(x, 16)).collect::<Result<_, _>>().ok()?;
+    let mac = match b.get(..4)? {
+        [0, 1, 0, 1] if b.len() == 14 => &b[8..],
+        [0, 3, 0, 1] if b.len() == 10 => &b[4..],
+        _ => return None,
+    };
+    Some(mac.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":"))
 }
 
 /// Tables of others whose forward chain drops by default (Docker,
@@ -476,6 +493,37 @@ mod tests {
 
     fn def(xml: &str) -> NetworkDef {
         NetworkDef::parse(xml).unwrap()
+    }
+
+    #[test]
+    fn dhcpv6_leases_take_their_mac_from_the_client_s_duid() {
+        let dir = std::env::temp_dir().join(format!("rvirt-leases-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = NetworkFiles::new(&dir, "n");
+        std::fs::write(
+            &files.leases,
+            "1700000000 52:54:00:AA:bb:01 10.0.0.5 vm1 01:52:54:00:aa:bb:01\n\
+             duid 00:01:00:01:32:a7:52:a5:5a:f8:d0:79:9f:61\n\
+             1700000001 1542 fd00:77::159 * 00:01:00:01:32:a7:52:ac:52:54:00:00:06:06\n\
+             1700000002 7 fd00:77::160 vm3 00:03:00:01:52:54:00:00:06:07\n\
+             1700000003 8 fd00:77::161 * 00:02:00:00:ab:11:01:02\n\
+             garbage line\n",
+        )
+        .unwrap();
+        let l = read_leases(&files);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let got: Vec<(&str, String)> = l.iter().map(|x| (x.mac.as_str(), x.ip.to_string())).collect();
+        assert_eq!(
+            got,
+            [
+                ("52:54:00:aa:bb:01", "10.0.0.5".to_string()),
+                ("52:54:00:00:06:06", "fd00:77::159".to_string()),
+                ("52:54:00:00:06:07", "fd00:77::160".to_string()),
+                ("", "fd00:77::161".to_string()),
+            ]
+        );
+        assert_eq!(l[2].hostname.as_deref(), Some("vm3"));
+        assert_eq!(l[1].client_id.as_deref(), Some("00:01:00:01:32:a7:52:ac:52:54:00:00:06:06"));
     }
 
     #[test]
