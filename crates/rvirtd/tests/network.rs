@@ -339,6 +339,9 @@ fn rvirt_s_net_commands_and_the_default_network_on_a_daemon_in_its_own_namespace
     d.fails(&["net-update", "lab", "add", "dns-host", "<host ip='10.91.0.11'/>", "--live"], "needs at least one <hostname>");
     assert_eq!(d.ok(&["net-update", "lab", "delete", "dns-host", name, "--config"]).trim(), "Updated network lab");
     assert!(!d.ok(&["net-dumpxml", "--inactive", "lab"]).contains("files") && d.ok(&["net-dumpxml", "lab"]).contains("files"), "config only");
+    // Refused in the running network, so not kept in the definition either.
+    d.fails(&["net-update", "lab", "add", "dns-host", name, "--live", "--config"], "already a DNS host");
+    assert!(!d.ok(&["net-dumpxml", "--inactive", "lab"]).contains("files"), "nothing half-applied");
     // A DHCP range, live: dnsmasq reads ranges only at start, so it is restarted with them.
     let pid_file = d.state.join("networks/run/lab.pid");
     let before = std::fs::read_to_string(&pid_file).unwrap();

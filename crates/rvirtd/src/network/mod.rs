@@ -385,37 +385,49 @@ impl Networks {
         if live && n.live.is_none() {
             return Err(format!("network '{name}' is not active: only its definition can change (--config)"));
         }
-        let mut targets: Vec<&mut NetworkDef> = Vec::new();
-        if config {
-            targets.push(&mut n.def);
-        }
-        let live_def = if live { n.live.as_mut() } else { None };
-        let touched_live = live_def.is_some();
-        targets.extend(live_def);
-        for def in targets {
+        // Both changed on copies first: either change is refused before anything is kept.
+        let edit = |mut def: NetworkDef| -> Result<NetworkDef, String> {
             match section {
-                UpdateSection::DhcpHost => edit_dhcp_hosts(def, change, host_xml)?,
-                UpdateSection::DhcpRange => edit_dhcp_ranges(def, change, host_xml)?,
-                UpdateSection::DnsHost => edit_dns_hosts(def, change, host_xml)?,
+                UpdateSection::DhcpHost => edit_dhcp_hosts(&mut def, change, host_xml)?,
+                UpdateSection::DhcpRange => edit_dhcp_ranges(&mut def, change, host_xml)?,
+                UpdateSection::DnsHost => edit_dns_hosts(&mut def, change, host_xml)?,
             }
+            Ok(def)
+        };
+        let stored = if config { Some(edit(n.def.clone())?) } else { None };
+        let running = match (&n.live, live) {
+            (Some(l), true) => Some(edit(l.clone())?),
+            _ => None,
+        };
+        if let Some(d) = stored {
+            self.store.save_network(&name, &d.to_xml()).map_err(|e| format!("{e:#}"))?;
+            n.def = d;
         }
-        if config {
-            self.store.save_network(&name, &n.def.to_xml()).map_err(|e| format!("{e:#}"))?;
-        }
-        if touched_live {
-            if let Some(l) = &n.live {
-                let files = self.files(&name);
-                let (path, text) = match section {
-                    UpdateSection::DhcpHost => (&files.hosts, runtime::dhcp_hosts(l)),
-                    UpdateSection::DnsHost => (&files.addn_hosts, runtime::addn_hosts(l)),
-                    // dnsmasq reads its ranges only at start.
-                    UpdateSection::DhcpRange => return runtime::restart_dnsmasq(l, n.bridge(), &files).map(|()| name),
-                };
-                std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
-                if let Some(pid) = runtime::dnsmasq_pid(&files) {
-                    // SAFETY: kill has no memory effects; the pid is dnsmasq's (checked by name).
-                    unsafe { libc::kill(pid, libc::SIGHUP) };
+        if let Some(l) = running {
+            let files = self.files(&name);
+            let (path, text) = match section {
+                UpdateSection::DhcpHost => (&files.hosts, runtime::dhcp_hosts(&l)),
+                UpdateSection::DnsHost => (&files.addn_hosts, runtime::addn_hosts(&l)),
+                // dnsmasq reads its ranges only at start; when the new ones
+                // fail, it is brought back with the old.
+                UpdateSection::DhcpRange => {
+                    if let Err(e) = runtime::restart_dnsmasq(&l, n.bridge(), &files) {
+                        if let Some(old) = &n.live {
+                            if let Err(again) = runtime::restart_dnsmasq(old, n.bridge(), &files) {
+                                tracing::error!("network '{name}': dnsmasq did not come back with its old ranges: {again}");
+                            }
+                        }
+                        return Err(e);
+                    }
+                    n.live = Some(l);
+                    return Ok(name);
                 }
+            };
+            std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            n.live = Some(l);
+            if let Some(pid) = runtime::dnsmasq_pid(&files) {
+                // SAFETY: kill has no memory effects; the pid is dnsmasq's (checked by name).
+                unsafe { libc::kill(pid, libc::SIGHUP) };
             }
         }
         Ok(name)
