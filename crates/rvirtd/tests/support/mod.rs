@@ -86,8 +86,11 @@ impl Daemon {
         d
     }
 
-    /// Starts (again) the daemon process.
+    /// Starts (again) the daemon process, killing the running one first (a
+    /// daemon left running would keep answering on the socket, and the test
+    /// would talk to it instead of the restarted one).
     pub fn restart(&mut self) {
+        self.kill();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("rvirtd.log")).unwrap();
         // A prefix (unshare, nsenter) runs the daemon in another namespace.
         let mut cmd = match self.prefix.split_first() {
