@@ -176,6 +176,10 @@ impl DomainXml {
                     let _ = writeln!(o, "    <interface type='network'>");
                     let _ = writeln!(o, "      <source network='{}'/>", esc(n));
                 }
+                InterfaceKind::Direct { dev, mode } => {
+                    let _ = writeln!(o, "    <interface type='direct'>");
+                    let _ = writeln!(o, "      <source dev='{}' mode='{}'/>", esc(dev), esc(mode));
+                }
             }
             if let Some(m) = &i.mac {
                 let _ = writeln!(o, "      <mac address='{}'/>", esc(m));

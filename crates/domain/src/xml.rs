@@ -149,6 +149,14 @@ pub enum InterfaceKind {
     Bridge(String),
     /// `<interface type='network'>`: a tap on this rvirt network's bridge.
     Network(String),
+    /// `<interface type='direct'>`: a macvtap on host interface `dev`,
+    /// straight onto its wire without a bridge.
+    Direct {
+        /// The host interface (`<source dev>`).
+        dev: String,
+        /// `<source mode>`: vepa (libvirt's default), bridge, private or passthrough.
+        mode: String,
+    },
 }
 
 /// A virtio network card.
@@ -740,20 +748,32 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
     let path = "devices/interface";
     let ty = cx.attr(n, path, "type")?;
     match ty {
-        "ethernet" | "bridge" | "network" => {}
+        "ethernet" | "bridge" | "network" | "direct" => {}
         "user" => {
             return Err(cx.err(n, path, "type='user' (QEMU's user-mode networking) is not supported: use <interface type='network'><source network='default'/></interface>, a NAT network"))
         }
-        _ => return Err(cx.err(n, path, format!("type='{ty}' is not supported (ethernet, bridge or network)"))),
+        _ => return Err(cx.err(n, path, format!("type='{ty}' is not supported (ethernet, bridge, network or direct)"))),
     }
     let mut bridge = None;
     let mut network = None;
+    let mut direct = None;
     let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None, model: None };
     for c in elements(n) {
         let tag = c.tag_name().name();
         let cpath = format!("{path}/{tag}");
         match tag {
             "source" if ty == "bridge" => bridge = Some(cx.attr(c, &cpath, "bridge")?.to_string()),
+            "source" if ty == "direct" => {
+                let dev = cx.attr(c, &cpath, "dev")?;
+                if !valid_ifname(dev) {
+                    return Err(cx.err(c, &cpath, format!("dev='{dev}' is not an interface name (1-15 letters, digits, -_.)")));
+                }
+                let mode = c.attribute("mode").unwrap_or("vepa");
+                if !["vepa", "bridge", "private", "passthrough"].contains(&mode) {
+                    return Err(cx.err(c, &cpath, format!("mode='{mode}' is not a macvtap mode (vepa, bridge, private or passthrough)")));
+                }
+                direct = Some((dev.to_string(), mode.to_string()));
+            }
             "source" if ty == "network" => {
                 if c.attribute("portgroup").is_some() {
                     return Err(cx.err(c, &cpath, "portgroup= is not supported"));
@@ -798,6 +818,10 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
                 return Err(cx.err(n, path, format!("network '{name}' is not a network name")));
             }
             InterfaceKind::Network(name)
+        }
+        "direct" => {
+            let (dev, mode) = direct.ok_or_else(|| cx.err(n, path, "type='direct' needs <source dev='HOST-INTERFACE' mode='bridge'/>"))?;
+            InterfaceKind::Direct { dev, mode }
         }
         _ => InterfaceKind::Ethernet,
     };

@@ -1,18 +1,21 @@
 //! L1 as a host for rvirt's virtual networks: iproute2, nftables and
 //! dnsmasq (with the libraries they link), the kernel modules for bridges,
-//! taps, veths and nftables NAT, and a shell prelude that loads them and
+//! taps, veths, macvtaps and nftables NAT, and a shell prelude that loads them and
 //! makes an "outside" host (a network namespace at 198.51.100.2 behind
 //! L1's uplink 198.51.100.1) for guests to reach through NAT.
 
 use crate::{L1Spec, Lab};
 
-/// L1 modules for bridges, taps, veths and nftables NAT, in load order.
+/// L1 modules for bridges, taps, veths, macvtaps and nftables NAT, in load order.
 const MODULES: &[&str] = &[
     "net/llc/llc.ko",
     "net/802/stp.ko",
     "net/bridge/bridge.ko",
     "drivers/net/tun.ko",
     "drivers/net/veth.ko",
+    "drivers/net/macvlan.ko",
+    "drivers/net/tap.ko",
+    "drivers/net/macvtap.ko",
     "lib/libcrc32c.ko",
     "net/netfilter/nfnetlink.ko",
     "net/netfilter/nf_tables.ko",

@@ -4,8 +4,11 @@
 //! `<interface type='network'><source network='default'/>` asks for a lease
 //! with its own DHCP client, reaches a host outside L1's bridge (a network
 //! namespace behind an uplink) through the NAT, and that host cannot reach
-//! it back; the lease shows in `net-dhcp-leases` and `domifaddr`; destroying the network
-//! leaves no bridge or dnsmasq behind.
+//! it back; the lease shows in `net-dhcp-leases` and `domifaddr`; a second
+//! card, `<interface type='direct'>` (a macvtap on L1's uplink), reaches
+//! the outside's wire directly and is reached from it; destroying the
+//! domain deletes the macvtap, destroying the network leaves no bridge or
+//! dnsmasq behind.
 
 use rvirt_lab::{insmod_lines, l2_initramfs, log, nethost, L1Spec, Lab};
 
@@ -28,6 +31,7 @@ cat > /tmp/g.xml <<EOF
   </os>
   <devices>
     <interface type='network'><source network='default'/><mac address='52:54:00:00:00:42'/></interface>
+    <interface type='direct'><source dev='up0' mode='bridge'/><mac address='52:54:00:00:00:43'/></interface>
     <serial type='file'><source path='/tmp/g-serial.log'/></serial>
   </devices>
 </domain>
@@ -50,8 +54,11 @@ echo "@@RULES=$(nft list table inet rvirt_virbr0 2>&1 | tr -s ' \n\t' ' ')"
 gip=$(grep -o '@@L2-LEASE=[0-9.]*' /tmp/g-serial.log | cut -d= -f2)
 nsenter --net=/proc/$OUT/ns/net /usr/sbin/ip route add 192.168.122.0/24 via 198.51.100.1
 if nsenter --net=/proc/$OUT/ns/net ping -c 1 -W 2 $gip >/dev/null 2>&1; then echo "@@OUTSIDE-TO-GUEST=reached"; else echo "@@OUTSIDE-TO-GUEST=blocked"; fi
+echo "@@MACVTAP=$(/usr/sbin/ip -d -o link show type macvtap | grep '@up0' | grep -o 'macvtap mode [a-z]*')"
+if nsenter --net=/proc/$OUT/ns/net ping -c 1 -W 2 198.51.100.50 >/dev/null 2>&1; then echo "@@OUTSIDE-TO-DIRECT=reached"; else echo "@@OUTSIDE-TO-DIRECT=unreached"; fi
 echo "@@DESTROY=$(rvirt destroy g 2>&1)"
 echo "@@NET-DESTROY=$(rvirt net-destroy default 2>&1)"
+[ -z "$(/usr/sbin/ip -o link show type macvtap)" ] && echo "@@MACVTAP-GONE=1"
 /usr/sbin/ip link show virbr0 >/dev/null 2>&1 || echo "@@BRIDGE-GONE=1"
 pidof dnsmasq >/dev/null || echo "@@DNSMASQ-GONE=1"
 nft list tables | grep -q rvirt_ || echo "@@RULES-GONE=1"
@@ -77,6 +84,10 @@ ip link set eth0 up
 udhcpc -i eth0 -q -n -t 30 -T 1 -s /udhcpc.sh 2>/dev/null || echo "@@L2-LEASE=none"
 if ping -c 1 -W 3 192.168.122.1 >/dev/null 2>&1; then echo "@@L2-GATEWAY=reached"; else echo "@@L2-GATEWAY=unreached"; fi
 if ping -c 3 -W 3 198.51.100.2 >/dev/null 2>&1; then echo "@@L2-OUTSIDE=reached"; else echo "@@L2-OUTSIDE=unreached"; fi
+# The second card is a macvtap on L1's uplink: straight onto the outside's wire.
+ip link set eth1 up
+ip addr add 198.51.100.50/24 dev eth1
+if ping -I eth1 -c 3 -W 3 198.51.100.2 >/dev/null 2>&1; then echo "@@L2-DIRECT=reached"; else echo "@@L2-DIRECT=unreached"; fi
 echo "@@L2-DONE=1"
 while true; do sleep 1; done
 "#;
@@ -116,6 +127,10 @@ fn a_debian_guest_on_the_default_network_leases_and_reaches_the_outside_through_
     assert!(get("LEASES").contains(&format!("{lease}/24")), "net-dhcp-leases shows the guest's lease");
     assert!(get("DOMIFADDR").ends_with(&format!("52:54:00:00:00:42 ipv4 {lease}/24")), "domifaddr shows the guest's address: {}", get("DOMIFADDR"));
     assert_eq!(get("OUTSIDE-TO-GUEST"), "blocked", "the outside cannot reach a guest behind NAT");
+    assert_eq!(get("MACVTAP"), "macvtap mode bridge", "the direct card's macvtap is on the uplink");
+    assert!(said.contains("L2-DIRECT=reached"), "the direct card reaches the outside's wire: {said}\n{logs}");
+    assert_eq!(get("OUTSIDE-TO-DIRECT"), "reached", "and is reached from it");
+    assert_eq!(get("MACVTAP-GONE"), "1", "the macvtap is deleted with the domain");
     assert_eq!(get("DESTROY"), "Domain 'g' destroyed");
     assert_eq!(get("NET-DESTROY"), "Network default destroyed");
     assert_eq!(get("BRIDGE-GONE"), "1");

@@ -12,7 +12,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rvirt_block::file::{open_checked, Kind};
-use rvirt_domain::{CharDevice, DomainXml, ImageFormat};
+use rvirt_domain::{CharDevice, DomainXml, ImageFormat, InterfaceKind};
 
 use crate::policy::Policy;
 
@@ -74,8 +74,25 @@ impl Handoff {
             policy.check_opened(&what, &path, &file, u != Use::Read, u == Use::Log)?;
             h.files.push((path, file));
         }
-        for name in taps {
-            h.taps.push(rvirt_tap::open_device(name).map_err(|e| e.to_string())?);
+        for (n, name) in taps.iter().enumerate() {
+            let fd = match def.interfaces.get(n).map(|i| (&i.kind, i.mac.as_deref())) {
+                Some((InterfaceKind::Direct { dev, mode }, mac)) => {
+                    let Some(mac) = mac else {
+                        crate::network::macvtap::remove_for(def, taps);
+                        return Err(format!("direct interface on '{dev}' has no MAC address (rvirtd gives one at define)"));
+                    };
+                    crate::network::macvtap::create_and_open(dev, name, mac, mode)
+                }
+                _ => rvirt_tap::open_device(name).map_err(|e| e.to_string()),
+            };
+            match fd {
+                Ok(fd) => h.taps.push(fd),
+                Err(e) => {
+                    // Macvtaps made so far outlive their descriptors: undone here.
+                    crate::network::macvtap::remove_for(def, taps);
+                    return Err(e);
+                }
+            }
         }
         Ok(h)
     }

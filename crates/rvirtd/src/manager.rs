@@ -190,6 +190,7 @@ impl Manager {
                 // It ended while no daemon watched: record how, and move on.
                 let end = process::read_end(&self.store.log(&name), rec.log_offset);
                 tracing::info!("domain '{name}' ended while the daemon was down: {end:?}");
+                crate::network::macvtap::remove_for(&def, &rec.taps);
                 self.store.remove_run(&name, &rec);
                 if let Some(d) = g.domains.get_mut(&name) {
                     d.reason = if matches!(end, VmmEnd::Crashed(_)) { "crashed" } else { "shutdown" }.into();
@@ -275,6 +276,7 @@ impl Manager {
     fn vmm_ended(self: &Arc<Self>, g: &mut Inner, name: &str) {
         let Some(d) = g.domains.get_mut(name) else { return };
         let Some(run) = d.run.take() else { return };
+        crate::network::macvtap::remove_for(&run.def, &run.record.taps);
         self.store.remove_run(name, &run.record);
         let end = process::read_end(&self.store.log(name), run.record.log_offset);
         tracing::info!("domain '{name}' VMM (pid {}) ended: {end:?}", run.record.pid);
@@ -410,8 +412,8 @@ impl Manager {
         let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let _ = std::fs::remove_file(&api_socket);
         // rvirtd opens every file and tap; the VMM gets descriptors only.
-        let handoff = crate::handoff::Handoff::open(&def, &chains, &taps, &self.policy)?;
         let launch = def.with_network_bridges(|n| self.networks.active_bridge(n))?;
+        let handoff = crate::handoff::Handoff::open(&def, &chains, &taps, &self.policy)?;
         let mut args = launch.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains, tap_fds: &handoff.tap_fds() });
         args.extend(handoff.args());
         args.extend(self.policy.jail_args(&self.store.jail_dir(), id));
@@ -422,10 +424,15 @@ impl Manager {
                 tracing::warn!("domain '{name}' runs without a cgroup: {e}");
                 None
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                crate::network::macvtap::remove_for(&def, &taps);
+                return Err(e);
+            }
         };
-        let child = process::spawn_vmm(&self.vmm, &args, &log, group.as_ref().map(|g| g.procs()).as_deref(), &handoff.inherited())
-            .map_err(|e| format!("starting {}: {e}", self.vmm.display()))?;
+        let child = process::spawn_vmm(&self.vmm, &args, &log, group.as_ref().map(|g| g.procs()).as_deref(), &handoff.inherited()).map_err(|e| {
+            crate::network::macvtap::remove_for(&def, &taps);
+            format!("starting {}: {e}", self.vmm.display())
+        })?;
         // The VMM holds its copies; the daemon keeps none.
         drop(handoff);
         g.next_id += 1;

@@ -315,6 +315,41 @@ fn rvirt_s_net_commands_and_the_default_network_on_a_daemon_in_its_own_namespace
     let (_, on_bridge) = in_ns("ip -o link show master virbr0");
     assert!(on_bridge.contains("rv"), "the installed domain's tap is on virbr0: {on_bridge}");
     d.ok(&["destroy", "inst"]);
+
+    // <interface type='direct'>: a macvtap on a host interface, made at
+    // start with the card's MAC, its /dev/tapN handed to the VMM, deleted
+    // when the VMM ends.
+    assert!(in_ns("ip link add lower0 type veth peer name lower1 && ip link set lower1 up && ip link set lower0 up").0);
+    let xml = support::domain_xml("dir", &k.idle, "<devices><interface type='direct'><source dev='lower0' mode='bridge'/><mac address='52:54:00:00:0d:01'/></interface></devices>");
+    let f = d.xml_file("dir", &xml);
+    d.ok(&["define", f.to_str().unwrap()]);
+    assert!(d.ok(&["dumpxml", "dir"]).contains("<source dev='lower0' mode='bridge'/>"));
+    d.ok(&["start", "dir"]);
+    let (_, link) = in_ns("ip -d -o link show type macvtap");
+    assert!(link.contains("@lower0") && link.contains("52:54:00:00:0d:01") && link.contains("macvtap mode bridge"), "{link}");
+    let tap = link.split(':').nth(1).and_then(|n| n.trim().split('@').next()).unwrap_or_default().to_string();
+    let vmm = d.jailed_vmm_pid("dir");
+    let (_, held) = sh(&format!("ls -l /proc/{vmm}/fd"));
+    let index = link.split(':').next().unwrap_or_default().to_string();
+    assert!(held.contains(&format!("/dev/tap{}", index.trim())), "the VMM holds /dev/tap{}: {held}", index.trim());
+    d.ok(&["destroy", "dir"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !in_ns("ip -o link show type macvtap").1.trim().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the macvtap was not deleted");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A host interface that does not exist: refused, nothing made.
+    let f = d.xml_file("dir2", &support::domain_xml("dir2", &k.idle, "<devices><interface type='direct'><source dev='nosuch0'/></interface></devices>"));
+    d.ok(&["define", f.to_str().unwrap()]);
+    d.fails(&["start", "dir2"], "host interface 'nosuch0' does not exist");
+    // A name taken by an interface rvirtd did not make is not deleted.
+    let f = d.xml_file("dir3", &support::domain_xml("dir3", &k.idle, "<devices><interface type='direct'><source dev='lower0'/><target dev='lower0'/></interface></devices>"));
+    d.ok(&["define", f.to_str().unwrap()]);
+    d.fails(&["start", "dir3"], "'lower0' already exists and is not a macvtap");
+    assert!(in_ns("ip link show lower0").0);
+    for n in ["dir", "dir2", "dir3"] {
+        d.ok(&["undefine", n]);
+    }
     // A second network through rvirt's own commands.
     let f = dir.join("lab.xml");
     std::fs::write(&f, "<network><name>lab</name><forward mode='route'/><ip address='10.91.0.1' prefix='24'><dhcp><range start='10.91.0.10' end='10.91.0.20'/></dhcp></ip></network>").unwrap();

@@ -184,7 +184,10 @@ fn invalid_definitions_name_the_element_and_line() {
         (base("<devices><disk><driver type='qcow2' cache='none'/><source file='/a'/><target dev='vda'/></disk></devices>"), "cache='none' is supported on raw disks only"),
         (base("<devices><interface type='user'/></devices>"), "use <interface type='network'><source network='default'/>"),
         (base("<devices><interface type='network'/></devices>"), "needs <source network='NAME'/>"),
-        (base("<devices><interface type='vhostuser'/></devices>"), "type='vhostuser' is not supported (ethernet, bridge or network)"),
+        (base("<devices><interface type='vhostuser'/></devices>"), "type='vhostuser' is not supported (ethernet, bridge, network or direct)"),
+        (base("<devices><interface type='direct'/></devices>"), "type='direct' needs <source dev='HOST-INTERFACE' mode='bridge'/>"),
+        (base("<devices><interface type='direct'><source dev='eth0' mode='loop'/></interface></devices>"), "mode='loop' is not a macvtap mode"),
+        (base("<devices><interface type='direct'><source dev='eth0/x'/></interface></devices>"), "dev='eth0/x' is not an interface name"),
         (base("<devices><interface type='bridge'/></devices>"), "needs <source bridge='NAME'/>"),
         (base("<devices><interface type='ethernet'><mac address='01:00:00:00:00:01'/></interface></devices>"), "is not a unicast MAC"),
         (base("<devices><interface type='ethernet'><model type='ne2k_pci'/></interface></devices>"), "e1000, e1000e and rtl8139 are served as virtio"),
@@ -405,6 +408,17 @@ fn the_libvirt_corpus_defines_or_names_a_missing_feature() {
     eprintln!("corpus: {defined} defined ({firmware} through firmware), {refused} refused for later features");
     assert!(defined + refused >= 30, "the corpus has 33 definitions");
     assert!(firmware >= 5, "definitions without a kernel define now");
+}
+
+#[test]
+fn a_direct_card_round_trips_with_libvirt_s_default_mode() {
+    let d = DomainXml::parse("<domain type='kvm'><name>x</name><memory>65536</memory><os><kernel>/k</kernel></os><devices><interface type='direct'><source dev='eno1'/><mac address='52:54:00:00:00:0a'/></interface></devices></domain>").unwrap();
+    assert_eq!(d.interfaces[0].kind, InterfaceKind::Direct { dev: "eno1".into(), mode: "vepa".into() });
+    assert!(d.to_xml().contains("<interface type='direct'>\n      <source dev='eno1' mode='vepa'/>"), "{}", d.to_xml());
+    assert_eq!(DomainXml::parse(&d.to_xml()).unwrap(), d);
+    let args = d.vmm_args(&crate::VmmLaunch { api_socket: std::path::Path::new("/s"), taps: &["mt0".into()], chains: &[], tap_fds: &[7] });
+    let net = args.iter().position(|a| a == "--net").map(|i| args[i + 1].clone());
+    assert_eq!(net.as_deref(), Some("tap=mt0,fd=7,mac=52:54:00:00:00:0a"), "a macvtap is a tap the VMM is given, on no bridge");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! when the daemon stopped is found up again (its bridge and dnsmasq
 //! outlive the daemon, as libvirt's do), neither lost nor started twice.
 
+pub mod macvtap;
 pub mod runtime;
 
 use std::collections::BTreeMap;
