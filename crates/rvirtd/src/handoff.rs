@@ -74,22 +74,20 @@ impl Handoff {
             policy.check_opened(&what, &path, &file, u != Use::Read, u == Use::Log)?;
             h.files.push((path, file));
         }
+        // Macvtaps outlive their descriptors: those made here are undone on failure.
+        let mut made: Vec<&str> = Vec::new();
         for (n, name) in taps.iter().enumerate() {
             let fd = match def.interfaces.get(n).map(|i| (&i.kind, i.mac.as_deref())) {
-                Some((InterfaceKind::Direct { dev, mode }, mac)) => {
-                    let Some(mac) = mac else {
-                        crate::network::macvtap::remove_for(def, taps);
-                        return Err(format!("direct interface on '{dev}' has no MAC address (rvirtd gives one at define)"));
-                    };
-                    crate::network::macvtap::create_and_open(dev, name, mac, mode)
-                }
+                Some((InterfaceKind::Direct { dev, mode }, mac)) => match mac {
+                    Some(mac) => crate::network::macvtap::create_and_open(dev, name, mac, mode).inspect(|_| made.push(name)),
+                    None => Err(format!("direct interface on '{dev}' has no MAC address (rvirtd gives one at define)")),
+                },
                 _ => rvirt_tap::open_device(name).map_err(|e| e.to_string()),
             };
             match fd {
                 Ok(fd) => h.taps.push(fd),
                 Err(e) => {
-                    // Macvtaps made so far outlive their descriptors: undone here.
-                    crate::network::macvtap::remove_for(def, taps);
+                    crate::network::macvtap::remove(&made);
                     return Err(e);
                 }
             }

@@ -345,9 +345,18 @@ fn rvirt_s_net_commands_and_the_default_network_on_a_daemon_in_its_own_namespace
     // A name taken by an interface rvirtd did not make is not deleted.
     let f = d.xml_file("dir3", &support::domain_xml("dir3", &k.idle, "<devices><interface type='direct'><source dev='lower0'/><target dev='lower0'/></interface></devices>"));
     d.ok(&["define", f.to_str().unwrap()]);
-    d.fails(&["start", "dir3"], "'lower0' already exists and is not a macvtap");
+    d.fails(&["start", "dir3"], "'lower0' already exists, not a macvtap");
     assert!(in_ns("ip link show lower0").0);
-    for n in ["dir", "dir2", "dir3"] {
+    // Nor is a macvtap someone else made (another VM's): refused, left alone,
+    // and the card before it that this start made is undone.
+    assert!(in_ns("ip link add link lower0 name theirs0 type macvtap mode bridge").0);
+    let f = d.xml_file("dir4", &support::domain_xml("dir4", &k.idle, "<devices><interface type='direct'><source dev='lower0'/><target dev='mine0'/></interface><interface type='direct'><source dev='lower0'/><target dev='theirs0'/></interface></devices>"));
+    d.ok(&["define", f.to_str().unwrap()]);
+    d.fails(&["start", "dir4"], "'theirs0' already exists, a macvtap");
+    assert!(in_ns("ip link show theirs0").0, "another's macvtap is left alone");
+    assert!(!in_ns("ip link show mine0").0, "the one this start made is deleted");
+    assert!(in_ns("ip link del theirs0").0);
+    for n in ["dir", "dir2", "dir3", "dir4"] {
         d.ok(&["undefine", n]);
     }
     // A second network through rvirt's own commands.

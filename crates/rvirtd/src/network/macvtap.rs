@@ -2,7 +2,8 @@
 //! made by rvirtd when the domain starts (iproute2, as networks are) and
 //! opened through its character device `/dev/tapN`, whose descriptor the
 //! VMM gets like any tap's. Unlike a tap, a macvtap outlives its
-//! descriptors, so rvirtd deletes it when the domain's VMM ends.
+//! descriptors, so rvirtd deletes it when the domain's VMM ends (or fails
+//! to start, or ended while no daemon watched).
 
 use std::fs::OpenOptions;
 use std::os::fd::OwnedFd;
@@ -40,18 +41,15 @@ fn is_macvtap(name: &str) -> bool {
 
 /// Makes macvtap `name` on host interface `dev` in `mode` with the card's
 /// `mac`, brings it up and opens its character device with virtio-net
-/// headers (a macvtap's default). A macvtap of that name left by a VMM
-/// that ended while no daemon watched is replaced; any other interface
-/// of that name is refused.
+/// headers (a macvtap's default). An interface of that name already there
+/// is refused, never taken over: it may be another VM's.
 pub fn create_and_open(dev: &str, name: &str, mac: &str, mode: &str) -> Result<OwnedFd, String> {
     if index_of(dev).is_none() {
         return Err(format!("direct interface: host interface '{dev}' does not exist"));
     }
     if index_of(name).is_some() {
-        if !is_macvtap(name) {
-            return Err(format!("direct interface: '{name}' already exists and is not a macvtap rvirtd made"));
-        }
-        ip(&["link", "del", name])?;
+        let what = if is_macvtap(name) { "a macvtap (another VM's, or left over: ip link del it)" } else { "not a macvtap" };
+        return Err(format!("direct interface: '{name}' already exists, {what}"));
     }
     ip(&["link", "add", "link", dev, "name", name, "address", mac, "type", "macvtap", "mode", mode]).map_err(|e| {
         if e.contains("Unknown device type") || e.contains("not supported") {
@@ -80,14 +78,20 @@ pub fn create_and_open(dev: &str, name: &str, mac: &str, mode: &str) -> Result<O
     opened
 }
 
-/// Deletes the macvtaps of `def`'s direct interfaces (`taps`: their names,
-/// in interface order), once its VMM has ended or failed to start.
-pub fn remove_for(def: &DomainXml, taps: &[String]) {
-    for (i, name) in def.interfaces.iter().zip(taps) {
-        if matches!(i.kind, InterfaceKind::Direct { .. }) && is_macvtap(name) {
+/// Deletes the macvtaps named (those rvirtd made), if still there.
+pub fn remove(names: &[&str]) {
+    for name in names {
+        if is_macvtap(name) {
             if let Err(e) = ip(&["link", "del", name]) {
                 tracing::warn!("macvtap {name} was not removed: {e}");
             }
         }
     }
+}
+
+/// Deletes the macvtaps of `def`'s direct interfaces (`taps`: their names,
+/// in interface order), made for a VMM that has ended or failed to start.
+pub fn remove_for(def: &DomainXml, taps: &[String]) {
+    let names: Vec<&str> = def.interfaces.iter().zip(taps).filter(|(i, _)| matches!(i.kind, InterfaceKind::Direct { .. })).map(|(_, t)| t.as_str()).collect();
+    remove(&names);
 }
