@@ -9,6 +9,7 @@
 //! Times inside the lab are TCG times: only the ratio between the two VMMs
 //! in the same run means anything.
 
+use rvirt_lab::stats::upper_median;
 use rvirt_lab::{L1Spec, Lab, SEABIOS};
 
 /// The root filesystem's init: the guest's uptime at userspace, then off.
@@ -34,11 +35,6 @@ for i in $(seq 1 {ROUNDS}); do
 done
 "#
     )
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,9 +74,9 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(total.len() >= 3, "{prefix}: too few rounds reached userspace:\n{}", out.tail(40));
         Ok((total, pre))
     };
-    let (mut rt, mut rp) = runs("RVIRT")?;
-    let (mut qt, mut qp) = runs("QEMU")?;
-    let (rt, rp, qt, qp) = (median(&mut rt), median(&mut rp), median(&mut qt), median(&mut qp));
+    let (rt, rp) = runs("RVIRT")?;
+    let (qt, qp) = runs("QEMU")?;
+    let (rt, rp, qt, qp) = (upper_median(rt), upper_median(rp), upper_median(qt), upper_median(qp));
     println!("disk boot through SeaBIOS to userspace and poweroff, 2 vCPUs, 512 MiB, up to {ROUNDS} rounds (L1 seconds, TCG, medians):");
     println!("  rvirt-vmm      total {rt:.2} s  before the kernel's clock {rp:.2} s ({:.0}%)", 100.0 * rp / rt);
     println!("  qemu q35       total {qt:.2} s  before the kernel's clock {qp:.2} s ({:.0}%)", 100.0 * qp / qt);

@@ -11,6 +11,7 @@
 //! (default 3) sets the rounds. Also printed: each guest's time from its
 //! start to its lease.
 
+use rvirt_lab::stats::median;
 use rvirt_lab::{compare, nethost, GuestPrograms, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
@@ -59,20 +60,6 @@ rvirt_nat() { nat RVIRT $1 RVIRT_L2 --net tap=tn,mac=52:54:00:00:00:51; }
 qemu_nat() { nat QEMU $1 QEMU_L2 -netdev tap,id=n0,ifname=tn,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:52,romfile=; }
 RUN
 "#;
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.retain(|x| x.is_finite());
-    if xs.is_empty() {
-        return f64::NAN;
-    }
-    xs.sort_by(|a, b| a.total_cmp(b));
-    let m = xs.len() / 2;
-    if xs.len() % 2 == 1 {
-        xs[m]
-    } else {
-        (xs[m - 1] + xs[m]) / 2.0
-    }
-}
 
 fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;

@@ -24,6 +24,7 @@
 //! `RVIRT_BENCH_VERSUS=jailed` compares rvirt-vmm with itself jailed
 //! (`--jail --jail-user`) instead of QEMU: what confinement costs the guest.
 
+use rvirt_lab::stats::median;
 use rvirt_lab::{compare, GuestPrograms, L1Spec, Lab};
 
 const GUEST: &str = r#"#!/bin/sh
@@ -94,21 +95,6 @@ jailed_scsi() { disk; bench JAILED scsi $1 RVIRT_L2 --jail --jail-user 4242:4242
 jailed_net() { bench JAILED net $1 RVIRT_L2 --jail --jail-user 4242:4242 RVIRT_NET; }
 RUN
 "#;
-
-/// The median of the figures that exist (NaN when none do).
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.retain(|x| x.is_finite());
-    if xs.is_empty() {
-        return f64::NAN;
-    }
-    xs.sort_by(|a, b| a.total_cmp(b));
-    let m = xs.len() / 2;
-    if xs.len() % 2 == 1 {
-        xs[m]
-    } else {
-        (xs[m - 1] + xs[m]) / 2.0
-    }
-}
 
 fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;

@@ -15,6 +15,7 @@ pub mod disk;
 pub mod guests;
 pub mod nethost;
 pub mod procfs;
+pub mod stats;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -14,12 +14,8 @@ use std::time::Instant;
 use rvirt_client::Connection;
 use rvirt_domain::protocol::Request;
 use rvirt_domain::DomainXml;
+use rvirt_lab::stats::upper_median;
 use support::{domain_xml, kernels, scratch, Daemon};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Median define and list round trips (ms) over `runs`, with the same 100
 /// domains defined throughout (each define is undone before the next).
@@ -35,7 +31,7 @@ fn round_trips(conn: &mut Connection, kernel: &std::path::Path, runs: usize) -> 
         assert!(conn.call(&Request::List { all: true }).unwrap().ok);
         list.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    (median(def), median(list))
+    (upper_median(def), upper_median(list))
 }
 
 fn head(name: &str) -> String {
@@ -78,7 +74,7 @@ fn main() {
                 t.elapsed().as_secs_f64() * 1000.0
             })
             .collect();
-        let ms = median(times);
+        let ms = upper_median(times);
         println!("  {label:<22} {:>8} bytes {:>9.3} ms {:>8.4} ms/KiB", xml.len(), ms, ms / (xml.len() as f64 / 1024.0));
     }
 }

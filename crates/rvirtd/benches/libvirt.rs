@@ -17,12 +17,8 @@ use rvirt_domain::protocol::Request;
 use rvirt_libvirt_rpc::message::{REMOTE_PROGRAM, REMOTE_VERSION};
 use rvirt_libvirt_rpc::remote::proc_;
 use rvirt_libvirt_rpc::{Encoder, Header, MessageStatus, MessageType, Packet};
+use rvirt_lab::stats::upper_median;
 use support::{domain_xml, kernels, scratch, Daemon};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// The least of libvirt's client: one call at a time.
 struct Libvirt {
@@ -79,7 +75,7 @@ fn main() {
 
     let uri = format!("qemu:///system?socket={}", d.libvirt_socket().display());
     let timed = |f: &mut dyn FnMut()| -> f64 {
-        median(
+        upper_median(
             (0..9)
                 .map(|_| {
                     let t0 = Instant::now();

@@ -16,12 +16,8 @@ use std::time::{Duration, Instant};
 
 use rvirt_client::Connection;
 use rvirt_domain::protocol::Request;
+use rvirt_lab::stats::upper_median;
 use support::{bins, domain_xml, kernels, scratch, Daemon};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Waits until `path` has content; returns when it first did.
 fn first_output(path: &Path, from: Instant) -> f64 {
@@ -69,10 +65,10 @@ fn main() {
         let _ = vmm.wait();
     }
     println!("start latency on host KVM, median of {RUNS} (ms):");
-    println!("  rvirt start -> first guest output    {:>8.1}", median(to_vcpu.clone()));
-    println!("  rvirt start -> command returns       {:>8.1}", median(to_return));
-    println!("  rvirt-vmm alone -> first guest output {:>7.1}", median(direct.clone()));
-    println!("  daemon overhead (ratio)              {:>8.2}x", median(to_vcpu) / median(direct));
+    println!("  rvirt start -> first guest output    {:>8.1}", upper_median(to_vcpu.clone()));
+    println!("  rvirt start -> command returns       {:>8.1}", upper_median(to_return));
+    println!("  rvirt-vmm alone -> first guest output {:>7.1}", upper_median(direct.clone()));
+    println!("  daemon overhead (ratio)              {:>8.2}x", upper_median(to_vcpu) / upper_median(direct));
 
     println!("list --all with N defined domains (ms):");
     println!("  {:>6} {:>14} {:>16}", "N", "rvirt list", "protocol list");
@@ -100,6 +96,6 @@ fn main() {
                 t0.elapsed().as_secs_f64() * 1000.0
             })
             .collect();
-        println!("  {n:>6} {:>14.2} {:>16.2}", median(cli), median(proto));
+        println!("  {n:>6} {:>14.2} {:>16.2}", upper_median(cli), upper_median(proto));
     }
 }

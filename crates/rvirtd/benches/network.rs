@@ -10,12 +10,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use rvirt_domain::NetworkDef;
+use rvirt_lab::stats::upper_median;
 use rvirtd::network::runtime::{self, NetworkFiles};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn sh(cmd: &str) -> String {
     let o = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
@@ -64,7 +60,7 @@ fn main() {
         println!("network start and first lease, median of {ROUNDS} (ms):");
         for stp in ["on", "off"] {
             let (s, l): (Vec<f64>, Vec<f64>) = (0..ROUNDS).map(|n| round(&d, stp, n)).unzip();
-            println!("  stp={stp:<3}  start {:>7.1}   start -> lease {:>7.1}", median(s), median(l));
+            println!("  stp={stp:<3}  start {:>7.1}   start -> lease {:>7.1}", upper_median(s), upper_median(l));
         }
     })
     .join()

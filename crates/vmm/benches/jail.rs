@@ -9,12 +9,8 @@
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use rvirt_lab::stats::upper_median;
 use rvirt_lab::guests::{bzimage_with, power_off, print};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn main() {
     let dir = std::env::temp_dir().join(format!("rvirt-bench-jail-{}", std::process::id()));
@@ -48,10 +44,10 @@ fn main() {
             times[i].push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let base = median(times[0].clone());
+    let base = upper_median(times[0].clone());
     println!("VMM start to guest power-off, median of {rounds} rounds (interleaved):");
     for (i, (name, _)) in variants.iter().enumerate() {
-        let m = median(times[i].clone());
+        let m = upper_median(times[i].clone());
         println!("  {name:<14} {m:7.2} ms  {:.2}x", m / base);
     }
     let _ = std::fs::remove_dir_all(&dir);
