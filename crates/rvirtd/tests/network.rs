@@ -327,7 +327,6 @@ fn rvirt_s_net_commands_and_the_default_network_on_a_daemon_in_its_own_namespace
     d.ok(&["start", "dir"]);
     let (_, link) = in_ns("ip -d -o link show type macvtap");
     assert!(link.contains("@lower0") && link.contains("52:54:00:00:0d:01") && link.contains("macvtap mode bridge"), "{link}");
-    let tap = link.split(':').nth(1).and_then(|n| n.trim().split('@').next()).unwrap_or_default().to_string();
     let vmm = d.jailed_vmm_pid("dir");
     let (_, held) = sh(&format!("ls -l /proc/{vmm}/fd"));
     let index = link.split(':').next().unwrap_or_default().to_string();
