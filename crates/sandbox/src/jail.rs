@@ -159,17 +159,42 @@ impl Jail {
             let host = b"rvirt-vmm";
             check(libc::sethostname(host.as_ptr().cast(), host.len()), "sethostname")?;
         }
+        // A handle on the reaper, which the VMM looks at once its death
+        // signal is armed: the reaper may already have died before, and the
+        // signal would then never come (getppid says nothing here: the VMM's
+        // parent is outside its PID namespace).
+        // SAFETY: pidfd_open on our own pid; the result is checked.
+        let reaper = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) } as libc::c_int;
+        check(reaper, "pidfd_open")?;
         // SAFETY: the process has one thread (checked above), so the child
         // may go on running Rust code.
         let pid = unsafe { libc::fork() };
         match pid {
-            -1 => Err(JailError::Step { step: "fork", source: io::Error::last_os_error() }),
+            -1 => {
+                let source = io::Error::last_os_error();
+                // SAFETY: closing the descriptor opened above.
+                unsafe { libc::close(reaper) };
+                Err(JailError::Step { step: "fork", source })
+            }
             0 => {
                 drop_privileges(self.user, last_cap)?;
                 JAILED.store(true, Ordering::SeqCst);
                 // After the uid change, which would clear it: the VMM dies with the reaper.
                 // SAFETY: prctl with constant arguments.
-                check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) }, "PR_SET_PDEATHSIG")
+                check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) }, "PR_SET_PDEATHSIG")?;
+                let mut pfd = libc::pollfd { fd: reaper, events: libc::POLLIN, revents: 0 };
+                // SAFETY: poll without waiting on one descriptor we own, then closing it.
+                let gone = unsafe {
+                    let n = libc::poll(&mut pfd, 1, 0);
+                    libc::close(reaper);
+                    n != 0
+                };
+                if gone {
+                    // The reaper ended (or cannot be watched) before the signal was armed.
+                    // SAFETY: ends this process only.
+                    unsafe { libc::_exit(1) };
+                }
+                Ok(())
             }
             child => reap(child, self.user, last_cap),
         }
