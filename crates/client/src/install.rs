@@ -65,6 +65,7 @@ fn disk(spec: &str, index: usize) -> Result<VirtioDisk> {
         shareable: false,
         serial: None,
         boot_order: None,
+        kept: Default::default(),
     };
     if index >= 26 {
         bail!("at most 26 disks");
@@ -119,7 +120,7 @@ fn network(spec: &str) -> Result<Option<Interface>> {
     if spec == "none" {
         return Ok(None);
     }
-    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None, model: None };
+    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None, model: None, kept: Default::default() };
     for (k, v) in pairs("--network", spec)? {
         match k {
             "bridge" => i.kind = InterfaceKind::Bridge(v.to_string()),
@@ -209,6 +210,7 @@ pub fn build(o: &InstallOptions) -> Result<DomainXml> {
         memballoon: true,
         tuning: Default::default(),
         unknown: Vec::new(),
+        kept: Default::default(),
         namespaces: Vec::new(),
     };
     d.current_memory_kib = d.memory_kib;
@@ -231,6 +233,7 @@ pub fn build(o: &InstallOptions) -> Result<DomainXml> {
             shareable: false,
             serial: None,
             boot_order: None,
+            kept: Default::default(),
         })
     };
     if let Some(iso) = &o.cdrom {

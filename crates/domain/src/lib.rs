@@ -15,7 +15,7 @@ mod xml;
 
 pub use write::VmmLaunch;
 pub use xml::{
-    BootDev, BootMenu, CharDevice, CpuSet, DiskBus, DiskSource, DomainXml, FirmwareDef, ImageFormat, Interface, InterfaceKind, LifecycleAction, Tuning, UnknownElement, VirtioDisk,
-    XmlError, MAX_DEPTH, MAX_UNKNOWN, MAX_VCPUS, MAX_XML_BYTES,
+    BootDev, BootMenu, CharDevice, CpuSet, DiskBus, DiskSource, DomainXml, FirmwareDef, ImageFormat, Interface, InterfaceKind, Kept, KeptXml, LifecycleAction, Tuning, UnknownElement, VirtioDisk,
+    XmlError, XmlErrors, MAX_DEPTH, MAX_UNKNOWN, MAX_VCPUS, MAX_XML_BYTES,
 };
 pub use xml::{DhcpHost, DnsHost, ForwardMode, IpDef, NetworkDef};

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use crate::xml::{BootMenu, CharDevice, DiskBus, DiskSource, DomainXml, ImageFormat, InterfaceKind, LifecycleAction, UnknownElement};
+use crate::xml::{BootMenu, CharDevice, DiskBus, DiskSource, DomainXml, ImageFormat, InterfaceKind, Kept, KeptXml, LifecycleAction, UnknownElement, VIRTIO_CONSOLE};
 
 /// Escapes text and attribute values.
 fn esc(s: &str) -> String {
@@ -22,28 +22,73 @@ fn esc(s: &str) -> String {
     out
 }
 
-fn p(path: &Path) -> String {
-    esc(&path.to_string_lossy())
-}
-
 pub(crate) fn unknown_in(out: &mut String, unknown: &[UnknownElement], parent: &str, indent: &str) {
     for u in unknown.iter().filter(|u| u.parent == parent) {
         let _ = writeln!(out, "{indent}{}", u.xml);
     }
 }
 
-fn char_device(out: &mut String, tag: &str, dev: &CharDevice, target: &str) {
+/// Attributes as written: rvirt's own, then the kept ones.
+fn attrs_xml(own: &[(&str, String)], kept: Option<&Kept>) -> String {
+    let mut a = String::new();
+    for (n, v) in own.iter().map(|(n, v)| (*n, v.as_str())).chain(kept.into_iter().flat_map(|k| k.attrs.iter().map(|(n, v)| (n.as_str(), v.as_str())))) {
+        let _ = write!(a, " {n}='{}'", esc(v));
+    }
+    a
+}
+
+/// An element's start tag on a line of its own.
+fn start(o: &mut String, indent: &str, name: &str, own: &[(&str, String)], kept: Option<&Kept>) {
+    let _ = writeln!(o, "{indent}<{name}{}>", attrs_xml(own, kept));
+}
+
+/// An element's kept children, then its end tag.
+fn end(o: &mut String, indent: &str, name: &str, kept: Option<&Kept>) {
+    for c in kept.into_iter().flat_map(|k| k.children.iter()) {
+        let _ = writeln!(o, "{indent}  {}", c.xml);
+    }
+    let _ = writeln!(o, "{indent}</{name}>");
+}
+
+/// An element with text or nothing inside (kept children follow the text).
+fn leaf(o: &mut String, indent: &str, name: &str, own: &[(&str, String)], text: Option<&str>, kept: Option<&Kept>) {
+    let attrs = attrs_xml(own, kept);
+    let children = kept.map(|k| k.children.as_slice()).unwrap_or_default();
+    match text {
+        Some(t) => {
+            let _ = write!(o, "{indent}<{name}{attrs}>{}", esc(t));
+            for c in children {
+                o.push_str(&c.xml);
+            }
+            let _ = writeln!(o, "</{name}>");
+        }
+        None if children.is_empty() => {
+            let _ = writeln!(o, "{indent}<{name}{attrs}/>");
+        }
+        None => {
+            let _ = writeln!(o, "{indent}<{name}{attrs}>");
+            end(o, indent, name, kept);
+        }
+    }
+}
+
+fn own(attrs: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    attrs.iter().map(|(n, v)| (*n, v.to_string())).collect()
+}
+
+/// A serial port or console: `path` names its kept parts.
+fn char_device(o: &mut String, tag: &str, dev: &CharDevice, target: &[(&'static str, &str)], kept: &KeptXml, path: &str) {
     let (ty, source) = match dev {
         CharDevice::Pty => ("pty", None),
         CharDevice::Null => ("null", None),
         CharDevice::File(f) => ("file", Some(f)),
     };
-    let _ = writeln!(out, "    <{tag} type='{ty}'>");
+    start(o, "    ", tag, &own(&[("type", ty)]), kept.get(path));
     if let Some(f) = source {
-        let _ = writeln!(out, "      <source path='{}'/>", p(f));
+        leaf(o, "      ", "source", &own(&[("path", &f.to_string_lossy())]), None, kept.get(&format!("{path}/source")));
     }
-    let _ = writeln!(out, "      {target}");
-    let _ = writeln!(out, "    </{tag}>");
+    leaf(o, "      ", "target", &own(target), None, kept.get(&format!("{path}/target")));
+    end(o, "    ", tag, kept.get(path));
 }
 
 /// What rvirtd decided for one start of a domain: where the VMM's control
@@ -63,10 +108,12 @@ pub struct VmmLaunch<'a> {
 }
 
 impl DomainXml {
-    /// The definition as libvirt-style XML; unknown elements come back
-    /// verbatim where they were.
+    /// The definition as libvirt-style XML; unknown elements, and the
+    /// attributes and children rvirt does not act on, come back verbatim
+    /// where they were. Writing what this writes gives the same bytes again.
     pub fn to_xml(&self) -> String {
         let mut o = String::new();
+        let k = &self.kept;
         let mut decls = String::new();
         for (prefix, uri) in &self.namespaces {
             match prefix {
@@ -74,140 +121,135 @@ impl DomainXml {
                 None => decls += &format!(" xmlns='{}'", esc(uri)),
             }
         }
-        let _ = writeln!(o, "<domain type='{}'{decls}>", if self.emulated { "qemu" } else { "kvm" });
-        let _ = writeln!(o, "  <name>{}</name>", esc(&self.name));
-        let _ = writeln!(o, "  <uuid>{}</uuid>", self.uuid);
-        let _ = writeln!(o, "  <memory unit='KiB'>{}</memory>", self.memory_kib);
-        let _ = writeln!(o, "  <currentMemory unit='KiB'>{}</currentMemory>", self.current_memory_kib);
-        let _ = writeln!(o, "  <vcpu>{}</vcpu>", self.vcpus);
+        let _ = writeln!(o, "<domain type='{}'{decls}{}>", if self.emulated { "qemu" } else { "kvm" }, attrs_xml(&[], k.get("domain")));
+        leaf(&mut o, "  ", "name", &[], Some(&self.name), k.get("name"));
+        leaf(&mut o, "  ", "uuid", &[], Some(&self.uuid.to_string()), k.get("uuid"));
+        let unit = || own(&[("unit", "KiB")]);
+        leaf(&mut o, "  ", "memory", &unit(), Some(&self.memory_kib.to_string()), k.get("memory"));
+        leaf(&mut o, "  ", "currentMemory", &unit(), Some(&self.current_memory_kib.to_string()), k.get("currentMemory"));
+        leaf(&mut o, "  ", "vcpu", &[], Some(&self.vcpus.to_string()), k.get("vcpu"));
         self.tuning_xml(&mut o);
         let fw = &self.firmware;
-        match &fw.os_firmware {
-            Some(f) => {
-                let _ = writeln!(o, "  <os firmware='{}'>", esc(f));
-            }
-            None => {
-                let _ = writeln!(o, "  <os>");
-            }
+        let os_attrs = fw.os_firmware.as_deref().map(|f| own(&[("firmware", f)])).unwrap_or_default();
+        start(&mut o, "  ", "os", &os_attrs, k.get("os"));
+        let mut ty = own(&[("arch", self.arch.as_deref().unwrap_or("x86_64"))]);
+        if let Some(m) = &self.machine {
+            ty.push(("machine", m.clone()));
         }
-        let machine = self.machine.as_deref().map(|m| format!(" machine='{}'", esc(m))).unwrap_or_default();
-        let _ = writeln!(o, "    <type arch='{}'{machine}>hvm</type>", esc(self.arch.as_deref().unwrap_or("x86_64")));
+        leaf(&mut o, "    ", "type", &ty, Some("hvm"), k.get("os/type"));
         if let Some(l) = &fw.loader {
-            let _ = writeln!(o, "    <loader type='rom'>{}</loader>", p(l));
+            leaf(&mut o, "    ", "loader", &own(&[("type", "rom")]), Some(&l.to_string_lossy()), k.get("os/loader"));
         }
-        if let Some(k) = &self.kernel {
-            let _ = writeln!(o, "    <kernel>{}</kernel>", p(k));
-        }
-        if let Some(i) = &self.initrd {
-            let _ = writeln!(o, "    <initrd>{}</initrd>", p(i));
+        for (tag, v) in [("kernel", self.kernel.as_ref()), ("initrd", self.initrd.as_ref())] {
+            if let Some(v) = v {
+                leaf(&mut o, "    ", tag, &[], Some(&v.to_string_lossy()), k.get(&format!("os/{tag}")));
+            }
         }
         if let Some(c) = &self.cmdline {
-            let _ = writeln!(o, "    <cmdline>{}</cmdline>", esc(c));
+            leaf(&mut o, "    ", "cmdline", &[], Some(c), k.get("os/cmdline"));
         }
         for d in &fw.boot_devs {
-            let _ = writeln!(o, "    <boot dev='{}'/>", d.name());
+            leaf(&mut o, "    ", "boot", &own(&[("dev", d.name())]), None, None);
         }
         if let Some(m) = &fw.bootmenu {
-            let timeout = m.timeout_ms.map(|t| format!(" timeout='{t}'")).unwrap_or_default();
-            let _ = writeln!(o, "    <bootmenu enable='{}'{timeout}/>", if m.enable { "yes" } else { "no" });
+            let mut a = own(&[("enable", if m.enable { "yes" } else { "no" })]);
+            if let Some(t) = m.timeout_ms {
+                a.push(("timeout", t.to_string()));
+            }
+            leaf(&mut o, "    ", "bootmenu", &a, None, k.get("os/bootmenu"));
         }
         if fw.bios_useserial.is_some() || fw.reboot_timeout_ms.is_some() {
-            let mut bios = String::from("<bios");
+            let mut a = Vec::new();
             if let Some(u) = fw.bios_useserial {
-                bios += if u { " useserial='yes'" } else { " useserial='no'" };
+                a.push(("useserial", if u { "yes" } else { "no" }.to_string()));
             }
             if let Some(t) = fw.reboot_timeout_ms {
-                bios += &format!(" rebootTimeout='{t}'");
+                a.push(("rebootTimeout", t.to_string()));
             }
-            let _ = writeln!(o, "    {bios}/>");
+            leaf(&mut o, "    ", "bios", &a, None, k.get("os/bios"));
         }
         unknown_in(&mut o, &self.unknown, "os", "    ");
-        let _ = writeln!(o, "  </os>");
+        end(&mut o, "  ", "os", k.get("os"));
         unknown_in(&mut o, &self.unknown, "domain", "  ");
-        let _ = writeln!(o, "  <on_poweroff>{}</on_poweroff>", self.on_poweroff.name());
-        let _ = writeln!(o, "  <on_reboot>{}</on_reboot>", self.on_reboot.name());
-        let _ = writeln!(o, "  <on_crash>{}</on_crash>", self.on_crash.name());
-        let _ = writeln!(o, "  <devices>");
+        for (tag, a) in [("on_poweroff", self.on_poweroff), ("on_reboot", self.on_reboot), ("on_crash", self.on_crash)] {
+            leaf(&mut o, "  ", tag, &[], Some(a.name()), k.get(tag));
+        }
+        start(&mut o, "  ", "devices", &[], k.get("devices"));
         for d in &self.disks {
-            let (ty, key) = match d.source_kind {
-                DiskSource::File => ("file", "file"),
-                DiskSource::Block => ("block", "dev"),
+            let dk = &d.kept;
+            let ty = match d.source_kind {
+                DiskSource::File => "file",
+                DiskSource::Block => "block",
             };
-            let _ = writeln!(o, "    <disk type='{ty}' device='{}'>", if d.cdrom { "cdrom" } else { "disk" });
-            let mut driver = String::from("<driver name='rvirt'");
+            start(&mut o, "    ", "disk", &own(&[("type", ty), ("device", if d.cdrom { "cdrom" } else { "disk" })]), dk.get(""));
+            let mut driver = Vec::new();
             if let Some(f) = d.format {
-                driver += match f {
-                    ImageFormat::Raw => " type='raw'",
-                    ImageFormat::Qcow2 => " type='qcow2'",
-                };
+                driver.push(("type", if f == ImageFormat::Raw { "raw" } else { "qcow2" }.to_string()));
             }
-            if d.direct {
-                driver += " cache='none'";
+            if d.direct && dk.get("driver").and_then(|k| k.attr("cache")).is_none() {
+                driver.push(("cache", "none".to_string()));
             }
-            let _ = writeln!(o, "      {driver}/>");
+            if !driver.is_empty() || dk.get("driver").is_some() {
+                leaf(&mut o, "      ", "driver", &driver, None, dk.get("driver"));
+            }
             if !d.path.as_os_str().is_empty() {
-                let _ = writeln!(o, "      <source {key}='{}'/>", p(&d.path));
+                let key = if d.source_kind == DiskSource::File { "file" } else { "dev" };
+                leaf(&mut o, "      ", "source", &own(&[(key, &d.path.to_string_lossy())]), None, dk.get("source"));
             }
-            let _ = writeln!(o, "      <target dev='{}' bus='{}'/>", esc(&d.target), d.bus.name());
+            leaf(&mut o, "      ", "target", &own(&[("dev", &d.target), ("bus", d.bus.name())]), None, dk.get("target"));
             if d.readonly {
-                let _ = writeln!(o, "      <readonly/>");
+                leaf(&mut o, "      ", "readonly", &[], None, dk.get("readonly"));
             }
             if d.shareable {
-                let _ = writeln!(o, "      <shareable/>");
+                leaf(&mut o, "      ", "shareable", &[], None, dk.get("shareable"));
             }
             if let Some(s) = &d.serial {
-                let _ = writeln!(o, "      <serial>{}</serial>", esc(s));
+                leaf(&mut o, "      ", "serial", &[], Some(s), dk.get("serial"));
             }
             if let Some(b) = d.boot_order {
-                let _ = writeln!(o, "      <boot order='{b}'/>");
+                leaf(&mut o, "      ", "boot", &own(&[("order", &b.to_string())]), None, dk.get("boot"));
             }
-            let _ = writeln!(o, "    </disk>");
+            end(&mut o, "    ", "disk", dk.get(""));
         }
         for i in &self.interfaces {
-            match &i.kind {
-                InterfaceKind::Ethernet => {
-                    let _ = writeln!(o, "    <interface type='ethernet'>");
-                }
-                InterfaceKind::Bridge(b) => {
-                    let _ = writeln!(o, "    <interface type='bridge'>");
-                    let _ = writeln!(o, "      <source bridge='{}'/>", esc(b));
-                }
-                InterfaceKind::Network(n) => {
-                    let _ = writeln!(o, "    <interface type='network'>");
-                    let _ = writeln!(o, "      <source network='{}'/>", esc(n));
-                }
-                InterfaceKind::Direct { dev, mode } => {
-                    let _ = writeln!(o, "    <interface type='direct'>");
-                    let _ = writeln!(o, "      <source dev='{}' mode='{}'/>", esc(dev), esc(mode));
-                }
+            let ik = &i.kept;
+            let (ty, source) = match &i.kind {
+                InterfaceKind::Ethernet => ("ethernet", None),
+                InterfaceKind::Bridge(b) => ("bridge", Some(own(&[("bridge", b)]))),
+                InterfaceKind::Network(n) => ("network", Some(own(&[("network", n)]))),
+                InterfaceKind::Direct { dev, mode } => ("direct", Some(own(&[("dev", dev), ("mode", mode)]))),
+            };
+            start(&mut o, "    ", "interface", &own(&[("type", ty)]), ik.get(""));
+            if let Some(src) = source {
+                leaf(&mut o, "      ", "source", &src, None, ik.get("source"));
             }
             if let Some(m) = &i.mac {
-                let _ = writeln!(o, "      <mac address='{}'/>", esc(m));
+                leaf(&mut o, "      ", "mac", &own(&[("address", m)]), None, ik.get("mac"));
             }
             if let Some(t) = &i.tap {
-                let _ = writeln!(o, "      <target dev='{}'/>", esc(t));
+                leaf(&mut o, "      ", "target", &own(&[("dev", t)]), None, ik.get("target"));
             }
-            let _ = writeln!(o, "      <model type='{}'/>", esc(i.model.as_deref().unwrap_or("virtio")));
+            leaf(&mut o, "      ", "model", &own(&[("type", i.model.as_deref().unwrap_or("virtio"))]), None, ik.get("model"));
             if let Some(b) = i.boot_order {
-                let _ = writeln!(o, "      <boot order='{b}'/>");
+                leaf(&mut o, "      ", "boot", &own(&[("order", &b.to_string())]), None, ik.get("boot"));
             }
-            let _ = writeln!(o, "    </interface>");
+            end(&mut o, "    ", "interface", ik.get(""));
         }
         if let Some(s) = &self.serial {
-            char_device(&mut o, "serial", s, "<target port='0'/>");
-            char_device(&mut o, "console", s, "<target type='serial' port='0'/>");
+            char_device(&mut o, "serial", s, &[("port", "0")], k, "devices/serial");
+            char_device(&mut o, "console", s, &[("type", "serial"), ("port", "0")], k, "devices/console");
         }
         if let Some(c) = &self.virtio_console {
-            char_device(&mut o, "console", c, "<target type='virtio' port='0'/>");
+            char_device(&mut o, "console", c, &[("type", "virtio"), ("port", "0")], k, VIRTIO_CONSOLE);
         }
         if self.rng {
-            let _ = writeln!(o, "    <rng model='virtio'>");
+            start(&mut o, "    ", "rng", &own(&[("model", "virtio")]), k.get("devices/rng"));
             let _ = writeln!(o, "      <backend model='random'>/dev/urandom</backend>");
-            let _ = writeln!(o, "    </rng>");
+            end(&mut o, "    ", "rng", k.get("devices/rng"));
         }
-        let _ = writeln!(o, "    <memballoon model='{}'/>", if self.memballoon { "virtio" } else { "none" });
+        leaf(&mut o, "    ", "memballoon", &own(&[("model", if self.memballoon { "virtio" } else { "none" })]), None, k.get("devices/memballoon"));
         unknown_in(&mut o, &self.unknown, "devices", "    ");
-        let _ = writeln!(o, "  </devices>");
+        end(&mut o, "  ", "devices", k.get("devices"));
         let _ = writeln!(o, "</domain>");
         o
     }

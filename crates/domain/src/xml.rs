@@ -14,10 +14,15 @@ use std::path::PathBuf;
 use roxmltree::{Document, Node};
 use uuid::Uuid;
 
+mod devices;
+mod kept;
 mod limits;
 mod network;
+mod report;
 mod os;
 mod tune;
+pub use kept::{Kept, KeptXml};
+pub(crate) use devices::VIRTIO_CONSOLE;
 pub use limits::{MAX_DEPTH, MAX_UNKNOWN, MAX_XML_BYTES};
 pub use network::{DhcpHost, DnsHost, ForwardMode, IpDef, NetworkDef};
 pub use os::{BootDev, BootMenu, FirmwareDef};
@@ -36,6 +41,41 @@ pub struct XmlError {
     pub element: String,
     /// What is wrong.
     pub message: String,
+}
+
+/// Every problem found in a definition, in document order: a user fixes
+/// them in one go rather than one per attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XmlErrors(pub Vec<XmlError>);
+
+impl std::fmt::Display for XmlErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "{one}"),
+            all => {
+                write!(f, "{} problems in the definition:", all.len())?;
+                for e in all {
+                    write!(f, "\n  {e}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for XmlErrors {}
+
+impl From<XmlError> for XmlErrors {
+    fn from(e: XmlError) -> Self {
+        Self(vec![e])
+    }
+}
+
+impl XmlErrors {
+    /// The first problem (there is always one).
+    pub fn first(&self) -> Option<&XmlError> {
+        self.0.first()
+    }
 }
 
 fn location(line: u32, element: &str) -> String {
@@ -138,6 +178,9 @@ pub struct VirtioDisk {
     pub serial: Option<String>,
     /// `<boot order='N'>`: its place in the firmware's boot order.
     pub boot_order: Option<u32>,
+    /// What the definition says about the disk that rvirt does not act on
+    /// (`<driver name>`, `<address>`, ...), written back by `dumpxml`.
+    pub kept: KeptXml,
 }
 
 /// How a network card reaches the host.
@@ -172,6 +215,9 @@ pub struct Interface {
     pub boot_order: Option<u32>,
     /// `<model type>` when not virtio (e1000, e1000e, rtl8139): served as virtio-net.
     pub model: Option<String>,
+    /// What the definition says about the card that rvirt does not act on
+    /// (`<address>`, `<script>`, ...), written back by `dumpxml`.
+    pub kept: KeptXml,
 }
 
 /// Where a serial port or console goes.
@@ -247,6 +293,10 @@ pub struct DomainXml {
     pub tuning: Tuning,
     /// Elements kept but not acted on.
     pub unknown: Vec<UnknownElement>,
+    /// Attributes and children of the elements rvirt interprets that it
+    /// does not act on (`<vcpu placement>`, `<serial><target><model>`, ...),
+    /// by element path.
+    pub kept: KeptXml,
     /// Namespace declarations on `<domain>` (prefix, URI; no prefix: the
     /// default namespace), kept so unknown elements that use them
     /// (vagrant's `<qemu:commandline>`) stay well-formed in `dumpxml`.
@@ -296,6 +346,14 @@ impl<'input> Cx<'input> {
         }
         Ok(p)
     }
+}
+
+/// libvirt's namespace (the default one of its own documents).
+const LIBVIRT_NS: &str = "http://libvirt.org/schemas/domain/1.0";
+
+/// An element with no attributes, children or text: absent, as libvirt reads it.
+fn is_empty(n: Node) -> bool {
+    n.attributes().len() == 0 && !n.children().any(|c| c.is_element()) && n.text().unwrap_or("").trim().is_empty()
 }
 
 fn elements<'a, 'input>(n: Node<'a, 'input>) -> impl Iterator<Item = Node<'a, 'input>> {
@@ -363,8 +421,10 @@ fn valid_mac(s: &str) -> bool {
 
 impl DomainXml {
     /// Parses and validates `xml`. Elements outside the subset are kept in
-    /// [`DomainXml::unknown`]; the caller should show them to the user.
-    pub fn parse(xml: &str) -> Result<Self, XmlError> {
+    /// [`DomainXml::unknown`] (and attributes in [`DomainXml::kept`]); the
+    /// caller should show [`DomainXml::unknown_report`] to the user. Every
+    /// problem is reported, not just the first.
+    pub fn parse(xml: &str) -> Result<Self, XmlErrors> {
         limits::check_shape(xml)?;
         let doc = Document::parse(xml).map_err(|e| XmlError {
             line: e.pos().row,
@@ -374,13 +434,20 @@ impl DomainXml {
         let cx = Cx { src: xml, lines: limits::LineIndex::new(xml) };
         let root = doc.root_element();
         if root.tag_name().name() != "domain" {
-            return Err(cx.err(root, root.tag_name().name(), "the root element must be <domain>"));
+            return Err(cx.err(root, root.tag_name().name(), "the root element must be <domain>").into());
         }
+        let mut errors = Vec::new();
         let emulated = match root.attribute("type") {
             Some("kvm") => false,
             Some("qemu") => true,
-            Some(t) => return Err(cx.err(root, "domain", format!("type='{t}' is not supported: rvirt runs type='kvm' (and type='qemu') domains"))),
-            None => return Err(cx.err(root, "domain", "the type='kvm' attribute is required")),
+            Some(t) => {
+                errors.push(cx.err(root, "domain", format!("type='{t}' is not supported: rvirt runs type='kvm' (and type='qemu') domains")));
+                false
+            }
+            None => {
+                errors.push(cx.err(root, "domain", "the type='kvm' attribute is required"));
+                false
+            }
         };
         let mut d = DomainXml {
             emulated,
@@ -406,105 +473,144 @@ impl DomainXml {
             memballoon: true,
             tuning: Tuning::default(),
             unknown: Vec::new(),
+            kept: KeptXml::default(),
             namespaces: root
                 .namespaces()
                 .filter(|ns| ns.name() != Some("xml"))
                 .map(|ns| (ns.name().map(str::to_string), ns.uri().to_string()))
                 .collect(),
         };
+        d.kept.attrs(&cx, "domain", root, &["type"]);
         let mut current: Option<(u64, Node)> = None;
         let mut seen = std::collections::BTreeSet::new();
         for n in elements(root) {
-            let tag = n.tag_name().name();
-            let repeatable = matches!(tag, "devices");
-            let known = matches!(
-                tag,
-                "name" | "uuid" | "memory" | "currentMemory" | "vcpu" | "os" | "on_poweroff" | "on_reboot" | "on_crash" | "devices" | "memtune" | "cputune"
-            );
-            if known && !repeatable && !seen.insert(tag) {
-                return Err(cx.err(n, tag, "appears twice"));
+            // As libvirt reads them, empty elements (`<uuid/>`, `<description></description>`) are absent.
+            if is_empty(n) {
+                continue;
             }
-            match tag {
-                "name" => {
-                    let name = cx.text(n, "name")?;
-                    if !valid_name(&name) {
-                        return Err(cx.err(
-                            n,
-                            "name",
-                            format!("'{name}' is not a valid name (up to 64 letters, digits and -_.+:, not starting with . or -, not all digits, not a UUID: those name domains by id and UUID)"),
-                        ));
-                    }
-                    d.name = name;
-                }
-                "uuid" => {
-                    // An empty <uuid/> (Vagrant writes one) gets a generated UUID, as in libvirt.
-                    let t = n.text().unwrap_or("").trim();
-                    if !t.is_empty() {
-                        d.uuid = Uuid::parse_str(t).map_err(|_| cx.err(n, "uuid", format!("'{t}' is not a UUID")))?;
-                    }
-                }
-                "memory" => d.memory_kib = memory_kib(&cx, n, "memory")?,
-                "currentMemory" => current = Some((memory_kib(&cx, n, "currentMemory")?, n)),
-                "vcpu" => {
-                    let t = cx.text(n, "vcpu")?;
-                    d.vcpus = match t.parse::<u32>() {
-                        Ok(v) if (1..=MAX_VCPUS).contains(&v) => v,
-                        _ => return Err(cx.err(n, "vcpu", format!("'{t}' is not a vCPU count from 1 to {MAX_VCPUS}"))),
-                    };
-                    if let Some(c) = n.attribute("current") {
-                        if c != t {
-                            return Err(cx.err(n, "vcpu", "current='...' below the maximum (vCPU hotplug) is not supported"));
-                        }
-                    }
-                }
-                "os" => d.parse_os(&cx, n)?,
-                "on_poweroff" => {
-                    d.on_poweroff = lifecycle(&cx, n, tag, &[LifecycleAction::Destroy, LifecycleAction::Restart])?
-                }
-                "on_reboot" => d.on_reboot = lifecycle(&cx, n, tag, &[LifecycleAction::Restart, LifecycleAction::Destroy])?,
-                "on_crash" => {
-                    d.on_crash = lifecycle(
-                        &cx,
-                        n,
-                        tag,
-                        &[LifecycleAction::Destroy, LifecycleAction::Restart, LifecycleAction::Preserve],
-                    )?
-                }
-                "devices" => d.parse_devices(&cx, n)?,
-                "memtune" => d.parse_memtune(&cx, n)?,
-                "cputune" => d.parse_cputune(&cx, n)?,
-                _ => d.unknown.push(cx.unknown("domain", n)),
+            if let Err(e) = d.parse_top(&cx, n, &mut seen, &mut current, &mut errors) {
+                errors.push(e);
             }
         }
-        if d.name.is_empty() {
-            return Err(cx.err(root, "domain", "<name> is required"));
+        if d.name.is_empty() && !seen.contains("name") {
+            errors.push(cx.err(root, "domain", "<name> is required"));
         }
-        if d.memory_kib == 0 {
-            return Err(cx.err(root, "domain", "<memory> is required"));
+        if d.memory_kib == 0 && !seen.contains("memory") {
+            errors.push(cx.err(root, "domain", "<memory> is required"));
         }
-        d.check_boot_orders(&cx, root)?;
-        d.check_tuning(&cx, root)?;
+        for check in [d.check_boot_orders(&cx, root), d.check_tuning(&cx, root)] {
+            if let Err(e) = check {
+                errors.push(e);
+            }
+        }
         d.current_memory_kib = match current {
             None => d.memory_kib,
-            Some((c, n)) if c > d.memory_kib => {
-                return Err(cx.err(n, "currentMemory", format!("{c} KiB is more than <memory> ({} KiB)", d.memory_kib)))
+            Some((c, n)) if c > d.memory_kib && d.memory_kib > 0 => {
+                errors.push(cx.err(n, "currentMemory", format!("{c} KiB is more than <memory> ({} KiB)", d.memory_kib)));
+                d.memory_kib
             }
             Some((c, n)) if c < d.memory_kib && !d.memballoon => {
-                return Err(cx.err(n, "currentMemory", "less than <memory> needs a memory balloon, but <memballoon model='none'/> removed it"))
+                errors.push(cx.err(n, "currentMemory", "less than <memory> needs a memory balloon, but <memballoon model='none'/> removed it"));
+                d.memory_kib
             }
             Some((c, _)) => c,
         };
-        if d.unknown.len() > MAX_UNKNOWN {
-            return Err(XmlError {
-                line: 0,
-                element: String::new(),
-                message: format!("{} unsupported elements; at most {MAX_UNKNOWN} are kept", d.unknown.len()),
-            });
+        let unknown = d.unknown.len() + d.kept_children().count();
+        if unknown > MAX_UNKNOWN {
+            errors.push(XmlError { line: 0, element: String::new(), message: format!("{unknown} unsupported elements; at most {MAX_UNKNOWN} are kept") });
+        }
+        if !errors.is_empty() {
+            errors.sort_by_key(|e| e.line);
+            return Err(XmlErrors(errors));
         }
         if d.uuid.is_nil() {
             d.uuid = Uuid::new_v4();
         }
         Ok(d)
+    }
+
+    /// One element under `<domain>`.
+    fn parse_top<'a, 'input>(
+        &mut self,
+        cx: &Cx,
+        n: Node<'a, 'input>,
+        seen: &mut std::collections::BTreeSet<&'a str>,
+        current: &mut Option<(u64, Node<'a, 'input>)>,
+        errors: &mut Vec<XmlError>,
+    ) -> Result<(), XmlError> {
+        let tag = n.tag_name().name();
+        let repeatable = matches!(tag, "devices");
+        let known = matches!(
+            tag,
+            "name" | "uuid" | "memory" | "currentMemory" | "vcpu" | "os" | "on_poweroff" | "on_reboot" | "on_crash" | "devices" | "memtune" | "cputune"
+        );
+        if n.tag_name().namespace().is_some_and(|ns| ns != LIBVIRT_NS) {
+            // Another application's element (`<qemu:commandline>`): kept whatever its name.
+            self.unknown.push(cx.unknown("domain", n));
+            return Ok(());
+        }
+        if known && !repeatable && !seen.insert(tag) {
+            return Err(cx.err(n, tag, "appears twice"));
+        }
+        let interpreted: &[&str] = match tag {
+            "memory" | "currentMemory" => &["unit"],
+            "vcpu" => &["current"],
+            "os" => &["firmware"],
+            _ => &[],
+        };
+        if known && !matches!(tag, "devices" | "memtune" | "cputune") {
+            self.kept.attrs(cx, tag, n, interpreted);
+        }
+        match tag {
+            "name" => {
+                let name = cx.text(n, "name")?;
+                if !valid_name(&name) {
+                    return Err(cx.err(
+                        n,
+                        "name",
+                        format!("'{name}' is not a valid name (up to 64 letters, digits and -_.+:, not starting with . or -, not all digits, not a UUID: those name domains by id and UUID)"),
+                    ));
+                }
+                self.name = name;
+            }
+            "uuid" => {
+                let t = n.text().unwrap_or("").trim();
+                self.uuid = Uuid::parse_str(t).map_err(|_| cx.err(n, "uuid", format!("'{t}' is not a UUID")))?;
+            }
+            "memory" => self.memory_kib = memory_kib(cx, n, "memory")?,
+            "currentMemory" => *current = Some((memory_kib(cx, n, "currentMemory")?, n)),
+            "vcpu" => {
+                let t = cx.text(n, "vcpu")?;
+                self.vcpus = match t.parse::<u32>() {
+                    Ok(v) if (1..=MAX_VCPUS).contains(&v) => v,
+                    _ => return Err(cx.err(n, "vcpu", format!("'{t}' is not a vCPU count from 1 to {MAX_VCPUS}"))),
+                };
+                if let Some(c) = n.attribute("current") {
+                    if c != t {
+                        return Err(cx.err(n, "vcpu", "current='...' below the maximum (vCPU hotplug) is not supported"));
+                    }
+                }
+            }
+            "os" => self.parse_os(cx, n, errors),
+            "on_poweroff" => self.on_poweroff = lifecycle(cx, n, tag, &[LifecycleAction::Destroy, LifecycleAction::Restart])?,
+            "on_reboot" => self.on_reboot = lifecycle(cx, n, tag, &[LifecycleAction::Restart, LifecycleAction::Destroy])?,
+            "on_crash" => {
+                self.on_crash = lifecycle(cx, n, tag, &[LifecycleAction::Destroy, LifecycleAction::Restart, LifecycleAction::Preserve])?
+            }
+            "devices" => self.parse_devices(cx, n, errors),
+            "memtune" => self.parse_memtune(cx, n)?,
+            "cputune" => self.parse_cputune(cx, n)?,
+            _ => self.unknown.push(cx.unknown("domain", n)),
+        }
+        Ok(())
+    }
+
+    /// Every kept child element, of the domain's elements and of each device.
+    pub fn kept_children(&self) -> impl Iterator<Item = &UnknownElement> {
+        self.kept
+            .children()
+            .chain(self.disks.iter().flat_map(|d| d.kept.children()))
+            .chain(self.interfaces.iter().flat_map(|i| i.kept.children()))
     }
 
     /// Per-device `<boot order>` values are distinct and, as in libvirt,
@@ -526,331 +632,8 @@ impl DomainXml {
         Ok(())
     }
 
-    fn parse_devices(&mut self, cx: &Cx, devices: Node) -> Result<(), XmlError> {
-        for n in elements(devices) {
-            match n.tag_name().name() {
-                "disk" => {
-                    let disk = parse_disk(cx, n)?;
-                    if let Some(other) = self.disks.iter().find(|d| d.target == disk.target) {
-                        return Err(cx.err(n, "devices/disk", format!("target dev='{}' is used twice (also by {})", disk.target, other.path.display())));
-                    }
-                    self.disks.push(disk);
-                }
-                "interface" => {
-                    let i = parse_interface(cx, n)?;
-                    if let Some(tap) = &i.tap {
-                        if self.interfaces.iter().any(|o| o.tap.as_ref() == Some(tap)) {
-                            return Err(cx.err(n, "devices/interface", format!("target dev='{tap}' is used twice")));
-                        }
-                    }
-                    self.interfaces.push(i);
-                }
-                "serial" => {
-                    if self.serial.is_some() {
-                        return Err(cx.err(n, "devices/serial", "only one serial port is supported"));
-                    }
-                    self.serial = Some(parse_char(cx, n, "devices/serial")?);
-                }
-                "console" => {
-                    let path = "devices/console";
-                    let target = elements(n).find(|c| c.has_tag_name("target")).and_then(|t| t.attribute("type"));
-                    let dev = parse_char(cx, n, path)?;
-                    match target.unwrap_or("serial") {
-                        // libvirt's console on the first serial port is the serial port itself.
-                        "serial" => {
-                            if self.serial.is_none() {
-                                self.serial = Some(dev);
-                            }
-                        }
-                        "virtio" => {
-                            if self.virtio_console.is_some() {
-                                return Err(cx.err(n, path, "only one virtio console is supported"));
-                            }
-                            self.virtio_console = Some(dev);
-                        }
-                        t => return Err(cx.err(n, path, format!("target type='{t}' is not supported (serial or virtio)"))),
-                    }
-                }
-                "rng" => {
-                    let path = "devices/rng";
-                    if n.attribute("model") != Some("virtio") {
-                        return Err(cx.err(n, path, "model='virtio' is required"));
-                    }
-                    if let Some(b) = elements(n).find(|c| c.has_tag_name("backend")) {
-                        let src = b.text().unwrap_or("/dev/urandom").trim();
-                        if b.attribute("model").unwrap_or("random") != "random" || !matches!(src, "/dev/urandom" | "/dev/random" | "") {
-                            return Err(cx.err(b, "devices/rng/backend", "only <backend model='random'>/dev/urandom</backend> is supported"));
-                        }
-                    }
-                    self.rng = true;
-                }
-                "memballoon" => match n.attribute("model") {
-                    Some("virtio") => self.memballoon = true,
-                    Some("none") => self.memballoon = false,
-                    other => {
-                        return Err(cx.err(n, "devices/memballoon", format!("model={other:?} is not supported (virtio or none)")))
-                    }
-                },
-                _ => self.unknown.push(cx.unknown("devices", n)),
-            }
-        }
-        Ok(())
-    }
-
-    /// The text of the unknown-element report, one line each (empty when
-    /// none). `<graphics>` and `<video>` share one line saying what it means
-    /// to have no screen; a UEFI request and network boot get theirs.
-    pub fn unknown_report(&self) -> Vec<String> {
-        let screen = |u: &&UnknownElement| u.parent == "devices" && matches!(u.name.as_str(), "graphics" | "video");
-        let mut out: Vec<String> = self
-            .unknown
-            .iter()
-            .filter(|u| !screen(u))
-            .map(|u| format!("line {}: <{}> in <{}> is not supported by rvirt; kept, but it has no effect", u.line, u.name, u.parent))
-            .collect();
-        let screens: Vec<String> = self.unknown.iter().filter(screen).map(|u| format!("<{}> (line {})", u.name, u.line)).collect();
-        if !screens.is_empty() {
-            out.push(format!(
-                "{}: rvirt has no display; the guest's console is its serial port (rvirt console). Installers that only draw on a screen will be invisible; kept, but no effect",
-                screens.join(", ")
-            ));
-        }
-        if self.emulated {
-            out.push("type='qemu' asks for emulation; rvirt runs the domain with KVM acceleration".into());
-        }
-        let on_scsi: Vec<String> =
-            self.disks.iter().filter(|d| matches!(d.bus, DiskBus::Sata | DiskBus::Ide)).map(|d| format!("{} (bus='{}')", d.target, d.bus.name())).collect();
-        if !on_scsi.is_empty() {
-            out.push(format!(
-                "{}: rvirt has no SATA or IDE controller; the guest sees these as SCSI units on virtio-scsi (sdX, srX)",
-                on_scsi.join(", ")
-            ));
-        }
-        let models: Vec<&str> = self.interfaces.iter().filter_map(|i| i.model.as_deref()).collect();
-        if !models.is_empty() {
-            out.push(format!("<model type='{}'>: rvirt serves these network cards as virtio-net (the guest needs its virtio driver)", models.join("', '")));
-        }
-        if let Some(why) = &self.firmware.uefi {
-            out.push(format!("{why}: UEFI firmware is not supported yet; the domain is defined but will not start (rvirt boots disks through SeaBIOS)"));
-        }
-        if self.interfaces.iter().any(|i| i.boot_order.is_some()) || self.firmware.boot_devs.contains(&BootDev::Network) {
-            out.push("network boot (PXE) is not supported yet; the boot order skips network cards".into());
-        }
-        out
-    }
 }
 
-fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
-    let path = "devices/disk";
-    let source_kind = match n.attribute("type").unwrap_or("file") {
-        "file" => DiskSource::File,
-        "block" => DiskSource::Block,
-        t => return Err(cx.err(n, path, format!("type='{t}' is not supported (file or block)"))),
-    };
-    let cdrom = match n.attribute("device").unwrap_or("disk") {
-        "disk" => false,
-        "cdrom" => true,
-        dev => return Err(cx.err(n, path, format!("device='{dev}' is not supported (disk or cdrom)"))),
-    };
-    let mut disk = VirtioDisk {
-        source_kind,
-        path: PathBuf::new(),
-        cdrom,
-        bus: DiskBus::Virtio,
-        format: None,
-        direct: false,
-        target: String::new(),
-        readonly: false,
-        shareable: false,
-        serial: None,
-        boot_order: None,
-    };
-    for c in elements(n) {
-        let tag = c.tag_name().name();
-        let cpath = format!("{path}/{tag}");
-        match tag {
-            "source" => {
-                let key = if source_kind == DiskSource::File { "file" } else { "dev" };
-                disk.path = cx.path(c, &cpath, cx.attr(c, &cpath, key)?)?;
-            }
-            "driver" => {
-                disk.format = match c.attribute("type") {
-                    None => None,
-                    Some("raw") => Some(ImageFormat::Raw),
-                    Some("qcow2") => Some(ImageFormat::Qcow2),
-                    Some(t) => return Err(cx.err(c, &cpath, format!("type='{t}' is not supported (raw or qcow2)"))),
-                };
-                disk.direct = match c.attribute("cache") {
-                    None | Some("default") | Some("writeback") => false,
-                    Some("none") | Some("directsync") => true,
-                    Some(t) => return Err(cx.err(c, &cpath, format!("cache='{t}' is not supported (writeback, none)"))),
-                };
-            }
-            "target" => {
-                let dev = cx.attr(c, &cpath, "dev")?;
-                let prefix = dev.get(..2).unwrap_or("");
-                if !matches!(prefix, "vd" | "sd" | "hd") || dev.len() < 3 || !dev[2..].chars().all(|ch| ch.is_ascii_lowercase()) {
-                    return Err(cx.err(c, &cpath, format!("dev='{dev}' is not a disk name (vda, sda, hda, ...)")));
-                }
-                // libvirt's default bus follows the name: vd virtio, sd scsi, hd ide.
-                let default = match prefix {
-                    "vd" => "virtio",
-                    "sd" => "scsi",
-                    _ => "ide",
-                };
-                disk.bus = match c.attribute("bus").unwrap_or(default) {
-                    "virtio" => DiskBus::Virtio,
-                    "scsi" => DiskBus::Scsi,
-                    "sata" => DiskBus::Sata,
-                    "ide" => DiskBus::Ide,
-                    b => return Err(cx.err(c, &cpath, format!("bus='{b}' is not supported (virtio, scsi, sata, ide)"))),
-                };
-                disk.target = dev.to_string();
-            }
-            "readonly" => disk.readonly = true,
-            "shareable" => disk.shareable = true,
-            "serial" => {
-                let s = c.text().unwrap_or("").trim().to_string();
-                if s.len() > 20 || !s.is_ascii() {
-                    return Err(cx.err(c, &cpath, "a disk serial is up to 20 ASCII characters"));
-                }
-                disk.serial = Some(s);
-            }
-            "boot" => disk.boot_order = Some(boot_order(cx, c, &cpath)?),
-            "address" | "alias" => {}
-            _ => return Err(cx.err(c, &cpath, "is not supported on disks")),
-        }
-    }
-    if disk.path.as_os_str().is_empty() && !disk.cdrom {
-        return Err(cx.err(n, path, "<source> is required (only a CD-ROM drive may be empty)"));
-    }
-    if disk.cdrom {
-        if disk.bus == DiskBus::Virtio {
-            return Err(cx.err(n, path, "a CD-ROM drive needs bus='scsi', 'sata' or 'ide'"));
-        }
-        // cache='none' and <shareable/> (virt-manager writes them) are kept
-        // for dumpxml; a read-only disc needs neither.
-        disk.readonly = true;
-    }
-    if disk.target.is_empty() {
-        return Err(cx.err(n, path, "<target dev='vdX'/> is required"));
-    }
-    if disk.path.to_string_lossy().contains(',') || disk.serial.as_deref().is_some_and(|s| s.contains([',', '='])) {
-        return Err(cx.err(n, path, "commas in disk paths and serials are not supported"));
-    }
-    if disk.direct && disk.format == Some(ImageFormat::Qcow2) {
-        return Err(cx.err(n, path, "cache='none' is supported on raw disks only"));
-    }
-    Ok(disk)
-}
-
-fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
-    let path = "devices/interface";
-    let ty = cx.attr(n, path, "type")?;
-    match ty {
-        "ethernet" | "bridge" | "network" | "direct" => {}
-        "user" => {
-            return Err(cx.err(n, path, "type='user' (QEMU's user-mode networking) is not supported: use <interface type='network'><source network='default'/></interface>, a NAT network"))
-        }
-        _ => return Err(cx.err(n, path, format!("type='{ty}' is not supported (ethernet, bridge, network or direct)"))),
-    }
-    let mut bridge = None;
-    let mut network = None;
-    let mut direct = None;
-    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None, model: None };
-    for c in elements(n) {
-        let tag = c.tag_name().name();
-        let cpath = format!("{path}/{tag}");
-        match tag {
-            "source" if ty == "bridge" => bridge = Some(cx.attr(c, &cpath, "bridge")?.to_string()),
-            "source" if ty == "direct" => {
-                let dev = cx.attr(c, &cpath, "dev")?;
-                if !valid_ifname(dev) {
-                    return Err(cx.err(c, &cpath, format!("dev='{dev}' is not an interface name (1-15 letters, digits, -_.)")));
-                }
-                let mode = c.attribute("mode").unwrap_or("vepa");
-                if !["vepa", "bridge", "private", "passthrough"].contains(&mode) {
-                    return Err(cx.err(c, &cpath, format!("mode='{mode}' is not a macvtap mode (vepa, bridge, private or passthrough)")));
-                }
-                direct = Some((dev.to_string(), mode.to_string()));
-            }
-            "source" if ty == "network" => {
-                if c.attribute("portgroup").is_some() {
-                    return Err(cx.err(c, &cpath, "portgroup= is not supported"));
-                }
-                network = Some(cx.attr(c, &cpath, "network")?.to_string());
-            }
-            "target" => {
-                let dev = cx.attr(c, &cpath, "dev")?;
-                if !valid_ifname(dev) {
-                    return Err(cx.err(c, &cpath, format!("dev='{dev}' is not an interface name (1-15 letters, digits, -_.)")));
-                }
-                i.tap = Some(dev.to_string());
-            }
-            "mac" => {
-                let m = cx.attr(c, &cpath, "address")?;
-                if !valid_mac(m) {
-                    return Err(cx.err(c, &cpath, format!("'{m}' is not a unicast MAC address like 52:54:00:12:34:56")));
-                }
-                i.mac = Some(m.to_ascii_lowercase());
-            }
-            "model" => match c.attribute("type") {
-                Some("virtio") => {}
-                Some(m @ ("e1000" | "e1000e" | "rtl8139")) => i.model = Some(m.to_string()),
-                other => return Err(cx.err(c, &cpath, format!("type={other:?} is not supported (virtio; e1000, e1000e and rtl8139 are served as virtio)"))),
-            },
-            "boot" => i.boot_order = Some(boot_order(cx, c, &cpath)?),
-            "address" | "alias" => {}
-            _ => return Err(cx.err(c, &cpath, "is not supported on interfaces")),
-        }
-    }
-    i.kind = match ty {
-        "bridge" => {
-            let b = bridge.ok_or_else(|| cx.err(n, path, "type='bridge' needs <source bridge='NAME'/>"))?;
-            if !valid_ifname(&b) {
-                return Err(cx.err(n, path, format!("bridge '{b}' is not an interface name")));
-            }
-            InterfaceKind::Bridge(b)
-        }
-        "network" => {
-            let name = network.ok_or_else(|| cx.err(n, path, "type='network' needs <source network='NAME'/>"))?;
-            if !valid_name(&name) {
-                return Err(cx.err(n, path, format!("network '{name}' is not a network name")));
-            }
-            InterfaceKind::Network(name)
-        }
-        "direct" => {
-            let (dev, mode) = direct.ok_or_else(|| cx.err(n, path, "type='direct' needs <source dev='HOST-INTERFACE' mode='bridge'/>"))?;
-            InterfaceKind::Direct { dev, mode }
-        }
-        _ => InterfaceKind::Ethernet,
-    };
-    Ok(i)
-}
-
-/// `<boot order='N'>`, N from 1.
-fn boot_order(cx: &Cx, n: Node, path: &str) -> Result<u32, XmlError> {
-    let t = cx.attr(n, path, "order")?;
-    match t.parse::<u32>() {
-        Ok(v) if v >= 1 => Ok(v),
-        _ => Err(cx.err(n, path, format!("order='{t}' is not a number from 1"))),
-    }
-}
-
-fn parse_char(cx: &Cx, n: Node, path: &str) -> Result<CharDevice, XmlError> {
-    match n.attribute("type").unwrap_or("pty") {
-        "pty" => Ok(CharDevice::Pty),
-        "null" => Ok(CharDevice::Null),
-        "file" => {
-            let src = elements(n)
-                .find(|c| c.has_tag_name("source"))
-                .ok_or_else(|| cx.err(n, path, "type='file' needs <source path='...'/>"))?;
-            let p = cx.attr(src, &format!("{path}/source"), "path")?;
-            Ok(CharDevice::File(cx.path(src, &format!("{path}/source"), p)?))
-        }
-        t => Err(cx.err(n, path, format!("type='{t}' is not supported (pty, file or null)"))),
-    }
-}
 
 #[cfg(test)]
 mod tests;

@@ -96,7 +96,7 @@ fn optional_path(cx: &Cx, n: Node, path: &str) -> Result<Option<PathBuf>, XmlErr
 }
 
 impl DomainXml {
-    pub(super) fn parse_os(&mut self, cx: &Cx, os: Node) -> Result<(), XmlError> {
+    pub(super) fn parse_os(&mut self, cx: &Cx, os: Node, errors: &mut Vec<XmlError>) {
         match os.attribute("firmware") {
             None => {}
             Some(f @ "bios") => self.firmware.os_firmware = Some(f.to_string()),
@@ -104,11 +104,41 @@ impl DomainXml {
                 self.firmware.os_firmware = Some(f.to_string());
                 self.firmware.uefi = Some("<os firmware='efi'>".into());
             }
-            Some(f) => return Err(cx.err(os, "os", format!("firmware='{f}' is not supported (bios or efi)"))),
+            Some(f) => errors.push(cx.err(os, "os", format!("firmware='{f}' is not supported (bios or efi)"))),
         }
         for n in elements(os) {
             let tag = n.tag_name().name();
-            let path = format!("os/{tag}");
+            if matches!(tag, "kernel" | "initrd" | "cmdline") && super::is_empty(n) {
+                continue;
+            }
+            if let Err(e) = self.parse_os_child(cx, n) {
+                errors.push(e);
+            }
+        }
+        if self.kernel.is_none() && (self.initrd.is_some() || self.cmdline.is_some()) {
+            errors.push(cx.err(os, "os", "<initrd> and <cmdline> need a <kernel>"));
+        }
+        if self.kernel.is_some() && (self.firmware.loader.is_some() || self.firmware.uefi.is_some()) {
+            errors.push(cx.err(os, "os", "<kernel> with firmware (<loader>, firmware='efi'): rvirt loads kernels directly, without firmware"));
+        }
+    }
+
+    fn parse_os_child(&mut self, cx: &Cx, n: Node) -> Result<(), XmlError> {
+        let tag = n.tag_name().name();
+        let path = format!("os/{tag}");
+        let interpreted: &[&str] = match tag {
+            "type" => &["arch", "machine"],
+            "loader" => &["type"],
+            "boot" => &["dev"],
+            "bootmenu" => &["enable", "timeout"],
+            "bios" => &["useserial", "rebootTimeout"],
+            _ => &[],
+        };
+        // <boot> repeats; what libvirt puts on it besides dev is nothing.
+        if matches!(tag, "type" | "loader" | "kernel" | "initrd" | "cmdline" | "bootmenu" | "bios") && !(tag == "loader" && n.attribute("type") == Some("pflash")) {
+            self.kept.attrs(cx, &path, n, interpreted);
+        }
+        {
             match tag {
                 "type" => {
                     let t = cx.text(n, &path)?;
@@ -173,12 +203,6 @@ impl DomainXml {
                 }
                 _ => self.unknown.push(cx.unknown("os", n)),
             }
-        }
-        if self.kernel.is_none() && (self.initrd.is_some() || self.cmdline.is_some()) {
-            return Err(cx.err(os, "os", "<initrd> and <cmdline> need a <kernel>"));
-        }
-        if self.kernel.is_some() && (self.firmware.loader.is_some() || self.firmware.uefi.is_some()) {
-            return Err(cx.err(os, "os", "<kernel> with firmware (<loader>, firmware='efi'): rvirt loads kernels directly, without firmware"));
         }
         Ok(())
     }

@@ -1,0 +1,72 @@
+//! What a definition says that rvirt reads past: the attributes and child
+//! elements of each element it interprets, kept so `dumpxml` gives them
+//! back as written (libvirt, and the next user of the XML, may need them).
+
+use std::collections::BTreeMap;
+
+use roxmltree::Node;
+
+use super::{Cx, UnknownElement};
+
+/// One element's attributes and children that rvirt does not act on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Kept {
+    /// Attributes by qualified name as written, with their (unescaped) values, in order.
+    pub attrs: Vec<(String, String)>,
+    /// Child elements, verbatim, in order.
+    pub children: Vec<UnknownElement>,
+}
+
+impl Kept {
+    /// Whether there is nothing to write back.
+    pub fn is_empty(&self) -> bool {
+        self.attrs.is_empty() && self.children.is_empty()
+    }
+
+    /// The value of the kept attribute `name`.
+    pub fn attr(&self, name: &str) -> Option<&str> {
+        self.attrs.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// The kept parts of a device (or of the whole domain), by the path of the
+/// element they belong to: `""` for the device element itself, `driver`,
+/// `source`, ... for its children (`os/type`, `devices/serial`, ... for the
+/// domain's).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeptXml(pub BTreeMap<String, Kept>);
+
+impl KeptXml {
+    /// What is kept for the element at `path`, if anything.
+    pub fn get(&self, path: &str) -> Option<&Kept> {
+        self.0.get(path).filter(|k| !k.is_empty())
+    }
+
+    /// Records the attributes of `n` other than `interpreted` (and
+    /// namespace declarations) under `path`.
+    pub(super) fn attrs(&mut self, cx: &Cx, path: &str, n: Node, interpreted: &[&str]) {
+        let attrs: Vec<(String, String)> = n
+            .attributes()
+            .filter(|a| a.namespace().is_some() || !interpreted.contains(&a.name()))
+            .map(|a| (cx.src[a.range_qname()].to_string(), a.value().to_string()))
+            .collect();
+        if !attrs.is_empty() {
+            self.0.entry(path.to_string()).or_default().attrs.extend(attrs);
+        }
+    }
+
+    /// Records the child element `c` of the element at `path`, verbatim.
+    pub(super) fn child(&mut self, cx: &Cx, path: &str, parent: &str, c: Node) {
+        self.0.entry(path.to_string()).or_default().children.push(cx.unknown(parent, c));
+    }
+
+    /// Every kept child element, wherever it sits.
+    pub fn children(&self) -> impl Iterator<Item = &UnknownElement> {
+        self.0.values().flat_map(|k| k.children.iter())
+    }
+
+    /// Every kept attribute with the path of its element.
+    pub fn attributes(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.0.iter().flat_map(|(p, k)| k.attrs.iter().map(move |(n, v)| (p.as_str(), n.as_str(), v.as_str())))
+    }
+}
