@@ -7,6 +7,7 @@
 //! the problem; nothing here panics on file contents.
 
 pub mod detect;
+pub mod direct;
 pub mod file;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -199,7 +200,8 @@ pub struct ImageOptions {
     pub locking: Locking,
     /// Where the backing chain comes from.
     pub backing: BackingPolicy,
-    /// Bypass the host page cache (raw only).
+    /// Bypass the host page cache (O_DIRECT, QEMU's cache=none) for the
+    /// image itself; its backing files are read through the cache.
     pub direct: bool,
 }
 

@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::direct::{AlignedBuf, DIRECT_ALIGN};
 use crate::file::{open_checked, Kind};
 use crate::lock::Permissions;
 use crate::{check_range, io_err, push_extent, BlockBackend, Error, Extent, ExtentKind, ImageOptions, Result};
@@ -18,38 +19,6 @@ pub struct RawImage {
     size: u64,
     read_only: bool,
     direct: bool,
-}
-
-/// Alignment used for O_DIRECT bounce buffers (covers 512-byte and 4 KiB-sector disks).
-const DIRECT_ALIGN: usize = 4096;
-
-/// A zeroed heap buffer aligned for O_DIRECT.
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN).expect("valid layout");
-        // SAFETY: non-zero size; checked for null below.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Self { ptr, layout }
-    }
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: ptr owns layout.size() initialised bytes.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated with this layout in `new`.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
-    }
 }
 
 impl RawImage {

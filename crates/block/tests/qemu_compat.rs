@@ -5,7 +5,7 @@
 
 
 use rvirt_block::qcow2::{CreateOptions, Qcow2Image};
-use rvirt_block::{BlockBackend, Format, RawImage};
+use rvirt_block::{BlockBackend, Format, ImageOptions, RawImage};
 
 mod common;
 use common::*;
@@ -13,9 +13,11 @@ use common::*;
 #[test]
 fn our_writes_pass_qemu_img_check_and_read_back_in_qemu_io() {
     let d = tmpdir("ours");
-    for cluster_bits in [16u32, 9] {
-        let p = d.join(format!("c{cluster_bits}.qcow2"));
-        let img = Qcow2Image::create(&p, 32 << 20, &CreateOptions { cluster_bits, ..Default::default() }).unwrap();
+    // direct: opened with O_DIRECT (cache=none), metadata and data through aligned bounce buffers.
+    for (cluster_bits, direct) in [(16u32, false), (9, false), (16, true), (9, true)] {
+        let p = d.join(format!("c{cluster_bits}-{direct}.qcow2"));
+        drop(Qcow2Image::create(&p, 32 << 20, &CreateOptions { cluster_bits, ..Default::default() }).unwrap());
+        let img = Qcow2Image::open_with(&p, &ImageOptions { direct, ..Default::default() }).unwrap();
         img.write_at(&vec![0xaa; 4096], 0).unwrap();
         img.write_at(&vec![0xbb; 100_000], 65_000).unwrap(); // crosses clusters
         img.write_at(&vec![0xcc; 2 << 20], 8 << 20).unwrap(); // many clusters, many refcount blocks at 512 B

@@ -103,7 +103,7 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Serial number the guest reads (up to 20 bytes).
     pub serial: Option<String>,
-    /// Bypass the host page cache (O_DIRECT; raw images only).
+    /// Bypass the host page cache (O_DIRECT, cache=none; raw and qcow2).
     pub direct: bool,
     /// Place in the firmware's boot order (`boot=N`, lowest first).
     pub boot_index: Option<u16>,

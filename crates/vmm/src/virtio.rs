@@ -80,9 +80,6 @@ pub(crate) fn open_disk(d: &DiskConfig) -> Result<Arc<dyn rvirt_block::BlockBack
     // Never probed: the guest writes the first bytes of its disk, and a
     // probe could be talked into opening any host file as a backing file.
     let format = d.format.unwrap_or(Format::Raw);
-    if d.direct && format != Format::Raw {
-        return Err(Error::Config(format!("--disk {}: direct=on is supported for raw images only", d.path.display())));
-    }
     let backing = if !d.backing.is_empty() {
         BackingPolicy::Given(d.backing.clone())
     } else if d.probe_backing {

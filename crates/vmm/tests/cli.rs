@@ -82,7 +82,7 @@ fn bad_virtio_device_arguments_get_one_clear_line() {
     run(disk("path=a,cache=none".into()), "unknown key 'cache'");
     run(disk(format!("path={},format=qcow2", bad_qcow2.display())), "not a qcow2 image");
     run(disk(format!("path={},format=qcow2", raw.display())), "not a qcow2 image");
-    run(disk(format!("path={},format=qcow2,direct=on", raw.display())), "direct=on is supported for raw images only");
+    run(disk(format!("path={},format=qcow2,direct=on", raw.display())), "not a qcow2 image");
     expect_error(&["--kernel", k, "--net", "tap="], "tap=NAME (1-15 characters) is required");
     expect_error(&["--kernel", k, "--net", "tap=t0,mac=01:00:00:00:00:00"], "multicast");
     expect_error(&["--kernel", k, "--net", "tap=t0", "--net", "tap=t0"], "tap 't0' is given to two --net cards");

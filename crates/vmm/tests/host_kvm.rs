@@ -364,6 +364,27 @@ fn firmware_boots_a_disk_on_the_scsi_controller() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// cache=none on qcow2: the image is opened O_DIRECT and its clusters and
+/// tables read through aligned bounce buffers; SeaBIOS boots from it.
+#[test]
+fn firmware_boots_a_qcow2_disk_opened_with_o_direct() {
+    use rvirt_lab::guests::{boot_sector, real_mode_print_and_power_off};
+    let dir = tmpdir("firmware-qcow2-direct");
+    let mut sector = boot_sector(&real_mode_print_and_power_off(b"<booted qcow2>"));
+    sector.resize(1 << 20, 0);
+    let raw = dir.join("boot.raw");
+    std::fs::write(&raw, sector).unwrap();
+    let qcow2 = dir.join("boot.qcow2");
+    let made = std::process::Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096"]).arg(&raw).arg(&qcow2).status().unwrap();
+    assert!(made.success());
+    let arg = format!("--disk=path={},format=qcow2,direct=on", qcow2.display());
+    let (status, serial, log) = run_firmware(&dir, &[], &[&arg]);
+    assert_eq!(status, Some(0), "{log}\n{serial}");
+    let plain: String = serial.chars().filter(|c| !matches!(c, '.' | '\r' | '\n' | ' ')).collect();
+    assert!(plain.contains("<bootedqcow2>"), "{serial}\n{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// El Torito: SeaBIOS boots a CD-ROM drive's disc (a no-emulation boot
 /// image in a plain ISO and in a hybrid one, made with Debian's xorriso),
 /// and the CMOS boot order (`--boot-order`) picks CD or disk.

@@ -249,10 +249,16 @@ impl Qcow2Image {
     fn open_in_chain(path: &Path, opts: &ImageOptions, as_backing: bool, chain: &mut HashSet<PathBuf>) -> Result<Self> {
         enter_chain(chain, path)?;
         let read_only = opts.read_only || as_backing;
-        let file = open_checked(path, !read_only, Kind::Regular, 0).map_err(|e| io_err(path, e))?;
+        // cache=none covers the image the guest writes; backing files are read through the page cache.
+        let direct = opts.direct && !as_backing;
+        let file = open_checked(path, !read_only, Kind::Regular, if direct { libc::O_DIRECT } else { 0 }).map_err(|e| {
+            let e = if direct { std::io::Error::new(e.kind(), format!("O_DIRECT: {e}")) } else { e };
+            io_err(path, e)
+        })?;
         let perms = if as_backing { Permissions::for_backing(opts.locking) } else { Permissions::for_image(read_only, true, opts.locking) };
         crate::lock::lock(&file, path, perms)?;
-        Self::from_file(Box::new(file), path, read_only, opts, chain)
+        let file: Box<dyn ImageFile> = if direct { Box::new(crate::direct::DirectFile::new(file)) } else { Box::new(file) };
+        Self::from_file(file, path, read_only, opts, chain)
     }
 
     /// Opens an image over any [`ImageFile`] (the power-loss tests use a

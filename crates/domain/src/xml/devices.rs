@@ -223,9 +223,6 @@ fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
     if disk.path.to_string_lossy().contains(',') || disk.serial.as_deref().is_some_and(|s| s.contains([',', '='])) {
         return Err(cx.err(n, path, "commas in disk paths and serials are not supported"));
     }
-    if disk.direct && disk.format == Some(ImageFormat::Qcow2) {
-        return Err(cx.err(n, path, "cache='none' is supported on raw disks only"));
-    }
     Ok(disk)
 }
 
