@@ -40,6 +40,10 @@ pub enum Request {
     Shutdown,
     /// End the VM at once, like pulling the plug.
     Stop,
+    /// Press the reset button: the guest restarts at once on fresh devices
+    /// (a VMM run with `--on-reboot exit` exits instead, as for a guest's
+    /// own reset).
+    Reset,
     /// Report VM-exit and per-device counters.
     Stats,
     /// Report each vCPU's registers, run state and local APIC (timer,
@@ -51,6 +55,10 @@ pub enum Request {
         /// Bytes the guest should give up (0 deflates the balloon completely).
         target_bytes: u64,
     },
+    /// The balloon driver's memory statistics (free, total, available,
+    /// caches, swapping, faults); also asks it for fresh ones, which a
+    /// later call sees as a higher `generation`.
+    BalloonStats,
     /// Set a network card's link up or down, as the guest sees it.
     SetLink {
         /// Device name, e.g. `net0`.
@@ -116,6 +124,22 @@ pub struct BalloonStatus {
     pub actual_bytes: u64,
 }
 
+/// The answer to [`Request::BalloonStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStats {
+    /// The driver's figures by name (`free-memory`, `total-memory`,
+    /// `available-memory`, `disk-caches`, `swap-in`, `swap-out` in bytes;
+    /// `major-faults`, `minor-faults`, `hugetlb-*` counts); empty until it
+    /// posts some (a driver without the statistics queue never does).
+    pub values: BTreeMap<String, u64>,
+    /// How many sets of figures the driver has posted.
+    pub generation: u64,
+    /// When the last set came, in seconds since the epoch (0: never).
+    pub updated_unix: u64,
+    /// What the guest has given up, in bytes.
+    pub actual_bytes: u64,
+}
+
 /// Counters of one device in [`VmStats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStats {
@@ -127,6 +151,12 @@ pub struct DeviceStats {
     pub bytes_from_guest: u64,
     /// Requests that failed.
     pub errors: u64,
+    /// Requests that moved bytes to the guest (disk reads, received frames).
+    #[serde(default)]
+    pub reads: u64,
+    /// Requests that moved bytes from the guest (disk writes, sent frames).
+    #[serde(default)]
+    pub writes: u64,
 }
 
 /// The answer to [`Request::Stats`].
@@ -153,6 +183,9 @@ pub struct Response {
     /// Present in the answer to `stats`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<VmStats>,
+    /// Present in the answer to `balloon-stats`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_stats: Option<BalloonStats>,
     /// Present in the answer to `vcpu-state`: one multi-line report per vCPU, in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<Vec<String>>,

@@ -105,8 +105,8 @@ mod tests {
     #[test]
     fn list_is_laid_out_like_virsh() {
         let rows = vec![
-            DomainSummary { id: Some(3), name: "web".into(), state: DomainState::Running },
-            DomainSummary { id: None, name: "database".into(), state: DomainState::ShutOff },
+            DomainSummary { id: Some(3), name: "web".into(), state: DomainState::Running, uuid: String::new(), persistent: true, autostart: false },
+            DomainSummary { id: None, name: "database".into(), state: DomainState::ShutOff, uuid: String::new(), persistent: true, autostart: false },
         ];
         let t = list(&rows);
         let lines: Vec<&str> = t.lines().collect();

@@ -120,7 +120,7 @@ fn network(spec: &str) -> Result<Option<Interface>> {
     if spec == "none" {
         return Ok(None);
     }
-    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None, model: None, kept: Default::default() };
+    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None, model: None, link_up: None, kept: Default::default() };
     for (k, v) in pairs("--network", spec)? {
         match k {
             "bridge" => i.kind = InterfaceKind::Bridge(v.to_string()),
@@ -190,6 +190,8 @@ pub fn build(o: &InstallOptions) -> Result<DomainXml> {
         emulated: false,
         name: o.name.clone(),
         uuid: Default::default(),
+        title: None,
+        description: None,
         memory_kib: o.memory_mib.checked_mul(1024).ok_or_else(|| anyhow::anyhow!("--memory is too large"))?,
         current_memory_kib: 0,
         vcpus: o.vcpus,

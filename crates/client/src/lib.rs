@@ -4,6 +4,7 @@
 //! builder ([`install`]).
 
 pub mod console;
+pub mod everyday;
 pub mod format;
 pub mod install;
 

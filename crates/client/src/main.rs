@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use rvirt_client::console::{self, Detach};
 use rvirt_client::install::{self, InstallOptions};
+use rvirt_client::everyday::EverydayCommand;
 use rvirt_client::{format, Connection};
 use rvirt_domain::protocol::{Request, Response, DEFAULT_SOCKET};
 
@@ -25,14 +26,79 @@ struct Cli {
     command: Command,
 }
 
+/// `list`'s filters and layouts (virsh's).
+#[derive(Args, Debug, Default, Clone)]
+struct ListArgs {
+    /// Inactive domains too.
+    #[arg(long)]
+    all: bool,
+    /// Only inactive domains.
+    #[arg(long)]
+    inactive: bool,
+    /// Only running domains.
+    #[arg(long)]
+    state_running: bool,
+    /// Only paused domains.
+    #[arg(long)]
+    state_paused: bool,
+    /// Only shut off domains.
+    #[arg(long)]
+    state_shutoff: bool,
+    /// Only domains in another state (crashed).
+    #[arg(long)]
+    state_other: bool,
+    /// Only domains with a stored definition.
+    #[arg(long)]
+    persistent: bool,
+    /// Only domains without one.
+    #[arg(long)]
+    transient: bool,
+    /// Only domains that start with the daemon.
+    #[arg(long)]
+    autostart: bool,
+    /// Only domains that do not.
+    #[arg(long)]
+    no_autostart: bool,
+    /// Print names only, one per line.
+    #[arg(long)]
+    name: bool,
+    /// Print UUIDs only, one per line.
+    #[arg(long, conflicts_with = "name")]
+    uuid: bool,
+}
+
+impl ListArgs {
+    /// Whether the filters need inactive domains from the daemon.
+    fn wants_inactive(&self) -> bool {
+        self.all || self.inactive || self.state_shutoff || self.persistent || self.transient || self.autostart || self.no_autostart
+    }
+
+    /// The rows these filters keep, printed as asked.
+    fn show(&self, rows: &[rvirt_domain::protocol::DomainSummary]) -> String {
+        use rvirt_domain::protocol::DomainState as S;
+        let states = [(self.state_running, S::Running), (self.state_paused, S::Paused), (self.state_shutoff, S::ShutOff), (self.state_other, S::Crashed)];
+        let any_state = states.iter().any(|(on, _)| *on);
+        let kept: Vec<_> = rows
+            .iter()
+            .filter(|r| !self.inactive || r.id.is_none())
+            .filter(|r| !any_state || states.iter().any(|(on, s)| *on && r.state == *s))
+            .filter(|r| !(self.persistent && !r.persistent) && !(self.transient && r.persistent))
+            .filter(|r| !(self.autostart && !r.autostart) && !(self.no_autostart && r.autostart))
+            .cloned()
+            .collect();
+        if self.name || self.uuid {
+            let mut out: String = kept.iter().map(|r| format!("{}\n", if self.name { &r.name } else { &r.uuid })).collect();
+            out.push('\n');
+            return out;
+        }
+        format::list(&kept)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// List running domains (all with --all).
-    List {
-        /// Inactive domains too.
-        #[arg(long)]
-        all: bool,
-    },
+    /// List running domains (all with --all), filtered as virsh filters.
+    List(ListArgs),
     /// Define (or update) a domain from an XML file.
     Define {
         /// Domain XML file.
@@ -80,6 +146,9 @@ enum Command {
     Dumpxml {
         /// Name, id or UUID.
         domain: String,
+        /// The stored definition (the next start) rather than the running one.
+        #[arg(long)]
+        inactive: bool,
     },
     /// Edit a domain's XML in $EDITOR; saved only if valid.
     Edit {
@@ -216,6 +285,8 @@ enum Command {
         /// Name or UUID.
         network: String,
     },
+    #[command(flatten)]
+    Everyday(EverydayCommand),
 }
 
 /// The options of `rvirt install`.
@@ -290,7 +361,7 @@ enum Editable {
 
 fn edit(conn: &mut Connection, what: Editable, name: &str) -> Result<String> {
     let (dump, noun, quoted) = match what {
-        Editable::Domain => (Request::DumpXml { domain: name.into() }, "Domain", format!("'{name}'")),
+        Editable::Domain => (Request::DumpXml { domain: name.into(), inactive: true }, "Domain", format!("'{name}'")),
         // The stored definition: an edit applies at the network's next start.
         Editable::Network => (Request::NetDumpXml { network: name.into(), inactive: true }, "Network", name.to_string()),
     };
@@ -421,8 +492,21 @@ fn run(cli: Cli) -> Result<()> {
             let req = Request::ChangeMedia { domain: domain.clone(), target: target.clone(), path, force: *force };
             (req, Box::new(move |_: &Response| format!("Successfully {what} media.\n")))
         }
-        Command::List { all } => {
-            (Request::List { all: *all }, Box::new(|r: &Response| format::list(r.domains.as_deref().unwrap_or_default())))
+        Command::Everyday(cmd) => {
+            let mut conn = Connection::open(&cli.connect)?;
+            return match rvirt_client::everyday::run(cmd, &mut conn)? {
+                Ok((r, text)) => emit(cli.json, &r, text),
+                Err(printed) => {
+                    print!("{printed}");
+                    Ok(())
+                }
+            };
+        }
+        Command::List(l) => {
+            let all = l.wants_inactive();
+            let l = l.clone();
+            let shown: Box<dyn FnOnce(&Response) -> String> = Box::new(move |r: &Response| l.show(r.domains.as_deref().unwrap_or_default()));
+            (Request::List { all }, shown)
         }
         Command::Define { file } => {
             let f = file.display().to_string();
@@ -462,7 +546,9 @@ fn run(cli: Cli) -> Result<()> {
                 Box::new(move |r: &Response| format!("Domain '{}' {how} as autostarted\n", named(r))),
             )
         }
-        Command::Dumpxml { domain } => (Request::DumpXml { domain: domain.clone() }, Box::new(|r: &Response| r.xml.clone().unwrap_or_default())),
+        Command::Dumpxml { domain, inactive } => {
+            (Request::DumpXml { domain: domain.clone(), inactive: *inactive }, Box::new(|r: &Response| r.xml.clone().unwrap_or_default()))
+        }
         Command::Dominfo { domain } => {
             (Request::DomInfo { domain: domain.clone() }, Box::new(|r: &Response| r.info.as_ref().map(format::info).unwrap_or_default()))
         }

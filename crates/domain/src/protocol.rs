@@ -71,10 +71,13 @@ pub enum Request {
         /// Name, id or UUID.
         domain: String,
     },
-    /// The domain's XML.
+    /// The domain's XML: the one it runs with, or the stored one with `inactive`.
     DumpXml {
         /// Name, id or UUID.
         domain: String,
+        /// The stored definition (the next start) rather than the running one.
+        #[serde(default)]
+        inactive: bool,
     },
     /// Facts about a domain.
     DomInfo {
@@ -115,6 +118,145 @@ pub enum Request {
     DomIfAddr {
         /// Name, id or UUID.
         domain: String,
+    },
+    /// Set the memory the guest has: live through the balloon, or in the
+    /// stored definition (`<currentMemory>`) (virsh setmem).
+    SetMemory {
+        /// Name, id or UUID.
+        domain: String,
+        /// KiB.
+        kib: u64,
+        /// Change the running domain (with neither flag: running ? live : config).
+        #[serde(default)]
+        live: bool,
+        /// Change the stored definition.
+        #[serde(default)]
+        config: bool,
+    },
+    /// Set `<memory>`, the most the guest may have (virsh setmaxmem); stored definitions only.
+    SetMaxMemory {
+        /// Name, id or UUID.
+        domain: String,
+        /// KiB.
+        kib: u64,
+        /// Change the running domain (refused: no memory hotplug).
+        #[serde(default)]
+        live: bool,
+        /// Change the stored definition.
+        #[serde(default)]
+        config: bool,
+    },
+    /// Set the number of vCPUs (virsh setvcpus); stored definitions only.
+    SetVcpus {
+        /// Name, id or UUID.
+        domain: String,
+        /// vCPUs.
+        count: u32,
+        /// Change the running domain (refused: no vCPU hotplug).
+        #[serde(default)]
+        live: bool,
+        /// Change the stored definition.
+        #[serde(default)]
+        config: bool,
+    },
+    /// vCPU counts of the stored and the running definition (virsh vcpucount).
+    VcpuCount {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// Each vCPU's thread: state, host CPU, CPU time, affinity (virsh vcpuinfo).
+    VcpuInfo {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// Press a running domain's reset button (virsh reset).
+    Reset {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// Rename a stopped domain (virsh domrename).
+    Rename {
+        /// Name, id or UUID.
+        domain: String,
+        /// The new name.
+        new_name: String,
+    },
+    /// Read or set `<description>` or `<title>` (virsh desc).
+    Desc {
+        /// Name, id or UUID.
+        domain: String,
+        /// The title rather than the description.
+        #[serde(default)]
+        title: bool,
+        /// The new text (none: read it; empty: remove it).
+        #[serde(default)]
+        set: Option<String>,
+        /// The running domain's.
+        #[serde(default)]
+        live: bool,
+        /// The stored definition's.
+        #[serde(default)]
+        config: bool,
+    },
+    /// Add a `<disk>` or `<interface>` to the stored definition (virsh attach-device --config).
+    AttachDevice {
+        /// Name, id or UUID.
+        domain: String,
+        /// The device's XML.
+        xml: String,
+        /// Hotplug into the running domain (refused: a later release).
+        #[serde(default)]
+        live: bool,
+        /// Change the stored definition.
+        #[serde(default)]
+        config: bool,
+    },
+    /// Remove a `<disk>` (by target) or `<interface>` (by MAC) from the stored definition.
+    DetachDevice {
+        /// Name, id or UUID.
+        domain: String,
+        /// The device's XML.
+        xml: String,
+        /// Unplug from the running domain (refused: a later release).
+        #[serde(default)]
+        live: bool,
+        /// Change the stored definition.
+        #[serde(default)]
+        config: bool,
+    },
+    /// Plug a network card's cable in or out (virsh domif-setlink).
+    SetLink {
+        /// Name, id or UUID.
+        domain: String,
+        /// The card: its tap (target dev) or MAC address.
+        interface: String,
+        /// Up or down.
+        up: bool,
+        /// The running domain's.
+        #[serde(default)]
+        live: bool,
+        /// The stored definition's.
+        #[serde(default)]
+        config: bool,
+    },
+    /// A running domain's memory figures: balloon, RSS, the guest's own (virsh dommemstat).
+    MemStat {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// A disk's size, allocation and host file size (virsh domblkinfo).
+    BlkInfo {
+        /// Name, id or UUID.
+        domain: String,
+        /// The disk's target (`vda`) or source path.
+        disk: String,
+    },
+    /// A running domain's counters of one disk or card (virsh domblkstat, domifstat).
+    DevStat {
+        /// Name, id or UUID.
+        domain: String,
+        /// A disk's target or path, a card's tap or MAC.
+        device: String,
     },
     /// Networks: active ones, or all with `all`.
     NetList {
@@ -202,6 +344,20 @@ impl Request {
             Self::Console { .. } => "console",
             Self::ChangeMedia { .. } => "change-media",
             Self::DomIfAddr { .. } => "dom-if-addr",
+            Self::SetMemory { .. } => "set-memory",
+            Self::SetMaxMemory { .. } => "set-max-memory",
+            Self::SetVcpus { .. } => "set-vcpus",
+            Self::VcpuCount { .. } => "vcpu-count",
+            Self::VcpuInfo { .. } => "vcpu-info",
+            Self::Reset { .. } => "reset",
+            Self::Rename { .. } => "rename",
+            Self::Desc { .. } => "desc",
+            Self::AttachDevice { .. } => "attach-device",
+            Self::DetachDevice { .. } => "detach-device",
+            Self::SetLink { .. } => "set-link",
+            Self::MemStat { .. } => "mem-stat",
+            Self::BlkInfo { .. } => "blk-info",
+            Self::DevStat { .. } => "dev-stat",
             Self::NetList { .. } => "net-list",
             Self::NetDefine { .. } => "net-define",
             Self::NetUndefine { .. } => "net-undefine",
@@ -219,7 +375,20 @@ impl Request {
     pub fn is_read_only(&self) -> bool {
         matches!(
             self,
-            Self::List { .. } | Self::DumpXml { .. } | Self::DomInfo { .. } | Self::DomState { .. } | Self::DomIfAddr { .. } | Self::NetList { .. } | Self::NetDumpXml { .. } | Self::NetDhcpLeases { .. }
+            Self::List { .. }
+                | Self::DumpXml { .. }
+                | Self::DomInfo { .. }
+                | Self::DomState { .. }
+                | Self::DomIfAddr { .. }
+                | Self::VcpuCount { .. }
+                | Self::VcpuInfo { .. }
+                | Self::Desc { set: None, .. }
+                | Self::MemStat { .. }
+                | Self::BlkInfo { .. }
+                | Self::DevStat { .. }
+                | Self::NetList { .. }
+                | Self::NetDumpXml { .. }
+                | Self::NetDhcpLeases { .. }
         )
     }
 }
@@ -273,6 +442,75 @@ pub struct DomainSummary {
     pub name: String,
     /// State.
     pub state: DomainState,
+    /// UUID (`list --uuid`).
+    #[serde(default)]
+    pub uuid: String,
+    /// Whether the definition is stored (`list --persistent`, `--transient`).
+    #[serde(default)]
+    pub persistent: bool,
+    /// Whether it starts with the daemon (`list --autostart`).
+    #[serde(default)]
+    pub autostart: bool,
+}
+
+/// Where a change goes, from a request's `live` and `config` flags (libvirt's
+/// `--live`, `--config`, neither meaning `--current`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affect {
+    /// The running domain.
+    pub live: bool,
+    /// The stored definition.
+    pub config: bool,
+}
+
+/// The answer to `vcpu-count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuCounts {
+    /// The stored definition's (none for a transient domain).
+    pub config: Option<u32>,
+    /// The running domain's (none when stopped).
+    pub live: Option<u32>,
+}
+
+/// One row of `vcpu-info`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VcpuThread {
+    /// The vCPU's number.
+    pub vcpu: u32,
+    /// `running`, `sleeping` (halted), ...
+    pub state: String,
+    /// The host CPU it last ran on.
+    pub cpu: u32,
+    /// CPU time it used, in seconds.
+    pub cpu_seconds: f64,
+    /// Host CPUs it may run on (`0-3,6`).
+    pub affinity: String,
+}
+
+/// The answer to `blk-info`, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockInfo {
+    /// The guest's disk size.
+    pub capacity: u64,
+    /// Bytes the image occupies on the host.
+    pub allocation: u64,
+    /// The host file's (or device's) size.
+    pub physical: u64,
+}
+
+/// The answer to `dev-stat`: a disk's or card's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCounters {
+    /// Requests read from the disk (received frames).
+    pub reads: u64,
+    /// Bytes to the guest.
+    pub read_bytes: u64,
+    /// Requests written (sent frames).
+    pub writes: u64,
+    /// Bytes from the guest.
+    pub write_bytes: u64,
+    /// Failed requests.
+    pub errors: u64,
 }
 
 /// The answer to `dom-state`.
@@ -354,6 +592,24 @@ pub struct Response {
     /// `dom-if-addr`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addresses: Option<Vec<InterfaceAddress>>,
+    /// `vcpu-count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_counts: Option<VcpuCounts>,
+    /// `vcpu-info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_threads: Option<Vec<VcpuThread>>,
+    /// `desc`: the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// `mem-stat`: figures by virsh's names (KiB, or counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_stats: Option<Vec<(String, u64)>>,
+    /// `blk-info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_info: Option<BlockInfo>,
+    /// `dev-stat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<DeviceCounters>,
 }
 
 /// One address of `domifaddr`.

@@ -124,6 +124,12 @@ impl DomainXml {
         let _ = writeln!(o, "<domain type='{}'{decls}{}>", if self.emulated { "qemu" } else { "kvm" }, attrs_xml(&[], k.get("domain")));
         leaf(&mut o, "  ", "name", &[], Some(&self.name), k.get("name"));
         leaf(&mut o, "  ", "uuid", &[], Some(&self.uuid.to_string()), k.get("uuid"));
+        if let Some(t) = &self.title {
+            leaf(&mut o, "  ", "title", &[], Some(t), k.get("title"));
+        }
+        if let Some(d) = &self.description {
+            leaf(&mut o, "  ", "description", &[], Some(d), k.get("description"));
+        }
         let unit = || own(&[("unit", "KiB")]);
         leaf(&mut o, "  ", "memory", &unit(), Some(&self.memory_kib.to_string()), k.get("memory"));
         leaf(&mut o, "  ", "currentMemory", &unit(), Some(&self.current_memory_kib.to_string()), k.get("currentMemory"));
@@ -232,6 +238,9 @@ impl DomainXml {
             leaf(&mut o, "      ", "model", &own(&[("type", i.model.as_deref().unwrap_or("virtio"))]), None, ik.get("model"));
             if let Some(b) = i.boot_order {
                 leaf(&mut o, "      ", "boot", &own(&[("order", &b.to_string())]), None, ik.get("boot"));
+            }
+            if let Some(up) = i.link_up {
+                leaf(&mut o, "      ", "link", &own(&[("state", if up { "up" } else { "down" })]), None, ik.get("link"));
             }
             end(&mut o, "    ", "interface", ik.get(""));
         }
@@ -345,6 +354,9 @@ impl DomainXml {
             }
             if let InterfaceKind::Bridge(b) = &i.kind {
                 spec += &format!(",bridge={b}");
+            }
+            if i.link_up == Some(false) {
+                spec += ",link=down";
             }
             a.extend(["--net".into(), spec]);
         }

@@ -215,6 +215,8 @@ pub struct Interface {
     pub boot_order: Option<u32>,
     /// `<model type>` when not virtio (e1000, e1000e, rtl8139): served as virtio-net.
     pub model: Option<String>,
+    /// `<link state>`: whether the cable is in (none: as libvirt, up).
+    pub link_up: Option<bool>,
     /// What the definition says about the card that rvirt does not act on
     /// (`<address>`, `<script>`, ...), written back by `dumpxml`.
     pub kept: KeptXml,
@@ -253,6 +255,10 @@ pub struct DomainXml {
     pub name: String,
     /// Unique id (generated when the XML has none).
     pub uuid: Uuid,
+    /// `<title>`: a short line for people (virsh desc --title).
+    pub title: Option<String>,
+    /// `<description>`: free text for people (virsh desc).
+    pub description: Option<String>,
     /// Guest RAM in KiB (`<memory>`).
     pub memory_kib: u64,
     /// RAM the guest starts with, the rest ballooned (`<currentMemory>`).
@@ -453,6 +459,8 @@ impl DomainXml {
             emulated,
             name: String::new(),
             uuid: Uuid::nil(),
+            title: None,
+            description: None,
             memory_kib: 0,
             current_memory_kib: 0,
             vcpus: 1,
@@ -542,7 +550,7 @@ impl DomainXml {
         let repeatable = matches!(tag, "devices");
         let known = matches!(
             tag,
-            "name" | "uuid" | "memory" | "currentMemory" | "vcpu" | "os" | "on_poweroff" | "on_reboot" | "on_crash" | "devices" | "memtune" | "cputune"
+            "name" | "uuid" | "title" | "description" | "memory" | "currentMemory" | "vcpu" | "os" | "on_poweroff" | "on_reboot" | "on_crash" | "devices" | "memtune" | "cputune"
         );
         if n.tag_name().namespace().is_some_and(|ns| ns != LIBVIRT_NS) {
             // Another application's element (`<qemu:commandline>`): kept whatever its name.
@@ -577,6 +585,14 @@ impl DomainXml {
                 let t = n.text().unwrap_or("").trim();
                 self.uuid = Uuid::parse_str(t).map_err(|_| cx.err(n, "uuid", format!("'{t}' is not a UUID")))?;
             }
+            "title" => {
+                let t = n.text().unwrap_or("");
+                if t.contains('\n') {
+                    return Err(cx.err(n, "title", "a title is one line"));
+                }
+                self.title = Some(t.to_string());
+            }
+            "description" => self.description = Some(n.text().unwrap_or("").to_string()),
             "memory" => self.memory_kib = memory_kib(cx, n, "memory")?,
             "currentMemory" => *current = Some((memory_kib(cx, n, "currentMemory")?, n)),
             "vcpu" => {

@@ -40,6 +40,18 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((own + theirs) as f64 / hz)
 }
 
+/// Resident memory of `pid` and its children (a jailed VMM runs under its
+/// reaper), in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let rss = |p: u32| -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+    };
+    let own = rss(pid)?;
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    Some(own + children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).filter_map(rss).sum::<u64>())
+}
+
 /// Starts `vmm` with `args`, output appended to `log`, in a session of its
 /// own: signals aimed at the daemon (Ctrl-C, SIGTERM, SIGHUP) do not reach
 /// it, and it keeps running when the daemon exits. With `cgroup_procs` it

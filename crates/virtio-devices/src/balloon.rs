@@ -2,9 +2,17 @@
 //! driver gives up that many pages (inflate) and the VMM returns them to the
 //! host with `madvise(MADV_DONTNEED)`, so the VMM's RSS shrinks. Deflating
 //! needs no work: a page given back faults in fresh on its next use.
+//!
+//! The statistics queue: the driver posts a buffer of its memory figures
+//! (free, total, available, caches, swap and fault counts); the device
+//! keeps the buffer until the host wants fresh figures, then hands it back
+//! and the driver posts new ones.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use rvirt_devices::bus::lock;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -17,15 +25,64 @@ use crate::{device_type, ActivateContext, DeviceCounters, Interrupt, InterruptKi
 pub const BALLOON_PAGE: u64 = 4096;
 /// Feature: the guest may deflate under memory pressure.
 const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+/// Feature: the statistics queue (queue 2).
+const F_STATS_VQ: u64 = 1 << 1;
 /// Queue 0 takes pages from the guest; queue 1 (deflate) gives them back.
 const INFLATE: u16 = 0;
+/// Queue 2 carries the driver's statistics.
+const STATS: u16 = 2;
+/// Bytes of one statistic: a little-endian u16 tag and u64 value.
+const STAT_LEN: usize = 10;
+/// Statistics read from one buffer (the spec defines 10 tags; a longer
+/// buffer is read this far and no further).
+const MAX_STATS: usize = 16;
 
-#[derive(Default)]
+/// The spec's statistic tags, by the names the API reports them under.
+const STAT_NAMES: [&str; 10] = [
+    "swap-in",
+    "swap-out",
+    "major-faults",
+    "minor-faults",
+    "free-memory",
+    "total-memory",
+    "available-memory",
+    "disk-caches",
+    "hugetlb-allocations",
+    "hugetlb-failures",
+];
+
+/// The driver's latest statistics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestStats {
+    /// Values by name ([`STAT_NAMES`]); memory in bytes, the rest counts.
+    pub values: BTreeMap<String, u64>,
+    /// How many buffers of statistics the driver has posted (0: none yet).
+    pub generation: u64,
+    /// When the last one came, in seconds since the epoch (0: never).
+    pub updated_unix: u64,
+}
+
 struct State {
     target_pages: AtomicU32,
     actual_pages: AtomicU32,
     released_bytes: AtomicU64,
     interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
+    stats: Mutex<GuestStats>,
+    /// Written when the host wants fresh statistics.
+    refresh: Option<EventFd>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            target_pages: AtomicU32::new(0),
+            actual_pages: AtomicU32::new(0),
+            released_bytes: AtomicU64::new(0),
+            interrupt: Mutex::new(None),
+            stats: Mutex::new(GuestStats::default()),
+            refresh: EventFd::new(libc::EFD_NONBLOCK).ok(),
+        }
+    }
 }
 
 /// Controls a balloon from the VMM's API thread.
@@ -58,6 +115,38 @@ impl BalloonHandle {
     pub fn released_bytes(&self) -> u64 {
         self.state.released_bytes.load(Ordering::SeqCst)
     }
+
+    /// The driver's latest statistics, and a request for fresh ones (they
+    /// arrive as a later generation, if the driver has a statistics queue).
+    pub fn stats(&self) -> GuestStats {
+        if let Some(e) = &self.state.refresh {
+            let _ = e.write(1);
+        }
+        lock(&self.state.stats).clone()
+    }
+}
+
+/// Reads the statistics in `chain` (at most [`MAX_STATS`]) into `state`;
+/// unknown tags are skipped, a short or unreadable buffer is an error.
+fn read_stats(chain: &GuestChain, mem: &GuestMemoryMmap, state: &State, counters: &DeviceCounters) {
+    let n = (chain.readable_len() / STAT_LEN).min(MAX_STATS);
+    let mut raw = [0u8; MAX_STATS * STAT_LEN];
+    if n == 0 || chain.read(mem, 0, &mut raw[..n * STAT_LEN]).is_err() {
+        counters.error();
+        return;
+    }
+    let mut s = lock(&state.stats);
+    for e in raw[..n * STAT_LEN].chunks_exact(STAT_LEN) {
+        let tag = usize::from(u16::from_le_bytes([e[0], e[1]]));
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&e[2..10]);
+        if let Some(name) = STAT_NAMES.get(tag) {
+            s.values.insert((*name).to_string(), u64::from_le_bytes(v));
+        }
+    }
+    s.generation += 1;
+    s.updated_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    counters.request(0, (n * STAT_LEN) as u64);
 }
 
 /// A memory balloon.
@@ -146,10 +235,10 @@ impl VirtioDevice for Balloon {
         device_type::BALLOON
     }
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![256, 256]
+        vec![256, 256, 256]
     }
     fn features(&self) -> u64 {
-        COMMON_FEATURES | F_DEFLATE_ON_OOM
+        COMMON_FEATURES | F_DEFLATE_ON_OOM | F_STATS_VQ
     }
     fn config_len(&self) -> usize {
         8
@@ -169,13 +258,17 @@ impl VirtioDevice for Balloon {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
-        let ActivateContext { mem, interrupt, queues, .. } = ctx;
-        let mut queues: Vec<_> = queues.into_iter().take(2).collect();
-        if queues.len() != 2 {
+        let ActivateContext { mem, interrupt, queues, features } = ctx;
+        // The statistics queue counts only when the driver took the feature and enabled it.
+        let with_stats = features & F_STATS_VQ != 0 && queues.get(usize::from(STATS)).is_some_and(|q| virtio_queue::QueueT::ready(&q.queue));
+        let mut queues: Vec<_> = queues.into_iter().take(if with_stats { 3 } else { 2 }).collect();
+        if queues.len() < 2 {
             return Err("virtio-balloon needs its inflate and deflate queues".into());
         }
         *lock(&self.state.interrupt) = Some(interrupt.clone());
         let (state, counters) = (self.state.clone(), self.counters.clone());
+        /// The token of the host's request for fresh statistics.
+        const REFRESH: u64 = 8;
         self.worker = Some(
             Worker::spawn("virtio-balloon", move |kill| {
                 let Ok(mut events) = EventLoop::new() else { return };
@@ -187,16 +280,39 @@ impl VirtioDevice for Balloon {
                 if events.add(&kill, 9).is_err() {
                     return;
                 }
+                if let (true, Some(refresh)) = (with_stats, &state.refresh) {
+                    if events.add(refresh, REFRESH).is_err() {
+                        return;
+                    }
+                }
                 while let Ok(tokens) = events.wait() {
                     if tokens.contains(&9) {
                         return;
                     }
                     for t in tokens {
+                        if t == REFRESH {
+                            if let Some(r) = &state.refresh {
+                                let _ = r.read();
+                            }
+                            // Hand the held buffer back: the driver answers with fresh figures.
+                            let q = &mut queues[usize::from(STATS)];
+                            let mut returned = false;
+                            let served = serve_queue(&mut q.queue, &mem, |_| (!std::mem::replace(&mut returned, true)).then_some(0));
+                            if served.chains > 0 && served.notify {
+                                interrupt.trigger(InterruptKind::Queue(STATS));
+                            }
+                            continue;
+                        }
                         let q = &mut queues[t as usize];
                         let _ = q.event.read();
                         let served = serve_queue(&mut q.queue, &mem, |chain| {
                             match GuestChain::parse(chain, &mem) {
                                 Ok(c) if t as u16 == INFLATE => inflate(&c, &mem, &state, &counters),
+                                Ok(c) if t as u16 == STATS => {
+                                    // Kept (not returned) until the host asks again.
+                                    read_stats(&c, &mem, &state, &counters);
+                                    return None;
+                                }
                                 Ok(c) => counters.request(0, c.readable_len() as u64),
                                 Err(_) => counters.error(),
                             }
@@ -245,6 +361,39 @@ mod tests {
         let mut q = crate::fuzzing::chain_queue(mem, 0x10_0000, &vec![(0, len, 0); usize::from(n)]);
         let chain = q.pop_descriptor_chain(mem).expect("a chain");
         GuestChain::parse(chain, mem).unwrap()
+    }
+
+    #[test]
+    fn statistics_are_read_by_tag_bounded_and_counted() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let state = State::default();
+        let counters = DeviceCounters::default();
+        let mut buf = Vec::new();
+        for (tag, v) in [(4u16, 1000u64), (5, 4096), (42, 7), (2, 3)] {
+            buf.extend_from_slice(&tag.to_le_bytes());
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        use vm_memory::Bytes;
+        mem.write_slice(&buf, GuestAddress(0x2000)).unwrap();
+        let mut q = crate::fuzzing::chain_queue(&mem, 0x10_0000, &[(0x2000, buf.len() as u32, 0)]);
+        let chain = GuestChain::parse(q.pop_descriptor_chain(&mem).unwrap(), &mem).unwrap();
+        read_stats(&chain, &mem, &state, &counters);
+        let s = lock(&state.stats).clone();
+        assert_eq!(s.generation, 1);
+        assert!(s.updated_unix > 0);
+        let want: BTreeMap<String, u64> = [("free-memory", 1000), ("total-memory", 4096), ("major-faults", 3)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        assert_eq!(s.values, want, "tag 42 is no statistic");
+        // A buffer shorter than one statistic is an error; a huge one is read to the limit.
+        let mut q = crate::fuzzing::chain_queue(&mem, 0x10_0000, &[(0x2000, 9, 0)]);
+        read_stats(&GuestChain::parse(q.pop_descriptor_chain(&mem).unwrap(), &mem).unwrap(), &mem, &state, &counters);
+        assert_eq!(counters.snapshot().errors, 1);
+        let mut q = crate::fuzzing::chain_queue(&mem, 0x10_0000, &[(0, 2 << 20, 0)]);
+        read_stats(&GuestChain::parse(q.pop_descriptor_chain(&mem).unwrap(), &mem).unwrap(), &mem, &state, &counters);
+        assert_eq!(counters.snapshot().bytes_from_guest, (buf.len() + MAX_STATS * STAT_LEN) as u64);
+        // The handle asks the worker for fresh figures.
+        let handle = BalloonHandle { state: Arc::new(State::default()) };
+        assert_eq!(handle.stats().generation, 0);
+        assert_eq!(handle.state.refresh.as_ref().unwrap().read().unwrap(), 1);
     }
 
     #[test]

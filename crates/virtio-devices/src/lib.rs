@@ -135,6 +135,10 @@ pub struct DeviceCounters {
     pub bytes_from_guest: AtomicU64,
     /// Requests that failed (I/O errors, malformed chains, refused writes).
     pub errors: AtomicU64,
+    /// Requests that moved bytes to the guest (disk reads, received frames).
+    pub reads: AtomicU64,
+    /// Requests that moved bytes from the guest (disk writes, sent frames).
+    pub writes: AtomicU64,
 }
 
 /// A copy of [`DeviceCounters`] at one moment.
@@ -148,6 +152,10 @@ pub struct CounterSnapshot {
     pub bytes_from_guest: u64,
     /// Failed requests.
     pub errors: u64,
+    /// Requests that moved bytes to the guest.
+    pub reads: u64,
+    /// Requests that moved bytes from the guest.
+    pub writes: u64,
 }
 
 impl DeviceCounters {
@@ -156,6 +164,12 @@ impl DeviceCounters {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.bytes_to_guest.fetch_add(to_guest, Ordering::Relaxed);
         self.bytes_from_guest.fetch_add(from_guest, Ordering::Relaxed);
+        if to_guest > 0 {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        if from_guest > 0 {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Counts one failed request.
@@ -170,6 +184,8 @@ impl DeviceCounters {
             bytes_to_guest: self.bytes_to_guest.load(Ordering::Relaxed),
             bytes_from_guest: self.bytes_from_guest.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            reads: self.reads.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
         }
     }
 }

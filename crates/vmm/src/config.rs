@@ -252,6 +252,9 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// A Linux bridge the tap joins (and is brought up on) at start.
     pub bridge: Option<String>,
+    /// The link state the guest sees at start (`link=down`: cable out); the
+    /// API's `set-link` changes it, and it stays so across guest reboots.
+    pub link_up: bool,
 }
 
 /// Parses the number of a descriptor the VMM inherits: above 2 (0-2 are
@@ -286,7 +289,7 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], Error> {
 impl std::str::FromStr for NetConfig {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
-        let mut n = NetConfig { tap: String::new(), fd: None, mac: None, bridge: None };
+        let mut n = NetConfig { tap: String::new(), fd: None, mac: None, bridge: None, link_up: true };
         for (k, v) in key_values("--net", s)? {
             let (k, v) = (k.as_str(), v.as_str());
             match k {
@@ -295,7 +298,14 @@ impl std::str::FromStr for NetConfig {
                 "bridge" if !v.is_empty() && v.len() <= 15 => n.bridge = Some(v.into()),
                 "bridge" => return Err(Error::Config(format!("--net: bridge '{v}' is not an interface name (1-15 characters)"))),
                 "fd" => n.fd = Some(parse_inherited_fd("--net", v)?),
-                _ => return Err(Error::Config(format!("--net: unknown key '{k}' (expected tap, mac, bridge, fd)"))),
+                "link" => {
+                    n.link_up = match v {
+                        "up" => true,
+                        "down" => false,
+                        _ => return Err(Error::Config(format!("--net: link='{v}' is not up or down"))),
+                    }
+                }
+                _ => return Err(Error::Config(format!("--net: unknown key '{k}' (expected tap, mac, bridge, fd, link)"))),
             }
         }
         if n.tap.is_empty() || n.tap.len() > 15 {
@@ -653,7 +663,9 @@ mod tests {
     #[test]
     fn nets_and_macs() {
         let n: NetConfig = "tap=tap0,mac=52:54:00:AB:cd:01".parse().unwrap();
-        assert_eq!(n, NetConfig { tap: "tap0".into(), fd: None, mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]), bridge: None });
+        assert_eq!(n, NetConfig { tap: "tap0".into(), fd: None, mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]), bridge: None, link_up: true });
+        assert!(!"tap=t1,link=down".parse::<NetConfig>().unwrap().link_up);
+        assert!("tap=t1,link=sideways".parse::<NetConfig>().unwrap_err().to_string().contains("not up or down"));
         let b: NetConfig = "tap=vnet3,bridge=br0,fd=7".parse().unwrap();
         assert_eq!((b.bridge.as_deref(), b.fd), (Some("br0"), Some(7)));
         for bad in ["2", "-1", "seven", "99999999999"] {

@@ -63,7 +63,7 @@ struct Cli {
     /// [,media=disk|cdrom][,boot=N]. media=cdrom is a read-only SCSI CD-ROM drive, empty without path. Repeatable.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
-    /// A virtio network card on a tap (created if missing and permitted): tap=NAME[,mac=52:54:00:..]. Repeatable.
+    /// A virtio network card on a tap (created if missing and permitted): tap=NAME[,mac=52:54:00:..][,bridge=BR][,fd=N][,link=up|down]. Repeatable.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
     /// A virtio entropy device fed from the host's /dev/urandom.

@@ -45,6 +45,8 @@ pub struct Backends {
     pub disks: Vec<DiskBackend>,
     /// Taps and the MAC each card gets.
     pub nets: Vec<(Arc<Tap>, [u8; 6])>,
+    /// Each card's link state, kept across reboots (fresh devices start with it).
+    pub links: Vec<Arc<std::sync::atomic::AtomicBool>>,
     /// The virtio console's backend.
     pub console: Option<Console>,
     /// The kernel and initramfs, opened once: a reboot reloads them from
@@ -123,6 +125,7 @@ impl Backends {
                 Ok((Arc::new(tap), n.mac.unwrap_or_else(random_mac)))
             })
             .collect::<Result<Vec<_>>>()?;
+        let links = cfg.nets.iter().map(|n| Arc::new(std::sync::atomic::AtomicBool::new(n.link_up))).collect();
         let console = cfg.console.as_ref().map(Console::open).transpose()?;
         let kernel = match &cfg.boot {
             crate::config::Boot::Kernel { kernel, initrd, .. } => Some(KernelFiles {
@@ -137,7 +140,7 @@ impl Backends {
         } else {
             None
         };
-        Ok(Self { disks, nets, console, kernel, rng, balloon: cfg.balloon })
+        Ok(Self { disks, nets, links, console, kernel, rng, balloon: cfg.balloon })
     }
 }
 
@@ -159,8 +162,9 @@ pub struct PciDevices {
     pub devices: Vec<DeviceEntry>,
     /// The balloon, when there is one.
     pub balloon: Option<BalloonHandle>,
-    /// Network cards' link controls, by device name.
-    pub nets: Vec<(String, NetHandle)>,
+    /// Network cards' link controls by device name, with the state a
+    /// reboot's fresh card starts with.
+    pub nets: Vec<(String, NetHandle, Arc<std::sync::atomic::AtomicBool>)>,
     /// The virtio-scsi controller's units (target = index), for media changes.
     pub scsi: Option<Targets>,
     /// Each SCSI unit's name (`diskN`, its `--disk` position) and target.
@@ -321,8 +325,10 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, backends: &Backends) -> Resu
     let mut nets = Vec::new();
     for (i, (tap, mac)) in backends.nets.iter().enumerate() {
         let (dev, handle) = VirtioNet::new(tap.clone(), *mac);
+        let link = backends.links.get(i).cloned().unwrap_or_else(|| Arc::new(std::sync::atomic::AtomicBool::new(true)));
+        handle.set_link(link.load(std::sync::atomic::Ordering::SeqCst));
         b.add(&format!("net{i}"), Box::new(dev))?;
-        nets.push((format!("net{i}"), handle));
+        nets.push((format!("net{i}"), handle, link));
     }
     if let Some(source) = &backends.rng {
         b.add("rng", Box::new(VirtioRng::with_source(source.clone())))?;

@@ -372,6 +372,8 @@ impl Vm {
                             bytes_to_guest: c.bytes_to_guest,
                             bytes_from_guest: c.bytes_from_guest,
                             errors: c.errors,
+                            reads: c.reads,
+                            writes: c.writes,
                         };
                         (name, s)
                     })
@@ -390,9 +392,20 @@ impl Vm {
                 ))),
                 None => Err(Error::Config("this VM has no balloon (start it with --balloon)".into())),
             },
-            Request::SetLink { device, up } => match self.pci.nets.iter().find(|(n, _)| n == device) {
-                Some((_, h)) => {
+            Request::BalloonStats => {
+                return match &self.pci.balloon {
+                    Some(b) => {
+                        let g = b.stats();
+                        let stats = rvirt_api::BalloonStats { values: g.values, generation: g.generation, updated_unix: g.updated_unix, actual_bytes: b.actual_bytes() };
+                        Response { balloon_stats: Some(stats), ..Response::ok() }
+                    }
+                    None => Response::error("this VM has no balloon (start it with --balloon)"),
+                }
+            }
+            Request::SetLink { device, up } => match self.pci.nets.iter().find(|(n, _, _)| n == device) {
+                Some((_, h, kept)) => {
                     h.set_link(*up);
+                    kept.store(*up, std::sync::atomic::Ordering::SeqCst);
                     Ok(())
                 }
                 None => Err(Error::Config(format!("no network device named '{device}'"))),
@@ -416,6 +429,10 @@ impl Vm {
             Request::Shutdown => self.press_power_button(),
             Request::Stop => {
                 self.control.exit(vcpu::VmExit::Stopped);
+                Ok(())
+            }
+            Request::Reset => {
+                self.control.exit(vcpu::VmExit::Reset);
                 Ok(())
             }
         };

@@ -239,7 +239,7 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
     let mut bridge = None;
     let mut network = None;
     let mut direct = None;
-    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None, model: None, kept: KeptXml::default() };
+    let mut i = Interface { kind: InterfaceKind::Ethernet, tap: None, mac: None, boot_order: None, model: None, link_up: None, kept: KeptXml::default() };
     i.kept.attrs(cx, "", n, &["type"]);
     for c in elements(n) {
         let tag = c.tag_name().name();
@@ -255,6 +255,7 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
             "mac" => &["address"],
             "model" => &["type"],
             "boot" => &["order"],
+            "link" => &["state"],
             _ => {
                 i.kept.child(cx, "", path, c);
                 continue;
@@ -299,6 +300,14 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
                 None => return Err(cx.err(c, &cpath, "the type='virtio' attribute is required")),
             },
             "boot" => i.boot_order = Some(boot_order(cx, c, &cpath)?),
+            "link" => {
+                i.link_up = match c.attribute("state") {
+                    Some("up") => Some(true),
+                    Some("down") => Some(false),
+                    Some(s) => return Err(cx.err(c, &cpath, format!("state='{s}' is not up or down"))),
+                    None => return Err(cx.err(c, &cpath, "the state='up|down' attribute is required")),
+                }
+            }
             _ => {}
         }
     }

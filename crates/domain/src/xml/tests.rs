@@ -76,12 +76,13 @@ fn a_libvirt_definition_parses_into_the_subset() {
     let unknown: Vec<(&str, &str, u32)> = d.unknown.iter().map(|u| (u.parent.as_str(), u.name.as_str(), u.line)).collect();
     assert_eq!(
         unknown,
-        [("domain", "title", 4), ("domain", "features", 15), ("devices", "emulator", 20), ("devices", "graphics", 44)]
+        [("domain", "features", 15), ("devices", "emulator", 20), ("devices", "graphics", 44)]
     );
     assert_eq!(d.firmware.boot_devs, [BootDev::Disk], "kept, though a kernel boots directly");
     assert_eq!(d.machine.as_deref(), Some("pc-q35-7.2"));
+    assert_eq!(d.title.as_deref(), Some("front end"));
     let report = d.unknown_report();
-    assert_eq!(report.len(), 2, "<title> and <emulator> go without a word: {report:?}");
+    assert_eq!(report.len(), 2, "<emulator> goes without a word: {report:?}");
     assert!(report[1].starts_with("<graphics> (line 44): rvirt has no display"), "{report:?}");
 }
 
@@ -494,11 +495,14 @@ fn what_rvirt_does_not_act_on_comes_back_as_written() {
         assert!(out.contains(want), "missing {want} in\n{out}");
     }
     assert!(!out.contains("/dev/pts/3"), "a pty's path belongs to the run that made it");
+    assert_eq!(d.interfaces[0].link_up, Some(false));
+    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &["t0".into()], chains: &[], tap_fds: &[] }).join(" ");
+    assert!(args.contains("--net tap=t0,mac=52:54:00:00:00:01,bridge=br0,link=down"), "{args}");
     let again = DomainXml::parse(&out).unwrap();
     assert_eq!(again.to_xml(), out, "byte-stable");
     // Warned once per kind, naming what has an effect elsewhere.
     let report = d.unknown_report().join("\n");
-    for want in ["cpuset", "discard", "<iotune>", "<link>", "<driver> in <devices/interface>"] {
+    for want in ["cpuset", "discard", "<iotune>", "<driver> in <devices/interface>"] {
         assert!(report.contains(want), "no word of {want} in\n{report}");
     }
     assert!(!report.contains("<address>") && !report.contains("<emulator>"), "{report}");

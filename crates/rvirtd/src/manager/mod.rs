@@ -12,8 +12,10 @@ use std::process::Child;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+mod commands;
+
 use rvirt_api::{ApiClient, Request as VmmRequest};
-use rvirt_domain::protocol::{DomainInfo, DomainState, DomainSummary, InterfaceAddress, Request, Response, StateReport};
+use rvirt_domain::protocol::{Affect, DomainInfo, DomainState, DomainSummary, InterfaceAddress, Request, Response, StateReport};
 use rvirt_domain::{CharDevice, DiskSource, DomainXml, LifecycleAction, VmmLaunch};
 
 use crate::events::{DomainEvent, EventBus, Lifecycle, StopReason};
@@ -820,7 +822,14 @@ impl Manager {
             .iter()
             // Crashed domains are shown like active ones: with libvirt, their process is kept.
             .filter(|(_, d)| all || d.state.is_active() || d.state == DomainState::Crashed)
-            .map(|(n, d)| DomainSummary { id: d.run.as_ref().map(|r| r.record.id), name: n.clone(), state: d.state })
+            .map(|(n, d)| DomainSummary {
+                id: d.run.as_ref().map(|r| r.record.id),
+                name: n.clone(),
+                state: d.state,
+                uuid: d.def.uuid.to_string(),
+                persistent: d.persistent,
+                autostart: d.persistent && self.store.autostart(n),
+            })
             .collect();
         // Running domains by id first, then the rest by name, as virsh does.
         rows.sort_by(|a, b| (a.id.is_none(), a.id, &a.name).cmp(&(b.id.is_none(), b.id, &b.name)));
@@ -1009,7 +1018,7 @@ impl Manager {
             Request::Reboot { domain } => done(self.reboot(&domain)),
             Request::Suspend { domain } => done(self.set_paused(&domain, true)),
             Request::Resume { domain } => done(self.set_paused(&domain, false)),
-            Request::DumpXml { domain } => match self.dump_xml(&domain) {
+            Request::DumpXml { domain, inactive } => match if inactive { self.dump_inactive_xml(&domain) } else { self.dump_xml(&domain) } {
                 Ok(x) => Response { xml: Some(x), ..Response::ok() },
                 Err(e) => Response::error(e),
             },
@@ -1035,6 +1044,38 @@ impl Manager {
                         .collect();
                     Response { addresses: Some(rows), ..Response::ok() }
                 }
+                Err(e) => Response::error(e),
+            },
+            Request::SetMemory { domain, kib, live, config } => done(self.set_memory(&domain, kib, Affect { live, config })),
+            Request::SetMaxMemory { domain, kib, live, config } => done(self.set_max_memory(&domain, kib, Affect { live, config })),
+            Request::SetVcpus { domain, count, live, config } => done(self.set_vcpus(&domain, count, Affect { live, config })),
+            Request::VcpuCount { domain } => match self.vcpu_counts(&domain) {
+                Ok(c) => Response { vcpu_counts: Some(c), ..Response::ok() },
+                Err(e) => Response::error(e),
+            },
+            Request::VcpuInfo { domain } => match self.vcpu_threads(&domain) {
+                Ok(t) => Response { vcpu_threads: Some(t), ..Response::ok() },
+                Err(e) => Response::error(e),
+            },
+            Request::Reset { domain } => done(self.reset(&domain)),
+            Request::Rename { domain, new_name } => done(self.rename(&domain, &new_name)),
+            Request::Desc { domain, title, set, live, config } => match self.desc(&domain, title, set.as_deref(), Affect { live, config }) {
+                Ok((n, text)) => Response { text, ..Response::done(&n) },
+                Err(e) => Response::error(e),
+            },
+            Request::AttachDevice { domain, xml, live, config } => done(self.attach_device(&domain, &xml, Affect { live, config })),
+            Request::DetachDevice { domain, xml, live, config } => done(self.detach_device(&domain, &xml, Affect { live, config })),
+            Request::SetLink { domain, interface, up, live, config } => done(self.set_link(&domain, &interface, up, Affect { live, config })),
+            Request::MemStat { domain } => match self.memory_stats(&domain) {
+                Ok(m) => Response { memory_stats: Some(m), ..Response::ok() },
+                Err(e) => Response::error(e),
+            },
+            Request::BlkInfo { domain, disk } => match self.block_info(&domain, &disk) {
+                Ok(b) => Response { block_info: Some(b), ..Response::ok() },
+                Err(e) => Response::error(e),
+            },
+            Request::DevStat { domain, device } => match self.device_counters(&domain, &device) {
+                Ok(c) => Response { counters: Some(c), ..Response::ok() },
                 Err(e) => Response::error(e),
             },
             net @ (Request::NetList { .. }
