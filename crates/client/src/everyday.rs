@@ -137,6 +137,24 @@ pub enum EverydayCommand {
         #[command(flatten)]
         affect: AffectArgs,
     },
+    /// Show, set or remove an application's element in <metadata> (virsh metadata).
+    Metadata {
+        /// Name, id or UUID.
+        domain: String,
+        /// The application's namespace URI.
+        uri: String,
+        /// The namespace prefix to store the element under (with --set).
+        #[arg(long)]
+        key: Option<String>,
+        /// The element (XML) to store.
+        #[arg(long)]
+        set: Option<String>,
+        /// Remove the element.
+        #[arg(long, conflicts_with = "set")]
+        remove: bool,
+        #[command(flatten)]
+        affect: AffectArgs,
+    },
     /// Add a <disk> or <interface> from an XML file to a stopped domain's definition (virsh attach-device).
     AttachDevice {
         /// Name, id or UUID.
@@ -394,6 +412,19 @@ pub fn request(cmd: &EverydayCommand, conn: &mut impl FnMut(&Request) -> Result<
                     (true, _) => format!("Domain {what} updated successfully\n"),
                     (false, Some(t)) => format!("{t}\n"),
                     (false, None) => format!("No {what} for domain: {}\n", named(r)),
+                }),
+            )
+        }
+        C::Metadata { domain, uri, key, set, remove, affect } => {
+            let reading = set.is_none() && !remove;
+            let req = Request::Metadata { domain: dom(domain), uri: uri.clone(), key: key.clone(), set: set.clone(), remove: *remove, live: affect.live, config: affect.config };
+            let uri = uri.clone();
+            (
+                req,
+                Box::new(move |r| match (reading, &r.text) {
+                    (false, _) => "Metadata modified\n".to_string(),
+                    (true, Some(t)) => format!("{t}\n"),
+                    (true, None) => format!("no metadata with namespace URI '{uri}'\n"),
                 }),
             )
         }

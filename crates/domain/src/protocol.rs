@@ -198,6 +198,28 @@ pub enum Request {
         #[serde(default)]
         config: bool,
     },
+    /// Read, set or remove an application's element in `<metadata>` (virsh metadata).
+    Metadata {
+        /// Name, id or UUID.
+        domain: String,
+        /// The application's namespace URI.
+        uri: String,
+        /// The namespace prefix to store it under (needed to set).
+        #[serde(default)]
+        key: Option<String>,
+        /// The element to store (none: read it).
+        #[serde(default)]
+        set: Option<String>,
+        /// Remove the element.
+        #[serde(default)]
+        remove: bool,
+        /// The running domain's.
+        #[serde(default)]
+        live: bool,
+        /// The stored definition's.
+        #[serde(default)]
+        config: bool,
+    },
     /// Add a `<disk>` or `<interface>` to the stored definition (virsh attach-device --config).
     AttachDevice {
         /// Name, id or UUID.
@@ -352,6 +374,7 @@ impl Request {
             Self::Reset { .. } => "reset",
             Self::Rename { .. } => "rename",
             Self::Desc { .. } => "desc",
+            Self::Metadata { .. } => "metadata",
             Self::AttachDevice { .. } => "attach-device",
             Self::DetachDevice { .. } => "detach-device",
             Self::SetLink { .. } => "set-link",
@@ -383,6 +406,7 @@ impl Request {
                 | Self::VcpuCount { .. }
                 | Self::VcpuInfo { .. }
                 | Self::Desc { set: None, .. }
+                | Self::Metadata { set: None, remove: false, .. }
                 | Self::MemStat { .. }
                 | Self::BlkInfo { .. }
                 | Self::DevStat { .. }

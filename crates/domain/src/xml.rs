@@ -17,6 +17,7 @@ use uuid::Uuid;
 mod devices;
 mod kept;
 mod limits;
+mod metadata;
 mod network;
 mod report;
 mod os;

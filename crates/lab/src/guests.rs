@@ -104,15 +104,11 @@ fn at_rbx(prefix: &[u8], disp: u32, imm: &[u8]) -> Vec<u8> {
     c
 }
 
-/// A hostile virtio-balloon driver: finds the balloon on PCI bus 0 (config
-/// ports 0xcf8/0xcfc), negotiates VERSION_1 through BAR 0's common
-/// configuration, and queues two inflate chains whose descriptors all
-/// overlap one 32 MiB region: [`BOMB_HUGE_DESCRIPTORS`] descriptors of
-/// 32 MiB (6 GiB of "PFNs" from a 64 MiB guest), then a list of
-/// [`BOMB_AT_LIMIT_BYTES`]. Prints `used 2` once the device has returned
-/// both chains, `stuck` if it does not within a few seconds, or
-/// `no virtio-balloon`; then halts.
-pub fn virtio_balloon_chain_bomb() -> Vec<u8> {
+/// The start of a hand-made virtio-balloon driver: finds the balloon on PCI
+/// bus 0 (config ports 0xcf8/0xcfc; prints `no virtio-balloon` and halts
+/// when there is none), turns on memory space and bus mastering, leaves RBX
+/// at BAR 0 and negotiates VERSION_1 and `features_low` (FEATURES_OK).
+fn balloon_driver_start(features_low: u32) -> Vec<u8> {
     let mut c = vec![0x31, 0xf6]; // xor esi, esi: the balloon's config address
     for slot in 1..32 {
         c.push(0xb8); // mov eax, cfg(slot, 0)
@@ -146,6 +142,40 @@ pub fn virtio_balloon_chain_bomb() -> Vec<u8> {
     c.extend_from_slice(&[0xed, 0x25, 0xf0, 0xff, 0xff, 0xff, 0x89, 0xc3]); // in; and eax, ~0xf; mov ebx, eax
     select_reg(&mut c, 5);
     c.extend_from_slice(&[0xed, 0x48, 0xc1, 0xe0, 0x20, 0x48, 0x09, 0xc3]); // in; shl rax, 32; or rbx, rax
+    // virtio_pci_common_cfg: reset, ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK.
+    let (status, dword) = (virtio_status, common_dword);
+    for part in [status(0), status(1), status(3), dword(0x08, 1), dword(0x0c, 1), dword(0x08, 0), dword(0x0c, features_low)] {
+        c.extend(part);
+    }
+    c.extend(status(0x0b));
+    c
+}
+
+/// `mov byte [rbx + 0x14], v`: the virtio device status.
+fn virtio_status(v: u8) -> Vec<u8> {
+    at_rbx(&[0xc6], 0x14, &[v])
+}
+
+/// `mov dword [rbx + off], v` in the common configuration.
+fn common_dword(off: u32, v: u32) -> Vec<u8> {
+    at_rbx(&[0xc7], off, &v.to_le_bytes())
+}
+
+/// `mov word [rbx + off], v` in the common configuration.
+fn common_word(off: u32, v: u16) -> Vec<u8> {
+    at_rbx(&[0x66, 0xc7], off, &v.to_le_bytes())
+}
+
+/// A hostile virtio-balloon driver: finds the balloon on PCI bus 0 (config
+/// ports 0xcf8/0xcfc), negotiates VERSION_1 through BAR 0's common
+/// configuration, and queues two inflate chains whose descriptors all
+/// overlap one 32 MiB region: [`BOMB_HUGE_DESCRIPTORS`] descriptors of
+/// 32 MiB (6 GiB of "PFNs" from a 64 MiB guest), then a list of
+/// [`BOMB_AT_LIMIT_BYTES`]. Prints `used 2` once the device has returned
+/// both chains, `stuck` if it does not within a few seconds, or
+/// `no virtio-balloon`; then halts.
+pub fn virtio_balloon_chain_bomb() -> Vec<u8> {
+    let mut c = balloon_driver_start(0);
     // Fill the region with the one PFN: mov edi; mov ecx; mov eax; rep stosd.
     c.push(0xbf);
     c.extend_from_slice(&BOMB_FILL.to_le_bytes());
@@ -154,14 +184,7 @@ pub fn virtio_balloon_chain_bomb() -> Vec<u8> {
     c.push(0xb8);
     c.extend_from_slice(&BOMB_PFN.to_le_bytes());
     c.extend_from_slice(&[0xf3, 0xab]);
-    // virtio_pci_common_cfg: reset, ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK.
-    let status = |v: u8| at_rbx(&[0xc6], 0x14, &[v]);
-    let dword = |off: u32, v: u32| at_rbx(&[0xc7], off, &v.to_le_bytes());
-    let word = |off: u32, v: u16| at_rbx(&[0x66, 0xc7], off, &v.to_le_bytes());
-    for part in [status(0), status(1), status(3), dword(0x08, 1), dword(0x0c, 1), dword(0x08, 0), dword(0x0c, 0)] {
-        c.extend(part);
-    }
-    c.extend(status(0x0b));
+    let (status, dword, word) = (virtio_status, common_dword, common_word);
     // Queue 0 (inflate): 256 entries, rings in the image, enabled; DRIVER_OK.
     for part in [
         word(0x16, 0),
@@ -208,6 +231,93 @@ pub fn virtio_balloon_chain_bomb() -> Vec<u8> {
         c.extend_from_slice(&v.to_le_bytes());
     }
     c.resize(BOMB_USED as usize - base + 4096, 0);
+    c
+}
+
+/// Where [`virtio_balloon_stats_driver`] keeps its statistics queue and
+/// buffer: in its own image, as the bomb does.
+const STATS_DESC: u32 = 0x10_1000;
+const STATS_AVAIL: u32 = 0x10_2000;
+const STATS_USED: u32 = 0x10_3000;
+const STATS_BUF: u32 = 0x10_4000;
+/// The figures [`virtio_balloon_stats_driver`] reports, in bytes.
+pub const STATS_FREE: u64 = 40 << 20;
+/// Total memory it reports.
+pub const STATS_TOTAL: u64 = 60 << 20;
+/// Available memory it reports.
+pub const STATS_AVAILABLE: u64 = 50 << 20;
+
+/// A well-behaved virtio-balloon driver with the statistics queue, as
+/// Linux's: it posts a buffer of four figures (free, total and available
+/// memory, and a major-fault count that grows by one each time the device
+/// hands the buffer back for fresh figures), re-posts it whenever the
+/// device returns it, and acknowledges every balloon target at once by
+/// writing `actual` (without giving pages up: a test driver). Polls; takes
+/// no interrupts.
+pub fn virtio_balloon_stats_driver() -> Vec<u8> {
+    const F_STATS_VQ: u32 = 1 << 1;
+    let mut c = balloon_driver_start(F_STATS_VQ);
+    let (status, dword, word) = (virtio_status, common_dword, common_word);
+    // Queue 2 (statistics): 16 entries, rings in the image, enabled; DRIVER_OK.
+    for part in [
+        word(0x16, 2),
+        word(0x18, 16),
+        dword(0x20, STATS_DESC),
+        dword(0x24, 0),
+        dword(0x28, STATS_AVAIL),
+        dword(0x2c, 0),
+        dword(0x30, STATS_USED),
+        dword(0x34, 0),
+        word(0x1c, 1),
+        status(0x0f),
+    ] {
+        c.extend(part);
+    }
+    // Assembled with GNU as (Intel syntax); the addresses are the constants above.
+    c.extend_from_slice(&[
+        0x0f, 0xb7, 0x43, 0x1e, // movzx eax, word [rbx+0x1e]         ; queue 2's notify offset
+        0x4c, 0x8d, 0xa4, 0x83, 0x00, 0x30, 0x00, 0x00, // lea r12, [rbx+rax*4+0x3000]
+        0x66, 0x41, 0xc7, 0x04, 0x24, 0x02, 0x00, // mov word [r12], 2 ; the first buffer is posted
+        0x45, 0x31, 0xed, // xor r13d, r13d                              ; used.idx seen
+        // top:
+        0x8b, 0x83, 0x00, 0x20, 0x00, 0x00, // mov eax, [rbx+0x2000]     ; num_pages (the target)
+        0x89, 0x83, 0x04, 0x20, 0x00, 0x00, // mov [rbx+0x2004], eax     ; actual = target
+        0x0f, 0xb7, 0x04, 0x25, 0x02, 0x30, 0x10, 0x00, // movzx eax, word [STATS_USED+2]
+        0x44, 0x39, 0xe8, // cmp eax, r13d
+        0x74, 0x34, // je wait                                            ; nothing handed back
+        0x41, 0x89, 0xc5, // mov r13d, eax
+        0x48, 0x83, 0x04, 0x25, 0x0c, 0x40, 0x10, 0x00, 0x01, // add qword [STATS_BUF+12], 1 ; major faults
+        0x0f, 0xb7, 0x0c, 0x25, 0x02, 0x20, 0x10, 0x00, // movzx ecx, word [STATS_AVAIL+2]
+        0x89, 0xca, // mov edx, ecx
+        0x83, 0xe2, 0x0f, // and edx, 15
+        0x66, 0xc7, 0x04, 0x55, 0x04, 0x20, 0x10, 0x00, 0x00, 0x00, // mov word [STATS_AVAIL+4+rdx*2], 0
+        0xff, 0xc1, // inc ecx
+        0x66, 0x89, 0x0c, 0x25, 0x02, 0x20, 0x10, 0x00, // mov [STATS_AVAIL+2], cx ; posted again
+        0x66, 0x41, 0xc7, 0x04, 0x24, 0x02, 0x00, // mov word [r12], 2 ; notify
+        // wait:
+        0xb9, 0x00, 0x00, 0x04, 0x00, // mov ecx, 0x40000
+        0xf3, 0x90, 0xff, 0xc9, 0x75, 0xfa, // spin: pause; dec ecx; jnz spin
+        0xeb, 0xa6, // jmp top
+    ]);
+    let base = 0x10_0200usize;
+    assert!(base + c.len() <= STATS_DESC as usize, "the driver's code overlaps its rings");
+    c.resize(STATS_DESC as usize - base, 0xf4);
+    // Descriptor 0: the 40-byte statistics buffer, device-readable.
+    c.extend_from_slice(&u64::from(STATS_BUF).to_le_bytes());
+    c.extend_from_slice(&40u32.to_le_bytes());
+    c.extend_from_slice(&[0; 4]);
+    c.resize(STATS_AVAIL as usize - base, 0);
+    // avail: NO_INTERRUPT, idx 1, head 0; then a zeroed used ring.
+    for v in [1u16, 1, 0] {
+        c.extend_from_slice(&v.to_le_bytes());
+    }
+    c.resize(STATS_BUF as usize - base, 0);
+    // Tags 4 (free), 2 (major faults, at +12), 5 (total), 6 (available).
+    for (tag, v) in [(4u16, STATS_FREE), (2, 0), (5, STATS_TOTAL), (6, STATS_AVAILABLE)] {
+        c.extend_from_slice(&tag.to_le_bytes());
+        c.extend_from_slice(&v.to_le_bytes());
+    }
+    c.resize(STATS_BUF as usize - base + 4096, 0);
     c
 }
 

@@ -15,16 +15,19 @@ pub mod proc_ {
     pub const CONNECT_GET_MAX_VCPUS: i32 = 5;
     pub const NODE_GET_INFO: i32 = 6;
     pub const CONNECT_GET_CAPABILITIES: i32 = 7;
+    pub const DOMAIN_ATTACH_DEVICE: i32 = 8;
     pub const DOMAIN_CREATE: i32 = 9;
     pub const DOMAIN_CREATE_XML: i32 = 10;
     pub const DOMAIN_DEFINE_XML: i32 = 11;
     pub const DOMAIN_DESTROY: i32 = 12;
+    pub const DOMAIN_DETACH_DEVICE: i32 = 13;
     pub const DOMAIN_GET_XML_DESC: i32 = 14;
     pub const DOMAIN_GET_AUTOSTART: i32 = 15;
     pub const DOMAIN_GET_INFO: i32 = 16;
     pub const DOMAIN_GET_MAX_MEMORY: i32 = 17;
     pub const DOMAIN_GET_MAX_VCPUS: i32 = 18;
     pub const DOMAIN_GET_OS_TYPE: i32 = 19;
+    pub const DOMAIN_GET_VCPUS: i32 = 20;
     pub const CONNECT_LIST_DEFINED_DOMAINS: i32 = 21;
     pub const DOMAIN_LOOKUP_BY_ID: i32 = 22;
     pub const DOMAIN_LOOKUP_BY_NAME: i32 = 23;
@@ -33,6 +36,9 @@ pub mod proc_ {
     pub const DOMAIN_REBOOT: i32 = 27;
     pub const DOMAIN_RESUME: i32 = 28;
     pub const DOMAIN_SET_AUTOSTART: i32 = 29;
+    pub const DOMAIN_SET_MAX_MEMORY: i32 = 30;
+    pub const DOMAIN_SET_MEMORY: i32 = 31;
+    pub const DOMAIN_SET_VCPUS: i32 = 32;
     pub const DOMAIN_SHUTDOWN: i32 = 33;
     pub const DOMAIN_SUSPEND: i32 = 34;
     pub const DOMAIN_UNDEFINE: i32 = 35;
@@ -64,17 +70,30 @@ pub mod proc_ {
     pub const NETWORK_IS_ACTIVE: i32 = 152;
     pub const NETWORK_IS_PERSISTENT: i32 = 153;
     pub const CONNECT_GET_LIB_VERSION: i32 = 157;
+    pub const DOMAIN_MEMORY_STATS: i32 = 159;
+    pub const DOMAIN_ATTACH_DEVICE_FLAGS: i32 = 160;
+    pub const DOMAIN_DETACH_DEVICE_FLAGS: i32 = 161;
+    pub const DOMAIN_UPDATE_DEVICE_FLAGS: i32 = 174;
+    pub const DOMAIN_GET_BLOCK_INFO: i32 = 194;
     pub const DOMAIN_CREATE_WITH_FLAGS: i32 = 196;
+    pub const DOMAIN_SET_VCPUS_FLAGS: i32 = 199;
     pub const DOMAIN_GET_VCPUS_FLAGS: i32 = 200;
     pub const DOMAIN_OPEN_CONSOLE: i32 = 201;
     pub const DOMAIN_IS_UPDATED: i32 = 202;
+    pub const DOMAIN_SET_MEMORY_FLAGS: i32 = 204;
     pub const DOMAIN_GET_STATE: i32 = 212;
+    pub const DOMAIN_GET_VCPU_PIN_INFO: i32 = 230;
     pub const DOMAIN_UNDEFINE_FLAGS: i32 = 231;
     pub const DOMAIN_DESTROY_FLAGS: i32 = 234;
+    pub const DOMAIN_BLOCK_STATS_FLAGS: i32 = 243;
+    pub const DOMAIN_RESET: i32 = 245;
     pub const DOMAIN_SHUTDOWN_FLAGS: i32 = 258;
+    pub const DOMAIN_SET_METADATA: i32 = 264;
+    pub const DOMAIN_GET_METADATA: i32 = 265;
     pub const CONNECT_LIST_ALL_DOMAINS: i32 = 273;
     pub const CONNECT_LIST_ALL_NETWORKS: i32 = 283;
     pub const NETWORK_UPDATE: i32 = 291;
+    pub const DOMAIN_SET_MEMORY_STATS_PERIOD: i32 = 308;
     pub const CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY: i32 = 316;
     pub const CONNECT_DOMAIN_EVENT_CALLBACK_DEREGISTER_ANY: i32 = 317;
     pub const DOMAIN_EVENT_CALLBACK_LIFECYCLE: i32 = 318;
@@ -83,6 +102,7 @@ pub mod proc_ {
     pub const CONNECT_GET_ALL_DOMAIN_STATS: i32 = 344;
     pub const DOMAIN_DEFINE_XML_FLAGS: i32 = 350;
     pub const DOMAIN_INTERFACE_ADDRESSES: i32 = 353;
+    pub const DOMAIN_RENAME: i32 = 358;
     pub const CONNECT_REGISTER_CLOSE_CALLBACK: i32 = 360;
     pub const CONNECT_UNREGISTER_CLOSE_CALLBACK: i32 = 361;
 }
@@ -114,6 +134,7 @@ pub mod err {
     pub const NO_DOMAIN: i32 = 42;
     pub const NO_NETWORK: i32 = 43;
     pub const OPERATION_INVALID: i32 = 55;
+    pub const NO_DOMAIN_METADATA: i32 = 80;
     pub const ACCESS_DENIED: i32 = 88;
 }
 

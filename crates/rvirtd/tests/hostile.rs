@@ -32,7 +32,7 @@ fn definitions_built_to_crash_or_stall_the_parser_are_refused_and_the_daemon_car
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(t.elapsed() < Duration::from_secs(10), "defining a 1 MiB definition took {:?}", t.elapsed());
     // One more unknown element than kept is refused.
-    let over = format!("{}{}</domain>", head("over"), (0..=rvirt_domain::MAX_UNKNOWN).map(|i| format!("<u{i}/>")).collect::<String>());
+    let over = format!("{}{}</domain>", head("over"), (0..=rvirt_domain::MAX_UNKNOWN).map(|i| format!("<u{i}>x</u{i}>")).collect::<String>());
     let f = d.xml_file("over", &over);
     d.fails(&["define", f.to_str().unwrap()], "at most");
     // The daemon restarts with the big one stored, at once.

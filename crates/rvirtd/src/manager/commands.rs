@@ -229,6 +229,51 @@ impl Manager {
             .collect())
     }
 
+    /// Each vCPU's allowed host CPUs (`0-3,6`): the running threads', or
+    /// (with `config`, or for a stopped domain) what `<cputune><vcpupin>`
+    /// says, all online host CPUs where it says nothing.
+    pub fn vcpu_pins(&self, key: &str, affect: Affect) -> Result<Vec<String>, String> {
+        let (running, def) = {
+            let g = lock(&self.inner);
+            let name = g.find(key)?;
+            let d = &g.domains[&name];
+            (d.run.is_some() && !affect.config, d.run.as_ref().filter(|_| !affect.config).map_or(&d.def, |r| &r.def).clone())
+        };
+        if running {
+            return Ok(self.vcpu_threads(key)?.into_iter().map(|t| t.affinity).collect());
+        }
+        let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_else(|_| "0".into()).trim().to_string();
+        Ok((0..def.vcpus).map(|v| def.tuning.vcpupin.iter().find(|(n, _)| *n == v).map_or_else(|| online.clone(), |(_, set)| set.list())).collect())
+    }
+
+    /// `update-device`: what virsh changes through it on a card (its link
+    /// state: domif-setlink) or a CD-ROM drive (its disc: change-media).
+    pub fn update_device(&self, key: &str, xml: &str, affect: Affect, force: bool) -> Result<String, String> {
+        let (name, live, config) = self.resolve(key, affect)?;
+        match parse_device(xml)? {
+            Device::Interface(card) => {
+                let mac = card.mac.clone().ok_or("the card to update needs its <mac address>")?;
+                let up = card.link_up.unwrap_or(true);
+                self.set_link(&name, &mac, up, Affect { live, config })
+            }
+            Device::Disk(disk) if disk.cdrom => {
+                let path = (!disk.path.as_os_str().is_empty()).then_some(disk.path.clone());
+                if live {
+                    self.change_media(&name, &disk.target, path.as_deref(), force)?;
+                }
+                if config {
+                    self.edit_stored(&name, |d| {
+                        let drive = d.disks.iter_mut().find(|x| x.target == disk.target && x.cdrom).ok_or_else(|| format!("no CD-ROM drive {}", disk.target))?;
+                        drive.path = path.clone().unwrap_or_default();
+                        Ok(())
+                    })?;
+                }
+                Ok(name)
+            }
+            Device::Disk(disk) => Err(format!("disk {} is not a CD-ROM drive: only a drive's disc can be changed while it is defined", disk.target)),
+        }
+    }
+
     /// `reset`: the reset button of a running domain.
     pub fn reset(&self, key: &str) -> Result<String, String> {
         let (name, socket) = self.active(key)?;
@@ -305,6 +350,32 @@ impl Manager {
                 *field(d, title) = value;
                 Ok(())
             })?;
+        }
+        Ok((name, None))
+    }
+
+    /// `metadata`: reads an application's element (running definition, or
+    /// the stored one with `config`), or sets it (`Some`) or removes it.
+    pub fn metadata(&self, key: &str, uri: &str, change: Option<(&str, Option<&str>)>, affect: Affect) -> Result<(String, Option<String>), String> {
+        let Some((prefix, xml)) = change else {
+            let g = lock(&self.inner);
+            let name = g.find(key)?;
+            let d = &g.domains[&name];
+            let def = if affect.config { &d.def } else { d.run.as_ref().map_or(&d.def, |r| &r.def) };
+            let found = def.metadata_element(uri).ok_or_else(|| format!("metadata not found: domain '{name}' has no metadata with namespace URI '{uri}'"))?;
+            return Ok((name, Some(found)));
+        };
+        let (name, live, config) = self.resolve(key, affect)?;
+        // Checked on a copy first: the live change cannot fail halfway.
+        let mut probe = DomainXml::parse("<domain type='kvm'><name>probe</name><memory>65536</memory></domain>").map_err(|e| e.to_string())?;
+        probe.set_metadata_element(uri, prefix, xml)?;
+        if live {
+            let mut result = Ok(());
+            self.edit_live(&name, |d| result = d.set_metadata_element(uri, prefix, xml));
+            result?;
+        }
+        if config {
+            self.edit_stored(&name, |d| d.set_metadata_element(uri, prefix, xml))?;
         }
         Ok((name, None))
     }

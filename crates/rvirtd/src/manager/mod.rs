@@ -1063,6 +1063,18 @@ impl Manager {
                 Ok((n, text)) => Response { text, ..Response::done(&n) },
                 Err(e) => Response::error(e),
             },
+            Request::Metadata { domain, uri, key, set, remove, live, config } => {
+                let change = match (remove, set.as_deref(), key.as_deref()) {
+                    (true, _, _) => Some((key.as_deref().unwrap_or("x"), None)),
+                    (false, Some(x), Some(k)) => Some((k, Some(x))),
+                    (false, Some(_), None) => return Response::error("setting metadata needs a key (the namespace prefix)"),
+                    (false, None, _) => None,
+                };
+                match self.metadata(&domain, &uri, change, Affect { live, config }) {
+                    Ok((n, text)) => Response { text, ..Response::done(&n) },
+                    Err(e) => Response::error(e),
+                }
+            }
             Request::AttachDevice { domain, xml, live, config } => done(self.attach_device(&domain, &xml, Affect { live, config })),
             Request::DetachDevice { domain, xml, live, config } => done(self.detach_device(&domain, &xml, Affect { live, config })),
             Request::SetLink { domain, interface, up, live, config } => done(self.set_link(&domain, &interface, up, Affect { live, config })),

@@ -298,3 +298,47 @@ pub fn domain_xml(name: &str, kernel: &Path, extra: &str) -> String {
 pub fn disk_xml(path: &Path, driver: &str, extra: &str) -> String {
     format!("<devices><disk type='file' device='disk'>{driver}<source file='{}'/><target dev='vda'/>{extra}</disk></devices>", path.display())
 }
+
+// Debian's virsh (package libvirt-clients) against a test's daemon.
+
+/// The URI that reaches this test's daemon (`ro`: its read-only socket).
+pub fn uri(d: &Daemon, ro: bool) -> String {
+    let mut s = d.libvirt_socket().display().to_string();
+    if ro {
+        s.push_str("-ro");
+    }
+    format!("qemu:///system?socket={s}")
+}
+
+/// Runs Debian's virsh against the daemon.
+pub fn virsh(d: &Daemon, args: &[&str]) -> Out {
+    virsh_at(&uri(d, false), args)
+}
+
+pub fn virsh_at(uri: &str, args: &[&str]) -> Out {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running virsh (Debian package libvirt-clients; .ci/run installs it)");
+    Out { code: out.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out.stdout).into_owned(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+}
+
+pub fn virsh_ok(d: &Daemon, args: &[&str]) -> String {
+    let o = virsh(d, args);
+    assert_eq!(o.code, 0, "virsh {args:?}: {}{}\n--- daemon log ---\n{}", o.stdout, o.stderr, d.log());
+    o.stdout
+}
+
+pub fn virsh_fails(d: &Daemon, args: &[&str], needle: &str) {
+    let o = virsh(d, args);
+    assert_ne!(o.code, 0, "virsh {args:?} should fail: {}", o.stdout);
+    assert!(o.stderr.contains(needle), "virsh {args:?}: wanted '{needle}' in: {}", o.stderr);
+}
+
+/// The value of `Key:` in virsh's two-column output.
+pub fn field(text: &str, key: &str) -> String {
+    text.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string())).unwrap_or_else(|| panic!("no '{key}' in:\n{text}"))
+}

@@ -242,7 +242,7 @@ fn deliver(rx: std::sync::mpsc::Receiver<DomainEvent>, cbs: Arc<Mutex<Vec<Callba
 
 impl Session {
     /// The domain a call names, as it is now.
-    fn domain(&self, d: &mut Decoder) -> Result<DomainBrief, RemoteError> {
+    pub(super) fn domain(&self, d: &mut Decoder) -> Result<DomainBrief, RemoteError> {
         let dom = RemoteDomain::decode(d).map_err(bad_args)?;
         let uuid = uuid_string(&dom.uuid);
         self.mgr.brief(&uuid).map_err(|_| error(err::NO_DOMAIN, format!("Domain not found: no domain with matching uuid '{uuid}' ({})", dom.name)))
@@ -255,7 +255,7 @@ impl Session {
         if !self.opened && !matches!(proc_, p::AUTH_LIST | p::CONNECT_SUPPORTS_FEATURE | p::CONNECT_OPEN) {
             return Err(error(err::NO_CONNECT, "no connection driver available: the connection is not open (CONNECT_OPEN first)"));
         }
-        if self.read_only && (changes(proc_) || super::networks::changes(proc_)) {
+        if self.read_only && (changes(proc_) || super::networks::changes(proc_) || super::domains::changes(proc_)) {
             return Err(error(err::OPERATION_DENIED, format!("operation forbidden: read only access prevents procedure {proc_} (use the read-write socket)")));
         }
         tracing::debug!(pid = self.peer.pid, uid = self.peer.uid, proc_, "libvirt call");
@@ -400,18 +400,13 @@ impl Session {
                     e.u64(info.max_memory_kib);
                 })
             }
-            p::DOMAIN_GET_MAX_VCPUS | p::DOMAIN_GET_VCPUS_FLAGS => {
-                let b = self.domain(&mut d)?;
-                ret_int(mgr.info(&b.name).map_err(failed)?.vcpus as i32)
-            }
-            // rvirt counts requests, not reads and writes apart, nor
-            // packets: those fields are -1, which virsh leaves out.
+            // Drops are not counted: -1, which virsh leaves out.
             p::DOMAIN_BLOCK_STATS => {
                 let b = self.active(&mut d)?;
                 let dev = d.string().map_err(bad_args)?;
                 let c = mgr.device_stats(&b.name, dev).map_err(|e| error(err::INVALID_ARG, format!("invalid argument: {e}")))?;
                 encode(|e| {
-                    e.i64(-1).i64(c.bytes_to_guest as i64).i64(-1).i64(c.bytes_from_guest as i64).i64(c.errors as i64);
+                    e.i64(c.reads as i64).i64(c.bytes_to_guest as i64).i64(c.writes as i64).i64(c.bytes_from_guest as i64).i64(c.errors as i64);
                 })
             }
             p::DOMAIN_INTERFACE_STATS => {
@@ -419,8 +414,8 @@ impl Session {
                 let dev = d.string().map_err(bad_args)?;
                 let c = mgr.device_stats(&b.name, dev).map_err(|e| error(err::INVALID_ARG, format!("invalid argument: {e}")))?;
                 encode(|e| {
-                    e.i64(c.bytes_to_guest as i64).i64(-1).i64(c.errors as i64).i64(-1);
-                    e.i64(c.bytes_from_guest as i64).i64(-1).i64(-1).i64(-1);
+                    e.i64(c.bytes_to_guest as i64).i64(c.reads as i64).i64(-1).i64(-1);
+                    e.i64(c.bytes_from_guest as i64).i64(c.writes as i64).i64(c.errors as i64).i64(-1);
                 })
             }
             p::CONNECT_GET_ALL_DOMAIN_STATS => {
@@ -546,7 +541,7 @@ impl Session {
                 self.events.deregister(id)?;
                 empty()
             }
-            other => match self.network_call(other, &mut d) {
+            other => match self.domain_call(other, &mut d).or_else(|| self.network_call(other, &mut d)) {
                 Some(reply) => reply,
                 None => Err(error(
                     err::NO_SUPPORT,
@@ -601,7 +596,10 @@ fn domain_stats(mgr: &Manager, b: &DomainBrief, groups: u32) -> Vec<(String, Typ
             put(format!("net.{i}.name"), TypedValue::Str(tap.clone()));
             if let Ok(c) = mgr.device_stats(&b.name, tap) {
                 put(format!("net.{i}.rx.bytes"), TypedValue::ULLong(c.bytes_to_guest));
+                put(format!("net.{i}.rx.pkts"), TypedValue::ULLong(c.reads));
                 put(format!("net.{i}.tx.bytes"), TypedValue::ULLong(c.bytes_from_guest));
+                put(format!("net.{i}.tx.pkts"), TypedValue::ULLong(c.writes));
+                put(format!("net.{i}.tx.errs"), TypedValue::ULLong(c.errors));
             }
         }
     }
@@ -613,7 +611,9 @@ fn domain_stats(mgr: &Manager, b: &DomainBrief, groups: u32) -> Vec<(String, Typ
                 put(format!("block.{i}.path"), TypedValue::Str(path.clone()));
             }
             if let (true, Ok(c)) = (*counted, mgr.device_stats(&b.name, target)) {
+                put(format!("block.{i}.rd.reqs"), TypedValue::ULLong(c.reads));
                 put(format!("block.{i}.rd.bytes"), TypedValue::ULLong(c.bytes_to_guest));
+                put(format!("block.{i}.wr.reqs"), TypedValue::ULLong(c.writes));
                 put(format!("block.{i}.wr.bytes"), TypedValue::ULLong(c.bytes_from_guest));
                 put(format!("block.{i}.errors"), TypedValue::ULLong(c.errors));
             }

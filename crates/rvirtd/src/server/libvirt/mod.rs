@@ -12,6 +12,7 @@
 
 mod console;
 mod dispatch;
+mod domains;
 mod host;
 mod networks;
 
