@@ -109,6 +109,24 @@ echo "@@HOG-STATE=$(state hog)"
 echo "@@HOG-OOM-KILLS=$(awk '/^oom_kill / {print $2}' /sys/fs/cgroup/rvirt/hog/memory.events)"
 grep -q '@@L2-HOG-FILLING' /tmp/hog-serial.log && echo "@@HOG-FILLING=1"
 grep -q '@@L2-HOG-SURVIVED' /tmp/hog-serial.log && echo "@@HOG-SURVIVED=1"
+
+# The balloon with Debian's own driver: its statistics, and setmem.
+domain mem 512 1 balloon.gz
+rvirt define /tmp/mem.xml > /dev/null
+echo "@@MEM-START=$(rvirt start mem 2>&1)"
+ready mem && echo "@@MEM-READY=1"
+for i in $(seq 1 100); do rvirt dommemstat mem | grep -q '^unused ' && break; sleep 0.2; done
+rvirt dommemstat mem > /tmp/memstat1
+sleep 1
+rvirt dommemstat mem > /tmp/memstat2
+echo "@@MEMSTAT1=$(tr '\n' ' ' < /tmp/memstat1)"
+echo "@@MEMSTAT2=$(tr '\n' ' ' < /tmp/memstat2)"
+echo "@@SETMEM=$(rvirt setmem mem 256M --live 2>&1)"
+for i in $(seq 1 600); do [ "$(rvirt dommemstat mem | awk '/^actual / {print $2}')" = 262144 ] && break; sleep 0.1; done
+echo "@@MEM-ACTUAL=$(rvirt dommemstat mem | awk '/^actual / {print $2}')"
+echo "@@MEM-GUEST-TOTAL=$(grep -o '@@L2-BALLOON=[0-9]*' /tmp/mem-serial.log | tail -1)"
+echo "@@MEM-USED=$(rvirt dominfo mem | grep 'Used memory' | tr -s ' ' | cut -d' ' -f3)"
+rvirt destroy mem > /dev/null
 echo "@@BEGIN-LOGS"
 cat /tmp/rvirtd.log
 tail -5 /var/lib/rvirt/log/*.log
@@ -130,6 +148,22 @@ fi
 while true; do sleep 1; done
 "#;
 
+/// A guest with Debian's virtio-balloon driver: it says it is ready and
+/// reports the pages it gave up whenever the number changes.
+const BALLOON_GUEST: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+INSMOD
+echo "@@L2-READY=1"
+last=
+while true; do
+  b=$(cat /sys/bus/virtio/drivers/virtio_balloon/virtio*/balloon 2>/dev/null)
+  [ "$b" != "$last" ] && echo "@@L2-BALLOON=$b" && last=$b
+  sleep 0.5
+done
+"#;
+
 #[test]
 fn rvirtd_manages_debian_guests_through_their_lifecycle() {
     let lab = Lab::get().unwrap();
@@ -138,6 +172,7 @@ fn rvirtd_manages_debian_guests_through_their_lifecycle() {
         .file(&lab.kernel, "l2/vmlinuz")
         .blob("l2/initrd.gz", initrd)
         .blob("l2/hog.gz", l2_initramfs(HOG_GUEST, &[]).unwrap())
+        .blob("l2/balloon.gz", lab.virtio_initramfs(BALLOON_GUEST, &["virtio_balloon"], &[]).unwrap())
         .binary(&lab.rvirtd, "bin/rvirtd")
         .binary(&lab.rvirt, "bin/rvirt");
     spec.timeout = std::time::Duration::from_secs(1500);
@@ -192,4 +227,23 @@ fn rvirtd_manages_debian_guests_through_their_lifecycle() {
     assert!(v.get("HOG-SURVIVED").is_none(), "a guest filling 400 MiB under a 160 MiB limit must not get there");
     assert_eq!(get("HOG-STATE"), "shut off (crashed)", "{logs}");
     assert!(get("HOG-OOM-KILLS").parse::<u32>().unwrap_or(0) >= 1, "the cgroup's OOM killer stopped the VMM");
+    // Debian's balloon driver through rvirtd.
+    assert_eq!(get("MEM-START"), "Domain 'mem' started", "{logs}");
+    assert_eq!(get("MEM-READY"), "1");
+    let stat = |text: &str, k: &str| -> u64 {
+        let t: Vec<&str> = text.split_whitespace().collect();
+        t.iter().position(|w| *w == k).and_then(|i| t.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {k} in {text}"))
+    };
+    let (m1, m2) = (get("MEMSTAT1"), get("MEMSTAT2"));
+    let total = stat(&m1, "available");
+    assert!((300 << 10..=512 << 10).contains(&total), "the guest's MemTotal, in KiB: {m1}");
+    assert!(stat(&m1, "unused") > 0 && stat(&m1, "unused") < total, "{m1}");
+    assert!(stat(&m1, "usable") > 0 && stat(&m1, "disk_caches") < total, "{m1}");
+    assert_eq!(stat(&m1, "actual"), 512 << 10, "{m1}");
+    assert!(stat(&m1, "rss") > 0, "{m1}");
+    assert!(stat(&m2, "last_update") >= stat(&m1, "last_update"), "fresh figures each call: {m1} / {m2}");
+    assert_eq!(get("SETMEM"), "");
+    assert_eq!(get("MEM-ACTUAL"), "262144", "the guest gave up 256 MiB: {logs}");
+    assert_eq!(get("MEM-GUEST-TOTAL"), "@@L2-BALLOON=65536", "the driver's own count of 4 KiB pages given up");
+    assert_eq!(get("MEM-USED"), "262144");
 }

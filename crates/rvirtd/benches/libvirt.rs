@@ -8,43 +8,15 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use rvirt_client::Connection;
 use rvirt_domain::protocol::Request;
-use rvirt_libvirt_rpc::message::{REMOTE_PROGRAM, REMOTE_VERSION};
 use rvirt_libvirt_rpc::remote::proc_;
-use rvirt_libvirt_rpc::{Encoder, Header, MessageStatus, MessageType, Packet};
+use rvirt_libvirt_rpc::Encoder;
 use rvirt_lab::stats::upper_median;
-use support::{domain_xml, kernels, scratch, Daemon};
-
-/// The least of libvirt's client: one call at a time.
-struct Libvirt {
-    s: UnixStream,
-    serial: u32,
-}
-
-impl Libvirt {
-    fn open(path: &std::path::Path) -> Self {
-        let mut c = Self { s: UnixStream::connect(path).expect("libvirt socket"), serial: 0 };
-        c.call(proc_::AUTH_LIST, Vec::new());
-        let mut e = Encoder::new();
-        e.opt_string(Some("qemu:///system")).u32(0);
-        c.call(proc_::CONNECT_OPEN, e.into_bytes());
-        c
-    }
-
-    fn call(&mut self, p: i32, payload: Vec<u8>) -> Vec<u8> {
-        self.serial += 1;
-        let header = Header { prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc_: p, kind: MessageType::Call, serial: self.serial, status: MessageStatus::Ok };
-        std::io::Write::write_all(&mut self.s, &Packet { header, payload }.encode()).unwrap();
-        let reply = Packet::read_from(&mut self.s).unwrap();
-        assert_eq!((reply.header.serial, reply.header.status), (self.serial, MessageStatus::Ok), "procedure {p}");
-        reply.payload
-    }
-}
+use support::{domain_xml, kernels, scratch, Daemon, Libvirt};
 
 fn main() {
     let dir = scratch("lvbench");

@@ -4,12 +4,16 @@
 #![allow(dead_code)]
 
 use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rvirt_lab::guests;
+use rvirt_libvirt_rpc::message::{REMOTE_PROGRAM, REMOTE_VERSION};
+use rvirt_libvirt_rpc::remote::proc_;
+use rvirt_libvirt_rpc::{Encoder, Header, MessageStatus, MessageType, Packet};
 
 /// Paths of the binaries under test.
 pub struct Bins {
@@ -341,4 +345,31 @@ pub fn virsh_fails(d: &Daemon, args: &[&str], needle: &str) {
 /// The value of `Key:` in virsh's two-column output.
 pub fn field(text: &str, key: &str) -> String {
     text.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string())).unwrap_or_else(|| panic!("no '{key}' in:\n{text}"))
+}
+
+/// The least of libvirt's client (for benchmarks without virsh's own
+/// cost): one call at a time, each expected to succeed.
+pub struct Libvirt {
+    s: UnixStream,
+    serial: u32,
+}
+
+impl Libvirt {
+    pub fn open(path: &std::path::Path) -> Self {
+        let mut c = Self { s: UnixStream::connect(path).expect("libvirt socket"), serial: 0 };
+        c.call(proc_::AUTH_LIST, Vec::new());
+        let mut e = Encoder::new();
+        e.opt_string(Some("qemu:///system")).u32(0);
+        c.call(proc_::CONNECT_OPEN, e.into_bytes());
+        c
+    }
+
+    pub fn call(&mut self, p: i32, payload: Vec<u8>) -> Vec<u8> {
+        self.serial += 1;
+        let header = Header { prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc_: p, kind: MessageType::Call, serial: self.serial, status: MessageStatus::Ok };
+        std::io::Write::write_all(&mut self.s, &Packet { header, payload }.encode()).unwrap();
+        let reply = Packet::read_from(&mut self.s).unwrap();
+        assert_eq!((reply.header.serial, reply.header.status), (self.serial, MessageStatus::Ok), "procedure {p}");
+        reply.payload
+    }
 }
