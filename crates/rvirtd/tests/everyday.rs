@@ -213,6 +213,10 @@ fn devices_in_the_stored_definition_links_and_block_sizes() {
     assert!(field(&info, "Allocation:").parse::<u64>().unwrap() > 0);
     assert_eq!(field(&d.ok(&["domblkinfo", "box", disk.to_str().unwrap()]), "Capacity:"), "10485760");
     virsh_fails(&d, &["domblkinfo", "box", "vdz"], "has no disk 'vdz'");
+    // rvirtd reads a disk for domblkinfo only where the domain could read it.
+    virsh_ok(&d, &["attach-disk", "box", "/etc/shadow", "vdc", "--config"]);
+    virsh_fails(&d, &["domblkinfo", "box", "vdc"], "is outside the directories domains may use");
+    virsh_ok(&d, &["detach-disk", "box", "vdc", "--config"]);
 
     // A running domain: no hotplug yet, said so; links go up and down live.
     virsh_ok(&d, &["start", "box"]);

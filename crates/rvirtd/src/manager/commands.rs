@@ -136,6 +136,13 @@ impl Manager {
         if kib < MIN_MEMORY_KIB {
             return Err(format!("{kib} KiB is too little memory for a guest (at least {MIN_MEMORY_KIB} KiB)"));
         }
+        if config {
+            // Checked before the live change, so both happen or neither.
+            let stored = lock(&self.inner).domains.get(&name).map_or(0, |d| d.def.memory_kib);
+            if kib > stored {
+                return Err(format!("{kib} KiB is more than the stored maximum memory ({stored} KiB)"));
+            }
+        }
         if live {
             let (socket, max, balloon) = {
                 let g = lock(&self.inner);
@@ -253,8 +260,17 @@ impl Manager {
         match parse_device(xml)? {
             Device::Interface(card) => {
                 let mac = card.mac.clone().ok_or("the card to update needs its <mac address>")?;
-                let up = card.link_up.unwrap_or(true);
-                self.set_link(&name, &mac, up, Affect { live, config })
+                // Only the link state changes here: anything else would need hotplug.
+                {
+                    let g = lock(&self.inner);
+                    let d = &g.domains[&name];
+                    let def = if live { d.run.as_ref().map_or(&d.def, |r| &r.def) } else { &d.def };
+                    let now = def.interfaces.iter().find(|x| x.mac.as_deref() == Some(mac.as_str())).ok_or_else(|| format!("domain '{name}' has no card with MAC address {mac}"))?;
+                    if now.kind != card.kind || now.model != card.model {
+                        return Err(format!("only a card's link state can change while it is defined (card {mac}); rvirt has no device hotplug yet"));
+                    }
+                }
+                self.set_link(&name, &mac, card.link_up.unwrap_or(true), Affect { live, config })
             }
             Device::Disk(disk) if disk.cdrom => {
                 let path = (!disk.path.as_os_str().is_empty()).then_some(disk.path.clone());
@@ -540,7 +556,8 @@ impl Manager {
     }
 
     /// `domblkinfo`: a disk's guest size, what its image occupies and the
-    /// host file's size, read without disturbing a running VMM's lock.
+    /// host file's size, read without disturbing a running VMM's lock, and
+    /// only from where the path policy allows the domain to read.
     pub fn block_info(&self, key: &str, disk: &str) -> Result<BlockInfo, String> {
         let (name, target) = {
             let g = lock(&self.inner);
@@ -567,8 +584,10 @@ impl Manager {
             backing: rvirt_block::BackingPolicy::Ignore,
             direct: false,
         };
-        let image = rvirt_block::open_with(&target.path, format, &opts).map_err(|e| format!("domain '{name}': {e}"))?;
-        let meta = std::fs::metadata(&target.path).map_err(|e| format!("domain '{name}': {}: {e}", target.path.display()))?;
+        // rvirtd reads it as root: only where the path policy would let the domain read it.
+        let real = self.policy.check("disk", &target.path, false).map_err(|e| format!("domain '{name}': {e}"))?;
+        let image = rvirt_block::open_with(&real, format, &opts).map_err(|e| format!("domain '{name}': {e}"))?;
+        let meta = std::fs::metadata(&real).map_err(|e| format!("domain '{name}': {}: {e}", target.path.display()))?;
         let physical = if meta.is_file() { meta.len() } else { image.size() };
         use std::os::unix::fs::MetadataExt;
         let allocation = if meta.is_file() { meta.blocks() * 512 } else { physical };

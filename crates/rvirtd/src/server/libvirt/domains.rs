@@ -61,10 +61,10 @@ fn error(code: i32, message: impl Into<String>) -> RemoteError {
 /// A manager refusal: "not valid" when it is about the domain's state,
 /// "not supported" when rvirt lacks the feature, else "failed".
 fn refused(message: String) -> RemoteError {
-    if message.contains("is not running") || message.contains("is running") || message.contains("is transient") {
-        error(err::OPERATION_INVALID, format!("Requested operation is not valid: {message}"))
-    } else if message.contains("hotplug") {
+    if message.contains("hotplug") {
         error(err::NO_SUPPORT, format!("this function is not supported by the connection driver: {message}"))
+    } else if message.contains("is not running") || message.contains("is running") || message.contains("is transient") {
+        error(err::OPERATION_INVALID, format!("Requested operation is not valid: {message}"))
     } else if message.starts_with("metadata not found") {
         error(err::NO_DOMAIN_METADATA, message)
     } else {
