@@ -67,6 +67,32 @@ pub enum EverydayCommand {
         /// The card's tap or MAC address.
         interface: String,
     },
+    /// Figures of domains by group, with libvirt's names (virsh domstats).
+    Domstats {
+        /// Names, ids or UUIDs (none: every domain).
+        domains: Vec<String>,
+        /// The state group.
+        #[arg(long)]
+        state: bool,
+        /// CPU time.
+        #[arg(long)]
+        cpu_total: bool,
+        /// The balloon and the guest's memory figures.
+        #[arg(long)]
+        balloon: bool,
+        /// vCPUs.
+        #[arg(long)]
+        vcpu: bool,
+        /// Network cards.
+        #[arg(long)]
+        interface: bool,
+        /// Disks.
+        #[arg(long)]
+        block: bool,
+        /// Only running and paused domains.
+        #[arg(long)]
+        list_active: bool,
+    },
     /// A running domain's memory figures (virsh dommemstat).
     Dommemstat {
         /// Name, id or UUID.
@@ -382,6 +408,27 @@ pub fn request(cmd: &EverydayCommand, conn: &mut impl FnMut(&Request) -> Result<
         C::Domifstat { domain, interface } => {
             let d = interface.clone();
             (Request::DevStat { domain: dom(domain), device: interface.clone() }, Box::new(move |r| r.counters.as_ref().map(|c| if_stat(&d, c)).unwrap_or_default()))
+        }
+        C::Domstats { domains, state, cpu_total, balloon, vcpu, interface, block, list_active } => {
+            use rvirt_domain::protocol::StatGroups as G;
+            let groups = [(*state, G::STATE), (*cpu_total, G::CPU_TOTAL), (*balloon, G::BALLOON), (*vcpu, G::VCPU), (*interface, G::INTERFACE), (*block, G::BLOCK)]
+                .iter()
+                .filter(|(on, _)| *on)
+                .fold(0, |acc, (_, g)| acc | g);
+            (
+                Request::DomStats { domains: domains.clone(), groups, active: *list_active },
+                Box::new(|r| {
+                    let mut out = String::new();
+                    for d in r.dom_stats.as_deref().unwrap_or_default() {
+                        out += &format!("Domain: '{}'\n", d.name);
+                        for (k, v) in &d.fields {
+                            out += &format!("  {k}={v}\n");
+                        }
+                        out.push('\n');
+                    }
+                    out
+                }),
+            )
         }
         C::Dommemstat { domain } => (
             Request::MemStat { domain: dom(domain) },

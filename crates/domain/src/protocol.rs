@@ -273,6 +273,19 @@ pub enum Request {
         /// The disk's target (`vda`) or source path.
         disk: String,
     },
+    /// Figures of domains by group (virsh domstats): the named domains, or
+    /// all (only active ones with `active`).
+    DomStats {
+        /// Names, ids or UUIDs; none: every domain.
+        #[serde(default)]
+        domains: Vec<String>,
+        /// [`StatGroups`] bits; 0: every group.
+        #[serde(default)]
+        groups: u32,
+        /// With no domains named: only running (and paused) ones.
+        #[serde(default)]
+        active: bool,
+    },
     /// A running domain's counters of one disk or card (virsh domblkstat, domifstat).
     DevStat {
         /// Name, id or UUID.
@@ -381,6 +394,7 @@ impl Request {
             Self::MemStat { .. } => "mem-stat",
             Self::BlkInfo { .. } => "blk-info",
             Self::DevStat { .. } => "dev-stat",
+            Self::DomStats { .. } => "dom-stats",
             Self::NetList { .. } => "net-list",
             Self::NetDefine { .. } => "net-define",
             Self::NetUndefine { .. } => "net-undefine",
@@ -410,6 +424,7 @@ impl Request {
                 | Self::MemStat { .. }
                 | Self::BlkInfo { .. }
                 | Self::DevStat { .. }
+                | Self::DomStats { .. }
                 | Self::NetList { .. }
                 | Self::NetDumpXml { .. }
                 | Self::NetDhcpLeases { .. }
@@ -509,6 +524,60 @@ pub struct VcpuThread {
     pub cpu_seconds: f64,
     /// Host CPUs it may run on (`0-3,6`).
     pub affinity: String,
+}
+
+/// The groups of `dom-stats` figures, as bits (libvirt's numbers).
+pub struct StatGroups;
+
+impl StatGroups {
+    /// `state.state`, `state.reason` (libvirt's numbers).
+    pub const STATE: u32 = 1;
+    /// `cpu.time` (ns).
+    pub const CPU_TOTAL: u32 = 2;
+    /// `balloon.*` (KiB, and the guest driver's figures).
+    pub const BALLOON: u32 = 4;
+    /// `vcpu.*`: counts, and each vCPU's state and time.
+    pub const VCPU: u32 = 8;
+    /// `net.*`: each card's frames and bytes.
+    pub const INTERFACE: u32 = 16;
+    /// `block.*`: each disk's requests, bytes and errors.
+    pub const BLOCK: u32 = 32;
+    /// Every group rvirt serves.
+    pub const ALL: u32 = 63;
+}
+
+/// One figure of `dom-stats`, typed as libvirt types it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StatValue {
+    /// A signed int (states).
+    Int(i32),
+    /// An unsigned int (counts).
+    UInt(u32),
+    /// An unsigned 64-bit number (bytes, KiB, ns).
+    ULLong(u64),
+    /// Text (names, paths).
+    Str(String),
+}
+
+impl std::fmt::Display for StatValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Int(v) => write!(f, "{v}"),
+            Self::UInt(v) => write!(f, "{v}"),
+            Self::ULLong(v) => write!(f, "{v}"),
+            Self::Str(v) => f.write_str(v),
+        }
+    }
+}
+
+/// One domain's figures in `dom-stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DomainStats {
+    /// The domain.
+    pub name: String,
+    /// Figures by libvirt's field names (`state.state`, `block.0.rd.bytes`, ...).
+    pub fields: Vec<(String, StatValue)>,
 }
 
 /// The answer to `blk-info`, in bytes.
@@ -634,6 +703,9 @@ pub struct Response {
     /// `dev-stat`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters: Option<DeviceCounters>,
+    /// `dom-stats`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dom_stats: Option<Vec<DomainStats>>,
 }
 
 /// One address of `domifaddr`.

@@ -65,6 +65,15 @@ fn memory_goes_through_the_balloon_and_its_statistics_come_fresh() {
     virsh_fails(&d, &["setmaxmem", "mem", "131072"], "no memory hotplug");
     virsh_ok(&d, &["setmaxmem", "mem", "131072", "--config"]);
     assert!(d.ok(&["dumpxml", "--inactive", "mem"]).contains("<memory unit='KiB'>131072</memory>"));
+    // domstats: the balloon group carries the driver's figures; both front ends agree on the names.
+    let ours = d.ok(&["domstats", "mem", "--balloon", "--vcpu"]);
+    let theirs = virsh_ok(&d, &["domstats", "mem", "--balloon", "--vcpu"]);
+    for want in ["Domain: 'mem'", "balloon.current=32768", "balloon.maximum=65536", "balloon.unused=", "balloon.usable=", "balloon.last-update=", "vcpu.current=1", "vcpu.0.state=1", "vcpu.0.time="] {
+        assert!(ours.contains(want) && theirs.contains(want), "'{want}' in\n{ours}\nand\n{theirs}");
+    }
+    let keys = |t: &str| t.lines().filter_map(|l| l.trim().split_once('=').map(|(k, _)| k.to_string())).collect::<Vec<_>>();
+    assert_eq!(keys(&ours), keys(&theirs), "the same figures in the same order");
+    assert!(d.ok(&["domstats", "--list-active", "--state"]).contains("state.state=1"));
     // The read-only socket refuses changes.
     let o = virsh_at(&uri(&d, true), &["setmem", "mem", "40000", "--live"]);
     assert!(o.code != 0 && o.stderr.contains("read only access prevents"), "{o:?}");

@@ -504,6 +504,16 @@ impl Manager {
     /// guest driver's own figures (fresh ones when it answers within a
     /// second), by virsh's names, in KiB (counts as they are).
     pub fn memory_stats(&self, key: &str) -> Result<Vec<(String, u64)>, String> {
+        self.memory_stats_waiting(key, STATS_WAIT)
+    }
+
+    /// [`Manager::memory_stats`] with the figures the driver last posted
+    /// (no wait: for reading many domains at once).
+    pub fn memory_stats_now(&self, key: &str) -> Result<Vec<(String, u64)>, String> {
+        self.memory_stats_waiting(key, Duration::ZERO)
+    }
+
+    fn memory_stats_waiting(&self, key: &str, wait: Duration) -> Result<Vec<(String, u64)>, String> {
         let (name, socket) = self.active(key)?;
         let (max_kib, pid, balloon) = {
             let g = lock(&self.inner);
@@ -517,7 +527,7 @@ impl Manager {
                 r.balloon_stats.ok_or_else(|| format!("domain '{name}': the VMM sent no balloon statistics"))
             };
             let first = ask()?;
-            let deadline = Instant::now() + STATS_WAIT;
+            let deadline = Instant::now() + wait;
             let mut latest = first.clone();
             // A driver with the statistics queue answers the request the first call made.
             while first.generation > 0 && latest.generation == first.generation && Instant::now() < deadline {

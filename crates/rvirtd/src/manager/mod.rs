@@ -13,6 +13,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 mod commands;
+mod stats;
+
+pub use stats::state_numbers;
 
 use rvirt_api::{ApiClient, Request as VmmRequest};
 use rvirt_domain::protocol::{Affect, DomainInfo, DomainState, DomainSummary, InterfaceAddress, Request, Response, StateReport};
@@ -1086,6 +1089,21 @@ impl Manager {
                 Ok(b) => Response { block_info: Some(b), ..Response::ok() },
                 Err(e) => Response::error(e),
             },
+            Request::DomStats { domains, groups, active } => {
+                let groups = if groups == 0 { rvirt_domain::protocol::StatGroups::ALL } else { groups };
+                let briefs: Result<Vec<DomainBrief>, String> = if domains.is_empty() {
+                    Ok(self.briefs(false).into_iter().filter(|b| !active || b.id.is_some()).collect())
+                } else {
+                    domains.iter().map(|k| self.brief(k)).collect()
+                };
+                match briefs {
+                    Ok(bs) => {
+                        let stats = bs.iter().map(|b| rvirt_domain::protocol::DomainStats { name: b.name.clone(), fields: self.domain_stats(b, groups) }).collect();
+                        Response { dom_stats: Some(stats), ..Response::ok() }
+                    }
+                    Err(e) => Response::error(e),
+                }
+            }
             Request::DevStat { domain, device } => match self.device_counters(&domain, &device) {
                 Ok(c) => Response { counters: Some(c), ..Response::ok() },
                 Err(e) => Response::error(e),

@@ -7,15 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rvirt_domain::protocol::DomainState;
+use rvirt_domain::protocol::{DomainState, StatValue};
 use rvirt_domain::DomainXml;
 use rvirt_libvirt_rpc::message::{REMOTE_PROGRAM, REMOTE_VERSION};
-use rvirt_libvirt_rpc::remote::{encode_typed, err, event, feature, list, proc_ as p, state, stats, RemoteDomain, TypedValue, AUTH_NONE, DOMAIN_LIST_MAX, FROM_QEMU, FROM_RPC, UUID_LEN};
+use rvirt_libvirt_rpc::remote::{encode_typed, err, event, feature, list, proc_ as p, stats, RemoteDomain, TypedValue, AUTH_NONE, DOMAIN_LIST_MAX, FROM_QEMU, FROM_RPC, UUID_LEN};
 use rvirt_libvirt_rpc::{Decoder, Encoder, Header, MessageStatus, MessageType, Packet, RemoteError, XdrError};
 
 use super::{host, Outbox, Session};
 use crate::events::{DomainEvent, Lifecycle, StopReason};
-use crate::manager::{DomainBrief, Manager};
+use crate::manager::{state_numbers, DomainBrief, Manager};
 
 /// A procedure's encoded return value, or libvirt's error.
 pub(super) type Reply = Result<Vec<u8>, RemoteError>;
@@ -74,25 +74,6 @@ pub(super) fn ret_int(v: i32) -> Reply {
 
 fn empty() -> Reply {
     Ok(Vec::new())
-}
-
-/// libvirt's state and reason numbers for a domain.
-fn state_numbers(b: &DomainBrief) -> (i32, i32) {
-    match b.state {
-        DomainState::Running => (state::RUNNING, if b.reason == "unpaused" { 5 } else { 1 }),
-        DomainState::Paused => (state::PAUSED, 1),
-        DomainState::Crashed => (state::CRASHED, 1),
-        DomainState::ShutOff => (
-            state::SHUTOFF,
-            match b.reason.as_str() {
-                "shutdown" => 1,
-                "destroyed" => 2,
-                "crashed" => 3,
-                "failed" => 6,
-                _ => 0,
-            },
-        ),
-    }
 }
 
 /// Whether procedure `proc_` changes anything (refused on read-only connections).
@@ -434,7 +415,13 @@ impl Session {
                 if doms.is_empty() {
                     doms = mgr.briefs(false).into_iter().filter(|b| list_matches(b, flags & 0xff)).collect();
                 }
-                let records: Vec<(DomainBrief, Vec<(String, TypedValue)>)> = doms.into_iter().map(|b| { let p = domain_stats(&mgr, &b, groups); (b, p) }).collect();
+                let records: Vec<(DomainBrief, Vec<(String, TypedValue)>)> = doms
+                    .into_iter()
+                    .map(|b| {
+                        let fields = mgr.domain_stats(&b, groups).into_iter().map(|(k, v)| (k, typed(v))).collect();
+                        (b, fields)
+                    })
+                    .collect();
                 encode(|e| {
                     e.u32(records.len() as u32);
                     for (b, params) in &records {
@@ -561,65 +548,14 @@ impl Session {
     }
 }
 
-/// `virsh domstats` for one domain: the groups asked for, with libvirt's
-/// field names; counters only while it runs (what a stopped domain lacks is
-/// left out, as libvirt does).
-fn domain_stats(mgr: &Manager, b: &DomainBrief, groups: u32) -> Vec<(String, TypedValue)> {
-    let mut out = Vec::new();
-    let mut put = |f: String, v: TypedValue| out.push((f, v));
-    if groups & stats::STATE != 0 {
-        let (st, reason) = state_numbers(b);
-        put("state.state".into(), TypedValue::Int(st));
-        put("state.reason".into(), TypedValue::Int(reason));
+/// A figure as libvirt's typed parameter.
+fn typed(v: StatValue) -> TypedValue {
+    match v {
+        StatValue::Int(i) => TypedValue::Int(i),
+        StatValue::UInt(u) => TypedValue::UInt(u),
+        StatValue::ULLong(u) => TypedValue::ULLong(u),
+        StatValue::Str(s) => TypedValue::Str(s),
     }
-    if b.id.is_none() {
-        return out;
-    }
-    let Ok(info) = mgr.info(&b.name) else { return out };
-    if groups & stats::CPU_TOTAL != 0 {
-        if let Some(s) = info.cpu_time_seconds {
-            put("cpu.time".into(), TypedValue::ULLong((s * 1e9) as u64));
-        }
-    }
-    if groups & stats::BALLOON != 0 {
-        put("balloon.current".into(), TypedValue::ULLong(info.used_memory_kib));
-        put("balloon.maximum".into(), TypedValue::ULLong(info.max_memory_kib));
-    }
-    if groups & stats::VCPU != 0 {
-        put("vcpu.current".into(), TypedValue::UInt(info.vcpus));
-        put("vcpu.maximum".into(), TypedValue::UInt(info.vcpus));
-    }
-    let Ok((disks, taps)) = mgr.devices(&b.name) else { return out };
-    if groups & stats::INTERFACE != 0 {
-        put("net.count".into(), TypedValue::UInt(taps.len() as u32));
-        for (i, tap) in taps.iter().enumerate() {
-            put(format!("net.{i}.name"), TypedValue::Str(tap.clone()));
-            if let Ok(c) = mgr.device_stats(&b.name, tap) {
-                put(format!("net.{i}.rx.bytes"), TypedValue::ULLong(c.bytes_to_guest));
-                put(format!("net.{i}.rx.pkts"), TypedValue::ULLong(c.reads));
-                put(format!("net.{i}.tx.bytes"), TypedValue::ULLong(c.bytes_from_guest));
-                put(format!("net.{i}.tx.pkts"), TypedValue::ULLong(c.writes));
-                put(format!("net.{i}.tx.errs"), TypedValue::ULLong(c.errors));
-            }
-        }
-    }
-    if groups & stats::BLOCK != 0 {
-        put("block.count".into(), TypedValue::UInt(disks.len() as u32));
-        for (i, (target, path, counted)) in disks.iter().enumerate() {
-            put(format!("block.{i}.name"), TypedValue::Str(target.clone()));
-            if !path.is_empty() {
-                put(format!("block.{i}.path"), TypedValue::Str(path.clone()));
-            }
-            if let (true, Ok(c)) = (*counted, mgr.device_stats(&b.name, target)) {
-                put(format!("block.{i}.rd.reqs"), TypedValue::ULLong(c.reads));
-                put(format!("block.{i}.rd.bytes"), TypedValue::ULLong(c.bytes_to_guest));
-                put(format!("block.{i}.wr.reqs"), TypedValue::ULLong(c.writes));
-                put(format!("block.{i}.wr.bytes"), TypedValue::ULLong(c.bytes_from_guest));
-                put(format!("block.{i}.errors"), TypedValue::ULLong(c.errors));
-            }
-        }
-    }
-    out
 }
 
 /// Refuses XML that does not parse with libvirt's XML error code.
@@ -689,14 +625,7 @@ mod tests {
     }
 
     #[test]
-    fn states_and_reasons_use_libvirt_s_numbers() {
-        let mut b = brief(None, DomainState::ShutOff, true, false);
-        b.reason = "destroyed".into();
-        assert_eq!(state_numbers(&b), (5, 2));
-        b.reason = "shutdown".into();
-        assert_eq!(state_numbers(&b), (5, 1));
-        let b = brief(Some(1), DomainState::Paused, true, false);
-        assert_eq!(state_numbers(&b), (3, 1));
+    fn lifecycle_changes_use_libvirt_s_event_numbers() {
         assert_eq!(event_numbers(Lifecycle::Stopped(StopReason::Destroyed)), (5, 1));
         assert_eq!(event_numbers(Lifecycle::Defined { updated: true }), (0, 1));
     }
