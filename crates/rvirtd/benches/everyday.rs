@@ -1,10 +1,12 @@
 //! The everyday commands on many running domains (`cargo bench -p rvirtd
-//! --bench everyday`), hand-made guests on this host's /dev/kvm, each with
-//! a balloon driven by a driver that has the statistics queue:
-//! - `domstats` of 100 running domains: one libvirt-protocol call
+//! --bench everyday`), hand-made guests on this host's /dev/kvm:
+//! - `domstats` of 100 running idle domains (their vCPUs halted, as idle
+//!   guests' are), each with a balloon: one libvirt-protocol call
 //!   (`CONNECT_GET_ALL_DOMAIN_STATS`, every group), Debian's `virsh domstats`
 //!   (a process and its connection included), and per domain;
-//! - `dommemstat` of one domain (a fresh set of the driver's figures);
+//! - `dommemstat` of one domain whose balloon driver has the statistics
+//!   queue (a fresh set of the driver's figures; that driver polls, so it
+//!   keeps one host CPU busy);
 //! - `setmem` from 512 to 256 MiB until the balloon reports the new size
 //!   (the driver acknowledges at once: this is rvirt's own path, daemon,
 //!   VMM and device; a Linux guest adds its own time to give pages up,
@@ -22,7 +24,7 @@ use rvirt_lab::guests::{bzimage_with, virtio_balloon_stats_driver};
 use rvirt_lab::stats::upper_median;
 use rvirt_libvirt_rpc::remote::proc_;
 use rvirt_libvirt_rpc::Encoder;
-use support::{domain_xml, scratch, Daemon, Libvirt};
+use support::{domain_xml, kernels, scratch, Daemon, Libvirt};
 
 /// Running domains for `domstats`.
 const N: usize = 100;
@@ -36,9 +38,10 @@ fn main() {
     let d = Daemon::start(&dir);
     let kernel = dir.join("stats.bzImage");
     std::fs::write(&kernel, bzimage_with(&virtio_balloon_stats_driver())).unwrap();
+    let k = kernels(&dir);
     let mut own = Connection::open(&d.socket).unwrap();
     for i in 0..N {
-        let xml = domain_xml(&format!("d{i:03}"), &kernel, "<devices><memballoon model='virtio'/></devices>");
+        let xml = domain_xml(&format!("d{i:03}"), &k.idle, "<devices><memballoon model='virtio'/></devices>");
         assert!(own.call(&Request::Define { xml }).unwrap().ok);
         let r = own.call(&Request::Start { domain: format!("d{i:03}") }).unwrap();
         assert!(r.ok, "{r:?}\n{}", d.log());
@@ -76,11 +79,19 @@ fn main() {
     println!("  one libvirt-protocol call {one_call:>8.1}   per domain {:>6.2}", one_call / N as f64);
     println!("  virsh domstats            {virsh:>8.1}");
 
+    // One domain with the statistics driver, 512 MiB, for dommemstat and setmem.
+    let big = domain_xml("big", &kernel, "<devices><memballoon model='virtio'/></devices>").replace("<memory unit='MiB'>64</memory>", "<memory unit='MiB'>512</memory>");
+    assert!(own.call(&Request::Define { xml: big }).unwrap().ok);
+    assert!(own.call(&Request::Start { domain: "big".into() }).unwrap().ok);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !own.call(&Request::MemStat { domain: "big".into() }).unwrap().memory_stats.is_some_and(|m| m.iter().any(|(k, _)| k == "unused")) {
+        assert!(Instant::now() < deadline, "the driver posted no figures");
+    }
     let memstat = upper_median(
         (0..21)
             .map(|_| {
                 let t = Instant::now();
-                let r = own.call(&Request::MemStat { domain: "d000".into() }).unwrap();
+                let r = own.call(&Request::MemStat { domain: "big".into() }).unwrap();
                 assert!(r.ok && r.memory_stats.is_some_and(|m| m.iter().any(|(k, _)| k == "unused")));
                 ms(t)
             })
@@ -89,9 +100,6 @@ fn main() {
     println!("dommemstat of one domain, fresh figures from its driver, upper median (ms): {memstat:.2}");
 
     // setmem 512 -> 256 MiB until the balloon's size says so, and back.
-    let big = domain_xml("big", &kernel, "<devices><memballoon model='virtio'/></devices>").replace("<memory unit='MiB'>64</memory>", "<memory unit='MiB'>512</memory>");
-    assert!(own.call(&Request::Define { xml: big }).unwrap().ok);
-    assert!(own.call(&Request::Start { domain: "big".into() }).unwrap().ok);
     let mut setmem = |kib: u64| -> f64 {
         let t = Instant::now();
         let r = own.call(&Request::SetMemory { domain: "big".into(), kib, live: true, config: false }).unwrap();
