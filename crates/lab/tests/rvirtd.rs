@@ -121,6 +121,7 @@ sleep 1
 rvirt dommemstat mem > /tmp/memstat2
 echo "@@MEMSTAT1=$(tr '\n' ' ' < /tmp/memstat1)"
 echo "@@MEMSTAT2=$(tr '\n' ' ' < /tmp/memstat2)"
+echo "@@MEM-DOMSTATS=$(rvirt domstats mem --balloon --vcpu --block | tr '\n' ' ')"
 echo "@@SETMEM=$(rvirt setmem mem 256M --live 2>&1)"
 for i in $(seq 1 600); do [ "$(rvirt dommemstat mem | awk '/^actual / {print $2}')" = 262144 ] && break; sleep 0.1; done
 echo "@@MEM-ACTUAL=$(rvirt dommemstat mem | awk '/^actual / {print $2}')"
@@ -236,6 +237,10 @@ fn rvirtd_manages_debian_guests_through_their_lifecycle() {
     assert_eq!(stat(&m1, "actual"), 512 << 10, "{m1}");
     assert!(stat(&m1, "rss") > 0, "{m1}");
     assert!(stat(&m2, "last_update") >= stat(&m1, "last_update"), "fresh figures each call: {m1} / {m2}");
+    let ds = get("MEM-DOMSTATS");
+    for want in ["Domain: 'mem'", "balloon.current=524288", "balloon.unused=", "balloon.available=", "vcpu.0.state=1", "vcpu.0.time=", "block.count=0"] {
+        assert!(ds.contains(want), "'{want}' in {ds}");
+    }
     assert_eq!(get("SETMEM"), "");
     assert_eq!(get("MEM-ACTUAL"), "262144", "the guest gave up 256 MiB: {logs}");
     let m3 = get("MEMSTAT3");
