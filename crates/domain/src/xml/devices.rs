@@ -19,85 +19,96 @@ impl DomainXml {
 
     /// One element under `<devices>`.
     fn parse_device(&mut self, cx: &Cx, n: Node) -> Result<(), XmlError> {
-        {
-            match n.tag_name().name() {
-                "disk" => {
-                    let disk = parse_disk(cx, n)?;
-                    if let Some(other) = self.disks.iter().find(|d| d.target == disk.target) {
-                        return Err(cx.err(n, "devices/disk", format!("target dev='{}' is used twice (also by {})", disk.target, other.path.display())));
-                    }
-                    self.disks.push(disk);
+        // What rvirt has one of (COM1, the serial port's console, the rng, the
+        // balloon) is read once; a second is kept verbatim and named in the report.
+        let once = match n.tag_name().name() {
+            "serial" => Some("devices/serial"),
+            "console" if elements(n).find(|c| c.has_tag_name("target")).and_then(|t| t.attribute("type")).unwrap_or("serial") == "serial" => Some("devices/console"),
+            "rng" => Some("devices/rng"),
+            _ => None,
+        };
+        if let Some(p) = once {
+            if self.kept.has(p) {
+                self.unknown.push(cx.unknown("devices", n));
+                return Ok(());
+            }
+            self.kept.mark(p);
+        }
+        match n.tag_name().name() {
+            "disk" => {
+                let disk = parse_disk(cx, n)?;
+                if let Some(other) = self.disks.iter().find(|d| d.target == disk.target) {
+                    return Err(cx.err(n, "devices/disk", format!("target dev='{}' is used twice (also by {})", disk.target, other.path.display())));
                 }
-                "interface" => {
-                    let i = parse_interface(cx, n)?;
-                    if let Some(tap) = &i.tap {
-                        if self.interfaces.iter().any(|o| o.tap.as_ref() == Some(tap)) {
-                            return Err(cx.err(n, "devices/interface", format!("target dev='{tap}' is used twice")));
+                self.disks.push(disk);
+            }
+            "interface" => {
+                let i = parse_interface(cx, n)?;
+                if let Some(tap) = &i.tap {
+                    if self.interfaces.iter().any(|o| o.tap.as_ref() == Some(tap)) {
+                        return Err(cx.err(n, "devices/interface", format!("target dev='{tap}' is used twice")));
+                    }
+                }
+                self.interfaces.push(i);
+            }
+            // COM1 is the <serial>; a serial console met before it only mirrors it.
+            "serial" => self.serial = Some(parse_char(cx, n, "devices/serial", &mut self.kept)?),
+            "console" => {
+                let path = "devices/console";
+                let target = elements(n).find(|c| c.has_tag_name("target")).and_then(|t| t.attribute("type"));
+                match target.unwrap_or("serial") {
+                    // libvirt's console on the first serial port is the serial port itself.
+                    "serial" => {
+                        let dev = parse_char(cx, n, path, &mut self.kept)?;
+                        if self.serial.is_none() {
+                            self.serial = Some(dev);
                         }
                     }
-                    self.interfaces.push(i);
-                }
-                "serial" => {
-                    if self.serial.is_some() {
-                        // rvirt has COM1 only: further ports are kept, and named in the report.
-                        self.unknown.push(cx.unknown("devices", n));
-                        return Ok(());
-                    }
-                    self.serial = Some(parse_char(cx, n, "devices/serial", &mut self.kept)?);
-                }
-                "console" => {
-                    let path = "devices/console";
-                    let target = elements(n).find(|c| c.has_tag_name("target")).and_then(|t| t.attribute("type"));
-                    match target.unwrap_or("serial") {
-                        // libvirt's console on the first serial port is the serial port itself.
-                        "serial" => {
-                            let dev = parse_char(cx, n, path, &mut self.kept)?;
-                            if self.serial.is_none() {
-                                self.serial = Some(dev);
-                            }
+                    "virtio" => {
+                        if self.virtio_console.is_some() {
+                            return Err(cx.err(n, path, "only one virtio console is supported"));
                         }
-                        "virtio" => {
-                            if self.virtio_console.is_some() {
-                                return Err(cx.err(n, path, "only one virtio console is supported"));
-                            }
-                            self.virtio_console = Some(parse_char(cx, n, VIRTIO_CONSOLE, &mut self.kept)?);
-                        }
-                        t => return Err(cx.err(n, path, format!("target type='{t}' is not supported (serial or virtio)"))),
+                        self.virtio_console = Some(parse_char(cx, n, VIRTIO_CONSOLE, &mut self.kept)?);
                     }
+                    t => return Err(cx.err(n, path, format!("target type='{t}' is not supported (serial or virtio)"))),
                 }
-                "rng" => {
-                    let path = "devices/rng";
-                    if n.attribute("model") != Some("virtio") {
-                        return Err(cx.err(n, path, "model='virtio' is required"));
-                    }
-                    self.kept.attrs(cx, path, n, &["model"]);
-                    for c in elements(n) {
-                        if c.has_tag_name("backend") {
-                            let src = c.text().unwrap_or("/dev/urandom").trim();
-                            if c.attribute("model").unwrap_or("random") != "random" || !matches!(src, "/dev/urandom" | "/dev/random" | "") {
-                                return Err(cx.err(c, "devices/rng/backend", "only <backend model='random'>/dev/urandom</backend> is supported"));
-                            }
-                        } else {
-                            self.kept.child(cx, path, path, c);
-                        }
-                    }
-                    self.rng = true;
+            }
+            "rng" => {
+                let path = "devices/rng";
+                if n.attribute("model") != Some("virtio") {
+                    return Err(cx.err(n, path, "model='virtio' is required"));
                 }
-                "memballoon" => {
-                    let path = "devices/memballoon";
-                    match n.attribute("model") {
-                        Some("virtio") => self.memballoon = true,
-                        Some("none") => self.memballoon = false,
-                        Some(m) => return Err(cx.err(n, path, format!("model='{m}' is not supported (virtio or none)"))),
-                        None => return Err(cx.err(n, path, "the model='virtio' attribute is required")),
-                    }
-                    self.kept.attrs(cx, path, n, &["model"]);
-                    for c in elements(n) {
+                self.kept.attrs(cx, path, n, &["model"]);
+                for c in elements(n) {
+                    if c.has_tag_name("backend") {
+                        let src = c.text().unwrap_or("/dev/urandom").trim();
+                        if c.attribute("model").unwrap_or("random") != "random" || !matches!(src, "/dev/urandom" | "/dev/random" | "") {
+                            return Err(cx.err(c, "devices/rng/backend", "only <backend model='random'>/dev/urandom</backend> is supported"));
+                        }
+                    } else {
                         self.kept.child(cx, path, path, c);
                     }
                 }
-                _ => self.unknown.push(cx.unknown("devices", n)),
+                self.rng = true;
             }
+            "memballoon" => {
+                let path = "devices/memballoon";
+                if self.kept.has(path) {
+                    return Err(cx.err(n, path, "appears twice (a domain has one balloon)"));
+                }
+                self.kept.mark(path);
+                match n.attribute("model") {
+                    Some("virtio") => self.memballoon = true,
+                    Some("none") => self.memballoon = false,
+                    Some(m) => return Err(cx.err(n, path, format!("model='{m}' is not supported (virtio or none)"))),
+                    None => return Err(cx.err(n, path, "the model='virtio' attribute is required")),
+                }
+                self.kept.attrs(cx, path, n, &["model"]);
+                for c in elements(n) {
+                    self.kept.child(cx, path, path, c);
+                }
+            }
+            _ => self.unknown.push(cx.unknown("devices", n)),
         }
         Ok(())
     }

@@ -33,8 +33,21 @@ impl Kept {
 /// element they belong to: `""` for the device element itself, `driver`,
 /// `source`, ... for its children (`os/type`, `devices/serial`, ... for the
 /// domain's).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct KeptXml(pub BTreeMap<String, Kept>);
+
+/// Equal when the same things are kept (the marks of elements seen with
+/// nothing to keep do not count).
+impl PartialEq for KeptXml {
+    fn eq(&self, other: &Self) -> bool {
+        fn kept(k: &KeptXml) -> Vec<(&String, &Kept)> {
+            k.0.iter().filter(|(_, v)| !v.is_empty()).collect()
+        }
+        kept(self) == kept(other)
+    }
+}
+
+impl Eq for KeptXml {}
 
 impl KeptXml {
     /// What is kept for the element at `path`, if anything.
@@ -43,7 +56,9 @@ impl KeptXml {
     }
 
     /// Records the attributes of `n` other than `interpreted` (and
-    /// namespace declarations) under `path`.
+    /// namespace declarations) under `path`. A second element at the same
+    /// path replaces the first's, as its typed values do (so no element is
+    /// ever written with an attribute twice).
     pub(super) fn attrs(&mut self, cx: &Cx, path: &str, n: Node, interpreted: &[&str]) {
         let attrs: Vec<(String, String)> = n
             .attributes()
@@ -51,8 +66,18 @@ impl KeptXml {
             .map(|a| (cx.src[a.range_qname()].to_string(), a.value().to_string()))
             .collect();
         if !attrs.is_empty() {
-            self.0.entry(path.to_string()).or_default().attrs.extend(attrs);
+            self.0.entry(path.to_string()).or_default().attrs = attrs;
         }
+    }
+
+    /// Whether anything was recorded for `path` (even nothing but the mark).
+    pub(super) fn has(&self, path: &str) -> bool {
+        self.0.contains_key(path)
+    }
+
+    /// Marks `path` as seen (an element that may appear only once).
+    pub(super) fn mark(&mut self, path: &str) {
+        self.0.entry(path.to_string()).or_default();
     }
 
     /// Records the child element `c` of the element at `path`, verbatim.

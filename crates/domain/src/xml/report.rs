@@ -48,6 +48,7 @@ impl DomainXml {
             .into_iter()
             .map(|((parent, name), lines)| match name.as_str() {
                 "serial" if parent == "devices" => format!("{}: rvirt has one serial port (COM1); further <serial> ports are kept, but have no effect", lines_text(&lines)),
+                "console" | "rng" if parent == "devices" => format!("{}: rvirt has one <{name}> of this kind; further ones are kept, but have no effect", lines_text(&lines)),
                 _ => format!("{}: <{name}> in <{parent}> is not supported by rvirt; kept, but it has no effect", lines_text(&lines)),
             })
             .collect();

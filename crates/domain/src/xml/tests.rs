@@ -509,6 +509,32 @@ fn what_rvirt_does_not_act_on_comes_back_as_written() {
 }
 
 #[test]
+fn what_rvirt_has_one_of_is_read_once_and_the_rest_kept() {
+    let xml = "<domain type='kvm'><name>c</name><memory>65536</memory><os><kernel>/k</kernel></os><devices>\
+        <console type='pty' tty='/dev/pts/4'><target type='serial' port='0'/></console>\
+        <serial type='file'><source path='/log/com1'/><target port='0'/></serial>\
+        <serial type='pty'><target port='1'/></serial>\
+        <console type='pty' tty='/dev/pts/5'><target type='serial' port='1'/></console>\
+        <rng model='virtio' extra='a'><backend model='random'>/dev/urandom</backend></rng>\
+        <rng model='virtio' extra='b'><backend model='random'>/dev/random</backend></rng>\
+        </devices></domain>";
+    let d = DomainXml::parse(xml).unwrap();
+    assert_eq!(d.serial, Some(CharDevice::File("/log/com1".into())), "COM1 is the <serial>, whichever comes first");
+    let out = d.to_xml();
+    assert_eq!(out.matches("tty='/dev/pts/4'").count(), 1, "no attribute twice: {out}");
+    assert!(out.contains("tty='/dev/pts/5'") && out.contains("<target port='1'/>") && out.contains("extra='b'"), "the second ones are kept: {out}");
+    assert_eq!(DomainXml::parse(&out).unwrap().to_xml(), out);
+    let report = d.unknown_report().join("\n");
+    assert!(report.contains("one serial port") && report.contains("one <console>") && report.contains("one <rng>"), "{report}");
+    let e = DomainXml::parse(&xml.replace("</devices>", "<memballoon model='virtio'/><memballoon model='none'/></devices>")).unwrap_err().to_string();
+    assert!(e.contains("appears twice"), "{e}");
+    // A repeated child of a disk: the last wins, and no attribute is written twice.
+    let d = DomainXml::parse("<domain type='kvm'><name>s</name><memory>65536</memory><devices><disk><source file='/a' index='1'/><source file='/b' index='2'/><target dev='vda'/></disk></devices></domain>").unwrap();
+    assert_eq!(d.disks[0].path, std::path::Path::new("/b"));
+    assert_eq!(d.to_xml().matches("index=").count(), 1);
+}
+
+#[test]
 fn every_problem_is_reported_at_once_with_its_line() {
     let xml = "<domain type='kvm'>\n<name>bad name</name>\n<memory unit='parsec'>1</memory>\n<vcpu>0</vcpu>\n<os><type arch='arm'>hvm</type></os>\n\
         <devices>\n<disk><source file='rel.img'/><target dev='vda'/></disk>\n<interface type='ethernet'><mac address='zz'/></interface>\n</devices>\n</domain>";
