@@ -93,6 +93,7 @@ pub mod proc_ {
     pub const CONNECT_LIST_ALL_DOMAINS: i32 = 273;
     pub const CONNECT_LIST_ALL_NETWORKS: i32 = 283;
     pub const NETWORK_UPDATE: i32 = 291;
+    pub const NODE_GET_CPU_MAP: i32 = 293;
     pub const DOMAIN_SET_MEMORY_STATS_PERIOD: i32 = 308;
     pub const CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY: i32 = 316;
     pub const CONNECT_DOMAIN_EVENT_CALLBACK_DEREGISTER_ANY: i32 = 317;

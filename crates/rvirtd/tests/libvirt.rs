@@ -293,6 +293,21 @@ assert state == libvirt.VIR_DOMAIN_RUNNING and maxmem == 65536 and vcpus == 1, d
 assert dom.isActive() == 1 and dom.isPersistent() == 1 and dom.ID() > 0
 assert "<name>py</name>" in dom.XMLDesc(0)
 assert dom.state() == [libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED], dom.state()
+# The everyday calls applications make.
+info = dom.vcpus()
+assert len(info[0]) == 1 and info[0][0][0] == 0 and info[0][0][1] == libvirt.VIR_VCPU_RUNNING, info
+assert dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) == 1
+stats = dom.memoryStats()
+assert stats["actual"] == 65536 and stats["rss"] > 0, stats
+dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "<app><role>db</role></app>", "app", "http://example.org/app", libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+assert "<role>db</role>" in dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "http://example.org/app", libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, "Python's", None, None, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+assert dom.metadata(libvirt.VIR_DOMAIN_METADATA_TITLE, None, 0) == "Python's"
+try:
+    dom.setVcpusFlags(2, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    raise SystemExit("vCPU hotplug succeeded")
+except libvirt.libvirtError as e:
+    assert e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT, e
 # One console client at a time; VIR_DOMAIN_CONSOLE_FORCE takes it, ending the holder's stream.
 st1 = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
 dom.openConsole(None, st1, 0)

@@ -112,8 +112,8 @@ impl Manager {
         f(&mut def)?;
         let def = parse_checked(&def.to_xml())?;
         self.store.save_definition(name, &def.to_xml()).map_err(|e| format!("{e:#}"))?;
-        let id = d.run.as_ref().map(|r| r.record.id);
-        self.emit(name, &def, id, Lifecycle::Defined { updated: true });
+        // No lifecycle event: libvirt sends DEFINED only for a definition
+        // given whole (define, rename), not for one setting changed.
         d.def = def;
         Ok(())
     }

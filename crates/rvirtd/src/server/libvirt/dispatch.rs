@@ -281,6 +281,15 @@ impl Session {
             p::CONNECT_IS_SECURE => ret_int(1),
             p::CONNECT_GET_MAX_VCPUS => ret_int(host::MAX_VCPUS),
             p::NODE_GET_INFO => encode(|e| host::Node::read().encode(e)),
+            p::NODE_GET_CPU_MAP => {
+                let need_map = d.i32().map_err(bad_args)? != 0;
+                let need_online = d.i32().map_err(bad_args)? != 0;
+                let _flags = d.u32().map_err(bad_args)?;
+                let (map, online, total) = host::cpu_map();
+                encode(|e| {
+                    e.opaque(if need_map { &map } else { &[] }).u32(if need_online { online } else { 0 }).i32(total);
+                })
+            }
             p::CONNECT_GET_CAPABILITIES => encode(|e| {
                 e.string(&host::capabilities(&host::Node::read()));
             }),

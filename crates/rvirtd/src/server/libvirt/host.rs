@@ -46,6 +46,32 @@ pub struct Node {
     pub mhz: i32,
 }
 
+/// The host's CPUs for `virNodeGetCPUMap`: (bitmap of online CPUs, how
+/// many are online, how many exist), from /sys/devices/system/cpu.
+pub fn cpu_map() -> (Vec<u8>, u32, i32) {
+    let ids = |file: &str| -> Vec<usize> {
+        let text = std::fs::read_to_string(format!("/sys/devices/system/cpu/{file}")).unwrap_or_default();
+        text.trim()
+            .split(',')
+            .filter_map(|part| {
+                let (a, b) = part.split_once('-').unwrap_or((part, part));
+                Some(a.trim().parse::<usize>().ok()?..=b.trim().parse::<usize>().ok()?.min(MAX_HOST_CPUS - 1))
+            })
+            .flatten()
+            .collect()
+    };
+    let online = ids("online");
+    let present = ids("present").iter().max().map_or(online.len(), |m| m + 1).max(1);
+    let mut map = vec![0u8; present.div_ceil(8)];
+    for cpu in online.iter().filter(|c| **c < present) {
+        map[cpu / 8] |= 1 << (cpu % 8);
+    }
+    (map, online.len() as u32, present as i32)
+}
+
+/// Most host CPUs `cpu_map` counts (libvirt's map bound, `REMOTE_CPUMAP_MAX` bytes).
+const MAX_HOST_CPUS: usize = 2048 * 8;
+
 impl Node {
     /// Reads /proc/cpuinfo and /proc/meminfo (zeros where they say nothing).
     pub fn read() -> Self {
