@@ -104,6 +104,7 @@ pub enum EverydayCommand {
         domain: String,
         /// KiB (a K, M or G suffix for other units).
         size: String,
+        /// Where the change goes.
         #[command(flatten)]
         affect: AffectArgs,
     },
@@ -113,6 +114,7 @@ pub enum EverydayCommand {
         domain: String,
         /// KiB (a K, M or G suffix for other units).
         size: String,
+        /// Where the change goes.
         #[command(flatten)]
         affect: AffectArgs,
     },
@@ -125,6 +127,7 @@ pub enum EverydayCommand {
         /// Accepted as virsh's: rvirt's maximum and current counts are one.
         #[arg(long)]
         maximum: bool,
+        /// Where the change goes.
         #[command(flatten)]
         affect: AffectArgs,
     },
@@ -160,6 +163,7 @@ pub enum EverydayCommand {
         /// The new text (empty removes it).
         #[arg(long)]
         new_desc: Option<String>,
+        /// Where the change goes.
         #[command(flatten)]
         affect: AffectArgs,
     },
@@ -178,6 +182,7 @@ pub enum EverydayCommand {
         /// Remove the element.
         #[arg(long, conflicts_with = "set")]
         remove: bool,
+        /// Where the change goes.
         #[command(flatten)]
         affect: AffectArgs,
     },
@@ -187,6 +192,7 @@ pub enum EverydayCommand {
         domain: String,
         /// The device's XML file.
         file: std::path::PathBuf,
+        /// Where the change goes.
         #[command(flatten)]
         affect: AffectArgs,
     },
@@ -196,6 +202,7 @@ pub enum EverydayCommand {
         domain: String,
         /// The device's XML file.
         file: std::path::PathBuf,
+        /// Where the change goes.
         #[command(flatten)]
         affect: AffectArgs,
     },
@@ -219,6 +226,7 @@ pub enum EverydayCommand {
         /// A read-only disk.
         #[arg(long)]
         mode: Option<String>,
+        /// Where the change goes.
         #[command(flatten)]
         affect: AffectArgs,
     },
@@ -236,6 +244,7 @@ pub enum EverydayCommand {
         /// Its model (virtio).
         #[arg(long)]
         model: Option<String>,
+        /// Where the change goes.
         #[command(flatten)]
         affect: AffectArgs,
     },
@@ -247,6 +256,7 @@ pub enum EverydayCommand {
         interface: String,
         /// up or down.
         state: String,
+        /// Where the change goes.
         #[command(flatten)]
         affect: AffectArgs,
     },

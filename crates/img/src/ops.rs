@@ -175,6 +175,7 @@ fn format_date(secs: u32) -> String {
     let t = secs as libc::time_t;
     // SAFETY: localtime_r fills the tm we pass; both live on this stack frame.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r reads `t` and fills `tm`, both ours.
     if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
         return secs.to_string();
     }

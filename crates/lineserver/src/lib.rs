@@ -199,6 +199,7 @@ impl Peer {
         // SAFETY: getsockopt writes at most `len` bytes into the ucred we own.
         let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: the socket is open for the call; cred and len are ours and sized as told.
         let rc = unsafe {
             libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, std::ptr::addr_of_mut!(cred).cast(), &mut len)
         };

@@ -36,6 +36,7 @@ static PINS: OnceLock<Pins> = OnceLock::new();
 pub fn current() -> Result<Vec<usize>, AffinityError> {
     // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills at most its size.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most the set's size into the set we own.
     if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
         return Err(AffinityError::Os(std::io::Error::last_os_error()));
     }
@@ -48,6 +49,7 @@ pub fn pin(cpus: &[usize]) -> Result<(), AffinityError> {
     // SAFETY: as in `current`; CPU_SET writes only CPUs below the set's capacity.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+        // SAFETY: the CPU is below the set's capacity (filtered above).
         unsafe { libc::CPU_SET(c, &mut set) };
     }
     // SAFETY: sched_setaffinity reads the set we own.

@@ -25,12 +25,14 @@ pub fn restore_terminal() {
 fn set_raw(fd: RawFd) -> io::Result<libc::termios> {
     // SAFETY: termios is plain data; tcgetattr fills it or fails.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr fills the struct we own, or fails.
     if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
         return Err(io::Error::last_os_error());
     }
     let saved = t;
     // SAFETY: cfmakeraw only edits the struct we own.
     unsafe { libc::cfmakeraw(&mut t) };
+    // SAFETY: tcsetattr reads the struct we own.
     if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -113,6 +115,7 @@ impl Console {
             if n < 0 {
                 return Err(Error::Console(format!("dup: {}", io::Error::last_os_error())));
             }
+            // SAFETY: `n` is the new descriptor dup returned, owned by nothing else.
             Ok(unsafe { File::from_raw_fd(n) })
         };
         Ok(match self.mode {

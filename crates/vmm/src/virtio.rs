@@ -343,6 +343,7 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, backends: &Backends) -> Resu
         let input = match console.input_fd() {
             // SAFETY: dup of a descriptor the console holds; the copy is owned by the device.
             Some(fd) => match unsafe { libc::dup(fd) } {
+                // SAFETY: `n` is the new descriptor dup returned, owned by nothing else.
                 n if n >= 0 => Some(unsafe { OwnedFd::from_raw_fd(n) }),
                 _ => return Err(Error::Device(format!("virtio-console: dup: {}", std::io::Error::last_os_error()))),
             },
