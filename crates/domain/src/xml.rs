@@ -314,6 +314,10 @@ pub struct DomainXml {
 struct Cx<'input> {
     src: &'input str,
     lines: limits::LineIndex<'input>,
+    /// Prefixed namespaces in scope where a kept element sits: declared on
+    /// an element rvirt rewrites (`<devices xmlns:foo=…>`), they move to
+    /// `<domain>` so what is kept stays well-formed.
+    inherited: std::cell::RefCell<Vec<(String, String)>>,
 }
 
 impl<'input> Cx<'input> {
@@ -326,6 +330,16 @@ impl<'input> Cx<'input> {
     }
 
     fn unknown(&self, parent: &str, n: Node) -> UnknownElement {
+        if let Some(p) = n.parent_element() {
+            let mut inherited = self.inherited.borrow_mut();
+            // Never a default namespace: on <domain> it would capture libvirt's own elements.
+            for ns in p.namespaces().filter(|ns| ns.name().is_some_and(|p| p != "xml")) {
+                let entry = (ns.name().unwrap_or_default().to_string(), ns.uri().to_string());
+                if !inherited.contains(&entry) {
+                    inherited.push(entry);
+                }
+            }
+        }
         UnknownElement {
             parent: parent.to_string(),
             name: n.tag_name().name().to_string(),
@@ -438,7 +452,7 @@ impl DomainXml {
             element: String::new(),
             message: format!("not well-formed XML: {e}"),
         })?;
-        let cx = Cx { src: xml, lines: limits::LineIndex::new(xml) };
+        let cx = Cx { src: xml, lines: limits::LineIndex::new(xml), inherited: Default::default() };
         let root = doc.root_element();
         if root.tag_name().name() != "domain" {
             return Err(cx.err(root, root.tag_name().name(), "the root element must be <domain>").into());
@@ -489,6 +503,7 @@ impl DomainXml {
                 .map(|ns| (ns.name().map(str::to_string), ns.uri().to_string()))
                 .collect(),
         };
+
         d.kept.attrs(&cx, "domain", root, &["type"]);
         let mut current: Option<(u64, Node)> = None;
         let mut seen = std::collections::BTreeSet::new();
@@ -524,6 +539,11 @@ impl DomainXml {
             }
             Some((c, _)) => c,
         };
+        for (p, uri) in cx.inherited.take() {
+            if !d.namespaces.iter().any(|(q, _)| q.as_deref() == Some(p.as_str())) {
+                d.namespaces.push((Some(p), uri));
+            }
+        }
         let unknown = d.unknown.len() + d.kept_children().count();
         if unknown > MAX_UNKNOWN {
             errors.push(XmlError { line: 0, element: String::new(), message: format!("{unknown} unsupported elements; at most {MAX_UNKNOWN} are kept") });

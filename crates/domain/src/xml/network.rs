@@ -160,7 +160,7 @@ impl NetworkDef {
     pub fn parse(xml: &str) -> Result<Self, XmlError> {
         limits::check_shape(xml)?;
         let doc = Document::parse(xml).map_err(|e| XmlError { line: e.pos().row, element: String::new(), message: format!("not well-formed XML: {e}") })?;
-        let cx = Cx { src: xml, lines: limits::LineIndex::new(xml) };
+        let cx = Cx { src: xml, lines: limits::LineIndex::new(xml), inherited: Default::default() };
         let root = doc.root_element();
         if root.tag_name().name() != "network" {
             return Err(cx.err(root, root.tag_name().name(), "the root element must be <network>"));

@@ -535,6 +535,19 @@ fn what_rvirt_has_one_of_is_read_once_and_the_rest_kept() {
 }
 
 #[test]
+fn prefixes_declared_below_the_root_stay_declared_for_what_is_kept() {
+    let xml = "<domain type='kvm'><name>n</name><memory>65536</memory><devices xmlns:foo='urn:foo'>\
+        <disk><source file='/a'/><target dev='vda'/><foo:tag v='1'/></disk><foo:gadget/></devices>\
+        <metadata><app xmlns='urn:app'><x/></app></metadata></domain>";
+    let d = DomainXml::parse(xml).unwrap();
+    let out = d.to_xml();
+    assert!(out.starts_with("<domain type='kvm' xmlns:foo='urn:foo'>"), "{out}");
+    let again = DomainXml::parse(&out).unwrap();
+    assert_eq!(again.to_xml(), out);
+    assert!(out.contains("<foo:tag v='1'/>") && out.contains("<foo:gadget/>") && out.contains("<app xmlns='urn:app'><x/></app>"), "{out}");
+}
+
+#[test]
 fn every_problem_is_reported_at_once_with_its_line() {
     let xml = "<domain type='kvm'>\n<name>bad name</name>\n<memory unit='parsec'>1</memory>\n<vcpu>0</vcpu>\n<os><type arch='arm'>hvm</type></os>\n\
         <devices>\n<disk><source file='rel.img'/><target dev='vda'/></disk>\n<interface type='ethernet'><mac address='zz'/></interface>\n</devices>\n</domain>";
