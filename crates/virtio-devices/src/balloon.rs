@@ -285,6 +285,8 @@ impl VirtioDevice for Balloon {
                         return;
                     }
                 }
+                // The statistics buffer the device holds has been read.
+                let mut held = false;
                 while let Ok(tokens) = events.wait() {
                     if tokens.contains(&9) {
                         return;
@@ -295,9 +297,21 @@ impl VirtioDevice for Balloon {
                                 let _ = r.read();
                             }
                             // Hand the held buffer back: the driver answers with fresh figures.
+                            // One it posted but whose kick is not yet served is read first.
                             let q = &mut queues[usize::from(STATS)];
                             let mut returned = false;
-                            let served = serve_queue(&mut q.queue, &mem, |_| (!std::mem::replace(&mut returned, true)).then_some(0));
+                            let served = serve_queue(&mut q.queue, &mem, |chain| {
+                                if std::mem::replace(&mut returned, true) {
+                                    return None;
+                                }
+                                if !std::mem::replace(&mut held, false) {
+                                    match GuestChain::parse(chain, &mem) {
+                                        Ok(c) => read_stats(&c, &mem, &state, &counters),
+                                        Err(_) => counters.error(),
+                                    }
+                                }
+                                Some(0)
+                            });
                             if served.chains > 0 && served.notify {
                                 interrupt.trigger(InterruptKind::Queue(STATS));
                             }
@@ -309,8 +323,11 @@ impl VirtioDevice for Balloon {
                             match GuestChain::parse(chain, &mem) {
                                 Ok(c) if t as u16 == INFLATE => inflate(&c, &mem, &state, &counters),
                                 Ok(c) if t as u16 == STATS => {
-                                    // Kept (not returned) until the host asks again.
-                                    read_stats(&c, &mem, &state, &counters);
+                                    // Kept (not returned) until the host asks again; read once
+                                    // however often the driver kicks.
+                                    if !std::mem::replace(&mut held, true) {
+                                        read_stats(&c, &mem, &state, &counters);
+                                    }
                                     return None;
                                 }
                                 Ok(c) => counters.request(0, c.readable_len() as u64),
