@@ -64,27 +64,27 @@ impl DirectFile {
     fn aligned(buf: *const u8, len: usize, offset: u64) -> bool {
         (buf as usize).is_multiple_of(512) && len.is_multiple_of(512) && offset.is_multiple_of(512)
     }
+}
 
-    /// The aligned span around `offset..offset+len` read into a bounce
-    /// buffer (zeros past the end of the file), with where `offset` falls
-    /// in it and how many bytes of it the file holds.
-    fn bounce_read(&self, offset: u64, len: usize) -> io::Result<(AlignedBuf, usize, usize)> {
-        let a = DIRECT_ALIGN as u64;
-        let start = offset / a * a;
-        let end = (offset + len as u64).div_ceil(a) * a;
-        let mut buf = AlignedBuf::new((end - start) as usize);
-        let bytes = buf.bytes();
-        let mut done = 0usize;
-        while done < bytes.len() {
-            match FileExt::read_at(&self.file, &mut bytes[done..], start + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+/// The aligned span around `offset..offset+len` of `file` read into a
+/// bounce buffer (zeros past the end of the file), with where `offset`
+/// falls in it and how many bytes of it the file holds.
+pub(crate) fn bounce_read(file: &File, offset: u64, len: usize) -> io::Result<(AlignedBuf, usize, usize)> {
+    let a = DIRECT_ALIGN as u64;
+    let start = offset / a * a;
+    let end = (offset + len as u64).div_ceil(a) * a;
+    let mut buf = AlignedBuf::new((end - start) as usize);
+    let bytes = buf.bytes();
+    let mut done = 0usize;
+    while done < bytes.len() {
+        match FileExt::read_at(file, &mut bytes[done..], start + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        Ok((buf, (offset - start) as usize, done))
     }
+    Ok((buf, (offset - start) as usize, done))
 }
 
 impl ImageFile for DirectFile {
@@ -96,7 +96,7 @@ impl ImageFile for DirectFile {
                 other => return other,
             }
         }
-        let (mut bounce, skip, held) = self.bounce_read(offset, buf.len())?;
+        let (mut bounce, skip, held) = bounce_read(&self.file, offset, buf.len())?;
         let n = held.saturating_sub(skip).min(buf.len());
         buf[..n].copy_from_slice(&bounce.bytes()[skip..skip + n]);
         Ok(n)
@@ -112,7 +112,7 @@ impl ImageFile for DirectFile {
         }
         let _alone = self.rmw.write().unwrap_or_else(|p| p.into_inner());
         let old_len = self.file.metadata()?.len();
-        let (mut bounce, skip, _) = self.bounce_read(offset, buf.len())?;
+        let (mut bounce, skip, _) = bounce_read(&self.file, offset, buf.len())?;
         let a = DIRECT_ALIGN as u64;
         let start = offset / a * a;
         let span = (offset + buf.len() as u64).div_ceil(a) * a - start;

@@ -90,21 +90,7 @@ impl RawImage {
 
     /// The block-aligned span around `offset..offset+len` read into a bounce buffer.
     fn bounce_read(&self, offset: u64, len: usize) -> std::io::Result<(AlignedBuf, usize)> {
-        let a = DIRECT_ALIGN as u64;
-        let start = offset / a * a;
-        let end = (offset + len as u64).div_ceil(a) * a;
-        let mut buf = AlignedBuf::new((end - start) as usize);
-        let bytes = buf.bytes();
-        let mut done = 0usize;
-        while done < bytes.len() {
-            // Reads past the end of the file return short: the rest stays zero.
-            let n = self.file.read_at(&mut bytes[done..], start + done as u64)?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        Ok((buf, (offset - start) as usize))
+        crate::direct::bounce_read(&self.file, offset, len).map(|(buf, skip, _)| (buf, skip))
     }
 
     fn read_direct(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {

@@ -157,10 +157,7 @@ fn parse_disk(cx: &Cx, n: Node) -> Result<VirtioDisk, XmlError> {
                 continue;
             }
         };
-        disk.kept.attrs(cx, tag, c, interpreted);
-        for grandchild in elements(c) {
-            disk.kept.child(cx, tag, &cpath, grandchild);
-        }
+        disk.kept.interpreted_child(cx, tag, &cpath, c, interpreted);
         match tag {
             "source" => {
                 let key = if source_kind == DiskSource::File { "file" } else { "dev" };
@@ -272,10 +269,7 @@ fn parse_interface(cx: &Cx, n: Node) -> Result<Interface, XmlError> {
                 continue;
             }
         };
-        i.kept.attrs(cx, tag, c, interpreted);
-        for grandchild in elements(c) {
-            i.kept.child(cx, tag, &cpath, grandchild);
-        }
+        i.kept.interpreted_child(cx, tag, &cpath, c, interpreted);
         match tag {
             "source" if ty == "bridge" => bridge = Some(cx.attr(c, &cpath, "bridge")?.to_string()),
             "source" if ty == "direct" => {

@@ -80,6 +80,15 @@ impl KeptXml {
         self.0.entry(path.to_string()).or_default();
     }
 
+    /// Records what rvirt does not act on in child `c` (tag `tag`) of a
+    /// device: its other attributes, and its own children verbatim.
+    pub(super) fn interpreted_child(&mut self, cx: &Cx, tag: &str, cpath: &str, c: Node, interpreted: &[&str]) {
+        self.attrs(cx, tag, c, interpreted);
+        for grandchild in c.children().filter(|g| g.is_element()) {
+            self.child(cx, tag, cpath, grandchild);
+        }
+    }
+
     /// Records the child element `c` of the element at `path`, verbatim.
     pub(super) fn child(&mut self, cx: &Cx, path: &str, parent: &str, c: Node) {
         self.0.entry(path.to_string()).or_default().children.push(cx.unknown(parent, c));

@@ -638,4 +638,11 @@ mod tests {
         assert_eq!(event_numbers(Lifecycle::Stopped(StopReason::Destroyed)), (5, 1));
         assert_eq!(event_numbers(Lifecycle::Defined { updated: true }), (0, 1));
     }
+
+    #[test]
+    fn stat_groups_are_libvirt_s_numbers() {
+        use rvirt_domain::protocol::StatGroups as G;
+        // The front end passes libvirt's group bits to the manager unchanged.
+        assert_eq!([G::STATE, G::CPU_TOTAL, G::BALLOON, G::VCPU, G::INTERFACE, G::BLOCK], [stats::STATE, stats::CPU_TOTAL, stats::BALLOON, stats::VCPU, stats::INTERFACE, stats::BLOCK]);
+    }
 }

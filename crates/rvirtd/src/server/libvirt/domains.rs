@@ -32,26 +32,35 @@ const CPUMAPS_MAX: i64 = 8_388_608;
 /// `VIR_VCPU_RUNNING`.
 const VCPU_RUNNING: i32 = 1;
 
-/// Whether procedure `proc_` is one of these and changes anything
-/// (refused on read-only connections).
+/// The procedures of this module, and whether each changes anything
+/// (those are refused on read-only connections).
+const PROCEDURES: &[(i32, bool)] = &[
+    (p::DOMAIN_SET_MAX_MEMORY, true),
+    (p::DOMAIN_SET_MEMORY, true),
+    (p::DOMAIN_SET_MEMORY_FLAGS, true),
+    (p::DOMAIN_SET_VCPUS, true),
+    (p::DOMAIN_SET_VCPUS_FLAGS, true),
+    (p::DOMAIN_GET_VCPUS_FLAGS, false),
+    (p::DOMAIN_GET_MAX_VCPUS, false),
+    (p::DOMAIN_GET_VCPUS, false),
+    (p::DOMAIN_GET_VCPU_PIN_INFO, false),
+    (p::DOMAIN_RESET, true),
+    (p::DOMAIN_RENAME, true),
+    (p::DOMAIN_GET_METADATA, false),
+    (p::DOMAIN_SET_METADATA, true),
+    (p::DOMAIN_ATTACH_DEVICE, true),
+    (p::DOMAIN_ATTACH_DEVICE_FLAGS, true),
+    (p::DOMAIN_DETACH_DEVICE, true),
+    (p::DOMAIN_DETACH_DEVICE_FLAGS, true),
+    (p::DOMAIN_UPDATE_DEVICE_FLAGS, true),
+    (p::DOMAIN_MEMORY_STATS, false),
+    (p::DOMAIN_SET_MEMORY_STATS_PERIOD, true),
+    (p::DOMAIN_GET_BLOCK_INFO, false),
+];
+
+/// Whether procedure `proc_` is one of these and changes anything.
 pub(super) fn changes(proc_: i32) -> bool {
-    matches!(
-        proc_,
-        p::DOMAIN_SET_MAX_MEMORY
-            | p::DOMAIN_SET_MEMORY
-            | p::DOMAIN_SET_MEMORY_FLAGS
-            | p::DOMAIN_SET_VCPUS
-            | p::DOMAIN_SET_VCPUS_FLAGS
-            | p::DOMAIN_RESET
-            | p::DOMAIN_RENAME
-            | p::DOMAIN_SET_METADATA
-            | p::DOMAIN_ATTACH_DEVICE
-            | p::DOMAIN_ATTACH_DEVICE_FLAGS
-            | p::DOMAIN_DETACH_DEVICE
-            | p::DOMAIN_DETACH_DEVICE_FLAGS
-            | p::DOMAIN_UPDATE_DEVICE_FLAGS
-            | p::DOMAIN_SET_MEMORY_STATS_PERIOD
-    )
+    PROCEDURES.iter().any(|(p, c)| *p == proc_ && *c)
 }
 
 fn error(code: i32, message: impl Into<String>) -> RemoteError {
@@ -120,30 +129,7 @@ fn memory_tag(name: &str) -> Option<i32> {
 impl Session {
     /// Answers one of these procedures; `None` when `proc_` is not one.
     pub(super) fn domain_call(&mut self, proc_: i32, d: &mut Decoder) -> Option<Reply> {
-        let known = matches!(
-            proc_,
-            p::DOMAIN_SET_MAX_MEMORY
-                | p::DOMAIN_SET_MEMORY
-                | p::DOMAIN_SET_MEMORY_FLAGS
-                | p::DOMAIN_SET_VCPUS
-                | p::DOMAIN_SET_VCPUS_FLAGS
-                | p::DOMAIN_GET_VCPUS_FLAGS
-                | p::DOMAIN_GET_MAX_VCPUS
-                | p::DOMAIN_GET_VCPUS
-                | p::DOMAIN_GET_VCPU_PIN_INFO
-                | p::DOMAIN_RESET
-                | p::DOMAIN_RENAME
-                | p::DOMAIN_GET_METADATA
-                | p::DOMAIN_SET_METADATA
-                | p::DOMAIN_ATTACH_DEVICE
-                | p::DOMAIN_ATTACH_DEVICE_FLAGS
-                | p::DOMAIN_DETACH_DEVICE
-                | p::DOMAIN_DETACH_DEVICE_FLAGS
-                | p::DOMAIN_UPDATE_DEVICE_FLAGS
-                | p::DOMAIN_MEMORY_STATS
-                | p::DOMAIN_SET_MEMORY_STATS_PERIOD
-                | p::DOMAIN_GET_BLOCK_INFO
-        );
+        let known = PROCEDURES.iter().any(|(p, _)| *p == proc_);
         known.then(|| self.domain_procedure(proc_, d))
     }
 
