@@ -325,5 +325,3 @@ pub fn cloud_init_seed(user_data: &[u8], meta_data: Option<&[u8]>, network_confi
     build("cidata", &files)
 }
 
-#[cfg(test)]
-mod tests;

@@ -1,9 +1,14 @@
 //! The writer's output read back by independent readers: Debian's isoinfo
-//! (genisoimage) and xorriso.
+//! (genisoimage) and xorriso. (An integration test, in a process of its own:
+//! the readers it spawns would briefly hold, between fork and exec, the
+//! image descriptors and locks of the library's unit tests running beside.)
 
 use std::process::Command;
 
-use super::*;
+use rvirt_block::iso9660::*;
+
+/// An ISO 9660 logical sector.
+const SECTOR: usize = 2048;
 
 fn scratch(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("rvirt-iso-{name}-{}", std::process::id()));
