@@ -17,7 +17,7 @@ fn our_writes_pass_qemu_img_check_and_read_back_in_qemu_io() {
     for (cluster_bits, direct) in [(16u32, false), (9, false), (16, true), (9, true)] {
         let p = d.join(format!("c{cluster_bits}-{direct}.qcow2"));
         drop(Qcow2Image::create(&p, 32 << 20, &CreateOptions { cluster_bits, ..Default::default() }).unwrap());
-        let img = Qcow2Image::open_with(&p, &ImageOptions { direct, ..Default::default() }).unwrap();
+        let img = reopen_qcow2(&p, &ImageOptions { direct, ..Default::default() });
         img.write_at(&vec![0xaa; 4096], 0).unwrap();
         img.write_at(&vec![0xbb; 100_000], 65_000).unwrap(); // crosses clusters
         img.write_at(&vec![0xcc; 2 << 20], 8 << 20).unwrap(); // many clusters, many refcount blocks at 512 B
@@ -56,15 +56,7 @@ fn we_read_what_qemu_writes_zero_and_compressed_clusters() {
     assert!(our_contents(&ours) == expected, "contents differ from qemu-img convert");
     // Overwriting a compressed cluster makes it a normal one and frees the old.
     drop(ours);
-    // The other test in this process forks qemu-img: a child between fork
-    // and exec briefly holds our dropped descriptor, and with it its lock.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let rw = loop {
-        match Qcow2Image::open(&p, false) {
-            Err(rvirt_block::Error::Locked { .. }) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(10)),
-            r => break r.unwrap(),
-        }
-    };
+    let rw = reopen_qcow2(&p, &ImageOptions::default());
     rw.write_at(&[0x55; 100], 2 << 20).unwrap();
     rw.flush().unwrap();
     drop(rw);

@@ -48,3 +48,18 @@ pub fn our_contents(img: &dyn BlockBackend) -> Vec<u8> {
     img.read_at(&mut v, 0).unwrap();
     v
 }
+
+/// Opens `path` as `opts` say, waiting up to 5 s while it is locked: a
+/// test in this process that spawns qemu-img or qemu-io gives its child,
+/// between fork and exec, every descriptor we had open a moment ago, and
+/// with them their locks.
+pub fn reopen_qcow2(path: &Path, opts: &rvirt_block::ImageOptions) -> rvirt_block::qcow2::Qcow2Image {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match rvirt_block::qcow2::Qcow2Image::open_with(path, opts) {
+            Err(rvirt_block::Error::Locked { .. }) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(10)),
+            r => break r.unwrap(),
+        }
+    }
+}
+
