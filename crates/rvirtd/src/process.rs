@@ -35,9 +35,14 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let own = proc_stat(pid)?.1;
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    let theirs: u64 = children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).filter_map(|c| proc_stat(c).map(|(_, t)| t)).sum();
+    let theirs: u64 = children(pid).into_iter().filter_map(|c| proc_stat(c).map(|(_, t)| t)).sum();
     Some((own + theirs) as f64 / hz)
+}
+
+/// The children of `pid` (a jailed VMM is its reaper's only child).
+pub fn children(pid: u32) -> Vec<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    text.split_whitespace().filter_map(|c| c.parse().ok()).collect()
 }
 
 /// Resident memory of `pid` and its children (a jailed VMM runs under its
@@ -48,8 +53,7 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()
     };
     let own = rss(pid)?;
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    Some(own + children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).filter_map(rss).sum::<u64>())
+    Some(own + children(pid).into_iter().filter_map(rss).sum::<u64>())
 }
 
 /// Starts `vmm` with `args`, output appended to `log`, in a session of its

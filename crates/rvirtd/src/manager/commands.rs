@@ -58,8 +58,7 @@ fn task_stat(path: &Path) -> Option<(String, u64, u32)> {
 /// The vCPU threads (named `vcpuN`) of `pid` and its children (a jailed
 /// VMM runs under its reaper), by vCPU number.
 fn vcpu_threads(pid: u32) -> Vec<(u32, std::path::PathBuf)> {
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    let pids = std::iter::once(pid).chain(children.split_whitespace().filter_map(|c| c.parse().ok()));
+    let pids = std::iter::once(pid).chain(crate::process::children(pid));
     let mut found = Vec::new();
     for p in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };

@@ -96,12 +96,9 @@ fn check_flags(flags: u32, known: u32, api: &str) -> Result<(), RemoteError> {
 /// Host CPUs in a list like `0-3,6`, as a bitmap of `maplen` bytes.
 fn cpumap(list: &str, maplen: usize) -> Vec<u8> {
     let mut map = vec![0u8; maplen];
-    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) else { continue };
-        for cpu in a..=b.min(maplen * 8 - 1) {
-            map[cpu / 8] |= 1 << (cpu % 8);
-        }
+    let cpus = rvirt_domain::CpuSet::parse(list).map(|s| s.cpus).unwrap_or_default();
+    for cpu in cpus.into_iter().filter(|c| *c < maplen * 8) {
+        map[cpu / 8] |= 1 << (cpu % 8);
     }
     map
 }

@@ -51,14 +51,7 @@ pub struct Node {
 pub fn cpu_map() -> (Vec<u8>, u32, i32) {
     let ids = |file: &str| -> Vec<usize> {
         let text = std::fs::read_to_string(format!("/sys/devices/system/cpu/{file}")).unwrap_or_default();
-        text.trim()
-            .split(',')
-            .filter_map(|part| {
-                let (a, b) = part.split_once('-').unwrap_or((part, part));
-                Some(a.trim().parse::<usize>().ok()?..=b.trim().parse::<usize>().ok()?.min(MAX_HOST_CPUS - 1))
-            })
-            .flatten()
-            .collect()
+        rvirt_domain::CpuSet::parse(text.trim()).map(|s| s.cpus).unwrap_or_default()
     };
     let online = ids("online");
     let present = ids("present").iter().max().map_or(online.len(), |m| m + 1).max(1);
@@ -68,9 +61,6 @@ pub fn cpu_map() -> (Vec<u8>, u32, i32) {
     }
     (map, online.len() as u32, present as i32)
 }
-
-/// Most host CPUs `cpu_map` counts (libvirt's map bound, `REMOTE_CPUMAP_MAX` bytes).
-const MAX_HOST_CPUS: usize = 2048 * 8;
 
 impl Node {
     /// Reads /proc/cpuinfo and /proc/meminfo (zeros where they say nothing).
