@@ -241,6 +241,8 @@ fn devices_in_the_stored_definition_links_and_block_sizes() {
     virsh_ok(&d, &["domif-setlink", "box", "52:54:00:00:00:31", "down"]);
     assert_eq!(virsh_ok(&d, &["domif-getlink", "box", "52:54:00:00:00:31"]).split_whitespace().last(), Some("down"));
     assert!(virsh_ok(&d, &["dumpxml", "box"]).contains("<link state='down'/>"));
+    d.fails(&["domif-setlink", "box", "evtap0", "sideways"], "link state 'sideways' is not up or down");
+    d.fails(&["domif-setlink", "box", "nosuch0", "down"], "has no card 'nosuch0'");
     d.ok(&["domif-setlink", "box", "evtap0", "up"]);
     assert!(!d.ok(&["dumpxml", "box"]).contains("<link state='down'/>"));
     // The stored definition's link state reaches the VMM at the next start.

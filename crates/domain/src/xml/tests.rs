@@ -192,6 +192,8 @@ fn invalid_definitions_name_the_element_and_line() {
         (base("<devices><interface type='ethernet'><mac address='01:00:00:00:00:01'/></interface></devices>"), "is not a unicast MAC"),
         (base("<devices><interface type='ethernet'><model type='ne2k_pci'/></interface></devices>"), "e1000, e1000e and rtl8139 are served as virtio"),
         (base("<devices><interface type='ethernet'><target dev='much-too-long-name'/></interface></devices>"), "is not an interface name"),
+        (base("<devices><interface type='ethernet'><link state='sideways'/></interface></devices>"), "state='sideways' is not up or down"),
+        (base("<devices><disk><source file='/a'/><target dev='vda'/><transient/></disk></devices>"), "rvirt would keep what the guest writes"),
         (base("<devices><serial type='tcp'/></devices>"), "type='tcp' is not supported"),
         (base("<devices><serial type='file'/></devices>"), "needs <source path='...'/>"),
         (base("<devices><memballoon model='xen'/></devices>"), "model='xen' is not supported (virtio or none)"),
