@@ -16,9 +16,10 @@ use rvirt_domain::protocol::{Request, Response, DEFAULT_SOCKET};
 #[derive(Parser, Debug)]
 #[command(name = "rvirt", version, about)]
 struct Cli {
-    /// The daemon's socket.
-    #[arg(short = 'c', long, value_name = "PATH", global = true, default_value = DEFAULT_SOCKET, env = "RVIRT_CONNECT")]
-    connect: PathBuf,
+    /// The daemon: its socket, or a URI as virsh takes them (qemu:///system,
+    /// qemu+tls://HOST[:PORT]/system?pkipath=DIR, qemu+ssh://USER@HOST/system).
+    #[arg(short = 'c', long, value_name = "PATH|URI", global = true, default_value = DEFAULT_SOCKET, env = "RVIRT_CONNECT")]
+    connect: String,
     /// Print the daemon's JSON response instead of text (for scripts).
     #[arg(long, global = true)]
     json: bool,
@@ -438,7 +439,7 @@ fn install_command(cli: &Cli, a: &InstallArgs) -> Result<()> {
         print!("{}", install::build(&o)?.to_xml());
         return Ok(());
     }
-    let mut conn = Connection::open(&cli.connect)?;
+    let mut conn = Connection::connect(&cli.connect)?;
     // As virt-install: without --network, the daemon's default network if it has one.
     let mut o = o;
     if o.networks.is_empty() {
@@ -481,7 +482,7 @@ fn run(cli: Cli) -> Result<()> {
     let (req, text): (Request, Text) = match &cli.command {
         Command::Install(a) => return install_command(&cli, a),
         Command::Edit { domain } => {
-            println!("{}", edit(&mut Connection::open(&cli.connect)?, Editable::Domain, domain)?);
+            println!("{}", edit(&mut Connection::connect(&cli.connect)?, Editable::Domain, domain)?);
             return Ok(());
         }
         Command::Console { domain } => return console_command(&cli, domain),
@@ -493,7 +494,7 @@ fn run(cli: Cli) -> Result<()> {
             (req, Box::new(move |_: &Response| format!("Successfully {what} media.\n")))
         }
         Command::Everyday(cmd) => {
-            let mut conn = Connection::open(&cli.connect)?;
+            let mut conn = Connection::connect(&cli.connect)?;
             return match rvirt_client::everyday::run(cmd, &mut conn)? {
                 Ok((r, text)) => emit(cli.json, &r, text),
                 Err(printed) => {
@@ -586,7 +587,7 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::NetEdit { network } => {
-            println!("{}", edit(&mut Connection::open(&cli.connect)?, Editable::Network, network)?);
+            println!("{}", edit(&mut Connection::connect(&cli.connect)?, Editable::Network, network)?);
             return Ok(());
         }
         Command::NetUpdate { network, action, section, xml, live, config } => {
@@ -615,13 +616,17 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
     };
-    let r = Connection::open(&cli.connect)?.expect(&req)?;
+    let r = Connection::connect(&cli.connect)?.expect(&req)?;
     emit(cli.json, &r, text)
 }
 
 /// `rvirt console`: attach to the domain's serial pty until Ctrl-].
 fn console_command(cli: &Cli, domain: &str) -> Result<()> {
-    let r = Connection::open(&cli.connect)?.expect(&Request::Console { domain: domain.to_string() })?;
+    let mut conn = Connection::connect(&cli.connect)?;
+    if conn.is_remote() {
+        bail!("rvirt console joins the domain's pty on the daemon's host; over a remote connection use virsh -c {} console {domain}", cli.connect);
+    }
+    let r = conn.expect(&Request::Console { domain: domain.to_string() })?;
     let pty = r.console.unwrap_or_default();
     eprintln!("Connected to domain '{domain}'\r\nEscape character is ^] (Ctrl + ])\r");
     match console::attach(&pty)? {

@@ -41,6 +41,8 @@ pub struct DaemonConfig {
     pub libvirt_socket: Option<PathBuf>,
     /// Define libvirt's `default` NAT network (autostarted) when absent.
     pub default_network: bool,
+    /// The TLS listener for remote clients; `None`: local sockets only.
+    pub listen_tls: Option<server::tls::TlsListen>,
 }
 
 /// Where `rvirt-vmm` is: next to this executable, else on `PATH`.
@@ -61,6 +63,7 @@ pub fn run(cfg: &DaemonConfig) -> anyhow::Result<()> {
     let libvirt = cfg.libvirt_socket.as_deref().map(|p| server::libvirt::bind(p, cfg.group.as_deref())).transpose()?;
     let listener = server::bind(&cfg.socket, cfg.group.as_deref())?;
     let read_only = cfg.read_only_socket.as_deref().map(server::bind_read_only).transpose()?;
+    let tls = cfg.listen_tls.as_ref().map(server::tls::bind).transpose()?;
     if cfg.policy.jail.is_none() {
         tracing::warn!("VMMs run without a jail (rvirtd is not root, or --no-jail): each still filters its system calls");
     }
@@ -71,6 +74,11 @@ pub fn run(cfg: &DaemonConfig) -> anyhow::Result<()> {
         server::libvirt::spawn(rw, false, mgr.clone())?;
         server::libvirt::spawn(ro, true, mgr.clone())?;
         tracing::info!("libvirt clients served on {} (and {})", path.display(), server::libvirt::read_only_path(path).display());
+    }
+    if let Some(tls) = tls {
+        let addr = tls.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        server::tls::spawn(tls, mgr.clone())?;
+        tracing::info!("remote clients served over TLS on {addr}");
     }
     if cfg.default_network {
         if let Err(e) = mgr.networks().ensure_default() {

@@ -57,9 +57,32 @@ struct Cli {
     /// Jailed VMMs run as uid and gid BASE + domain id.
     #[arg(long, value_name = "BASE", default_value_t = DEFAULT_JAIL_UID_BASE)]
     jail_uid_base: u32,
+    /// Serve remote clients over TLS on ADDR[:PORT] (port 16514 unless
+    /// given; `0.0.0.0`, `[::]` or one address): virsh's `qemu+tls://`.
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_listen)]
+    listen_tls: Option<std::net::SocketAddr>,
+    /// The TLS certificates in one directory (cacert.pem, servercert.pem,
+    /// serverkey.pem, cacrl.pem if any) [default: libvirt's /etc/pki layout:
+    /// /etc/pki/CA/cacert.pem, /etc/pki/libvirt/servercert.pem,
+    /// /etc/pki/libvirt/private/serverkey.pem, /etc/pki/CA/cacrl.pem].
+    #[arg(long, value_name = "DIR", requires = "listen_tls")]
+    pki_dir: Option<PathBuf>,
+    /// A client certificate DN let in over TLS (`*` and `?` match as in
+    /// libvirtd's tls_allowed_dn_list); repeatable [default: any the CA signed].
+    #[arg(long, value_name = "PATTERN", requires = "listen_tls")]
+    tls_allowed_dn: Vec<String>,
     /// Jailed VMMs keep uid 0 (without any capability) instead of their own uid.
     #[arg(long)]
     jail_keep_uid: bool,
+}
+
+/// `ADDR[:PORT]` with libvirt's TLS port when none is given.
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let ip: std::net::IpAddr = s.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| format!("'{s}' is not ADDR or ADDR:PORT (10.0.0.1:16514, [::]:16514, 0.0.0.0)"))?;
+    Ok(std::net::SocketAddr::new(ip, rvirt_remote::tls::DEFAULT_PORT))
 }
 
 /// The read-only socket's default place: `NAME-ro.sock` beside the read-write socket.
@@ -96,6 +119,11 @@ fn main() -> ExitCode {
         policy,
         libvirt_socket: (!cli.no_libvirt_socket).then_some(cli.libvirt_socket),
         default_network: cli.default_network,
+        listen_tls: cli.listen_tls.map(|addr| rvirtd::server::tls::TlsListen {
+            addr,
+            pki: cli.pki_dir.as_deref().map(rvirt_remote::pki::ServerPki::in_dir).unwrap_or_else(rvirt_remote::pki::ServerPki::system),
+            allowed: rvirt_remote::dn::DnAllowList::new(cli.tls_allowed_dn),
+        }),
     };
     match rvirtd::run(&cfg) {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,5 +141,13 @@ mod tests {
         use rvirt_domain::protocol::{DEFAULT_RO_SOCKET, DEFAULT_SOCKET};
         assert_eq!(super::beside(std::path::Path::new(DEFAULT_SOCKET)), std::path::Path::new(DEFAULT_RO_SOCKET));
         assert_eq!(super::beside(std::path::Path::new("/tmp/x/s.sock")), std::path::Path::new("/tmp/x/s-ro.sock"));
+    }
+
+    #[test]
+    fn a_tls_address_takes_libvirt_s_port_unless_given() {
+        assert_eq!(super::parse_listen("10.0.0.1").unwrap().to_string(), "10.0.0.1:16514");
+        assert_eq!(super::parse_listen("[::]").unwrap().to_string(), "[::]:16514");
+        assert_eq!(super::parse_listen("0.0.0.0:1234").unwrap().to_string(), "0.0.0.0:1234");
+        assert!(super::parse_listen("host.example").unwrap_err().contains("not ADDR"));
     }
 }

@@ -11,10 +11,11 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use rvirt_domain::NetworkDef;
 use rvirtd::network::runtime::{self, NetworkFiles};
+use support::Netns;
 
 fn scratch(name: &str) -> PathBuf {
     let d = PathBuf::from(format!("/tmp/rvnet-{}-{name}", std::process::id()));
@@ -48,38 +49,6 @@ fn ok(cmd: &str) -> String {
     let (good, out) = sh(cmd);
     assert!(good, "{cmd}: {out}");
     out
-}
-
-/// A process holding a network namespace of its own (a guest, or the outside).
-struct Netns(Child);
-
-impl Netns {
-    fn new() -> Self {
-        let c = Command::new("unshare").args(["-n", "sleep", "120"]).stdin(Stdio::null()).spawn().unwrap();
-        // The namespace exists once unshare has exec'd sleep.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while std::fs::read_to_string(format!("/proc/{}/comm", c.id())).unwrap_or_default().trim() != "sleep" {
-            assert!(std::time::Instant::now() < deadline, "unshare did not start");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        Self(c)
-    }
-
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    /// Runs `cmd` inside this namespace.
-    fn sh(&self, cmd: &str) -> (bool, String) {
-        sh(&format!("nsenter --net=/proc/{}/ns/net sh -c '{}'", self.pid(), cmd.replace('\'', "'\\''")))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A stand-in guest: a namespace whose `eth0` is a veth on `bridge`; it

@@ -1,9 +1,11 @@
 //! rvirtd's front ends: its own management socket (one JSON request per
 //! line, served by `rvirt-lineserver`: one poll thread, a pool of workers,
 //! every buffer bounded), and libvirt's remote protocol ([`libvirt`]) for
-//! virsh, virt-install and python-libvirt. Both call the same [`Manager`].
+//! virsh, virt-install and python-libvirt; and a TLS listener ([`tls`])
+//! that carries either protocol to remote clients. All call the same [`Manager`].
 
 pub mod libvirt;
+pub mod tls;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -74,36 +76,49 @@ pub fn limits() -> rvirt_lineserver::Limits {
     rvirt_lineserver::Limits { max_line: MAX_REQUEST_BYTES, workers: 16, ..rvirt_lineserver::Limits::default() }
 }
 
-/// The handler of one socket: requests parsed and answered by `mgr`; on
-/// the read-only socket only those that change nothing. Each request is
-/// logged with the client's pid, uid and gid.
-fn handler(mgr: Arc<Manager>, read_only: bool) -> Arc<rvirt_lineserver::Handler> {
-    Arc::new(move |line: Line| {
-        let response = match line {
-            Line::TooLong => Response::error(format!("request longer than {MAX_REQUEST_BYTES} bytes")),
-            Line::Busy => Response::error("rvirtd has too many clients connected; try again"),
-            Line::Request(bytes) => match std::str::from_utf8(bytes) {
-                Err(_) => Response::error("malformed request: not UTF-8"),
-                Ok(text) => match parse_request(text) {
-                    Ok(req) => {
-                        let peer = rvirt_lineserver::peer().unwrap_or_default();
-                        let socket = if read_only { "read-only" } else { "read-write" };
-                        tracing::info!(pid = peer.pid, uid = peer.uid, gid = peer.gid, socket, request = req.name(), "request");
-                        if read_only && !req.is_read_only() {
-                            Response::error(format!(
-                                "'{}' changes domains, which the read-only socket does not allow; use the read-write socket (root or the daemon's group)",
-                                req.name()
-                            ))
-                        } else {
-                            mgr.handle(req)
-                        }
+/// Who sent a request, for the log.
+pub(crate) enum Origin {
+    /// A local client on one of the daemon's sockets.
+    Local(rvirt_lineserver::Peer),
+    /// A remote client (its address and certificate name).
+    Remote(String),
+}
+
+/// Answers one request line from `origin` with the bytes of the response:
+/// parsed and handled by `mgr`, or refused when `read_only` and the
+/// request changes something. Each request is logged with its origin.
+pub(crate) fn respond(mgr: &Manager, read_only: bool, line: Line, origin: Origin) -> Vec<u8> {
+    let response = match line {
+        Line::TooLong => Response::error(format!("request longer than {MAX_REQUEST_BYTES} bytes")),
+        Line::Busy => Response::error("rvirtd has too many clients connected; try again"),
+        Line::Request(bytes) => match std::str::from_utf8(bytes) {
+            Err(_) => Response::error("malformed request: not UTF-8"),
+            Ok(text) => match parse_request(text) {
+                Ok(req) => {
+                    let socket = if read_only { "read-only" } else { "read-write" };
+                    match &origin {
+                        Origin::Local(peer) => tracing::info!(pid = peer.pid, uid = peer.uid, gid = peer.gid, socket, request = req.name(), "request"),
+                        Origin::Remote(who) => tracing::info!(client = %who, socket, request = req.name(), "request"),
                     }
-                    Err(e) => Response::error(e),
-                },
+                    if read_only && !req.is_read_only() {
+                        Response::error(format!(
+                            "'{}' changes domains, which the read-only socket does not allow; use the read-write socket (root or the daemon's group)",
+                            req.name()
+                        ))
+                    } else {
+                        mgr.handle(req)
+                    }
+                }
+                Err(e) => Response::error(e),
             },
-        };
-        serde_json::to_vec(&response).unwrap_or_else(|_| br#"{"ok":false,"error":"internal error"}"#.to_vec())
-    })
+        },
+    };
+    serde_json::to_vec(&response).unwrap_or_else(|_| br#"{"ok":false,"error":"internal error"}"#.to_vec())
+}
+
+/// The handler of one socket (see [`respond`]).
+fn handler(mgr: Arc<Manager>, read_only: bool) -> Arc<rvirt_lineserver::Handler> {
+    Arc::new(move |line: Line| respond(&mgr, read_only, line, Origin::Local(rvirt_lineserver::peer().unwrap_or_default())))
 }
 
 /// Serves clients on the read-write socket (and the read-only one, if

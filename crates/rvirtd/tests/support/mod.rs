@@ -133,6 +133,13 @@ impl Daemon {
         }
     }
 
+    /// Starts rvirtd under `prefix` (nsenter into a namespace) with more options.
+    pub fn start_with(dir: &Path, prefix: Vec<String>, extra_args: Vec<String>) -> Self {
+        let mut d = Daemon { dir: dir.to_path_buf(), socket: dir.join("rvirtd.sock"), state: dir.join("state"), extra_args, prefix, child: None };
+        d.restart();
+        d
+    }
+
     /// The daemon's libvirt socket (its read-only one is beside it, `-ro`).
     pub fn libvirt_socket(&self) -> PathBuf {
         self.dir.join("libvirt-sock")
@@ -371,5 +378,44 @@ impl Libvirt {
         let reply = Packet::read_from(&mut self.s).unwrap();
         assert_eq!((reply.header.serial, reply.header.status), (self.serial, MessageStatus::Ok), "procedure {p}");
         reply.payload
+    }
+}
+
+/// A process holding a network namespace of its own (a guest, the outside,
+/// a remote host); the namespace goes with it.
+pub struct Netns(Child);
+
+impl Netns {
+    pub fn new() -> Self {
+        let c = Command::new("unshare").args(["-n", "sleep", "600"]).stdin(Stdio::null()).spawn().unwrap();
+        // The namespace exists once unshare has exec'd sleep.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{}/comm", c.id())).unwrap_or_default().trim() != "sleep" {
+            assert!(Instant::now() < deadline, "unshare did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Self(c)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// The command prefix that runs a program inside this namespace.
+    pub fn enter(&self) -> Vec<String> {
+        vec!["nsenter".into(), format!("--net=/proc/{}/ns/net", self.pid())]
+    }
+
+    /// Runs `cmd` inside this namespace: its success and output (stdout and stderr).
+    pub fn sh(&self, cmd: &str) -> (bool, String) {
+        let o = Command::new("nsenter").arg(format!("--net=/proc/{}/ns/net", self.pid())).args(["sh", "-c", cmd]).output().unwrap();
+        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

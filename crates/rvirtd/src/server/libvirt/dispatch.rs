@@ -239,7 +239,7 @@ impl Session {
         if self.read_only && (changes(proc_) || super::networks::changes(proc_) || super::domains::changes(proc_)) {
             return Err(error(err::OPERATION_DENIED, format!("operation forbidden: read only access prevents procedure {proc_} (use the read-write socket)")));
         }
-        tracing::debug!(pid = self.peer.pid, uid = self.peer.uid, proc_, "libvirt call");
+        tracing::debug!(client = %self.client, proc_, "libvirt call");
         let mgr = self.mgr.clone();
         match proc_ {
             p::AUTH_LIST => encode(|e| {
@@ -259,7 +259,7 @@ impl Session {
                     self.read_only = true;
                 }
                 self.opened = true;
-                tracing::info!(pid = self.peer.pid, uid = self.peer.uid, uri = %name, read_only = self.read_only, "libvirt client connected");
+                tracing::info!(client = %self.client, uri = %name, read_only = self.read_only, "libvirt client connected");
                 empty()
             }
             p::CONNECT_CLOSE | p::CONNECT_REGISTER_CLOSE_CALLBACK | p::CONNECT_UNREGISTER_CLOSE_CALLBACK => empty(),

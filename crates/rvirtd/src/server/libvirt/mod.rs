@@ -96,7 +96,7 @@ pub fn spawn(listener: UnixListener, read_only: bool, mgr: Arc<Manager>) -> Resu
                 }
                 let (mgr, count) = (mgr.clone(), active.clone());
                 let spawned = std::thread::Builder::new().name("libvirt-conn".into()).spawn(move || {
-                    match Session::new(stream, read_only, mgr) {
+                    match Session::new(stream, read_only, mgr, None) {
                         Ok(s) => s.run(),
                         Err(e) => tracing::warn!("libvirt socket: a new client could not be set up: {e}"),
                     }
@@ -109,6 +109,15 @@ pub fn spawn(listener: UnixListener, read_only: bool, mgr: Arc<Manager>) -> Resu
             }
         })
         .context("starting the libvirt socket's thread")?;
+    Ok(())
+}
+
+/// Serves one libvirt client on `stream`, a connection another front end
+/// accepted and authenticated (the TLS listener's), from a thread of its own.
+/// `client` names it in the log (its address and certificate).
+pub(crate) fn serve_connection(stream: UnixStream, read_only: bool, mgr: Arc<Manager>, client: String) -> std::io::Result<()> {
+    let session = Session::new(stream, read_only, mgr, Some(client))?;
+    std::thread::Builder::new().name("libvirt-conn".into()).spawn(move || session.run())?;
     Ok(())
 }
 
@@ -192,36 +201,40 @@ pub(crate) struct Session {
     opened: bool,
     events: dispatch::Events,
     consoles: console::Consoles,
-    peer: rvirt_lineserver::Peer,
+    /// Who the client is, for the log: a local process or a remote peer.
+    client: String,
 }
 
 impl Session {
-    fn new(stream: UnixStream, read_only: bool, mgr: Arc<Manager>) -> std::io::Result<Self> {
-        let peer = rvirt_lineserver::Peer::of(&stream).unwrap_or_default();
+    fn new(stream: UnixStream, read_only: bool, mgr: Arc<Manager>, remote: Option<String>) -> std::io::Result<Self> {
+        let client = remote.unwrap_or_else(|| {
+            let peer = rvirt_lineserver::Peer::of(&stream).unwrap_or_default();
+            format!("pid {} uid {}", peer.pid, peer.uid)
+        });
         // The timeout is the socket's: it holds for the reply side too.
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let out = Arc::new(Outbox { stream: Mutex::new(stream.try_clone()?), closed: AtomicBool::new(false) });
-        Ok(Self { mgr, read_only, stream, out, opened: false, events: dispatch::Events::default(), consoles: console::Consoles::default(), peer })
+        Ok(Self { mgr, read_only, stream, out, opened: false, events: dispatch::Events::default(), consoles: console::Consoles::default(), client })
     }
 
     fn run(mut self) {
         let socket = if self.read_only { "libvirt read-only" } else { "libvirt" };
-        tracing::debug!(pid = self.peer.pid, uid = self.peer.uid, socket, "client connected");
+        tracing::debug!(client = %self.client, socket, "client connected");
         loop {
             let p = match read_frame(&self.stream) {
                 Ok(p) => p,
                 Err(MessageError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
-                    tracing::debug!(pid = self.peer.pid, "libvirt client disconnected");
+                    tracing::debug!(client = %self.client, "libvirt client disconnected");
                     break;
                 }
                 Err(e) => {
                     // The stream is out of step after a bad frame: say why and hang up.
-                    tracing::warn!(pid = self.peer.pid, uid = self.peer.uid, "libvirt client sent a bad frame: {e}");
+                    tracing::warn!(client = %self.client, "libvirt client sent a bad frame: {e}");
                     break;
                 }
             };
             if !self.handle(p) {
-                tracing::debug!(pid = self.peer.pid, "libvirt connection ends after the last message");
+                tracing::debug!(client = %self.client, "libvirt connection ends after the last message");
                 break;
             }
             if self.out.is_closed() {
