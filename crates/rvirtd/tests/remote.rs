@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{domain_xml, field, kernels, scratch, Daemon, Netns, Out};
+use support::{domain_xml, field, kernels, make_pki, scratch, sh_ok, virsh_console, Daemon, Netns, Out};
 
 const SERVER: &str = "10.77.0.1";
 const TLS_PORT: u16 = 16514;
@@ -35,50 +35,6 @@ fn two_hosts() -> (Netns, Netns) {
     up(&server, format!("rvs{p1}"), SERVER);
     up(&client, format!("rvc{p1}"), "10.77.0.2");
     (server, client)
-}
-
-fn run(cmd: &str) {
-    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(o.status.success(), "{cmd}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-}
-
-/// A CA and certificates, as libvirt's PKI guide makes them: a CA
-/// (CA:TRUE, keyCertSign, cRLSign), a server certificate for 10.77.0.1
-/// (serverAuth, its address in subjectAltName), and client certificates:
-/// `admin` (in the allow-list), `other` (outside it), `expired` and
-/// `revoked` (both in it by name). Each client's files are a `pkipath`
-/// directory; the server's directory has the CRL revoking `revoked`.
-fn make_pki(dir: &Path) -> PathBuf {
-    let pki = dir.join("pki");
-    std::fs::create_dir_all(&pki).unwrap();
-    let d = pki.display();
-    run(&format!(
-        "cd {d} && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ca.key 2>/dev/null && \
-         openssl req -x509 -new -key ca.key -out cacert.pem -days 30 -subj '/C=GB/O=rvirt test/CN=rvirt test CA' \
-           -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign' && \
-         printf '[ca]\\ndefault_ca=d\\n[d]\\ndatabase={d}/index.txt\\ncrlnumber={d}/crlnumber\\ndefault_md=sha256\\ndefault_crl_days=30\\ncertificate={d}/cacert.pem\\nprivate_key={d}/ca.key\\n' > ca.cnf && \
-         : > index.txt && echo 01 > crlnumber"
-    ));
-    let sign = |name: &str, cn: &str, ext: &str, days: i32| {
-        run(&format!(
-            "cd {d} && mkdir -p {name} && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out {name}/key.pem 2>/dev/null && \
-             openssl req -new -key {name}/key.pem -subj '/C=GB/O=rvirt test/CN={cn}' -out {name}/req.csr && \
-             printf 'basicConstraints=critical,CA:FALSE\\nkeyUsage=critical,digitalSignature,keyEncipherment\\n{ext}' > {name}/ext && \
-             openssl x509 -req -in {name}/req.csr -CA cacert.pem -CAkey ca.key -CAcreateserial -days {days} -out {name}/cert.pem -extfile {name}/ext 2>/dev/null && \
-             cp cacert.pem {name}/cacert.pem"
-        ));
-    };
-    sign("server", SERVER, &format!("extendedKeyUsage=serverAuth\\nsubjectAltName=IP:{SERVER},DNS:server.test\\n"), 30);
-    for (name, days) in [("admin", 30), ("other", 30), ("expired", -1), ("revoked", 30)] {
-        let cn = if name == "other" { "someone" } else { "admin" };
-        sign(name, cn, "extendedKeyUsage=clientAuth\\n", days);
-        run(&format!("cd {d}/{name} && mv cert.pem clientcert.pem && mv key.pem clientkey.pem"));
-    }
-    run(&format!(
-        "cd {d} && mv server/cert.pem server/servercert.pem && mv server/key.pem server/serverkey.pem && \
-         openssl ca -config ca.cnf -revoke revoked/clientcert.pem 2>/dev/null && openssl ca -config ca.cnf -gencrl -out server/cacrl.pem 2>/dev/null"
-    ));
-    pki
 }
 
 /// Runs `program args` in the client's namespace with extra environment.
@@ -130,7 +86,7 @@ fn start_sshd(dir: &Path, server: &Netns, d: &Daemon) -> (Sshd, PathBuf) {
     let s = dir.join("ssh");
     std::fs::create_dir_all(&s).unwrap();
     let sd = s.display();
-    run(&format!("cd {sd} && ssh-keygen -q -t ed25519 -N '' -f host_key && ssh-keygen -q -t ed25519 -N '' -f id && cp id.pub authorized_keys"));
+    sh_ok(&format!("cd {sd} && ssh-keygen -q -t ed25519 -N '' -f host_key && ssh-keygen -q -t ed25519 -N '' -f id && cp id.pub authorized_keys"));
     let host_key = std::fs::read_to_string(s.join("host_key.pub")).unwrap();
     std::fs::write(s.join("known_hosts"), format!("[{SERVER}]:{SSH_PORT} {host_key}")).unwrap();
     let helper_dir = Path::new(env!("CARGO_BIN_EXE_virt-ssh-helper")).parent().unwrap().to_path_buf();
@@ -168,7 +124,7 @@ fn start_sshd(dir: &Path, server: &Netns, d: &Daemon) -> (Sshd, PathBuf) {
     let bin = s.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::write(bin.join("ssh"), format!("#!/bin/sh\nexec /usr/bin/ssh -F {sd}/client_config \"$@\"\n")).unwrap();
-    run(&format!("chmod +x {}", bin.join("ssh").display()));
+    sh_ok(&format!("chmod +x {}", bin.join("ssh").display()));
     (sshd, bin)
 }
 
@@ -198,7 +154,7 @@ print("alert" if got[:1] == b"\x15" else ("eof" if not got else "other %r" % got
 fn virsh_and_rvirt_manage_a_remote_rvirtd_over_tls_and_ssh() {
     let dir = scratch("remote");
     let (server, client) = two_hosts();
-    let pki = make_pki(&dir);
+    let pki = make_pki(&dir, SERVER);
     let args = vec![
         "--listen-tls".to_string(),
         format!("{SERVER}:{TLS_PORT}"),
@@ -285,38 +241,8 @@ fn virsh_and_rvirt_manage_a_remote_rvirtd_over_tls_and_ssh() {
     ok(over_ssh(&["start", "far"]), "virsh start over ssh", &d);
     let listed = ok(rvirt(&ssh_uri, &["list"], &[("PATH", &path)]), "rvirt list over ssh", &d);
     assert!(listed.contains("far") && listed.contains("running"), "{listed}");
-    // virsh console over ssh: it wants a terminal (python's pty gives one);
-    // the guest prints 'x' over and over, Ctrl-] leaves.
-    let script = r#"
-import os, pty, sys, time, select
-pid, fd = pty.fork()
-if pid == 0:
-    os.execvp("virsh", ["virsh", "-c", sys.argv[1], "console", "far"])
-out = b""
-end = time.time() + 30
-while time.time() < end and out.count(b"x") < 3:
-    r, _, _ = select.select([fd], [], [], 0.5)
-    if r:
-        try:
-            out += os.read(fd, 4096)
-        except OSError:
-            break
-os.write(fd, b"\x1d")
-status = None
-end = time.time() + 10
-while time.time() < end:
-    p, st = os.waitpid(pid, os.WNOHANG)
-    if p:
-        status = os.waitstatus_to_exitcode(st)
-        break
-    time.sleep(0.1)
-print("connected" if b"Connected to domain" in out else "no banner", out.count(b"x"), status)
-"#;
-    let o = client_run(&client, "/usr/bin/python3", &["-c", script, &ssh_uri], &[("PATH", &path)]);
-    let words: Vec<&str> = o.stdout.split_whitespace().collect();
-    assert_eq!(words.first(), Some(&"connected"), "{o:?}\n{}", d.log());
-    assert!(words.get(1).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0) >= 3, "the guest's output over ssh: {o:?}");
-    assert_eq!(words.get(2), Some(&"0"), "virsh left on Ctrl-]: {o:?}");
+    // virsh console over ssh (a libvirt stream through sshd and the helper).
+    virsh_console(&client.enter(), &ssh_uri, "far", &[("PATH", &path)], &d);
     ok(over_ssh(&["destroy", "far"]), "virsh destroy over ssh", &d);
     ok(over_ssh(&["undefine", "far"]), "virsh undefine over ssh", &d);
 }

@@ -3,22 +3,22 @@
 //! names) reach the same [`Manager`] as local ones. As libvirtd does, the
 //! server sends one byte, 1, once it has accepted the client; then the
 //! client speaks libvirt's protocol (virsh, python-libvirt: served by the
-//! libvirt front end through a socket pair this thread pumps) or rvirt's
+//! libvirt front end's session over [`TlsConn`]) or rvirt's
 //! JSON lines (`rvirt --connect qemu+tls://…`, told apart by its first
 //! byte: a libvirt frame starts with its length's high byte, 0; a JSON
 //! request with `{`).
 //!
 //! Bounds: [`MAX_CLIENTS`] connections, a handshake within
 //! [`HANDSHAKE_TIMEOUT`], a first message within
-//! [`libvirt::FRAME_TIMEOUT`], at most 64 KiB buffered each way per client,
-//! and a client that reads nothing for [`libvirt::WRITE_TIMEOUT`] dropped.
+//! [`libvirt::FRAME_TIMEOUT`], a JSON client silent for the local socket's
+//! idle timeout (10 min) dropped, received plaintext held by rustls's own
+//! bound (16 KiB) until the session reads it, and a client that reads nothing for [`libvirt::WRITE_TIMEOUT`] dropped.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -35,8 +35,6 @@ use crate::manager::Manager;
 
 /// TLS connections served at once; the next is closed at once.
 pub const MAX_CLIENTS: usize = 256;
-/// Plaintext buffered per direction for one client.
-const BUFFER: usize = 64 << 10;
 
 /// What `--listen-tls` sets up.
 #[derive(Debug, Clone)]
@@ -140,17 +138,18 @@ fn serve(tcp: TcpStream, config: Arc<ServerConfig>, allowed: &DnAllowList, mgr: 
     if first[0] == b'{' {
         return serve_json(s, first[0], &mgr, &who);
     }
-    let (ours, theirs) = UnixStream::pair()?;
-    libvirt::serve_connection(theirs, false, mgr, who)?;
-    (&ours).write_all(&first)?;
     let StreamOwned { conn, sock } = s;
-    pump(conn, sock, ours)
+    sock.set_nonblocking(true)?;
+    let conn = TlsConn { tls: Mutex::new(conn), tcp: sock, first: Mutex::new(Some(first[0])) };
+    libvirt::serve_connection(Arc::new(conn), mgr, who)?;
+    Ok(())
 }
 
 /// rvirt's own protocol over TLS: one JSON request per line, answered in turn.
 fn serve_json(s: StreamOwned<ServerConnection, TcpStream>, first: u8, mgr: &Manager, who: &str) -> Result<()> {
     s.sock.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    s.sock.set_read_timeout(None)?;
+    // A client silent this long is dropped, as on the local socket.
+    s.sock.set_read_timeout(Some(rvirt_lineserver::Limits::default().idle_timeout))?;
     let mut r = BufReader::new(s);
     let mut line = vec![first];
     loop {
@@ -184,109 +183,110 @@ fn serve_json(s: StreamOwned<ServerConnection, TcpStream>, first: u8, mgr: &Mana
     }
 }
 
-/// Moves bytes between the client's TLS connection and the libvirt
-/// session's socket until either side ends, with bounded buffers.
-fn pump(mut conn: ServerConnection, mut tcp: TcpStream, mut local: UnixStream) -> Result<()> {
-    tcp.set_nonblocking(true)?;
-    local.set_nonblocking(true)?;
-    conn.set_buffer_limit(Some(BUFFER));
-    let mut to_local: Vec<u8> = Vec::with_capacity(BUFFER);
-    let mut to_tls: Vec<u8> = Vec::with_capacity(BUFFER);
-    let mut buf = vec![0u8; 16 << 10];
-    let (mut client_done, mut session_done, mut local_hup) = (false, false, false);
-    let mut progress = Instant::now();
-    loop {
-        // The client's plaintext, to the session.
-        if to_local.is_empty() && !client_done {
-            match conn.reader().read(&mut buf) {
-                Ok(0) => client_done = true,
-                Ok(n) => to_local.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                // Closed without close_notify: the same end.
-                Err(_) => client_done = true,
-            }
-        }
-        if !to_local.is_empty() {
-            match local.write(&to_local) {
-                Ok(n) => {
-                    to_local.drain(..n);
-                    progress = Instant::now();
+/// A remote libvirt client's TLS session, as the libvirt front end reads
+/// and writes it: the socket is non-blocking, and the lock on the TLS state
+/// is held only while records are read or written, never while waiting for
+/// the client, except by a writer whose client is not reading (at most
+/// [`WRITE_TIMEOUT`], as a local socket's write would block).
+pub(crate) struct TlsConn {
+    tls: Mutex<ServerConnection>,
+    tcp: TcpStream,
+    /// The byte read to tell the protocols apart, given back first.
+    first: Mutex<Option<u8>>,
+}
+
+impl TlsConn {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ServerConnection> {
+        self.tls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends what the TLS state holds for the client; `deadline` bounds the
+    /// wait for a client that does not read (`None`: send what goes now).
+    fn flush(&self, tls: &mut ServerConnection, deadline: Option<Instant>) -> std::io::Result<()> {
+        while tls.wants_write() {
+            match tls.write_tls(&mut &self.tcp) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let Some(deadline) = deadline else { return Ok(()) };
+                    wait(&self.tcp, libc::POLLOUT, Some(deadline.saturating_duration_since(Instant::now())))?;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return Ok(()),
+                Err(e) => return Err(e),
             }
         }
-        if client_done && to_local.is_empty() {
-            // The session reads the end and closes; what it still sends goes out.
-            let _ = local.shutdown(std::net::Shutdown::Write);
+        Ok(())
+    }
+}
+
+impl libvirt::ClientConn for TlsConn {
+    fn read_some(&self, buf: &mut [u8], timeout: Option<std::time::Duration>) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
         }
-        // The session's bytes, to the client.
-        if to_tls.is_empty() && !session_done {
-            match local.read(&mut buf) {
-                Ok(0) => {
-                    session_done = true;
-                    conn.send_close_notify();
+        if let Some(b) = self.first.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            buf[0] = b;
+            return Ok(1);
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            {
+                let mut tls = self.lock();
+                match tls.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    // Closed without close_notify: the end all the same.
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(0),
+                    Err(e) => return Err(e),
                 }
-                Ok(n) => to_tls.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => {
-                    session_done = true;
-                    conn.send_close_notify();
-                }
-            }
-        }
-        if !to_tls.is_empty() {
-            let n = conn.writer().write(&to_tls)?;
-            to_tls.drain(..n);
-        }
-        while conn.wants_write() {
-            match conn.write_tls(&mut tcp) {
-                Ok(_) => progress = Instant::now(),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => return Ok(()),
-            }
-        }
-        if session_done && to_tls.is_empty() && !conn.wants_write() {
-            return Ok(());
-        }
-        let stuck = conn.wants_write() || !to_local.is_empty();
-        if stuck && progress.elapsed() > WRITE_TIMEOUT {
-            anyhow::bail!("the client read nothing for {WRITE_TIMEOUT:?}; dropped");
-        }
-        let want_tcp = !client_done && conn.wants_read();
-        let mut fds = [
-            libc::pollfd { fd: tcp.as_raw_fd(), events: (if want_tcp { libc::POLLIN } else { 0 }) | (if conn.wants_write() { libc::POLLOUT } else { 0 }), revents: 0 },
-            libc::pollfd {
-                // A session that hung up is read to its end without waiting on it again.
-                fd: if local_hup { -1 } else { local.as_raw_fd() },
-                events: (if to_tls.is_empty() && !session_done { libc::POLLIN } else { 0 }) | (if to_local.is_empty() { 0 } else { libc::POLLOUT }),
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfd entries that outlive the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e.into());
-            }
-            continue;
-        }
-        if fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-            local_hup = true;
-        }
-        if want_tcp && fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-            match conn.read_tls(&mut tcp) {
-                Ok(0) => client_done = true,
-                Ok(_) => {
-                    if let Err(e) = conn.process_new_packets() {
-                        // Tell the client why (an alert), then end.
-                        let _ = conn.write_tls(&mut tcp);
-                        anyhow::bail!("TLS error: {e}");
+                match tls.read_tls(&mut &self.tcp) {
+                    Ok(0) => return Ok(0),
+                    Ok(_) => {
+                        let state = tls.process_new_packets();
+                        // Alerts and TLS's own answers go out now.
+                        let _ = self.flush(&mut tls, None);
+                        state.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                        continue;
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => client_done = true,
+            }
+            wait(&self.tcp, libc::POLLIN, deadline.map(|d| d.saturating_duration_since(Instant::now())))?;
+        }
+    }
+
+    fn write_all(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut tls = self.lock();
+        tls.writer().write_all(bytes)?;
+        self.flush(&mut tls, Some(Instant::now() + WRITE_TIMEOUT))
+    }
+
+    fn shutdown(&self) {
+        let mut tls = self.lock();
+        tls.send_close_notify();
+        let _ = self.flush(&mut tls, None);
+        let _ = self.tcp.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Waits until `tcp` is ready for `events` or `timeout` passes (`None`: no limit).
+fn wait(tcp: &TcpStream, events: libc::c_short, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+    let ms = match timeout {
+        None => -1,
+        Some(t) if t.is_zero() => return Err(std::io::ErrorKind::TimedOut.into()),
+        Some(t) => i32::try_from(t.as_millis().max(1)).unwrap_or(i32::MAX),
+    };
+    let mut fd = libc::pollfd { fd: tcp.as_raw_fd(), events, revents: 0 };
+    loop {
+        // SAFETY: one valid pollfd that outlives the call.
+        let r = unsafe { libc::poll(&mut fd, 1, ms) };
+        match r {
+            0 => return Err(std::io::ErrorKind::TimedOut.into()),
+            r if r > 0 => return Ok(()),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
             }
         }
     }

@@ -349,6 +349,59 @@ pub fn virsh_fails(d: &Daemon, args: &[&str], needle: &str) {
     assert!(o.stderr.contains(needle), "virsh {args:?}: wanted '{needle}' in: {}", o.stderr);
 }
 
+/// `virsh -c URI console DOMAIN` on a domain whose guest prints 'x' over
+/// and over: virsh wants a terminal, which Debian's python3 gives it
+/// (pty.fork); three 'x' must come through, then Ctrl-] must make virsh
+/// leave with status 0. `prefix` runs it elsewhere (nsenter), `env` adds
+/// to its environment.
+pub fn virsh_console(prefix: &[String], uri: &str, domain: &str, env: &[(&str, &str)], d: &Daemon) {
+    let script = r#"
+import os, pty, sys, time, select
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp("virsh", ["virsh", "-c", sys.argv[1], "console", sys.argv[2]])
+out = b""
+end = time.time() + 30
+while time.time() < end and out.count(b"x") < 3:
+    r, _, _ = select.select([fd], [], [], 0.5)
+    if r:
+        try:
+            out += os.read(fd, 4096)
+        except OSError:
+            break
+os.write(fd, b"\x1d")
+status = None
+end = time.time() + 10
+while time.time() < end:
+    p, st = os.waitpid(pid, os.WNOHANG)
+    if p:
+        status = os.waitstatus_to_exitcode(st)
+        break
+    r, _, _ = select.select([fd], [], [], 0.2)
+    if r:
+        try:
+            os.read(fd, 4096)
+        except OSError:
+            pass
+print("connected" if b"Connected to domain" in out else "no banner", out.count(b"x"), status)
+"#;
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg("/usr/bin/python3");
+            c
+        }
+        None => Command::new("/usr/bin/python3"),
+    };
+    cmd.arg("-c").arg(script).arg(uri).arg(domain).envs(env.iter().copied());
+    let out = cmd.output().expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"connected"), "{text}{}\n{}", String::from_utf8_lossy(&out.stderr), d.log());
+    assert!(words.get(1).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0) >= 3, "the guest's output came through: {text}\n--- daemon log ---\n{}", d.log());
+    assert_eq!(words.get(2), Some(&"0"), "virsh left on Ctrl-] with status 0: {text}");
+}
+
 /// The value of `Key:` in virsh's two-column output.
 pub fn field(text: &str, key: &str) -> String {
     text.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string())).unwrap_or_else(|| panic!("no '{key}' in:\n{text}"))
@@ -418,4 +471,49 @@ impl Drop for Netns {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Runs a shell command, which must succeed.
+pub fn sh_ok(cmd: &str) {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(o.status.success(), "{cmd}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+}
+
+/// A CA and certificates, as libvirt's PKI guide makes them: a CA
+/// (CA:TRUE, keyCertSign, cRLSign), a server certificate for `server`
+/// (an IP address: serverAuth, the address in subjectAltName), and client certificates:
+/// `admin` (in the allow-list), `other` (outside it), `expired` and
+/// `revoked` (both in it by name). Each client's files are a `pkipath`
+/// directory; the server's directory has the CRL revoking `revoked`.
+pub fn make_pki(dir: &Path, server: &str) -> PathBuf {
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let d = pki.display();
+    sh_ok(&format!(
+        "cd {d} && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ca.key 2>/dev/null && \
+         openssl req -x509 -new -key ca.key -out cacert.pem -days 30 -subj '/C=GB/O=rvirt test/CN=rvirt test CA' \
+           -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign' && \
+         printf '[ca]\\ndefault_ca=d\\n[d]\\ndatabase={d}/index.txt\\ncrlnumber={d}/crlnumber\\ndefault_md=sha256\\ndefault_crl_days=30\\ncertificate={d}/cacert.pem\\nprivate_key={d}/ca.key\\n' > ca.cnf && \
+         : > index.txt && echo 01 > crlnumber"
+    ));
+    let sign = |name: &str, cn: &str, ext: &str, days: i32| {
+        sh_ok(&format!(
+            "cd {d} && mkdir -p {name} && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out {name}/key.pem 2>/dev/null && \
+             openssl req -new -key {name}/key.pem -subj '/C=GB/O=rvirt test/CN={cn}' -out {name}/req.csr && \
+             printf 'basicConstraints=critical,CA:FALSE\\nkeyUsage=critical,digitalSignature,keyEncipherment\\n{ext}' > {name}/ext && \
+             openssl x509 -req -in {name}/req.csr -CA cacert.pem -CAkey ca.key -CAcreateserial -days {days} -out {name}/cert.pem -extfile {name}/ext 2>/dev/null && \
+             cp cacert.pem {name}/cacert.pem"
+        ));
+    };
+    sign("server", server, &format!("extendedKeyUsage=serverAuth\\nsubjectAltName=IP:{server},DNS:server.test\\n"), 30);
+    for (name, days) in [("admin", 30), ("other", 30), ("expired", -1), ("revoked", 30)] {
+        let cn = if name == "other" { "someone" } else { "admin" };
+        sign(name, cn, "extendedKeyUsage=clientAuth\\n", days);
+        sh_ok(&format!("cd {d}/{name} && mv cert.pem clientcert.pem && mv key.pem clientkey.pem"));
+    }
+    sh_ok(&format!(
+        "cd {d} && mv server/cert.pem server/servercert.pem && mv server/key.pem server/serverkey.pem && \
+         openssl ca -config ca.cnf -revoke revoked/clientcert.pem 2>/dev/null && openssl ca -config ca.cnf -gencrl -out server/cacrl.pem 2>/dev/null"
+    ));
+    pki
 }

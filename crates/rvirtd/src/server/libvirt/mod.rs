@@ -96,7 +96,7 @@ pub fn spawn(listener: UnixListener, read_only: bool, mgr: Arc<Manager>) -> Resu
                 }
                 let (mgr, count) = (mgr.clone(), active.clone());
                 let spawned = std::thread::Builder::new().name("libvirt-conn".into()).spawn(move || {
-                    match Session::new(stream, read_only, mgr, None) {
+                    match Session::new(stream, read_only, mgr) {
                         Ok(s) => s.run(),
                         Err(e) => tracing::warn!("libvirt socket: a new client could not be set up: {e}"),
                     }
@@ -112,11 +112,41 @@ pub fn spawn(listener: UnixListener, read_only: bool, mgr: Arc<Manager>) -> Resu
     Ok(())
 }
 
-/// Serves one libvirt client on `stream`, a connection another front end
+/// A client's connection as the libvirt front end uses it: a local
+/// socket, or a remote client's TLS session ([`super::tls::TlsConn`]).
+/// Reads come from the call loop only; writes from any thread, one at a
+/// time (the [`Outbox`] serialises them).
+pub(crate) trait ClientConn: Send + Sync {
+    /// Reads some bytes (0 at the end), waiting at most `timeout` (`None`:
+    /// as long as need be).
+    fn read_some(&self, buf: &mut [u8], timeout: Option<Duration>) -> std::io::Result<usize>;
+    /// Writes all of `bytes`; a client that reads nothing for
+    /// [`WRITE_TIMEOUT`] fails the write.
+    fn write_all(&self, bytes: &[u8]) -> std::io::Result<()>;
+    /// Ends the connection both ways: a blocked read returns.
+    fn shutdown(&self);
+}
+
+impl ClientConn for UnixStream {
+    fn read_some(&self, buf: &mut [u8], timeout: Option<Duration>) -> std::io::Result<usize> {
+        self.set_read_timeout(timeout)?;
+        (&*self).read(buf)
+    }
+
+    fn write_all(&self, bytes: &[u8]) -> std::io::Result<()> {
+        Write::write_all(&mut &*self, bytes)
+    }
+
+    fn shutdown(&self) {
+        let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+/// Serves one libvirt client on `conn`, a connection another front end
 /// accepted and authenticated (the TLS listener's), from a thread of its own.
 /// `client` names it in the log (its address and certificate).
-pub(crate) fn serve_connection(stream: UnixStream, read_only: bool, mgr: Arc<Manager>, client: String) -> std::io::Result<()> {
-    let session = Session::new(stream, read_only, mgr, Some(client))?;
+pub(crate) fn serve_connection(conn: Arc<dyn ClientConn>, mgr: Arc<Manager>, client: String) -> std::io::Result<()> {
+    let session = Session::with_conn(conn, false, mgr, client);
     std::thread::Builder::new().name("libvirt-conn".into()).spawn(move || session.run())?;
     Ok(())
 }
@@ -124,7 +154,9 @@ pub(crate) fn serve_connection(stream: UnixStream, read_only: bool, mgr: Arc<Man
 /// The sending half of a connection, shared by the call loop, the event
 /// thread and console streams.
 pub(crate) struct Outbox {
-    stream: Mutex<UnixStream>,
+    conn: Arc<dyn ClientConn>,
+    /// Held while a message is written, so messages never interleave.
+    writing: Mutex<()>,
     closed: AtomicBool,
 }
 
@@ -136,9 +168,9 @@ impl Outbox {
             return false;
         }
         let bytes = p.encode();
-        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        if (&*s).write_all(&bytes).is_err() {
-            self.close_locked(&s);
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.conn.write_all(&bytes).is_err() {
+            self.close_locked();
             return false;
         }
         true
@@ -146,13 +178,13 @@ impl Outbox {
 
     /// Ends the connection: the call loop's next read fails.
     pub(crate) fn close(&self) {
-        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        self.close_locked(&s);
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        self.close_locked();
     }
 
-    fn close_locked(&self, s: &UnixStream) {
+    fn close_locked(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        let _ = s.shutdown(std::net::Shutdown::Both);
+        self.conn.shutdown();
     }
 
     /// Whether the connection has ended.
@@ -163,20 +195,19 @@ impl Outbox {
 
 /// Reads one frame, waiting as long as need be for its first byte and at
 /// most [`FRAME_TIMEOUT`] for the rest.
-fn read_frame(s: &UnixStream) -> Result<Packet, MessageError> {
+fn read_frame(conn: &dyn ClientConn) -> Result<Packet, MessageError> {
     let mut first = [0u8; 1];
-    s.set_read_timeout(None)?;
-    if (&*s).read(&mut first)? == 0 {
+    if conn.read_some(&mut first, None)? == 0 {
         return Err(MessageError::Io(std::io::ErrorKind::UnexpectedEof.into()));
     }
     let deadline = Instant::now() + FRAME_TIMEOUT;
-    let mut rest = Deadline { s, deadline };
+    let mut rest = Deadline { conn, deadline };
     Packet::read_limited(&mut first.as_slice().chain(&mut rest), MAX_CALL_BYTES)
 }
 
 /// A reader that gives up at `deadline`, however the bytes trickle in.
 struct Deadline<'a> {
-    s: &'a UnixStream,
+    conn: &'a dyn ClientConn,
     deadline: Instant,
 }
 
@@ -186,8 +217,7 @@ impl Read for Deadline<'_> {
         if left.is_zero() {
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "a frame took too long to arrive"));
         }
-        self.s.set_read_timeout(Some(left))?;
-        (&*self.s).read(buf)
+        self.conn.read_some(buf, Some(left))
     }
 }
 
@@ -195,7 +225,7 @@ impl Read for Deadline<'_> {
 pub(crate) struct Session {
     mgr: Arc<Manager>,
     read_only: bool,
-    stream: UnixStream,
+    conn: Arc<dyn ClientConn>,
     out: Arc<Outbox>,
     /// `CONNECT_OPEN` succeeded.
     opened: bool,
@@ -206,22 +236,24 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    fn new(stream: UnixStream, read_only: bool, mgr: Arc<Manager>, remote: Option<String>) -> std::io::Result<Self> {
-        let client = remote.unwrap_or_else(|| {
-            let peer = rvirt_lineserver::Peer::of(&stream).unwrap_or_default();
-            format!("pid {} uid {}", peer.pid, peer.uid)
-        });
+    /// A local client on one of libvirt's sockets.
+    fn new(stream: UnixStream, read_only: bool, mgr: Arc<Manager>) -> std::io::Result<Self> {
+        let peer = rvirt_lineserver::Peer::of(&stream).unwrap_or_default();
         // The timeout is the socket's: it holds for the reply side too.
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-        let out = Arc::new(Outbox { stream: Mutex::new(stream.try_clone()?), closed: AtomicBool::new(false) });
-        Ok(Self { mgr, read_only, stream, out, opened: false, events: dispatch::Events::default(), consoles: console::Consoles::default(), client })
+        Ok(Self::with_conn(Arc::new(stream), read_only, mgr, format!("pid {} uid {}", peer.pid, peer.uid)))
+    }
+
+    fn with_conn(conn: Arc<dyn ClientConn>, read_only: bool, mgr: Arc<Manager>, client: String) -> Self {
+        let out = Arc::new(Outbox { conn: conn.clone(), writing: Mutex::new(()), closed: AtomicBool::new(false) });
+        Self { mgr, read_only, conn, out, opened: false, events: dispatch::Events::default(), consoles: console::Consoles::default(), client }
     }
 
     fn run(mut self) {
         let socket = if self.read_only { "libvirt read-only" } else { "libvirt" };
         tracing::debug!(client = %self.client, socket, "client connected");
         loop {
-            let p = match read_frame(&self.stream) {
+            let p = match read_frame(&*self.conn) {
                 Ok(p) => p,
                 Err(MessageError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
                     tracing::debug!(client = %self.client, "libvirt client disconnected");
