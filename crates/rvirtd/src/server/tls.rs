@@ -141,7 +141,7 @@ fn serve(tcp: TcpStream, config: Arc<ServerConfig>, allowed: &DnAllowList, mgr: 
     let StreamOwned { conn, sock } = s;
     sock.set_nonblocking(true)?;
     let conn = TlsConn { tls: Mutex::new(conn), tcp: sock, first: Mutex::new(Some(first[0])) };
-    libvirt::serve_connection(Arc::new(conn), mgr, who)?;
+    libvirt::serve_connection(Arc::new(conn), mgr, who);
     Ok(())
 }
 

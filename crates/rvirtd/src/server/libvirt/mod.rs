@@ -143,12 +143,11 @@ impl ClientConn for UnixStream {
 }
 
 /// Serves one libvirt client on `conn`, a connection another front end
-/// accepted and authenticated (the TLS listener's), from a thread of its own.
+/// accepted and authenticated (the TLS listener's), on the calling thread
+/// until it ends (so that front end's count of clients holds).
 /// `client` names it in the log (its address and certificate).
-pub(crate) fn serve_connection(conn: Arc<dyn ClientConn>, mgr: Arc<Manager>, client: String) -> std::io::Result<()> {
-    let session = Session::with_conn(conn, false, mgr, client);
-    std::thread::Builder::new().name("libvirt-conn".into()).spawn(move || session.run())?;
-    Ok(())
+pub(crate) fn serve_connection(conn: Arc<dyn ClientConn>, mgr: Arc<Manager>, client: String) {
+    Session::with_conn(conn, false, mgr, client).run();
 }
 
 /// The sending half of a connection, shared by the call loop, the event
