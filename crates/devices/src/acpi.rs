@@ -107,6 +107,19 @@ pub struct Ged {
     irq: IrqLine,
 }
 
+impl crate::persist::Persist for Ged {
+    type State = crate::persist::GedState;
+
+    fn save(&self) -> Self::State {
+        crate::persist::GedState { pending: self.pending }
+    }
+
+    fn restore(&mut self, state: Self::State) -> Result<(), crate::persist::RestoreError> {
+        self.pending = state.pending;
+        Ok(())
+    }
+}
+
 impl Ged {
     /// A GED raising `irq`.
     pub fn new(irq: IrqLine) -> Self {

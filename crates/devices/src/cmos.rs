@@ -283,6 +283,28 @@ impl Cmos {
     }
 }
 
+impl crate::persist::Persist for Cmos {
+    type State = crate::persist::CmosState;
+
+    fn save(&self) -> Self::State {
+        crate::persist::CmosState { index: self.index, nvram: self.nvram.to_vec(), status_a: self.status_a, periodic_enabled: self.status_b_pie }
+    }
+
+    fn restore(&mut self, state: Self::State) -> Result<(), crate::persist::RestoreError> {
+        let nvram: [u8; 128] = state.nvram.as_slice().try_into().map_err(|_| crate::persist::RestoreError {
+            device: "RTC/CMOS",
+            reason: format!("{} bytes of NVRAM where there are 128", state.nvram.len()),
+        })?;
+        self.index = state.index & 0x7f;
+        self.nvram = nvram;
+        self.status_a = state.status_a;
+        self.status_b_pie = state.periodic_enabled;
+        // The ticker runs again at the saved rate if the guest had it on.
+        self.update_periodic();
+        Ok(())
+    }
+}
+
 impl crate::BusDevice for Cmos {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -332,6 +354,34 @@ mod tests {
         assert_eq!(t(4_107_542_400), (2100, 3, 1, 0, 0, 0, 2), "2100 is no leap year; a Monday");
     }
     use crate::BusDevice;
+
+    #[test]
+    fn nvram_index_and_rate_survive_a_save_and_restore() {
+        use crate::persist::Persist;
+        let mut a = fixed();
+        a.set_nvram(0x5f, 3);
+        a.write(0, &[0x40]);
+        a.write(1, &[0x77]);
+        a.write(0, &[REG_STATUS_A]);
+        a.write(1, &[0x2f]);
+        a.write(0, &[0x40]);
+        let saved = a.save();
+        let mut b = fixed();
+        b.restore(saved.clone()).unwrap();
+        assert_eq!(b.save(), saved);
+        let mut v = [0u8];
+        b.read(1, &mut v);
+        assert_eq!(v[0], 0x77, "the selected register reads as before");
+        b.write(0, &[0x5f]);
+        b.read(1, &mut v);
+        assert_eq!(v[0], 3);
+        b.write(0, &[REG_STATUS_A]);
+        b.read(1, &mut v);
+        assert_eq!(v[0], 0x2f);
+        let mut short = saved;
+        short.nvram.truncate(10);
+        assert!(b.restore(short).unwrap_err().to_string().contains("10 bytes of NVRAM"));
+    }
 
     fn fixed() -> Cmos {
         Cmos::with_clock(Box::new(|| RtcTime {

@@ -150,6 +150,23 @@ pub struct FwCfg {
     mem: GuestMemoryMmap,
 }
 
+impl crate::persist::Persist for FwCfg {
+    type State = crate::persist::FwCfgState;
+
+    fn save(&self) -> Self::State {
+        crate::persist::FwCfgState { selected: self.selected, offset: self.offset as u64, dma_high: self.dma_high }
+    }
+
+    fn restore(&mut self, state: Self::State) -> Result<(), crate::persist::RestoreError> {
+        // An offset past the item reads zeroes, as it would have; no bound needed beyond usize.
+        self.offset = usize::try_from(state.offset)
+            .map_err(|_| crate::persist::RestoreError { device: "fw_cfg", reason: format!("offset {} is out of range", state.offset) })?;
+        self.selected = state.selected;
+        self.dma_high = state.dma_high;
+        Ok(())
+    }
+}
+
 impl FwCfg {
     fn select(&mut self, key: u16) {
         self.selected = key;
@@ -342,6 +359,24 @@ mod tests {
         b.file("etc/zeta", vec![9; 10]).unwrap();
         b.file("bootorder", b"/pci@i0cf8/*@1\nHALT".to_vec()).unwrap();
         b.build(mem())
+    }
+
+    #[test]
+    fn a_read_in_progress_continues_after_a_save_and_restore() {
+        use crate::persist::Persist;
+        let mut a = device();
+        let head = read_item(&mut a, SIGNATURE, 2);
+        assert_eq!(head, b"QE");
+        let saved = a.save();
+        let mut b = device();
+        b.restore(saved.clone()).unwrap();
+        assert_eq!(b.save(), saved);
+        let rest: Vec<u8> = (0..2).map(|_| {
+            let mut x = [0u8];
+            b.read(1, &mut x);
+            x[0]
+        }).collect();
+        assert_eq!(rest, b"MU", "the signature goes on where it stopped");
     }
 
     fn read_item(d: &mut FwCfg, key: u16, len: usize) -> Vec<u8> {

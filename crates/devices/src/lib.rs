@@ -11,6 +11,7 @@ pub mod cmos;
 pub mod debugcon;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod persist;
 pub mod serial;
 
 use std::sync::Arc;

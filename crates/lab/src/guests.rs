@@ -67,10 +67,17 @@ pub const TRIPLE_FAULT: [u8; 2] = [0x0f, 0x0b];
 /// Prints `byte` on COM1 for ever, with a short busy wait between bytes
 /// (for console tests: output keeps coming whenever a client attaches).
 pub fn print_forever(byte: u8) -> Vec<u8> {
+    print_every(byte, 0x40_0000)
+}
+
+/// Prints `byte` on COM1 for ever, counting `spin` down between bytes.
+pub fn print_every(byte: u8, spin: u32) -> Vec<u8> {
     let mut c = mov_dx(COM1).to_vec();
     c.extend_from_slice(&[0xb0, byte]); // mov al, byte
-    // top: out dx, al; mov ecx, 0x400000; spin: dec ecx; jnz spin; jmp top
-    c.extend_from_slice(&[0xee, 0xb9, 0x00, 0x00, 0x40, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xf4]);
+    // top: out dx, al; mov ecx, spin; spin: dec ecx; jnz spin; jmp top
+    c.extend_from_slice(&[0xee, 0xb9]);
+    c.extend_from_slice(&spin.to_le_bytes());
+    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xf4]);
     c
 }
 

@@ -11,12 +11,16 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod firmware;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inherited;
 pub mod interrupts;
 pub mod loader;
 pub mod log_limit;
 pub mod memory;
+pub mod state_file;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod virtio;
 pub mod vm;
 

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::vcpu_state::VcpuState;
 use rvirt_devices::bus::lock;
 use rvirt_devices::{Bus, PlatformControl, PlatformRequest};
 use vmm_sys_util::eventfd::EventFd;
@@ -73,6 +75,19 @@ struct RunFlags {
     parked: usize,
     /// What each vCPU reported ([`describe_vcpu`]) the last time it parked.
     reports: std::collections::BTreeMap<u8, String>,
+    /// Bumped by [`VmControl::request_save`]: parked vCPUs save their state.
+    save_generation: u64,
+    /// Each vCPU's state for the current generation (or why it has none).
+    saved: std::collections::BTreeMap<u8, (u64, std::result::Result<VcpuState, String>)>,
+}
+
+/// What a parked vCPU thread can be asked for: its state report, and its
+/// whole state (for snapshots).
+pub trait Parked {
+    /// A human-readable report ([`describe_vcpu`]).
+    fn report(&self) -> String;
+    /// Everything KVM holds of this vCPU.
+    fn save(&mut self) -> std::result::Result<VcpuState, String>;
 }
 
 /// State shared by the VMM's main thread and all vCPU threads.
@@ -157,19 +172,56 @@ impl VmControl {
         lock(&self.flags).reports.values().cloned().collect()
     }
 
+    /// Asks parked vCPUs for their whole state (the VM must be paused);
+    /// collect it with [`VmControl::wait_saved`].
+    pub fn request_save(&self) -> u64 {
+        let mut generation = 0;
+        self.set(|f| {
+            f.save_generation += 1;
+            generation = f.save_generation;
+        });
+        generation
+    }
+
+    /// Waits up to `timeout` for `n` vCPUs' states of `generation`; in vCPU order.
+    pub fn wait_saved(&self, n: usize, generation: u64, timeout: Duration) -> Option<Vec<std::result::Result<VcpuState, String>>> {
+        let guard = lock(&self.flags);
+        let count = |f: &RunFlags| f.saved.values().filter(|(g, _)| *g == generation).count();
+        let (mut g, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |f| count(f) < n && !f.stopping)
+            .unwrap_or_else(|e| e.into_inner());
+        if count(&g) < n {
+            return None;
+        }
+        let taken = std::mem::take(&mut g.saved);
+        Some(taken.into_values().filter(|(gen, _)| *gen == generation).map(|(_, s)| s).collect())
+    }
+
     /// Called by vCPU `id` between runs: parks while paused, first leaving
-    /// `report()` (its state) for [`VmControl::parked_reports`]. Returns false
-    /// when the thread must exit.
-    fn checkpoint(&self, id: u8, report: impl FnOnce() -> String) -> bool {
+    /// its report for [`VmControl::parked_reports`], and while parked saves
+    /// its state when asked. Returns false when the thread must exit.
+    fn checkpoint(&self, id: u8, vcpu: &mut impl Parked) -> bool {
         let mut f = lock(&self.flags);
         if f.stopping {
             return false;
         }
         if f.paused {
-            f.reports.insert(id, report());
+            f.reports.insert(id, vcpu.report());
             f.parked += 1;
             self.changed.notify_all();
             while f.paused && !f.stopping {
+                let generation = f.save_generation;
+                let done = f.saved.get(&id).is_some_and(|(g, _)| *g == generation);
+                if generation > 0 && !done {
+                    // KVM calls outside the lock: other vCPUs save at the same time.
+                    drop(f);
+                    let state = vcpu.save();
+                    f = lock(&self.flags);
+                    f.saved.insert(id, (generation, state));
+                    self.changed.notify_all();
+                    continue;
+                }
                 f = self.changed.wait(f).unwrap_or_else(|e| e.into_inner());
             }
             f.parked -= 1;
@@ -214,6 +266,30 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// A vCPU thread's own view of its vCPU, for [`VmControl::checkpoint`].
+struct OwnVcpu<'a> {
+    vcpu: &'a mut VcpuFd,
+    id: u8,
+    cpuid: &'a [kvm_bindings::kvm_cpuid_entry2],
+    msrs: &'a [u32],
+}
+
+impl Parked for OwnVcpu<'_> {
+    fn report(&self) -> String {
+        describe_vcpu(self.vcpu, self.id)
+    }
+
+    fn save(&mut self) -> std::result::Result<VcpuState, String> {
+        // Complete the I/O or MMIO access the vCPU last exited for (its
+        // result is in kvm_run, not yet in the registers): KVM_RUN with
+        // immediate_exit finishes it and returns at once.
+        self.vcpu.set_kvm_immediate_exit(1);
+        let _ = self.vcpu.run();
+        self.vcpu.set_kvm_immediate_exit(0);
+        crate::vcpu_state::save_vcpu(self.vcpu, self.id, self.cpuid.to_vec(), self.msrs).map_err(|e| e.to_string())
+    }
+}
+
 /// What a vCPU needs to run.
 pub struct VcpuContext {
     /// Index (and APIC ID) of this vCPU.
@@ -224,6 +300,10 @@ pub struct VcpuContext {
     pub mmio_bus: Arc<Bus>,
     /// Shared control state.
     pub control: Arc<VmControl>,
+    /// The CPUID it was given (kept with its saved state).
+    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    /// The MSRs to save ([`crate::vcpu_state::msr_list`]).
+    pub msrs: Arc<[u32]>,
 }
 
 enum Next {
@@ -242,7 +322,8 @@ pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
     let counters = &ctx.control.counters;
     let mut warned_mmio = 0u32;
     loop {
-        if !ctx.control.checkpoint(ctx.id, || describe_vcpu(&vcpu, ctx.id)) {
+        let mut own = OwnVcpu { vcpu: &mut vcpu, id: ctx.id, cpuid: &ctx.cpuid, msrs: &ctx.msrs };
+        if !ctx.control.checkpoint(ctx.id, &mut own) {
             break;
         }
         let next = match vcpu.run() {
@@ -477,12 +558,40 @@ mod tests {
     }
 
     /// A paused control with one thread parked at its checkpoint.
+    /// A vCPU that reports a fixed line and counts the saves asked of it.
+    struct FakeVcpu(u32);
+
+    impl Parked for FakeVcpu {
+        fn report(&self) -> String {
+            "vCPU 3 report".into()
+        }
+        fn save(&mut self) -> std::result::Result<VcpuState, String> {
+            self.0 += 1;
+            Err(format!("save {}", self.0))
+        }
+    }
+
+    #[test]
+    fn a_parked_vcpu_saves_once_per_request() {
+        let (c, t) = parked_thread();
+        let errors = |v: Option<Vec<std::result::Result<VcpuState, String>>>| v.map(|v| v.into_iter().map(|r| r.err()).collect::<Vec<_>>());
+        let g1 = c.request_save();
+        assert_eq!(errors(c.wait_saved(1, g1, Duration::from_secs(5))), Some(vec![Some("save 1".to_string())]));
+        let g2 = c.request_save();
+        assert_eq!(errors(c.wait_saved(1, g2, Duration::from_secs(5))), Some(vec![Some("save 2".to_string())]));
+        // Two vCPUs are not there: no answer rather than a short one.
+        let g3 = c.request_save();
+        assert!(c.wait_saved(2, g3, Duration::from_millis(200)).is_none());
+        c.resume();
+        assert!(t.join().unwrap());
+    }
+
     fn parked_thread() -> (Arc<VmControl>, std::thread::JoinHandle<bool>) {
         let c = Arc::new(VmControl::new().unwrap());
         c.request_pause();
         let t = {
             let c = c.clone();
-            std::thread::spawn(move || c.checkpoint(3, || "vCPU 3 report".into()))
+            std::thread::spawn(move || c.checkpoint(3, &mut FakeVcpu(0)))
         };
         assert!(c.wait_parked(1, Duration::from_secs(5)));
         (c, t)

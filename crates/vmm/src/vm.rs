@@ -29,6 +29,7 @@ use crate::error::kvm;
 use crate::firmware::{self, FirmwareRom, MachineInfo};
 use crate::loader::{self, LoadedKernel};
 use crate::vcpu::{self, VcpuContext, VmControl};
+use crate::vcpu_state::MachineState;
 use crate::virtio::{Backends, PciDevices};
 use crate::{acpi, memory, virtio, Error, Result};
 
@@ -44,7 +45,11 @@ impl BusDevice for PostCodePort {
 
 /// A built (and, after [`Vm::start`], running) virtual machine.
 pub struct Vm {
-    _vm_fd: Arc<VmFd>,
+    vm_fd: Arc<VmFd>,
+    /// Each vCPU's CPUID, as set (saved with its state, checked on restore).
+    cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
+    /// The MSRs a vCPU's saved state holds.
+    msrs: Arc<[u32]>,
     _memory: GuestMemoryMmap,
     pci: PciDevices,
     control: Arc<VmControl>,
@@ -176,11 +181,14 @@ impl Vm {
         let supported = kvm_handle.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm("GET_SUPPORTED_CPUID"))?;
         let caps = cpuid::KvmCaps { tsc_deadline_timer: kvm_handle.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) };
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        let mut cpuids = Vec::with_capacity(usize::from(cfg.vcpus));
+        let msrs: Arc<[u32]> = crate::vcpu_state::msr_list(kvm_handle)?.into();
         for id in 0..cfg.vcpus {
             let vcpu = vm_fd.create_vcpu(u64::from(id)).map_err(kvm("CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
             cpuid::filter_cpuid(&mut cpuid, id, cfg.vcpus, caps);
             vcpu.set_cpuid2(&cpuid).map_err(kvm("SET_CPUID2"))?;
+            cpuids.push(cpuid.as_slice().to_vec());
             let refused = regs::setup_msrs(&vcpu)?;
             if refused > 0 {
                 tracing::warn!("vCPU {id}: host refused {refused} boot MSRs");
@@ -197,7 +205,9 @@ impl Vm {
         }
 
         Ok(Self {
-            _vm_fd: vm_fd,
+            vm_fd,
+            cpuids,
+            msrs,
             _memory: mem,
             pci,
             control,
@@ -225,6 +235,8 @@ impl Vm {
                 io_bus: self.io_bus.clone(),
                 mmio_bus: self.mmio_bus.clone(),
                 control: self.control.clone(),
+                cpuid: self.cpuids.get(id).cloned().unwrap_or_default(),
+                msrs: self.msrs.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -275,6 +287,46 @@ impl Vm {
             self.resume();
         }
         paused.map(|()| reports)
+    }
+
+    /// Saves what KVM holds of the VM: each vCPU's state and the clock,
+    /// interrupt controllers and PIT. The VM is paused for it and stays
+    /// paused; the caller resumes it.
+    pub fn save_machine(&self) -> Result<MachineState> {
+        if self.threads.is_empty() {
+            return Err(Error::Device("the VM has not started: nothing to save".into()));
+        }
+        self.pause()?;
+        let generation = self.control.request_save();
+        let saved = self
+            .control
+            .wait_saved(self.threads.len(), generation, Duration::from_secs(10))
+            .ok_or_else(|| Error::Device("the vCPUs did not save their state within 10 seconds".into()))?;
+        let vcpus = saved.into_iter().collect::<std::result::Result<Vec<_>, String>>().map_err(Error::Device)?;
+        Ok(MachineState { vm: crate::vcpu_state::save_vm(&self.vm_fd)?, vcpus })
+    }
+
+    /// Puts saved state into a VM built from the same configuration, before
+    /// [`Vm::start`]. Refused, saying what differs, when the vCPU count or
+    /// a vCPU's CPUID (this host's features) is not the saved one.
+    pub fn restore_machine(&mut self, state: &MachineState) -> Result<()> {
+        if !self.threads.is_empty() {
+            return Err(Error::Device("state can only be restored before the VM starts".into()));
+        }
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(Error::Config(format!("the saved VM has {} vCPUs, this one {}", state.vcpus.len(), self.vcpus.len())));
+        }
+        for (i, s) in state.vcpus.iter().enumerate() {
+            let ours = self.cpuids.get(i).map(Vec::as_slice).unwrap_or_default();
+            if let Some(leaf) = crate::vcpu_state::cpuid_difference(&s.cpuid, ours) {
+                return Err(Error::Config(format!("vCPU {i}: this host's CPU features differ from the saved ones ({leaf})")));
+            }
+        }
+        crate::vcpu_state::restore_vm(&self.vm_fd, &state.vm)?;
+        for (vcpu, s) in self.vcpus.iter().zip(&state.vcpus) {
+            crate::vcpu_state::restore_vcpu(vcpu, s)?;
+        }
+        Ok(())
     }
 
     /// Lets parked vCPUs run again.
