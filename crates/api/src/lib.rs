@@ -82,6 +82,27 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         fd: bool,
     },
+    /// Pause the VM and write a snapshot of it into the directory `path`
+    /// (made if missing; its files `state` and `memory`), for
+    /// `rvirt-vmm --restore`. The VM stays paused unless `resume`.
+    Snapshot {
+        /// The snapshot's directory (must not hold one already).
+        path: std::path::PathBuf,
+        /// Let the VM run on once the snapshot is written.
+        #[serde(default)]
+        resume: bool,
+    },
+}
+
+/// What a `snapshot` wrote and how long the VM was paused for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+    /// Bytes of guest memory written (pages of zeroes are holes in the file).
+    pub memory_bytes: u64,
+    /// Milliseconds from the pause to the snapshot on disk.
+    pub millis: f64,
 }
 
 /// Whether the guest's vCPUs are running.
@@ -189,6 +210,9 @@ pub struct Response {
     /// Present in the answer to `vcpu-state`: one multi-line report per vCPU, in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<Vec<String>>,
+    /// Present in the answer to `snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
 }
 
 impl Response {

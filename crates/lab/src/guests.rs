@@ -70,6 +70,21 @@ pub fn print_forever(byte: u8) -> Vec<u8> {
     print_every(byte, 0x40_0000)
 }
 
+/// Prints the alphabet on COM1 over and over (`abc…xyzabc…`), counting
+/// `spin` down between letters: where output stops and starts again shows
+/// whether a guest continued exactly where it was (snapshots, migration).
+pub fn print_alphabet(spin: u32) -> Vec<u8> {
+    let mut c = mov_dx(COM1).to_vec();
+    c.extend_from_slice(&[0xb0, b'a']); // mov al, 'a'
+    // top: out dx, al; inc al; cmp al, 'z'+1; jne +2; mov al, 'a'
+    c.extend_from_slice(&[0xee, 0xfe, 0xc0, 0x3c, b'z' + 1, 0x75, 0x02, 0xb0, b'a']);
+    // mov ecx, spin; spin: dec ecx; jnz spin; jmp top (20 bytes back)
+    c.push(0xb9);
+    c.extend_from_slice(&spin.to_le_bytes());
+    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xec]);
+    c
+}
+
 /// Prints `byte` on COM1 for ever, counting `spin` down between bytes.
 pub fn print_every(byte: u8, spin: u32) -> Vec<u8> {
     let mut c = mov_dx(COM1).to_vec();

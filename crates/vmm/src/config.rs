@@ -332,6 +332,16 @@ pub enum Boot {
         /// Kernel command line.
         cmdline: String,
     },
+    /// The VM continues from a snapshot (`--restore DIR`): its memory,
+    /// vCPUs and devices as they were; vCPU count, memory size and UUID
+    /// come from the snapshot.
+    Restore {
+        /// The snapshot's directory.
+        dir: PathBuf,
+        /// Read the memory into fresh RAM instead of mapping the file
+        /// copy-on-write.
+        copy_memory: bool,
+    },
     /// vCPUs start at the reset vector of a firmware image (SeaBIOS),
     /// which boots from the guest's own disks.
     Firmware {

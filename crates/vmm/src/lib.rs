@@ -18,6 +18,7 @@ pub mod interrupts;
 pub mod loader;
 pub mod log_limit;
 pub mod memory;
+pub mod snapshot;
 pub mod state_file;
 pub mod vcpu;
 pub mod vcpu_state;
@@ -147,12 +148,30 @@ fn install_signal_handlers() -> Result<SignalFds> {
 /// enters its jail and each thread its seccomp list, and nothing is opened
 /// by path again except a CD-ROM's new disc on request.
 pub fn run(cfg: &VmConfig) -> Result<VmExit> {
+    // A restore takes the VM's shape from its snapshot, read (and checked)
+    // before anything else is opened.
+    let mut restore = None;
+    let restored_cfg;
+    let cfg = match &cfg.boot {
+        config::Boot::Restore { dir, copy_memory } => {
+            let (snap, memory_file) = snapshot::read(dir)?;
+            let mut c = cfg.clone();
+            c.vcpus = snap.vcpus;
+            c.memory_bytes = snap.memory_bytes;
+            c.uuid = snap.uuid;
+            let how = if *copy_memory { memory::FromFile::Copy } else { memory::FromFile::Map };
+            restore = Some((snap, memory_file, how));
+            restored_cfg = c;
+            &restored_cfg
+        }
+        _ => cfg,
+    };
     cfg.validate()?;
     rvirt_sandbox::seccomp::set_mode(cfg.seccomp)?;
     rvirt_sandbox::affinity::configure(cfg.emulator_pin.clone(), cfg.vcpu_pins.clone())?;
     // Check the files before taking any resources, so errors are about them.
     let firmware = match &cfg.boot {
-        config::Boot::Kernel { .. } => None,
+        config::Boot::Kernel { .. } | config::Boot::Restore { .. } => None,
         config::Boot::Firmware { path, .. } => Some(firmware::read_image(path)?),
     };
     memory::check_host_can_provide(cfg.memory_bytes)?;
@@ -173,7 +192,21 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     }
     let mut escape = EscapeFilter::default();
     loop {
-        let mut vm = Vm::create(&kvm, cfg, console.writer()?, &backends, firmware.as_deref())?;
+        let mut vm = match restore.take() {
+            Some((snap, file, how)) => {
+                let layout = rvirt_arch::MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("the snapshot's memory: {e}")))?;
+                let mem = memory::guest_memory_from_file(&layout, &file, how)?;
+                let mut vm = Vm::create_restored(&kvm, cfg, console.writer()?, &backends, mem)?;
+                vm.restore_snapshot(snap)?;
+                vm
+            }
+            None if matches!(cfg.boot, config::Boot::Restore { .. }) => {
+                // A restored VM has no kernel or firmware to start again.
+                tracing::info!("the guest reset; a VM restored from a snapshot has nothing to boot again, so it ends");
+                return Ok(VmExit::Reset);
+            }
+            None => Vm::create(&kvm, cfg, console.writer()?, &backends, firmware.as_deref())?,
+        };
         vm.serial_pty = console.pty_path.clone();
         vm.start()?;
         let exit = event_loop(&vm, &console, api.as_ref(), &signals, &mut escape);

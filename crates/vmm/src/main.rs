@@ -99,6 +99,15 @@ struct Cli {
     /// Open no file by name: each must come with --pass-fd (what rvirtd does).
     #[arg(long)]
     only_passed_files: bool,
+    /// Continue the VM of a snapshot (written by the API's `snapshot`) from
+    /// where it was: its memory (mapped copy-on-write from DIR/memory),
+    /// vCPUs and devices; its vCPU count, memory and UUID are the
+    /// snapshot's. --serial and --api-socket are given again.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "firmware", "initrd", "cmdline", "cpus", "memory", "uuid", "disk", "net", "rng", "balloon", "console", "boot_order", "boot_menu", "reboot_timeout"])]
+    restore: Option<PathBuf>,
+    /// With --restore: read the memory file into fresh RAM at once instead of mapping it.
+    #[arg(long, requires = "restore")]
+    restore_copy_memory: bool,
     /// With --jail: the unprivileged uid and gid to run as.
     #[arg(long, value_name = "UID:GID", requires = "jail")]
     jail_user: Option<String>,
@@ -116,9 +125,10 @@ fn parse_jail_user(s: &str) -> rvirt_vmm::Result<(u32, u32)> {
 }
 
 fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
-    let boot = match cli.kernel {
-        Some(kernel) => Boot::Kernel { kernel, initrd: cli.initrd, cmdline: cli.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()) },
-        None => Boot::Firmware {
+    let boot = match (cli.restore, cli.kernel) {
+        (Some(dir), _) => Boot::Restore { dir, copy_memory: cli.restore_copy_memory },
+        (None, Some(kernel)) => Boot::Kernel { kernel, initrd: cli.initrd, cmdline: cli.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()) },
+        (None, None) => Boot::Firmware {
             path: cli.firmware.unwrap_or_else(|| PathBuf::from(DEFAULT_FIRMWARE)),
             reboot_timeout_ms: cli.reboot_timeout,
             order: parse_boot_order(cli.boot_order.as_deref().unwrap_or("cd"))?,

@@ -94,18 +94,20 @@ impl Drop for AlignedHole {
 /// transparent huge pages. vm-memory owns the mapping (unmapped with the
 /// last reference to the guest memory).
 fn map_ram(len: usize) -> std::result::Result<MmapRegion, vm_memory::mmap::MmapRegionError> {
+    map_aligned(len, None)
+}
+
+/// [`map_ram`] of `len` bytes, anonymous or (`file`) a private
+/// copy-on-write mapping of a file at an offset.
+fn map_aligned(len: usize, file: Option<vm_memory::FileOffset>) -> std::result::Result<MmapRegion, vm_memory::mmap::MmapRegionError> {
+    let anonymous = if file.is_none() { libc::MAP_ANONYMOUS } else { 0 };
     // Another thread mapping memory at the same moment can take the hole;
     // then try again, and settle for an unaligned region after three tries.
     let mut attempt = 0;
     let region = loop {
         attempt += 1;
         let hole = AlignedHole::new(len);
-        let region = MmapRegion::build(
-            None,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE,
-        );
+        let region = MmapRegion::build(file.clone(), len, libc::PROT_READ | libc::PROT_WRITE, anonymous | libc::MAP_NORESERVE | libc::MAP_PRIVATE);
         drop(hole);
         let region = region?;
         if region.as_ptr() as usize % HUGE_PAGE == 0 || attempt == 3 {
@@ -129,6 +131,74 @@ pub fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
         regions.push(GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or_else(|| what("region wraps the address space".into()))?);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| what(e.to_string()))
+}
+
+/// How a restored VM gets its RAM from a snapshot's memory file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FromFile {
+    /// Private copy-on-write mappings of the file: pages are read when the
+    /// guest touches them, and any number of VMs share the unchanged ones.
+    Map,
+    /// Fresh anonymous RAM filled from the file at once.
+    Copy,
+}
+
+/// Guest RAM for `layout` from `file`, which holds the regions one after
+/// the other (as [`save_guest_memory`] writes them) and must be exactly
+/// as long as the RAM.
+pub fn guest_memory_from_file(layout: &MemoryLayout, file: &std::fs::File, how: FromFile) -> Result<GuestMemoryMmap> {
+    let have = file.metadata().map_err(|e| Error::Memory(format!("the memory file: {e}")))?.len();
+    if have != layout.ram_bytes {
+        return Err(Error::Memory(format!("the memory file holds {have} bytes; the snapshot's VM has {}", layout.ram_bytes)));
+    }
+    let what = |e: String| Error::Memory(format!("cannot map {} MiB from the memory file: {e}", layout.ram_bytes >> 20));
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, len) in layout.ram_ranges() {
+        let size = usize::try_from(len).map_err(|_| Error::Memory("size does not fit this host's address space".into()))?;
+        let mapping = match how {
+            FromFile::Map => {
+                let dup = file.try_clone().map_err(|e| what(e.to_string()))?;
+                map_aligned(size, Some(vm_memory::FileOffset::new(dup, offset))).map_err(|e| what(e.to_string()))?
+            }
+            FromFile::Copy => {
+                let m = map_ram(size).map_err(|e| what(e.to_string()))?;
+                // SAFETY: the mapping was just made, `size` bytes long, and nothing else uses it yet.
+                let dest = unsafe { std::slice::from_raw_parts_mut(m.as_ptr(), size) };
+                std::os::unix::fs::FileExt::read_exact_at(file, dest, offset).map_err(|e| what(e.to_string()))?;
+                m
+            }
+        };
+        offset += len;
+        regions.push(GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or_else(|| what("region wraps the address space".into()))?);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| what(e.to_string()))
+}
+
+/// Writes guest RAM to `file`, region after region, leaving a hole (the
+/// file stays sparse) wherever 64 KiB are all zero; returns the bytes
+/// written. The vCPUs must be paused.
+pub fn save_guest_memory(mem: &GuestMemoryMmap, file: &std::fs::File) -> Result<u64> {
+    const CHUNK: usize = 64 << 10;
+    let err = |e: std::io::Error| Error::Memory(format!("writing the memory file: {e}"));
+    let (mut offset, mut written) = (0u64, 0u64);
+    for region in mem.iter() {
+        let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|e| Error::Memory(format!("no host mapping for a region: {e}")))?;
+        let len = region.len() as usize;
+        // SAFETY: the region's mapping is `len` bytes and lives as long as
+        // `mem`; the vCPUs are paused, and device threads only read or
+        // write guest memory through vm-memory, never free it.
+        let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
+        for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+            if chunk.iter().any(|&b| b != 0) {
+                std::os::unix::fs::FileExt::write_all_at(file, chunk, offset + (i * CHUNK) as u64).map_err(err)?;
+                written += chunk.len() as u64;
+            }
+        }
+        offset += len as u64;
+    }
+    file.set_len(offset).map_err(err)?;
+    Ok(written)
 }
 
 /// Registers every region of `mem` with KVM, one slot each, and marks them

@@ -132,7 +132,7 @@ impl Backends {
                 kernel: crate::loader::open_input("kernel", kernel)?,
                 initrd: initrd.as_deref().map(|p| crate::loader::open_input("initramfs", p)).transpose()?,
             }),
-            crate::config::Boot::Firmware { .. } => None,
+            crate::config::Boot::Firmware { .. } | crate::config::Boot::Restore { .. } => None,
         };
         let rng = if cfg.rng {
             let f = std::fs::File::open("/dev/urandom").map_err(|e| Error::Device(format!("virtio-rng: /dev/urandom: {e}")))?;

@@ -15,6 +15,7 @@ use rvirt_arch::{cpuid, regs, MemoryLayout};
 use rvirt_devices::acpi::{AcpiPm, Ged, GedEvent, GED_IRQ, GED_SIZE, PM_BASE, PM_SIZE};
 use rvirt_devices::bus::lock;
 use rvirt_devices::cmos::{Cmos, CMOS_BASE, CMOS_IRQ, CMOS_SIZE};
+use rvirt_devices::persist::Persist;
 use rvirt_devices::debugcon::{DebugCon, DEBUGCON_PORT};
 use rvirt_devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORT_LEN};
 use rvirt_devices::i8042::{I8042, I8042_BASE, I8042_SIZE};
@@ -31,7 +32,7 @@ use crate::loader::{self, LoadedKernel};
 use crate::vcpu::{self, VcpuContext, VmControl};
 use crate::vcpu_state::MachineState;
 use crate::virtio::{Backends, PciDevices};
-use crate::{acpi, memory, virtio, Error, Result};
+use crate::{acpi, memory, snapshot, virtio, Error, Result};
 
 /// Port 0x80: the POST-code port Linux writes to as an I/O delay. Swallowed.
 struct PostCodePort;
@@ -50,11 +51,12 @@ pub struct Vm {
     cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
     /// The MSRs a vCPU's saved state holds.
     msrs: Arc<[u32]>,
-    _memory: GuestMemoryMmap,
+    memory: GuestMemoryMmap,
     pci: PciDevices,
     control: Arc<VmControl>,
     serial: Arc<Mutex<SerialDevice>>,
     ged: Arc<Mutex<Ged>>,
+    cmos: Arc<Mutex<Cmos>>,
     vcpus: Vec<VcpuFd>,
     threads: Vec<JoinHandle<()>>,
     io_bus: Arc<Bus>,
@@ -62,6 +64,7 @@ pub struct Vm {
     started: Instant,
     vcpu_count: u8,
     memory_bytes: u64,
+    uuid: Option<[u8; 16]>,
     /// What was loaded where (direct kernel boot).
     pub kernel: Option<LoadedKernel>,
     _firmware: Option<FirmwareRom>,
@@ -90,7 +93,34 @@ impl Vm {
         backends: &Backends,
         firmware: Option<&[u8]>,
     ) -> Result<Self> {
+        Self::build(kvm_handle, cfg, serial_out, backends, firmware, None)
+    }
+
+    /// Builds the VM of a snapshot (`cfg.boot` is [`Boot::Restore`]) on
+    /// `mem`, its memory: nothing is loaded; the caller restores the vCPU
+    /// and device state ([`Vm::restore_snapshot`]) before [`Vm::start`].
+    pub fn create_restored(
+        kvm_handle: &Kvm,
+        cfg: &VmConfig,
+        serial_out: Box<dyn std::io::Write + Send>,
+        backends: &Backends,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self> {
+        Self::build(kvm_handle, cfg, serial_out, backends, None, Some(mem))
+    }
+
+    fn build(
+        kvm_handle: &Kvm,
+        cfg: &VmConfig,
+        serial_out: Box<dyn std::io::Write + Send>,
+        backends: &Backends,
+        firmware: Option<&[u8]>,
+        restored: Option<GuestMemoryMmap>,
+    ) -> Result<Self> {
         let layout = MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("--memory: {e}")))?;
+        if restored.is_some() != matches!(cfg.boot, Boot::Restore { .. }) {
+            return Err(Error::Config("a snapshot's memory goes with a restore, and only with one".into()));
+        }
         let vm_fd = Arc::new(kvm_handle.create_vm().map_err(kvm("CREATE_VM"))?);
         vm_fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm("SET_TSS_ADDR"))?;
         vm_fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(kvm("SET_IDENTITY_MAP_ADDR"))?;
@@ -103,7 +133,10 @@ impl Vm {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm_fd.create_pit2(pit).map_err(kvm("CREATE_PIT2"))?;
 
-        let mem = memory::create_guest_memory(&layout)?;
+        let mem = match restored {
+            Some(m) => m,
+            None => memory::create_guest_memory(&layout)?,
+        };
         memory::register_with_kvm(&vm_fd, &mem)?;
         let pci = virtio::build(&vm_fd, &mem, backends)?;
         // A kernel is loaded with ACPI tables beside it; firmware is mapped
@@ -134,6 +167,8 @@ impl Vm {
                 };
                 (None, Some((rom, firmware::fw_cfg(&info, mem.clone())?)))
             }
+            // The memory holds the kernel, tables and all; the state comes next.
+            (Boot::Restore { .. }, _) => (None, None),
             (Boot::Firmware { path, .. }, None) => {
                 return Err(Error::Config(format!("firmware {} was not read", path.display())))
             }
@@ -150,7 +185,7 @@ impl Vm {
             Some((rom, fw_cfg)) => {
                 let order = match &cfg.boot {
                     Boot::Firmware { order, .. } => order.as_slice(),
-                    Boot::Kernel { .. } => &[],
+                    Boot::Kernel { .. } | Boot::Restore { .. } => &[],
                 };
                 for (index, value) in firmware::cmos_presets(cfg.vcpus, order) {
                     cmos.set_nvram(index, value);
@@ -161,7 +196,8 @@ impl Vm {
             }
             None => None,
         };
-        add(&mut io_bus, Arc::new(Mutex::new(cmos)), CMOS_BASE, CMOS_SIZE)?;
+        let cmos = Arc::new(Mutex::new(cmos));
+        add(&mut io_bus, cmos.clone(), CMOS_BASE, CMOS_SIZE)?;
         add(&mut io_bus, Arc::new(Mutex::new(PostCodePort)), 0x80, 1)?;
         add(&mut io_bus, Arc::new(Mutex::new(AcpiPm::new(control.clone()))), u64::from(PM_BASE), PM_SIZE)?;
         let config_io = PciConfigIo::new(pci.bus.clone()).with_reset_control(control.clone());
@@ -208,11 +244,12 @@ impl Vm {
             vm_fd,
             cpuids,
             msrs,
-            _memory: mem,
+            memory: mem,
             pci,
             control,
             serial,
             ged,
+            cmos,
             vcpus,
             threads: Vec::new(),
             io_bus: Arc::new(io_bus),
@@ -220,6 +257,7 @@ impl Vm {
             started: Instant::now(),
             vcpu_count: cfg.vcpus,
             memory_bytes: cfg.memory_bytes,
+            uuid: cfg.uuid,
             kernel,
             _firmware: rom,
             serial_pty: None,
@@ -326,6 +364,53 @@ impl Vm {
         for (vcpu, s) in self.vcpus.iter().zip(&state.vcpus) {
             crate::vcpu_state::restore_vcpu(vcpu, s)?;
         }
+        Ok(())
+    }
+
+    /// Writes a snapshot of the running VM into `dir` (see [`snapshot`]):
+    /// the VM is paused for it and stays paused unless `resume` (a VM
+    /// paused before stays paused either way).
+    pub fn snapshot(&self, dir: &std::path::Path, resume: bool) -> Result<snapshot::Written> {
+        if !self.pci.devices.is_empty() {
+            let names: Vec<&str> = self.pci.devices.iter().map(|d| d.name.as_str()).collect();
+            return Err(Error::Config(format!(
+                "snapshots of VMs with virtio devices are not supported yet (their queues' state is not saved); this VM has {}",
+                names.join(", ")
+            )));
+        }
+        if self._firmware.is_some() {
+            return Err(Error::Config("snapshots of VMs started through firmware are not supported yet; direct kernel boots only".into()));
+        }
+        if rvirt_sandbox::jail::jailed() {
+            return Err(Error::Config("a jailed VMM can open no path, so it cannot write a snapshot directory".into()));
+        }
+        let was_paused = self.control.is_paused();
+        let result = self.save_machine().and_then(|machine| {
+            let snap = snapshot::VmSnapshot {
+                vcpus: self.vcpu_count,
+                memory_bytes: self.memory_bytes,
+                uuid: self.uuid,
+                machine,
+                serial: lock(&self.serial).save(),
+                cmos: lock(&self.cmos).save(),
+                ged: lock(&self.ged).save(),
+            };
+            snapshot::write(dir, &snap, &self.memory)
+        });
+        if !was_paused && (resume || result.is_err()) {
+            self.resume();
+        }
+        result
+    }
+
+    /// Puts a snapshot's vCPU, KVM and device state into this VM, built by
+    /// [`Vm::create_restored`] on its memory, before [`Vm::start`].
+    pub fn restore_snapshot(&mut self, snap: snapshot::VmSnapshot) -> Result<()> {
+        self.restore_machine(&snap.machine)?;
+        let device = |e: rvirt_devices::persist::RestoreError| Error::Device(e.to_string());
+        lock(&self.serial).restore(snap.serial).map_err(device)?;
+        lock(&self.cmos).restore(snap.cmos).map_err(device)?;
+        lock(&self.ged).restore(snap.ged).map_err(device)?;
         Ok(())
     }
 
@@ -472,6 +557,16 @@ impl Vm {
                     Ok(r) => Response { vcpus: Some(r), ..Response::ok() },
                     Err(e) => Response::error(e.to_string()),
                 }
+            }
+            Request::Snapshot { path, resume } => {
+                let started = Instant::now();
+                return match self.snapshot(path, *resume) {
+                    Ok(w) => {
+                        let info = rvirt_api::SnapshotInfo { state_bytes: w.state_bytes, memory_bytes: w.memory_bytes, millis: started.elapsed().as_secs_f64() * 1000.0 };
+                        Response { snapshot: Some(info), ..Response::ok() }
+                    }
+                    Err(e) => Response::error(e.to_string()),
+                };
             }
             Request::Pause => self.pause(),
             Request::Resume => {
