@@ -359,7 +359,7 @@ fn api() -> Result<Vec<Entry>, seccompiler::BackendError> {
 
 /// The main thread: everything the others do (they start from it), and
 /// building VMs: KVM's ioctls, the terminal, opening a CD-ROM's new disc,
-/// image locks, kicking vCPUs.
+/// image locks, kicking vCPUs, making a snapshot's directory.
 fn main_thread() -> Result<Vec<Entry>, seccompiler::BackendError> {
     use libc::*;
     let mut v = vcpu()?;
@@ -367,7 +367,7 @@ fn main_thread() -> Result<Vec<Entry>, seccompiler::BackendError> {
     v.extend(
         [
             SYS_openat, SYS_fcntl, SYS_dup, SYS_dup3, SYS_pipe2, SYS_unlink, SYS_unlinkat, SYS_sched_setaffinity,
-            SYS_getuid, SYS_geteuid, SYS_getgid, SYS_getegid, SYS_sysinfo, SYS_uname, SYS_flock,
+            SYS_getuid, SYS_geteuid, SYS_getgid, SYS_getegid, SYS_sysinfo, SYS_uname, SYS_flock, SYS_mkdir, SYS_mkdirat,
         ]
         .into_iter()
         .map(any),

@@ -198,3 +198,55 @@ fn damaged_snapshots_and_unsupported_vms_are_refused_saying_why() {
     again.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The same through the `rvirt-vmm` binary, as rvirtd runs it: every
+/// thread under its seccomp list (kill on a forbidden call).
+#[test]
+fn the_binary_snapshots_and_restores_under_its_seccomp_lists() {
+    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
+    let dir = tmpdir("binary");
+    let kernel = dir.join("kernel");
+    std::fs::write(&kernel, bzimage_with(&print_alphabet(0x2000))).unwrap();
+    let vmm = env!("CARGO_BIN_EXE_rvirt-vmm");
+    let spawn = |args: &[&str], name: &str| {
+        let sock = dir.join(format!("{name}.sock"));
+        let child = std::process::Command::new(vmm)
+            .args(args)
+            .arg("--serial")
+            .arg(format!("file={}", dir.join(format!("{name}.log")).display()))
+            .arg("--api-socket")
+            .arg(&sock)
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "{name}: {}", std::fs::read_to_string(dir.join(format!("{name}.err"))).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (child, ApiClient::connect(&sock, Duration::from_secs(10)).unwrap())
+    };
+    let (mut one, mut api) = spawn(&["--kernel", kernel.to_str().unwrap(), "--memory", "64M"], "one");
+    wait_for(&dir.join("one.log"), 10);
+    let snap = dir.join("snap");
+    let r = api.call(&Request::Snapshot { path: snap.clone(), resume: false }).unwrap();
+    assert!(r.ok, "{r:?}\n{}", std::fs::read_to_string(dir.join("one.err")).unwrap_or_default());
+    let last = *std::fs::read(dir.join("one.log")).unwrap().last().unwrap();
+    assert!(api.call(&Request::Stop).unwrap().ok);
+    assert!(one.wait().unwrap().success(), "{}", std::fs::read_to_string(dir.join("one.err")).unwrap_or_default());
+
+    for (name, extra) in [("two", None), ("three", Some("--restore-copy-memory"))] {
+        let mut args = vec!["--restore", snap.to_str().unwrap()];
+        args.extend(extra);
+        let (mut child, mut api) = spawn(&args, name);
+        let out = wait_for(&dir.join(format!("{name}.log")), 5);
+        assert_eq!(out[0], next_letter(last), "{name}: {:?}", String::from_utf8_lossy(&out));
+        assert!(api.call(&Request::Stop).unwrap().ok);
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{name}: {status:?} {}", std::fs::read_to_string(dir.join(format!("{name}.err"))).unwrap_or_default());
+    }
+    // --restore takes the VM's shape from the snapshot, not from the command line.
+    let o = std::process::Command::new(vmm).args(["--restore", snap.to_str().unwrap(), "--memory", "1G"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot be used with"), "{o:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
