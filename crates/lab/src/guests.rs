@@ -85,6 +85,21 @@ pub fn print_alphabet(spin: u32) -> Vec<u8> {
     c
 }
 
+/// Fills `bytes` of guest memory from 16 MiB with a non-zero pattern
+/// (`rep stosq`: a working set a snapshot must carry), then goes on as
+/// [`print_alphabet`]. `bytes` must lie in the boot identity map (4 GiB).
+pub fn fill_then_print_alphabet(bytes: u64, spin: u32) -> Vec<u8> {
+    let mut c = vec![0x48, 0xbf]; // mov rdi, 16 MiB
+    c.extend_from_slice(&(16u64 << 20).to_le_bytes());
+    c.extend_from_slice(&[0x48, 0xb9]); // mov rcx, quadwords
+    c.extend_from_slice(&(bytes / 8).to_le_bytes());
+    c.extend_from_slice(&[0x48, 0xb8]); // mov rax, pattern
+    c.extend_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
+    c.extend_from_slice(&[0xf3, 0x48, 0xab]); // rep stosq
+    c.extend(print_alphabet(spin));
+    c
+}
+
 /// Prints `byte` on COM1 for ever, counting `spin` down between bytes.
 pub fn print_every(byte: u8, spin: u32) -> Vec<u8> {
     let mut c = mov_dx(COM1).to_vec();
