@@ -7,13 +7,10 @@ use crate::vcpu_state::MachineState;
 
 /// A saved VM's state as a restore reads it: decoding must not panic or
 /// allocate beyond the bytes given, and a state that decodes must encode
-/// into a file that decodes to the same state. (Not always to the input's
-/// bytes: kvm-bindings reads some structures from fewer bytes than it
-/// writes, filling the rest with zeroes.)
+/// to the same bytes (nothing in a file is ignored).
 pub fn vm_state(data: &[u8]) {
     let Ok(state) = state_file::decode::<MachineState>(data) else { return };
-    let once = state_file::encode(&state).unwrap_or_else(|e| panic!("a decoded state does not encode: {e}"));
-    let again: MachineState = state_file::decode(&once).unwrap_or_else(|e| panic!("an encoded state does not decode: {e}"));
-    let twice = state_file::encode(&again).unwrap_or_else(|e| panic!("a decoded state does not encode: {e}"));
-    assert!(once == twice, "a state's encoding is not stable ({} and {} bytes)", once.len(), twice.len());
+    let again = state_file::encode(&state).unwrap_or_else(|e| panic!("a decoded state does not encode: {e}"));
+    let first = again.iter().zip(data).position(|(a, b)| a != b);
+    assert!(again.len() == data.len() && first.is_none(), "a decoded state encodes to other bytes ({} for {}, first difference at {first:?})", again.len(), data.len());
 }

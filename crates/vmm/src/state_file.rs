@@ -39,6 +39,14 @@ pub enum StateError {
         /// Ours.
         supported: u32,
     },
+    /// Header flags or reserved bits this version does not define.
+    #[error("the state's header has flags {flags:#x} and reserved word {reserved:#x}; this rvirt-vmm defines neither")]
+    UnknownFlags {
+        /// The flags word.
+        flags: u32,
+        /// The reserved word.
+        reserved: u32,
+    },
     /// The payload announced is larger than any state can be.
     #[error("the state announces a payload of {0} bytes, more than the {MAX_PAYLOAD} any VM's state takes")]
     TooLarge(u64),
@@ -98,6 +106,12 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateError> {
     let version = word(8);
     if version != VERSION {
         return Err(StateError::Version { found: version, supported: VERSION });
+    }
+    // No flags are defined and the reserved word is zero: anything else was
+    // written by another format, whatever its version says.
+    let (flags, reserved) = (word(12), word(28));
+    if flags != 0 || reserved != 0 {
+        return Err(StateError::UnknownFlags { flags, reserved });
     }
     let mut len = [0u8; 8];
     len.copy_from_slice(&bytes[16..24]);
@@ -178,6 +192,12 @@ mod tests {
         let mut big = bytes.clone();
         big[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(decode::<Sample>(&big).unwrap_err(), StateError::TooLarge(u64::MAX));
+        let mut flagged = bytes.clone();
+        flagged[12] = 1;
+        assert_eq!(decode::<Sample>(&flagged).unwrap_err(), StateError::UnknownFlags { flags: 1, reserved: 0 });
+        let mut reserved = bytes.clone();
+        reserved[31] = 1;
+        assert!(matches!(decode::<Sample>(&reserved).unwrap_err(), StateError::UnknownFlags { .. }));
         let mut more = bytes.clone();
         more.push(0);
         assert_eq!(decode::<Sample>(&more).unwrap_err(), StateError::Trailing(1));
