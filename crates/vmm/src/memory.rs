@@ -165,7 +165,11 @@ pub fn guest_memory_from_file(layout: &MemoryLayout, file: &std::fs::File, how: 
                 let m = map_ram(size).map_err(|e| what(e.to_string()))?;
                 // SAFETY: the mapping was just made, `size` bytes long, and nothing else uses it yet.
                 let dest = unsafe { std::slice::from_raw_parts_mut(m.as_ptr(), size) };
-                std::os::unix::fs::FileExt::read_exact_at(file, dest, offset).map_err(|e| what(e.to_string()))?;
+                // Only the file's data: its holes are zero, as fresh RAM is.
+                for (at, n) in data_extents(file, offset, len).map_err(|e| what(e.to_string()))? {
+                    let start = (at - offset) as usize;
+                    std::os::unix::fs::FileExt::read_exact_at(file, &mut dest[start..start + n as usize], at).map_err(|e| what(e.to_string()))?;
+                }
                 m
             }
         };
@@ -173,6 +177,38 @@ pub fn guest_memory_from_file(layout: &MemoryLayout, file: &std::fs::File, how: 
         regions.push(GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or_else(|| what("region wraps the address space".into()))?);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| what(e.to_string()))
+}
+
+/// The extents of `file` within `[start, start + len)` that hold data
+/// (`SEEK_DATA`/`SEEK_HOLE`); the whole range on a filesystem without them.
+fn data_extents(file: &std::fs::File, start: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let end = start + len;
+    let seek = |from: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        let from = libc::off_t::try_from(from).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: lseek on a descriptor we own; only its offset changes (reads use pread).
+        let r = unsafe { libc::lseek(file.as_raw_fd(), from, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data after `from`.
+            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+        }
+        Ok(Some(r as u64))
+    };
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        let data = match seek(at, libc::SEEK_DATA) {
+            Ok(Some(d)) if d < end => d,
+            Ok(_) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(vec![(start, len)]),
+            Err(e) => return Err(e),
+        };
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        out.push((data, hole - data));
+        at = hole;
+    }
+    Ok(out)
 }
 
 /// Writes guest RAM to `file`, region after region, leaving a hole (the
@@ -231,6 +267,34 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sparse_memory_file_copies_back_as_it_was_written() {
+        let layout = MemoryLayout::new(64 << 20).unwrap();
+        let mem = create_guest_memory(&layout).unwrap();
+        let region = mem.iter().next().unwrap();
+        let host = region.get_host_address(MemoryRegionAddress(0)).unwrap();
+        // SAFETY: writes inside the 64 MiB region just mapped, used by nothing else.
+        unsafe {
+            *host.add(4096) = 7;
+            *host.add((40 << 20) + 3) = 9;
+        }
+        let path = std::env::temp_dir().join(format!("rvirt-mem-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let written = save_guest_memory(&mem, &file).unwrap();
+        assert_eq!(written, 2 * (64 << 10), "two chunks hold data; the rest are holes");
+        for how in [FromFile::Map, FromFile::Copy] {
+            let back = guest_memory_from_file(&layout, &file, how).unwrap();
+            let r = back.iter().next().unwrap();
+            let h = r.get_host_address(MemoryRegionAddress(0)).unwrap();
+            // SAFETY: reads inside the region just mapped.
+            let (a, b, c) = unsafe { (*h.add(4096), *h.add((40 << 20) + 3), *h.add(30 << 20)) };
+            assert_eq!((a, b, c), (7, 9, 0), "{how:?}");
+        }
+        let e = guest_memory_from_file(&MemoryLayout::new(128 << 20).unwrap(), &file, FromFile::Map).unwrap_err();
+        assert!(e.to_string().contains("holds 67108864 bytes"), "{e}");
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn host_memory_is_readable() {
