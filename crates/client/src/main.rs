@@ -440,6 +440,13 @@ fn install_command(cli: &Cli, a: &InstallArgs) -> Result<()> {
         return Ok(());
     }
     let mut conn = Connection::connect(&cli.connect)?;
+    if conn.is_remote() {
+        // Images and seeds would be probed and made on this host, not the daemon's.
+        bail!(
+            "rvirt install reads and creates disk images on this host; for a remote daemon write the definition with --print-xml, make the images on its host (rvirt-img) and run: rvirt --connect {} define FILE",
+            cli.connect
+        );
+    }
     // As virt-install: without --network, the daemon's default network if it has one.
     let mut o = o;
     if o.networks.is_empty() {

@@ -183,6 +183,8 @@ fn virsh_and_rvirt_manage_a_remote_rvirtd_over_tls_and_ssh() {
     assert!(listed.contains("far") && listed.contains("running"), "{listed}");
     let console = rvirt(&admin, &["console", "far"], &[]);
     assert!(console.code != 0 && console.stderr.contains("virsh -c"), "rvirt console over TLS: {console:?}");
+    let install = rvirt(&admin, &["install", "--name", "x", "--memory", "64", "--vcpus", "1", "--kernel", "/k", "--disk", "path=/tmp/x.img,size=1"], &[]);
+    assert!(install.code != 0 && install.stderr.contains("creates disk images on this host"), "rvirt install over TLS: {install:?}");
     ok(virsh(&admin, &["destroy", "far"]), "virsh destroy over TLS", &d);
     assert_eq!(ok(virsh(&admin, &["domstate", "far"]), "domstate", &d).trim(), "shut off");
 
