@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod api_server;
 pub mod config;
 pub mod console;
+pub mod device_manager;
 pub mod error;
 pub mod firmware;
 #[doc(hidden)]

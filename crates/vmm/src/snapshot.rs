@@ -1,19 +1,20 @@
 //! Snapshots of a running VM on disk: `DIR/state` (a [`state_file`] of
-//! [`VmSnapshot`]: the vCPUs, KVM's VM-wide state and the platform
-//! devices) and `DIR/memory` (guest RAM, region after region, sparse where
-//! the guest's pages are zero). `rvirt-vmm --restore DIR` maps the memory
+//! [`VmSnapshot`]: the vCPUs, KVM's VM-wide state and each platform
+//! device's state under its id in the device tree) and `DIR/memory`
+//! (guest RAM, region after region, sparse where the guest's pages are
+//! zero). `rvirt-vmm --restore DIR` maps the memory
 //! file copy-on-write, so N clones share the pages none of them changed.
 //!
 //! For now the VM may have no virtio device and must have booted a kernel
 //! (not firmware): the virtio transports' and firmware's state is the next
 //! step; such a snapshot is refused, naming what it lacks.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use rvirt_devices::persist::{CmosState, GedState, SerialState};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
@@ -37,12 +38,8 @@ pub struct VmSnapshot {
     pub uuid: Option<[u8; 16]>,
     /// What KVM holds.
     pub machine: MachineState,
-    /// COM1.
-    pub serial: SerialState,
-    /// The RTC/CMOS.
-    pub cmos: CmosState,
-    /// The ACPI GED.
-    pub ged: GedState,
+    /// Each platform device's state by its id in the device tree.
+    pub devices: BTreeMap<String, Vec<u8>>,
 }
 
 /// What a snapshot took.

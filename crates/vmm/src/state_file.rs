@@ -74,9 +74,24 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_fixed_int_encoding().with_limit::<{ MAX_PAYLOAD as usize }>()
 }
 
+/// The bytes of `value` alone, for state nested in a state file (each
+/// device's, kept by id): the file's checksum covers them.
+pub fn to_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, StateError> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| StateError::Encode(e.to_string()))
+}
+
+/// The value in bytes from [`to_bytes`]; all of them must be used.
+pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateError> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, config()).map_err(|e| StateError::Malformed(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(StateError::Malformed(format!("{} bytes are left over", bytes.len() - used)));
+    }
+    Ok(value)
+}
+
 /// The bytes of `value` in a state file.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StateError> {
-    let payload = bincode::serde::encode_to_vec(value, config()).map_err(|e| StateError::Encode(e.to_string()))?;
+    let payload = to_bytes(value)?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -131,11 +146,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateError> {
     if expected != found {
         return Err(StateError::Checksum { found, expected });
     }
-    let (value, used) = bincode::serde::decode_from_slice(payload, config()).map_err(|e| StateError::Malformed(e.to_string()))?;
-    if used != payload.len() {
-        return Err(StateError::Malformed(format!("{} bytes of the payload are left over", payload.len() - used)));
-    }
-    Ok(value)
+    from_bytes(payload)
 }
 
 #[cfg(test)]

@@ -15,7 +15,6 @@ use rvirt_arch::{cpuid, regs, MemoryLayout};
 use rvirt_devices::acpi::{AcpiPm, Ged, GedEvent, GED_IRQ, GED_SIZE, PM_BASE, PM_SIZE};
 use rvirt_devices::bus::lock;
 use rvirt_devices::cmos::{Cmos, CMOS_BASE, CMOS_IRQ, CMOS_SIZE};
-use rvirt_devices::persist::Persist;
 use rvirt_devices::debugcon::{DebugCon, DEBUGCON_PORT};
 use rvirt_devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORT_LEN};
 use rvirt_devices::i8042::{I8042, I8042_BASE, I8042_SIZE};
@@ -26,6 +25,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Boot, VmConfig};
+use crate::device_manager::{DeviceManager, Devices, Resource};
 use crate::error::kvm;
 use crate::firmware::{self, FirmwareRom, MachineInfo};
 use crate::loader::{self, LoadedKernel};
@@ -56,7 +56,8 @@ pub struct Vm {
     control: Arc<VmControl>,
     serial: Arc<Mutex<SerialDevice>>,
     ged: Arc<Mutex<Ged>>,
-    cmos: Arc<Mutex<Cmos>>,
+    /// Every platform device by id, for snapshots.
+    devices: Devices,
     vcpus: Vec<VcpuFd>,
     threads: Vec<JoinHandle<()>>,
     io_bus: Arc<Bus>,
@@ -76,10 +77,6 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine> {
     let evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(crate::error::os("eventfd"))?);
     vm.register_irqfd(&evt, gsi).map_err(kvm("IRQFD"))?;
     Ok(IrqLine::new(evt))
-}
-
-fn add(bus: &mut Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<()> {
-    bus.insert(dev, base, len).map_err(|e| Error::Device(e.to_string()))
 }
 
 impl Vm {
@@ -177,9 +174,10 @@ impl Vm {
         let control = Arc::new(VmControl::new().map_err(crate::error::os("eventfd"))?);
         let serial = Arc::new(Mutex::new(SerialDevice::new(irq_line(&vm_fd, COM1_IRQ)?, serial_out)));
         let ged = Arc::new(Mutex::new(Ged::new(irq_line(&vm_fd, GED_IRQ)?)));
-        let mut io_bus = Bus::new();
-        add(&mut io_bus, serial.clone(), COM1_BASE, UART_REGISTERS)?;
-        add(&mut io_bus, Arc::new(Mutex::new(I8042::new(control.clone()))), I8042_BASE, I8042_SIZE)?;
+        let pio = |base: u64, len: u64| Resource::Pio { base, len };
+        let mut dm = DeviceManager::new();
+        dm.add_stateful("com1", serial.clone(), pio(COM1_BASE, UART_REGISTERS))?;
+        dm.add("i8042", Arc::new(Mutex::new(I8042::new(control.clone()))), pio(I8042_BASE, I8042_SIZE))?;
         let mut cmos = Cmos::new().with_irq(irq_line(&vm_fd, CMOS_IRQ)?);
         let rom = match firmware {
             Some((rom, fw_cfg)) => {
@@ -190,29 +188,29 @@ impl Vm {
                 for (index, value) in firmware::cmos_presets(cfg.vcpus, order) {
                     cmos.set_nvram(index, value);
                 }
-                add(&mut io_bus, Arc::new(Mutex::new(fw_cfg)), FW_CFG_PORT, FW_CFG_PORT_LEN)?;
-                add(&mut io_bus, Arc::new(Mutex::new(DebugCon::new())), DEBUGCON_PORT, 1)?;
+                dm.add_stateful("fw_cfg", Arc::new(Mutex::new(fw_cfg)), pio(FW_CFG_PORT, FW_CFG_PORT_LEN))?;
+                dm.add("debugcon", Arc::new(Mutex::new(DebugCon::new())), pio(DEBUGCON_PORT, 1))?;
                 Some(rom)
             }
             None => None,
         };
-        let cmos = Arc::new(Mutex::new(cmos));
-        add(&mut io_bus, cmos.clone(), CMOS_BASE, CMOS_SIZE)?;
-        add(&mut io_bus, Arc::new(Mutex::new(PostCodePort)), 0x80, 1)?;
-        add(&mut io_bus, Arc::new(Mutex::new(AcpiPm::new(control.clone()))), u64::from(PM_BASE), PM_SIZE)?;
+        dm.add_stateful("cmos", Arc::new(Mutex::new(cmos)), pio(CMOS_BASE, CMOS_SIZE))?;
+        dm.add("post-code", Arc::new(Mutex::new(PostCodePort)), pio(0x80, 1))?;
+        dm.add("acpi-pm", Arc::new(Mutex::new(AcpiPm::new(control.clone()))), pio(u64::from(PM_BASE), PM_SIZE))?;
         let config_io = PciConfigIo::new(pci.bus.clone()).with_reset_control(control.clone());
-        add(&mut io_bus, Arc::new(Mutex::new(config_io)), PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_SIZE)?;
-        let mut mmio_bus = Bus::new();
-        add(&mut mmio_bus, ged.clone(), PLATFORM_MMIO_START, GED_SIZE)?;
-        add(&mut mmio_bus, Arc::new(Mutex::new(PciConfigMmio::new(pci.bus.clone()))), ECAM_START, ECAM_SIZE)?;
+        dm.add("pci-config-io", Arc::new(Mutex::new(config_io)), pio(PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_SIZE))?;
+        dm.add_stateful("ged", ged.clone(), Resource::Mmio { base: PLATFORM_MMIO_START, len: GED_SIZE })?;
+        dm.add("pci-ecam", Arc::new(Mutex::new(PciConfigMmio::new(pci.bus.clone()))), Resource::Mmio { base: ECAM_START, len: ECAM_SIZE })?;
         // BARs live where the VMM put them, or anywhere firmware moves them.
         let windows = match rom {
             None => vec![(PCI_MMIO_START, PCI_MMIO_END - 1)],
             Some(_) => layout.firmware_pci_windows().to_vec(),
         };
         for (start, last) in windows {
-            add(&mut mmio_bus, Arc::new(Mutex::new(PciBarWindow::new(pci.bus.clone(), start))), start, last - start + 1)?;
+            let window = Arc::new(Mutex::new(PciBarWindow::new(pci.bus.clone(), start)));
+            dm.add(&format!("pci-bars@{start:#x}"), window, Resource::Mmio { base: start, len: last - start + 1 })?;
         }
+        let (io_bus, mmio_bus, devices) = dm.finish();
 
         let supported = kvm_handle.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm("GET_SUPPORTED_CPUID"))?;
         let caps = cpuid::KvmCaps { tsc_deadline_timer: kvm_handle.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) };
@@ -249,11 +247,11 @@ impl Vm {
             control,
             serial,
             ged,
-            cmos,
             vcpus,
             threads: Vec::new(),
-            io_bus: Arc::new(io_bus),
-            mmio_bus: Arc::new(mmio_bus),
+            io_bus,
+            mmio_bus,
+            devices,
             started: Instant::now(),
             vcpu_count: cfg.vcpus,
             memory_bytes: cfg.memory_bytes,
@@ -391,9 +389,7 @@ impl Vm {
                 memory_bytes: self.memory_bytes,
                 uuid: self.uuid,
                 machine,
-                serial: lock(&self.serial).save(),
-                cmos: lock(&self.cmos).save(),
-                ged: lock(&self.ged).save(),
+                devices: self.devices.save()?,
             };
             snapshot::write(dir, &snap, &self.memory)
         });
@@ -407,11 +403,7 @@ impl Vm {
     /// [`Vm::create_restored`] on its memory, before [`Vm::start`].
     pub fn restore_snapshot(&mut self, snap: snapshot::VmSnapshot) -> Result<()> {
         self.restore_machine(&snap.machine)?;
-        let device = |e: rvirt_devices::persist::RestoreError| Error::Device(e.to_string());
-        lock(&self.serial).restore(snap.serial).map_err(device)?;
-        lock(&self.cmos).restore(snap.cmos).map_err(device)?;
-        lock(&self.ged).restore(snap.ged).map_err(device)?;
-        Ok(())
+        self.devices.restore(&snap.devices)
     }
 
     /// Lets parked vCPUs run again.
