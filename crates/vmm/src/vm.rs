@@ -210,6 +210,10 @@ impl Vm {
             let window = Arc::new(Mutex::new(PciBarWindow::new(pci.bus.clone(), start)));
             dm.add(&format!("pci-bars@{start:#x}"), window, Resource::Mmio { base: start, len: last - start + 1 })?;
         }
+        // Virtio devices live on the PCI bus; their state has no seam yet.
+        for d in &pci.devices {
+            dm.add_pci_without_state(&d.name, d.slot)?;
+        }
         let (io_bus, mmio_bus, devices) = dm.finish();
 
         let supported = kvm_handle.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm("GET_SUPPORTED_CPUID"))?;
@@ -369,13 +373,8 @@ impl Vm {
     /// the VM is paused for it and stays paused unless `resume` (a VM
     /// paused before stays paused either way).
     pub fn snapshot(&self, dir: &std::path::Path, resume: bool) -> Result<snapshot::Written> {
-        if !self.pci.devices.is_empty() {
-            let names: Vec<&str> = self.pci.devices.iter().map(|d| d.name.as_str()).collect();
-            return Err(Error::Config(format!(
-                "snapshots of VMs with virtio devices are not supported yet (their queues' state is not saved); this VM has {}",
-                names.join(", ")
-            )));
-        }
+        // Devices whose state cannot be saved yet stop it before the pause.
+        self.devices.check_saveable()?;
         if self._firmware.is_some() {
             return Err(Error::Config("snapshots of VMs started through firmware are not supported yet; direct kernel boots only".into()));
         }
