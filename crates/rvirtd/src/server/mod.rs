@@ -121,6 +121,47 @@ fn handler(mgr: Arc<Manager>, read_only: bool) -> Arc<rvirt_lineserver::Handler>
     Arc::new(move |line: Line| respond(&mgr, read_only, line, Origin::Local(rvirt_lineserver::peer().unwrap_or_default())))
 }
 
+/// Accepts connections with `accept` on a thread named `name` and serves
+/// each with `serve` on a thread of its own (`conn_name`), at most `max` at
+/// once: the next is closed at once. `what` names the listener in the log.
+pub(crate) fn accept_bounded<S: Send + 'static>(
+    name: &str,
+    conn_name: &'static str,
+    what: &'static str,
+    max: usize,
+    mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
+    serve: impl Fn(S) + Send + Sync + 'static,
+) -> Result<()> {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let serve = Arc::new(serve);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || loop {
+            use std::sync::atomic::Ordering::SeqCst;
+            let Ok(conn) = accept() else {
+                // Out of descriptors, most likely: wait rather than spin.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            };
+            if active.fetch_add(1, SeqCst) >= max {
+                active.fetch_sub(1, SeqCst);
+                tracing::warn!("{what}: {max} clients already connected; one more refused");
+                continue;
+            }
+            let (serve, count) = (serve.clone(), active.clone());
+            let spawned = std::thread::Builder::new().name(conn_name.into()).spawn(move || {
+                serve(conn);
+                count.fetch_sub(1, SeqCst);
+            });
+            if spawned.is_err() {
+                active.fetch_sub(1, SeqCst);
+                tracing::error!("{what}: no thread for a new client");
+            }
+        })
+        .with_context(|| format!("starting the {what}'s thread"))?;
+    Ok(())
+}
+
 /// Serves clients on the read-write socket (and the read-only one, if
 /// bound) until the process ends.
 pub fn serve(listener: UnixListener, read_only: Option<UnixListener>, mgr: Arc<Manager>) -> Result<()> {

@@ -17,7 +17,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -71,38 +70,20 @@ impl Bound {
 
 /// Accepts clients from a thread of its own; each has a thread.
 pub fn spawn(b: Bound, mgr: Arc<Manager>) -> Result<()> {
-    let active = Arc::new(AtomicUsize::new(0));
-    let allowed = Arc::new(b.allowed);
-    std::thread::Builder::new()
-        .name("tls-accept".into())
-        .spawn(move || {
-            for tcp in b.listener.incoming() {
-                let Ok(tcp) = tcp else {
-                    // Out of descriptors, most likely: wait rather than spin.
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                    continue;
-                };
-                if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-                    active.fetch_sub(1, Ordering::SeqCst);
-                    tracing::warn!("TLS listener: {MAX_CLIENTS} clients already connected; one more refused");
-                    continue;
-                }
-                let (mgr, config, allowed, count) = (mgr.clone(), b.config.clone(), allowed.clone(), active.clone());
-                let spawned = std::thread::Builder::new().name("tls-conn".into()).spawn(move || {
-                    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-                    if let Err(e) = serve(tcp, config, &allowed, mgr) {
-                        tracing::info!(client = %peer, "TLS client: {e:#}");
-                    }
-                    count.fetch_sub(1, Ordering::SeqCst);
-                });
-                if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::SeqCst);
-                    tracing::error!("TLS listener: no thread for a new client");
-                }
+    let Bound { listener, config, allowed } = b;
+    super::accept_bounded(
+        "tls-accept",
+        "tls-conn",
+        "TLS listener",
+        MAX_CLIENTS,
+        move || listener.accept().map(|(s, _)| s),
+        move |tcp: TcpStream| {
+            let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+            if let Err(e) = serve(tcp, config.clone(), &allowed, mgr.clone()) {
+                tracing::info!(client = %peer, "TLS client: {e:#}");
             }
-        })
-        .context("starting the TLS listener's thread")?;
-    Ok(())
+        },
+    )
 }
 
 /// One client: handshake, allow-list, the byte, then its protocol.

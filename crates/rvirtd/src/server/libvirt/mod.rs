@@ -19,7 +19,7 @@ mod networks;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,37 +79,17 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, UnixListe
 /// Serves libvirt clients on `listener` from a thread of its own; on a
 /// `read_only` socket nothing may be changed.
 pub fn spawn(listener: UnixListener, read_only: bool, mgr: Arc<Manager>) -> Result<()> {
-    let active = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new()
-        .name(if read_only { "libvirt-ro" } else { "libvirt" }.into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else {
-                    // Out of descriptors, most likely: wait rather than spin.
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                };
-                if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                    active.fetch_sub(1, Ordering::SeqCst);
-                    tracing::warn!("libvirt socket: {MAX_CONNECTIONS} clients already connected; one more refused");
-                    continue;
-                }
-                let (mgr, count) = (mgr.clone(), active.clone());
-                let spawned = std::thread::Builder::new().name("libvirt-conn".into()).spawn(move || {
-                    match Session::new(stream, read_only, mgr) {
-                        Ok(s) => s.run(),
-                        Err(e) => tracing::warn!("libvirt socket: a new client could not be set up: {e}"),
-                    }
-                    count.fetch_sub(1, Ordering::SeqCst);
-                });
-                if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::SeqCst);
-                    tracing::error!("libvirt socket: no thread for a new client");
-                }
-            }
-        })
-        .context("starting the libvirt socket's thread")?;
-    Ok(())
+    super::accept_bounded(
+        if read_only { "libvirt-ro" } else { "libvirt" },
+        "libvirt-conn",
+        "libvirt socket",
+        MAX_CONNECTIONS,
+        move || listener.accept().map(|(s, _)| s),
+        move |stream| match Session::new(stream, read_only, mgr.clone()) {
+            Ok(s) => s.run(),
+            Err(e) => tracing::warn!("libvirt socket: a new client could not be set up: {e}"),
+        },
+    )
 }
 
 /// A client's connection as the libvirt front end uses it: a local
