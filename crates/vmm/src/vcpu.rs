@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-
-use crate::vcpu_state::VcpuState;
 use rvirt_devices::bus::lock;
 use rvirt_devices::{Bus, PlatformControl, PlatformRequest};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::vcpu_state::VcpuState;
 
 /// Why the VM stopped running.
 #[derive(Clone, Debug, PartialEq, Eq)]

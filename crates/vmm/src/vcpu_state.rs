@@ -85,10 +85,15 @@ pub fn cpuid_difference(saved: &[kvm_cpuid_entry2], ours: &[kvm_cpuid_entry2]) -
     ours.iter().find(|o| !saved.iter().any(|s| key(s) == key(o))).map(|o| format!("leaf {:#x}.{} is new here", o.function, o.index))
 }
 
-/// The MSRs this host's KVM can save, found once per process (the list is
-/// the host's, not the guest's).
-pub fn msr_list(kvm_handle: &Kvm) -> Result<Vec<u32>> {
-    Ok(kvm_handle.get_msr_index_list().map_err(kvm("GET_MSR_INDEX_LIST"))?.as_slice().to_vec())
+/// The MSRs this host's KVM can save, asked of KVM once per process (the
+/// list is the host's, not the guest's; a guest reboot builds a new VM).
+pub fn msr_list(kvm_handle: &Kvm) -> Result<std::sync::Arc<[u32]>> {
+    static LIST: std::sync::OnceLock<std::sync::Arc<[u32]>> = std::sync::OnceLock::new();
+    if let Some(l) = LIST.get() {
+        return Ok(l.clone());
+    }
+    let list: std::sync::Arc<[u32]> = kvm_handle.get_msr_index_list().map_err(kvm("GET_MSR_INDEX_LIST"))?.as_slice().into();
+    Ok(LIST.get_or_init(|| list).clone())
 }
 
 /// Reads the MSRs of `indexes` that `vcpu` has. KVM stops a batch at the

@@ -220,7 +220,7 @@ impl Vm {
         let caps = cpuid::KvmCaps { tsc_deadline_timer: kvm_handle.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) };
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         let mut cpuids = Vec::with_capacity(usize::from(cfg.vcpus));
-        let msrs: Arc<[u32]> = crate::vcpu_state::msr_list(kvm_handle)?.into();
+        let msrs = crate::vcpu_state::msr_list(kvm_handle)?;
         for id in 0..cfg.vcpus {
             let vcpu = vm_fd.create_vcpu(u64::from(id)).map_err(kvm("CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
