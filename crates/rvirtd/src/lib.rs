@@ -59,11 +59,12 @@ pub fn default_vmm() -> PathBuf {
 /// Loads the state, binds the socket, starts autostart domains and serves clients until killed.
 pub fn run(cfg: &DaemonConfig) -> anyhow::Result<()> {
     let store = Store::open(&cfg.state_dir)?;
+    // Certificates first: a TLS set-up that cannot work leaves no socket behind.
+    let tls = cfg.listen_tls.as_ref().map(server::tls::bind).transpose()?;
     // libvirt's sockets first: once rvirtd's own socket answers, every socket is bound.
     let libvirt = cfg.libvirt_socket.as_deref().map(|p| server::libvirt::bind(p, cfg.group.as_deref())).transpose()?;
     let listener = server::bind(&cfg.socket, cfg.group.as_deref())?;
     let read_only = cfg.read_only_socket.as_deref().map(server::bind_read_only).transpose()?;
-    let tls = cfg.listen_tls.as_ref().map(server::tls::bind).transpose()?;
     if cfg.policy.jail.is_none() {
         tracing::warn!("VMMs run without a jail (rvirtd is not root, or --no-jail): each still filters its system calls");
     }

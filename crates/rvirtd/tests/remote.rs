@@ -248,3 +248,39 @@ fn virsh_and_rvirt_manage_a_remote_rvirtd_over_tls_and_ssh() {
     ok(over_ssh(&["destroy", "far"]), "virsh destroy over ssh", &d);
     ok(over_ssh(&["undefine", "far"]), "virsh undefine over ssh", &d);
 }
+
+/// rvirtd refuses to start the TLS listener without usable certificates,
+/// naming the file, before it serves anything.
+#[test]
+fn missing_or_malformed_certificates_stop_the_daemon_naming_the_file() {
+    let dir = scratch("badpki");
+    let run = |pki: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_rvirtd"))
+            .args(["--no-libvirt-socket", "--no-read-only-socket", "--listen-tls", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(dir.join("rvirtd.sock"))
+            .arg("--pki-dir")
+            .arg(pki)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{o:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = run(&dir.join("nowhere"));
+    assert!(e.contains("nowhere/cacert.pem"), "{e}");
+    let pki = make_pki(&dir, "127.0.0.1");
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in ["cacert.pem", "servercert.pem", "serverkey.pem"] {
+        std::fs::copy(pki.join("server").join(f), broken.join(f)).unwrap();
+    }
+    std::fs::write(broken.join("serverkey.pem"), "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n").unwrap();
+    let e = run(&broken);
+    assert!(e.contains("serverkey.pem") || e.contains("private key"), "{e}");
+    std::fs::write(broken.join("servercert.pem"), "no certificate here\n").unwrap();
+    let e = run(&broken);
+    assert!(e.contains("servercert.pem") && e.contains("no certificate"), "{e}");
+    assert!(!dir.join("rvirtd.sock").exists(), "nothing was served");
+}
