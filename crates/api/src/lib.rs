@@ -7,6 +7,7 @@
 //! types here are the contract between the two layers.
 
 
+pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
 

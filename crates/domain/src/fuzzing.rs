@@ -17,7 +17,7 @@ pub fn definition(data: &[u8]) {
     let again = DomainXml::parse(&written).unwrap_or_else(|e| panic!("a parsed definition does not read back: {e}\n{written}"));
     assert_eq!(again.to_xml(), written, "a definition does not write back the same way twice");
     let taps: Vec<String> = (0..d.interfaces.len()).map(|i| format!("t{i}")).collect();
-    let _ = d.vmm_args(&VmmLaunch { api_socket: Path::new("/run/s.sock"), taps: &taps, chains: &[], tap_fds: &[] });
+    let _ = d.vm_config(&VmmLaunch { api_socket: Path::new("/run/s.sock"), taps: &taps, chains: &[], tap_fds: &[] }).map(|c| c.to_json());
 }
 
 /// A line on rvirtd's socket: parsing must not panic, and a request that

@@ -1,8 +1,10 @@
-//! Writing a [`DomainXml`] back as libvirt-style XML (`dumpxml`) and as an
-//! `rvirt-vmm` command line.
+//! Writing a [`DomainXml`] back as libvirt-style XML (`dumpxml`) and as
+//! the VM configuration `rvirt-vmm` runs.
 
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
+
+use rvirt_api::config::VmConfig;
 
 use crate::xml::{BootMenu, CharDevice, DiskBus, DiskSource, DomainXml, ImageFormat, InterfaceKind, Kept, KeptXml, LifecycleAction, UnknownElement, VIRTIO_CONSOLE};
 
@@ -276,140 +278,122 @@ impl DomainXml {
         Ok(d)
     }
 
-    /// The `rvirt-vmm` arguments that run this domain (network interfaces
-    /// resolved first with [`DomainXml::with_network_bridges`]).
-    pub fn vmm_args(&self, launch: &VmmLaunch) -> Vec<String> {
-        let mut a: Vec<String> = vec![
-            "--uuid".into(),
-            self.uuid.to_string(),
-            "--cpus".into(),
-            self.vcpus.to_string(),
-            "--memory".into(),
-            format!("{}K", self.memory_kib),
-            "--api-socket".into(),
-            launch.api_socket.to_string_lossy().into_owned(),
-            "--on-reboot".into(),
-            if self.on_reboot == LifecycleAction::Restart { "restart" } else { "exit" }.into(),
-            "--serial".into(),
-            match &self.serial {
-                Some(c) => char_mode(c),
-                None => "null".into(),
+    /// The VM configuration that runs this domain (network interfaces
+    /// resolved first with [`DomainXml::with_network_bridges`]): the value
+    /// rvirtd hands `rvirt-vmm --config`. Fails only for a MAC address or
+    /// vCPU count the VMM cannot take.
+    pub fn vm_config(&self, launch: &VmmLaunch) -> Result<VmConfig, String> {
+        use rvirt_api::config as c;
+        let boot = match &self.kernel {
+            Some(k) => c::Boot::Kernel {
+                kernel: k.clone(),
+                initrd: self.initrd.clone(),
+                cmdline: self.cmdline.clone().unwrap_or_else(|| c::DEFAULT_CMDLINE.into()),
             },
-        ];
-        match &self.kernel {
-            Some(k) => {
-                a.extend(["--kernel".into(), k.to_string_lossy().into_owned()]);
-                if let Some(i) = &self.initrd {
-                    a.extend(["--initrd".into(), i.to_string_lossy().into_owned()]);
-                }
-                if let Some(c) = &self.cmdline {
-                    a.extend(["--cmdline".into(), c.clone()]);
-                }
-            }
-            None => a.extend(self.firmware_args()),
-        }
-        let fmt = |f: ImageFormat| if f == ImageFormat::Raw { "raw" } else { "qcow2" };
-        // Commas in values are doubled, as QEMU-style options expect.
-        let escape = |p: &Path| p.to_string_lossy().replace(',', ",,");
+            None => self.firmware_boot(),
+        };
+        let mut cfg = VmConfig::with_boot(boot);
+        cfg.uuid = Some(*self.uuid.as_bytes());
+        cfg.vcpus = u8::try_from(self.vcpus).map_err(|_| format!("{} vCPUs: rvirt-vmm takes at most 254", self.vcpus))?;
+        cfg.memory_bytes = self.memory_kib.saturating_mul(1024);
+        cfg.api_socket = Some(launch.api_socket.to_path_buf());
+        cfg.on_reboot = if self.on_reboot == LifecycleAction::Restart { c::OnReboot::Restart } else { c::OnReboot::Exit };
+        cfg.serial = self.serial.as_ref().map_or(c::SerialMode::Null, char_mode);
+        let fmt = |f: ImageFormat| if f == ImageFormat::Raw { c::ImageFormat::Raw } else { c::ImageFormat::Qcow2 };
         for (i, d) in self.disks.iter().enumerate() {
             // A disk without a format is raw: the VMM is told so, never left to guess.
-            let mut spec = if d.path.as_os_str().is_empty() {
-                String::from("media=cdrom")
+            let mut disk = if d.cdrom {
+                c::DiskConfig::cdrom(d.path.clone())
             } else {
-                format!("path={},format={}", escape(&d.path), fmt(d.format.unwrap_or(ImageFormat::Raw)))
+                c::DiskConfig {
+                    bus: if d.bus == DiskBus::Virtio { c::DiskBus::Virtio } else { c::DiskBus::Scsi },
+                    shareable: d.shareable,
+                    read_only: d.readonly,
+                    direct: d.direct,
+                    ..c::DiskConfig::plain(d.path.clone())
+                }
             };
-            if d.cdrom && !d.path.as_os_str().is_empty() {
-                spec += ",media=cdrom";
-            } else if !d.cdrom && d.bus != DiskBus::Virtio {
-                spec += ",bus=scsi";
+            if !d.path.as_os_str().is_empty() {
+                disk.format = Some(fmt(d.format.unwrap_or(ImageFormat::Raw)));
             }
-            for (path, f) in launch.chains.get(i).map(Vec::as_slice).unwrap_or_default() {
-                spec += &format!(",backing={}:{}", escape(path), fmt(*f));
-            }
-            if d.shareable && !d.cdrom {
-                spec += ",shareable=on";
-            }
-            if d.readonly && !d.cdrom {
-                spec += ",readonly=on";
-            }
-            if d.direct && !d.cdrom {
-                spec += ",direct=on";
-            }
-            if let Some(s) = &d.serial {
-                spec += &format!(",serial={s}");
-            }
+            disk.backing = launch.chains.get(i).map(Vec::as_slice).unwrap_or_default().iter().map(|(path, f)| c::BackingFile { path: path.clone(), format: fmt(*f) }).collect();
+            disk.serial = d.serial.clone();
             // The firmware's bootorder ranks from 0; libvirt's orders start at 1.
             if let (None, Some(b)) = (&self.kernel, d.boot_order) {
-                spec += &format!(",boot={}", b.saturating_sub(1).min(u32::from(u16::MAX)));
+                disk.boot_index = Some(b.saturating_sub(1).min(u32::from(u16::MAX)) as u16);
             }
-            a.extend(["--disk".into(), spec]);
+            cfg.disks.push(disk);
         }
         for (n, (i, tap)) in self.interfaces.iter().zip(launch.taps).enumerate() {
-            let mut spec = format!("tap={tap}");
-            if let Some(fd) = launch.tap_fds.get(n) {
-                spec += &format!(",fd={fd}");
-            }
-            if let Some(m) = &i.mac {
-                spec += &format!(",mac={m}");
-            }
-            if let InterfaceKind::Bridge(b) = &i.kind {
-                spec += &format!(",bridge={b}");
-            }
-            if i.link_up == Some(false) {
-                spec += ",link=down";
-            }
-            a.extend(["--net".into(), spec]);
+            let mac = i.mac.as_deref().map(|m| parse_mac(m).ok_or_else(|| format!("interface {n}: '{m}' is not a MAC address"))).transpose()?;
+            cfg.nets.push(c::NetConfig {
+                tap: tap.clone(),
+                fd: launch.tap_fds.get(n).copied(),
+                mac,
+                bridge: match &i.kind {
+                    InterfaceKind::Bridge(b) => Some(b.clone()),
+                    _ => None,
+                },
+                link_up: i.link_up != Some(false),
+            });
         }
-        if self.rng {
-            a.push("--rng".into());
-        }
-        if self.memballoon {
-            a.push("--balloon".into());
-        }
-        if let Some(c) = &self.virtio_console {
-            a.extend(["--console".into(), char_mode(c)]);
-        }
-        for (v, set) in &self.tuning.vcpupin {
-            a.extend(["--vcpu-pin".into(), format!("{v}:{}", set.list())]);
-        }
-        if let Some(set) = &self.tuning.emulatorpin {
-            a.extend(["--emulator-pin".into(), set.list()]);
-        }
-        a
+        cfg.rng = self.rng;
+        cfg.balloon = self.memballoon;
+        cfg.console = self.virtio_console.as_ref().map(char_mode);
+        cfg.vcpu_pins = self.tuning.vcpupin.iter().filter_map(|(v, set)| Some((u8::try_from(*v).ok()?, set.cpus.clone()))).collect();
+        cfg.emulator_pin = self.tuning.emulatorpin.as_ref().map(|set| set.cpus.clone());
+        Ok(cfg)
     }
 }
 
 impl DomainXml {
-    /// The VMM arguments for firmware boot: the loader, `<boot dev>` as
-    /// letters, the boot menu and the reboot timeout.
-    fn firmware_args(&self) -> Vec<String> {
+    /// Firmware boot: the loader, `<boot dev>` in order, the boot menu and
+    /// the reboot timeout.
+    fn firmware_boot(&self) -> rvirt_api::config::Boot {
+        use rvirt_api::config::BootDevice;
         let fw = &self.firmware;
-        let mut a = Vec::new();
-        if let Some(l) = &fw.loader {
-            a.extend(["--firmware".into(), l.to_string_lossy().into_owned()]);
-        }
+        let default_order = vec![BootDevice::Disk, BootDevice::Cdrom];
         // CMOS holds three classes; libvirt allows four (the fourth is never reached in practice).
-        let order: String = fw.boot_devs.iter().take(3).map(|d| d.letter()).collect();
-        if !order.is_empty() {
-            a.extend(["--boot-order".into(), order]);
-        }
-        if let Some(BootMenu { enable: true, timeout_ms }) = fw.bootmenu {
+        let order: Vec<BootDevice> = fw
+            .boot_devs
+            .iter()
+            .take(3)
+            .map(|d| match d.letter() {
+                'a' => BootDevice::Floppy,
+                'd' => BootDevice::Cdrom,
+                'n' => BootDevice::Network,
+                _ => BootDevice::Disk,
+            })
+            .collect();
+        rvirt_api::config::Boot::Firmware {
+            path: fw.loader.clone().unwrap_or_else(|| PathBuf::from(rvirt_api::DEFAULT_FIRMWARE)),
+            reboot_timeout_ms: fw.reboot_timeout_ms.and_then(|t| u32::try_from(t).ok()),
+            order: if order.is_empty() { default_order } else { order },
             // libvirt's default wait when no timeout is given is the firmware's (SeaBIOS: 2.5 s).
-            a.extend(["--boot-menu".into(), timeout_ms.unwrap_or(2500).to_string()]);
+            menu_ms: match fw.bootmenu {
+                Some(BootMenu { enable: true, timeout_ms }) => Some(timeout_ms.unwrap_or(2500)),
+                _ => None,
+            },
         }
-        if let Some(t) = fw.reboot_timeout_ms {
-            if let Ok(ms) = u32::try_from(t) {
-                a.extend(["--reboot-timeout".into(), ms.to_string()]);
-            }
-        }
-        a
     }
 }
 
-fn char_mode(c: &CharDevice) -> String {
+/// Parses `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for m in &mut mac {
+        let p = parts.next().filter(|p| p.len() == 2)?;
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn char_mode(c: &CharDevice) -> rvirt_api::config::SerialMode {
+    use rvirt_api::config::SerialMode;
     match c {
-        CharDevice::Pty => "pty".into(),
-        CharDevice::Null => "null".into(),
-        CharDevice::File(f) => format!("file={}", f.to_string_lossy()),
+        CharDevice::Pty => SerialMode::Pty,
+        CharDevice::Null => SerialMode::Null,
+        CharDevice::File(f) => SerialMode::File(f.clone()),
     }
 }

@@ -102,20 +102,14 @@ impl Policy {
         Ok(())
     }
 
-    /// The rvirt-vmm options that jail domain `id`'s VMM under `root`.
-    pub fn jail_args(&self, root: &Path, id: u32) -> Vec<String> {
-        match self.jail {
-            None => Vec::new(),
-            Some(base) => {
-                let mut a = vec!["--jail".to_string(), root.display().to_string()];
-                if let Some(base) = base {
-                    let uid = base.saturating_add(id);
-                    a.push("--jail-user".into());
-                    a.push(format!("{uid}:{uid}"));
-                }
-                a
-            }
-        }
+    /// The jail of domain `id`'s VMM, under `root`, when VMMs are jailed.
+    pub fn jail(&self, root: &Path, id: u32) -> Option<rvirt_api::config::JailConfig> {
+        let base = self.jail?;
+        let user = base.map(|b| {
+            let uid = b.saturating_add(id);
+            (uid, uid)
+        });
+        Some(rvirt_api::config::JailConfig { root: root.to_path_buf(), user })
     }
 }
 
@@ -148,7 +142,7 @@ mod tests {
     #[test]
     fn jail_arguments_give_each_domain_its_own_uid() {
         let p = Policy::new(&[], &[], Some(Some(DEFAULT_JAIL_UID_BASE)));
-        assert_eq!(p.jail_args(Path::new("/run/j"), 7), ["--jail", "/run/j", "--jail-user", "1000000007:1000000007"]);
-        assert!(Policy::new(&[], &[], None).jail_args(Path::new("/j"), 1).is_empty());
+        assert_eq!(p.jail(Path::new("/run/j"), 7), Some(rvirt_api::config::JailConfig { root: "/run/j".into(), user: Some((1000000007, 1000000007)) }));
+        assert!(Policy::new(&[], &[], None).jail(Path::new("/j"), 1).is_none());
     }
 }

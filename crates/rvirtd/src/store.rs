@@ -155,6 +155,11 @@ impl Store {
         self.root.join("run").join(format!("{id}.sock"))
     }
 
+    /// The VM configuration rvirtd wrote for run `id`'s VMM (`--config`).
+    pub fn vm_config(&self, id: u32) -> PathBuf {
+        self.root.join("run").join(format!("{id}.json"))
+    }
+
     /// The directory each jailed VMM mounts its empty root over (in its own
     /// mount namespace; it stays empty here).
     pub fn jail_dir(&self) -> PathBuf {
@@ -279,10 +284,11 @@ impl Store {
         write_atomic(&p, &bytes).with_context(|| format!("writing {}", p.display()))
     }
 
-    /// Forgets a run record and its socket.
+    /// Forgets a run record, its socket and its VM configuration.
     pub fn remove_run(&self, name: &str, r: &RunRecord) {
         let _ = fs::remove_file(self.run_record(name));
         let _ = fs::remove_file(&r.api_socket);
+        let _ = fs::remove_file(self.vm_config(r.id));
     }
 }
 

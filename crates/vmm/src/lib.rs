@@ -167,8 +167,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
         }
         _ => cfg,
     };
-    cfg.validate()?;
-    rvirt_sandbox::seccomp::set_mode(cfg.seccomp)?;
+    config::validate(cfg)?;
+    rvirt_sandbox::seccomp::set_mode(config::sandbox_seccomp(cfg.seccomp))?;
     rvirt_sandbox::affinity::configure(cfg.emulator_pin.clone(), cfg.vcpu_pins.clone())?;
     // Check the files before taking any resources, so errors are about them.
     let firmware = match &cfg.boot {
@@ -184,7 +184,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     // Every file is open: descriptors passed for names go (the copies stay).
     rvirt_block::file::forget_passed();
     if let Some(jail) = &cfg.jail {
-        jail.enter()?;
+        config::sandbox_jail(jail).enter()?;
     }
     let api = api.map(api_server::ApiListener::serve).transpose()?;
     rvirt_sandbox::seccomp::enter(rvirt_sandbox::ThreadKind::Main)?;

@@ -5,8 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use rvirt_vmm::config::{parse_boot_order, parse_size, parse_uuid, Boot, DiskConfig, NetConfig, DEFAULT_CMDLINE, DEFAULT_FIRMWARE};
-use rvirt_vmm::{OnReboot, SerialMode, VmConfig, VmExit};
+use rvirt_vmm::config::{
+    parse_boot_order, parse_disk, parse_net, parse_on_reboot, parse_seccomp, parse_serial, parse_size, parse_uuid, Boot, JailConfig,
+    DEFAULT_CMDLINE, DEFAULT_FIRMWARE,
+};
+use rvirt_vmm::{VmConfig, VmExit};
 
 /// Run a KVM virtual machine (one process per VM): from its own disks
 /// through SeaBIOS, or from a Linux kernel given with --kernel.
@@ -108,6 +111,10 @@ struct Cli {
     /// With --restore: read the memory file into fresh RAM at once instead of mapping it.
     #[arg(long, requires = "restore")]
     restore_copy_memory: bool,
+    /// The whole VM as one JSON value (rvirt-api's `VmConfig`, what rvirtd
+    /// writes), instead of the options that describe it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "firmware", "initrd", "cmdline", "cpus", "memory", "uuid", "disk", "net", "rng", "balloon", "console", "boot_order", "boot_menu", "reboot_timeout", "restore", "serial", "api_socket", "on_reboot", "seccomp", "jail", "vcpu_pin", "emulator_pin"])]
+    config: Option<PathBuf>,
     /// With --jail: the unprivileged uid and gid to run as.
     #[arg(long, value_name = "UID:GID", requires = "jail")]
     jail_user: Option<String>,
@@ -124,7 +131,26 @@ fn parse_jail_user(s: &str) -> rvirt_vmm::Result<(u32, u32)> {
     Ok((u, g))
 }
 
+/// Largest `--config` file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a `--config` file: JSON of one `VmConfig`, unknown fields refused.
+fn read_config(path: &std::path::Path) -> rvirt_vmm::Result<VmConfig> {
+    use std::io::Read;
+    let bad = |why: String| rvirt_vmm::Error::Config(format!("--config {}: {why}", path.display()));
+    let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut text = String::new();
+    f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text).map_err(|e| bad(e.to_string()))?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(bad(format!("larger than {MAX_CONFIG_BYTES} bytes")));
+    }
+    VmConfig::from_json(&text).map_err(|e| bad(e.to_string()))
+}
+
 fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
+    if let Some(path) = &cli.config {
+        return read_config(path);
+    }
     let boot = match (cli.restore, cli.kernel) {
         (Some(dir), _) => Boot::Restore { dir, copy_memory: cli.restore_copy_memory },
         (None, Some(kernel)) => Boot::Kernel { kernel, initrd: cli.initrd, cmdline: cli.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()) },
@@ -141,15 +167,15 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
         // Out-of-range counts get the same message as 0 from validate().
         vcpus: u8::try_from(cli.cpus).unwrap_or(0),
         memory_bytes: parse_size(&cli.memory)?,
-        serial: cli.serial.parse::<SerialMode>()?,
+        serial: parse_serial("--serial", &cli.serial)?,
         api_socket: cli.api_socket,
-        on_reboot: cli.on_reboot.parse::<OnReboot>()?,
-        disks: cli.disk.iter().map(|d| d.parse::<DiskConfig>()).collect::<Result<_, _>>()?,
-        nets: cli.net.iter().map(|n| n.parse::<NetConfig>()).collect::<Result<_, _>>()?,
+        on_reboot: parse_on_reboot(&cli.on_reboot)?,
+        disks: cli.disk.iter().map(|d| parse_disk(d)).collect::<Result<_, _>>()?,
+        nets: cli.net.iter().map(|n| parse_net(n)).collect::<Result<_, _>>()?,
         rng: cli.rng,
         balloon: cli.balloon,
-        console: cli.console.as_deref().map(|c| SerialMode::parse_for("--console", c)).transpose()?,
-        seccomp: cli.seccomp.parse().map_err(rvirt_vmm::Error::Config)?,
+        console: cli.console.as_deref().map(|c| parse_serial("--console", c)).transpose()?,
+        seccomp: parse_seccomp(&cli.seccomp)?,
         vcpu_pins: cli
             .vcpu_pin
             .iter()
@@ -161,7 +187,7 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
             .collect::<rvirt_vmm::Result<_>>()?,
         emulator_pin: cli.emulator_pin.as_deref().map(|c| rvirt_vmm::config::parse_cpu_list("--emulator-pin", c)).transpose()?,
         jail: match cli.jail {
-            Some(root) => Some(rvirt_sandbox::Jail { root, user: cli.jail_user.as_deref().map(parse_jail_user).transpose()? }),
+            Some(root) => Some(JailConfig { root, user: cli.jail_user.as_deref().map(parse_jail_user).transpose()? }),
             None => None,
         },
     })

@@ -81,9 +81,9 @@ pub(crate) fn open_disk(d: &DiskConfig) -> Result<Arc<dyn rvirt_block::BlockBack
     let err = |e: rvirt_block::Error| Error::Device(format!("--disk: {e}"));
     // Never probed: the guest writes the first bytes of its disk, and a
     // probe could be talked into opening any host file as a backing file.
-    let format = d.format.unwrap_or(Format::Raw);
+    let format = d.format.map_or(Format::Raw, crate::config::block_format);
     let backing = if !d.backing.is_empty() {
-        BackingPolicy::Given(d.backing.clone())
+        BackingPolicy::Given(d.backing.iter().map(|l| rvirt_block::Layer { path: l.path.clone(), format: crate::config::block_format(l.format) }).collect())
     } else if d.probe_backing {
         BackingPolicy::Probe
     } else {

@@ -112,6 +112,36 @@ fn kernel_and_firmware_arguments_that_do_not_go_together_are_usage_errors() {
 }
 
 #[test]
+fn a_config_file_is_read_whole_or_refused_with_the_reason() {
+    let dir = std::env::temp_dir().join(format!("rvirt-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = kernel_file();
+    let mut cfg = rvirt_api::config::VmConfig::new(&k);
+    cfg.vcpus = 0;
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    // The value is checked as the options are: the same words.
+    let zero = write("zero.json", &cfg.to_json().unwrap());
+    expect_error(&["--config", &zero], "--cpus must be between 1 and 254");
+    cfg.vcpus = 1;
+    let json = cfg.to_json().unwrap();
+    let unknown = write("unknown.json", &json.replacen("\"rng\"", "\"rgn\"", 1));
+    expect_error(&["--config", &unknown], "unknown field `rgn`");
+    let truncated = write("truncated.json", &json[..json.len() / 2]);
+    expect_error(&["--config", &truncated], "EOF while parsing");
+    let huge = write("huge.json", &" ".repeat(2 << 20));
+    expect_error(&["--config", &huge], "larger than 1048576 bytes");
+    expect_error(&["--config", "/nonexistent/vm.json"], "--config /nonexistent/vm.json: No such file");
+    // The file is the whole VM: options describing it too are a usage error.
+    let (code, stderr) = vmm(&["--config", &zero, "--cpus", "2"]);
+    assert_eq!(code, 2, "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn help_and_version_succeed() {
     let (code, _) = vmm(&["--version"]);
     assert_eq!(code, 0);

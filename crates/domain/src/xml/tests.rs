@@ -1,7 +1,14 @@
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use rvirt_api::config as c;
 
 use super::*;
 use crate::VmmLaunch;
+
+/// The VM configuration `d` starts with (api socket `/s`).
+fn config(d: &DomainXml, taps: &[String], chains: &[Vec<(PathBuf, ImageFormat)>], tap_fds: &[i32]) -> c::VmConfig {
+    d.vm_config(&VmmLaunch { api_socket: Path::new("/s"), taps, chains, tap_fds }).unwrap()
+}
 
 /// A definition as virt-install or a user would write it for libvirt.
 const LIBVIRT_XML: &str = r#"<domain type='kvm'>
@@ -117,25 +124,29 @@ fn vmm_arguments_cover_every_device() {
     let d = DomainXml::parse(LIBVIRT_XML).unwrap();
     let taps = vec!["rv1n0".to_string(), "tap7".to_string()];
     let chains = vec![vec![(std::path::PathBuf::from("/var/lib/rvirt/images/base,1.qcow2"), ImageFormat::Qcow2), ("/b.raw".into(), ImageFormat::Raw)], vec![]];
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/run/rvirt/web.sock"), taps: &taps, chains: &chains, tap_fds: &[] }).join(" ");
-    for want in [
-        "--kernel /var/lib/rvirt/boot/vmlinuz",
-        "--cpus 2",
-        "--memory 1048576K",
-        "--api-socket /run/rvirt/web.sock",
-        "--on-reboot restart",
-        "--serial pty",
-        "--initrd /var/lib/rvirt/boot/initrd.img",
-        "--disk path=/var/lib/rvirt/images/web.qcow2,format=qcow2,backing=/var/lib/rvirt/images/base,,1.qcow2:qcow2,backing=/b.raw:raw,serial=web-root",
-        "--disk path=/dev/vg0/data,format=raw,readonly=on,direct=on",
-        "--net tap=rv1n0,mac=52:54:00:ab:cd:01,bridge=br0",
-        "--net tap=tap7",
-        "--rng",
-        "--balloon",
-        "--console file=/var/log/web-hvc0.log",
-    ] {
-        assert!(args.contains(want), "missing '{want}' in {args}");
-    }
+    let cfg = d.vm_config(&VmmLaunch { api_socket: Path::new("/run/rvirt/web.sock"), taps: &taps, chains: &chains, tap_fds: &[] }).unwrap();
+    let c::Boot::Kernel { kernel, initrd, .. } = &cfg.boot else { panic!("{:?}", cfg.boot) };
+    assert_eq!((kernel.to_str(), initrd.as_deref().and_then(Path::to_str)), (Some("/var/lib/rvirt/boot/vmlinuz"), Some("/var/lib/rvirt/boot/initrd.img")));
+    assert_eq!((cfg.vcpus, cfg.memory_bytes, cfg.on_reboot, &cfg.serial), (2, 1 << 30, c::OnReboot::Restart, &c::SerialMode::Pty));
+    assert_eq!(cfg.api_socket.as_deref(), Some(Path::new("/run/rvirt/web.sock")));
+    assert_eq!(cfg.disks[0], c::DiskConfig {
+        format: Some(c::ImageFormat::Qcow2),
+        backing: vec![
+            c::BackingFile { path: "/var/lib/rvirt/images/base,1.qcow2".into(), format: c::ImageFormat::Qcow2 },
+            c::BackingFile { path: "/b.raw".into(), format: c::ImageFormat::Raw },
+        ],
+        serial: Some("web-root".into()),
+        ..c::DiskConfig::plain("/var/lib/rvirt/images/web.qcow2".into())
+    });
+    assert_eq!(cfg.disks[1], c::DiskConfig { format: Some(c::ImageFormat::Raw), read_only: true, direct: true, ..c::DiskConfig::plain("/dev/vg0/data".into()) });
+    assert_eq!(cfg.nets, [
+        c::NetConfig { mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]), bridge: Some("br0".into()), ..c::NetConfig::on_tap("rv1n0") },
+        c::NetConfig::on_tap("tap7"),
+    ]);
+    assert!(cfg.rng && cfg.balloon);
+    assert_eq!(cfg.console, Some(c::SerialMode::File("/var/log/web-hvc0.log".into())));
+    // What rvirt-vmm reads back is what was written.
+    assert_eq!(c::VmConfig::from_json(&cfg.to_json().unwrap()).unwrap(), cfg);
 }
 
 /// Each bad definition, and the line and words its error must have.
@@ -226,8 +237,8 @@ fn disks_without_a_format_are_raw_and_shareable_is_kept() {
     let d = DomainXml::parse(xml).unwrap();
     assert!(d.disks[0].shareable && d.disks[0].format.is_none());
     assert!(DomainXml::parse(&d.to_xml()).unwrap().disks[0].shareable, "dumpxml keeps <shareable/>");
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &[], chains: &[], tap_fds: &[] }).join(" ");
-    assert!(args.contains("--disk path=/img/shared.img,format=raw,shareable=on"), "{args}");
+    let cfg = config(&d, &[], &[], &[]);
+    assert_eq!(cfg.disks[0], c::DiskConfig { format: Some(c::ImageFormat::Raw), shareable: true, ..c::DiskConfig::plain("/img/shared.img".into()) });
 }
 
 #[test]
@@ -313,18 +324,19 @@ fn definitions_without_a_kernel_boot_through_firmware() {
     let report = d.unknown_report();
     assert_eq!(report.len(), 1, "one warning for the screen: {report:?}");
     assert!(report[0].contains("<graphics> (line 24), <video> (line 25)") && report[0].contains("Installers that only draw on a screen"), "{report:?}");
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/run/x.sock"), taps: &[], chains: &[vec![], vec![]], tap_fds: &[] }).join(" ");
-    for want in [
-        "--uuid 5f1d3c2a-8e4b-4c6d-9a7f-0123456789ab",
-        "--firmware /usr/share/seabios/bios-256k.bin",
-        "--boot-menu 1500",
-        "--reboot-timeout 5000",
-        "--disk path=/var/lib/rvirt/images/data.qcow2,format=qcow2,boot=1",
-        "--disk path=/var/lib/rvirt/images/root.raw,format=raw,boot=0",
-    ] {
-        assert!(args.contains(want), "missing '{want}' in {args}");
-    }
-    assert!(!args.contains("--kernel") && !args.contains("--boot-order"), "{args}");
+    let cfg = config(&d, &[], &[vec![], vec![]], &[]);
+    assert_eq!(cfg.uuid, Some(*Uuid::parse_str("5f1d3c2a-8e4b-4c6d-9a7f-0123456789ab").unwrap().as_bytes()));
+    assert_eq!(cfg.boot, c::Boot::Firmware {
+        path: "/usr/share/seabios/bios-256k.bin".into(),
+        reboot_timeout_ms: Some(5000),
+        order: vec![c::BootDevice::Disk, c::BootDevice::Cdrom],
+        menu_ms: Some(1500),
+    }, "no <boot dev>: the firmware's own order");
+    let disks: Vec<_> = cfg.disks.iter().map(|d| (d.path.to_str().unwrap(), d.format, d.boot_index)).collect();
+    assert_eq!(disks, [
+        ("/var/lib/rvirt/images/data.qcow2", Some(c::ImageFormat::Qcow2), Some(1)),
+        ("/var/lib/rvirt/images/root.raw", Some(c::ImageFormat::Raw), Some(0)),
+    ]);
     let xml = d.to_xml();
     assert!(xml.contains("<loader type='rom'>/usr/share/seabios/bios-256k.bin</loader>") && xml.contains("<boot order='1'/>"), "{xml}");
     assert_eq!(DomainXml::parse(&xml).unwrap(), DomainXml::parse(&xml).unwrap().clone());
@@ -340,8 +352,9 @@ fn boot_dev_menu_off_and_vagrants_empty_kernel() {
     )
     .unwrap();
     assert!(d.boots_firmware() && d.initrd.is_none() && d.cmdline.is_none());
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &[], chains: &[], tap_fds: &[] }).join(" ");
-    assert!(args.contains("--boot-order dcn") && !args.contains("--boot-menu") && !args.contains("--firmware"), "{args}");
+    let cfg = config(&d, &[], &[], &[]);
+    let c::Boot::Firmware { path, order, menu_ms, .. } = &cfg.boot else { panic!("{:?}", cfg.boot) };
+    assert_eq!((path.to_str(), order.as_slice(), *menu_ms), (Some(rvirt_api::DEFAULT_FIRMWARE), &[c::BootDevice::Cdrom, c::BootDevice::Disk, c::BootDevice::Network][..], None));
     assert!(d.unknown_report().iter().any(|l| l.contains("network boot (PXE) is not supported yet")));
     let xml = d.to_xml();
     assert!(xml.contains("<boot dev='cdrom'/>\n    <boot dev='hd'/>") && xml.contains("<bootmenu enable='no'/>") && !xml.contains("<kernel>"), "{xml}");
@@ -498,8 +511,8 @@ fn what_rvirt_does_not_act_on_comes_back_as_written() {
     }
     assert!(!out.contains("/dev/pts/3"), "a pty's path belongs to the run that made it");
     assert_eq!(d.interfaces[0].link_up, Some(false));
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &["t0".into()], chains: &[], tap_fds: &[] }).join(" ");
-    assert!(args.contains("--net tap=t0,mac=52:54:00:00:00:01,bridge=br0,link=down"), "{args}");
+    let cfg = config(&d, &["t0".into()], &[], &[]);
+    assert_eq!(cfg.nets, [c::NetConfig { mac: Some([0x52, 0x54, 0, 0, 0, 1]), bridge: Some("br0".into()), link_up: false, ..c::NetConfig::on_tap("t0") }]);
     let again = DomainXml::parse(&out).unwrap();
     assert_eq!(again.to_xml(), out, "byte-stable");
     // Warned once per kind, naming what has an effect elsewhere.
@@ -582,9 +595,8 @@ fn a_direct_card_round_trips_with_libvirt_s_default_mode() {
     assert_eq!(d.interfaces[0].kind, InterfaceKind::Direct { dev: "eno1".into(), mode: "vepa".into() });
     assert!(d.to_xml().contains("<interface type='direct'>\n      <source dev='eno1' mode='vepa'/>"), "{}", d.to_xml());
     assert_eq!(DomainXml::parse(&d.to_xml()).unwrap(), d);
-    let args = d.vmm_args(&crate::VmmLaunch { api_socket: std::path::Path::new("/s"), taps: &["mt0".into()], chains: &[], tap_fds: &[7] });
-    let net = args.iter().position(|a| a == "--net").map(|i| args[i + 1].clone());
-    assert_eq!(net.as_deref(), Some("tap=mt0,fd=7,mac=52:54:00:00:00:0a"), "a macvtap is a tap the VMM is given, on no bridge");
+    let cfg = config(&d, &["mt0".into()], &[], &[7]);
+    assert_eq!(cfg.nets, [c::NetConfig { fd: Some(7), mac: Some([0x52, 0x54, 0, 0, 0, 0x0a]), ..c::NetConfig::on_tap("mt0") }], "a macvtap is a tap the VMM is given, on no bridge");
 }
 
 #[test]
@@ -595,8 +607,8 @@ fn a_card_on_a_network_round_trips_and_joins_the_network_s_bridge_when_started()
     assert!(xml.contains("<interface type='network'>") && xml.contains("<source network='default'/>"), "{xml}");
     assert_eq!(DomainXml::parse(&xml).unwrap().to_xml(), xml);
     let launch = d.with_network_bridges(|n| if n == "default" { Ok("virbr0".into()) } else { Err(format!("no {n}")) }).unwrap();
-    let args = launch.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &["vnet0".into()], chains: &[], tap_fds: &[] }).join(" ");
-    assert!(args.contains("--net tap=vnet0,mac=52:54:00:00:00:09,bridge=virbr0"), "{args}");
+    let cfg = config(&launch, &["vnet0".into()], &[], &[]);
+    assert_eq!(cfg.nets, [c::NetConfig { mac: Some([0x52, 0x54, 0, 0, 0, 9]), bridge: Some("virbr0".into()), ..c::NetConfig::on_tap("vnet0") }]);
     let e = d.with_network_bridges(|n| Err(format!("network '{n}' is not active"))).unwrap_err();
     assert!(e.contains("'default' is not active"), "{e}");
 }
@@ -618,14 +630,14 @@ fn sata_ide_and_cdrom_drives_become_scsi_units_and_other_nics_virtio() {
         (DiskBus::Ide, true, true),
         (DiskBus::Virtio, false, false),
     ]);
-    let args = d.vmm_args(&VmmLaunch { api_socket: Path::new("/s"), taps: &["t0".into()], chains: &[vec![], vec![], vec![], vec![]], tap_fds: &[9] }).join(" ");
-    for want in [
-        "--disk path=/win.qcow2,format=qcow2,bus=scsi,boot=0",
-        "--disk path=/install.iso,format=raw,media=cdrom,boot=1",
-        "--disk media=cdrom --disk path=/data.raw,format=raw --net tap=t0,fd=9",
-    ] {
-        assert!(args.contains(want), "missing '{want}' in {args}");
-    }
+    let cfg = config(&d, &["t0".into()], &[vec![], vec![], vec![], vec![]], &[9]);
+    assert_eq!(cfg.disks, [
+        c::DiskConfig { bus: c::DiskBus::Scsi, format: Some(c::ImageFormat::Qcow2), boot_index: Some(0), ..c::DiskConfig::plain("/win.qcow2".into()) },
+        c::DiskConfig { format: Some(c::ImageFormat::Raw), boot_index: Some(1), ..c::DiskConfig::cdrom("/install.iso".into()) },
+        c::DiskConfig::cdrom(PathBuf::new()),
+        c::DiskConfig { format: Some(c::ImageFormat::Raw), ..c::DiskConfig::plain("/data.raw".into()) },
+    ]);
+    assert_eq!(cfg.nets, [c::NetConfig { fd: Some(9), ..c::NetConfig::on_tap("t0") }]);
     let report = d.unknown_report();
     assert!(report.iter().any(|l| l.starts_with("sda (bus='sata'), sdb (bus='sata'), hdc (bus='ide'): rvirt has no SATA or IDE controller")), "{report:?}");
     assert!(report.iter().any(|l| l.contains("<model type='e1000e'>: rvirt serves these network cards as virtio-net")), "{report:?}");

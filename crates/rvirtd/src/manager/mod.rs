@@ -419,9 +419,15 @@ impl Manager {
         // rvirtd opens every file and tap; the VMM gets descriptors only.
         let launch = def.with_network_bridges(|n| self.networks.active_bridge(n))?;
         let handoff = crate::handoff::Handoff::open(&def, &chains, &taps, &self.policy)?;
-        let mut args = launch.vmm_args(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains, tap_fds: &handoff.tap_fds() });
+        // The VMM gets the whole VM as one typed value, and descriptors.
+        let mut cfg = launch.vm_config(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains, tap_fds: &handoff.tap_fds() })?;
+        cfg.seccomp = rvirt_api::config::SeccompMode::Kill;
+        cfg.jail = self.policy.jail(&self.store.jail_dir(), id);
+        let config_path = self.store.vm_config(id);
+        let json = cfg.to_json().map_err(|e| format!("domain '{name}': {e}"))?;
+        crate::store::write_atomic(&config_path, json.as_bytes()).map_err(|e| format!("writing {}: {e}", config_path.display()))?;
+        let mut args = vec!["--config".to_string(), config_path.to_string_lossy().into_owned()];
         args.extend(handoff.args());
-        args.extend(self.policy.jail_args(&self.store.jail_dir(), id));
         let group = match crate::cgroup::prepare(crate::cgroup::v2_root().as_deref(), name, &def.tuning) {
             Ok(g) => g,
             // A group only for accounting and the thread cap: not worth refusing the domain.
