@@ -84,6 +84,14 @@ impl PciBus {
         }
     }
 
+    /// Re-reads which BARs every device decodes (after a restore put their
+    /// configuration back behind the bus's back) and tells each about moves.
+    pub fn refresh_all(&self) {
+        for slot in 0..self.slots.len() {
+            self.refresh(slot);
+        }
+    }
+
     /// Re-reads which BARs `slot` decodes and tells the device about moves.
     fn refresh(&self, slot: usize) {
         let Some(dev) = self.slots[slot].as_ref() else { return };

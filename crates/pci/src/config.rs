@@ -77,6 +77,16 @@ pub struct PciBarInfo {
     pub size: u64,
 }
 
+/// What a snapshot keeps of a configuration space: every register as the
+/// guest left it and where each BAR is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciConfigState {
+    /// The 64 registers.
+    pub regs: Vec<u32>,
+    /// Each BAR's address (None: no such BAR).
+    pub bar_addrs: Vec<Option<u64>>,
+}
+
 /// A type-0 configuration space.
 pub struct PciConfiguration {
     regs: [u32; NUM_REGS],
@@ -171,6 +181,32 @@ impl PciConfiguration {
     /// Whether the OS disabled legacy INTx.
     pub fn intx_disabled(&self) -> bool {
         self.command() & COMMAND_INTX_DISABLE != 0
+    }
+
+    /// The registers and BAR addresses, for a snapshot.
+    pub fn state(&self) -> PciConfigState {
+        PciConfigState { regs: self.regs.to_vec(), bar_addrs: self.bars.iter().map(|b| b.map(|b| b.addr)).collect() }
+    }
+
+    /// Puts saved registers and BAR addresses back into the same function
+    /// built again: refused when the identity (vendor, device, class) or
+    /// the BARs declared differ.
+    pub fn restore(&mut self, s: &PciConfigState) -> Result<(), String> {
+        if s.regs.len() != NUM_REGS || s.bar_addrs.len() != NUM_BARS {
+            return Err(format!("{} registers and {} BARs saved; a function has {NUM_REGS} and {NUM_BARS}", s.regs.len(), s.bar_addrs.len()));
+        }
+        if s.regs[0] != self.regs[0] || s.regs[2] != self.regs[2] {
+            return Err(format!("saved function {:#010x} class {:#010x}, this one {:#010x} class {:#010x}", s.regs[0], s.regs[2], self.regs[0], self.regs[2]));
+        }
+        for (i, (b, addr)) in self.bars.iter_mut().zip(&s.bar_addrs).enumerate() {
+            match (b, addr) {
+                (Some(b), Some(a)) => b.addr = a & !(b.size - 1),
+                (None, None) => {}
+                _ => return Err(format!("BAR {i} is declared in one of the two functions only")),
+            }
+        }
+        self.regs.copy_from_slice(&s.regs);
+        Ok(())
     }
 
     /// The BARs decoded now.

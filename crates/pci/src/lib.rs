@@ -16,8 +16,8 @@ pub mod config;
 pub mod msix;
 
 pub use bus::{PciBarWindow, PciBus, PciConfigIo, PciConfigMmio, PciHostBridge};
-pub use config::{BarKind, PciBarInfo, PciClass, PciConfiguration, PciHeader};
-pub use msix::{MsiMessage, MsiRouter, MsiVector, MsixConfig, MSIX_ENTRY_SIZE};
+pub use config::{BarKind, PciBarInfo, PciClass, PciConfigState, PciConfiguration, PciHeader};
+pub use msix::{MsiMessage, MsiRouter, MsiVector, MsixConfig, MsixState, MSIX_ENTRY_SIZE};
 
 /// The ports of configuration mechanism #1: address at 0xCF8, data at 0xCFC.
 pub const PCI_CONFIG_IO_BASE: u64 = 0xcf8;

@@ -24,7 +24,7 @@ const CTRL_ENABLE: u16 = 1 << 15;
 const ENTRY_MASKED: u32 = 1;
 
 /// An MSI message: where the device writes, and what.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MsiMessage {
     /// Guest-physical address (the LAPIC window, destination encoded).
     pub address: u64,
@@ -56,6 +56,18 @@ impl Entry {
     fn masked(&self) -> bool {
         self.control & ENTRY_MASKED != 0
     }
+}
+
+/// What a snapshot keeps of a function's MSI-X: the table as programmed,
+/// the pending bits and the message control word.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    /// Each entry's message and vector control word.
+    pub table: Vec<(MsiMessage, u32)>,
+    /// Pending bits.
+    pub pending: Vec<bool>,
+    /// Message control (enable, function mask).
+    pub control: u16,
 }
 
 /// A function's MSI-X state.
@@ -139,6 +151,33 @@ impl MsixConfig {
             self.pending[v] = false;
             let _ = self.vectors[v].irqfd.write(1);
         }
+    }
+
+    /// The table, pending bits and control, for a snapshot.
+    pub fn state(&self) -> MsixState {
+        MsixState { table: self.table.iter().map(|e| (e.msg, e.control)).collect(), pending: self.pending.clone(), control: self.control }
+    }
+
+    /// Puts saved state back (same vector count) and routes every vector
+    /// the guest left unmasked, so interrupts reach it as before; pending
+    /// vectors stay latched until unmasked.
+    pub fn restore(&mut self, s: &MsixState) -> Result<(), String> {
+        if s.table.len() != self.table.len() || s.pending.len() != self.pending.len() {
+            return Err(format!("{} MSI-X vectors saved, this function has {}", s.table.len(), self.table.len()));
+        }
+        for (e, (msg, control)) in self.table.iter_mut().zip(&s.table) {
+            *e = Entry { msg: *msg, control: control & ENTRY_MASKED };
+        }
+        self.pending.copy_from_slice(&s.pending);
+        self.control = s.control & (CTRL_ENABLE | CTRL_FUNCTION_MASK);
+        if !self.blocked() {
+            for v in 0..self.table.len() {
+                if !self.table[v].masked() {
+                    self.route(v);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The guest reads the table.

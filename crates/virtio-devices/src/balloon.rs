@@ -358,6 +358,22 @@ impl VirtioDevice for Balloon {
     fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
     }
+
+    fn save_state(&self) -> crate::DeviceState {
+        crate::DeviceState::Balloon {
+            target_pages: self.state.target_pages.load(Ordering::SeqCst),
+            actual_pages: self.state.actual_pages.load(Ordering::SeqCst),
+        }
+    }
+
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
+        let crate::DeviceState::Balloon { target_pages, actual_pages } = state else {
+            return Err(format!("saved state {state:?} is not a balloon's"));
+        };
+        self.state.target_pages.store(*target_pages, Ordering::SeqCst);
+        self.state.actual_pages.store(*actual_pages, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

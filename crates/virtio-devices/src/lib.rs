@@ -122,6 +122,40 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The device's request counters.
     fn counters(&self) -> Arc<DeviceCounters>;
+    /// What a snapshot keeps of the device beyond its transport and
+    /// configuration (taken while it is stopped).
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Stateless
+    }
+    /// Puts saved state back into the same device built again; state of
+    /// another kind of device is refused.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
+        match state {
+            DeviceState::Stateless => Ok(()),
+            other => Err(format!("saved state {other:?} is not this device's")),
+        }
+    }
+}
+
+/// A device's own state in a snapshot: what the guest or the API changed
+/// that its configuration does not say.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeviceState {
+    /// Nothing beyond the configuration (block, SCSI, rng, console).
+    #[default]
+    Stateless,
+    /// A network card's link (the API's `set-link`).
+    Net {
+        /// Cable in.
+        link_up: bool,
+    },
+    /// The balloon's target (set by the host) and the size the driver reports.
+    Balloon {
+        /// Target, in 4 KiB pages.
+        target_pages: u32,
+        /// The driver's `actual`, in 4 KiB pages.
+        actual_pages: u32,
+    },
 }
 
 /// Per-device counters, reported by the control API.

@@ -12,12 +12,15 @@ use std::sync::{Arc, Mutex};
 
 use rvirt_devices::bus::lock;
 use rvirt_pci::config::{BarKind, PciClass, PciConfiguration, PciHeader};
-use rvirt_pci::{read_le, write_le, MsixConfig, PciBarInfo, PciDevice};
+use rvirt_pci::{read_le, write_le, MsixConfig, MsixState, PciBarInfo, PciConfigState, PciDevice};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{device_type, ActivateContext, Interrupt, InterruptKind, QueueHandle, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
+use crate::{
+    device_type, ActivateContext, DeviceState, Interrupt, InterruptKind, QueueHandle, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+};
 
 /// Size of BAR 0.
 pub const BAR_SIZE: u64 = 0x8000;
@@ -140,6 +143,58 @@ impl IntxResample {
     }
 }
 
+/// A queue as the driver set it up. Where the device was in it is not
+/// kept: a stopped device has completed every request it took, so the
+/// used ring's index in guest memory says it (see [`VirtioPciDevice::quiesce`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSetup {
+    /// Entries.
+    pub size: u16,
+    /// Enabled by the driver.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available ring address.
+    pub avail: u64,
+    /// Used ring address.
+    pub used: u64,
+}
+
+/// What a snapshot keeps of a virtio device and its PCI transport.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VirtioPciState {
+    /// The virtio device type, checked on restore.
+    pub device_type: u32,
+    /// Configuration space (BAR address, command, capabilities' fields).
+    pub config: PciConfigState,
+    /// MSI-X table, pending bits, control.
+    pub msix: MsixState,
+    /// Device status byte.
+    pub status: u8,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// Common configuration's selectors.
+    pub device_feature_select: u32,
+    /// Common configuration's selectors.
+    pub driver_feature_select: u32,
+    /// Common configuration's selectors.
+    pub queue_select: u16,
+    /// Interrupt status not yet read by the driver.
+    pub isr: u8,
+    /// Configuration generation.
+    pub config_generation: u8,
+    /// MSI-X vector of configuration changes.
+    pub config_vector: u16,
+    /// MSI-X vector of each queue.
+    pub queue_vectors: Vec<u16>,
+    /// Each queue's setup.
+    pub queues: Vec<QueueSetup>,
+    /// The driver had started the device (DRIVER_OK accepted).
+    pub active: bool,
+    /// The device's own state.
+    pub device: DeviceState,
+}
+
 /// A virtio device on the PCI bus.
 pub struct VirtioPciDevice {
     name: String,
@@ -156,6 +211,8 @@ pub struct VirtioPciDevice {
     driver_features: u64,
     status: u8,
     active: bool,
+    /// Stopped for a snapshot while the driver has it started.
+    quiesced: bool,
     mem: GuestMemoryMmap,
     ioevents: Arc<dyn IoEventRegistrar>,
     notify_base: Option<u64>,
@@ -250,6 +307,7 @@ impl VirtioPciDevice {
             driver_features: 0,
             status: 0,
             active: false,
+            quiesced: false,
             mem,
             ioevents,
             notify_base: None,
@@ -280,6 +338,121 @@ impl VirtioPciDevice {
             self.device.reset();
             self.active = false;
         }
+    }
+
+    /// Stops the device's worker for a snapshot: once it returns, every
+    /// request the device took is complete and on the used ring, and
+    /// nothing changes guest memory. [`VirtioPciDevice::resume`] restarts it.
+    pub fn quiesce(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+            self.quiesced = true;
+        }
+    }
+
+    /// Restarts a device stopped by [`VirtioPciDevice::quiesce`].
+    pub fn resume(&mut self) -> Result<(), String> {
+        if std::mem::take(&mut self.quiesced) {
+            self.activate_where_the_rings_are()?;
+        }
+        Ok(())
+    }
+
+    /// The device's state (stopped first with [`VirtioPciDevice::quiesce`]).
+    pub fn save(&self) -> VirtioPciState {
+        VirtioPciState {
+            device_type: self.device.device_type(),
+            config: self.config.state(),
+            msix: lock(&self.irq.msix).state(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            queue_select: self.queue_select,
+            isr: self.irq.isr.load(Ordering::SeqCst),
+            config_generation: self.irq.config_generation.load(Ordering::SeqCst),
+            config_vector: self.irq.config_vector.load(Ordering::SeqCst),
+            queue_vectors: self.irq.queue_vectors.iter().map(|v| v.load(Ordering::SeqCst)).collect(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSetup { size: q.size(), ready: q.ready(), desc: q.desc_table(), avail: q.avail_ring(), used: q.used_ring() })
+                .collect(),
+            active: self.active || self.quiesced,
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Puts saved state into the same device built again (before the
+    /// vCPUs run) and, when the driver had started it, starts it where the
+    /// rings are. The bus must re-read the BARs afterwards
+    /// (`PciBus::refresh_all`). Refused, saying what differs, when the
+    /// device is another kind or has other queues.
+    pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), String> {
+        if s.device_type != self.device.device_type() {
+            return Err(format!("saved virtio device type {}, this one is type {}", s.device_type, self.device.device_type()));
+        }
+        if s.queues.len() != self.queues.len() || s.queue_vectors.len() != self.queues.len() {
+            return Err(format!("{} queues saved, this device has {}", s.queues.len(), self.queues.len()));
+        }
+        if s.driver_features & !self.device.features() != 0 {
+            return Err(format!("the driver accepted features {:#x} this device does not offer ({:#x})", s.driver_features, self.device.features()));
+        }
+        self.reset();
+        self.config.restore(&s.config)?;
+        lock(&self.irq.msix).restore(&s.msix)?;
+        self.device.restore_state(&s.device)?;
+        for (q, setup) in self.queues.iter_mut().zip(&s.queues) {
+            q.try_set_size(setup.size).map_err(|e| format!("queue size {}: {e}", setup.size))?;
+            q.set_desc_table_address(Some(setup.desc as u32), Some((setup.desc >> 32) as u32));
+            q.set_avail_ring_address(Some(setup.avail as u32), Some((setup.avail >> 32) as u32));
+            q.set_used_ring_address(Some(setup.used as u32), Some((setup.used >> 32) as u32));
+            q.set_ready(setup.ready);
+        }
+        self.status = s.status;
+        self.driver_features = s.driver_features;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.queue_select = s.queue_select;
+        self.irq.isr.store(s.isr, Ordering::SeqCst);
+        self.irq.config_generation.store(s.config_generation, Ordering::SeqCst);
+        self.irq.config_vector.store(self.valid_vector(s.config_vector), Ordering::SeqCst);
+        for (slot, v) in self.irq.queue_vectors.iter().zip(&s.queue_vectors) {
+            slot.store(self.valid_vector(*v), Ordering::SeqCst);
+        }
+        self.irq.intx_disabled.store(self.config.intx_disabled(), Ordering::Relaxed);
+        if s.active {
+            self.activate_where_the_rings_are()?;
+        }
+        // An interrupt the driver had not taken yet is raised again.
+        if s.isr != 0 && !lock(&self.irq.msix).enabled() {
+            self.irq.assert_intx();
+        }
+        Ok(())
+    }
+
+    /// Starts the device with each ready queue positioned at its used
+    /// ring's index: a stopped device completed everything it took, so any
+    /// chain after that index is still the driver's offer (a chain a device
+    /// held without completing, such as the balloon's statistics buffer or
+    /// a receive buffer waiting for a frame, is taken again). Each queue is
+    /// then notified once, as if the driver had kicked it.
+    fn activate_where_the_rings_are(&mut self) -> Result<(), String> {
+        use vm_memory::{Address, Bytes};
+        for (i, q) in self.queues.iter_mut().enumerate().filter(|(_, q)| q.ready()) {
+            let at = vm_memory::GuestAddress(q.used_ring()).checked_add(2).ok_or(format!("queue {i}: used ring at the top of memory"))?;
+            let used: u16 = self.mem.read_obj::<u16>(at).map(u16::from_le).map_err(|e| format!("queue {i}: used ring index: {e}"))?;
+            q.set_next_avail(used);
+            q.set_next_used(used);
+        }
+        self.activate()?;
+        for (q, e) in self.queues.iter().zip(&self.queue_events) {
+            if q.ready() {
+                let _ = e.write(1);
+            }
+        }
+        Ok(())
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {
@@ -448,6 +621,7 @@ impl VirtioPciDevice {
         }
         self.driver_features = 0;
         self.status = 0;
+        self.quiesced = false;
         self.queue_select = 0;
         self.irq.isr.store(0, Ordering::SeqCst);
         self.irq.config_vector.store(NO_VECTOR, Ordering::SeqCst);
@@ -596,10 +770,11 @@ mod tests {
         }
     }
 
-    /// A device that records activations.
+    /// A device that records activations and where its queue was each time.
     #[derive(Default)]
     struct Dummy {
         activations: Arc<Mutex<usize>>,
+        positions: Arc<Mutex<Vec<(u16, u16)>>>,
     }
     impl VirtioDevice for Dummy {
         fn device_type(&self) -> u32 {
@@ -617,8 +792,10 @@ mod tests {
         fn read_config(&self, _: u64, data: &mut [u8]) {
             data.fill(0);
         }
-        fn activate(&mut self, _: ActivateContext) -> Result<(), String> {
+        fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
             *self.activations.lock().unwrap() += 1;
+            let q = &ctx.queues[0].queue;
+            self.positions.lock().unwrap().push((q.next_avail(), q.next_used()));
             Ok(())
         }
         fn reset(&mut self) {}
@@ -722,6 +899,71 @@ mod tests {
         w(&mut d, 0x14, 0x0f, 1);
         assert_eq!(*n.lock().unwrap(), 1);
         assert_eq!(r(&mut d, 0x14, 1), 0x0f);
+    }
+
+    /// A driver's setup: queue 0's rings at 0x1000/0x2000/0x3000, MSI-X on
+    /// with vector 0 programmed for the queue and 1 for configuration changes.
+    fn started(d: &mut VirtioPciDevice) {
+        negotiate(d);
+        d.write_config(d.msix_cap as u64 + 2, &0x8000u16.to_le_bytes());
+        w(d, MSIX_TABLE, 0xfee0_0000, 8);
+        w(d, MSIX_TABLE + 8, 0x41, 4);
+        w(d, MSIX_TABLE + 12, 0, 4);
+        w(d, 0x10, 1, 2);
+        w(d, 0x16, 0, 2);
+        w(d, 0x18, 8, 2);
+        w(d, 0x20, 0x1000, 8);
+        w(d, 0x28, 0x2000, 8);
+        w(d, 0x30, 0x3000, 8);
+        w(d, 0x1a, 0, 2);
+        w(d, 0x1c, 1, 2);
+        w(d, 0x14, 0x0f, 1);
+    }
+
+    #[test]
+    fn a_started_device_is_stopped_saved_and_started_again_where_its_rings_are() {
+        use vm_memory::Bytes;
+        let (mut one, n) = device();
+        started(&mut one);
+        assert_eq!(*n.lock().unwrap(), 1);
+        // The driver and device got 5 requests through.
+        one.mem.write_obj(5u16.to_le(), vm_memory::GuestAddress(0x3002)).unwrap();
+        one.quiesce();
+        let saved = one.save();
+        assert!(saved.active && saved.queues[0] == QueueSetup { size: 8, ready: true, desc: 0x1000, avail: 0x2000, used: 0x3000 });
+        // Started again in the same VM (a snapshot that resumes): at the used index, and kicked.
+        one.resume().unwrap();
+        assert_eq!(*n.lock().unwrap(), 2);
+        assert_eq!(one.queue_events[0].read().unwrap(), 1, "each queue is kicked once");
+
+        // Built again and restored: the same registers, table and position.
+        let d2 = Dummy::default();
+        let (n2, positions) = (d2.activations.clone(), d2.positions.clone());
+        let vectors = (0..2).map(|i| MsiVector { gsi: 24 + i, irqfd: EventFd::new(libc::EFD_NONBLOCK).unwrap() }).collect();
+        let mut two = VirtioPciDevice::new("t", Box::new(d2), one.mem.clone(), MsixConfig::new(vectors, Arc::new(NoKvm)), None, Arc::new(NoKvm), 0xc000_0000).unwrap();
+        two.restore(&saved).unwrap();
+        assert_eq!(*n2.lock().unwrap(), 1);
+        assert_eq!(*positions.lock().unwrap(), [(5, 5)]);
+        assert_eq!(two.save(), saved);
+        assert_eq!(one.common_image(), two.common_image());
+        let (mut t1, mut t2) = ([0u8; 32], [0u8; 32]);
+        lock(&one.irq.msix).read_table(0, &mut t1);
+        lock(&two.irq.msix).read_table(0, &mut t2);
+        assert_eq!(t1, t2);
+
+        // Another kind of device, other queues, features it lacks: refused, saying so.
+        let mut other = saved.clone();
+        other.device_type = device_type::NET;
+        assert!(two.restore(&other).unwrap_err().contains("type 1, this one is type 4"));
+        let mut other = saved.clone();
+        other.queues.push(other.queues[0].clone());
+        assert!(two.restore(&other).unwrap_err().contains("2 queues saved"));
+        let mut other = saved.clone();
+        other.driver_features |= 1 << 40;
+        assert!(two.restore(&other).unwrap_err().contains("does not offer"));
+        let mut other = saved;
+        other.config.regs[0] = 0x1000_1af4;
+        assert!(two.restore(&other).unwrap_err().contains("saved function 0x10001af4"));
     }
 
     #[test]

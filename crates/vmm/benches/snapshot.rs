@@ -35,11 +35,9 @@ fn wait_for(log: &Path, len: u64, limit: Duration) {
 fn restore_in_process(kvm: &kvm_ioctls::Kvm, snap: &Path, log: &Path, how: FromFile) -> (f64, Vm) {
     let t = Instant::now();
     let (state, file) = snapshot::read(snap).unwrap();
-    let mut cfg = VmConfig::new("/unused");
-    cfg.boot = rvirt_vmm::config::Boot::Restore { dir: snap.to_path_buf(), copy_memory: how == FromFile::Copy };
-    cfg.vcpus = state.vcpus;
-    cfg.memory_bytes = state.memory_bytes;
-    cfg.serial = SerialMode::File(log.to_path_buf());
+    let mut given = VmConfig::with_boot(rvirt_vmm::config::Boot::Restore { dir: snap.to_path_buf(), copy_memory: how == FromFile::Copy });
+    given.serial = SerialMode::File(log.to_path_buf());
+    let cfg = snapshot::restored_config(&given, &state.config).unwrap();
     let layout = rvirt_arch::MemoryLayout::new(cfg.memory_bytes).unwrap();
     let mem = memory::guest_memory_from_file(&layout, &file, how).unwrap();
     let backends = Backends::open(&cfg).unwrap();

@@ -8,8 +8,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use rvirt_devices::bus::lock;
 use rvirt_devices::persist::Persist;
 use rvirt_devices::{Bus, BusDevice};
+use rvirt_virtio_devices::transport::VirtioPciState;
+use rvirt_virtio_devices::VirtioPciDevice;
 
 use crate::{state_file, Error, Result};
 
@@ -36,10 +39,38 @@ pub enum Resource {
 
 /// A device whose state is saved under its id.
 trait Stateful: Send + Sync {
+    /// Stops the device's own activity (worker threads) before a save.
+    fn quiesce(&self) {}
+    /// Restarts what [`Stateful::quiesce`] stopped.
+    fn resume(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
     /// The device's state, encoded.
     fn save(&self) -> std::result::Result<Vec<u8>, String>;
     /// Puts encoded state back.
     fn restore(&self, bytes: &[u8]) -> std::result::Result<(), String>;
+}
+
+/// A virtio device with its PCI transport.
+struct VirtioNode(Arc<Mutex<VirtioPciDevice>>);
+
+impl Stateful for VirtioNode {
+    fn quiesce(&self) {
+        lock(&self.0).quiesce();
+    }
+
+    fn resume(&self) -> std::result::Result<(), String> {
+        lock(&self.0).resume()
+    }
+
+    fn save(&self) -> std::result::Result<Vec<u8>, String> {
+        state_file::to_bytes(&lock(&self.0).save()).map_err(|e| e.to_string())
+    }
+
+    fn restore(&self, bytes: &[u8]) -> std::result::Result<(), String> {
+        let state = state_file::from_bytes::<VirtioPciState>(bytes).map_err(|e| e.to_string())?;
+        lock(&self.0).restore(&state)
+    }
 }
 
 impl<T: Persist + Send> Stateful for Mutex<T> {
@@ -69,7 +100,6 @@ pub struct DeviceManager {
     io_bus: Bus,
     mmio_bus: Bus,
     nodes: Vec<DeviceNode>,
-    unsaved: Vec<String>,
 }
 
 impl DeviceManager {
@@ -107,25 +137,22 @@ impl DeviceManager {
         self.insert(id, dev, r, Some(state))
     }
 
-    /// A PCI device (on the PCI bus, not the port or memory bus) whose
-    /// state has no save seam yet: snapshots of a VM with one are refused.
-    pub fn add_pci_without_state(&mut self, id: &str, slot: usize) -> Result<()> {
-        self.node(id, Resource::PciSlot(slot), None)?;
-        self.unsaved.push(id.to_string());
-        Ok(())
+    /// A virtio device in PCI slot `slot` (on the PCI bus, not the port or
+    /// memory bus): its transport's and its own state are saved, its worker
+    /// stopped around the save.
+    pub fn add_virtio(&mut self, id: &str, slot: usize, transport: Arc<Mutex<VirtioPciDevice>>) -> Result<()> {
+        self.node(id, Resource::PciSlot(slot), Some(Arc::new(VirtioNode(transport))))
     }
 
     /// The buses, for the vCPUs, and the device tree, for saving and restoring.
     pub fn finish(self) -> (Arc<Bus>, Arc<Bus>, Devices) {
-        (Arc::new(self.io_bus), Arc::new(self.mmio_bus), Devices { nodes: self.nodes, unsaved: self.unsaved })
+        (Arc::new(self.io_bus), Arc::new(self.mmio_bus), Devices { nodes: self.nodes })
     }
 }
 
 /// The VM's device tree.
 pub struct Devices {
     nodes: Vec<DeviceNode>,
-    /// Devices with state that a snapshot cannot carry yet.
-    unsaved: Vec<String>,
 }
 
 impl Devices {
@@ -134,21 +161,31 @@ impl Devices {
         &self.nodes
     }
 
-    /// Refused, naming them, when the VM has devices whose state cannot be
-    /// saved yet.
-    pub fn check_saveable(&self) -> Result<()> {
-        if self.unsaved.is_empty() {
-            return Ok(());
+    /// Stops every device's own activity (the vCPUs paused): once it
+    /// returns no device changes guest memory, and every request a device
+    /// took is complete.
+    pub fn quiesce(&self) {
+        for s in self.nodes.iter().filter_map(|n| n.state.as_ref()) {
+            s.quiesce();
         }
-        Err(Error::Config(format!(
-            "snapshots of VMs with virtio devices are not supported yet (their queues' state is not saved); this VM has {}",
-            self.unsaved.join(", ")
-        )))
     }
 
-    /// Each stateful device's state by id (the VM paused); see [`Devices::check_saveable`].
+    /// Restarts what [`Devices::quiesce`] stopped; the first failure is named.
+    pub fn resume(&self) -> Result<()> {
+        let mut first = Ok(());
+        for n in &self.nodes {
+            if let Some(s) = &n.state {
+                if let Err(e) = s.resume() {
+                    tracing::error!("{}: cannot restart after the snapshot: {e}", n.id);
+                    first = first.and(Err(Error::Device(format!("{}: {e}", n.id))));
+                }
+            }
+        }
+        first
+    }
+
+    /// Each stateful device's state by id (the VM paused, devices quiesced).
     pub fn save(&self) -> Result<BTreeMap<String, Vec<u8>>> {
-        self.check_saveable()?;
         let mut out = BTreeMap::new();
         for n in &self.nodes {
             if let Some(s) = &n.state {
@@ -241,10 +278,6 @@ mod tests {
         let garbage = BTreeMap::from([("reg".to_string(), vec![1u8])]);
         let e = one.restore(&garbage).unwrap_err().to_string();
         assert!(e.contains("reg: "), "names the device: {e}");
-        let mut m = DeviceManager::new();
-        m.add_pci_without_state("disk0", 1).unwrap();
-        let (_, _, d) = m.finish();
-        assert!(d.save().unwrap_err().to_string().contains("disk0"), "a device without a save seam stops the snapshot");
         let mut m = DeviceManager::new();
         m.add("x", Arc::new(Mutex::new(Register(0))), Resource::Pio { base: 0, len: 1 }).unwrap();
         assert!(m.add("x", Arc::new(Mutex::new(Register(0))), Resource::Pio { base: 8, len: 1 }).is_err(), "ids are unique");

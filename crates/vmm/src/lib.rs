@@ -156,10 +156,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     let cfg = match &cfg.boot {
         config::Boot::Restore { dir, copy_memory } => {
             let (snap, memory_file) = snapshot::read(dir)?;
-            let mut c = cfg.clone();
-            c.vcpus = snap.vcpus;
-            c.memory_bytes = snap.memory_bytes;
-            c.uuid = snap.uuid;
+            let c = snapshot::restored_config(cfg, &snap.config)?;
             let how = if *copy_memory { memory::FromFile::Copy } else { memory::FromFile::Map };
             restore = Some((snap, memory_file, how));
             restored_cfg = c;

@@ -104,9 +104,11 @@ struct Cli {
     only_passed_files: bool,
     /// Continue the VM of a snapshot (written by the API's `snapshot`) from
     /// where it was: its memory (mapped copy-on-write from DIR/memory),
-    /// vCPUs and devices; its vCPU count, memory and UUID are the
-    /// snapshot's. --serial and --api-socket are given again.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "firmware", "initrd", "cmdline", "cpus", "memory", "uuid", "disk", "net", "rng", "balloon", "console", "boot_order", "boot_menu", "reboot_timeout"])]
+    /// vCPUs and devices, built as the snapshot says. Backends are given
+    /// again: --serial, --api-socket, --console's backend; --disk (all, in
+    /// order: each clone its own copy) and --net (all: new taps, same MACs)
+    /// when they differ from the snapshot's.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "firmware", "initrd", "cmdline", "cpus", "memory", "uuid", "rng", "balloon", "boot_order", "boot_menu", "reboot_timeout"])]
     restore: Option<PathBuf>,
     /// With --restore: read the memory file into fresh RAM at once instead of mapping it.
     #[arg(long, requires = "restore")]

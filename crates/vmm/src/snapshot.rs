@@ -5,9 +5,9 @@
 //! zero). `rvirt-vmm --restore DIR` maps the memory
 //! file copy-on-write, so N clones share the pages none of them changed.
 //!
-//! For now the VM may have no virtio device and must have booted a kernel
-//! (not firmware): the virtio transports' and firmware's state is the next
-//! step; such a snapshot is refused, naming what it lacks.
+//! Virtio devices are stopped for the save (every request they took
+//! completes) and restarted where their rings are. For now the VM must have
+//! booted a kernel (not firmware): a firmware VM's snapshot is refused.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -18,6 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
+use crate::config::VmConfig;
 use crate::state_file;
 use crate::vcpu_state::MachineState;
 use crate::{memory, Error, Result};
@@ -30,15 +31,12 @@ pub const MEMORY: &str = "memory";
 /// Everything of a VM but its memory.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmSnapshot {
-    /// vCPUs.
-    pub vcpus: u8,
-    /// Guest RAM in bytes.
-    pub memory_bytes: u64,
-    /// The machine's UUID.
-    pub uuid: Option<[u8; 16]>,
+    /// What the VM was built from (each card with the MAC it had): a
+    /// restore builds the same machine and devices from it.
+    pub config: VmConfig,
     /// What KVM holds.
     pub machine: MachineState,
-    /// Each platform device's state by its id in the device tree.
+    /// Each device's state by its id in the device tree.
     pub devices: BTreeMap<String, Vec<u8>>,
 }
 
@@ -86,6 +84,69 @@ pub fn write(dir: &Path, snap: &VmSnapshot, mem: &GuestMemoryMmap) -> Result<Wri
     result
 }
 
+/// The configuration a restore runs: the snapshot's machine and devices
+/// (`saved`), with the backends of `given` (the restore's own options):
+/// COM1, the API socket, the virtio console's backend, reboot action,
+/// confinement and pinning; disks given again replace the saved ones'
+/// files (same count, bus and media: clones each write their own copy);
+/// cards given again replace their taps (same count; the MAC stays the
+/// guest's). What does not fit is refused, saying what differs.
+pub fn restored_config(given: &VmConfig, saved: &VmConfig) -> Result<VmConfig> {
+    let bad = |why: String| Error::Config(format!("--restore: {why}"));
+    let mut c = saved.clone();
+    c.boot = given.boot.clone();
+    c.serial = given.serial.clone();
+    c.api_socket = given.api_socket.clone();
+    c.on_reboot = given.on_reboot;
+    c.seccomp = given.seccomp;
+    c.jail = given.jail.clone();
+    c.vcpu_pins = given.vcpu_pins.clone();
+    c.emulator_pin = given.emulator_pin.clone();
+    match (&given.console, &mut c.console) {
+        (Some(g), Some(s)) => *s = g.clone(),
+        (Some(_), None) => return Err(bad("the snapshot's VM has no virtio console".into())),
+        (None, _) => {}
+    }
+    if !given.disks.is_empty() {
+        if given.disks.len() != saved.disks.len() {
+            return Err(bad(format!("{} disks given; the snapshot's VM has {}", given.disks.len(), saved.disks.len())));
+        }
+        for (i, (g, s)) in given.disks.iter().zip(&mut c.disks).enumerate() {
+            if (g.bus, g.media, g.read_only) != (s.bus, s.media, s.read_only) {
+                return Err(bad(format!(
+                    "disk{i} is {:?}/{:?}{} in the snapshot; the disk given is {:?}/{:?}{}",
+                    s.bus,
+                    s.media,
+                    if s.read_only { " read-only" } else { "" },
+                    g.bus,
+                    g.media,
+                    if g.read_only { " read-only" } else { "" }
+                )));
+            }
+            s.path = g.path.clone();
+            s.format = g.format;
+            s.backing = g.backing.clone();
+            s.probe_backing = g.probe_backing;
+            s.shareable = g.shareable;
+            s.direct = g.direct;
+        }
+    }
+    if !given.nets.is_empty() {
+        if given.nets.len() != saved.nets.len() {
+            return Err(bad(format!("{} network cards given; the snapshot's VM has {}", given.nets.len(), saved.nets.len())));
+        }
+        for (i, (g, s)) in given.nets.iter().zip(&mut c.nets).enumerate() {
+            if g.mac.is_some() && g.mac != s.mac {
+                return Err(bad(format!("net{i}: the guest knows its card by the MAC the snapshot has; another cannot be given")));
+            }
+            s.tap = g.tap.clone();
+            s.fd = g.fd;
+            s.bridge = g.bridge.clone();
+        }
+    }
+    Ok(c)
+}
+
 /// Reads the snapshot in `dir`: its state (checked: format, version,
 /// checksum) and its memory file, opened for mapping.
 pub fn read(dir: &Path) -> Result<(VmSnapshot, File)> {
@@ -100,11 +161,55 @@ pub fn read(dir: &Path) -> Result<(VmSnapshot, File)> {
     let memory_path = dir.join(MEMORY);
     let memory = File::open(&memory_path).map_err(|e| bad(format!("{MEMORY}: {e}")))?;
     let len = memory.metadata().map_err(|e| bad(format!("{MEMORY}: {e}")))?.len();
-    if len != snap.memory_bytes {
-        return Err(bad(format!("{MEMORY} holds {len} bytes; the snapshot's VM has {} bytes of RAM", snap.memory_bytes)));
+    if len != snap.config.memory_bytes {
+        return Err(bad(format!("{MEMORY} holds {len} bytes; the snapshot's VM has {} bytes of RAM", snap.config.memory_bytes)));
     }
-    if snap.machine.vcpus.len() != usize::from(snap.vcpus) {
-        return Err(bad(format!("the state has {} vCPUs' registers for {} vCPUs", snap.machine.vcpus.len(), snap.vcpus)));
+    if snap.machine.vcpus.len() != usize::from(snap.config.vcpus) {
+        return Err(bad(format!("the state has {} vCPUs' registers for {} vCPUs", snap.machine.vcpus.len(), snap.config.vcpus)));
     }
     Ok((snap, memory))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Boot, DiskBus, DiskConfig, NetConfig, SerialMode};
+
+    #[test]
+    fn a_restore_takes_the_snapshot_s_machine_and_the_backends_given_again() {
+        let mut saved = VmConfig::new("/k");
+        (saved.vcpus, saved.memory_bytes, saved.rng) = (2, 256 << 20, true);
+        saved.disks = vec![DiskConfig::plain("/a.raw".into())];
+        saved.nets = vec![NetConfig { mac: Some([0x52, 0x54, 0, 1, 2, 3]), link_up: false, ..NetConfig::on_tap("t0") }];
+        saved.console = Some(SerialMode::Pty);
+        let mut given = VmConfig::with_boot(Boot::Restore { dir: "/s".into(), copy_memory: false });
+        given.serial = SerialMode::Null;
+        let c = restored_config(&given, &saved).unwrap();
+        assert_eq!((c.vcpus, c.memory_bytes, c.rng, &c.disks, &c.nets), (2, 256 << 20, true, &saved.disks, &saved.nets));
+        assert_eq!((&c.boot, &c.serial, &c.console), (&given.boot, &SerialMode::Null, &Some(SerialMode::Pty)));
+        // A clone: its own copy of the disk, its own tap; the guest's MAC and link stay.
+        given.disks = vec![DiskConfig::plain("/clone.raw".into())];
+        given.nets = vec![NetConfig::on_tap("t9")];
+        let c = restored_config(&given, &saved).unwrap();
+        assert_eq!(c.disks[0].path.to_str(), Some("/clone.raw"));
+        assert_eq!(c.nets[0], NetConfig { tap: "t9".into(), ..saved.nets[0].clone() });
+        // What the guest would notice is refused.
+        let refused = |g: &VmConfig, saved: &VmConfig, want: &str| {
+            let e = restored_config(g, saved).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        };
+        let mut g = given.clone();
+        g.disks[0].bus = DiskBus::Scsi;
+        refused(&g, &saved, "disk0 is Virtio/Disk in the snapshot");
+        let mut g = given.clone();
+        g.nets[0].mac = Some([0x52, 0x54, 0, 9, 9, 9]);
+        refused(&g, &saved, "net0: the guest knows its card by the MAC");
+        let mut g = given.clone();
+        g.nets.push(NetConfig::on_tap("t8"));
+        refused(&g, &saved, "2 network cards given; the snapshot's VM has 1");
+        saved.console = None;
+        let mut g = given;
+        g.console = Some(SerialMode::Null);
+        refused(&g, &saved, "no virtio console");
+    }
 }

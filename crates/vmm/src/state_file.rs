@@ -11,7 +11,7 @@ use serde::Serialize;
 /// What a state file starts with.
 pub const MAGIC: [u8; 8] = *b"RVIRTVMS";
 /// The version this VMM writes and reads. A change of layout changes it.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes of the header: magic, version, flags, payload length, CRC-32, reserved.
 pub const HEADER_LEN: usize = 32;
 /// The largest payload accepted (device and CPU state, never guest memory).

@@ -152,6 +152,8 @@ pub struct DeviceEntry {
     pub slot: usize,
     /// Counters.
     pub counters: Arc<DeviceCounters>,
+    /// The device with its transport (the device tree saves its state).
+    pub transport: Arc<Mutex<VirtioPciDevice>>,
 }
 
 /// The PCI bus with its devices, and handles the API steers them with.
@@ -238,8 +240,8 @@ impl Builder<'_> {
         }
         let transport = Arc::new(Mutex::new(transport));
         self.bus.add_device(transport.clone()).map_err(|e| Error::Device(format!("{name}: {e}")))?;
-        self.transports.push(transport);
-        self.devices.push(DeviceEntry { name: name.into(), slot, counters });
+        self.transports.push(transport.clone());
+        self.devices.push(DeviceEntry { name: name.into(), slot, counters, transport });
         Ok(slot)
     }
 }

@@ -63,9 +63,9 @@ pub struct Vm {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     started: Instant,
-    vcpu_count: u8,
-    memory_bytes: u64,
-    uuid: Option<[u8; 16]>,
+    /// What the VM was built from, with each card's MAC as given to it (a
+    /// snapshot keeps it: a restore builds the same devices).
+    config: VmConfig,
     /// What was loaded where (direct kernel boot).
     pub kernel: Option<LoadedKernel>,
     _firmware: Option<FirmwareRom>,
@@ -210,9 +210,9 @@ impl Vm {
             let window = Arc::new(Mutex::new(PciBarWindow::new(pci.bus.clone(), start)));
             dm.add(&format!("pci-bars@{start:#x}"), window, Resource::Mmio { base: start, len: last - start + 1 })?;
         }
-        // Virtio devices live on the PCI bus; their state has no seam yet.
+        // Virtio devices live on the PCI bus.
         for d in &pci.devices {
-            dm.add_pci_without_state(&d.name, d.slot)?;
+            dm.add_virtio(&d.name, d.slot, d.transport.clone())?;
         }
         let (io_bus, mmio_bus, devices) = dm.finish();
 
@@ -257,9 +257,13 @@ impl Vm {
             mmio_bus,
             devices,
             started: Instant::now(),
-            vcpu_count: cfg.vcpus,
-            memory_bytes: cfg.memory_bytes,
-            uuid: cfg.uuid,
+            config: {
+                let mut c = cfg.clone();
+                for (n, (_, mac)) in c.nets.iter_mut().zip(&backends.nets) {
+                    n.mac = Some(*mac);
+                }
+                c
+            },
             kernel,
             _firmware: rom,
             serial_pty: None,
@@ -373,8 +377,6 @@ impl Vm {
     /// the VM is paused for it and stays paused unless `resume` (a VM
     /// paused before stays paused either way).
     pub fn snapshot(&self, dir: &std::path::Path, resume: bool) -> Result<snapshot::Written> {
-        // Devices whose state cannot be saved yet stop it before the pause.
-        self.devices.check_saveable()?;
         if self._firmware.is_some() {
             return Err(Error::Config("snapshots of VMs started through firmware are not supported yet; direct kernel boots only".into()));
         }
@@ -383,15 +385,12 @@ impl Vm {
         }
         let was_paused = self.control.is_paused();
         let result = self.save_machine().and_then(|machine| {
-            let snap = snapshot::VmSnapshot {
-                vcpus: self.vcpu_count,
-                memory_bytes: self.memory_bytes,
-                uuid: self.uuid,
-                machine,
-                devices: self.devices.save()?,
-            };
+            // Device workers stop too: nothing writes guest memory while it is copied.
+            self.devices.quiesce();
+            let snap = snapshot::VmSnapshot { config: self.config.clone(), machine, devices: self.devices.save()? };
             snapshot::write(dir, &snap, &self.memory)
         });
+        // A VM that stays paused restarts its devices when it is resumed.
         if !was_paused && (resume || result.is_err()) {
             self.resume();
         }
@@ -402,11 +401,21 @@ impl Vm {
     /// [`Vm::create_restored`] on its memory, before [`Vm::start`].
     pub fn restore_snapshot(&mut self, snap: snapshot::VmSnapshot) -> Result<()> {
         self.restore_machine(&snap.machine)?;
-        self.devices.restore(&snap.devices)
+        self.devices.restore(&snap.devices)?;
+        // BARs are where the guest had them: accesses and notifications follow.
+        self.pci.bus.refresh_all();
+        // A card's link as the guest last saw it survives the guest's reboots too.
+        for (_, handle, link) in &self.pci.nets {
+            link.store(handle.link_up(), std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
     }
 
-    /// Lets parked vCPUs run again.
+    /// Lets parked vCPUs run again, after restarting devices a snapshot stopped.
     pub fn resume(&self) {
+        if let Err(e) = self.devices.resume() {
+            tracing::error!("resuming after a snapshot: {e}");
+        }
         self.control.resume();
     }
 
@@ -467,8 +476,8 @@ impl Vm {
     pub fn status(&self) -> VmStatus {
         VmStatus {
             state: if self.control.is_paused() { RunState::Paused } else { RunState::Running },
-            vcpus: self.vcpu_count,
-            memory_bytes: self.memory_bytes,
+            vcpus: self.config.vcpus,
+            memory_bytes: self.config.memory_bytes,
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             pid: std::process::id(),
             balloon: self
@@ -510,13 +519,13 @@ impl Vm {
                 return Response { stats: Some(stats), ..Response::ok() };
             }
             Request::Balloon { target_bytes } => match &self.pci.balloon {
-                Some(b) if *target_bytes <= self.memory_bytes => {
+                Some(b) if *target_bytes <= self.config.memory_bytes => {
                     b.set_target(*target_bytes);
                     Ok(())
                 }
                 Some(_) => Err(Error::Config(format!(
                     "balloon target {target_bytes} is larger than the guest's {} bytes",
-                    self.memory_bytes
+                    self.config.memory_bytes
                 ))),
                 None => Err(Error::Config("this VM has no balloon (start it with --balloon)".into())),
             },

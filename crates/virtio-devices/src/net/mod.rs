@@ -259,6 +259,18 @@ impl VirtioDevice for VirtioNet {
     fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
     }
+
+    fn save_state(&self) -> crate::DeviceState {
+        crate::DeviceState::Net { link_up: self.handle.link_up() }
+    }
+
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
+        let crate::DeviceState::Net { link_up } = state else {
+            return Err(format!("saved state {state:?} is not a network card's"));
+        };
+        self.handle.status.store(if *link_up { S_LINK_UP } else { 0 }, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
