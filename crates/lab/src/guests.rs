@@ -416,6 +416,33 @@ pub fn real_mode_print_and_power_off(text: &[u8]) -> Vec<u8> {
     c
 }
 
+/// Real-mode code for [`boot_sector`]: prints a, b, ..., z, a, ... for
+/// ever through the firmware's serial service (int 0x14, AH=1, COM1), with
+/// `spin` x 65,535 loop turns after each letter. Output keeps coming only
+/// while the firmware's code and data in RAM work.
+pub fn real_mode_bios_print_alphabet(spin: u16) -> Vec<u8> {
+    let s = spin.to_le_bytes();
+    vec![
+        0xb0, b'a', // 0: mov al, 'a'
+        0xb4, 0x01, // 2: mov ah, 1 (send a character)
+        0x31, 0xd2, // 4: xor dx, dx (COM1)
+        0x50, // 6: push ax
+        0xcd, 0x14, // 7: int 0x14
+        0x58, // 9: pop ax
+        0xb9, s[0], s[1], // 10: mov cx, spin
+        0x51, // 13: push cx
+        0xb9, 0xff, 0xff, // 14: mov cx, 0xffff
+        0xe2, 0xfe, // 17: loop 17
+        0x59, // 19: pop cx
+        0xe2, 0xf7, // 20: loop 13
+        0xfe, 0xc0, // 22: inc al
+        0x3c, b'z' + 1, // 24: cmp al, 'z' + 1
+        0x75, 0xe6, // 26: jne 2
+        0xb0, b'a', // 28: mov al, 'a'
+        0xeb, 0xe2, // 30: jmp 2
+    ]
+}
+
 /// Writes to `out` an ISO 9660 disc (made with Debian's xorriso) whose El
 /// Torito no-emulation boot image is the real-mode `code` (loaded at
 /// 0x7C00, as a boot sector is), with an isohybrid MBR when `hybrid`.

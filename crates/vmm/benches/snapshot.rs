@@ -40,9 +40,9 @@ fn restore_in_process(kvm: &kvm_ioctls::Kvm, snap: &Path, log: &Path, how: FromF
     let cfg = snapshot::restored_config(&given, &state.config).unwrap();
     let layout = rvirt_arch::MemoryLayout::new(cfg.memory_bytes).unwrap();
     let mem = memory::guest_memory_from_file(&layout, &file, how).unwrap();
-    let backends = Backends::open(&cfg).unwrap();
+    let backends = Backends::open_restored(&cfg).unwrap();
     let console = Console::open(&cfg.serial).unwrap();
-    let mut vm = Vm::create_restored(kvm, &cfg, console.writer().unwrap(), &backends, mem).unwrap();
+    let mut vm = Vm::create_restored(kvm, &cfg, console.writer().unwrap(), &backends, mem, None).unwrap();
     vm.restore_snapshot(state).unwrap();
     vm.start().unwrap();
     (t.elapsed().as_secs_f64() * 1000.0, vm)

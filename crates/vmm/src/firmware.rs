@@ -49,18 +49,29 @@ pub fn read_image(path: &Path) -> Result<Vec<u8>> {
 /// The firmware image as the guest sees it (4 GiB minus its size): held
 /// by the VM to keep the mapping KVM reads alive.
 pub struct FirmwareRom {
-    _mapping: MmapRegion,
+    mapping: MmapRegion,
+}
+
+impl FirmwareRom {
+    /// The image as mapped (a snapshot keeps it, so a restore maps what the
+    /// guest ran, whatever became of the file since).
+    pub fn bytes(&self) -> Vec<u8> {
+        // SAFETY: the mapping is `size()` bytes, owned by self and alive for the borrow.
+        unsafe { std::slice::from_raw_parts(self.mapping.as_ptr().cast_const(), self.mapping.size()) }.to_vec()
+    }
 }
 
 /// Maps `image` at 4 GiB minus its size in KVM slot `slot` (read-only where
-/// KVM supports it) and copies its last 256 KiB (or all of a smaller
-/// image) into RAM ending at 1 MiB.
+/// KVM supports it) and, when `copy_low` (a boot, not a restore, whose RAM
+/// holds what the firmware made of it), copies its last 256 KiB (or all of
+/// a smaller image) into RAM ending at 1 MiB.
 pub fn map(
     kvm: &Kvm,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     image: &[u8],
     slot: u32,
+    copy_low: bool,
 ) -> Result<FirmwareRom> {
     let size = image.len();
     let mapping = MmapRegion::new(size)
@@ -84,11 +95,13 @@ pub fn map(
     // keeps for as long as its fd; the range is outside guest RAM.
     unsafe { vm.set_user_memory_region(region) }
         .map_err(crate::error::kvm("SET_USER_MEMORY_REGION (firmware)"))?;
-    let low = &image[size - size.min(BIOS_LOW_SIZE as usize)..];
-    let at = (1u64 << 20) - low.len() as u64;
-    mem.write_slice(low, GuestAddress(at))
-        .map_err(|e| Error::Memory(format!("cannot copy the firmware to {at:#x}: {e}")))?;
-    Ok(FirmwareRom { _mapping: mapping })
+    if copy_low {
+        let low = &image[size - size.min(BIOS_LOW_SIZE as usize)..];
+        let at = (1u64 << 20) - low.len() as u64;
+        mem.write_slice(low, GuestAddress(at))
+            .map_err(|e| Error::Memory(format!("cannot copy the firmware to {at:#x}: {e}")))?;
+    }
+    Ok(FirmwareRom { mapping })
 }
 
 /// What fw_cfg tells the firmware about this machine.

@@ -168,12 +168,17 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     rvirt_sandbox::seccomp::set_mode(config::sandbox_seccomp(cfg.seccomp))?;
     rvirt_sandbox::affinity::configure(cfg.emulator_pin.clone(), cfg.vcpu_pins.clone())?;
     // Check the files before taking any resources, so errors are about them.
+    // A restored VM runs the image its snapshot kept; the file only serves a reboot.
     let firmware = match &cfg.boot {
         config::Boot::Kernel { .. } | config::Boot::Restore { .. } => None,
+        config::Boot::Firmware { path, .. } if restore.is_some() => firmware::read_image(path)
+            .inspect_err(|e| tracing::warn!("{e}: a guest reboot will end the restored VM"))
+            .ok(),
         config::Boot::Firmware { path, .. } => Some(firmware::read_image(path)?),
     };
     memory::check_host_can_provide(cfg.memory_bytes)?;
-    let mut backends = virtio::Backends::open(cfg)?;
+    let mut backends = if restore.is_some() { virtio::Backends::open_restored(cfg)? } else { virtio::Backends::open(cfg)? };
+    let restored = restore.is_some();
     let kvm = open_kvm()?;
     let api = cfg.api_socket.as_deref().map(ApiServer::listen).transpose()?;
     let signals = install_signal_handlers()?;
@@ -194,13 +199,13 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
             Some((snap, file, how)) => {
                 let layout = rvirt_arch::MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("the snapshot's memory: {e}")))?;
                 let mem = memory::guest_memory_from_file(&layout, &file, how)?;
-                let mut vm = Vm::create_restored(&kvm, cfg, console.writer()?, &backends, mem)?;
+                let rom = snap.firmware_rom.clone();
+                let mut vm = Vm::create_restored(&kvm, cfg, console.writer()?, &backends, mem, rom.as_deref())?;
                 vm.restore_snapshot(snap)?;
                 vm
             }
-            None if matches!(cfg.boot, config::Boot::Restore { .. }) => {
-                // A restored VM has no kernel or firmware to start again.
-                tracing::info!("the guest reset; a VM restored from a snapshot has nothing to boot again, so it ends");
+            None if restored && backends.kernel.is_none() && firmware.is_none() => {
+                tracing::info!("the guest reset; the restored VM's kernel or firmware could not be opened, so it ends");
                 return Ok(VmExit::Reset);
             }
             None => Vm::create(&kvm, cfg, console.writer()?, &backends, firmware.as_deref())?,

@@ -6,8 +6,8 @@
 //! file copy-on-write, so N clones share the pages none of them changed.
 //!
 //! Virtio devices are stopped for the save (every request they took
-//! completes) and restarted where their rings are. For now the VM must have
-//! booted a kernel (not firmware): a firmware VM's snapshot is refused.
+//! completes) and restarted where their rings are. A VM that booted
+//! through firmware keeps the firmware image in its state.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -18,7 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::VmConfig;
+use crate::config::{Boot, VmConfig};
 use crate::state_file;
 use crate::vcpu_state::MachineState;
 use crate::{memory, Error, Result};
@@ -38,6 +38,9 @@ pub struct VmSnapshot {
     pub machine: MachineState,
     /// Each device's state by its id in the device tree.
     pub devices: BTreeMap<String, Vec<u8>>,
+    /// The firmware image the VM booted through (mapped read-only at the
+    /// top of 4 GiB), when it did.
+    pub firmware_rom: Option<Vec<u8>>,
 }
 
 /// What a snapshot took.
@@ -84,8 +87,10 @@ pub fn write(dir: &Path, snap: &VmSnapshot, mem: &GuestMemoryMmap) -> Result<Wri
     result
 }
 
-/// The configuration a restore runs: the snapshot's machine and devices
-/// (`saved`), with the backends of `given` (the restore's own options):
+/// The configuration a restore runs: the snapshot's machine, devices and
+/// boot (a guest reboot boots as the VM first did, when its kernel or
+/// firmware can still be opened), with the backends of `given` (the
+/// restore's own options):
 /// COM1, the API socket, the virtio console's backend, reboot action,
 /// confinement and pinning; disks given again replace the saved ones'
 /// files (same count, bus and media: clones each write their own copy);
@@ -94,7 +99,9 @@ pub fn write(dir: &Path, snap: &VmSnapshot, mem: &GuestMemoryMmap) -> Result<Wri
 pub fn restored_config(given: &VmConfig, saved: &VmConfig) -> Result<VmConfig> {
     let bad = |why: String| Error::Config(format!("--restore: {why}"));
     let mut c = saved.clone();
-    c.boot = given.boot.clone();
+    if matches!(c.boot, Boot::Restore { .. }) {
+        return Err(bad("the snapshot's configuration does not say how the VM booted".into()));
+    }
     c.serial = given.serial.clone();
     c.api_socket = given.api_socket.clone();
     c.on_reboot = given.on_reboot;
@@ -173,7 +180,7 @@ pub fn read(dir: &Path) -> Result<(VmSnapshot, File)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Boot, DiskBus, DiskConfig, NetConfig, SerialMode};
+    use crate::config::{DiskBus, DiskConfig, NetConfig, SerialMode};
 
     #[test]
     fn a_restore_takes_the_snapshot_s_machine_and_the_backends_given_again() {
@@ -186,7 +193,7 @@ mod tests {
         given.serial = SerialMode::Null;
         let c = restored_config(&given, &saved).unwrap();
         assert_eq!((c.vcpus, c.memory_bytes, c.rng, &c.disks, &c.nets), (2, 256 << 20, true, &saved.disks, &saved.nets));
-        assert_eq!((&c.boot, &c.serial, &c.console), (&given.boot, &SerialMode::Null, &Some(SerialMode::Pty)));
+        assert_eq!((&c.boot, &c.serial, &c.console), (&saved.boot, &SerialMode::Null, &Some(SerialMode::Pty)), "it boots as it first did");
         // A clone: its own copy of the disk, its own tap; the guest's MAC and link stay.
         given.disks = vec![DiskConfig::plain("/clone.raw".into())];
         given.nets = vec![NetConfig::on_tap("t9")];

@@ -101,6 +101,17 @@ pub(crate) fn open_disk(d: &DiskConfig) -> Result<Arc<dyn rvirt_block::BlockBack
 impl Backends {
     /// Opens every backend `cfg` names.
     pub fn open(cfg: &VmConfig) -> Result<Self> {
+        Self::open_with(cfg, false)
+    }
+
+    /// Opens the backends of a restored VM: its kernel only serves a later
+    /// guest reboot, so a kernel that can no longer be opened is a warning
+    /// (a reboot then ends the VM), not a failed restore.
+    pub fn open_restored(cfg: &VmConfig) -> Result<Self> {
+        Self::open_with(cfg, true)
+    }
+
+    fn open_with(cfg: &VmConfig, kernel_optional: bool) -> Result<Self> {
         let disks = cfg
             .disks
             .iter()
@@ -128,10 +139,19 @@ impl Backends {
         let links = cfg.nets.iter().map(|n| Arc::new(std::sync::atomic::AtomicBool::new(n.link_up))).collect();
         let console = cfg.console.as_ref().map(Console::open).transpose()?;
         let kernel = match &cfg.boot {
-            crate::config::Boot::Kernel { kernel, initrd, .. } => Some(KernelFiles {
-                kernel: crate::loader::open_input("kernel", kernel)?,
-                initrd: initrd.as_deref().map(|p| crate::loader::open_input("initramfs", p)).transpose()?,
-            }),
+            crate::config::Boot::Kernel { kernel, initrd, .. } => {
+                let files = crate::loader::open_input("kernel", kernel).and_then(|k| {
+                    Ok(KernelFiles { kernel: k, initrd: initrd.as_deref().map(|p| crate::loader::open_input("initramfs", p)).transpose()? })
+                });
+                match files {
+                    Ok(f) => Some(f),
+                    Err(e) if kernel_optional => {
+                        tracing::warn!("{e}: a guest reboot will end the restored VM");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             crate::config::Boot::Firmware { .. } | crate::config::Boot::Restore { .. } => None,
         };
         let rng = if cfg.rng {

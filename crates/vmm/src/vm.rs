@@ -93,17 +93,20 @@ impl Vm {
         Self::build(kvm_handle, cfg, serial_out, backends, firmware, None)
     }
 
-    /// Builds the VM of a snapshot (`cfg.boot` is [`Boot::Restore`]) on
-    /// `mem`, its memory: nothing is loaded; the caller restores the vCPU
-    /// and device state ([`Vm::restore_snapshot`]) before [`Vm::start`].
+    /// Builds the VM of a snapshot (`cfg` is the snapshot's configuration,
+    /// booting as the VM first did) on `mem`, its memory, with the firmware
+    /// image the snapshot kept (`rom`, for a VM that booted through
+    /// firmware): nothing is loaded; the caller restores the vCPU and device
+    /// state ([`Vm::restore_snapshot`]) before [`Vm::start`].
     pub fn create_restored(
         kvm_handle: &Kvm,
         cfg: &VmConfig,
         serial_out: Box<dyn std::io::Write + Send>,
         backends: &Backends,
         mem: GuestMemoryMmap,
+        rom: Option<&[u8]>,
     ) -> Result<Self> {
-        Self::build(kvm_handle, cfg, serial_out, backends, None, Some(mem))
+        Self::build(kvm_handle, cfg, serial_out, backends, rom, Some(mem))
     }
 
     fn build(
@@ -115,9 +118,7 @@ impl Vm {
         restored: Option<GuestMemoryMmap>,
     ) -> Result<Self> {
         let layout = MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("--memory: {e}")))?;
-        if restored.is_some() != matches!(cfg.boot, Boot::Restore { .. }) {
-            return Err(Error::Config("a snapshot's memory goes with a restore, and only with one".into()));
-        }
+        let restoring = restored.is_some();
         let vm_fd = Arc::new(kvm_handle.create_vm().map_err(kvm("CREATE_VM"))?);
         vm_fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm("SET_TSS_ADDR"))?;
         vm_fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(kvm("SET_IDENTITY_MAP_ADDR"))?;
@@ -139,6 +140,8 @@ impl Vm {
         // A kernel is loaded with ACPI tables beside it; firmware is mapped
         // and gets the machine's description through fw_cfg.
         let (kernel, firmware) = match (&cfg.boot, firmware) {
+            // The memory holds the kernel, tables and all; the state comes next.
+            (Boot::Kernel { .. }, _) if restoring => (None, None),
             (Boot::Kernel { kernel, initrd, cmdline }, _) => {
                 let files = backends.kernel.as_ref().ok_or_else(|| Error::Config(format!("kernel {} was not opened", kernel.display())))?;
                 let initrd = match (initrd, &files.initrd) {
@@ -152,7 +155,7 @@ impl Vm {
             }
             (Boot::Firmware { reboot_timeout_ms, menu_ms, .. }, Some(image)) => {
                 let slot = vm_memory::GuestMemoryBackend::num_regions(&mem) as u32;
-                let rom = firmware::map(kvm_handle, &vm_fd, &mem, image, slot)?;
+                let rom = firmware::map(kvm_handle, &vm_fd, &mem, image, slot, !restoring)?;
                 let info = MachineInfo {
                     vcpus: cfg.vcpus,
                     layout: &layout,
@@ -164,8 +167,10 @@ impl Vm {
                 };
                 (None, Some((rom, firmware::fw_cfg(&info, mem.clone())?)))
             }
-            // The memory holds the kernel, tables and all; the state comes next.
-            (Boot::Restore { .. }, _) => (None, None),
+            (Boot::Restore { .. }, _) => return Err(Error::Config("a VM is built from its own boot, not from a restore's".into())),
+            (Boot::Firmware { .. }, None) if restoring => {
+                return Err(Error::Config("the snapshot of a VM booted through firmware holds no firmware image".into()))
+            }
             (Boot::Firmware { path, .. }, None) => {
                 return Err(Error::Config(format!("firmware {} was not read", path.display())))
             }
@@ -377,9 +382,6 @@ impl Vm {
     /// the VM is paused for it and stays paused unless `resume` (a VM
     /// paused before stays paused either way).
     pub fn snapshot(&self, dir: &std::path::Path, resume: bool) -> Result<snapshot::Written> {
-        if self._firmware.is_some() {
-            return Err(Error::Config("snapshots of VMs started through firmware are not supported yet; direct kernel boots only".into()));
-        }
         if rvirt_sandbox::jail::jailed() {
             return Err(Error::Config("a jailed VMM can open no path, so it cannot write a snapshot directory".into()));
         }
@@ -387,7 +389,12 @@ impl Vm {
         let result = self.save_machine().and_then(|machine| {
             // Device workers stop too: nothing writes guest memory while it is copied.
             self.devices.quiesce();
-            let snap = snapshot::VmSnapshot { config: self.config.clone(), machine, devices: self.devices.save()? };
+            let snap = snapshot::VmSnapshot {
+                config: self.config.clone(),
+                machine,
+                devices: self.devices.save()?,
+                firmware_rom: self._firmware.as_ref().map(FirmwareRom::bytes),
+            };
             snapshot::write(dir, &snap, &self.memory)
         });
         // A VM that stays paused restarts its devices when it is resumed.

@@ -125,6 +125,54 @@ fn a_restored_guest_continues_where_the_snapshot_left_it_and_clones_run_side_by_
 }
 
 #[test]
+fn a_guest_booted_through_seabios_continues_with_the_firmware_it_ran() {
+    use rvirt_lab::guests::{boot_sector, real_mode_bios_print_alphabet};
+    let dir = tmpdir("firmware");
+    // The boot sector prints through SeaBIOS's int 0x14: the firmware in RAM must work after the restore.
+    let mut disk = boot_sector(&real_mode_bios_print_alphabet(1));
+    disk.resize(1 << 20, 0);
+    std::fs::write(dir.join("disk.raw"), disk).unwrap();
+    let mut cfg = VmConfig::firmware(rvirt_vmm::config::DEFAULT_FIRMWARE);
+    cfg.memory_bytes = 128 << 20;
+    cfg.disks.push(rvirt_vmm::config::DiskConfig::plain(dir.join("disk.raw")));
+    cfg.serial = SerialMode::File(dir.join("one.log"));
+    cfg.api_socket = Some(dir.join("one.sock"));
+    let mut one = start(cfg);
+    let letters = |log: &str| -> Vec<u8> {
+        let text = std::fs::read(dir.join(log)).unwrap_or_default();
+        // SeaBIOS flushes its own dots lazily, among the first letters.
+        let at = text.windows(9).position(|w| w == b"Hard Disk").map_or(text.len(), |i| i + 9);
+        text[at..].iter().copied().filter(u8::is_ascii_lowercase).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while letters("one.log").len() < 10 {
+        assert!(Instant::now() < deadline, "no letters after the firmware booted the disk: {}", String::from_utf8_lossy(&std::fs::read(dir.join("one.log")).unwrap_or_default()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let snap = dir.join("snap");
+    let r = one.api.call(&Request::Snapshot { path: snap.clone(), resume: false }).unwrap();
+    assert!(r.ok, "{r:?}");
+    let last = *letters("one.log").last().unwrap();
+    one.stop();
+    let mut two = start(restore_cfg(&dir, &snap, "two"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read(dir.join("two.log")).unwrap_or_default();
+        let got: Vec<u8> = text.iter().copied().filter(u8::is_ascii_lowercase).collect();
+        if got.len() >= 10 {
+            assert_eq!(got[0], next_letter(last), "the restored guest goes on after {:?}: {:?}", last as char, String::from_utf8_lossy(&text));
+            assert!(got.windows(2).all(|w| w[1] == next_letter(w[0])), "{:?}", String::from_utf8_lossy(&got));
+            assert!(!text.windows(7).any(|w| w == b"SeaBIOS"), "the firmware did not start again");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restored guest printed {:?}", String::from_utf8_lossy(&text));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    two.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn damaged_snapshots_and_unsupported_vms_are_refused_saying_why() {
     assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
     let dir = tmpdir("damaged");
