@@ -66,6 +66,9 @@ pub struct Vm {
     /// What the VM was built from, with each card's MAC as given to it (a
     /// snapshot keeps it: a restore builds the same devices).
     config: VmConfig,
+    /// Discs changed since the VM was built, by drive (`diskN`): the file
+    /// now in it (empty: ejected). A snapshot's configuration says so.
+    media: Mutex<std::collections::BTreeMap<String, std::path::PathBuf>>,
     /// What was loaded where (direct kernel boot).
     pub kernel: Option<LoadedKernel>,
     _firmware: Option<FirmwareRom>,
@@ -269,6 +272,7 @@ impl Vm {
                 }
                 c
             },
+            media: Mutex::default(),
             kernel,
             _firmware: rom,
             serial_pty: None,
@@ -390,7 +394,7 @@ impl Vm {
             // Device workers stop too: nothing writes guest memory while it is copied.
             self.devices.quiesce();
             let snap = snapshot::VmSnapshot {
-                config: self.config.clone(),
+                config: self.config_now(),
                 machine,
                 devices: self.devices.save()?,
                 firmware_rom: self._firmware.as_ref().map(FirmwareRom::bytes),
@@ -402,6 +406,18 @@ impl Vm {
             self.resume();
         }
         result
+    }
+
+    /// The configuration with the discs in the CD-ROM drives now.
+    fn config_now(&self) -> VmConfig {
+        let mut c = self.config.clone();
+        for (device, path) in lock(&self.media).iter() {
+            if let Some(d) = device.strip_prefix("disk").and_then(|n| n.parse::<usize>().ok()).and_then(|i| c.disks.get_mut(i)) {
+                d.path = path.clone();
+                d.format = (!path.as_os_str().is_empty()).then_some(crate::config::ImageFormat::Raw);
+            }
+        }
+        c
     }
 
     /// Puts a snapshot's vCPU, KVM and device state into this VM, built by
@@ -444,7 +460,9 @@ impl Vm {
             Some(p) => Some(crate::virtio::open_disk(&crate::config::DiskConfig::cdrom(p.to_path_buf()))?),
             None => None,
         };
-        put_media(&unit, device, image, force)
+        put_media(&unit, device, image, force)?;
+        lock(&self.media).insert(device.to_string(), path.map(std::path::Path::to_path_buf).unwrap_or_default());
+        Ok(())
     }
 
     /// Inserts the disc open as `fd` (sent by rvirtd, which checked its
@@ -454,7 +472,9 @@ impl Vm {
         let name = name.unwrap_or(std::path::Path::new("(descriptor)"));
         let opts = rvirt_block::ImageOptions { read_only: true, ..Default::default() };
         let image = rvirt_block::RawImage::from_file(std::fs::File::from(fd), name, &opts).map_err(|e| Error::Device(format!("--disk: {e}")))?;
-        put_media(&unit, device, Some(Arc::new(image)), false)
+        put_media(&unit, device, Some(Arc::new(image)), false)?;
+        lock(&self.media).insert(device.to_string(), name.to_path_buf());
+        Ok(())
     }
 
     fn cdrom_unit(&self, device: &str) -> Result<Arc<Mutex<rvirt_scsi::Lun>>> {

@@ -154,7 +154,7 @@ fn a_guest_booted_through_seabios_continues_with_the_firmware_it_ran() {
     assert!(r.ok, "{r:?}");
     let last = *letters("one.log").last().unwrap();
     one.stop();
-    let mut two = start(restore_cfg(&dir, &snap, "two"));
+    let two = start(restore_cfg(&dir, &snap, "two"));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read(dir.join("two.log")).unwrap_or_default();
@@ -196,9 +196,14 @@ fn damaged_snapshots_and_unsupported_vms_are_refused_saying_why() {
     let mut with_virtio = cfg.clone();
     (with_virtio.rng, with_virtio.balloon) = (true, true);
     with_virtio.console = Some(SerialMode::Null);
+    with_virtio.disks.push(rvirt_vmm::config::DiskConfig::cdrom(PathBuf::new()));
     with_virtio.api_socket = Some(dir.join("virtio.sock"));
     let mut virtio = start(with_virtio);
     let r = virtio.api.call(&Request::Balloon { target_bytes: 32 << 20 }).unwrap();
+    assert!(r.ok, "{r:?}");
+    // A disc inserted through the API is in the restored VM's drive.
+    std::fs::write(dir.join("disc.iso"), vec![0u8; 2048 * 16]).unwrap();
+    let r = virtio.api.call(&Request::ChangeMedia { device: "disk0".into(), path: Some(dir.join("disc.iso")), force: false, fd: false }).unwrap();
     assert!(r.ok, "{r:?}");
     let r = virtio.api.call(&Request::Snapshot { path: dir.join("virtio-snap"), resume: false }).unwrap();
     assert!(r.ok, "{r:?}");
@@ -211,10 +216,11 @@ fn damaged_snapshots_and_unsupported_vms_are_refused_saying_why() {
     virtio.stop();
     let (one_state, _) = rvirt_vmm::snapshot::read(&dir.join("virtio-snap")).unwrap();
     let (two_state, _) = rvirt_vmm::snapshot::read(&dir.join("virtio-snap2")).unwrap();
-    for id in ["rng", "balloon", "console"] {
+    for id in ["rng", "balloon", "console", "scsi0"] {
         assert_eq!(one_state.devices.get(id), two_state.devices.get(id), "{id}");
     }
     assert_eq!(two_state.config.console, Some(SerialMode::Null));
+    assert_eq!((one_state.config.disks[0].path.clone(), two_state.config.disks[0].path.clone()), (dir.join("disc.iso"), dir.join("disc.iso")));
     // The balloon's target, set through the API, is the restored device's.
     let balloon: rvirt_virtio_devices::transport::VirtioPciState = rvirt_vmm::state_file::from_bytes(&two_state.devices["balloon"]).unwrap();
     assert_eq!(balloon.device, rvirt_virtio_devices::DeviceState::Balloon { target_pages: (32 << 20) >> 12, actual_pages: 0 });
@@ -222,7 +228,7 @@ fn damaged_snapshots_and_unsupported_vms_are_refused_saying_why() {
     let mut wrong = restore_cfg(&dir, &dir.join("virtio-snap"), "wrong");
     wrong.disks.push(rvirt_vmm::config::DiskConfig::plain(dir.join("kernel")));
     let e = rvirt_vmm::run(&wrong).unwrap_err().to_string();
-    assert!(e.contains("1 disks given; the snapshot's VM has 0"), "{e}");
+    assert!(e.contains("1 disks given; the snapshot's VM has 1") || e.contains("disk0 is Scsi/Cdrom"), "{e}");
 
     let copy = |name: &str| {
         let d = dir.join(name);
