@@ -198,6 +198,11 @@ impl PciConfiguration {
         if s.regs[0] != self.regs[0] || s.regs[2] != self.regs[2] {
             return Err(format!("saved function {:#010x} class {:#010x}, this one {:#010x} class {:#010x}", s.regs[0], s.regs[2], self.regs[0], self.regs[2]));
         }
+        // Only what the guest may write can differ (capabilities, header layout).
+        let fixed = (0..NUM_REGS).filter(|r| !(BAR0_REG..BAR0_REG + NUM_BARS).contains(r));
+        if let Some(r) = fixed.into_iter().find(|&r| (s.regs[r] ^ self.regs[r]) & !self.writable[r] != 0) {
+            return Err(format!("register {:#x} is {:#010x} saved, {:#010x} here, in bits the guest cannot write", r * 4, s.regs[r], self.regs[r]));
+        }
         for (i, (b, addr)) in self.bars.iter_mut().zip(&s.bar_addrs).enumerate() {
             match (b, addr) {
                 (Some(b), Some(a)) => b.addr = a & !(b.size - 1),
@@ -299,6 +304,42 @@ mod tests {
             subsystem_id: 0x40,
             interrupt_pin: 1,
         }
+    }
+
+    /// A function as built, with a BAR and one capability of a writable byte.
+    fn function() -> PciConfiguration {
+        let mut c = PciConfiguration::new(&header());
+        c.add_bar(0, 0x8000, BarKind::Mem64);
+        c.set_bar_addr(0, 0xc000_0000);
+        c.add_capability(&[0x11, 0, 0, 0], Some(&[0, 0, 0, 0xc0]));
+        c
+    }
+
+    #[test]
+    fn the_guest_s_settings_move_into_the_same_function_built_again() {
+        let mut one = function();
+        one.write(0x10, &0xd000_0000u32.to_le_bytes());
+        one.write(0x04, &0x0406u16.to_le_bytes());
+        one.write(0x3c, &[11]);
+        one.write(0x43, &[0x80]);
+        let saved = one.state();
+        let mut two = function();
+        two.restore(&saved).unwrap();
+        assert!((0..NUM_REGS).all(|r| one.read_reg(r) == two.read_reg(r)));
+        assert_eq!(two.decoded_bars(), vec![PciBarInfo { index: 0, addr: 0xd000_0000, size: 0x8000 }]);
+        // Another function, a changed read-only bit, a BAR it lacks: refused.
+        let mut other = saved.clone();
+        other.regs[0] = 0x1041_1af4;
+        assert!(two.restore(&other).unwrap_err().contains("saved function 0x10411af4"));
+        let mut other = saved.clone();
+        other.regs[0x10] ^= 0x0100;
+        assert!(two.restore(&other).unwrap_err().contains("register 0x40"));
+        let mut other = saved.clone();
+        other.bar_addrs[2] = Some(0x1000);
+        assert!(two.restore(&other).unwrap_err().contains("BAR 2"));
+        let mut other = saved;
+        other.regs.pop();
+        assert!(two.restore(&other).is_err());
     }
 
     #[test]
