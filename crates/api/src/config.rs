@@ -202,6 +202,13 @@ pub enum Boot {
         /// copy-on-write.
         copy_memory: bool,
     },
+    /// The VM arrives from another VMM's `migrate` (`--incoming URI`:
+    /// `unix:PATH` or `tcp:HOST:PORT`): its configuration, memory and state
+    /// come from the stream; the rest of this configuration gives backends.
+    Incoming {
+        /// Where to wait for the source.
+        uri: String,
+    },
     /// vCPUs start at the reset vector of a firmware image (SeaBIOS),
     /// which boots from the guest's own disks.
     Firmware {

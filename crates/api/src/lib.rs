@@ -93,6 +93,76 @@ pub enum Request {
         #[serde(default)]
         resume: bool,
     },
+    /// Move the running VM to a VMM waiting with `--incoming` at `uri`
+    /// (`unix:PATH` or `tcp:HOST:PORT`): memory is copied while the guest
+    /// runs, pages it dirties meanwhile again, until the rest fits
+    /// `max_downtime_ms`; then a short stop. Answers at once; follow it
+    /// with `migrate-status`. On success the VMM ends.
+    Migrate {
+        /// Where the destination waits.
+        uri: String,
+        /// Longest pause the guest may see, in milliseconds.
+        #[serde(default = "default_max_downtime_ms")]
+        max_downtime_ms: u64,
+        /// Cap on the link's use, in MiB/s (0: none).
+        #[serde(default)]
+        bandwidth_mib_s: u64,
+    },
+    /// How the migration is going (or how it ended).
+    MigrateStatus,
+    /// Stop the migration under way; the VM runs on here.
+    MigrateCancel,
+}
+
+/// QEMU's default downtime limit, kept as rvirt's.
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
+
+fn default_max_downtime_ms() -> u64 {
+    DEFAULT_MAX_DOWNTIME_MS
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationState {
+    /// None was asked for.
+    #[default]
+    None,
+    /// Connecting and checking the destination.
+    Setup,
+    /// Copying memory while the guest runs.
+    Active,
+    /// The guest is stopped for the last pages and the device state.
+    SwitchOver,
+    /// The destination runs the guest; this VMM ends.
+    Completed,
+    /// It failed; the guest runs on here (`error` says why).
+    Failed,
+    /// Cancelled; the guest runs on here.
+    Cancelled,
+}
+
+/// The answer to `migrate-status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// Where it is.
+    pub state: MigrationState,
+    /// Passes over memory so far (the first copies everything).
+    pub iteration: u32,
+    /// Bytes sent (pages and state).
+    pub bytes_sent: u64,
+    /// Bytes of memory dirtied and not yet sent, at the last count.
+    pub remaining_bytes: u64,
+    /// How fast the guest dirtied memory in the last pass, bytes per second.
+    pub dirty_rate: u64,
+    /// The pause the rest would take at the measured link speed, in ms.
+    pub expected_downtime_ms: u64,
+    /// The guest's pause, measured, once completed.
+    pub downtime_ms: Option<f64>,
+    /// Milliseconds since the request.
+    pub total_ms: f64,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// What a `snapshot` wrote and how long the VM was paused for it.
@@ -214,6 +284,9 @@ pub struct Response {
     /// Present in the answer to `snapshot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotInfo>,
+    /// Present in the answer to `migrate-status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
 }
 
 impl Response {

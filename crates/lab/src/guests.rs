@@ -100,6 +100,56 @@ pub fn fill_then_print_alphabet(bytes: u64, spin: u32) -> Vec<u8> {
     c
 }
 
+/// Keeps `pages` pages from 16 MiB dirty and checks them: each round it
+/// first checks that every page's first quadword holds the round's number
+/// (what the previous round wrote), then writes the next number into every
+/// page and prints the next letter of the alphabet on COM1, then counts
+/// `spin` down. A page that lost a write (a migration that missed a dirty
+/// page) prints `!` and halts.
+pub fn dirty_and_check(pages: u32, spin: u32) -> Vec<u8> {
+    const BASE: u64 = 16 << 20;
+    let mut c = vec![0xba, 0xf8, 0x03, 0x00, 0x00]; // mov edx, COM1
+    c.extend_from_slice(&[0x45, 0x31, 0xc0]); // xor r8d, r8d: the round
+    c.extend_from_slice(&[0x41, 0xb1, b'a']); // mov r9b, 'a'
+    let top = c.len();
+    let walk = |c: &mut Vec<u8>| {
+        c.extend_from_slice(&[0x48, 0xbf]); // mov rdi, BASE
+        c.extend_from_slice(&BASE.to_le_bytes());
+        c.push(0xb9); // mov ecx, pages
+        c.extend_from_slice(&pages.to_le_bytes());
+    };
+    walk(&mut c);
+    let check = c.len();
+    c.extend_from_slice(&[0x4c, 0x39, 0x07]); // cmp [rdi], r8
+    c.extend_from_slice(&[0x0f, 0x85, 0, 0, 0, 0]); // jne bad (patched)
+    let jne_bad = c.len();
+    c.extend_from_slice(&[0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00]); // add rdi, 4096
+    c.extend_from_slice(&[0xff, 0xc9]); // dec ecx
+    c.push(0x75); // jnz check
+    c.push((check as i64 - (c.len() as i64 + 1)) as u8);
+    c.extend_from_slice(&[0x49, 0xff, 0xc0]); // inc r8
+    walk(&mut c);
+    let write = c.len();
+    c.extend_from_slice(&[0x4c, 0x89, 0x07]); // mov [rdi], r8
+    c.extend_from_slice(&[0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00]); // add rdi, 4096
+    c.extend_from_slice(&[0xff, 0xc9]); // dec ecx
+    c.push(0x75); // jnz write
+    c.push((write as i64 - (c.len() as i64 + 1)) as u8);
+    c.extend_from_slice(&[0x44, 0x88, 0xc8, 0xee]); // mov al, r9b; out dx, al
+    c.extend_from_slice(&[0x41, 0xfe, 0xc1, 0x41, 0x80, 0xf9, b'z' + 1, 0x75, 0x03, 0x41, 0xb1, b'a']); // next letter, a after z
+    c.push(0xb9); // mov ecx, spin
+    c.extend_from_slice(&spin.to_le_bytes());
+    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz $-2
+    c.push(0xe9); // jmp top
+    let rel = top as i64 - (c.len() as i64 + 4);
+    c.extend_from_slice(&(rel as i32).to_le_bytes());
+    let bad = c.len();
+    c[jne_bad - 4..jne_bad].copy_from_slice(&((bad - jne_bad) as i32).to_le_bytes());
+    c.extend_from_slice(&[0xb0, b'!', 0xee]); // mov al, '!'; out dx, al
+    c.extend_from_slice(&HALT_FOREVER);
+    c
+}
+
 /// Prints `byte` on COM1 for ever, counting `spin` down between bytes.
 pub fn print_every(byte: u8, spin: u32) -> Vec<u8> {
     let mut c = mov_dx(COM1).to_vec();

@@ -351,6 +351,11 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Whether the driver started the device (stopped for a snapshot or not).
+    pub fn is_started(&self) -> bool {
+        self.active || self.quiesced
+    }
+
     /// Restarts a device stopped by [`VirtioPciDevice::quiesce`].
     pub fn resume(&mut self) -> Result<(), String> {
         if std::mem::take(&mut self.quiesced) {

@@ -19,6 +19,7 @@ pub mod interrupts;
 pub mod loader;
 pub mod log_limit;
 pub mod memory;
+pub mod migration;
 pub mod snapshot;
 pub mod state_file;
 pub mod vcpu;
@@ -152,8 +153,25 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     // A restore takes the VM's shape from its snapshot, read (and checked)
     // before anything else is opened.
     let mut restore = None;
+    let mut incoming = None;
     let restored_cfg;
     let cfg = match &cfg.boot {
+        config::Boot::Incoming { uri } => {
+            let listener = migration::Listener::bind(uri)?;
+            tracing::info!("waiting for a migration at {uri}");
+            let inc = migration::accept(&listener)?;
+            let c = snapshot::restored_config(cfg, &inc.hello.config);
+            let c = match c {
+                Ok(c) => c,
+                Err(e) => {
+                    inc.refuse(&e.to_string());
+                    return Err(e);
+                }
+            };
+            incoming = Some(inc);
+            restored_cfg = c;
+            &restored_cfg
+        }
         config::Boot::Restore { dir, copy_memory } => {
             let (snap, memory_file) = snapshot::read(dir)?;
             let c = snapshot::restored_config(cfg, &snap.config)?;
@@ -170,15 +188,15 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     // Check the files before taking any resources, so errors are about them.
     // A restored VM runs the image its snapshot kept; the file only serves a reboot.
     let firmware = match &cfg.boot {
-        config::Boot::Kernel { .. } | config::Boot::Restore { .. } => None,
-        config::Boot::Firmware { path, .. } if restore.is_some() => firmware::read_image(path)
+        config::Boot::Kernel { .. } | config::Boot::Restore { .. } | config::Boot::Incoming { .. } => None,
+        config::Boot::Firmware { path, .. } if restore.is_some() || incoming.is_some() => firmware::read_image(path)
             .inspect_err(|e| tracing::warn!("{e}: a guest reboot will end the restored VM"))
             .ok(),
         config::Boot::Firmware { path, .. } => Some(firmware::read_image(path)?),
     };
     memory::check_host_can_provide(cfg.memory_bytes)?;
-    let mut backends = if restore.is_some() { virtio::Backends::open_restored(cfg)? } else { virtio::Backends::open(cfg)? };
-    let restored = restore.is_some();
+    let restored = restore.is_some() || incoming.is_some();
+    let mut backends = if restored { virtio::Backends::open_restored(cfg)? } else { virtio::Backends::open(cfg)? };
     let kvm = open_kvm()?;
     let api = cfg.api_socket.as_deref().map(ApiServer::listen).transpose()?;
     let signals = install_signal_handlers()?;
@@ -195,8 +213,22 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     }
     let mut escape = EscapeFilter::default();
     loop {
-        let mut vm = match restore.take() {
-            Some((snap, file, how)) => {
+        let mut vm = match (restore.take(), incoming.take()) {
+            (None, Some(inc)) => {
+                let mem = migration::destination_memory(cfg)?;
+                let rom = inc.hello.firmware_rom.clone();
+                let mut vm = Vm::create_restored(&kvm, cfg, console.writer()?, &backends, mem.clone(), rom.as_deref())?;
+                if let Err(e) = vm.check_cpuids(&inc.hello.cpuids) {
+                    inc.refuse(&e.to_string());
+                    return Err(e);
+                }
+                let (snap, finish) = inc.receive(&mem)?;
+                vm.restore_snapshot(snap)?;
+                finish.done()?;
+                tracing::info!("the migrated guest runs here");
+                vm
+            }
+            (Some((snap, file, how)), _) => {
                 let layout = rvirt_arch::MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("the snapshot's memory: {e}")))?;
                 let mem = memory::guest_memory_from_file(&layout, &file, how)?;
                 let rom = snap.firmware_rom.clone();
@@ -204,11 +236,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
                 vm.restore_snapshot(snap)?;
                 vm
             }
-            None if restored && backends.kernel.is_none() && firmware.is_none() => {
+            (None, None) if restored && backends.kernel.is_none() && firmware.is_none() => {
                 tracing::info!("the guest reset; the restored VM's kernel or firmware could not be opened, so it ends");
                 return Ok(VmExit::Reset);
             }
-            None => Vm::create(&kvm, cfg, console.writer()?, &backends, firmware.as_deref())?,
+            (None, None) => Vm::create(&kvm, cfg, console.writer()?, &backends, firmware.as_deref())?,
         };
         vm.serial_pty = console.pty_path.clone();
         vm.start()?;
@@ -247,6 +279,7 @@ fn event_loop(vm: &Vm, console: &Console, api: Option<&ApiServer>, signals: &Sig
             libc::pollfd { fd: exit_fd, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: signals.terminate.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: signals.report.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: vm.migration_eventfd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         if let Some(a) = api {
             fds.push(libc::pollfd { fd: a.wakeup_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 });
@@ -273,6 +306,11 @@ fn event_loop(vm: &Vm, console: &Console, api: Option<&ApiServer>, signals: &Sig
             let _ = signals.terminate.read();
             eprintln!("rvirt-vmm: terminated by signal\r");
             return VmExit::Stopped;
+        }
+        if fds[3].revents != 0 {
+            if let Some(exit) = vm.on_migration_event() {
+                return exit;
+            }
         }
         if fds[2].revents != 0 {
             let _ = signals.report.read();

@@ -110,6 +110,11 @@ struct Cli {
     /// when they differ from the snapshot's.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "firmware", "initrd", "cmdline", "cpus", "memory", "uuid", "rng", "balloon", "boot_order", "boot_menu", "reboot_timeout"])]
     restore: Option<PathBuf>,
+    /// Wait at URI (unix:PATH or tcp:HOST:PORT) for a VM another rvirt-vmm
+    /// sends with the API's `migrate`, and run it: its machine and devices
+    /// come from the stream; backends (--serial, --api-socket, --console) are given here.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "firmware", "initrd", "cmdline", "cpus", "memory", "uuid", "rng", "balloon", "boot_order", "boot_menu", "reboot_timeout", "restore"])]
+    incoming: Option<String>,
     /// With --restore: read the memory file into fresh RAM at once instead of mapping it.
     #[arg(long, requires = "restore")]
     restore_copy_memory: bool,
@@ -154,6 +159,7 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
         return read_config(path);
     }
     let boot = match (cli.restore, cli.kernel) {
+        (None, _) if cli.incoming.is_some() => Boot::Incoming { uri: cli.incoming.clone().unwrap_or_default() },
         (Some(dir), _) => Boot::Restore { dir, copy_memory: cli.restore_copy_memory },
         (None, Some(kernel)) => Boot::Kernel { kernel, initrd: cli.initrd, cmdline: cli.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()) },
         (None, None) => Boot::Firmware {
@@ -247,6 +253,10 @@ fn main() -> ExitCode {
         }
         Ok(VmExit::Stopped) => {
             eprintln!("rvirt-vmm: stopped");
+            ExitCode::SUCCESS
+        }
+        Ok(VmExit::Migrated(how)) => {
+            eprintln!("rvirt-vmm: migrated: {how}");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -99,7 +99,7 @@ pub fn write(dir: &Path, snap: &VmSnapshot, mem: &GuestMemoryMmap) -> Result<Wri
 pub fn restored_config(given: &VmConfig, saved: &VmConfig) -> Result<VmConfig> {
     let bad = |why: String| Error::Config(format!("--restore: {why}"));
     let mut c = saved.clone();
-    if matches!(c.boot, Boot::Restore { .. }) {
+    if matches!(c.boot, Boot::Restore { .. } | Boot::Incoming { .. }) {
         return Err(bad("the snapshot's configuration does not say how the VM booted".into()));
     }
     c.serial = given.serial.clone();

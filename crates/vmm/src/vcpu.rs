@@ -30,6 +30,8 @@ pub enum VmExit {
     Stopped,
     /// The guest or KVM failed (triple fault, internal error, ...); the message says how.
     Crashed(String),
+    /// The guest moved to another VMM (`migrate`), which runs it now; how it went.
+    Migrated(String),
 }
 
 /// Names of the exit counters reported by the `stats` API request.

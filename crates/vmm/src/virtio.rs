@@ -152,7 +152,7 @@ impl Backends {
                     Err(e) => return Err(e),
                 }
             }
-            crate::config::Boot::Firmware { .. } | crate::config::Boot::Restore { .. } => None,
+            crate::config::Boot::Firmware { .. } | crate::config::Boot::Restore { .. } | crate::config::Boot::Incoming { .. } => None,
         };
         let rng = if cfg.rng {
             let f = std::fs::File::open("/dev/urandom").map_err(|e| Error::Device(format!("virtio-rng: /dev/urandom: {e}")))?;

@@ -69,6 +69,10 @@ pub struct Vm {
     /// Discs changed since the VM was built, by drive (`diskN`): the file
     /// now in it (empty: ejected). A snapshot's configuration says so.
     media: Mutex<std::collections::BTreeMap<String, std::path::PathBuf>>,
+    /// A migration under way or ended (for `migrate-status`).
+    outgoing: Mutex<Option<crate::migration::Outgoing>>,
+    /// Signalled when the migration thread has word for the main loop.
+    migration_wake: Arc<EventFd>,
     /// What was loaded where (direct kernel boot).
     pub kernel: Option<LoadedKernel>,
     _firmware: Option<FirmwareRom>,
@@ -170,7 +174,7 @@ impl Vm {
                 };
                 (None, Some((rom, firmware::fw_cfg(&info, mem.clone())?)))
             }
-            (Boot::Restore { .. }, _) => return Err(Error::Config("a VM is built from its own boot, not from a restore's".into())),
+            (Boot::Restore { .. } | Boot::Incoming { .. }, _) => return Err(Error::Config("a VM is built from its own boot, not from a restore's".into())),
             (Boot::Firmware { .. }, None) if restoring => {
                 return Err(Error::Config("the snapshot of a VM booted through firmware holds no firmware image".into()))
             }
@@ -191,7 +195,7 @@ impl Vm {
             Some((rom, fw_cfg)) => {
                 let order = match &cfg.boot {
                     Boot::Firmware { order, .. } => order.as_slice(),
-                    Boot::Kernel { .. } | Boot::Restore { .. } => &[],
+                    Boot::Kernel { .. } | Boot::Restore { .. } | Boot::Incoming { .. } => &[],
                 };
                 for (index, value) in firmware::cmos_presets(cfg.vcpus, order) {
                     cmos.set_nvram(index, value);
@@ -273,6 +277,8 @@ impl Vm {
                 c
             },
             media: Mutex::default(),
+            outgoing: Mutex::default(),
+            migration_wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(crate::error::os("eventfd"))?),
             kernel,
             _firmware: rom,
             serial_pty: None,
@@ -369,15 +375,24 @@ impl Vm {
         if state.vcpus.len() != self.vcpus.len() {
             return Err(Error::Config(format!("the saved VM has {} vCPUs, this one {}", state.vcpus.len(), self.vcpus.len())));
         }
-        for (i, s) in state.vcpus.iter().enumerate() {
-            let ours = self.cpuids.get(i).map(Vec::as_slice).unwrap_or_default();
-            if let Some(leaf) = crate::vcpu_state::cpuid_difference(&s.cpuid, ours) {
-                return Err(Error::Config(format!("vCPU {i}: this host's CPU features differ from the saved ones ({leaf})")));
-            }
-        }
+        self.check_cpuids(&state.vcpus.iter().map(|s| s.cpuid.clone()).collect::<Vec<_>>())?;
         crate::vcpu_state::restore_vm(&self.vm_fd, &state.vm)?;
         for (vcpu, s) in self.vcpus.iter().zip(&state.vcpus) {
             crate::vcpu_state::restore_vcpu(vcpu, s)?;
+        }
+        Ok(())
+    }
+
+    /// Refused, naming the first difference, when a vCPU's saved CPUID is
+    /// not what this host gives the same vCPU.
+    pub fn check_cpuids(&self, saved: &[Vec<kvm_bindings::kvm_cpuid_entry2>]) -> Result<()> {
+        if saved.len() != self.cpuids.len() {
+            return Err(Error::Config(format!("the saved VM has {} vCPUs, this one {}", saved.len(), self.cpuids.len())));
+        }
+        for (i, (s, ours)) in saved.iter().zip(&self.cpuids).enumerate() {
+            if let Some(leaf) = crate::vcpu_state::cpuid_difference(s, ours) {
+                return Err(Error::Config(format!("vCPU {i}: this host's CPU features differ from the saved ones ({leaf})")));
+            }
         }
         Ok(())
     }
@@ -390,22 +405,100 @@ impl Vm {
             return Err(Error::Config("a jailed VMM can open no path, so it cannot write a snapshot directory".into()));
         }
         let was_paused = self.control.is_paused();
-        let result = self.save_machine().and_then(|machine| {
-            // Device workers stop too: nothing writes guest memory while it is copied.
-            self.devices.quiesce();
-            let snap = snapshot::VmSnapshot {
-                config: self.config_now(),
-                machine,
-                devices: self.devices.save()?,
-                firmware_rom: self._firmware.as_ref().map(FirmwareRom::bytes),
-            };
-            snapshot::write(dir, &snap, &self.memory)
-        });
+        let result = self.capture().and_then(|snap| snapshot::write(dir, &snap, &self.memory));
         // A VM that stays paused restarts its devices when it is resumed.
         if !was_paused && (resume || result.is_err()) {
             self.resume();
         }
         result
+    }
+
+    /// Pauses the VM, stops its devices (nothing writes guest memory from
+    /// here) and takes everything but its memory. The caller resumes it.
+    fn capture(&self) -> Result<snapshot::VmSnapshot> {
+        let machine = self.save_machine()?;
+        self.devices.quiesce();
+        Ok(snapshot::VmSnapshot {
+            config: self.config_now(),
+            machine,
+            devices: self.devices.save()?,
+            firmware_rom: self._firmware.as_ref().map(FirmwareRom::bytes),
+        })
+    }
+
+    /// Starts migrating the VM (see [`crate::migration`]). Refused, saying
+    /// why, for what this VMM cannot move yet: disks and network cards
+    /// (their files and taps cannot change hands), started virtio devices
+    /// (their writes to guest memory are not tracked), a VMM under seccomp
+    /// (the lists do not cover the migration's calls) or in a jail.
+    pub fn start_migration(&self, params: crate::migration::Params) -> Result<()> {
+        use rvirt_api::MigrationState::{Active, Setup, SwitchOver};
+        let mut out = lock(&self.outgoing);
+        if out.as_ref().is_some_and(|o| matches!(lock(&o.status).state, Setup | Active | SwitchOver)) {
+            return Err(Error::Config("a migration is under way".into()));
+        }
+        let not_yet = |why: &str| Err(Error::Config(format!("this VM cannot migrate yet: {why}")));
+        if !self.config.disks.is_empty() || !self.config.nets.is_empty() {
+            return not_yet("it has disks or network cards, whose images and taps cannot change hands yet");
+        }
+        let started = self.devices.started_virtio();
+        if !started.is_empty() {
+            return not_yet(&format!("the guest drives virtio devices ({}), whose writes to its memory are not tracked yet", started.join(", ")));
+        }
+        if rvirt_sandbox::seccomp::mode() != rvirt_sandbox::SeccompMode::Off {
+            return not_yet("the seccomp lists do not cover the migration's calls yet (run with --seccomp off)");
+        }
+        if rvirt_sandbox::jail::jailed() {
+            return not_yet("a jailed VMM cannot reach the destination");
+        }
+        let hello = crate::migration::Hello { config: self.config_now(), cpuids: self.cpuids.clone(), firmware_rom: self._firmware.as_ref().map(FirmwareRom::bytes) };
+        let vm = crate::migration::SourceVm { vm_fd: self.vm_fd.clone(), mem: self.memory.clone(), hello, wake: self.migration_wake.clone() };
+        *out = Some(crate::migration::Outgoing::start(vm, params)?);
+        Ok(())
+    }
+
+    /// The eventfd the main loop polls for the migration thread's word.
+    pub fn migration_eventfd(&self) -> &EventFd {
+        &self.migration_wake
+    }
+
+    /// Serves the migration thread: pauses the guest and hands over its
+    /// state at the switch-over, resumes it when the migration failed;
+    /// `Some(Migrated)` once the destination holds the guest.
+    pub fn on_migration_event(&self) -> Option<crate::vcpu::VmExit> {
+        use crate::migration::ToMain;
+        let mut guard = lock(&self.outgoing);
+        let Some(out) = guard.as_mut() else {
+            let _ = self.migration_wake.read();
+            return None;
+        };
+        while let Some(message) = out.next_message() {
+            match message {
+                ToMain::SwitchOver => {
+                    let paused_at = Instant::now();
+                    let state = self.capture().and_then(|snap| crate::state_file::encode(&snap).map_err(|e| Error::Device(e.to_string())));
+                    out.paused = true;
+                    out.send_state(state.map(|bytes| (bytes, paused_at)).map_err(|e| e.to_string()));
+                }
+                ToMain::Finished(Ok(())) => {
+                    let st = lock(&out.status).clone();
+                    let how = format!(
+                        "guest paused {:.1} ms, {} passes, {} MiB sent in {:.0} ms",
+                        st.downtime_ms.unwrap_or_default(),
+                        st.iteration,
+                        st.bytes_sent >> 20,
+                        st.total_ms
+                    );
+                    return Some(crate::vcpu::VmExit::Migrated(how));
+                }
+                ToMain::Finished(Err(_)) => {
+                    if std::mem::take(&mut out.paused) {
+                        self.resume();
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// The configuration with the discs in the CD-ROM drives now.
@@ -595,6 +688,22 @@ impl Vm {
                     Err(e) => Response::error(e.to_string()),
                 };
             }
+            Request::Migrate { uri, max_downtime_ms, bandwidth_mib_s } => self.start_migration(crate::migration::Params {
+                uri: uri.clone(),
+                max_downtime: Duration::from_millis(*max_downtime_ms),
+                bandwidth: bandwidth_mib_s.saturating_mul(1 << 20),
+            }),
+            Request::MigrateStatus => {
+                let status = lock(&self.outgoing).as_ref().map(|o| lock(&o.status).clone()).unwrap_or_default();
+                return Response { migration: Some(status), ..Response::ok() };
+            }
+            Request::MigrateCancel => match lock(&self.outgoing).as_ref() {
+                Some(o) => {
+                    o.cancel();
+                    Ok(())
+                }
+                None => Err(Error::Config("no migration is under way".into())),
+            },
             Request::Pause => self.pause(),
             Request::Resume => {
                 self.resume();

@@ -1,0 +1,600 @@
+//! Live migration between rvirt-vmm processes (issue 26). This first part
+//! moves VMs whose virtio devices the guest has not started: a started
+//! device writes guest memory behind KVM's dirty log (disk reads, received
+//! frames, used rings), which is not tracked yet, so such a VM is refused,
+//! naming the devices.
+//!
+//! The stream: the source writes [`MAGIC`] and [`VERSION`], then frames of
+//! (tag u32, length u32, payload). `HELLO` carries the configuration, each
+//! vCPU's CPUID and the firmware image; the destination builds the VM and
+//! answers `READY`, or `REFUSE` with the reason, before a page moves (so a
+//! foreign stream or another host's CPU never stops the source). `PAGES`
+//! frames carry guest pages while the guest runs: every page that is not
+//! zero, then the pages KVM's dirty log names, pass after pass, until what
+//! is left fits the downtime limit at the speed measured. Then the source
+//! pauses the guest, stops its devices and sends the last dirty pages and
+//! `STATE` (the snapshot state); the destination answers `DONE` once it
+//! holds it, and runs the guest. A source that has not read `DONE` lets
+//! the guest run on; a destination that has not received the state exits.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_cpuid_entry2;
+use kvm_ioctls::VmFd;
+use rvirt_api::{MigrationState, MigrationStatus};
+use rvirt_devices::bus::lock;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::VmConfig;
+use crate::{memory, state_file, Error, Result};
+
+/// What a migration stream starts with.
+pub const MAGIC: [u8; 8] = *b"RVIRTMIG";
+/// The stream version this VMM speaks.
+pub const VERSION: u32 = 1;
+const PAGE: usize = 4096;
+/// Pages in one `PAGES` frame at most.
+const PAGES_PER_FRAME: usize = 256;
+/// Passes over dirty memory before the switch-over is forced.
+const MAX_ITERATIONS: u32 = 30;
+/// How long either side waits for the other.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+const HELLO: u32 = 1;
+const READY: u32 = 2;
+const REFUSE: u32 = 3;
+const PAGES: u32 = 4;
+const STATE: u32 = 5;
+const DONE: u32 = 6;
+
+/// Largest frame of each kind: HELLO holds a firmware image (16 MiB at
+/// most), STATE a state file, PAGES its pages with their addresses.
+fn max_frame(tag: u32) -> usize {
+    match tag {
+        HELLO => 20 << 20,
+        STATE => state_file::HEADER_LEN + state_file::MAX_PAYLOAD as usize,
+        PAGES => 4 + PAGES_PER_FRAME * (8 + PAGE),
+        _ => 64 << 10,
+    }
+}
+
+/// The first thing the source says: what the destination must build.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// The VM's configuration (the destination takes backends from its own).
+    pub config: VmConfig,
+    /// Each vCPU's CPUID as set on the source.
+    pub cpuids: Vec<Vec<kvm_cpuid_entry2>>,
+    /// The firmware image the guest runs, when it booted through firmware.
+    pub firmware_rom: Option<Vec<u8>>,
+}
+
+/// A byte stream to the other VMM.
+pub trait Stream: Read + Write + Send {}
+impl Stream for UnixStream {}
+impl Stream for std::net::TcpStream {}
+
+/// Where the destination waits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A Unix socket.
+    Unix(PathBuf),
+    /// `HOST:PORT`.
+    Tcp(String),
+}
+
+/// Parses `unix:PATH` or `tcp:HOST:PORT`.
+pub fn parse_uri(s: &str) -> Result<Endpoint> {
+    match s.split_once(':') {
+        Some(("unix", p)) if !p.is_empty() => Ok(Endpoint::Unix(PathBuf::from(p))),
+        Some(("tcp", hp)) if hp.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) => Ok(Endpoint::Tcp(hp.to_string())),
+        _ => Err(Error::Config(format!("migration URI '{s}': expected unix:PATH or tcp:HOST:PORT"))),
+    }
+}
+
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |e| Error::Device(format!("migration: {what}: {e}"))
+}
+
+fn connect(ep: &Endpoint) -> Result<Box<dyn Stream>> {
+    match ep {
+        Endpoint::Unix(p) => {
+            let s = UnixStream::connect(p).map_err(|e| Error::Device(format!("migration: connecting to {}: {e}", p.display())))?;
+            s.set_read_timeout(Some(IO_TIMEOUT)).and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT))).map_err(io("socket"))?;
+            Ok(Box::new(s))
+        }
+        Endpoint::Tcp(hp) => {
+            use std::net::ToSocketAddrs;
+            let addr = hp.to_socket_addrs().map_err(io("resolving the destination"))?.next().ok_or_else(|| Error::Device(format!("migration: {hp}: no address")))?;
+            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| Error::Device(format!("migration: connecting to {hp}: {e}")))?;
+            s.set_read_timeout(Some(IO_TIMEOUT)).and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT))).map_err(io("socket"))?;
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s))
+        }
+    }
+}
+
+/// A destination's listening socket, bound before the VMM confines itself.
+pub enum Listener {
+    /// A Unix socket (its file is removed when the listener goes).
+    Unix(UnixListener, PathBuf),
+    /// TCP.
+    Tcp(std::net::TcpListener),
+}
+
+impl Listener {
+    /// Binds `uri`.
+    pub fn bind(uri: &str) -> Result<Self> {
+        match parse_uri(uri)? {
+            Endpoint::Unix(p) => {
+                let l = UnixListener::bind(&p).map_err(|e| Error::Device(format!("--incoming {}: {e}", p.display())))?;
+                Ok(Self::Unix(l, p))
+            }
+            Endpoint::Tcp(hp) => Ok(Self::Tcp(std::net::TcpListener::bind(&hp).map_err(|e| Error::Device(format!("--incoming {hp}: {e}")))?)),
+        }
+    }
+
+    /// Waits for the source.
+    pub fn accept(&self) -> Result<Box<dyn Stream>> {
+        let s: Box<dyn Stream> = match self {
+            Self::Unix(l, _) => {
+                let (s, _) = l.accept().map_err(io("accepting the source"))?;
+                s.set_read_timeout(Some(IO_TIMEOUT)).and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT))).map_err(io("socket"))?;
+                Box::new(s)
+            }
+            Self::Tcp(l) => {
+                let (s, _) = l.accept().map_err(io("accepting the source"))?;
+                s.set_read_timeout(Some(IO_TIMEOUT)).and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT))).map_err(io("socket"))?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+        };
+        Ok(s)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Self::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn write_frame(s: &mut dyn Stream, tag: u32, parts: &[&[u8]]) -> Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(len).map_err(|_| Error::Device("migration: a frame over 4 GiB".into()))?;
+    let mut head = [0u8; 8];
+    head[..4].copy_from_slice(&tag.to_le_bytes());
+    head[4..].copy_from_slice(&len.to_le_bytes());
+    s.write_all(&head).map_err(io("sending"))?;
+    for p in parts {
+        s.write_all(p).map_err(io("sending"))?;
+    }
+    Ok(())
+}
+
+fn read_frame(s: &mut dyn Stream) -> Result<(u32, Vec<u8>)> {
+    let mut head = [0u8; 8];
+    s.read_exact(&mut head).map_err(io("receiving"))?;
+    let tag = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+    if !(HELLO..=DONE).contains(&tag) {
+        return Err(Error::Device(format!("migration: unknown frame {tag}: not an rvirt migration stream")));
+    }
+    if len > max_frame(tag) {
+        return Err(Error::Device(format!("migration: frame {tag} of {len} bytes is larger than one can be")));
+    }
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).map_err(io("receiving"))?;
+    Ok((tag, payload))
+}
+
+/// Turns KVM's dirty logging of guest RAM on or off (slot = region index,
+/// as `memory::register_with_kvm` numbers them).
+fn set_dirty_logging(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region.get_host_address(vm_memory::MemoryRegionAddress(0)).map_err(|e| Error::Memory(format!("no host mapping: {e}")))?;
+        let desc = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the same slot, address and mapping as registered at build;
+        // only the flags change.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(crate::error::kvm("SET_USER_MEMORY_REGION (dirty log)"))?;
+    }
+    Ok(())
+}
+
+/// The guest-physical addresses of pages written since the last call.
+fn dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let bitmap = vm.get_dirty_log(slot as u32, region.len() as usize).map_err(crate::error::kvm("GET_DIRTY_LOG"))?;
+        for (w, word) in bitmap.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                out.push(region.start_addr().0 + (w as u64 * 64 + b) * PAGE as u64);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sends `pages` (guest-physical addresses), `PAGES_PER_FRAME` at a time,
+/// keeping to `bandwidth` bytes per second when set; returns bytes sent.
+fn send_pages(s: &mut dyn Stream, mem: &GuestMemoryMmap, pages: &[u64], bandwidth: u64, cancel: &AtomicBool) -> Result<u64> {
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; 4 + PAGES_PER_FRAME * (8 + PAGE)];
+    for batch in pages.chunks(PAGES_PER_FRAME) {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(Error::Device("cancelled".into()));
+        }
+        buf[..4].copy_from_slice(&(batch.len() as u32).to_le_bytes());
+        let mut at = 4;
+        for gpa in batch {
+            buf[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
+            mem.read_slice(&mut buf[at + 8..at + 8 + PAGE], GuestAddress(*gpa)).map_err(|e| Error::Memory(format!("migration: page {gpa:#x}: {e}")))?;
+            at += 8 + PAGE;
+        }
+        write_frame(s, PAGES, &[&buf[..at]])?;
+        sent += at as u64 + 8;
+        if bandwidth > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / bandwidth as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// Every page of `mem` that is not all zeros (the destination's memory starts zeroed).
+fn nonzero_pages(mem: &GuestMemoryMmap) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut page = [0u8; PAGE];
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        for i in 0..region.len() / PAGE as u64 {
+            let gpa = start + i * PAGE as u64;
+            if mem.read_slice(&mut page, GuestAddress(gpa)).is_ok() && page.iter().any(|&b| b != 0) {
+                out.push(gpa);
+            }
+        }
+    }
+    out
+}
+
+/// What the migration thread asks of the VMM's main loop.
+pub enum ToMain {
+    /// Pause the guest, stop its devices and send the state.
+    SwitchOver,
+    /// The migration ended: Ok once the destination holds the guest.
+    Finished(std::result::Result<(), String>),
+}
+
+/// The state the main loop sends for the switch-over, and when the guest stopped.
+pub type SwitchState = std::result::Result<(Vec<u8>, Instant), String>;
+
+/// The source side of a migration under way, held by the VM.
+pub struct Outgoing {
+    /// Progress, for `migrate-status`.
+    pub status: Arc<Mutex<MigrationStatus>>,
+    cancel: Arc<AtomicBool>,
+    messages: Arc<Mutex<VecDeque<ToMain>>>,
+    wake: Arc<EventFd>,
+    state_tx: Sender<SwitchState>,
+    /// Whether the guest is paused for the switch-over.
+    pub paused: bool,
+}
+
+/// What the migration thread needs from the VM.
+pub struct SourceVm {
+    /// KVM's VM, for the dirty log.
+    pub vm_fd: Arc<VmFd>,
+    /// Guest RAM.
+    pub mem: GuestMemoryMmap,
+    /// The first frame.
+    pub hello: Hello,
+    /// Signalled when the thread has a message for the main loop.
+    pub wake: Arc<EventFd>,
+}
+
+/// The migration's settings.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Where the destination waits.
+    pub uri: String,
+    /// Longest pause.
+    pub max_downtime: Duration,
+    /// Bytes per second at most (0: no cap).
+    pub bandwidth: u64,
+}
+
+impl Outgoing {
+    /// Starts migrating `vm` as `params` say, on a thread of its own.
+    pub fn start(vm: SourceVm, params: Params) -> Result<Self> {
+        let endpoint = parse_uri(&params.uri)?;
+        let status = Arc::new(Mutex::new(MigrationStatus { state: MigrationState::Setup, ..Default::default() }));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let messages = Arc::new(Mutex::new(VecDeque::new()));
+        let (state_tx, state_rx) = std::sync::mpsc::channel();
+        let wake = vm.wake.clone();
+        let ctx = SourceThread { vm, params, endpoint, status: status.clone(), cancel: cancel.clone(), messages: messages.clone(), state_rx };
+        std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || ctx.run())
+            .map_err(crate::error::os("spawning the migration thread"))?;
+        Ok(Self { status, cancel, messages, wake, state_tx, paused: false })
+    }
+
+    /// Asks the migration to stop; the thread ends it at the next page batch.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// The thread's next message, if any.
+    pub fn next_message(&self) -> Option<ToMain> {
+        let _ = self.wake.read();
+        let m = lock(&self.messages).pop_front();
+        if !lock(&self.messages).is_empty() {
+            let _ = self.wake.write(1);
+        }
+        m
+    }
+
+    /// Gives the thread the stopped guest's state (or why it could not be taken).
+    pub fn send_state(&self, state: SwitchState) {
+        let _ = self.state_tx.send(state);
+    }
+}
+
+struct SourceThread {
+    vm: SourceVm,
+    params: Params,
+    endpoint: Endpoint,
+    status: Arc<Mutex<MigrationStatus>>,
+    cancel: Arc<AtomicBool>,
+    messages: Arc<Mutex<VecDeque<ToMain>>>,
+    state_rx: Receiver<SwitchState>,
+}
+
+impl SourceThread {
+    fn tell_main(&self, m: ToMain) {
+        lock(&self.messages).push_back(m);
+        let _ = self.vm.wake.write(1);
+    }
+
+    fn run(self) {
+        let started = Instant::now();
+        let result = self.migrate(started);
+        let _ = set_dirty_logging(&self.vm.vm_fd, &self.vm.mem, false);
+        {
+            let mut st = lock(&self.status);
+            st.total_ms = started.elapsed().as_secs_f64() * 1000.0;
+            match &result {
+                Ok(downtime) => {
+                    st.state = MigrationState::Completed;
+                    st.downtime_ms = Some(*downtime);
+                }
+                Err(e) if self.cancel.load(Ordering::SeqCst) => {
+                    st.state = MigrationState::Cancelled;
+                    st.error = Some(e.to_string());
+                }
+                Err(e) => {
+                    st.state = MigrationState::Failed;
+                    st.error = Some(e.to_string());
+                }
+            }
+        }
+        match result {
+            Ok(_) => tracing::info!("migration completed"),
+            Err(ref e) => tracing::warn!("migration failed; the guest runs on here: {e}"),
+        }
+        self.tell_main(ToMain::Finished(result.map(|_| ()).map_err(|e| e.to_string())));
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        f(&mut lock(&self.status));
+    }
+
+    /// Returns the guest's measured pause in milliseconds.
+    fn migrate(&self, started: Instant) -> Result<f64> {
+        let (vm, p) = (&self.vm, &self.params);
+        let mut s = connect(&self.endpoint)?;
+        let mut head = MAGIC.to_vec();
+        head.extend_from_slice(&VERSION.to_le_bytes());
+        s.write_all(&head).map_err(io("sending"))?;
+        let hello = state_file::to_bytes(&vm.hello).map_err(|e| Error::Device(e.to_string()))?;
+        write_frame(&mut *s, HELLO, &[&hello])?;
+        match read_frame(&mut *s)? {
+            (READY, _) => {}
+            (REFUSE, why) => return Err(Error::Device(format!("the destination refused: {}", String::from_utf8_lossy(&why)))),
+            (tag, _) => return Err(Error::Device(format!("migration: the destination answered frame {tag}"))),
+        }
+        set_dirty_logging(&vm.vm_fd, &vm.mem, true)?;
+        dirty_pages(&vm.vm_fd, &vm.mem)?;
+        self.update(|st| st.state = MigrationState::Active);
+        // The first pass: everything that is not zero.
+        let mut pending = nonzero_pages(&vm.mem);
+        let mut iteration = 0;
+        loop {
+            iteration += 1;
+            let pass = Instant::now();
+            let sent = send_pages(&mut *s, &vm.mem, &pending, p.bandwidth, &self.cancel)?;
+            let secs = pass.elapsed().as_secs_f64().max(1e-3);
+            let rate = sent as f64 / secs;
+            pending = dirty_pages(&vm.vm_fd, &vm.mem)?;
+            let remaining = (pending.len() * PAGE) as u64;
+            let expected = Duration::from_secs_f64(remaining as f64 / rate.max(1.0));
+            self.update(|st| {
+                st.iteration = iteration;
+                st.bytes_sent += sent;
+                st.remaining_bytes = remaining;
+                st.dirty_rate = (remaining as f64 / secs) as u64;
+                st.expected_downtime_ms = expected.as_millis() as u64;
+            });
+            if expected <= p.max_downtime || iteration >= MAX_ITERATIONS {
+                break;
+            }
+        }
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(Error::Device("cancelled".into()));
+        }
+        // The switch-over: the main loop pauses the guest and stops its devices.
+        self.update(|st| st.state = MigrationState::SwitchOver);
+        self.tell_main(ToMain::SwitchOver);
+        let (state, paused_at) = self
+            .state_rx
+            .recv_timeout(IO_TIMEOUT)
+            .map_err(|_| Error::Device("migration: the guest was not stopped for the switch-over".into()))?
+            .map_err(Error::Device)?;
+        let mut last = pending;
+        last.extend(dirty_pages(&vm.vm_fd, &vm.mem)?);
+        last.sort_unstable();
+        last.dedup();
+        let sent = send_pages(&mut *s, &vm.mem, &last, 0, &AtomicBool::new(false))?;
+        write_frame(&mut *s, STATE, &[&state])?;
+        match read_frame(&mut *s)? {
+            (DONE, _) => {}
+            (tag, _) => return Err(Error::Device(format!("migration: the destination answered frame {tag} to the state"))),
+        }
+        let downtime = paused_at.elapsed().as_secs_f64() * 1000.0;
+        self.update(|st| st.bytes_sent += sent + state.len() as u64);
+        tracing::info!("migrated in {:.0} ms, {iteration} passes, guest paused {downtime:.1} ms", started.elapsed().as_secs_f64() * 1000.0);
+        Ok(downtime)
+    }
+}
+
+/// The destination, once the source's first frame is in: the stream and
+/// what the source said.
+pub struct Incoming {
+    /// None once answered.
+    stream: Option<Box<dyn Stream>>,
+    /// The source's first frame.
+    pub hello: Hello,
+}
+
+impl Drop for Incoming {
+    /// A destination that fails before it accepted tells the source, which runs on.
+    fn drop(&mut self) {
+        if let Some(mut s) = self.stream.take() {
+            let _ = write_frame(&mut *s, REFUSE, &[b"the destination could not build the VM (its log says why)"]);
+        }
+    }
+}
+
+/// Waits at `listener` for the source and reads its first frame. A stream
+/// that is not an rvirt migration of this version is refused, telling the
+/// source why.
+pub fn accept(listener: &Listener) -> Result<Incoming> {
+    let mut s = listener.accept()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).map_err(io("receiving"))?;
+    let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    let refuse = |s: &mut Box<dyn Stream>, why: String| {
+        let _ = write_frame(&mut **s, REFUSE, &[why.as_bytes()]);
+        Error::Config(format!("--incoming: {why}"))
+    };
+    if head[..8] != MAGIC {
+        return Err(refuse(&mut s, "not an rvirt migration stream".into()));
+    }
+    if version != VERSION {
+        return Err(refuse(&mut s, format!("migration stream version {version}; this VMM speaks version {VERSION}")));
+    }
+    let hello = match read_frame(&mut *s) {
+        Ok((HELLO, bytes)) => state_file::from_bytes::<Hello>(&bytes).map_err(|e| refuse(&mut s, format!("malformed first frame: {e}")))?,
+        Ok((tag, _)) => return Err(refuse(&mut s, format!("frame {tag} where the first was expected"))),
+        Err(e) => return Err(refuse(&mut s, e.to_string())),
+    };
+    Ok(Incoming { stream: Some(s), hello })
+}
+
+impl Incoming {
+    /// Refuses the migration (the source runs on), saying why.
+    pub fn refuse(mut self, why: &str) {
+        if let Some(mut s) = self.stream.take() {
+            let _ = write_frame(&mut *s, REFUSE, &[why.as_bytes()]);
+        }
+    }
+
+    /// Accepts, then writes the source's pages into `mem` until its state
+    /// arrives; returns the state. A page outside `mem` or a frame out of
+    /// place ends it.
+    pub fn receive(mut self, mem: &GuestMemoryMmap) -> Result<(crate::snapshot::VmSnapshot, Finish)> {
+        let Some(mut stream) = self.stream.take() else { return Err(Error::Device("migration: answered already".into())) };
+        write_frame(&mut *stream, READY, &[])?;
+        loop {
+            match read_frame(&mut *stream)? {
+                (PAGES, frame) => {
+                    let count = frame.get(..4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+                    if count > PAGES_PER_FRAME || frame.len() != 4 + count * (8 + PAGE) {
+                        return Err(Error::Device("migration: a malformed page frame".into()));
+                    }
+                    for page in frame[4..].chunks_exact(8 + PAGE) {
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(&page[..8]);
+                        let gpa = u64::from_le_bytes(a);
+                        if gpa % PAGE as u64 != 0 {
+                            return Err(Error::Device(format!("migration: page address {gpa:#x} is not page-aligned")));
+                        }
+                        mem.write_slice(&page[8..], GuestAddress(gpa)).map_err(|e| Error::Device(format!("migration: page {gpa:#x} is outside guest memory: {e}")))?;
+                    }
+                }
+                (STATE, bytes) => {
+                    let snap = state_file::decode(&bytes).map_err(|e| Error::Device(format!("migration: the state: {e}")))?;
+                    return Ok((snap, Finish { stream }));
+                }
+                (tag, _) => return Err(Error::Device(format!("migration: frame {tag} out of place"))),
+            }
+        }
+    }
+}
+
+/// Tells the source the destination holds the guest.
+pub struct Finish {
+    stream: Box<dyn Stream>,
+}
+
+impl Finish {
+    /// Sends `DONE`: from here the source ends and this VMM runs the guest.
+    pub fn done(mut self) -> Result<()> {
+        write_frame(&mut *self.stream, DONE, &[])
+    }
+}
+
+/// Fresh, zeroed guest memory for an incoming VM of `cfg`.
+pub fn destination_memory(cfg: &VmConfig) -> Result<GuestMemoryMmap> {
+    let layout = rvirt_arch::MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("the source's memory: {e}")))?;
+    memory::create_guest_memory(&layout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        assert_eq!(parse_uri("unix:/run/m.sock").unwrap(), Endpoint::Unix("/run/m.sock".into()));
+        assert_eq!(parse_uri("tcp:10.0.0.2:4444").unwrap(), Endpoint::Tcp("10.0.0.2:4444".into()));
+        assert_eq!(parse_uri("tcp:[::1]:4444").unwrap(), Endpoint::Tcp("[::1]:4444".into()));
+        for bad in ["", "unix:", "tcp:host", "tcp::1", "tcp:h:99999", "rdma:x", "exec:cat"] {
+            assert!(parse_uri(bad).unwrap_err().to_string().contains("unix:PATH or tcp:HOST:PORT"), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Live migration between two rvirt-vmm processes on this host's /dev/kvm,
+//! over a Unix socket: a hand-made guest keeps 16 MiB of pages dirty and
+//! checks at each round that every page holds what it wrote the round
+//! before (a page the migration missed prints `!`); it must go on at the
+//! destination with the next letter and never print `!`. Streams that are
+//! not rvirt's, or of another version, are refused before anything
+//! moves; a refusal, a cancel or a VM that cannot move yet leaves the
+//! source running.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rvirt_api::{ApiClient, MigrationState, MigrationStatus, Request};
+use rvirt_lab::guests::{bzimage_with, dirty_and_check};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rvirt-mig-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// An rvirt-vmm process with its API.
+struct Vmm {
+    child: Child,
+    api: ApiClient,
+}
+
+fn spawn(dir: &Path, name: &str, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_rvirt-vmm"))
+        .args(args)
+        .args(["--seccomp", "off", "--serial"])
+        .arg(format!("file={}", dir.join(format!("{name}.log")).display()))
+        .arg("--api-socket")
+        .arg(dir.join(format!("{name}.sock")))
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for_path(p: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the VMM ended before {} appeared", p.display());
+        assert!(Instant::now() < deadline, "no {}", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn source(dir: &Path, kernel: &Path, extra: &[&str]) -> Vmm {
+    let mut args = vec!["--kernel", kernel.to_str().unwrap(), "--memory", "256M"];
+    args.extend_from_slice(extra);
+    let mut child = spawn(dir, "one", &args);
+    wait_for_path(&dir.join("one.sock"), &mut child);
+    let api = ApiClient::connect(&dir.join("one.sock"), Duration::from_secs(10)).unwrap();
+    Vmm { child, api }
+}
+
+/// A destination waiting at `dir/mig.sock`.
+fn destination(dir: &Path, extra: &[&str]) -> Child {
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut args = vec!["--incoming", uri.as_str()];
+    args.extend_from_slice(extra);
+    let mut child = spawn(dir, "two", &args);
+    wait_for_path(&dir.join("mig.sock"), &mut child);
+    child
+}
+
+fn letters(dir: &Path, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
+fn wait_letters(dir: &Path, name: &str, n: usize) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = letters(dir, name);
+        assert!(!got.contains(&b'!'), "{name}: a page lost a write: {}", String::from_utf8_lossy(&got));
+        if got.len() >= n {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "{name} printed {:?}", String::from_utf8_lossy(&got));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn next_letter(b: u8) -> u8 {
+    if b == b'z' {
+        b'a'
+    } else {
+        b + 1
+    }
+}
+
+fn migrate(api: &mut ApiClient, dir: &Path, bandwidth_mib_s: u64) {
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let r = api.call(&Request::Migrate { uri, max_downtime_ms: 300, bandwidth_mib_s }).unwrap();
+    assert!(r.ok, "{r:?}");
+}
+
+/// Polls `migrate-status` until it is no longer under way.
+fn outcome(api: &mut ApiClient) -> MigrationStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = api.call(&Request::MigrateStatus).unwrap().migration.unwrap();
+        if !matches!(st.state, MigrationState::Setup | MigrationState::Active | MigrationState::SwitchOver) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "still migrating: {st:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn err_of(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.err"))).unwrap_or_default()
+}
+
+fn kernel(dir: &Path) -> PathBuf {
+    let k = dir.join("kernel");
+    std::fs::write(&k, bzimage_with(&dirty_and_check(4096, 300_000))).unwrap();
+    k
+}
+
+#[test]
+fn a_guest_dirtying_memory_moves_to_another_process_without_losing_a_write() {
+    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
+    let dir = tmpdir("move");
+    let k = kernel(&dir);
+    let mut two = destination(&dir, &[]);
+    let mut one = source(&dir, &k, &["--cpus", "2"]);
+    wait_letters(&dir, "one", 30);
+    migrate(&mut one.api, &dir, 0);
+    // Progress until the source ends (it goes as soon as the destination holds the guest).
+    let mut seen = Vec::new();
+    while let Ok(r) = one.api.call(&Request::MigrateStatus) {
+        let st = r.migration.unwrap();
+        assert!(!matches!(st.state, MigrationState::Failed | MigrationState::Cancelled), "{st:?}\n{}\n{}", err_of(&dir, "one"), err_of(&dir, "two"));
+        seen.push(st.state);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(seen.iter().all(|s| *s != MigrationState::None), "{seen:?}");
+    // The source ends, saying how it went: the guest's pause, measured.
+    let status = one.child.wait().unwrap();
+    let said = err_of(&dir, "one");
+    assert!(status.success(), "{said}");
+    let how = said.lines().find_map(|l| l.strip_prefix("rvirt-vmm: migrated: ")).unwrap_or_else(|| panic!("{said}"));
+    let paused: f64 = how.strip_prefix("guest paused ").and_then(|r| r.split(' ').next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{how}"));
+    assert!(paused > 0.0 && paused < 5000.0, "{how}");
+    assert!(how.contains("passes") && !how.contains(" 0 MiB sent"), "{how}");
+    let before = letters(&dir, "one");
+    let last = *before.last().unwrap();
+    // The destination goes on with the next letter, every page as the guest left it.
+    let after = wait_letters(&dir, "two", 40);
+    assert_eq!(after[0], next_letter(last), "after {:?} came {:?}", last as char, String::from_utf8_lossy(&after[..10]));
+    assert!(after.windows(2).all(|w| w[1] == next_letter(w[0])), "{}", String::from_utf8_lossy(&after));
+    let mut api = ApiClient::connect(&dir.join("two.sock"), Duration::from_secs(10)).unwrap();
+    let s = api.call(&Request::Status).unwrap().status.unwrap();
+    assert_eq!((s.vcpus, s.memory_bytes), (2, 256 << 20));
+    assert!(api.call(&Request::Stop).unwrap().ok);
+    assert!(two.wait().unwrap().success());
+    assert!(!dir.join("mig.sock").exists(), "the destination's socket is gone with it");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends `head` to a waiting destination; returns its answer (tag, text) and its exit message.
+fn raw_stream(dir: &Path, head: &[u8]) -> (u32, String, String) {
+    let mut dest = destination(dir, &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("mig.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head).unwrap();
+    let mut frame = [0u8; 8];
+    s.read_exact(&mut frame).unwrap();
+    let (tag, len) = (u32::from_le_bytes(frame[..4].try_into().unwrap()), u32::from_le_bytes(frame[4..].try_into().unwrap()));
+    let mut text = vec![0u8; len as usize];
+    s.read_exact(&mut text).unwrap();
+    assert!(!dest.wait().unwrap().success());
+    (tag, String::from_utf8_lossy(&text).into_owned(), err_of(dir, "two"))
+}
+
+#[test]
+fn foreign_streams_refusals_and_cancels_leave_the_source_running() {
+    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
+    let dir = tmpdir("refuse");
+    // Not rvirt's, another version: refused at once, saying so, on both ends.
+    let (tag, text, err) = raw_stream(&dir, b"GET / HTTP/1.1\r\n");
+    assert_eq!(tag, 3, "REFUSE");
+    assert!(text.contains("not an rvirt migration stream") && err.contains("not an rvirt migration stream"), "{text} / {err}");
+    let mut head = rvirt_vmm::migration::MAGIC.to_vec();
+    head.extend_from_slice(&99u32.to_le_bytes());
+    let (tag, text, _) = raw_stream(&dir, &head);
+    assert_eq!(tag, 3);
+    assert!(text.contains("version 99; this VMM speaks version 1"), "{text}");
+
+    let k = kernel(&dir);
+    let mut one = source(&dir, &k, &[]);
+    wait_letters(&dir, "one", 10);
+    // The destination cannot take it (a console the VM has not): the source runs on.
+    let mut two = destination(&dir, &["--console", "null"]);
+    migrate(&mut one.api, &dir, 0);
+    let st = outcome(&mut one.api);
+    assert_eq!(st.state, MigrationState::Failed);
+    assert!(st.error.as_deref().unwrap_or("").contains("the destination refused") && st.error.as_deref().unwrap_or("").contains("no virtio console"), "{st:?}");
+    assert!(!two.wait().unwrap().success());
+    let n = letters(&dir, "one").len();
+    wait_letters(&dir, "one", n + 10);
+
+    // A cancel midway (a 1 MiB/s cap makes the first pass last): the source runs on, the destination gives up.
+    let mut two = destination(&dir, &[]);
+    migrate(&mut one.api, &dir, 1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(one.api.call(&Request::MigrateCancel).unwrap().ok);
+    let st = outcome(&mut one.api);
+    assert_eq!(st.state, MigrationState::Cancelled, "{st:?}");
+    assert!(!two.wait().unwrap().success(), "the destination ends when the source goes");
+    let n = letters(&dir, "one").len();
+    wait_letters(&dir, "one", n + 10);
+    let s = one.api.call(&Request::Status).unwrap().status.unwrap();
+    assert_eq!(s.state, rvirt_api::RunState::Running);
+
+    // Nowhere to go, and what cannot move yet: refused at once.
+    let r = one.api.call(&Request::Migrate { uri: "ftp:x".into(), max_downtime_ms: 300, bandwidth_mib_s: 0 }).unwrap();
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("unix:PATH or tcp:HOST:PORT"), "{r:?}");
+    assert!(one.api.call(&Request::Stop).unwrap().ok);
+    one.child.wait().unwrap();
+    std::fs::write(dir.join("disk.raw"), vec![0u8; 1 << 20]).unwrap();
+    let disk = format!("path={}", dir.join("disk.raw").display());
+    let mut with_disk = source(&dir, &k, &["--disk", &disk]);
+    let r = with_disk.api.call(&Request::Migrate { uri: "unix:/nonexistent".into(), max_downtime_ms: 300, bandwidth_mib_s: 0 }).unwrap();
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("disks or network cards"), "{r:?}");
+    assert!(with_disk.api.call(&Request::Stop).unwrap().ok);
+    with_disk.child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
