@@ -209,6 +209,10 @@ impl FwCfg {
         };
         let status = if ok { 0u32 } else { DMA_ERROR };
         let _ = self.mem.write_slice(&status.to_be_bytes(), GuestAddress(at));
+        crate::dirty::mark(at, 4);
+        if ok && control & DMA_READ != 0 {
+            crate::dirty::mark(addr, u64::from(len));
+        }
     }
 
     /// Copies `len` bytes of the item to `addr`, zeroes past its end. The

@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod bus;
 pub mod cmos;
 pub mod debugcon;
+pub mod dirty;
 pub mod fw_cfg;
 pub mod i8042;
 pub mod persist;

@@ -146,6 +146,24 @@ impl Tap {
         Self { file: File::from(fd), name: name.into(), mtu }
     }
 
+    /// Tells the network where a card with address `mac` now is (after a
+    /// migration or a restore put it behind this tap): a broadcast RARP
+    /// request from `mac`, as QEMU announces a moved guest, so bridges and
+    /// switches learn its port before the guest says anything.
+    pub fn announce(&self, mac: [u8; 6]) -> std::io::Result<()> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0x80, 0x35]); // RARP
+        f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 3]); // Ethernet, IPv4, reverse request
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0; 4]);
+        f.resize(VNET_HDR_LEN + 60, 0);
+        std::io::Write::write_all(&mut &self.file, &f)
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
@@ -234,6 +252,24 @@ impl AsRawFd for Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_announcement_is_a_broadcast_rarp_from_the_card() {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair fills two descriptors we then own.
+        assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh descriptors from socketpair, each owned once.
+        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from(OwnedFd::from_raw_fd(fds[1]))) };
+        let tap = Tap::stand_in(ours, "t", 1500);
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        tap.announce(mac).unwrap();
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(&mut &theirs, &mut buf).unwrap();
+        let frame = &buf[VNET_HDR_LEN..n];
+        assert_eq!(frame.len(), 60, "a minimum Ethernet frame");
+        assert_eq!((&frame[..6], &frame[6..12], &frame[12..14]), (&[0xff; 6][..], &mac[..], &[0x80, 0x35][..]));
+        assert_eq!((&frame[20..22], &frame[22..28], &frame[32..38]), (&[0, 3][..], &mac[..], &mac[..]), "reverse request, from and for the card");
+    }
 
     fn ip(args: &[&str]) -> bool {
         std::process::Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false)

@@ -142,6 +142,16 @@ impl GuestChain {
     }
 }
 
+/// A request's buffers are written by the time its chain goes: the pages
+/// are marked for a live migration (KVM does not see the VMM's writes).
+impl Drop for GuestChain {
+    fn drop(&mut self) {
+        for (addr, len) in &self.writable {
+            rvirt_devices::dirty::mark(addr.0, *len as u64);
+        }
+    }
+}
+
 /// The bytes of `s` as a mutable slice, for handing guest buffers to
 /// `read(2)`-like calls without a copy.
 ///

@@ -349,11 +349,11 @@ impl VirtioPciDevice {
             self.active = false;
             self.quiesced = true;
         }
-    }
-
-    /// Whether the driver started the device (stopped for a snapshot or not).
-    pub fn is_started(&self) -> bool {
-        self.active || self.quiesced
+        // The device wrote its used rings (and avail event) all along: a
+        // live migration sends them once more, as they are now.
+        for q in self.queues.iter().filter(|q| q.ready()) {
+            rvirt_devices::dirty::mark(q.used_ring(), 6 + 8 * u64::from(q.size()));
+        }
     }
 
     /// Restarts a device stopped by [`VirtioPciDevice::quiesce`].

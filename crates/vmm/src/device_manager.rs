@@ -39,11 +39,6 @@ pub enum Resource {
 
 /// A device whose state is saved under its id.
 trait Stateful: Send + Sync {
-    /// Whether the device writes guest memory behind KVM's dirty log now
-    /// (a virtio device its driver started).
-    fn writes_guest_memory(&self) -> bool {
-        false
-    }
     /// Stops the device's own activity (worker threads) before a save.
     fn quiesce(&self) {}
     /// Restarts what [`Stateful::quiesce`] stopped.
@@ -60,10 +55,6 @@ trait Stateful: Send + Sync {
 struct VirtioNode(Arc<Mutex<VirtioPciDevice>>);
 
 impl Stateful for VirtioNode {
-    fn writes_guest_memory(&self) -> bool {
-        lock(&self.0).is_started()
-    }
-
     fn quiesce(&self) {
         lock(&self.0).quiesce();
     }
@@ -177,11 +168,6 @@ impl Devices {
         for s in self.nodes.iter().filter_map(|n| n.state.as_ref()) {
             s.quiesce();
         }
-    }
-
-    /// The devices that write guest memory behind KVM's dirty log now.
-    pub fn started_virtio(&self) -> Vec<String> {
-        self.nodes.iter().filter(|n| n.state.as_ref().is_some_and(|s| s.writes_guest_memory())).map(|n| n.id.clone()).collect()
     }
 
     /// Restarts what [`Devices::quiesce`] stopped; the first failure is named.

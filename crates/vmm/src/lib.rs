@@ -213,6 +213,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     }
     let mut escape = EscapeFilter::default();
     loop {
+        let moved = restore.is_some() || incoming.is_some();
         let mut vm = match (restore.take(), incoming.take()) {
             (None, Some(inc)) => {
                 let mem = migration::destination_memory(cfg)?;
@@ -244,6 +245,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
         };
         vm.serial_pty = console.pty_path.clone();
         vm.start()?;
+        // A guest that arrived behind new taps: the network learns where it is.
+        if moved {
+            for (tap, mac) in &backends.nets {
+                if let Err(e) = tap.announce(*mac) {
+                    tracing::warn!("announcing {} on tap {}: {e}", format_mac(mac), tap.name());
+                }
+            }
+        }
         let exit = event_loop(&vm, &console, api.as_ref(), &signals, &mut escape);
         vm.stop();
         for (index, medium) in vm.current_media() {
@@ -264,6 +273,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
             }
         }
     }
+}
+
+fn format_mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// Waits for and handles console input, API requests, signals and the VM's exit.

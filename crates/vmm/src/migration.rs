@@ -1,8 +1,8 @@
-//! Live migration between rvirt-vmm processes (issue 26). This first part
-//! moves VMs whose virtio devices the guest has not started: a started
-//! device writes guest memory behind KVM's dirty log (disk reads, received
-//! frames, used rings), which is not tracked yet, so such a VM is refused,
-//! naming the devices.
+//! Live migration between rvirt-vmm processes (issue 26). Guest memory the
+//! VMM writes itself (disk reads, received frames, used rings, fw_cfg DMA)
+//! bypasses KVM's dirty log: it is tracked by `rvirt_devices::dirty`, and
+//! every pass sends the pages of both. VMs with disks are refused for now
+//! (their images' locks cannot change hands yet).
 //!
 //! The stream: the source writes [`MAGIC`] and [`VERSION`], then frames of
 //! (tag u32, length u32, payload). `HELLO` carries the configuration, each
@@ -218,9 +218,10 @@ fn set_dirty_logging(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<()> {
     Ok(())
 }
 
-/// The guest-physical addresses of pages written since the last call.
+/// The guest-physical addresses of pages written since the last call, by
+/// the guest (KVM's log) or by the VMM (device DMA), ascending, once each.
 fn dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>> {
-    let mut out = Vec::new();
+    let mut out = rvirt_devices::dirty::take();
     for (slot, region) in mem.iter().enumerate() {
         let bitmap = vm.get_dirty_log(slot as u32, region.len() as usize).map_err(crate::error::kvm("GET_DIRTY_LOG"))?;
         for (w, word) in bitmap.iter().enumerate() {
@@ -232,12 +233,15 @@ fn dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>> {
             }
         }
     }
+    out.sort_unstable();
+    out.dedup();
     Ok(out)
 }
 
 /// Sends `pages` (guest-physical addresses), `PAGES_PER_FRAME` at a time,
-/// keeping to `bandwidth` bytes per second when set; returns bytes sent.
-fn send_pages(s: &mut dyn Stream, mem: &GuestMemoryMmap, pages: &[u64], bandwidth: u64, cancel: &AtomicBool) -> Result<u64> {
+/// keeping to `bandwidth` bytes per second when set and counting each
+/// frame in `status`; returns bytes sent.
+fn send_pages(s: &mut dyn Stream, mem: &GuestMemoryMmap, pages: &[u64], bandwidth: u64, cancel: &AtomicBool, status: &Mutex<MigrationStatus>) -> Result<u64> {
     let started = Instant::now();
     let mut sent = 0u64;
     let mut buf = vec![0u8; 4 + PAGES_PER_FRAME * (8 + PAGE)];
@@ -254,6 +258,7 @@ fn send_pages(s: &mut dyn Stream, mem: &GuestMemoryMmap, pages: &[u64], bandwidt
         }
         write_frame(s, PAGES, &[&buf[..at]])?;
         sent += at as u64 + 8;
+        lock(status).bytes_sent += at as u64 + 8;
         if bandwidth > 0 {
             let due = Duration::from_secs_f64(sent as f64 / bandwidth as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -384,6 +389,7 @@ impl SourceThread {
         let started = Instant::now();
         let result = self.migrate(started);
         let _ = set_dirty_logging(&self.vm.vm_fd, &self.vm.mem, false);
+        rvirt_devices::dirty::stop();
         {
             let mut st = lock(&self.status);
             st.total_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -428,6 +434,7 @@ impl SourceThread {
             (tag, _) => return Err(Error::Device(format!("migration: the destination answered frame {tag}"))),
         }
         set_dirty_logging(&vm.vm_fd, &vm.mem, true)?;
+        rvirt_devices::dirty::start(vm.mem.iter().map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0));
         dirty_pages(&vm.vm_fd, &vm.mem)?;
         self.update(|st| st.state = MigrationState::Active);
         // The first pass: everything that is not zero.
@@ -436,7 +443,7 @@ impl SourceThread {
         loop {
             iteration += 1;
             let pass = Instant::now();
-            let sent = send_pages(&mut *s, &vm.mem, &pending, p.bandwidth, &self.cancel)?;
+            let sent = send_pages(&mut *s, &vm.mem, &pending, p.bandwidth, &self.cancel, &self.status)?;
             let secs = pass.elapsed().as_secs_f64().max(1e-3);
             let rate = sent as f64 / secs;
             pending = dirty_pages(&vm.vm_fd, &vm.mem)?;
@@ -444,7 +451,6 @@ impl SourceThread {
             let expected = Duration::from_secs_f64(remaining as f64 / rate.max(1.0));
             self.update(|st| {
                 st.iteration = iteration;
-                st.bytes_sent += sent;
                 st.remaining_bytes = remaining;
                 st.dirty_rate = (remaining as f64 / secs) as u64;
                 st.expected_downtime_ms = expected.as_millis() as u64;
@@ -468,14 +474,14 @@ impl SourceThread {
         last.extend(dirty_pages(&vm.vm_fd, &vm.mem)?);
         last.sort_unstable();
         last.dedup();
-        let sent = send_pages(&mut *s, &vm.mem, &last, 0, &AtomicBool::new(false))?;
+        send_pages(&mut *s, &vm.mem, &last, 0, &AtomicBool::new(false), &self.status)?;
         write_frame(&mut *s, STATE, &[&state])?;
         match read_frame(&mut *s)? {
             (DONE, _) => {}
             (tag, _) => return Err(Error::Device(format!("migration: the destination answered frame {tag} to the state"))),
         }
         let downtime = paused_at.elapsed().as_secs_f64() * 1000.0;
-        self.update(|st| st.bytes_sent += sent + state.len() as u64);
+        self.update(|st| st.bytes_sent += state.len() as u64 + 8);
         tracing::info!("migrated in {:.0} ms, {iteration} passes, guest paused {downtime:.1} ms", started.elapsed().as_secs_f64() * 1000.0);
         Ok(downtime)
     }

@@ -427,10 +427,10 @@ impl Vm {
     }
 
     /// Starts migrating the VM (see [`crate::migration`]). Refused, saying
-    /// why, for what this VMM cannot move yet: disks and network cards
-    /// (their files and taps cannot change hands), started virtio devices
-    /// (their writes to guest memory are not tracked), a VMM under seccomp
-    /// (the lists do not cover the migration's calls) or in a jail.
+    /// why, for what this VMM cannot move yet: disks (their images' locks
+    /// cannot change hands), a VMM under seccomp (the lists do not cover
+    /// the migration's calls) or in a jail. Network cards go to the taps the
+    /// destination is given.
     pub fn start_migration(&self, params: crate::migration::Params) -> Result<()> {
         use rvirt_api::MigrationState::{Active, Setup, SwitchOver};
         let mut out = lock(&self.outgoing);
@@ -438,12 +438,8 @@ impl Vm {
             return Err(Error::Config("a migration is under way".into()));
         }
         let not_yet = |why: &str| Err(Error::Config(format!("this VM cannot migrate yet: {why}")));
-        if !self.config.disks.is_empty() || !self.config.nets.is_empty() {
-            return not_yet("it has disks or network cards, whose images and taps cannot change hands yet");
-        }
-        let started = self.devices.started_virtio();
-        if !started.is_empty() {
-            return not_yet(&format!("the guest drives virtio devices ({}), whose writes to its memory are not tracked yet", started.join(", ")));
+        if !self.config.disks.is_empty() {
+            return not_yet("it has disks, whose images' locks cannot change hands yet");
         }
         if rvirt_sandbox::seccomp::mode() != rvirt_sandbox::SeccompMode::Off {
             return not_yet("the seccomp lists do not cover the migration's calls yet (run with --seccomp off)");
