@@ -44,10 +44,10 @@ wait_tick() {
 /usr/sbin/ip link add br0 address 02:00:00:00:00:01 type bridge
 /usr/sbin/ip addr add 10.0.0.1/24 dev br0
 /usr/sbin/ip link set br0 up
-rvirt-vmm --seccomp off --incoming tcp:127.0.0.1:4444 --net tap=dst0,bridge=br0 \
+rvirt-vmm --incoming tcp:127.0.0.1:4444 --net tap=dst0,bridge=br0 \
   --serial file=/tmp/two.log --api-socket /tmp/two.sock </dev/null 2>/tmp/two.err &
 two=$!
-rvirt-vmm --seccomp off --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "console=ttyS0 panic=-1 quiet" \
+rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "console=ttyS0 panic=-1 quiet" \
   --net tap=src0,bridge=br0,mac=52:54:00:00:00:61 --rng --balloon \
   --serial file=/tmp/one.log --api-socket /tmp/one.sock </dev/null 2>/tmp/one.err &
 one=$!

@@ -378,6 +378,10 @@ fn main_thread() -> Result<Vec<Entry>, seccompiler::BackendError> {
     v.extend(arg_in(SYS_rt_sigaction, 0, &[32, 33])?);
     // vCPUs are kicked out of KVM_RUN with a real-time signal.
     v.extend(arg_in(SYS_tgkill, 2, &[SIGRTMIN() as u64])?);
+    // A live migration's thread connects to the destination (Unix or TCP
+    // socket, with timeouts): no other kind of socket.
+    v.extend(arg_in(SYS_socket, 0, &[AF_UNIX as u64, AF_INET as u64, AF_INET6 as u64])?);
+    v.extend([SYS_connect, SYS_setsockopt].into_iter().map(any));
     Ok(v)
 }
 

@@ -428,9 +428,8 @@ impl Vm {
 
     /// Starts migrating the VM (see [`crate::migration`]). Refused, saying
     /// why, for what this VMM cannot move yet: disks (their images' locks
-    /// cannot change hands), a VMM under seccomp (the lists do not cover
-    /// the migration's calls) or in a jail. Network cards go to the taps the
-    /// destination is given.
+    /// cannot change hands) or a jailed VMM. Network cards go to the taps
+    /// the destination is given.
     pub fn start_migration(&self, params: crate::migration::Params) -> Result<()> {
         use rvirt_api::MigrationState::{Active, Setup, SwitchOver};
         let mut out = lock(&self.outgoing);
@@ -440,9 +439,6 @@ impl Vm {
         let not_yet = |why: &str| Err(Error::Config(format!("this VM cannot migrate yet: {why}")));
         if !self.config.disks.is_empty() {
             return not_yet("it has disks, whose images' locks cannot change hands yet");
-        }
-        if rvirt_sandbox::seccomp::mode() != rvirt_sandbox::SeccompMode::Off {
-            return not_yet("the seccomp lists do not cover the migration's calls yet (run with --seccomp off)");
         }
         if rvirt_sandbox::jail::jailed() {
             return not_yet("a jailed VMM cannot reach the destination");

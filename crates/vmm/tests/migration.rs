@@ -5,7 +5,7 @@
 //! destination with the next letter and never print `!`. Streams that are
 //! not rvirt's, or of another version, are refused before anything
 //! moves; a refusal, a cancel or a VM that cannot move yet leaves the
-//! source running.
+//! source running. Both VMMs run under their seccomp lists (the default).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -31,7 +31,7 @@ struct Vmm {
 fn spawn(dir: &Path, name: &str, args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_rvirt-vmm"))
         .args(args)
-        .args(["--seccomp", "off", "--serial"])
+        .args(["--serial"])
         .arg(format!("file={}", dir.join(format!("{name}.log")).display()))
         .arg("--api-socket")
         .arg(dir.join(format!("{name}.sock")))
