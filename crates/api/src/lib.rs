@@ -107,6 +107,13 @@ pub enum Request {
         /// Cap on the link's use, in MiB/s (0: none).
         #[serde(default)]
         bandwidth_mib_s: u64,
+        /// Compress pages with zstd (pages of zeros are never sent whole).
+        #[serde(default)]
+        compress: bool,
+        /// Slow the guest's vCPUs down while it dirties memory faster than
+        /// the link carries it, so the migration converges.
+        #[serde(default)]
+        auto_converge: bool,
     },
     /// How the migration is going (or how it ended).
     MigrateStatus,
@@ -159,6 +166,8 @@ pub struct MigrationStatus {
     pub expected_downtime_ms: u64,
     /// The guest's pause, measured, once completed.
     pub downtime_ms: Option<f64>,
+    /// Share of the time auto-converge holds the vCPUs off, in percent.
+    pub throttle_percent: u8,
     /// Milliseconds since the request.
     pub total_ms: f64,
     /// Why it failed.

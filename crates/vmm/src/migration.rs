@@ -62,7 +62,7 @@ fn max_frame(tag: u32) -> usize {
     match tag {
         HELLO => 20 << 20,
         STATE => state_file::HEADER_LEN + state_file::MAX_PAYLOAD as usize,
-        PAGES => 4 + PAGES_PER_FRAME * (8 + PAGE),
+        PAGES => 4 + PAGES_PER_FRAME * (8 + 4 + PAGE),
         _ => 64 << 10,
     }
 }
@@ -136,7 +136,19 @@ impl Listener {
     pub fn bind(uri: &str) -> Result<Self> {
         match parse_uri(uri)? {
             Endpoint::Unix(p) => {
-                let l = UnixListener::bind(&p).map_err(|e| Error::Device(format!("--incoming {}: {e}", p.display())))?;
+                // Bound under a temporary name and renamed once listening: a
+                // source that finds the path is never refused for being early.
+                let err = |e: std::io::Error| Error::Device(format!("--incoming {}: {e}", p.display()));
+                if p.exists() {
+                    return Err(err(std::io::Error::from(std::io::ErrorKind::AlreadyExists)));
+                }
+                let mut tmp = p.clone().into_os_string();
+                tmp.push(format!(".{}", std::process::id()));
+                let l = UnixListener::bind(&tmp).map_err(err)?;
+                std::fs::rename(&tmp, &p).map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    err(e)
+                })?;
                 Ok(Self::Unix(l, p))
             }
             Endpoint::Tcp(hp) => Ok(Self::Tcp(std::net::TcpListener::bind(&hp).map_err(|e| Error::Device(format!("--incoming {hp}: {e}")))?)),
@@ -238,25 +250,69 @@ fn dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>> {
     Ok(out)
 }
 
+/// How a page travels in a `PAGES` frame: the low bits of its address word.
+const PAGE_RAW: u64 = 0;
+/// A page of zeros: no bytes follow.
+const PAGE_ZERO: u64 = 1;
+/// A zstd frame follows, its length first (u32).
+const PAGE_ZSTD: u64 = 2;
+
+/// How pages are sent.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Encoding {
+    /// Compress pages with zstd (level 1) when that makes them smaller.
+    pub compress: bool,
+}
+
+/// Appends one page at `gpa` to a `PAGES` frame being built.
+fn encode_page(out: &mut Vec<u8>, gpa: u64, page: &[u8], enc: Encoding, zstd: Option<&mut zstd::bulk::Compressor<'_>>) {
+    if page.iter().all(|&b| b == 0) {
+        out.extend_from_slice(&(gpa | PAGE_ZERO).to_le_bytes());
+        return;
+    }
+    if let (true, Some(z)) = (enc.compress, zstd) {
+        if let Ok(c) = z.compress(page) {
+            if c.len() + 4 < PAGE {
+                out.extend_from_slice(&(gpa | PAGE_ZSTD).to_le_bytes());
+                out.extend_from_slice(&(c.len() as u32).to_le_bytes());
+                out.extend_from_slice(&c);
+                return;
+            }
+        }
+    }
+    out.extend_from_slice(&(gpa | PAGE_RAW).to_le_bytes());
+    out.extend_from_slice(page);
+}
+
 /// Sends `pages` (guest-physical addresses), `PAGES_PER_FRAME` at a time,
-/// keeping to `bandwidth` bytes per second when set and counting each
+/// zero pages as their address only, others raw or compressed as `enc`
+/// says, keeping to `bandwidth` bytes per second when set and counting each
 /// frame in `status`; returns bytes sent.
-fn send_pages(s: &mut dyn Stream, mem: &GuestMemoryMmap, pages: &[u64], bandwidth: u64, cancel: &AtomicBool, status: &Mutex<MigrationStatus>) -> Result<u64> {
+fn send_pages(
+    s: &mut dyn Stream,
+    mem: &GuestMemoryMmap,
+    pages: &[u64],
+    (bandwidth, enc): (u64, Encoding),
+    cancel: &AtomicBool,
+    status: &Mutex<MigrationStatus>,
+) -> Result<u64> {
     let started = Instant::now();
     let mut sent = 0u64;
-    let mut buf = vec![0u8; 4 + PAGES_PER_FRAME * (8 + PAGE)];
+    let mut page = vec![0u8; PAGE];
+    let mut buf = Vec::with_capacity(4 + PAGES_PER_FRAME * (8 + 4 + PAGE));
+    let mut zstd = if enc.compress { zstd::bulk::Compressor::new(1).ok() } else { None };
     for batch in pages.chunks(PAGES_PER_FRAME) {
         if cancel.load(Ordering::SeqCst) {
             return Err(Error::Device("cancelled".into()));
         }
-        buf[..4].copy_from_slice(&(batch.len() as u32).to_le_bytes());
-        let mut at = 4;
+        buf.clear();
+        buf.extend_from_slice(&(batch.len() as u32).to_le_bytes());
         for gpa in batch {
-            buf[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
-            mem.read_slice(&mut buf[at + 8..at + 8 + PAGE], GuestAddress(*gpa)).map_err(|e| Error::Memory(format!("migration: page {gpa:#x}: {e}")))?;
-            at += 8 + PAGE;
+            mem.read_slice(&mut page, GuestAddress(*gpa)).map_err(|e| Error::Memory(format!("migration: page {gpa:#x}: {e}")))?;
+            encode_page(&mut buf, *gpa, &page, enc, zstd.as_mut());
         }
-        write_frame(s, PAGES, &[&buf[..at]])?;
+        let at = buf.len();
+        write_frame(s, PAGES, &[&buf])?;
         sent += at as u64 + 8;
         lock(status).bytes_sent += at as u64 + 8;
         if bandwidth > 0 {
@@ -291,6 +347,8 @@ pub enum ToMain {
     SwitchOver,
     /// The migration ended: Ok once the destination holds the guest.
     Finished(std::result::Result<(), String>),
+    /// Hold the vCPUs off this share of the time (percent; 0: not at all).
+    Throttle(u8),
 }
 
 /// The state the main loop sends for the switch-over, and when the guest stopped.
@@ -329,6 +387,10 @@ pub struct Params {
     pub max_downtime: Duration,
     /// Bytes per second at most (0: no cap).
     pub bandwidth: u64,
+    /// How pages are sent.
+    pub encoding: Encoding,
+    /// Throttle the vCPUs while the guest dirties faster than the link.
+    pub auto_converge: bool,
 }
 
 impl Outgoing {
@@ -443,12 +505,22 @@ impl SourceThread {
         loop {
             iteration += 1;
             let pass = Instant::now();
-            let sent = send_pages(&mut *s, &vm.mem, &pending, p.bandwidth, &self.cancel, &self.status)?;
+            let sent = send_pages(&mut *s, &vm.mem, &pending, (p.bandwidth, p.encoding), &self.cancel, &self.status)?;
             let secs = pass.elapsed().as_secs_f64().max(1e-3);
             let rate = sent as f64 / secs;
             pending = dirty_pages(&vm.vm_fd, &vm.mem)?;
             let remaining = (pending.len() * PAGE) as u64;
             let expected = Duration::from_secs_f64(remaining as f64 / rate.max(1.0));
+            // Auto-converge (QEMU's rule): while the guest dirties more than
+            // half of what a pass sends, hold its vCPUs off longer each pass.
+            if p.auto_converge && remaining > sent / 2 {
+                let pct = match lock(&self.status).throttle_percent {
+                    0 => 20,
+                    t => t.saturating_add(10).min(99),
+                };
+                self.update(|st| st.throttle_percent = pct);
+                self.tell_main(ToMain::Throttle(pct));
+            }
             self.update(|st| {
                 st.iteration = iteration;
                 st.remaining_bytes = remaining;
@@ -474,7 +546,7 @@ impl SourceThread {
         last.extend(dirty_pages(&vm.vm_fd, &vm.mem)?);
         last.sort_unstable();
         last.dedup();
-        send_pages(&mut *s, &vm.mem, &last, 0, &AtomicBool::new(false), &self.status)?;
+        send_pages(&mut *s, &vm.mem, &last, (0, p.encoding), &AtomicBool::new(false), &self.status)?;
         write_frame(&mut *s, STATE, &[&state])?;
         match read_frame(&mut *s)? {
             (DONE, _) => {}
@@ -547,21 +619,7 @@ impl Incoming {
         write_frame(&mut *stream, READY, &[])?;
         loop {
             match read_frame(&mut *stream)? {
-                (PAGES, frame) => {
-                    let count = frame.get(..4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
-                    if count > PAGES_PER_FRAME || frame.len() != 4 + count * (8 + PAGE) {
-                        return Err(Error::Device("migration: a malformed page frame".into()));
-                    }
-                    for page in frame[4..].chunks_exact(8 + PAGE) {
-                        let mut a = [0u8; 8];
-                        a.copy_from_slice(&page[..8]);
-                        let gpa = u64::from_le_bytes(a);
-                        if gpa % PAGE as u64 != 0 {
-                            return Err(Error::Device(format!("migration: page address {gpa:#x} is not page-aligned")));
-                        }
-                        mem.write_slice(&page[8..], GuestAddress(gpa)).map_err(|e| Error::Device(format!("migration: page {gpa:#x} is outside guest memory: {e}")))?;
-                    }
-                }
+                (PAGES, frame) => decode_pages(&frame, mem)?,
                 (STATE, bytes) => {
                     let snap = state_file::decode(&bytes).map_err(|e| Error::Device(format!("migration: the state: {e}")))?;
                     return Ok((snap, Finish { stream }));
@@ -570,6 +628,52 @@ impl Incoming {
             }
         }
     }
+}
+
+/// Writes the pages of one `PAGES` frame into `mem`. Every length is
+/// checked against what is left; a page outside `mem`, a misaligned
+/// address, an unknown kind or a compressed page that is not exactly a
+/// page is refused.
+fn decode_pages(frame: &[u8], mem: &GuestMemoryMmap) -> Result<()> {
+    let bad = |why: String| Error::Device(format!("migration: a malformed page frame: {why}"));
+    let take = |rest: &mut &[u8], n: usize| -> Result<Vec<u8>> {
+        if rest.len() < n {
+            return Err(bad(format!("{} bytes where {n} were announced", rest.len())));
+        }
+        let (a, b) = rest.split_at(n);
+        *rest = b;
+        Ok(a.to_vec())
+    };
+    let mut rest = frame;
+    let count = u32::from_le_bytes(take(&mut rest, 4)?.try_into().unwrap_or_default()) as usize;
+    if count > PAGES_PER_FRAME {
+        return Err(bad(format!("{count} pages")));
+    }
+    let mut zstd = zstd::bulk::Decompressor::new().map_err(|e| bad(e.to_string()))?;
+    let zeros = [0u8; PAGE];
+    for _ in 0..count {
+        let word = u64::from_le_bytes(take(&mut rest, 8)?.try_into().unwrap_or_default());
+        let (gpa, kind) = (word & !(PAGE as u64 - 1), word & (PAGE as u64 - 1));
+        let data = match kind {
+            PAGE_RAW => take(&mut rest, PAGE)?,
+            PAGE_ZERO => zeros.to_vec(),
+            PAGE_ZSTD => {
+                let n = u32::from_le_bytes(take(&mut rest, 4)?.try_into().unwrap_or_default()) as usize;
+                let c = take(&mut rest, n)?;
+                let d = zstd.decompress(&c, PAGE).map_err(|e| bad(format!("page {gpa:#x}: {e}")))?;
+                if d.len() != PAGE {
+                    return Err(bad(format!("page {gpa:#x} decompresses to {} bytes", d.len())));
+                }
+                d
+            }
+            k => return Err(bad(format!("page {gpa:#x} of unknown kind {k}"))),
+        };
+        mem.write_slice(&data, GuestAddress(gpa)).map_err(|e| Error::Device(format!("migration: page {gpa:#x} is outside guest memory: {e}")))?;
+    }
+    if !rest.is_empty() {
+        return Err(bad(format!("{} bytes left over", rest.len())));
+    }
+    Ok(())
 }
 
 /// Tells the source the destination holds the guest.
@@ -593,6 +697,55 @@ pub fn destination_memory(cfg: &VmConfig) -> Result<GuestMemoryMmap> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn page_frames_carry_zero_raw_and_compressed_pages_and_refuse_what_does_not_fit() {
+        let src = memory();
+        let random: Vec<u8> = (0..PAGE as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        src.write_slice(&random, GuestAddress(0x1000)).unwrap();
+        src.write_slice(&[7u8; 100], GuestAddress(0x2000)).unwrap();
+        let pages = [0x0, 0x1000, 0x2000];
+        for compress in [false, true] {
+            let mut z = zstd::bulk::Compressor::new(1).unwrap();
+            let mut frame = (pages.len() as u32).to_le_bytes().to_vec();
+            let mut buf = vec![0u8; PAGE];
+            for gpa in pages {
+                src.read_slice(&mut buf, GuestAddress(gpa)).unwrap();
+                encode_page(&mut frame, gpa, &buf, Encoding { compress }, Some(&mut z));
+            }
+            // A zero page is its address; compression only where it pays.
+            let whole = 4 + 8 + 2 * (8 + PAGE);
+            assert!(if compress { frame.len() < whole - PAGE } else { frame.len() == whole }, "{} bytes (compress {compress})", frame.len());
+            let dst = memory();
+            dst.write_slice(&[0xffu8; PAGE], GuestAddress(0)).unwrap();
+            decode_pages(&frame, &dst).unwrap();
+            for gpa in pages {
+                let (mut a, mut b) = (vec![0u8; PAGE], vec![0u8; PAGE]);
+                src.read_slice(&mut a, GuestAddress(gpa)).unwrap();
+                dst.read_slice(&mut b, GuestAddress(gpa)).unwrap();
+                assert!(a == b, "page {gpa:#x} (compress {compress})");
+            }
+            // Every truncation is refused, never a panic.
+            for n in 0..frame.len() {
+                assert!(decode_pages(&frame[..n], &dst).is_err(), "{n} bytes");
+            }
+        }
+        let dst = memory();
+        let frame = |word: u64, tail: &[u8]| [&1u32.to_le_bytes()[..], &word.to_le_bytes(), tail].concat();
+        assert!(decode_pages(&frame(0x1000 | 7, &[]), &dst).unwrap_err().to_string().contains("unknown kind 7"));
+        assert!(decode_pages(&frame(1 << 40 | PAGE_ZERO, &[]), &dst).unwrap_err().to_string().contains("outside guest memory"));
+        let short = zstd::bulk::compress(&[1u8; 100], 1).unwrap();
+        let zst = [&(short.len() as u32).to_le_bytes()[..], &short].concat();
+        assert!(decode_pages(&frame(0x1000 | PAGE_ZSTD, &zst), &dst).unwrap_err().to_string().contains("decompresses to 100 bytes"));
+        let mut many = 1000u32.to_le_bytes().to_vec();
+        many.extend_from_slice(&[0; 64]);
+        assert!(decode_pages(&many, &dst).unwrap_err().to_string().contains("1000 pages"));
+        assert!(decode_pages(&[frame(0x1000 | PAGE_ZERO, &[]), vec![9]].concat(), &dst).unwrap_err().to_string().contains("left over"));
+    }
 
     #[test]
     fn uris() {

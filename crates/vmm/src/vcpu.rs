@@ -73,6 +73,8 @@ impl ExitCounters {
 #[derive(Default)]
 struct RunFlags {
     paused: bool,
+    /// Held off for a moment by a migration's auto-converge.
+    throttled: bool,
     stopping: bool,
     parked: usize,
     /// What each vCPU reported ([`describe_vcpu`]) the last time it parked.
@@ -154,6 +156,12 @@ impl VmControl {
         self.set(|f| f.paused = false);
     }
 
+    /// Holds vCPUs off (`true`; the caller kicks them) or lets them go, for
+    /// a migration's auto-converge; independent of pausing.
+    pub fn set_throttled(&self, on: bool) {
+        self.set(|f| f.throttled = on);
+    }
+
     /// Asks vCPU threads to return; the caller must kick them.
     pub fn request_stop(&self) {
         self.set(|f| f.stopping = true);
@@ -208,11 +216,13 @@ impl VmControl {
         if f.stopping {
             return false;
         }
-        if f.paused {
-            f.reports.insert(id, vcpu.report());
+        if f.paused || f.throttled {
+            if f.paused {
+                f.reports.insert(id, vcpu.report());
+            }
             f.parked += 1;
             self.changed.notify_all();
-            while f.paused && !f.stopping {
+            while (f.paused || f.throttled) && !f.stopping {
                 let generation = f.save_generation;
                 let done = f.saved.get(&id).is_some_and(|(g, _)| *g == generation);
                 if generation > 0 && !done {

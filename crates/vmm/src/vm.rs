@@ -73,6 +73,8 @@ pub struct Vm {
     outgoing: Mutex<Option<crate::migration::Outgoing>>,
     /// Signalled when the migration thread has word for the main loop.
     migration_wake: Arc<EventFd>,
+    /// Auto-converge's hold on the vCPUs, while a migration asks for it.
+    throttle: Mutex<Option<Throttle>>,
     /// What was loaded where (direct kernel boot).
     pub kernel: Option<LoadedKernel>,
     _firmware: Option<FirmwareRom>,
@@ -278,6 +280,7 @@ impl Vm {
             },
             media: Mutex::default(),
             outgoing: Mutex::default(),
+            throttle: Mutex::default(),
             migration_wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(crate::error::os("eventfd"))?),
             kernel,
             _firmware: rom,
@@ -472,18 +475,21 @@ impl Vm {
                     out.paused = true;
                     out.send_state(state.map(|bytes| (bytes, paused_at)).map_err(|e| e.to_string()));
                 }
+                ToMain::Throttle(pct) => self.set_throttle(pct),
                 ToMain::Finished(Ok(())) => {
+                    self.set_throttle(0);
                     let st = lock(&out.status).clone();
                     let how = format!(
-                        "guest paused {:.1} ms, {} passes, {} MiB sent in {:.0} ms",
+                        "guest paused {:.1} ms, {} passes, {} KiB sent in {:.0} ms",
                         st.downtime_ms.unwrap_or_default(),
                         st.iteration,
-                        st.bytes_sent >> 20,
+                        st.bytes_sent >> 10,
                         st.total_ms
                     );
                     return Some(crate::vcpu::VmExit::Migrated(how));
                 }
                 ToMain::Finished(Err(_)) => {
+                    self.set_throttle(0);
                     if std::mem::take(&mut out.paused) {
                         self.resume();
                     }
@@ -491,6 +497,24 @@ impl Vm {
             }
         }
         None
+    }
+
+    /// Holds the vCPUs off `pct` percent of the time (0 stops it).
+    fn set_throttle(&self, pct: u8) {
+        let mut t = lock(&self.throttle);
+        match (t.as_ref(), pct) {
+            (Some(th), p) if p > 0 => th.percent.store(p, std::sync::atomic::Ordering::SeqCst),
+            (None, 0) => {}
+            (Some(_), _) => *t = None,
+            (None, p) => {
+                use std::os::unix::thread::JoinHandleExt;
+                let threads = self.threads.iter().map(|h| h.as_pthread_t()).collect();
+                match Throttle::start(self.control.clone(), threads, p) {
+                    Ok(th) => *t = Some(th),
+                    Err(e) => tracing::warn!("auto-converge: {e}"),
+                }
+            }
+        }
     }
 
     /// The configuration with the discs in the CD-ROM drives now.
@@ -680,10 +704,12 @@ impl Vm {
                     Err(e) => Response::error(e.to_string()),
                 };
             }
-            Request::Migrate { uri, max_downtime_ms, bandwidth_mib_s } => self.start_migration(crate::migration::Params {
+            Request::Migrate { uri, max_downtime_ms, bandwidth_mib_s, compress, auto_converge } => self.start_migration(crate::migration::Params {
                 uri: uri.clone(),
                 max_downtime: Duration::from_millis(*max_downtime_ms),
                 bandwidth: bandwidth_mib_s.saturating_mul(1 << 20),
+                encoding: crate::migration::Encoding { compress: *compress },
+                auto_converge: *auto_converge,
             }),
             Request::MigrateStatus => {
                 let status = lock(&self.outgoing).as_ref().map(|o| lock(&o.status).clone()).unwrap_or_default();
@@ -719,12 +745,57 @@ impl Vm {
 
     /// Stops every vCPU thread and waits for them.
     pub fn stop(&mut self) {
+        // The throttle kicks vCPU threads: it goes before they do.
+        *lock(&self.throttle) = None;
         self.control.request_stop();
         self.kick_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
         self.pci.shutdown();
+    }
+}
+
+/// Auto-converge: holds the vCPUs off a share of every 20 ms (kicking them
+/// out of the guest, parked on the control's throttle flag), so a guest
+/// that dirties memory faster than the link carries it slows down.
+struct Throttle {
+    percent: Arc<std::sync::atomic::AtomicU8>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Throttle {
+    fn start(control: Arc<VmControl>, threads: Vec<libc::pthread_t>, pct: u8) -> std::io::Result<Self> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let percent = Arc::new(std::sync::atomic::AtomicU8::new(pct));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (percent.clone(), stop.clone());
+        let handle = std::thread::Builder::new().name("throttle".into()).spawn(move || {
+            const SLICE_US: u64 = 20_000;
+            while !s.load(SeqCst) {
+                let held = SLICE_US * u64::from(p.load(SeqCst).min(99)) / 100;
+                control.set_throttled(true);
+                for t in &threads {
+                    // SAFETY: the vCPU threads outlive the throttle (Vm::stop ends it first).
+                    unsafe { libc::pthread_kill(*t, vcpu::kick_signal()) };
+                }
+                std::thread::sleep(Duration::from_micros(held));
+                control.set_throttled(false);
+                std::thread::sleep(Duration::from_micros(SLICE_US - held));
+            }
+            control.set_throttled(false);
+        })?;
+        Ok(Self { percent, stop, handle: Some(handle) })
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 
