@@ -21,3 +21,12 @@ pub fn vm_state(data: &[u8]) {
     let first = again.iter().zip(data).position(|(a, b)| a != b);
     assert!(again.len() == data.len() && first.is_none(), "a decoded state encodes to other bytes ({} for {}, first difference at {first:?})", again.len(), data.len());
 }
+
+/// A `PAGES` frame of a migration stream as the destination reads it, into
+/// 1 MiB of guest memory: it must be refused or written, never panic or
+/// write outside the memory.
+pub fn migration_pages(data: &[u8]) {
+    use vm_memory::GuestAddress;
+    let Ok(mem) = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]) else { return };
+    let _ = crate::migration::decode_pages(data, &mem);
+}

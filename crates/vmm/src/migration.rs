@@ -634,7 +634,7 @@ impl Incoming {
 /// checked against what is left; a page outside `mem`, a misaligned
 /// address, an unknown kind or a compressed page that is not exactly a
 /// page is refused.
-fn decode_pages(frame: &[u8], mem: &GuestMemoryMmap) -> Result<()> {
+pub(crate) fn decode_pages(frame: &[u8], mem: &GuestMemoryMmap) -> Result<()> {
     let bad = |why: String| Error::Device(format!("migration: a malformed page frame: {why}"));
     let take = |rest: &mut &[u8], n: usize| -> Result<Vec<u8>> {
         if rest.len() < n {
