@@ -4,8 +4,8 @@
 //! before (a page the migration missed prints `!`); it must go on at the
 //! destination with the next letter and never print `!`. Streams that are
 //! not rvirt's, or of another version, are refused before anything
-//! moves; a refusal, a cancel or a VM that cannot move yet leaves the
-//! source running. Both VMMs run under their seccomp lists (the default).
+//! moves; a refusal, a destination killed midway, a cancel or a VM that
+//! cannot move yet leaves the source running. Both VMMs run under their seccomp lists (the default).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -209,6 +209,19 @@ fn foreign_streams_refusals_and_cancels_leave_the_source_running() {
     assert!(!two.wait().unwrap().success());
     let n = letters(&dir, "one").len();
     wait_letters(&dir, "one", n + 10);
+
+    // A destination killed midway: the source finds out and runs on.
+    let mut two = destination(&dir, &[]);
+    migrate(&mut one.api, &dir, 4, false, false);
+    std::thread::sleep(Duration::from_millis(700));
+    two.kill().unwrap();
+    two.wait().unwrap();
+    let st = outcome(&mut one.api);
+    assert_eq!(st.state, MigrationState::Failed, "{st:?}");
+    assert!(st.error.as_deref().unwrap_or("").contains("migration: sending"), "{st:?}");
+    let n = letters(&dir, "one").len();
+    wait_letters(&dir, "one", n + 10);
+    let _ = std::fs::remove_file(dir.join("mig.sock"));
 
     // A guest that dirties more than a 4 MiB/s link carries: auto-converge
     // holds its vCPUs off, more each pass; a cancel midway lets it run on at
