@@ -264,9 +264,18 @@ pub struct Encoding {
     pub compress: bool,
 }
 
+/// Whether `page` is all zeros: an OR over 16-byte words without an early
+/// exit, which the compiler turns into vector instructions (a byte loop
+/// that stops at the first non-zero byte is several times slower on
+/// mostly-zero memory).
+fn is_zero(page: &[u8]) -> bool {
+    let words = page.chunks_exact(16).fold(0u128, |acc, w| acc | u128::from_ne_bytes(w.try_into().unwrap_or([0xff; 16])));
+    words == 0 && page.chunks_exact(16).remainder().iter().all(|&b| b == 0)
+}
+
 /// Appends one page at `gpa` to a `PAGES` frame being built.
 fn encode_page(out: &mut Vec<u8>, gpa: u64, page: &[u8], enc: Encoding, zstd: Option<&mut zstd::bulk::Compressor<'_>>) {
-    if page.iter().all(|&b| b == 0) {
+    if is_zero(page) {
         out.extend_from_slice(&(gpa | PAGE_ZERO).to_le_bytes());
         return;
     }
@@ -333,7 +342,7 @@ fn nonzero_pages(mem: &GuestMemoryMmap) -> Vec<u64> {
         let start = region.start_addr().0;
         for i in 0..region.len() / PAGE as u64 {
             let gpa = start + i * PAGE as u64;
-            if mem.read_slice(&mut page, GuestAddress(gpa)).is_ok() && page.iter().any(|&b| b != 0) {
+            if mem.read_slice(&mut page, GuestAddress(gpa)).is_ok() && !is_zero(&page) {
                 out.push(gpa);
             }
         }
@@ -745,6 +754,18 @@ mod tests {
         many.extend_from_slice(&[0; 64]);
         assert!(decode_pages(&many, &dst).unwrap_err().to_string().contains("1000 pages"));
         assert!(decode_pages(&[frame(0x1000 | PAGE_ZERO, &[]), vec![9]].concat(), &dst).unwrap_err().to_string().contains("left over"));
+    }
+
+    #[test]
+    fn zero_pages_are_told_from_others_whatever_byte_differs() {
+        let mut page = vec![0u8; PAGE];
+        assert!(is_zero(&page));
+        for at in [0, 15, 16, 2047, PAGE - 1] {
+            page[at] = 1;
+            assert!(!is_zero(&page), "{at}");
+            page[at] = 0;
+        }
+        assert!(!is_zero(&[0, 0, 1]) && is_zero(&[0; 3]), "a short tail counts too");
     }
 
     #[test]
