@@ -225,12 +225,12 @@ pub fn enter_or_exit(kind: ThreadKind) {
 
 /// Makes the call a compromised thread of `kind` would want and its list
 /// forbids: opening `/etc/shadow`, or for the main thread (which may open
-/// files) a network socket.
+/// files, and Unix and IP sockets for a migration) a raw packet socket.
 fn selftest(kind: ThreadKind) {
     // SAFETY: plain system calls on constant arguments; their results are not used.
     unsafe {
         match kind {
-            ThreadKind::Main => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0),
+            ThreadKind::Main => libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0),
             _ => libc::open(c"/etc/shadow".as_ptr(), libc::O_RDONLY),
         };
     }

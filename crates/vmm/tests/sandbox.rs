@@ -52,7 +52,7 @@ fn a_forbidden_call_on_each_kind_of_thread_stops_the_vmm() {
     let dir = tmpdir("kinds");
     let kernel = dir.join("bomb.bzImage");
     std::fs::write(&kernel, bzimage_with(&virtio_balloon_chain_bomb())).unwrap();
-    // The main thread asks for a network socket; every other kind opens /etc/shadow.
+    // The main thread asks for a raw packet socket; every other kind opens /etc/shadow.
     for (kind, call) in [("main", libc::SYS_socket), ("vcpu", libc::SYS_openat), ("worker", libc::SYS_openat), ("api", libc::SYS_openat), ("reaper", libc::SYS_openat)] {
         let jail = dir.join("jail");
         let extra: &[&str] = if kind == "reaper" { &["--jail", jail.to_str().unwrap()] } else { &[] };
