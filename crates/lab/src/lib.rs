@@ -11,6 +11,7 @@
 //! `target/lab-cache` (or `$RVIRT_LAB_CACHE`) so a second run is fast.
 
 pub mod compare;
+pub mod counting;
 pub mod disk;
 pub mod guests;
 pub mod nethost;

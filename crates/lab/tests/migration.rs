@@ -6,7 +6,8 @@
 //! number at the destination, the checksum holds, the guest reaches its
 //! host and its host reaches it, and the source reports the guest's pause.
 
-use rvirt_lab::{insmod_lines, l2_initramfs, log, nethost, L1Spec, Lab};
+use rvirt_lab::counting::{numbers, sums};
+use rvirt_lab::{counting, insmod_lines, l2_initramfs, log, nethost, L1Spec, Lab};
 
 /// The guest: markers are `%%` so they stay out of the L1 script's values.
 const GUEST: &str = r#"#!/bin/sh
@@ -30,16 +31,8 @@ while true; do
 done
 "#;
 
-/// After [`nethost::PRELUDE`] (bridges, taps).
+/// After [`nethost::PRELUDE`] (bridges, taps) and [`counting::SHELL`].
 const SCRIPT: &str = r#"
-ticks() { grep -o '%%TICK=[0-9]*' "$1" 2>/dev/null | tail -1 | cut -d= -f2; }
-wait_tick() {
-  for i in $(seq 1 1200); do
-    t=$(ticks "$1"); [ -n "$t" ] && [ "$t" -ge "$2" ] && return 0
-    sleep 0.5; [ $((i % 40)) = 0 ] && echo "[migration test] $1 at tick ${t:-none}, waiting for $2"
-  done
-  return 1
-}
 /usr/sbin/ip link set lo up
 /usr/sbin/ip link add br0 address 02:00:00:00:00:01 type bridge
 /usr/sbin/ip addr add 10.0.0.1/24 dev br0
@@ -73,21 +66,12 @@ wait $two; echo "@@TWO-EXIT=$?"
 for n in one two; do echo "@@BEGIN-$n"; cat /tmp/$n.log; echo "--- stderr"; cat /tmp/$n.err; echo "@@END-$n"; done
 "#;
 
-fn numbers(log: &str, key: &str) -> Vec<u64> {
-    let tag = format!("%%{key}=");
-    log.lines().filter_map(|l| l.find(&tag).map(|i| &l[i + tag.len()..])).filter_map(|v| v.trim().parse().ok()).collect()
-}
-
-fn sums(log: &str) -> Vec<String> {
-    log.lines().filter_map(|l| l.find("%%SUM=").map(|i| l[i + 6..].trim().to_string())).collect()
-}
-
 #[test]
 fn a_running_debian_guest_moves_to_another_vmm_over_tcp() {
     let lab = Lab::get().unwrap();
     let modules = lab.virtio_modules(&["virtio_net", "virtio-rng", "virtio_balloon"]);
     let guest = l2_initramfs(&GUEST.replace("MODULES", &insmod_lines(&modules)), &modules).unwrap();
-    let mut spec = L1Spec::new("migration", &format!("{}{SCRIPT}", nethost::PRELUDE))
+    let mut spec = L1Spec::new("migration", &format!("{}{}{SCRIPT}", nethost::PRELUDE, counting::SHELL))
         .with_network_host(lab)
         .file(&lab.kernel, "l2/vmlinuz")
         .blob("l2/initrd.gz", guest);

@@ -9,7 +9,8 @@
 //! keep the file's checksum, count on from the next number, write their
 //! disks without a gap and reach their hosts, and their hosts reach them.
 
-use rvirt_lab::{insmod_lines, l2_initramfs, log, nethost, L1Spec, Lab};
+use rvirt_lab::counting::{numbers, sums};
+use rvirt_lab::{counting, insmod_lines, l2_initramfs, log, nethost, L1Spec, Lab};
 
 /// The guest: markers are `%%` so they stay out of the L1 script's values.
 const GUEST: &str = r#"#!/bin/sh
@@ -34,18 +35,9 @@ while true; do
 done
 "#;
 
-/// After [`nethost::PRELUDE`] (bridges, taps).
+/// After [`nethost::PRELUDE`] (bridges, taps) and [`counting::SHELL`].
 const SCRIPT: &str = r#"
 api() { rvirt-lab-api "$1" "$2"; }
-ticks() { grep -o '%%TICK=[0-9]*' "$1" 2>/dev/null | tail -1 | cut -d= -f2; }
-# Waits until log $1 has counted to $2 (or 10 minutes pass, saying so every 20 s).
-wait_tick() {
-  for i in $(seq 1 1200); do
-    t=$(ticks "$1"); [ -n "$t" ] && [ "$t" -ge "$2" ] && return 0
-    sleep 0.5; [ $((i % 40)) = 0 ] && echo "[snapshot test] $1 at tick ${t:-none}, waiting for $2"
-  done
-  return 1
-}
 # The number of sectors 1, 2, ... of disk $1 holding 'tick N' without a gap.
 disk_ticks() {
   n=0
@@ -104,22 +96,12 @@ echo "@@DISK-B-TICKS=$(disk_ticks /tmp/disk-b.raw)"
 for n in one a b; do echo "@@BEGIN-$n"; cat /tmp/$n.log; echo "@@END-$n"; done
 "#;
 
-/// The numbers after `%%KEY=` in `log`, in order.
-fn numbers(log: &str, key: &str) -> Vec<u64> {
-    let tag = format!("%%{key}=");
-    log.lines().filter_map(|l| l.find(&tag).map(|i| &l[i + tag.len()..])).filter_map(|v| v.trim().parse().ok()).collect()
-}
-
-fn sums(log: &str) -> Vec<String> {
-    log.lines().filter_map(|l| l.find("%%SUM=").map(|i| l[i + 6..].trim().to_string())).collect()
-}
-
 #[test]
 fn a_snapshotted_debian_guest_continues_in_a_new_process_and_two_clones_run_side_by_side() {
     let lab = Lab::get().unwrap();
     let modules = lab.virtio_modules(&["virtio_blk", "virtio_net"]);
     let guest = l2_initramfs(&GUEST.replace("MODULES", &insmod_lines(&modules)), &modules).unwrap();
-    let mut spec = L1Spec::new("snapshot", &format!("{}{SCRIPT}", nethost::PRELUDE))
+    let mut spec = L1Spec::new("snapshot", &format!("{}{}{SCRIPT}", nethost::PRELUDE, counting::SHELL))
         .with_network_host(lab)
         .file(&lab.kernel, "l2/vmlinuz")
         .blob("l2/initrd.gz", guest);
