@@ -358,8 +358,8 @@ fn api() -> Result<Vec<Entry>, seccompiler::BackendError> {
 }
 
 /// The main thread: everything the others do (they start from it), and
-/// building VMs: KVM's ioctls, the terminal, opening a CD-ROM's new disc,
-/// image locks, kicking vCPUs, making a snapshot's directory.
+/// building VMs: KVM's ioctls, the terminal, opening a CD-ROM's new disc
+/// or a migrated disk's image, image locks, kicking vCPUs, making a snapshot's directory.
 fn main_thread() -> Result<Vec<Entry>, seccompiler::BackendError> {
     use libc::*;
     let mut v = vcpu()?;
@@ -368,6 +368,9 @@ fn main_thread() -> Result<Vec<Entry>, seccompiler::BackendError> {
         [
             SYS_openat, SYS_fcntl, SYS_dup, SYS_dup3, SYS_pipe2, SYS_unlink, SYS_unlinkat, SYS_sched_setaffinity,
             SYS_getuid, SYS_geteuid, SYS_getgid, SYS_getegid, SYS_sysinfo, SYS_uname, SYS_flock, SYS_mkdir, SYS_mkdirat,
+            // Taking back (or over) a migrated disk reopens its image: a
+            // qcow2 chain's paths are made canonical to catch loops.
+            SYS_readlink, SYS_readlinkat,
         ]
         .into_iter()
         .map(any),

@@ -12,6 +12,7 @@ pub mod console;
 pub mod device_manager;
 pub mod error;
 pub mod firmware;
+pub mod handover;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inherited;
@@ -196,7 +197,31 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     };
     memory::check_host_can_provide(cfg.memory_bytes)?;
     let restored = restore.is_some() || incoming.is_some();
-    let mut backends = if restored { virtio::Backends::open_restored(cfg)? } else { virtio::Backends::open(cfg)? };
+    let backends = if incoming.is_some() {
+        virtio::Backends::open_incoming(cfg)
+    } else if restored {
+        virtio::Backends::open_restored(cfg)
+    } else {
+        virtio::Backends::open(cfg)
+    };
+    // A destination that cannot open what the guest needs says so while the source still runs it.
+    let mut backends = match (backends, incoming.take()) {
+        (Ok(b), Some(inc)) => match inc.hello.check_disks(&b) {
+            Ok(()) => {
+                incoming = Some(inc);
+                b
+            }
+            Err(e) => {
+                inc.refuse(&e.to_string());
+                return Err(e);
+            }
+        },
+        (Err(e), Some(inc)) => {
+            inc.refuse(&e.to_string());
+            return Err(e);
+        }
+        (b, None) => b?,
+    };
     let kvm = open_kvm()?;
     let api = cfg.api_socket.as_deref().map(ApiServer::listen).transpose()?;
     let signals = install_signal_handlers()?;
@@ -224,7 +249,17 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
                     return Err(e);
                 }
                 let (snap, finish) = inc.receive(&mem)?;
-                vm.restore_snapshot(snap)?;
+                // The source let go of its writable disks before it sent the
+                // state; if this VMM cannot run the guest after all, it lets go
+                // of them before the source hears so and takes them back.
+                let taken = backends.handovers.iter().try_for_each(|d| d.take()).and_then(|()| vm.restore_snapshot(snap));
+                if let Err(e) = taken {
+                    for d in &backends.handovers {
+                        let _ = d.release();
+                    }
+                    finish.refuse(&e.to_string());
+                    return Err(e);
+                }
                 finish.done()?;
                 tracing::info!("the migrated guest runs here");
                 vm

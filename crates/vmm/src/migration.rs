@@ -76,6 +76,28 @@ pub struct Hello {
     pub cpuids: Vec<Vec<kvm_cpuid_entry2>>,
     /// The firmware image the guest runs, when it booted through firmware.
     pub firmware_rom: Option<Vec<u8>>,
+    /// Each disk's size in bytes as the guest sees it (None: a CD-ROM
+    /// drive, whose disc may differ); the destination's images must match.
+    pub disk_sizes: Vec<Option<u64>>,
+}
+
+impl Hello {
+    /// Why the destination's disks (`backends`) cannot stand in for the
+    /// source's, if they cannot.
+    pub fn check_disks(&self, backends: &crate::virtio::Backends) -> Result<()> {
+        if self.disk_sizes.len() != backends.disks.len() {
+            return Err(Error::Config(format!("the source has {} disks, this VMM {}", self.disk_sizes.len(), backends.disks.len())));
+        }
+        for (i, (want, have)) in self.disk_sizes.iter().zip(&backends.disks).enumerate() {
+            let have_size = have.image.as_ref().map(|im| im.size());
+            if let (Some(want), Some(size)) = (want, have_size) {
+                if *want != size {
+                    return Err(Error::Config(format!("disk{i}: {} is {size} bytes here, the source's image {want}", have.config.path.display())));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A byte stream to the other VMM.
@@ -139,8 +161,17 @@ impl Listener {
                 // Bound under a temporary name and renamed once listening: a
                 // source that finds the path is never refused for being early.
                 let err = |e: std::io::Error| Error::Device(format!("--incoming {}: {e}", p.display()));
-                if p.exists() {
-                    return Err(err(std::io::Error::from(std::io::ErrorKind::AlreadyExists)));
+                // A socket nobody listens on any more (a destination that was
+                // killed) is replaced by the rename below; anything else is kept.
+                if let Ok(meta) = std::fs::symlink_metadata(&p) {
+                    use std::os::unix::fs::FileTypeExt;
+                    let stale = meta.file_type().is_socket()
+                        && matches!(UnixStream::connect(&p), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+                    if !stale {
+                        let why = if meta.file_type().is_socket() { "another process listens there" } else { "a file that is not a socket is there" };
+                        return Err(err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, why)));
+                    }
+                    tracing::info!("replacing the stale socket {}", p.display());
                 }
                 let mut tmp = p.clone().into_os_string();
                 tmp.push(format!(".{}", std::process::id()));
@@ -559,6 +590,7 @@ impl SourceThread {
         write_frame(&mut *s, STATE, &[&state])?;
         match read_frame(&mut *s)? {
             (DONE, _) => {}
+            (REFUSE, why) => return Err(Error::Device(format!("migration: the destination could not take the guest: {}", String::from_utf8_lossy(&why)))),
             (tag, _) => return Err(Error::Device(format!("migration: the destination answered frame {tag} to the state"))),
         }
         let downtime = paused_at.elapsed().as_secs_f64() * 1000.0;
@@ -694,6 +726,12 @@ impl Finish {
     /// Sends `DONE`: from here the source ends and this VMM runs the guest.
     pub fn done(mut self) -> Result<()> {
         write_frame(&mut *self.stream, DONE, &[])
+    }
+
+    /// Tells the source the destination cannot run the guest after all
+    /// (a disk it could not take): the source takes its disks back and runs on.
+    pub fn refuse(mut self, why: &str) {
+        let _ = write_frame(&mut *self.stream, REFUSE, &[why.as_bytes()]);
     }
 }
 

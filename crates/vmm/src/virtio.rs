@@ -52,6 +52,8 @@ pub struct Backends {
     /// The kernel and initramfs, opened once: a reboot reloads them from
     /// these descriptors (a jailed VMM can no longer reach their paths).
     pub kernel: Option<KernelFiles>,
+    /// The writable disks, which a live migration hands over (also in `disks`).
+    pub handovers: Vec<Arc<crate::handover::HandoverDisk>>,
     /// `/dev/urandom` for the virtio-rng device.
     rng: Option<Arc<std::fs::File>>,
     balloon: bool,
@@ -76,7 +78,12 @@ fn random_mac() -> [u8; 6] {
 
 /// Opens the image of `d` as its settings say (format never probed).
 pub(crate) fn open_disk(d: &DiskConfig) -> Result<Arc<dyn rvirt_block::BlockBackend>> {
-    use rvirt_block::{BackingPolicy, Format, ImageOptions, Locking};
+    open_disk_with(d, if d.shareable { rvirt_block::Locking::ShareWrite } else { rvirt_block::Locking::Exclusive })
+}
+
+/// Opens the image of `d` taking the locks `locking` says.
+pub(crate) fn open_disk_with(d: &DiskConfig, locking: rvirt_block::Locking) -> Result<Arc<dyn rvirt_block::BlockBackend>> {
+    use rvirt_block::{BackingPolicy, Format, ImageOptions};
     // The image library's errors already name the file.
     let err = |e: rvirt_block::Error| Error::Device(format!("--disk: {e}"));
     // Never probed: the guest writes the first bytes of its disk, and a
@@ -91,7 +98,7 @@ pub(crate) fn open_disk(d: &DiskConfig) -> Result<Arc<dyn rvirt_block::BlockBack
     };
     let opts = ImageOptions {
         read_only: d.read_only,
-        locking: if d.shareable { Locking::ShareWrite } else { Locking::Exclusive },
+        locking,
         backing,
         direct: d.direct,
     };
@@ -101,22 +108,39 @@ pub(crate) fn open_disk(d: &DiskConfig) -> Result<Arc<dyn rvirt_block::BlockBack
 impl Backends {
     /// Opens every backend `cfg` names.
     pub fn open(cfg: &VmConfig) -> Result<Self> {
-        Self::open_with(cfg, false)
+        Self::open_with(cfg, false, false)
     }
 
     /// Opens the backends of a restored VM: its kernel only serves a later
     /// guest reboot, so a kernel that can no longer be opened is a warning
     /// (a reboot then ends the VM), not a failed restore.
     pub fn open_restored(cfg: &VmConfig) -> Result<Self> {
-        Self::open_with(cfg, true)
+        Self::open_with(cfg, true, false)
     }
 
-    fn open_with(cfg: &VmConfig, kernel_optional: bool) -> Result<Self> {
+    /// Opens the backends of a VM migrating here: as a restored VM's,
+    /// except that the writable disks stay closed until the source lets go
+    /// of them ([`crate::handover`]).
+    pub fn open_incoming(cfg: &VmConfig) -> Result<Self> {
+        Self::open_with(cfg, true, true)
+    }
+
+    fn open_with(cfg: &VmConfig, kernel_optional: bool, incoming: bool) -> Result<Self> {
+        use crate::handover::{needs_handover, HandoverDisk};
+        let mut handovers = Vec::new();
         let disks = cfg
             .disks
             .iter()
             .map(|d| {
-                let image = if d.path.as_os_str().is_empty() { None } else { Some(open_disk(d)?) };
+                let image: Option<Arc<dyn rvirt_block::BlockBackend>> = if d.path.as_os_str().is_empty() {
+                    None
+                } else if needs_handover(d) {
+                    let h = Arc::new(if incoming { HandoverDisk::held_elsewhere(d)? } else { HandoverDisk::open(d)? });
+                    handovers.push(h.clone());
+                    Some(h)
+                } else {
+                    Some(open_disk(d)?)
+                };
                 Ok(DiskBackend { config: d.clone(), image })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -160,7 +184,7 @@ impl Backends {
         } else {
             None
         };
-        Ok(Self { disks, nets, links, console, kernel, rng, balloon: cfg.balloon })
+        Ok(Self { disks, nets, links, console, kernel, handovers, rng, balloon: cfg.balloon })
     }
 }
 

@@ -75,6 +75,10 @@ pub struct Vm {
     migration_wake: Arc<EventFd>,
     /// Auto-converge's hold on the vCPUs, while a migration asks for it.
     throttle: Mutex<Option<Throttle>>,
+    /// The writable disks, let go at a migration's switch-over.
+    handovers: Vec<Arc<crate::handover::HandoverDisk>>,
+    /// Each disk's size (None: a CD-ROM drive), told to a migration's destination.
+    disk_sizes: Vec<Option<u64>>,
     /// What was loaded where (direct kernel boot).
     pub kernel: Option<LoadedKernel>,
     _firmware: Option<FirmwareRom>,
@@ -281,6 +285,12 @@ impl Vm {
             media: Mutex::default(),
             outgoing: Mutex::default(),
             throttle: Mutex::default(),
+            handovers: backends.handovers.clone(),
+            disk_sizes: backends
+                .disks
+                .iter()
+                .map(|d| (d.config.media == rvirt_api::config::Media::Disk).then(|| d.image.as_ref().map(|im| im.size())).flatten())
+                .collect(),
             migration_wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(crate::error::os("eventfd"))?),
             kernel,
             _firmware: rom,
@@ -430,23 +440,24 @@ impl Vm {
     }
 
     /// Starts migrating the VM (see [`crate::migration`]). Refused, saying
-    /// why, for what this VMM cannot move yet: disks (their images' locks
-    /// cannot change hands) or a jailed VMM. Network cards go to the taps
-    /// the destination is given.
+    /// why, for a jailed VMM (it cannot reach the destination). Network
+    /// cards go to the taps the destination is given; writable disks change
+    /// hands at the switch-over ([`crate::handover`]), on storage both see.
     pub fn start_migration(&self, params: crate::migration::Params) -> Result<()> {
         use rvirt_api::MigrationState::{Active, Setup, SwitchOver};
         let mut out = lock(&self.outgoing);
         if out.as_ref().is_some_and(|o| matches!(lock(&o.status).state, Setup | Active | SwitchOver)) {
             return Err(Error::Config("a migration is under way".into()));
         }
-        let not_yet = |why: &str| Err(Error::Config(format!("this VM cannot migrate yet: {why}")));
-        if !self.config.disks.is_empty() {
-            return not_yet("it has disks, whose images' locks cannot change hands yet");
-        }
         if rvirt_sandbox::jail::jailed() {
-            return not_yet("a jailed VMM cannot reach the destination");
+            return Err(Error::Config("this VM cannot migrate yet: a jailed VMM cannot reach the destination".into()));
         }
-        let hello = crate::migration::Hello { config: self.config_now(), cpuids: self.cpuids.clone(), firmware_rom: self._firmware.as_ref().map(FirmwareRom::bytes) };
+        let hello = crate::migration::Hello {
+            config: self.config_now(),
+            cpuids: self.cpuids.clone(),
+            firmware_rom: self._firmware.as_ref().map(FirmwareRom::bytes),
+            disk_sizes: self.disk_sizes.clone(),
+        };
         let vm = crate::migration::SourceVm { vm_fd: self.vm_fd.clone(), mem: self.memory.clone(), hello, wake: self.migration_wake.clone() };
         *out = Some(crate::migration::Outgoing::start(vm, params)?);
         Ok(())
@@ -471,7 +482,10 @@ impl Vm {
             match message {
                 ToMain::SwitchOver => {
                     let paused_at = Instant::now();
-                    let state = self.capture().and_then(|snap| crate::state_file::encode(&snap).map_err(|e| Error::Device(e.to_string())));
+                    let state = self
+                        .capture()
+                        .and_then(|snap| crate::state_file::encode(&snap).map_err(|e| Error::Device(e.to_string())))
+                        .and_then(|bytes| self.handovers.iter().try_for_each(|d| d.release()).map(|()| bytes));
                     out.paused = true;
                     out.send_state(state.map(|bytes| (bytes, paused_at)).map_err(|e| e.to_string()));
                 }
@@ -491,7 +505,16 @@ impl Vm {
                 ToMain::Finished(Err(_)) => {
                     self.set_throttle(0);
                     if std::mem::take(&mut out.paused) {
-                        self.resume();
+                        // The disks come back first; a guest without them stays paused.
+                        match self.handovers.iter().try_for_each(|d| d.take()) {
+                            Ok(()) => self.resume(),
+                            Err(e) => {
+                                tracing::error!("the migration failed and a disk could not be taken back: {e}; the guest stays paused");
+                                let mut st = lock(&out.status);
+                                let before = st.error.take().unwrap_or_else(|| "the migration failed".into());
+                                st.error = Some(format!("{before}; then a disk could not be taken back ({e}): the guest stays paused"));
+                            }
+                        }
                     }
                 }
             }

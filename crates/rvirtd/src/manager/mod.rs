@@ -544,15 +544,29 @@ impl Manager {
 
     /// `create`: starts a domain from XML without storing it.
     pub fn create(&self, xml: &str) -> Result<(String, Vec<String>), String> {
+        self.create_domain(xml).map(|(b, w)| (b.name, w))
+    }
+
+    /// [`Manager::create`], answering with the domain as it started: a
+    /// transient guest that powered off at once is gone by the time a
+    /// second lookup could find it, yet it was created.
+    pub fn create_domain(&self, xml: &str) -> Result<(DomainBrief, Vec<String>), String> {
         let def = parse_checked(xml)?;
         let warnings = def.unknown_report();
-        let (name, socket) = {
+        let (name, socket, started) = {
             let mut g = lock(&self.inner);
             Self::check_unique(&g, &def, false)?;
             let name = def.name.clone();
-            (name.clone(), self.spawn(&mut g, &name, def)?)
+            let socket = self.spawn(&mut g, &name, def)?;
+            let started = g.domains.get(&name).map(|d| self.brief_of(&name, d, false));
+            (name, socket, started)
         };
-        self.finish_start(&name, &socket.0, socket.1).map(|_| (name, warnings))
+        self.finish_start(&name, &socket.0, socket.1)?;
+        match (self.brief(&name), started) {
+            (Ok(now), _) => Ok((now, warnings)),
+            (Err(_), Some(started)) => Ok((started, warnings)),
+            (Err(e), None) => Err(e),
+        }
     }
 
     /// Refuses a definition whose name or UUID another domain has.

@@ -467,8 +467,8 @@ impl Session {
             p::DOMAIN_CREATE_XML => {
                 let xml = d.string().map_err(bad_args)?;
                 check_xml(xml)?;
-                let (name, _) = mgr.create(xml).map_err(failed)?;
-                ret_domain(&mgr.brief(&name).map_err(failed)?)
+                let (started, _) = mgr.create_domain(xml).map_err(failed)?;
+                ret_domain(&started)
             }
             p::DOMAIN_CREATE | p::DOMAIN_CREATE_WITH_FLAGS => {
                 let b = self.domain(&mut d)?;
