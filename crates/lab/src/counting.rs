@@ -24,7 +24,13 @@ pub fn numbers(log: &str, key: &str) -> Vec<u64> {
     log.lines().filter_map(|l| l.find(&tag).map(|i| &l[i + tag.len()..])).filter_map(|v| v.trim().parse().ok()).collect()
 }
 
-/// Every checksum the guest printed, in order.
+/// Every checksum of its tmpfs file the guest printed, in order.
 pub fn sums(log: &str) -> Vec<String> {
-    log.lines().filter_map(|l| l.find("%%SUM=").map(|i| l[i + 6..].trim().to_string())).collect()
+    words(log, "SUM")
+}
+
+/// The words after `%%KEY=` in `log`, in order.
+pub fn words(log: &str, key: &str) -> Vec<String> {
+    let tag = format!("%%{key}=");
+    log.lines().filter_map(|l| l.find(&tag).map(|i| l[i + tag.len()..].trim().to_string())).collect()
 }

@@ -39,6 +39,9 @@ pub enum Error {
     /// A device could not be set up.
     #[error("device setup: {0}")]
     Device(String),
+    /// A live migration failed (the guest runs on where it was, unless it moved).
+    #[error("migration: {0}")]
+    Migration(String),
     /// The console backend could not be set up.
     #[error("serial console: {0}")]
     Console(String),

@@ -1,8 +1,9 @@
 //! Live migration between rvirt-vmm processes (issue 26). Guest memory the
 //! VMM writes itself (disk reads, received frames, used rings, fw_cfg DMA)
 //! bypasses KVM's dirty log: it is tracked by `rvirt_devices::dirty`, and
-//! every pass sends the pages of both. VMs with disks are refused for now
-//! (their images' locks cannot change hands yet).
+//! every pass sends the pages of both. Writable disks change hands at the
+//! switch-over ([`crate::handover`]): the images must be on storage both
+//! VMMs reach (copying disks is not done here).
 //!
 //! The stream: the source writes [`MAGIC`] and [`VERSION`], then frames of
 //! (tag u32, length u32, payload). `HELLO` carries the configuration, each
@@ -11,10 +12,12 @@
 //! foreign stream or another host's CPU never stops the source). `PAGES`
 //! frames carry guest pages while the guest runs: every page that is not
 //! zero, then the pages KVM's dirty log names, pass after pass, until what
-//! is left fits the downtime limit at the speed measured. Then the source
-//! pauses the guest, stops its devices and sends the last dirty pages and
-//! `STATE` (the snapshot state); the destination answers `DONE` once it
-//! holds it, and runs the guest. A source that has not read `DONE` lets
+//! is left fits the downtime limit at the speed measured (a guest that
+//! never lets it fit is migrated until cancelled, as QEMU does, unless
+//! auto-converge slows it). Then the source pauses the guest, stops its
+//! devices, sends the last dirty pages, lets go of its writable disks and
+//! sends `STATE` (the snapshot state); the destination takes the disks and
+//! answers `DONE` once it holds the guest, or `REFUSE`, and runs the guest. A source that has not read `DONE` lets
 //! the guest run on; a destination that has not received the state exits.
 
 use std::collections::VecDeque;
@@ -44,8 +47,6 @@ pub const VERSION: u32 = 1;
 const PAGE: usize = 4096;
 /// Pages in one `PAGES` frame at most.
 const PAGES_PER_FRAME: usize = 256;
-/// Passes over dirty memory before the switch-over is forced.
-const MAX_ITERATIONS: u32 = 30;
 /// How long either side waits for the other.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -124,20 +125,20 @@ pub fn parse_uri(s: &str) -> Result<Endpoint> {
 }
 
 fn io(what: &'static str) -> impl Fn(std::io::Error) -> Error {
-    move |e| Error::Device(format!("migration: {what}: {e}"))
+    move |e| Error::Migration(format!("{what}: {e}"))
 }
 
 fn connect(ep: &Endpoint) -> Result<Box<dyn Stream>> {
     match ep {
         Endpoint::Unix(p) => {
-            let s = UnixStream::connect(p).map_err(|e| Error::Device(format!("migration: connecting to {}: {e}", p.display())))?;
+            let s = UnixStream::connect(p).map_err(|e| Error::Migration(format!("connecting to {}: {e}", p.display())))?;
             s.set_read_timeout(Some(IO_TIMEOUT)).and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT))).map_err(io("socket"))?;
             Ok(Box::new(s))
         }
         Endpoint::Tcp(hp) => {
             use std::net::ToSocketAddrs;
-            let addr = hp.to_socket_addrs().map_err(io("resolving the destination"))?.next().ok_or_else(|| Error::Device(format!("migration: {hp}: no address")))?;
-            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| Error::Device(format!("migration: connecting to {hp}: {e}")))?;
+            let addr = hp.to_socket_addrs().map_err(io("resolving the destination"))?.next().ok_or_else(|| Error::Migration(format!("{hp}: no address")))?;
+            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| Error::Migration(format!("connecting to {hp}: {e}")))?;
             s.set_read_timeout(Some(IO_TIMEOUT)).and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT))).map_err(io("socket"))?;
             let _ = s.set_nodelay(true);
             Ok(Box::new(s))
@@ -215,7 +216,7 @@ impl Drop for Listener {
 
 fn write_frame(s: &mut dyn Stream, tag: u32, parts: &[&[u8]]) -> Result<()> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    let len = u32::try_from(len).map_err(|_| Error::Device("migration: a frame over 4 GiB".into()))?;
+    let len = u32::try_from(len).map_err(|_| Error::Migration("a frame over 4 GiB".into()))?;
     let mut head = [0u8; 8];
     head[..4].copy_from_slice(&tag.to_le_bytes());
     head[4..].copy_from_slice(&len.to_le_bytes());
@@ -232,10 +233,10 @@ fn read_frame(s: &mut dyn Stream) -> Result<(u32, Vec<u8>)> {
     let tag = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
     let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
     if !(HELLO..=DONE).contains(&tag) {
-        return Err(Error::Device(format!("migration: unknown frame {tag}: not an rvirt migration stream")));
+        return Err(Error::Migration(format!("unknown frame {tag}: not an rvirt migration stream")));
     }
     if len > max_frame(tag) {
-        return Err(Error::Device(format!("migration: frame {tag} of {len} bytes is larger than one can be")));
+        return Err(Error::Migration(format!("frame {tag} of {len} bytes is larger than one can be")));
     }
     let mut payload = vec![0u8; len];
     s.read_exact(&mut payload).map_err(io("receiving"))?;
@@ -343,7 +344,7 @@ fn send_pages(
     let mut zstd = if enc.compress { zstd::bulk::Compressor::new(1).ok() } else { None };
     for batch in pages.chunks(PAGES_PER_FRAME) {
         if cancel.load(Ordering::SeqCst) {
-            return Err(Error::Device("cancelled".into()));
+            return Err(Error::Migration("cancelled".into()));
         }
         buf.clear();
         buf.extend_from_slice(&(batch.len() as u32).to_le_bytes());
@@ -532,8 +533,8 @@ impl SourceThread {
         write_frame(&mut *s, HELLO, &[&hello])?;
         match read_frame(&mut *s)? {
             (READY, _) => {}
-            (REFUSE, why) => return Err(Error::Device(format!("the destination refused: {}", String::from_utf8_lossy(&why)))),
-            (tag, _) => return Err(Error::Device(format!("migration: the destination answered frame {tag}"))),
+            (REFUSE, why) => return Err(Error::Migration(format!("the destination refused: {}", String::from_utf8_lossy(&why)))),
+            (tag, _) => return Err(Error::Migration(format!("the destination answered frame {tag}"))),
         }
         set_dirty_logging(&vm.vm_fd, &vm.mem, true)?;
         rvirt_devices::dirty::start(vm.mem.iter().map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0));
@@ -567,12 +568,12 @@ impl SourceThread {
                 st.dirty_rate = (remaining as f64 / secs) as u64;
                 st.expected_downtime_ms = expected.as_millis() as u64;
             });
-            if expected <= p.max_downtime || iteration >= MAX_ITERATIONS {
+            if expected <= p.max_downtime {
                 break;
             }
         }
         if self.cancel.load(Ordering::SeqCst) {
-            return Err(Error::Device("cancelled".into()));
+            return Err(Error::Migration("cancelled".into()));
         }
         // The switch-over: the main loop pauses the guest and stops its devices.
         self.update(|st| st.state = MigrationState::SwitchOver);
@@ -580,8 +581,8 @@ impl SourceThread {
         let (state, paused_at) = self
             .state_rx
             .recv_timeout(IO_TIMEOUT)
-            .map_err(|_| Error::Device("migration: the guest was not stopped for the switch-over".into()))?
-            .map_err(Error::Device)?;
+            .map_err(|_| Error::Migration("the guest was not stopped for the switch-over".into()))?
+            .map_err(Error::Migration)?;
         let mut last = pending;
         last.extend(dirty_pages(&vm.vm_fd, &vm.mem)?);
         last.sort_unstable();
@@ -590,8 +591,8 @@ impl SourceThread {
         write_frame(&mut *s, STATE, &[&state])?;
         match read_frame(&mut *s)? {
             (DONE, _) => {}
-            (REFUSE, why) => return Err(Error::Device(format!("migration: the destination could not take the guest: {}", String::from_utf8_lossy(&why)))),
-            (tag, _) => return Err(Error::Device(format!("migration: the destination answered frame {tag} to the state"))),
+            (REFUSE, why) => return Err(Error::Migration(format!("the destination could not take the guest: {}", String::from_utf8_lossy(&why)))),
+            (tag, _) => return Err(Error::Migration(format!("the destination answered frame {tag} to the state"))),
         }
         let downtime = paused_at.elapsed().as_secs_f64() * 1000.0;
         self.update(|st| st.bytes_sent += state.len() as u64 + 8);
@@ -656,16 +657,16 @@ impl Incoming {
     /// arrives; returns the state. A page outside `mem` or a frame out of
     /// place ends it.
     pub fn receive(mut self, mem: &GuestMemoryMmap) -> Result<(crate::snapshot::VmSnapshot, Finish)> {
-        let Some(mut stream) = self.stream.take() else { return Err(Error::Device("migration: answered already".into())) };
+        let Some(mut stream) = self.stream.take() else { return Err(Error::Migration("answered already".into())) };
         write_frame(&mut *stream, READY, &[])?;
         loop {
             match read_frame(&mut *stream)? {
                 (PAGES, frame) => decode_pages(&frame, mem)?,
                 (STATE, bytes) => {
-                    let snap = state_file::decode(&bytes).map_err(|e| Error::Device(format!("migration: the state: {e}")))?;
+                    let snap = state_file::decode(&bytes).map_err(|e| Error::Migration(format!("the state: {e}")))?;
                     return Ok((snap, Finish { stream }));
                 }
-                (tag, _) => return Err(Error::Device(format!("migration: frame {tag} out of place"))),
+                (tag, _) => return Err(Error::Migration(format!("frame {tag} out of place"))),
             }
         }
     }
@@ -676,7 +677,7 @@ impl Incoming {
 /// address, an unknown kind or a compressed page that is not exactly a
 /// page is refused.
 pub(crate) fn decode_pages(frame: &[u8], mem: &GuestMemoryMmap) -> Result<()> {
-    let bad = |why: String| Error::Device(format!("migration: a malformed page frame: {why}"));
+    let bad = |why: String| Error::Migration(format!("a malformed page frame: {why}"));
     let take = |rest: &mut &[u8], n: usize| -> Result<Vec<u8>> {
         if rest.len() < n {
             return Err(bad(format!("{} bytes where {n} were announced", rest.len())));
@@ -709,7 +710,7 @@ pub(crate) fn decode_pages(frame: &[u8], mem: &GuestMemoryMmap) -> Result<()> {
             }
             k => return Err(bad(format!("page {gpa:#x} of unknown kind {k}"))),
         };
-        mem.write_slice(&data, GuestAddress(gpa)).map_err(|e| Error::Device(format!("migration: page {gpa:#x} is outside guest memory: {e}")))?;
+        mem.write_slice(&data, GuestAddress(gpa)).map_err(|e| Error::Migration(format!("page {gpa:#x} is outside guest memory: {e}")))?;
     }
     if !rest.is_empty() {
         return Err(bad(format!("{} bytes left over", rest.len())));
