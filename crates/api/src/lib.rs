@@ -164,8 +164,13 @@ pub struct MigrationStatus {
     pub dirty_rate: u64,
     /// The pause the rest would take at the measured link speed, in ms.
     pub expected_downtime_ms: u64,
-    /// The guest's pause, measured, once completed.
+    /// The guest's pause, measured, once completed: from the pause until
+    /// the destination said it holds the guest.
     pub downtime_ms: Option<f64>,
+    /// The part of that pause until the last byte left this VMM (what QEMU
+    /// reports as its downtime), once completed.
+    #[serde(default)]
+    pub downtime_sent_ms: Option<f64>,
     /// Share of the time auto-converge holds the vCPUs off, in percent.
     pub throttle_percent: u8,
     /// Milliseconds since the request.

@@ -494,8 +494,9 @@ impl Vm {
                     self.set_throttle(0);
                     let st = lock(&out.status).clone();
                     let how = format!(
-                        "guest paused {:.1} ms, {} passes, {} KiB sent in {:.0} ms",
+                        "guest paused {:.1} ms ({:.1} ms until its last byte left), {} passes, {} KiB sent in {:.0} ms",
                         st.downtime_ms.unwrap_or_default(),
+                        st.downtime_sent_ms.unwrap_or_default(),
                         st.iteration,
                         st.bytes_sent >> 10,
                         st.total_ms
