@@ -26,7 +26,7 @@ i=0
 while true; do i=$((i + 1)); echo \"%%T=$i\"; sleep 0.1; done
 ";
 
-const ROUNDS: u32 = 2;
+const ROUNDS: u32 = 4;
 
 fn script() -> String {
     format!(
@@ -40,7 +40,7 @@ for r in $(seq 1 {ROUNDS}); do
   rm -f /tmp/*.log /tmp/*.err
   rvirt-vmm --incoming tcp:127.0.0.1:4444 --serial file=/tmp/r2.log --api-socket /tmp/r2.sock </dev/null 2>/tmp/r2.err &
   d=$!
-  rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "$CMD" \
+  RVIRT_LOG=rvirt_vmm::migration=info rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "$CMD" \
     --serial file=/tmp/r1.log --api-socket /tmp/r1.sock </dev/null 2>/tmp/r1.err &
   s=$!
   wait_for /tmp/r1.log '%%T=20' || echo "@@STALLED-RVIRT-$load-$r=1"
@@ -49,6 +49,7 @@ for r in $(seq 1 {ROUNDS}); do
   kill $s 2>/dev/null; wait $s
   said=$(sed -n 's/.*rvirt-vmm: migrated: guest paused \([0-9.]*\) ms (\([0-9.]*\) ms until its last byte left), \([0-9]*\) passes, .* in \([0-9]*\) ms/\4 \2 \1 \3/p' /tmp/r1.err)
   echo "@@RVIRT-$load-$r=${{said:-failed}}"
+  echo "@@RVIRT-PAUSE-$load-$r=$(sed -n 's/.*guest paused [0-9.]* ms: //p' /tmp/r1.err)"
   [ -n "$said" ] || cat /tmp/r1.err
   rvirt-lab-api /tmp/r2.sock stop >/dev/null 2>&1; wait $d
   # QEMU, each monitor on a FIFO this shell keeps open.
@@ -114,6 +115,9 @@ fn main() -> anyhow::Result<()> {
         println!("  {load:5}: total   rvirt {rt:.0} ms  qemu {qt:.0} ms  ratio {:.2}", rt / qt);
         println!("  {load:5}: downtime (pause to last byte sent) rvirt {rd:.0} ms  qemu {qd:.0} ms  ratio {:.2}", rd / qd.max(1.0));
         println!("  {load:5}: rvirt's pause until the destination holds the guest {rh:.0} ms");
+        for r in 1..=ROUNDS {
+            println!("  {load:5}: rvirt round {r}: {}", v.get(&format!("RVIRT-PAUSE-{load}-{r}")).map_or("", |s| s.as_str()));
+        }
     }
     Ok(())
 }
