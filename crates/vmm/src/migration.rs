@@ -17,8 +17,9 @@
 //! auto-converge slows it). Then the source pauses the guest, stops its
 //! devices, sends the last dirty pages, lets go of its writable disks and
 //! sends `STATE` (the snapshot state); the destination takes the disks and
-//! answers `DONE` once it holds the guest, or `REFUSE`, and runs the guest. A source that has not read `DONE` lets
-//! the guest run on; a destination that has not received the state exits.
+//! answers `DONE` once it holds the guest (and runs it), or `REFUSE`. A
+//! source that has not read `DONE` lets the guest run on; a destination
+//! that has not received the state exits.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};

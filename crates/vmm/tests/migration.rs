@@ -4,8 +4,9 @@
 //! before (a page the migration missed prints `!`); it must go on at the
 //! destination with the next letter and never print `!`. Streams that are
 //! not rvirt's, or of another version, are refused before anything
-//! moves; a refusal, a destination killed midway, a cancel or a destination whose
-//! disks differ leaves the source running; writable disks' images change hands. Both VMMs run under their seccomp lists (the default).
+//! moves; a refusal, a destination killed midway, a cancel or a destination
+//! whose disks differ leaves the source running; writable disks' images
+//! change hands. Both VMMs run under their seccomp lists (the default).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
