@@ -287,6 +287,10 @@ pub struct VmConfig {
     pub vcpu_pins: Vec<(u8, Vec<usize>)>,
     /// Host CPUs for every other thread (`<emulatorpin>`).
     pub emulator_pin: Option<Vec<usize>>,
+    /// Entries of each vCPU's KVM dirty ring, when a migration is to
+    /// track dirty pages through rings instead of bitmaps (opt-in).
+    #[serde(default)]
+    pub dirty_ring: Option<u32>,
 }
 
 impl VmConfig {
@@ -325,6 +329,7 @@ impl VmConfig {
             jail: None,
             vcpu_pins: Vec::new(),
             emulator_pin: None,
+            dirty_ring: None,
         }
     }
 

@@ -5,7 +5,9 @@
 //! its own sector of a qcow2 virtio disk, a ping to its host each count,
 //! its virtio-rng and balloon started too) also reads 8 MiB it wrote to
 //! its disk over and over, page cache dropped, printing their checksum. It
-//! moves over TCP between two rvirt-vmm while it runs: the count goes on
+//! moves over TCP between two rvirt-vmm while it runs, its dirty pages
+//! tracked in KVM's dirty rings (`--dirty-ring`; the second guest's in
+//! KVM's bitmaps): the count goes on
 //! from the next number at the destination, every checksum holds, the
 //! guest reaches its host and its host reaches it, its disk holds every
 //! count without a gap and passes `qemu-img check`, and the source
@@ -93,7 +95,7 @@ rvirt-vmm --incoming tcp:127.0.0.1:4444 --net tap=dst0,bridge=br0 \
   --serial file=/tmp/two.log --api-socket /tmp/two.sock </dev/null 2>/tmp/two.err &
 two=$!
 rvirt-vmm --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cpus 2 --memory 512M --cmdline "console=ttyS0 panic=-1 quiet" \
-  --disk path=/tmp/disk.qcow2,format=qcow2 --net tap=src0,bridge=br0,mac=52:54:00:00:00:61 --rng --balloon \
+  --disk path=/tmp/disk.qcow2,format=qcow2 --net tap=src0,bridge=br0,mac=52:54:00:00:00:61 --rng --balloon --dirty-ring 4096 \
   --serial file=/tmp/one.log --api-socket /tmp/one.sock </dev/null 2>/tmp/one.err &
 one=$!
 wait_tick /tmp/one.log 6 || echo "@@ONE-STALLED=1"

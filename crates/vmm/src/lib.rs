@@ -10,6 +10,7 @@ pub mod api_server;
 pub mod config;
 pub mod console;
 pub mod device_manager;
+pub mod dirty_ring;
 pub mod error;
 pub mod firmware;
 pub mod handover;

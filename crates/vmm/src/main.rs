@@ -75,6 +75,9 @@ struct Cli {
     /// A virtio memory balloon, steered with the API's `balloon` request.
     #[arg(long)]
     balloon: bool,
+    /// Track a live migration's dirty pages in a KVM dirty ring of ENTRIES per vCPU (a power of two, 1024-65536) instead of bitmaps.
+    #[arg(long, value_name = "ENTRIES")]
+    dirty_ring: Option<u32>,
     /// A virtio console (hvc0 in the guest): stdio, file=PATH, pty or null [default when given without a value: pty].
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "pty")]
     console: Option<String>,
@@ -193,6 +196,7 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
                 Ok((v.parse::<u8>().map_err(|_| bad())?, rvirt_vmm::config::parse_cpu_list("--vcpu-pin", cpus)?))
             })
             .collect::<rvirt_vmm::Result<_>>()?,
+        dirty_ring: cli.dirty_ring,
         emulator_pin: cli.emulator_pin.as_deref().map(|c| rvirt_vmm::config::parse_cpu_list("--emulator-pin", c)).transpose()?,
         jail: match cli.jail {
             Some(root) => Some(JailConfig { root, user: cli.jail_user.as_deref().map(parse_jail_user).transpose()? }),

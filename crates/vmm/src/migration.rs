@@ -264,11 +264,18 @@ fn set_dirty_logging(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<()> {
 }
 
 /// The guest-physical addresses of pages written since the last call, by
-/// the guest (KVM's log) or by the VMM (device DMA), ascending, once each.
-fn dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>> {
+/// the guest (KVM's bitmaps or dirty rings) or by the VMM (device DMA),
+/// ascending, once each.
+fn dirty_pages(vm: &SourceVm) -> Result<Vec<u64>> {
     let mut out = rvirt_devices::dirty::take();
-    for (slot, region) in mem.iter().enumerate() {
-        let bitmap = vm.get_dirty_log(slot as u32, region.len() as usize).map_err(crate::error::kvm("GET_DIRTY_LOG"))?;
+    if let Some(rings) = &vm.rings {
+        out.extend(rings.take()?);
+        out.sort_unstable();
+        out.dedup();
+        return Ok(out);
+    }
+    for (slot, region) in vm.mem.iter().enumerate() {
+        let bitmap = vm.vm_fd.get_dirty_log(slot as u32, region.len() as usize).map_err(crate::error::kvm("GET_DIRTY_LOG"))?;
         for (w, word) in bitmap.iter().enumerate() {
             let mut bits = *word;
             while bits != 0 {
@@ -414,6 +421,8 @@ pub struct SourceVm {
     pub vm_fd: Arc<VmFd>,
     /// Guest RAM.
     pub mem: GuestMemoryMmap,
+    /// The vCPUs' dirty rings, which replace KVM's bitmaps when the VM has them.
+    pub rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
     /// The first frame.
     pub hello: Hello,
     /// Signalled when the thread has a message for the main loop.
@@ -540,7 +549,7 @@ impl SourceThread {
         }
         set_dirty_logging(&vm.vm_fd, &vm.mem, true)?;
         rvirt_devices::dirty::start(vm.mem.iter().map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0));
-        dirty_pages(&vm.vm_fd, &vm.mem)?;
+        dirty_pages(vm)?;
         self.update(|st| st.state = MigrationState::Active);
         // The first pass: everything that is not zero.
         let mut pending = nonzero_pages(&vm.mem);
@@ -551,7 +560,7 @@ impl SourceThread {
             let sent = send_pages(&mut *s, &vm.mem, &pending, (p.bandwidth, p.encoding), &self.cancel, &self.status)?;
             let secs = pass.elapsed().as_secs_f64().max(1e-3);
             let rate = sent as f64 / secs;
-            pending = dirty_pages(&vm.vm_fd, &vm.mem)?;
+            pending = dirty_pages(vm)?;
             let remaining = (pending.len() * PAGE) as u64;
             let expected = Duration::from_secs_f64(remaining as f64 / rate.max(1.0));
             // Auto-converge (QEMU's rule): while the guest dirties more than
@@ -579,7 +588,7 @@ impl SourceThread {
         if !pending.is_empty() {
             iteration += 1;
             send_pages(&mut *s, &vm.mem, &pending, (p.bandwidth, p.encoding), &self.cancel, &self.status)?;
-            pending = dirty_pages(&vm.vm_fd, &vm.mem)?;
+            pending = dirty_pages(vm)?;
             self.update(|st| {
                 st.iteration = iteration;
                 st.remaining_bytes = (pending.len() * PAGE) as u64;
@@ -598,7 +607,7 @@ impl SourceThread {
             .map_err(Error::Migration)?;
         let captured = paused_at.elapsed();
         let mut last = pending;
-        last.extend(dirty_pages(&vm.vm_fd, &vm.mem)?);
+        last.extend(dirty_pages(vm)?);
         last.sort_unstable();
         last.dedup();
         send_pages(&mut *s, &vm.mem, &last, (0, p.encoding), &AtomicBool::new(false), &self.status)?;

@@ -35,7 +35,7 @@ pub enum VmExit {
 }
 
 /// Names of the exit counters reported by the `stats` API request.
-pub const EXIT_REASONS: [&str; 9] = [
+pub const EXIT_REASONS: [&str; 10] = [
     "io",
     "mmio",
     "io-unhandled",
@@ -44,6 +44,7 @@ pub const EXIT_REASONS: [&str; 9] = [
     "hlt",
     "shutdown",
     "system-event",
+    "dirty-ring-full",
     "other",
 ];
 
@@ -316,6 +317,8 @@ pub struct VcpuContext {
     pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     /// The MSRs to save ([`crate::vcpu_state::msr_list`]).
     pub msrs: Arc<[u32]>,
+    /// The VM's dirty rings, when it has them: a vCPU whose ring is full harvests it.
+    pub dirty_rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
 }
 
 enum Next {
@@ -389,6 +392,14 @@ pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
                 VcpuExit::Intr => {
                     counters.bump("interrupted");
                     Next::Continue
+                }
+                VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
+                    counters.bump("dirty-ring-full");
+                    match ctx.dirty_rings.as_ref().map(|r| r.harvest_full(usize::from(ctx.id))) {
+                        Some(Ok(())) => Next::Continue,
+                        Some(Err(e)) => Next::Exit(VmExit::Crashed(format!("vCPU {}: {e}", ctx.id)), false),
+                        None => Next::Exit(VmExit::Crashed(format!("vCPU {}: a dirty ring filled on a VM without one", ctx.id)), false),
+                    }
                 }
                 other => {
                     counters.bump("other");

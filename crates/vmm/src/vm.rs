@@ -79,6 +79,8 @@ pub struct Vm {
     handovers: Vec<Arc<crate::handover::HandoverDisk>>,
     /// Each disk's size (None: a CD-ROM drive), told to a migration's destination.
     disk_sizes: Vec<Option<u64>>,
+    /// The vCPUs' dirty rings, when the VM tracks dirty pages with them.
+    dirty_rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
     /// What was loaded where (direct kernel boot).
     pub kernel: Option<LoadedKernel>,
     _firmware: Option<FirmwareRom>,
@@ -133,6 +135,10 @@ impl Vm {
         let layout = MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("--memory: {e}")))?;
         let restoring = restored.is_some();
         let vm_fd = Arc::new(kvm_handle.create_vm().map_err(kvm("CREATE_VM"))?);
+        // Before any vCPU exists, as KVM requires.
+        if let Some(entries) = cfg.dirty_ring {
+            crate::dirty_ring::enable(kvm_handle, &vm_fd, entries)?;
+        }
         vm_fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm("SET_TSS_ADDR"))?;
         vm_fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(kvm("SET_IDENTITY_MAP_ADDR"))?;
         vm_fd.create_irq_chip().map_err(kvm("CREATE_IRQCHIP"))?;
@@ -259,6 +265,7 @@ impl Vm {
             }
             vcpus.push(vcpu);
         }
+        let dirty_rings = cfg.dirty_ring.map(|n| crate::dirty_ring::DirtyRings::map(vm_fd.clone(), &mem, &vcpus, n).map(Arc::new)).transpose()?;
 
         Ok(Self {
             vm_fd,
@@ -286,6 +293,7 @@ impl Vm {
             outgoing: Mutex::default(),
             throttle: Mutex::default(),
             handovers: backends.handovers.clone(),
+            dirty_rings,
             disk_sizes: backends
                 .disks
                 .iter()
@@ -309,6 +317,7 @@ impl Vm {
                 control: self.control.clone(),
                 cpuid: self.cpuids.get(id).cloned().unwrap_or_default(),
                 msrs: self.msrs.clone(),
+                dirty_rings: self.dirty_rings.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -458,7 +467,13 @@ impl Vm {
             firmware_rom: self._firmware.as_ref().map(FirmwareRom::bytes),
             disk_sizes: self.disk_sizes.clone(),
         };
-        let vm = crate::migration::SourceVm { vm_fd: self.vm_fd.clone(), mem: self.memory.clone(), hello, wake: self.migration_wake.clone() };
+        let vm = crate::migration::SourceVm {
+            vm_fd: self.vm_fd.clone(),
+            mem: self.memory.clone(),
+            rings: self.dirty_rings.clone(),
+            hello,
+            wake: self.migration_wake.clone(),
+        };
         *out = Some(crate::migration::Outgoing::start(vm, params)?);
         Ok(())
     }
