@@ -290,9 +290,8 @@ pub fn validate(cfg: &VmConfig) -> Result<(), Error> {
         return Err(Error::Config(format!("--vcpu-pin {v}: the VM has {} vCPUs (numbered from 0)", cfg.vcpus)));
     }
     rvirt_arch::MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("--memory: {e}")))?;
-    if let Some(n) = cfg.dirty_ring.filter(|n| !n.is_power_of_two() || !crate::dirty_ring::ENTRIES.contains(n)) {
-        let r = crate::dirty_ring::ENTRIES;
-        return Err(Error::Config(format!("--dirty-ring {n}: a power of two from {} to {}", r.start(), r.end())));
+    if let Some(n) = cfg.dirty_ring {
+        crate::dirty_ring::check_entries(n)?;
     }
     if let Boot::Kernel { cmdline, .. } = &cfg.boot {
         if cmdline.len() >= rvirt_arch::layout::CMDLINE_MAX_SIZE {

@@ -31,12 +31,18 @@ mod ioctls {
     vmm_sys_util::ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, kvm_bindings::KVMIO, 0xc7);
 }
 
-/// Turns the dirty ring on for `vm` (before its vCPUs exist), `entries`
-/// per vCPU, or says why this host's KVM cannot.
-pub fn enable(kvm: &Kvm, vm: &VmFd, entries: u32) -> Result<()> {
+/// Refuses a ring size KVM cannot take: not a power of two, or outside [`ENTRIES`].
+pub fn check_entries(entries: u32) -> Result<()> {
     if !entries.is_power_of_two() || !ENTRIES.contains(&entries) {
         return Err(Error::Config(format!("--dirty-ring {entries}: a power of two from {} to {}", ENTRIES.start(), ENTRIES.end())));
     }
+    Ok(())
+}
+
+/// Turns the dirty ring on for `vm` (before its vCPUs exist), `entries`
+/// per vCPU, or says why this host's KVM cannot.
+pub fn enable(kvm: &Kvm, vm: &VmFd, entries: u32) -> Result<()> {
+    check_entries(entries)?;
     let bytes = entries as usize * ENTRY;
     let max = usize::try_from(kvm.check_extension_int(Cap::DirtyLogRing)).unwrap_or(0);
     if max == 0 {

@@ -268,20 +268,19 @@ fn set_dirty_logging(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<()> {
 /// ascending, once each.
 fn dirty_pages(vm: &SourceVm) -> Result<Vec<u64>> {
     let mut out = rvirt_devices::dirty::take();
-    if let Some(rings) = &vm.rings {
-        out.extend(rings.take()?);
-        out.sort_unstable();
-        out.dedup();
-        return Ok(out);
-    }
-    for (slot, region) in vm.mem.iter().enumerate() {
-        let bitmap = vm.vm_fd.get_dirty_log(slot as u32, region.len() as usize).map_err(crate::error::kvm("GET_DIRTY_LOG"))?;
-        for (w, word) in bitmap.iter().enumerate() {
-            let mut bits = *word;
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                out.push(region.start_addr().0 + (w as u64 * 64 + b) * PAGE as u64);
+    match &vm.rings {
+        Some(rings) => out.extend(rings.take()?),
+        None => {
+            for (slot, region) in vm.mem.iter().enumerate() {
+                let bitmap = vm.vm_fd.get_dirty_log(slot as u32, region.len() as usize).map_err(crate::error::kvm("GET_DIRTY_LOG"))?;
+                for (w, word) in bitmap.iter().enumerate() {
+                    let mut bits = *word;
+                    while bits != 0 {
+                        let b = bits.trailing_zeros() as u64;
+                        bits &= bits - 1;
+                        out.push(region.start_addr().0 + (w as u64 * 64 + b) * PAGE as u64);
+                    }
+                }
             }
         }
     }

@@ -247,6 +247,12 @@ fn foreign_streams_refusals_and_cancels_leave_the_source_running() {
     let (tag, text, _) = raw_stream(&dir, &head);
     assert_eq!(tag, 3);
     assert!(text.contains("version 99; this VMM speaks version 1"), "{text}");
+    // A file that is not a socket where the destination would listen is kept, and said so.
+    let plain = dir.join("not-a-socket");
+    std::fs::write(&plain, b"keep me").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rvirt-vmm")).arg("--incoming").arg(format!("unix:{}", plain.display())).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("a file that is not a socket is there"), "{out:?}");
+    assert_eq!(std::fs::read(&plain).unwrap(), b"keep me");
 
     let k = kernel(&dir);
     let mut one = source(&dir, &k, &[]);
