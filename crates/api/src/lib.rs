@@ -10,6 +10,7 @@
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod saved;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -87,11 +88,26 @@ pub enum Request {
     /// (made if missing; its files `state` and `memory`), for
     /// `rvirt-vmm --restore`. The VM stays paused unless `resume`.
     Snapshot {
-        /// The snapshot's directory (must not hold one already).
+        /// The snapshot's directory (must not hold one already); with `fd`
+        /// only the name of the file sent.
         path: std::path::PathBuf,
         /// Let the VM run on once the snapshot is written.
         #[serde(default)]
         resume: bool,
+        /// The snapshot goes, as one file ([`saved`]), into the descriptor
+        /// sent with the request (SCM_RIGHTS, open for reading and
+        /// writing): the only way a jailed VMM writes one.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fd: bool,
+        /// Text kept in the one-file form for whoever reads it (rvirtd: the
+        /// domain's XML); the VMM never reads it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+        /// Also take an internal snapshot of this name in every writable
+        /// disk while the VM is paused (qcow2 only: a writable disk of
+        /// another format refuses the whole snapshot before the pause).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk_snapshot: Option<String>,
     },
     /// Move the running VM to a VMM waiting with `--incoming` at `uri`
     /// (`unix:PATH` or `tcp:HOST:PORT`): memory is copied while the guest

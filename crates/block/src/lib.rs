@@ -131,6 +131,17 @@ pub trait BlockBackend: Send + Sync {
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>>;
     /// Whether writes are refused.
     fn is_read_only(&self) -> bool;
+    /// Takes an internal snapshot named `name` of the image as it is now
+    /// (a running VM's disks, in the pause of its snapshot); formats
+    /// without them refuse.
+    fn create_snapshot(&self, name: &str) -> Result<()> {
+        Err(Error::Request(format!("cannot take internal snapshot '{name}': the image's format has no internal snapshots (qcow2 has)")))
+    }
+    /// Deletes the internal snapshot `name` (undoing a snapshot whose
+    /// other parts failed).
+    fn delete_snapshot(&self, name: &str) -> Result<()> {
+        Err(Error::Request(format!("cannot delete internal snapshot '{name}': the image's format has no internal snapshots")))
+    }
 }
 
 /// Image formats this library reads and writes.

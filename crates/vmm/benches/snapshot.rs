@@ -39,7 +39,7 @@ fn restore_in_process(kvm: &kvm_ioctls::Kvm, snap: &Path, log: &Path, how: FromF
     given.serial = SerialMode::File(log.to_path_buf());
     let cfg = snapshot::restored_config(&given, &state.config).unwrap();
     let layout = rvirt_arch::MemoryLayout::new(cfg.memory_bytes).unwrap();
-    let mem = memory::guest_memory_from_file(&layout, &file, how).unwrap();
+    let mem = memory::guest_memory_from_file(&layout, &file, how, 0).unwrap();
     let backends = Backends::open_restored(&cfg).unwrap();
     let console = Console::open(&cfg.serial).unwrap();
     let mut vm = Vm::create_restored(kvm, &cfg, console.writer().unwrap(), &backends, mem, None).unwrap();
@@ -70,7 +70,7 @@ fn main() {
         wait_for(&dir.join(format!("boot{mib}.log")), 1, Duration::from_secs(60));
         let mut api = ApiClient::connect(&sock, Duration::from_secs(10)).unwrap();
         let snap = dir.join(format!("snap{mib}"));
-        let r = api.call(&Request::Snapshot { path: snap.clone(), resume: false }).unwrap();
+        let r = api.call(&Request::Snapshot { path: snap.clone(), resume: false, fd: false, note: None, disk_snapshot: None }).unwrap();
         let info = r.snapshot.unwrap_or_else(|| panic!("{r:?}"));
         assert!(api.call(&Request::Stop).unwrap().ok);
         let _ = vmm.join();

@@ -78,6 +78,11 @@ impl HandoverDisk {
         Ok(())
     }
 
+    /// What the disk was configured as (its file and format).
+    pub fn config(&self) -> &DiskConfig {
+        &self.config
+    }
+
     fn image(&self) -> rvirt_block::Result<Arc<dyn BlockBackend>> {
         let slot = self.image.read().unwrap_or_else(|p| p.into_inner());
         slot.clone().ok_or_else(|| rvirt_block::Error::Request(format!("{}: the image is held by another VMM (a migration)", self.config.path.display())))
@@ -114,6 +119,12 @@ impl BlockBackend for HandoverDisk {
     }
     fn is_read_only(&self) -> bool {
         false
+    }
+    fn create_snapshot(&self, name: &str) -> rvirt_block::Result<()> {
+        self.image()?.create_snapshot(name)
+    }
+    fn delete_snapshot(&self, name: &str) -> rvirt_block::Result<()> {
+        self.image()?.delete_snapshot(name)
     }
 }
 

@@ -175,10 +175,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
             &restored_cfg
         }
         config::Boot::Restore { dir, copy_memory } => {
-            let (snap, memory_file) = snapshot::read(dir)?;
+            let (snap, memory_file, base) = snapshot::read(dir)?;
             let c = snapshot::restored_config(cfg, &snap.config)?;
             let how = if *copy_memory { memory::FromFile::Copy } else { memory::FromFile::Map };
-            restore = Some((snap, memory_file, how));
+            restore = Some((snap, memory_file, how, base));
             restored_cfg = c;
             &restored_cfg
         }
@@ -265,9 +265,9 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
                 tracing::info!("the migrated guest runs here");
                 vm
             }
-            (Some((snap, file, how)), _) => {
+            (Some((snap, file, how, base)), _) => {
                 let layout = rvirt_arch::MemoryLayout::new(cfg.memory_bytes).map_err(|e| Error::Config(format!("the snapshot's memory: {e}")))?;
-                let mem = memory::guest_memory_from_file(&layout, &file, how)?;
+                let mem = memory::guest_memory_from_file(&layout, &file, how, base)?;
                 let rom = snap.firmware_rom.clone();
                 let mut vm = Vm::create_restored(&kvm, cfg, console.writer()?, &backends, mem, rom.as_deref())?;
                 vm.restore_snapshot(snap)?;

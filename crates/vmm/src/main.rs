@@ -105,13 +105,14 @@ struct Cli {
     /// Open no file by name: each must come with --pass-fd (what rvirtd does).
     #[arg(long)]
     only_passed_files: bool,
-    /// Continue the VM of a snapshot (written by the API's `snapshot`) from
-    /// where it was: its memory (mapped copy-on-write from DIR/memory),
+    /// Continue the VM of a snapshot (written by the API's `snapshot`: a
+    /// directory, or one file) from where it was: its memory (mapped
+    /// copy-on-write from DIR/memory or the file),
     /// vCPUs and devices, built as the snapshot says. Backends are given
     /// again: --serial, --api-socket, --console's backend; --disk (all, in
     /// order: each clone its own copy) and --net (all: new taps, same MACs)
     /// when they differ from the snapshot's.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "firmware", "initrd", "cmdline", "cpus", "memory", "uuid", "rng", "balloon", "boot_order", "boot_menu", "reboot_timeout"])]
+    #[arg(long, value_name = "DIR|FILE", conflicts_with_all = ["kernel", "firmware", "initrd", "cmdline", "cpus", "memory", "uuid", "rng", "balloon", "boot_order", "boot_menu", "reboot_timeout"])]
     restore: Option<PathBuf>,
     /// Wait at URI (unix:PATH or tcp:HOST:PORT) for a VM another rvirt-vmm
     /// sends with the API's `migrate`, and run it: its machine and devices

@@ -144,16 +144,16 @@ pub enum FromFile {
 }
 
 /// Guest RAM for `layout` from `file`, which holds the regions one after
-/// the other (as [`save_guest_memory`] writes them) and must be exactly
-/// as long as the RAM.
-pub fn guest_memory_from_file(layout: &MemoryLayout, file: &std::fs::File, how: FromFile) -> Result<GuestMemoryMmap> {
-    let have = file.metadata().map_err(|e| Error::Memory(format!("the memory file: {e}")))?.len();
+/// the other from `base` (a multiple of the page size; as
+/// [`save_guest_memory`] writes them) to its end.
+pub fn guest_memory_from_file(layout: &MemoryLayout, file: &std::fs::File, how: FromFile, base: u64) -> Result<GuestMemoryMmap> {
+    let have = file.metadata().map_err(|e| Error::Memory(format!("the memory file: {e}")))?.len().saturating_sub(base);
     if have != layout.ram_bytes {
         return Err(Error::Memory(format!("the memory file holds {have} bytes; the snapshot's VM has {}", layout.ram_bytes)));
     }
     let what = |e: String| Error::Memory(format!("cannot map {} MiB from the memory file: {e}", layout.ram_bytes >> 20));
     let mut regions = Vec::new();
-    let mut offset = 0u64;
+    let mut offset = base;
     for (start, len) in layout.ram_ranges() {
         let size = usize::try_from(len).map_err(|_| Error::Memory("size does not fit this host's address space".into()))?;
         let mapping = match how {
@@ -211,13 +211,13 @@ fn data_extents(file: &std::fs::File, start: u64, len: u64) -> std::io::Result<V
     Ok(out)
 }
 
-/// Writes guest RAM to `file`, region after region, leaving a hole (the
-/// file stays sparse) wherever 64 KiB are all zero; returns the bytes
-/// written. The vCPUs must be paused.
-pub fn save_guest_memory(mem: &GuestMemoryMmap, file: &std::fs::File) -> Result<u64> {
+/// Writes guest RAM to `file` from `base`, region after region, leaving a
+/// hole (the file stays sparse) wherever 64 KiB are all zero, and ends the
+/// file there; returns the bytes written. The vCPUs must be paused.
+pub fn save_guest_memory(mem: &GuestMemoryMmap, file: &std::fs::File, base: u64) -> Result<u64> {
     const CHUNK: usize = 64 << 10;
     let err = |e: std::io::Error| Error::Memory(format!("writing the memory file: {e}"));
-    let (mut offset, mut written) = (0u64, 0u64);
+    let (mut offset, mut written) = (base, 0u64);
     for region in mem.iter() {
         let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|e| Error::Memory(format!("no host mapping for a region: {e}")))?;
         let len = region.len() as usize;
@@ -281,17 +281,17 @@ mod tests {
         }
         let path = std::env::temp_dir().join(format!("rvirt-mem-{}", std::process::id()));
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-        let written = save_guest_memory(&mem, &file).unwrap();
+        let written = save_guest_memory(&mem, &file, 0).unwrap();
         assert_eq!(written, 2 * (64 << 10), "two chunks hold data; the rest are holes");
         for how in [FromFile::Map, FromFile::Copy] {
-            let back = guest_memory_from_file(&layout, &file, how).unwrap();
+            let back = guest_memory_from_file(&layout, &file, how, 0).unwrap();
             let r = back.iter().next().unwrap();
             let h = r.get_host_address(MemoryRegionAddress(0)).unwrap();
             // SAFETY: reads inside the region just mapped.
             let (a, b, c) = unsafe { (*h.add(4096), *h.add((40 << 20) + 3), *h.add(30 << 20)) };
             assert_eq!((a, b, c), (7, 9, 0), "{how:?}");
         }
-        let e = guest_memory_from_file(&MemoryLayout::new(128 << 20).unwrap(), &file, FromFile::Map).unwrap_err();
+        let e = guest_memory_from_file(&MemoryLayout::new(128 << 20).unwrap(), &file, FromFile::Map, 0).unwrap_err();
         assert!(e.to_string().contains("holds 67108864 bytes"), "{e}");
         let _ = std::fs::remove_file(&path);
     }

@@ -2,8 +2,9 @@
 //! [`VmSnapshot`]: the vCPUs, KVM's VM-wide state and each platform
 //! device's state under its id in the device tree) and `DIR/memory`
 //! (guest RAM, region after region, sparse where the guest's pages are
-//! zero). `rvirt-vmm --restore DIR` maps the memory
-//! file copy-on-write, so N clones share the pages none of them changed.
+//! zero), or both in one file ([`rvirt_api::saved`]) written into a
+//! descriptor. `rvirt-vmm --restore DIR|FILE` maps the memory
+//! copy-on-write, so N clones share the pages none of them changed.
 //!
 //! Virtio devices are stopped for the save (every request they took
 //! completes) and restarted where their rings are. A VM that booted
@@ -74,7 +75,7 @@ pub fn write(dir: &Path, snap: &VmSnapshot, mem: &GuestMemoryMmap) -> Result<Wri
     let bytes = state_file::encode(snap).map_err(|e| Error::Device(e.to_string()))?;
     let result = (|| {
         let memory_file = create(&memory_path)?;
-        let written = memory::save_guest_memory(mem, &memory_file)?;
+        let written = memory::save_guest_memory(mem, &memory_file, 0)?;
         memory_file.sync_all().map_err(|e| Error::Memory(format!("{}: {e}", memory_path.display())))?;
         let mut state_file = create(&state_path)?;
         std::io::Write::write_all(&mut state_file, &bytes).and_then(|()| state_file.sync_all()).map_err(|e| Error::Config(format!("{}: {e}", state_path.display())))?;
@@ -85,6 +86,26 @@ pub fn write(dir: &Path, snap: &VmSnapshot, mem: &GuestMemoryMmap) -> Result<Wri
         let _ = std::fs::remove_file(&memory_path);
     }
     result
+}
+
+/// Writes `snap` and `mem` as one file ([`rvirt_api::saved`]) into `file`
+/// (emptied first) with `note` kept for the manager. The header goes last,
+/// after everything else is on disk: a file without it is refused by a
+/// restore.
+pub fn write_file(file: &File, snap: &VmSnapshot, mem: &GuestMemoryMmap, note: &str) -> Result<Written> {
+    use std::os::unix::fs::FileExt;
+    use rvirt_api::saved::Layout;
+    let bytes = state_file::encode(snap).map_err(|e| Error::Device(e.to_string()))?;
+    let io = |e: std::io::Error| Error::Memory(format!("writing the saved VM: {e}"));
+    let ram: u64 = vm_memory::GuestMemoryBackend::iter(mem).map(|r| vm_memory::GuestMemoryRegion::len(r)).sum();
+    let layout = Layout::plan(note.len() as u64, bytes.len() as u64, ram);
+    file.set_len(0).map_err(io)?;
+    file.write_all_at(note.as_bytes(), rvirt_api::saved::HEADER_LEN).map_err(io)?;
+    file.write_all_at(&bytes, layout.state_offset).map_err(io)?;
+    let written = memory::save_guest_memory(mem, file, layout.memory_offset)?;
+    file.sync_all().map_err(io)?;
+    file.write_all_at(&layout.encode(), 0).and_then(|()| file.sync_all()).map_err(io)?;
+    Ok(Written { state_bytes: bytes.len() as u64, memory_bytes: written })
 }
 
 /// The configuration a restore runs: the snapshot's machine, devices and
@@ -154,27 +175,40 @@ pub fn restored_config(given: &VmConfig, saved: &VmConfig) -> Result<VmConfig> {
     Ok(c)
 }
 
-/// Reads the snapshot in `dir`: its state (checked: format, version,
-/// checksum) and its memory file, opened for mapping.
-pub fn read(dir: &Path) -> Result<(VmSnapshot, File)> {
-    let state_path = dir.join(STATE);
-    let bad = |what: String| Error::Config(format!("--restore {}: {what}", dir.display()));
-    let mut f = File::open(&state_path).map_err(|e| bad(format!("{STATE}: {e}")))?;
-    // Never more than a state can be, however large the file claims to be.
-    let limit = state_file::HEADER_LEN as u64 + state_file::MAX_PAYLOAD + 1;
-    let mut bytes = Vec::new();
-    (&mut f).take(limit).read_to_end(&mut bytes).map_err(|e| bad(format!("{STATE}: {e}")))?;
-    let snap: VmSnapshot = state_file::decode(&bytes).map_err(|e| bad(e.to_string()))?;
-    let memory_path = dir.join(MEMORY);
-    let memory = File::open(&memory_path).map_err(|e| bad(format!("{MEMORY}: {e}")))?;
-    let len = memory.metadata().map_err(|e| bad(format!("{MEMORY}: {e}")))?.len();
+/// Reads the snapshot at `path`, a directory or one file (a file passed
+/// as a descriptor counts as one): its state (checked: format, version,
+/// checksum) and the file holding its memory, opened for mapping, with
+/// the offset the memory starts at.
+pub fn read(path: &Path) -> Result<(VmSnapshot, File, u64)> {
+    let bad = |what: String| Error::Config(format!("--restore {}: {what}", path.display()));
+    let passed = rvirt_block::file::passed(path, true, false).map_err(|e| bad(e.to_string()))?;
+    let (snap, memory, base) = if passed.is_none() && path.is_dir() {
+        let mut f = File::open(path.join(STATE)).map_err(|e| bad(format!("{STATE}: {e}")))?;
+        // Never more than a state can be, however large the file claims to be.
+        let limit = state_file::HEADER_LEN as u64 + state_file::MAX_PAYLOAD + 1;
+        let mut bytes = Vec::new();
+        (&mut f).take(limit).read_to_end(&mut bytes).map_err(|e| bad(format!("{STATE}: {e}")))?;
+        let snap: VmSnapshot = state_file::decode(&bytes).map_err(|e| bad(e.to_string()))?;
+        let memory = File::open(path.join(MEMORY)).map_err(|e| bad(format!("{MEMORY}: {e}")))?;
+        (snap, memory, 0)
+    } else {
+        let file = match passed {
+            Some(f) => f,
+            None => crate::loader::open_input("saved VM", path)?,
+        };
+        let layout = rvirt_api::saved::Layout::read(&file).map_err(|e| bad(e.to_string()))?;
+        let bytes = layout.read_state(&file).map_err(|e| bad(e.to_string()))?;
+        let snap: VmSnapshot = state_file::decode(&bytes).map_err(|e| bad(e.to_string()))?;
+        (snap, file, layout.memory_offset)
+    };
+    let len = memory.metadata().map_err(|e| bad(format!("{MEMORY}: {e}")))?.len().saturating_sub(base);
     if len != snap.config.memory_bytes {
         return Err(bad(format!("{MEMORY} holds {len} bytes; the snapshot's VM has {} bytes of RAM", snap.config.memory_bytes)));
     }
     if snap.machine.vcpus.len() != usize::from(snap.config.vcpus) {
         return Err(bad(format!("the state has {} vCPUs' registers for {} vCPUs", snap.machine.vcpus.len(), snap.config.vcpus)));
     }
-    Ok((snap, memory))
+    Ok((snap, memory, base))
 }
 
 #[cfg(test)]

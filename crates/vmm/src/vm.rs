@@ -44,6 +44,20 @@ impl BusDevice for PostCodePort {
     fn write(&mut self, _offset: u64, _data: &[u8]) {}
 }
 
+/// Where [`Vm::snapshot`] writes.
+pub enum SnapshotTo<'a> {
+    /// A directory of `state` and `memory` files, made here.
+    Dir(&'a std::path::Path),
+    /// One file ([`rvirt_api::saved`]), open for writing, with the
+    /// manager's note.
+    File {
+        /// The file (emptied first).
+        file: &'a std::fs::File,
+        /// Kept for the manager.
+        note: &'a str,
+    },
+}
+
 /// A built (and, after [`Vm::start`], running) virtual machine.
 pub struct Vm {
     vm_fd: Arc<VmFd>,
@@ -419,15 +433,51 @@ impl Vm {
         Ok(())
     }
 
-    /// Writes a snapshot of the running VM into `dir` (see [`snapshot`]):
-    /// the VM is paused for it and stays paused unless `resume` (a VM
-    /// paused before stays paused either way).
-    pub fn snapshot(&self, dir: &std::path::Path, resume: bool) -> Result<snapshot::Written> {
-        if rvirt_sandbox::jail::jailed() {
-            return Err(Error::Config("a jailed VMM can open no path, so it cannot write a snapshot directory".into()));
+    /// Writes a snapshot of the running VM (see [`snapshot`]) into the
+    /// directory or file `to`; the VM is paused for it and stays paused
+    /// unless `resume` (a VM paused before stays paused either way). With
+    /// `disk_snapshot`, every writable disk takes an internal snapshot of
+    /// that name in the same pause (all or none: one that fails undoes the
+    /// others and the memory is not written).
+    pub fn snapshot(&self, to: SnapshotTo<'_>, resume: bool, disk_snapshot: Option<&str>) -> Result<snapshot::Written> {
+        if let (SnapshotTo::Dir(_), true) = (&to, rvirt_sandbox::jail::jailed()) {
+            return Err(Error::Config("a jailed VMM can open no path, so it cannot write a snapshot directory; send a descriptor (\"fd\":true)".into()));
+        }
+        if let Some(name) = disk_snapshot {
+            // Refused before the pause: a disk of a format without internal snapshots.
+            if let Some(d) = self.handovers.iter().find(|d| d.config().format != Some(crate::config::ImageFormat::Qcow2)) {
+                return Err(Error::Config(format!(
+                    "cannot take internal snapshot '{name}': disk {} is not qcow2 (raw images have no internal snapshots)",
+                    d.config().path.display()
+                )));
+            }
         }
         let was_paused = self.control.is_paused();
-        let result = self.capture().and_then(|snap| snapshot::write(dir, &snap, &self.memory));
+        let result = self.capture().and_then(|snap| {
+            let mut taken: Vec<&Arc<crate::handover::HandoverDisk>> = Vec::new();
+            if let Some(name) = disk_snapshot {
+                use rvirt_block::BlockBackend;
+                for d in &self.handovers {
+                    if let Err(e) = d.flush().and_then(|()| d.create_snapshot(name)) {
+                        for t in &taken {
+                            let _ = t.delete_snapshot(name);
+                        }
+                        return Err(Error::Device(format!("internal snapshot of {}: {e}", d.config().path.display())));
+                    }
+                    taken.push(d);
+                }
+            }
+            let written = match &to {
+                SnapshotTo::Dir(dir) => snapshot::write(dir, &snap, &self.memory),
+                SnapshotTo::File { file, note } => snapshot::write_file(file, &snap, &self.memory, note),
+            };
+            if written.is_err() {
+                for t in &taken {
+                    let _ = rvirt_block::BlockBackend::delete_snapshot(&***t, disk_snapshot.unwrap_or_default());
+                }
+            }
+            written
+        });
         // A VM that stays paused restarts its devices when it is resumed.
         if !was_paused && (resume || result.is_err()) {
             self.resume();
@@ -733,9 +783,18 @@ impl Vm {
                     Err(e) => Response::error(e.to_string()),
                 }
             }
-            Request::Snapshot { path, resume } => {
+            Request::Snapshot { path, resume, fd: sent, note, disk_snapshot } => {
                 let started = Instant::now();
-                return match self.snapshot(path, *resume) {
+                let file = match (sent, fd) {
+                    (false, _) => None,
+                    (true, Some(fd)) => Some(std::fs::File::from(fd)),
+                    (true, None) => return Response::error("snapshot with fd: no descriptor came with the request"),
+                };
+                let to = match &file {
+                    Some(file) => SnapshotTo::File { file, note: note.as_deref().unwrap_or_default() },
+                    None => SnapshotTo::Dir(path),
+                };
+                return match self.snapshot(to, *resume, disk_snapshot.as_deref()) {
                     Ok(w) => {
                         let info = rvirt_api::SnapshotInfo { state_bytes: w.state_bytes, memory_bytes: w.memory_bytes, millis: started.elapsed().as_secs_f64() * 1000.0 };
                         Response { snapshot: Some(info), ..Response::ok() }

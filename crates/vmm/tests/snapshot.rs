@@ -91,7 +91,7 @@ fn a_restored_guest_continues_where_the_snapshot_left_it_and_clones_run_side_by_
     wait_for(&dir.join("one.log"), 40);
 
     let snap = dir.join("snap");
-    let r = one.api.call(&Request::Snapshot { path: snap.clone(), resume: false }).unwrap();
+    let r = one.api.call(&Request::Snapshot { path: snap.clone(), resume: false, fd: false, note: None, disk_snapshot: None }).unwrap();
     assert!(r.ok, "{r:?}");
     let info = r.snapshot.unwrap();
     assert!(info.state_bytes > 10_000 && info.memory_bytes > 0 && info.memory_bytes < 16 << 20, "{info:?}");
@@ -102,7 +102,7 @@ fn a_restored_guest_continues_where_the_snapshot_left_it_and_clones_run_side_by_
     assert_eq!(std::fs::read(dir.join("one.log")).unwrap(), printed, "the VM stays paused after a snapshot");
     let last = *printed.last().unwrap();
     // A second snapshot into the same directory is refused; the first stays whole.
-    let r = one.api.call(&Request::Snapshot { path: snap.clone(), resume: true }).unwrap();
+    let r = one.api.call(&Request::Snapshot { path: snap.clone(), resume: true, fd: false, note: None, disk_snapshot: None }).unwrap();
     assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("holds a snapshot already"), "{r:?}");
     one.stop();
 
@@ -150,7 +150,7 @@ fn a_guest_booted_through_seabios_continues_with_the_firmware_it_ran() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let snap = dir.join("snap");
-    let r = one.api.call(&Request::Snapshot { path: snap.clone(), resume: false }).unwrap();
+    let r = one.api.call(&Request::Snapshot { path: snap.clone(), resume: false, fd: false, note: None, disk_snapshot: None }).unwrap();
     assert!(r.ok, "{r:?}");
     let last = *letters("one.log").last().unwrap();
     one.stop();
@@ -185,7 +185,7 @@ fn damaged_snapshots_and_unsupported_vms_are_refused_saying_why() {
     let mut one = start(cfg.clone());
     wait_for(&dir.join("one.log"), 5);
     let good = dir.join("good");
-    let r = one.api.call(&Request::Snapshot { path: good.clone(), resume: true }).unwrap();
+    let r = one.api.call(&Request::Snapshot { path: good.clone(), resume: true, fd: false, note: None, disk_snapshot: None }).unwrap();
     assert!(r.ok, "{r:?}");
     // Resumed: it prints on.
     let n = std::fs::read(dir.join("one.log")).unwrap().len();
@@ -205,17 +205,17 @@ fn damaged_snapshots_and_unsupported_vms_are_refused_saying_why() {
     std::fs::write(dir.join("disc.iso"), vec![0u8; 2048 * 16]).unwrap();
     let r = virtio.api.call(&Request::ChangeMedia { device: "disk0".into(), path: Some(dir.join("disc.iso")), force: false, fd: false }).unwrap();
     assert!(r.ok, "{r:?}");
-    let r = virtio.api.call(&Request::Snapshot { path: dir.join("virtio-snap"), resume: false }).unwrap();
+    let r = virtio.api.call(&Request::Snapshot { path: dir.join("virtio-snap"), resume: false, fd: false, note: None, disk_snapshot: None }).unwrap();
     assert!(r.ok, "{r:?}");
     virtio.stop();
     let mut again = restore_cfg(&dir, &dir.join("virtio-snap"), "virtio-again");
     again.console = Some(SerialMode::Null);
     let mut virtio = start(again);
-    let r = virtio.api.call(&Request::Snapshot { path: dir.join("virtio-snap2"), resume: false }).unwrap();
+    let r = virtio.api.call(&Request::Snapshot { path: dir.join("virtio-snap2"), resume: false, fd: false, note: None, disk_snapshot: None }).unwrap();
     assert!(r.ok, "{r:?}");
     virtio.stop();
-    let (one_state, _) = rvirt_vmm::snapshot::read(&dir.join("virtio-snap")).unwrap();
-    let (two_state, _) = rvirt_vmm::snapshot::read(&dir.join("virtio-snap2")).unwrap();
+    let (one_state, _, _) = rvirt_vmm::snapshot::read(&dir.join("virtio-snap")).unwrap();
+    let (two_state, _, _) = rvirt_vmm::snapshot::read(&dir.join("virtio-snap2")).unwrap();
     for id in ["rng", "balloon", "console", "scsi0"] {
         assert_eq!(one_state.devices.get(id), two_state.devices.get(id), "{id}");
     }
@@ -305,7 +305,7 @@ fn the_binary_snapshots_and_restores_under_its_seccomp_lists() {
     let (mut one, mut api) = spawn(&["--kernel", kernel.to_str().unwrap(), "--memory", "64M"], "one");
     wait_for(&dir.join("one.log"), 10);
     let snap = dir.join("snap");
-    let r = api.call(&Request::Snapshot { path: snap.clone(), resume: false }).unwrap();
+    let r = api.call(&Request::Snapshot { path: snap.clone(), resume: false, fd: false, note: None, disk_snapshot: None }).unwrap();
     assert!(r.ok, "{r:?}\n{}", std::fs::read_to_string(dir.join("one.err")).unwrap_or_default());
     let last = *std::fs::read(dir.join("one.log")).unwrap().last().unwrap();
     assert!(api.call(&Request::Stop).unwrap().ok);
@@ -324,5 +324,82 @@ fn the_binary_snapshots_and_restores_under_its_seccomp_lists() {
     // --restore takes the VM's shape from the snapshot, not from the command line.
     let o = std::process::Command::new(vmm).args(["--restore", snap.to_str().unwrap(), "--memory", "1G"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot be used with"), "{o:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_snapshot_into_a_descriptor_is_one_file_with_the_disks_internal_snapshots() {
+    use std::os::fd::AsFd;
+    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
+    let dir = tmpdir("onefile");
+    let kernel = dir.join("kernel");
+    std::fs::write(&kernel, bzimage_with(&print_alphabet(0x2000))).unwrap();
+    let (qcow2, raw) = (dir.join("disk.qcow2"), dir.join("disk.raw"));
+    drop(rvirt_block::Qcow2Image::create(&qcow2, 8 << 20, &Default::default()).unwrap());
+    drop(rvirt_block::RawImage::create(&raw, 1 << 20).unwrap());
+    let vmm = env!("CARGO_BIN_EXE_rvirt-vmm");
+    let spawn = |args: &[&str], name: &str| {
+        let sock = dir.join(format!("{name}.sock"));
+        let child = std::process::Command::new(vmm)
+            .args(args)
+            .arg("--serial")
+            .arg(format!("file={}", dir.join(format!("{name}.log")).display()))
+            .arg("--api-socket")
+            .arg(&sock)
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "{name}: {}", std::fs::read_to_string(dir.join(format!("{name}.err"))).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (child, ApiClient::connect(&sock, Duration::from_secs(10)).unwrap())
+    };
+    let disk = format!("path={},format=qcow2", qcow2.display());
+    let (mut one, mut api) = spawn(&["--kernel", kernel.to_str().unwrap(), "--memory", "64M", "--disk", &disk], "one");
+    wait_for(&dir.join("one.log"), 10);
+    let saved = dir.join("vm.save");
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&saved).unwrap();
+    let req = Request::Snapshot { path: saved.clone(), resume: true, fd: true, note: Some("<domain/>".into()), disk_snapshot: Some("s1".into()) };
+    let r = api.call_with_fd(&req, file.as_fd()).unwrap();
+    assert!(r.ok, "{r:?}\n{}", std::fs::read_to_string(dir.join("one.err")).unwrap_or_default());
+    // One file: the note, the state, the memory; the disk holds the internal snapshot.
+    let layout = rvirt_api::saved::Layout::read(&file).unwrap();
+    assert_eq!((layout.read_note(&file).unwrap().as_str(), layout.memory_len), ("<domain/>", 64 << 20));
+    // The same name again: refused, and nothing of the first is lost.
+    let again = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("again.save")).unwrap();
+    let r = api.call_with_fd(&req, again.as_fd()).unwrap();
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("'s1' already exists"), "{r:?}");
+    assert!(rvirt_api::saved::Layout::read(&again).is_err(), "a failed snapshot leaves no saved VM");
+    // Without a descriptor sent, refused.
+    let r = api.call(&Request::Snapshot { path: saved.clone(), resume: true, fd: true, note: None, disk_snapshot: None }).unwrap();
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("no descriptor"), "{r:?}");
+    // The letter the guest had printed when it was saved (it runs on after `resume`).
+    assert!(api.call(&Request::Stop).unwrap().ok);
+    assert!(one.wait().unwrap().success());
+    let names: Vec<String> = rvirt_block::Qcow2Image::open(&qcow2, true).unwrap().snapshots().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["s1"]);
+
+    // Restored from the file (it continues), by path and as a passed descriptor.
+    let (mut two, mut api) = spawn(&["--restore", saved.to_str().unwrap(), "--disk", &disk], "two");
+    let out = wait_for(&dir.join("two.log"), 5);
+    assert!(out.windows(2).all(|w| w[1] == next_letter(w[0])), "{:?}", String::from_utf8_lossy(&out));
+    assert!(api.call(&Request::Stop).unwrap().ok);
+    assert!(two.wait().unwrap().success(), "{}", std::fs::read_to_string(dir.join("two.err")).unwrap_or_default());
+
+    // A raw writable disk refuses an internal snapshot before the VM pauses.
+    let rawdisk = format!("path={},format=raw", raw.display());
+    let (mut three, mut api) = spawn(&["--kernel", kernel.to_str().unwrap(), "--memory", "64M", "--disk", &rawdisk], "three");
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("raw.save")).unwrap();
+    let r = api.call_with_fd(&req, f.as_fd()).unwrap();
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("is not qcow2"), "{r:?}");
+    assert_eq!(api.call(&Request::Status).unwrap().status.unwrap().state, rvirt_api::RunState::Running);
+    assert!(api.call(&Request::Stop).unwrap().ok);
+    assert!(three.wait().unwrap().success());
+    // A file that is not a saved VM is refused by --restore, saying why.
+    std::fs::write(dir.join("junk"), b"not a saved vm at all, just text that is long enough to hold a header..").unwrap();
+    let o = std::process::Command::new(vmm).args(["--restore", dir.join("junk").to_str().unwrap()]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no saved-VM header"), "{o:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1288,6 +1288,12 @@ impl BlockBackend for Qcow2Image {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
+    fn create_snapshot(&self, name: &str) -> Result<()> {
+        Qcow2Image::create_snapshot(self, name)
+    }
+    fn delete_snapshot(&self, name: &str) -> Result<()> {
+        Qcow2Image::delete_snapshot(self, name)
+    }
 }
 
 #[cfg(test)]
