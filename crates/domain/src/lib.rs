@@ -19,3 +19,4 @@ pub use xml::{
     XmlError, XmlErrors, MAX_DEPTH, MAX_UNKNOWN, MAX_VCPUS, MAX_XML_BYTES,
 };
 pub use xml::{DhcpHost, DnsHost, ForwardMode, IpDef, NetworkDef};
+pub use xml::{valid_snapshot_name, SnapshotDef, SnapshotDisk, SnapshotDiskKind, SnapshotState, MAX_SNAPSHOT_NAME};

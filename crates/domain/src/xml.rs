@@ -21,12 +21,14 @@ mod metadata;
 mod network;
 mod report;
 mod os;
+mod snapshot;
 mod tune;
 pub use kept::{Kept, KeptXml};
 pub(crate) use devices::VIRTIO_CONSOLE;
 pub use limits::{MAX_DEPTH, MAX_UNKNOWN, MAX_XML_BYTES};
 pub use network::{DhcpHost, DnsHost, ForwardMode, IpDef, NetworkDef};
 pub use os::{BootDev, BootMenu, FirmwareDef};
+pub use snapshot::{valid_snapshot_name, SnapshotDef, SnapshotDisk, SnapshotDiskKind, SnapshotState, MAX_SNAPSHOT_NAME};
 pub use tune::{CpuSet, Tuning};
 
 /// Most vCPUs a domain may have (rvirt-vmm's limit).
