@@ -291,6 +291,10 @@ pub struct VmConfig {
     /// track dirty pages through rings instead of bitmaps (opt-in).
     #[serde(default)]
     pub dirty_ring: Option<u32>,
+    /// The vCPUs wait for the API's `resume` before running any guest
+    /// instruction (QEMU's `-S`): a domain restored or reverted paused.
+    #[serde(default)]
+    pub start_paused: bool,
 }
 
 impl VmConfig {
@@ -330,6 +334,7 @@ impl VmConfig {
             vcpu_pins: Vec::new(),
             emulator_pin: None,
             dirty_ring: None,
+            start_paused: false,
         }
     }
 

@@ -109,6 +109,13 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         disk_snapshot: Option<String>,
     },
+    /// Delete the internal snapshot `name` from every writable disk that
+    /// holds one of that name (the images this VMM has open and locked:
+    /// nobody else may change them while it runs).
+    DeleteDiskSnapshot {
+        /// The snapshot's name (never an id).
+        name: String,
+    },
     /// Move the running VM to a VMM waiting with `--incoming` at `uri`
     /// (`unix:PATH` or `tcp:HOST:PORT`): memory is copied while the guest
     /// runs, pages it dirties meanwhile again, until the rest fits

@@ -137,10 +137,15 @@ pub trait BlockBackend: Send + Sync {
     fn create_snapshot(&self, name: &str) -> Result<()> {
         Err(Error::Request(format!("cannot take internal snapshot '{name}': the image's format has no internal snapshots (qcow2 has)")))
     }
-    /// Deletes the internal snapshot `name` (undoing a snapshot whose
-    /// other parts failed).
+    /// Deletes the internal snapshot named `name` (by name only, never by
+    /// id: a domain snapshot called "2" is not the image's snapshot id 2).
     fn delete_snapshot(&self, name: &str) -> Result<()> {
         Err(Error::Request(format!("cannot delete internal snapshot '{name}': the image's format has no internal snapshots")))
+    }
+    /// Whether the image holds an internal snapshot named `name`.
+    fn has_snapshot(&self, name: &str) -> bool {
+        let _ = name;
+        false
     }
 }
 

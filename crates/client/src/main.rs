@@ -109,6 +109,12 @@ enum Command {
     Undefine {
         /// Name, id or UUID.
         domain: String,
+        /// Also remove its managed save.
+        #[arg(long)]
+        managed_save: bool,
+        /// Also forget its snapshots (their data stays in the images).
+        #[arg(long)]
+        snapshots_metadata: bool,
     },
     /// Start a defined domain.
     Start {
@@ -524,9 +530,10 @@ fn run(cli: Cli) -> Result<()> {
             let f = file.display().to_string();
             (Request::Create { xml: read_file(file)? }, Box::new(move |r: &Response| format!("Domain '{}' created from {f}\n", named(r))))
         }
-        Command::Undefine { domain } => {
-            (Request::Undefine { domain: domain.clone() }, Box::new(|r: &Response| format!("Domain '{}' has been undefined\n", named(r))))
-        }
+        Command::Undefine { domain, managed_save, snapshots_metadata } => (
+            Request::Undefine { domain: domain.clone(), managed_save: *managed_save, snapshots_metadata: *snapshots_metadata },
+            Box::new(|r: &Response| format!("Domain '{}' has been undefined\n", named(r))),
+        ),
         Command::Start { domain } => (Request::Start { domain: domain.clone() }, Box::new(|r: &Response| format!("Domain '{}' started\n", named(r)))),
         Command::Shutdown { domain, timeout } => {
             let how = if timeout.is_some() { "is shut off" } else { "is being shutdown" };

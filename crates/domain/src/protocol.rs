@@ -4,6 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod snapshot;
+pub use snapshot::{SnapshotCreateFlags, SnapshotFilter, SnapshotSummary};
+
 /// Longest request line the daemon reads: the largest definition
 /// ([`crate::MAX_XML_BYTES`]) with room for JSON escaping.
 pub const MAX_REQUEST_BYTES: usize = 8 << 20;
@@ -37,6 +40,12 @@ pub enum Request {
     Undefine {
         /// Name, id or UUID.
         domain: String,
+        /// Also remove its managed save (refused without, as libvirt).
+        #[serde(default)]
+        managed_save: bool,
+        /// Also forget its snapshots' metadata (refused without, as libvirt).
+        #[serde(default)]
+        snapshots_metadata: bool,
     },
     /// Start a defined domain.
     Start {
@@ -171,6 +180,104 @@ pub enum Request {
     },
     /// Press a running domain's reset button (virsh reset).
     Reset {
+        /// Name, id or UUID.
+        domain: String,
+    },
+    /// Take a snapshot from `<domainsnapshot>` XML (`snapshot-create`,
+    /// `snapshot-create-as`), or store one given whole (`--redefine`).
+    SnapshotCreate {
+        /// Name, id or UUID.
+        domain: String,
+        /// The `<domainsnapshot>`.
+        xml: String,
+        /// How.
+        #[serde(default)]
+        flags: SnapshotCreateFlags,
+    },
+    /// A domain's snapshots (`snapshot-list`), parents first.
+    SnapshotList {
+        /// Name, id or UUID.
+        domain: String,
+        /// Which.
+        #[serde(default)]
+        filter: SnapshotFilter,
+    },
+    /// One snapshot's XML (`snapshot-dumpxml`).
+    SnapshotDumpXml {
+        /// Name, id or UUID.
+        domain: String,
+        /// The snapshot's name.
+        snapshot: String,
+    },
+    /// Make a snapshot's moment the domain's again (`snapshot-revert`):
+    /// its disks, its definition and, when it was taken running, its
+    /// memory, running or paused as it was.
+    SnapshotRevert {
+        /// Name, id or UUID.
+        domain: String,
+        /// The snapshot's name.
+        snapshot: String,
+        /// `--running`: run afterwards, whatever the snapshot's state.
+        #[serde(default)]
+        running: bool,
+        /// `--paused`: paused afterwards.
+        #[serde(default)]
+        paused: bool,
+    },
+    /// Delete a snapshot (`snapshot-delete`).
+    SnapshotDelete {
+        /// Name, id or UUID.
+        domain: String,
+        /// The snapshot's name.
+        snapshot: String,
+        /// `--children`: and everything below it.
+        #[serde(default)]
+        children: bool,
+        /// `--children-only`: only what is below it.
+        #[serde(default)]
+        children_only: bool,
+        /// `--metadata`: only rvirtd's record; the images keep theirs.
+        #[serde(default)]
+        metadata_only: bool,
+    },
+    /// Save a running domain's memory and state to a file and stop it (`save`).
+    Save {
+        /// Name, id or UUID.
+        domain: String,
+        /// The file (absolute).
+        path: std::path::PathBuf,
+        /// `--running` / `--paused`: how `restore` leaves it (default: as it was).
+        #[serde(default)]
+        running: bool,
+        /// See `running`.
+        #[serde(default)]
+        paused: bool,
+    },
+    /// Run a domain again from a file `save` wrote (`restore`).
+    Restore {
+        /// The file (absolute).
+        path: std::path::PathBuf,
+        /// `--running`: run whatever it was.
+        #[serde(default)]
+        running: bool,
+        /// `--paused`: stay paused.
+        #[serde(default)]
+        paused: bool,
+    },
+    /// Save a running domain where rvirtd keeps it and stop it; the next
+    /// `start` continues it (`managedsave`).
+    ManagedSave {
+        /// Name, id or UUID.
+        domain: String,
+        /// `--running`: the next start runs it whatever it was.
+        #[serde(default)]
+        running: bool,
+        /// `--paused`: the next start leaves it paused.
+        #[serde(default)]
+        paused: bool,
+    },
+    /// Drop a managed save: the next start boots afresh (`managedsave-remove`).
+    ManagedSaveRemove {
         /// Name, id or UUID.
         domain: String,
     },
@@ -386,6 +493,15 @@ impl Request {
             Self::VcpuInfo { .. } => "vcpu-info",
             Self::Reset { .. } => "reset",
             Self::Rename { .. } => "rename",
+            Self::SnapshotCreate { .. } => "snapshot-create",
+            Self::SnapshotList { .. } => "snapshot-list",
+            Self::SnapshotDumpXml { .. } => "snapshot-dump-xml",
+            Self::SnapshotRevert { .. } => "snapshot-revert",
+            Self::SnapshotDelete { .. } => "snapshot-delete",
+            Self::Save { .. } => "save",
+            Self::Restore { .. } => "restore",
+            Self::ManagedSave { .. } => "managed-save",
+            Self::ManagedSaveRemove { .. } => "managed-save-remove",
             Self::Desc { .. } => "desc",
             Self::Metadata { .. } => "metadata",
             Self::AttachDevice { .. } => "attach-device",
@@ -428,6 +544,8 @@ impl Request {
                 | Self::NetList { .. }
                 | Self::NetDumpXml { .. }
                 | Self::NetDhcpLeases { .. }
+                | Self::SnapshotList { .. }
+                | Self::SnapshotDumpXml { .. }
         )
     }
 }
@@ -490,6 +608,12 @@ pub struct DomainSummary {
     /// Whether it starts with the daemon (`list --autostart`).
     #[serde(default)]
     pub autostart: bool,
+    /// Whether the next start continues a managed save (`list --with-managed-save`).
+    #[serde(default)]
+    pub managed_save: bool,
+    /// How many snapshots it has (`list --with-snapshot`).
+    #[serde(default)]
+    pub snapshots: u32,
 }
 
 /// Where a change goes, from a request's `live` and `config` flags (libvirt's
@@ -706,6 +830,9 @@ pub struct Response {
     /// `dom-stats`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dom_stats: Option<Vec<DomainStats>>,
+    /// `snapshot-list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Vec<SnapshotSummary>>,
 }
 
 /// One address of `domifaddr`.

@@ -176,6 +176,10 @@ pub mod event {
     pub const STOPPED_DESTROYED: i32 = 1;
     pub const STOPPED_CRASHED: i32 = 2;
     pub const STOPPED_FAILED: i32 = 5;
+    /// Stopped: saved (`save`, `managedsave`).
+    pub const STOPPED_SAVED: i32 = 4;
+    /// Stopped: a snapshot was reverted to.
+    pub const STOPPED_FROM_SNAPSHOT: i32 = 6;
     pub const CRASHED_PANICKED: i32 = 0;
     /// Highest event id a client may register for (`VIR_DOMAIN_EVENT_ID_LAST` - 1 in libvirt 9).
     pub const ID_MAX: i32 = 24;

@@ -40,6 +40,24 @@ pub enum StopReason {
     Crashed,
     /// The VMM failed.
     Failed,
+    /// It was saved (`save`, `managedsave`).
+    Saved,
+    /// A snapshot was reverted to (the run it had ended).
+    FromSnapshot,
+}
+
+impl StopReason {
+    /// The reason `domstate --reason` gives.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Shutdown => "shutdown",
+            Self::Destroyed => "destroyed",
+            Self::Crashed => "crashed",
+            Self::Failed => "failed",
+            Self::Saved => "saved",
+            Self::FromSnapshot => "from snapshot",
+        }
+    }
 }
 
 /// One event.

@@ -95,6 +95,12 @@ impl Handoff {
         Ok(h)
     }
 
+    /// Adds a file rvirtd opened itself (a saved VM to continue), passed
+    /// under the name `path`.
+    pub fn add_file(&mut self, path: PathBuf, file: File) {
+        self.files.push((path, file));
+    }
+
     /// The `--pass-fd` options naming each file's descriptor, and
     /// `--only-passed-files`.
     pub fn args(&self) -> Vec<String> {

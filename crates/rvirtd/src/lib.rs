@@ -13,6 +13,7 @@ pub mod network;
 pub mod policy;
 pub mod process;
 pub mod server;
+pub mod snapshots;
 pub mod storage;
 pub mod store;
 

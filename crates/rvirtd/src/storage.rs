@@ -12,7 +12,8 @@ use rvirt_domain::{DomainXml, ImageFormat};
 /// One backing chain per disk, top first, as the VMM receives it.
 pub type Chains = Vec<Vec<(PathBuf, ImageFormat)>>;
 
-fn block_format(f: ImageFormat) -> Format {
+/// The image library's name for a definition's disk format.
+pub fn block_format(f: ImageFormat) -> Format {
     match f {
         ImageFormat::Raw => Format::Raw,
         ImageFormat::Qcow2 => Format::Qcow2,

@@ -91,6 +91,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Renames `from` (a file already synced) to `to` and syncs the directory:
+/// once this returns, a crash leaves the new file in place.
+pub fn rename_durable(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::rename(from, to)?;
+    File::open(to.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
 impl Store {
     /// Opens (creating, mode 0700) the state directory at `root`. A
     /// directory (or subdirectory) that is a symlink, belongs to another
@@ -119,7 +126,7 @@ impl Store {
             builder.create(root).with_context(|| format!("creating {}", root.display()))?;
         }
         check(root)?;
-        for sub in ["domains", "autostart", "run", "log", "networks", "networks/autostart", "networks/run"] {
+        for sub in ["domains", "autostart", "run", "log", "networks", "networks/autostart", "networks/run", "snapshots", "save"] {
             let d = root.join(sub);
             if fs::symlink_metadata(&d).is_err() {
                 builder.create(&d).with_context(|| format!("creating {}", d.display()))?;
@@ -148,6 +155,16 @@ impl Store {
 
     fn run_record(&self, name: &str) -> PathBuf {
         self.root.join("run").join(format!("{name}.json"))
+    }
+
+    /// Where domain `name`'s managed save is kept (`managedsave`).
+    pub fn managed_save(&self, name: &str) -> PathBuf {
+        self.root.join("save").join(format!("{name}.save"))
+    }
+
+    /// The directory of every domain's snapshots.
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
     }
 
     /// The VMM control socket for domain id `id`.

@@ -126,6 +126,9 @@ impl BlockBackend for HandoverDisk {
     fn delete_snapshot(&self, name: &str) -> rvirt_block::Result<()> {
         self.image()?.delete_snapshot(name)
     }
+    fn has_snapshot(&self, name: &str) -> bool {
+        self.image().is_ok_and(|i| i.has_snapshot(name))
+    }
 }
 
 #[cfg(test)]

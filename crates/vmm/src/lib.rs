@@ -238,6 +238,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
         eprintln!("rvirt-vmm: console on this terminal; press Ctrl-A x to quit\r");
     }
     let mut escape = EscapeFilter::default();
+    let mut booted_once = false;
     loop {
         let moved = restore.is_some() || incoming.is_some();
         let mut vm = match (restore.take(), incoming.take()) {
@@ -280,6 +281,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
             (None, None) => Vm::create(&kvm, cfg, console.writer()?, &backends, firmware.as_deref())?,
         };
         vm.serial_pty = console.pty_path.clone();
+        // Only the first run: a guest reboot later runs at once.
+        if cfg.start_paused && !booted_once {
+            vm.control().request_pause();
+        }
+        booted_once = true;
         vm.start()?;
         // A guest that arrived behind new taps: the network learns where it is.
         if moved {

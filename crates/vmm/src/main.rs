@@ -78,6 +78,9 @@ struct Cli {
     /// Track a live migration's dirty pages in a KVM dirty ring of ENTRIES per vCPU (a power of two, 1024-65536) instead of bitmaps.
     #[arg(long, value_name = "ENTRIES")]
     dirty_ring: Option<u32>,
+    /// Start with the vCPUs paused: they run once the API's `resume` comes (QEMU's -S).
+    #[arg(long)]
+    paused: bool,
     /// A virtio console (hvc0 in the guest): stdio, file=PATH, pty or null [default when given without a value: pty].
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "pty")]
     console: Option<String>,
@@ -198,6 +201,7 @@ fn config(cli: Cli) -> rvirt_vmm::Result<VmConfig> {
             })
             .collect::<rvirt_vmm::Result<_>>()?,
         dirty_ring: cli.dirty_ring,
+        start_paused: cli.paused,
         emulator_pin: cli.emulator_pin.as_deref().map(|c| rvirt_vmm::config::parse_cpu_list("--emulator-pin", c)).transpose()?,
         jail: match cli.jail {
             Some(root) => Some(JailConfig { root, user: cli.jail_user.as_deref().map(parse_jail_user).transpose()? }),

@@ -126,6 +126,7 @@ pub fn restored_config(given: &VmConfig, saved: &VmConfig) -> Result<VmConfig> {
     c.serial = given.serial.clone();
     c.api_socket = given.api_socket.clone();
     c.on_reboot = given.on_reboot;
+    c.start_paused = given.start_paused;
     c.seccomp = given.seccomp;
     c.jail = given.jail.clone();
     c.vcpu_pins = given.vcpu_pins.clone();

@@ -802,6 +802,13 @@ impl Vm {
                     Err(e) => Response::error(e.to_string()),
                 };
             }
+            Request::DeleteDiskSnapshot { name } => {
+                use rvirt_block::BlockBackend;
+                self.handovers
+                    .iter()
+                    .filter(|d| d.has_snapshot(name))
+                    .try_for_each(|d| d.delete_snapshot(name).map_err(|e| Error::Device(format!("{}: {e}", d.config().path.display()))))
+            }
             Request::Migrate { uri, max_downtime_ms, bandwidth_mib_s, compress, auto_converge } => self.start_migration(crate::migration::Params {
                 uri: uri.clone(),
                 max_downtime: Duration::from_millis(*max_downtime_ms),

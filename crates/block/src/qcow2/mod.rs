@@ -1292,7 +1292,13 @@ impl BlockBackend for Qcow2Image {
         Qcow2Image::create_snapshot(self, name)
     }
     fn delete_snapshot(&self, name: &str) -> Result<()> {
-        Qcow2Image::delete_snapshot(self, name)
+        match self.snapshots().into_iter().find(|s| s.name == name) {
+            Some(s) => Qcow2Image::delete_snapshot(self, &s.id),
+            None => Err(crate::Error::Request(format!("no snapshot named '{name}'"))),
+        }
+    }
+    fn has_snapshot(&self, name: &str) -> bool {
+        self.snapshots().iter().any(|s| s.name == name)
     }
 }
 

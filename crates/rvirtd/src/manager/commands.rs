@@ -311,6 +311,9 @@ impl Manager {
         if g.domains.contains_key(new_name) {
             return Err(format!("a domain called '{new_name}' already exists"));
         }
+        if self.store.managed_save(&name).exists() || !self.snapshots.load(&name).snaps.is_empty() {
+            return Err(format!("domain '{name}' has a managed save or snapshots, which are kept under its name: remove them first"));
+        }
         let mut def = d.def.clone();
         def.name = new_name.to_string();
         // The new name is checked as any name in a definition is.

@@ -13,6 +13,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 mod commands;
+mod saves;
+mod snapshot;
 mod stats;
 
 pub use stats::state_numbers;
@@ -60,8 +62,9 @@ struct Running {
     child: Option<Child>,
     /// The live definition (as started).
     def: DomainXml,
-    /// `destroy` is stopping it: the end is "destroyed" whatever the log says.
-    destroying: bool,
+    /// The daemon is stopping it (`destroy`, `save`, a revert): the end is
+    /// that, whatever the log says.
+    stopping: Option<StopReason>,
     /// The backing chains its disks were started with (for conflict checks).
     chains: storage::Chains,
 }
@@ -108,6 +111,9 @@ pub struct Manager {
     changed: Condvar,
     events: EventBus,
     networks: crate::network::Networks,
+    snapshots: crate::snapshots::SnapshotStore,
+    /// Held by every snapshot, save and restore: one at a time.
+    snapshot_lock: Mutex<()>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -168,7 +174,18 @@ impl Manager {
             }
         }
         let networks = crate::network::Networks::open(store.clone());
-        let mgr = Arc::new(Self { store, vmm, policy, inner: Mutex::new(inner), changed: Condvar::new(), events: EventBus::default(), networks });
+        let snapshots = crate::snapshots::SnapshotStore::new(store.snapshots());
+        let mgr = Arc::new(Self {
+            store,
+            vmm,
+            policy,
+            inner: Mutex::new(inner),
+            changed: Condvar::new(),
+            events: EventBus::default(),
+            networks,
+            snapshots,
+            snapshot_lock: Mutex::new(()),
+        });
         mgr.adopt_running();
         Ok(mgr)
     }
@@ -205,7 +222,7 @@ impl Manager {
             let state = if rec.paused { DomainState::Paused } else { DomainState::Running };
             // Read once here, for later starts' conflict checks; best effort, as the VMM already runs.
             let chains = storage::resolve_chains(&def).unwrap_or_else(|_| vec![Vec::new(); def.disks.len()]);
-            let run = Running { record: rec.clone(), child: None, def: def.clone(), destroying: false, chains };
+            let run = Running { record: rec.clone(), child: None, def: def.clone(), stopping: None, chains };
             match g.domains.get_mut(&name) {
                 Some(d) => {
                     d.state = state;
@@ -285,10 +302,10 @@ impl Manager {
         self.store.remove_run(name, &run.record);
         let end = process::read_end(&self.store.log(name), run.record.log_offset);
         tracing::info!("domain '{name}' VMM (pid {}) ended: {end:?}", run.record.pid);
-        let (restart, what) = if run.destroying {
+        let (restart, what) = if let Some(why) = run.stopping {
             d.state = DomainState::ShutOff;
-            d.reason = "destroyed".into();
-            (false, Lifecycle::Stopped(StopReason::Destroyed))
+            d.reason = why.as_str().into();
+            (false, Lifecycle::Stopped(why))
         } else {
             match end {
                 VmmEnd::PowerOff if run.record.reboot_pending || run.def.on_poweroff == LifecycleAction::Restart => {
@@ -394,6 +411,11 @@ impl Manager {
 
     /// Spawns the VMM for `name` with `def`; the domain is `running` from here.
     fn spawn(&self, g: &mut Inner, name: &str, def: DomainXml) -> Result<(PathBuf, u64), String> {
+        self.spawn_with(g, name, def, None)
+    }
+
+    /// [`Manager::spawn`], continuing a saved VM when `restore` is given.
+    fn spawn_with(&self, g: &mut Inner, name: &str, def: DomainXml, restore: Option<saves::RestoreFrom>) -> Result<(PathBuf, u64), String> {
         Self::check_files(&def)?;
         self.policy.check_domain(&def)?;
         let chains = storage::resolve_chains(&def)?;
@@ -418,9 +440,14 @@ impl Manager {
         let _ = std::fs::remove_file(&api_socket);
         // rvirtd opens every file and tap; the VMM gets descriptors only.
         let launch = def.with_network_bridges(|n| self.networks.active_bridge(n))?;
-        let handoff = crate::handoff::Handoff::open(&def, &chains, &taps, &self.policy)?;
+        let mut handoff = crate::handoff::Handoff::open(&def, &chains, &taps, &self.policy)?;
         // The VMM gets the whole VM as one typed value, and descriptors.
         let mut cfg = launch.vm_config(&VmmLaunch { api_socket: &api_socket, taps: &taps, chains: &chains, tap_fds: &handoff.tap_fds() })?;
+        if let Some(r) = restore {
+            cfg.boot = rvirt_api::config::Boot::Restore { dir: r.path.clone(), copy_memory: r.copy_memory };
+            cfg.start_paused = r.paused;
+            handoff.add_file(r.path, r.file);
+        }
         cfg.seccomp = rvirt_api::config::SeccompMode::Kill;
         cfg.jail = self.policy.jail(&self.store.jail_dir(), id);
         let config_path = self.store.vm_config(id);
@@ -466,7 +493,7 @@ impl Manager {
         if let Err(e) = self.store.save_run(name, &record) {
             tracing::error!("{e:#}: a restarted daemon will not find '{name}'");
         }
-        let run = Running { record, child: Some(child), def: def.clone(), destroying: false, chains };
+        let run = Running { record, child: Some(child), def: def.clone(), stopping: None, chains };
         let d = g.domains.entry(name.to_string()).or_insert_with(|| Domain {
             def: def.clone(),
             persistent: false,
@@ -535,6 +562,10 @@ impl Manager {
             let d = &g.domains[&name];
             if d.state.is_active() {
                 return Err(format!("domain '{name}' is already running"));
+            }
+            if self.store.managed_save(&name).exists() {
+                drop(g);
+                return self.start_managed_save(&name);
             }
             let def = d.def.clone();
             (name.clone(), self.spawn(&mut g, &name, def)?)
@@ -616,14 +647,28 @@ impl Manager {
 
     /// `undefine`: removes a domain's stored definition. A running domain
     /// runs on as a transient one (gone when it stops), as with libvirt.
-    pub fn undefine(&self, key: &str) -> Result<String, String> {
+    pub fn undefine(&self, key: &str, managed_save: bool, snapshots_metadata: bool) -> Result<String, String> {
         let mut g = lock(&self.inner);
         let name = g.find(key)?;
         let d = &g.domains[&name];
         if !d.persistent {
             return Err(format!("domain '{name}' is transient: it has no definition to remove (it vanishes when it stops)"));
         }
+        let save = self.store.managed_save(&name);
+        if save.exists() && !managed_save {
+            return Err(format!("domain '{name}' has a managed save: remove it with managedsave-remove, or undefine with --managed-save"));
+        }
+        let snapshots = self.snapshots.load(&name).snaps.len();
+        if snapshots > 0 && !snapshots_metadata {
+            return Err(format!("domain '{name}' has {snapshots} snapshots: delete them, or undefine with --snapshots-metadata (their data stays in the images)"));
+        }
         self.store.remove_definition(&name).map_err(|e| format!("{e:#}"))?;
+        if managed_save {
+            let _ = std::fs::remove_file(&save);
+        }
+        if snapshots_metadata {
+            self.snapshots.remove_domain(&name);
+        }
         let Some(d) = g.domains.get_mut(&name) else { return Ok(name) };
         self.emit(&name, &d.def, d.run.as_ref().map(|r| r.record.id), Lifecycle::Undefined);
         match d.run.as_mut() {
@@ -782,6 +827,12 @@ impl Manager {
 
     /// `destroy`: stops the VMM at once (API `stop`, then SIGKILL).
     pub fn destroy(&self, key: &str) -> Result<String, String> {
+        self.end_run(key, StopReason::Destroyed)
+    }
+
+    /// Ends a domain's VMM (asks it to stop, then SIGKILL after a grace),
+    /// recording `why` as the reason it stopped.
+    fn end_run(&self, key: &str, why: StopReason) -> Result<String, String> {
         let (name, socket, pid, ticks) = {
             let mut g = lock(&self.inner);
             let name = g.find(key)?;
@@ -797,7 +848,7 @@ impl Manager {
                 }
                 return Err(format!("domain '{name}' is not running"));
             };
-            run.destroying = true;
+            run.stopping = Some(why);
             (name, run.record.api_socket.clone(), run.record.pid, run.record.start_ticks)
         };
         let _ = vmm_call(&socket, &VmmRequest::Stop, Duration::from_secs(2));
@@ -852,6 +903,8 @@ impl Manager {
                 uuid: d.def.uuid.to_string(),
                 persistent: d.persistent,
                 autostart: d.persistent && self.store.autostart(n),
+                managed_save: self.store.managed_save(n).exists(),
+                snapshots: self.snapshots.load(n).snaps.len() as u32,
             })
             .collect();
         // Running domains by id first, then the rest by name, as virsh does.
@@ -1032,7 +1085,7 @@ impl Manager {
             Request::List { all } => Response { domains: Some(self.list(all)), ..Response::ok() },
             Request::Define { xml } => with_warnings(self.define(&xml)),
             Request::Create { xml } => with_warnings(self.create(&xml)),
-            Request::Undefine { domain } => done(self.undefine(&domain)),
+            Request::Undefine { domain, managed_save, snapshots_metadata } => done(self.undefine(&domain, managed_save, snapshots_metadata)),
             Request::Start { domain } => done(self.start(&domain)),
             Request::Shutdown { domain, timeout_seconds } => {
                 done(self.shutdown(&domain, timeout_seconds.map(Duration::from_secs)))
@@ -1082,6 +1135,15 @@ impl Manager {
             },
             Request::Reset { domain } => done(self.reset(&domain)),
             Request::Rename { domain, new_name } => done(self.rename(&domain, &new_name)),
+            r @ (Request::SnapshotCreate { .. }
+            | Request::SnapshotList { .. }
+            | Request::SnapshotDumpXml { .. }
+            | Request::SnapshotRevert { .. }
+            | Request::SnapshotDelete { .. }
+            | Request::Save { .. }
+            | Request::Restore { .. }
+            | Request::ManagedSave { .. }
+            | Request::ManagedSaveRemove { .. }) => self.handle_saved_state(r),
             Request::Desc { domain, title, set, live, config } => match self.desc(&domain, title, set.as_deref(), Affect { live, config }) {
                 Ok((n, text)) => Response { text, ..Response::done(&n) },
                 Err(e) => Response::error(e),

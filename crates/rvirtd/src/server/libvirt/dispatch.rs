@@ -178,6 +178,8 @@ fn event_numbers(what: Lifecycle) -> (i32, i32) {
                 StopReason::Destroyed => event::STOPPED_DESTROYED,
                 StopReason::Crashed => event::STOPPED_CRASHED,
                 StopReason::Failed => event::STOPPED_FAILED,
+                StopReason::Saved => event::STOPPED_SAVED,
+                StopReason::FromSnapshot => event::STOPPED_FROM_SNAPSHOT,
             },
         ),
         Lifecycle::Crashed => (event::CRASHED, event::CRASHED_PANICKED),
@@ -512,7 +514,9 @@ impl Session {
                 if !b.persistent {
                     return Err(invalid("cannot undefine transient domain".into()));
                 }
-                mgr.undefine(&b.name).map_err(invalid)?;
+                // VIR_DOMAIN_UNDEFINE_MANAGED_SAVE (1), _SNAPSHOTS_METADATA (2).
+                let flags = if proc_ == p::DOMAIN_UNDEFINE_FLAGS { d.u32().map_err(bad_args)? } else { 0 };
+                mgr.undefine(&b.name, flags & 1 != 0, flags & 2 != 0).map_err(invalid)?;
                 empty()
             }
             p::DOMAIN_OPEN_CONSOLE => {
