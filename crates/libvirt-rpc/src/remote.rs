@@ -104,6 +104,30 @@ pub mod proc_ {
     pub const DOMAIN_DEFINE_XML_FLAGS: i32 = 350;
     pub const DOMAIN_INTERFACE_ADDRESSES: i32 = 353;
     pub const DOMAIN_RENAME: i32 = 358;
+    pub const DOMAIN_RESTORE: i32 = 54;
+    pub const DOMAIN_SAVE: i32 = 55;
+    pub const DOMAIN_MANAGED_SAVE: i32 = 182;
+    pub const DOMAIN_HAS_MANAGED_SAVE_IMAGE: i32 = 183;
+    pub const DOMAIN_MANAGED_SAVE_REMOVE: i32 = 184;
+    pub const DOMAIN_SNAPSHOT_CREATE_XML: i32 = 185;
+    pub const DOMAIN_SNAPSHOT_GET_XML_DESC: i32 = 186;
+    pub const DOMAIN_SNAPSHOT_NUM: i32 = 187;
+    pub const DOMAIN_SNAPSHOT_LIST_NAMES: i32 = 188;
+    pub const DOMAIN_SNAPSHOT_LOOKUP_BY_NAME: i32 = 189;
+    pub const DOMAIN_HAS_CURRENT_SNAPSHOT: i32 = 190;
+    pub const DOMAIN_SNAPSHOT_CURRENT: i32 = 191;
+    pub const DOMAIN_REVERT_TO_SNAPSHOT: i32 = 192;
+    pub const DOMAIN_SNAPSHOT_DELETE: i32 = 193;
+    pub const DOMAIN_SAVE_FLAGS: i32 = 232;
+    pub const DOMAIN_RESTORE_FLAGS: i32 = 233;
+    pub const DOMAIN_SAVE_IMAGE_GET_XML_DESC: i32 = 235;
+    pub const DOMAIN_SNAPSHOT_GET_PARENT: i32 = 244;
+    pub const DOMAIN_SNAPSHOT_NUM_CHILDREN: i32 = 246;
+    pub const DOMAIN_SNAPSHOT_LIST_CHILDREN_NAMES: i32 = 247;
+    pub const DOMAIN_SNAPSHOT_IS_CURRENT: i32 = 271;
+    pub const DOMAIN_SNAPSHOT_HAS_METADATA: i32 = 272;
+    pub const DOMAIN_LIST_ALL_SNAPSHOTS: i32 = 274;
+    pub const DOMAIN_SNAPSHOT_LIST_ALL_CHILDREN: i32 = 275;
     pub const CONNECT_REGISTER_CLOSE_CALLBACK: i32 = 360;
     pub const CONNECT_UNREGISTER_CLOSE_CALLBACK: i32 = 361;
 }
@@ -135,6 +159,7 @@ pub mod err {
     pub const NO_DOMAIN: i32 = 42;
     pub const NO_NETWORK: i32 = 43;
     pub const OPERATION_INVALID: i32 = 55;
+    pub const NO_DOMAIN_SNAPSHOT: i32 = 72;
     pub const NO_DOMAIN_METADATA: i32 = 80;
     pub const ACCESS_DENIED: i32 = 88;
 }

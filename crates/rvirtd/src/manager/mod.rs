@@ -100,6 +100,10 @@ pub struct DomainBrief {
     pub persistent: bool,
     /// Whether it starts with the daemon.
     pub autostart: bool,
+    /// Whether its next start continues a managed save.
+    pub managed_save: bool,
+    /// Whether it has snapshots.
+    pub has_snapshots: bool,
 }
 
 /// The daemon's domains.
@@ -936,6 +940,8 @@ impl Manager {
             reason: d.reason.clone(),
             persistent: d.persistent,
             autostart: autostart && d.persistent && self.store.autostart(name),
+            managed_save: self.store.managed_save(name).exists(),
+            has_snapshots: !self.snapshots.load(name).snaps.is_empty(),
         }
     }
 

@@ -198,6 +198,12 @@ impl Manager {
         Ok(name)
     }
 
+    /// The domain XML kept in the saved VM at `path` (`save-image-dumpxml`).
+    pub fn saved_xml(&self, path: &Path) -> Result<String, String> {
+        self.policy.check("save file", path, false)?;
+        Ok(open_saved(path)?.1.xml)
+    }
+
     /// Starts a VMM continuing `from` for domain `name` with definition
     /// `def` (its live one; a stored one stays as it is), paused or
     /// running as `from` says.

@@ -111,7 +111,7 @@ mod tests {
 
     #[test]
     fn states_and_reasons_get_libvirt_s_numbers() {
-        let b = |state, reason: &str| DomainBrief { name: "d".into(), uuid: [1; 16], id: None, state, reason: reason.into(), persistent: true, autostart: false };
+        let b = |state, reason: &str| DomainBrief { name: "d".into(), uuid: [1; 16], id: None, state, reason: reason.into(), persistent: true, autostart: false, managed_save: false, has_snapshots: false };
         assert_eq!(state_numbers(&b(DomainState::ShutOff, "destroyed")), (5, 2));
         assert_eq!(state_numbers(&b(DomainState::ShutOff, "shutdown")), (5, 1));
         assert_eq!(state_numbers(&b(DomainState::Paused, "user")), (3, 1));

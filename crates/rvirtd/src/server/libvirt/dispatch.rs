@@ -238,7 +238,7 @@ impl Session {
         if !self.opened && !matches!(proc_, p::AUTH_LIST | p::CONNECT_SUPPORTS_FEATURE | p::CONNECT_OPEN) {
             return Err(error(err::NO_CONNECT, "no connection driver available: the connection is not open (CONNECT_OPEN first)"));
         }
-        if self.read_only && (changes(proc_) || super::networks::changes(proc_) || super::domains::changes(proc_)) {
+        if self.read_only && (changes(proc_) || super::networks::changes(proc_) || super::domains::changes(proc_) || super::snapshots::changes(proc_)) {
             return Err(error(err::OPERATION_DENIED, format!("operation forbidden: read only access prevents procedure {proc_} (use the read-write socket)")));
         }
         tracing::debug!(client = %self.client, proc_, "libvirt call");
@@ -475,11 +475,15 @@ impl Session {
             p::DOMAIN_CREATE | p::DOMAIN_CREATE_WITH_FLAGS => {
                 let b = self.domain(&mut d)?;
                 let flags = if proc_ == p::DOMAIN_CREATE_WITH_FLAGS { d.u32().map_err(bad_args)? } else { 0 };
-                if flags != 0 {
-                    return Err(error(err::INVALID_ARG, format!("invalid argument: unsupported flags ({flags:#x}) in virDomainCreateWithFlags")));
+                // VIR_DOMAIN_START_BYPASS_CACHE (4) changes nothing here; _FORCE_BOOT (8) drops a managed save.
+                if flags & !(4 | 8) != 0 {
+                    return Err(error(err::INVALID_ARG, format!("invalid argument: unsupported flags ({:#x}) in virDomainCreateWithFlags", flags & !(4 | 8))));
                 }
                 if b.id.is_some() {
                     return Err(invalid("domain is already running".into()));
+                }
+                if flags & 8 != 0 && b.managed_save {
+                    mgr.managed_save_remove(&b.name).map_err(failed)?;
                 }
                 mgr.start(&b.name).map_err(failed)?;
                 let b = mgr.brief(&b.name).map_err(failed)?;
@@ -541,7 +545,7 @@ impl Session {
                 self.events.deregister(id)?;
                 empty()
             }
-            other => match self.domain_call(other, &mut d).or_else(|| self.network_call(other, &mut d)) {
+            other => match self.domain_call(other, &mut d).or_else(|| self.snapshot_call(other, &mut d)).or_else(|| self.network_call(other, &mut d)) {
                 Some(reply) => reply,
                 None => Err(error(
                     err::NO_SUPPORT,
@@ -600,9 +604,8 @@ fn list_matches(b: &DomainBrief, flags: u32) -> bool {
             ],
         )
         && group(list::AUTOSTART | list::NO_AUTOSTART, &[(list::AUTOSTART, b.autostart), (list::NO_AUTOSTART, !b.autostart)])
-        // rvirt has neither managed saves nor snapshots yet.
-        && group(list::MANAGEDSAVE | list::NO_MANAGEDSAVE, &[(list::NO_MANAGEDSAVE, true)])
-        && group(list::HAS_SNAPSHOT | list::NO_SNAPSHOT, &[(list::NO_SNAPSHOT, true)])
+        && group(list::MANAGEDSAVE | list::NO_MANAGEDSAVE, &[(list::MANAGEDSAVE, b.managed_save), (list::NO_MANAGEDSAVE, !b.managed_save)])
+        && group(list::HAS_SNAPSHOT | list::NO_SNAPSHOT, &[(list::HAS_SNAPSHOT, b.has_snapshots), (list::NO_SNAPSHOT, !b.has_snapshots)])
 }
 
 #[cfg(test)]
@@ -610,7 +613,7 @@ mod tests {
     use super::*;
 
     fn brief(id: Option<u32>, state: DomainState, persistent: bool, autostart: bool) -> DomainBrief {
-        DomainBrief { name: "d".into(), uuid: [1; 16], id, state, reason: String::new(), persistent, autostart }
+        DomainBrief { name: "d".into(), uuid: [1; 16], id, state, reason: String::new(), persistent, autostart, managed_save: false, has_snapshots: false }
     }
 
     #[test]

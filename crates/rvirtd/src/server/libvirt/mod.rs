@@ -15,6 +15,7 @@ mod dispatch;
 mod domains;
 mod host;
 mod networks;
+mod snapshots;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
