@@ -11,8 +11,23 @@ use super::{DomainBrief, Manager};
 pub fn state_numbers(b: &DomainBrief) -> (i32, i32) {
     use rvirt_libvirt_rpc::remote::state::{CRASHED, PAUSED, RUNNING, SHUTOFF};
     match b.state {
-        DomainState::Running => (RUNNING, if b.reason == "unpaused" { 5 } else { 1 }),
-        DomainState::Paused => (PAUSED, 1),
+        DomainState::Running => (
+            RUNNING,
+            match b.reason.as_str() {
+                "restored" => 3,
+                "from snapshot" => 4,
+                "unpaused" => 5,
+                _ => 1,
+            },
+        ),
+        DomainState::Paused => (
+            PAUSED,
+            match b.reason.as_str() {
+                "from snapshot" => 7,
+                "restored" => 0,
+                _ => 1,
+            },
+        ),
         DomainState::Crashed => (CRASHED, 1),
         DomainState::ShutOff => (
             SHUTOFF,
@@ -20,7 +35,9 @@ pub fn state_numbers(b: &DomainBrief) -> (i32, i32) {
                 "shutdown" => 1,
                 "destroyed" => 2,
                 "crashed" => 3,
+                "saved" => 5,
                 "failed" => 6,
+                "from snapshot" => 7,
                 _ => 0,
             },
         ),
