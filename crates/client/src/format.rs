@@ -105,8 +105,8 @@ mod tests {
     #[test]
     fn list_is_laid_out_like_virsh() {
         let rows = vec![
-            DomainSummary { id: Some(3), name: "web".into(), state: DomainState::Running, uuid: String::new(), persistent: true, autostart: false },
-            DomainSummary { id: None, name: "database".into(), state: DomainState::ShutOff, uuid: String::new(), persistent: true, autostart: false },
+            DomainSummary { id: Some(3), name: "web".into(), state: DomainState::Running, uuid: String::new(), persistent: true, autostart: false, managed_save: false, snapshots: 0 },
+            DomainSummary { id: None, name: "database".into(), state: DomainState::ShutOff, uuid: String::new(), persistent: true, autostart: false, managed_save: false, snapshots: 0 },
         ];
         let t = list(&rows);
         let lines: Vec<&str> = t.lines().collect();

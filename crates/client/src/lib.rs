@@ -7,6 +7,7 @@ pub mod console;
 pub mod everyday;
 pub mod format;
 pub mod install;
+pub mod snapshots;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use rvirt_client::console::{self, Detach};
 use rvirt_client::install::{self, InstallOptions};
 use rvirt_client::everyday::EverydayCommand;
+use rvirt_client::snapshots::SnapshotCommand;
 use rvirt_client::{format, Connection};
 use rvirt_domain::protocol::{Request, Response, DEFAULT_SOCKET};
 
@@ -66,12 +67,34 @@ struct ListArgs {
     /// Print UUIDs only, one per line.
     #[arg(long, conflicts_with = "name")]
     uuid: bool,
+    /// Only domains with a managed save.
+    #[arg(long)]
+    with_managed_save: bool,
+    /// Only domains without one.
+    #[arg(long)]
+    without_managed_save: bool,
+    /// Only domains with snapshots.
+    #[arg(long)]
+    with_snapshot: bool,
+    /// Only domains without.
+    #[arg(long)]
+    without_snapshot: bool,
 }
 
 impl ListArgs {
     /// Whether the filters need inactive domains from the daemon.
     fn wants_inactive(&self) -> bool {
-        self.all || self.inactive || self.state_shutoff || self.persistent || self.transient || self.autostart || self.no_autostart
+        self.all
+            || self.inactive
+            || self.state_shutoff
+            || self.persistent
+            || self.transient
+            || self.autostart
+            || self.no_autostart
+            || self.with_managed_save
+            || self.without_managed_save
+            || self.with_snapshot
+            || self.without_snapshot
     }
 
     /// The rows these filters keep, printed as asked.
@@ -85,6 +108,8 @@ impl ListArgs {
             .filter(|r| !any_state || states.iter().any(|(on, s)| *on && r.state == *s))
             .filter(|r| !(self.persistent && !r.persistent) && !(self.transient && r.persistent))
             .filter(|r| !(self.autostart && !r.autostart) && !(self.no_autostart && r.autostart))
+            .filter(|r| !(self.with_managed_save && !r.managed_save) && !(self.without_managed_save && r.managed_save))
+            .filter(|r| !(self.with_snapshot && r.snapshots == 0) && !(self.without_snapshot && r.snapshots > 0))
             .cloned()
             .collect();
         if self.name || self.uuid {
@@ -294,6 +319,8 @@ enum Command {
     },
     #[command(flatten)]
     Everyday(EverydayCommand),
+    #[command(flatten)]
+    Snapshots(SnapshotCommand),
 }
 
 /// The options of `rvirt install`.
@@ -511,6 +538,16 @@ fn run(cli: Cli) -> Result<()> {
             return match rvirt_client::everyday::run(cmd, &mut conn)? {
                 Ok((r, text)) => emit(cli.json, &r, text),
                 Err(printed) => {
+                    print!("{printed}");
+                    Ok(())
+                }
+            };
+        }
+        Command::Snapshots(cmd) => {
+            let mut conn = Connection::connect(&cli.connect)?;
+            return match rvirt_client::snapshots::request(cmd, &mut |r| conn.expect(r))? {
+                rvirt_client::everyday::Action::Call(req, text) => emit(cli.json, &conn.expect(&req)?, text),
+                rvirt_client::everyday::Action::Print(printed) => {
                     print!("{printed}");
                     Ok(())
                 }

@@ -99,8 +99,8 @@ fn virsh_manages_a_domain_through_its_whole_life() {
     virsh_ok(&d, &["autostart", "--disable", "web"]);
     assert_eq!(field(&virsh_ok(&d, &["dominfo", "web"]), "Autostart:"), "disable");
 
-    // What rvirt lacks gets libvirt's "not supported", and no harm done.
-    virsh_fails(&d, &["snapshot-create-as", "web", "s1"], "this function is not supported by the connection driver");
+    // What cannot be done is refused saying why, and no harm done.
+    virsh_fails(&d, &["snapshot-create-as", "web", "s1"], "raw images have no internal snapshots");
     virsh_fails(&d, &["start", "web"], "Domain is already active");
     virsh_fails(&d, &["dominfo", "nosuch"], "failed to get domain 'nosuch'");
 
@@ -301,11 +301,18 @@ try:
     raise SystemExit("lookup of a missing domain succeeded")
 except libvirt.libvirtError as e:
     assert e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN, e.get_error_code()
+assert dom.hasCurrentSnapshot() == 0 and dom.listAllSnapshots() == [] and dom.snapshotNum() == 0
+assert dom.hasManagedSaveImage() == 0
 try:
     dom.snapshotCreateXML("<domainsnapshot/>", 0)
-    raise SystemExit("a snapshot succeeded")
+    raise SystemExit("a snapshot of a domain without disks succeeded")
 except libvirt.libvirtError as e:
-    assert e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT, e.get_error_code()
+    assert e.get_error_code() == libvirt.VIR_ERR_OPERATION_FAILED and "no writable disk" in str(e), (e.get_error_code(), str(e))
+try:
+    dom.snapshotLookupByName("nope")
+    raise SystemExit("a missing snapshot was found")
+except libvirt.libvirtError as e:
+    assert e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT, e.get_error_code()
 dom.undefine()
 end = time.time() + 10
 want = [("py", libvirt.VIR_DOMAIN_EVENT_DEFINED), ("py", libvirt.VIR_DOMAIN_EVENT_STARTED), ("py", libvirt.VIR_DOMAIN_EVENT_STOPPED), ("py", libvirt.VIR_DOMAIN_EVENT_UNDEFINED)]
