@@ -88,7 +88,11 @@ fn main() -> anyhow::Result<()> {
     let lab = Lab::get()?;
     let modules = lab.virtio_modules(&["virtio_blk"]);
     let initrd = l2_initramfs(&GUEST.replace("MODULES", &insmod_lines(&modules)), &modules)?;
-    let mut spec = L1Spec::new("bench-domain-snapshot", &script()).file(&lab.kernel, "l2/vmlinuz").blob("l2/initrd.gz", initrd);
+    let mut spec = L1Spec::new("bench-domain-snapshot", &script())
+        .file(&lab.kernel, "l2/vmlinuz")
+        .blob("l2/initrd.gz", initrd)
+        .binary(&lab.rvirtd, "bin/rvirtd")
+        .binary(&lab.rvirt, "bin/rvirt");
     spec.timeout = std::time::Duration::from_secs(3600);
     spec.l1_memory_mib = 6144;
     spec.binaries.push(("/usr/bin/qemu-system-x86_64".into(), "usr/bin/qemu-system-x86_64".into()));

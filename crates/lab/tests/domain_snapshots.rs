@@ -139,6 +139,8 @@ fn a_reverted_debian_guest_has_its_files_programs_and_count_of_the_snapshot_and_
     let mut spec = L1Spec::new("domain-snapshots", &format!("{}{SCRIPT}", counting::SHELL))
         .file(&lab.kernel, "l2/vmlinuz")
         .blob("l2/initrd.gz", guest)
+        .binary(&lab.rvirtd, "bin/rvirtd")
+        .binary(&lab.rvirt, "bin/rvirt")
         .binary("/usr/bin/qemu-img", "usr/bin/qemu-img");
     spec.timeout = std::time::Duration::from_secs(1500);
     let out = lab.run(&spec).unwrap();

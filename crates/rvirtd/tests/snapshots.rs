@@ -136,6 +136,17 @@ fn virsh_takes_lists_reverts_and_deletes_snapshots_and_saves_domains() {
     assert_eq!(virsh_ok(&d, &["snapshot-current", "--name", "abc"]).trim(), "s1");
     assert_eq!(virsh_ok(&d, &["snapshot-list", "abc", "--name", "--topological"]).split_whitespace().collect::<Vec<_>>(), ["off", "s1", "s2"]);
 
+    // snapshot-edit: virsh dumps the XML, runs $EDITOR on it and redefines the snapshot.
+    let o = Command::new("virsh")
+        .args(["-c", &uri(&d, false), "snapshot-edit", "abc", "s1"])
+        .env("EDITOR", "sed -i s/mid-alphabet/edited/")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(virsh_ok(&d, &["snapshot-dumpxml", "abc", "s1"]).contains("<description>paused edited</description>"));
+    assert_eq!(virsh_ok(&d, &["snapshot-current", "--name", "abc"]).trim(), "s1", "still current after the edit");
+
     // Deleting the current snapshot's parent: s1 (current) hangs from "off" now... its own parent goes.
     virsh_ok(&d, &["snapshot-create-as", "abc", "s3"]);
     virsh_ok(&d, &["snapshot-delete", "abc", "s1"]);
