@@ -109,6 +109,17 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         disk_snapshot: Option<String>,
     },
+    /// Continue writable disk `device` (`diskN`, by `--disk` position) in
+    /// the qcow2 overlay sent with the request (SCM_RIGHTS, open read-write;
+    /// made by the caller with the disk's image as its backing file): the
+    /// image stops changing, a `--disk-only` snapshot of a running VM. The
+    /// VM is paused for the switch and runs on.
+    DiskOverlay {
+        /// The disk.
+        device: String,
+        /// The overlay's name (the descriptor is the file).
+        path: std::path::PathBuf,
+    },
     /// Delete the internal snapshot `name` from every writable disk that
     /// holds one of that name (the images this VMM has open and locked:
     /// nobody else may change them while it runs).

@@ -8,7 +8,9 @@
 //! then and not the one started since, and the count from that moment.
 //! `qemu-img snapshot -l` sees the disk's snapshots and `qemu-img check`
 //! finds the image clean. `save` → `restore` and `managedsave` → `start`
-//! keep the count going; the snapshot tree survives a daemon restart.
+//! keep the count going; a `--disk-only` snapshot of the running guest
+//! leaves the image at that count and the overlay takes the rest; the
+//! snapshot tree survives a daemon restart.
 
 use rvirt_lab::counting::{self, numbers, words};
 use rvirt_lab::{insmod_lines, l2_initramfs, log, L1Spec, Lab};
@@ -119,6 +121,14 @@ wait_tick /tmp/snap.log $((last + 3)) || echo "@@STALLED-MANAGED=1"
 section aftermanaged $pos
 echo "@@MANAGED-LIST-AFTER=$(rvirt list --all --with-managed-save --name | tr '\n' ' ')"
 
+# A --disk-only snapshot of the running guest: its disk goes on in an overlay.
+ext_tick=$(ticks /tmp/snap.log)
+echo "@@EXT=$(rvirt snapshot-create-as snap ext --disk-only 2>&1)"
+echo "@@EXT-TICK=$ext_tick"
+wait_tick /tmp/snap.log $((ext_tick + 5)) || echo "@@STALLED-EXT=1"
+echo "@@EXT-STATE=$(rvirt domstate snap)"
+echo "@@EXT-DISK=$(rvirt domblklist snap | awk '$1 == "vda" {print $2}')"
+
 kill -9 $(pidof rvirtd); sleep 1
 start_daemon
 echo "@@TREE-AFTER-RESTART=$(rvirt snapshot-list snap --parent | tail -n +3 | awk 'NF {print $1 "<" $NF}' | tr '\n' ' ')"
@@ -127,6 +137,16 @@ echo "@@STATE-AFTER-RESTART=$(rvirt domstate snap)"
 rvirt destroy snap > /dev/null
 echo "@@QEMU-IMG-SNAPSHOTS-END=$(qemu-img snapshot -l /tmp/vda.qcow2 | awk 'NR > 2 {print $2}' | tr '\n' ' ')"
 echo "@@QEMU-IMG-CHECK=$(qemu-img check /tmp/vda.qcow2 > /tmp/check.out 2>&1 && echo clean || cat /tmp/check.out)"
+echo "@@QEMU-IMG-CHECK-EXT=$(qemu-img check /tmp/vda.ext > /tmp/check.out 2>&1 && echo clean || cat /tmp/check.out)"
+# The sectors 1, 2, ... of a disk holding 'tick N' without a gap: the base stopped at the snapshot, the overlay went on.
+disk_ticks() {
+  n=0
+  while [ "$(dd if=$1 bs=512 skip=$((n + 1)) count=1 2>/dev/null | tr -d '\000' | head -c 16)" = "tick $((n + 1))" ]; do n=$((n + 1)); done
+  echo $n
+}
+qemu-img convert -O raw /tmp/vda.qcow2 /tmp/base.raw && qemu-img convert -O raw /tmp/vda.ext /tmp/top.raw
+echo "@@BASE-TICKS=$(disk_ticks /tmp/base.raw)"
+echo "@@TOP-TICKS=$(disk_ticks /tmp/top.raw)"
 echo "@@BEGIN-log"; cat /tmp/snap.log; echo "@@END-log"
 tail -20 /tmp/rvirtd.log
 "#;
@@ -195,12 +215,22 @@ fn a_reverted_debian_guest_has_its_files_programs_and_count_of_the_snapshot_and_
     assert_eq!(resumed.first(), Some(&(last + 1)), "start after managedsave: {resumed:?} after {last}");
     assert_eq!(get("MANAGED-LIST-AFTER").trim(), "", "the managed save is used up by the start");
 
+    // --disk-only while it runs: the image stops at that moment, the overlay takes what follows.
+    assert!(get("EXT").contains("Domain snapshot ext created"), "{}", get("EXT"));
+    assert_eq!(get("EXT-STATE"), "running");
+    assert_eq!(get("EXT-DISK"), "/tmp/vda.ext");
+    let ext_tick: u64 = get("EXT-TICK").parse().unwrap();
+    let (base, top): (u64, u64) = (get("BASE-TICKS").parse().unwrap(), get("TOP-TICKS").parse().unwrap());
+    assert!((ext_tick..=ext_tick + 1).contains(&base), "the image holds the counts up to the snapshot ({ext_tick}): {base}");
+    assert!(top >= ext_tick + 5, "the overlay (over the image) holds every count since: {top}");
+    assert_eq!(get("QEMU-IMG-CHECK-EXT"), "clean");
+
     // The tree and the current snapshot survive the daemon's restart; the running domain is adopted.
     let tree = get("TREE-AFTER-RESTART");
-    for edge in ["s1<off", "s2<s1"] {
+    for edge in ["s1<off", "s2<s1", "ext<s2"] {
         assert!(tree.contains(edge), "{edge} in {tree}");
     }
-    assert_eq!(get("CURRENT-AFTER-RESTART"), "s2");
+    assert_eq!(get("CURRENT-AFTER-RESTART"), "ext");
     assert_eq!(get("STATE-AFTER-RESTART"), "running");
     assert_eq!(get("QEMU-IMG-SNAPSHOTS-END").split_whitespace().collect::<Vec<_>>(), ["off", "s1", "s2"]);
     assert_eq!(get("QEMU-IMG-CHECK"), "clean");

@@ -200,10 +200,22 @@ fn virsh_takes_lists_reverts_and_deletes_snapshots_and_saves_domains() {
     assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("backing file: {}", image.display())), "{}", String::from_utf8_lossy(&o.stdout));
     assert_eq!(field(&virsh_ok(&d, &["snapshot-info", "abc", "ext"]), "Location:"), "external");
     virsh_fails(&d, &["snapshot-revert", "abc", "ext"], "external");
+    // Running: the VMM switches to a second overlay while the guest goes on printing.
     virsh_ok(&d, &["start", "abc"]);
-    virsh_fails(&d, &["snapshot-create-as", "abc", "ext2", "--disk-only"], "shut it down first");
+    let len = wait_log(&log, 0, 1).len();
+    virsh_ok(&d, &["snapshot-create-as", "abc", "ext2", "--disk-only", "--diskspec", &format!("vda,snapshot=external,file={}", dir.join("top.qcow2").display())]);
+    wait_log(&log, len, 20);
+    assert_eq!(virsh_ok(&d, &["domstate", "abc"]).trim(), "running");
+    let live = virsh_ok(&d, &["dumpxml", "abc"]);
+    assert!(live.contains(&dir.join("top.qcow2").display().to_string()), "the live definition names the new overlay: {live}");
+    assert!(virsh_ok(&d, &["dumpxml", "--inactive", "abc"]).contains("top.qcow2"), "and the stored one");
+    assert!(virsh_ok(&d, &["snapshot-dumpxml", "abc", "ext2"]).contains("<state>disk-snapshot</state>"));
+    let o = Command::new("qemu-img").args(["info", "-U", "--backing-chain"]).arg(dir.join("top.qcow2")).output().unwrap();
+    let chain = String::from_utf8_lossy(&o.stdout);
+    assert!(chain.contains(&format!("backing file: {}", overlay.display())) && chain.contains(&format!("backing file: {}", image.display())), "{chain}");
     virsh_ok(&d, &["destroy", "abc"]);
     qemu_img_check(&overlay);
+    qemu_img_check(&dir.join("top.qcow2"));
 
     // Reverting a shut-off domain to the first snapshot: its disk and definition as then.
     virsh_ok(&d, &["snapshot-revert", "abc", "off"]);

@@ -20,7 +20,8 @@ use crate::{Error, Result};
 
 /// A writable disk that can let go of its image and take it again.
 pub struct HandoverDisk {
-    config: DiskConfig,
+    /// What it is now (a `--disk-only` snapshot moves it onto an overlay).
+    config: RwLock<DiskConfig>,
     size: u64,
     /// None while another VMM holds the image.
     image: RwLock<Option<Arc<dyn BlockBackend>>>,
@@ -35,7 +36,7 @@ impl HandoverDisk {
     /// Opens (and locks) the image now: a VM that boots or restores here.
     pub fn open(config: &DiskConfig) -> Result<Self> {
         let image = crate::virtio::open_disk(config)?;
-        Ok(Self { config: config.clone(), size: image.size(), image: RwLock::new(Some(image)) })
+        Ok(Self { config: RwLock::new(config.clone()), size: image.size(), image: RwLock::new(Some(image)) })
     }
 
     /// A disk another VMM still writes: the image is looked at read-only
@@ -44,7 +45,7 @@ impl HandoverDisk {
     pub fn held_elsewhere(config: &DiskConfig) -> Result<Self> {
         let look = DiskConfig { read_only: true, ..config.clone() };
         let size = crate::virtio::open_disk_with(&look, rvirt_block::Locking::ForceShare)?.size();
-        Ok(Self { config: config.clone(), size, image: RwLock::new(None) })
+        Ok(Self { config: RwLock::new(config.clone()), size, image: RwLock::new(None) })
     }
 
     /// Flushes and closes the image, dropping its locks (nothing is in
@@ -52,7 +53,7 @@ impl HandoverDisk {
     pub fn release(&self) -> Result<()> {
         let mut slot = self.image.write().unwrap_or_else(|p| p.into_inner());
         if let Some(image) = slot.as_ref() {
-            image.flush().map_err(|e| Error::Device(format!("flushing {}: {e}", self.config.path.display())))?;
+            image.flush().map_err(|e| Error::Device(format!("flushing {}: {e}", self.config().path.display())))?;
         }
         *slot = None;
         Ok(())
@@ -65,11 +66,12 @@ impl HandoverDisk {
         if slot.is_some() {
             return Ok(());
         }
-        let image = crate::virtio::open_disk(&self.config)?;
+        let config = self.config();
+        let image = crate::virtio::open_disk(&config)?;
         if image.size() != self.size {
             return Err(Error::Device(format!(
                 "{}: its size changed from {} to {} bytes while it changed hands",
-                self.config.path.display(),
+                config.path.display(),
                 self.size,
                 image.size()
             )));
@@ -78,14 +80,70 @@ impl HandoverDisk {
         Ok(())
     }
 
-    /// What the disk was configured as (its file and format).
-    pub fn config(&self) -> &DiskConfig {
-        &self.config
+    /// What the disk is now (its file, format and backing chain).
+    pub fn config(&self) -> DiskConfig {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Continues the disk in the qcow2 overlay `file` (named `name`),
+    /// whose backing file is the image it writes now (a `--disk-only`
+    /// snapshot: the image stops changing). The VM must be paused and its
+    /// devices stopped. The image stays open, as the overlay's backing.
+    pub fn continue_in_overlay(&self, file: std::fs::File, name: &std::path::Path) -> Result<()> {
+        use rvirt_api::config::{BackingFile, ImageFormat};
+        let bad = |e: String| Error::Device(format!("overlay {}: {e}", name.display()));
+        let mut slot = self.image.write().unwrap_or_else(|p| p.into_inner());
+        let below = slot.clone().ok_or_else(|| bad("the disk's image is held by another VMM".into()))?;
+        below.flush().map_err(|e| bad(e.to_string()))?;
+        let perms = rvirt_block::lock::Permissions::for_image(false, true, rvirt_block::Locking::default());
+        rvirt_block::lock::lock(&file, name, perms).map_err(|e| bad(e.to_string()))?;
+        let overlay = rvirt_block::Qcow2Image::open_file(Box::new(file), &name.to_string_lossy(), false, Some(Box::new(Below(below)))).map_err(|e| bad(e.to_string()))?;
+        if overlay.size() != self.size {
+            return Err(bad(format!("{} bytes; the disk has {}", overlay.size(), self.size)));
+        }
+        *slot = Some(Arc::new(overlay));
+        let mut c = self.config.write().unwrap_or_else(|p| p.into_inner());
+        let base = BackingFile { path: c.path.clone(), format: c.format.unwrap_or(ImageFormat::Raw) };
+        c.backing.insert(0, base);
+        c.path = name.to_path_buf();
+        c.format = Some(ImageFormat::Qcow2);
+        c.probe_backing = false;
+        Ok(())
     }
 
     fn image(&self) -> rvirt_block::Result<Arc<dyn BlockBackend>> {
         let slot = self.image.read().unwrap_or_else(|p| p.into_inner());
-        slot.clone().ok_or_else(|| rvirt_block::Error::Request(format!("{}: the image is held by another VMM (a migration)", self.config.path.display())))
+        slot.clone().ok_or_else(|| rvirt_block::Error::Request(format!("{}: the image is held by another VMM (a migration)", self.config().path.display())))
+    }
+}
+
+/// A disk's former image, read as its overlay's backing file.
+struct Below(Arc<dyn BlockBackend>);
+
+impl BlockBackend for Below {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> rvirt_block::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> rvirt_block::Result<()> {
+        Err(rvirt_block::Error::Request("a backing file is not written".into()))
+    }
+    fn flush(&self) -> rvirt_block::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _: u64, _: u64) -> rvirt_block::Result<()> {
+        Err(rvirt_block::Error::Request("a backing file is not written".into()))
+    }
+    fn write_zeroes(&self, _: u64, _: u64) -> rvirt_block::Result<()> {
+        Err(rvirt_block::Error::Request("a backing file is not written".into()))
+    }
+    fn map(&self, offset: u64, length: u64) -> rvirt_block::Result<Vec<Extent>> {
+        self.0.map(offset, length)
+    }
+    fn is_read_only(&self) -> bool {
+        true
     }
 }
 

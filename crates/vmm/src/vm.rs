@@ -83,6 +83,8 @@ pub struct Vm {
     /// Discs changed since the VM was built, by drive (`diskN`): the file
     /// now in it (empty: ejected). A snapshot's configuration says so.
     media: Mutex<std::collections::BTreeMap<String, std::path::PathBuf>>,
+    /// Disks moved onto an overlay since the start, by `--disk` position, as they are now.
+    overlaid: Mutex<std::collections::BTreeMap<usize, crate::config::DiskConfig>>,
     /// A migration under way or ended (for `migrate-status`).
     outgoing: Mutex<Option<crate::migration::Outgoing>>,
     /// Signalled when the migration thread has word for the main loop.
@@ -304,6 +306,7 @@ impl Vm {
                 c
             },
             media: Mutex::default(),
+            overlaid: Mutex::default(),
             outgoing: Mutex::default(),
             throttle: Mutex::default(),
             handovers: backends.handovers.clone(),
@@ -485,6 +488,30 @@ impl Vm {
         result
     }
 
+    /// Continues disk `device` (`diskN`) in the overlay `file` named
+    /// `name` (see [`crate::handover::HandoverDisk::continue_in_overlay`]),
+    /// with the VM paused and its devices stopped meanwhile.
+    pub fn disk_overlay(&self, device: &str, name: &std::path::Path, file: std::fs::File) -> Result<()> {
+        let index = device.strip_prefix("disk").and_then(|n| n.parse::<usize>().ok()).ok_or_else(|| Error::Config(format!("'{device}' is not a disk (disks are named diskN)")))?;
+        let now = self.config_now().disks.get(index).cloned().ok_or_else(|| Error::Config(format!("no disk named '{device}'")))?;
+        let disk = self
+            .handovers
+            .iter()
+            .find(|h| h.config().path == now.path)
+            .ok_or_else(|| Error::Config(format!("{device} is not a writable disk: it has no overlay to continue in")))?;
+        let was_paused = self.control.is_paused();
+        self.pause()?;
+        self.devices.quiesce();
+        let result = disk.continue_in_overlay(file, name);
+        if result.is_ok() {
+            lock(&self.overlaid).insert(index, disk.config());
+        }
+        if !was_paused {
+            self.resume();
+        }
+        result
+    }
+
     /// Pauses the VM, stops its devices (nothing writes guest memory from
     /// here) and takes everything but its memory. The caller resumes it.
     fn capture(&self) -> Result<snapshot::VmSnapshot> {
@@ -609,6 +636,11 @@ impl Vm {
     /// The configuration with the discs in the CD-ROM drives now.
     fn config_now(&self) -> VmConfig {
         let mut c = self.config.clone();
+        for (i, d) in lock(&self.overlaid).iter() {
+            if let Some(slot) = c.disks.get_mut(*i) {
+                *slot = d.clone();
+            }
+        }
         for (device, path) in lock(&self.media).iter() {
             if let Some(d) = device.strip_prefix("disk").and_then(|n| n.parse::<usize>().ok()).and_then(|i| c.disks.get_mut(i)) {
                 d.path = path.clone();
@@ -802,6 +834,10 @@ impl Vm {
                     Err(e) => Response::error(e.to_string()),
                 };
             }
+            Request::DiskOverlay { device, path } => match fd {
+                Some(fd) => self.disk_overlay(device, path, std::fs::File::from(fd)),
+                None => Err(Error::Config("disk-overlay: no descriptor came with the request".into())),
+            },
             Request::DeleteDiskSnapshot { name } => {
                 use rvirt_block::BlockBackend;
                 self.handovers

@@ -380,6 +380,27 @@ impl Qcow2Image {
 
     /// Creates a new, empty image of `size` bytes.
     pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> Result<Self> {
+        let file = Self::write_new(path, size, opts)?;
+        let img = Self::from_file(Box::new(file), path, false, &ImageOptions::default(), &mut HashSet::new())?;
+        if opts.preallocation != Preallocation::Off {
+            img.preallocate(opts.preallocation)?;
+        }
+        Ok(img)
+    }
+
+    /// Writes a new, empty image without opening its backing file: an
+    /// overlay for a running VM's image, whose writer holds its lock
+    /// (the VM opens the overlay over the image it already has).
+    pub fn create_unopened(path: &Path, size: u64, opts: &CreateOptions) -> Result<()> {
+        if opts.preallocation != Preallocation::Off {
+            return Err(Error::Request("an image created without being opened cannot be preallocated".into()));
+        }
+        Self::write_new(path, size, opts).map(drop)
+    }
+
+    /// Writes the header, refcount structures and L1 table of a new image
+    /// and returns the file, locked and synced.
+    fn write_new(path: &Path, size: u64, opts: &CreateOptions) -> Result<std::fs::File> {
         let name = path.display().to_string();
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&opts.cluster_bits) {
             return Err(Error::Request(format!(
@@ -449,11 +470,7 @@ impl Qcow2Image {
         }
         file.write_all_at(&block, 2 * cs).map_err(io)?;
         file.sync_all().map_err(io)?;
-        let img = Self::from_file(Box::new(file), path, false, &ImageOptions::default(), &mut HashSet::new())?;
-        if opts.preallocation != Preallocation::Off {
-            img.preallocate(opts.preallocation)?;
-        }
-        Ok(img)
+        Ok(file)
     }
 
     /// Allocates every L2 table and data cluster (metadata preallocation),

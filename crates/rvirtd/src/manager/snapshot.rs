@@ -19,8 +19,9 @@ use super::{lock, parse_checked, vmm_call, Manager};
 use crate::events::StopReason;
 use crate::snapshots::Tree;
 
-/// How long the VMM may take to delete a disk snapshot.
-const DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long the VMM may take for a disk operation (deleting a disk
+/// snapshot, flushing a disk onto an overlay).
+const VMM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -121,23 +122,18 @@ impl Manager {
         if req.memory_internal == Some(true) && (!running || disk_only) {
             return Err("memory can only be kept from a running domain, and not in a --disk-only snapshot".into());
         }
-        if running && disk_only {
-            return Err(format!(
-                "domain '{}' is running: a --disk-only snapshot needs it shut off (rvirt cannot yet move a running disk to an overlay); take an internal snapshot, or shut it down first",
-                m.name
-            ));
-        }
-        if running && flags.no_metadata {
+        if running && !disk_only && flags.no_metadata {
             return Err("--no-metadata: a running domain's snapshot keeps its memory in rvirtd's record, which it cannot go without".into());
         }
         let disks = Self::plan_disks(&m, &req, disk_only, &req.name)?;
         if !running && disks.iter().all(|d| d.kind == SnapshotDiskKind::No) {
             return Err(format!("domain '{}' is shut off and has no writable disk: a snapshot would hold nothing", m.name));
         }
-        let state = match (running, m.paused) {
-            (true, true) => SnapshotState::Paused,
-            (true, false) => SnapshotState::Running,
-            (false, _) => SnapshotState::ShutOff,
+        let state = match (running, m.paused, disk_only) {
+            (true, _, true) => SnapshotState::DiskSnapshot,
+            (true, true, false) => SnapshotState::Paused,
+            (true, false, false) => SnapshotState::Running,
+            (false, _, _) => SnapshotState::ShutOff,
         };
         let snap = SnapshotDef {
             name: req.name.clone(),
@@ -145,7 +141,7 @@ impl Manager {
             state: Some(state),
             parent: tree.current.clone(),
             creation_time: Some(now()),
-            memory_internal: Some(running),
+            memory_internal: Some(running && !disk_only),
             disks,
             domain: Some(m.def.to_xml()),
         };
@@ -154,9 +150,9 @@ impl Manager {
             self.snapshots.save(&m.name, &snap)?;
         }
         let taken = match (&m.socket, disk_only) {
-            (Some(socket), _) => self.take_running(&m, socket, &snap),
+            (_, true) => self.take_overlays(&m, &snap),
+            (Some(socket), false) => self.take_running(&m, socket, &snap),
             (None, false) => Self::take_internal(&snap),
-            (None, true) => self.take_overlays(&m, &snap),
         };
         if let Err(e) = taken {
             let _ = self.snapshots.remove(&m.name, &snap.name);
@@ -196,45 +192,103 @@ impl Manager {
         Ok(())
     }
 
-    /// `--disk-only` of a shut-off domain: each disk continues in a new
-    /// qcow2 overlay on top of its image, which the definition now names.
+    /// Makes the qcow2 overlay `overlay` over disk `d`'s image (its format
+    /// recorded), of the same size; refused if the file exists or its
+    /// directory is outside the path policy.
+    fn make_overlay(&self, d: &rvirt_domain::VirtioDisk, overlay: &Path) -> Result<(), String> {
+        if std::fs::symlink_metadata(overlay).is_ok() {
+            return Err(format!("{} exists already", overlay.display()));
+        }
+        let dir = overlay.parent().ok_or("an overlay needs a directory")?;
+        self.policy.check(&format!("overlay of disk ({})", d.target), dir, true)?;
+        let format = crate::storage::block_format(d.format.unwrap_or(ImageFormat::Raw));
+        let size = rvirt_block::open_with(&d.path, format, &rvirt_block::ImageOptions { locking: rvirt_block::Locking::ForceShare, ..rvirt_block::ImageOptions::read_only() })
+            .map_err(|e| e.to_string())?
+            .size();
+        let opts = rvirt_block::qcow2::CreateOptions { backing: Some((d.path.to_string_lossy().into_owned(), format)), ..Default::default() };
+        // Not opened here: a running VMM holds the image's write lock, and opens the overlay over it.
+        Qcow2Image::create_unopened(overlay, size, &opts).map_err(|e| e.to_string())
+    }
+
+    /// `--disk-only`: each disk continues in a new qcow2 overlay on top of
+    /// its image, which the definitions (stored and, while it runs, live)
+    /// name from now on. A running domain is paused meanwhile, so every
+    /// disk's image stops at the same moment, and its VMM switches.
     fn take_overlays(&self, m: &Moment, snap: &SnapshotDef) -> Result<(), String> {
         let mut def = m.def.clone();
         let mut made: Vec<PathBuf> = Vec::new();
-        let undo = |made: &[PathBuf]| made.iter().for_each(|p| drop(std::fs::remove_file(p)));
+        let pause = m.socket.as_deref().filter(|_| !m.paused);
+        if let Some(socket) = pause {
+            vmm_call(socket, &rvirt_api::Request::Pause, VMM_TIMEOUT)?;
+        }
+        let mut result = Ok(());
         for sd in &snap.disks {
             let SnapshotDiskKind::External { file: Some(overlay) } = &sd.kind else { continue };
-            let Some(d) = def.disks.iter_mut().find(|d| d.target == sd.name) else { continue };
-            let made_one = (|| {
-                if std::fs::symlink_metadata(overlay).is_ok() {
-                    return Err(format!("{} exists already", overlay.display()));
+            let Some((index, d)) = def.disks.iter_mut().enumerate().find(|(_, d)| d.target == sd.name) else { continue };
+            let step = self.make_overlay(d, overlay).and_then(|()| match &m.socket {
+                Some(socket) => {
+                    use std::os::fd::AsFd;
+                    let req = rvirt_api::Request::DiskOverlay { device: format!("disk{index}"), path: overlay.clone() };
+                    let switched = rvirt_block::file::open_checked(overlay, true, rvirt_block::file::Kind::Regular, 0)
+                        .map_err(|e| format!("{}: {e}", overlay.display()))
+                        .and_then(|file| super::vmm_call_with_fd(socket, &req, Some(file.as_fd()), VMM_TIMEOUT).map(drop));
+                    // An overlay the VMM did not take is nobody's.
+                    if switched.is_err() {
+                        let _ = std::fs::remove_file(overlay);
+                    }
+                    switched
                 }
-                let dir = overlay.parent().ok_or("an overlay needs a directory")?;
-                self.policy.check(&format!("overlay of disk ({})", d.target), dir, true)?;
-                let format = d.format.unwrap_or(ImageFormat::Raw);
-                let base = rvirt_block::open_with(&d.path, crate::storage::block_format(format), &rvirt_block::ImageOptions::read_only()).map_err(|e| e.to_string())?;
-                let opts = rvirt_block::qcow2::CreateOptions { backing: Some((d.path.to_string_lossy().into_owned(), crate::storage::block_format(format))), ..Default::default() };
-                drop(Qcow2Image::create(overlay, base.size(), &opts).map_err(|e| e.to_string())?);
-                Ok(())
-            })();
-            if let Err(e) = made_one {
-                undo(&made);
-                return Err(format!("disk '{}': {e}", sd.name));
-            }
-            made.push(overlay.clone());
-            d.path = overlay.clone();
-            d.format = Some(ImageFormat::Qcow2);
-        }
-        let xml = def.to_xml();
-        if m.persistent {
-            if let Err(e) = self.store.save_definition(&m.name, &xml) {
-                undo(&made);
-                return Err(format!("{e:#}"));
+                None => {
+                    made.push(overlay.clone());
+                    Ok(())
+                }
+            });
+            match step {
+                Ok(()) => {
+                    d.path = overlay.clone();
+                    d.format = Some(ImageFormat::Qcow2);
+                }
+                Err(e) => {
+                    result = Err(format!("disk '{}': {e}", sd.name));
+                    break;
+                }
             }
         }
+        if let Some(socket) = pause {
+            let _ = vmm_call(socket, &rvirt_api::Request::Resume, VMM_TIMEOUT);
+        }
+        if result.is_err() && m.socket.is_none() {
+            // Nothing uses them yet.
+            made.iter().for_each(|p| drop(std::fs::remove_file(p)));
+            return result;
+        }
+        // A running domain's disks that switched stay switched: the definitions follow them.
+        self.follow_overlays(m, &def)?;
+        result
+    }
+
+    /// Stores `def` (the disks on their overlays) as the domain's definition
+    /// and, while it runs, as its live one with its backing chains.
+    fn follow_overlays(&self, m: &Moment, def: &DomainXml) -> Result<(), String> {
         let mut g = lock(&self.inner);
-        if let Some(d) = g.domains.get_mut(&m.name) {
-            d.def = def;
+        let Some(d) = g.domains.get_mut(&m.name) else { return Ok(()) };
+        if m.persistent {
+            let mut stored = d.def.clone();
+            for sd in &def.disks {
+                if let Some(x) = stored.disks.iter_mut().find(|x| x.target == sd.target) {
+                    (x.path, x.format) = (sd.path.clone(), sd.format);
+                }
+            }
+            self.store.save_definition(&m.name, &stored.to_xml()).map_err(|e| format!("{e:#}"))?;
+            d.def = stored;
+        }
+        if let Some(run) = d.run.as_mut() {
+            run.chains = crate::storage::resolve_chains(def)?;
+            run.def = def.clone();
+            run.record.xml = def.to_xml();
+            let _ = self.store.save_run(&m.name, &run.record);
+        } else if !m.persistent {
+            d.def = def.clone();
         }
         Ok(())
     }
@@ -394,7 +448,7 @@ impl Manager {
             if held {
                 if !vmm_asked {
                     let socket = m.socket.as_deref().unwrap_or(Path::new(""));
-                    vmm_call(socket, &rvirt_api::Request::DeleteDiskSnapshot { name: s.name.clone() }, DELETE_TIMEOUT).map_err(|e| format!("deleting snapshot '{}' from the running domain's disks: {e}", s.name))?;
+                    vmm_call(socket, &rvirt_api::Request::DeleteDiskSnapshot { name: s.name.clone() }, VMM_TIMEOUT).map_err(|e| format!("deleting snapshot '{}' from the running domain's disks: {e}", s.name))?;
                     vmm_asked = true;
                 }
             } else if d.path.exists() {
