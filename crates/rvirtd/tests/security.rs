@@ -36,8 +36,10 @@ fn a_vmm_started_by_rvirtd_is_jailed_filtered_and_holds_only_its_own_files() {
     assert!(!std::path::Path::new(&format!("/proc/{vmm}/root/etc/shadow")).exists());
     // Its descriptors are what rvirtd gave it and what it made.
     let allowed = [disk.clone(), k.idle.clone(), d.state.join("log/j.log")].map(|p| std::fs::canonicalize(p).unwrap().display().to_string());
+    // And its own page map (read-only, about itself), which the jail opened for it.
+    let pagemap = format!("/proc/{vmm}/pagemap");
     for t in open_files(vmm).iter().map(|p| p.display().to_string()) {
-        let own = allowed.contains(&t) || ["/dev/null", "/dev/kvm", "/dev/ptmx"].contains(&t.as_str()) || t.starts_with("/dev/pts/")
+        let own = allowed.contains(&t) || ["/dev/null", "/dev/kvm", "/dev/ptmx"].contains(&t.as_str()) || t.starts_with("/dev/pts/") || t == pagemap
             || t.starts_with("anon_inode:") || t.starts_with("socket:") || t.starts_with("pipe:");
         assert!(own, "the VMM holds {t}");
     }

@@ -79,6 +79,16 @@ pub fn jailed() -> bool {
     JAILED.load(Ordering::SeqCst)
 }
 
+/// The VMM's own `/proc/self/pagemap`, opened as it entered the jail (which
+/// has no /proc): read-only, about itself (which pages of its memory were
+/// ever touched, so a snapshot need not read the others).
+static PAGEMAP: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
+/// Takes the page map [`Jail::enter`] opened for the jailed VMM.
+pub fn take_pagemap() -> Option<std::fs::File> {
+    PAGEMAP.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
 /// The VMM's pid as the reaper sees it, for forwarding signals.
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
@@ -108,6 +118,9 @@ impl Jail {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(63);
         std::fs::create_dir_all(&self.root).map_err(step("creating the jail directory"))?;
+        // The host's /proc, held only until the VMM (after the fork) has
+        // opened its own page map through it: nothing else runs meanwhile.
+        let proc_dir = std::fs::File::open("/proc").ok();
         let root = cstring(&self.root)?;
         let old = cstring(&self.root.join(".old"))?;
         // SAFETY: plain system calls on NUL-terminated strings we own; each result is checked.
@@ -177,6 +190,17 @@ impl Jail {
                 Err(JailError::Step { step: "fork", source })
             }
             0 => {
+                if let Some(dir) = proc_dir {
+                    use std::os::fd::{AsRawFd, FromRawFd};
+                    // "self" in the host's procfs is this process by its host pid.
+                    // SAFETY: openat on a directory descriptor we own with a constant path.
+                    let fd = unsafe { libc::openat(dir.as_raw_fd(), c"self/pagemap".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+                    drop(dir);
+                    if fd >= 0 {
+                        // SAFETY: a descriptor just opened and owned by nothing else.
+                        *PAGEMAP.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsafe { std::fs::File::from_raw_fd(fd) });
+                    }
+                }
                 drop_privileges(self.user, last_cap)?;
                 JAILED.store(true, Ordering::SeqCst);
                 // After the uid change, which would clear it: the VMM dies with the reaper.
@@ -196,7 +220,10 @@ impl Jail {
                 }
                 Ok(())
             }
-            child => reap(child, self.user, last_cap),
+            child => {
+                drop(proc_dir);
+                reap(child, self.user, last_cap)
+            }
         }
     }
 }

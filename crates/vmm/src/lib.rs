@@ -232,6 +232,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit> {
     if let Some(jail) = &cfg.jail {
         config::sandbox_jail(jail).enter()?;
     }
+    // Snapshots ask it which pages the guest touched (the jail opened it for its VMM).
+    memory::open_pagemap(rvirt_sandbox::jail::take_pagemap());
     let api = api.map(api_server::ApiListener::serve).transpose()?;
     rvirt_sandbox::seccomp::enter(rvirt_sandbox::ThreadKind::Main)?;
     if console.is_raw() {

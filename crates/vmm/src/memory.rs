@@ -211,24 +211,68 @@ fn data_extents(file: &std::fs::File, start: u64, len: u64) -> std::io::Result<V
     Ok(out)
 }
 
+/// This process's `/proc/self/pagemap`, opened before the VMM confines
+/// itself (its jail has no /proc): which pages of fresh guest RAM were
+/// ever touched, so a snapshot skips the others (zero) without reading them.
+static PAGEMAP: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+
+/// Keeps `given` (the jail's) or opens [`PAGEMAP`]; without it snapshots
+/// read all of RAM. Called once this process is the one running the VM
+/// (a page map opened before the jail's fork is the reaper's).
+pub fn open_pagemap(given: Option<std::fs::File>) {
+    PAGEMAP.get_or_init(|| given.or_else(|| std::fs::File::open("/proc/self/pagemap").ok()));
+}
+
+/// For the `pages` pages from host address `start`: whether each is in
+/// memory or swapped out (a page never touched is neither, and reads as
+/// zero in anonymous memory). None when the page map cannot be read.
+fn touched_pages(start: usize, pages: usize) -> Option<Vec<bool>> {
+    const PRESENT_OR_SWAPPED: u64 = 3 << 62;
+    let f = PAGEMAP.get()?.as_ref()?;
+    let mut entries = vec![0u8; pages * 8];
+    std::os::unix::fs::FileExt::read_exact_at(f, &mut entries, (start / 4096 * 8) as u64).ok()?;
+    Some(
+        entries
+            .chunks_exact(8)
+            .map(|e| {
+                let mut v = [0u8; 8];
+                v.copy_from_slice(e);
+                u64::from_le_bytes(v) & PRESENT_OR_SWAPPED != 0
+            })
+            .collect(),
+    )
+}
+
 /// Writes guest RAM to `file` from `base`, region after region, leaving a
 /// hole (the file stays sparse) wherever 64 KiB are all zero, and ends the
-/// file there; returns the bytes written. The vCPUs must be paused.
+/// file there; returns the bytes written. The vCPUs must be paused. In
+/// anonymous RAM, chunks whose pages the guest never touched are zero
+/// without being read (a file-backed region's untouched pages are the file's).
 pub fn save_guest_memory(mem: &GuestMemoryMmap, file: &std::fs::File, base: u64) -> Result<u64> {
     const CHUNK: usize = 64 << 10;
+    /// Page map entries read at once: 2 MiB of RAM.
+    const WINDOW: usize = 2 << 20;
     let err = |e: std::io::Error| Error::Memory(format!("writing the memory file: {e}"));
     let (mut offset, mut written) = (base, 0u64);
     for region in mem.iter() {
         let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|e| Error::Memory(format!("no host mapping for a region: {e}")))?;
         let len = region.len() as usize;
+        let anonymous = region.file_offset().is_none();
         // SAFETY: the region's mapping is `len` bytes and lives as long as
         // `mem`; the vCPUs are paused, and device threads only read or
         // write guest memory through vm-memory, never free it.
         let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
-        for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
-            if chunk.iter().any(|&b| b != 0) {
-                std::os::unix::fs::FileExt::write_all_at(file, chunk, offset + (i * CHUNK) as u64).map_err(err)?;
-                written += chunk.len() as u64;
+        for (w, window) in bytes.chunks(WINDOW).enumerate() {
+            let touched = if anonymous { touched_pages(host as usize + w * WINDOW, window.len().div_ceil(4096)) } else { None };
+            for (i, chunk) in window.chunks(CHUNK).enumerate() {
+                let pages = i * CHUNK / 4096..(i * CHUNK + chunk.len()).div_ceil(4096);
+                if touched.as_ref().is_some_and(|t| t.get(pages).is_some_and(|p| !p.contains(&true))) {
+                    continue;
+                }
+                if chunk.iter().any(|&b| b != 0) {
+                    std::os::unix::fs::FileExt::write_all_at(file, chunk, offset + (w * WINDOW + i * CHUNK) as u64).map_err(err)?;
+                    written += chunk.len() as u64;
+                }
             }
         }
         offset += len as u64;
@@ -294,6 +338,34 @@ mod tests {
         let e = guest_memory_from_file(&MemoryLayout::new(128 << 20).unwrap(), &file, FromFile::Map, 0).unwrap_err();
         assert!(e.to_string().contains("holds 67108864 bytes"), "{e}");
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn untouched_ram_is_skipped_unread_but_a_mapped_snapshot_s_is_not() {
+        open_pagemap(None);
+        let layout = MemoryLayout::new(64 << 20).unwrap();
+        let mem = create_guest_memory(&layout).unwrap();
+        let region = mem.iter().next().unwrap();
+        let host = region.get_host_address(MemoryRegionAddress(0)).unwrap();
+        // SAFETY: a write inside the 64 MiB region just mapped, used by nothing else.
+        unsafe { *host.add((20 << 20) + 5) = 3 };
+        let t = touched_pages(host as usize, 64 << 8).expect("this process reads its own page map");
+        assert!(t[(20 << 20) / 4096], "the written page is present");
+        assert!(t.iter().filter(|p| **p).count() < 1024, "most of fresh RAM was never touched");
+        let dir = std::env::temp_dir();
+        let one = dir.join(format!("rvirt-mem-a-{}", std::process::id()));
+        let f1 = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&one).unwrap();
+        assert_eq!(save_guest_memory(&mem, &f1, 0).unwrap(), 64 << 10);
+        // RAM mapped from that file: its untouched pages are the file's, so all of it is read.
+        let back = guest_memory_from_file(&layout, &f1, FromFile::Map, 0).unwrap();
+        let two = dir.join(format!("rvirt-mem-b-{}", std::process::id()));
+        let f2 = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&two).unwrap();
+        assert_eq!(save_guest_memory(&back, &f2, 0).unwrap(), 64 << 10, "the byte the file holds is saved again");
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&f2, &mut b, (20 << 20) + 5).unwrap();
+        assert_eq!(b[0], 3);
+        let _ = std::fs::remove_file(&one);
+        let _ = std::fs::remove_file(&two);
     }
 
     #[test]
