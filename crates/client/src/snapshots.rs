@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use rvirt_domain::protocol::{Request, Response, SnapshotCreateFlags, SnapshotFilter, SnapshotSummary};
 
 use crate::everyday::{Action, Text};
@@ -25,18 +25,9 @@ pub enum SnapshotCommand {
         /// With --redefine: it becomes the current snapshot.
         #[arg(long)]
         current: bool,
-        /// Disks only, in qcow2 overlays (a shut-off domain).
-        #[arg(long)]
-        disk_only: bool,
-        /// Stop the domain once taken.
-        #[arg(long)]
-        halt: bool,
-        /// Keep no metadata.
-        #[arg(long)]
-        no_metadata: bool,
-        /// All disks or none (always so).
-        #[arg(long)]
-        atomic: bool,
+        /// How.
+        #[command(flatten)]
+        how: TakeArgs,
     },
     /// Take a snapshot named on the command line (virsh snapshot-create-as).
     SnapshotCreateAs {
@@ -46,18 +37,12 @@ pub enum SnapshotCommand {
         name: Option<String>,
         /// Its description.
         description: Option<String>,
-        /// Disks only, in qcow2 overlays (a shut-off domain).
+        /// How.
+        #[command(flatten)]
+        how: TakeArgs,
+        /// A disk's part: `vda,snapshot=external,file=/img/top.qcow2` or `vdb,snapshot=no` (repeatable).
         #[arg(long)]
-        disk_only: bool,
-        /// Stop the domain once taken.
-        #[arg(long)]
-        halt: bool,
-        /// Keep no metadata.
-        #[arg(long)]
-        no_metadata: bool,
-        /// All disks or none (always so).
-        #[arg(long)]
-        atomic: bool,
+        diskspec: Vec<String>,
         /// Print the XML that would be sent, take nothing.
         #[arg(long)]
         print_xml: bool,
@@ -203,12 +188,62 @@ pub enum SnapshotCommand {
     },
 }
 
+/// How a snapshot is taken (virsh's flags of both snapshot-create commands).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct TakeArgs {
+    /// Disks only: each continues in a new qcow2 overlay.
+    #[arg(long)]
+    disk_only: bool,
+    /// Stop the domain once taken.
+    #[arg(long)]
+    halt: bool,
+    /// Keep no metadata.
+    #[arg(long)]
+    no_metadata: bool,
+    /// All disks or none (always so).
+    #[arg(long)]
+    atomic: bool,
+}
+
+impl TakeArgs {
+    fn flags(self) -> SnapshotCreateFlags {
+        SnapshotCreateFlags { disk_only: self.disk_only, halt: self.halt, no_metadata: self.no_metadata, atomic: self.atomic, ..Default::default() }
+    }
+}
+
+/// `<disk>` elements for `--diskspec` values, as virsh writes them.
+fn diskspecs(specs: &[String]) -> Result<String> {
+    let mut out = String::new();
+    for spec in specs {
+        let mut parts = spec.split(',');
+        let name = parts.next().filter(|n| !n.is_empty()).with_context(|| format!("--diskspec '{spec}': no disk named"))?;
+        let (mut kind, mut file) = (None, None);
+        for p in parts {
+            match p.split_once('=') {
+                Some(("snapshot", v)) => kind = Some(v.to_string()),
+                Some(("file", v)) => file = Some(v.to_string()),
+                Some(("driver", _)) => {}
+                _ => bail!("--diskspec '{spec}': '{p}' is not snapshot=, file= or driver="),
+            }
+        }
+        out += &format!("    <disk name='{}'", escape(name));
+        if let Some(k) = &kind {
+            out += &format!(" snapshot='{}'", escape(k));
+        }
+        match file {
+            Some(f) => out += &format!(">\n      <source file='{}'/>\n    </disk>\n", escape(&f)),
+            None => out += "/>\n",
+        }
+    }
+    Ok(out)
+}
+
 fn named(r: &Response) -> String {
     r.name.clone().unwrap_or_default()
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;")
 }
 
 /// `YYYY-MM-DD HH:MM:SS +0000` for seconds since the epoch (UTC), as virsh prints creation times.
@@ -303,19 +338,19 @@ fn chosen(conn: &mut impl FnMut(&Request) -> Result<Response>, domain: &str, nam
 pub fn request(cmd: &SnapshotCommand, conn: &mut impl FnMut(&Request) -> Result<Response>) -> Result<Action> {
     use SnapshotCommand as C;
     let (req, text): (Request, Text) = match cmd {
-        C::SnapshotCreate { domain, xmlfile, redefine, current, disk_only, halt, no_metadata, atomic } => {
+        C::SnapshotCreate { domain, xmlfile, redefine, current, how } => {
             let xml = match xmlfile {
                 Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
                 None => "<domainsnapshot/>".into(),
             };
-            let flags = SnapshotCreateFlags { disk_only: *disk_only, redefine: *redefine, current: *current, no_metadata: *no_metadata, halt: *halt, atomic: *atomic };
+            let flags = SnapshotCreateFlags { redefine: *redefine, current: *current, ..how.flags() };
             let redefined = *redefine;
             (
                 Request::SnapshotCreate { domain: domain.clone(), xml, flags },
                 Box::new(move |r| if redefined { format!("Domain snapshot {} defined\n", named(r)) } else { format!("Domain snapshot {} created\n", named(r)) }),
             )
         }
-        C::SnapshotCreateAs { domain, name, description, disk_only, halt, no_metadata, atomic, print_xml } => {
+        C::SnapshotCreateAs { domain, name, description, how, diskspec, print_xml } => {
             let mut xml = String::from("<domainsnapshot>\n");
             if let Some(n) = name {
                 xml += &format!("  <name>{}</name>\n", escape(n));
@@ -323,11 +358,14 @@ pub fn request(cmd: &SnapshotCommand, conn: &mut impl FnMut(&Request) -> Result<
             if let Some(d) = description {
                 xml += &format!("  <description>{}</description>\n", escape(d));
             }
+            if !diskspec.is_empty() {
+                xml += &format!("  <disks>\n{}  </disks>\n", diskspecs(diskspec)?);
+            }
             xml += "</domainsnapshot>\n";
             if *print_xml {
                 return Ok(Action::Print(xml));
             }
-            let flags = SnapshotCreateFlags { disk_only: *disk_only, halt: *halt, no_metadata: *no_metadata, atomic: *atomic, ..Default::default() };
+            let flags = how.flags();
             (Request::SnapshotCreate { domain: domain.clone(), xml, flags }, Box::new(|r| format!("Domain snapshot {} created\n", named(r))))
         }
         C::SnapshotList { domain, tree, parent, roots, leaves, no_leaves, name, from, descendants, topological: _ } => {
@@ -413,6 +451,9 @@ mod tests {
         let table = list(&rows, false, true, false);
         assert!(table.lines().nth(3).unwrap().split_whitespace().last() == Some("a"), "{table}");
         assert_eq!(list(&rows, false, false, true), "a\nb\nc\n");
+        let x = diskspecs(&["vda,snapshot=external,file=/img/t.qcow2".into(), "vdb,snapshot=no".into()]).unwrap();
+        assert_eq!(x, "    <disk name='vda' snapshot='external'>\n      <source file='/img/t.qcow2'/>\n    </disk>\n    <disk name='vdb' snapshot='no'/>\n");
+        assert!(diskspecs(&["vda,bogus=1".into()]).is_err());
         let i = info("web", &rows[1]);
         assert!(i.contains("Current:       yes") && i.contains("Parent:        a"), "{i}");
     }

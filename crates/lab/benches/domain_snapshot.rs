@@ -13,7 +13,7 @@
 //! Times inside the lab are TCG times: only the ratio between the two in
 //! the same run means anything.
 
-use rvirt_lab::stats::upper_median;
+use rvirt_lab::stats::rounds;
 use rvirt_lab::{insmod_lines, l2_initramfs, L1Spec, Lab};
 
 const GUEST: &str = "#!/bin/sh
@@ -104,17 +104,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(k) = v.keys().find(|k| k.starts_with("STALLED") || k.starts_with("FAILED")) {
         anyhow::bail!("{k}:\n{}", out.tail(60));
     }
-    // (seconds, KiB) per round; reverts have no size.
-    let runs = |what: &str, mem: u32| -> anyhow::Result<(f64, f64)> {
-        let (mut t, mut kib) = (Vec::new(), Vec::new());
-        for r in 1..=ROUNDS {
-            let raw = v.get(&format!("{what}-{mem}-{r}")).ok_or_else(|| anyhow::anyhow!("no {what}-{mem}-{r}:\n{}", out.tail(40)))?;
-            let mut f = raw.split_whitespace();
-            t.push(f.next().unwrap_or("").parse::<f64>()?);
-            kib.push(f.next().map_or(Ok(0.0), str::parse::<f64>)?);
-        }
-        Ok((upper_median(t), upper_median(kib)))
-    };
+    let runs = |what: &str, mem: u32| rounds(&v, what, mem, ROUNDS).map_err(|e| anyhow::anyhow!("{e}:\n{}", out.tail(40)));
     println!("domain snapshot create and revert, 2 vCPUs, 128 MiB of guest data, {ROUNDS} rounds (L1 seconds, TCG, upper medians):");
     for mem in [512, 2048] {
         let (rc, rk) = runs("RVIRT-CREATE", mem)?;

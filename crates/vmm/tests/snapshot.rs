@@ -68,6 +68,27 @@ fn restore_cfg(dir: &Path, snap: &Path, name: &str) -> VmConfig {
     cfg
 }
 
+/// The rvirt-vmm binary with `args`, its serial port in `dir/NAME.log`,
+/// stderr in `dir/NAME.err`, and a client of its API once it listens.
+fn spawn_binary(dir: &Path, args: &[&str], name: &str) -> (std::process::Child, ApiClient) {
+    let sock = dir.join(format!("{name}.sock"));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_rvirt-vmm"))
+        .args(args)
+        .arg("--serial")
+        .arg(format!("file={}", dir.join(format!("{name}.log")).display()))
+        .arg("--api-socket")
+        .arg(&sock)
+        .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "{name}: {}", std::fs::read_to_string(dir.join(format!("{name}.err"))).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (child, ApiClient::connect(&sock, Duration::from_secs(10)).unwrap())
+}
+
 fn next_letter(b: u8) -> u8 {
     if b == b'z' {
         b'a'
@@ -284,24 +305,7 @@ fn the_binary_snapshots_and_restores_under_its_seccomp_lists() {
     let kernel = dir.join("kernel");
     std::fs::write(&kernel, bzimage_with(&print_alphabet(0x2000))).unwrap();
     let vmm = env!("CARGO_BIN_EXE_rvirt-vmm");
-    let spawn = |args: &[&str], name: &str| {
-        let sock = dir.join(format!("{name}.sock"));
-        let child = std::process::Command::new(vmm)
-            .args(args)
-            .arg("--serial")
-            .arg(format!("file={}", dir.join(format!("{name}.log")).display()))
-            .arg("--api-socket")
-            .arg(&sock)
-            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "{name}: {}", std::fs::read_to_string(dir.join(format!("{name}.err"))).unwrap_or_default());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        (child, ApiClient::connect(&sock, Duration::from_secs(10)).unwrap())
-    };
+    let spawn = |args: &[&str], name: &str| spawn_binary(&dir, args, name);
     let (mut one, mut api) = spawn(&["--kernel", kernel.to_str().unwrap(), "--memory", "64M"], "one");
     wait_for(&dir.join("one.log"), 10);
     let snap = dir.join("snap");
@@ -338,24 +342,7 @@ fn a_snapshot_into_a_descriptor_is_one_file_with_the_disks_internal_snapshots() 
     drop(rvirt_block::Qcow2Image::create(&qcow2, 8 << 20, &Default::default()).unwrap());
     drop(rvirt_block::RawImage::create(&raw, 1 << 20).unwrap());
     let vmm = env!("CARGO_BIN_EXE_rvirt-vmm");
-    let spawn = |args: &[&str], name: &str| {
-        let sock = dir.join(format!("{name}.sock"));
-        let child = std::process::Command::new(vmm)
-            .args(args)
-            .arg("--serial")
-            .arg(format!("file={}", dir.join(format!("{name}.log")).display()))
-            .arg("--api-socket")
-            .arg(&sock)
-            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "{name}: {}", std::fs::read_to_string(dir.join(format!("{name}.err"))).unwrap_or_default());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        (child, ApiClient::connect(&sock, Duration::from_secs(10)).unwrap())
-    };
+    let spawn = |args: &[&str], name: &str| spawn_binary(&dir, args, name);
     let disk = format!("path={},format=qcow2", qcow2.display());
     let (mut one, mut api) = spawn(&["--kernel", kernel.to_str().unwrap(), "--memory", "64M", "--disk", &disk], "one");
     wait_for(&dir.join("one.log"), 10);

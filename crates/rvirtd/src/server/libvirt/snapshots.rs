@@ -162,6 +162,35 @@ fn ret_names(names: &[String], max: i32) -> Reply {
     })
 }
 
+/// How a listing procedure answers.
+enum Listing {
+    /// `int num` (`_NUM`, `_NUM_CHILDREN`).
+    Count,
+    /// At most `max` names (`_LIST_NAMES`, `_LIST_CHILDREN_NAMES`).
+    Names,
+    /// The snapshots when `max` (need_results) is not 0, then their count
+    /// (`LIST_ALL_SNAPSHOTS`, `_LIST_ALL_CHILDREN`).
+    Snapshots,
+}
+
+fn listing(how: Listing, names: &[String], max: i32, dom: &DomainBrief) -> Reply {
+    match how {
+        Listing::Count => ret_int(names.len() as i32),
+        Listing::Names => ret_names(names, max),
+        Listing::Snapshots => encode(|e| {
+            if max != 0 {
+                e.u32(names.len() as u32);
+                for n in names {
+                    put_snapshot(e, n, dom);
+                }
+            } else {
+                e.u32(0);
+            }
+            e.i32(names.len() as i32);
+        }),
+    }
+}
+
 impl Session {
     /// Answers one of these procedures; `None` when `proc_` is not one.
     pub(super) fn snapshot_call(&mut self, proc_: i32, d: &mut Decoder) -> Option<Reply> {
@@ -234,22 +263,12 @@ impl Session {
                 let flags = d.u32().map_err(bad_args)?;
                 let found = if none_without_metadata(flags) { Vec::new() } else { self.snapshots(&dom, &filter_of(flags, None)?)? };
                 let names: Vec<String> = found.into_iter().map(|s| s.name).collect();
-                match proc_ {
-                    p::DOMAIN_SNAPSHOT_NUM => ret_int(names.len() as i32),
-                    p::DOMAIN_SNAPSHOT_LIST_NAMES => ret_names(&names, max),
-                    _ => encode(|e| {
-                        // need_results: the list, else only its length.
-                        if max != 0 {
-                            e.u32(names.len() as u32);
-                            for n in &names {
-                                put_snapshot(e, n, &dom);
-                            }
-                        } else {
-                            e.u32(0);
-                        }
-                        e.i32(names.len() as i32);
-                    }),
-                }
+                let how = match proc_ {
+                    p::DOMAIN_SNAPSHOT_NUM => Listing::Count,
+                    p::DOMAIN_SNAPSHOT_LIST_NAMES => Listing::Names,
+                    _ => Listing::Snapshots,
+                };
+                listing(how, &names, max, &dom)
             }
             p::DOMAIN_SNAPSHOT_NUM_CHILDREN | p::DOMAIN_SNAPSHOT_LIST_CHILDREN_NAMES | p::DOMAIN_SNAPSHOT_LIST_ALL_CHILDREN => {
                 let (name, dom) = self.snapshot_arg(d)?;
@@ -258,21 +277,12 @@ impl Session {
                 self.snapshot(&dom, &name)?;
                 let found = if none_without_metadata(flags) { Vec::new() } else { self.snapshots(&dom, &filter_of(flags, Some(&name))?)? };
                 let names: Vec<String> = found.into_iter().map(|s| s.name).collect();
-                match proc_ {
-                    p::DOMAIN_SNAPSHOT_NUM_CHILDREN => ret_int(names.len() as i32),
-                    p::DOMAIN_SNAPSHOT_LIST_CHILDREN_NAMES => ret_names(&names, max),
-                    _ => encode(|e| {
-                        if max != 0 {
-                            e.u32(names.len() as u32);
-                            for n in &names {
-                                put_snapshot(e, n, &dom);
-                            }
-                        } else {
-                            e.u32(0);
-                        }
-                        e.i32(names.len() as i32);
-                    }),
-                }
+                let how = match proc_ {
+                    p::DOMAIN_SNAPSHOT_NUM_CHILDREN => Listing::Count,
+                    p::DOMAIN_SNAPSHOT_LIST_CHILDREN_NAMES => Listing::Names,
+                    _ => Listing::Snapshots,
+                };
+                listing(how, &names, max, &dom)
             }
             p::DOMAIN_SNAPSHOT_LOOKUP_BY_NAME => {
                 let dom = self.domain(d)?;
