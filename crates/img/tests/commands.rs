@@ -88,6 +88,31 @@ fn convert_compressed_and_parallel_outputs_match_qemu() {
 }
 
 #[test]
+fn convert_leaves_zero_clusters_beside_data_unallocated_as_qemu_img_does() {
+    let d = tmpdir("convert-zeros");
+    // Within one 2 MiB stretch: data, a cluster of zeros written as data, data, zeros again.
+    let src = d.join("src.raw");
+    qemu(&["create", "-q", "-f", "raw", s(&src), "4M"]);
+    let (code, out, err) = run("qemu-io", &["-f", "raw", "-c", "write -P 0x41 0 64k", "-c", "write -P 0 64k 64k", "-c", "write -P 0x42 128k 64k", "-c", "write -P 0 192k 1M", "-c", "write -P 0x43 3M 4k", s(&src)]);
+    assert!(code == 0 && !out.contains("failed"), "{out}{err}");
+    let allocated = |p: &Path, fmt: &str| -> u64 {
+        let map: serde_json::Value = serde_json::from_str(&qemu(&["map", "--output=json", "-f", fmt, s(p)])).unwrap();
+        map.as_array().unwrap().iter().filter(|e| e["data"].as_bool() == Some(true)).map(|e| e["length"].as_u64().unwrap()).sum()
+    };
+    for fmt in ["qcow2", "raw"] {
+        let (a, b) = (d.join(format!("ours.{fmt}")), d.join(format!("theirs.{fmt}")));
+        ok(&["convert", "-O", fmt, s(&src), s(&a)]);
+        qemu(&["convert", "-O", fmt, s(&src), s(&b)]);
+        assert!(identical(&src, &a), "{fmt}: the copy reads as its source");
+        assert_eq!(allocated(&a, fmt), allocated(&b, fmt), "{fmt}: as much allocated as qemu-img's copy");
+        if fmt == "qcow2" {
+            assert_eq!(allocated(&a, fmt), 3 * 65536, "three data clusters; the zero ones between them are not allocated");
+            check_clean(&a);
+        }
+    }
+}
+
+#[test]
 fn check_reports_and_repairs_like_qemu_img() {
     let d = tmpdir("check");
     let p = sample(&d, "c.qcow2");
