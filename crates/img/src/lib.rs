@@ -144,7 +144,10 @@ pub(crate) fn create_at(req: &CreateRequest, at: &Path) -> Result<()> {
         }
         qopts.backing = Some((b.clone(), bfmt));
     }
+    // Rounded up to whole 512-byte sectors, as qemu-img does (a qcow2 size
+    // that is not would read back rounded down, smaller than asked).
     let size = size.context("an image size is needed (e.g. 10G)")?;
+    let size = size.checked_next_multiple_of(512).context("the size is too large")?;
     match format {
         Format::Raw => {
             let img = RawImage::create(at, size)?;

@@ -113,6 +113,8 @@ pub fn resize(path: &Path, format: Option<&str>, size: &str, shrink: bool) -> Re
         crate::parse_size(size)?
     };
     match fmt {
+        // As qemu-img: a qcow2 size is whole sectors (one that is not would read back smaller).
+        Format::Qcow2 if new % 512 != 0 => bail!("The new size must be a multiple of 512"),
         Format::Qcow2 => access::open_qcow2(path, false, true)?.resize(new, shrink)?,
         Format::Raw => {
             if new < current && !shrink {

@@ -113,6 +113,29 @@ fn convert_leaves_zero_clusters_beside_data_unallocated_as_qemu_img_does() {
 }
 
 #[test]
+fn sizes_are_whole_sectors_as_with_qemu_img() {
+    let d = tmpdir("sizes");
+    for fmt in ["raw", "qcow2"] {
+        let (a, b) = (d.join(format!("ours.{fmt}")), d.join(format!("theirs.{fmt}")));
+        ok(&["create", "-f", fmt, s(&a), "1000"]);
+        qemu(&["create", "-q", "-f", fmt, s(&b), "1000"]);
+        let size = |p: &Path| -> u64 {
+            let v: serde_json::Value = serde_json::from_str(&qemu(&["info", "-f", fmt, "--output=json", s(p)])).unwrap();
+            v["virtual-size"].as_u64().unwrap()
+        };
+        assert_eq!((size(&a), size(&b)), (1024, 1024), "{fmt}: 1000 bytes asked, rounded up to whole sectors");
+        // A qcow2 size that is not whole sectors is refused by both; raw is rounded up by both.
+        let (code, _, err) = ours(&["resize", "-f", fmt, s(&a), "1500"]);
+        let (qcode, _, qerr) = run("qemu-img", &["resize", "-f", fmt, s(&b), "1500"]);
+        assert_eq!(code == 0, qcode == 0, "{fmt}: {err} / {qerr}");
+        if fmt == "qcow2" {
+            assert!(err.contains("multiple of 512") && qerr.contains("multiple of 512"), "{err} / {qerr}");
+        }
+        assert_eq!(size(&a), size(&b), "{fmt}: the same size after the resize");
+    }
+}
+
+#[test]
 fn check_reports_and_repairs_like_qemu_img() {
     let d = tmpdir("check");
     let p = sample(&d, "c.qcow2");
