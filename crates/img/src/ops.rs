@@ -201,10 +201,18 @@ pub fn rebase(path: &Path, new_backing: &str, new_format: Option<&str>, unsafe_m
         None
     } else {
         let bpath = resolve_backing(path, new_backing);
-        let fmt = format_of(&bpath, new_format).with_context(|| format!("new backing file {new_backing}"))?;
-        let mut files = vec![bpath.clone()];
-        files.extend(access::chain_below(&bpath, fmt)?.into_iter().map(|l| l.path));
-        access::refuse_overlap(path, &files, "image")?;
+        // As qemu-img: with -u and -F the new backing file need not exist (yet).
+        let absent = unsafe_mode && std::fs::symlink_metadata(&bpath).is_err();
+        let fmt = match (absent, new_format) {
+            (true, Some(f)) => Format::parse(f).with_context(|| format!("new backing file {new_backing}"))?,
+            (true, None) => bail!("new backing file {new_backing} does not exist: give its format (-F) to name it anyway"),
+            (false, _) => format_of(&bpath, new_format).with_context(|| format!("new backing file {new_backing}"))?,
+        };
+        if !absent {
+            let mut files = vec![bpath.clone()];
+            files.extend(access::chain_below(&bpath, fmt)?.into_iter().map(|l| l.path));
+            access::refuse_overlap(path, &files, "image")?;
+        }
         let b = if unsafe_mode { None } else { Some(access::open(&bpath, fmt, true).with_context(|| format!("new backing file {new_backing}"))?) };
         Some((b, fmt))
     };

@@ -113,6 +113,26 @@ fn convert_leaves_zero_clusters_beside_data_unallocated_as_qemu_img_does() {
 }
 
 #[test]
+fn rebase_u_names_a_backing_file_that_does_not_exist_yet_as_qemu_img_does() {
+    let d = tmpdir("rebase-missing");
+    let (a, b) = (d.join("ours.qcow2"), d.join("theirs.qcow2"));
+    let missing = d.join("later.qcow2");
+    for p in [&a, &b] {
+        qemu(&["create", "-q", "-f", "qcow2", s(p), "1M"]);
+    }
+    ok(&["rebase", "-u", "-b", s(&missing), "-F", "qcow2", s(&a)]);
+    qemu(&["rebase", "-u", "-b", s(&missing), "-F", "qcow2", s(&b)]);
+    let info = |p: &Path| -> serde_json::Value { serde_json::from_str(&qemu(&["info", "--output=json", s(p)])).unwrap() };
+    for k in ["backing-filename", "backing-filename-format"] {
+        assert_eq!(info(&a)[k], info(&b)[k], "{k}");
+    }
+    // Without -F both refuse: the format of a file that is not there cannot be known.
+    let (code, _, err) = ours(&["rebase", "-u", "-b", s(&d.join("nope.qcow2")), s(&a)]);
+    assert!(code != 0 && err.contains("-F"), "{err}");
+    assert_ne!(run("qemu-img", &["rebase", "-u", "-b", s(&d.join("nope.qcow2")), s(&b)]).0, 0);
+}
+
+#[test]
 fn sizes_are_whole_sectors_as_with_qemu_img() {
     let d = tmpdir("sizes");
     for fmt in ["raw", "qcow2"] {
