@@ -109,19 +109,25 @@ impl Manager {
         if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
             return Err(format!("{} exists and is not a regular file", path.display()));
         }
+        self.save_and_stop(&name, &socket, &note, path)
+    }
+
+    /// Has the VMM at `socket` write domain `name` into `path` (under a
+    /// temporary name, renamed once whole) and ends it; on failure the
+    /// guest runs on as it was.
+    fn save_and_stop(&self, name: &str, socket: &Path, note: &SavedNote, path: &Path) -> Result<String, String> {
         let tmp = temporary_beside(path)?;
         let _ = std::fs::remove_file(&tmp);
         let file = create_saved(&tmp)?;
-        let result = self.write_saved(&socket, &file, &note, false, None).and_then(|_| crate::store::rename_durable(&tmp, path).map_err(|e| format!("{}: {e}", path.display())));
+        let result = self.write_saved(socket, &file, note, false, None).and_then(|_| crate::store::rename_durable(&tmp, path).map_err(|e| format!("{}: {e}", path.display())));
         if let Err(e) = result {
             let _ = std::fs::remove_file(&tmp);
-            // The guest runs on as it was.
             if !note.paused {
-                let _ = vmm_call_with_fd(&socket, &VmmRequest::Resume, None, Duration::from_secs(10));
+                let _ = vmm_call_with_fd(socket, &VmmRequest::Resume, None, Duration::from_secs(10));
             }
             return Err(format!("saving domain '{name}': {e}"));
         }
-        self.end_run(&name, StopReason::Saved)
+        self.end_run(name, StopReason::Saved)
     }
 
     /// `managedsave`: as `save`, into rvirtd's own file for the domain.
@@ -134,19 +140,7 @@ impl Manager {
                 return Err(format!("domain '{name}' is transient: a managed save needs a definition to start again (use save FILE)"));
             }
         }
-        let path = self.store.managed_save(&name);
-        let tmp = temporary_beside(&path)?;
-        let _ = std::fs::remove_file(&tmp);
-        let file = create_saved(&tmp)?;
-        let result = self.write_saved(&socket, &file, &note, false, None).and_then(|_| crate::store::rename_durable(&tmp, &path).map_err(|e| format!("{}: {e}", path.display())));
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            if !note.paused {
-                let _ = vmm_call_with_fd(&socket, &VmmRequest::Resume, None, Duration::from_secs(10));
-            }
-            return Err(format!("saving domain '{name}': {e}"));
-        }
-        self.end_run(&name, StopReason::Saved)
+        self.save_and_stop(&name, &socket, &note, &self.store.managed_save(&name))
     }
 
     /// `managedsave-remove`.
