@@ -26,7 +26,7 @@ fn round_trips(conn: &mut Connection, kernel: &std::path::Path, runs: usize) -> 
         let t = Instant::now();
         assert!(conn.call(&Request::Define { xml }).unwrap().ok);
         def.push(t.elapsed().as_secs_f64() * 1000.0);
-        assert!(conn.call(&Request::Undefine { domain: "probe".into() }).unwrap().ok);
+        assert!(conn.call(&Request::Undefine { domain: "probe".into(), managed_save: false, snapshots_metadata: false }).unwrap().ok);
         let t = Instant::now();
         assert!(conn.call(&Request::List { all: true }).unwrap().ok);
         list.push(t.elapsed().as_secs_f64() * 1000.0);

@@ -32,7 +32,7 @@ fn main() {
     }
     let own_define = t0.elapsed().as_secs_f64() * 1000.0 / N as f64;
     for i in 0..N {
-        assert!(own.call(&Request::Undefine { domain: format!("d{i:04}") }).unwrap().ok);
+        assert!(own.call(&Request::Undefine { domain: format!("d{i:04}"), managed_save: false, snapshots_metadata: false }).unwrap().ok);
     }
     let mut lv = Libvirt::open(&d.libvirt_socket());
     let t0 = Instant::now();

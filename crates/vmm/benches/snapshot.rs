@@ -34,12 +34,12 @@ fn wait_for(log: &Path, len: u64, limit: Duration) {
 /// The VMM's restore path, timed to the moment the vCPUs run.
 fn restore_in_process(kvm: &kvm_ioctls::Kvm, snap: &Path, log: &Path, how: FromFile) -> (f64, Vm) {
     let t = Instant::now();
-    let (state, file) = snapshot::read(snap).unwrap();
+    let (state, file, base) = snapshot::read(snap).unwrap();
     let mut given = VmConfig::with_boot(rvirt_vmm::config::Boot::Restore { dir: snap.to_path_buf(), copy_memory: how == FromFile::Copy });
     given.serial = SerialMode::File(log.to_path_buf());
     let cfg = snapshot::restored_config(&given, &state.config).unwrap();
     let layout = rvirt_arch::MemoryLayout::new(cfg.memory_bytes).unwrap();
-    let mem = memory::guest_memory_from_file(&layout, &file, how, 0).unwrap();
+    let mem = memory::guest_memory_from_file(&layout, &file, how, base).unwrap();
     let backends = Backends::open_restored(&cfg).unwrap();
     let console = Console::open(&cfg.serial).unwrap();
     let mut vm = Vm::create_restored(kvm, &cfg, console.writer().unwrap(), &backends, mem, None).unwrap();
