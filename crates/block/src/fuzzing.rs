@@ -23,7 +23,8 @@ pub fn header(bytes: &[u8]) {
 }
 
 /// Treats `bytes` as a qcow2 file: opens it read-only (read, map, check,
-/// snapshot list), then read-write (write, repair). Errors are fine;
+/// snapshot list, bitmaps), for repair (`check -r all`), then read-write
+/// (write, bitmap changes, repair). Errors are fine;
 /// panics, hangs and unbounded memory are the bugs.
 pub fn image(bytes: &[u8]) {
     let Some(path) = scratch_file(bytes) else { return };
@@ -38,12 +39,40 @@ pub fn image(bytes: &[u8]) {
         let _ = img.host_map(0, size.min(SPAN));
         let _ = img.check(Repair::None);
         let _ = img.snapshots();
+        let _ = img.bitmaps_size(65536);
+        for b in img.bitmaps() {
+            let _ = img.bitmap_ranges(&b.name);
+        }
+    }
+    if let Ok(img) = Qcow2Image::open_for_repair(&path, crate::Locking::Exclusive) {
+        // Rebuilding refcount structures, dropping an unreadable snapshot table.
+        let _ = img.check(Repair::All);
     }
     if let Ok(img) = Qcow2Image::open(&path, false) {
         let size = img.size();
         let _ = img.write_at(&[0x5a; 4096], 0);
         let _ = img.write_zeroes(size / 2, 4096.min(size - size / 2));
+        // Bitmaps: every change, then a store of them all at close.
+        let names: Vec<String> = img.bitmaps().into_iter().map(|b| b.name).collect();
+        let _ = img.add_bitmap("fuzz", Some(512), true);
+        for n in &names {
+            let _ = img.bitmap_ranges(n).and_then(|(_, r)| img.merge_into_bitmap("fuzz", &r));
+            let _ = img.enable_bitmap(n, true);
+        }
+        if let Some(n) = names.first() {
+            let _ = img.clear_bitmap(n);
+            let _ = img.remove_bitmap(n);
+        }
+        let _ = img.write_at(&[0xa5; 512], size.saturating_sub(512));
+        let _ = img.resize(size.saturating_add(1 << 20).min(1 << 40), false);
         let _ = img.check(Repair::All);
+        let _ = img.close();
+    }
+    if let Ok(img) = Qcow2Image::open(&path, true) {
+        // What the close stored must read back.
+        for b in img.bitmaps() {
+            let _ = img.bitmap_ranges(&b.name);
+        }
     }
     let _ = std::fs::remove_file(&path);
 }

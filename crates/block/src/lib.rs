@@ -131,6 +131,11 @@ pub trait BlockBackend: Send + Sync {
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>>;
     /// Whether writes are refused.
     fn is_read_only(&self) -> bool;
+    /// What a read-only open went on without (a damaged snapshot table or
+    /// refcount structure): warnings for the user; reads are unaffected.
+    fn damage(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Takes an internal snapshot named `name` of the image as it is now
     /// (a running VM's disks, in the pause of its snapshot); formats
     /// without them refuse.

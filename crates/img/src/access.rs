@@ -51,12 +51,28 @@ pub(crate) fn options(read_only: bool, chain: bool) -> Result<ImageOptions> {
 
 /// Opens an image of `fmt` with its backing chain.
 pub(crate) fn open(path: &Path, fmt: Format, read_only: bool) -> Result<Box<dyn BlockBackend>> {
-    rvirt_block::open_with(path, fmt, &options(read_only, true)?).with_context(|| path.display().to_string())
+    let img = rvirt_block::open_with(path, fmt, &options(read_only, true)?).with_context(|| path.display().to_string())?;
+    warn_damage(path, img.as_ref());
+    Ok(img)
 }
 
 /// Opens a qcow2 image, with or without its backing chain.
 pub(crate) fn open_qcow2(path: &Path, read_only: bool, chain: bool) -> Result<Qcow2Image> {
     Qcow2Image::open_with(path, &options(read_only, chain)?).with_context(|| path.display().to_string())
+}
+
+/// Opens a qcow2 image alone for `check -r all` (see [`Qcow2Image::open_for_repair`]).
+pub(crate) fn open_qcow2_for_repair(path: &Path) -> Result<Qcow2Image> {
+    let opts = options(false, false)?;
+    Qcow2Image::open_for_repair(path, opts.locking).with_context(|| path.display().to_string())
+}
+
+/// Says on stderr what a read-only open of `img` went on without (a
+/// damaged snapshot table, refcount structure or bitmaps), as qemu-img warns.
+pub(crate) fn warn_damage(path: &Path, img: &dyn BlockBackend) {
+    for d in img.damage() {
+        eprintln!("rvirt-img: warning: {}: {d}", path.display());
+    }
 }
 
 /// The format the user gave, or (for an image the user named) a probe that

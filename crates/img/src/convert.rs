@@ -31,6 +31,10 @@ pub struct ConvertRequest {
     pub compress: bool,
     /// Parallel copy workers (qemu-img's `-m`; 0 means the default, 8).
     pub workers: usize,
+    /// Copy the persistent bitmaps too (`--bitmaps`; qcow2 to qcow2).
+    pub bitmaps: bool,
+    /// With `bitmaps`, leave out inconsistent ones instead of failing (`--skip-broken-bitmaps`).
+    pub skip_broken_bitmaps: bool,
 }
 
 /// Whether a qemu-img cache mode (`-t`) makes convert flush at the end.
@@ -133,6 +137,12 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
     if req.compress && dfmt != Format::Qcow2 {
         bail!("-c (compression) needs a qcow2 destination (-O qcow2)");
     }
+    if req.skip_broken_bitmaps && !req.bitmaps {
+        bail!("--skip-broken-bitmaps is only valid with --bitmaps");
+    }
+    if req.bitmaps {
+        crate::bitmaps::check_copy_bitmaps(&req.source, sfmt, dfmt, req.skip_broken_bitmaps)?;
+    }
     // Written under a temporary name, moved into place when complete and
     // removed on any failure (a full disk leaves no half image behind).
     let out = access::Output::new(&req.dest)?;
@@ -184,6 +194,9 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
     }
     // Closing writes the qcow2 tables still cached; only then is the image whole.
     drop(dst);
+    if req.bitmaps {
+        crate::bitmaps::copy_bitmaps(&req.source, sfmt, out.path(), req.skip_broken_bitmaps)?;
+    }
     out.finish()?;
     progress.finish();
     Ok(copied)

@@ -5,10 +5,12 @@
 use std::path::{Path, PathBuf};
 
 pub mod access;
+mod bitmaps;
 mod convert;
 mod ops;
 
 pub use access::{image_arg, set_force_share, set_probe_backing};
+pub use bitmaps::{bitmap, BitmapAction, BitmapRequest};
 pub use convert::{cache_mode_flushes, convert, ConvertRequest};
 pub use ops::*;
 
@@ -174,6 +176,8 @@ pub struct Qcow2Details {
     // The v3-only fields are absent for compat=0.10 images, as in qemu-img.
     #[serde(skip_serializing_if = "Option::is_none")]
     lazy_refcounts: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    bitmaps: Vec<bitmaps::BitmapJson>,
     refcount_bits: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     corrupt: Option<bool>,
@@ -264,6 +268,7 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
         Format::Qcow2 => {
             // Like qemu-img, info reads the header alone, not the chain.
             let img = access::open_qcow2(path, true, false)?;
+            access::warn_damage(path, &img);
             let h = img.header();
             info.virtual_size = h.size;
             info.cluster_size = Some(h.cluster_size());
@@ -279,6 +284,7 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
                     }
                     .into(),
                     lazy_refcounts: v3.then_some(h.compatible_features & 1 != 0),
+                    bitmaps: img.bitmaps().iter().map(Into::into).collect(),
                     refcount_bits: h.refcount_bits(),
                     corrupt: v3.then_some(h.incompatible_features & 2 != 0),
                     extended_l2: v3.then_some(false),
@@ -364,6 +370,9 @@ pub fn info_text(i: &ImageInfo) -> String {
         s += &format!("Format specific information:\n    compat: {}\n    compression type: {}\n", d.compat, d.compression_type);
         if let Some(l) = d.lazy_refcounts {
             s += &format!("    lazy refcounts: {l}\n");
+        }
+        if !d.bitmaps.is_empty() {
+            s += &bitmaps::bitmaps_text(&d.bitmaps);
         }
         s += &format!("    refcount bits: {}\n", d.refcount_bits);
         if let (Some(c), Some(e)) = (d.corrupt, d.extended_l2) {

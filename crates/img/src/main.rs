@@ -67,6 +67,12 @@ enum Cmd {
         /// Parallel copy workers, 1 to 16 (qemu-img's -m).
         #[arg(short = 'm', default_value_t = 8)]
         workers: usize,
+        /// Copy the persistent bitmaps too (qcow2 to qcow2).
+        #[arg(long)]
+        bitmaps: bool,
+        /// With --bitmaps, leave out inconsistent bitmaps instead of failing.
+        #[arg(long = "skip-broken-bitmaps")]
+        skip_broken_bitmaps: bool,
         /// Source image.
         source: PathBuf,
         /// Destination image.
@@ -188,6 +194,44 @@ enum Cmd {
         /// The image.
         filename: PathBuf,
     },
+    /// Persistent dirty bitmaps of a qcow2 image: rvirt-img bitmap (--add | --remove | --clear | --enable |
+    /// --disable | --merge SOURCE)... [-g GRANULARITY] [-b SOURCE_FILE [-F FMT]] FILE BITMAP. Steps run in the order given.
+    Bitmap {
+        /// Add an empty, enabled bitmap.
+        #[arg(long)]
+        add: bool,
+        /// Remove the bitmap.
+        #[arg(long)]
+        remove: bool,
+        /// Clear every bit.
+        #[arg(long)]
+        clear: bool,
+        /// Record writes.
+        #[arg(long)]
+        enable: bool,
+        /// Stop recording writes.
+        #[arg(long)]
+        disable: bool,
+        /// Set every bit bitmap SOURCE has set (in -b's image, else this one).
+        #[arg(long)]
+        merge: Vec<String>,
+        /// Granularity of an added bitmap (512 B to 2 GiB, a power of two).
+        #[arg(short = 'g')]
+        granularity: Option<String>,
+        /// Image holding --merge's source bitmap.
+        #[arg(short = 'b')]
+        source_file: Option<PathBuf>,
+        /// Format of -b's image.
+        #[arg(short = 'F')]
+        source_format: Option<String>,
+        /// Format of FILE.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// The image.
+        filename: PathBuf,
+        /// The bitmap.
+        bitmap: String,
+    },
     /// How large a new image (--size) or a converted one (FILE) would be.
     Measure {
         /// Output format: raw or qcow2.
@@ -227,13 +271,25 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let size = size.as_deref().map(parse_size).transpose()?;
             create(&CreateRequest { path: filename, format, size, backing_file: backing, backing_format, options })?;
         }
-        Cmd::Convert { format, output_format, options, progress, cache, compress, workers, source, dest } => {
+        Cmd::Convert { format, output_format, options, progress, cache, compress, workers, bitmaps, skip_broken_bitmaps, source, dest } => {
             let (source, format) = image_arg(source, format)?;
             let flush = cache_mode_flushes(&cache)?;
             if !(1..=16).contains(&workers) {
                 anyhow::bail!("-m must be between 1 and 16");
             }
-            convert(&ConvertRequest { source, source_format: format, dest, dest_format: output_format, options, progress, flush, compress, workers })?;
+            convert(&ConvertRequest {
+                source,
+                source_format: format,
+                dest,
+                dest_format: output_format,
+                options,
+                progress,
+                flush,
+                compress,
+                workers,
+                bitmaps,
+                skip_broken_bitmaps,
+            })?;
         }
         Cmd::Info { format, output, backing_chain, filename } => {
             let (filename, format) = image_arg(filename, format)?;
@@ -324,6 +380,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 print!("{}", map_text(&entries)?);
             }
         }
+        Cmd::Bitmap { add, remove, clear, enable, disable, merge, granularity, source_file, source_format, format, filename, bitmap: name } => {
+            let flags = [("--add", add), ("--remove", remove), ("--clear", clear), ("--enable", enable), ("--disable", disable)];
+            let actions = bitmap_actions(std::env::args().skip(1), &flags, &merge);
+            let granularity = granularity.as_deref().map(parse_size).transpose()?;
+            bitmap(&BitmapRequest { path: filename, format, name, actions, granularity, source: source_file.map(|p| (p, source_format)) })?;
+        }
         Cmd::Measure { output_format, options, size, format, output, filename } => {
             let mut cluster_size = 65536;
             for kv in options.iter().flat_map(|o| o.split(',')).filter(|s| !s.is_empty()) {
@@ -345,6 +407,34 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// The bitmap steps in the order the command line gives them (clap keeps
+/// each flag's value, not the order between flags): each flag that was set,
+/// at its place among the arguments.
+fn bitmap_actions(args: impl Iterator<Item = String>, flags: &[(&str, bool); 5], merge: &[String]) -> Vec<BitmapAction> {
+    let action = |flag: &str| match flag {
+        "--add" => BitmapAction::Add,
+        "--remove" => BitmapAction::Remove,
+        "--clear" => BitmapAction::Clear,
+        "--enable" => BitmapAction::Enable,
+        _ => BitmapAction::Disable,
+    };
+    let mut out = Vec::new();
+    let mut merges = merge.iter();
+    for a in args {
+        if a == "--" {
+            break;
+        }
+        if let Some((flag, _)) = flags.iter().find(|(f, set)| *set && *f == a) {
+            out.push(action(flag));
+        } else if a == "--merge" || a.starts_with("--merge=") {
+            if let Some(m) = merges.next() {
+                out.push(BitmapAction::Merge(m.clone()));
+            }
+        }
+    }
+    out
 }
 
 /// The error and its causes on one line, each said once: the image
@@ -378,7 +468,8 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("rvirt-img: {}", error_text(&e));
-            ExitCode::from(1)
+            // qemu-img's exit code for a check of a format without checks.
+            ExitCode::from(if e.downcast_ref::<CheckUnsupported>().is_some() { 63 } else { 1 })
         }
     }
 }

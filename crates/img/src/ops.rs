@@ -20,10 +20,15 @@ pub struct CheckOutcome {
     pub exit_code: u8,
 }
 
+/// `check` on a format without checks: qemu-img exits 63 for it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: this image format does not support checks")]
+pub struct CheckUnsupported(pub String);
+
 /// `rvirt-img check [-r leaks|all]`.
 pub fn check(path: &Path, format: Option<&str>, repair: Option<&str>) -> Result<CheckOutcome> {
     if format_of(path, format)? != Format::Qcow2 {
-        bail!("{}: this image format does not support checks", path.display());
+        return Err(CheckUnsupported(path.display().to_string()).into());
     }
     let repair = match repair {
         None => Repair::None,
@@ -31,8 +36,13 @@ pub fn check(path: &Path, format: Option<&str>, repair: Option<&str>) -> Result<
         Some("all") => Repair::All,
         Some(other) => bail!("invalid -r '{other}': expected leaks or all"),
     };
-    // Checks need the image alone, not its backing chain.
-    let img = access::open_qcow2(path, repair == Repair::None, false)?;
+    // Checks need the image alone, not its backing chain. `-r all` also
+    // opens an image marked corrupt or with unusable refcount structures.
+    let img = if repair == Repair::All {
+        access::open_qcow2_for_repair(path)?
+    } else {
+        access::open_qcow2(path, repair == Repair::None, false)?
+    };
     let report = img.check(repair).with_context(|| path.display().to_string())?;
     let exit_code = if report.corruptions > 0 {
         2
@@ -63,15 +73,18 @@ pub fn check_text(r: &CheckReport) -> String {
         s += "No errors were found on the image.\n";
     }
     let pct = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 * 100.0 / d as f64 };
-    s += &format!(
-        "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\nImage end offset: {}\n",
-        r.allocated_clusters,
-        r.total_clusters,
-        pct(r.allocated_clusters, r.total_clusters),
-        pct(r.fragmented_clusters, r.allocated_clusters),
-        pct(r.compressed_clusters, r.allocated_clusters),
-        r.image_end_offset
-    );
+    // qemu-img leaves the allocation line out for an image with nothing allocated.
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        s += &format!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+            r.allocated_clusters,
+            r.total_clusters,
+            pct(r.allocated_clusters, r.total_clusters),
+            pct(r.fragmented_clusters, r.allocated_clusters),
+            pct(r.compressed_clusters, r.allocated_clusters),
+        );
+    }
+    s += &format!("Image end offset: {}\n", r.image_end_offset);
     s
 }
 
@@ -149,7 +162,7 @@ pub fn snapshot(path: &Path, action: SnapshotAction) -> Result<String> {
     let img = access::open_qcow2(path, read_only, false)?;
     match action {
         SnapshotAction::List => return Ok(snapshot_table(&img.snapshots())),
-        SnapshotAction::Create(n) => img.create_snapshot(n)?,
+        SnapshotAction::Create(n) => img.create_snapshot_allowing_duplicate(n)?,
         SnapshotAction::Apply(n) => img.apply_snapshot(n)?,
         SnapshotAction::Delete(n) => img.delete_snapshot(n)?,
     }
@@ -511,7 +524,7 @@ pub struct Measurement {
     pub required: u64,
     /// Bytes it needs fully allocated.
     pub fully_allocated: u64,
-    /// Persistent dirty bitmaps (none here; shown for qcow2 sources as qemu-img does).
+    /// Bytes the source's persistent bitmaps take in a qcow2 copy (qcow2 sources, as qemu-img shows them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<u64>,
 }
@@ -535,12 +548,17 @@ pub fn measure(out_format: &str, cluster_size: u64, size: Option<u64>, source: O
                     data += (e.offset + e.length).next_multiple_of(cluster_size).min(size.next_multiple_of(cluster_size)) - start;
                 }
             }
-            (size, Some(data), (fmt == Format::Qcow2).then_some(0))
+            let bitmaps = match fmt {
+                Format::Qcow2 => Some(access::open_qcow2(p, true, false)?.bitmaps_size(cluster_size)),
+                Format::Raw => None,
+            };
+            (size, Some(data), bitmaps)
         }
         _ => bail!("measure needs either --size or a source image, not both"),
     };
     match out {
-        Format::Raw => Ok(Measurement { required: virtual_size, fully_allocated: virtual_size, bitmaps }),
+        // A raw copy holds no bitmaps; qemu-img shows none.
+        Format::Raw => Ok(Measurement { required: virtual_size, fully_allocated: virtual_size, bitmaps: None }),
         Format::Qcow2 => {
             if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
                 bail!("cluster size {cluster_size} is not a power of two between 512 and 2 MiB");

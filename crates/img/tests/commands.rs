@@ -3,59 +3,9 @@
 //! Debian's qemu-img (and qemu-io to write test data).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rvirt-img-cmd-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-fn ours(args: &[&str]) -> (i32, String, String) {
-    run(env!("CARGO_BIN_EXE_rvirt-img"), args)
-}
-
-/// Runs rvirt-img and asserts success.
-fn ok(args: &[&str]) -> String {
-    let (code, out, err) = ours(args);
-    assert_eq!(code, 0, "rvirt-img {args:?}: {out}{err}");
-    out
-}
-
-fn qemu(args: &[&str]) -> String {
-    let (code, out, err) = run("qemu-img", args);
-    assert_eq!(code, 0, "qemu-img {args:?}: {out}{err}");
-    out
-}
-
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(s(img));
-    let (code, out, err) = run("qemu-io", &args);
-    assert!(code == 0 && !out.contains("failed") && !err.contains("error"), "qemu-io {cmds:?}: {out}{err}");
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn identical(a: &Path, b: &Path) -> bool {
-    run("qemu-img", &["compare", s(a), s(b)]).0 == 0
-}
-
-fn check_clean(p: &Path) {
-    let out = qemu(&["check", s(p)]);
-    assert!(out.contains("No errors were found"), "{out}");
-}
+mod common;
+use common::*;
 
 /// A qcow2 image with data, a zero cluster, a compressed cluster and a hole.
 fn sample(d: &Path, name: &str) -> PathBuf {
@@ -187,7 +137,7 @@ fn check_reports_and_repairs_like_qemu_img() {
     let raw = d.join("r.raw");
     qemu(&["create", "-q", "-f", "raw", s(&raw), "1M"]);
     let (code, _, err) = ours(&["check", s(&raw)]);
-    assert!(code == 1 && err.contains("does not support checks"), "{err}");
+    assert!(code == 63 && err.contains("does not support checks"), "{err}");
     let (code, _, err) = ours(&["check", "-r", "everything", s(&p)]);
     assert!(code == 1 && err.contains("leaks or all"), "{err}");
 }
@@ -204,6 +154,16 @@ fn resize_grows_and_shrinks_only_when_asked() {
     assert!(qemu(&["info", s(&q)]).contains("4 MiB"));
     check_clean(&q);
     qemu_io(&q, &["read -P 0x41 0 1M", "read -P 0x43 3M 64k"]);
+    // With an internal snapshot, as qemu-img allows: the snapshot keeps its size and data.
+    let before = d.join("before.raw");
+    qemu(&["convert", "-O", "raw", s(&q), s(&before)]);
+    qemu(&["snapshot", "-c", "full", s(&q)]);
+    ok(&["resize", "--shrink", s(&q), "1M"]);
+    check_clean(&q);
+    assert!(qemu(&["info", s(&q)]).contains("1 MiB"));
+    ok(&["snapshot", "-a", "full", s(&q)]);
+    check_clean(&q);
+    assert!(identical(&q, &before));
     let raw = d.join("r.raw");
     ok(&["create", "-f", "raw", s(&raw), "1M"]);
     ok(&["resize", s(&raw), "3M"]);
@@ -233,8 +193,16 @@ fn snapshot_commands_interoperate_with_qemu_img() {
     assert!(!qemu(&["snapshot", "-l", s(&p)]).contains("dirty"));
     let (code, _, err) = ours(&["snapshot", "-a", "missing", s(&p)]);
     assert!(code == 1 && err.contains("no snapshot"), "{err}");
-    let (code, _, err) = ours(&["snapshot", "-c", "clean", s(&p)]);
-    assert!(code == 1 && err.contains("already exists"), "{err}");
+    // A name may repeat, as in qemu-img; -a and -d then take the first (lowest id).
+    let twin = d.join("twin.qcow2");
+    std::fs::copy(&p, &twin).unwrap();
+    ok(&["snapshot", "-c", "clean", s(&p)]);
+    qemu(&["snapshot", "-c", "clean", s(&twin)]);
+    assert_eq!(strip(&ok(&["snapshot", "-l", s(&p)])), strip(&qemu(&["snapshot", "-l", s(&twin)])));
+    ok(&["snapshot", "-d", "clean", s(&p)]);
+    qemu(&["snapshot", "-d", "clean", s(&twin)]);
+    assert_eq!(strip(&qemu(&["snapshot", "-l", s(&p)])), strip(&qemu(&["snapshot", "-l", s(&twin)])));
+    check_clean(&p);
     let info: serde_json::Value = serde_json::from_str(&ok(&["info", "--output", "json", s(&p)])).unwrap();
     let qinfo: serde_json::Value = serde_json::from_str(&qemu(&["info", "--output=json", s(&p)])).unwrap();
     assert_eq!(info["snapshots"], qinfo["snapshots"]);

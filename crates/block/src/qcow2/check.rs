@@ -77,26 +77,161 @@ impl Qcow2Image {
             self.writable()?;
         }
         let mut inner = self.lock();
+        let broken = !inner.refcount_damage.is_empty() || (repair == Repair::Leaks && self.refcounts_overlap(&mut inner)?);
+        if broken && repair != Repair::All {
+            // Setting a refcount could allocate over clusters in use.
+            let first = self.compare(&mut inner, Repair::None)?;
+            if repair == Repair::None {
+                return Ok(first);
+            }
+            return Err(crate::Error::Request("the refcount structures are damaged or overlap other data; only -r all can rebuild them".into()));
+        }
         // The census reads tables from the cache and the file alike: make them agree.
         self.commit(&mut inner)?;
-        let first = self.compare(&mut inner, repair)?;
+        let mut rebuilt = None;
+        if repair == Repair::All && (!inner.refcount_damage.is_empty() || self.refcounts_overlap(&mut inner)?) {
+            let before = self.compare(&mut inner, Repair::None)?;
+            let census = self.census(&mut inner, false)?;
+            self.rebuild_refcounts(&mut inner, &census.refs)?;
+            rebuilt = Some(before);
+        }
+        let was_rebuilt = rebuilt.is_some();
+        let first = match rebuilt {
+            Some(before) => before,
+            None => self.compare(&mut inner, repair)?,
+        };
         if repair == Repair::None || (first.leaks == 0 && first.corruptions == 0) {
+            if repair == Repair::All {
+                self.unmark_corrupt(&mut inner)?;
+            }
             return Ok(first);
         }
         if repair == Repair::All {
+            if inner.snapshot_damage.is_some() {
+                self.drop_snapshot_table(&mut inner)?;
+            }
             self.fix_copied(&mut inner)?;
         }
         self.commit(&mut inner)?;
         let mut after = self.compare(&mut inner, Repair::None)?;
         after.leaks_fixed = first.leaks.saturating_sub(after.leaks);
         after.corruptions_fixed = first.corruptions.saturating_sub(after.corruptions);
+        // What was found first, then what the repair did, then what is left.
+        let mut messages = first.messages.clone();
+        if was_rebuilt {
+            messages.push("Rebuilding refcount structure".into());
+        }
+        messages.append(&mut after.messages);
+        after.messages = messages;
+        if repair == Repair::All && after.corruptions == 0 {
+            self.unmark_corrupt(&mut inner)?;
+        }
         Ok(after)
+    }
+
+    /// A repaired image is no longer marked corrupt, as qemu-img leaves it.
+    fn unmark_corrupt(&self, inner: &mut Inner) -> Result<()> {
+        if inner.header.incompatible_features & super::INCOMPAT_CORRUPT != 0 {
+            let f = inner.header.incompatible_features & !super::INCOMPAT_CORRUPT;
+            self.write_incompatible(inner, f)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets an unreadable snapshot table (what it named cannot be found
+    /// anyway); the clusters only it used are then leaks, which the repair frees.
+    fn drop_snapshot_table(&self, inner: &mut Inner) -> Result<()> {
+        let mut field = [0u8; 12];
+        field[4..].copy_from_slice(&0u64.to_be_bytes());
+        self.file.write_all_at(&field, 60).map_err(|e| self.io(e))?;
+        self.sync()?;
+        inner.header.nb_snapshots = 0;
+        inner.header.snapshots_offset = 0;
+        inner.snapshots.clear();
+        inner.snapshot_damage = None;
+        // The leaks it leaves are freed now.
+        self.compare(inner, Repair::Leaks).map(drop)
+    }
+
+    /// Whether a refcount block or the refcount table shares a cluster with
+    /// other metadata or data (then fixing counts in place cannot work).
+    fn refcounts_overlap(&self, inner: &mut Inner) -> Result<bool> {
+        let census = self.census(inner, false)?;
+        let cs = self.cluster_size();
+        let h = &inner.header;
+        let table = (h.refcount_table_offset / cs)..(h.refcount_table_offset / cs + u64::from(h.refcount_table_clusters));
+        let taken = |c: u64| census.refs.get(c as usize).is_some_and(|&r| r > 0);
+        Ok(table.clone().any(taken) || inner.reftable.iter().any(|&b| b != 0 && (taken(b / cs) || table.contains(&(b / cs)))))
+    }
+
+    /// Writes new refcount structures after the end of the file, holding
+    /// the counts `refs` (every reference but the refcount structures'
+    /// own), and points the header at them. The old ones become free space.
+    fn rebuild_refcounts(&self, inner: &mut Inner, refs: &[u32]) -> Result<()> {
+        let cs = self.cluster_size();
+        let bits = 1u64 << inner.header.refcount_order;
+        let per_block = cs * 8 / bits;
+        let max = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+        let used = refs.iter().rposition(|&r| r > 0).map_or(1, |i| i as u64 + 1);
+        let start = used.max(inner.file_len.div_ceil(cs));
+        let (mut blocks, mut table) = (0u64, 0u64);
+        loop {
+            let total = start + table + blocks;
+            let b = total.div_ceil(per_block);
+            let t = (b * 8).div_ceil(cs).max(1);
+            if (b, t) == (blocks, table) {
+                break;
+            }
+            (blocks, table) = (b, t);
+        }
+        if table * cs > super::MAX_REFTABLE_BYTES {
+            return Err(self.corrupt(format!("a refcount table for {} clusters would be too large", start + table + blocks)));
+        }
+        let (table_off, blocks_off) = (start * cs, (start + table) * cs);
+        let total = start + table + blocks;
+        let mut entries = vec![0u64; (table * cs / 8) as usize];
+        for (i, e) in entries.iter_mut().enumerate().take(blocks as usize) {
+            let mut block = vec![0u8; cs as usize];
+            for idx in 0..per_block {
+                let c = i as u64 * per_block + idx;
+                if c >= total {
+                    break;
+                }
+                let counted = refs.get(c as usize).map_or(0, |&r| u64::from(r));
+                let value = if c >= start { 1 } else { counted.min(max) };
+                if value != 0 {
+                    super::refcount::put_refcount(&mut block, idx, bits, value);
+                }
+            }
+            let off = blocks_off + i as u64 * cs;
+            self.file.write_all_at(&block, off).map_err(|e| self.io(e))?;
+            *e = off;
+        }
+        super::write_table(&*self.file, table_off, &entries).map_err(|e| self.io(e))?;
+        self.sync()?;
+        // Offset and length are adjacent: one write switches tables.
+        let mut field = Vec::with_capacity(12);
+        field.extend_from_slice(&table_off.to_be_bytes());
+        field.extend_from_slice(&(table as u32).to_be_bytes());
+        self.file.write_all_at(&field, 48).map_err(|e| self.io(e))?;
+        self.sync()?;
+        inner.header.refcount_table_offset = table_off;
+        inner.header.refcount_table_clusters = table as u32;
+        inner.reftable = entries;
+        inner.rc_cache.clear();
+        inner.rc_lru.clear();
+        inner.rc_dirty.clear();
+        inner.file_len = inner.file_len.max(total * cs);
+        inner.next_free = total * cs;
+        inner.free_hint = 0;
+        inner.refcount_damage.clear();
+        Ok(())
     }
 
     /// Counts references, compares them with the refcounts, and writes the
     /// counted value where `repair` allows.
     fn compare(&self, inner: &mut Inner, repair: Repair) -> Result<CheckReport> {
-        let mut census = self.census(inner)?;
+        let mut census = self.census(inner, true)?;
         let cs = self.cluster_size();
         // Like qemu-img, only clusters inside the file are compared: stale
         // refcounts past its end are overwritten when the file grows.
@@ -129,8 +264,8 @@ impl Qcow2Image {
         Ok(census.report)
     }
 
-    /// Walks header, tables, snapshots and refcount structures.
-    fn census(&self, inner: &mut Inner) -> Result<Census> {
+    /// Walks header, tables, snapshots, bitmaps and (with `refcount_structures`) refcount structures.
+    fn census(&self, inner: &mut Inner, refcount_structures: bool) -> Result<Census> {
         let cs = self.cluster_size();
         let h = inner.header.clone();
         let file_clusters = inner.file_len.max(inner.next_free).div_ceil(cs);
@@ -140,15 +275,29 @@ impl Qcow2Image {
         c.add(cs, h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table");
         let l1 = inner.l1.clone();
         self.census_l1(inner, &l1, true, &mut c)?;
-        c.add(cs, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, "refcount table");
-        for &b in &inner.reftable {
-            if b != 0 {
-                c.add(cs, b, cs, "refcount block");
+        if refcount_structures {
+            if !inner.reftable.is_empty() {
+                c.add(cs, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, "refcount table");
+            }
+            for &b in &inner.reftable {
+                if b != 0 {
+                    c.add(cs, b, cs, "refcount block");
+                }
+            }
+            for d in inner.refcount_damage.iter().chain(&inner.snapshot_damage).cloned().collect::<Vec<_>>() {
+                c.corrupt(format!("ERROR {d}"));
             }
         }
         if h.nb_snapshots > 0 {
             let len = inner.snapshots.iter().map(|s| s.table_len()).sum();
             c.add(cs, h.snapshots_offset, len, "snapshot table");
+        }
+        for (off, len, what) in inner.bitmaps.stored_ranges(&*self.file, cs) {
+            if len == 0 {
+                c.corrupt(format!("ERROR {what}"));
+            } else {
+                c.add(cs, off, len, &what);
+            }
         }
         for s in inner.snapshots.clone() {
             c.add(cs, s.l1_table_offset, u64::from(s.l1_size) * 8, "snapshot L1 table");

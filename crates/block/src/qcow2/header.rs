@@ -155,14 +155,6 @@ impl Header {
             }
         };
         table_ok(h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table")?;
-        let rt_len = u64::from(h.refcount_table_clusters) * cs;
-        if rt_len > MAX_REFTABLE_BYTES {
-            return Err(corrupt(format!("refcount table of {} clusters is too large", h.refcount_table_clusters)));
-        }
-        if rt_len == 0 {
-            return Err(corrupt("no refcount table".into()));
-        }
-        table_ok(h.refcount_table_offset, rt_len, "refcount table")?;
         if h.backing_file_offset != 0 {
             if h.backing_file_size == 0 || h.backing_file_size > MAX_BACKING_NAME {
                 return Err(corrupt(format!("backing file name length {} is invalid", h.backing_file_size)));
@@ -173,6 +165,24 @@ impl Header {
             }
         }
         Ok(h)
+    }
+
+    /// What is wrong with where the header puts the refcount table, if
+    /// anything: reads do not need it, and `check -r all` rebuilds it.
+    pub fn refcount_table_problem(&self, file_len: u64) -> Option<String> {
+        let cs = self.cluster_size();
+        let rt_len = u64::from(self.refcount_table_clusters) * cs;
+        if rt_len > MAX_REFTABLE_BYTES {
+            return Some(format!("refcount table of {} clusters is too large", self.refcount_table_clusters));
+        }
+        if rt_len == 0 {
+            return Some("no refcount table".into());
+        }
+        let off = self.refcount_table_offset;
+        if off % cs != 0 || off < cs || off.checked_add(rt_len).is_none_or(|end| end > file_len) {
+            return Some(format!("refcount table at {off:#x} (+{rt_len}) is misaligned, overlaps the header or is past the end of the file"));
+        }
+        None
     }
 
     /// Cluster size in bytes.
@@ -221,7 +231,7 @@ impl Header {
 
 /// Serialises the header cluster: header, backing-format extension, kept
 /// extensions, end marker, backing file name. Updates `h`'s backing fields.
-pub(crate) fn build_header_cluster(h: &mut Header, backing: Option<(&str, Format)>, extensions: &[(u32, Vec<u8>)]) -> Result<Vec<u8>> {
+pub(crate) fn build_header_cluster(h: &mut Header, backing: Option<(&str, Option<Format>)>, extensions: &[(u32, Vec<u8>)]) -> Result<Vec<u8>> {
     let mut out = h.to_bytes();
     let ext = |out: &mut Vec<u8>, typ: u32, data: &[u8]| {
         out.extend_from_slice(&typ.to_be_bytes());
@@ -230,7 +240,7 @@ pub(crate) fn build_header_cluster(h: &mut Header, backing: Option<(&str, Format
         out.resize(out.len().next_multiple_of(8), 0);
     };
     if h.version >= 3 || backing.is_some() {
-        if let Some((_, fmt)) = backing {
+        if let Some((_, Some(fmt))) = backing {
             ext(&mut out, EXT_BACKING_FORMAT, fmt.name().as_bytes());
         }
         if h.version >= 3 {

@@ -24,11 +24,13 @@ use crate::file::{open_checked, Kind};
 use crate::lock::Permissions;
 use crate::{check_range, io_err, push_extent, BackingPolicy, BlockBackend, Error, Extent, ExtentKind, Format, ImageFile, ImageOptions, Result};
 
+pub mod bitmap;
 pub mod check;
 mod header;
 mod refcount;
 pub mod snapshot;
 
+pub use bitmap::BitmapInfo;
 pub use check::{CheckReport, Repair};
 pub use header::{read_backing_name, resolve_backing, Header};
 pub use snapshot::Snapshot;
@@ -160,6 +162,15 @@ pub(crate) struct Inner {
     compressed_cursor: u64,
     /// The dirty bit is set on disk (lazy refcounts in use).
     marked_dirty: bool,
+    /// Header extensions other than the backing format, kept when the header is rewritten.
+    extensions: Vec<(u32, Vec<u8>)>,
+    /// Persistent dirty bitmaps.
+    bitmaps: bitmap::Bitmaps,
+    /// What is unusable in the refcount table or the blocks it names (a repair rebuilds them).
+    refcount_damage: Vec<String>,
+    /// Why the snapshot table could not be read (read-only opens go on
+    /// without it; a repair drops it).
+    snapshot_damage: Option<String>,
 }
 
 /// An open qcow2 image.
@@ -171,8 +182,6 @@ pub struct Qcow2Image {
     backing: Option<Box<dyn BlockBackend>>,
     backing_name: Option<String>,
     backing_format: Option<Format>,
-    /// Header extensions other than the backing format, kept when the header is rewritten.
-    extensions: Vec<(u32, Vec<u8>)>,
     read_only: bool,
     lazy_refcounts: bool,
     /// qemu-img's `unsafe` cache mode: barriers and flushes skip `fdatasync`.
@@ -249,6 +258,22 @@ impl Qcow2Image {
     fn open_in_chain(path: &Path, opts: &ImageOptions, as_backing: bool, chain: &mut HashSet<PathBuf>) -> Result<Self> {
         enter_chain(chain, path)?;
         let read_only = opts.read_only || as_backing;
+        let file = Self::open_locked(path, opts, as_backing)?;
+        Self::from_file(file, path, read_only, opts, chain, false)
+    }
+
+    /// Opens `path` read-write, alone, for `check -r all`: an image marked
+    /// corrupt, or whose refcount table points outside the file, opens
+    /// (its refcount structures are then rebuilt by the repair).
+    pub fn open_for_repair(path: &Path, locking: crate::Locking) -> Result<Self> {
+        let opts = ImageOptions { read_only: false, locking, backing: BackingPolicy::Ignore, direct: false };
+        let file = Self::open_locked(path, &opts, false)?;
+        Self::from_file(file, path, false, &opts, &mut HashSet::new(), true)
+    }
+
+    /// The file of an image, opened and locked as `opts` say.
+    fn open_locked(path: &Path, opts: &ImageOptions, as_backing: bool) -> Result<Box<dyn ImageFile>> {
+        let read_only = opts.read_only || as_backing;
         // cache=none covers the image the guest writes; backing files are read through the page cache.
         let direct = opts.direct && !as_backing;
         let file = open_checked(path, !read_only, Kind::Regular, if direct { libc::O_DIRECT } else { 0 }).map_err(|e| {
@@ -257,25 +282,25 @@ impl Qcow2Image {
         })?;
         let perms = if as_backing { Permissions::for_backing(opts.locking) } else { Permissions::for_image(read_only, true, opts.locking) };
         crate::lock::lock(&file, path, perms)?;
-        let file: Box<dyn ImageFile> = if direct { Box::new(crate::direct::DirectFile::new(file)) } else { Box::new(file) };
-        Self::from_file(file, path, read_only, opts, chain)
+        Ok(if direct { Box::new(crate::direct::DirectFile::new(file)) } else { Box::new(file) })
     }
 
     /// Opens an image over any [`ImageFile`] (the power-loss tests use a
     /// recording one). `backing` is the image's backing file, already open.
     #[doc(hidden)]
     pub fn open_file(file: Box<dyn ImageFile>, name: &str, read_only: bool, backing: Option<Box<dyn BlockBackend>>) -> Result<Self> {
-        let mut img = Self::from_file(file, Path::new(name), read_only, &ImageOptions { read_only, backing: BackingPolicy::Ignore, ..ImageOptions::default() }, &mut HashSet::new())?;
+        let opts = ImageOptions { read_only, backing: BackingPolicy::Ignore, ..ImageOptions::default() };
+        let mut img = Self::from_file(file, Path::new(name), read_only, &opts, &mut HashSet::new(), false)?;
         img.backing = backing;
         Ok(img)
     }
 
-    fn from_file(file: Box<dyn ImageFile>, path: &Path, read_only: bool, opts: &ImageOptions, chain: &mut HashSet<PathBuf>) -> Result<Self> {
+    fn from_file(file: Box<dyn ImageFile>, path: &Path, read_only: bool, opts: &ImageOptions, chain: &mut HashSet<PathBuf>, repair: bool) -> Result<Self> {
         let name = path.display().to_string();
         let (file_len, header, HeaderCluster { backing_name, backing_format, extensions }) = read_header(file.as_ref(), path)?;
         let cs = header.cluster_size();
         let corrupt = |d: &str| Error::Corrupt { path: name.clone(), detail: d.into() };
-        if !read_only && header.incompatible_features & INCOMPAT_CORRUPT != 0 {
+        if !read_only && !repair && header.incompatible_features & INCOMPAT_CORRUPT != 0 {
             return Err(corrupt("image is marked corrupt; open it read-only or repair it"));
         }
         let backing = match &backing_name {
@@ -286,18 +311,43 @@ impl Qcow2Image {
             None => None,
         };
         let l1 = read_table(file.as_ref(), header.l1_table_offset, header.l1_size as usize).map_err(|e| io_err(path, e))?;
-        let rt_entries = (u64::from(header.refcount_table_clusters) * cs / 8) as usize;
-        let reftable: Vec<u64> = read_table(file.as_ref(), header.refcount_table_offset, rt_entries)
-            .map_err(|e| io_err(path, e))?
-            .into_iter()
-            .map(|e| e & REFT_OFFSET_MASK)
-            .collect();
-        for (i, &rb) in reftable.iter().enumerate() {
-            if rb != 0 && (rb % cs != 0 || rb < cs || rb.checked_add(cs).is_none_or(|end| end > file_len)) {
-                return Err(corrupt(&format!("refcount block {i} at {rb:#x} is outside the file or misaligned")));
+        // Reads need neither refcounts nor snapshots: a read-only open goes on
+        // without what is damaged there (with a warning the caller shows), and
+        // a repair rebuilds the refcounts. A writer must have both.
+        let tolerant = read_only || repair;
+        let mut refcount_damage = Vec::new();
+        let mut reftable = Vec::new();
+        match header.refcount_table_problem(file_len) {
+            Some(p) if tolerant => refcount_damage.push(p),
+            Some(p) => return Err(corrupt(&p)),
+            None => {
+                let rt_entries = (u64::from(header.refcount_table_clusters) * cs / 8) as usize;
+                reftable = read_table(file.as_ref(), header.refcount_table_offset, rt_entries).map_err(|e| io_err(path, e))?;
+                for (i, rb) in reftable.iter_mut().enumerate() {
+                    *rb &= REFT_OFFSET_MASK;
+                    if *rb != 0 && (*rb % cs != 0 || *rb < cs || rb.checked_add(cs).is_none_or(|end| end > file_len)) {
+                        let p = format!("refcount block {i} at {:#x} is outside the file or misaligned", *rb);
+                        if !tolerant {
+                            return Err(corrupt(&p));
+                        }
+                        refcount_damage.push(p);
+                        *rb = 0;
+                    }
+                }
             }
         }
-        let snapshots = snapshot::read_snapshot_table(file.as_ref(), &header, file_len, &name)?;
+        let mut snapshot_damage = None;
+        let snapshots = match snapshot::read_snapshot_table(file.as_ref(), &header, file_len, &name) {
+            Ok(s) => s,
+            Err(e) if tolerant => {
+                snapshot_damage = Some(format!("snapshot table: {e}; the snapshots are left out"));
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        let bitmap_ext = extensions.iter().find(|(t, _)| *t == bitmap::EXT_BITMAPS).map(|(_, d)| d.as_slice());
+        let consistent = header.autoclear_features & bitmap::AUTOCLEAR_BITMAPS != 0;
+        let bitmaps = bitmap::Bitmaps::read(file.as_ref(), bitmap_ext, consistent, cs, file_len, header.size);
         let dirty = header.incompatible_features & INCOMPAT_DIRTY != 0;
         let lazy_refcounts = !read_only && header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
         let img = Self {
@@ -308,7 +358,6 @@ impl Qcow2Image {
             backing,
             backing_name,
             backing_format,
-            extensions,
             read_only,
             lazy_refcounts,
             no_sync: AtomicBool::new(false),
@@ -330,12 +379,20 @@ impl Qcow2Image {
                 compressed_cursor: 0,
                 marked_dirty: dirty,
                 header,
+                extensions,
+                bitmaps,
+                refcount_damage,
+                snapshot_damage,
             }),
         };
         if dirty && !read_only {
             // Refcounts may be stale after a crash with lazy refcounts.
             img.check(check::Repair::All)?;
             img.set_dirty(false)?;
+        }
+        if !read_only {
+            let mut inner = img.lock();
+            img.open_bitmaps(&mut inner)?;
         }
         Ok(img)
     }
@@ -381,7 +438,7 @@ impl Qcow2Image {
     /// Creates a new, empty image of `size` bytes.
     pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> Result<Self> {
         let file = Self::write_new(path, size, opts)?;
-        let img = Self::from_file(Box::new(file), path, false, &ImageOptions::default(), &mut HashSet::new())?;
+        let img = Self::from_file(Box::new(file), path, false, &ImageOptions::default(), &mut HashSet::new(), false)?;
         if opts.preallocation != Preallocation::Off {
             img.preallocate(opts.preallocation)?;
         }
@@ -447,7 +504,7 @@ impl Qcow2Image {
             header_length,
             compression: opts.compression,
         };
-        let backing = opts.backing.as_ref().map(|(n, f)| (n.as_str(), *f));
+        let backing = opts.backing.as_ref().map(|(n, f)| (n.as_str(), Some(*f)));
         let cluster0 = build_header_cluster(&mut h, backing, &[])?;
         if cluster0.len() as u64 > cs {
             return Err(Error::Request("backing file name does not fit in the header cluster".into()));
@@ -857,6 +914,7 @@ impl Qcow2Image {
             (inner.header.size, inner.header.compression)
         };
         check_range(size, offset, data.len() as u64)?;
+        self.lock().bitmaps.mark(offset, data.len() as u64);
         if offset % cs != 0 || (data.len() as u64 != cs && offset + data.len() as u64 != size) {
             return Err(Error::Request("compressed writes must cover whole clusters".into()));
         }
@@ -914,6 +972,7 @@ impl Qcow2Image {
         let mut inner = self.lock();
         check_range(inner.header.size, offset, length)?;
         self.mark_dirty(&mut inner)?;
+        inner.bitmaps.mark(offset, length);
         let mut pos = offset;
         let end = offset + length;
         while pos < end {
@@ -935,6 +994,8 @@ impl Qcow2Image {
         let cs = self.cluster_size();
         let mut inner = self.lock();
         self.mark_dirty(&mut inner)?;
+        let size = inner.header.size;
+        inner.bitmaps.mark(0, size);
         for gc in 0..inner.header.size.div_ceil(cs) {
             let current = self.mapping(&mut inner, gc)?;
             if current != Mapping::Unallocated {
@@ -953,13 +1014,13 @@ impl Qcow2Image {
         let cs = self.cluster_size();
         let mut inner = self.lock();
         let old_size = inner.header.size;
+        self.resize_bitmaps(&mut inner, new_size)?;
         if new_size < old_size {
             if !allow_shrink {
                 return Err(Error::Request("shrinking an image can lose data; pass --shrink to confirm".into()));
             }
-            if !inner.snapshots.is_empty() {
-                return Err(Error::Request("cannot shrink an image that has internal snapshots".into()));
-            }
+            // Internal snapshots keep their own tables (and sizes): only the
+            // active layer loses the clusters past the new end, as in qemu-img.
             if new_size % cs != 0 {
                 // Zero the tail of the last cluster so growing again shows zeros.
                 let n = (cs - new_size % cs).min(old_size - new_size);
@@ -1025,8 +1086,11 @@ impl Qcow2Image {
     pub fn set_backing_file(self, backing: Option<(&str, Format)>) -> Result<()> {
         self.writable()?;
         let cs = self.cluster_size();
-        let mut h = self.lock().header.clone();
-        let cluster0 = build_header_cluster(&mut h, backing, &self.extensions)?;
+        let (mut h, extensions) = {
+            let inner = self.lock();
+            (inner.header.clone(), inner.extensions.clone())
+        };
+        let cluster0 = build_header_cluster(&mut h, backing.map(|(n, f)| (n, Some(f))), &extensions)?;
         if cluster0.len() as u64 > cs {
             return Err(Error::Request("backing file name does not fit in the header cluster".into()));
         }
@@ -1034,6 +1098,21 @@ impl Qcow2Image {
         self.file.write_all_at(&cluster0, 0).map_err(|e| self.io(e))?;
         self.sync()?;
         self.lock().header = h;
+        Ok(())
+    }
+
+    /// Rewrites the header cluster from `inner` (header fields, extensions,
+    /// the backing file as recorded) and makes it durable.
+    pub(crate) fn write_header_cluster(&self, inner: &mut Inner) -> Result<()> {
+        let mut h = inner.header.clone();
+        let backing = self.backing_name.as_deref().map(|n| (n, self.backing_format));
+        let cluster0 = build_header_cluster(&mut h, backing, &inner.extensions)?;
+        if cluster0.len() as u64 > self.cluster_size() {
+            return Err(Error::Request("the header extensions do not fit in the header cluster".into()));
+        }
+        self.file.write_all_at(&cluster0, 0).map_err(|e| self.io(e))?;
+        self.sync()?;
+        inner.header = h;
         Ok(())
     }
 
@@ -1063,7 +1142,7 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn write_incompatible(&self, inner: &mut Inner, features: u64) -> Result<()> {
+    pub(crate) fn write_incompatible(&self, inner: &mut Inner, features: u64) -> Result<()> {
         if inner.header.version < 3 {
             return Ok(());
         }
@@ -1108,11 +1187,34 @@ impl Qcow2Image {
         Ok(out)
     }
 
+    /// Closes the image and says whether everything reached the file
+    /// (bitmaps stored, tables and refcounts written): what `Drop` can only log.
+    pub fn close(self) -> Result<()> {
+        if !self.read_only {
+            let mut inner = self.lock();
+            self.store_bitmaps(&mut inner)?;
+            self.commit(&mut inner)?;
+            self.flush_refcounts(&mut inner)?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
     /// Closes the image as a crash would: what is cached in memory is lost
     /// (tests of crash consistency).
     #[doc(hidden)]
     pub fn simulate_crash(self) {
         self.abandoned.store(true, Ordering::Relaxed);
+    }
+
+    /// What this open went on without: a damaged refcount structure or
+    /// snapshot table (read-only and repairing opens only), damaged bitmaps.
+    pub fn damage_found(&self) -> Vec<String> {
+        let inner = self.lock();
+        let mut out = inner.refcount_damage.clone();
+        out.extend(inner.snapshot_damage.clone());
+        out.extend(inner.bitmaps.damage.clone().map(|d| format!("bitmaps: {d}")));
+        out
     }
 
     /// The backing image, when there is one.
@@ -1143,6 +1245,9 @@ impl Drop for Qcow2Image {
         // the dirty bit. A failure here leaves at most leaks (or the dirty
         // bit set, and the next open repairs).
         let mut inner = self.lock();
+        if let Err(e) = self.store_bitmaps(&mut inner) {
+            tracing::warn!(image = %self.name, error = %e, "storing the persistent bitmaps failed; they stay marked in use");
+        }
         if inner.rc_dirty.is_empty() && inner.l2_dirty.is_empty() && inner.pending_free.is_empty() && !inner.marked_dirty {
             return;
         }
@@ -1252,7 +1357,11 @@ impl BlockBackend for Qcow2Image {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         let cs = self.cluster_size();
-        check_range(self.lock().header.size, offset, buf.len() as u64)?;
+        {
+            let mut inner = self.lock();
+            check_range(inner.header.size, offset, buf.len() as u64)?;
+            inner.bitmaps.mark(offset, buf.len() as u64);
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -1305,6 +1414,9 @@ impl BlockBackend for Qcow2Image {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
+    fn damage(&self) -> Vec<String> {
+        self.damage_found()
+    }
     fn create_snapshot(&self, name: &str) -> Result<()> {
         Qcow2Image::create_snapshot(self, name)
     }
@@ -1320,124 +1432,4 @@ impl BlockBackend for Qcow2Image {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tmp(name: &str) -> PathBuf {
-        crate::test_path("qcow2", name)
-    }
-
-    #[test]
-    fn header_round_trips() {
-        let p = tmp("h.qcow2");
-        let img = Qcow2Image::create(&p, 1 << 30, &CreateOptions::default()).unwrap();
-        let h = img.header().clone();
-        assert_eq!((h.version, h.cluster_bits, h.size, h.l1_size, h.refcount_order), (3, 16, 1 << 30, 2, 4));
-        let bytes = h.to_bytes();
-        assert_eq!(Header::parse(&bytes, 1 << 20, "x").unwrap(), h);
-    }
-
-    #[test]
-    fn refcount_packing_for_every_width() {
-        for order in 0..=6u32 {
-            let bits = 1u64 << order;
-            let mut block = vec![0u8; 64];
-            let max = if bits == 64 { u64::MAX } else { (1 << bits) - 1 };
-            for idx in 0..(64 * 8 / bits).min(20) {
-                refcount::put_refcount(&mut block, idx, bits, max.min(idx + 1));
-            }
-            for idx in 0..(64 * 8 / bits).min(20) {
-                assert_eq!(refcount::get_refcount(&block, idx, bits), max.min(idx + 1), "order {order} idx {idx}");
-            }
-        }
-    }
-
-    #[test]
-    fn bad_headers_are_named() {
-        let p = tmp("bad.qcow2");
-        let img = Qcow2Image::create(&p, 1 << 20, &CreateOptions::default()).unwrap();
-        let good = img.header().to_bytes();
-        let len = 4 * 65536;
-        let mutate = |f: &dyn Fn(&mut Vec<u8>)| {
-            let mut b = good.clone();
-            f(&mut b);
-            Header::parse(&b, len, "img").unwrap_err().to_string()
-        };
-        assert!(mutate(&|b| b[0] = b'X').contains("not a qcow2"));
-        assert!(mutate(&|b| b[7] = 9).contains("version 9"));
-        assert!(mutate(&|b| b[23] = 40).contains("cluster bits 40"));
-        assert!(mutate(&|b| b[35] = 1).contains("encrypted"));
-        assert!(mutate(&|b| b[24..32].copy_from_slice(&(1u64 << 62).to_be_bytes())).contains("32 MiB"));
-        assert!(mutate(&|b| b[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes())).contains("past the end"));
-        assert!(mutate(&|b| b[40..48].copy_from_slice(&0u64.to_be_bytes())).contains("overlaps the header"));
-        assert!(mutate(&|b| b[48..56].copy_from_slice(&12345u64.to_be_bytes())).contains("not cluster aligned"));
-        assert!(mutate(&|b| b[72..80].copy_from_slice(&(1u64 << 40).to_be_bytes())).contains("unknown incompatible"));
-        assert!(mutate(&|b| b[99] = 9).contains("refcount order 9"));
-        assert!(mutate(&|b| b.truncate(50)).contains("truncated"));
-        assert!(Header::parse(&good, 100, "img").unwrap_err().to_string().contains("past the end"));
-    }
-
-    #[test]
-    fn write_read_and_map() {
-        let p = tmp("rw.qcow2");
-        let img = Qcow2Image::create(&p, 8 << 20, &CreateOptions::default()).unwrap();
-        img.write_at(&[0xaa; 1000], 70_000).unwrap();
-        let mut b = vec![0u8; 3000];
-        img.read_at(&mut b, 69_000).unwrap();
-        assert!(b[..1000].iter().all(|&x| x == 0));
-        assert!(b[1000..2000].iter().all(|&x| x == 0xaa));
-        assert!(b[2000..].iter().all(|&x| x == 0));
-        let m = img.map(0, 8 << 20).unwrap();
-        assert_eq!(m[1], Extent { offset: 65536, length: 65536, kind: ExtentKind::Data });
-        img.write_zeroes(65536, 65536).unwrap();
-        img.read_at(&mut b, 69_000).unwrap();
-        assert!(b.iter().all(|&x| x == 0));
-        drop(img);
-        let again = Qcow2Image::open(&p, true).unwrap();
-        again.read_at(&mut b, 69_000).unwrap();
-        assert!(b.iter().all(|&x| x == 0));
-        assert!(matches!(again.write_at(&[1], 0), Err(Error::ReadOnly(_))));
-        let mut big = vec![0u8; 2];
-        assert!(again.read_at(&mut big, (8 << 20) - 1).is_err());
-    }
-
-    #[test]
-    fn refused_create_leaves_no_file() {
-        // 512-byte clusters: an L1 table for 16 GiB needs 512 clusters, more
-        // than one refcount block (256 entries) can count.
-        let p = tmp("toobig.qcow2");
-        let _ = std::fs::remove_file(&p);
-        let e = Qcow2Image::create(&p, 16 << 30, &CreateOptions { cluster_bits: 9, ..Default::default() }).err().unwrap();
-        assert!(e.to_string().contains("use larger clusters"), "{e}");
-        assert!(!p.exists(), "a refused create must not leave a file behind");
-    }
-
-    #[test]
-    fn an_overlay_opened_alone_never_uncovers_or_drops_its_backing_data() {
-        let base = tmp("alone-base.raw");
-        std::fs::write(&base, vec![7u8; 1 << 20]).unwrap();
-        let top = tmp("alone-top.qcow2");
-        let _ = std::fs::remove_file(&top);
-        drop(Qcow2Image::create(&top, 1 << 20, &CreateOptions { backing: Some(("alone-base.raw".into(), Format::Raw)), ..Default::default() }).unwrap());
-        let alone = Qcow2Image::open_with(&top, &ImageOptions { backing: BackingPolicy::Ignore, ..ImageOptions::default() }).unwrap();
-        assert!(alone.write_at(&[1u8; 100], 0).unwrap_err().to_string().contains("needs the backing file open"));
-        alone.discard(65536, 65536).unwrap();
-        drop(alone);
-        let full = Qcow2Image::open(&top, true).unwrap();
-        let mut b = vec![0u8; 65536];
-        full.read_at(&mut b, 65536).unwrap();
-        assert!(b.iter().all(|&x| x == 0), "a discard over a backing file reads as zeros");
-        full.read_at(&mut b, 0).unwrap();
-        assert!(b.iter().all(|&x| x == 7), "the refused write changed nothing");
-    }
-
-    #[test]
-    fn backing_chain_loop_is_refused() {
-        let a = tmp("loop-a.qcow2");
-        let b = tmp("loop-b.qcow2");
-        Qcow2Image::create(&a, 1 << 20, &CreateOptions { backing: Some(("loop-b.qcow2".into(), Format::Qcow2)), ..Default::default() }).err();
-        Qcow2Image::create(&b, 1 << 20, &CreateOptions { backing: Some(("loop-a.qcow2".into(), Format::Qcow2)), ..Default::default() }).err();
-        let e = Qcow2Image::open(&a, true).err().unwrap().to_string();
-        assert!(e.contains("loops"), "{e}");
-    }
-}
+mod tests;

@@ -141,15 +141,26 @@ impl Qcow2Image {
         self.lock().snapshots.clone()
     }
 
-    /// Takes a disk-only internal snapshot named `name` (`qemu-img snapshot -c`).
+    /// Takes a disk-only internal snapshot named `name`, refusing a name
+    /// already taken (a VM's snapshots are found by name).
     pub fn create_snapshot(&self, name: &str) -> Result<()> {
+        self.take_snapshot(name, false)
+    }
+
+    /// `qemu-img snapshot -c`: like [`Self::create_snapshot`], but a name may
+    /// repeat, as qemu-img allows (each snapshot keeps its own id).
+    pub fn create_snapshot_allowing_duplicate(&self, name: &str) -> Result<()> {
+        self.take_snapshot(name, true)
+    }
+
+    fn take_snapshot(&self, name: &str, allow_duplicate: bool) -> Result<()> {
         self.writable()?;
         if name.is_empty() || name.len() > u16::MAX as usize {
             return Err(Error::Request("a snapshot name must be 1 to 65535 bytes".into()));
         }
         let cs = self.cluster_size();
         let mut inner = self.lock();
-        if inner.snapshots.iter().any(|s| s.name == name) {
+        if !allow_duplicate && inner.snapshots.iter().any(|s| s.name == name) {
             return Err(Error::Request(format!("snapshot '{name}' already exists")));
         }
         if inner.snapshots.len() as u32 >= MAX_SNAPSHOTS {
@@ -192,6 +203,13 @@ impl Qcow2Image {
         let mut inner = self.lock();
         self.commit(&mut inner)?;
         let snap = find(&inner.snapshots, which)?.clone();
+        // Enabled bitmaps record the switch as a write of the whole disk,
+        // and follow the disk to the snapshot's size.
+        if let Some(size) = snap.disk_size.filter(|&s| s != inner.header.size) {
+            self.resize_bitmaps(&mut inner, size)?;
+        }
+        let size = snap.disk_size.unwrap_or(inner.header.size);
+        inner.bitmaps.mark(0, size);
         let mut snap_l1 = read_table(&*self.file, snap.l1_table_offset, snap.l1_size as usize).map_err(|e| self.io(e))?;
         if snap.l1_size > inner.header.l1_size {
             self.grow_l1(&mut inner, snap.l1_size as usize)?;
