@@ -308,7 +308,7 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
             if let Some(b) = img.backing_file() {
                 info.backing_filename = Some(b.to_string());
                 info.full_backing_filename = Some(resolve_backing(path, b).display().to_string());
-                info.backing_filename_format = img.backing_format().map(|f| f.name().to_string());
+                info.backing_filename_format = img.backing_format_name();
             }
         }
     }

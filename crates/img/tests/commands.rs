@@ -103,6 +103,17 @@ fn sizes_are_whole_sectors_as_with_qemu_img() {
         }
         assert_eq!(size(&a), size(&b), "{fmt}: the same size after the resize");
     }
+    // A raw source of odd length converts to whole sectors, as qemu-img's copy.
+    let odd = d.join("odd.raw");
+    std::fs::write(&odd, vec![0x5au8; 1000]).unwrap();
+    for fmt in ["raw", "qcow2"] {
+        let (a, b) = (d.join(format!("conv-ours.{fmt}")), d.join(format!("conv-theirs.{fmt}")));
+        ok(&["convert", "-O", fmt, s(&odd), s(&a)]);
+        qemu(&["convert", "-O", fmt, s(&odd), s(&b)]);
+        let info = |p: &Path| -> serde_json::Value { serde_json::from_str(&qemu(&["info", "-f", fmt, "--output=json", s(p)])).unwrap() };
+        assert_eq!(info(&a)["virtual-size"], info(&b)["virtual-size"], "{fmt}");
+        assert!(identical(&a, &b), "{fmt}");
+    }
 }
 
 #[test]

@@ -284,6 +284,9 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
 pub(crate) struct HeaderCluster {
     pub(crate) backing_name: Option<String>,
     pub(crate) backing_format: Option<Format>,
+    /// A recorded backing format rvirt does not read (kept in `extensions`
+    /// as it is, so rewriting the header keeps it).
+    pub(crate) backing_format_unknown: Option<String>,
     pub(crate) extensions: Vec<(u32, Vec<u8>)>,
 }
 
@@ -292,6 +295,7 @@ pub(crate) struct HeaderCluster {
 pub(crate) fn parse_header_cluster(hc: &[u8], header: &Header, name: &str) -> Result<HeaderCluster> {
     let corrupt = |d: &str| Error::Corrupt { path: name.into(), detail: d.into() };
     let mut backing_format = None;
+    let mut backing_format_unknown = None;
     let mut extensions = Vec::new();
     let mut off = header.header_length as usize;
     loop {
@@ -308,7 +312,14 @@ pub(crate) fn parse_header_cluster(hc: &[u8], header: &Header, name: &str) -> Re
         }
         if typ == EXT_BACKING_FORMAT {
             let fmt = String::from_utf8_lossy(&hc[off + 8..data_end]).into_owned();
-            backing_format = Some(Format::parse(&fmt).map_err(|_| Error::Unsupported { path: name.into(), detail: format!("backing format '{fmt}'") })?);
+            match Format::parse(&fmt) {
+                Ok(f) => backing_format = Some(f),
+                Err(_) => {
+                    // Opening the backing file will refuse it; the header itself reads on (info).
+                    backing_format_unknown = Some(fmt);
+                    extensions.push((typ, hc[off + 8..data_end].to_vec()));
+                }
+            }
         } else {
             extensions.push((typ, hc[off + 8..data_end].to_vec()));
         }
@@ -329,7 +340,7 @@ pub(crate) fn parse_header_cluster(hc: &[u8], header: &Header, name: &str) -> Re
         }
         backing_name = Some(bname);
     }
-    Ok(HeaderCluster { backing_name, backing_format, extensions })
+    Ok(HeaderCluster { backing_name, backing_format, backing_format_unknown, extensions })
 }
 
 /// The backing file name and recorded backing format of the qcow2 image at
@@ -337,6 +348,9 @@ pub(crate) fn parse_header_cluster(hc: &[u8], header: &Header, name: &str) -> Re
 pub fn read_backing_name(path: &Path) -> Result<Option<(String, Option<Format>)>> {
     let file = open_checked(path, false, Kind::Regular, 0).map_err(|e| io_err(path, e))?;
     let (_, _, hc) = read_header(&file, path)?;
+    if let (Some(_), Some(f)) = (&hc.backing_name, &hc.backing_format_unknown) {
+        return Err(Error::Unsupported { path: path.display().to_string(), detail: format!("backing format '{f}'") });
+    }
     Ok(hc.backing_name.map(|n| (n, hc.backing_format)))
 }
 

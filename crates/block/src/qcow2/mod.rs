@@ -182,6 +182,8 @@ pub struct Qcow2Image {
     backing: Option<Box<dyn BlockBackend>>,
     backing_name: Option<String>,
     backing_format: Option<Format>,
+    /// A recorded backing format rvirt does not read (shown by `info`).
+    backing_format_unknown: Option<String>,
     read_only: bool,
     lazy_refcounts: bool,
     /// qemu-img's `unsafe` cache mode: barriers and flushes skip `fdatasync`.
@@ -297,13 +299,17 @@ impl Qcow2Image {
 
     fn from_file(file: Box<dyn ImageFile>, path: &Path, read_only: bool, opts: &ImageOptions, chain: &mut HashSet<PathBuf>, repair: bool) -> Result<Self> {
         let name = path.display().to_string();
-        let (file_len, header, HeaderCluster { backing_name, backing_format, extensions }) = read_header(file.as_ref(), path)?;
+        let (file_len, header, HeaderCluster { backing_name, backing_format, backing_format_unknown, extensions }) = read_header(file.as_ref(), path)?;
         let cs = header.cluster_size();
         let corrupt = |d: &str| Error::Corrupt { path: name.clone(), detail: d.into() };
         if !read_only && !repair && header.incompatible_features & INCOMPAT_CORRUPT != 0 {
             return Err(corrupt("image is marked corrupt; open it read-only or repair it"));
         }
         let backing = match &backing_name {
+            Some(_) if matches!(opts.backing, BackingPolicy::RecordedFormat | BackingPolicy::Probe) && backing_format_unknown.is_some() => {
+                let f = backing_format_unknown.unwrap_or_default();
+                return Err(Error::Unsupported { path: name, detail: format!("backing format '{f}'") });
+            }
             Some(bname) => Self::open_backing(path, bname, backing_format, opts, chain)?,
             None if matches!(&opts.backing, BackingPolicy::Given(l) if !l.is_empty()) => {
                 return Err(Error::Request(format!("{name}: a backing chain was given, but the image has no backing file")));
@@ -358,6 +364,7 @@ impl Qcow2Image {
             backing,
             backing_name,
             backing_format,
+            backing_format_unknown,
             read_only,
             lazy_refcounts,
             no_sync: AtomicBool::new(false),
@@ -568,6 +575,11 @@ impl Qcow2Image {
     /// The backing file's format as recorded in the image.
     pub fn backing_format(&self) -> Option<Format> {
         self.backing_format
+    }
+
+    /// The backing format the image records, also one rvirt does not read (`info`).
+    pub fn backing_format_name(&self) -> Option<String> {
+        self.backing_format.map(|f| f.name().to_string()).or_else(|| self.backing_format_unknown.clone())
     }
 
     /// The image file's path.
@@ -1088,7 +1100,8 @@ impl Qcow2Image {
         let cs = self.cluster_size();
         let (mut h, extensions) = {
             let inner = self.lock();
-            (inner.header.clone(), inner.extensions.clone())
+            // The new backing format replaces any recorded one.
+            (inner.header.clone(), inner.extensions.iter().filter(|(t, _)| *t != EXT_BACKING_FORMAT).cloned().collect::<Vec<_>>())
         };
         let cluster0 = build_header_cluster(&mut h, backing.map(|(n, f)| (n, Some(f))), &extensions)?;
         if cluster0.len() as u64 > cs {
