@@ -35,6 +35,53 @@ pub struct ConvertRequest {
     pub bitmaps: bool,
     /// With `bitmaps`, leave out inconsistent ones instead of failing (`--skip-broken-bitmaps`).
     pub skip_broken_bitmaps: bool,
+    /// Write into an existing destination instead of creating it (`-n`).
+    pub existing_target: bool,
+    /// With `existing_target`: it already reads as zeros, so zeros are not written (`--target-is-zero`).
+    pub target_is_zero: bool,
+    /// The new image's backing file (`-B`): only what the source's top layer stores is copied.
+    pub backing: Option<String>,
+    /// The backing file's format (`-F`).
+    pub backing_format: Option<String>,
+    /// Smallest run of zeros left unallocated (`-S`; 0 writes everything, fully allocating).
+    pub sparse_size: Option<u64>,
+    /// Writes may land out of order (`-W`): a qcow2 destination is written by every worker.
+    pub out_of_order: bool,
+    /// Copy this internal snapshot of the source (`-l`/`-s`: id or name) instead of its active layer.
+    pub snapshot: Option<String>,
+    /// Bytes per second at most (`-r`).
+    pub rate_limit: Option<u64>,
+}
+
+/// One piece of work: copy `len` bytes at `pos`, or only make them read as zeros.
+#[derive(Clone, Copy, Debug)]
+struct Chunk {
+    pos: u64,
+    len: u64,
+    zero_only: bool,
+}
+
+/// qemu-img's `-r`: a cap on bytes copied per second, shared by the workers.
+struct RateLimit {
+    rate: Option<u64>,
+    start: std::time::Instant,
+    bytes: AtomicU64,
+}
+
+impl RateLimit {
+    fn new(rate: Option<u64>) -> Self {
+        Self { rate, start: std::time::Instant::now(), bytes: AtomicU64::new(0) }
+    }
+
+    /// Counts `n` bytes and sleeps until the copy is back under the cap.
+    fn take(&self, n: u64) {
+        let Some(rate) = self.rate.filter(|&r| r > 0) else { return };
+        let total = self.bytes.fetch_add(n, Ordering::Relaxed) + n;
+        let due = std::time::Duration::from_secs_f64(total as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
 }
 
 /// Whether a qemu-img cache mode (`-t`) makes convert flush at the end.
@@ -64,6 +111,51 @@ fn page_aligned(storage: &mut [u8], len: usize) -> &mut [u8] {
 enum Dest {
     Raw(Box<dyn BlockBackend>),
     Qcow2 { img: Qcow2Image, compress: bool },
+}
+
+/// How the destination takes the zeros it is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Zeros {
+    /// Left unallocated: the destination is new and reads zeros there.
+    Skip,
+    /// Written as zeros the cheap way (zero clusters, holes): a backing file
+    /// or an existing destination would otherwise show through.
+    Explicit,
+    /// Written like data (`-S 0`): a fully allocated destination.
+    Allocate,
+}
+
+struct Target {
+    dest: Dest,
+    zeros: Zeros,
+}
+
+impl Target {
+    fn backend(&self) -> &dyn BlockBackend {
+        self.dest.backend()
+    }
+
+    /// Writes `buf` at `pos`: data as data, zeros as `zeros` says. Returns the data bytes written.
+    fn write(&self, buf: &[u8], pos: u64) -> rvirt_block::Result<u64> {
+        match self.zeros {
+            Zeros::Allocate => self.backend().write_at(buf, pos).map(|()| buf.len() as u64),
+            Zeros::Skip => self.dest.write(buf, pos),
+            Zeros::Explicit => {
+                let piece = self.dest.alignment() as usize;
+                for (i, p) in buf.chunks(piece).enumerate() {
+                    if rvirt_block::is_zero(p) {
+                        self.backend().write_zeroes(pos + (i * piece) as u64, p.len() as u64)?;
+                    }
+                }
+                self.dest.write(buf, pos)
+            }
+        }
+    }
+
+    /// Whether an all-zero buffer still needs writing.
+    fn writes_zeros(&self) -> bool {
+        self.zeros != Zeros::Skip
+    }
 }
 
 impl Dest {
@@ -121,177 +213,305 @@ impl Dest {
 
 /// Copies every byte that reads as non-zero, with `workers` threads; holes,
 /// zero clusters and every all-zero destination cluster (a raw file: page)
-/// stay unallocated in the destination.
+/// stay unallocated in the destination (unless a backing file, an existing
+/// destination or `-S 0` needs them written).
 /// Returns the bytes written.
 pub fn convert(req: &ConvertRequest) -> Result<u64> {
     let sfmt = access::format_of(&req.source, req.source_format.as_deref())?;
+    let dfmt = Format::parse(req.dest_format.as_deref().unwrap_or("raw"))?;
+    check_request(req, sfmt, dfmt)?;
     // Writing over the source (or a file of its chain) would destroy it as it is read.
     let mut sources = vec![req.source.clone()];
     sources.extend(access::chain_below(&req.source, sfmt)?.into_iter().map(|l| l.path));
     access::refuse_overlap(&req.dest, &sources, "destination")?;
-    let src = access::open(&req.source, sfmt, true)?;
-    if req.options.iter().any(|o| o.split(',').any(|kv| kv.starts_with("backing_file="))) {
-        bail!("convert does not create backed images; convert first, then rebase");
+    let (src, top): (Box<dyn BlockBackend>, Option<Qcow2Image>) = match (&req.snapshot, sfmt) {
+        (Some(snap), Format::Qcow2) => {
+            let img = access::open_qcow2(&req.source, true, true)?;
+            img.view_snapshot(snap).with_context(|| req.source.display().to_string())?;
+            (Box::new(img), None)
+        }
+        (Some(_), Format::Raw) => bail!("{}: a raw image has no snapshots (-l)", req.source.display()),
+        (None, _) => {
+            // With -B, what the source's own top layer stores is what is copied.
+            let top = if req.backing.is_some() && sfmt == Format::Qcow2 { Some(access::open_qcow2(&req.source, true, false)?) } else { None };
+            (access::open(&req.source, sfmt, true)?, top)
+        }
+    };
+    if req.bitmaps {
+        crate::bitmaps::check_copy_bitmaps(&req.source, sfmt, dfmt, req.skip_broken_bitmaps)?;
     }
-    let dfmt = Format::parse(req.dest_format.as_deref().unwrap_or("raw"))?;
+    let size = src.size();
+    // Written under a temporary name, moved into place when complete and
+    // removed on any failure (a full disk leaves no half image behind); an
+    // existing destination (-n) is written where it is.
+    let out = if req.existing_target { None } else { Some(access::Output::new(&req.dest)?) };
+    let at = out.as_ref().map_or(req.dest.as_path(), |o| o.path());
+    if out.is_some() {
+        let create_req = CreateRequest {
+            path: req.dest.clone(),
+            format: req.dest_format.clone(),
+            size: Some(size),
+            options: req.options.clone(),
+            backing_file: req.backing.clone(),
+            backing_format: req.backing_format.clone(),
+        };
+        create_at(&create_req, at)?;
+    }
+    let dest = match dfmt {
+        Format::Qcow2 => {
+            let img = Qcow2Image::open(at, false).with_context(|| req.dest.display().to_string())?;
+            img.set_cache_unsafe(!req.flush);
+            Dest::Qcow2 { img, compress: req.compress }
+        }
+        Format::Raw => Dest::Raw(rvirt_block::open(at, dfmt, false).with_context(|| req.dest.display().to_string())?),
+    };
+    if dest.backend().size() < size {
+        bail!("output file is smaller than input file");
+    }
+    let zeros = match (req.sparse_size, req.backing.is_some() || (req.existing_target && !req.target_is_zero)) {
+        (Some(0), _) => Zeros::Allocate,
+        (_, true) => Zeros::Explicit,
+        _ => Zeros::Skip,
+    };
+    let dst = Target { dest, zeros };
+    let chunks = work(src.as_ref(), top.as_ref(), &dst, size)?;
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    let progress = Progress::new(req.progress);
+    let limit = RateLimit::new(req.rate_limit);
+    let workers = if req.workers == 0 { DEFAULT_WORKERS } else { req.workers }.min(chunks.len().max(1));
+    let chunk = CONVERT_CHUNK.max(dst.dest.alignment());
+    // A qcow2 destination grows by appending, and parallel appends contend
+    // on the file's inode lock: one writer in order (unless -W). Raw
+    // destinations are already full size, and compression wants every core:
+    // parallel writes.
+    let ordered = matches!(dst.dest, Dest::Qcow2 { compress: false, .. }) && !req.out_of_order;
+    let copy = Copy { src: src.as_ref(), dst: &dst, chunks: &chunks, chunk, workers, progress: &progress, total, limit: &limit };
+    let copied = if ordered { copy.ordered()? } else { copy.parallel()? };
+    // A qcow2 destination writes its cached tables here (without fdatasync
+    // in the unsafe cache mode), so a full disk is an error, not a silent loss.
+    if req.flush || matches!(dst.dest, Dest::Qcow2 { .. }) {
+        dst.backend().flush()?;
+    }
+    // Closing writes the qcow2 tables still cached; only then is the image whole.
+    drop(dst);
+    if req.bitmaps {
+        crate::bitmaps::copy_bitmaps(&req.source, sfmt, at, req.skip_broken_bitmaps)?;
+    }
+    if let Some(out) = out {
+        out.finish()?;
+    }
+    progress.finish();
+    Ok(copied)
+}
+
+/// Refuses what qemu-img refuses, before anything is opened for writing.
+fn check_request(req: &ConvertRequest, sfmt: Format, dfmt: Format) -> Result<()> {
+    if req.options.iter().any(|o| o.split(',').any(|kv| kv.starts_with("backing_file="))) {
+        bail!("give the new image's backing file with -B (and -F), not -o backing_file");
+    }
     if req.compress && dfmt != Format::Qcow2 {
         bail!("-c (compression) needs a qcow2 destination (-O qcow2)");
     }
     if req.skip_broken_bitmaps && !req.bitmaps {
         bail!("--skip-broken-bitmaps is only valid with --bitmaps");
     }
-    if req.bitmaps {
-        crate::bitmaps::check_copy_bitmaps(&req.source, sfmt, dfmt, req.skip_broken_bitmaps)?;
+    if req.target_is_zero && !req.existing_target {
+        bail!("--target-is-zero requires use of -n flag");
     }
-    // Written under a temporary name, moved into place when complete and
-    // removed on any failure (a full disk leaves no half image behind).
-    let out = access::Output::new(&req.dest)?;
-    let create_req =
-        CreateRequest { path: req.dest.clone(), format: req.dest_format.clone(), size: Some(src.size()), options: req.options.clone(), ..Default::default() };
-    create_at(&create_req, out.path())?;
-    let dst = match dfmt {
-        Format::Qcow2 => {
-            let img = Qcow2Image::open(out.path(), false).with_context(|| req.dest.display().to_string())?;
-            img.set_cache_unsafe(!req.flush);
-            Dest::Qcow2 { img, compress: req.compress }
+    if req.backing.is_some() {
+        if dfmt != Format::Qcow2 {
+            bail!("Backing file not supported for file format '{}'", dfmt.name());
         }
-        Format::Raw => Dest::Raw(rvirt_block::open(out.path(), dfmt, false).with_context(|| req.dest.display().to_string())?),
-    };
-    let size = src.size();
-    // Work items: pieces of the extents that may hold data, aligned for the destination.
-    let align = dst.alignment();
+        if req.existing_target {
+            bail!("-B cannot be used with -n: the existing image keeps its own backing file");
+        }
+        if req.snapshot.is_some() {
+            bail!("-B cannot be used with -l: a snapshot's view has no top layer of its own");
+        }
+    }
+    if req.backing_format.is_some() && req.backing.is_none() {
+        bail!("-F needs -B");
+    }
+    if let Some(s) = req.sparse_size {
+        if s % 512 != 0 || s > 16 << 20 {
+            bail!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).");
+        }
+    }
+    if req.existing_target && req.options.iter().any(|o| !o.is_empty()) {
+        bail!("-o cannot be used with -n: the existing image is not created");
+    }
+    let _ = sfmt;
+    Ok(())
+}
+
+/// The pieces to copy, aligned for the destination: the extents that may
+/// hold data (with -B, those the source's own top layer stores); with
+/// explicit zeros, the rest as zero-only pieces; with -S 0, everything.
+fn work(src: &dyn BlockBackend, top: Option<&Qcow2Image>, dst: &Target, size: u64) -> Result<Vec<Chunk>> {
+    use rvirt_block::qcow2::Stored;
+    let align = dst.dest.alignment();
     let chunk = CONVERT_CHUNK.max(align);
+    // (offset, length, copied?) for the whole disk.
+    let mut ranges: Vec<(u64, u64, Option<bool>)> = Vec::new();
+    match top {
+        Some(top) => {
+            for e in top.host_map(0, size)? {
+                // Unallocated in the top: the new backing file shows through.
+                let kind = match e.stored {
+                    Stored::Unallocated => None,
+                    Stored::Zero => Some(false),
+                    Stored::Data { .. } => Some(true),
+                };
+                ranges.push((e.offset, e.length, kind));
+            }
+        }
+        None => {
+            for e in src.map(0, size)? {
+                let data = e.kind == ExtentKind::Data || e.kind == ExtentKind::Backing;
+                ranges.push((e.offset, e.length, Some(data)));
+            }
+        }
+    }
+    if dst.zeros == Zeros::Allocate {
+        ranges = vec![(0, size, Some(true))];
+    }
     let mut chunks = Vec::new();
     let mut covered = 0u64;
-    for extent in src.map(0, size)? {
-        if extent.kind != ExtentKind::Data && extent.kind != ExtentKind::Backing {
+    for (offset, length, kind) in ranges {
+        let Some(data) = kind else { continue };
+        if !data && dst.zeros == Zeros::Skip {
             continue;
         }
-        let mut pos = (extent.offset / align * align).max(covered);
-        let end = (extent.offset + extent.length).next_multiple_of(align).min(size);
+        let mut pos = if data { (offset / align * align).max(covered) } else { offset.max(covered) };
+        let end = if data { (offset + length).next_multiple_of(align).min(size) } else { offset + length };
         while pos < end {
             let n = (end - pos).min(chunk - pos % chunk);
-            chunks.push((pos, n));
+            chunks.push(Chunk { pos, len: n, zero_only: !data });
             pos += n;
         }
         covered = covered.max(end);
     }
-    let total: u64 = chunks.iter().map(|c| c.1).sum();
-    let progress = Progress::new(req.progress);
-    let workers = if req.workers == 0 { DEFAULT_WORKERS } else { req.workers }.min(chunks.len().max(1));
-    // A qcow2 destination grows by appending, and parallel appends contend
-    // on the file's inode lock: one writer in order. Raw destinations are
-    // already full size, and compression wants every core: parallel writes.
-    let copied = if matches!(dst, Dest::Qcow2 { compress: false, .. }) {
-        copy_ordered(src.as_ref(), &dst, &chunks, chunk, workers, &progress, total)?
-    } else {
-        copy_parallel(src.as_ref(), &dst, &chunks, chunk, workers, &progress, total)?
-    };
-    // A qcow2 destination writes its cached tables here (without fdatasync
-    // in the unsafe cache mode), so a full disk is an error, not a silent loss.
-    if req.flush || matches!(dst, Dest::Qcow2 { .. }) {
-        dst.backend().flush()?;
-    }
-    // Closing writes the qcow2 tables still cached; only then is the image whole.
-    drop(dst);
-    if req.bitmaps {
-        crate::bitmaps::copy_bitmaps(&req.source, sfmt, out.path(), req.skip_broken_bitmaps)?;
-    }
-    out.finish()?;
-    progress.finish();
-    Ok(copied)
+    Ok(chunks)
 }
 
-/// Reads `chunks` with `workers` threads and writes each non-zero one as
-/// it comes (compression, the expensive part, runs in every worker).
-fn copy_parallel(src: &dyn BlockBackend, dst: &Dest, chunks: &[(u64, u64)], chunk: u64, workers: usize, progress: &Progress, total: u64) -> Result<u64> {
-    let next = AtomicUsize::new(0);
-    let copied = AtomicU64::new(0);
-    let done = AtomicU64::new(0);
-    let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                let mut storage = vec![0u8; chunk as usize + PAGE];
-                let buf = page_aligned(&mut storage, chunk as usize);
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(pos, n)) = chunks.get(i) else { break };
-                    let buf = &mut buf[..n as usize];
-                    let r = src.read_at(buf, pos).and_then(|()| {
-                        if !rvirt_block::is_zero(buf) {
-                            copied.fetch_add(dst.write(buf, pos)?, Ordering::Relaxed);
+/// One copy's shared parts, for its worker threads.
+struct Copy<'a> {
+    src: &'a dyn BlockBackend,
+    dst: &'a Target,
+    chunks: &'a [Chunk],
+    chunk: u64,
+    workers: usize,
+    progress: &'a Progress,
+    total: u64,
+    limit: &'a RateLimit,
+}
+
+impl Copy<'_> {
+    /// Reads one piece into a reader's buffer (true), or zeroes a zero-only
+    /// piece in the destination at once (false).
+    fn piece(&self, c: Chunk, buf: &mut [u8]) -> rvirt_block::Result<bool> {
+        if c.zero_only {
+            self.dst.backend().write_zeroes(c.pos, c.len)?;
+            return Ok(false);
+        }
+        self.src.read_at(buf, c.pos)?;
+        self.limit.take(c.len);
+        Ok(true)
+    }
+
+    /// Reads the chunks with `workers` threads and writes each non-zero one as
+    /// it comes (compression, the expensive part, runs in every worker).
+    fn parallel(&self) -> Result<u64> {
+        let next = AtomicUsize::new(0);
+        let copied = AtomicU64::new(0);
+        let done = AtomicU64::new(0);
+        let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..self.workers {
+                s.spawn(|| {
+                    let mut storage = vec![0u8; self.chunk as usize + PAGE];
+                    let buf = page_aligned(&mut storage, self.chunk as usize);
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&c) = self.chunks.get(i) else { break };
+                        let buf = &mut buf[..c.len as usize];
+                        let r = self.piece(c, buf).and_then(|read| {
+                            if read && (self.dst.writes_zeros() || !rvirt_block::is_zero(buf)) {
+                                copied.fetch_add(self.dst.write(buf, c.pos)?, Ordering::Relaxed);
+                            }
+                            Ok(())
+                        });
+                        if let Err(e) = r {
+                            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.into());
+                            next.store(self.chunks.len(), Ordering::Relaxed);
+                            break;
                         }
-                        Ok(())
-                    });
-                    if let Err(e) = r {
-                        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.into());
-                        next.store(chunks.len(), Ordering::Relaxed);
+                        self.progress.show(done.fetch_add(c.len, Ordering::Relaxed) + c.len, self.total);
+                    }
+                });
+            }
+        });
+        match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(copied.into_inner()),
+        }
+    }
+
+    /// Reads the chunks with `workers` threads and writes them from one thread in
+    /// order, as qemu-img does by default: parallel writers to one file contend
+    /// on its inode lock, while in-order appends are cheap. A fixed pool of
+    /// buffers bounds memory; a reader takes a buffer before its chunk index, so
+    /// the chunk the writer waits for always has one.
+    fn ordered(&self) -> Result<u64> {
+        use std::collections::BTreeMap;
+        use std::sync::mpsc::{channel, sync_channel};
+        let chunk = self.chunk as usize;
+        let buffers = self.workers * 2;
+        let (free_tx, free_rx) = sync_channel::<Vec<u8>>(buffers);
+        for _ in 0..buffers {
+            let _ = free_tx.send(vec![0u8; chunk + PAGE]);
+        }
+        let free_rx = Mutex::new(free_rx);
+        let (full_tx, full_rx) = channel::<(usize, rvirt_block::Result<bool>, Vec<u8>)>();
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            // Owned by this closure, so an early error return drops it before
+            // the scope joins the readers, and readers waiting for a buffer stop.
+            let free_tx = free_tx;
+            for _ in 0..self.workers {
+                let full_tx = full_tx.clone();
+                let (free_rx, next) = (&free_rx, &next);
+                s.spawn(move || loop {
+                    let Ok(mut storage) = free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() else { break };
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&c) = self.chunks.get(i) else { break };
+                    let buf = &mut page_aligned(&mut storage, chunk)[..c.len as usize];
+                    // Ok(true): data to write; zero-only pieces are done by the reader.
+                    let r = self.piece(c, buf).map(|read| read && (self.dst.writes_zeros() || !rvirt_block::is_zero(buf)));
+                    if full_tx.send((i, r, storage)).is_err() {
                         break;
                     }
-                    progress.show(done.fetch_add(n, Ordering::Relaxed) + n, total);
-                }
-            });
-        }
-    });
-    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(copied.into_inner()),
-    }
-}
-
-/// Reads `chunks` with `workers` threads and writes them from one thread in
-/// order, as qemu-img does by default: parallel writers to one file contend
-/// on its inode lock, while in-order appends are cheap. A fixed pool of
-/// buffers bounds memory; a reader takes a buffer before its chunk index, so
-/// the chunk the writer waits for always has one.
-fn copy_ordered(src: &dyn BlockBackend, dst: &Dest, chunks: &[(u64, u64)], chunk: u64, workers: usize, progress: &Progress, total: u64) -> Result<u64> {
-    use std::collections::BTreeMap;
-    use std::sync::mpsc::{channel, sync_channel};
-    let buffers = workers * 2;
-    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(buffers);
-    for _ in 0..buffers {
-        let _ = free_tx.send(vec![0u8; chunk as usize + PAGE]);
-    }
-    let free_rx = Mutex::new(free_rx);
-    let (full_tx, full_rx) = channel::<(usize, rvirt_block::Result<bool>, Vec<u8>)>();
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        // Owned by this closure, so an early error return drops it before
-        // the scope joins the readers, and readers waiting for a buffer stop.
-        let free_tx = free_tx;
-        for _ in 0..workers {
-            let full_tx = full_tx.clone();
-            let (free_rx, next) = (&free_rx, &next);
-            s.spawn(move || loop {
-                let Ok(mut storage) = free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() else { break };
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(pos, n)) = chunks.get(i) else { break };
-                let buf = &mut page_aligned(&mut storage, chunk as usize)[..n as usize];
-                let r = src.read_at(buf, pos).map(|()| !rvirt_block::is_zero(buf));
-                if full_tx.send((i, r, storage)).is_err() {
-                    break;
-                }
-            });
-        }
-        drop(full_tx);
-        let (mut pending, mut expected, mut copied, mut done) = (BTreeMap::new(), 0usize, 0u64, 0u64);
-        while expected < chunks.len() {
-            let Ok((i, r, storage)) = full_rx.recv() else { bail!("convert workers stopped early") };
-            pending.insert(i, (r, storage));
-            while let Some((r, mut storage)) = pending.remove(&expected) {
-                let (pos, n) = chunks[expected];
-                if r? {
-                    copied += dst.write(&page_aligned(&mut storage, chunk as usize)[..n as usize], pos)?;
-                }
-                done += n;
-                progress.show(done, total);
-                let _ = free_tx.send(storage);
-                expected += 1;
+                });
             }
-        }
-        Ok(copied)
-    })
+            drop(full_tx);
+            let (mut pending, mut expected, mut copied, mut done) = (BTreeMap::new(), 0usize, 0u64, 0u64);
+            while expected < self.chunks.len() {
+                let Ok((i, r, storage)) = full_rx.recv() else { bail!("convert workers stopped early") };
+                pending.insert(i, (r, storage));
+                while let Some((r, mut storage)) = pending.remove(&expected) {
+                    let c = self.chunks[expected];
+                    if r? {
+                        copied += self.dst.write(&page_aligned(&mut storage, chunk)[..c.len as usize], c.pos)?;
+                    }
+                    done += c.len;
+                    self.progress.show(done, self.total);
+                    let _ = free_tx.send(storage);
+                    expected += 1;
+                }
+            }
+            Ok(copied)
+        })
+    }
 }
 
 /// qemu-img's `-p` progress line, shared by worker threads.

@@ -73,6 +73,33 @@ enum Cmd {
         /// With --bitmaps, leave out inconsistent bitmaps instead of failing.
         #[arg(long = "skip-broken-bitmaps")]
         skip_broken_bitmaps: bool,
+        /// Write into DST as it exists (not created; -O still gives its format).
+        #[arg(short = 'n')]
+        existing: bool,
+        /// With -n: DST already reads as zeros, so zeros are not written.
+        #[arg(long = "target-is-zero")]
+        target_is_zero: bool,
+        /// Backing file of the new image: only what SRC's own top layer stores is copied.
+        #[arg(short = 'B')]
+        backing: Option<String>,
+        /// Format of -B's backing file.
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        /// Smallest run of zeros left unallocated (multiple of 512; 0 allocates everything).
+        #[arg(short = 'S')]
+        sparse_size: Option<String>,
+        /// Allow out-of-order writes (a qcow2 destination written by every worker).
+        #[arg(short = 'W')]
+        out_of_order: bool,
+        /// Copy an internal snapshot of SRC: NAME, or snapshot.id=ID / snapshot.name=NAME.
+        #[arg(short = 'l')]
+        snapshot_param: Option<String>,
+        /// Copy the internal snapshot with this id or name (older form of -l).
+        #[arg(short = 's')]
+        snapshot_id: Option<String>,
+        /// Copy at most this many bytes per second (e.g. 10M).
+        #[arg(short = 'r')]
+        rate_limit: Option<String>,
         /// Source image.
         source: PathBuf,
         /// Destination image.
@@ -271,7 +298,28 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let size = size.as_deref().map(parse_size).transpose()?;
             create(&CreateRequest { path: filename, format, size, backing_file: backing, backing_format, options })?;
         }
-        Cmd::Convert { format, output_format, options, progress, cache, compress, workers, bitmaps, skip_broken_bitmaps, source, dest } => {
+        Cmd::Convert {
+            format,
+            output_format,
+            options,
+            progress,
+            cache,
+            compress,
+            workers,
+            bitmaps,
+            skip_broken_bitmaps,
+            existing,
+            target_is_zero,
+            backing,
+            backing_format,
+            sparse_size,
+            out_of_order,
+            snapshot_param,
+            snapshot_id,
+            rate_limit,
+            source,
+            dest,
+        } => {
             let (source, format) = image_arg(source, format)?;
             let flush = cache_mode_flushes(&cache)?;
             if !(1..=16).contains(&workers) {
@@ -289,6 +337,14 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 workers,
                 bitmaps,
                 skip_broken_bitmaps,
+                existing_target: existing,
+                target_is_zero,
+                backing,
+                backing_format,
+                sparse_size: sparse_size.as_deref().map(parse_size).transpose()?,
+                out_of_order,
+                snapshot: snapshot_arg(snapshot_param.as_deref(), snapshot_id)?,
+                rate_limit: rate_limit.as_deref().map(parse_size).transpose()?,
             })?;
         }
         Cmd::Info { format, output, backing_chain, filename } => {
@@ -407,6 +463,24 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// The snapshot `convert -l PARAM` / `-s ID` names: `NAME`,
+/// `snapshot.name=NAME` or `snapshot.id=ID` (ids and names are looked up alike).
+fn snapshot_arg(param: Option<&str>, id: Option<String>) -> anyhow::Result<Option<String>> {
+    let Some(param) = param else { return Ok(id) };
+    if id.is_some() {
+        anyhow::bail!("-l and -s name the snapshot twice; give one");
+    }
+    let mut found = None;
+    for kv in param.split(',') {
+        match kv.split_once('=') {
+            Some(("snapshot.name" | "snapshot.id", v)) if !v.is_empty() => found = Some(v.to_string()),
+            None if !kv.is_empty() => found = Some(kv.to_string()),
+            _ => anyhow::bail!("invalid -l '{param}': expected NAME, snapshot.name=NAME or snapshot.id=ID"),
+        }
+    }
+    found.map(Some).ok_or_else(|| anyhow::anyhow!("-l names no snapshot"))
 }
 
 /// The bitmap steps in the order the command line gives them (clap keeps

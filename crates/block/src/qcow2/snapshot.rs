@@ -238,6 +238,28 @@ impl Qcow2Image {
         self.commit(&mut inner)
     }
 
+    /// Makes this read-only open read snapshot `which` (id or name) instead
+    /// of the active layer, at the snapshot's size (`convert -l`).
+    pub fn view_snapshot(&self, which: &str) -> Result<()> {
+        if !self.read_only {
+            return Err(Error::Request("a snapshot is viewed through a read-only open".into()));
+        }
+        let mut inner = self.lock();
+        let snap = find(&inner.snapshots, which)?.clone();
+        let mut l1 = read_table(&*self.file, snap.l1_table_offset, snap.l1_size as usize).map_err(|e| self.io(e))?;
+        let size = snap.disk_size.unwrap_or(inner.header.size);
+        let cs = self.cluster_size();
+        let needed = size.div_ceil(cs * (cs / 8)) as usize;
+        if needed > l1.len() {
+            l1.resize(needed, 0);
+        }
+        inner.l1 = l1;
+        inner.header.size = size;
+        inner.l2_cache.clear();
+        inner.l2_lru.clear();
+        Ok(())
+    }
+
     /// Deletes snapshot `which` (id or name) and frees what only it used.
     pub fn delete_snapshot(&self, which: &str) -> Result<()> {
         self.writable()?;
