@@ -5,12 +5,16 @@
 use std::path::{Path, PathBuf};
 
 pub mod access;
+mod amend;
 mod bitmaps;
 mod convert;
+mod dd;
 mod ops;
 
 pub use access::{image_arg, set_force_share, set_probe_backing};
+pub use amend::{amend, AMEND_HELP};
 pub use bitmaps::{bitmap, BitmapAction, BitmapRequest};
+pub use dd::{dd, DdRequest};
 pub use convert::{cache_mode_flushes, convert, ConvertRequest};
 pub use ops::*;
 

@@ -259,6 +259,38 @@ enum Cmd {
         /// The bitmap.
         bitmap: String,
     },
+    /// Change a qcow2 image's options in place: rvirt-img amend -o compat=0.10|1.1,lazy_refcounts=on|off,
+    /// refcount_bits=N,backing_file=F,backing_fmt=FMT,size=SIZE FILE (-o help lists them).
+    Amend {
+        /// Format of FILE (qcow2).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Options to change (key=value, comma separated; "help" lists them).
+        #[arg(short = 'o', required = true)]
+        options: Vec<String>,
+        /// Accepted for qemu-img's command lines (changes that need it are refused or safe here).
+        #[arg(long)]
+        force: bool,
+        /// Accepted for qemu-img's command lines (no progress is shown).
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Accepted for qemu-img's command lines.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The image.
+        filename: PathBuf,
+    },
+    /// Copy part of an image into a new one: rvirt-img dd [-f FMT] [-O FMT] [bs=N] [count=N] [skip=N] if=IN of=OUT.
+    Dd {
+        /// Input format (probed when omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format: raw (default) or qcow2.
+        #[arg(short = 'O')]
+        output_format: Option<String>,
+        /// bs=, count=, skip=, if=, of=.
+        operands: Vec<String>,
+    },
     /// How large a new image (--size) or a converted one (FILE) would be.
     Measure {
         /// Output format: raw or qcow2.
@@ -441,6 +473,20 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let actions = bitmap_actions(std::env::args().skip(1), &flags, &merge);
             let granularity = granularity.as_deref().map(parse_size).transpose()?;
             bitmap(&BitmapRequest { path: filename, format, name, actions, granularity, source: source_file.map(|p| (p, source_format)) })?;
+        }
+        Cmd::Dd { format, output_format, operands } => {
+            let mut req = DdRequest::parse(&operands)?;
+            req.input_format = format;
+            req.output_format = output_format;
+            dd(&req)?;
+        }
+        Cmd::Amend { format, options, force: _, progress: _, quiet: _, filename } => {
+            if options.iter().flat_map(|o| o.split(',')).any(|o| o == "help" || o == "?") {
+                print!("{AMEND_HELP}");
+                return Ok(0);
+            }
+            let (filename, format) = image_arg(filename, format)?;
+            amend(&filename, format.as_deref(), &options)?;
         }
         Cmd::Measure { output_format, options, size, format, output, filename } => {
             let mut cluster_size = 65536;

@@ -42,8 +42,8 @@ pub struct CheckReport {
 }
 
 /// References counted by walking the metadata.
-struct Census {
-    refs: Vec<u32>,
+pub(super) struct Census {
+    pub(super) refs: Vec<u32>,
     report: CheckReport,
 }
 
@@ -92,7 +92,7 @@ impl Qcow2Image {
         if repair == Repair::All && (!inner.refcount_damage.is_empty() || self.refcounts_overlap(&mut inner)?) {
             let before = self.compare(&mut inner, Repair::None)?;
             let census = self.census(&mut inner, false)?;
-            self.rebuild_refcounts(&mut inner, &census.refs)?;
+            self.rebuild_refcounts(&mut inner, &census.refs, false)?;
             rebuilt = Some(before);
         }
         let was_rebuilt = rebuilt.is_some();
@@ -166,8 +166,9 @@ impl Qcow2Image {
 
     /// Writes new refcount structures after the end of the file, holding
     /// the counts `refs` (every reference but the refcount structures'
-    /// own), and points the header at them. The old ones become free space.
-    fn rebuild_refcounts(&self, inner: &mut Inner, refs: &[u32]) -> Result<()> {
+    /// own), and points the header at them (`whole_header`: the whole header
+    /// in one write, for a new refcount width). The old ones become free space.
+    pub(super) fn rebuild_refcounts(&self, inner: &mut Inner, refs: &[u32], whole_header: bool) -> Result<()> {
         let cs = self.cluster_size();
         let bits = 1u64 << inner.header.refcount_order;
         let per_block = cs * 8 / bits;
@@ -209,14 +210,19 @@ impl Qcow2Image {
         }
         super::write_table(&*self.file, table_off, &entries).map_err(|e| self.io(e))?;
         self.sync()?;
-        // Offset and length are adjacent: one write switches tables.
-        let mut field = Vec::with_capacity(12);
-        field.extend_from_slice(&table_off.to_be_bytes());
-        field.extend_from_slice(&(table as u32).to_be_bytes());
-        self.file.write_all_at(&field, 48).map_err(|e| self.io(e))?;
-        self.sync()?;
         inner.header.refcount_table_offset = table_off;
         inner.header.refcount_table_clusters = table as u32;
+        if whole_header {
+            // Width and table change together: the header is one sector, written at once.
+            self.file.write_all_at(&inner.header.to_bytes(), 0).map_err(|e| self.io(e))?;
+        } else {
+            // Offset and length are adjacent: one write switches tables.
+            let mut field = Vec::with_capacity(12);
+            field.extend_from_slice(&table_off.to_be_bytes());
+            field.extend_from_slice(&(table as u32).to_be_bytes());
+            self.file.write_all_at(&field, 48).map_err(|e| self.io(e))?;
+        }
+        self.sync()?;
         inner.reftable = entries;
         inner.rc_cache.clear();
         inner.rc_lru.clear();
@@ -265,7 +271,7 @@ impl Qcow2Image {
     }
 
     /// Walks header, tables, snapshots, bitmaps and (with `refcount_structures`) refcount structures.
-    fn census(&self, inner: &mut Inner, refcount_structures: bool) -> Result<Census> {
+    pub(super) fn census(&self, inner: &mut Inner, refcount_structures: bool) -> Result<Census> {
         let cs = self.cluster_size();
         let h = inner.header.clone();
         let file_clusters = inner.file_len.max(inner.next_free).div_ceil(cs);

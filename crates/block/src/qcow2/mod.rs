@@ -24,6 +24,7 @@ use crate::file::{open_checked, Kind};
 use crate::lock::Permissions;
 use crate::{check_range, io_err, push_extent, BackingPolicy, BlockBackend, Error, Extent, ExtentKind, Format, ImageFile, ImageOptions, Result};
 
+mod amend;
 pub mod bitmap;
 pub mod check;
 mod header;
