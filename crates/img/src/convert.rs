@@ -254,6 +254,7 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
             options: req.options.clone(),
             backing_file: req.backing.clone(),
             backing_format: req.backing_format.clone(),
+            unsafe_backing: false,
         };
         create_at(&create_req, at)?;
     }

@@ -72,7 +72,23 @@ pub struct CreateRequest {
     pub backing_format: Option<String>,
     /// `-o` options (`key=value`, comma separated, possibly repeated).
     pub options: Vec<String>,
+    /// `-u`: record the backing file without opening it (its format must be given; a size too).
+    pub unsafe_backing: bool,
 }
+
+/// What `create -f qcow2 -o help` lists.
+pub const CREATE_HELP: &str = "Supported qcow2 options:
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  cluster_size=<size>    - qcow2 cluster size
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  compression_type=<str> - Compression method used for image cluster compression
+  extended_l2=<bool (on/off)> - Extended L2 tables (off only)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
+";
 
 /// `rvirt-img create`: written under a temporary name and moved into
 /// place when complete.
@@ -92,6 +108,7 @@ pub(crate) fn create_at(req: &CreateRequest, at: &Path) -> Result<()> {
     let mut qopts = CreateOptions::default();
     let mut compression = None;
     let mut prealloc = Preallocation::Off;
+    let mut refcount_bits = None;
     for kv in req.options.iter().flat_map(|o| o.split(',')).filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').with_context(|| format!("invalid option '{kv}': expected key=value"))?;
         match (k, format) {
@@ -127,6 +144,17 @@ pub(crate) fn create_at(req: &CreateRequest, at: &Path) -> Result<()> {
                     _ => bail!("invalid lazy_refcounts '{v}': expected on or off"),
                 }
             }
+            ("refcount_bits", Format::Qcow2) => {
+                refcount_bits = Some(v.parse::<u32>().ok().filter(|b| b.is_power_of_two() && *b <= 64).with_context(|| {
+                    format!("Refcount width must be a power of two and may not exceed 64 bits (got '{v}')")
+                })?)
+            }
+            ("extended_l2", Format::Qcow2) => match v {
+                "off" => {}
+                "on" => bail!("extended_l2=on is not supported: rvirt-img does not write images with subclusters"),
+                _ => bail!("invalid extended_l2 '{v}': expected on or off"),
+            },
+            ("data_file" | "data_file_raw", Format::Qcow2) => bail!("'{k}': external data files are not supported"),
             _ => bail!("option '{k}' is not supported for format {}", format.name()),
         }
     }
@@ -143,16 +171,23 @@ pub(crate) fn create_at(req: &CreateRequest, at: &Path) -> Result<()> {
             bail!("a json: name cannot be stored as a backing file name");
         }
         access::refuse_overlap(&req.path, &[bpath.clone()], "new image")?;
-        let bfmt = access::format_of(&bpath, backing_fmt.as_deref()).with_context(|| format!("backing file {b}"))?;
-        let bimg = access::open(&bpath, bfmt, true).with_context(|| format!("backing file {b}"))?;
-        if size.is_none() {
-            size = Some(bimg.size());
+        let bfmt = if req.unsafe_backing {
+            // -u: nothing is opened, so nothing is probed.
+            Format::parse(backing_fmt.as_deref().context("-u needs the backing file's format (-F)")?)?
+        } else {
+            access::format_of(&bpath, backing_fmt.as_deref()).with_context(|| format!("backing file {b}"))?
+        };
+        if !req.unsafe_backing {
+            let bimg = access::open(&bpath, bfmt, true).with_context(|| format!("backing file {b}"))?;
+            if size.is_none() {
+                size = Some(bimg.size());
+            }
         }
         qopts.backing = Some((b.clone(), bfmt));
     }
     // Rounded up to whole 512-byte sectors, as qemu-img does (a qcow2 size
     // that is not would read back rounded down, smaller than asked).
-    let size = size.context("an image size is needed (e.g. 10G)")?;
+    let size = size.context("Image creation needs a size parameter (e.g. 10G)")?;
     let size = size.checked_next_multiple_of(512).context("the size is too large")?;
     match format {
         Format::Raw => {
@@ -165,7 +200,21 @@ pub(crate) fn create_at(req: &CreateRequest, at: &Path) -> Result<()> {
             }
         }
         Format::Qcow2 => {
-            Qcow2Image::create(at, size, &qopts)?;
+            if refcount_bits.is_some_and(|b| b != 16) && qopts.version < 3 {
+                bail!("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
+            }
+            let img = if req.unsafe_backing && qopts.backing.is_some() {
+                // -u: the backing file is recorded, never opened.
+                Qcow2Image::create_unopened(at, size, &qopts)?;
+                let opts = rvirt_block::ImageOptions { backing: rvirt_block::BackingPolicy::Ignore, ..Default::default() };
+                Qcow2Image::open_with(at, &opts)?
+            } else {
+                Qcow2Image::create(at, size, &qopts)?
+            };
+            if let Some(bits) = refcount_bits {
+                img.set_refcount_bits(bits)?;
+            }
+            img.close()?;
         }
     }
     Ok(())
@@ -363,7 +412,11 @@ pub fn info_text(i: &ImageInfo) -> String {
         s += &format!("cluster_size: {cs}\n");
     }
     if let Some(b) = &i.backing_filename {
-        s += &format!("backing file: {b}\n");
+        match &i.full_backing_filename {
+            // qemu-img names the resolved path when it is not the stored one.
+            Some(full) if full != b => s += &format!("backing file: {b} (actual path: {full})\n"),
+            _ => s += &format!("backing file: {b}\n"),
+        }
         if let Some(f) = &i.backing_filename_format {
             s += &format!("backing file format: {f}\n");
         }

@@ -35,12 +35,15 @@ enum Cmd {
         /// Backing file format.
         #[arg(short = 'F')]
         backing_format: Option<String>,
+        /// Unsafe: record the backing file without opening it (needs -F and a size).
+        #[arg(short = 'u')]
+        unsafe_backing: bool,
         /// Options: size=, backing_file=, backing_fmt=, cluster_size=, compat=, compression_type=zlib|zstd,
-        /// lazy_refcounts=on|off, preallocation=off|metadata|falloc|full.
+        /// lazy_refcounts=on|off, preallocation=off|metadata|falloc|full, refcount_bits=, extended_l2=off ("help" lists them).
         #[arg(short = 'o')]
         options: Vec<String>,
-        /// The image to create.
-        filename: PathBuf,
+        /// The image to create (not needed with -o help).
+        filename: Option<PathBuf>,
         /// Virtual size, e.g. 10G (defaults to the backing file's size).
         size: Option<String>,
     },
@@ -326,9 +329,17 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     set_force_share(cli.force_share);
     set_probe_backing(cli.probe_backing);
     match cli.command {
-        Cmd::Create { format, backing, backing_format, options, filename, size } => {
+        Cmd::Create { format, backing, backing_format, unsafe_backing, options, filename, size } => {
+            if options.iter().flat_map(|o| o.split(',')).any(|o| o == "help" || o == "?") {
+                match format.as_deref() {
+                    Some("qcow2") => print!("{CREATE_HELP}"),
+                    _ => print!("Supported raw options:\n  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)\n  size=<size>            - Virtual disk size\n"),
+                }
+                return Ok(0);
+            }
+            let Some(path) = filename else { anyhow::bail!("Expecting image file name") };
             let size = size.as_deref().map(parse_size).transpose()?;
-            create(&CreateRequest { path: filename, format, size, backing_file: backing, backing_format, options })?;
+            create(&CreateRequest { path, format, size, backing_file: backing, backing_format, options, unsafe_backing })?;
         }
         Cmd::Convert {
             format,

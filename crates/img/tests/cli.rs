@@ -76,7 +76,7 @@ fn bad_input_gets_one_line() {
     let s = |p: PathBuf| p.to_str().unwrap().to_string();
     for (args, needle) in [
         (vec!["create", "-f", "vmdk", &s(d.join("a")), "1G"], "unknown image format 'vmdk'"),
-        (vec!["create", "-f", "qcow2", &s(d.join("b"))], "an image size is needed"),
+        (vec!["create", "-f", "qcow2", &s(d.join("b"))], "Image creation needs a size parameter"),
         (vec!["create", "-f", "qcow2", &s(d.join("c")), "10X"], "invalid size '10X'"),
         (vec!["create", "-f", "qcow2", "-o", "cluster_size=3000", &s(d.join("d")), "1G"], "not a power of two"),
         (vec!["create", "-f", "qcow2", "-o", "cluster_size=4M", &s(d.join("e")), "1G"], "cluster size"),
