@@ -144,11 +144,17 @@ impl RawImage {
     /// Allocates every block of the file: reserved with `fallocate`, or
     /// (`write_zeros`, qemu-img's `preallocation=full`) written with zeros.
     pub fn preallocate(&self, write_zeros: bool) -> Result<()> {
+        self.preallocate_from(0, write_zeros)
+    }
+
+    /// Allocates the blocks from `from` to the end (the area a resize added).
+    pub fn preallocate_from(&self, from: u64, write_zeros: bool) -> Result<()> {
         self.writable()?;
+        let from = from.min(self.size);
         if !write_zeros {
-            return self.fallocate(0, 0, self.size).map_err(|e| self.err(e));
+            return self.fallocate(0, from, self.size - from).map_err(|e| self.err(e));
         }
-        crate::write_zeros(&self.file, 0, self.size).map_err(|e| self.err(e))?;
+        crate::write_zeros(&self.file, from, self.size).map_err(|e| self.err(e))?;
         self.file.sync_data().map_err(|e| self.err(e))
     }
 

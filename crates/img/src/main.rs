@@ -145,6 +145,9 @@ enum Cmd {
         /// Allow making the image smaller (data past the new end is lost).
         #[arg(long)]
         shrink: bool,
+        /// Preallocate the area a growth adds: off, metadata (qcow2), falloc, full.
+        #[arg(long)]
+        preallocation: Option<String>,
         /// The image.
         filename: PathBuf,
         /// New size, or +SIZE / -SIZE relative to the current one.
@@ -186,7 +189,7 @@ enum Cmd {
         /// The image.
         filename: PathBuf,
     },
-    /// Write an image's data into its backing file: rvirt-img commit [-d] FILE.
+    /// Write an image's data into its backing file: rvirt-img commit [-d] [-b BASE] FILE.
     Commit {
         /// Format of FILE (qcow2).
         #[arg(short = 'f')]
@@ -194,6 +197,9 @@ enum Cmd {
         /// Keep FILE's data instead of emptying it.
         #[arg(short = 'd')]
         keep: bool,
+        /// Commit into this image of the backing chain (the layers in between too); implies -d.
+        #[arg(short = 'b')]
+        base: Option<PathBuf>,
         /// The image.
         filename: PathBuf,
     },
@@ -414,9 +420,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             return Ok(outcome.exit_code);
         }
-        Cmd::Resize { format, shrink, filename, size } => {
+        Cmd::Resize { format, shrink, preallocation, filename, size } => {
             let (filename, format) = image_arg(filename, format)?;
-            resize(&filename, format.as_deref(), &size, shrink)?;
+            resize_preallocated(&filename, format.as_deref(), &size, shrink, preallocation.as_deref())?;
             println!("Image resized.");
         }
         Cmd::Snapshot { list, create, apply, delete, filename } => {
@@ -435,11 +441,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             rebase(&filename, &backing, backing_format.as_deref(), unsafe_mode)?;
         }
-        Cmd::Commit { format, keep, filename } => {
+        Cmd::Commit { format, keep, base, filename } => {
             if format.as_deref().is_some_and(|f| f != "qcow2") {
                 anyhow::bail!("only qcow2 images have backing files to commit to");
             }
-            commit(&filename, keep)?;
+            commit(&filename, keep, base.as_deref())?;
             println!("Image committed.");
         }
         Cmd::Compare { format, format2, strict, first, second } => {

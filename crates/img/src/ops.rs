@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use rvirt_block::qcow2::{resolve_backing, CheckReport, Qcow2Image, Repair, Snapshot, Stored};
+use rvirt_block::qcow2::{resolve_backing, CheckReport, Preallocation, Qcow2Image, Repair, Snapshot, Stored};
 use rvirt_block::{BlockBackend, ExtentKind, Format, RawImage};
 use serde::Serialize;
 
@@ -115,6 +115,12 @@ pub fn check_json(path: &Path, r: &CheckReport) -> serde_json::Value {
 
 /// `rvirt-img resize [--shrink] FILE [+|-]SIZE`.
 pub fn resize(path: &Path, format: Option<&str>, size: &str, shrink: bool) -> Result<()> {
+    resize_preallocated(path, format, size, shrink, None)
+}
+
+/// `rvirt-img resize [--preallocation=MODE]`: the area a growth adds is
+/// preallocated as MODE says (off, metadata (qcow2), falloc, full).
+pub fn resize_preallocated(path: &Path, format: Option<&str>, size: &str, shrink: bool, prealloc: Option<&str>) -> Result<()> {
     let fmt = format_of(path, format)?;
     // Dropped before the resize opens the image for writing.
     let current = access::open(path, fmt, true)?.size();
@@ -125,17 +131,31 @@ pub fn resize(path: &Path, format: Option<&str>, size: &str, shrink: bool) -> Re
     } else {
         crate::parse_size(size)?
     };
+    let mode = prealloc.map(Preallocation::parse).transpose()?.unwrap_or(Preallocation::Off);
+    if mode != Preallocation::Off && new < current {
+        bail!("Preallocation can only be used for growing images");
+    }
     match fmt {
         // As qemu-img: a qcow2 size is whole sectors (one that is not would read back smaller).
         Format::Qcow2 if new % 512 != 0 => bail!("The new size must be a multiple of 512"),
-        Format::Qcow2 => access::open_qcow2(path, false, true)?.resize(new, shrink)?,
+        Format::Qcow2 => {
+            let img = access::open_qcow2(path, false, true)?;
+            img.resize(new, shrink)?;
+            img.preallocate_from(mode, current)?;
+        }
         Format::Raw => {
             if new < current && !shrink {
                 bail!("shrinking an image can lose data; pass --shrink to confirm");
             }
+            if mode == Preallocation::Metadata {
+                bail!("Unsupported preallocation mode: metadata (raw takes off, falloc or full)");
+            }
             // Opened and locked as an image: a VM's disk is not resized under it.
             let mut img = RawImage::open_with(path, &access::options(false, false)?).with_context(|| path.display().to_string())?;
             img.resize(new)?;
+            if mode != Preallocation::Off {
+                img.preallocate_from(current, mode == Preallocation::Full)?;
+            }
         }
     }
     Ok(())
@@ -266,42 +286,88 @@ fn read_or_zero(img: Option<&dyn BlockBackend>, buf: &mut [u8], pos: u64) -> Res
     Ok(())
 }
 
-/// `rvirt-img commit [-d] FILE`: writes what FILE stores into its backing
+/// `rvirt-img commit [-d] [-b BASE] FILE`: writes what FILE (and, with -b,
+/// every layer down to BASE) stores into BASE, by default its backing
 /// file, then (unless `keep`) empties FILE so it reads through again.
-pub fn commit(path: &Path, keep: bool) -> Result<()> {
+pub fn commit(path: &Path, keep: bool, base_name: Option<&Path>) -> Result<()> {
     if format_of(path, None)? != Format::Qcow2 {
         bail!("{}: only qcow2 images have backing files to commit to", path.display());
     }
-    // The top alone: commit copies only what it stores, and the base is
-    // opened once, for writing.
-    let top = access::open_qcow2(path, keep, false)?;
-    let Some(name) = top.backing_file().map(str::to_string) else { bail!("{}: image has no backing file", path.display()) };
     let chain = access::chain_below(path, Format::Qcow2)?;
-    let Some(base_layer) = chain.first() else { bail!("{}: image has no backing file", path.display()) };
+    if chain.is_empty() {
+        bail!("{}: image has no backing file", path.display());
+    }
+    // -b names a deeper layer of the chain; the layers in between are committed too.
+    let idx = match base_name {
+        None => 0,
+        Some(b) => {
+            let want = std::fs::canonicalize(b).with_context(|| b.display().to_string())?;
+            chain
+                .iter()
+                .position(|l| std::fs::canonicalize(&l.path).is_ok_and(|p| p == want))
+                .with_context(|| format!("'{}' is not in the backing chain of '{}'", b.display(), path.display()))?
+        }
+    };
+    let base_layer = &chain[idx];
     access::refuse_overlap(&base_layer.path, &[path.to_path_buf()], "backing file")?;
-    let base = access::open(&base_layer.path, base_layer.format, false).with_context(|| format!("backing file {name}"))?;
+    // -b leaves the top as it is (the layers in between no longer match it), as qemu-img's -b implies -d.
+    let keep = keep || base_name.is_some();
+    // Each layer above the base alone: a range is read from the highest layer storing it.
+    let top = access::open_qcow2(path, keep, false)?;
+    let mut above = Vec::with_capacity(idx);
+    for l in &chain[..idx] {
+        above.push(access::open_qcow2(&l.path, true, false)?);
+    }
     let size = top.size();
-    let mut buf = vec![0u8; 1 << 20];
-    for e in top.host_map(0, size)? {
-        if e.stored == Stored::Unallocated {
-            continue;
+    // A base smaller than the top grows to its size first, as qemu-img grows it.
+    let base_size = access::open(&base_layer.path, base_layer.format, true)?.size();
+    if base_size < size {
+        resize(&base_layer.path, Some(base_layer.format.name()), &size.to_string(), false).with_context(|| format!("growing backing file {}", base_layer.path.display()))?;
+    }
+    let base = access::open(&base_layer.path, base_layer.format, false).with_context(|| format!("backing file {}", base_layer.path.display()))?;
+    let layers: Vec<&Qcow2Image> = std::iter::once(&top).chain(above.iter()).collect();
+    // What each layer stores, once; then, cluster by cluster, the highest
+    // layer storing it, gathered into runs of one layer and kind.
+    let maps = layers.iter().map(|l| l.host_map(0, size.min(l.size()))).collect::<rvirt_block::Result<Vec<_>>>()?;
+    let mut cursors = vec![0usize; maps.len()];
+    let cs = top.header().cluster_size();
+    let mut runs: Vec<(u64, u64, usize, bool)> = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let n = (cs - pos % cs).min(size - pos);
+        let mut found = None;
+        for (i, map) in maps.iter().enumerate() {
+            while cursors[i] < map.len() && map[cursors[i]].offset + map[cursors[i]].length <= pos {
+                cursors[i] += 1;
+            }
+            match map.get(cursors[i]) {
+                Some(e) if e.offset <= pos && e.stored != Stored::Unallocated => {
+                    found = Some((i, e.stored == Stored::Zero));
+                    break;
+                }
+                _ => {}
+            }
         }
-        if e.offset + e.length > base.size() {
-            bail!("backing file {name} is smaller than the data to commit; resize it first");
+        if let Some((layer, zero)) = found {
+            match runs.last_mut() {
+                Some(r) if r.0 + r.1 == pos && r.2 == layer && r.3 == zero && r.1 < 1 << 20 => r.1 += n,
+                _ => runs.push((pos, n, layer, zero)),
+            }
         }
-        if e.stored == Stored::Zero {
-            base.write_zeroes(e.offset, e.length)?;
-            continue;
-        }
-        let mut pos = e.offset;
-        while pos < e.offset + e.length {
-            let n = (e.offset + e.length - pos).min(buf.len() as u64) as usize;
-            top.read_at(&mut buf[..n], pos)?;
-            base.write_at(&buf[..n], pos)?;
-            pos += n as u64;
+        pos += n;
+    }
+    let mut buf = vec![0u8; (1 << 20) + cs as usize];
+    for (pos, n, layer, zero) in runs {
+        if zero {
+            base.write_zeroes(pos, n)?;
+        } else {
+            let b = &mut buf[..n as usize];
+            layers[layer].read_at(b, pos)?;
+            base.write_at(b, pos)?;
         }
     }
     base.flush()?;
+    drop(above);
     if !keep {
         top.make_empty()?;
         top.flush()?;

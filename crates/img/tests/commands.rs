@@ -303,3 +303,88 @@ fn compare_map_measure_and_backing_chain_agree_with_qemu_img() {
     let text = ok(&["info", "--backing-chain", s(&top)]);
     assert_eq!(text.matches("image: ").count(), 2, "{text}");
 }
+
+#[test]
+fn commit_b_and_a_smaller_base_as_qemu_img() {
+    let d = tmpdir("commit-b");
+    // base.raw (8 MiB) <- mid.qcow2 (16 MiB) <- top.qcow2 (16 MiB), made twice.
+    let make = |tag: &str| -> (PathBuf, PathBuf, PathBuf) {
+        let (base, mid, top) = (d.join(format!("{tag}-base.raw")), d.join(format!("{tag}-mid.qcow2")), d.join(format!("{tag}-top.qcow2")));
+        qemu(&["create", "-q", "-f", "raw", s(&base), "8M"]);
+        run("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 8M", s(&base)]);
+        qemu(&["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "raw", s(&mid), "16M"]);
+        qemu_io(&mid, &["write -P 0x22 1M 1M", "write -P 0x23 12M 64k", "write -z 3M 64k"]);
+        qemu(&["create", "-q", "-f", "qcow2", "-b", s(&mid), "-F", "qcow2", s(&top)]);
+        qemu_io(&top, &["write -P 0x33 1536k 64k", "write -P 0x34 14M 64k", "write -z 5M 64k"]);
+        (base, mid, top)
+    };
+    let (qb, _, qt) = make("q");
+    let (rb, _, rt) = make("r");
+    let view = d.join("before.raw");
+    qemu(&["convert", "-O", "raw", s(&rt), s(&view)]);
+    qemu(&["commit", "-q", "-b", s(&qb), s(&qt)]);
+    ok(&["commit", "-b", s(&rb), s(&rt)]);
+    // The base grew to 16 MiB and reads as the top did; the top is left as it was (-d implied).
+    assert!(identical(&rb, &qb), "the base matches qemu-img's");
+    assert!(identical(&rb, &view), "the base reads as the top did");
+    assert_eq!(std::fs::metadata(&rb).unwrap().len(), 16 << 20);
+    assert!(identical(&rt, &qt));
+    let other = d.join("unrelated.raw");
+    qemu(&["create", "-q", "-f", "raw", s(&other), "1M"]);
+    let (code, _, err) = ours(&["commit", "-b", s(&other), s(&rt)]);
+    assert!(code == 1 && err.contains("not in the backing chain"), "{err}");
+    assert_eq!(run("qemu-img", &["commit", "-b", s(&other), s(&qt)]).0, 1);
+    // Without -b: a base smaller than the top grows too.
+    let (sb, st) = (d.join("small.raw"), d.join("small-top.qcow2"));
+    qemu(&["create", "-q", "-f", "raw", s(&sb), "1M"]);
+    qemu(&["create", "-q", "-f", "qcow2", "-b", s(&sb), "-F", "raw", s(&st), "4M"]);
+    qemu_io(&st, &["write -P 0x44 3M 64k"]);
+    let view = d.join("small-view.raw");
+    qemu(&["convert", "-O", "raw", s(&st), s(&view)]);
+    ok(&["commit", s(&st)]);
+    assert!(identical(&sb, &view));
+    check_clean(&st);
+}
+
+#[test]
+fn resize_preallocation_matches_qemu_img() {
+    let d = tmpdir("resize-prealloc");
+    for (fmt, mode) in [("qcow2", "metadata"), ("qcow2", "falloc"), ("qcow2", "full"), ("raw", "falloc"), ("raw", "full")] {
+        let (q, r) = (d.join(format!("q.{fmt}")), d.join(format!("r.{fmt}")));
+        for p in [&q, &r] {
+            qemu(&["create", "-q", "-f", fmt, s(p), "1M"]);
+            run("qemu-io", &["-f", fmt, "-c", "write -P 7 0 1M", s(p)]);
+        }
+        let opt = format!("--preallocation={mode}");
+        qemu(&["resize", "-q", "-f", fmt, &opt, s(&q), "32M"]);
+        ok(&["resize", "-f", fmt, &opt, s(&r), "32M"]);
+        assert!(identical(&q, &r), "{fmt} {mode}");
+        let used = |p: &Path| {
+            let v: serde_json::Value = serde_json::from_str(&qemu(&["info", "-f", fmt, "--output=json", s(p)])).unwrap();
+            v["actual-size"].as_u64().unwrap()
+        };
+        // Allocation within a cluster of qemu-img's (filesystem rounding aside).
+        assert!(used(&r).abs_diff(used(&q)) <= 65536, "{fmt} {mode}: {} vs {}", used(&r), used(&q));
+        if fmt == "qcow2" {
+            check_clean(&r);
+            // The same extents as qemu-img's (data, and zero where the file has holes), host offsets aside.
+            let kinds = |p: &Path| -> Vec<(u64, u64, bool, bool)> {
+                let v: serde_json::Value = serde_json::from_str(&qemu(&["map", "--output=json", s(p)])).unwrap();
+                let mut out: Vec<(u64, u64, bool, bool)> = Vec::new();
+                for e in v.as_array().unwrap() {
+                    let cur = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["data"] == true, e["zero"] == true);
+                    match out.last_mut() {
+                        Some(l) if (l.2, l.3) == (cur.2, cur.3) && l.0 + l.1 == cur.0 => l.1 += cur.1,
+                        _ => out.push(cur),
+                    }
+                }
+                out
+            };
+            assert_eq!(kinds(&r), kinds(&q), "{mode}");
+        }
+        let (code, _, err) = ours(&["resize", "-f", fmt, "--shrink", &opt, s(&r), "16M"]);
+        assert!(code == 1 && err.contains("only be used for growing"), "{err}");
+        std::fs::remove_file(&q).unwrap();
+        std::fs::remove_file(&r).unwrap();
+    }
+}

@@ -541,15 +541,31 @@ impl Qcow2Image {
     /// Allocates every L2 table and data cluster (metadata preallocation),
     /// then reserves or zero-fills the data as `mode` asks.
     fn preallocate(&self, mode: Preallocation) -> Result<()> {
+        self.preallocate_from(mode, 0)
+    }
+
+    /// Preallocates the clusters from guest offset `from` on (whole clusters
+    /// past it; the cluster holding `from` keeps what it has): what
+    /// `resize --preallocation` does for the area it adds.
+    pub fn preallocate_from(&self, mode: Preallocation, from: u64) -> Result<()> {
+        self.writable()?;
+        if mode == Preallocation::Off {
+            return Ok(());
+        }
         let cs = self.cluster_size();
         let mut inner = self.lock();
         let clusters = inner.header.size.div_ceil(cs);
-        for gc in 0..clusters {
+        let zeros = vec![0u8; cs as usize];
+        for gc in from.div_ceil(cs)..clusters {
             if matches!(self.mapping(&mut inner, gc)?, Mapping::Data { .. }) {
                 continue;
             }
             let l2 = self.writable_l2(&mut inner, gc)?;
             let host = self.alloc_clusters(&mut inner, 1)?;
+            if host < inner.file_len {
+                // A freed cluster inside the file still holds old data.
+                self.file.write_all_at(&zeros, host).map_err(|e| self.io(e))?;
+            }
             self.set_l2_entry(&mut inner, l2, gc, host | COPIED)?;
         }
         let end = inner.next_free;
