@@ -506,15 +506,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             amend(&filename, format.as_deref(), &options)?;
         }
         Cmd::Measure { output_format, options, size, format, output, filename } => {
-            let mut cluster_size = 65536;
-            for kv in options.iter().flat_map(|o| o.split(',')).filter(|s| !s.is_empty()) {
-                match kv.split_once('=') {
-                    Some(("cluster_size", v)) => cluster_size = parse_size(v)?,
-                    _ => anyhow::bail!("measure takes only -o cluster_size=SIZE"),
-                }
-            }
+            let opts = MeasureOptions::parse(&options)?;
             let size = size.as_deref().map(parse_size).transpose()?;
-            let m = measure(&output_format, cluster_size, size, filename.as_deref().map(|p| (p, format.as_deref())))?;
+            let m = measure(&output_format, &opts, size, filename.as_deref().map(|p| (p, format.as_deref())))?;
             if output_json(&output)? {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {

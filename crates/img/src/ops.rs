@@ -595,30 +595,95 @@ pub struct Measurement {
     pub bitmaps: Option<u64>,
 }
 
-/// `rvirt-img measure -O FMT (--size N | FILE)`: file size for a new image of
-/// `size` bytes, or for converting `source`. qcow2 figures follow QEMU's
-/// layout: header, L1 and L2 tables, refcount table and blocks.
-pub fn measure(out_format: &str, cluster_size: u64, size: Option<u64>, source: Option<(&Path, Option<&str>)>) -> Result<Measurement> {
+/// The `-o` options `measure` weighs (those of `create` that change sizes).
+#[derive(Clone, Debug)]
+pub struct MeasureOptions {
+    /// qcow2 cluster size.
+    pub cluster_size: u64,
+    /// qcow2 refcount width in bits.
+    pub refcount_bits: u64,
+    /// qcow2 compat level (version 2 holds no bitmaps).
+    pub version: u32,
+    /// 16-byte L2 entries (subclusters).
+    pub extended_l2: bool,
+    /// Anything but off: the whole image is allocated.
+    pub preallocated: bool,
+    /// A backing file was named (for a source image, qemu-img then answers the fully allocated size).
+    pub backing: bool,
+}
+
+impl Default for MeasureOptions {
+    fn default() -> Self {
+        Self { cluster_size: 65536, refcount_bits: 16, version: 3, extended_l2: false, preallocated: false, backing: false }
+    }
+}
+
+impl MeasureOptions {
+    /// Parses `-o` for `measure -O FMT`.
+    pub fn parse(options: &[String]) -> Result<Self> {
+        let mut m = MeasureOptions::default();
+        for kv in options.iter().flat_map(|o| o.split(',')).filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').with_context(|| format!("invalid option '{kv}': expected key=value"))?;
+            let on = |v: &str| match v {
+                "on" => Ok(true),
+                "off" => Ok(false),
+                _ => Err(anyhow::anyhow!("invalid {k} '{v}': expected on or off")),
+            };
+            match k {
+                "cluster_size" => m.cluster_size = crate::parse_size(v)?,
+                "refcount_bits" => {
+                    m.refcount_bits = v.parse().ok().filter(|b: &u64| b.is_power_of_two() && *b <= 64).with_context(|| format!("invalid refcount_bits '{v}'"))?
+                }
+                "compat" => {
+                    m.version = match v {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => bail!("invalid compat '{v}': expected 0.10 or 1.1"),
+                    }
+                }
+                "extended_l2" => m.extended_l2 = on(v)?,
+                "preallocation" => m.preallocated = Preallocation::parse(v)? != Preallocation::Off,
+                "backing_file" => m.backing = true,
+                "backing_fmt" | "lazy_refcounts" | "compression_type" | "size" => {}
+                _ => bail!("measure: option '{k}' is not one of create's"),
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// `rvirt-img measure -O FMT [-o OPTS] (--size N | FILE)`: file size for a
+/// new image of `size` bytes, or for converting `source` (what its whole
+/// chain holds). qcow2 figures follow QEMU's layout: header, L1 and L2
+/// tables, refcount table and blocks.
+pub fn measure(out_format: &str, opts: &MeasureOptions, size: Option<u64>, source: Option<(&Path, Option<&str>)>) -> Result<Measurement> {
     let out = Format::parse(out_format)?;
+    let cluster_size = opts.cluster_size;
+    if out == Format::Qcow2 && (!cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size)) {
+        bail!("cluster size {cluster_size} is not a power of two between 512 and 2 MiB");
+    }
+    if out == Format::Qcow2 && opts.extended_l2 && cluster_size < 16384 {
+        bail!("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+    }
     let (virtual_size, data, bitmaps) = match (size, source) {
         (Some(s), None) => (s, None, None),
         (None, Some((p, f))) => {
             let fmt = format_of(p, f)?;
-            let img = access::open(p, fmt, true)?;
-            let size = img.size();
-            // Data clusters in the image and the backing chain under it.
+            // Data clusters the chain holds, as the resolved map shows them.
             let mut data = 0u64;
-            for e in img.map(0, size)? {
-                if e.kind == ExtentKind::Data || e.kind == ExtentKind::Backing {
-                    let start = e.offset / cluster_size * cluster_size;
-                    data += (e.offset + e.length).next_multiple_of(cluster_size).min(size.next_multiple_of(cluster_size)) - start;
+            let mut virtual_size = 0u64;
+            for e in map(p, Some(fmt.name()))? {
+                virtual_size = virtual_size.max(e.start + e.length);
+                if e.data {
+                    let start = e.start / cluster_size * cluster_size;
+                    data += (e.start + e.length).next_multiple_of(cluster_size) - start;
                 }
             }
             let bitmaps = match fmt {
                 Format::Qcow2 => Some(access::open_qcow2(p, true, false)?.bitmaps_size(cluster_size)),
                 Format::Raw => None,
             };
-            (size, Some(data), bitmaps)
+            (virtual_size, Some(data.min(virtual_size.next_multiple_of(cluster_size))), bitmaps)
         }
         _ => bail!("measure needs either --size or a source image, not both"),
     };
@@ -626,24 +691,27 @@ pub fn measure(out_format: &str, cluster_size: u64, size: Option<u64>, source: O
         // A raw copy holds no bitmaps; qemu-img shows none.
         Format::Raw => Ok(Measurement { required: virtual_size, fully_allocated: virtual_size, bitmaps: None }),
         Format::Qcow2 => {
-            if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
-                bail!("cluster size {cluster_size} is not a power of two between 512 and 2 MiB");
-            }
-            let full = qcow2_full_size(virtual_size, cluster_size);
+            let full = qcow2_full_size(virtual_size, cluster_size, opts.refcount_bits, opts.extended_l2);
             let aligned = virtual_size.next_multiple_of(cluster_size);
-            Ok(Measurement { required: full - aligned + data.unwrap_or(0), fully_allocated: full, bitmaps })
+            // qemu-img 7.2 answers the fully allocated size for a source measured with a backing file.
+            let required = if opts.preallocated || (opts.backing && data.is_some()) { full } else { full - aligned + data.unwrap_or(0) };
+            // Version 2 images hold no bitmaps: qemu-img leaves the line out.
+            let bitmaps = bitmaps.filter(|_| opts.version >= 3);
+            Ok(Measurement { required, fully_allocated: full, bitmaps })
         }
     }
 }
 
-/// File size of a fully allocated qcow2 image (16-bit refcounts).
-fn qcow2_full_size(size: u64, cs: u64) -> u64 {
+/// File size of a fully allocated qcow2 image.
+fn qcow2_full_size(size: u64, cs: u64, refcount_bits: u64, extended_l2: bool) -> u64 {
+    let l2_entry = if extended_l2 { 16 } else { 8 };
+    let per_l2 = cs / l2_entry;
     let per_table = cs / 8;
     let aligned = size.next_multiple_of(cs);
-    let l2_entries = (aligned / cs).next_multiple_of(per_table);
-    let l1_entries = (l2_entries / per_table).next_multiple_of(per_table);
-    let meta = cs + l2_entries * 8 + l1_entries * 8;
-    let refcounts_per_block = cs * 8 / 16;
+    let l2_entries = (aligned / cs).next_multiple_of(per_l2);
+    let l1_entries = (l2_entries / per_l2).next_multiple_of(per_table);
+    let meta = cs + l2_entries * l2_entry + l1_entries * 8;
+    let refcounts_per_block = cs * 8 / refcount_bits;
     let clusters = (meta + aligned) / cs;
     let (mut blocks, mut table) = (0u64, 0u64);
     loop {
@@ -664,9 +732,11 @@ mod tests {
     #[test]
     fn qcow2_sizes_match_qemu_img_measure() {
         // Figures printed by qemu-img 7.2 `measure -O qcow2 --size N`.
-        assert_eq!(qcow2_full_size(10 << 30, 65536), 10739318784);
-        assert_eq!(qcow2_full_size(1 << 30, 65536), 1074135040);
-        assert_eq!(qcow2_full_size(4 << 20, 65536), 4521984);
+        assert_eq!(qcow2_full_size(10 << 30, 65536, 16, false), 10739318784);
+        assert_eq!(qcow2_full_size(1 << 30, 65536, 16, false), 1074135040);
+        // `-o refcount_bits=1` on 100 GiB, as qemu-img measures it.
+        assert_eq!(qcow2_full_size(100 << 30, 65536, 1, false), 107387748352);
+        assert_eq!(qcow2_full_size(4 << 20, 65536, 16, false), 4521984);
     }
 
     #[test]
