@@ -1,6 +1,7 @@
 //! Unit tests of the qcow2 image: headers, refcounts, writes and chains.
 
 use super::*;
+use crate::{BackingPolicy, ImageOptions};
 
 fn tmp(name: &str) -> PathBuf {
     crate::test_path("qcow2", name)
