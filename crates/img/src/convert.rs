@@ -360,7 +360,7 @@ fn work(src: &dyn BlockBackend, top: Option<&Qcow2Image>, dst: &Target, size: u6
                 // Unallocated in the top: the new backing file shows through.
                 let kind = match e.stored {
                     Stored::Unallocated => None,
-                    Stored::Zero => Some(false),
+                    Stored::Zero { .. } => Some(false),
                     Stored::Data { .. } => Some(true),
                 };
                 ranges.push((e.offset, e.length, kind));

@@ -233,6 +233,10 @@ pub struct Qcow2Details {
     bitmaps: Vec<bitmaps::BitmapJson>,
     refcount_bits: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
+    data_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_file_raw: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     corrupt: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     extended_l2: Option<bool>,
@@ -339,8 +343,10 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
                     lazy_refcounts: v3.then_some(h.compatible_features & 1 != 0),
                     bitmaps: img.bitmaps().iter().map(Into::into).collect(),
                     refcount_bits: h.refcount_bits(),
+                    data_file: img.data_file().map(|d| d.0),
+                    data_file_raw: img.data_file().map(|d| d.1),
                     corrupt: v3.then_some(h.incompatible_features & 2 != 0),
-                    extended_l2: v3.then_some(false),
+                    extended_l2: v3.then_some(h.incompatible_features & (1 << 4) != 0),
                 },
             });
             info.snapshot_list = img.snapshots();
@@ -432,6 +438,9 @@ pub fn info_text(i: &ImageInfo) -> String {
             s += &bitmaps::bitmaps_text(&d.bitmaps);
         }
         s += &format!("    refcount bits: {}\n", d.refcount_bits);
+        if let (Some(f), Some(raw)) = (&d.data_file, d.data_file_raw) {
+            s += &format!("    data file: {f}\n    data file raw: {raw}\n");
+        }
         if let (Some(c), Some(e)) = (d.corrupt, d.extended_l2) {
             s += &format!("    corrupt: {c}\n    extended l2: {e}\n");
         }

@@ -342,7 +342,7 @@ pub fn commit(path: &Path, keep: bool, base_name: Option<&Path>) -> Result<()> {
             }
             match map.get(cursors[i]) {
                 Some(e) if e.offset <= pos && e.stored != Stored::Unallocated => {
-                    found = Some((i, e.stored == Stored::Zero));
+                    found = Some((i, matches!(e.stored, Stored::Zero { .. })));
                     break;
                 }
                 _ => {}
@@ -515,7 +515,7 @@ fn map_layer(chain: &[(String, Layer)], depth: usize, offset: u64, length: u64, 
             for e in q.host_map(offset, inside)? {
                 match e.stored {
                     Stored::Data { host } => push_map(out, entry(e.offset, e.length, true, false, true, host)),
-                    Stored::Zero => push_map(out, entry(e.offset, e.length, true, true, false, None)),
+                    Stored::Zero { host } => push_map(out, entry(e.offset, e.length, true, true, false, host)),
                     Stored::Unallocated if depth + 1 < chain.len() => map_layer(chain, depth + 1, e.offset, e.length, out)?,
                     Stored::Unallocated => push_map(out, entry(e.offset, e.length, false, true, false, None)),
                 }

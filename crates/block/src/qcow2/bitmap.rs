@@ -298,7 +298,7 @@ impl Qcow2Image {
                 return Err(self.corrupt(format!("bitmaps: {damage}; open the image read-only, or remove the bitmaps extension")));
             }
         }
-        let known = AUTOCLEAR_BITMAPS;
+        let known = AUTOCLEAR_BITMAPS | super::AUTOCLEAR_DATA_FILE_RAW;
         let stale_ext = inner.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 && inner.extensions.iter().any(|(t, _)| *t == EXT_BITMAPS);
         if inner.header.autoclear_features & !known != 0 || stale_ext {
             // Unknown autoclear bits must go before writing; a stale bitmaps

@@ -332,8 +332,8 @@ impl Qcow2Image {
             };
             c.add(cs, l2, cs, "L2 table");
             let end = inner.file_len.max(inner.next_free);
-            for (j, &e) in table.iter().enumerate() {
-                let m = match self.decode_l2(inner.header.version, e, end) {
+            for (j, (_, m)) in self.table_mappings(inner.header.version, &table, end).into_iter().enumerate() {
+                let m = match m {
                     Ok(m) => m,
                     Err(err) => {
                         c.corrupt(format!("ERROR L2 entry {j} of table {l2:#x}: {err}"));
@@ -354,7 +354,8 @@ impl Qcow2Image {
                         c.report.compressed_clusters += 1;
                         c.report.fragmented_clusters += 1;
                     }
-                    Mapping::Data { host, .. } | Mapping::Zero { host } if host != 0 => {
+                    // Data in an external file may start at its offset 0.
+                    Mapping::Data { host, .. } | Mapping::Zero { host } | Mapping::Sub { host, .. } if host != 0 || matches!(m, Mapping::Data { .. }) => {
                         c.report.allocated_clusters += 1;
                         if next_contiguous != 0 && host != next_contiguous {
                             c.report.fragmented_clusters += 1;
@@ -382,10 +383,14 @@ impl Qcow2Image {
                 report.messages.push(format!("ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"));
             }
             let Ok(table) = self.l2_table(inner, l2).map(|t| t.clone()) else { continue };
-            for e in table {
-                let host = match self.decode_l2(inner.header.version, e, end) {
+            if self.data_file_name.is_some() {
+                // Data clusters in an external file have no refcounts to agree with.
+                continue;
+            }
+            for (e, m) in self.table_mappings(inner.header.version, &table, end) {
+                let host = match m {
                     Ok(Mapping::Data { host, .. }) => host,
-                    Ok(Mapping::Zero { host }) if host != 0 => host,
+                    Ok(Mapping::Zero { host } | Mapping::Sub { host, .. }) if host != 0 => host,
                     _ => continue,
                 };
                 let rc = self.refcount(inner, host)?;

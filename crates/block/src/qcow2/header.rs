@@ -126,11 +126,8 @@ impl Header {
         if h.incompatible_features & !known != 0 {
             return Err(unsupported(format!("unknown incompatible features {:#x}", h.incompatible_features & !known)));
         }
-        if h.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
-            return Err(unsupported("external data files".into()));
-        }
-        if h.incompatible_features & INCOMPAT_EXTENDED_L2 != 0 {
-            return Err(unsupported("extended L2 entries (subclusters)".into()));
+        if h.incompatible_features & INCOMPAT_EXTENDED_L2 != 0 && h.cluster_bits < 14 {
+            return Err(corrupt("extended L2 entries need clusters of at least 16 KiB".into()));
         }
         let cs = 1u64 << h.cluster_bits;
         // The L1 table must cover the virtual size, within QEMU's limits.

@@ -47,8 +47,9 @@ const MAX_CLUSTER_BITS: u32 = 21;
 const MAX_L1_BYTES: u64 = 32 << 20;
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 const MAX_BACKING_NAME: u32 = 1023;
-/// Deepest backing chain followed.
-pub const MAX_CHAIN_DEPTH: usize = 64;
+/// Most images in a backing chain: qemu-img 7.2 reads 1,001 (and crashes
+/// at 1,101); each holds one descriptor while open.
+pub const MAX_CHAIN_DEPTH: usize = 1024;
 
 const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -66,6 +67,10 @@ const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// Header extension naming an external data file.
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// Autoclear bit: the external data file is a valid raw image too.
+const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 /// How many L2 tables the metadata cache keeps.
 const L2_CACHE_TABLES: usize = 64;
@@ -178,6 +183,11 @@ pub struct Qcow2Image {
     path: PathBuf,
     name: String,
     cluster_bits: u32,
+    /// 128-bit L2 entries with 32 subclusters each (read only).
+    extended_l2: bool,
+    /// The external data file the guest data lives in (read only), and its name as recorded.
+    data_file: Option<Box<dyn ImageFile>>,
+    data_file_name: Option<String>,
     file: Box<dyn ImageFile>,
     backing: Option<Box<dyn BlockBackend>>,
     backing_name: Option<String>,
@@ -198,8 +208,11 @@ pub struct Qcow2Image {
 pub enum Stored {
     /// Nothing: reads fall through to the backing file (or zeros).
     Unallocated,
-    /// A zero flag.
-    Zero,
+    /// A zero flag; `host` is the offset of the cluster kept allocated under it, if any.
+    Zero {
+        /// Host offset of the first byte (an allocated zero cluster).
+        host: Option<u64>,
+    },
     /// Data; `host` is its offset in the file, `None` when compressed.
     Data {
         /// Host offset of the first byte.
@@ -222,7 +235,9 @@ impl HostExtent {
     /// Whether `next`, starting where this run ends, extends it.
     fn continues(&self, next: Stored) -> bool {
         match (self.stored, next) {
-            (Stored::Data { host: Some(a) }, Stored::Data { host: Some(b) }) => a + self.length == b,
+            (Stored::Data { host: Some(a) }, Stored::Data { host: Some(b) }) | (Stored::Zero { host: Some(a) }, Stored::Zero { host: Some(b) }) => {
+                a + self.length == b
+            }
             (a, b) => a == b,
         }
     }
@@ -239,7 +254,13 @@ pub(crate) enum Mapping {
     Data { host: u64, copied: bool },
     /// Compressed: `offset` and the length of the sectors it spans in the file.
     Compressed { offset: u64, len: u64 },
+    /// Extended L2: a cluster at `host` (or 0) whose 32 subclusters are each
+    /// allocated (`alloc` bit), zero (`zero` bit) or neither (the backing file's).
+    Sub { host: u64, alloc: u32, zero: u32 },
 }
+
+/// Subclusters per cluster with extended L2 entries.
+const SUBCLUSTERS: u64 = 32;
 
 impl Qcow2Image {
     /// A copy of the current header.
@@ -279,8 +300,9 @@ impl Qcow2Image {
         io_err(&self.path, e)
     }
 
+    /// Guest clusters one L2 table maps (its entries are 16 bytes with extended L2).
     fn l2_entries(&self) -> u64 {
-        self.cluster_size() / 8
+        self.cluster_size() / if self.extended_l2 { 16 } else { 8 }
     }
 
     /// Loads (through the cache) the L2 table at `off`.
@@ -290,7 +312,7 @@ impl Qcow2Image {
             if off % cs != 0 || off < cs || off + cs > inner.file_len.max(inner.next_free) {
                 return Err(self.corrupt(format!("L2 table offset {off:#x} is misaligned, in the header or past the end")));
             }
-            let table = read_table(&*self.file, off, self.l2_entries() as usize).map_err(|e| self.io(e))?;
+            let table = read_table(&*self.file, off, (cs / 8) as usize).map_err(|e| self.io(e))?;
             if inner.l2_cache.len() >= L2_CACHE_TABLES {
                 let victim = inner.l2_lru.remove(0);
                 if let Some(t) = inner.l2_cache.remove(&victim) {
@@ -382,8 +404,50 @@ impl Qcow2Image {
         if l2_off == 0 {
             return Ok(Mapping::Unallocated);
         }
+        // Data in an external file is bounded by that file, not this one.
+        let end = if self.data_file_name.is_some() { u64::MAX } else { inner.file_len.max(inner.next_free) };
+        if self.extended_l2 {
+            let t = self.l2_table(inner, l2_off)?;
+            let (e, bitmap) = (t[l2_idx * 2], t[l2_idx * 2 + 1]);
+            return self.decode_extended(e, bitmap, end);
+        }
         let e = self.l2_table(inner, l2_off)?[l2_idx];
-        self.decode_l2(inner.header.version, e, inner.file_len.max(inner.next_free))
+        self.decode_l2(inner.header.version, e, end)
+    }
+
+    /// Decodes an extended L2 entry: the standard part (whose bit 0 is not
+    /// the zero flag here) and the subcluster bitmap.
+    pub(crate) fn decode_extended(&self, e: u64, bitmap: u64, file_len: u64) -> Result<Mapping> {
+        let m = self.decode_l2(2, e & !ZERO, file_len)?;
+        if let Mapping::Compressed { .. } = m {
+            return Ok(m);
+        }
+        let host = match m {
+            Mapping::Data { host, .. } => host,
+            _ => 0,
+        };
+        let (alloc, zero) = (bitmap as u32, (bitmap >> 32) as u32);
+        if alloc & zero != 0 {
+            return Err(self.corrupt(format!("extended L2 entry {e:#x}/{bitmap:#x} marks subclusters both allocated and zero")));
+        }
+        if alloc != 0 && host == 0 {
+            return Err(self.corrupt(format!("extended L2 entry {e:#x} allocates subclusters of no cluster")));
+        }
+        Ok(match (host, alloc, zero) {
+            (h, u32::MAX, 0) if h != 0 => m,
+            (_, 0, u32::MAX) => Mapping::Zero { host },
+            (0, 0, 0) => Mapping::Unallocated,
+            _ => Mapping::Sub { host, alloc, zero },
+        })
+    }
+
+    /// The mappings of an L2 table's entries (pairs of words with extended L2).
+    pub(crate) fn table_mappings(&self, version: u32, table: &[u64], file_len: u64) -> Vec<(u64, Result<Mapping>)> {
+        if self.extended_l2 {
+            table.chunks(2).map(|p| (p[0], self.decode_extended(p[0], p.get(1).copied().unwrap_or(0), file_len))).collect()
+        } else {
+            table.iter().map(|&e| (e, self.decode_l2(version, e, file_len))).collect()
+        }
     }
 
     pub(crate) fn decode_l2(&self, version: u32, e: u64, file_len: u64) -> Result<Mapping> {
@@ -399,6 +463,18 @@ impl Qcow2Image {
             return Ok(Mapping::Compressed { offset, len });
         }
         let host = e & L2_OFFSET_MASK;
+        if self.data_file_name.is_some() {
+            // Offsets in the external data file: any aligned one, 0 included
+            // (then marked by COPIED, as the spec says).
+            if host % cs != 0 {
+                return Err(self.corrupt(format!("data cluster offset {host:#x} is misaligned")));
+            }
+            let allocated = host != 0 || e & COPIED != 0;
+            if version >= 3 && e & ZERO != 0 {
+                return Ok(Mapping::Zero { host });
+            }
+            return Ok(if allocated { Mapping::Data { host, copied: e & COPIED != 0 } } else { Mapping::Unallocated });
+        }
         if host != 0 && (host % cs != 0 || host < cs || host >= file_len) {
             return Err(self.corrupt(format!("data cluster offset {host:#x} is misaligned, in the header or past the end")));
         }
@@ -411,12 +487,31 @@ impl Qcow2Image {
         Ok(Mapping::Data { host, copied: e & COPIED != 0 })
     }
 
+    /// Where guest data is read from: the external data file, or this file.
+    fn data_io(&self) -> Result<&dyn ImageFile> {
+        match (&self.data_file, &self.data_file_name) {
+            (Some(f), _) => Ok(f.as_ref()),
+            (None, None) => Ok(&*self.file),
+            (None, Some(n)) => Err(Error::Request(format!("{}: the external data file '{n}' was not opened", self.name))),
+        }
+    }
+
+    /// The external data file as recorded, and whether it is a raw image too.
+    pub fn data_file(&self) -> Option<(String, bool)> {
+        let raw = self.lock().header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0;
+        self.data_file_name.clone().map(|n| (n, raw))
+    }
+
     /// The host clusters an L2 mapping holds a reference to.
     pub(crate) fn clusters_of(&self, m: Mapping) -> std::ops::Range<u64> {
         let cs = self.cluster_size();
+        if self.data_file_name.is_some() && !matches!(m, Mapping::Compressed { .. }) {
+            // Data clusters live in the external file: this one counts none.
+            return 0..0;
+        }
         match m {
             Mapping::Data { host, .. } => host / cs..host / cs + 1,
-            Mapping::Zero { host } if host != 0 => host / cs..host / cs + 1,
+            Mapping::Zero { host } | Mapping::Sub { host, .. } if host != 0 => host / cs..host / cs + 1,
             Mapping::Compressed { offset, len } => offset / cs..(offset + len).div_ceil(cs),
             _ => 0..0,
         }
@@ -456,7 +551,7 @@ impl Qcow2Image {
                 Ok(())
             }
             Mapping::Data { host, .. } => {
-                let n = read_full(&*self.file, buf, host + in_cluster).map_err(|e| self.io(e))?;
+                let n = read_full(self.data_io()?, buf, host + in_cluster).map_err(|e| self.io(e))?;
                 buf[n..].fill(0);
                 Ok(())
             }
@@ -464,6 +559,27 @@ impl Qcow2Image {
                 let mut whole = vec![0u8; cs as usize];
                 self.decompress(inner, coff, len, &mut whole)?;
                 buf.copy_from_slice(&whole[in_cluster as usize..in_cluster as usize + buf.len()]);
+                Ok(())
+            }
+            Mapping::Sub { host, alloc, zero } => {
+                // Subcluster by subcluster: stored here, zero, or the backing file's.
+                let sc = cs / SUBCLUSTERS;
+                let mut done = 0usize;
+                while done < buf.len() {
+                    let at = in_cluster + done as u64;
+                    let bit = 1u32 << (at / sc);
+                    let n = ((sc - at % sc) as usize).min(buf.len() - done);
+                    let piece = &mut buf[done..done + n];
+                    if alloc & bit != 0 {
+                        let got = read_full(self.data_io()?, piece, host + at).map_err(|e| self.io(e))?;
+                        piece[got..].fill(0);
+                    } else if zero & bit != 0 || self.backing.is_none() {
+                        piece.fill(0);
+                    } else if let Some(b) = &self.backing {
+                        read_backing(b.as_ref(), piece, offset - in_cluster + at)?;
+                    }
+                    done += n;
+                }
                 Ok(())
             }
         }
@@ -865,15 +981,40 @@ impl Qcow2Image {
         let mut pos = offset;
         while pos < end {
             let n = (cs - pos % cs).min(end - pos);
-            let stored = match self.mapping(&mut inner, pos / cs)? {
-                Mapping::Unallocated => Stored::Unallocated,
-                Mapping::Zero { .. } => Stored::Zero,
-                Mapping::Data { host, .. } => Stored::Data { host: Some(host + pos % cs) },
-                Mapping::Compressed { .. } => Stored::Data { host: None },
+            let pieces = match self.mapping(&mut inner, pos / cs)? {
+                Mapping::Unallocated => vec![(pos, n, Stored::Unallocated)],
+                Mapping::Zero { host } => {
+                    let at = (host != 0 || self.data_file_name.is_some()).then_some(host + pos % cs).filter(|&h| h != 0);
+                    vec![(pos, n, Stored::Zero { host: at })]
+                }
+                Mapping::Data { host, .. } => vec![(pos, n, Stored::Data { host: Some(host + pos % cs) })],
+                Mapping::Compressed { .. } => vec![(pos, n, Stored::Data { host: None })],
+                Mapping::Sub { host, alloc, zero } => {
+                    // One piece per subcluster, each as what it is.
+                    let sc = cs / SUBCLUSTERS;
+                    let mut pieces = Vec::new();
+                    let mut p = pos;
+                    while p < pos + n {
+                        let bit = 1u32 << (p % cs / sc);
+                        let len = (sc - p % sc).min(pos + n - p);
+                        let stored = if alloc & bit != 0 {
+                            Stored::Data { host: Some(host + p % cs) }
+                        } else if zero & bit != 0 {
+                            Stored::Zero { host: None }
+                        } else {
+                            Stored::Unallocated
+                        };
+                        pieces.push((p, len, stored));
+                        p += len;
+                    }
+                    pieces
+                }
             };
-            match out.last_mut() {
-                Some(last) if last.offset + last.length == pos && last.continues(stored) => last.length += n,
-                _ => out.push(HostExtent { offset: pos, length: n, stored }),
+            for (p, len, stored) in pieces {
+                match out.last_mut() {
+                    Some(last) if last.offset + last.length == p && last.continues(stored) => last.length += len,
+                    _ => out.push(HostExtent { offset: p, length: len, stored }),
+                }
             }
             pos += n;
         }
@@ -1037,7 +1178,7 @@ impl BlockBackend for Qcow2Image {
                         _ => break,
                     }
                 }
-                let got = read_full(&*self.file, &mut buf[done..done + n], start).map_err(|e| self.io(e))?;
+                let got = read_full(self.data_io()?, &mut buf[done..done + n], start).map_err(|e| self.io(e))?;
                 buf[done + got..done + n].fill(0);
             } else {
                 self.read_in_cluster(&mut inner, pos, &mut buf[done..done + n])?;
@@ -1096,7 +1237,7 @@ impl BlockBackend for Qcow2Image {
         for e in self.host_map(offset, length)? {
             let kind = match e.stored {
                 Stored::Unallocated if self.backing_name.is_some() => ExtentKind::Backing,
-                Stored::Unallocated | Stored::Zero => ExtentKind::Zero,
+                Stored::Unallocated | Stored::Zero { .. } => ExtentKind::Zero,
                 Stored::Data { .. } => ExtentKind::Data,
             };
             push_extent(&mut out, Extent { offset: e.offset, length: e.length, kind });

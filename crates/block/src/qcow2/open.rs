@@ -76,6 +76,11 @@ impl Qcow2Image {
         if !read_only && !repair && header.incompatible_features & INCOMPAT_CORRUPT != 0 {
             return Err(corrupt("image is marked corrupt; open it read-only or repair it"));
         }
+        let (data_file_name, data_file) = Self::open_data_file(path, &header, &extensions, read_only, opts)?;
+        let extended_l2 = header.incompatible_features & INCOMPAT_EXTENDED_L2 != 0;
+        if extended_l2 && !read_only {
+            return Err(Error::Unsupported { path: name, detail: "extended L2 entries (subclusters): rvirt reads these images but does not write them".into() });
+        }
         let backing = match &backing_name {
             Some(_) if matches!(opts.backing, BackingPolicy::RecordedFormat | BackingPolicy::Probe) && backing_format_unknown.is_some() => {
                 let f = backing_format_unknown.unwrap_or_default();
@@ -131,6 +136,9 @@ impl Qcow2Image {
             path: path.to_path_buf(),
             name,
             cluster_bits: header.cluster_bits,
+            extended_l2,
+            data_file,
+            data_file_name,
             file,
             backing,
             backing_name,
@@ -173,6 +181,41 @@ impl Qcow2Image {
             img.open_bitmaps(&mut inner)?;
         }
         Ok(img)
+    }
+
+    /// The external data file an image records, opened read-only (rvirt
+    /// does not write such images). A header-only open (`BackingPolicy::Ignore`)
+    /// goes on without it when it cannot be opened.
+    #[allow(clippy::type_complexity)]
+    fn open_data_file(
+        path: &Path,
+        header: &Header,
+        extensions: &[(u32, Vec<u8>)],
+        read_only: bool,
+        opts: &ImageOptions,
+    ) -> Result<(Option<String>, Option<Box<dyn ImageFile>>)> {
+        let unsupported = |d: String| Error::Unsupported { path: path.display().to_string(), detail: d };
+        if header.incompatible_features & INCOMPAT_EXTERNAL_DATA == 0 {
+            return Ok((None, None));
+        }
+        let Some((_, raw)) = extensions.iter().find(|(t, _)| *t == EXT_DATA_FILE) else {
+            return Err(Error::Corrupt { path: path.display().to_string(), detail: "external data file feature set but no data file named".into() });
+        };
+        let name = String::from_utf8_lossy(raw).trim_end_matches('\0').to_string();
+        if !read_only {
+            return Err(unsupported(format!("external data file '{name}': rvirt reads these images but does not write them")));
+        }
+        if name.starts_with("json:") {
+            return Err(unsupported("the data file name is a json: pseudo-name".into()));
+        }
+        // qemu-img resolves a relative data file name from the current
+        // directory (not the image's, as for backing files); so do we.
+        let dpath = PathBuf::from(&name);
+        match open_checked(&dpath, false, Kind::Regular, 0) {
+            Ok(f) => Ok((Some(name), Some(Box::new(f)))),
+            Err(_) if opts.backing == BackingPolicy::Ignore => Ok((Some(name), None)),
+            Err(e) => Err(io_err(&dpath, e)),
+        }
     }
 
     /// Opens the backing file `bname` of the image at `path` as `opts.backing` says.

@@ -1,0 +1,79 @@
+//! qcow2 variants rvirt reads but does not write: extended L2 entries
+//! (subclusters) and external data files, side by side with qemu-img:
+//! the same contents, map, check and info; writes refused by name.
+
+use std::path::Path;
+
+mod common;
+use common::*;
+
+/// `info`, `map --output=json`, `check` and a raw copy of `img` agree with qemu-img's.
+fn reads_as_qemu_img_reads(d: &Path, img: &Path) {
+    assert_eq!(ok(&["info", s(img)]), qemu(&["info", s(img)]), "{}", img.display());
+    assert_eq!(ok(&["map", "--output=json", s(img)]), qemu(&["map", "--output=json", s(img)]), "{}", img.display());
+    let (code, out, _) = ours(&["check", s(img)]);
+    assert_eq!((code, out), (0, qemu(&["check", s(img)])), "{}", img.display());
+    let (q, r) = (d.join("q.raw"), d.join("r.raw"));
+    qemu(&["convert", "-O", "raw", s(img), s(&q)]);
+    ok(&["convert", "-O", "raw", s(img), s(&r)]);
+    assert!(std::fs::read(&q).unwrap() == std::fs::read(&r).unwrap(), "{}: the copies differ", img.display());
+    // Writers refuse, saying why.
+    let (code, _, err) = ours(&["resize", s(img), "+1M"]);
+    assert!(code == 1 && err.contains("does not write them"), "{err}");
+}
+
+#[test]
+fn extended_l2_images_read_as_with_qemu_img() {
+    let d = tmpdir("ext-l2");
+    let base = d.join("base.qcow2");
+    qemu(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
+    qemu_io(&base, &["write -P 0x11 0 16M"]);
+    let img = d.join("x.qcow2");
+    qemu(&["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", s(&base), "-F", "qcow2", s(&img), "16M"]);
+    // Partial subclusters over the backing file, zero subclusters, whole clusters, compressed.
+    qemu_io(&img, &["write -P 0x22 4k 2k", "write -z 64k 8k", "write -P 0x33 1M 128k", "write -z 2M 64k", "write -c -P 0x44 3M 64k", "write -P 0x55 5M 3k"]);
+    reads_as_qemu_img_reads(&d, &img);
+}
+
+#[test]
+fn external_data_file_images_read_as_with_qemu_img() {
+    let d = tmpdir("data-file");
+    // Absolute names: qemu-img resolves a relative one from the current directory.
+    for (name, data, raw) in [("raw.qcow2", "raw.data", true), ("plain.qcow2", "plain.data", false)] {
+        let img = d.join(name);
+        let opts = format!("data_file={},data_file_raw={}", s(&d.join(data)), if raw { "on" } else { "off" });
+        qemu(&["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "16M"]);
+        qemu_io(&img, &["write -P 0x22 0 64k", "write -P 0x33 1M 4k", "write -z 2M 64k", "write -P 0x44 5M 64k"]);
+        reads_as_qemu_img_reads(&d, &img);
+    }
+    // A data file that is gone: info still reads the header, a copy says which file is missing.
+    let img = d.join("plain.qcow2");
+    std::fs::remove_file(d.join("plain.data")).unwrap();
+    assert!(ok(&["info", s(&img)]).contains("plain.data"));
+    let (code, _, err) = ours(&["convert", "-O", "raw", s(&img), s(&d.join("gone.raw"))]);
+    assert!(code == 1 && err.contains("plain.data"), "{err}");
+}
+
+#[test]
+fn backing_chains_as_deep_as_qemu_img_reads() {
+    let d = tmpdir("deep-chain");
+    // 1,001 images (qemu-img 7.2 reads that many and crashes at 1,101): data at the bottom and halfway.
+    let layer = |i: usize| d.join(format!("l{i}.qcow2"));
+    qemu(&["create", "-q", "-f", "qcow2", s(&layer(0)), "1M"]);
+    qemu_io(&layer(0), &["write -P 0x61 0 1M"]);
+    for i in 1..=1025 {
+        let below = format!("l{}.qcow2", i - 1);
+        ok(&["create", "-f", "qcow2", "-u", "-b", &below, "-F", "qcow2", s(&layer(i)), "1M"]);
+        if i == 500 {
+            qemu_io(&layer(i), &["write -P 0x62 64k 64k"]);
+        }
+    }
+    let (q, r) = (d.join("q.raw"), d.join("r.raw"));
+    qemu(&["convert", "-O", "raw", s(&layer(1000)), s(&q)]);
+    ok(&["convert", "-O", "raw", s(&layer(1000)), s(&r)]);
+    assert!(identical(&q, &r));
+    assert_eq!(ok(&["info", "--backing-chain", s(&layer(1000))]).matches("image:").count(), 1001);
+    // Past the limit: refused by name, no crash.
+    let (code, _, err) = ours(&["convert", "-O", "raw", s(&layer(1025)), s(&d.join("x.raw"))]);
+    assert!(code == 1 && err.contains("deeper than 1024"), "{err}");
+}
