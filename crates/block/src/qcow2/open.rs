@@ -208,6 +208,10 @@ impl Qcow2Image {
         if name.starts_with("json:") {
             return Err(unsupported("the data file name is a json: pseudo-name".into()));
         }
+        if matches!(opts.backing, BackingPolicy::Given(_)) {
+            // Whoever resolved the chain (rvirtd) opens no file by a name read from an image.
+            return Err(unsupported(format!("external data file '{name}': images whose chain is given cannot name more files")));
+        }
         // qemu-img resolves a relative data file name from the current
         // directory (not the image's, as for backing files); so do we.
         let dpath = PathBuf::from(&name);
