@@ -45,6 +45,10 @@ fn external_data_file_images_read_as_with_qemu_img() {
         qemu(&["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "16M"]);
         qemu_io(&img, &["write -P 0x22 0 64k", "write -P 0x33 1M 4k", "write -z 2M 64k", "write -P 0x44 5M 64k"]);
         reads_as_qemu_img_reads(&d, &img);
+        // Opened as rvirtd opens a VM's disks (the chain given): the named file is not opened.
+        let given = rvirt_block::ImageOptions { read_only: true, backing: rvirt_block::BackingPolicy::Given(Vec::new()), ..Default::default() };
+        let err = rvirt_block::qcow2::Qcow2Image::open_with(&img, &given).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("cannot name more files"), "{err}");
     }
     // A data file that is gone: info still reads the header, a copy says which file is missing.
     let img = d.join("plain.qcow2");
