@@ -245,9 +245,21 @@ impl Qcow2Image {
         // COPIED flags are judged against the refcounts as found.
         self.check_copied(inner, &mut census.report)?;
         let mut highest = 0u64;
+        let bits = 1u64 << inner.header.refcount_order;
+        let per_block = cs * 8 / bits;
+        // The refcount block in use, copied once rather than looked up per cluster.
+        let mut block: Option<(u64, Vec<u8>)> = None;
         for c in 0..scan {
             let counted = census.refs.get(c as usize).copied().map_or(0, u64::from);
-            let stored = self.refcount(inner, c * cs)?;
+            let at = inner.reftable.get((c / per_block) as usize).copied().unwrap_or(0);
+            let stored = if at == 0 {
+                0
+            } else {
+                if block.as_ref().is_none_or(|(b, _)| *b != at) {
+                    block = Some((at, self.rc_block(inner, at)?.clone()));
+                }
+                block.as_ref().map_or(0, |(_, b)| super::refcount::get_refcount(b, c % per_block, bits))
+            };
             if stored > 0 || counted > 0 {
                 highest = c + 1;
             }
@@ -264,6 +276,8 @@ impl Qcow2Image {
             };
             if fix {
                 self.set_refcount(inner, c * cs, counted)?;
+                // The copy is stale now (and the table may have grown).
+                block = None;
             }
         }
         census.report.image_end_offset = highest * cs;
@@ -332,7 +346,7 @@ impl Qcow2Image {
             };
             c.add(cs, l2, cs, "L2 table");
             let end = inner.file_len.max(inner.next_free);
-            for (j, (_, m)) in self.table_mappings(inner.header.version, &table, end).into_iter().enumerate() {
+            for (j, _, m) in self.table_mappings(inner.header.version, &table, end) {
                 let m = match m {
                     Ok(m) => m,
                     Err(err) => {
@@ -387,7 +401,7 @@ impl Qcow2Image {
                 // Data clusters in an external file have no refcounts to agree with.
                 continue;
             }
-            for (e, m) in self.table_mappings(inner.header.version, &table, end) {
+            for (_, e, m) in self.table_mappings(inner.header.version, &table, end) {
                 let host = match m {
                     Ok(Mapping::Data { host, .. }) => host,
                     Ok(Mapping::Zero { host } | Mapping::Sub { host, .. }) if host != 0 => host,

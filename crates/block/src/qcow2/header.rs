@@ -54,7 +54,7 @@ pub(crate) fn be32(b: &[u8], o: usize) -> u32 {
 }
 
 pub(crate) fn be64(b: &[u8], o: usize) -> u64 {
-    (u64::from(be32(b, o)) << 32) | u64::from(be32(b, o + 4))
+    u64::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3], b[o + 4], b[o + 5], b[o + 6], b[o + 7]])
 }
 
 impl Header {

@@ -441,13 +441,14 @@ impl Qcow2Image {
         })
     }
 
-    /// The mappings of an L2 table's entries (pairs of words with extended L2).
-    pub(crate) fn table_mappings(&self, version: u32, table: &[u64], file_len: u64) -> Vec<(u64, Result<Mapping>)> {
-        if self.extended_l2 {
-            table.chunks(2).map(|p| (p[0], self.decode_extended(p[0], p.get(1).copied().unwrap_or(0), file_len))).collect()
-        } else {
-            table.iter().map(|&e| (e, self.decode_l2(version, e, file_len))).collect()
-        }
+    /// The mappings of an L2 table's entries that are not empty (pairs of
+    /// words with extended L2), with their index in the table.
+    pub(crate) fn table_mappings<'a>(&'a self, version: u32, table: &'a [u64], file_len: u64) -> impl Iterator<Item = (usize, u64, Result<Mapping>)> + 'a {
+        let step = if self.extended_l2 { 2 } else { 1 };
+        table.chunks(step).enumerate().filter(|(_, p)| p.iter().any(|&w| w != 0)).map(move |(i, p)| {
+            let m = if self.extended_l2 { self.decode_extended(p[0], p.get(1).copied().unwrap_or(0), file_len) } else { self.decode_l2(version, p[0], file_len) };
+            (i, p[0], m)
+        })
     }
 
     pub(crate) fn decode_l2(&self, version: u32, e: u64, file_len: u64) -> Result<Mapping> {
@@ -977,46 +978,64 @@ impl Qcow2Image {
         let mut inner = self.lock();
         check_range(inner.header.size, offset, length)?;
         let mut out: Vec<HostExtent> = Vec::new();
+        let mut push = |p: u64, len: u64, stored: Stored| match out.last_mut() {
+            Some(last) if last.offset + last.length == p && last.continues(stored) => last.length += len,
+            _ => out.push(HostExtent { offset: p, length: len, stored }),
+        };
         let end = offset + length;
+        let span = cs * self.l2_entries();
         let mut pos = offset;
         while pos < end {
-            let n = (cs - pos % cs).min(end - pos);
-            let pieces = match self.mapping(&mut inner, pos / cs)? {
-                Mapping::Unallocated => vec![(pos, n, Stored::Unallocated)],
-                Mapping::Zero { host } => {
-                    let at = (host != 0 || self.data_file_name.is_some()).then_some(host + pos % cs).filter(|&h| h != 0);
-                    vec![(pos, n, Stored::Zero { host: at })]
-                }
-                Mapping::Data { host, .. } => vec![(pos, n, Stored::Data { host: Some(host + pos % cs) })],
-                Mapping::Compressed { .. } => vec![(pos, n, Stored::Data { host: None })],
-                Mapping::Sub { host, alloc, zero } => {
-                    // One piece per subcluster, each as what it is.
-                    let sc = cs / SUBCLUSTERS;
-                    let mut pieces = Vec::new();
-                    let mut p = pos;
-                    while p < pos + n {
-                        let bit = 1u32 << (p % cs / sc);
-                        let len = (sc - p % sc).min(pos + n - p);
-                        let stored = if alloc & bit != 0 {
-                            Stored::Data { host: Some(host + p % cs) }
-                        } else if zero & bit != 0 {
-                            Stored::Zero { host: None }
-                        } else {
-                            Stored::Unallocated
-                        };
-                        pieces.push((p, len, stored));
-                        p += len;
-                    }
-                    pieces
-                }
-            };
-            for (p, len, stored) in pieces {
-                match out.last_mut() {
-                    Some(last) if last.offset + last.length == p && last.continues(stored) => last.length += len,
-                    _ => out.push(HostExtent { offset: p, length: len, stored }),
-                }
+            // One L2 table's span at a time: an absent table is one piece,
+            // a present one is read once and decoded entry by entry.
+            let span_end = (pos / span + 1).saturating_mul(span).min(end);
+            let l1_idx = (pos / span) as usize;
+            let l1e = *inner.l1.get(l1_idx).ok_or_else(|| self.corrupt(format!("guest offset {pos:#x} is beyond the L1 table")))?;
+            let l2_off = l1e & L1_OFFSET_MASK;
+            if l2_off == 0 {
+                push(pos, span_end - pos, Stored::Unallocated);
+                pos = span_end;
+                continue;
             }
-            pos += n;
+            let table = self.l2_table(&mut inner, l2_off)?.clone();
+            let file_end = if self.data_file_name.is_some() { u64::MAX } else { inner.file_len.max(inner.next_free) };
+            while pos < span_end {
+                let n = (cs - pos % cs).min(span_end - pos);
+                let idx = ((pos / cs) % self.l2_entries()) as usize;
+                let m = if self.extended_l2 {
+                    self.decode_extended(table[idx * 2], table[idx * 2 + 1], file_end)?
+                } else {
+                    self.decode_l2(inner.header.version, table[idx], file_end)?
+                };
+                match m {
+                    Mapping::Unallocated => push(pos, n, Stored::Unallocated),
+                    Mapping::Zero { host } => {
+                        let at = (host != 0 || self.data_file_name.is_some()).then_some(host + pos % cs).filter(|&h| h != 0);
+                        push(pos, n, Stored::Zero { host: at });
+                    }
+                    Mapping::Data { host, .. } => push(pos, n, Stored::Data { host: Some(host + pos % cs) }),
+                    Mapping::Compressed { .. } => push(pos, n, Stored::Data { host: None }),
+                    Mapping::Sub { host, alloc, zero } => {
+                        // One piece per subcluster, each as what it is.
+                        let sc = cs / SUBCLUSTERS;
+                        let mut p = pos;
+                        while p < pos + n {
+                            let bit = 1u32 << (p % cs / sc);
+                            let len = (sc - p % sc).min(pos + n - p);
+                            let stored = if alloc & bit != 0 {
+                                Stored::Data { host: Some(host + p % cs) }
+                            } else if zero & bit != 0 {
+                                Stored::Zero { host: None }
+                            } else {
+                                Stored::Unallocated
+                            };
+                            push(p, len, stored);
+                            p += len;
+                        }
+                    }
+                }
+                pos += n;
+            }
         }
         Ok(out)
     }
@@ -1116,7 +1135,7 @@ fn compress(c: Compression, data: &[u8]) -> std::io::Result<Vec<u8>> {
 pub(crate) fn read_table(f: &dyn ImageFile, offset: u64, n: usize) -> std::io::Result<Vec<u64>> {
     let mut b = vec![0u8; n * 8];
     f.read_exact_at(&mut b, offset)?;
-    Ok(b.chunks_exact(8).map(|c| be64(c, 0)).collect())
+    Ok(b.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
 }
 
 /// Writes big-endian u64 entries at `offset`.

@@ -22,7 +22,7 @@ impl Qcow2Image {
     }
 
     /// The cached refcount block at `block`, read in if needed.
-    fn rc_block<'a>(&self, inner: &'a mut Inner, block: u64) -> Result<&'a mut Vec<u8>> {
+    pub(crate) fn rc_block<'a>(&self, inner: &'a mut Inner, block: u64) -> Result<&'a mut Vec<u8>> {
         if !inner.rc_cache.contains_key(&block) {
             if inner.rc_cache.len() >= RC_CACHE_BLOCKS {
                 let victim = inner.rc_lru.remove(0);
