@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 pub mod access;
 mod amend;
+mod bench;
 mod bitmaps;
 mod convert;
 mod dd;
@@ -13,6 +14,7 @@ mod ops;
 
 pub use access::{image_arg, set_force_share, set_probe_backing};
 pub use amend::{amend, AMEND_HELP};
+pub use bench::{bench, BenchRequest};
 pub use bitmaps::{bitmap, BitmapAction, BitmapRequest};
 pub use dd::{dd, DdRequest};
 pub use convert::{cache_mode_flushes, convert, ConvertRequest};

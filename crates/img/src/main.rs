@@ -300,6 +300,54 @@ enum Cmd {
         /// bs=, count=, skip=, if=, of=.
         operands: Vec<String>,
     },
+    /// Time reads or writes through the image: rvirt-img bench [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP]
+    /// [-o OFFSET] [-w [--pattern=N] [--flush-interval=N]] [-n] [-t CACHE] FILE.
+    Bench {
+        /// Requests in all.
+        #[arg(short = 'c', default_value_t = 75_000)]
+        count: u64,
+        /// Requests in flight (one thread each, at most 64).
+        #[arg(short = 'd', default_value_t = 64)]
+        depth: u64,
+        /// Format (probed when omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// A flush after every N requests (writes only).
+        #[arg(long = "flush-interval")]
+        flush_interval: Option<u64>,
+        /// AIO mode (accepted for qemu-img's command lines; the library does its own I/O).
+        #[arg(short = 'i')]
+        aio: Option<String>,
+        /// Bypass the host page cache (O_DIRECT).
+        #[arg(short = 'n')]
+        nocache: bool,
+        /// Accepted for qemu-img's command lines.
+        #[arg(long = "no-drain")]
+        no_drain: bool,
+        /// Where the first request starts.
+        #[arg(short = 'o')]
+        offset: Option<String>,
+        /// The byte written (-w).
+        #[arg(long)]
+        pattern: Option<u8>,
+        /// Print nothing.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Bytes per request.
+        #[arg(short = 's')]
+        size: Option<String>,
+        /// Bytes between the starts of consecutive requests (the request size by default).
+        #[arg(short = 'S')]
+        step: Option<String>,
+        /// Cache mode: none and directsync bypass the page cache.
+        #[arg(short = 't')]
+        cache: Option<String>,
+        /// Write instead of read.
+        #[arg(short = 'w')]
+        write: bool,
+        /// The image.
+        filename: PathBuf,
+    },
     /// How large a new image (--size) or a converted one (FILE) would be.
     Measure {
         /// Output format: raw or qcow2.
@@ -490,6 +538,26 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let actions = bitmap_actions(std::env::args().skip(1), &flags, &merge);
             let granularity = granularity.as_deref().map(parse_size).transpose()?;
             bitmap(&BitmapRequest { path: filename, format, name, actions, granularity, source: source_file.map(|p| (p, source_format)) })?;
+        }
+        Cmd::Bench { count, depth, format, flush_interval, aio: _, nocache, no_drain: _, offset, pattern, quiet, size, step, cache, write, filename } => {
+            let (filename, format) = image_arg(filename, format)?;
+            let direct = nocache || matches!(cache.as_deref(), Some("none" | "directsync"));
+            if let Some(c) = cache.as_deref() {
+                cache_mode_flushes(c)?;
+            }
+            let req = BenchRequest {
+                count,
+                depth,
+                buffer_size: size.as_deref().map(parse_size).transpose()?.unwrap_or(4096),
+                step: step.as_deref().map(parse_size).transpose()?,
+                offset: offset.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+                write,
+                pattern: pattern.unwrap_or(0),
+                flush_interval,
+                direct,
+                quiet,
+            };
+            bench(&filename, format.as_deref(), &req)?;
         }
         Cmd::Dd { format, output_format, operands } => {
             let mut req = DdRequest::parse(&operands)?;

@@ -93,3 +93,42 @@ fn dd_sizes_and_copies_as_qemu_img_dd() {
         assert_eq!((ours(&bad).0, run("qemu-img", &bad).0), (1, 1), "{bad:?}");
     }
 }
+
+#[test]
+fn bench_runs_and_reports_as_qemu_img_bench() {
+    let d = tmpdir("bench");
+    let img = d.join("b.qcow2");
+    qemu(&["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    for args in [
+        vec!["bench", "-c", "2000", s(&img)],
+        vec!["bench", "-w", "-c", "1000", "-d", "4", "-s", "64k", "-S", "128k", "-o", "1M", "--pattern=7", "--flush-interval=100", s(&img)],
+        vec!["bench", "-c", "300", "-s", "1M", "-d", "2", "-t", "none", s(&img)],
+    ] {
+        let (code, out, err) = ours(&args);
+        let theirs = qemu(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        // The same description; the time is each tool's own.
+        let head = |t: &str| t.lines().filter(|l| !l.starts_with("Run completed")).map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(head(&out), head(&theirs), "{args:?}");
+        assert!(out.lines().last().is_some_and(|l| l.starts_with("Run completed in ")), "{out}");
+    }
+    check_clean(&img);
+    // Where the writes land, wrapping at the end of the image: the same clusters as qemu-img's.
+    let (q, r) = (d.join("wq.qcow2"), d.join("wr.qcow2"));
+    let args = |p: &std::path::Path| vec!["bench".to_string(), "-q".into(), "-w".into(), "-c".into(), "12".into(), "-d".into(), "1".into(), "-s".into(), "64k".into(), "-S".into(), "192k".into(), "-o".into(), "64k".into(), "--pattern=9".into(), s(p).into()];
+    for p in [&q, &r] {
+        qemu(&["create", "-q", "-f", "qcow2", s(p), "1M"]);
+    }
+    let qa = args(&q);
+    qemu(&qa.iter().map(String::as_str).collect::<Vec<_>>());
+    let ra = args(&r);
+    ok(&ra.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(identical(&q, &r));
+    let layout = |p: &std::path::Path| qemu(&["map", "--output=json", s(p)]).lines().map(|l| l.split("\"offset\"").next().unwrap_or("").to_string()).collect::<Vec<_>>();
+    assert_eq!(layout(&r), layout(&q));
+    for bad in [vec!["bench", "--flush-interval=10", s(&img)], vec!["bench", "-o", "100M", s(&img)]] {
+        assert_eq!(ours(&bad).0, 1, "{bad:?}");
+        assert_eq!(run("qemu-img", &bad).0, 1, "qemu-img {bad:?}");
+    }
+    assert_eq!(ours(&["bench", "-q", "-c", "10", s(&img)]).1, "");
+}
