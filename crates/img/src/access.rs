@@ -12,6 +12,12 @@ use rvirt_block::{BackingPolicy, BlockBackend, Format, ImageOptions, Locking};
 
 static FORCE_SHARE: AtomicBool = AtomicBool::new(false);
 static PROBE_BACKING: AtomicBool = AtomicBool::new(false);
+static IMAGE_OPTS: AtomicBool = AtomicBool::new(false);
+
+/// `--image-opts`: image names are `driver=FMT,file.filename=PATH` option strings.
+pub fn set_image_opts(on: bool) {
+    IMAGE_OPTS.store(on, Ordering::Relaxed);
+}
 
 /// `-U`/`--force-share`: read images other processes hold, taking no locks
 /// (qemu-img's flag; read-only commands only).
@@ -93,6 +99,9 @@ pub(crate) fn chain_below(path: &Path, fmt: Format) -> Result<Vec<rvirt_block::L
 /// here only, never inside an image) with `driver` raw or qcow2 over a
 /// `file` driver's `filename`, nested or flattened as QEMU writes them.
 pub fn image_arg(name: PathBuf, format: Option<String>) -> Result<(PathBuf, Option<String>)> {
+    if IMAGE_OPTS.load(Ordering::Relaxed) {
+        return image_opts(&name, format);
+    }
     let Some(text) = name.to_str().and_then(|s| s.strip_prefix("json:")) else { return Ok((name, format)) };
     let v: serde_json::Value = serde_json::from_str(text).context("invalid json: image name")?;
     let get = |dotted: &str| -> Option<&serde_json::Value> {
@@ -206,4 +215,49 @@ mod tests {
         assert!(image_arg(PathBuf::from(r#"json:{"driver":"raw","file.filename":"x"}"#), Some("qcow2".into())).is_err());
         assert_eq!(image_arg(PathBuf::from("plain.img"), None).unwrap().0, PathBuf::from("plain.img"));
     }
+}
+
+/// An `--image-opts` name: `driver=raw|qcow2,file.filename=PATH` (also
+/// `file.driver=file`; a `,,` is a comma in the path), as qemu-img takes it.
+fn image_opts(name: &Path, format: Option<String>) -> Result<(PathBuf, Option<String>)> {
+    if format.is_some() {
+        bail!("--image-opts and -f are mutually exclusive");
+    }
+    let text = name.to_str().context("--image-opts: the options are not UTF-8")?;
+    let (mut driver, mut file) = (None, None);
+    // Split at single commas; ",," stays a comma inside a value.
+    let mut parts: Vec<String> = vec![String::new()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            (',', Some(',')) => {
+                chars.next();
+                if let Some(p) = parts.last_mut() {
+                    p.push(',');
+                }
+            }
+            (',', _) => parts.push(String::new()),
+            _ => {
+                if let Some(p) = parts.last_mut() {
+                    p.push(c);
+                }
+            }
+        }
+    }
+    for part in parts.iter().filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some(("driver", d)) => driver = Some(d.to_string()),
+            Some(("file.filename" | "filename", f)) => file = Some(f.to_string()),
+            Some(("file.driver", "file")) => {}
+            Some(("file.driver", d)) => bail!("--image-opts: file driver '{d}' is not supported (file only)"),
+            Some((k, _)) => bail!("--image-opts: option '{k}' is not supported (driver, file.driver, file.filename)"),
+            None => bail!("--image-opts: '{part}' is not key=value"),
+        }
+    }
+    let driver = driver.context("--image-opts: driver=raw|qcow2 is needed")?;
+    if !matches!(driver.as_str(), "raw" | "qcow2") {
+        bail!("--image-opts: driver '{driver}' is not supported (raw or qcow2)");
+    }
+    let file = file.context("--image-opts: file.filename=PATH is needed")?;
+    Ok((PathBuf::from(file), Some(driver)))
 }

@@ -12,7 +12,7 @@ mod convert;
 mod dd;
 mod ops;
 
-pub use access::{image_arg, set_force_share, set_probe_backing};
+pub use access::{image_arg, set_force_share, set_image_opts, set_probe_backing};
 pub use amend::{amend, AMEND_HELP};
 pub use bench::{bench, BenchRequest};
 pub use bitmaps::{bitmap, BitmapAction, BitmapRequest};

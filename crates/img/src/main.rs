@@ -18,6 +18,9 @@ struct Cli {
     /// (unsafe if a guest could have written the backing file).
     #[arg(long = "probe-backing", global = true)]
     probe_backing: bool,
+    /// Image names are option strings: driver=raw|qcow2,file.filename=PATH (qemu-img's --image-opts).
+    #[arg(long = "image-opts", global = true)]
+    image_opts: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -382,6 +385,7 @@ fn output_json(output: &str) -> anyhow::Result<bool> {
 fn run(cli: Cli) -> anyhow::Result<u8> {
     set_force_share(cli.force_share);
     set_probe_backing(cli.probe_backing);
+    set_image_opts(cli.image_opts);
     match cli.command {
         Cmd::Create { format, backing, backing_format, unsafe_backing, options, filename, size } => {
             if options.iter().flat_map(|o| o.split(',')).any(|o| o == "help" || o == "?") {
@@ -474,6 +478,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             println!("Image resized.");
         }
         Cmd::Snapshot { list, create, apply, delete, filename } => {
+            let (filename, _) = image_arg(filename, None)?;
             let action = match (list, create.as_deref(), apply.as_deref(), delete.as_deref()) {
                 (true, None, None, None) => SnapshotAction::List,
                 (false, Some(n), None, None) => SnapshotAction::Create(n),
@@ -484,12 +489,14 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             print!("{}", snapshot(&filename, action)?);
         }
         Cmd::Rebase { format, backing, backing_format, unsafe_mode, filename } => {
+            let (filename, format) = image_arg(filename, format)?;
             if format.as_deref().is_some_and(|f| f != "qcow2") {
                 anyhow::bail!("only qcow2 images have backing files");
             }
             rebase(&filename, &backing, backing_format.as_deref(), unsafe_mode)?;
         }
         Cmd::Commit { format, keep, base, filename } => {
+            let (filename, format) = image_arg(filename, format)?;
             if format.as_deref().is_some_and(|f| f != "qcow2") {
                 anyhow::bail!("only qcow2 images have backing files to commit to");
             }
@@ -534,6 +541,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Cmd::Bitmap { add, remove, clear, enable, disable, merge, granularity, source_file, source_format, format, filename, bitmap: name } => {
+            let (filename, format) = image_arg(filename, format)?;
             let flags = [("--add", add), ("--remove", remove), ("--clear", clear), ("--enable", enable), ("--disable", disable)];
             let actions = bitmap_actions(std::env::args().skip(1), &flags, &merge);
             let granularity = granularity.as_deref().map(parse_size).transpose()?;
@@ -575,6 +583,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Cmd::Measure { output_format, options, size, format, output, filename } => {
             let opts = MeasureOptions::parse(&options)?;
+            let (filename, format) = match filename {
+                Some(f) => {
+                    let (f, fmt) = image_arg(f, format)?;
+                    (Some(f), fmt)
+                }
+                None => (None, format),
+            };
             let size = size.as_deref().map(parse_size).transpose()?;
             let m = measure(&output_format, &opts, size, filename.as_deref().map(|p| (p, format.as_deref())))?;
             if output_json(&output)? {

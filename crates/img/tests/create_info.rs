@@ -65,3 +65,30 @@ fn info_reads_images_whose_backing_file_is_missing_or_foreign() {
         assert!(err.contains("base.img") || err.contains(fmt), "{err}");
     }
 }
+
+#[test]
+fn image_opts_name_images_as_with_qemu_img() {
+    let d = tmpdir("image-opts");
+    // A comma in the path is written ",," in the option string.
+    let p = d.join("a,b.qcow2");
+    qemu(&["create", "-q", "-f", "qcow2", s(&p), "8M"]);
+    qemu_io(&p, &["write -P 5 0 1M"]);
+    let opts = format!("driver=qcow2,file.driver=file,file.filename={}", s(&p).replace(',', ",,"));
+    for args in [vec!["info", "--image-opts", &opts], vec!["check", "--image-opts", &opts], vec!["map", "--output=json", "--image-opts", &opts]] {
+        assert_eq!(ok(&args), qemu(&args), "{args:?}");
+    }
+    let (q, r) = (d.join("q.raw"), d.join("r.raw"));
+    qemu(&["convert", "--image-opts", &opts, "-O", "raw", s(&q)]);
+    ok(&["convert", "--image-opts", &opts, "-O", "raw", s(&r)]);
+    assert!(identical(&q, &r));
+    // As a raw image (the driver decides, not the contents), and refusals.
+    assert!(ok(&["info", "--image-opts", &format!("driver=raw,file.filename={}", s(&p).replace(',', ",,"))]).contains("file format: raw"));
+    for bad in [
+        vec!["info", "--image-opts", "-f", "qcow2", &opts],
+        vec!["info", "--image-opts", "driver=vmdk,file.filename=x"],
+        vec!["info", "--image-opts", "file.filename=x"],
+    ] {
+        let (code, _, err) = ours(&bad);
+        assert_eq!((code, run("qemu-img", &bad).0), (1, 1), "{bad:?}: {err}");
+    }
+}
