@@ -4,8 +4,6 @@
 //! a file of ~25 MiB), side by side. Prints the median wall time of each
 //! tool and the ratio.
 
-use std::process::Command;
-use std::time::Instant;
 
 use rvirt_block::qcow2::{CreateOptions, Qcow2Image};
 use rvirt_block::BlockBackend;
@@ -13,18 +11,9 @@ use rvirt_block::BlockBackend;
 const SIZE: u64 = 100 << 30;
 const ROUNDS: usize = 5;
 
-fn time(cmd: &str, args: &[&str]) -> f64 {
-    let t = Instant::now();
-    let out = Command::new(cmd).args(args).output().unwrap();
-    // check exits 0 when clean; anything else is a failed bench.
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    t.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+#[path = "shared/timing.rs"]
+mod timing;
+use timing::{median, time};
 
 fn main() {
     let dir = std::env::temp_dir().join(format!("rvirt-bench-check-{}", std::process::id()));

@@ -6,7 +6,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
 
 const SIZE: u64 = 1 << 30;
 const ROUNDS: usize = 7;
@@ -35,17 +34,9 @@ fn make_source(path: &Path) {
     f.sync_all().unwrap();
 }
 
-fn time(cmd: &str, args: &[&str]) -> f64 {
-    let t = Instant::now();
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    t.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+#[path = "shared/timing.rs"]
+mod timing;
+use timing::{median, time};
 
 fn main() {
     let dir = std::env::temp_dir().join(format!("rvirt-bench-convert-{}", std::process::id()));
