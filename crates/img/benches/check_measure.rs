@@ -6,7 +6,6 @@
 
 
 use rvirt_block::qcow2::{CreateOptions, Qcow2Image};
-use rvirt_block::BlockBackend;
 
 const SIZE: u64 = 100 << 30;
 const ROUNDS: usize = 5;
