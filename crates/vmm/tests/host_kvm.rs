@@ -377,11 +377,19 @@ fn firmware_boots_a_qcow2_disk_opened_with_o_direct() {
     let qcow2 = dir.join("boot.qcow2");
     let made = std::process::Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096"]).arg(&raw).arg(&qcow2).status().unwrap();
     assert!(made.success());
+    // A persistent bitmap (qemu-img's): the VMM holds it in use while running and stores it at exit.
+    let added = std::process::Command::new("qemu-img").args(["bitmap", "--add"]).arg(&qcow2).arg("backup").status().unwrap();
+    assert!(added.success());
     let arg = format!("--disk=path={},format=qcow2,direct=on", qcow2.display());
     let (status, serial, log) = run_firmware(&dir, &[], &[&arg]);
     assert_eq!(status, Some(0), "{log}\n{serial}");
     let plain: String = serial.chars().filter(|c| !matches!(c, '.' | '\r' | '\n' | ' ')).collect();
     assert!(plain.contains("<bootedqcow2>"), "{serial}\n{log}");
+    let info = std::process::Command::new("qemu-img").args(["info", "--output=json"]).arg(&qcow2).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format-specific"]["data"]["bitmaps"], serde_json::json!([{"flags": ["auto"], "name": "backup", "granularity": 4096}]), "stored, not left in use");
+    let check = std::process::Command::new("qemu-img").arg("check").arg(&qcow2).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
