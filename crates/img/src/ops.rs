@@ -293,6 +293,10 @@ pub fn commit(path: &Path, keep: bool, base_name: Option<&Path>) -> Result<()> {
     if format_of(path, None)? != Format::Qcow2 {
         bail!("{}: only qcow2 images have backing files to commit to", path.display());
     }
+    // -b leaves the top as it is (the layers in between no longer match it), as qemu-img's -b implies -d.
+    let keep = keep || base_name.is_some();
+    // The top first, so an image another process holds is refused as such.
+    let top = access::open_qcow2(path, keep, false)?;
     let chain = access::chain_below(path, Format::Qcow2)?;
     if chain.is_empty() {
         bail!("{}: image has no backing file", path.display());
@@ -310,10 +314,7 @@ pub fn commit(path: &Path, keep: bool, base_name: Option<&Path>) -> Result<()> {
     };
     let base_layer = &chain[idx];
     access::refuse_overlap(&base_layer.path, &[path.to_path_buf()], "backing file")?;
-    // -b leaves the top as it is (the layers in between no longer match it), as qemu-img's -b implies -d.
-    let keep = keep || base_name.is_some();
     // Each layer above the base alone: a range is read from the highest layer storing it.
-    let top = access::open_qcow2(path, keep, false)?;
     let mut above = Vec::with_capacity(idx);
     for l in &chain[..idx] {
         above.push(access::open_qcow2(&l.path, true, false)?);
