@@ -44,6 +44,13 @@ pub fn image(bytes: &[u8]) {
             let _ = img.bitmap_ranges(&b.name);
         }
     }
+    // An image naming an external data file would have the writers below
+    // write into whatever file it names: those stop at reading.
+    let names_data_file = Qcow2Image::open(&path, true).is_ok_and(|i| i.data_file().is_some()) || bytes.windows(4).any(|w| w == b"DATA");
+    if names_data_file {
+        let _ = std::fs::remove_file(&path);
+        return;
+    }
     if let Ok(img) = Qcow2Image::open_for_repair(&path, crate::Locking::Exclusive) {
         // Rebuilding refcount structures, dropping an unreadable snapshot table.
         let _ = img.check(Repair::All);

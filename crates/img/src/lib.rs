@@ -85,6 +85,8 @@ pub const CREATE_HELP: &str = "Supported qcow2 options:
   cluster_size=<size>    - qcow2 cluster size
   compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
   compression_type=<str> - Compression method used for image cluster compression
+  data_file=<str>        - File name of an external data file
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
   extended_l2=<bool (on/off)> - Extended L2 tables (off only)
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
@@ -111,6 +113,7 @@ pub(crate) fn create_at(req: &CreateRequest, at: &Path) -> Result<()> {
     let mut compression = None;
     let mut prealloc = Preallocation::Off;
     let mut refcount_bits = None;
+    let (mut data_file, mut data_file_raw) = (None, false);
     for kv in req.options.iter().flat_map(|o| o.split(',')).filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').with_context(|| format!("invalid option '{kv}': expected key=value"))?;
         match (k, format) {
@@ -156,13 +159,24 @@ pub(crate) fn create_at(req: &CreateRequest, at: &Path) -> Result<()> {
                 "on" => bail!("extended_l2=on is not supported: rvirt-img does not write images with subclusters"),
                 _ => bail!("invalid extended_l2 '{v}': expected on or off"),
             },
-            ("data_file" | "data_file_raw", Format::Qcow2) => bail!("'{k}': external data files are not supported"),
+            ("data_file", Format::Qcow2) => data_file = Some(v.to_string()),
+            ("data_file_raw", Format::Qcow2) => {
+                data_file_raw = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => bail!("invalid data_file_raw '{v}': expected on or off"),
+                }
+            }
             _ => bail!("option '{k}' is not supported for format {}", format.name()),
         }
     }
     if let Some(c) = compression {
         qopts.compression = c;
     }
+    if data_file_raw && data_file.is_none() {
+        bail!("data-file-raw requires data-file");
+    }
+    qopts.data_file = data_file.map(|n| (n, data_file_raw));
     qopts.preallocation = prealloc;
     if backing.is_some() && format != Format::Qcow2 {
         bail!("backing files need format qcow2");

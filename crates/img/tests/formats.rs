@@ -1,6 +1,7 @@
-//! qcow2 variants rvirt reads but does not write: extended L2 entries
-//! (subclusters) and external data files, side by side with qemu-img:
-//! the same contents, map, check and info; writes refused by name.
+//! qcow2 variants beyond the plain one: extended L2 entries (subclusters;
+//! read, writes refused by name) and external data files (read and
+//! written), side by side with qemu-img: the same contents, map, check and
+//! info.
 
 use std::path::Path;
 
@@ -17,9 +18,6 @@ fn reads_as_qemu_img_reads(d: &Path, img: &Path) {
     qemu(&["convert", "-O", "raw", s(img), s(&q)]);
     ok(&["convert", "-O", "raw", s(img), s(&r)]);
     assert!(std::fs::read(&q).unwrap() == std::fs::read(&r).unwrap(), "{}: the copies differ", img.display());
-    // Writers refuse, saying why.
-    let (code, _, err) = ours(&["resize", s(img), "+1M"]);
-    assert!(code == 1 && err.contains("does not write them"), "{err}");
 }
 
 #[test]
@@ -33,6 +31,9 @@ fn extended_l2_images_read_as_with_qemu_img() {
     // Partial subclusters over the backing file, zero subclusters, whole clusters, compressed.
     qemu_io(&img, &["write -P 0x22 4k 2k", "write -z 64k 8k", "write -P 0x33 1M 128k", "write -z 2M 64k", "write -c -P 0x44 3M 64k", "write -P 0x55 5M 3k"]);
     reads_as_qemu_img_reads(&d, &img);
+    // Writers refuse, saying why.
+    let (code, _, err) = ours(&["resize", s(&img), "+1M"]);
+    assert!(code == 1 && err.contains("does not write them"), "{err}");
 }
 
 #[test]
@@ -49,6 +50,26 @@ fn external_data_file_images_read_as_with_qemu_img() {
         let given = rvirt_block::ImageOptions { read_only: true, backing: rvirt_block::BackingPolicy::Given(Vec::new()), ..Default::default() };
         let err = rvirt_block::qcow2::Qcow2Image::open_with(&img, &given).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("cannot name more files"), "{err}");
+    }
+    // Made and written by us, read by qemu-img: the same disk and the same raw data file as qemu-img's.
+    for raw in ["on", "off"] {
+        let (q, r) = (d.join(format!("wq-{raw}.qcow2")), d.join(format!("wr-{raw}.qcow2")));
+        let (qd, rd) = (d.join(format!("wq-{raw}.data")), d.join(format!("wr-{raw}.data")));
+        qemu(&["create", "-q", "-f", "qcow2", "-o", &format!("data_file={},data_file_raw={raw}", s(&qd)), s(&q), "16M"]);
+        ok(&["create", "-f", "qcow2", "-o", &format!("data_file={},data_file_raw={raw}", s(&rd)), s(&r), "16M"]);
+        let args = |p: &Path| vec!["bench".to_string(), "-q".into(), "-w".into(), "-c".into(), "40".into(), "-s".into(), "6k".into(), "-S".into(), "300k".into(), "--pattern=9".into(), s(p).into()];
+        qemu(&args(&q).iter().map(String::as_str).collect::<Vec<_>>());
+        ok(&args(&r).iter().map(String::as_str).collect::<Vec<_>>());
+        qemu_io(&r, &["write -P 0x31 1M 100k", "write -z 4M 64k"]);
+        qemu_io(&q, &["write -P 0x31 1M 100k", "write -z 4M 64k"]);
+        check_clean(&r);
+        assert!(identical(&r, &q), "data_file_raw={raw}");
+        assert_eq!(qemu(&["info", s(&r)]).contains("data file raw: true"), raw == "on");
+        if raw == "on" {
+            assert!(std::fs::read(&rd).unwrap() == std::fs::read(&qd).unwrap(), "the raw data files differ");
+        }
+        let (code, _, err) = ours(&["snapshot", "-c", "s", s(&r)]);
+        assert!(code == 1 && err.contains("external data file"), "{err}");
     }
     // A data file that is gone: info still reads the header, a copy says which file is missing.
     let img = d.join("plain.qcow2");

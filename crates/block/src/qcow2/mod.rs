@@ -126,6 +126,9 @@ pub struct CreateOptions {
     pub lazy_refcounts: bool,
     /// What to allocate up front.
     pub preallocation: Preallocation,
+    /// An external data file (created or truncated to the size) holding the
+    /// guest data at its own offsets, and whether it must stay a valid raw image.
+    pub data_file: Option<(String, bool)>,
 }
 
 impl Default for CreateOptions {
@@ -137,6 +140,7 @@ impl Default for CreateOptions {
             compression: Compression::Zlib,
             lazy_refcounts: false,
             preallocation: Preallocation::Off,
+            data_file: None,
         }
     }
 }
@@ -355,6 +359,10 @@ impl Qcow2Image {
     pub(crate) fn sync(&self) -> Result<()> {
         if self.no_sync.load(Ordering::Relaxed) {
             return Ok(());
+        }
+        // Guest data in an external file is durable before the tables naming it.
+        if let Some(d) = &self.data_file {
+            d.sync_data().map_err(|e| self.io(e))?;
         }
         self.file.sync_data().map_err(|e| self.io(e))
     }
@@ -647,7 +655,13 @@ impl Qcow2Image {
         let in_cluster = offset % cs;
         let current = self.mapping(inner, gc)?;
         if let Mapping::Data { host, copied: true } = current {
-            return self.file.write_all_at(data, host + in_cluster).map_err(|e| self.io(e));
+            return self.data_io()?.write_all_at(data, host + in_cluster).map_err(|e| self.io(e));
+        }
+        if self.data_file_name.is_some() {
+            if let Mapping::Data { host, .. } = current {
+                return self.data_io()?.write_all_at(data, host + in_cluster).map_err(|e| self.io(e));
+            }
+            return self.write_in_data_file(inner, gc, in_cluster, data);
         }
         if current == Mapping::Unallocated && data.len() as u64 != cs && self.backing.is_none() && self.backing_name.is_some() {
             // The rest of the cluster is the backing file's, which this open did not open.
@@ -665,6 +679,25 @@ impl Qcow2Image {
         inner.file_len = inner.file_len.max(host + cs);
         self.set_l2_entry(inner, l2_off, gc, host | COPIED)?;
         self.release(inner, current)
+    }
+
+    /// Writes part of guest cluster `gc` of an image with an external data
+    /// file: the cluster lives at its guest offset there, so nothing is
+    /// allocated; a cluster new to the image is filled from what reads saw.
+    fn write_in_data_file(&self, inner: &mut Inner, gc: u64, in_cluster: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        let host = gc * cs;
+        let mut cluster = vec![0u8; cs as usize];
+        if data.len() as u64 != cs {
+            self.read_in_cluster(inner, gc * cs, &mut cluster)?;
+        }
+        cluster[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+        let l2_off = self.writable_l2(inner, gc)?;
+        // The image's last cluster may be partial: the data file ends with the disk.
+        let part = cs.min(inner.header.size - host) as usize;
+        self.data_io()?.write_all_at(&cluster[..part], host).map_err(|e| self.io(e))?;
+        // COPIED also marks offset 0 as allocated in a data file.
+        self.set_l2_entry(inner, l2_off, gc, host | COPIED)
     }
 
     /// Writes whole clusters from `pos` that hold nothing yet (unallocated
@@ -688,9 +721,11 @@ impl Qcow2Image {
                 return Ok(0);
             }
             self.mark_dirty(&mut inner)?;
-            (self.alloc_clusters(&mut inner, n)?, n)
+            // In an external data file a guest cluster lives at its own offset.
+            let host = if self.data_file_name.is_some() { gc * cs } else { self.alloc_clusters(&mut inner, n)? };
+            (host, n)
         };
-        self.file.write_all_at(&data[..(n * cs) as usize], host).map_err(|e| self.io(e))?;
+        self.data_io()?.write_all_at(&data[..(n * cs) as usize], host).map_err(|e| self.io(e))?;
         let mut inner = self.lock();
         inner.file_len = inner.file_len.max(host + n * cs);
         // Link under the lock; whatever another request linked meanwhile is released.
@@ -727,6 +762,9 @@ impl Qcow2Image {
         if offset % cs != 0 || (data.len() as u64 != cs && offset + data.len() as u64 != size) {
             return Err(Error::Request("compressed writes must cover whole clusters".into()));
         }
+        if self.data_file_name.is_some() {
+            return Err(Error::Request("Compression is not supported with an external data file".into()));
+        }
         let mut cluster = data.to_vec();
         cluster.resize(cs as usize, 0);
         let packed = compress(compression, &cluster).map_err(|e| self.io(e))?;
@@ -751,6 +789,12 @@ impl Qcow2Image {
     /// unallocated when nothing shows through from a backing file).
     /// `unmap` drops the cluster entirely when nothing would show through.
     fn zero_cluster(&self, inner: &mut Inner, gc: u64, unmap: bool) -> Result<()> {
+        if self.data_file_name.is_some() {
+            // The data file itself reads as zeros there (it may be read as a raw image).
+            let zeros = vec![0u8; self.cluster_size() as usize];
+            let n = self.cluster_size().min(inner.header.size - gc * self.cluster_size()) as usize;
+            return self.write_in_cluster(inner, gc * self.cluster_size(), &zeros[..n]);
+        }
         let current = self.mapping(inner, gc)?;
         let entry = if inner.header.version >= 3 {
             // Whether a backing file shows through is the header's to say, even
@@ -853,6 +897,10 @@ impl Qcow2Image {
             }
         }
         self.commit(&mut inner)?;
+        if let Some(d) = &self.data_file {
+            // The data file holds the disk at its own offsets: it follows the size.
+            d.set_len(new_size).map_err(|e| self.io(e))?;
+        }
         self.file.write_all_at(&new_size.to_be_bytes(), 24).map_err(|e| self.io(e))?;
         inner.header.size = new_size;
         self.sync()

@@ -183,9 +183,9 @@ impl Qcow2Image {
         Ok(img)
     }
 
-    /// The external data file an image records, opened read-only (rvirt
-    /// does not write such images). A header-only open (`BackingPolicy::Ignore`)
-    /// goes on without it when it cannot be opened.
+    /// The external data file an image records, opened (and locked) as the
+    /// image is. A read-only header-only open (`BackingPolicy::Ignore`) goes
+    /// on without it when it cannot be opened.
     #[allow(clippy::type_complexity)]
     fn open_data_file(
         path: &Path,
@@ -202,9 +202,6 @@ impl Qcow2Image {
             return Err(Error::Corrupt { path: path.display().to_string(), detail: "external data file feature set but no data file named".into() });
         };
         let name = String::from_utf8_lossy(raw).trim_end_matches('\0').to_string();
-        if !read_only {
-            return Err(unsupported(format!("external data file '{name}': rvirt reads these images but does not write them")));
-        }
         if name.starts_with("json:") {
             return Err(unsupported("the data file name is a json: pseudo-name".into()));
         }
@@ -215,9 +212,23 @@ impl Qcow2Image {
         // qemu-img resolves a relative data file name from the current
         // directory (not the image's, as for backing files); so do we.
         let dpath = PathBuf::from(&name);
-        match open_checked(&dpath, false, Kind::Regular, 0) {
-            Ok(f) => Ok((Some(name), Some(Box::new(f)))),
-            Err(_) if opts.backing == BackingPolicy::Ignore => Ok((Some(name), None)),
+        if !read_only {
+            // Written only beside the image: an image from elsewhere cannot
+            // make a writer change (or truncate) a host file it names.
+            let dir = |p: &Path| std::fs::canonicalize(p).ok().and_then(|c| c.parent().map(Path::to_path_buf));
+            if dir(&dpath).is_none() || dir(&dpath) != dir(path) {
+                return Err(unsupported(format!(
+                    "external data file '{name}' is not in the image's directory; such an image is opened read-only only"
+                )));
+            }
+        }
+        match open_checked(&dpath, !read_only, Kind::Regular, 0) {
+            Ok(f) => {
+                // Locked as the image is: nobody else writes the guest's data underneath.
+                crate::lock::lock(&f, &dpath, Permissions::for_image(read_only, true, opts.locking))?;
+                Ok((Some(name), Some(Box::new(f))))
+            }
+            Err(_) if read_only && opts.backing == BackingPolicy::Ignore => Ok((Some(name), None)),
             Err(e) => Err(io_err(&dpath, e)),
         }
     }
@@ -262,12 +273,37 @@ impl Qcow2Image {
 
     /// Creates a new, empty image of `size` bytes.
     pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> Result<Self> {
+        if let Some((name, _)) = &opts.data_file {
+            if opts.version < 3 {
+                return Err(Error::Request("data-file is only supported with compat level 1.1 or above".into()));
+            }
+            if opts.backing.is_some() {
+                return Err(Error::Request("rvirt-img does not create images with both a backing file and an external data file".into()));
+            }
+            // Created (or truncated) where qemu-img puts it: the name from the current directory.
+            let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(name).map_err(|e| io_err(Path::new(name), e))?;
+            f.set_len(size).map_err(|e| io_err(Path::new(name), e))?;
+        }
         let file = Self::write_new(path, size, opts)?;
         let img = Self::from_file(Box::new(file), path, false, &ImageOptions::default(), &mut HashSet::new(), false)?;
-        if opts.preallocation != Preallocation::Off {
+        if let Some((_, true)) = &opts.data_file {
+            // data_file_raw: every cluster maps to its own offset, so the data file reads as the disk.
+            img.map_data_file_whole()?;
+        } else if opts.preallocation != Preallocation::Off {
             img.preallocate(opts.preallocation)?;
         }
         Ok(img)
+    }
+
+    /// Points every guest cluster at its own offset in the data file.
+    fn map_data_file_whole(&self) -> Result<()> {
+        let cs = self.cluster_size();
+        let mut inner = self.lock();
+        for gc in 0..inner.header.size.div_ceil(cs) {
+            let l2 = self.writable_l2(&mut inner, gc)?;
+            self.set_l2_entry(&mut inner, l2, gc, (gc * cs) | COPIED)?;
+        }
+        self.commit(&mut inner)
     }
 
     /// Writes a new, empty image without opening its backing file: an
@@ -322,15 +358,16 @@ impl Qcow2Image {
             refcount_table_clusters: 1,
             nb_snapshots: 0,
             snapshots_offset: 0,
-            incompatible_features: if zstd { INCOMPAT_COMPRESSION } else { 0 },
+            incompatible_features: if zstd { INCOMPAT_COMPRESSION } else { 0 } | if opts.data_file.is_some() { INCOMPAT_EXTERNAL_DATA } else { 0 },
             compatible_features: if opts.lazy_refcounts { COMPAT_LAZY_REFCOUNTS } else { 0 },
-            autoclear_features: 0,
+            autoclear_features: if matches!(opts.data_file, Some((_, true))) { AUTOCLEAR_DATA_FILE_RAW } else { 0 },
             refcount_order: 4,
             header_length,
             compression: opts.compression,
         };
         let backing = opts.backing.as_ref().map(|(n, f)| (n.as_str(), Some(*f)));
-        let cluster0 = build_header_cluster(&mut h, backing, &[])?;
+        let exts: Vec<(u32, Vec<u8>)> = opts.data_file.iter().map(|(n, _)| (EXT_DATA_FILE, n.as_bytes().to_vec())).collect();
+        let cluster0 = build_header_cluster(&mut h, backing, &exts)?;
         if cluster0.len() as u64 > cs {
             return Err(Error::Request("backing file name does not fit in the header cluster".into()));
         }

@@ -155,6 +155,10 @@ impl Qcow2Image {
 
     fn take_snapshot(&self, name: &str, allow_duplicate: bool) -> Result<()> {
         self.writable()?;
+        if self.data_file_name.is_some() {
+            // A snapshot's clusters would share the data file's one copy of each.
+            return Err(Error::Request("internal snapshots are not supported with an external data file".into()));
+        }
         if name.is_empty() || name.len() > u16::MAX as usize {
             return Err(Error::Request("a snapshot name must be 1 to 65535 bytes".into()));
         }
