@@ -71,6 +71,16 @@ fn external_data_file_images_read_as_with_qemu_img() {
         let (code, _, err) = ours(&["snapshot", "-c", "s", s(&r)]);
         assert!(code == 1 && err.contains("external data file"), "{err}");
     }
+    // A data file outside the image's directory: read, never written (or truncated).
+    let elsewhere = tmpdir("data-file-elsewhere");
+    let (img, data) = (d.join("far.qcow2"), elsewhere.join("far.data"));
+    qemu(&["create", "-q", "-f", "qcow2", "-o", &format!("data_file={}", s(&data)), s(&img), "16M"]);
+    qemu_io(&img, &["write -P 0x41 0 64k"]);
+    let before = std::fs::read(&data).unwrap();
+    let (code, _, err) = ours(&["resize", s(&img), "1M", "--shrink"]);
+    assert!(code == 1 && err.contains("not in the image's directory"), "{err}");
+    assert!(std::fs::read(&data).unwrap() == before, "the far data file changed");
+    ok(&["convert", "-O", "raw", s(&img), s(&d.join("far.raw"))]);
     // A data file that is gone: info still reads the header, a copy says which file is missing.
     let img = d.join("plain.qcow2");
     std::fs::remove_file(d.join("plain.data")).unwrap();
