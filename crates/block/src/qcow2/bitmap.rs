@@ -79,6 +79,12 @@ impl Entry {
         BitmapInfo { name: self.name.clone(), granularity: self.granularity(), enabled: self.enabled(), in_use: self.flags & FLAG_IN_USE != 0 }
     }
 
+    /// The data clusters its stored table names (unallocated ones left out).
+    fn data_clusters(&self, file: &dyn crate::ImageFile) -> std::io::Result<Vec<u64>> {
+        let table = read_table(file, self.table_offset, self.table_size as usize)?;
+        Ok(table.into_iter().map(|t| t & BITMAP_TABLE_ENTRY_MASK).filter(|&o| o != 0).collect())
+    }
+
     fn encoded_len(&self) -> usize {
         (24 + self.extra.len() + self.name.len()).next_multiple_of(8)
     }
@@ -187,20 +193,27 @@ impl Bitmaps {
         }
         for e in &self.entries {
             out.push((e.table_offset, u64::from(e.table_size) * 8, format!("bitmap '{}' table", e.name)));
-            match read_table(file, e.table_offset, e.table_size as usize) {
-                Ok(t) => {
-                    for entry in t {
-                        let off = entry & BITMAP_TABLE_ENTRY_MASK;
-                        if off != 0 {
-                            out.push((off, cs, format!("bitmap '{}' data", e.name)));
-                        }
-                    }
-                }
+            match e.data_clusters(file) {
+                Ok(data) => out.extend(data.into_iter().map(|off| (off, cs, format!("bitmap '{}' data", e.name)))),
                 Err(err) => out.push((0, 0, format!("bitmap '{}' table unreadable: {err}", e.name))),
             }
         }
         out
     }
+}
+
+/// Bitmap `name` of the image, or qemu-img's error naming it.
+fn find_bitmap<'a>(inner: &'a mut Inner, name: &str) -> Result<&'a mut Entry> {
+    inner.bitmaps.entries.iter_mut().find(|e| e.name == name).ok_or_else(|| not_found(name))
+}
+
+fn not_found(name: &str) -> Error {
+    Error::Request(format!("Dirty bitmap '{name}' not found"))
+}
+
+/// qemu-img's refusal of a bitmap left in use by a crash.
+fn inconsistent(name: &str) -> Error {
+    Error::Request(format!("Bitmap '{name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk"))
 }
 
 /// Reads and validates the directory the extension `ext` points at.
@@ -281,7 +294,7 @@ impl Qcow2Image {
         let mut total = 0u64;
         let mut dir = 0u64;
         for e in &inner.bitmaps.entries {
-            if e.flags & FLAG_IN_USE != 0 && e.bits.is_none() {
+            if e.in_use_on_open() {
                 continue;
             }
             let data = bitmap_bytes(size, e.granularity()).div_ceil(cs);
@@ -395,8 +408,7 @@ impl Qcow2Image {
         let removed = std::mem::take(&mut inner.bitmaps.removed);
         for e in entries.iter().filter(|e| e.bits.is_some() && e.table_offset != 0).chain(removed.iter()) {
             old.push((e.table_offset, u64::from(e.table_size) * 8));
-            let table = read_table(&*self.file, e.table_offset, e.table_size as usize).map_err(|err| self.io(err))?;
-            old.extend(table.into_iter().map(|t| t & BITMAP_TABLE_ENTRY_MASK).filter(|&o| o != 0).map(|o| (o, cs)));
+            old.extend(e.data_clusters(&*self.file).map_err(|err| self.io(err))?.into_iter().map(|o| (o, cs)));
         }
         let result = self.write_bitmaps(inner, &mut entries);
         inner.bitmaps.entries = entries;
@@ -475,11 +487,9 @@ impl Qcow2Image {
     /// The loaded bitmap `name`, refusing one left in use by a crash.
     fn usable_bitmap<'a>(&self, inner: &'a mut Inner, name: &str) -> Result<&'a mut Entry> {
         self.writable()?;
-        let e = inner.bitmaps.entries.iter_mut().find(|e| e.name == name).ok_or_else(|| Error::Request(format!("Dirty bitmap '{name}' not found")))?;
+        let e = find_bitmap(inner, name)?;
         if e.in_use_on_open() {
-            return Err(Error::Request(format!(
-                "Bitmap '{name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk"
-            )));
+            return Err(inconsistent(name));
         }
         Ok(e)
     }
@@ -528,7 +538,7 @@ impl Qcow2Image {
     pub fn remove_bitmap(&self, name: &str) -> Result<()> {
         self.writable()?;
         let mut inner = self.lock();
-        let i = inner.bitmaps.entries.iter().position(|e| e.name == name).ok_or_else(|| Error::Request(format!("Dirty bitmap '{name}' not found")))?;
+        let i = inner.bitmaps.entries.iter().position(|e| e.name == name).ok_or_else(|| not_found(name))?;
         let e = inner.bitmaps.entries.remove(i);
         if e.table_offset != 0 {
             inner.bitmaps.removed.push(e);
@@ -566,8 +576,8 @@ impl Qcow2Image {
     pub fn bitmap_ranges(&self, name: &str) -> Result<(u64, Vec<(u64, u64)>)> {
         let mut inner = self.lock();
         let (cs, size, file_len) = (self.cluster_size(), inner.header.size, inner.file_len);
-        let e = inner.bitmaps.entries.iter_mut().find(|e| e.name == name).ok_or_else(|| Error::Request(format!("Dirty bitmap '{name}' not found")))?;
-        if e.flags & FLAG_IN_USE != 0 && e.bits.is_none() {
+        let e = find_bitmap(&mut inner, name)?;
+        if e.in_use_on_open() {
             return Err(Error::Request(format!("Bitmap '{name}' is inconsistent and cannot be used")));
         }
         let loaded;
@@ -615,10 +625,7 @@ impl Qcow2Image {
     /// Grows or shrinks the loaded bitmaps with the disk (`resize`).
     pub(crate) fn resize_bitmaps(&self, inner: &mut Inner, new_size: u64) -> Result<()> {
         if let Some(e) = inner.bitmaps.entries.iter().find(|e| e.in_use_on_open()) {
-            return Err(Error::Request(format!(
-                "Bitmap '{}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk",
-                e.name
-            )));
+            return Err(inconsistent(&e.name));
         }
         for e in &mut inner.bitmaps.entries {
             let g = e.granularity();
