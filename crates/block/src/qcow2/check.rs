@@ -77,28 +77,31 @@ impl Qcow2Image {
             self.writable()?;
         }
         let mut inner = self.lock();
-        let broken = !inner.refcount_damage.is_empty() || (repair == Repair::Leaks && self.refcounts_overlap(&mut inner)?);
-        if broken && repair != Repair::All {
-            // Setting a refcount could allocate over clusters in use.
-            let first = self.compare(&mut inner, Repair::None)?;
-            if repair == Repair::None {
-                return Ok(first);
-            }
-            return Err(crate::Error::Request("the refcount structures are damaged or overlap other data; only -r all can rebuild them".into()));
+        let damaged = !inner.refcount_damage.is_empty();
+        // Setting a refcount could allocate over clusters in use.
+        let refuse = || crate::Error::Request("the refcount structures are damaged or overlap other data; only -r all can rebuild them".into());
+        match repair {
+            Repair::None if damaged => return self.compare(&mut inner, Repair::None),
+            Repair::Leaks if damaged => return Err(refuse()),
+            _ => {}
         }
         // The census reads tables from the cache and the file alike: make them agree.
         self.commit(&mut inner)?;
-        let mut rebuilt = None;
-        if repair == Repair::All && (!inner.refcount_damage.is_empty() || self.refcounts_overlap(&mut inner)?) {
-            let before = self.compare(&mut inner, Repair::None)?;
-            let census = self.census(&mut inner, false)?;
-            self.rebuild_refcounts(&mut inner, &census.refs, false)?;
-            rebuilt = Some(before);
+        // A repair counts every reference but the refcount structures' once:
+        // whether those overlap it, and what a rebuild writes.
+        let others = if repair == Repair::None { None } else { Some(self.census(&mut inner, false)?) };
+        let overlap = others.as_ref().is_some_and(|c| self.refcounts_overlap(&inner, c));
+        if overlap && repair == Repair::Leaks {
+            return Err(refuse());
         }
-        let was_rebuilt = rebuilt.is_some();
-        let first = match rebuilt {
-            Some(before) => before,
-            None => self.compare(&mut inner, repair)?,
+        let was_rebuilt = repair == Repair::All && (damaged || overlap);
+        let first = match others {
+            Some(census) if was_rebuilt => {
+                let before = self.compare(&mut inner, Repair::None)?;
+                self.rebuild_refcounts(&mut inner, &census.refs, false)?;
+                before
+            }
+            _ => self.compare(&mut inner, repair)?,
         };
         if repair == Repair::None || (first.leaks == 0 && first.corruptions == 0) {
             if repair == Repair::All {
@@ -141,13 +144,8 @@ impl Qcow2Image {
     /// Forgets an unreadable snapshot table (what it named cannot be found
     /// anyway); the clusters only it used are then leaks, which the repair frees.
     fn drop_snapshot_table(&self, inner: &mut Inner) -> Result<()> {
-        let mut field = [0u8; 12];
-        field[4..].copy_from_slice(&0u64.to_be_bytes());
-        self.file.write_all_at(&field, 60).map_err(|e| self.io(e))?;
-        self.sync()?;
-        inner.header.nb_snapshots = 0;
-        inner.header.snapshots_offset = 0;
-        inner.snapshots.clear();
+        // An empty table: the header says so, and nothing read is freed.
+        self.write_snapshot_table(inner, Vec::new())?;
         inner.snapshot_damage = None;
         // The leaks it leaves are freed now.
         self.compare(inner, Repair::Leaks).map(drop)
@@ -155,13 +153,13 @@ impl Qcow2Image {
 
     /// Whether a refcount block or the refcount table shares a cluster with
     /// other metadata or data (then fixing counts in place cannot work).
-    fn refcounts_overlap(&self, inner: &mut Inner) -> Result<bool> {
-        let census = self.census(inner, false)?;
+    /// `others` counts every reference but the refcount structures'.
+    fn refcounts_overlap(&self, inner: &Inner, others: &Census) -> bool {
         let cs = self.cluster_size();
         let h = &inner.header;
         let table = (h.refcount_table_offset / cs)..(h.refcount_table_offset / cs + u64::from(h.refcount_table_clusters));
-        let taken = |c: u64| census.refs.get(c as usize).is_some_and(|&r| r > 0);
-        Ok(table.clone().any(taken) || inner.reftable.iter().any(|&b| b != 0 && (taken(b / cs) || table.contains(&(b / cs)))))
+        let taken = |c: u64| others.refs.get(c as usize).is_some_and(|&r| r > 0);
+        table.clone().any(taken) || inner.reftable.iter().any(|&b| b != 0 && (taken(b / cs) || table.contains(&(b / cs))))
     }
 
     /// Writes new refcount structures after the end of the file, holding
@@ -210,19 +208,15 @@ impl Qcow2Image {
         }
         super::write_table(&*self.file, table_off, &entries).map_err(|e| self.io(e))?;
         self.sync()?;
-        inner.header.refcount_table_offset = table_off;
-        inner.header.refcount_table_clusters = table as u32;
         if whole_header {
             // Width and table change together: the header is one sector, written at once.
+            inner.header.refcount_table_offset = table_off;
+            inner.header.refcount_table_clusters = table as u32;
             self.file.write_all_at(&inner.header.to_bytes(), 0).map_err(|e| self.io(e))?;
+            self.sync()?;
         } else {
-            // Offset and length are adjacent: one write switches tables.
-            let mut field = Vec::with_capacity(12);
-            field.extend_from_slice(&table_off.to_be_bytes());
-            field.extend_from_slice(&(table as u32).to_be_bytes());
-            self.file.write_all_at(&field, 48).map_err(|e| self.io(e))?;
+            self.switch_reftable(inner, table_off, table as u32)?;
         }
-        self.sync()?;
         inner.reftable = entries;
         inner.rc_cache.clear();
         inner.rc_lru.clear();

@@ -210,19 +210,26 @@ impl Qcow2Image {
         inner.file_len = inner.file_len.max(inner.next_free);
         self.flush_refcounts(inner)?;
         self.sync()?;
-        // refcount_table_offset and refcount_table_clusters are adjacent.
-        let mut field = Vec::with_capacity(12);
-        field.extend_from_slice(&table_off.to_be_bytes());
-        field.extend_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.file.write_all_at(&field, 48).map_err(|e| self.io(e))?;
-        self.sync()?;
         let (old_off, old_clusters) = (inner.header.refcount_table_offset, u64::from(inner.header.refcount_table_clusters));
-        inner.header.refcount_table_offset = table_off;
-        inner.header.refcount_table_clusters = table_clusters as u32;
+        self.switch_reftable(inner, table_off, table_clusters as u32)?;
         inner.reftable = table;
         for i in 0..old_clusters {
             self.set_refcount(inner, old_off + i * cs, 0)?;
         }
+        Ok(())
+    }
+
+    /// Points the header at the refcount table at `offset` of `clusters`
+    /// clusters, already durable: the two fields are adjacent, so one write
+    /// switches tables.
+    pub(crate) fn switch_reftable(&self, inner: &mut Inner, offset: u64, clusters: u32) -> Result<()> {
+        let mut field = Vec::with_capacity(12);
+        field.extend_from_slice(&offset.to_be_bytes());
+        field.extend_from_slice(&clusters.to_be_bytes());
+        self.file.write_all_at(&field, 48).map_err(|e| self.io(e))?;
+        self.sync()?;
+        inner.header.refcount_table_offset = offset;
+        inner.header.refcount_table_clusters = clusters;
         Ok(())
     }
 

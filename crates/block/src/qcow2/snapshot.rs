@@ -287,7 +287,7 @@ impl Qcow2Image {
 
     /// Writes `list` as a new snapshot table, switches the header to it and
     /// frees the old one.
-    fn write_snapshot_table(&self, inner: &mut Inner, list: Vec<Snapshot>) -> Result<()> {
+    pub(crate) fn write_snapshot_table(&self, inner: &mut Inner, list: Vec<Snapshot>) -> Result<()> {
         let cs = self.cluster_size();
         let bytes = serialize(&list);
         if bytes.len() as u64 > MAX_TABLE_BYTES {
