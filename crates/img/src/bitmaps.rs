@@ -103,17 +103,13 @@ pub fn bitmap(req: &BitmapRequest) -> Result<()> {
     img.close().with_context(|| format!("{}: storing the bitmaps", req.path.display()))
 }
 
-/// Copies every bitmap of `src` into the qcow2 image `dst` (`convert --bitmaps`);
-/// an inconsistent one is refused unless `skip_broken`.
-pub fn copy_bitmaps(src: &Path, src_format: Format, dst: &Path, skip_broken: bool) -> Result<()> {
-    if src_format != Format::Qcow2 {
-        bail!("Source format '{}' does not support bitmaps", src_format.name());
-    }
+/// Copies every bitmap of the qcow2 image `src` into the qcow2 image `dst`
+/// (`convert --bitmaps`, after [`check_copy_bitmaps`]); an inconsistent one
+/// is refused unless `skip_broken`.
+pub fn copy_bitmaps(src: &Path, dst: &Path, skip_broken: bool) -> Result<()> {
     let from = access::open_qcow2(src, true, false)?;
     let list: Vec<BitmapInfo> = from.bitmaps();
-    if let Some(b) = list.iter().find(|b| b.in_use && !skip_broken) {
-        bail!("Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it", b.name);
-    }
+    refuse_inconsistent(&list, skip_broken)?;
     let to = Qcow2Image::open(dst, false).with_context(|| dst.display().to_string())?;
     for b in list.iter().filter(|b| !b.in_use) {
         let (_, ranges) = from.bitmap_ranges(&b.name)?;
@@ -131,8 +127,12 @@ pub fn check_copy_bitmaps(src: &Path, src_format: Format, dst_format: Format, sk
     if src_format != Format::Qcow2 {
         bail!("Source format '{}' does not support bitmaps", src_format.name());
     }
-    let from = access::open_qcow2(src, true, false)?;
-    if let Some(b) = from.bitmaps().iter().find(|b| b.in_use && !skip_broken) {
+    refuse_inconsistent(&access::open_qcow2(src, true, false)?.bitmaps(), skip_broken)
+}
+
+/// qemu-img's refusal to copy a bitmap left in use by a crash.
+fn refuse_inconsistent(list: &[BitmapInfo], skip_broken: bool) -> Result<()> {
+    if let Some(b) = list.iter().find(|b| b.in_use && !skip_broken) {
         bail!("Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it", b.name);
     }
     Ok(())

@@ -219,7 +219,7 @@ impl Dest {
 pub fn convert(req: &ConvertRequest) -> Result<u64> {
     let sfmt = access::format_of(&req.source, req.source_format.as_deref())?;
     let dfmt = Format::parse(req.dest_format.as_deref().unwrap_or("raw"))?;
-    check_request(req, sfmt, dfmt)?;
+    check_request(req, dfmt)?;
     // Writing over the source (or a file of its chain) would destroy it as it is read.
     let mut sources = vec![req.source.clone()];
     sources.extend(access::chain_below(&req.source, sfmt)?.into_iter().map(|l| l.path));
@@ -296,7 +296,7 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
     // Closing writes the qcow2 tables still cached; only then is the image whole.
     drop(dst);
     if req.bitmaps {
-        crate::bitmaps::copy_bitmaps(&req.source, sfmt, at, req.skip_broken_bitmaps)?;
+        crate::bitmaps::copy_bitmaps(&req.source, at, req.skip_broken_bitmaps)?;
     }
     if let Some(out) = out {
         out.finish()?;
@@ -306,7 +306,7 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
 }
 
 /// Refuses what qemu-img refuses, before anything is opened for writing.
-fn check_request(req: &ConvertRequest, sfmt: Format, dfmt: Format) -> Result<()> {
+fn check_request(req: &ConvertRequest, dfmt: Format) -> Result<()> {
     if req.options.iter().any(|o| o.split(',').any(|kv| kv.starts_with("backing_file="))) {
         bail!("give the new image's backing file with -B (and -F), not -o backing_file");
     }
@@ -341,7 +341,6 @@ fn check_request(req: &ConvertRequest, sfmt: Format, dfmt: Format) -> Result<()>
     if req.existing_target && req.options.iter().any(|o| !o.is_empty()) {
         bail!("-o cannot be used with -n: the existing image is not created");
     }
-    let _ = sfmt;
     Ok(())
 }
 
