@@ -350,9 +350,41 @@ impl VmConfig {
     }
 }
 
+/// Splits a QEMU-style option string (`a=b,c=d`) at its commas; as in
+/// QEMU, `,,` stands for a comma inside a value (a path with commas).
+/// Shared by rvirt-vmm's `--disk`/`--net` and rvirt-img's `--image-opts`.
+pub fn split_options(s: &str) -> Vec<String> {
+    let mut items = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                if let Some(i) = items.last_mut() {
+                    i.push(',');
+                }
+            }
+            ',' => items.push(String::new()),
+            c => {
+                if let Some(i) = items.last_mut() {
+                    i.push(c);
+                }
+            }
+        }
+    }
+    items
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn option_strings_split_at_single_commas() {
+        assert_eq!(split_options("path=/a,,b.qcow2,format=qcow2"), ["path=/a,b.qcow2", "format=qcow2"]);
+        assert_eq!(split_options(""), [""]);
+        assert_eq!(split_options("a=1,,,b=2"), ["a=1,", "b=2"]);
+    }
 
     #[test]
     fn a_whole_config_round_trips_through_json_and_unknown_fields_are_refused() {

@@ -225,26 +225,7 @@ fn image_opts(name: &Path, format: Option<String>) -> Result<(PathBuf, Option<St
     }
     let text = name.to_str().context("--image-opts: the options are not UTF-8")?;
     let (mut driver, mut file) = (None, None);
-    // Split at single commas; ",," stays a comma inside a value.
-    let mut parts: Vec<String> = vec![String::new()];
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, chars.peek()) {
-            (',', Some(',')) => {
-                chars.next();
-                if let Some(p) = parts.last_mut() {
-                    p.push(',');
-                }
-            }
-            (',', _) => parts.push(String::new()),
-            _ => {
-                if let Some(p) = parts.last_mut() {
-                    p.push(c);
-                }
-            }
-        }
-    }
-    for part in parts.iter().filter(|p| !p.is_empty()) {
+    for part in rvirt_api::config::split_options(text).iter().filter(|p| !p.is_empty()) {
         match part.split_once('=') {
             Some(("driver", d)) => driver = Some(d.to_string()),
             Some(("file.filename" | "filename", f)) => file = Some(f.to_string()),

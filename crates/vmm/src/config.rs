@@ -68,21 +68,7 @@ pub fn sandbox_jail(j: &JailConfig) -> rvirt_sandbox::Jail {
 /// Splits `a=b,c=d` into pairs, naming the option in errors. As in QEMU,
 /// `,,` stands for a comma inside a value (a path with commas).
 fn key_values(option: &str, s: &str) -> Result<Vec<(String, String)>, Error> {
-    let mut items = vec![String::new()];
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            ',' if chars.peek() == Some(&',') => {
-                chars.next();
-                items.last_mut().map(|i| i.push(','));
-            }
-            ',' => items.push(String::new()),
-            c => {
-                items.last_mut().map(|i| i.push(c));
-            }
-        }
-    }
-    items
+    rvirt_api::config::split_options(s)
         .iter()
         .map(|kv| {
             kv.split_once('=')
