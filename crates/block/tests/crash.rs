@@ -78,6 +78,12 @@ fn assert_flushed_writes_survive(img: &Path, last: u64) {
     }
 }
 
+/// Held by each test for its whole run: a writer spawned by one test
+/// inherits, until its exec, the descriptors the other test has open, and
+/// with them that image's lock (seen as a spurious "another process does
+/// not share write" in the other test's writer).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn crash_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("rvirt-crash-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -91,6 +97,7 @@ fn sigkill_mid_stream_leaves_a_consistent_image() {
         writer(Path::new(&p));
         return;
     }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = crash_dir("strict");
     let img = dir.join("crash.qcow2");
     Qcow2Image::create(&img, MAX_WRITES * STRIDE + (1 << 20), &CreateOptions { cluster_bits: 12, ..Default::default() }).unwrap();
@@ -109,6 +116,7 @@ fn sigkill_with_lazy_refcounts_is_repaired_on_next_open() {
         writer(Path::new(&p));
         return;
     }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = crash_dir("lazy");
     let img = dir.join("lazy.qcow2");
     let opts = CreateOptions { cluster_bits: 12, lazy_refcounts: true, ..Default::default() };
