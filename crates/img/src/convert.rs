@@ -358,7 +358,7 @@ fn work(src: &dyn BlockBackend, top: Option<&Qcow2Image>, dst: &Target, size: u6
             for e in top.host_map(0, size)? {
                 // Unallocated in the top: the new backing file shows through.
                 let kind = match e.stored {
-                    Stored::Unallocated => None,
+                    Stored::Unallocated | Stored::Reserved { .. } => None,
                     Stored::Zero { .. } => Some(false),
                     Stored::Data { .. } => Some(true),
                 };

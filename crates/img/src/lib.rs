@@ -87,7 +87,7 @@ pub const CREATE_HELP: &str = "Supported qcow2 options:
   compression_type=<str> - Compression method used for image cluster compression
   data_file=<str>        - File name of an external data file
   data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
-  extended_l2=<bool (on/off)> - Extended L2 tables (off only)
+  extended_l2=<bool (on/off)> - Extended L2 tables
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
   refcount_bits=<num>    - Width of a reference count entry in bits
@@ -154,11 +154,13 @@ pub(crate) fn create_at(req: &CreateRequest, at: &Path) -> Result<()> {
                     format!("Refcount width must be a power of two and may not exceed 64 bits (got '{v}')")
                 })?)
             }
-            ("extended_l2", Format::Qcow2) => match v {
-                "off" => {}
-                "on" => bail!("extended_l2=on is not supported: rvirt-img does not write images with subclusters"),
-                _ => bail!("invalid extended_l2 '{v}': expected on or off"),
-            },
+            ("extended_l2", Format::Qcow2) => {
+                qopts.extended_l2 = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => bail!("invalid extended_l2 '{v}': expected on or off"),
+                }
+            }
             ("data_file", Format::Qcow2) => data_file = Some(v.to_string()),
             ("data_file_raw", Format::Qcow2) => {
                 data_file_raw = match v {

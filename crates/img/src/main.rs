@@ -42,7 +42,7 @@ enum Cmd {
         #[arg(short = 'u')]
         unsafe_backing: bool,
         /// Options: size=, backing_file=, backing_fmt=, cluster_size=, compat=, compression_type=zlib|zstd,
-        /// lazy_refcounts=on|off, preallocation=off|metadata|falloc|full, refcount_bits=, extended_l2=off ("help" lists them).
+        /// lazy_refcounts=on|off, preallocation=off|metadata|falloc|full, refcount_bits=, extended_l2=on|off ("help" lists them).
         #[arg(short = 'o')]
         options: Vec<String>,
         /// The image to create (not needed with -o help).

@@ -342,7 +342,7 @@ pub fn commit(path: &Path, keep: bool, base_name: Option<&Path>) -> Result<()> {
                 cursors[i] += 1;
             }
             match map.get(cursors[i]) {
-                Some(e) if e.offset <= pos && e.stored != Stored::Unallocated => {
+                Some(e) if e.offset <= pos && !matches!(e.stored, Stored::Unallocated | Stored::Reserved { .. }) => {
                     found = Some((i, matches!(e.stored, Stored::Zero { .. })));
                     break;
                 }
@@ -517,8 +517,10 @@ fn map_layer(chain: &[(String, Layer)], depth: usize, offset: u64, length: u64, 
                 match e.stored {
                     Stored::Data { host } => push_map(out, entry(e.offset, e.length, true, false, true, host)),
                     Stored::Zero { host } => push_map(out, entry(e.offset, e.length, true, true, false, host)),
-                    Stored::Unallocated if depth + 1 < chain.len() => map_layer(chain, depth + 1, e.offset, e.length, out)?,
+                    Stored::Unallocated | Stored::Reserved { .. } if depth + 1 < chain.len() => map_layer(chain, depth + 1, e.offset, e.length, out)?,
                     Stored::Unallocated => push_map(out, entry(e.offset, e.length, false, true, false, None)),
+                    // qemu-img names the cluster kept under unallocated subclusters.
+                    Stored::Reserved { host } => push_map(out, entry(e.offset, e.length, false, true, false, Some(host))),
                 }
             }
             if offset + length > size {

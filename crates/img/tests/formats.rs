@@ -1,7 +1,6 @@
-//! qcow2 variants beyond the plain one: extended L2 entries (subclusters;
-//! read, writes refused by name) and external data files (read and
-//! written), side by side with qemu-img: the same contents, map, check and
-//! info.
+//! qcow2 variants beyond the plain one: extended L2 entries (subclusters)
+//! and external data files, read and written, side by side with qemu-img
+//! and qemu-io: the same contents, map, check and info.
 
 use std::path::Path;
 
@@ -31,9 +30,145 @@ fn extended_l2_images_read_as_with_qemu_img() {
     // Partial subclusters over the backing file, zero subclusters, whole clusters, compressed.
     qemu_io(&img, &["write -P 0x22 4k 2k", "write -z 64k 8k", "write -P 0x33 1M 128k", "write -z 2M 64k", "write -c -P 0x44 3M 64k", "write -P 0x55 5M 3k"]);
     reads_as_qemu_img_reads(&d, &img);
-    // Writers refuse, saying why.
-    let (code, _, err) = ours(&["resize", s(&img), "+1M"]);
-    assert!(code == 1 && err.contains("does not write them"), "{err}");
+}
+
+/// One write of the extended-L2 write test, as qemu-io says it and as our library does it.
+enum Op {
+    Data(u8, u64, u64),
+    Zero(u64, u64),
+    Discard(u64, u64),
+}
+
+impl Op {
+    fn qemu_io(&self) -> String {
+        match *self {
+            Op::Data(p, o, l) => format!("write -P {p:#x} {o} {l}"),
+            Op::Zero(o, l) => format!("write -z {o} {l}"),
+            Op::Discard(o, l) => format!("discard {o} {l}"),
+        }
+    }
+
+    fn apply(&self, img: &dyn rvirt_block::BlockBackend) {
+        match *self {
+            Op::Data(p, o, l) => img.write_at(&vec![p; l as usize], o).unwrap(),
+            Op::Zero(o, l) => img.write_zeroes(o, l).unwrap(),
+            Op::Discard(o, l) => img.discard(o, l).unwrap(),
+        }
+    }
+}
+
+#[test]
+fn extended_l2_images_written_as_qemu_writes_them() {
+    use rvirt_block::qcow2::Qcow2Image;
+    let d = tmpdir("ext-l2-write");
+    let base = d.join("base.qcow2");
+    qemu(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
+    qemu_io(&base, &["write -P 0x11 0 16M"]);
+    // The same image twice, holding every kind of extended entry qemu-io makes.
+    let (q, r) = (d.join("q.qcow2"), d.join("r.qcow2"));
+    for img in [&q, &r] {
+        qemu(&["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", s(&base), "-F", "qcow2", s(img), "16M"]);
+        qemu_io(img, &["write -P 0x22 4k 2k", "write -z 64k 8k", "write -P 0x33 1M 128k", "write -z 2M 64k", "write -c -P 0x44 3M 64k", "write -P 0x55 5M 3k"]);
+    }
+    // Over backing subclusters, zero subclusters, allocated ones, a compressed
+    // cluster, a zero cluster, unallocated space; zeroes and discards whole and partial.
+    let ops = [
+        Op::Data(0x61, 5 * 1024, 4 * 1024),
+        Op::Data(0x62, 66 * 1024, 1024),
+        Op::Data(0x63, (1 << 20) + 100, 300),
+        Op::Data(0x64, (2 << 20) + 4096, 512),
+        Op::Data(0x65, (3 << 20) + 8192, 2048),
+        Op::Data(0x66, (5 << 20) + 2048, 70 * 1024),
+        Op::Data(0x67, 7 << 20, 256 * 1024),
+        Op::Zero((8 << 20) + 4096, 4096),
+        Op::Zero(9 << 20, 128 * 1024),
+        Op::Discard((1 << 20) + 65536, 65536),
+        Op::Data(0x68, (12 << 20) + 6000, 1),
+    ];
+    qemu_io(&q, &ops.iter().map(Op::qemu_io).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>());
+    {
+        let img = Qcow2Image::open(&r, false).unwrap();
+        for op in &ops {
+            op.apply(&img);
+        }
+        rvirt_block::BlockBackend::flush(&img).unwrap();
+    }
+    check_clean(&r);
+    assert!(identical(&q, &r), "our writes read differently from qemu-io's");
+    // The same subclusters allocated, zero and the backing file's (host offsets aside).
+    let layout = |p: &Path| -> Vec<serde_json::Value> {
+        let mut v: Vec<serde_json::Value> = serde_json::from_str(&qemu(&["map", "--output=json", s(p)])).unwrap();
+        v.iter_mut().for_each(|e| drop(e.as_object_mut().unwrap().remove("offset")));
+        v
+    };
+    assert_eq!(layout(&r), layout(&q));
+    assert!(qemu(&["info", s(&r)]).contains("extended l2: true"));
+    reads_as_qemu_img_reads(&d, &r);
+
+    // Made by us: the header qemu-img reads as extended; written by our bench
+    // and qemu-img's the same, and qemu-io's writes on top agree.
+    let (mine, theirs) = (d.join("mine.qcow2"), d.join("theirs.qcow2"));
+    ok(&["create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", s(&mine), "8M"]);
+    qemu(&["create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", s(&theirs), "8M"]);
+    assert!(ok(&["info", "--output=json", s(&mine)]).contains("\"extended-l2\": true"));
+    assert!(qemu(&["info", s(&mine)]).contains("extended l2: true"));
+    let bench = |p: &Path| vec!["bench".to_string(), "-q".into(), "-w".into(), "-c".into(), "60".into(), "-s".into(), "5k".into(), "-S".into(), "100k".into(), "--pattern=7".into(), s(p).into()];
+    ok(&bench(&mine).iter().map(String::as_str).collect::<Vec<_>>());
+    qemu(&bench(&theirs).iter().map(String::as_str).collect::<Vec<_>>());
+    check_clean(&mine);
+    assert!(identical(&mine, &theirs));
+    qemu_io(&mine, &["write -P 0x71 1000 5000", "write -z 40k 8k"]);
+    qemu_io(&theirs, &["write -P 0x71 1000 5000", "write -z 40k 8k"]);
+    assert!(identical(&mine, &theirs));
+    let (code, out, _) = ours(&["check", s(&mine)]);
+    assert_eq!((code, out), (0, qemu(&["check", s(&mine)])));
+
+    // Preallocated: clusters marked zero over their host cluster, as qemu-img
+    // makes them; a write fills its cluster in place (the file does not grow).
+    let (pm, pq) = (d.join("pm.qcow2"), d.join("pq.qcow2"));
+    for mode in ["falloc", "metadata"] {
+        let o = format!("extended_l2=on,preallocation={mode}");
+        for p in [&pm, &pq] {
+            let _ = std::fs::remove_file(p);
+        }
+        ok(&["create", "-f", "qcow2", "-o", &o, s(&pm), "4M"]);
+        qemu(&["create", "-q", "-f", "qcow2", "-o", &o, s(&pq), "4M"]);
+        assert_eq!(ok(&["map", "--output=json", s(&pm)]), qemu(&["map", "--output=json", s(&pq)]), "{mode}");
+    }
+    let size = std::fs::metadata(&pm).unwrap().len();
+    ok(&["bench", "-q", "-w", "-c", "8", "-s", "3k", "-S", "200k", s(&pm)]);
+    qemu(&["bench", "-q", "-w", "-c", "8", "-s", "3k", "-S", "200k", s(&pq)]);
+    assert_eq!(std::fs::metadata(&pm).unwrap().len(), size);
+    assert_eq!(ok(&["map", "--output=json", s(&pm)]), qemu(&["map", "--output=json", s(&pm)]));
+    assert_eq!(ok(&["map", "--output=json", s(&pm)]).replace("pm.qcow2", ""), qemu(&["map", "--output=json", s(&pq)]).replace("pq.qcow2", ""));
+    let (code, out, _) = ours(&["check", s(&pm)]);
+    assert_eq!((code, out), (0, qemu(&["check", s(&pm)])));
+
+    // Snapshots, resize, convert and commit keep extended images whole.
+    ok(&["snapshot", "-c", "s1", s(&r)]);
+    qemu_io(&r, &["write -P 0x72 4k 1k"]);
+    ok(&["snapshot", "-a", "s1", s(&r)]);
+    check_clean(&r);
+    assert!(identical(&q, &r));
+    ok(&["snapshot", "-d", "s1", s(&r)]);
+    ok(&["resize", s(&r), "20M"]);
+    ok(&["resize", "--shrink", s(&r), "6M"]);
+    check_clean(&r);
+    let c = d.join("c.qcow2");
+    ok(&["convert", "-O", "qcow2", "-o", "extended_l2=on", s(&q), s(&c)]);
+    check_clean(&c);
+    assert!(identical(&q, &c));
+    assert!(qemu(&["info", s(&c)]).contains("extended l2: true"));
+    ok(&["commit", s(&q)]);
+    check_clean(&base);
+
+    // What qemu-img refuses, refused with its words.
+    let (code, _, err) = ours(&["amend", "-o", "compat=0.10", s(&c)]);
+    assert!(code == 1 && err.contains("Cannot downgrade an image with incompatible features 0x10 set"), "{err}");
+    let (code, _, err) = ours(&["create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=8k", s(&d.join("small.qcow2")), "1M"]);
+    assert!(code == 1 && err.contains("at least 16384 bytes"), "{err}");
+    let (code, _, err) = ours(&["create", "-f", "qcow2", "-o", "extended_l2=on,compat=0.10", s(&d.join("v2.qcow2")), "1M"]);
+    assert!(code == 1 && err.contains("compatibility level 1.1"), "{err}");
 }
 
 #[test]

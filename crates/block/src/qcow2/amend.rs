@@ -2,7 +2,7 @@
 //! (compat level, lazy refcounts, refcount width). Each change makes the
 //! new structures durable before one header write switches to them.
 
-use super::{Inner, Mapping, Qcow2Image, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY, L1_OFFSET_MASK, V2_HEADER_LEN, V3_HEADER_LEN};
+use super::{Inner, Mapping, Qcow2Image, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, L1_OFFSET_MASK, V2_HEADER_LEN, V3_HEADER_LEN};
 use crate::{Error, Result};
 
 impl Qcow2Image {
@@ -79,6 +79,9 @@ impl Qcow2Image {
         }
         if !inner.bitmaps.entries.is_empty() {
             return Err(Error::Request("Cannot downgrade an image with bitmaps".into()));
+        }
+        if h.incompatible_features & INCOMPAT_EXTENDED_L2 != 0 {
+            return Err(Error::Request(format!("Cannot downgrade an image with incompatible features {INCOMPAT_EXTENDED_L2:#x} set")));
         }
         if h.incompatible_features & INCOMPAT_DIRTY != 0 || h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0 {
             return Err(Error::Request("Cannot downgrade an image with lazy refcounts; turn them off first (lazy_refcounts=off)".into()));

@@ -129,6 +129,8 @@ pub struct CreateOptions {
     /// An external data file (created or truncated to the size) holding the
     /// guest data at its own offsets, and whether it must stay a valid raw image.
     pub data_file: Option<(String, bool)>,
+    /// 128-bit L2 entries with 32 subclusters per cluster (clusters of 16 KiB or more).
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -141,6 +143,7 @@ impl Default for CreateOptions {
             lazy_refcounts: false,
             preallocation: Preallocation::Off,
             data_file: None,
+            extended_l2: false,
         }
     }
 }
@@ -187,7 +190,7 @@ pub struct Qcow2Image {
     path: PathBuf,
     name: String,
     cluster_bits: u32,
-    /// 128-bit L2 entries with 32 subclusters each (read only).
+    /// 128-bit L2 entries with 32 subclusters each.
     extended_l2: bool,
     /// The external data file the guest data lives in (read only), and its name as recorded.
     data_file: Option<Box<dyn ImageFile>>,
@@ -212,6 +215,12 @@ pub struct Qcow2Image {
 pub enum Stored {
     /// Nothing: reads fall through to the backing file (or zeros).
     Unallocated,
+    /// Reads fall through as from `Unallocated`, over a host cluster kept for
+    /// the range (subclusters of a preallocated cluster); `host`: its first byte.
+    Reserved {
+        /// Host offset of the first byte.
+        host: u64,
+    },
     /// A zero flag; `host` is the offset of the cluster kept allocated under it, if any.
     Zero {
         /// Host offset of the first byte (an allocated zero cluster).
@@ -239,9 +248,9 @@ impl HostExtent {
     /// Whether `next`, starting where this run ends, extends it.
     fn continues(&self, next: Stored) -> bool {
         match (self.stored, next) {
-            (Stored::Data { host: Some(a) }, Stored::Data { host: Some(b) }) | (Stored::Zero { host: Some(a) }, Stored::Zero { host: Some(b) }) => {
-                a + self.length == b
-            }
+            (Stored::Data { host: Some(a) }, Stored::Data { host: Some(b) })
+            | (Stored::Zero { host: Some(a) }, Stored::Zero { host: Some(b) })
+            | (Stored::Reserved { host: a }, Stored::Reserved { host: b }) => a + self.length == b,
             (a, b) => a == b,
         }
     }
@@ -265,6 +274,10 @@ pub(crate) enum Mapping {
 
 /// Subclusters per cluster with extended L2 entries.
 const SUBCLUSTERS: u64 = 32;
+/// An extended L2 bitmap with every subcluster allocated (the low 32 bits).
+const SUB_ALL_ALLOCATED: u64 = 0xffff_ffff;
+/// An extended L2 bitmap with every subcluster reading as zeros (the high 32 bits).
+const SUB_ALL_ZERO: u64 = 0xffff_ffff << 32;
 
 impl Qcow2Image {
     /// A copy of the current header.
@@ -620,7 +633,7 @@ impl Qcow2Image {
         // stay reachable from as many L1 tables as before, so only the old
         // table loses a reference.
         let new = self.alloc_clusters(inner, 1)?;
-        let table = if old != 0 { self.l2_table(inner, old)?.clone() } else { vec![0u64; self.l2_entries() as usize] };
+        let table = if old != 0 { self.l2_table(inner, old)?.clone() } else { vec![0u64; (self.cluster_size() / 8) as usize] };
         write_table(&*self.file, new, &table).map_err(|e| self.io(e))?;
         inner.file_len = inner.file_len.max(new + self.cluster_size());
         // The table and its refcount are durable before the L1 entry points at it.
@@ -643,7 +656,18 @@ impl Qcow2Image {
     /// Changes one L2 entry in the cache; the table is written at the next barrier.
     fn set_l2_entry(&self, inner: &mut Inner, l2_off: u64, guest_cluster: u64, entry: u64) -> Result<()> {
         let idx = guest_cluster % self.l2_entries();
-        self.l2_table(inner, l2_off)?[idx as usize] = entry;
+        let extended = self.extended_l2;
+        put_l2_entry(self.l2_table(inner, l2_off)?, extended, idx as usize, entry);
+        inner.l2_dirty.insert(l2_off);
+        Ok(())
+    }
+
+    /// Stores an extended L2 entry as given: its descriptor and subcluster bitmap.
+    fn set_l2_extended(&self, inner: &mut Inner, l2_off: u64, guest_cluster: u64, descriptor: u64, bitmap: u64) -> Result<()> {
+        let idx = (guest_cluster % self.l2_entries()) as usize;
+        let table = self.l2_table(inner, l2_off)?;
+        table[idx * 2] = descriptor;
+        table[idx * 2 + 1] = bitmap;
         inner.l2_dirty.insert(l2_off);
         Ok(())
     }
@@ -663,22 +687,102 @@ impl Qcow2Image {
             }
             return self.write_in_data_file(inner, gc, in_cluster, data);
         }
-        if current == Mapping::Unallocated && data.len() as u64 != cs && self.backing.is_none() && self.backing_name.is_some() {
+        let shows_backing = match current {
+            Mapping::Unallocated => true,
+            Mapping::Sub { alloc, zero, .. } => alloc | zero != u32::MAX,
+            _ => false,
+        };
+        if shows_backing && data.len() as u64 != cs && self.backing.is_none() && self.backing_name.is_some() {
             // The rest of the cluster is the backing file's, which this open did not open.
             return Err(Error::Request(format!("{}: a partial write over the backing file needs the backing file open", self.name)));
         }
-        // Copy-on-write: build the whole new cluster from what reads see now.
-        let mut cluster = vec![0u8; cs as usize];
-        if data.len() as u64 != cs {
-            self.read_in_cluster(inner, gc * cs, &mut cluster)?;
+        if self.extended_l2 && self.write_subclusters(inner, gc, current, in_cluster, data)? {
+            return Ok(());
         }
-        cluster[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+        let cluster = self.cluster_with(inner, gc, in_cluster, data)?;
         let l2_off = self.writable_l2(inner, gc)?;
+        if let Mapping::Zero { host } | Mapping::Sub { host, .. } = current {
+            // A host cluster ours alone that is not wholly data yet (preallocated
+            // zeros, subclusters) is written in place, as qemu reuses it.
+            if host != 0 && self.refcount(inner, host)? == 1 {
+                self.file.write_all_at(&cluster, host).map_err(|e| self.io(e))?;
+                return self.set_l2_entry(inner, l2_off, gc, host | COPIED);
+            }
+        }
+        // Copy-on-write into a new cluster.
         let host = self.alloc_clusters(inner, 1)?;
         self.file.write_all_at(&cluster, host).map_err(|e| self.io(e))?;
         inner.file_len = inner.file_len.max(host + cs);
         self.set_l2_entry(inner, l2_off, gc, host | COPIED)?;
         self.release(inner, current)
+    }
+
+    /// With extended L2: writes only the subclusters `data` touches (partial
+    /// ones completed from what reads see), into the cluster's own host
+    /// cluster or a new one, and marks just those allocated, as qemu does.
+    /// False when the cluster must be copied whole (compressed, shared).
+    fn write_subclusters(&self, inner: &mut Inner, gc: u64, current: Mapping, in_cluster: u64, data: &[u8]) -> Result<bool> {
+        let (host, alloc, zero) = match current {
+            Mapping::Unallocated => (0, 0, 0),
+            Mapping::Zero { host } => (host, 0, u32::MAX),
+            Mapping::Sub { host, alloc, zero } => (host, alloc, zero),
+            _ => return Ok(false),
+        };
+        if host != 0 && self.refcount(inner, host)? != 1 {
+            return Ok(false);
+        }
+        let cs = self.cluster_size();
+        let sc = cs / SUBCLUSTERS;
+        let (first, last) = (in_cluster / sc, (in_cluster + data.len() as u64 - 1) / sc);
+        let (start, len) = (first * sc, (last + 1 - first) * sc);
+        let mut piece = vec![0u8; len as usize];
+        if in_cluster != start || data.len() as u64 != len {
+            self.read_in_cluster(inner, gc * cs + start, &mut piece)?;
+        }
+        piece[(in_cluster - start) as usize..(in_cluster - start) as usize + data.len()].copy_from_slice(data);
+        let l2_off = self.writable_l2(inner, gc)?;
+        let host = if host != 0 { host } else { self.alloc_clusters(inner, 1)? };
+        self.file.write_all_at(&piece, host + start).map_err(|e| self.io(e))?;
+        inner.file_len = inner.file_len.max(host + cs);
+        let mask = subcluster_mask(first, last);
+        let bitmap = u64::from(alloc | mask) | u64::from(zero & !mask) << 32;
+        self.set_l2_extended(inner, l2_off, gc, host | COPIED, bitmap)?;
+        Ok(true)
+    }
+
+    /// With extended L2: makes the whole subclusters `first..=last` of
+    /// cluster `gc` read as zeros by their zero bits (what qemu does for a
+    /// zero write within a cluster). False when the cluster must be written
+    /// instead (compressed, shared, or an external data file).
+    fn zero_subclusters(&self, inner: &mut Inner, gc: u64, first: u64, last: u64) -> Result<bool> {
+        let (host, alloc, zero) = match self.mapping(inner, gc)? {
+            Mapping::Unallocated => (0, 0, 0),
+            Mapping::Zero { host } => (host, 0, u32::MAX),
+            Mapping::Sub { host, alloc, zero } => (host, alloc, zero),
+            Mapping::Data { host, copied: true } => (host, u32::MAX, 0),
+            _ => return Ok(false),
+        };
+        if self.data_file_name.is_some() || (host != 0 && self.refcount(inner, host)? != 1) {
+            return Ok(false);
+        }
+        let mask = subcluster_mask(first, last);
+        let l2_off = self.writable_l2(inner, gc)?;
+        let descriptor = if host != 0 { host | COPIED } else { 0 };
+        let bitmap = u64::from(alloc & !mask) | u64::from(zero | mask) << 32;
+        self.set_l2_extended(inner, l2_off, gc, descriptor, bitmap)?;
+        Ok(true)
+    }
+
+    /// Guest cluster `gc` as reads see it now, with `data` laid over it at
+    /// `in_cluster`: what a partial write puts in a new or reused cluster.
+    fn cluster_with(&self, inner: &mut Inner, gc: u64, in_cluster: u64, data: &[u8]) -> Result<Vec<u8>> {
+        let cs = self.cluster_size();
+        let mut cluster = vec![0u8; cs as usize];
+        if data.len() as u64 != cs {
+            self.read_in_cluster(inner, gc * cs, &mut cluster)?;
+        }
+        cluster[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+        Ok(cluster)
     }
 
     /// Writes part of guest cluster `gc` of an image with an external data
@@ -687,11 +791,7 @@ impl Qcow2Image {
     fn write_in_data_file(&self, inner: &mut Inner, gc: u64, in_cluster: u64, data: &[u8]) -> Result<()> {
         let cs = self.cluster_size();
         let host = gc * cs;
-        let mut cluster = vec![0u8; cs as usize];
-        if data.len() as u64 != cs {
-            self.read_in_cluster(inner, gc * cs, &mut cluster)?;
-        }
-        cluster[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+        let cluster = self.cluster_with(inner, gc, in_cluster, data)?;
         let l2_off = self.writable_l2(inner, gc)?;
         // The image's last cluster may be partial: the data file ends with the disk.
         let part = cs.min(inner.header.size - host) as usize;
@@ -737,9 +837,11 @@ impl Qcow2Image {
                 replaced.push(m);
             }
         }
-        let entries: Vec<u64> = (0..n).map(|i| (host + i * cs) | COPIED).collect();
         let first = (gc % self.l2_entries()) as usize;
-        self.l2_table(&mut inner, l2_off)?[first..first + n as usize].copy_from_slice(&entries);
+        let table = self.l2_table(&mut inner, l2_off)?;
+        for i in 0..n {
+            put_l2_entry(table, self.extended_l2, first + i as usize, (host + i * cs) | COPIED);
+        }
         inner.l2_dirty.insert(l2_off);
         for m in replaced {
             self.release(&mut inner, m)?;
@@ -830,9 +932,10 @@ impl Qcow2Image {
         let end = offset + length;
         while pos < end {
             let n = (cs - pos % cs).min(end - pos);
+            let sc = cs / SUBCLUSTERS;
             if n == cs || pos + n == inner.header.size {
                 self.zero_cluster(&mut inner, pos / cs, discard)?;
-            } else {
+            } else if !(self.extended_l2 && pos % sc == 0 && n % sc == 0 && self.zero_subclusters(&mut inner, pos / cs, pos % cs / sc, (pos % cs + n) / sc - 1)?) {
                 self.write_in_cluster(&mut inner, pos, &vec![0u8; n as usize])?;
             }
             pos += n;
@@ -1073,7 +1176,9 @@ impl Qcow2Image {
                             let stored = if alloc & bit != 0 {
                                 Stored::Data { host: Some(host + p % cs) }
                             } else if zero & bit != 0 {
-                                Stored::Zero { host: None }
+                                Stored::Zero { host: (host != 0).then_some(host + p % cs) }
+                            } else if host != 0 {
+                                Stored::Reserved { host: host + p % cs }
                             } else {
                                 Stored::Unallocated
                             };
@@ -1184,6 +1289,32 @@ pub(crate) fn read_table(f: &dyn ImageFile, offset: u64, n: usize) -> std::io::R
     let mut b = vec![0u8; n * 8];
     f.read_exact_at(&mut b, offset)?;
     Ok(b.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+}
+
+/// The subcluster bits `first..=last` of an extended L2 bitmap half.
+fn subcluster_mask(first: u64, last: u64) -> u32 {
+    (((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1)) as u32
+}
+
+/// Stores a standard L2 entry (data, zero flag, compressed or empty) at
+/// entry `idx` of `table`; with extended L2 as its 128-bit equivalent, the
+/// whole cluster allocated or zero (writers never split clusters).
+pub(crate) fn put_l2_entry(table: &mut [u64], extended: bool, idx: usize, entry: u64) {
+    if !extended {
+        table[idx] = entry;
+        return;
+    }
+    let (descriptor, bitmap) = if entry & COMPRESSED != 0 {
+        (entry, 0)
+    } else if entry & ZERO != 0 {
+        (entry & !ZERO, SUB_ALL_ZERO)
+    } else if entry & (L2_OFFSET_MASK | COPIED) != 0 {
+        (entry, SUB_ALL_ALLOCATED)
+    } else {
+        (0, 0)
+    };
+    table[idx * 2] = descriptor;
+    table[idx * 2 + 1] = bitmap;
 }
 
 /// Writes big-endian u64 entries at `offset`.
@@ -1303,8 +1434,8 @@ impl BlockBackend for Qcow2Image {
         let mut out = Vec::new();
         for e in self.host_map(offset, length)? {
             let kind = match e.stored {
-                Stored::Unallocated if self.backing_name.is_some() => ExtentKind::Backing,
-                Stored::Unallocated | Stored::Zero { .. } => ExtentKind::Zero,
+                Stored::Unallocated | Stored::Reserved { .. } if self.backing_name.is_some() => ExtentKind::Backing,
+                Stored::Unallocated | Stored::Reserved { .. } | Stored::Zero { .. } => ExtentKind::Zero,
                 Stored::Data { .. } => ExtentKind::Data,
             };
             push_extent(&mut out, Extent { offset: e.offset, length: e.length, kind });

@@ -78,9 +78,6 @@ impl Qcow2Image {
         }
         let (data_file_name, data_file) = Self::open_data_file(path, &header, &extensions, read_only, opts)?;
         let extended_l2 = header.incompatible_features & INCOMPAT_EXTENDED_L2 != 0;
-        if extended_l2 && !read_only {
-            return Err(Error::Unsupported { path: name, detail: "extended L2 entries (subclusters): rvirt reads these images but does not write them".into() });
-        }
         let backing = match &backing_name {
             Some(_) if matches!(opts.backing, BackingPolicy::RecordedFormat | BackingPolicy::Probe) && backing_format_unknown.is_some() => {
                 let f = backing_format_unknown.unwrap_or_default();
@@ -333,8 +330,15 @@ impl Qcow2Image {
         if opts.version == 2 && (opts.lazy_refcounts || opts.compression != Compression::Zlib) {
             return Err(Error::Request("lazy refcounts and zstd compression need compat=1.1 (version 3)".into()));
         }
+        if opts.extended_l2 && opts.version < 3 {
+            return Err(Error::Request("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)".into()));
+        }
+        if opts.extended_l2 && opts.cluster_bits < 14 {
+            return Err(Error::Request("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes".into()));
+        }
         let cs = 1u64 << opts.cluster_bits;
-        let l1_size = size.div_ceil(cs * (cs / 8));
+        let l2_entries = cs / if opts.extended_l2 { 16 } else { 8 };
+        let l1_size = size.div_ceil(cs * l2_entries);
         if l1_size * 8 > MAX_L1_BYTES {
             return Err(Error::Request(format!("size {size} is too large for {cs}-byte clusters")));
         }
@@ -358,7 +362,9 @@ impl Qcow2Image {
             refcount_table_clusters: 1,
             nb_snapshots: 0,
             snapshots_offset: 0,
-            incompatible_features: if zstd { INCOMPAT_COMPRESSION } else { 0 } | if opts.data_file.is_some() { INCOMPAT_EXTERNAL_DATA } else { 0 },
+            incompatible_features: if zstd { INCOMPAT_COMPRESSION } else { 0 }
+                | if opts.data_file.is_some() { INCOMPAT_EXTERNAL_DATA } else { 0 }
+                | if opts.extended_l2 { INCOMPAT_EXTENDED_L2 } else { 0 },
             compatible_features: if opts.lazy_refcounts { COMPAT_LAZY_REFCOUNTS } else { 0 },
             autoclear_features: if matches!(opts.data_file, Some((_, true))) { AUTOCLEAR_DATA_FILE_RAW } else { 0 },
             refcount_order: 4,
@@ -420,7 +426,13 @@ impl Qcow2Image {
                 // A freed cluster inside the file still holds old data.
                 self.file.write_all_at(&zeros, host).map_err(|e| self.io(e))?;
             }
-            self.set_l2_entry(&mut inner, l2, gc, host | COPIED)?;
+            if self.extended_l2 {
+                // As qemu makes them: the host cluster kept, no subcluster
+                // allocated yet (reads fall through, writes fill it in place).
+                self.set_l2_extended(&mut inner, l2, gc, host | COPIED, 0)?;
+            } else {
+                self.set_l2_entry(&mut inner, l2, gc, host | COPIED)?;
+            }
         }
         let end = inner.next_free;
         match mode {

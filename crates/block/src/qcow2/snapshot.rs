@@ -331,9 +331,11 @@ impl Qcow2Image {
             }
             let table = self.l2_table(inner, l2)?.clone();
             let end = inner.file_len.max(inner.next_free);
-            for e in table {
-                let m = self.decode_l2(inner.header.version, e, end)?;
-                for c in self.clusters_of(m) {
+            let version = inner.header.version;
+            let held: Vec<std::ops::Range<u64>> =
+                self.table_mappings(version, &table, end).map(|(_, _, m)| m.map(|m| self.clusters_of(m))).collect::<Result<_>>()?;
+            for r in held {
+                for c in r {
                     self.adjust_refcount(inner, c * cs, delta)?;
                 }
             }
@@ -365,10 +367,14 @@ impl Qcow2Image {
             }
             let mut table = self.l2_table(inner, l2)?.clone();
             let mut changed = false;
-            for e in table.iter_mut() {
-                let host = match self.decode_l2(inner.header.version, *e, end)? {
+            // The descriptor word of each entry (entries are two words with extended L2).
+            let step = if self.extended_l2 { 2 } else { 1 };
+            for pair in table.chunks_mut(step) {
+                let m = if self.extended_l2 { self.decode_extended(pair[0], pair[1], end)? } else { self.decode_l2(inner.header.version, pair[0], end)? };
+                let e = &mut pair[0];
+                let host = match m {
                     Mapping::Data { host, .. } => host,
-                    Mapping::Zero { host } if host != 0 => host,
+                    Mapping::Zero { host } | Mapping::Sub { host, .. } if host != 0 => host,
                     _ => continue,
                 };
                 let want = if self.refcount(inner, host)? == 1 { *e | COPIED } else { *e & !COPIED };
