@@ -728,6 +728,9 @@ impl Qcow2Image {
             Mapping::Sub { host, alloc, zero } => (host, alloc, zero),
             _ => return Ok(false),
         };
+        if data.is_empty() {
+            return Ok(true);
+        }
         if host != 0 && self.refcount(inner, host)? != 1 {
             return Ok(false);
         }
