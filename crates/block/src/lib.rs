@@ -129,6 +129,11 @@ pub trait BlockBackend: Send + Sync {
     fn write_zeroes(&self, offset: u64, length: u64) -> Result<()>;
     /// The allocation map of `offset..offset+length`, in order, merged.
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>>;
+    /// Says `length` bytes at `offset` are about to be written whole (a bulk
+    /// copy): a format that can reserve their blocks in one call does, which
+    /// spares the file system allocating them page by page as writes land.
+    /// A hint: nothing is changed that reads could see, and failures are ignored.
+    fn reserve(&self, _offset: u64, _length: u64) {}
     /// Whether writes are refused.
     fn is_read_only(&self) -> bool;
     /// What a read-only open went on without (a damaged snapshot table or

@@ -262,6 +262,13 @@ impl BlockBackend for RawImage {
         self.write_direct(buf, offset).map_err(|e| self.err(e))
     }
 
+    fn reserve(&self, offset: u64, length: u64) {
+        // Unwritten extents: reads of the range still see zeros until written.
+        if !self.read_only && check_range(self.size, offset, length).is_ok() {
+            let _ = self.fallocate(0, offset, length);
+        }
+    }
+
     fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> Result<()> {
         let total = bufs.iter().map(|b| b.len() as u64).sum();
         check_range(self.size, offset, total)?;

@@ -191,21 +191,24 @@ impl Dest {
             }
             return Ok(written);
         }
+        // One run of data: its blocks reserved at once (a raw file), then written.
+        let put = |run: &[u8], at: u64| {
+            self.backend().reserve(at, run.len() as u64);
+            self.backend().write_at(run, at).map(|()| run.len() as u64)
+        };
         let (mut written, mut run_start) = (0u64, None::<usize>);
         for (i, p) in buf.chunks(piece).enumerate() {
             match (rvirt_block::is_zero(p), run_start) {
                 (false, None) => run_start = Some(i * piece),
                 (true, Some(start)) => {
-                    self.backend().write_at(&buf[start..i * piece], pos + start as u64)?;
-                    written += (i * piece - start) as u64;
+                    written += put(&buf[start..i * piece], pos + start as u64)?;
                     run_start = None;
                 }
                 _ => {}
             }
         }
         if let Some(start) = run_start {
-            self.backend().write_at(&buf[start..], pos + start as u64)?;
-            written += (buf.len() - start) as u64;
+            written += put(&buf[start..], pos + start as u64)?;
         }
         Ok(written)
     }

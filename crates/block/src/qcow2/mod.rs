@@ -812,7 +812,7 @@ impl Qcow2Image {
     fn write_fresh_run(&self, pos: u64, data: &[u8]) -> Result<u64> {
         let cs = self.cluster_size();
         let gc = pos / cs;
-        let (host, n) = {
+        let (host, n, grows) = {
             let mut inner = self.lock();
             let in_table = self.l2_entries() - gc % self.l2_entries();
             let max = (data.len() as u64 / cs).min(in_table);
@@ -826,9 +826,16 @@ impl Qcow2Image {
             self.mark_dirty(&mut inner)?;
             // In an external data file a guest cluster lives at its own offset.
             let host = if self.data_file_name.is_some() { gc * cs } else { self.alloc_clusters(&mut inner, n)? };
-            (host, n)
+            (host, n, host + n * cs > inner.file_len)
         };
-        self.data_io()?.write_all_at(&data[..(n * cs) as usize], host).map_err(|e| self.io(e))?;
+        let io = self.data_io()?;
+        if grows {
+            // Blocks reserved in one call cost the file system less than
+            // allocating them page by page as the write lands (a hint: a
+            // failure leaves the write to allocate them).
+            let _ = io.allocate(host, n * cs);
+        }
+        io.write_all_at(&data[..(n * cs) as usize], host).map_err(|e| self.io(e))?;
         let mut inner = self.lock();
         inner.file_len = inner.file_len.max(host + n * cs);
         // Link under the lock; whatever another request linked meanwhile is released.
