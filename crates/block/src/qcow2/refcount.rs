@@ -238,10 +238,11 @@ impl Qcow2Image {
     pub(crate) fn alloc_clusters(&self, inner: &mut Inner, n: u64) -> Result<u64> {
         let cs = self.cluster_size();
         let end = inner.next_free / cs;
-        let (mut run_start, mut run) = (inner.free_hint, 0u64);
+        let (mut run_start, mut run, mut first_free) = (inner.free_hint, 0u64, None);
         let mut c = inner.free_hint.max(1);
         while c < end && run < n {
             if self.refcount(inner, c * cs)? == 0 {
+                first_free.get_or_insert(c);
                 if run == 0 {
                     run_start = c;
                 }
@@ -251,18 +252,17 @@ impl Qcow2Image {
             }
             c += 1;
         }
-        let start = if run == n {
-            run_start
-        } else {
-            if n == 1 {
-                inner.free_hint = end;
-            }
-            // A free run reaching the end of the file is extended.
-            if run > 0 { run_start } else { end }
+        // A free run reaching the end of the file is extended.
+        let start = if run > 0 { run_start } else { end };
+        // The hint stays the lowest cluster that may be free: every cluster
+        // scanned before the first free one is in use, so the next
+        // allocation does not scan them again (appending runs of clusters
+        // scanned the whole file each time).
+        inner.free_hint = match first_free {
+            Some(f) if f != start => f,
+            _ if n > 0 => start + n,
+            _ => inner.free_hint,
         };
-        if n == 1 {
-            inner.free_hint = start + 1;
-        }
         inner.next_free = inner.next_free.max((start + n) * cs);
         self.set_refcount_run(inner, start * cs, n, 1)?;
         Ok(start * cs)
