@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use rvirt_block::qcow2::Qcow2Image;
 use rvirt_block::{BlockBackend, ExtentKind, Format};
 
+use crate::mapped::SourceMap;
 use crate::{access, create_at, CreateRequest};
 
 /// What `convert` copies.
@@ -135,21 +136,30 @@ impl Target {
         self.dest.backend()
     }
 
-    /// Writes `buf` at `pos`: data as data, zeros as `zeros` says. Returns the data bytes written.
-    fn write(&self, buf: &[u8], pos: u64) -> rvirt_block::Result<u64> {
+    /// Writes `buf` at `pos`: data as data, zeros as `zeros` says, `zero`
+    /// telling which destination pieces of `buf` are all zero (the readers
+    /// found out). Returns the data bytes written.
+    fn write(&self, buf: &[u8], pos: u64, zero: &[bool]) -> rvirt_block::Result<u64> {
         match self.zeros {
             Zeros::Allocate => self.backend().write_at(buf, pos).map(|()| buf.len() as u64),
-            Zeros::Skip => self.dest.write(buf, pos),
+            Zeros::Skip => self.dest.write(buf, pos, zero),
             Zeros::Explicit => {
                 let piece = self.dest.alignment() as usize;
                 for (i, p) in buf.chunks(piece).enumerate() {
-                    if rvirt_block::is_zero(p) {
+                    if zero[i] {
                         self.backend().write_zeroes(pos + (i * piece) as u64, p.len() as u64)?;
                     }
                 }
-                self.dest.write(buf, pos)
+                self.dest.write(buf, pos, zero)
             }
         }
+    }
+
+    /// Which destination pieces of `buf` are all zero, or None when nothing
+    /// of it needs writing (all zero, and zeros are left unallocated).
+    fn zero_pieces(&self, buf: &[u8]) -> Option<Vec<bool>> {
+        let zero: Vec<bool> = buf.chunks(self.dest.alignment() as usize).map(rvirt_block::is_zero).collect();
+        (self.writes_zeros() || zero.contains(&false)).then_some(zero)
     }
 
     /// Whether an all-zero buffer still needs writing.
@@ -176,15 +186,15 @@ impl Dest {
     }
 
     /// Writes the pieces of `buf` (destination clusters, or pages of a raw
-    /// file) that are not all zero, each run of them in one write: a zero
-    /// cluster beside data stays unallocated, as with qemu-img. Returns the
-    /// bytes written.
-    fn write(&self, buf: &[u8], pos: u64) -> rvirt_block::Result<u64> {
+    /// file) that are not all zero (`zero` says which are), each run of them
+    /// in one write: a zero cluster beside data stays unallocated, as with
+    /// qemu-img. Returns the bytes written.
+    fn write(&self, buf: &[u8], pos: u64, zero: &[bool]) -> rvirt_block::Result<u64> {
         let piece = self.alignment() as usize;
         if let Dest::Qcow2 { img, compress: true } = self {
             let mut written = 0;
             for (i, cluster) in buf.chunks(piece).enumerate() {
-                if !rvirt_block::is_zero(cluster) {
+                if !zero[i] {
                     img.write_compressed(pos + (i * piece) as u64, cluster)?;
                     written += cluster.len() as u64;
                 }
@@ -197,8 +207,8 @@ impl Dest {
             self.backend().write_at(run, at).map(|()| run.len() as u64)
         };
         let (mut written, mut run_start) = (0u64, None::<usize>);
-        for (i, p) in buf.chunks(piece).enumerate() {
-            match (rvirt_block::is_zero(p), run_start) {
+        for (i, _) in buf.chunks(piece).enumerate() {
+            match (zero[i], run_start) {
                 (false, None) => run_start = Some(i * piece),
                 (true, Some(start)) => {
                     written += put(&buf[start..i * piece], pos + start as u64)?;
@@ -243,6 +253,8 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
     if req.bitmaps {
         crate::bitmaps::check_copy_bitmaps(&req.source, sfmt, dfmt, req.skip_broken_bitmaps)?;
     }
+    // A qcow2 source's own layer, to find its data clusters in its file (-B opened it already).
+    let own_layer = if top.is_none() && sfmt == Format::Qcow2 && req.snapshot.is_none() { Some(access::open_qcow2(&req.source, true, false)?) } else { None };
     let size = src.size();
     // Written under a temporary name, moved into place when complete and
     // removed on any failure (a full disk leaves no half image behind); an
@@ -289,8 +301,22 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
     // destinations are already full size, and compression wants every core:
     // parallel writes.
     let ordered = matches!(dst.dest, Dest::Qcow2 { compress: false, .. }) && !req.out_of_order;
-    let copy = Copy { src: src.as_ref(), dst: &dst, chunks: &chunks, chunk, workers, progress: &progress, total, limit: &limit };
+    // The source read in place where it can be (mapped.rs): a raw file, or
+    // the data clusters of a qcow2 file's own layer (not a snapshot's view,
+    // not in an external data file). The rest is read as usual.
+    let layer = top.as_ref().or(own_layer.as_ref());
+    let mappable = match sfmt {
+        Format::Raw => req.snapshot.is_none(),
+        Format::Qcow2 => layer.is_some_and(|l| l.data_file().is_none()),
+    };
+    let source_file = std::fs::File::open(&req.source).with_context(|| req.source.display().to_string())?;
+    let map = if mappable { SourceMap::new(&source_file) } else { None };
+    let mapped = map.as_ref().map(|map| Mapped { map, layer });
+    let copy = Copy { src: src.as_ref(), dst: &dst, chunks: &chunks, chunk, workers, progress: &progress, total, limit: &limit, map: mapped };
     let copied = if ordered { copy.ordered()? } else { copy.parallel()? };
+    if map.as_ref().is_some_and(SourceMap::damaged) {
+        bail!("{}: the file shrank during the copy", req.source.display());
+    }
     // A qcow2 destination writes its cached tables here (without fdatasync
     // in the unsafe cache mode), so a full disk is an error, not a silent loss.
     if req.flush || matches!(dst.dest, Dest::Qcow2 { .. }) {
@@ -407,19 +433,74 @@ struct Copy<'a> {
     progress: &'a Progress,
     total: u64,
     limit: &'a RateLimit,
+    map: Option<Mapped<'a>>,
 }
 
-impl Copy<'_> {
-    /// Reads one piece into a reader's buffer (true), or zeroes a zero-only
-    /// piece in the destination at once (false).
-    fn piece(&self, c: Chunk, buf: &mut [u8]) -> rvirt_block::Result<bool> {
+/// The source file mapped, to read chunks in place (see [`crate::mapped`]).
+#[derive(Clone, Copy)]
+struct Mapped<'a> {
+    map: &'a SourceMap,
+    /// A qcow2 source's own layer, which says where a chunk's data sits in
+    /// its file; None for a raw source (guest offset = file offset).
+    layer: Option<&'a Qcow2Image>,
+}
+
+impl<'a> Mapped<'a> {
+    /// The chunk's bytes in the map, or None when they are not one run of
+    /// plain data in the mapped file (compressed, zero, the backing file's,
+    /// past the length mapped): those are read as usual.
+    fn bytes(&self, c: Chunk) -> Option<Result<&'a [u8]>> {
+        let at = match self.layer {
+            None => c.pos,
+            Some(img) => match img.host_map(c.pos, c.len).ok()?.as_slice() {
+                [e] if e.length == c.len => match e.stored {
+                    rvirt_block::qcow2::Stored::Data { host: Some(h) } => h,
+                    _ => return None,
+                },
+                _ => return None,
+            },
+        };
+        (at.checked_add(c.len)? <= self.map.len() as u64).then(|| self.map.bytes(at, c.len))
+    }
+}
+
+/// Where a fetched chunk's bytes are.
+enum Bytes<'a> {
+    /// In the buffer the reader was given.
+    InBuffer,
+    /// In the source's map.
+    Mapped(&'a [u8]),
+}
+
+impl<'a> Copy<'a> {
+    /// Unmaps mapped bytes once written (see [`SourceMap::release`]).
+    fn release(&self, bytes: &Bytes<'a>) {
+        if let (Some(m), Bytes::Mapped(b)) = (self.map, bytes) {
+            m.map.release(b);
+        }
+    }
+
+    /// One chunk for the writer: a zero-only chunk is zeroed in the
+    /// destination at once (None); else its bytes, from the source's map
+    /// when it has them or read into `buf`, and which destination pieces of
+    /// them are all zero (None when nothing is left to write).
+    fn fetch(&self, c: Chunk, buf: &mut [u8]) -> Result<Option<(Vec<bool>, Bytes<'a>)>> {
         if c.zero_only {
             self.dst.backend().write_zeroes(c.pos, c.len)?;
-            return Ok(false);
+            return Ok(None);
+        }
+        self.limit.take(c.len);
+        if let Some(bytes) = self.map.and_then(|m| m.bytes(c)) {
+            let data = bytes?;
+            let zero = self.dst.zero_pieces(data);
+            if zero.is_none() {
+                // All zero: nothing to write, and the map is done with them.
+                self.release(&Bytes::Mapped(data));
+            }
+            return Ok(zero.map(|z| (z, Bytes::Mapped(data))));
         }
         self.src.read_at(buf, c.pos)?;
-        self.limit.take(c.len);
-        Ok(true)
+        Ok(self.dst.zero_pieces(buf).map(|z| (z, Bytes::InBuffer)))
     }
 
     /// Reads the chunks with `workers` threads and writes each non-zero one as
@@ -438,14 +519,19 @@ impl Copy<'_> {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(&c) = self.chunks.get(i) else { break };
                         let buf = &mut buf[..c.len as usize];
-                        let r = self.piece(c, buf).and_then(|read| {
-                            if read && (self.dst.writes_zeros() || !rvirt_block::is_zero(buf)) {
-                                copied.fetch_add(self.dst.write(buf, c.pos)?, Ordering::Relaxed);
+                        let r = self.fetch(c, buf).and_then(|got| {
+                            if let Some((zero, bytes)) = got {
+                                let data = match bytes {
+                                    Bytes::InBuffer => &*buf,
+                                    Bytes::Mapped(m) => m,
+                                };
+                                copied.fetch_add(self.dst.write(data, c.pos, &zero)?, Ordering::Relaxed);
+                                self.release(&bytes);
                             }
                             Ok(())
                         });
                         if let Err(e) = r {
-                            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.into());
+                            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                             next.store(self.chunks.len(), Ordering::Relaxed);
                             break;
                         }
@@ -470,12 +556,15 @@ impl Copy<'_> {
         use std::sync::mpsc::{channel, sync_channel};
         let chunk = self.chunk as usize;
         let buffers = self.workers * 2;
-        let (free_tx, free_rx) = sync_channel::<Vec<u8>>(buffers);
+        // A buffer back from the writer, with the mapped bytes it wrote from
+        // (released by the reader, off the writer's path).
+        let (free_tx, free_rx) = sync_channel::<(Vec<u8>, Bytes<'a>)>(buffers);
         for _ in 0..buffers {
-            let _ = free_tx.send(vec![0u8; chunk + PAGE]);
+            let _ = free_tx.send((vec![0u8; chunk + PAGE], Bytes::InBuffer));
         }
         let free_rx = Mutex::new(free_rx);
-        let (full_tx, full_rx) = channel::<(usize, rvirt_block::Result<bool>, Vec<u8>)>();
+        type Fetched<'m> = Result<Option<(Vec<bool>, Bytes<'m>)>>;
+        let (full_tx, full_rx) = channel::<(usize, Fetched<'a>, Vec<u8>)>();
         let next = AtomicUsize::new(0);
         std::thread::scope(|s| {
             // Owned by this closure, so an early error return drops it before
@@ -485,12 +574,12 @@ impl Copy<'_> {
                 let full_tx = full_tx.clone();
                 let (free_rx, next) = (&free_rx, &next);
                 s.spawn(move || loop {
-                    let Ok(mut storage) = free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() else { break };
+                    let Ok((mut storage, written)) = free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() else { break };
+                    self.release(&written);
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&c) = self.chunks.get(i) else { break };
                     let buf = &mut page_aligned(&mut storage, chunk)[..c.len as usize];
-                    // Ok(true): data to write; zero-only pieces are done by the reader.
-                    let r = self.piece(c, buf).map(|read| read && (self.dst.writes_zeros() || !rvirt_block::is_zero(buf)));
+                    let r = self.fetch(c, buf);
                     if full_tx.send((i, r, storage)).is_err() {
                         break;
                     }
@@ -503,12 +592,18 @@ impl Copy<'_> {
                 pending.insert(i, (r, storage));
                 while let Some((r, mut storage)) = pending.remove(&expected) {
                     let c = self.chunks[expected];
-                    if r? {
-                        copied += self.dst.write(&page_aligned(&mut storage, chunk)[..c.len as usize], c.pos)?;
+                    let mut written = Bytes::InBuffer;
+                    if let Some((zero, bytes)) = r? {
+                        let data = match bytes {
+                            Bytes::InBuffer => &page_aligned(&mut storage, chunk)[..c.len as usize],
+                            Bytes::Mapped(m) => m,
+                        };
+                        copied += self.dst.write(data, c.pos, &zero)?;
+                        written = bytes;
                     }
                     done += c.len;
                     self.progress.show(done, self.total);
-                    let _ = free_tx.send(storage);
+                    let _ = free_tx.send((storage, written));
                     expected += 1;
                 }
             }

@@ -10,6 +10,7 @@ mod bench;
 mod bitmaps;
 mod convert;
 mod dd;
+mod mapped;
 mod ops;
 
 pub use access::{image_arg, set_force_share, set_image_opts, set_probe_backing};
