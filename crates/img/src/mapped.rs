@@ -60,10 +60,16 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             }
         }
     }
-    // Not ours: the previous disposition takes the fault when it recurs.
+    // Not ours: the previous disposition takes the fault when it recurs on
+    // return, or (a SIGBUS sent by a process, not a fault) the signal again.
     if let Some(prev) = PREVIOUS.get() {
         // SAFETY: reinstalls the disposition saved before ours.
         unsafe { libc::sigaction(libc::SIGBUS, prev, std::ptr::null_mut()) };
+    }
+    // SAFETY: as above, the kernel's siginfo.
+    if unsafe { (*info).si_code } <= 0 {
+        // SAFETY: raise is async-signal-safe.
+        unsafe { libc::raise(libc::SIGBUS) };
     }
 }
 
@@ -122,7 +128,14 @@ impl SourceMap {
         slot.hit.store(false, Ordering::Release);
         slot.end.store(base as usize + len, Ordering::Release);
         slot.start.store(base as usize, Ordering::Release);
-        Some(Self { base, len, slot })
+        let map = Self { base, len, slot };
+        // A kernel without MADV_POPULATE_READ (before 5.14) cannot read
+        // ranges safely first: no map then (dropping it frees the slot).
+        // SAFETY: the first page of our own map.
+        if unsafe { libc::madvise(base, PAGE.min(len), MADV_POPULATE_READ) } != 0 {
+            return None;
+        }
+        Some(map)
     }
 
     /// The file's bytes `offset..offset+len`, their pages read in first: an
