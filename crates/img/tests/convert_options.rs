@@ -137,3 +137,37 @@ fn convert_s_w_l_and_r_match_qemu_img() {
     let (code, _, err) = ours(&["convert", "-O", "raw", "-l", "missing", s(&snap), s(&d.join("m.raw"))]);
     assert!(code == 1 && err.contains("missing"), "{err}");
 }
+
+/// The plain copy reads its source through a map of the file where it can
+/// (a raw file; a qcow2 file's data clusters, wherever qemu-io left them):
+/// every kind of cluster beside them still copies as qemu-img copies it.
+#[test]
+fn sources_read_through_their_map_copy_as_qemu_img_copies_them() {
+    let d = tmpdir("conv-mapped");
+    let (_, top) = chain(&d);
+    // Data clusters out of guest order in the file, compressed ones, zeros
+    // written and zero clusters, a partial cluster at the end.
+    qemu_io(&top, &["write -P 0x51 12M 192k", "write -P 0x52 2M 64k", "write -c -P 0x53 7M 64k", "write -z 12M 64k", "write -P 0x54 1M 4k", "write -P 0x55 16252928 130048"]);
+    let raw = d.join("src.raw");
+    qemu(&["convert", "-O", "raw", s(&top), s(&raw)]);
+    for (src, fmt) in [(&top, "qcow2"), (&raw, "raw")] {
+        for (out_fmt, opts) in [("raw", vec![]), ("qcow2", vec![]), ("qcow2", vec!["-c"]), ("raw", vec!["-W", "-m", "3"])] {
+            let (q, r) = (d.join(format!("q-{fmt}-{out_fmt}")), d.join(format!("r-{fmt}-{out_fmt}")));
+            for p in [&q, &r] {
+                let _ = std::fs::remove_file(p);
+            }
+            let mut args = vec!["convert", "-f", fmt, "-O", out_fmt];
+            args.extend(&opts);
+            qemu(&[args.clone(), vec![s(src), s(&q)]].concat());
+            ok(&[args, vec![s(src), s(&r)]].concat());
+            assert!(identical(&q, &r), "{fmt} -> {out_fmt} {opts:?}");
+            assert!(identical(src, &r), "{fmt} -> {out_fmt} {opts:?}");
+            if out_fmt == "qcow2" {
+                check_clean(&r);
+                if opts.is_empty() {
+                    assert_eq!(allocation(&r), allocation(&q), "{fmt} -> {out_fmt}");
+                }
+            }
+        }
+    }
+}
