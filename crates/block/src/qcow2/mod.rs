@@ -274,10 +274,6 @@ pub(crate) enum Mapping {
 
 /// Subclusters per cluster with extended L2 entries.
 const SUBCLUSTERS: u64 = 32;
-/// An extended L2 bitmap with every subcluster allocated (the low 32 bits).
-const SUB_ALL_ALLOCATED: u64 = 0xffff_ffff;
-/// An extended L2 bitmap with every subcluster reading as zeros (the high 32 bits).
-const SUB_ALL_ZERO: u64 = 0xffff_ffff << 32;
 
 impl Qcow2Image {
     /// A copy of the current header.
@@ -662,16 +658,6 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Stores an extended L2 entry as given: its descriptor and subcluster bitmap.
-    fn set_l2_extended(&self, inner: &mut Inner, l2_off: u64, guest_cluster: u64, descriptor: u64, bitmap: u64) -> Result<()> {
-        let idx = (guest_cluster % self.l2_entries()) as usize;
-        let table = self.l2_table(inner, l2_off)?;
-        table[idx * 2] = descriptor;
-        table[idx * 2 + 1] = bitmap;
-        inner.l2_dirty.insert(l2_off);
-        Ok(())
-    }
-
     /// Writes part of one guest cluster.
     fn write_in_cluster(&self, inner: &mut Inner, offset: u64, data: &[u8]) -> Result<()> {
         let cs = self.cluster_size();
@@ -715,65 +701,6 @@ impl Qcow2Image {
         inner.file_len = inner.file_len.max(host + cs);
         self.set_l2_entry(inner, l2_off, gc, host | COPIED)?;
         self.release(inner, current)
-    }
-
-    /// With extended L2: writes only the subclusters `data` touches (partial
-    /// ones completed from what reads see), into the cluster's own host
-    /// cluster or a new one, and marks just those allocated, as qemu does.
-    /// False when the cluster must be copied whole (compressed, shared).
-    fn write_subclusters(&self, inner: &mut Inner, gc: u64, current: Mapping, in_cluster: u64, data: &[u8]) -> Result<bool> {
-        let (host, alloc, zero) = match current {
-            Mapping::Unallocated => (0, 0, 0),
-            Mapping::Zero { host } => (host, 0, u32::MAX),
-            Mapping::Sub { host, alloc, zero } => (host, alloc, zero),
-            _ => return Ok(false),
-        };
-        if data.is_empty() {
-            return Ok(true);
-        }
-        if host != 0 && self.refcount(inner, host)? != 1 {
-            return Ok(false);
-        }
-        let cs = self.cluster_size();
-        let sc = cs / SUBCLUSTERS;
-        let (first, last) = (in_cluster / sc, (in_cluster + data.len() as u64 - 1) / sc);
-        let (start, len) = (first * sc, (last + 1 - first) * sc);
-        let mut piece = vec![0u8; len as usize];
-        if in_cluster != start || data.len() as u64 != len {
-            self.read_in_cluster(inner, gc * cs + start, &mut piece)?;
-        }
-        piece[(in_cluster - start) as usize..(in_cluster - start) as usize + data.len()].copy_from_slice(data);
-        let l2_off = self.writable_l2(inner, gc)?;
-        let host = if host != 0 { host } else { self.alloc_clusters(inner, 1)? };
-        self.file.write_all_at(&piece, host + start).map_err(|e| self.io(e))?;
-        inner.file_len = inner.file_len.max(host + cs);
-        let mask = subcluster_mask(first, last);
-        let bitmap = u64::from(alloc | mask) | u64::from(zero & !mask) << 32;
-        self.set_l2_extended(inner, l2_off, gc, host | COPIED, bitmap)?;
-        Ok(true)
-    }
-
-    /// With extended L2: makes the whole subclusters `first..=last` of
-    /// cluster `gc` read as zeros by their zero bits (what qemu does for a
-    /// zero write within a cluster). False when the cluster must be written
-    /// instead (compressed, shared, or an external data file).
-    fn zero_subclusters(&self, inner: &mut Inner, gc: u64, first: u64, last: u64) -> Result<bool> {
-        let (host, alloc, zero) = match self.mapping(inner, gc)? {
-            Mapping::Unallocated => (0, 0, 0),
-            Mapping::Zero { host } => (host, 0, u32::MAX),
-            Mapping::Sub { host, alloc, zero } => (host, alloc, zero),
-            Mapping::Data { host, copied: true } => (host, u32::MAX, 0),
-            _ => return Ok(false),
-        };
-        if self.data_file_name.is_some() || (host != 0 && self.refcount(inner, host)? != 1) {
-            return Ok(false);
-        }
-        let mask = subcluster_mask(first, last);
-        let l2_off = self.writable_l2(inner, gc)?;
-        let descriptor = if host != 0 { host | COPIED } else { 0 };
-        let bitmap = u64::from(alloc & !mask) | u64::from(zero | mask) << 32;
-        self.set_l2_extended(inner, l2_off, gc, descriptor, bitmap)?;
-        Ok(true)
     }
 
     /// Guest cluster `gc` as reads see it now, with `data` laid over it at
@@ -1301,32 +1228,6 @@ pub(crate) fn read_table(f: &dyn ImageFile, offset: u64, n: usize) -> std::io::R
     Ok(b.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
 }
 
-/// The subcluster bits `first..=last` of an extended L2 bitmap half.
-fn subcluster_mask(first: u64, last: u64) -> u32 {
-    (((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1)) as u32
-}
-
-/// Stores a standard L2 entry (data, zero flag, compressed or empty) at
-/// entry `idx` of `table`; with extended L2 as its 128-bit equivalent, the
-/// whole cluster allocated or zero (writers never split clusters).
-pub(crate) fn put_l2_entry(table: &mut [u64], extended: bool, idx: usize, entry: u64) {
-    if !extended {
-        table[idx] = entry;
-        return;
-    }
-    let (descriptor, bitmap) = if entry & COMPRESSED != 0 {
-        (entry, 0)
-    } else if entry & ZERO != 0 {
-        (entry & !ZERO, SUB_ALL_ZERO)
-    } else if entry & (L2_OFFSET_MASK | COPIED) != 0 {
-        (entry, SUB_ALL_ALLOCATED)
-    } else {
-        (0, 0)
-    };
-    table[idx * 2] = descriptor;
-    table[idx * 2 + 1] = bitmap;
-}
-
 /// Writes big-endian u64 entries at `offset`.
 pub(crate) fn write_table(f: &dyn ImageFile, offset: u64, table: &[u64]) -> std::io::Result<()> {
     let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
@@ -1472,6 +1373,9 @@ impl BlockBackend for Qcow2Image {
         self.snapshots().iter().any(|s| s.name == name)
     }
 }
+
+mod subcluster;
+use subcluster::put_l2_entry;
 
 #[cfg(test)]
 mod tests;
