@@ -159,7 +159,10 @@ impl Qcow2Image {
         let h = &inner.header;
         let table = (h.refcount_table_offset / cs)..(h.refcount_table_offset / cs + u64::from(h.refcount_table_clusters));
         let taken = |c: u64| others.refs.get(c as usize).is_some_and(|&r| r > 0);
-        table.clone().any(taken) || inner.reftable.iter().any(|&b| b != 0 && (taken(b / cs) || table.contains(&(b / cs))))
+        // Only clusters inside the file can be taken: a damaged header may
+        // claim a table of billions of clusters.
+        let inside = table.start..table.end.min(others.refs.len() as u64);
+        inside.into_iter().any(taken) || inner.reftable.iter().any(|&b| b != 0 && (taken(b / cs) || table.contains(&(b / cs))))
     }
 
     /// Writes new refcount structures after the end of the file, holding
