@@ -62,7 +62,7 @@ pub fn image(bytes: &[u8]) {
         // Within a cluster and across subclusters (extended L2): partial ones
         // completed from what reads see, whole ones zeroed by their bits.
         let _ = img.write_at(&[0x3c; 3000], (size / 3).min(size.saturating_sub(3000)));
-        let _ = img.write_zeroes(size / 4 & !2047, 2048.min(size - (size / 4 & !2047)));
+        let _ = img.write_zeroes((size / 4) & !2047, 2048.min(size - ((size / 4) & !2047)));
         // Bitmaps: every change, then a store of them all at close.
         let names: Vec<String> = img.bitmaps().into_iter().map(|b| b.name).collect();
         let _ = img.add_bitmap("fuzz", Some(512), true);
