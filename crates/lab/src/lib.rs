@@ -57,6 +57,14 @@ pub fn log(line: &str) {
 /// stalled) and RCU stalls (seen in L2 when its timer stopped on a CPU).
 const STUCK_KERNEL: [&[u8]; 2] = [b"watchdog: BUG: soft lockup", b"rcu: INFO: rcu_preempt detected stalls"];
 
+/// L1's trace of an L2 shutdown (a triple fault): in a run that retries
+/// them, the run ends a few seconds later instead of waiting for a guest
+/// that is gone (a VMM whose stderr goes to a file says nothing on the console).
+const L2_SHUTDOWN_TRACED: &[u8] = b"reason shutdown";
+
+/// How long a run goes on after a traced L2 shutdown, for the rest of the trace.
+const AFTER_L2_SHUTDOWN: Duration = Duration::from_secs(5);
+
 /// The prepared lab: packages installed, kernel cached, binaries built.
 pub struct Lab {
     /// Cache directory.
@@ -277,6 +285,8 @@ impl Lab {
         // nested guest is stuck; they count as a stall.
         let lockup = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let lockup_w = lockup.clone();
+        let l2_down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let l2_down_w = l2_down.clone();
         let reader = std::thread::spawn(move || {
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
@@ -289,6 +299,9 @@ impl Lab {
                 if STUCK_KERNEL.iter().any(|p| buf[seen..].windows(p.len()).any(|w| w == *p)) {
                     lockup_w.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
+                if buf[seen..].windows(L2_SHUTDOWN_TRACED.len()).any(|w| w == L2_SHUTDOWN_TRACED) {
+                    l2_down_w.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 last_output_w.store(started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
                 if let Some(f) = live.as_mut() {
                     let _ = f.write_all(&chunk[..n]);
@@ -298,9 +311,18 @@ impl Lab {
         });
         let deadline = started + spec.timeout;
         let mut stalled = false;
+        let mut l2_down_at = None;
         let timed_out = loop {
             if child.try_wait()?.is_some() {
                 break false;
+            }
+            if spec.retry_l2_crash && l2_down.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = *l2_down_at.get_or_insert_with(Instant::now);
+                if at.elapsed() > AFTER_L2_SHUTDOWN {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break false;
+                }
             }
             let quiet_ms = (started.elapsed().as_millis() as u64)
                 .saturating_sub(last_output.load(std::sync::atomic::Ordering::Relaxed));
@@ -609,9 +631,11 @@ impl LabOutput {
         self.value("L1-DONE").is_none() && self.console.contains("Kernel panic - not syncing")
     }
 
-    /// Whether rvirt-vmm reported its L2 guest crashing with a triple fault.
+    /// Whether an L2 guest crashed with a triple fault: rvirt-vmm said so on
+    /// the console, or L1's trace shows the shutdown (a VMM whose stderr
+    /// goes to a file says nothing on the console).
     pub fn l2_triple_faulted(&self) -> bool {
-        self.console.lines().any(|l| l.contains("guest crashed:") && l.contains("triple fault"))
+        self.console.lines().any(|l| l.contains("guest crashed:") && l.contains("triple fault")) || !self.l2_shutdowns().is_empty()
     }
 
     /// The L2 shutdowns (triple faults) L1's KVM traced, in order (see
