@@ -156,8 +156,12 @@ impl Target {
     }
 
     /// Which destination pieces of `buf` are all zero, or None when nothing
-    /// of it needs writing (all zero, and zeros are left unallocated).
+    /// of it needs writing (all zero, and zeros are left unallocated). A
+    /// fully allocated destination (`-S 0`) writes every byte and needs no test.
     fn zero_pieces(&self, buf: &[u8]) -> Option<Vec<bool>> {
+        if self.zeros == Zeros::Allocate {
+            return Some(Vec::new());
+        }
         let zero: Vec<bool> = buf.chunks(self.dest.alignment() as usize).map(rvirt_block::is_zero).collect();
         (self.writes_zeros() || zero.contains(&false)).then_some(zero)
     }
@@ -207,8 +211,8 @@ impl Dest {
             self.backend().write_at(run, at).map(|()| run.len() as u64)
         };
         let (mut written, mut run_start) = (0u64, None::<usize>);
-        for (i, _) in buf.chunks(piece).enumerate() {
-            match (zero[i], run_start) {
+        for (i, &z) in zero.iter().enumerate() {
+            match (z, run_start) {
                 (false, None) => run_start = Some(i * piece),
                 (true, Some(start)) => {
                     written += put(&buf[start..i * piece], pos + start as u64)?;
@@ -237,24 +241,32 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
     let mut sources = vec![req.source.clone()];
     sources.extend(access::chain_below(&req.source, sfmt)?.into_iter().map(|l| l.path));
     access::refuse_overlap(&req.dest, &sources, "destination")?;
-    let (src, top): (Box<dyn BlockBackend>, Option<Qcow2Image>) = match (&req.snapshot, sfmt) {
-        (Some(snap), Format::Qcow2) => {
-            let img = access::open_qcow2(&req.source, true, true)?;
-            img.view_snapshot(snap).with_context(|| req.source.display().to_string())?;
-            (Box::new(img), None)
-        }
+    // A qcow2 source is opened once, as itself: its own layer's map (which
+    // ignores the backing chain) says what -B copies and where its data sits
+    // in its file. A raw one opens as any image.
+    let (qcow2, raw): (Option<Qcow2Image>, Option<Box<dyn BlockBackend>>) = match (&req.snapshot, sfmt) {
         (Some(_), Format::Raw) => bail!("{}: a raw image has no snapshots (-l)", req.source.display()),
-        (None, _) => {
-            // With -B, what the source's own top layer stores is what is copied.
-            let top = if req.backing.is_some() && sfmt == Format::Qcow2 { Some(access::open_qcow2(&req.source, true, false)?) } else { None };
-            (access::open(&req.source, sfmt, true)?, top)
+        (snapshot, Format::Qcow2) => {
+            let img = access::open_qcow2(&req.source, true, true)?;
+            match snapshot {
+                Some(snap) => img.view_snapshot(snap).with_context(|| req.source.display().to_string())?,
+                None => access::warn_damage(&req.source, &img),
+            }
+            (Some(img), None)
         }
+        (None, Format::Raw) => (None, Some(access::open(&req.source, sfmt, true)?)),
     };
+    let src: &dyn BlockBackend = match &qcow2 {
+        Some(img) => img,
+        None => raw.as_deref().context("the source image is not open")?,
+    };
+    // The source's own layer (not a snapshot's view), and with -B the top
+    // whose stored clusters alone are copied.
+    let layer = qcow2.as_ref().filter(|_| req.snapshot.is_none());
+    let top = layer.filter(|_| req.backing.is_some());
     if req.bitmaps {
         crate::bitmaps::check_copy_bitmaps(&req.source, sfmt, dfmt, req.skip_broken_bitmaps)?;
     }
-    // A qcow2 source's own layer, to find its data clusters in its file (-B opened it already).
-    let own_layer = if top.is_none() && sfmt == Format::Qcow2 && req.snapshot.is_none() { Some(access::open_qcow2(&req.source, true, false)?) } else { None };
     let size = src.size();
     // Written under a temporary name, moved into place when complete and
     // removed on any failure (a full disk leaves no half image behind); an
@@ -290,7 +302,7 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
         _ => Zeros::Skip,
     };
     let dst = Target { dest, zeros };
-    let chunks = work(src.as_ref(), top.as_ref(), &dst, size)?;
+    let chunks = work(src, top, &dst, size)?;
     let total: u64 = chunks.iter().map(|c| c.len).sum();
     let progress = Progress::new(req.progress);
     let limit = RateLimit::new(req.rate_limit);
@@ -304,7 +316,6 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
     // The source read in place where it can be (mapped.rs): a raw file, or
     // the data clusters of a qcow2 file's own layer (not a snapshot's view,
     // not in an external data file). The rest is read as usual.
-    let layer = top.as_ref().or(own_layer.as_ref());
     let mappable = match sfmt {
         Format::Raw => req.snapshot.is_none(),
         Format::Qcow2 => layer.is_some_and(|l| l.data_file().is_none()),
@@ -312,7 +323,7 @@ pub fn convert(req: &ConvertRequest) -> Result<u64> {
     let source_file = std::fs::File::open(&req.source).with_context(|| req.source.display().to_string())?;
     let map = if mappable { SourceMap::new(&source_file) } else { None };
     let mapped = map.as_ref().map(|map| Mapped { map, layer });
-    let copy = Copy { src: src.as_ref(), dst: &dst, chunks: &chunks, chunk, workers, progress: &progress, total, limit: &limit, map: mapped };
+    let copy = Copy { src, dst: &dst, chunks: &chunks, chunk, workers, progress: &progress, total, limit: &limit, map: mapped };
     let copied = if ordered { copy.ordered()? } else { copy.parallel()? };
     if map.as_ref().is_some_and(SourceMap::damaged) {
         bail!("{}: the file shrank during the copy", req.source.display());
