@@ -38,10 +38,6 @@ static HANDLER: Once = Once::new();
 /// The SIGBUS disposition before ours, for faults that are not ours.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
-/// `MADV_POPULATE_READ` (Linux 5.14); older kernels answer EINVAL and the
-/// map is not used.
-const MADV_POPULATE_READ: libc::c_int = 22;
-
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
     let addr = unsafe { (*info).si_addr() } as usize;
@@ -132,7 +128,7 @@ impl SourceMap {
         // A kernel without MADV_POPULATE_READ (before 5.14) cannot read
         // ranges safely first: no map then (dropping it frees the slot).
         // SAFETY: the first page of our own map.
-        if unsafe { libc::madvise(base, PAGE.min(len), MADV_POPULATE_READ) } != 0 {
+        if unsafe { libc::madvise(base, PAGE.min(len), libc::MADV_POPULATE_READ) } != 0 {
             return None;
         }
         Some(map)
@@ -150,7 +146,7 @@ impl SourceMap {
         }
         let page_start = start & !(PAGE - 1);
         // SAFETY: the range lies inside our map.
-        let r = unsafe { libc::madvise(self.base.cast::<u8>().add(page_start).cast(), start + n - page_start, MADV_POPULATE_READ) };
+        let r = unsafe { libc::madvise(self.base.cast::<u8>().add(page_start).cast(), start + n - page_start, libc::MADV_POPULATE_READ) };
         if r != 0 {
             bail!("the source file changed size or could not be read during the copy: {}", std::io::Error::last_os_error());
         }
