@@ -399,11 +399,7 @@ impl Qcow2Image {
                 continue;
             }
             for (_, e, m) in self.table_mappings(inner.header.version, &table, end) {
-                let host = match m {
-                    Ok(Mapping::Data { host, .. }) => host,
-                    Ok(Mapping::Zero { host } | Mapping::Sub { host, .. }) if host != 0 => host,
-                    _ => continue,
-                };
+                let Some(host) = m.ok().and_then(Mapping::flagged_host) else { continue };
                 let rc = self.refcount(inner, host)?;
                 if (rc == 1) != (e & COPIED != 0) {
                     report.corruptions += 1;

@@ -272,6 +272,17 @@ pub(crate) enum Mapping {
     Sub { host: u64, alloc: u32, zero: u32 },
 }
 
+impl Mapping {
+    /// The host cluster whose refcount the entry's COPIED flag must reflect, if any.
+    pub(crate) fn flagged_host(self) -> Option<u64> {
+        match self {
+            Mapping::Data { host, .. } => Some(host),
+            Mapping::Zero { host } | Mapping::Sub { host, .. } if host != 0 => Some(host),
+            _ => None,
+        }
+    }
+}
+
 /// Subclusters per cluster with extended L2 entries.
 const SUBCLUSTERS: u64 = 32;
 
@@ -423,13 +434,23 @@ impl Qcow2Image {
         }
         // Data in an external file is bounded by that file, not this one.
         let end = if self.data_file_name.is_some() { u64::MAX } else { inner.file_len.max(inner.next_free) };
+        let (version, w) = (inner.header.version, self.l2_entry_words());
+        let t = self.l2_table(inner, l2_off)?;
+        self.decode_entry(version, &t[l2_idx * w..l2_idx * w + w], end)
+    }
+
+    /// Words per L2 entry: 2 with extended L2 (descriptor, bitmap), else 1.
+    pub(crate) fn l2_entry_words(&self) -> usize {
+        if self.extended_l2 { 2 } else { 1 }
+    }
+
+    /// Decodes one L2 entry from its words (see [`Self::l2_entry_words`]).
+    pub(crate) fn decode_entry(&self, version: u32, words: &[u64], file_len: u64) -> Result<Mapping> {
         if self.extended_l2 {
-            let t = self.l2_table(inner, l2_off)?;
-            let (e, bitmap) = (t[l2_idx * 2], t[l2_idx * 2 + 1]);
-            return self.decode_extended(e, bitmap, end);
+            self.decode_extended(words[0], words.get(1).copied().unwrap_or(0), file_len)
+        } else {
+            self.decode_l2(version, words[0], file_len)
         }
-        let e = self.l2_table(inner, l2_off)?[l2_idx];
-        self.decode_l2(inner.header.version, e, end)
     }
 
     /// Decodes an extended L2 entry: the standard part (whose bit 0 is not
@@ -461,11 +482,7 @@ impl Qcow2Image {
     /// The mappings of an L2 table's entries that are not empty (pairs of
     /// words with extended L2), with their index in the table.
     pub(crate) fn table_mappings<'a>(&'a self, version: u32, table: &'a [u64], file_len: u64) -> impl Iterator<Item = (usize, u64, Result<Mapping>)> + 'a {
-        let step = if self.extended_l2 { 2 } else { 1 };
-        table.chunks(step).enumerate().filter(|(_, p)| p.iter().any(|&w| w != 0)).map(move |(i, p)| {
-            let m = if self.extended_l2 { self.decode_extended(p[0], p.get(1).copied().unwrap_or(0), file_len) } else { self.decode_l2(version, p[0], file_len) };
-            (i, p[0], m)
-        })
+        table.chunks(self.l2_entry_words()).enumerate().filter(|(_, p)| p.iter().any(|&w| w != 0)).map(move |(i, p)| (i, p[0], self.decode_entry(version, p, file_len)))
     }
 
     pub(crate) fn decode_l2(&self, version: u32, e: u64, file_len: u64) -> Result<Mapping> {
@@ -869,10 +886,9 @@ impl Qcow2Image {
         let end = offset + length;
         while pos < end {
             let n = (cs - pos % cs).min(end - pos);
-            let sc = cs / SUBCLUSTERS;
             if n == cs || pos + n == inner.header.size {
                 self.zero_cluster(&mut inner, pos / cs, discard)?;
-            } else if !(self.extended_l2 && pos % sc == 0 && n % sc == 0 && self.zero_subclusters(&mut inner, pos / cs, pos % cs / sc, (pos % cs + n) / sc - 1)?) {
+            } else if !self.zero_subclusters(&mut inner, pos, n)? {
                 self.write_in_cluster(&mut inner, pos, &vec![0u8; n as usize])?;
             }
             pos += n;

@@ -5,7 +5,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{be32, be64, read_table, write_table, Header, Inner, Mapping, Qcow2Image, COPIED, L1_OFFSET_MASK, MAX_L1_BYTES};
+use super::{be32, be64, read_table, write_table, Header, Inner, Qcow2Image, COPIED, L1_OFFSET_MASK, MAX_L1_BYTES};
 use crate::{Error, Result};
 
 /// QEMU's limits on the snapshot table.
@@ -367,16 +367,10 @@ impl Qcow2Image {
             }
             let mut table = self.l2_table(inner, l2)?.clone();
             let mut changed = false;
-            // The descriptor word of each entry (entries are two words with extended L2).
-            let step = if self.extended_l2 { 2 } else { 1 };
-            for pair in table.chunks_mut(step) {
-                let m = if self.extended_l2 { self.decode_extended(pair[0], pair[1], end)? } else { self.decode_l2(inner.header.version, pair[0], end)? };
-                let e = &mut pair[0];
-                let host = match m {
-                    Mapping::Data { host, .. } => host,
-                    Mapping::Zero { host } | Mapping::Sub { host, .. } if host != 0 => host,
-                    _ => continue,
-                };
+            // COPIED lives in the descriptor, an entry's first word.
+            for words in table.chunks_mut(self.l2_entry_words()) {
+                let Some(host) = self.decode_entry(inner.header.version, words, end)?.flagged_host() else { continue };
+                let e = &mut words[0];
                 let want = if self.refcount(inner, host)? == 1 { *e | COPIED } else { *e & !COPIED };
                 if want != *e {
                     *e = want;

@@ -16,11 +16,28 @@ impl Qcow2Image {
     /// Stores an extended L2 entry as given: its descriptor and subcluster bitmap.
     pub(super) fn set_l2_extended(&self, inner: &mut Inner, l2_off: u64, guest_cluster: u64, descriptor: u64, bitmap: u64) -> Result<()> {
         let idx = (guest_cluster % self.l2_entries()) as usize;
-        let table = self.l2_table(inner, l2_off)?;
-        table[idx * 2] = descriptor;
-        table[idx * 2 + 1] = bitmap;
+        put_pair(self.l2_table(inner, l2_off)?, idx, descriptor, bitmap);
         inner.l2_dirty.insert(l2_off);
         Ok(())
+    }
+
+    /// The host cluster (or 0) and subcluster bits (allocated, zero) of
+    /// `m`, when its subclusters can be changed one by one: the host cluster
+    /// is ours alone and holds plain data (not compressed, not shared with a
+    /// snapshot, not in an external data file). None: the cluster must be
+    /// rewritten whole.
+    fn own_subclusters(&self, inner: &mut Inner, m: Mapping) -> Result<Option<(u64, u32, u32)>> {
+        let bits = match m {
+            Mapping::Unallocated => (0, 0, 0),
+            Mapping::Zero { host } => (host, 0, u32::MAX),
+            Mapping::Sub { host, alloc, zero } => (host, alloc, zero),
+            Mapping::Data { host, copied: true } => (host, u32::MAX, 0),
+            _ => return Ok(None),
+        };
+        if self.data_file_name.is_some() || (bits.0 != 0 && self.refcount(inner, bits.0)? != 1) {
+            return Ok(None);
+        }
+        Ok(Some(bits))
     }
 
     /// With extended L2: writes only the subclusters `data` touches (partial
@@ -28,18 +45,10 @@ impl Qcow2Image {
     /// cluster or a new one, and marks just those allocated, as qemu does.
     /// False when the cluster must be copied whole (compressed, shared).
     pub(super) fn write_subclusters(&self, inner: &mut Inner, gc: u64, current: Mapping, in_cluster: u64, data: &[u8]) -> Result<bool> {
-        let (host, alloc, zero) = match current {
-            Mapping::Unallocated => (0, 0, 0),
-            Mapping::Zero { host } => (host, 0, u32::MAX),
-            Mapping::Sub { host, alloc, zero } => (host, alloc, zero),
-            _ => return Ok(false),
-        };
         if data.is_empty() {
             return Ok(true);
         }
-        if host != 0 && self.refcount(inner, host)? != 1 {
-            return Ok(false);
-        }
+        let Some((host, alloc, zero)) = self.own_subclusters(inner, current)? else { return Ok(false) };
         let cs = self.cluster_size();
         let sc = cs / SUBCLUSTERS;
         let (first, last) = (in_cluster / sc, (in_cluster + data.len() as u64 - 1) / sc);
@@ -59,22 +68,21 @@ impl Qcow2Image {
         Ok(true)
     }
 
-    /// With extended L2: makes the whole subclusters `first..=last` of
-    /// cluster `gc` read as zeros by their zero bits (what qemu does for a
-    /// zero write within a cluster). False when the cluster must be written
-    /// instead (compressed, shared, or an external data file).
-    pub(super) fn zero_subclusters(&self, inner: &mut Inner, gc: u64, first: u64, last: u64) -> Result<bool> {
-        let (host, alloc, zero) = match self.mapping(inner, gc)? {
-            Mapping::Unallocated => (0, 0, 0),
-            Mapping::Zero { host } => (host, 0, u32::MAX),
-            Mapping::Sub { host, alloc, zero } => (host, alloc, zero),
-            Mapping::Data { host, copied: true } => (host, u32::MAX, 0),
-            _ => return Ok(false),
-        };
-        if self.data_file_name.is_some() || (host != 0 && self.refcount(inner, host)? != 1) {
+    /// With extended L2: makes `len` bytes at `pos`, whole subclusters
+    /// within one cluster, read as zeros by their zero bits (what qemu does
+    /// for a zero write within a cluster). False when they must be written
+    /// as zeros instead (no subclusters, not whole ones, or a cluster that
+    /// is compressed, shared or in an external data file).
+    pub(super) fn zero_subclusters(&self, inner: &mut Inner, pos: u64, len: u64) -> Result<bool> {
+        let cs = self.cluster_size();
+        let sc = cs / SUBCLUSTERS;
+        if !self.extended_l2 || len == 0 || pos % sc != 0 || len % sc != 0 {
             return Ok(false);
         }
-        let mask = subcluster_mask(first, last);
+        let gc = pos / cs;
+        let m = self.mapping(inner, gc)?;
+        let Some((host, alloc, zero)) = self.own_subclusters(inner, m)? else { return Ok(false) };
+        let mask = subcluster_mask(pos % cs / sc, (pos % cs + len) / sc - 1);
         let l2_off = self.writable_l2(inner, gc)?;
         let descriptor = if host != 0 { host | COPIED } else { 0 };
         let bitmap = u64::from(alloc & !mask) | u64::from(zero | mask) << 32;
@@ -88,9 +96,15 @@ fn subcluster_mask(first: u64, last: u64) -> u32 {
     (((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1)) as u32
 }
 
+/// Stores entry `idx` of an extended L2 table: descriptor, then bitmap.
+fn put_pair(table: &mut [u64], idx: usize, descriptor: u64, bitmap: u64) {
+    table[idx * 2] = descriptor;
+    table[idx * 2 + 1] = bitmap;
+}
+
 /// Stores a standard L2 entry (data, zero flag, compressed or empty) at
 /// entry `idx` of `table`; with extended L2 as its 128-bit equivalent, the
-/// whole cluster allocated or zero (writers never split clusters).
+/// whole cluster allocated or zero (what writers of whole clusters store).
 pub(crate) fn put_l2_entry(table: &mut [u64], extended: bool, idx: usize, entry: u64) {
     if !extended {
         table[idx] = entry;
@@ -105,6 +119,5 @@ pub(crate) fn put_l2_entry(table: &mut [u64], extended: bool, idx: usize, entry:
     } else {
         (0, 0)
     };
-    table[idx * 2] = descriptor;
-    table[idx * 2 + 1] = bitmap;
+    put_pair(table, idx, descriptor, bitmap);
 }
