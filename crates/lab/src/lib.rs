@@ -60,7 +60,7 @@ const STUCK_KERNEL: [&[u8]; 2] = [b"watchdog: BUG: soft lockup", b"rcu: INFO: rc
 /// L1's trace of an L2 shutdown (a triple fault): in a run that retries
 /// them, the run ends a few seconds later instead of waiting for a guest
 /// that is gone (a VMM whose stderr goes to a file says nothing on the console).
-const L2_SHUTDOWN_TRACED: &[u8] = b"reason shutdown";
+const L2_SHUTDOWN_TRACED: &str = "reason shutdown";
 
 /// How long a run goes on after a traced L2 shutdown, for the rest of the trace.
 const AFTER_L2_SHUTDOWN: Duration = Duration::from_secs(5);
@@ -296,10 +296,11 @@ impl Lab {
                 }
                 let seen = buf.len().saturating_sub(64);
                 buf.extend_from_slice(&chunk[..n]);
-                if STUCK_KERNEL.iter().any(|p| buf[seen..].windows(p.len()).any(|w| w == *p)) {
+                let found = |p: &[u8]| buf[seen..].windows(p.len()).any(|w| w == p);
+                if STUCK_KERNEL.iter().any(|p| found(p)) {
                     lockup_w.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                if buf[seen..].windows(L2_SHUTDOWN_TRACED.len()).any(|w| w == L2_SHUTDOWN_TRACED) {
+                if found(L2_SHUTDOWN_TRACED.as_bytes()) {
                     l2_down_w.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 last_output_w.store(started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -646,7 +647,7 @@ impl LabOutput {
             .lines()
             // The annotated line, not the raw copy in a history dump (indented).
             .filter_map(|l| l.split_once("[lab-trace] ").map(|(_, rest)| rest))
-            .filter(|l| !l.starts_with(' ') && l.contains("kvm_exit:") && l.contains("reason shutdown"))
+            .filter(|l| !l.starts_with(' ') && l.contains("kvm_exit:") && l.contains(L2_SHUTDOWN_TRACED))
             .filter_map(|l| {
                 let hex = l.split_once(" rip 0x")?.1.split_whitespace().next()?;
                 let rip = u64::from_str_radix(hex, 16).ok()?;
