@@ -2,7 +2,7 @@
 //! and external data files, read and written, side by side with qemu-img
 //! and qemu-io: the same contents, map, check and info.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 mod common;
 use common::*;
@@ -19,16 +19,28 @@ fn reads_as_qemu_img_reads(d: &Path, img: &Path) {
     assert!(std::fs::read(&q).unwrap() == std::fs::read(&r).unwrap(), "{}: the copies differ", img.display());
 }
 
-#[test]
-fn extended_l2_images_read_as_with_qemu_img() {
-    let d = tmpdir("ext-l2");
+/// A 16 MiB base filled by qemu-io, in `d`.
+fn filled_base(d: &Path) -> PathBuf {
     let base = d.join("base.qcow2");
     qemu(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
     qemu_io(&base, &["write -P 0x11 0 16M"]);
+    base
+}
+
+/// `img`, an extended-L2 overlay of `base` holding what qemu-io writes:
+/// partial subclusters over the backing file, zero subclusters, whole
+/// clusters, a compressed one.
+fn qemu_subcluster_image(base: &Path, img: &Path) {
+    qemu(&["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", s(base), "-F", "qcow2", s(img), "16M"]);
+    qemu_io(img, &["write -P 0x22 4k 2k", "write -z 64k 8k", "write -P 0x33 1M 128k", "write -z 2M 64k", "write -c -P 0x44 3M 64k", "write -P 0x55 5M 3k"]);
+}
+
+#[test]
+fn extended_l2_images_read_as_with_qemu_img() {
+    let d = tmpdir("ext-l2");
+    let base = filled_base(&d);
     let img = d.join("x.qcow2");
-    qemu(&["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", s(&base), "-F", "qcow2", s(&img), "16M"]);
-    // Partial subclusters over the backing file, zero subclusters, whole clusters, compressed.
-    qemu_io(&img, &["write -P 0x22 4k 2k", "write -z 64k 8k", "write -P 0x33 1M 128k", "write -z 2M 64k", "write -c -P 0x44 3M 64k", "write -P 0x55 5M 3k"]);
+    qemu_subcluster_image(&base, &img);
     reads_as_qemu_img_reads(&d, &img);
 }
 
@@ -61,14 +73,11 @@ impl Op {
 fn extended_l2_images_written_as_qemu_writes_them() {
     use rvirt_block::qcow2::Qcow2Image;
     let d = tmpdir("ext-l2-write");
-    let base = d.join("base.qcow2");
-    qemu(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
-    qemu_io(&base, &["write -P 0x11 0 16M"]);
+    let base = filled_base(&d);
     // The same image twice, holding every kind of extended entry qemu-io makes.
     let (q, r) = (d.join("q.qcow2"), d.join("r.qcow2"));
     for img in [&q, &r] {
-        qemu(&["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", s(&base), "-F", "qcow2", s(img), "16M"]);
-        qemu_io(img, &["write -P 0x22 4k 2k", "write -z 64k 8k", "write -P 0x33 1M 128k", "write -z 2M 64k", "write -c -P 0x44 3M 64k", "write -P 0x55 5M 3k"]);
+        qemu_subcluster_image(&base, img);
     }
     // Over backing subclusters, zero subclusters, allocated ones, a compressed
     // cluster, a zero cluster, unallocated space; zeroes and discards whole and partial.
