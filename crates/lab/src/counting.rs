@@ -21,7 +21,7 @@ wait_tick() {
 /// The numbers after `%%KEY=` in `log`, in order.
 pub fn numbers(log: &str, key: &str) -> Vec<u64> {
     let tag = format!("%%{key}=");
-    log.lines().filter_map(|l| l.find(&tag).map(|i| &l[i + tag.len()..])).filter_map(|v| v.trim().parse().ok()).collect()
+    whole_lines(log).filter_map(|l| l.find(&tag).map(|i| &l[i + tag.len()..])).filter_map(|v| v.trim().parse().ok()).collect()
 }
 
 /// Every checksum of its tmpfs file the guest printed, in order.
@@ -32,5 +32,25 @@ pub fn sums(log: &str) -> Vec<String> {
 /// The words after `%%KEY=` in `log`, in order.
 pub fn words(log: &str, key: &str) -> Vec<String> {
     let tag = format!("%%{key}=");
-    log.lines().filter_map(|l| l.find(&tag).map(|i| l[i + tag.len()..].trim().to_string())).collect()
+    whole_lines(log).filter_map(|l| l.find(&tag).map(|i| l[i + tag.len()..].trim().to_string())).collect()
+}
+
+/// The lines of `log` that ended: a guest stopped while printing leaves
+/// its last line cut (`%%TICK=1` of 16), which would read as a wrong value.
+fn whole_lines(log: &str) -> std::str::Lines<'_> {
+    log[..log.rfind('\n').map_or(0, |i| i + 1)].lines()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_last_line_is_not_read() {
+        let log = "%%TICK=15\r\n%%DISK=0c1fad197ab22751\n%%TICK=1";
+        assert_eq!(numbers(log, "TICK"), [15]);
+        assert_eq!(words(log, "DISK"), ["0c1fad197ab22751"]);
+        assert_eq!(numbers("%%TICK=16\n", "TICK"), [16]);
+        assert!(numbers("%%TICK=16", "TICK").is_empty());
+    }
 }

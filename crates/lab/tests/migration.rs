@@ -167,7 +167,7 @@ echo "@@D-LAST-TICK=$dlast"
 wait_tick /tmp/a.log $((dlast + 3)) || echo "@@A-STALLED=1"
 echo "@@A-FIRST-TICK=$(grep -o '%%TICK=[0-9]*' /tmp/a.log | head -1 | cut -d= -f2)"
 api /tmp/a.sock stop >/dev/null; wait $a; echo "@@A-EXIT=$?"
-for n in one two d k c a; do echo "@@BEGIN-$n"; cat /tmp/$n.log; echo "--- stderr"; cat /tmp/$n.err; echo "@@END-$n"; done
+for n in one two d k c a; do echo "@@BEGIN-$n"; cat /tmp/$n.log; echo "@@END-$n"; echo "@@BEGIN-$n-err"; cat /tmp/$n.err; echo "@@END-$n-err"; done
 "#;
 
 /// The migration status in an API answer (`{"ok":true,"migration":{…}}`).
@@ -201,7 +201,11 @@ fn running_debian_guests_move_to_other_vmms_over_tcp() {
     }
     let section = |n: &str| out.section(n).unwrap_or_default();
     let (one, two, d, a) = (section("one"), section("two"), section("d"), section("a"));
-    let logs = || format!("--- one\n{one}\n--- two\n{two}\n--- d\n{d}\n--- a\n{a}\n--- k\n{}\n--- c\n{}", section("k"), section("c"));
+    // Each guest's serial log, then its VMM's stderr.
+    let logs = || {
+        let both = |n: &str| format!("--- {n}\n{}\n--- {n} stderr\n{}\n", section(n), section(&format!("{n}-err")));
+        ["one", "two", "d", "a", "k", "c"].map(both).concat()
+    };
     let get = |k: &str| v.get(k).cloned().unwrap_or_else(|| panic!("no {k} in output:\n{}\n{}", out.tail(60), logs()));
     for stalled in [
         "ONE-STALLED",
