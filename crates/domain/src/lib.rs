@@ -19,4 +19,5 @@ pub use xml::{
     XmlError, XmlErrors, MAX_DEPTH, MAX_UNKNOWN, MAX_VCPUS, MAX_XML_BYTES,
 };
 pub use xml::{DhcpHost, DnsHost, ForwardMode, IpDef, NetworkDef};
+pub use xml::{valid_volume_name, Permissions, PoolDef, PoolSizes, VolumeBacking, VolumeDef, MAX_VOLUME_NAME};
 pub use xml::{valid_snapshot_name, SnapshotDef, SnapshotDisk, SnapshotDiskKind, SnapshotState, MAX_SNAPSHOT_NAME};

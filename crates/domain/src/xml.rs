@@ -22,6 +22,7 @@ mod network;
 mod report;
 mod os;
 mod snapshot;
+mod storage;
 mod tune;
 pub use kept::{Kept, KeptXml};
 pub(crate) use devices::VIRTIO_CONSOLE;
@@ -29,6 +30,7 @@ pub use limits::{MAX_DEPTH, MAX_UNKNOWN, MAX_XML_BYTES};
 pub use network::{DhcpHost, DnsHost, ForwardMode, IpDef, NetworkDef};
 pub use os::{BootDev, BootMenu, FirmwareDef};
 pub use snapshot::{valid_snapshot_name, SnapshotDef, SnapshotDisk, SnapshotDiskKind, SnapshotState, MAX_SNAPSHOT_NAME};
+pub use storage::{valid_volume_name, Permissions, PoolDef, PoolSizes, VolumeBacking, VolumeDef, MAX_VOLUME_NAME};
 pub use tune::{CpuSet, Tuning};
 
 /// Most vCPUs a domain may have (rvirt-vmm's limit).
