@@ -188,9 +188,10 @@ fn a_reverted_debian_guest_has_its_files_programs_and_count_of_the_snapshot_and_
     // The section starts before the revert: the old VMM's last lines (its counts well past the snapshot's, the
     // change being 3 s old) come first; the restored guest's start with its first count of the snapshot's moment.
     let section = out.section("afterrevert").unwrap_or_default();
-    let lines: Vec<&str> = section.lines().collect();
+    // Lines with their ends: the parsers read only lines that ended.
+    let lines: Vec<&str> = section.split_inclusive('\n').collect();
     let cut = lines.iter().position(|l| numbers(l, "TICK").first().is_some_and(|t| *t <= after_s1 + 1)).unwrap_or_else(|| panic!("no count of the snapshot's moment after the revert:\n{}", tail(&section)));
-    let after = lines[cut..].join("\n");
+    let after = lines[cut..].concat();
     let ticks = numbers(&after, "TICK");
     assert!(
         ticks.first().is_some_and(|t| *t > before_s1 && *t <= after_s1 + 1),
