@@ -130,6 +130,42 @@ pub mod proc_ {
     pub const DOMAIN_SNAPSHOT_LIST_ALL_CHILDREN: i32 = 275;
     pub const CONNECT_REGISTER_CLOSE_CALLBACK: i32 = 360;
     pub const CONNECT_UNREGISTER_CLOSE_CALLBACK: i32 = 361;
+    pub const CONNECT_NUM_OF_STORAGE_POOLS: i32 = 71;
+    pub const CONNECT_LIST_STORAGE_POOLS: i32 = 72;
+    pub const CONNECT_NUM_OF_DEFINED_STORAGE_POOLS: i32 = 73;
+    pub const CONNECT_LIST_DEFINED_STORAGE_POOLS: i32 = 74;
+    pub const STORAGE_POOL_CREATE_XML: i32 = 76;
+    pub const STORAGE_POOL_DEFINE_XML: i32 = 77;
+    pub const STORAGE_POOL_CREATE: i32 = 78;
+    pub const STORAGE_POOL_BUILD: i32 = 79;
+    pub const STORAGE_POOL_DESTROY: i32 = 80;
+    pub const STORAGE_POOL_DELETE: i32 = 81;
+    pub const STORAGE_POOL_UNDEFINE: i32 = 82;
+    pub const STORAGE_POOL_REFRESH: i32 = 83;
+    pub const STORAGE_POOL_LOOKUP_BY_NAME: i32 = 84;
+    pub const STORAGE_POOL_LOOKUP_BY_UUID: i32 = 85;
+    pub const STORAGE_POOL_LOOKUP_BY_VOLUME: i32 = 86;
+    pub const STORAGE_POOL_GET_INFO: i32 = 87;
+    pub const STORAGE_POOL_GET_XML_DESC: i32 = 88;
+    pub const STORAGE_POOL_GET_AUTOSTART: i32 = 89;
+    pub const STORAGE_POOL_SET_AUTOSTART: i32 = 90;
+    pub const STORAGE_POOL_NUM_OF_VOLUMES: i32 = 91;
+    pub const STORAGE_POOL_LIST_VOLUMES: i32 = 92;
+    pub const STORAGE_VOL_CREATE_XML: i32 = 93;
+    pub const STORAGE_VOL_DELETE: i32 = 94;
+    pub const STORAGE_VOL_LOOKUP_BY_NAME: i32 = 95;
+    pub const STORAGE_VOL_LOOKUP_BY_KEY: i32 = 96;
+    pub const STORAGE_VOL_LOOKUP_BY_PATH: i32 = 97;
+    pub const STORAGE_VOL_GET_INFO: i32 = 98;
+    pub const STORAGE_VOL_GET_XML_DESC: i32 = 99;
+    pub const STORAGE_VOL_GET_PATH: i32 = 100;
+    pub const STORAGE_VOL_CREATE_XML_FROM: i32 = 125;
+    pub const STORAGE_POOL_IS_ACTIVE: i32 = 154;
+    pub const STORAGE_POOL_IS_PERSISTENT: i32 = 155;
+    pub const STORAGE_VOL_WIPE: i32 = 165;
+    pub const STORAGE_VOL_RESIZE: i32 = 260;
+    pub const CONNECT_LIST_ALL_STORAGE_POOLS: i32 = 281;
+    pub const STORAGE_POOL_LIST_ALL_VOLUMES: i32 = 282;
 }
 
 /// Keepalive procedures (messages, never replied to).
@@ -158,6 +194,8 @@ pub mod err {
     pub const RPC: i32 = 39;
     pub const NO_DOMAIN: i32 = 42;
     pub const NO_NETWORK: i32 = 43;
+    pub const NO_STORAGE_POOL: i32 = 49;
+    pub const NO_STORAGE_VOL: i32 = 50;
     pub const OPERATION_INVALID: i32 = 55;
     pub const NO_DOMAIN_SNAPSHOT: i32 = 72;
     pub const NO_DOMAIN_METADATA: i32 = 80;
@@ -166,6 +204,8 @@ pub mod err {
 
 /// `virErrorDomain`: errors about domains come from the QEMU driver, as libvirtd's do.
 pub const FROM_QEMU: i32 = 10;
+/// `virErrorDomain` of errors about storage pools and volumes.
+pub const FROM_STORAGE: i32 = 18;
 /// `virErrorDomain` of errors about networks.
 pub const FROM_NETWORK: i32 = 19;
 /// `virErrorDomain` of protocol-level errors.
@@ -327,6 +367,67 @@ impl RemoteNetwork {
         Ok(Self { name, uuid })
     }
 }
+
+/// `remote_nonnull_storage_pool`: how a pool is named in every call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteStoragePool {
+    /// The pool's name.
+    pub name: String,
+    /// Its UUID.
+    pub uuid: [u8; UUID_LEN],
+}
+
+impl RemoteStoragePool {
+    /// Appends the pool to `e`.
+    pub fn encode(&self, e: &mut Encoder) {
+        e.string(&self.name).fixed_opaque(&self.uuid);
+    }
+
+    /// Reads a pool from `d`.
+    pub fn decode(d: &mut Decoder) -> Result<Self, XdrError> {
+        let name = d.string()?.to_string();
+        let mut uuid = [0u8; UUID_LEN];
+        uuid.copy_from_slice(d.fixed_opaque(UUID_LEN)?);
+        Ok(Self { name, uuid })
+    }
+}
+
+/// `remote_nonnull_storage_vol`: how a volume is named in every call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteStorageVol {
+    /// The pool's name.
+    pub pool: String,
+    /// The volume's name.
+    pub name: String,
+    /// Its key (rvirt: its path).
+    pub key: String,
+}
+
+impl RemoteStorageVol {
+    /// Appends the volume to `e`.
+    pub fn encode(&self, e: &mut Encoder) {
+        e.string(&self.pool).string(&self.name).string(&self.key);
+    }
+
+    /// Reads a volume from `d`.
+    pub fn decode(d: &mut Decoder) -> Result<Self, XdrError> {
+        Ok(Self { pool: d.string()?.to_string(), name: d.string()?.to_string(), key: d.string()?.to_string() })
+    }
+}
+
+/// `virConnectListAllStoragePoolsFlags` (the first six are the networks' too).
+#[allow(missing_docs)]
+pub mod list_pools {
+    pub use super::list_networks::*;
+    pub const DIR: u32 = 64;
+    /// Every pool type flag (`DIR` up to `VSTORAGE`).
+    pub const TYPES: u32 = 0x7_ffc0;
+}
+
+/// Upper limit on lists of storage pools (`REMOTE_STORAGE_POOL_LIST_MAX`).
+pub const STORAGE_POOL_LIST_MAX: usize = 4096;
+/// Upper limit on lists of volumes (`REMOTE_STORAGE_VOL_LIST_MAX`).
+pub const STORAGE_VOL_LIST_MAX: usize = 16384;
 
 /// `virConnectListAllNetworksFlags`.
 #[allow(missing_docs)]
