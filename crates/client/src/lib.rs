@@ -8,6 +8,7 @@ pub mod everyday;
 pub mod format;
 pub mod install;
 pub mod snapshots;
+pub mod storage;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

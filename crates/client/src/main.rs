@@ -10,6 +10,7 @@ use rvirt_client::console::{self, Detach};
 use rvirt_client::install::{self, InstallOptions};
 use rvirt_client::everyday::EverydayCommand;
 use rvirt_client::snapshots::SnapshotCommand;
+use rvirt_client::storage::StorageCommand;
 use rvirt_client::{format, Connection};
 use rvirt_domain::protocol::{Request, Response, DEFAULT_SOCKET};
 
@@ -321,6 +322,8 @@ enum Command {
     Everyday(EverydayCommand),
     #[command(flatten)]
     Snapshots(SnapshotCommand),
+    #[command(flatten)]
+    Storage(StorageCommand),
 }
 
 /// The options of `rvirt install`.
@@ -543,16 +546,8 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
         }
-        Command::Snapshots(cmd) => {
-            let mut conn = Connection::connect(&cli.connect)?;
-            return match rvirt_client::snapshots::request(cmd, &mut |r| conn.expect(r))? {
-                rvirt_client::everyday::Action::Call(req, text) => emit(cli.json, &conn.expect(&req)?, text),
-                rvirt_client::everyday::Action::Print(printed) => {
-                    print!("{printed}");
-                    Ok(())
-                }
-            };
-        }
+        Command::Snapshots(cmd) => return act(&cli, |conn| rvirt_client::snapshots::request(cmd, &mut |r| conn.expect(r))),
+        Command::Storage(cmd) => return act(&cli, |conn| rvirt_client::storage::request(cmd, &mut |r| conn.expect(r))),
         Command::List(l) => {
             let all = l.wants_inactive();
             let l = l.clone();
@@ -669,6 +664,19 @@ fn run(cli: Cli) -> Result<()> {
     };
     let r = Connection::connect(&cli.connect)?.expect(&req)?;
     emit(cli.json, &r, text)
+}
+
+/// Carries out the action `decide` chooses on a new connection: a request
+/// whose answer is printed, or text printed as it is.
+fn act(cli: &Cli, decide: impl FnOnce(&mut Connection) -> Result<rvirt_client::everyday::Action>) -> Result<()> {
+    let mut conn = Connection::connect(&cli.connect)?;
+    match decide(&mut conn)? {
+        rvirt_client::everyday::Action::Call(req, text) => emit(cli.json, &conn.expect(&req)?, text),
+        rvirt_client::everyday::Action::Print(printed) => {
+            print!("{printed}");
+            Ok(())
+        }
+    }
 }
 
 /// `rvirt console`: attach to the domain's serial pty until Ctrl-].

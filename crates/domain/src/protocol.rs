@@ -463,6 +463,114 @@ pub enum Request {
         /// Name or UUID.
         network: String,
     },
+    /// Storage pools, with their sizes: active ones, or all with `all`.
+    PoolList {
+        /// Include inactive pools.
+        #[serde(default)]
+        all: bool,
+    },
+    /// Store a pool definition (new, or replacing the one with the same name).
+    PoolDefine {
+        /// Pool XML.
+        xml: String,
+    },
+    /// Make a defined pool's directory.
+    PoolBuild {
+        /// Name or UUID.
+        pool: String,
+    },
+    /// Start a defined pool.
+    PoolStart {
+        /// Name or UUID.
+        pool: String,
+        /// Make its directory first.
+        #[serde(default)]
+        build: bool,
+    },
+    /// Stop using a pool (its files stay).
+    PoolDestroy {
+        /// Name or UUID.
+        pool: String,
+    },
+    /// Remove an inactive pool's directory, which must be empty.
+    PoolDelete {
+        /// Name or UUID.
+        pool: String,
+    },
+    /// Forget a pool's definition (an active one stays, transient).
+    PoolUndefine {
+        /// Name or UUID.
+        pool: String,
+    },
+    /// Start the pool when the daemon starts (or stop doing so).
+    PoolAutostart {
+        /// Name or UUID.
+        pool: String,
+        /// On or off.
+        enable: bool,
+    },
+    /// The pool's XML.
+    PoolDumpXml {
+        /// Name or UUID.
+        pool: String,
+    },
+    /// The volumes of an active pool, with their sizes.
+    VolList {
+        /// Name or UUID of the pool.
+        pool: String,
+    },
+    /// Create a volume from volume XML, or as a copy of another volume of the pool.
+    VolCreate {
+        /// Name or UUID of the pool.
+        pool: String,
+        /// Volume XML.
+        xml: String,
+        /// The volume to copy.
+        #[serde(default)]
+        clone_of: Option<String>,
+        /// qcow2: map every cluster up front (`--prealloc-metadata`).
+        #[serde(default)]
+        prealloc_metadata: bool,
+    },
+    /// Delete a volume's file.
+    VolDelete {
+        /// Name or UUID of the pool.
+        pool: String,
+        /// The volume's name.
+        volume: String,
+    },
+    /// Overwrite a volume with zeros.
+    VolWipe {
+        /// Name or UUID of the pool.
+        pool: String,
+        /// The volume's name.
+        volume: String,
+    },
+    /// Change a volume's capacity.
+    VolResize {
+        /// Name or UUID of the pool.
+        pool: String,
+        /// The volume's name.
+        volume: String,
+        /// The new capacity in bytes (or the change, with `delta`).
+        capacity: u64,
+        /// `capacity` is added (or, with `shrink`, taken away).
+        #[serde(default)]
+        delta: bool,
+        /// It may get smaller.
+        #[serde(default)]
+        shrink: bool,
+        /// Reserve the new space on the host.
+        #[serde(default)]
+        allocate: bool,
+    },
+    /// A volume's XML.
+    VolDumpXml {
+        /// Name or UUID of the pool.
+        pool: String,
+        /// The volume's name.
+        volume: String,
+    },
 }
 
 impl Request {
@@ -520,6 +628,21 @@ impl Request {
             Self::NetAutostart { .. } => "net-autostart",
             Self::NetUpdate { .. } => "net-update",
             Self::NetDhcpLeases { .. } => "net-dhcp-leases",
+            Self::PoolList { .. } => "pool-list",
+            Self::PoolDefine { .. } => "pool-define",
+            Self::PoolBuild { .. } => "pool-build",
+            Self::PoolStart { .. } => "pool-start",
+            Self::PoolDestroy { .. } => "pool-destroy",
+            Self::PoolDelete { .. } => "pool-delete",
+            Self::PoolUndefine { .. } => "pool-undefine",
+            Self::PoolAutostart { .. } => "pool-autostart",
+            Self::PoolDumpXml { .. } => "pool-dump-xml",
+            Self::VolList { .. } => "vol-list",
+            Self::VolCreate { .. } => "vol-create",
+            Self::VolDelete { .. } => "vol-delete",
+            Self::VolWipe { .. } => "vol-wipe",
+            Self::VolResize { .. } => "vol-resize",
+            Self::VolDumpXml { .. } => "vol-dump-xml",
         }
     }
 
@@ -544,6 +667,10 @@ impl Request {
                 | Self::NetList { .. }
                 | Self::NetDumpXml { .. }
                 | Self::NetDhcpLeases { .. }
+                | Self::PoolList { .. }
+                | Self::PoolDumpXml { .. }
+                | Self::VolList { .. }
+                | Self::VolDumpXml { .. }
                 | Self::SnapshotList { .. }
                 | Self::SnapshotDumpXml { .. }
         )
@@ -806,6 +933,12 @@ pub struct Response {
     /// `net-dhcp-leases`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leases: Option<Vec<LeaseInfo>>,
+    /// `pool-list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pools: Option<Vec<PoolSummary>>,
+    /// `vol-list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<VolumeSummary>>,
     /// `dom-if-addr`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addresses: Option<Vec<InterfaceAddress>>,
@@ -862,6 +995,44 @@ pub struct NetworkSummary {
     pub persistent: bool,
     /// Its bridge.
     pub bridge: String,
+}
+
+/// One row of `pool-list`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSummary {
+    /// Name.
+    pub name: String,
+    /// UUID.
+    pub uuid: String,
+    /// Started.
+    pub active: bool,
+    /// Starts with the daemon.
+    pub autostart: bool,
+    /// Its definition is stored.
+    pub persistent: bool,
+    /// Its directory.
+    pub target: String,
+    /// Its filesystem's size in bytes (0 while inactive).
+    pub capacity: u64,
+    /// Bytes in use there.
+    pub allocation: u64,
+    /// Bytes free there.
+    pub available: u64,
+}
+
+/// One row of `vol-list`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSummary {
+    /// Its file name.
+    pub name: String,
+    /// Its path (and key).
+    pub path: String,
+    /// raw or qcow2.
+    pub format: String,
+    /// Virtual size in bytes.
+    pub capacity: u64,
+    /// Bytes allocated on the host.
+    pub allocation: u64,
 }
 
 /// One lease of `net-dhcp-leases`.

@@ -88,9 +88,10 @@ pub fn run(cfg: &DaemonConfig) -> anyhow::Result<()> {
         }
     }
     let auto = mgr.clone();
-    // Networks first: domains may use them.
+    // Networks and pools first: domains may use them.
     std::thread::spawn(move || {
         auto.networks().autostart();
+        auto.pools().autostart();
         auto.autostart();
     });
     server::serve(listener, read_only, mgr)

@@ -126,7 +126,7 @@ impl Store {
             builder.create(root).with_context(|| format!("creating {}", root.display()))?;
         }
         check(root)?;
-        for sub in ["domains", "autostart", "run", "log", "networks", "networks/autostart", "networks/run", "snapshots", "save"] {
+        for sub in ["domains", "autostart", "run", "log", "networks", "networks/autostart", "networks/run", "snapshots", "save", "pools", "pools/autostart", "pools/active"] {
             let d = root.join(sub);
             if fs::symlink_metadata(&d).is_err() {
                 builder.create(&d).with_context(|| format!("creating {}", d.display()))?;
@@ -273,6 +273,37 @@ impl Store {
     /// Marks or unmarks network `name` for autostart.
     pub fn set_network_autostart(&self, name: &str, on: bool) -> Result<()> {
         mark(&self.root.join("networks/autostart").join(name), on)
+    }
+
+    /// Stored storage pool definitions: (file stem, XML text), or why a file could not be read.
+    pub fn pool_definitions(&self) -> Vec<(String, std::io::Result<String>)> {
+        self.list("pools", ".xml").into_iter().map(|name| {
+            let text = fs::read_to_string(self.root.join("pools").join(format!("{name}.xml")));
+            (name, text)
+        }).collect()
+    }
+
+    /// Stores a storage pool definition.
+    pub fn save_pool(&self, name: &str, xml: &str) -> Result<()> {
+        let p = self.root.join("pools").join(format!("{name}.xml"));
+        write_atomic(&p, xml.as_bytes()).with_context(|| format!("writing {}", p.display()))
+    }
+
+    /// Forgets a storage pool definition and its autostart mark.
+    pub fn remove_pool(&self, name: &str) -> Result<()> {
+        let p = self.root.join("pools").join(format!("{name}.xml"));
+        fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        mark(&self.root.join("pools/autostart").join(name), false)
+    }
+
+    /// Whether storage pool `name` is marked for autostart (`auto`), or as active (a restarted daemon keeps it so).
+    pub fn pool_mark(&self, name: &str, auto: bool) -> bool {
+        self.root.join(if auto { "pools/autostart" } else { "pools/active" }).join(name).exists()
+    }
+
+    /// Sets or clears storage pool `name`'s autostart (`auto`) or active mark.
+    pub fn set_pool_mark(&self, name: &str, auto: bool, on: bool) -> Result<()> {
+        mark(&self.root.join(if auto { "pools/autostart" } else { "pools/active" }).join(name), on)
     }
 
     /// Where running networks keep dnsmasq's files.

@@ -115,6 +115,7 @@ pub struct Manager {
     changed: Condvar,
     events: EventBus,
     networks: crate::network::Networks,
+    pools: crate::storage::Pools,
     snapshots: crate::snapshots::SnapshotStore,
     /// Held by every snapshot, save and restore: one at a time.
     snapshot_lock: Mutex<()>,
@@ -178,6 +179,7 @@ impl Manager {
             }
         }
         let networks = crate::network::Networks::open(store.clone());
+        let pools = crate::storage::Pools::open(store.clone(), policy.clone());
         let snapshots = crate::snapshots::SnapshotStore::new(store.snapshots());
         let mgr = Arc::new(Self {
             store,
@@ -187,6 +189,7 @@ impl Manager {
             changed: Condvar::new(),
             events: EventBus::default(),
             networks,
+            pools,
             snapshots,
             snapshot_lock: Mutex::new(()),
         });
@@ -245,6 +248,11 @@ impl Manager {
     /// The daemon's virtual networks.
     pub fn networks(&self) -> &crate::network::Networks {
         &self.networks
+    }
+
+    /// The daemon's storage pools and their volumes.
+    pub fn pools(&self) -> &crate::storage::Pools {
+        &self.pools
     }
 
     /// Where the manager reports lifecycle events, for front ends to subscribe to.
@@ -1205,6 +1213,21 @@ impl Manager {
             | Request::NetAutostart { .. }
             | Request::NetUpdate { .. }
             | Request::NetDhcpLeases { .. }) => self.networks.handle(net),
+            storage @ (Request::PoolList { .. }
+            | Request::PoolDefine { .. }
+            | Request::PoolBuild { .. }
+            | Request::PoolStart { .. }
+            | Request::PoolDestroy { .. }
+            | Request::PoolDelete { .. }
+            | Request::PoolUndefine { .. }
+            | Request::PoolAutostart { .. }
+            | Request::PoolDumpXml { .. }
+            | Request::VolList { .. }
+            | Request::VolCreate { .. }
+            | Request::VolDelete { .. }
+            | Request::VolWipe { .. }
+            | Request::VolResize { .. }
+            | Request::VolDumpXml { .. }) => self.pools.handle(storage),
         }
     }
 }

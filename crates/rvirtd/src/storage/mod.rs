@@ -3,6 +3,13 @@
 //! opens a file by a name found inside an image; and it refuses to start a
 //! domain whose disks another running domain would write underneath it.
 
+pub mod pools;
+mod requests;
+pub mod volumes;
+
+pub use pools::{PoolBrief, Pools, StorageError};
+pub use volumes::VolumeBrief;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 

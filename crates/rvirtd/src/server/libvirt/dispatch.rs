@@ -238,7 +238,7 @@ impl Session {
         if !self.opened && !matches!(proc_, p::AUTH_LIST | p::CONNECT_SUPPORTS_FEATURE | p::CONNECT_OPEN) {
             return Err(error(err::NO_CONNECT, "no connection driver available: the connection is not open (CONNECT_OPEN first)"));
         }
-        if self.read_only && (changes(proc_) || super::networks::changes(proc_) || super::domains::changes(proc_) || super::snapshots::changes(proc_)) {
+        if self.read_only && (changes(proc_) || super::networks::changes(proc_) || super::domains::changes(proc_) || super::snapshots::changes(proc_) || super::storage::changes(proc_)) {
             return Err(error(err::OPERATION_DENIED, format!("operation forbidden: read only access prevents procedure {proc_} (use the read-write socket)")));
         }
         tracing::debug!(client = %self.client, proc_, "libvirt call");
@@ -545,7 +545,7 @@ impl Session {
                 self.events.deregister(id)?;
                 empty()
             }
-            other => match self.domain_call(other, &mut d).or_else(|| self.snapshot_call(other, &mut d)).or_else(|| self.network_call(other, &mut d)) {
+            other => match self.domain_call(other, &mut d).or_else(|| self.snapshot_call(other, &mut d)).or_else(|| self.network_call(other, &mut d)).or_else(|| self.storage_call(other, &mut d)) {
                 Some(reply) => reply,
                 None => Err(error(
                     err::NO_SUPPORT,

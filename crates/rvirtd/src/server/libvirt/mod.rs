@@ -16,6 +16,7 @@ mod domains;
 mod host;
 mod networks;
 mod snapshots;
+mod storage;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
