@@ -325,6 +325,10 @@ struct Cx<'input> {
 }
 
 impl<'input> Cx<'input> {
+    fn new(src: &'input str) -> Self {
+        Self { src, lines: limits::LineIndex::new(src), inherited: Default::default() }
+    }
+
     fn line(&self, n: Node) -> u32 {
         self.lines.line(n.range().start)
     }
@@ -375,6 +379,18 @@ impl<'input> Cx<'input> {
 
 /// libvirt's namespace (the default one of its own documents).
 const LIBVIRT_NS: &str = "http://libvirt.org/schemas/domain/1.0";
+
+/// `xml` parsed, once its size and depth are known to be within bounds:
+/// how every document rvirt reads starts.
+fn checked_document(xml: &str) -> Result<Document<'_>, XmlError> {
+    limits::check_shape(xml)?;
+    Document::parse(xml).map_err(|e| XmlError { line: e.pos().row, element: String::new(), message: format!("not well-formed XML: {e}") })
+}
+
+/// Text made safe for an element or a single-quoted attribute of the XML rvirt writes.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;")
+}
 
 /// An element with no attributes, children or text: absent, as libvirt reads it.
 fn is_empty(n: Node) -> bool {
@@ -450,13 +466,8 @@ impl DomainXml {
     /// caller should show [`DomainXml::unknown_report`] to the user. Every
     /// problem is reported, not just the first.
     pub fn parse(xml: &str) -> Result<Self, XmlErrors> {
-        limits::check_shape(xml)?;
-        let doc = Document::parse(xml).map_err(|e| XmlError {
-            line: e.pos().row,
-            element: String::new(),
-            message: format!("not well-formed XML: {e}"),
-        })?;
-        let cx = Cx { src: xml, lines: limits::LineIndex::new(xml), inherited: Default::default() };
+        let doc = checked_document(xml)?;
+        let cx = Cx::new(xml);
         let root = doc.root_element();
         if root.tag_name().name() != "domain" {
             return Err(cx.err(root, root.tag_name().name(), "the root element must be <domain>").into());

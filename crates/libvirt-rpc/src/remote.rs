@@ -344,46 +344,28 @@ pub fn encode_typed(e: &mut Encoder, field: &str, v: &TypedValue) {
     };
 }
 
-/// `remote_nonnull_network`: how a network is named in every call.
+/// `remote_nonnull_network` and `remote_nonnull_storage_pool`: how a
+/// network or a storage pool is named in every call (the same layout).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RemoteNetwork {
-    /// The network's name.
+pub struct RemoteNameUuid {
+    /// The network's or pool's name.
     pub name: String,
     /// Its UUID.
     pub uuid: [u8; UUID_LEN],
 }
 
-impl RemoteNetwork {
-    /// Appends the network to `e`.
+/// A network in a call.
+pub type RemoteNetwork = RemoteNameUuid;
+/// A storage pool in a call.
+pub type RemoteStoragePool = RemoteNameUuid;
+
+impl RemoteNameUuid {
+    /// Appends the reference to `e`.
     pub fn encode(&self, e: &mut Encoder) {
         e.string(&self.name).fixed_opaque(&self.uuid);
     }
 
-    /// Reads a network from `d`.
-    pub fn decode(d: &mut Decoder) -> Result<Self, XdrError> {
-        let name = d.string()?.to_string();
-        let mut uuid = [0u8; UUID_LEN];
-        uuid.copy_from_slice(d.fixed_opaque(UUID_LEN)?);
-        Ok(Self { name, uuid })
-    }
-}
-
-/// `remote_nonnull_storage_pool`: how a pool is named in every call.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RemoteStoragePool {
-    /// The pool's name.
-    pub name: String,
-    /// Its UUID.
-    pub uuid: [u8; UUID_LEN],
-}
-
-impl RemoteStoragePool {
-    /// Appends the pool to `e`.
-    pub fn encode(&self, e: &mut Encoder) {
-        e.string(&self.name).fixed_opaque(&self.uuid);
-    }
-
-    /// Reads a pool from `d`.
+    /// Reads a reference from `d`.
     pub fn decode(d: &mut Decoder) -> Result<Self, XdrError> {
         let name = d.string()?.to_string();
         let mut uuid = [0u8; UUID_LEN];

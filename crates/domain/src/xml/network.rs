@@ -7,10 +7,10 @@
 use std::fmt::Write;
 use std::net::IpAddr;
 
-use roxmltree::{Document, Node};
+use roxmltree::Node;
 use uuid::Uuid;
 
-use super::{elements, limits, valid_ifname, valid_mac, valid_name, Cx, UnknownElement, XmlError};
+use super::{checked_document, elements, escape, limits, valid_ifname, valid_mac, valid_name, Cx, UnknownElement, XmlError};
 
 /// How a network reaches beyond its bridge (`<forward mode>`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,9 +158,8 @@ fn netmask_prefix(mask: std::net::Ipv4Addr) -> Option<u8> {
 impl NetworkDef {
     /// Parses and validates a network definition.
     pub fn parse(xml: &str) -> Result<Self, XmlError> {
-        limits::check_shape(xml)?;
-        let doc = Document::parse(xml).map_err(|e| XmlError { line: e.pos().row, element: String::new(), message: format!("not well-formed XML: {e}") })?;
-        let cx = Cx { src: xml, lines: limits::LineIndex::new(xml), inherited: Default::default() };
+        let doc = checked_document(xml)?;
+        let cx = Cx::new(xml);
         let root = doc.root_element();
         if root.tag_name().name() != "network" {
             return Err(cx.err(root, root.tag_name().name(), "the root element must be <network>"));
@@ -416,9 +415,6 @@ impl NetworkDef {
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;")
-}
 
 #[cfg(test)]
 mod tests {

@@ -5,9 +5,7 @@
 use std::fmt::Write;
 use std::path::PathBuf;
 
-use roxmltree::Document;
-
-use super::{elements, limits, Cx, XmlError};
+use super::{checked_document, elements, escape, Cx, XmlError};
 
 
 /// The domain's state when the snapshot was taken (libvirt's `<state>`).
@@ -108,9 +106,8 @@ pub fn valid_snapshot_name(name: &str) -> bool {
 impl SnapshotDef {
     /// Parses a `<domainsnapshot>` document, checking what rvirt acts on.
     pub fn parse(xml: &str) -> Result<Self, XmlError> {
-        limits::check_shape(xml)?;
-        let doc = Document::parse(xml).map_err(|e| XmlError { line: e.pos().row, element: String::new(), message: format!("not well-formed XML: {e}") })?;
-        let cx = Cx { src: xml, lines: limits::LineIndex::new(xml), inherited: Default::default() };
+        let doc = checked_document(xml)?;
+        let cx = Cx::new(xml);
         let root = doc.root_element();
         if root.tag_name().name() != "domainsnapshot" {
             return Err(cx.err(root, root.tag_name().name(), "the root element must be <domainsnapshot>"));
@@ -268,9 +265,6 @@ impl SnapshotDef {
 }
 
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;")
-}
 
 #[cfg(test)]
 mod tests {

@@ -6,10 +6,10 @@
 use std::fmt::Write;
 use std::path::{Component, Path, PathBuf};
 
-use roxmltree::{Document, Node};
+use roxmltree::Node;
 use uuid::Uuid;
 
-use super::{elements, limits, unit_bytes, valid_name, Cx, ImageFormat, UnknownElement, XmlError};
+use super::{checked_document, elements, escape, unit_bytes, valid_name, Cx, ImageFormat, UnknownElement, XmlError};
 
 /// Longest volume name (a file name).
 pub const MAX_VOLUME_NAME: usize = 255;
@@ -146,11 +146,6 @@ fn format_type(cx: &Cx, n: Node, path: &str) -> Result<ImageFormat, XmlError> {
     }
 }
 
-fn parse_doc(xml: &str) -> Result<Document<'_>, XmlError> {
-    limits::check_shape(xml)?;
-    Document::parse(xml).map_err(|e| XmlError { line: e.pos().row, element: String::new(), message: format!("not well-formed XML: {e}") })
-}
-
 fn format_name(f: ImageFormat) -> &'static str {
     match f {
         ImageFormat::Raw => "raw",
@@ -174,10 +169,6 @@ fn write_permissions(o: &mut String, indent: &str, p: &Permissions) {
     let _ = writeln!(o, "{indent}</permissions>");
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;")
-}
-
 /// Whether `name` can be a volume: one file name in the pool's directory.
 pub fn valid_volume_name(name: &str) -> bool {
     // No leading dot: hidden files (and rvirt-img's files in the making) are not volumes.
@@ -187,8 +178,8 @@ pub fn valid_volume_name(name: &str) -> bool {
 impl PoolDef {
     /// Parses and validates a pool definition.
     pub fn parse(xml: &str) -> Result<Self, XmlError> {
-        let doc = parse_doc(xml)?;
-        let cx = Cx { src: xml, lines: limits::LineIndex::new(xml), inherited: Default::default() };
+        let doc = checked_document(xml)?;
+        let cx = Cx::new(xml);
         let root = doc.root_element();
         if root.tag_name().name() != "pool" {
             return Err(cx.err(root, root.tag_name().name(), "the root element must be <pool>"));
@@ -265,8 +256,8 @@ impl PoolDef {
 impl VolumeDef {
     /// Parses a volume definition as `vol-create` receives it.
     pub fn parse(xml: &str) -> Result<Self, XmlError> {
-        let doc = parse_doc(xml)?;
-        let cx = Cx { src: xml, lines: limits::LineIndex::new(xml), inherited: Default::default() };
+        let doc = checked_document(xml)?;
+        let cx = Cx::new(xml);
         let root = doc.root_element();
         if root.tag_name().name() != "volume" {
             return Err(cx.err(root, root.tag_name().name(), "the root element must be <volume>"));
