@@ -71,6 +71,24 @@ fn mark(p: &Path, on: bool) -> Result<()> {
     }
 }
 
+/// What the state directory remembers of a storage pool beside its definition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolMark {
+    /// It starts with the daemon.
+    Autostart,
+    /// It was active: a restarted daemon keeps it so.
+    Active,
+}
+
+impl PoolMark {
+    fn dir(self) -> &'static str {
+        match self {
+            Self::Autostart => "pools/autostart",
+            Self::Active => "pools/active",
+        }
+    }
+}
+
 /// Writes `bytes` to `path` atomically. The temporary file is created new
 /// (`O_EXCL`, which also refuses a symlink planted in its place), mode 0600.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -293,17 +311,17 @@ impl Store {
     pub fn remove_pool(&self, name: &str) -> Result<()> {
         let p = self.root.join("pools").join(format!("{name}.xml"));
         fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-        mark(&self.root.join("pools/autostart").join(name), false)
+        self.set_pool_mark(name, PoolMark::Autostart, false)
     }
 
-    /// Whether storage pool `name` is marked for autostart (`auto`), or as active (a restarted daemon keeps it so).
-    pub fn pool_mark(&self, name: &str, auto: bool) -> bool {
-        self.root.join(if auto { "pools/autostart" } else { "pools/active" }).join(name).exists()
+    /// Whether storage pool `name` carries mark `which`.
+    pub fn pool_mark(&self, name: &str, which: PoolMark) -> bool {
+        self.root.join(which.dir()).join(name).exists()
     }
 
-    /// Sets or clears storage pool `name`'s autostart (`auto`) or active mark.
-    pub fn set_pool_mark(&self, name: &str, auto: bool, on: bool) -> Result<()> {
-        mark(&self.root.join(if auto { "pools/autostart" } else { "pools/active" }).join(name), on)
+    /// Sets or clears storage pool `name`'s mark `which`.
+    pub fn set_pool_mark(&self, name: &str, which: PoolMark, on: bool) -> Result<()> {
+        mark(&self.root.join(which.dir()).join(name), on)
     }
 
     /// Where running networks keep dnsmasq's files.

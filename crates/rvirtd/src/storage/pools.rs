@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use rvirt_domain::{PoolDef, PoolSizes, XmlError};
 
 use crate::policy::Policy;
-use crate::store::Store;
+use crate::store::{PoolMark, Store};
 
 /// Why a pool or volume call failed; front ends map each kind to their own errors.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +104,7 @@ fn fs_sizes(dir: &Path) -> Result<PoolSizes> {
         return Err(io(format!("statvfs {}", dir.display()))(std::io::Error::last_os_error()));
     }
     let unit = st.f_frsize;
-    Ok(PoolSizes { capacity: st.f_blocks * unit, allocation: (st.f_blocks - st.f_bfree) * unit, available: st.f_bavail * unit })
+    Ok(PoolSizes { capacity: st.f_blocks.saturating_mul(unit), allocation: st.f_blocks.saturating_sub(st.f_bfree).saturating_mul(unit), available: st.f_bavail.saturating_mul(unit) })
 }
 
 impl Pool {
@@ -114,7 +114,7 @@ impl Pool {
             uuid: *self.def.uuid.as_bytes(),
             active: self.active,
             persistent: self.persistent,
-            autostart: self.persistent && store.pool_mark(&self.def.name, true),
+            autostart: self.persistent && store.pool_mark(&self.def.name, PoolMark::Autostart),
             target: self.def.target.clone(),
         }
     }
@@ -127,7 +127,15 @@ impl Pools {
         for (name, text) in store.pool_definitions() {
             match text.map_err(|e| e.to_string()).and_then(|t| PoolDef::parse(&t).map_err(|e| e.to_string())) {
                 Ok(def) if def.name == name => {
-                    let active = store.pool_mark(&name, false) && def.target.is_dir();
+                    // The path policy may have changed since: a pool outside it stays inactive.
+                    let allowed = || match policy.check(&format!("storage pool '{name}' directory"), &def.target, true) {
+                        Ok(_) => true,
+                        Err(e) => {
+                            tracing::warn!("not started again: {e}");
+                            false
+                        }
+                    };
+                    let active = store.pool_mark(&name, PoolMark::Active) && def.target.is_dir() && allowed();
                     pools.insert(name, Pool { def, persistent: true, active });
                 }
                 Ok(def) => tracing::error!("pool definition '{name}' holds pool '{}'; ignored", def.name),
@@ -266,7 +274,7 @@ impl Pools {
             self.build_dir(&p.def)?;
         }
         self.check_dir(&p.def)?;
-        self.store.set_pool_mark(&name, false, true).map_err(StorageError::Image)?;
+        self.store.set_pool_mark(&name, PoolMark::Active, true).map_err(StorageError::Image)?;
         if let Some(p) = pools.get_mut(&name) {
             p.active = true;
         }
@@ -280,7 +288,7 @@ impl Pools {
         if !pools[&name].active {
             return Err(StorageError::Invalid(format!("storage pool '{name}' is not active")));
         }
-        let _ = self.store.set_pool_mark(&name, false, false);
+        let _ = self.store.set_pool_mark(&name, PoolMark::Active, false);
         if pools[&name].persistent {
             if let Some(p) = pools.get_mut(&name) {
                 p.active = false;
@@ -299,6 +307,8 @@ impl Pools {
             return Err(StorageError::Invalid(format!("storage pool '{name}' is transient: it has no definition to remove")));
         }
         self.store.remove_pool(&name).map_err(StorageError::Image)?;
+        // A transient pool is not brought back by a restarted daemon.
+        let _ = self.store.set_pool_mark(&name, PoolMark::Active, false);
         if pools[&name].active {
             if let Some(p) = pools.get_mut(&name) {
                 p.persistent = false;
@@ -338,7 +348,7 @@ impl Pools {
         if !pools[&name].persistent {
             return Err(StorageError::Invalid(format!("storage pool '{name}' is transient: only defined pools can autostart")));
         }
-        self.store.set_pool_mark(&name, true, on).map_err(StorageError::Image)?;
+        self.store.set_pool_mark(&name, PoolMark::Autostart, on).map_err(StorageError::Image)?;
         Ok(name)
     }
 

@@ -63,6 +63,22 @@ fn open_alone(write: bool) -> ImageOptions {
     ImageOptions { read_only: !write, locking: if write { Locking::Exclusive } else { Locking::ForceShare }, backing: BackingPolicy::Ignore, direct: false }
 }
 
+/// The size a resize asks for (`capacity`, or `current` plus or minus it
+/// with `RESIZE_DELTA`), rounded up to `unit`; smaller only with `RESIZE_SHRINK`.
+fn new_capacity(current: u64, capacity: u64, flags: u32, unit: u64) -> Result<u64> {
+    let shrink = flags & RESIZE_SHRINK != 0;
+    let new = match (flags & RESIZE_DELTA != 0, shrink) {
+        (false, _) => Some(capacity),
+        (true, false) => current.checked_add(capacity),
+        (true, true) => current.checked_sub(capacity),
+    };
+    let new = new.and_then(|n| n.checked_next_multiple_of(unit)).filter(|n| i64::try_from(*n).is_ok()).ok_or_else(|| StorageError::Invalid("the new capacity is out of range".into()))?;
+    if new < current && !shrink {
+        return Err(StorageError::Invalid(format!("Can't shrink capacity below current capacity ({current} bytes) unless shrink flag explicitly specified")));
+    }
+    Ok(new)
+}
+
 impl Pools {
     /// The file of volume `name` in active pool `pool`: a regular file, not a link.
     fn volume_path(&self, pool: &str, name: &str) -> Result<(String, PathBuf)> {
@@ -233,8 +249,8 @@ impl Pools {
         if format == ImageFormat::Raw {
             if let Some(a) = def.allocation.filter(|a| *a > 0) {
                 let f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(io(path.display().to_string()))?;
-                let len = a.min(capacity) as libc::off_t;
-                // SAFETY: fallocate on a file this function opened; the range is within off_t.
+                let len = libc::off_t::try_from(a.min(capacity)).map_err(|_| StorageError::Invalid(format!("allocation {a} is out of range")))?;
+                // SAFETY: fallocate on a file this function opened, over a range within off_t.
                 if unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, len) } != 0 {
                     return Err(io(format!("allocating {a} bytes for {}", path.display()))(std::io::Error::last_os_error()));
                 }
@@ -273,25 +289,16 @@ impl Pools {
 
     /// Sets the virtual size of the image at `path` (never smaller unless `RESIZE_SHRINK`).
     fn resize_file(&self, path: &Path, format: ImageFormat, capacity: u64, flags: u32) -> Result<()> {
-        let shrink = flags & RESIZE_SHRINK != 0;
         match format {
             ImageFormat::Qcow2 => {
                 let img = Qcow2Image::open_with(path, &open_alone(true))?;
                 let current = img.header().size;
-                let new = if flags & RESIZE_DELTA != 0 {
-                    if shrink { current.checked_sub(capacity) } else { current.checked_add(capacity) }.ok_or_else(|| StorageError::Invalid("the new capacity is out of range".into()))?
-                } else {
-                    capacity
-                };
                 // qcow2 sizes are whole sectors.
-                let new = new.checked_next_multiple_of(512).ok_or_else(|| StorageError::Invalid("the new capacity is out of range".into()))?;
-                if new < current && !shrink {
-                    return Err(StorageError::Invalid(format!("Can't shrink capacity below current capacity ({current} bytes) unless shrink flag explicitly specified")));
-                }
+                let new = new_capacity(current, capacity, flags, 512)?;
                 if new == current {
                     return Ok(());
                 }
-                img.resize(new, shrink)?;
+                img.resize(new, flags & RESIZE_SHRINK != 0)?;
                 if flags & RESIZE_ALLOCATE != 0 && new > current {
                     img.preallocate_from(Preallocation::Falloc, current)?;
                 }
@@ -300,14 +307,7 @@ impl Pools {
             ImageFormat::Raw => {
                 let mut img = RawImage::open_with(path, &open_alone(true))?;
                 let current = std::fs::metadata(path).map_err(io(path.display().to_string()))?.len();
-                let new = if flags & RESIZE_DELTA != 0 {
-                    if shrink { current.checked_sub(capacity) } else { current.checked_add(capacity) }.ok_or_else(|| StorageError::Invalid("the new capacity is out of range".into()))?
-                } else {
-                    capacity
-                };
-                if new < current && !shrink {
-                    return Err(StorageError::Invalid(format!("Can't shrink capacity below current capacity ({current} bytes) unless shrink flag explicitly specified")));
-                }
+                let new = new_capacity(current, capacity, flags, 1)?;
                 img.resize(new)?;
                 if flags & RESIZE_ALLOCATE != 0 && new > current {
                     img.preallocate_from(current, false)?;
@@ -332,6 +332,10 @@ impl Pools {
     pub fn wipe_volume(&self, pool: &str, name: &str) -> Result<()> {
         let (pool, path) = self.volume_path(pool, name)?;
         let before = self.volume_def(&pool, name)?;
+        // The new image records its backing file without opening it, which needs the format: found out before anything is lost.
+        if before.backing.as_ref().is_some_and(|b| b.format.is_none()) {
+            return Err(StorageError::Invalid(format!("volume '{name}' does not record its backing file's format: it cannot be made again after a wipe")));
+        }
         {
             // Readable too: the lock's shared bytes need a descriptor open for reading.
             let mut f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW).open(&path).map_err(io(path.display().to_string()))?;
@@ -373,5 +377,20 @@ impl Pools {
         }
         let (_, path) = self.volume_path(pool, name)?;
         std::fs::remove_file(&path).map_err(io(format!("cannot remove '{}'", path.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resizes_grow_and_shrink_only_when_asked() {
+        assert_eq!(new_capacity(100, 1000, 0, 512).unwrap(), 1024);
+        assert_eq!(new_capacity(1024, 512, RESIZE_DELTA, 512).unwrap(), 1536);
+        assert_eq!(new_capacity(1024, 512, RESIZE_DELTA | RESIZE_SHRINK, 1).unwrap(), 512);
+        assert!(new_capacity(1024, 512, 0, 1).unwrap_err().to_string().contains("shrink flag"));
+        assert!(new_capacity(10, 20, RESIZE_DELTA | RESIZE_SHRINK, 1).unwrap_err().to_string().contains("out of range"));
+        assert!(new_capacity(1, u64::MAX, RESIZE_DELTA, 1).is_err() && new_capacity(1, u64::MAX, 0, 1).is_err());
     }
 }
