@@ -1,6 +1,7 @@
 //! rvirtd's storage pools and volumes through libvirt's remote protocol,
-//! driven by Debian's `virsh` and `virt-install` and checked with Debian's
-//! `qemu-img`: what users of libvirt's directory pools do.
+//! driven by Debian's `virsh`, `virt-install` and python3-libvirt (and
+//! through rvirtd's own, by `rvirt`), checked with Debian's `qemu-img`:
+//! what users of libvirt's directory pools do.
 
 mod support;
 
@@ -166,7 +167,7 @@ fn virsh_manages_directory_pools_and_their_volumes() {
 }
 
 #[test]
-fn virt_install_creates_its_disk_as_a_volume_of_a_pool() {
+fn virt_install_and_python_libvirt_make_volumes_in_a_pool() {
     let dir = scratch("lv-vipool");
     let d = Daemon::start(&dir);
     let k = kernels(&dir);
@@ -190,6 +191,32 @@ fn virt_install_creates_its_disk_as_a_volume_of_a_pool() {
     let xml = virsh_ok(&d, &["dumpxml", "vp"]);
     assert!(xml.contains(&format!("<source file='{}'", disk.display())), "{xml}");
     assert_eq!(rows(&virsh_ok(&d, &["vol-list", "images"])), [["vp.qcow2", disk.to_str().unwrap()]]);
+    // python-libvirt sees the same pool and volume, and makes one the way applications do.
+    let script = r#"
+import sys, libvirt
+c = libvirt.open(sys.argv[1])
+p = c.storagePoolLookupByName("images")
+assert p.isActive() == 1 and p.isPersistent() == 1, p.info()
+state, capacity, allocation, available = p.info()
+assert state == libvirt.VIR_STORAGE_POOL_RUNNING and capacity > 0 and available <= capacity
+names = [v.name() for v in p.listAllVolumes()]
+assert names == ["vp.qcow2"], names
+v = p.storageVolLookupByName("vp.qcow2")
+assert v.info()[0] == libvirt.VIR_STORAGE_VOL_FILE and v.info()[1] == 1 << 30, v.info()
+assert c.storageVolLookupByPath(v.path()).name() == "vp.qcow2"
+n = p.createXML("<volume><name>py.raw</name><capacity unit='M'>8</capacity></volume>", 0)
+assert n.info()[1] == 8 << 20 and n.key() == n.path()
+n.delete(0)
+try:
+    p.storageVolLookupByName("py.raw")
+    raise SystemExit("still there")
+except libvirt.libvirtError as e:
+    assert e.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL, e
+print("python-libvirt ok")
+"#;
+    let out = Command::new("/usr/bin/python3").arg("-c").arg(script).arg(uri(&d, false)).output().expect("python3 (Debian's, with python3-libvirt)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("python-libvirt ok"), "{text}{}\n--- daemon log ---\n{}", String::from_utf8_lossy(&out.stderr), d.log());
     virsh_ok(&d, &["destroy", "vp"]);
     // The volume of a domain that is gone can go too (virsh undefine --remove-all-storage).
     let out = virsh_ok(&d, &["undefine", "vp", "--remove-all-storage"]);
