@@ -163,6 +163,8 @@ pub mod proc_ {
     pub const STORAGE_POOL_IS_ACTIVE: i32 = 154;
     pub const STORAGE_POOL_IS_PERSISTENT: i32 = 155;
     pub const STORAGE_VOL_WIPE: i32 = 165;
+    pub const STORAGE_VOL_UPLOAD: i32 = 208;
+    pub const STORAGE_VOL_DOWNLOAD: i32 = 209;
     pub const STORAGE_VOL_RESIZE: i32 = 260;
     pub const CONNECT_LIST_ALL_STORAGE_POOLS: i32 = 281;
     pub const STORAGE_POOL_LIST_ALL_VOLUMES: i32 = 282;

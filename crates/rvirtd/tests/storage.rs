@@ -125,11 +125,38 @@ fn virsh_manages_directory_pools_and_their_volumes() {
     assert!(virsh_ok(&d, &["vol-delete", "--pool", "images", "c.qcow2"]).contains("Vol c.qcow2 deleted"));
     assert!(!images.join("c.qcow2").exists() && std::fs::symlink_metadata(images.join("link")).is_ok());
 
+    // vol-upload and vol-download carry a file's bytes through libvirt streams, whole or in part.
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let up = dir.join("up.bin");
+    std::fs::write(&up, &data).unwrap();
+    virsh_ok(&d, &["vol-create-as", "images", "up.raw", "0"]);
+    virsh_ok(&d, &["vol-upload", "--pool", "images", "up.raw", up.to_str().unwrap()]);
+    assert!(std::fs::read(images.join("up.raw")).unwrap() == data, "the volume holds what was uploaded");
+    let down = dir.join("down.bin");
+    virsh_ok(&d, &["vol-download", "--pool", "images", "up.raw", down.to_str().unwrap()]);
+    assert!(std::fs::read(&down).unwrap() == data, "the download is the volume");
+    virsh_ok(&d, &["vol-download", "--pool", "images", "up.raw", down.to_str().unwrap(), "--offset", "1048576", "--length", "4096"]);
+    assert!(std::fs::read(&down).unwrap() == data[1 << 20..(1 << 20) + 4096]);
+    std::fs::write(&up, b"patched").unwrap();
+    virsh_ok(&d, &["vol-upload", "--pool", "images", "up.raw", up.to_str().unwrap(), "--offset", "100"]);
+    let now = std::fs::read(images.join("up.raw")).unwrap();
+    assert!(now.len() == data.len() && &now[100..107] == b"patched" && now[..100] == data[..100] && now[107..] == data[107..]);
+    // A volume another program writes (qemu-io holds its lock) takes no upload.
+    let mut holder = Command::new("qemu-io").args(["-f", "raw"]).arg(images.join("up.raw")).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    virsh_fails(&d, &["vol-upload", "--pool", "images", "up.raw", up.to_str().unwrap()], "in use");
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    assert!(std::fs::read(images.join("up.raw")).unwrap() == now, "nothing was written");
+    virsh_ok(&d, &["vol-delete", "--pool", "images", "up.raw"]);
+
     // A read-only connection looks, never changes.
     let ro = uri(&d, true);
     assert!(virsh_at(&ro, &["vol-list", "images"]).stdout.contains("a.qcow2"));
     let refused = virsh_at(&ro, &["vol-delete", "--pool", "images", "a.qcow2"]);
     assert!(refused.code != 0 && refused.stderr.contains("read only access prevents"), "{refused:?}");
+    let refused = virsh_at(&ro, &["vol-download", "--pool", "images", "a.qcow2", down.to_str().unwrap()]);
+    assert!(refused.code != 0 && refused.stderr.contains("read only access prevents"), "a disk's bytes are not for read-only connections: {refused:?}");
 
     // Pools outside the directories domains may write are refused, and nothing is made there.
     let outside = "/var/tmp/rvirt-pool-test-outside";

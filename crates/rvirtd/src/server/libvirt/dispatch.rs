@@ -534,6 +534,7 @@ impl Session {
                 self.consoles.open(h, &b.name, &pty, flags & CONSOLE_FORCE != 0)?;
                 empty()
             }
+            p::STORAGE_VOL_UPLOAD | p::STORAGE_VOL_DOWNLOAD => self.volume_stream(h, proc_, &mut d),
             p::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY => {
                 let event_id = d.i32().map_err(bad_args)?;
                 let domain = if d.bool().map_err(bad_args)? { Some(self.domain(&mut d)?.uuid) } else { None };

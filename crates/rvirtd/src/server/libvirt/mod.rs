@@ -17,6 +17,7 @@ mod host;
 mod networks;
 mod snapshots;
 mod storage;
+mod volstream;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -212,6 +213,7 @@ pub(crate) struct Session {
     opened: bool,
     events: dispatch::Events,
     consoles: console::Consoles,
+    volume_streams: volstream::VolumeStreams,
     /// Who the client is, for the log: a local process or a remote peer.
     client: String,
 }
@@ -227,7 +229,7 @@ impl Session {
 
     fn with_conn(conn: Arc<dyn ClientConn>, read_only: bool, mgr: Arc<Manager>, client: String) -> Self {
         let out = Arc::new(Outbox { conn: conn.clone(), writing: Mutex::new(()), closed: AtomicBool::new(false) });
-        Self { mgr, read_only, conn, out, opened: false, events: dispatch::Events::default(), consoles: console::Consoles::default(), client }
+        Self { mgr, read_only, conn, out, opened: false, events: dispatch::Events::default(), consoles: console::Consoles::default(), volume_streams: volstream::VolumeStreams::default(), client }
     }
 
     fn run(mut self) {
@@ -257,6 +259,7 @@ impl Session {
         self.out.close();
         self.events.stop();
         self.consoles.stop_all();
+        self.volume_streams.stop_all();
     }
 
     /// Answers one message; false ends the connection.
@@ -276,12 +279,17 @@ impl Session {
                     Err(e) => e.reply_to(&h),
                 };
                 let sent = self.out.send(&reply);
-                // A console stream starts sending once its call is answered.
+                // A console or download stream starts sending once its call is answered.
                 self.consoles.start_pending(&self.out);
+                self.volume_streams.start_pending(&self.out);
                 sent && h.proc_ != rvirt_libvirt_rpc::remote::proc_::CONNECT_CLOSE
             }
             (REMOTE_PROGRAM, MessageType::Stream) => {
-                self.consoles.from_client(&h, &p.payload, &self.out);
+                if self.volume_streams.owns(h.serial) {
+                    self.volume_streams.from_client(&h, &p.payload, &self.out);
+                } else {
+                    self.consoles.from_client(&h, &p.payload, &self.out);
+                }
                 true
             }
             (_, MessageType::Call) => {

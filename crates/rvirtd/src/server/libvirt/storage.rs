@@ -27,6 +27,9 @@ pub(super) fn changes(proc_: i32) -> bool {
             | p::STORAGE_VOL_DELETE
             | p::STORAGE_VOL_WIPE
             | p::STORAGE_VOL_RESIZE
+            // A download reads a whole disk: as libvirt, not for read-only connections either.
+            | p::STORAGE_VOL_UPLOAD
+            | p::STORAGE_VOL_DOWNLOAD
     )
 }
 
@@ -115,6 +118,25 @@ impl Session {
         let v = RemoteStorageVol::decode(d).map_err(bad_args)?;
         self.mgr.pools().volume(&v.pool, &v.name).map_err(remote_error)?;
         Ok(v)
+    }
+
+    /// `vol-upload` and `vol-download`: the stream of call `h` joined to the volume's file.
+    pub(super) fn volume_stream(&mut self, h: &rvirt_libvirt_rpc::Header, proc_: i32, d: &mut Decoder) -> Reply {
+        let v = self.vol(d)?;
+        let offset = d.u64().map_err(bad_args)?;
+        let length = d.u64().map_err(bad_args)?;
+        let flags = d.u32().map_err(bad_args)?;
+        if flags != 0 {
+            return Err(error(err::NO_SUPPORT, "this function is not supported by the connection driver: sparse volume streams"));
+        }
+        let path = std::path::PathBuf::from(self.mgr.pools().volume(&v.pool, &v.name).map_err(remote_error)?.key);
+        if proc_ == p::STORAGE_VOL_UPLOAD {
+            self.volume_streams.open_upload(h, &path, offset, length)?;
+            tracing::info!("volume '{}' of pool '{}': upload from {offset}", v.name, v.pool);
+        } else {
+            self.volume_streams.open_download(h, &path, offset, length)?;
+        }
+        Ok(Vec::new())
     }
 
     /// Answers a storage procedure; `None` when `proc_` is not one.
