@@ -232,8 +232,9 @@ impl Lab {
 
     /// Boots L1 with `spec` and returns its console output. A run whose
     /// console goes silent for `spec.stall_timeout` or reports an L1 soft
-    /// lockup, whose L2 guest triple-faults (no lab test expects one), or
-    /// whose L1 kernel panics before its script ends, is retried once:
+    /// lockup, whose L2 guest triple-faults (no lab test expects one), whose
+    /// script says an L2 guest stalled ([`LabOutput::l2_stalled`]), or whose
+    /// L1 kernel panics before its script ends, is retried once:
     /// nested guests under TCG occasionally stall or crash mid-boot (see
     /// docs/design.md, "Known lab issues"); the retry is logged loudly.
     pub fn run(&self, spec: &L1Spec) -> Result<LabOutput> {
@@ -246,6 +247,9 @@ impl Lab {
             format!("saw its L2 guest triple-fault (rip at the shutdown, from L1's trace: {})", if at.is_empty() { "not traced".into() } else { at.join(", ") })
         } else if first.l1_panicked() {
             "saw its L1 kernel panic before the script finished".to_string()
+        } else if first.l2_stalled() {
+            let which: Vec<String> = first.values().into_keys().filter(|k| k.contains("STALLED")).collect();
+            format!("saw its L2 guest stop making progress ({})", which.join(", "))
         } else {
             return Ok(first);
         };
@@ -626,6 +630,14 @@ impl LabOutput {
         let start = self.console.find(&begin)? + begin.len();
         let stop = self.console[start..].find(&end).map(|i| start + i).unwrap_or(self.console.len());
         Some(self.console[start..stop].trim_start_matches('\n').to_string())
+    }
+
+    /// Whether the script said an L2 guest stopped making progress: by the
+    /// lab tests' convention a value whose name says `STALLED` (`@@A-STALLED=1`,
+    /// `@@STALLED-BOOT=1`), printed when a guest's count stops. A guest whose
+    /// console goes to a file stalls there unseen by the console watch.
+    pub fn l2_stalled(&self) -> bool {
+        self.values().keys().any(|k| k.contains("STALLED"))
     }
 
     /// Whether L1's own kernel panicked (its script never reported
@@ -1026,6 +1038,9 @@ mod tests {
         };
         assert_eq!(out.value("A").as_deref(), Some("1"));
         assert_eq!(out.value("B").as_deref(), Some("x=y"));
+        assert!(!out.l2_stalled());
+        let stalled = LabOutput { console: "@@L1-DONE=0\n@@TWO-STALLED=1\n".into(), elapsed: Duration::ZERO, timed_out: false, stalled: false, qemu_stderr: String::new() };
+        assert!(stalled.l2_stalled());
         assert_eq!(out.section("L2").as_deref(), Some("hello\nworld\n"));
         assert!(out.section("L3").is_none());
         assert!(out.check_l1().is_err());
