@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::{protocol, DomainXml, VmmLaunch};
+use crate::{protocol, DomainXml, PoolDef, PoolSizes, VmmLaunch, VolumeDef};
 
 /// A definition as a client might send it: parsing must not panic, and what
 /// parses must write back to XML that parses again and writes back the same
@@ -27,4 +27,26 @@ pub fn daemon_request(data: &[u8]) {
     let Ok(req) = protocol::parse_request(text) else { return };
     let line = serde_json::to_string(&req).unwrap_or_else(|e| panic!("a request does not serialise: {e}"));
     assert_eq!(protocol::parse_request(&line).as_ref(), Ok(&req), "{line}");
+}
+
+/// A pool or volume definition as a client might send it: parsing must not
+/// panic, and what parses must write back to XML that parses again and, from
+/// then on, writes back the same (rvirtd stores and shows what it wrote).
+pub fn storage(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let sizes = PoolSizes { capacity: 3, allocation: 2, available: 1 };
+    if let Ok(p) = PoolDef::parse(text) {
+        let written = p.to_xml(sizes);
+        let again = PoolDef::parse(&written).unwrap_or_else(|e| panic!("a parsed pool does not read back: {e}\n{written}"));
+        assert_eq!(again.to_xml(sizes), written, "a pool does not write back the same way twice");
+    }
+    if let Ok(v) = VolumeDef::parse(text) {
+        let written = v.to_xml();
+        let again = VolumeDef::parse(&written).unwrap_or_else(|e| panic!("a parsed volume does not read back: {e}\n{written}"));
+        let twice = VolumeDef::parse(&again.to_xml()).unwrap_or_else(|e| panic!("a volume written twice does not read back: {e}"));
+        assert_eq!(twice.to_xml(), again.to_xml(), "a volume does not write back the same way");
+        // No format asks for raw, which the written XML says.
+        let raw = |f: Option<crate::ImageFormat>| f.unwrap_or(crate::ImageFormat::Raw);
+        assert_eq!((again.name, again.capacity, raw(again.format), again.backing), (v.name, v.capacity, raw(v.format), v.backing), "a volume's XML loses what it asks for");
+    }
 }

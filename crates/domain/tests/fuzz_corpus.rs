@@ -23,6 +23,8 @@ fn fuzz_seeds_regressions_and_real_definitions_replay() {
     replay(&fuzz.join("regressions/domain_xml"), rvirt_domain::fuzzing::definition);
     assert!(replay(&fuzz.join("corpus/rvirtd_request"), rvirt_domain::fuzzing::daemon_request) >= 1, "seeds missing");
     replay(&fuzz.join("regressions/rvirtd_request"), rvirt_domain::fuzzing::daemon_request);
+    assert!(replay(&fuzz.join("corpus/storage_xml"), rvirt_domain::fuzzing::storage) >= 3, "seeds missing");
+    replay(&fuzz.join("regressions/storage_xml"), rvirt_domain::fuzzing::storage);
     // The project's shared corpus of real definitions, beside the repository (and CI's clone).
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/libvirt-xml-corpus");
     replay(&shared, rvirt_domain::fuzzing::definition);
