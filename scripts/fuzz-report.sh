@@ -11,7 +11,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 rustup toolchain list | grep -q nightly || { echo "needs a nightly toolchain (rustup toolchain install nightly)"; exit 1; }
 targets="block:qcow2_header block:qcow2_image virtio-devices:virtio_blk_queue virtio-devices:virtio_chains
-virtio-devices:virtio_net_rx domain:domain_xml domain:rvirtd_request api:control_request scsi:scsi_commands
+virtio-devices:virtio_net_rx domain:domain_xml domain:storage_xml domain:rvirtd_request api:control_request scsi:scsi_commands
 vmm:vm_state"
 printf "%-18s %12s %9s %7s %7s %8s %s\n" target executions exec/s cov ft corpus crashes
 for spec in $targets; do
