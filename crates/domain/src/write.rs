@@ -192,7 +192,7 @@ impl DomainXml {
             start(&mut o, "    ", "disk", &own(&[("type", ty), ("device", if d.cdrom { "cdrom" } else { "disk" })]), dk.get(""));
             let mut driver = Vec::new();
             if let Some(f) = d.format {
-                driver.push(("type", if f == ImageFormat::Raw { "raw" } else { "qcow2" }.to_string()));
+                driver.push(("type", f.name().to_string()));
             }
             if d.direct && dk.get("driver").and_then(|k| k.attr("cache")).is_none() {
                 driver.push(("cache", "none".to_string()));

@@ -132,6 +132,16 @@ pub enum ImageFormat {
     Qcow2,
 }
 
+impl ImageFormat {
+    /// The name libvirt's XML and qemu-img use (`raw`, `qcow2`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+}
+
 /// The bus a disk's `<target bus>` names. Everything but virtio becomes a
 /// unit on rvirt's virtio-scsi controller; the name is kept for `dumpxml`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -146,13 +146,6 @@ fn format_type(cx: &Cx, n: Node, path: &str) -> Result<ImageFormat, XmlError> {
     }
 }
 
-fn format_name(f: ImageFormat) -> &'static str {
-    match f {
-        ImageFormat::Raw => "raw",
-        ImageFormat::Qcow2 => "qcow2",
-    }
-}
-
 fn write_permissions(o: &mut String, indent: &str, p: &Permissions) {
     if *p == Permissions::default() {
         return;
@@ -350,7 +343,7 @@ impl VolumeDef {
         }
         let _ = writeln!(o, "  <target>");
         let _ = writeln!(o, "    <path>{path}</path>");
-        let _ = writeln!(o, "    <format type='{}'/>", format_name(self.format.unwrap_or(ImageFormat::Raw)));
+        let _ = writeln!(o, "    <format type='{}'/>", self.format.unwrap_or(ImageFormat::Raw).name());
         write_permissions(&mut o, "    ", &self.permissions);
         if let Some(c) = &self.compat {
             let _ = writeln!(o, "    <compat>{}</compat>", escape(c));
@@ -372,7 +365,7 @@ impl VolumeDef {
             let _ = writeln!(o, "  <backingStore>");
             let _ = writeln!(o, "    <path>{}</path>", escape(&b.path.to_string_lossy()));
             if let Some(f) = b.format {
-                let _ = writeln!(o, "    <format type='{}'/>", format_name(f));
+                let _ = writeln!(o, "    <format type='{}'/>", f.name());
             }
             let _ = writeln!(o, "  </backingStore>");
         }

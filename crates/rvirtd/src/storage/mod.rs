@@ -27,7 +27,8 @@ pub fn block_format(f: ImageFormat) -> Format {
     }
 }
 
-fn domain_format(f: Format) -> ImageFormat {
+/// A definition's name for the image library's format.
+pub(crate) fn domain_format(f: Format) -> ImageFormat {
     match f {
         Format::Raw => ImageFormat::Raw,
         Format::Qcow2 => ImageFormat::Qcow2,

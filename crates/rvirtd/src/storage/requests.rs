@@ -43,7 +43,7 @@ impl Pools {
             let Ok(v) = self.volume_def(pool, &name) else { continue };
             rows.push(VolumeSummary {
                 path: v.path.as_deref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
-                format: if v.format == Some(ImageFormat::Qcow2) { "qcow2" } else { "raw" }.into(),
+                format: v.format.unwrap_or(ImageFormat::Raw).name().into(),
                 capacity: v.capacity.unwrap_or(0),
                 allocation: v.allocation.unwrap_or(0),
                 name,

@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rvirt_block::qcow2::Preallocation;
-use rvirt_block::{BackingPolicy, Format, ImageOptions, Locking, Qcow2Image, RawImage};
+use rvirt_block::{BackingPolicy, ImageOptions, Locking, Qcow2Image, RawImage};
 use rvirt_domain::{valid_volume_name, ImageFormat, Permissions, VolumeBacking, VolumeDef};
 
 use super::pools::{io, Pools, Result, StorageError};
@@ -39,23 +39,9 @@ pub const DELETE_ZEROED: u32 = 1;
 /// Bytes written per call when a volume is wiped.
 const WIPE_CHUNK: usize = 1 << 20;
 
-fn block_format(f: ImageFormat) -> Format {
-    super::block_format(f)
-}
-
-fn format_name(f: ImageFormat) -> &'static str {
-    match f {
-        ImageFormat::Raw => "raw",
-        ImageFormat::Qcow2 => "qcow2",
-    }
-}
-
 /// The format a volume's contents say it has (raw when they name none rvirt reads).
 fn probe(path: &Path) -> ImageFormat {
-    match rvirt_block::probe_format(path) {
-        Ok(Format::Qcow2) => ImageFormat::Qcow2,
-        _ => ImageFormat::Raw,
-    }
+    rvirt_block::probe_format(path).map_or(ImageFormat::Raw, super::domain_format)
 }
 
 /// How a volume is opened: alone (never its backing file), for a look or a change.
@@ -156,7 +142,7 @@ impl Pools {
             v.backing = img.backing_file().map(|b| {
                 let bp = Path::new(b);
                 let shown = if bp.is_absolute() { bp.to_path_buf() } else { path.parent().unwrap_or(Path::new("/")).join(bp) };
-                VolumeBacking { path: shown, format: img.backing_format().map(|f| if f == Format::Qcow2 { ImageFormat::Qcow2 } else { ImageFormat::Raw }) }
+                VolumeBacking { path: shown, format: img.backing_format().map(super::domain_format) }
             });
         }
         Ok(v)
@@ -231,7 +217,7 @@ impl Pools {
         if flags & CREATE_PREALLOC_METADATA != 0 && format != ImageFormat::Qcow2 {
             return Err(StorageError::Invalid("metadata preallocation is only for qcow2 volumes".into()));
         }
-        let mut req = rvirt_img::CreateRequest { path: path.to_path_buf(), format: Some(format_name(format).into()), size: Some(capacity), ..Default::default() };
+        let mut req = rvirt_img::CreateRequest { path: path.to_path_buf(), format: Some(format.name().into()), size: Some(capacity), ..Default::default() };
         if let Some(b) = &def.backing {
             self.policy.check("backing store", &b.path, false).map_err(StorageError::Denied)?;
             let bf = match b.format {
@@ -240,7 +226,7 @@ impl Pools {
                 None => probe(&b.path),
             };
             req.backing_file = Some(b.path.to_string_lossy().into_owned());
-            req.backing_format = Some(format_name(bf).into());
+            req.backing_format = Some(bf.name().into());
         }
         if format == ImageFormat::Qcow2 {
             req.options = Self::qcow2_options(def, flags, capacity);
@@ -264,23 +250,23 @@ impl Pools {
     fn clone_into(&self, def: &VolumeDef, src: &Path, path: &Path) -> Result<()> {
         let src_format = probe(src);
         // Every file the copy reads must be one domains may use.
-        let chain = rvirt_block::backing_chain(src, block_format(src_format), &BackingPolicy::RecordedFormat)?;
+        let chain = rvirt_block::backing_chain(src, super::block_format(src_format), &BackingPolicy::RecordedFormat)?;
         for layer in &chain {
             self.policy.check("volume to clone (or its backing file)", &layer.path, false).map_err(StorageError::Denied)?;
         }
         let format = def.format.unwrap_or(src_format);
         let req = rvirt_img::ConvertRequest {
             source: src.to_path_buf(),
-            source_format: Some(format_name(src_format).into()),
+            source_format: Some(src_format.name().into()),
             dest: path.to_path_buf(),
-            dest_format: Some(format_name(format).into()),
+            dest_format: Some(format.name().into()),
             options: if format == ImageFormat::Qcow2 { Self::qcow2_options(def, 0, u64::MAX) } else { Vec::new() },
             flush: true,
             ..Default::default()
         };
         rvirt_img::convert(&req).map_err(StorageError::Image)?;
         // As libvirt: a larger capacity grows the copy; a smaller one is the source's.
-        let copied = rvirt_block::open_with(path, block_format(format), &open_alone(false))?.size();
+        let copied = rvirt_block::open_with(path, super::block_format(format), &open_alone(false))?.size();
         match def.capacity {
             Some(c) if c > copied => self.resize_file(path, format, c, 0),
             _ => Ok(()),
@@ -358,7 +344,7 @@ impl Pools {
                 format: Some("qcow2".into()),
                 size: before.capacity,
                 backing_file: before.backing.as_ref().map(|b| b.path.to_string_lossy().into_owned()),
-                backing_format: before.backing.as_ref().and_then(|b| b.format).map(|f| format_name(f).to_string()),
+                backing_format: before.backing.as_ref().and_then(|b| b.format).map(|f| f.name().to_string()),
                 options: Self::qcow2_options(&fresh, 0, u64::MAX),
                 unsafe_backing: true,
             };
