@@ -242,7 +242,8 @@ fn named(r: &Response) -> String {
     r.name.clone().unwrap_or_default()
 }
 
-fn escape(s: &str) -> String {
+/// Text made safe for an element or a single-quoted attribute of the XML the commands write.
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;")
 }
 

@@ -10,6 +10,7 @@ use clap::Subcommand;
 use rvirt_domain::protocol::{PoolSummary, Request, Response, VolumeSummary};
 
 use crate::everyday::{Action, Text};
+use crate::snapshots::escape;
 
 /// The commands of this module.
 #[derive(Subcommand, Debug)]
@@ -227,10 +228,6 @@ pub fn pretty(bytes: u64) -> String {
         u += 1;
     }
     format!("{v:.2} {}", UNITS[u])
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;")
 }
 
 fn named(r: &Response) -> String {
