@@ -65,6 +65,20 @@ fn ret_domain(b: &DomainBrief) -> Reply {
     encode(|e| to_remote(b).encode(e))
 }
 
+/// Writes a `…_list_all_…` answer (domains, networks, pools, volumes): the
+/// items when the client asked for them (`need`), then their count.
+pub(super) fn list_all<T>(e: &mut Encoder, need: i32, items: &[T], each: impl Fn(&T, &mut Encoder)) {
+    if need != 0 {
+        e.u32(items.len() as u32);
+        for i in items {
+            each(i, e);
+        }
+    } else {
+        e.u32(0);
+    }
+    e.u32(items.len() as u32);
+}
+
 /// A reply of one `int`.
 pub(super) fn ret_int(v: i32) -> Reply {
     encode(|e| {
@@ -303,17 +317,7 @@ impl Session {
                 let flags = d.u32().map_err(bad_args)?;
                 let autostart = flags & (list::AUTOSTART | list::NO_AUTOSTART) != 0;
                 let found: Vec<DomainBrief> = mgr.briefs(autostart).into_iter().filter(|b| list_matches(b, flags)).collect();
-                encode(|e| {
-                    if need != 0 {
-                        e.u32(found.len() as u32);
-                        for b in &found {
-                            to_remote(b).encode(e);
-                        }
-                    } else {
-                        e.u32(0);
-                    }
-                    e.u32(found.len() as u32);
-                })
+                encode(|e| list_all(e, need, &found, |b, e| to_remote(b).encode(e)))
             }
             p::CONNECT_NUM_OF_DOMAINS => ret_int(mgr.briefs(false).iter().filter(|b| b.id.is_some()).count() as i32),
             p::CONNECT_NUM_OF_DEFINED_DOMAINS => ret_int(mgr.briefs(false).iter().filter(|b| b.id.is_none() && b.persistent).count() as i32),

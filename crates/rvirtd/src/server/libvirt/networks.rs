@@ -5,7 +5,7 @@
 use rvirt_libvirt_rpc::remote::{err, list_networks as list, proc_ as p, RemoteNetwork, DOMAIN_LIST_MAX, FROM_NETWORK, UUID_LEN};
 use rvirt_libvirt_rpc::{Decoder, RemoteError};
 
-use super::dispatch::{bad_args, encode, flag_group, ret_int, Reply};
+use super::dispatch::{bad_args, encode, flag_group, list_all, ret_int, Reply};
 use super::Session;
 use crate::network::{HostChange, NetworkBrief, UpdateSection};
 
@@ -55,17 +55,7 @@ impl Session {
                 let need = d.i32().map_err(bad_args)?;
                 let flags = d.u32().map_err(bad_args)?;
                 let found: Vec<NetworkBrief> = nets.briefs().into_iter().filter(|b| list_matches(b, flags)).collect();
-                encode(|e| {
-                    if need != 0 {
-                        e.u32(found.len() as u32);
-                        for b in &found {
-                            remote(b).encode(e);
-                        }
-                    } else {
-                        e.u32(0);
-                    }
-                    e.u32(found.len() as u32);
-                })
+                encode(|e| list_all(e, need, &found, |b, e| remote(b).encode(e)))
             })(),
             p::CONNECT_NUM_OF_NETWORKS => ret_int(nets.briefs().iter().filter(|b| b.active).count() as i32),
             p::CONNECT_NUM_OF_DEFINED_NETWORKS => ret_int(nets.briefs().iter().filter(|b| !b.active).count() as i32),
@@ -151,17 +141,11 @@ impl Session {
                 let (bridge, leases) = nets.leases(&b.name).map_err(|e| error(err::OPERATION_INVALID, format!("Requested operation is not valid: {e}")))?;
                 let leases: Vec<_> = leases.into_iter().filter(|(l, _)| mac.as_ref().is_none_or(|m| *m == l.mac)).collect();
                 encode(|e| {
-                    if need != 0 {
-                        e.u32(leases.len() as u32);
-                        for (l, prefix) in &leases {
-                            e.string(&bridge).i64(l.expiry).i32(i32::from(l.ip.is_ipv6()));
-                            e.opt_string(Some(&l.mac)).opt_string(None).string(&l.ip.to_string()).u32(u32::from(*prefix));
-                            e.opt_string(l.hostname.as_deref()).opt_string(l.client_id.as_deref());
-                        }
-                    } else {
-                        e.u32(0);
-                    }
-                    e.u32(leases.len() as u32);
+                    list_all(e, need, &leases, |(l, prefix), e| {
+                        e.string(&bridge).i64(l.expiry).i32(i32::from(l.ip.is_ipv6()));
+                        e.opt_string(Some(&l.mac)).opt_string(None).string(&l.ip.to_string()).u32(u32::from(*prefix));
+                        e.opt_string(l.hostname.as_deref()).opt_string(l.client_id.as_deref());
+                    })
                 })
             })(),
             p::DOMAIN_INTERFACE_ADDRESSES => (|| {

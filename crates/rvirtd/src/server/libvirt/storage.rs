@@ -3,9 +3,9 @@
 //! [`crate::storage::Pools`].
 
 use rvirt_libvirt_rpc::remote::{err, list_pools as list, proc_ as p, RemoteStoragePool, RemoteStorageVol, FROM_STORAGE, STORAGE_POOL_LIST_MAX, STORAGE_VOL_LIST_MAX, UUID_LEN};
-use rvirt_libvirt_rpc::{Decoder, Encoder, RemoteError};
+use rvirt_libvirt_rpc::{Decoder, RemoteError};
 
-use super::dispatch::{bad_args, encode, flag_group, ret_int, Reply};
+use super::dispatch::{bad_args, encode, flag_group, list_all, ret_int, Reply};
 use super::Session;
 use crate::storage::{PoolBrief, Pools, StorageError, VolumeBrief};
 
@@ -92,19 +92,6 @@ fn list_matches(b: &PoolBrief, flags: u32) -> bool {
         && group(list::TYPES, &[(list::DIR, true)])
 }
 
-/// Writes a list-all answer: the items when asked for, then their count.
-fn list_all<T>(e: &mut Encoder, need: i32, items: &[T], each: impl Fn(&T, &mut Encoder)) {
-    if need != 0 {
-        e.u32(items.len() as u32);
-        for i in items {
-            each(i, e);
-        }
-    } else {
-        e.u32(0);
-    }
-    e.u32(items.len() as u32);
-}
-
 impl Session {
     /// The pool a call names, as it is now.
     fn pool(&self, d: &mut Decoder) -> Result<PoolBrief, RemoteError> {
@@ -113,11 +100,10 @@ impl Session {
         self.mgr.pools().brief(&uuid).map_err(|_| error(err::NO_STORAGE_POOL, format!("Storage pool not found: no storage pool with matching uuid '{uuid}' ({})", r.name)))
     }
 
-    /// The volume a call names: its pool and name.
-    fn vol(&self, d: &mut Decoder) -> Result<RemoteStorageVol, RemoteError> {
+    /// The volume a call names (by its pool and name), as it is now.
+    fn vol(&self, d: &mut Decoder) -> Result<VolumeBrief, RemoteError> {
         let v = RemoteStorageVol::decode(d).map_err(bad_args)?;
-        self.mgr.pools().volume(&v.pool, &v.name).map_err(remote_error)?;
-        Ok(v)
+        self.mgr.pools().volume(&v.pool, &v.name).map_err(remote_error)
     }
 
     /// `vol-upload` and `vol-download`: the stream of call `h` joined to the volume's file.
@@ -129,7 +115,7 @@ impl Session {
         if flags != 0 {
             return Err(error(err::NO_SUPPORT, "this function is not supported by the connection driver: sparse volume streams"));
         }
-        let path = std::path::PathBuf::from(self.mgr.pools().volume(&v.pool, &v.name).map_err(remote_error)?.key);
+        let path = std::path::PathBuf::from(v.key);
         if proc_ == p::STORAGE_VOL_UPLOAD {
             self.volume_streams.open_upload(h, &path, offset, length)?;
             tracing::info!("volume '{}' of pool '{}': upload from {offset}", v.name, v.pool);
@@ -291,10 +277,7 @@ impl Session {
                 let _flags = d.u32().map_err(bad_args)?;
                 ret_string(&pools.volume_def(&v.pool, &v.name).map_err(remote_error)?.to_xml())
             })(),
-            p::STORAGE_VOL_GET_PATH => (|| {
-                let v = self.vol(d)?;
-                ret_string(&pools.volume(&v.pool, &v.name).map_err(remote_error)?.key)
-            })(),
+            p::STORAGE_VOL_GET_PATH => (|| ret_string(&self.vol(d)?.key))(),
             _ => return None,
         })
     }
