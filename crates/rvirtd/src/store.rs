@@ -167,10 +167,6 @@ impl Store {
         &self.root
     }
 
-    fn definition(&self, name: &str) -> PathBuf {
-        self.root.join("domains").join(format!("{name}.xml"))
-    }
-
     fn run_record(&self, name: &str) -> PathBuf {
         self.root.join("run").join(format!("{name}.json"))
     }
@@ -219,10 +215,7 @@ impl Store {
 
     /// Stored definitions: (file stem, XML text), or why a file could not be read.
     pub fn definitions(&self) -> Vec<(String, std::io::Result<String>)> {
-        self.list("domains", ".xml").into_iter().map(|name| {
-            let text = fs::read_to_string(self.definition(&name));
-            (name, text)
-        }).collect()
+        self.xml_files("domains")
     }
 
     fn list(&self, sub: &str, suffix: &str) -> Vec<String> {
@@ -238,14 +231,12 @@ impl Store {
 
     /// Stores a definition.
     pub fn save_definition(&self, name: &str, xml: &str) -> Result<()> {
-        let p = self.definition(name);
-        write_atomic(&p, xml.as_bytes()).with_context(|| format!("writing {}", p.display()))
+        self.save_xml("domains", name, xml)
     }
 
     /// Forgets a definition and its autostart mark.
     pub fn remove_definition(&self, name: &str) -> Result<()> {
-        let p = self.definition(name);
-        fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        self.remove_xml("domains", name)?;
         let _ = self.set_autostart(name, false);
         File::open(self.root.join("domains")).and_then(|d| d.sync_all()).ok();
         Ok(())
@@ -263,22 +254,17 @@ impl Store {
 
     /// Stored network definitions: (file stem, XML text), or why a file could not be read.
     pub fn network_definitions(&self) -> Vec<(String, std::io::Result<String>)> {
-        self.list("networks", ".xml").into_iter().map(|name| {
-            let text = fs::read_to_string(self.root.join("networks").join(format!("{name}.xml")));
-            (name, text)
-        }).collect()
+        self.xml_files("networks")
     }
 
     /// Stores a network definition.
     pub fn save_network(&self, name: &str, xml: &str) -> Result<()> {
-        let p = self.root.join("networks").join(format!("{name}.xml"));
-        write_atomic(&p, xml.as_bytes()).with_context(|| format!("writing {}", p.display()))
+        self.save_xml("networks", name, xml)
     }
 
     /// Forgets a network definition and its autostart mark.
     pub fn remove_network(&self, name: &str) -> Result<()> {
-        let p = self.root.join("networks").join(format!("{name}.xml"));
-        fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        self.remove_xml("networks", name)?;
         let _ = self.set_network_autostart(name, false);
         Ok(())
     }
@@ -295,23 +281,38 @@ impl Store {
 
     /// Stored storage pool definitions: (file stem, XML text), or why a file could not be read.
     pub fn pool_definitions(&self) -> Vec<(String, std::io::Result<String>)> {
-        self.list("pools", ".xml").into_iter().map(|name| {
-            let text = fs::read_to_string(self.root.join("pools").join(format!("{name}.xml")));
-            (name, text)
-        }).collect()
+        self.xml_files("pools")
     }
 
     /// Stores a storage pool definition.
     pub fn save_pool(&self, name: &str, xml: &str) -> Result<()> {
-        let p = self.root.join("pools").join(format!("{name}.xml"));
-        write_atomic(&p, xml.as_bytes()).with_context(|| format!("writing {}", p.display()))
+        self.save_xml("pools", name, xml)
     }
 
     /// Forgets a storage pool definition and its autostart mark.
     pub fn remove_pool(&self, name: &str) -> Result<()> {
-        let p = self.root.join("pools").join(format!("{name}.xml"));
-        fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        self.remove_xml("pools", name)?;
         self.set_pool_mark(name, PoolMark::Autostart, false)
+    }
+
+    /// The `NAME.xml` files of subdirectory `sub`: (NAME, text or why it could not be read).
+    fn xml_files(&self, sub: &str) -> Vec<(String, std::io::Result<String>)> {
+        self.list(sub, ".xml").into_iter().map(|name| {
+            let text = fs::read_to_string(self.root.join(sub).join(format!("{name}.xml")));
+            (name, text)
+        }).collect()
+    }
+
+    /// Writes `sub/NAME.xml` atomically.
+    fn save_xml(&self, sub: &str, name: &str, xml: &str) -> Result<()> {
+        let p = self.root.join(sub).join(format!("{name}.xml"));
+        write_atomic(&p, xml.as_bytes()).with_context(|| format!("writing {}", p.display()))
+    }
+
+    /// Removes `sub/NAME.xml`.
+    fn remove_xml(&self, sub: &str, name: &str) -> Result<()> {
+        let p = self.root.join(sub).join(format!("{name}.xml"));
+        fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))
     }
 
     /// Whether storage pool `name` carries mark `which`.
